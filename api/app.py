@@ -1,0 +1,104 @@
+"""create_app(): the orchestrator's FastAPI application, its lifespan and routers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from api import diagram, orders
+from api.deps import StoreDep
+from api.runner import Runner
+from fsm.clients import Services, http_services
+from fsm.errors import ConcurrencyError, InvalidMove, OrderNotFound
+from fsm.executor import Executor, RetryPolicy
+from fsm.metrics import ORDERS
+from fsm.settings import Settings, get_settings
+from fsm.store import Store, make_engine
+
+
+def policy_from(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(max_attempts=settings.max_attempts, backoff_base=settings.backoff_base,
+                       backoff_max=settings.backoff_max, step_deadline=settings.step_deadline)
+
+
+def services_from(settings: Settings, client: httpx.AsyncClient, embedded_url: str) -> Services:
+    def url(value: str | None) -> str:
+        return value or embedded_url
+
+    return http_services(client, product_url=url(settings.product_url),
+                         user_url=url(settings.user_url),
+                         inventory_url=url(settings.inventory_url),
+                         shipping_url=url(settings.shipping_url))
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    services: Services | None = None,
+    embedded_url: str = "http://127.0.0.1:8000/services",
+    sweep: bool = True,
+) -> FastAPI:
+    """The API. `services` overrides the downstream clients (tests); otherwise they are
+    built from settings, and with no URLs configured the reference services are mounted
+    under /services and called over HTTP at `embedded_url`."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.database_url)
+        store = Store(engine, lease_seconds=settings.lease_seconds)
+        async with httpx.AsyncClient(timeout=settings.http_timeout) as client:
+            chosen = services or services_from(settings, client, embedded_url)
+            executor = Executor(store=store, services=chosen, policy=policy_from(settings),
+                                crash_after=settings.crash_after)
+            runner = Runner(store=store, executor=executor, settings=settings)
+            app.state.store, app.state.executor, app.state.runner = store, executor, runner
+            if sweep:
+                runner.start_sweeper()
+            try:
+                yield
+            finally:
+                await runner.stop()
+                engine.dispose()
+
+    app = FastAPI(title="order-saga", version="0.1.0", lifespan=lifespan,
+                  description="Durable order orchestrator (saga as a persisted state machine)")
+    app.state.settings = settings
+    app.include_router(orders.router)
+    app.include_router(diagram.router)
+
+    @app.exception_handler(OrderNotFound)
+    async def _not_found(_: Request, exc: OrderNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(ConcurrencyError)
+    async def _busy(_: Request, exc: ConcurrencyError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=409)
+
+    @app.exception_handler(InvalidMove)
+    async def _invalid(_: Request, exc: InvalidMove) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=409)
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz(store: StoreDep) -> dict[str, str]:
+        with store.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return {"status": "ok", "database": store.engine.dialect.name}
+
+    @app.get("/metrics", tags=["ops"])
+    def metrics(store: StoreDep) -> Response:
+        for status, count in store.count_by_status().items():
+            ORDERS.labels(status=status).set(count)
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    if services is None and settings.embedded_services:
+        from downstream.app import create_services_app
+
+        app.mount("/services", create_services_app(settings.services_db))
+    return app

@@ -1,0 +1,101 @@
+"""Order endpoints: translate HTTP to store/executor calls and back, nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, status
+from fastapi.responses import JSONResponse
+
+from api.deps import Authorized, ExecutorDep, SettingsDep, StoreDep
+from api.runner import Runner
+from api.schemas import OrderIn, OrderList, OrderOut, TransitionOut
+from fsm.machine import Status
+from fsm.models import Order
+
+router = APIRouter(prefix="/orders", tags=["orders"])
+
+_FINISHED = {Status.COMPLETED, Status.FAILED, Status.CANCELLED}
+
+
+def _answer(order: Order) -> JSONResponse:
+    """201 when terminal, 404 (still naming the order) when rejected, 202 while running."""
+    body: dict[str, Any] = OrderOut.of(order).model_dump(mode="json")
+    if order.status == Status.REJECTED:
+        body["detail"] = f"product {order.product_id} not found"
+        return JSONResponse(body, status_code=status.HTTP_404_NOT_FOUND)
+    if order.status in _FINISHED:
+        return JSONResponse(body, status_code=status.HTTP_201_CREATED)
+    return JSONResponse(body, status_code=status.HTTP_202_ACCEPTED,
+                        headers={"Location": f"/orders/{order.id}"})
+
+
+@router.post(
+    "",
+    dependencies=[Authorized],
+    status_code=status.HTTP_201_CREATED,
+    response_model=OrderOut,
+    responses={202: {"model": OrderOut}, 404: {"description": "product not found"}},
+)
+async def create_order(
+    body: OrderIn,
+    request: Request,
+    store: StoreDep,
+    executor: ExecutorDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    prefer: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    order, created = store.create_order(
+        user_id=body.user_id, product_id=body.product_id, quantity=body.quantity,
+        idempotency_key=idempotency_key, owner=executor.owner,
+    )
+    if not created:
+        same = (order.user_id, order.product_id, order.quantity) == (
+            body.user_id, body.product_id, body.quantity)
+        if not same:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                detail="Idempotency-Key was already used for a different order")
+        return _answer(order)
+    runner: Runner = request.app.state.runner
+    task = runner.start(order)
+    if prefer is None or "respond-async" not in prefer.lower():
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=settings.respond_within)
+        except TimeoutError:
+            pass  # still running in the background: answer 202
+    return _answer(order)
+
+
+@router.get("", response_model=OrderList)
+def list_orders(
+    store: StoreDep,
+    status_: Annotated[Status | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> OrderList:
+    found = store.list_orders(status=status_, limit=limit, offset=offset)
+    return OrderList(orders=[OrderOut.of(o) for o in found], limit=limit, offset=offset)
+
+
+@router.get("/{order_id}", response_model=OrderOut)
+def get_order(order_id: uuid.UUID, store: StoreDep) -> OrderOut:
+    return OrderOut.of(store.get(order_id))
+
+
+@router.get("/{order_id}/transitions", response_model=list[TransitionOut])
+def get_transitions(order_id: uuid.UUID, store: StoreDep) -> list[TransitionOut]:
+    store.get(order_id)  # 404 for an unknown order rather than an empty list
+    return [TransitionOut.of(t) for t in store.history(order_id)]
+
+
+@router.post("/{order_id}/resume", dependencies=[Authorized], response_model=OrderOut)
+async def resume_order(order_id: uuid.UUID, executor: ExecutorDep) -> OrderOut:
+    return OrderOut.of(await executor.run(order_id))
+
+
+@router.post("/{order_id}/cancel", dependencies=[Authorized], response_model=OrderOut)
+async def cancel_order(order_id: uuid.UUID, executor: ExecutorDep) -> OrderOut:
+    return OrderOut.of(await executor.cancel(order_id))

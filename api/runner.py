@@ -1,0 +1,47 @@
+"""Background runs of the API process: order runs that outlive their request, and the
+periodic sweep for stuck orders. Keeps task references so nothing is garbage-collected."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fsm.executor import Executor
+from fsm.models import Order
+from fsm.recovery import sweep_forever
+from fsm.settings import Settings
+from fsm.store import Store
+
+log = logging.getLogger("order_saga.runner")
+
+
+class Runner:
+    def __init__(self, *, store: Store, executor: Executor, settings: Settings) -> None:
+        self.store = store
+        self.executor = executor
+        self.settings = settings
+        self.tasks: set[asyncio.Task[object]] = set()
+
+    def start(self, order: Order) -> asyncio.Task[object]:
+        task: asyncio.Task[object] = asyncio.create_task(self._drive(order))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def _drive(self, order: Order) -> object:
+        try:
+            return await self.executor.drive(order)
+        except Exception:  # the order stays persisted; the sweep resumes it
+            log.exception("run of order %s stopped", order.id)
+            return None
+
+    def start_sweeper(self) -> None:
+        task: asyncio.Task[object] = asyncio.create_task(
+            sweep_forever(store=self.store, executor=self.executor, settings=self.settings))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def stop(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)

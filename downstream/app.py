@@ -1,0 +1,27 @@
+"""The four reference services (plus `/_faults` and friends) as one FastAPI app.
+
+"Someone else's service": imports nothing from `fsm` or `api`, so a real service could
+replace it behind the same URLs.
+"""
+
+from fastapi import FastAPI
+
+from downstream import admin, services
+from downstream.faults import FaultBoard
+from downstream.store import Store
+
+
+def create_services_app(state_path: str | None = None) -> FastAPI:
+    """Build the app. `state_path=None` keeps state in memory (fresh seed per app); a file
+    path keeps it in SQLite (WAL), created and seeded on first use, surviving restarts.
+    Faults are always in memory. Call `app.state.store.close()` when done with the app."""
+    app = FastAPI(
+        title="order-saga reference services",
+        summary="product, user (payment), inventory and shipping, with fault injection",
+        version="0.1.0",
+    )
+    app.state.store = Store(state_path)
+    app.state.faults = FaultBoard()
+    app.include_router(services.router)
+    app.include_router(admin.router)
+    return app

@@ -1,0 +1,238 @@
+"""The `order-saga` console script: serve | services | worker | resume | diagram | db.
+
+Bad input (flags, ORDER_SAGA_* settings, ids) ends in one line on stderr and exit code 2;
+the commands build everything from `Settings`, so `fsm` never imports `api` at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import uuid
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import httpx
+import typer
+from pydantic import ValidationError
+
+from fsm.settings import Settings
+
+app = typer.Typer(help="Durable order orchestrator.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    typer.echo(f"order-saga: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = "ORDER_SAGA_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
+        fail(f"invalid {field}: {err['msg']}")
+
+
+def _migrate(settings: Settings) -> None:
+    from fsm.migrate import upgrade
+
+    try:
+        upgrade(settings.database_url)
+    except Exception as exc:  # unreachable database, bad URL, ...
+        fail(f"cannot migrate {settings.database_url}: {exc.__class__.__name__}: {exc}", 1)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    sweep: Annotated[bool, typer.Option(help="Periodically resume stuck orders.")] = True,
+) -> None:
+    """Apply migrations and serve the API (plus the reference services when no
+    downstream URLs are configured)."""
+    import uvicorn
+
+    from api.app import create_app
+
+    settings = load_settings()
+    _migrate(settings)
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    application = create_app(settings, embedded_url=f"http://{local}:{port}/services",
+                             sweep=sweep)
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+@app.command()
+def services(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8100,
+    state: Annotated[str | None, typer.Option(help="SQLite file for their state "
+                                              "(default: ORDER_SAGA_SERVICES_DB).")] = None,
+) -> None:
+    """Serve the four reference services (and /_faults) alone."""
+    import uvicorn
+
+    from downstream.app import create_services_app
+
+    path = state or load_settings().services_db
+    uvicorn.run(create_services_app(path), host=host, port=port, log_level="warning")
+
+
+def _executor(settings: Settings, client: httpx.AsyncClient):  # type: ignore[no-untyped-def]
+    from fsm.clients import http_services
+    from fsm.executor import Executor, RetryPolicy
+    from fsm.store import Store, make_engine
+
+    urls = (settings.product_url, settings.user_url, settings.inventory_url,
+            settings.shipping_url)
+    if any(u is None for u in urls):
+        fail("set ORDER_SAGA_PRODUCT_URL, _USER_URL, _INVENTORY_URL and _SHIPPING_URL "
+             "(the embedded services only exist inside `serve`)")
+    store = Store(make_engine(settings.database_url), lease_seconds=settings.lease_seconds)
+    services_ = http_services(client, product_url=urls[0] or "", user_url=urls[1] or "",
+                              inventory_url=urls[2] or "", shipping_url=urls[3] or "")
+    policy = RetryPolicy(max_attempts=settings.max_attempts, backoff_base=settings.backoff_base,
+                         backoff_max=settings.backoff_max, step_deadline=settings.step_deadline)
+    return Executor(store=store, services=services_, policy=policy,
+                    crash_after=settings.crash_after)
+
+
+@app.command()
+def resume(
+    older_than: Annotated[float, typer.Option(min=0, help="Only orders unmoved this long "
+                                              "(seconds).")] = 60.0,
+    limit: Annotated[int, typer.Option(min=1, max=100_000)] = 100,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List, change nothing.")] = False,
+    order: Annotated[str | None, typer.Option(help="Resume this one order id.")] = None,
+) -> None:
+    """Drive stuck (non-terminal, unleased) orders to a terminal state; print a summary."""
+    from fsm.recovery import resume_stuck
+
+    settings = load_settings()
+
+    async def main() -> int:
+        async with httpx.AsyncClient(timeout=settings.http_timeout) as client:
+            executor = _executor(settings, client)
+            if order is not None:
+                try:
+                    oid = uuid.UUID(order)
+                except ValueError:
+                    fail(f"--order: {order!r} is not an order id (UUID)")
+                result = await executor.run(oid)
+                typer.echo(f"{result.id} {result.state} ({result.status})")
+                return 0
+            summary = await resume_stuck(
+                store=executor.store, executor=executor, older_than=older_than, limit=limit,
+                dry_run=dry_run,
+                progress=lambda o, what: typer.echo(f"{o.id} {o.state}: {what}"))
+            if dry_run:
+                typer.echo(f"would resume {summary.found}, "
+                           f"skipped (leased elsewhere) {summary.skipped_leased}")
+            else:
+                typer.echo(summary.line())
+            return 1 if summary.errors else 0
+
+    try:
+        code = asyncio.run(main())
+    except Exception as exc:  # one line, not a traceback, for operator-facing errors
+        from fsm.errors import SagaError
+
+        if isinstance(exc, SagaError):
+            fail(str(exc), 1)
+        raise
+    raise typer.Exit(code)
+
+
+@app.command()
+def worker(
+    interval: Annotated[float | None, typer.Option(min=0.01, help="Seconds between sweeps "
+                                                   "(default ORDER_SAGA_SWEEP_INTERVAL).")] = None,
+    older_than: Annotated[float | None, typer.Option(min=0)] = None,
+) -> None:
+    """Claim and advance stuck orders forever (run several; they share the load)."""
+    from fsm.recovery import sweep_forever
+
+    settings = load_settings()
+    updates: dict[str, float] = {}
+    if interval is not None:
+        updates["sweep_interval"] = interval
+    if older_than is not None:
+        updates["sweep_older_than"] = older_than
+    settings = settings.model_copy(update=updates)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=settings.http_timeout) as client:
+            executor = _executor(settings, client)
+            await sweep_forever(store=executor.store, executor=executor, settings=settings)
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+
+
+class DiagramFormat(StrEnum):
+    mermaid = "mermaid"
+    dot = "dot"
+    svg = "svg"
+    png = "png"
+
+
+@app.command()
+def diagram(
+    format: Annotated[DiagramFormat, typer.Option("--format", "-f")] = DiagramFormat.mermaid,
+    output: Annotated[Path | None, typer.Option("--output", "-o")] = None,
+    order: Annotated[str | None, typer.Option(help="Highlight this order's path.")] = None,
+) -> None:
+    """Export the state diagram (optionally with one order's path highlighted)."""
+    from fsm import diagram as diagrams
+
+    history = None
+    if order is not None:
+        from fsm.errors import OrderNotFound
+        from fsm.store import Store, make_engine
+
+        try:
+            oid = uuid.UUID(order)
+        except ValueError:
+            fail(f"--order: {order!r} is not an order id (UUID)")
+        store = Store(make_engine(load_settings().database_url))
+        try:
+            store.get(oid)
+            history = store.history(oid)
+        except OrderNotFound as exc:
+            fail(str(exc), 1)
+        except Exception as exc:
+            fail(f"cannot read the database: {exc.__class__.__name__}: {exc}", 1)
+    try:
+        document = diagrams.render(format.value, history)
+    except diagrams.GraphvizMissing as exc:
+        fail(str(exc), 1)
+    if output is None:
+        if format in (DiagramFormat.png,) and sys.stdout.isatty():
+            fail("refusing to write PNG to a terminal: use --output FILE")
+        sys.stdout.buffer.write(document)
+        sys.stdout.flush()
+    else:
+        output.write_bytes(document)
+        typer.echo(f"wrote {output}", err=True)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply all migrations (same as `alembic upgrade head`)."""
+    settings = load_settings()
+    _migrate(settings)
+    typer.echo(f"database at head: {settings.database_url}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,65 @@
+"""The errors the saga raises, each with a stable code the API maps to a status.
+
+    SagaError
+    ├── CallFailure                 a downstream call did not succeed
+    │   ├── BusinessFailure         a definite "no" (4xx): not retried, had no effect
+    │   │   └── NotFound            404 (product lookup: the order is rejected)
+    │   └── TransientFailure        5xx, timeout, connection error: outcome unknown
+    ├── ConcurrencyError            another driver owns or moved the order
+    │   ├── StaleOrder              optimistic version check failed
+    │   └── LeaseLost               the lease is held by another owner (or expired)
+    ├── OrderNotFound               no such order id
+    └── InvalidMove                 the trigger is not declared from the order's state
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SagaError(Exception):
+    code = "saga_error"
+
+
+class CallFailure(SagaError):
+    code = "call_failure"
+
+    def __init__(self, message: str, *, status: int | None = None, body: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+    def detail(self) -> dict[str, Any]:
+        return {"error": self.code, "status": self.status, "message": str(self)}
+
+
+class BusinessFailure(CallFailure):
+    code = "business_failure"
+
+
+class NotFound(BusinessFailure):
+    code = "not_found"
+
+
+class TransientFailure(CallFailure):
+    code = "transient_failure"
+
+
+class ConcurrencyError(SagaError):
+    code = "concurrency"
+
+
+class StaleOrder(ConcurrencyError):
+    code = "stale_order"
+
+
+class LeaseLost(ConcurrencyError):
+    code = "lease_lost"
+
+
+class OrderNotFound(SagaError):
+    code = "order_not_found"
+
+
+class InvalidMove(SagaError):
+    code = "invalid_move"

@@ -1,0 +1,69 @@
+"""SQLModel tables: orders (current state, version, lease, retry schedule) and the
+append-only transition log. Definitions only; every query lives in `fsm.store`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def _utc() -> Any:
+    return DateTime(timezone=True)
+
+
+class Order(SQLModel, table=True):
+    __tablename__ = "orders"
+    __table_args__ = (Index("ix_orders_status_updated", "status", "updated_at"),)
+
+    id: uuid.UUID = Field(primary_key=True)
+    idempotency_key: str | None = Field(default=None, max_length=200, unique=True)
+    user_id: int
+    product_id: int
+    quantity: int
+    amount: int | None = None  # cents: price x quantity, fixed at product lookup
+
+    state: str = Field(max_length=32)  # the order machine's exact state
+    status: str = Field(max_length=32)  # coarse status shown by the API
+    payment_state: str = Field(max_length=32)
+    inventory_state: str = Field(max_length=32)
+    shipping_state: str = Field(max_length=32)
+
+    shipping_address: str | None = None
+    expected_delivery: str | None = Field(default=None, max_length=40)
+
+    # Optimistic concurrency: every state write checks and bumps it; it is also the
+    # sequence number of the transition that write records.
+    version: int = 0
+    lease_owner: str | None = Field(default=None, max_length=200)
+    lease_expires_at: datetime | None = Field(default=None, sa_type=_utc())
+
+    # Retry schedule, persisted so it survives a restart.
+    attempts: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    last_error: str | None = None
+    next_attempt_at: datetime | None = Field(default=None, sa_type=_utc())
+    deadline_at: datetime | None = Field(default=None, sa_type=_utc())  # forward steps
+    attention_reason: str | None = None
+    cancel_requested: bool = False
+
+    created_at: datetime = Field(sa_type=_utc())
+    updated_at: datetime = Field(sa_type=_utc())
+
+
+class Transition(SQLModel, table=True):
+    __tablename__ = "transitions"
+    __table_args__ = (UniqueConstraint("order_id", "seq", name="uq_transitions_order_seq"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    order_id: uuid.UUID = Field(foreign_key="orders.id", index=True)
+    seq: int
+    scope: str = Field(max_length=16)  # "order" or the step: payment, inventory, shipping
+    trigger: str = Field(max_length=40)
+    from_state: str = Field(max_length=32)
+    to_state: str = Field(max_length=32)
+    detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    created_at: datetime = Field(sa_type=_utc())

@@ -1,0 +1,71 @@
+"""Configuration: one Settings class read from ORDER_SAGA_* environment variables.
+
+`get_settings()` is cached; tests and the CLI build their own `Settings(...)` and pass it
+down instead of mutating the environment.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ORDER_SAGA_", extra="ignore")
+
+    database_url: str = "sqlite:///order-saga.db"
+    # Downstream base URLs; None means "the embedded reference services" (serve mounts them
+    # under /services of its own port).
+    product_url: str | None = None
+    user_url: str | None = None
+    inventory_url: str | None = None
+    shipping_url: str | None = None
+    # Where the embedded reference services keep their state (survives restarts).
+    services_db: str = "order-saga-services.db"
+    api_token: str | None = None
+    # Test hook only: "scope:trigger" -> the process kills itself right after that commit.
+    crash_after: str | None = None
+
+    # Per-call HTTP timeout, seconds.
+    http_timeout: float = Field(default=5.0, gt=0)
+    # Retries of one call within one run (same idempotency key each time).
+    max_attempts: int = Field(default=4, ge=1, le=100)
+    backoff_base: float = Field(default=0.05, ge=0)
+    backoff_max: float = Field(default=2.0, ge=0)
+    # A forward step still unknown this long after the steps started is treated as failed
+    # (and compensated, since it may have been applied).
+    step_deadline: float = Field(default=60.0, gt=0)
+    # How long a driver owns an order without renewing its lease.
+    lease_seconds: float = Field(default=30.0, gt=0)
+    # POST /orders waits this long for a terminal state before answering 202.
+    respond_within: float = Field(default=10.0, ge=0)
+    # The sweep of `serve` and `worker`: how often, how old an order must be, batch size.
+    sweep_interval: float = Field(default=5.0, gt=0)
+    sweep_older_than: float = Field(default=30.0, ge=0)
+    sweep_batch: int = Field(default=20, ge=1, le=1000)
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, url: str) -> str:
+        if not url.startswith(("sqlite://", "postgresql")):
+            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        return url
+
+    @field_validator("product_url", "user_url", "inventory_url", "shipping_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return url.rstrip("/") if url else url
+
+    @property
+    def embedded_services(self) -> bool:
+        urls = (self.product_url, self.user_url, self.inventory_url, self.shipping_url)
+        return all(u is None for u in urls)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -273,6 +273,6 @@ def next_state(machine: Machine, state: str, trigger: str) -> str:
     event = machine.events.get(trigger)
     if event is None:
         raise MachineError(f'"{trigger}" is not a trigger of this machine')
-    probe = _Probe(state)
+    probe = _Probe(str(state))  # plain str: transitions reads an Enum by its name
     event.trigger(probe)
     return probe.state

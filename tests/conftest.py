@@ -1,0 +1,169 @@
+"""Shared fixtures: a database per test on SQLite *and* PostgreSQL, the reference services
+on a real loopback port, and an executor wired to both. Nothing here is mocked."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+from sqlalchemy import text
+from sqlmodel import SQLModel
+
+import fsm.models  # noqa: F401  (registers the tables)
+from downstream.app import create_services_app
+from fsm.clients import Services, http_services
+from fsm.executor import Executor, RetryPolicy
+from fsm.store import Store, make_engine
+
+PG_SERVER = os.environ.get("ORDER_SAGA_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+FAST_POLICY = RetryPolicy(max_attempts=3, backoff_base=0.01, backoff_max=0.05, step_deadline=5)
+
+
+def _pg_admin() -> psycopg.Connection[Any]:
+    dsn = PG_SERVER.replace("postgresql+psycopg://", "postgresql://") + "/test"
+    return psycopg.connect(dsn, autocommit=True)
+
+
+def create_pg_database(name: str) -> str:
+    with _pg_admin() as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return f"{PG_SERVER}/{name}"
+
+
+def drop_pg_database(name: str) -> None:
+    with _pg_admin() as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url(worker_id: str) -> Iterator[str]:
+    """One PostgreSQL database per xdist worker, schema created once, emptied per test."""
+    name = f"order_saga_test_{worker_id}"
+    url = create_pg_database(name)
+    engine = make_engine(url)
+    SQLModel.metadata.create_all(engine)
+    engine.dispose()
+    yield url
+    drop_pg_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/saga.db"
+        engine = make_engine(url)
+        SQLModel.metadata.create_all(engine)
+    else:
+        url = request.getfixturevalue("pg_url")
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text("TRUNCATE transitions, orders"))
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    engine = make_engine(db_url)
+    yield Store(engine, lease_seconds=30)
+    engine.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LiveServer:
+    """An ASGI app served by uvicorn on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def services_server() -> Iterator[LiveServer]:
+    app = create_services_app()
+    with LiveServer(app) as server:
+        yield server
+    app.state.store.close()
+
+
+@pytest.fixture
+def services_url(services_server: LiveServer) -> str:
+    """The reference services, freshly seeded, over real HTTP."""
+    httpx.post(f"{services_server.url}/_reset").raise_for_status()
+    return services_server.url
+
+
+class Downstream:
+    """Reads the reference services' state for assertions (balance, stock, shipments)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def get(self, path: str) -> Any:
+        return httpx.get(f"{self.url}{path}").json()
+
+    def balance(self, user_id: int) -> int:
+        return int(self.get(f"/users/{user_id}")["balance"])
+
+    def stock(self, product_id: int) -> int:
+        return int(self.get(f"/inventory/{product_id}")["quantity"])
+
+    def shipment(self, order_id: object) -> dict[str, Any] | None:
+        response = httpx.get(f"{self.url}/shipping/{order_id}")
+        return None if response.status_code == 404 else dict(response.json())
+
+    def effects(self) -> dict[str, int]:
+        return dict(self.get("/_effects")["effects"])
+
+    def fault(self, operation: str, mode: str, count: int = 1, seconds: float = 0.05) -> None:
+        body = {"operation": operation, "mode": mode, "count": count, "seconds": seconds}
+        httpx.post(f"{self.url}/_faults", json=body).raise_for_status()
+
+
+@pytest.fixture
+def downstream(services_url: str) -> Downstream:
+    return Downstream(services_url)
+
+
+@pytest.fixture
+async def services(services_url: str) -> AsyncIterator[Services]:
+    async with httpx.AsyncClient(timeout=1.0) as client:
+        yield http_services(client, product_url=services_url, user_url=services_url,
+                            inventory_url=services_url, shipping_url=services_url)
+
+
+@pytest.fixture
+def executor(store: Store, services: Services) -> Executor:
+    return Executor(store=store, services=services, policy=FAST_POLICY)

@@ -1,0 +1,73 @@
+"""The machines accept exactly the declared edges (SPEC §1 as data) and nothing else."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from fsm.machine import (
+    DESIGN_TABLE,
+    ORDER_MACHINE,
+    STEP_MACHINE,
+    MachineError,
+    OrderState,
+    OrderTrigger,
+    Outcome,
+    Step,
+    StepState,
+    StepTrigger,
+    decide,
+    edges,
+    next_state,
+)
+
+DECLARED = {(e.scope if e.scope == "order" else "step", e.trigger, e.source): e.dest
+            for e in edges()}
+ORDER_MOVES = list(itertools.product(OrderState, OrderTrigger))
+STEP_MOVES = list(itertools.product(StepState, StepTrigger))
+
+
+@pytest.mark.parametrize(("state", "trigger"), ORDER_MOVES, ids=lambda v: str(v))
+def test_order_machine_accepts_only_declared_edges(state: str, trigger: str) -> None:
+    dest = DECLARED.get(("order", trigger, state))
+    if dest is None:
+        with pytest.raises(MachineError):
+            next_state(ORDER_MACHINE, state, trigger)
+    else:
+        assert next_state(ORDER_MACHINE, state, trigger) == dest
+
+
+@pytest.mark.parametrize(("state", "trigger"), STEP_MOVES, ids=lambda v: str(v))
+def test_step_machine_accepts_only_declared_edges(state: str, trigger: str) -> None:
+    dest = DECLARED.get(("step", trigger, state))
+    if dest is None:
+        with pytest.raises(MachineError):
+            next_state(STEP_MACHINE, state, trigger)
+    else:
+        assert next_state(STEP_MACHINE, state, trigger) == dest
+
+
+def test_no_auto_transitions_or_unknown_triggers() -> None:
+    with pytest.raises(MachineError):
+        next_state(ORDER_MACHINE, "pending", "to_completed")
+    with pytest.raises(MachineError):
+        next_state(STEP_MACHINE, "pending", "request_product")
+
+
+@pytest.mark.parametrize("outcomes", list(DESIGN_TABLE), ids=str)
+def test_decide_follows_the_design_table(outcomes: tuple[Outcome, ...]) -> None:
+    states = {step: StepState.SUCCEEDED if o is Outcome.SUCCESS else StepState.FAILED
+              for step, o in zip(Step, outcomes, strict=True)}
+    status, compensate = DESIGN_TABLE[outcomes]
+    trigger = decide(states)
+    assert (trigger == OrderTrigger.ALL_SUCCEEDED) == (status == "completed")
+    # compensate exactly what succeeded
+    assert compensate == ({s for s, st in states.items() if st is StepState.SUCCEEDED}
+                          if trigger == OrderTrigger.SOME_FAILED else set())
+
+
+def test_decide_waits_for_every_step() -> None:
+    with pytest.raises(ValueError, match="not settled"):
+        decide({Step.PAYMENT: StepState.SUCCEEDED, Step.INVENTORY: StepState.REQUESTED,
+                Step.SHIPPING: StepState.FAILED})

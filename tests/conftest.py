@@ -47,7 +47,7 @@ def drop_pg_database(name: str) -> None:
 @pytest.fixture(scope="session")
 def pg_url(worker_id: str) -> Iterator[str]:
     """One PostgreSQL database per xdist worker, schema created once, emptied per test."""
-    name = f"order_saga_test_{worker_id}"
+    name = f"order_saga_test_{worker_id}_{os.getpid()}"  # concurrent runs never collide
     url = create_pg_database(name)
     engine = make_engine(url)
     SQLModel.metadata.create_all(engine)

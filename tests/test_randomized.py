@@ -1,0 +1,86 @@
+"""Randomized durability: many orders, random fault schedules and random kill points
+(real processes, SIGKILL right after a random committed transition), then a final resume.
+Afterwards every order is terminal, no effect was applied twice and money and stock are
+conserved. The seed is printed; rerun one with ORDER_SAGA_TEST_SEED=<seed>."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fsm.machine import edges, is_terminal
+from fsm.store import Store
+from tests.conftest import Downstream
+from tests.test_faults import assert_conserved
+
+ORDER_SAGA = str(Path(sys.executable).parent / "order-saga")
+ORDERS = int(os.environ.get("ORDER_SAGA_TEST_RANDOM_ORDERS", "40"))
+ROUNDS = int(os.environ.get("ORDER_SAGA_TEST_RANDOM_ROUNDS", "6"))
+OPERATIONS = ["product.get", "user.deduct", "user.refund", "inventory.deduct",
+              "inventory.restore", "shipping.schedule", "shipping.cancel"]
+MODES = ["error", "error", "apply_then_error", "apply_then_error", "delay", "timeout"]
+CRASH_POINTS = sorted({f"{e.scope}:{e.trigger}" for e in edges()})
+LEASE = 0.5
+
+
+def resume(db_url: str, services_url: str, crash_after: str | None) -> int:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin"),
+        "ORDER_SAGA_DATABASE_URL": db_url,
+        **{f"ORDER_SAGA_{s}_URL": services_url
+           for s in ("PRODUCT", "USER", "INVENTORY", "SHIPPING")},
+        "ORDER_SAGA_LEASE_SECONDS": str(LEASE),
+        "ORDER_SAGA_MAX_ATTEMPTS": "3",
+        "ORDER_SAGA_BACKOFF_BASE": "0.01",
+        "ORDER_SAGA_BACKOFF_MAX": "0.05",
+        "ORDER_SAGA_STEP_DEADLINE": "3",
+        "ORDER_SAGA_HTTP_TIMEOUT": "0.5",
+    }
+    if crash_after:
+        env["ORDER_SAGA_CRASH_AFTER"] = crash_after
+    command = [ORDER_SAGA, "resume", "--older-than", "0", "--limit", "1000"]
+    return subprocess.run(command, env=env, capture_output=True, timeout=120).returncode
+
+
+@pytest.mark.slow
+def test_random_faults_and_kills_end_terminal_and_conserved(
+    db_url: str, store: Store, downstream: Downstream
+) -> None:
+    seed = int(os.environ.get("ORDER_SAGA_TEST_SEED", random.randrange(2**32)))
+    print(f"ORDER_SAGA_TEST_SEED={seed}")  # shown by pytest when the test fails
+    rng = random.Random(seed)
+    users, products = [1, 2, 3], [1, 2, 3, 4]
+    balances = {u: downstream.balance(u) for u in users}
+    stocks = {p: downstream.stock(p) for p in products}
+    for _ in range(ORDERS):
+        store.create_order(user_id=rng.choice(users), product_id=rng.choice(products + [999]),
+                           quantity=rng.choice([1, 1, 2, 11]))
+
+    kills = 0
+    for _ in range(ROUNDS):
+        for _ in range(rng.randint(1, 4)):
+            mode = rng.choice(MODES)
+            downstream.fault(rng.choice(OPERATIONS), mode, count=rng.randint(1, 5),
+                             seconds=0.8 if mode == "timeout" else 0.05)
+        code = resume(db_url, downstream.url, rng.choice(CRASH_POINTS))
+        assert code in (0, -9), f"seed {seed}: resume exited {code}"
+        kills += code == -9
+        time.sleep(LEASE + 0.1)  # the killed driver's leases expire
+
+    httpx.delete(f"{downstream.url}/_faults").raise_for_status()
+    for _ in range(4):
+        assert resume(db_url, downstream.url, None) == 0, f"seed {seed}"
+        if all(is_terminal(o.state) for o in store.list_orders(limit=500)):
+            break
+        time.sleep(LEASE + 0.1)
+    stuck = [(o.id, o.state) for o in store.list_orders(limit=500) if not is_terminal(o.state)]
+    assert not stuck, f"seed {seed}: not terminal after the final resume: {stuck}"
+    assert kills > 0 or ROUNDS < 3, f"seed {seed}: no kill happened"
+    assert_conserved(downstream, store, balances, stocks)

@@ -90,14 +90,12 @@ def _executor(settings: Settings, client: httpx.AsyncClient):  # type: ignore[no
     from fsm.executor import Executor, RetryPolicy
     from fsm.store import Store, make_engine
 
-    urls = (settings.product_url, settings.user_url, settings.inventory_url,
-            settings.shipping_url)
-    if any(u is None for u in urls):
-        fail("set ORDER_SAGA_PRODUCT_URL, _USER_URL, _INVENTORY_URL and _SHIPPING_URL "
-             "(the embedded services only exist inside `serve`)")
+    fallback = settings.fallback_services_url
     store = Store(make_engine(settings.database_url), lease_seconds=settings.lease_seconds)
-    services_ = http_services(client, product_url=urls[0] or "", user_url=urls[1] or "",
-                              inventory_url=urls[2] or "", shipping_url=urls[3] or "")
+    services_ = http_services(client, product_url=settings.product_url or fallback,
+                              user_url=settings.user_url or fallback,
+                              inventory_url=settings.inventory_url or fallback,
+                              shipping_url=settings.shipping_url or fallback)
     policy = RetryPolicy(max_attempts=settings.max_attempts, backoff_base=settings.backoff_base,
                          backoff_max=settings.backoff_max, step_deadline=settings.step_deadline)
     return Executor(store=store, services=services_, policy=policy,

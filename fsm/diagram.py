@@ -21,17 +21,8 @@ if TYPE_CHECKING:
     from fsm.store import Store
 
 __all__ = [
-    "CONTENT_TYPES",
-    "FORMATS",
-    "Format",
-    "GraphvizMissing",
-    "Highlight",
-    "UnknownFormat",
-    "edge_kind",
-    "highlighted",
-    "node_id",
-    "render",
-    "render_for_order",
+    "CONTENT_TYPES", "FORMATS", "Format", "GraphvizMissing", "Highlight", "UnknownFormat",
+    "edge_kind", "highlighted", "node_id", "render", "render_for_order", "to_dot", "to_mermaid",
 ]
 
 Format = Literal["mermaid", "dot", "svg", "png"]
@@ -45,6 +36,7 @@ CONTENT_TYPES: Mapping[str, str] = {
 
 StateKey = tuple[str, str]  # (scope, state)
 EdgeKey = tuple[str, str, str, str]  # (scope, trigger, from_state, to_state)
+_Attrs = dict[str, str | float]  # dot attributes
 
 
 class UnknownFormat(ValueError):
@@ -67,11 +59,15 @@ FAILURE_TRIGGERS = frozenset({OrderTrigger.PRODUCT_MISSING, OrderTrigger.PRODUCT
                               StepTrigger.FAIL, StepTrigger.EXPIRE})
 _COLOR = {"happy": "#2e7d32", "failure": "#c62828", "compensation": "#e65100"}
 _DIM = "#b8b8b8"
-_VISITED, _CURRENT = "#dcebfa", "#ffd54f"
-_OUTCOME_FILL = {"completed": "#e8f5e9", "rejected": "#ffebee", "failed": "#ffebee",
-                 "cancelled": "#eeeeee", "needs_attention": "#fff3e0"}
+_VISITED, _CURRENT = "#bbdefb", "#ffd54f"
+# Where an order can come to rest, tinted by outcome (whole-machine picture only).
+_OUTCOMES = {"success": ("#e8f5e9", "#2e7d32", ["completed"]),
+             "failure": ("#ffebee", "#c62828", ["rejected", "failed"]),
+             "closed": ("#eeeeee", "#616161", ["cancelled"]),
+             "attention": ("#fff3e0", "#e65100", ["needs_attention"])}
+_OUTCOME_FILL = {state: fill for fill, _, states in _OUTCOMES.values() for state in states}
 _STEPS = "steps_running"
-_MIDDLE = list(Step)[len(Step) // 2]  # the column order edges attach to in dot
+_MIDDLE = list(Step)[len(Step) // 2]
 
 
 def edge_kind(trigger: str) -> Literal["happy", "failure", "compensation"]:
@@ -134,45 +130,50 @@ def _states(edge_list: Iterable[Edge]) -> list[str]:
 
 
 def _q(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
 
 
 def _attrs(**attrs: str | float) -> str:
     return "[" + ", ".join(f"{k}={_q(str(v))}" for k, v in attrs.items()) + "]"
 
 
-def _dot_state(scope: str, state: str, hl: Highlight | None) -> dict[str, str | float]:
-    attrs: dict[str, str | float] = {"label": state}
+def _dot_state(scope: str, state: str, hl: Highlight | None) -> _Attrs:
+    attrs: _Attrs = {"label": state}
     if scope == "order" and state in TERMINAL_ORDER_STATES:
         attrs["peripheries"] = 2
     if hl is None:
         attrs["fillcolor"] = _OUTCOME_FILL.get(state, "white") if scope == "order" else "white"
     elif (scope, state) in hl.current:
-        attrs.update(fillcolor=_CURRENT, penwidth=3, fontname="Helvetica-Bold",
-                     **{"class": "visited current"})
+        attrs.update({"fillcolor": _CURRENT, "penwidth": 3, "fontname": "Helvetica-Bold",
+                      "class": "visited current"})
     elif (scope, state) in hl.states:
-        attrs.update(fillcolor=_VISITED, **{"class": "visited"})
+        attrs.update({"fillcolor": _VISITED, "class": "visited"})
     else:
         attrs.update(fillcolor="white", color=_DIM, fontcolor="#888888")
     return attrs
 
 
-def _dot_edge(edge: Edge, hl: Highlight | None, seqs: Mapping[EdgeKey, list[int]]) -> str:
+def _dot_edge(
+    edge: Edge, hl: Highlight | None, seqs: Mapping[EdgeKey, list[int]],
+    ends: tuple[str, str] | None,
+) -> str:
     kind = edge_kind(edge.trigger)
-    attrs: dict[str, str | float] = {"label": _label(edge, seqs), "color": _COLOR[kind],
+    attrs: _Attrs = {"label": _label(edge, seqs), "color": _COLOR[kind],
                                      "fontcolor": _COLOR[kind]}
     if kind == "compensation":
         attrs["style"] = "dashed"
-    key = (edge.scope, edge.trigger, edge.source, edge.dest)
-    if hl is not None and key in hl.edges:
-        attrs.update(penwidth=3, fontname="Helvetica-Bold", **{"class": f"taken {kind}"})
+    if kind == "happy":  # keep the happy path a straight spine
+        attrs["weight"] = 8
+    if hl is not None and (edge.scope, edge.trigger, edge.source, edge.dest) in hl.edges:
+        attrs.update({"penwidth": 3, "fontname": "Helvetica-Bold", "class": f"taken {kind}"})
     elif hl is not None:
         attrs.update(color=_DIM, fontcolor="#999999")
     tail, head = node_id(edge.scope, edge.source), node_id(edge.scope, edge.dest)
-    if edge.source == _STEPS and edge.scope == "order":  # leave the steps box from its bottom
-        tail, attrs["ltail"] = f"{_MIDDLE}_compensated", f"cluster_{_STEPS}"
-    if edge.dest == _STEPS and edge.scope == "order":  # enter it at the top
-        head, attrs["lhead"] = f"{_MIDDLE}_pending", f"cluster_{_STEPS}"
+    if ends is not None and edge.source == _STEPS:  # leave the steps box from its bottom
+        tail, attrs["ltail"] = node_id(_MIDDLE, ends[1]), f"cluster_{_STEPS}"
+    if ends is not None and edge.dest == _STEPS:  # enter it at the top
+        head, attrs["lhead"] = node_id(_MIDDLE, ends[0]), f"cluster_{_STEPS}"
     return f"  {_q(tail)} -> {_q(head)} {_attrs(**attrs)};"
 
 
@@ -187,44 +188,54 @@ def _legend(hl: Highlight | None) -> str:
     return "<" + " &nbsp; · &nbsp; ".join(parts) + ">"
 
 
+_GRAPH: _Attrs = {"rankdir": "TB", "ordering": "out", "compound": "true", "fontsize": 10,
+                  "fontname": "Helvetica", "nodesep": 0.3, "ranksep": 0.4, "labelloc": "b"}
+_NODE: _Attrs = {"shape": "box", "style": "rounded,filled", "fontname": "Helvetica",
+                 "fontsize": 11, "height": 0.3}
+_COLUMN: _Attrs = {"style": "rounded,filled", "fillcolor": "#fafafa", "color": "#999999",
+                   "penwidth": 1, "fontsize": 11, "fontname": "Helvetica-Bold",
+                   "class": ""}  # clusters inherit attributes: undo the steps box's
+_BOX_LABEL = (f"{_STEPS}: payment, inventory and shipping run concurrently, one step machine"
+              " each;\ntheir compensate edges run later, while the order is compensating or"
+              " cancelling")
+
+
+def _steps_box(hl: Highlight | None) -> _Attrs:
+    box: _Attrs = {"label": _BOX_LABEL, "style": "rounded", "color": "#555555"}
+    if hl is not None and ("order", _STEPS) in hl.current:
+        box.update({"style": "rounded,filled,bold", "fillcolor": "#fff8dc", "penwidth": 3,
+                    "class": "visited current"})
+    elif hl is not None and ("order", _STEPS) in hl.states:
+        box.update({"style": "rounded,filled", "fillcolor": "#f3f8fd", "class": "visited"})
+    return box
+
+
 def to_dot(history: Sequence[Transition] | None = None) -> str:
     hl = None if history is None else highlighted(history)
     seqs = {} if history is None else _seqs(history)
     order, steps = _split()
-    lines = [
-        "digraph order_saga {",
-        f"  graph {_attrs(rankdir='TB', compound='true', fontname='Helvetica', fontsize=10, nodesep=0.3, ranksep=0.4, labelloc='b')};",  # noqa: E501
-        f"  graph [label={_legend(hl)}];",
-        f"  node {_attrs(shape='box', style='rounded,filled', fontname='Helvetica', fontsize=11, height=0.3)};",  # noqa: E501
-        f"  edge {_attrs(fontname='Helvetica', fontsize=9, arrowsize=0.7)};",
-        f"  start {_attrs(shape='point', width=0.15, label='')};",
-        f"  start -> {_q(OrderState.PENDING)};",
-    ]
-    for state in _states(order):
-        if state != _STEPS:
-            lines.append(f"  {_q(state)} {_attrs(**_dot_state('order', state, hl))};")
-    box: dict[str, str | float] = {
-        "label": f"{_STEPS}: payment, inventory and shipping run concurrently, one step machine"
-        " each;\ntheir compensate edges run later, while the order is compensating or cancelling",
-        "style": "rounded", "color": "#555555", "fontsize": 10}
-    if hl is not None and ("order", _STEPS) in hl.current:
-        box.update(style="rounded,filled,bold", fillcolor="#fff8dc", penwidth=3,
-                   **{"class": "visited current"})
-    elif hl is not None and ("order", _STEPS) in hl.states:
-        box.update(style="rounded,filled", fillcolor="#f3f8fd", **{"class": "visited"})
+    lines = ["digraph order_saga {", f"  graph {_attrs(**_GRAPH)};",
+             f"  graph [label={_legend(hl)}];", f"  node {_attrs(**_NODE)};",
+             f"  edge {_attrs(fontname='Helvetica', fontsize=9, arrowsize=0.7)};",
+             f"  start {_attrs(shape='point', width=0.15, label='')};",
+             f"  start -> {_q(OrderState.PENDING)};"]
+    lines += [f"  {_q(state)} {_attrs(**_dot_state('order', state, hl))};"
+              for state in _states(order) if state != _STEPS]
     lines.append(f"  subgraph {_q('cluster_' + _STEPS)} {{")
-    lines.append(f"    graph {_attrs(**box)};")
-    for step, step_edges in steps.items():
-        fwd, comp = Step(step).forward_action, Step(step).compensation_action
+    lines.append(f"    graph {_attrs(**_steps_box(hl))};")
+    # dot lays sibling clusters out right to left: emit them reversed so columns read
+    # payment, inventory, shipping.
+    for step, step_edges in reversed(steps.items()):
+        label = f"{step} ({Step(step).forward_action} / {Step(step).compensation_action})"
         lines.append(f"    subgraph {_q('cluster_' + step)} {{")
-        lines.append(f"      graph {_attrs(label=f'{step} ({fwd} / {comp})', style='rounded,filled', fillcolor='#fafafa', color='#999999', fontsize=11, fontname='Helvetica-Bold')};")  # noqa: E501
-        for state in _states(step_edges):
-            attrs = _dot_state(step, state, hl)
-            lines.append(f"      {_q(node_id(step, state))} {_attrs(**attrs)};")
+        lines.append(f"      graph {_attrs(label=label, **_COLUMN)};")
+        lines += [f"      {_q(node_id(step, state))} {_attrs(**_dot_state(step, state, hl))};"
+                  for state in _states(step_edges)]
         lines.append("    }")
     lines.append("  }")
-    lines += [_dot_edge(edge, hl, seqs) for edge in order]
-    lines += [_dot_edge(edge, hl, seqs) for step_edges in steps.values() for edge in step_edges]
+    middle = _states(steps[_MIDDLE])  # order edges attach to the middle column's ends
+    lines += [_dot_edge(edge, hl, seqs, (middle[0], middle[-1])) for edge in order]
+    lines += [_dot_edge(edge, hl, seqs, None) for es in steps.values() for edge in es]
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -240,11 +251,10 @@ def to_mermaid(history: Sequence[Transition] | None = None) -> str:
              "    %% generated from fsm/machine.py by fsm/diagram.py: do not edit by hand",
              f"    [*] --> {OrderState.PENDING}"]
     lines += [f"    {e.source} --> {e.dest}: {_label(e, seqs)}" for e in order]
-    lines += [f"    {s} --> [*]" for s in _states(order) if s in TERMINAL_ORDER_STATES]
     lines.append(f"    state {_STEPS} {{")
     for i, (step, step_edges) in enumerate(steps.items()):
         if i:
-            lines.append("        --")
+            lines.append("        --")  # concurrent regions: one step machine each
         lines.append(f"        state {step} {{")
         lines += [f'            state "{s}" as {node_id(step, s)}' for s in _states(step_edges)]
         lines.append(f"            [*] --> {node_id(step, step_edges[0].source)}")
@@ -252,17 +262,22 @@ def to_mermaid(history: Sequence[Transition] | None = None) -> str:
                   f" {_label(e, seqs)}" for e in step_edges]
         lines.append("        }")
     lines.append("    }")
+    classes: dict[str, list[str]] = {}
     if hl is None:
-        lines += [f"    classDef {state} fill:{fill}" for state, fill in _OUTCOME_FILL.items()]
-        lines += [f"    class {state} {state}" for state in _OUTCOME_FILL]
+        for name, (fill, stroke, states) in _OUTCOMES.items():
+            lines.append(f"    classDef {name} fill:{fill},stroke:{stroke}")
+            classes[name] = states
     else:
         lines += [f"    classDef visited fill:{_VISITED},stroke:#1565c0",
                   f"    classDef current fill:{_CURRENT},stroke:#000,stroke-width:3px,"
-                  "font-weight:bold"]
-        for name, keys in (("visited", hl.states - hl.current), ("current", hl.current)):
-            ids = sorted(node_id(scope, state) for scope, state in keys)
-            if ids:
-                lines.append(f"    class {','.join(ids)} {name}")
+                  "font-weight:bold",
+                  "    classDef untouched fill:#fff,stroke:#bbb,color:#999"]
+        every = {("order", s) for s in _states(order)}
+        every |= {(step, s) for step, step_edges in steps.items() for s in _states(step_edges)}
+        for name, keys in (("visited", hl.states - hl.current), ("current", hl.current),
+                           ("untouched", every - hl.states - hl.current)):
+            classes[name] = sorted(node_id(scope, state) for scope, state in keys)
+    lines += [f"    class {','.join(ids)} {name}" for name, ids in classes.items() if ids]
     return "\n".join(lines) + "\n"
 
 

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -50,6 +50,7 @@ from fsm.models import Order
 from fsm.store import Store, step_states, utcnow
 
 Call = Callable[[], Awaitable[Answer]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -131,17 +132,14 @@ class Executor:
                 if not await self._look_up_product(order):
                     return
             elif state is OrderState.STEPS_RUNNING:
-                async with asyncio.TaskGroup() as group:
-                    for step in Step:
-                        group.create_task(self._forward(order, step))
+                await self._each_step(order, self._forward)
                 states = {s: StepState(getattr(order, f"{s}_state")) for s in Step}
                 if any(st is StepState.REQUESTED for st in states.values()):
                     return  # budget of this run spent; a later resume continues
                 self._fire(order, "order", decide(states), detail={"steps": step_states(order)})
             elif state in (OrderState.COMPENSATING, OrderState.CANCELLING):
-                async with asyncio.TaskGroup() as group:
-                    tasks = [group.create_task(self._compensate(order, s)) for s in Step]
-                failures = [t.result() for t in tasks if t.result() is not None]
+                results = await self._each_step(order, self._compensate)
+                failures = [reason for reason in results if reason is not None]
                 if failures:
                     reason = "; ".join(failures)
                     self._fire(order, "order", OrderTrigger.PARK, detail={"reason": reason},
@@ -268,6 +266,19 @@ class Executor:
                 Step.SHIPPING: self.services.shipping}[step]
 
     # -- plumbing --------------------------------------------------------------------
+
+    async def _each_step(
+        self, order: Order, fn: Callable[[Order, Step], Awaitable[T]]
+    ) -> list[T]:
+        """Run `fn` for the three steps concurrently (SPEC §1: one failing does not stop
+        the others). An error (lease lost, stale write) cancels the siblings and is
+        re-raised as itself, not as an ExceptionGroup, so callers can catch it by type."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(fn(order, step)) for step in Step]
+        except BaseExceptionGroup as errors:
+            raise errors.exceptions[0] from errors
+        return [task.result() for task in tasks]
 
     def _fire(self, order: Order, scope: str, trigger: str, *,
               detail: dict[str, Any] | None = None, **changes: Any) -> None:

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     user_url: str | None = None
     inventory_url: str | None = None
     shipping_url: str | None = None
+    # `resume` and `worker` host no services: an unset *_URL falls back to this, the
+    # embedded services of a `serve` running on the default port.
+    fallback_services_url: str = "http://127.0.0.1:8000/services"
     # Where the embedded reference services keep their state (survives restarts).
     services_db: str = "order-saga-services.db"
     api_token: str | None = None
@@ -53,7 +56,8 @@ class Settings(BaseSettings):
             raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
         return url
 
-    @field_validator("product_url", "user_url", "inventory_url", "shipping_url")
+    @field_validator("product_url", "user_url", "inventory_url", "shipping_url",
+                     "fallback_services_url")
     @classmethod
     def _http_url(cls, url: str | None) -> str | None:
         if url is not None and not url.startswith(("http://", "https://")):

@@ -17,12 +17,13 @@ from typing import Annotated, NoReturn
 import httpx
 import typer
 from pydantic import ValidationError
+from typer.exceptions import TyperException
 
 from fsm.settings import Settings
 
-app = typer.Typer(help="Durable order orchestrator.", no_args_is_help=True,
+app = typer.Typer(help="Durable order orchestrator.",
                   pretty_exceptions_enable=False, add_completion=False)
-db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.")
 app.add_typer(db_app, name="db")
 
 
@@ -46,7 +47,8 @@ def _migrate(settings: Settings) -> None:
     try:
         upgrade(settings.database_url)
     except Exception as exc:  # unreachable database, bad URL, ...
-        fail(f"cannot migrate {settings.database_url}: {exc.__class__.__name__}: {exc}", 1)
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        fail(f"cannot migrate {settings.database_url}: {type(exc).__name__}: {first_line}", 1)
 
 
 @app.command()
@@ -232,5 +234,19 @@ def db_upgrade() -> None:
     typer.echo(f"database at head: {settings.database_url}")
 
 
+def main() -> None:
+    """Entry point: usage errors become one line (`order-saga: …`) and a non-zero exit."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=sys.argv[1:] or ["--help"], prog_name="order-saga",
+                            standalone_mode=False)
+    except TyperException as exc:  # bad flag, unknown command, missing argument
+        typer.echo(f"order-saga: {exc.format_message()}", err=True)
+        code = exc.exit_code
+    except typer.Abort:
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -1,6 +1,7 @@
 """State diagram export (mermaid, dot, svg, png) drawn from the tables in `fsm.machine`, so
-the picture cannot drift from what the executor runs. Given one order's transition log, its
-path and current state(s) are highlighted. No SQL here; svg/png only shell out to Graphviz.
+the picture cannot drift from what the executor runs: nothing here is drawn by hand. Given one
+order's transition log, its path and current state(s) are highlighted. No SQL of its own
+(`render_for_order` reads through a Store); svg/png shell out to Graphviz's `dot`.
 """
 
 from __future__ import annotations

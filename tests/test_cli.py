@@ -1,0 +1,92 @@
+"""The `order-saga` command as users run it: a real process, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fsm.store import Store
+from tests.conftest import Downstream
+
+ORDER_SAGA = str(Path(sys.executable).parent / "order-saga")
+
+
+def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {"PATH": os.environ.get("PATH", "/usr/bin"), **env}
+    return subprocess.run([ORDER_SAGA, *args], capture_output=True, text=True, env=full_env,
+                          timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["diagram", "--format", "jpeg"], {}, "Invalid value for '--format'"),
+        (["diagram", "--order", "not-a-uuid"], {}, "is not an order id"),
+        (["resume", "--limit", "0"], {}, "Invalid value for '--limit'"),
+        (["resume", "--older-than", "-1"], {}, "Invalid value for '--older-than'"),
+        (["serve", "--port", "70000"], {}, "Invalid value for '--port'"),
+        (["nonsense"], {}, "No such command"),
+        (["db", "upgrade"], {"ORDER_SAGA_DATABASE_URL": "mysql://x"}, "ORDER_SAGA_DATABASE_URL"),
+        (["resume"], {"ORDER_SAGA_MAX_ATTEMPTS": "many"}, "ORDER_SAGA_MAX_ATTEMPTS"),
+        (["resume"], {"ORDER_SAGA_USER_URL": "ftp://x"}, "ORDER_SAGA_USER_URL"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_non_zero_exit(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    result = run(*args, **env)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("order-saga: "), result.stderr
+    assert message in lines[0]
+
+
+def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/fresh.db"
+    result = run("db", "upgrade", ORDER_SAGA_DATABASE_URL=url)
+    assert result.returncode == 0, result.stderr
+    assert "database at head" in result.stdout
+    assert run("db", "upgrade", ORDER_SAGA_DATABASE_URL=url).returncode == 0
+
+
+def test_resume_dry_run_then_resume(
+    db_url: str, store: Store, downstream: Downstream
+) -> None:
+    env = {"ORDER_SAGA_DATABASE_URL": db_url,
+           **{f"ORDER_SAGA_{s}_URL": downstream.url
+              for s in ("PRODUCT", "USER", "INVENTORY", "SHIPPING")}}
+    stuck, _ = store.create_order(user_id=1, product_id=1, quantity=1)
+    dry = run("resume", "--older-than", "0", "--dry-run", **env)
+    assert dry.returncode == 0, dry.stderr
+    assert f"{stuck.id} pending: would resume" in dry.stdout
+    assert store.get(stuck.id).state == "pending"  # --dry-run changes nothing
+
+    done = run("resume", "--older-than", "0", **env)
+    assert done.returncode == 0, done.stderr
+    assert "resumed 1, completed 1" in done.stdout
+    assert store.get(stuck.id).state == "completed"
+    assert downstream.effects()[f"{stuck.id}:payment:deduct"] == 1
+
+
+def test_unknown_order_for_the_diagram_is_one_line(db_url: str, store: Store) -> None:
+    result = run("diagram", "--order", "00000000-0000-0000-0000-000000000000",
+                 ORDER_SAGA_DATABASE_URL=db_url)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "order-saga: order 00000000-0000-0000-0000-000000000000 not found")
+
+
+def test_diagram_of_one_order_highlights_its_path(db_url: str, store: Store) -> None:
+    order, _ = store.create_order(user_id=1, product_id=1, quantity=1, owner="t")
+    store.record_transition(order=order, owner="t", scope="order", trigger="request_product")
+    store.record_transition(order=order, owner="t", scope="order", trigger="product_missing")
+    whole = run("diagram", "--format", "dot", ORDER_SAGA_DATABASE_URL=db_url)
+    mine = run("diagram", "--format", "dot", "--order", str(order.id),
+               ORDER_SAGA_DATABASE_URL=db_url)
+    assert whole.returncode == mine.returncode == 0
+    assert whole.stdout != mine.stdout
+    assert "product_missing (2)" in mine.stdout  # the edge it took, numbered by its seq

@@ -1,0 +1,249 @@
+"""SPEC §3, one crash point per declared edge: a real `order-saga` process SIGKILLs itself
+right after committing that transition, a fresh process resumes the order, and the order
+ends where the scenario says with every effect applied at most once and money, stock and
+shipments conserved. On SQLite and PostgreSQL.
+
+The edges come from `fsm.machine.edges()`; an edge without a scenario in CRASH_POINTS
+fails the suite, so a new state or trigger cannot land without its crash test.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import pytest
+
+from fsm.machine import Edge, edges
+from fsm.models import Transition
+from fsm.store import STATE_COLUMN, Store
+from tests.conftest import Downstream
+from tests.crashkit import (
+    COMPENSATIONS,
+    Books,
+    Fault,
+    Result,
+    assert_conserved,
+    order_effects,
+    run_saga,
+    saga_env,
+    set_faults,
+    wait_for_lease_expiry,
+)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One process run: `resume --order ID` or the cancel helper, with these faults
+    injected first (all earlier faults are cleared). `reaches`: the state it must leave
+    the order in when it is not the crashing run."""
+
+    command: str = "resume"
+    faults: tuple[Fault, ...] = ()
+    reaches: str | None = None
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A seed row, the runs that lead to the crash (the last one crashes), extra
+    ORDER_SAGA_* settings for every run, and the status the recovery must reach."""
+
+    user: int
+    product: int
+    quantity: int
+    final: str
+    phases: tuple[Phase, ...] = (Phase(),)
+    settings: Mapping[str, object] = field(default_factory=dict)
+
+
+# Every run: a dead driver's lease runs out after 1 s; quick retries.
+BASE_SETTINGS = {"lease_seconds": 1, "max_attempts": 3, "backoff_base": 0.01,
+                 "backoff_max": 0.05, "http_timeout": 5}
+# A forward step that keeps answering "unknown" expires after 1 s of retrying.
+EXPIRE_SETTINGS = {"step_deadline": 1, "max_attempts": 100}  # 100: the maximum
+REFUND_DOWN = Fault("user.refund", "error")  # count 1000 > any retry budget: parks
+COMPLETE = Phase(reaches="completed")
+
+# Seed (downstream/seed.py): user 1 can pay, user 2 is poor; product 1 in stock, product 3
+# sold out, product 999 missing; more than 10 units cannot ship.
+SCENARIOS: dict[str, Scenario] = {
+    # row 1: all three succeed.
+    "completed": Scenario(1, 1, 1, "completed"),
+    # row 2: product 404, nothing else called.
+    "rejected": Scenario(1, 999, 1, "rejected"),
+    # product lookup answers 500 past the step deadline (counted from order creation).
+    "product-unavailable": Scenario(1, 1, 1, "failed",
+                                    (Phase(faults=(Fault("product.get", "error"),)),),
+                                    {"step_deadline": 0.2}),
+    # row 3: payment 402 -> restore inventory, cancel shipping.
+    "payment-failed": Scenario(2, 1, 1, "failed"),
+    # row 4: inventory 409 -> refund user, cancel shipping.
+    "inventory-failed": Scenario(1, 3, 1, "failed"),
+    # row 5: shipping 422 (11 units) -> refund user, restore inventory.
+    "shipping-failed": Scenario(1, 1, 11, "failed"),
+    # A forward step unknown past its deadline is compensated. Three flavours of unknown:
+    # applied but answered 500; not applied, 500; not applied, client timeout.
+    "payment-expired": Scenario(1, 1, 1, "failed",
+                                (Phase(faults=(Fault("user.deduct", "apply_then_error"),)),),
+                                EXPIRE_SETTINGS),
+    "inventory-expired": Scenario(1, 1, 1, "failed",
+                                  (Phase(faults=(Fault("inventory.deduct", "error"),)),),
+                                  EXPIRE_SETTINGS),
+    "shipping-expired": Scenario(1, 1, 1, "failed",
+                                 (Phase(faults=(Fault("shipping.schedule", "timeout",
+                                                      seconds=1.0),)),),
+                                 {**EXPIRE_SETTINGS, "http_timeout": 0.3}),
+    # row 4 with the refund down past the retry budget: parks, then retried.
+    "compensation-parked": Scenario(1, 3, 1, "failed", (Phase(faults=(REFUND_DOWN,)),)),
+    "compensation-retried": Scenario(1, 3, 1, "failed", (
+        Phase(faults=(REFUND_DOWN,), reaches="needs_attention"), Phase())),
+    # the owner cancels a completed order.
+    "cancelled": Scenario(1, 1, 2, "cancelled", (COMPLETE, Phase("cancel"))),
+    "cancellation-parked": Scenario(1, 1, 2, "cancelled", (
+        COMPLETE, Phase("cancel", faults=(REFUND_DOWN,)))),
+    "cancellation-retried": Scenario(1, 1, 2, "cancelled", (
+        COMPLETE, Phase("cancel", faults=(REFUND_DOWN,), reaches="needs_attention"),
+        Phase())),
+}
+
+# (scope, trigger, source) -> the scenario whose last run commits that edge first.
+# Keyed by source too: `park` and `compensate` have two sources each.
+CRASH_POINTS: dict[tuple[str, str, str], str] = {
+    ("order", "request_product", "pending"): "completed",
+    ("order", "product_missing", "product_requested"): "rejected",
+    ("order", "product_unavailable", "product_requested"): "product-unavailable",
+    ("order", "product_found", "product_requested"): "completed",
+    ("order", "all_succeeded", "steps_running"): "completed",
+    ("order", "some_failed", "steps_running"): "payment-failed",
+    ("order", "compensation_done", "compensating"): "payment-failed",
+    ("order", "cancel", "completed"): "cancelled",
+    ("order", "cancellation_done", "cancelling"): "cancelled",
+    ("order", "park", "compensating"): "compensation-parked",
+    ("order", "park", "cancelling"): "cancellation-parked",
+    ("order", "retry_compensation", "needs_attention"): "compensation-retried",
+    ("order", "retry_cancellation", "needs_attention"): "cancellation-retried",
+    # payment
+    ("payment", "request", "pending"): "completed",
+    ("payment", "succeed", "requested"): "completed",
+    ("payment", "fail", "requested"): "payment-failed",
+    ("payment", "expire", "requested"): "payment-expired",
+    ("payment", "compensate", "succeeded"): "inventory-failed",
+    ("payment", "compensate", "expired"): "payment-expired",
+    ("payment", "finish_compensation", "compensating"): "inventory-failed",
+    # inventory
+    ("inventory", "request", "pending"): "completed",
+    ("inventory", "succeed", "requested"): "completed",
+    ("inventory", "fail", "requested"): "inventory-failed",
+    ("inventory", "expire", "requested"): "inventory-expired",
+    ("inventory", "compensate", "succeeded"): "payment-failed",
+    ("inventory", "compensate", "expired"): "inventory-expired",
+    ("inventory", "finish_compensation", "compensating"): "payment-failed",
+    # shipping
+    ("shipping", "request", "pending"): "completed",
+    ("shipping", "succeed", "requested"): "completed",
+    ("shipping", "fail", "requested"): "shipping-failed",
+    ("shipping", "expire", "requested"): "shipping-expired",
+    ("shipping", "compensate", "succeeded"): "payment-failed",
+    ("shipping", "compensate", "expired"): "shipping-expired",
+    ("shipping", "finish_compensation", "compensating"): "payment-failed",
+}
+
+EDGES = list(edges())
+UNDONE = {"pending", "failed", "compensated"}  # step states with no effect left behind
+
+
+def key(edge: Edge) -> tuple[str, str, str]:
+    return (str(edge.scope), str(edge.trigger), str(edge.source))
+
+
+def test_every_edge_has_a_crash_scenario() -> None:
+    declared = {key(e) for e in EDGES}
+    assert declared - CRASH_POINTS.keys() == set(), "edges without a crash scenario"
+    assert CRASH_POINTS.keys() - declared == set(), "crash points for undeclared edges"
+    assert set(CRASH_POINTS.values()) <= SCENARIOS.keys()
+
+
+def expect_ok(result: Result) -> None:
+    assert result.returncode == 0, result.explain()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edge", EDGES, ids=lambda e: ":".join(key(e)))
+def test_crash_right_after_commit(edge: Edge, db_url: str, store: Store,
+                                  downstream: Downstream) -> None:
+    name = CRASH_POINTS.get(key(edge))
+    if name is None:
+        pytest.fail(f"no crash scenario for {edge}: add one to CRASH_POINTS")
+    scenario = SCENARIOS[name]
+    books = Books.read(downstream, users=[scenario.user], products=[scenario.product])
+    order, _ = store.create_order(user_id=scenario.user, product_id=scenario.product,
+                                  quantity=scenario.quantity)
+    oid = str(order.id)
+    settings = {**BASE_SETTINGS, **scenario.settings}
+    env = saga_env(database_url=db_url, services_url=downstream.url, **settings)
+
+    # The runs leading up to the crash.
+    *before, last = scenario.phases
+    for phase in before:
+        set_faults(downstream.url, phase.faults)
+        expect_ok(run_saga(phase.command, "--order", oid, env=env))
+        if phase.reaches is not None:
+            assert store.get(order.id).state == phase.reaches
+
+    # The crashing run: killed by its own SIGKILL right after committing `edge`.
+    set_faults(downstream.url, last.faults)
+    crash_env = {**env, "ORDER_SAGA_CRASH_AFTER": f"{edge.scope}:{edge.trigger}"}
+    crashed = run_saga(last.command, "--order", oid, env=crash_env)
+    assert crashed.returncode == -9, crashed.explain()
+    at_crash = store.history(order.id)
+    last_row = at_crash[-1]
+    assert (last_row.scope, last_row.trigger, last_row.from_state, last_row.to_state) == (
+        edge.scope, edge.trigger, edge.source, edge.dest), crashed.explain()
+    row = store.get(order.id)
+    assert getattr(row, STATE_COLUMN[edge.scope]) == edge.dest
+    assert row.version == last_row.seq
+    assert row.lease_owner is not None  # nobody released it: the process died
+
+    # A fresh process takes over once the dead driver's lease has run out.
+    set_faults(downstream.url, ())
+    wait_for_lease_expiry(store, order.id)
+    expect_ok(run_saga("resume", "--order", oid, env=env))
+    assert_recovered(store, downstream, books, order.id, scenario, at_crash=at_crash)
+
+
+def rows(log: list[Transition]) -> list[tuple[int, str, str, str, str]]:
+    return [(t.seq, t.scope, t.trigger, t.from_state, t.to_state) for t in log]
+
+
+def assert_recovered(store: Store, downstream: Downstream, books: Books, order_id: uuid.UUID,
+                     scenario: Scenario, *, at_crash: list[Transition]) -> None:
+    final = store.get(order_id)
+    assert final.status == scenario.final, store.history(order_id)
+    assert final.lease_owner is None
+
+    # Continued from the persisted state: the log before the crash is untouched, every
+    # row is a declared edge, and no intent was committed twice.
+    log = store.history(order_id)
+    assert [t.seq for t in log] == list(range(1, len(log) + 1))
+    assert rows(log[:len(at_crash)]) == rows(at_crash)
+    declared = {(e.scope, e.trigger, e.source, e.dest) for e in EDGES}
+    assert all((t.scope, t.trigger, t.from_state, t.to_state) in declared for t in log)
+    triggers = [(t.scope, t.trigger) for t in log]
+    assert triggers.count(("order", "request_product")) == 1
+    for step in COMPENSATIONS:
+        assert triggers.count((step, "request")) <= 1, f"{step} requested twice"
+        assert triggers.count((step, "compensate")) <= 1, f"{step} compensated twice"
+
+    # Nothing left half-done: a completed order kept every step, any other undid all.
+    steps = {s: getattr(final, f"{s}_state") for s in COMPENSATIONS}
+    if final.status == "completed":
+        assert set(steps.values()) == {"succeeded"}, steps
+    else:
+        assert set(steps.values()) <= UNDONE, steps
+
+    effects = order_effects(downstream.effects(), order_id)
+    assert all(n <= 1 for n in effects.values()), effects
+    if final.status == "rejected":
+        assert effects == {}
+    assert_conserved(downstream, books, [final])

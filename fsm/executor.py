@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -23,8 +23,10 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
+    stop_any,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
 from fsm import metrics
 from fsm.clients import Answer, ReconcilingService, Services
@@ -59,6 +61,16 @@ class RetryPolicy:
     backoff_base: float = 0.05  # seconds; full jitter, doubling
     backoff_max: float = 2.0
     step_deadline: float = 60.0  # a forward step unknown this long is treated as failed
+
+
+class stop_at(stop_base):  # noqa: N801  (named like tenacity's own stop conditions)
+    """Stop retrying once a wall-clock deadline (persisted on the order) has passed."""
+
+    def __init__(self, deadline: datetime | None) -> None:
+        self.deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.deadline is not None and utcnow() >= self.deadline
 
 
 def new_owner() -> str:
@@ -268,7 +280,7 @@ class Executor:
     # -- plumbing --------------------------------------------------------------------
 
     async def _each_step(
-        self, order: Order, fn: Callable[[Order, Step], Awaitable[T]]
+        self, order: Order, fn: Callable[[Order, Step], Coroutine[Any, Any, T]]
     ) -> list[T]:
         """Run `fn` for the three steps concurrently (SPEC §1: one failing does not stop
         the others). An error (lease lost, stale write) cancels the siblings and is
@@ -293,9 +305,6 @@ class Executor:
                             deadline: datetime | None) -> Any:
         """Retry transient failures with the same key; persist every attempt's schedule."""
 
-        def past_deadline(_: RetryCallState) -> bool:
-            return deadline is not None and utcnow() >= deadline
-
         def note(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             sleep = state.upcoming_sleep
@@ -303,7 +312,7 @@ class Executor:
                                     next_attempt_at=utcnow() + timedelta(seconds=sleep))
 
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.policy.max_attempts) | past_deadline,
+            stop=stop_any(stop_after_attempt(self.policy.max_attempts), stop_at(deadline)),
             wait=wait_random_exponential(multiplier=self.policy.backoff_base,
                                          max=self.policy.backoff_max),
             retry=retry_if_exception_type(TransientFailure),

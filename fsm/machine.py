@@ -233,9 +233,9 @@ def edges() -> Iterator[Edge]:
         for source in sources if isinstance(sources, list) else [sources]:
             yield Edge("order", trigger, source, dest)
     for step in Step:
-        for trigger, sources, dest in STEP_TRANSITIONS:
-            for source in sources if isinstance(sources, list) else [sources]:
-                yield Edge(step, trigger, source, dest)
+        for step_trigger, step_sources, step_dest in STEP_TRANSITIONS:
+            for origin in step_sources if isinstance(step_sources, list) else [step_sources]:
+                yield Edge(step, step_trigger, origin, step_dest)
 
 
 def _build(states: type[StrEnum], table: list[Any], initial: StrEnum) -> Machine:

@@ -10,9 +10,20 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, insert, or_, select, update
+from sqlalchemy import (
+    Engine,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from fsm.errors import InvalidMove, LeaseLost, OrderNotFound, StaleOrder
@@ -67,7 +78,24 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    # No pre-ping: it would add a round trip to every transition; recycle instead.
+    return create_engine(url, pool_recycle=1800, pool_size=10, max_overflow=10)
+
+
+# Hot-path statements are built once (per set of columns) and executed with parameters:
+# rebuilding them per call costs more than the SQL itself.
+_INSERT_TRANSITION = insert(transitions)
+
+
+@lru_cache(maxsize=64)
+def _guarded_update(columns: tuple[str, ...]) -> Any:
+    """UPDATE orders SET <columns> WHERE id, version and lease owner match."""
+    return (
+        update(orders)
+        .where(orders.c.id == bindparam("_id"), orders.c.version == bindparam("_version"),
+               orders.c.lease_owner == bindparam("_owner"))
+        .values({column: bindparam(column) for column in columns})
+    )
 
 
 def _order_from(row: Any) -> Order:
@@ -197,30 +225,15 @@ class Store:
         }
         if scope == "order":
             values["status"] = coarse_status(dest).value
+        row = {"order_id": order.id, "seq": new_version, "scope": scope, "trigger": trigger,
+               "from_state": source, "to_state": dest, "detail": detail, "created_at": now}
         with self.engine.begin() as conn:
-            result = conn.execute(
-                update(orders)
-                .where(
-                    orders.c.id == order.id,
-                    orders.c.version == order.version,
-                    orders.c.lease_owner == owner,
-                )
-                .values(**values)
-            )
+            result = conn.execute(_guarded_update(tuple(sorted(values))),
+                                  {**values, "_id": order.id, "_version": order.version,
+                                   "_owner": owner})
             if result.rowcount != 1:
                 self._raise_conflict(conn, order, owner)
-            conn.execute(
-                insert(transitions).values(
-                    order_id=order.id,
-                    seq=new_version,
-                    scope=scope,
-                    trigger=trigger,
-                    from_state=source,
-                    to_state=dest,
-                    detail=detail,
-                    created_at=now,
-                )
-            )
+            conn.execute(_INSERT_TRANSITION, row)
         for key, value in values.items():
             setattr(order, key, value)
         return dest
@@ -245,15 +258,9 @@ class Store:
 
     def _guarded_update(self, *, order: Order, owner: str, values: dict[str, Any]) -> None:
         with self.engine.begin() as conn:
-            result = conn.execute(
-                update(orders)
-                .where(
-                    orders.c.id == order.id,
-                    orders.c.version == order.version,
-                    orders.c.lease_owner == owner,
-                )
-                .values(**values)
-            )
+            result = conn.execute(_guarded_update(tuple(sorted(values))),
+                                  {**values, "_id": order.id, "_version": order.version,
+                                   "_owner": owner})
             if result.rowcount != 1:
                 self._raise_conflict(conn, order, owner)
         for key, value in values.items():

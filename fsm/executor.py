@@ -203,7 +203,7 @@ class Executor:
             self._fire(order, step, StepTrigger.REQUEST)  # intent, committed before the call
         elif not resumed:
             return
-        call = self._forward_call(order, step)
+        call = self._call(order, step, step.forward_action)
         key = idempotency_key(order, step, step.forward_action)
         service = self._service(step)
         try:
@@ -228,17 +228,21 @@ class Executor:
                        "expected_delivery": answer.get("expected_delivery")}
         self._fire(order, step, StepTrigger.SUCCEED, detail=answer, **changes)
 
-    def _forward_call(self, order: Order, step: Step) -> Call:
-        oid, key = str(order.id), idempotency_key(order, step, step.forward_action)
-        amount = order.amount or 0
-        if step is Step.PAYMENT:
-            return lambda: self.services.user.deduct(
-                user_id=order.user_id, amount=amount, order_id=oid, key=key)
-        if step is Step.INVENTORY:
-            return lambda: self.services.inventory.deduct(
-                product_id=order.product_id, quantity=order.quantity, order_id=oid, key=key)
-        return lambda: self.services.shipping.schedule(
-            order_id=oid, user_id=order.user_id, quantity=order.quantity, key=key)
+    def _call(self, order: Order, step: Step, action: str) -> Call:
+        """The downstream call for one step's action, with its derived idempotency key."""
+        oid, key = str(order.id), idempotency_key(order, step, action)
+        if step is Step.PAYMENT:  # deduct / refund
+            pay = getattr(self.services.user, action)
+            return lambda: pay(user_id=order.user_id, amount=order.amount or 0, order_id=oid,
+                               key=key)
+        if step is Step.INVENTORY:  # deduct / restore
+            stock = getattr(self.services.inventory, action)
+            return lambda: stock(product_id=order.product_id, quantity=order.quantity,
+                                 order_id=oid, key=key)
+        if action == "schedule":
+            return lambda: self.services.shipping.schedule(
+                order_id=oid, user_id=order.user_id, quantity=order.quantity, key=key)
+        return lambda: self.services.shipping.cancel(order_id=oid, key=key)
 
     # -- one step backward -----------------------------------------------------------
 
@@ -252,7 +256,7 @@ class Executor:
         action = step.compensation_action
         try:
             answer = await self._with_retries(
-                order, f"{step}:{action}", self._compensation_call(order, step), deadline=None)
+                order, f"{step}:{action}", self._call(order, step, action), deadline=None)
         except CallFailure as exc:
             # Never skipped: the order parks in needs_attention and a resume retries it.
             return f"{step} {action} did not succeed: {exc}"
@@ -261,17 +265,6 @@ class Executor:
             changes = {"shipping_address": None, "expected_delivery": None}
         self._fire(order, step, StepTrigger.FINISH_COMPENSATION, detail=answer, **changes)
         return None
-
-    def _compensation_call(self, order: Order, step: Step) -> Call:
-        oid, key = str(order.id), idempotency_key(order, step, step.compensation_action)
-        amount = order.amount or 0
-        if step is Step.PAYMENT:
-            return lambda: self.services.user.refund(
-                user_id=order.user_id, amount=amount, order_id=oid, key=key)
-        if step is Step.INVENTORY:
-            return lambda: self.services.inventory.restore(
-                product_id=order.product_id, quantity=order.quantity, order_id=oid, key=key)
-        return lambda: self.services.shipping.cancel(order_id=oid, key=key)
 
     def _service(self, step: Step) -> ReconcilingService:
         return {Step.PAYMENT: self.services.user, Step.INVENTORY: self.services.inventory,

@@ -227,15 +227,7 @@ class Store:
             values["status"] = coarse_status(dest).value
         row = {"order_id": order.id, "seq": new_version, "scope": scope, "trigger": trigger,
                "from_state": source, "to_state": dest, "detail": detail, "created_at": now}
-        with self.engine.begin() as conn:
-            result = conn.execute(_guarded_update(tuple(sorted(values))),
-                                  {**values, "_id": order.id, "_version": order.version,
-                                   "_owner": owner})
-            if result.rowcount != 1:
-                self._raise_conflict(conn, order, owner)
-            conn.execute(_INSERT_TRANSITION, row)
-        for key, value in values.items():
-            setattr(order, key, value)
+        self._write(order=order, owner=owner, values=values, log=row)
         return dest
 
     def note_attempt(
@@ -250,19 +242,24 @@ class Store:
         """Persist the retry schedule of one call (count, last error, next attempt)."""
         attempts = {**order.attempts, call: order.attempts.get(call, 0) + 1}
         values = {"attempts": attempts, "last_error": error, "next_attempt_at": next_attempt_at}
-        self._guarded_update(order=order, owner=owner, values=values)
+        self._write(order=order, owner=owner, values=values)
 
     def set_fields(self, *, order: Order, owner: str, **values: Any) -> None:
         """Write non-state columns (cancel flag, attention reason) under the lease."""
-        self._guarded_update(order=order, owner=owner, values=values)
+        self._write(order=order, owner=owner, values=values)
 
-    def _guarded_update(self, *, order: Order, owner: str, values: dict[str, Any]) -> None:
+    def _write(self, *, order: Order, owner: str, values: dict[str, Any],
+               log: dict[str, Any] | None = None) -> None:
+        """One transaction: the guarded UPDATE, then (for a transition) its log line.
+        `order` is updated in memory only once the commit succeeded."""
         with self.engine.begin() as conn:
             result = conn.execute(_guarded_update(tuple(sorted(values))),
                                   {**values, "_id": order.id, "_version": order.version,
                                    "_owner": owner})
             if result.rowcount != 1:
                 self._raise_conflict(conn, order, owner)
+            if log is not None:
+                conn.execute(_INSERT_TRANSITION, log)
         for key, value in values.items():
             setattr(order, key, value)
 

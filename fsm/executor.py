@@ -98,21 +98,28 @@ class Executor:
         self.owner = owner or new_owner()
         # Test hook: "scope:trigger" -> SIGKILL this process right after that commit.
         self.crash_after = crash_after
+        # Orders this executor is driving now. The lease is re-entrant for its owner (so a
+        # crashed-and-restarted owner can continue), so a second run inside this process
+        # (a resume or cancel during a background run) must be refused here.
+        self._driving: set[uuid.UUID] = set()
 
     # -- entry points ----------------------------------------------------------------
 
     async def run(self, order_id: uuid.UUID) -> Order:
         """Claim the order and drive it as far as this run's retry budget allows."""
+        return await self.drive(self._claim(order_id))
+
+    def _claim(self, order_id: uuid.UUID) -> Order:
+        if order_id in self._driving:
+            raise LeaseLost(f"order {order_id} is being driven right now")
         order = self.store.claim(order_id=order_id, owner=self.owner)
         if order is None:
             raise LeaseLost(f"order {order_id} is being driven by another worker")
-        return await self.drive(order)
+        return order
 
     async def cancel(self, order_id: uuid.UUID) -> Order:
         """The owner cancels a completed order: refund, restore, cancel shipping."""
-        order = self.store.claim(order_id=order_id, owner=self.owner)
-        if order is None:
-            raise LeaseLost(f"order {order_id} is being driven by another worker")
+        order = self._claim(order_id)
         if order.state == OrderState.COMPLETED:
             self.store.set_fields(order=order, owner=self.owner, cancel_requested=True)
             self._fire(order, "order", OrderTrigger.CANCEL)
@@ -123,11 +130,15 @@ class Executor:
 
     async def drive(self, order: Order) -> Order:
         """Advance an order whose lease we hold; always releases the lease."""
+        if order.id in self._driving:
+            raise LeaseLost(f"order {order.id} is being driven right now")
+        self._driving.add(order.id)
         keeper = asyncio.create_task(self._keep_lease(order.id))
         try:
             await self._advance(order)
         finally:
             keeper.cancel()
+            self._driving.discard(order.id)
             self.store.release(order_id=order.id, owner=self.owner)
             order.lease_owner = None
         return order

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import uuid
-import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -15,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from sqlmodel import SQLModel
-from starlette.exceptions import StarletteDeprecationWarning
 
 import fsm.models  # noqa: F401  (registers the tables)
 from api.diagram import router
@@ -44,10 +43,6 @@ from fsm.machine import (
 )
 from fsm.models import Transition
 from fsm.store import Store, make_engine
-
-with warnings.catch_warnings():  # Starlette 1.x warns that it wants httpx2 (see test_api)
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    from fastapi.testclient import TestClient
 
 ROOT = Path(__file__).resolve().parent.parent
 EDGES = list(edges())

@@ -121,8 +121,8 @@ class Executor:
         """The owner cancels a completed order: refund, restore, cancel shipping."""
         order = self._claim(order_id)
         if order.state == OrderState.COMPLETED:
-            self.store.set_fields(order=order, owner=self.owner, cancel_requested=True)
-            self._fire(order, "order", OrderTrigger.CANCEL)
+            # One commit: a crash can never keep the request but lose the transition.
+            self._fire(order, "order", OrderTrigger.CANCEL, cancel_requested=True)
         elif not order.cancel_requested:
             self.store.release(order_id=order.id, owner=self.owner)
             raise InvalidMove(f"only a completed order can be cancelled (it is {order.state})")

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from fsm.errors import ConcurrencyError
 from fsm.executor import Executor
 from fsm.models import Order
 from fsm.settings import Settings
-from fsm.store import Store
+from fsm.store import Store, utcnow
 
 log = logging.getLogger("order_saga.recovery")
 
@@ -56,35 +58,41 @@ async def resume_stuck(
     concurrency: int = 8,
     progress: Progress | None = None,
 ) -> ResumeSummary:
-    """Claim up to `limit` stuck orders and drive each to a terminal state (or park it)."""
-    summary = ResumeSummary(skipped_leased=store.count_leased_stuck(older_than=older_than))
+    """Claim stuck orders a few at a time (so several workers share the load) and drive
+    each to a terminal state or park it; at most `limit` orders, each at most once."""
+    moved_before = utcnow() - timedelta(seconds=older_than)
+    summary = ResumeSummary(skipped_leased=store.count_leased_stuck(moved_before=moved_before))
     if dry_run:
-        for order in store.find_stuck(older_than=older_than, limit=limit):
+        for order in store.find_stuck(moved_before=moved_before, limit=limit):
             summary.found += 1
             if progress:
                 progress(order, "would resume")
         return summary
-    batch = store.claim_batch(owner=executor.owner, older_than=older_than, limit=limit)
-    summary.found = len(batch)
-    gate = asyncio.Semaphore(concurrency)
+    seen: set[uuid.UUID] = set()
 
     async def one(order: Order) -> None:
-        async with gate:
-            try:
-                await executor.drive(order)
-            except ConcurrencyError:
-                summary.lost_to_other_driver += 1
-                return
-            except Exception:
-                log.exception("resume of order %s failed", order.id)
-                summary.errors += 1
-                return
-            summary.resumed += 1
-            summary.outcomes[order.status] += 1
-            if progress:
-                progress(order, order.status)
+        try:
+            await executor.drive(order)
+        except ConcurrencyError:
+            summary.lost_to_other_driver += 1
+            return
+        except Exception:
+            log.exception("resume of order %s failed", order.id)
+            summary.errors += 1
+            return
+        summary.resumed += 1
+        summary.outcomes[order.status] += 1
+        if progress:
+            progress(order, order.status)
 
-    await asyncio.gather(*(one(o) for o in batch))
+    while summary.found < limit:
+        batch = store.claim_batch(owner=executor.owner, moved_before=moved_before,
+                                  limit=min(concurrency, limit - summary.found), exclude=seen)
+        if not batch:
+            break
+        summary.found += len(batch)
+        seen.update(o.id for o in batch)
+        await asyncio.gather(*(one(o) for o in batch))
     return summary
 
 

@@ -9,6 +9,7 @@ statements; SQLModel only defines the tables.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -244,10 +245,6 @@ class Store:
         values = {"attempts": attempts, "last_error": error, "next_attempt_at": next_attempt_at}
         self._write(order=order, owner=owner, values=values)
 
-    def set_fields(self, *, order: Order, owner: str, **values: Any) -> None:
-        """Write non-state columns (cancel flag, attention reason) under the lease."""
-        self._write(order=order, owner=owner, values=values)
-
     def _write(self, *, order: Order, owner: str, values: dict[str, Any],
                log: dict[str, Any] | None = None) -> None:
         """One transaction: the guarded UPDATE, then (for a transition) its log line.
@@ -322,40 +319,44 @@ class Store:
 
     # -- recovery --------------------------------------------------------------------
 
-    def _stuck(self, *, older_than: float, now: datetime) -> Any:
-        return select(orders).where(
+    def _stuck(self, *, moved_before: datetime, now: datetime,
+               exclude: Collection[uuid.UUID] = ()) -> Any:
+        query = select(orders).where(
             orders.c.state.not_in(_TERMINAL),
-            orders.c.updated_at <= now - timedelta(seconds=older_than),
+            orders.c.updated_at <= moved_before,
             or_(orders.c.lease_owner.is_(None), orders.c.lease_expires_at < now),
             or_(orders.c.next_attempt_at.is_(None), orders.c.next_attempt_at <= now),
         )
+        return query.where(orders.c.id.not_in(list(exclude))) if exclude else query
 
-    def find_stuck(self, *, older_than: float, limit: int) -> list[Order]:
-        """Non-terminal orders, unleased, unmoved for `older_than` seconds (oldest first)."""
-        query = self._stuck(older_than=older_than, now=utcnow())
+    def find_stuck(self, *, moved_before: datetime, limit: int,
+                   exclude: Collection[uuid.UUID] = ()) -> list[Order]:
+        """Non-terminal orders, unleased, unmoved since `moved_before` (oldest first)."""
+        query = self._stuck(moved_before=moved_before, now=utcnow(), exclude=exclude)
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(orders.c.updated_at).limit(limit)).all()
         return [_order_from(r) for r in rows]
 
-    def count_leased_stuck(self, *, older_than: float) -> int:
+    def count_leased_stuck(self, *, moved_before: datetime) -> int:
         """Non-terminal orders that another driver currently holds."""
         now = utcnow()
         query = select(func.count()).select_from(orders).where(
             orders.c.state.not_in(_TERMINAL),
-            orders.c.updated_at <= now - timedelta(seconds=older_than),
+            orders.c.updated_at <= moved_before,
             orders.c.lease_owner.is_not(None),
             orders.c.lease_expires_at >= now,
         )
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
-    def claim_batch(self, *, owner: str, older_than: float, limit: int) -> list[Order]:
+    def claim_batch(self, *, owner: str, moved_before: datetime, limit: int,
+                    exclude: Collection[uuid.UUID] = ()) -> list[Order]:
         """Atomically lease up to `limit` stuck orders. PostgreSQL: FOR UPDATE SKIP LOCKED,
         so concurrent workers take disjoint batches; SQLite: one guarded UPDATE each."""
         now = utcnow()
         if self.is_postgres:
             query = (
-                self._stuck(older_than=older_than, now=now)
+                self._stuck(moved_before=moved_before, now=now, exclude=exclude)
                 .with_only_columns(orders.c.id)
                 .order_by(orders.c.updated_at)
                 .limit(limit)
@@ -373,7 +374,8 @@ class Store:
                 rows = conn.execute(select(orders).where(orders.c.id.in_(ids))).all()
             return sorted((_order_from(r) for r in rows), key=lambda o: o.updated_at)
         claimed: list[Order] = []
-        for candidate in self.find_stuck(older_than=older_than, limit=limit):
+        for candidate in self.find_stuck(moved_before=moved_before, limit=limit,
+                                         exclude=exclude):
             order = self._claim_if_stuck(candidate, owner=owner, now=now)
             if order is not None:
                 claimed.append(order)

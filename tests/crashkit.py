@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -87,11 +89,15 @@ class Saga:
                                         stdout=self._out, stderr=self._err)
 
     def wait(self, timeout: float = SUBPROCESS_TIMEOUT) -> Result:
+        """The finished process's result; one that hangs is killed and fails the test (its
+        -9 must never pass for a crash the test asked for)."""
         try:
             code = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            code = self.process.wait()
+            self.process.wait()
+            hung = Result(self.argv, -9, self._read(self._out), self._read(self._err))
+            raise AssertionError(f"still running after {timeout}s: {hung.explain()}") from None
         return Result(self.argv, code, self._read(self._out), self._read(self._err))
 
     def stop(self) -> Result:
@@ -110,6 +116,36 @@ class Saga:
 def run_saga(kind: str, *args: str, env: Mapping[str, str],
              timeout: float = SUBPROCESS_TIMEOUT) -> Result:
     return Saga(command(kind, *args), env).wait(timeout)
+
+
+def drive_here(kind: str, order_id: uuid.UUID, *, database_url: str, services_url: str,
+               settings: Mapping[str, Any]) -> str:
+    """`resume --order` / `cancel` in this process, wired like the CLI (never crashes):
+    the cheap way to set the stage before the run that is killed. Returns the state."""
+    from fsm.clients import http_services
+    from fsm.executor import Executor, RetryPolicy
+    from fsm.settings import Settings
+    from fsm.store import Store, make_engine
+
+    config = Settings(**{"database_url": database_url, **settings})
+
+    async def main() -> str:
+        async with httpx.AsyncClient(timeout=config.http_timeout) as client:
+            services = http_services(client, product_url=services_url, user_url=services_url,
+                                     inventory_url=services_url, shipping_url=services_url)
+            policy = RetryPolicy(max_attempts=config.max_attempts,
+                                 backoff_base=config.backoff_base,
+                                 backoff_max=config.backoff_max,
+                                 step_deadline=config.step_deadline)
+            executor = Executor(store=store, services=services, policy=policy)
+            run = executor.cancel if kind == "cancel" else executor.run
+            return (await run(order_id)).state
+
+    store = Store(make_engine(config.database_url), lease_seconds=config.lease_seconds)
+    try:
+        return asyncio.run(main())
+    finally:
+        store.engine.dispose()
 
 
 # -- the reference services -------------------------------------------------------------
@@ -163,6 +199,41 @@ def triggers_by_scope(store: Store, order_id: uuid.UUID) -> dict[str, Counter[st
     for t in store.history(order_id):
         found.setdefault(t.scope, Counter())[t.trigger] += 1
     return found
+
+
+def in_transaction_elsewhere(database_url: str) -> bool:
+    """Does another connection hold an open transaction (a write lock) right now?"""
+    if database_url.startswith("sqlite"):
+        conn = sqlite3.connect(database_url.removeprefix("sqlite:///"), timeout=0)
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # WAL: fails only while someone writes
+        except sqlite3.OperationalError:
+            return True
+        finally:
+            conn.close()
+        return False
+    import psycopg
+
+    dsn = database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as pg:
+        row = pg.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
+            "AND state <> 'idle'").fetchone()
+    return bool(row and row[0])
+
+
+def pause_between_transactions(saga: Saga, database_url: str, *, tries: int = 200) -> None:
+    """SIGSTOP `saga`, but never while it holds a transaction open: a frozen writer would
+    block every other driver (SQLite's write lock, a PostgreSQL row lock)."""
+    for _ in range(tries):
+        saga.process.send_signal(signal.SIGSTOP)
+        time.sleep(0.02)  # let the stop land and the server notice a finished statement
+        if not in_transaction_elsewhere(database_url):
+            return
+        saga.process.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError("could not catch the driver between two transactions")
 
 
 # -- invariants -----------------------------------------------------------------------

@@ -25,6 +25,7 @@ from tests.crashkit import (
     Fault,
     Result,
     assert_conserved,
+    drive_here,
     order_effects,
     run_saga,
     saga_env,
@@ -35,9 +36,9 @@ from tests.crashkit import (
 
 @dataclass(frozen=True)
 class Phase:
-    """One process run: `resume --order ID` or the cancel helper, with these faults
-    injected first (all earlier faults are cleared). `reaches`: the state it must leave
-    the order in when it is not the crashing run."""
+    """One run of the executor: `resume --order ID` or the cancel helper, with these faults
+    injected first (earlier ones are cleared). The last phase is the real subprocess that
+    crashes; earlier ones run in the test process and must leave the order in `reaches`."""
 
     command: str = "resume"
     faults: tuple[Fault, ...] = ()
@@ -57,8 +58,10 @@ class Scenario:
     settings: Mapping[str, object] = field(default_factory=dict)
 
 
-# Every run: a dead driver's lease runs out after 1 s; quick retries.
-BASE_SETTINGS = {"lease_seconds": 1, "max_attempts": 3, "backoff_base": 0.01,
+# Every run: quick retries, and a dead driver's lease runs out after 0.5 s (the wait before
+# the recovery run). Short is safe here: no second driver competes during a run, and a
+# write is guarded by version and lease owner, not by the expiry.
+BASE_SETTINGS = {"lease_seconds": 0.5, "max_attempts": 3, "backoff_base": 0.01,
                  "backoff_max": 0.05, "http_timeout": 5}
 # A forward step that keeps answering "unknown" expires after 1 s of retrying.
 EXPIRE_SETTINGS = {"step_deadline": 1, "max_attempts": 100}  # 100: the maximum
@@ -183,13 +186,14 @@ def test_crash_right_after_commit(edge: Edge, db_url: str, store: Store,
     settings = {**BASE_SETTINGS, **scenario.settings}
     env = saga_env(database_url=db_url, services_url=downstream.url, **settings)
 
-    # The runs leading up to the crash.
+    # The runs leading up to the crash (in this process: they only set the stage).
     *before, last = scenario.phases
     for phase in before:
         set_faults(downstream.url, phase.faults)
-        expect_ok(run_saga(phase.command, "--order", oid, env=env))
+        state = drive_here(phase.command, order.id, database_url=db_url,
+                           services_url=downstream.url, settings=settings)
         if phase.reaches is not None:
-            assert store.get(order.id).state == phase.reaches
+            assert state == phase.reaches
 
     # The crashing run: killed by its own SIGKILL right after committing `edge`.
     set_faults(downstream.url, last.faults)

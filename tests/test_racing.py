@@ -1,0 +1,160 @@
+"""SPEC §3 "two executors never drive the same order at the same time": real `order-saga`
+processes racing for the same stuck orders, on SQLite and PostgreSQL. Whoever wins each
+order, it is driven exactly once: one intent per step, one effect per forward key, and
+money and stock move by exactly the orders placed."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+import uuid
+from collections import Counter
+
+import pytest
+
+from fsm.store import Store, utcnow
+from tests.conftest import Downstream
+from tests.crashkit import (
+    FORWARD_ACTIONS,
+    Books,
+    Fault,
+    Result,
+    Saga,
+    assert_conserved,
+    command,
+    pause_between_transactions,
+    saga_env,
+    set_faults,
+    stuck_orders,
+    triggers_by_scope,
+)
+
+# Seed: user 3 is rich enough for any batch; product 1 (1999 cents) has a million units.
+RICH_USER, WIDGET, WIDGET_PRICE = 3, 1, 1999
+ONE_RUN = {  # the log of an order completed by a single driver
+    "order": Counter(request_product=1, product_found=1, all_succeeded=1),
+    **{step: Counter(request=1, succeed=1) for step in FORWARD_ACTIONS},
+}
+
+
+def resumed_count(result: Result) -> int:
+    """`resumed N, completed N, ...`: the summary is the last line `resume` prints."""
+    lines = result.stdout.strip().splitlines()
+    match = re.match(r"resumed (\d+),", lines[-1]) if lines else None
+    assert match, result.explain()
+    return int(match.group(1))
+
+
+def assert_each_driven_once(store: Store, downstream: Downstream, books: Books,
+                            ids: list[uuid.UUID]) -> None:
+    orders = [store.get(oid) for oid in ids]
+    assert Counter(o.status for o in orders) == Counter(completed=len(ids))
+    assert all(o.lease_owner is None for o in orders)
+    for oid in ids:
+        assert triggers_by_scope(store, oid) == ONE_RUN, store.history(oid)
+    forward = {f"{oid}:{step}:{action}" for oid in ids
+               for step, action in FORWARD_ACTIONS.items()}
+    assert len(forward) == 3 * len(ids)
+    assert downstream.effects() == dict.fromkeys(forward, 1)  # once each, nothing else
+    assert downstream.balance(RICH_USER) == books.balances[RICH_USER] - len(ids) * WIDGET_PRICE
+    assert downstream.stock(WIDGET) == books.stocks[WIDGET] - len(ids)
+    assert_conserved(downstream, books, orders)
+
+
+@pytest.mark.slow
+def test_two_resumers_race_for_the_same_stuck_orders(
+    db_url: str, store: Store, downstream: Downstream
+) -> None:
+    books = Books.read(downstream, users=[RICH_USER], products=[WIDGET])
+    ids = stuck_orders(store, 100, user_id=RICH_USER, product_id=WIDGET, quantity=1)
+    env = saga_env(database_url=db_url, services_url=downstream.url)
+
+    argv = command("resume", "--older-than", "0", "--limit", "1000")
+    racers = [Saga(argv, env), Saga(argv, env)]  # started together, neither waits
+    results = [racer.wait(timeout=180) for racer in racers]
+
+    for result in results:
+        assert result.returncode == 0, result.explain()
+    assert sum(resumed_count(r) for r in results) == 100, [r.stdout[-300:] for r in results]
+    assert_each_driven_once(store, downstream, books, ids)
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_stuck_orders(
+    db_url: str, store: Store, downstream: Downstream
+) -> None:
+    books = Books.read(downstream, users=[RICH_USER], products=[WIDGET])
+    ids = stuck_orders(store, 50, user_id=RICH_USER, product_id=WIDGET, quantity=1)
+    env = saga_env(database_url=db_url, services_url=downstream.url)
+
+    argv = command("worker", "--interval", "0.2", "--older-than", "0")
+    workers = [Saga(argv, env), Saga(argv, env)]
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            orders = [store.get(oid) for oid in ids]
+            if all(o.status == "completed" and o.lease_owner is None for o in orders):
+                break
+            assert all(w.process.poll() is None for w in workers), "a worker died"
+            time.sleep(0.25)
+        time.sleep(0.5)  # a few more sweeps over finished orders: must change nothing
+    finally:
+        results = [w.stop() for w in workers]
+    for result in results:
+        assert "Traceback" not in result.stderr, result.explain()
+    assert_each_driven_once(store, downstream, books, ids)
+
+
+@pytest.mark.slow
+def test_a_frozen_driver_loses_its_orders_and_cannot_write_after_waking(
+    db_url: str, store: Store, downstream: Downstream
+) -> None:
+    """SPEC §3 "a stale writer's transition is rejected, not merged": driver A freezes
+    (SIGSTOP) with payments in flight, its leases run out, driver B takes every order over
+    and completes it; A wakes up, and every write it attempts is refused."""
+    books = Books.read(downstream, users=[RICH_USER], products=[WIDGET])
+    ids = stuck_orders(store, 20, user_id=RICH_USER, product_id=WIDGET, quantity=1)
+    # A's first deductions hang 4 s in the service: A is waiting on them when frozen.
+    set_faults(downstream.url, [Fault("user.deduct", "delay", count=8, seconds=4.0)])
+    env = saga_env(database_url=db_url, services_url=downstream.url)
+    argv = command("resume", "--older-than", "0", "--limit", "1000")
+
+    a = Saga(argv, {**env, "ORDER_SAGA_LEASE_SECONDS": "3"})
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until A waits on its delayed payments
+            orders = [store.get(oid) for oid in ids]
+            waiting = [o for o in orders if o.payment_state == "requested"
+                       and o.inventory_state == o.shipping_state == "succeeded"]
+            if len(waiting) >= 8:  # resume claims 8 at a time (its concurrency)
+                held = len(waiting)
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"A never got its payments in flight: {a.stop().explain()}")
+        pause_between_transactions(a, db_url)
+
+        expiry = max(o.lease_expires_at for o in (store.get(oid) for oid in ids)
+                     if o.lease_expires_at is not None)
+        time.sleep(max(0.0, (expiry - utcnow()).total_seconds()) + 0.2)
+        b = Saga(argv, env).wait(timeout=120)
+        assert b.returncode == 0, b.explain()
+        assert resumed_count(b) == 20, b.explain()
+        assert_each_driven_once(store, downstream, books, ids)
+        versions = {oid: store.get(oid).version for oid in ids}
+    except BaseException:
+        a.process.kill()  # never leave a driver behind to write into the next test
+        a.wait()
+        raise
+    finally:
+        a.process.send_signal(signal.SIGCONT)
+    woken = a.wait(timeout=60)
+
+    # A noticed it lost every order it held and changed nothing: not one row, not one
+    # effect; the orders it had not claimed yet were done by B, so nothing is left for A.
+    assert woken.returncode == 0, woken.explain()
+    assert f"lost to another driver {held}" in woken.stdout, woken.explain()
+    assert resumed_count(woken) == 0
+    assert {oid: store.get(oid).version for oid in ids} == versions
+    assert_each_driven_once(store, downstream, books, ids)

@@ -26,7 +26,11 @@ ROUNDS = int(os.environ.get("ORDER_SAGA_TEST_RANDOM_ROUNDS", "6"))
 OPERATIONS = ["product.get", "user.deduct", "user.refund", "inventory.deduct",
               "inventory.restore", "shipping.schedule", "shipping.cancel"]
 MODES = ["error", "error", "apply_then_error", "apply_then_error", "delay", "timeout"]
-CRASH_POINTS = sorted({f"{e.scope}:{e.trigger}" for e in edges()})
+# Kill points every round can reach; the rare edges (park, retry, cancel, expiry) each have
+# a deterministic crash test in test_crash.py.
+RARE = {"park", "retry_compensation", "retry_cancellation", "cancel", "cancellation_done",
+        "product_unavailable", "expire"}
+CRASH_POINTS = sorted({f"{e.scope}:{e.trigger}" for e in edges() if e.trigger not in RARE})
 LEASE = 0.5
 
 
@@ -59,12 +63,12 @@ def test_random_faults_and_kills_end_terminal_and_conserved(
     users, products = [1, 2, 3], [1, 2, 3, 4]
     balances = {u: downstream.balance(u) for u in users}
     stocks = {p: downstream.stock(p) for p in products}
-    for _ in range(ORDERS):
-        store.create_order(user_id=rng.choice(users), product_id=rng.choice(products + [999]),
-                           quantity=rng.choice([1, 1, 2, 11]))
-
     kills = 0
     for _ in range(ROUNDS):
+        for _ in range(ORDERS // ROUNDS):  # new orders every round, beside unfinished ones
+            store.create_order(user_id=rng.choice(users),
+                               product_id=rng.choice(products + [999]),
+                               quantity=rng.choice([1, 1, 2, 11]))
         for _ in range(rng.randint(1, 4)):
             mode = rng.choice(MODES)
             downstream.fault(rng.choice(OPERATIONS), mode, count=rng.randint(1, 5),
@@ -82,5 +86,5 @@ def test_random_faults_and_kills_end_terminal_and_conserved(
         time.sleep(LEASE + 0.1)
     stuck = [(o.id, o.state) for o in store.list_orders(limit=500) if not is_terminal(o.state)]
     assert not stuck, f"seed {seed}: not terminal after the final resume: {stuck}"
-    assert kills > 0 or ROUNDS < 3, f"seed {seed}: no kill happened"
+    assert kills > 0, f"seed {seed}: no round was killed"
     assert_conserved(downstream, store, balances, stocks)

@@ -22,11 +22,6 @@ from fsm.settings import Settings, get_settings
 from fsm.store import Store, make_engine
 
 
-def policy_from(settings: Settings) -> RetryPolicy:
-    return RetryPolicy(max_attempts=settings.max_attempts, backoff_base=settings.backoff_base,
-                       backoff_max=settings.backoff_max, step_deadline=settings.step_deadline)
-
-
 def services_from(settings: Settings, client: httpx.AsyncClient, embedded_url: str) -> Services:
     def url(value: str | None) -> str:
         return value or embedded_url
@@ -55,7 +50,8 @@ def create_app(
         store = Store(engine, lease_seconds=settings.lease_seconds)
         async with httpx.AsyncClient(timeout=settings.http_timeout) as client:
             chosen = services or services_from(settings, client, embedded_url)
-            executor = Executor(store=store, services=chosen, policy=policy_from(settings),
+            executor = Executor(store=store, services=chosen,
+                                policy=RetryPolicy.from_settings(settings),
                                 crash_after=settings.crash_after)
             runner = Runner(store=store, executor=executor, settings=settings)
             app.state.store, app.state.executor, app.state.runner = store, executor, runner

@@ -98,8 +98,7 @@ def _executor(settings: Settings, client: httpx.AsyncClient):  # type: ignore[no
                               user_url=settings.user_url or fallback,
                               inventory_url=settings.inventory_url or fallback,
                               shipping_url=settings.shipping_url or fallback)
-    policy = RetryPolicy(max_attempts=settings.max_attempts, backoff_base=settings.backoff_base,
-                         backoff_max=settings.backoff_max, step_deadline=settings.step_deadline)
+    policy = RetryPolicy.from_settings(settings)
     return Executor(store=store, services=services_, policy=policy,
                     crash_after=settings.crash_after)
 
@@ -130,7 +129,7 @@ def resume(
                 return 0
             summary = await resume_stuck(
                 store=executor.store, executor=executor, older_than=older_than, limit=limit,
-                dry_run=dry_run,
+                dry_run=dry_run, due_only=False,
                 progress=lambda o, what: typer.echo(f"{o.id} {o.state}: {what}"))
             if dry_run:
                 typer.echo(f"would resume {summary.found}, "

@@ -49,6 +49,7 @@ from fsm.machine import (
     is_terminal,
 )
 from fsm.models import Order
+from fsm.settings import Settings
 from fsm.store import Store, step_states, utcnow
 
 Call = Callable[[], Awaitable[Answer]]
@@ -61,6 +62,14 @@ class RetryPolicy:
     backoff_base: float = 0.05  # seconds; full jitter, doubling
     backoff_max: float = 2.0
     step_deadline: float = 60.0  # a forward step unknown this long is treated as failed
+    # A parked order is retried by the sweep after backoff_max x 2^parks, at most this.
+    park_max: float = 3600.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(max_attempts=settings.max_attempts, backoff_base=settings.backoff_base,
+                   backoff_max=settings.backoff_max, step_deadline=settings.step_deadline,
+                   park_max=settings.park_max)
 
 
 class stop_at(stop_base):  # noqa: N801  (named like tenacity's own stop conditions)
@@ -165,8 +174,12 @@ class Executor:
                 failures = [reason for reason in results if reason is not None]
                 if failures:
                     reason = "; ".join(failures)
+                    parks = order.attempts.get("order:park", 0) + 1
+                    pause = min(self.policy.park_max, self.policy.backoff_max * 2**parks)
                     self._fire(order, "order", OrderTrigger.PARK, detail={"reason": reason},
-                               attention_reason=reason)
+                               attention_reason=reason,
+                               attempts={**order.attempts, "order:park": parks},
+                               next_attempt_at=utcnow() + timedelta(seconds=pause))
                     return
                 done = (OrderTrigger.CANCELLATION_DONE if state is OrderState.CANCELLING
                         else OrderTrigger.COMPENSATION_DONE)

@@ -56,14 +56,17 @@ async def resume_stuck(
     limit: int,
     dry_run: bool = False,
     concurrency: int = 8,
+    due_only: bool = True,
     progress: Progress | None = None,
 ) -> ResumeSummary:
     """Claim stuck orders a few at a time (so several workers share the load) and drive
-    each to a terminal state or park it; at most `limit` orders, each at most once."""
+    each to a terminal state or park it; at most `limit` orders, each at most once.
+    `due_only=False` (an operator's `resume`) ignores the retry schedule: retry now."""
     moved_before = utcnow() - timedelta(seconds=older_than)
     summary = ResumeSummary(skipped_leased=store.count_leased_stuck(moved_before=moved_before))
     if dry_run:
-        for order in store.find_stuck(moved_before=moved_before, limit=limit):
+        for order in store.find_stuck(moved_before=moved_before, limit=limit,
+                                      due_only=due_only):
             summary.found += 1
             if progress:
                 progress(order, "would resume")
@@ -87,7 +90,8 @@ async def resume_stuck(
 
     while summary.found < limit:
         batch = store.claim_batch(owner=executor.owner, moved_before=moved_before,
-                                  limit=min(concurrency, limit - summary.found), exclude=seen)
+                                  limit=min(concurrency, limit - summary.found), exclude=seen,
+                                  due_only=due_only)
         if not batch:
             break
         summary.found += len(batch)

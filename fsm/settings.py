@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     # A forward step still unknown this long after the steps started is treated as failed
     # (and compensated, since it may have been applied).
     step_deadline: float = Field(default=60.0, gt=0)
+    # A parked (needs_attention) order is retried by the sweep with doubling pauses up to this.
+    park_max: float = Field(default=3600.0, gt=0)
     # How long a driver owns an order without renewing its lease.
     lease_seconds: float = Field(default=30.0, gt=0)
     # POST /orders waits this long for a terminal state before answering 202.

@@ -320,19 +320,23 @@ class Store:
     # -- recovery --------------------------------------------------------------------
 
     def _stuck(self, *, moved_before: datetime, now: datetime,
-               exclude: Collection[uuid.UUID] = ()) -> Any:
+               exclude: Collection[uuid.UUID] = (), due_only: bool = True) -> Any:
         query = select(orders).where(
             orders.c.state.not_in(_TERMINAL),
             orders.c.updated_at <= moved_before,
             or_(orders.c.lease_owner.is_(None), orders.c.lease_expires_at < now),
-            or_(orders.c.next_attempt_at.is_(None), orders.c.next_attempt_at <= now),
         )
+        if due_only:  # the sweep honours the persisted retry schedule; an operator may not
+            query = query.where(
+                or_(orders.c.next_attempt_at.is_(None), orders.c.next_attempt_at <= now))
         return query.where(orders.c.id.not_in(list(exclude))) if exclude else query
 
     def find_stuck(self, *, moved_before: datetime, limit: int,
-                   exclude: Collection[uuid.UUID] = ()) -> list[Order]:
-        """Non-terminal orders, unleased, unmoved since `moved_before` (oldest first)."""
-        query = self._stuck(moved_before=moved_before, now=utcnow(), exclude=exclude)
+                   exclude: Collection[uuid.UUID] = (), due_only: bool = True) -> list[Order]:
+        """Non-terminal orders, unleased, unmoved since `moved_before` (oldest first);
+        with `due_only`, only those whose next retry time has come."""
+        query = self._stuck(moved_before=moved_before, now=utcnow(), exclude=exclude,
+                            due_only=due_only)
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(orders.c.updated_at).limit(limit)).all()
         return [_order_from(r) for r in rows]
@@ -350,13 +354,14 @@ class Store:
             return int(conn.execute(query).scalar_one())
 
     def claim_batch(self, *, owner: str, moved_before: datetime, limit: int,
-                    exclude: Collection[uuid.UUID] = ()) -> list[Order]:
+                    exclude: Collection[uuid.UUID] = (), due_only: bool = True) -> list[Order]:
         """Atomically lease up to `limit` stuck orders. PostgreSQL: FOR UPDATE SKIP LOCKED,
         so concurrent workers take disjoint batches; SQLite: one guarded UPDATE each."""
         now = utcnow()
         if self.is_postgres:
             query = (
-                self._stuck(moved_before=moved_before, now=now, exclude=exclude)
+                self._stuck(moved_before=moved_before, now=now, exclude=exclude,
+                            due_only=due_only)
                 .with_only_columns(orders.c.id)
                 .order_by(orders.c.updated_at)
                 .limit(limit)
@@ -375,7 +380,7 @@ class Store:
             return sorted((_order_from(r) for r in rows), key=lambda o: o.updated_at)
         claimed: list[Order] = []
         for candidate in self.find_stuck(moved_before=moved_before, limit=limit,
-                                         exclude=exclude):
+                                         exclude=exclude, due_only=due_only):
             order = self._claim_if_stuck(candidate, owner=owner, now=now)
             if order is not None:
                 claimed.append(order)

@@ -233,3 +233,33 @@ def test_lease_is_exclusive_until_released_or_expired(db_url: str) -> None:
     short.release(order_id=order.id, owner="b")
     assert short.get(order.id).lease_owner is None
     engine.dispose()
+
+
+async def test_parked_order_waits_with_growing_pauses_for_the_sweep(
+    store: Store, services: Services, downstream: Downstream
+) -> None:
+    from fsm.recovery import resume_stuck
+
+    # Pauses of backoff_max x 2^parks: 10 s, then 20 s (retries within a run stay short).
+    policy = RetryPolicy(max_attempts=2, backoff_base=0.01, backoff_max=5, step_deadline=5)
+    executor = Executor(store=store, services=services, policy=policy)
+    downstream.fault("inventory.restore", "error", count=1000)
+    order, _ = store.create_order(user_id=2, product_id=1, quantity=1, owner=executor.owner)
+    await executor.drive(order)
+    first = store.get(order.id)
+    assert first.state == "needs_attention" and first.attempts["order:park"] == 1
+    assert first.next_attempt_at is not None and first.next_attempt_at > first.updated_at
+
+    # The sweep honours the pause; nothing is retried (and nothing logged) before it.
+    swept = await resume_stuck(store=store, executor=executor, older_than=0, limit=10)
+    assert swept.found == 0
+    # An operator's resume retries now; the next pause is twice as long.
+    forced = await resume_stuck(store=store, executor=executor, older_than=0, limit=10,
+                                due_only=False)
+    assert (forced.found, forced.outcomes["needs_attention"]) == (1, 1)
+    second = store.get(order.id)
+    assert second.attempts["order:park"] == 2
+    assert second.next_attempt_at is not None
+    pause = (second.next_attempt_at - second.updated_at).total_seconds()
+    first_pause = (first.next_attempt_at - first.updated_at).total_seconds()
+    assert pause > first_pause * 1.5

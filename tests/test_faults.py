@@ -263,3 +263,23 @@ async def test_parked_order_waits_with_growing_pauses_for_the_sweep(
     pause = (second.next_attempt_at - second.updated_at).total_seconds()
     first_pause = (first.next_attempt_at - first.updated_at).total_seconds()
     assert pause > first_pause * 1.5
+
+
+async def test_lease_is_renewed_while_a_slow_call_is_in_flight(
+    db_url: str, services: Services, downstream: Downstream
+) -> None:
+    from fsm.store import make_engine
+
+    engine = make_engine(db_url)
+    store = Store(engine, lease_seconds=0.6)  # renewed every 0.2 s while driving
+    executor = Executor(store=store, services=services,
+                        policy=RetryPolicy(max_attempts=2, backoff_base=0.01, step_deadline=5))
+    downstream.fault("shipping.schedule", "delay", seconds=0.9)  # under the 1 s client timeout
+    order, _ = store.create_order(user_id=1, product_id=1, quantity=1, owner=executor.owner)
+    run = asyncio.create_task(executor.drive(order))
+    await asyncio.sleep(0.75)  # past the first lease's expiry: only renewal keeps it
+    assert store.claim(order_id=order.id, owner="intruder") is None
+    await run
+    assert store.get(order.id).status == "completed"
+    assert store.claim(order_id=order.id, owner="intruder") is not None  # released at the end
+    engine.dispose()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import sys
 import uuid
 from enum import StrEnum
@@ -17,8 +18,10 @@ from typing import Annotated, NoReturn
 import httpx
 import typer
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 from typer.exceptions import TyperException
 
+from fsm.errors import SagaError
 from fsm.settings import Settings
 
 app = typer.Typer(help="Durable order orchestrator.",
@@ -30,6 +33,16 @@ app.add_typer(db_app, name="db")
 def fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(f"order-saga: {message}", err=True)
     raise typer.Exit(code)
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: first line of the message` (drivers append hints and links on more lines)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+# Failures of the environment, not of the program: reported in one line, exit 1.
+ENVIRONMENT_ERRORS = (SQLAlchemyError, OSError, sqlite3.Error, httpx.HTTPError)
 
 
 def load_settings() -> Settings:
@@ -47,8 +60,7 @@ def _migrate(settings: Settings) -> None:
     try:
         upgrade(settings.database_url)
     except Exception as exc:  # unreachable database, bad URL, ...
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        fail(f"cannot migrate {settings.database_url}: {type(exc).__name__}: {first_line}", 1)
+        fail(f"cannot migrate {settings.database_url}: {one_line(exc)}", 1)
 
 
 @app.command()
@@ -140,12 +152,8 @@ def resume(
 
     try:
         code = asyncio.run(main())
-    except Exception as exc:  # one line, not a traceback, for operator-facing errors
-        from fsm.errors import SagaError
-
-        if isinstance(exc, SagaError):
-            fail(str(exc), 1)
-        raise
+    except SagaError as exc:  # unknown order, held by another driver, ...
+        fail(str(exc), 1)
     raise typer.Exit(code)
 
 
@@ -170,6 +178,7 @@ def worker(
     async def main() -> None:
         async with httpx.AsyncClient(timeout=settings.http_timeout) as client:
             executor = _executor(settings, client)
+            executor.store.count_by_status()  # fail fast, in one line, if the DB is not there
             await sweep_forever(store=executor.store, executor=executor, settings=settings)
 
     try:
@@ -209,8 +218,8 @@ def diagram(
             history = store.history(oid)
         except OrderNotFound as exc:
             fail(str(exc), 1)
-        except Exception as exc:
-            fail(f"cannot read the database: {exc.__class__.__name__}: {exc}", 1)
+        except ENVIRONMENT_ERRORS as exc:
+            fail(f"cannot read the database: {one_line(exc)}", 1)
     try:
         document = diagrams.render(format.value, history)
     except diagrams.GraphvizMissing as exc:
@@ -242,6 +251,9 @@ def main() -> None:
     except TyperException as exc:  # bad flag, unknown command, missing argument
         typer.echo(f"order-saga: {exc.format_message()}", err=True)
         code = exc.exit_code
+    except ENVIRONMENT_ERRORS as exc:  # database or service unreachable, unwritable file
+        typer.echo(f"order-saga: {one_line(exc)}", err=True)
+        code = 1
     except typer.Abort:
         code = 130
     sys.exit(code if isinstance(code, int) else 0)

@@ -13,6 +13,7 @@ from fsm.store import Store
 from tests.conftest import Downstream
 
 ORDER_SAGA = str(Path(sys.executable).parent / "order-saga")
+UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"  # nothing listens there
 
 
 def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -33,6 +34,12 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         (["db", "upgrade"], {"ORDER_SAGA_DATABASE_URL": "mysql://x"}, "ORDER_SAGA_DATABASE_URL"),
         (["resume"], {"ORDER_SAGA_MAX_ATTEMPTS": "many"}, "ORDER_SAGA_MAX_ATTEMPTS"),
         (["resume"], {"ORDER_SAGA_USER_URL": "ftp://x"}, "ORDER_SAGA_USER_URL"),
+        (["services", "--state", "/nonexistent/dir/s.db"], {}, "unable to open database"),
+        (["resume"], {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}, "Connection refused"),
+        (["worker"], {"ORDER_SAGA_DATABASE_URL": "sqlite:////nonexistent/dir/x.db"},
+         "unable to open database"),
+        (["resume", "--order", "00000000-0000-0000-0000-000000000000"],
+         {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}, "Connection refused"),
     ],
 )
 def test_bad_input_is_one_line_and_a_non_zero_exit(

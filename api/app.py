@@ -15,7 +15,7 @@ from api import diagram, orders
 from api.deps import StoreDep
 from api.runner import Runner
 from fsm.clients import Services, http_services
-from fsm.errors import ConcurrencyError, InvalidMove, OrderNotFound
+from fsm.errors import ConcurrencyError, CorruptOrder, InvalidMove, OrderNotFound
 from fsm.executor import Executor, RetryPolicy
 from fsm.metrics import ORDERS
 from fsm.settings import Settings, get_settings
@@ -76,6 +76,10 @@ def create_app(
     @app.exception_handler(ConcurrencyError)
     async def _busy(_: Request, exc: ConcurrencyError) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=409)
+
+    @app.exception_handler(CorruptOrder)
+    async def _corrupt(_: Request, exc: CorruptOrder) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=500)
 
     @app.exception_handler(InvalidMove)
     async def _invalid(_: Request, exc: InvalidMove) -> JSONResponse:

@@ -9,6 +9,7 @@
     │   ├── StaleOrder              optimistic version check failed
     │   └── LeaseLost               the lease is held by another owner (or expired)
     ├── OrderNotFound               no such order id
+    ├── CorruptOrder                a stored row holds a state no machine declares
     └── InvalidMove                 the trigger is not declared from the order's state
 """
 
@@ -59,6 +60,10 @@ class LeaseLost(ConcurrencyError):
 
 class OrderNotFound(SagaError):
     code = "order_not_found"
+
+
+class CorruptOrder(SagaError):
+    code = "corrupt_order"
 
 
 class InvalidMove(SagaError):

@@ -8,8 +8,9 @@ statements; SQLModel only defines the tables.
 
 from __future__ import annotations
 
+import logging
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -27,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from fsm.errors import InvalidMove, LeaseLost, OrderNotFound, StaleOrder
+from fsm.errors import CorruptOrder, InvalidMove, LeaseLost, OrderNotFound, StaleOrder
 from fsm.machine import (
     ORDER_MACHINE,
     STEP_MACHINE,
@@ -41,6 +42,7 @@ from fsm.machine import (
 )
 from fsm.models import Order, Transition
 
+log = logging.getLogger("order_saga.store")
 orders = Order.__table__  # type: ignore[attr-defined]
 transitions = Transition.__table__  # type: ignore[attr-defined]
 
@@ -50,7 +52,14 @@ STATE_COLUMN = {
     "inventory": "inventory_state",
     "shipping": "shipping_state",
 }
-_TERMINAL = [s.value for s in TERMINAL_ORDER_STATES]
+# Orders the sweep may pick up: a known, non-terminal state (a corrupt row never matches).
+_RESUMABLE = [s.value for s in OrderState if s not in TERMINAL_ORDER_STATES]
+_KNOWN = {
+    "state": {s.value for s in OrderState},
+    "status": {s.value for s in Status},
+    **{f"{step}_state": {s.value for s in StepState} for step in ("payment", "inventory",
+                                                                  "shipping")},
+}
 
 
 def utcnow() -> datetime:
@@ -100,11 +109,29 @@ def _guarded_update(columns: tuple[str, ...]) -> Any:
 
 
 def _order_from(row: Any) -> Order:
+    """The row as an Order; a state no machine knows raises CorruptOrder (never guessed)."""
     data = dict(row._mapping)
+    for column, known in _KNOWN.items():
+        if data[column] not in known:
+            raise CorruptOrder(f"order {data['id']} is corrupt: {column} = {data[column]!r} "
+                               f"is not one of the machine's states")
+    if not isinstance(data["attempts"], dict):
+        raise CorruptOrder(f"order {data['id']} is corrupt: attempts is not a JSON object")
     for key in ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at",
                 "updated_at"):
         data[key] = as_utc(data[key])
     return Order(**data)
+
+
+def _usable(rows: Sequence[Any]) -> list[Order]:
+    """Rows a sweep can drive; a corrupt one is reported and left as it is, not guessed."""
+    usable = []
+    for row in rows:
+        try:
+            usable.append(_order_from(row))
+        except CorruptOrder as exc:
+            log.error("skipping: %s", exc)
+    return usable
 
 
 class Store:
@@ -322,7 +349,7 @@ class Store:
     def _stuck(self, *, moved_before: datetime, now: datetime,
                exclude: Collection[uuid.UUID] = (), due_only: bool = True) -> Any:
         query = select(orders).where(
-            orders.c.state.not_in(_TERMINAL),
+            orders.c.state.in_(_RESUMABLE),
             orders.c.updated_at <= moved_before,
             or_(orders.c.lease_owner.is_(None), orders.c.lease_expires_at < now),
         )
@@ -339,13 +366,13 @@ class Store:
                             due_only=due_only)
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(orders.c.updated_at).limit(limit)).all()
-        return [_order_from(r) for r in rows]
+        return _usable(rows)
 
     def count_leased_stuck(self, *, moved_before: datetime) -> int:
         """Non-terminal orders that another driver currently holds."""
         now = utcnow()
         query = select(func.count()).select_from(orders).where(
-            orders.c.state.not_in(_TERMINAL),
+            orders.c.state.in_(_RESUMABLE),
             orders.c.updated_at <= moved_before,
             orders.c.lease_owner.is_not(None),
             orders.c.lease_expires_at >= now,
@@ -362,22 +389,23 @@ class Store:
             query = (
                 self._stuck(moved_before=moved_before, now=now, exclude=exclude,
                             due_only=due_only)
-                .with_only_columns(orders.c.id)
                 .order_by(orders.c.updated_at)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
             )
             with self.engine.begin() as conn:
-                ids = list(conn.execute(query).scalars())
-                if not ids:
+                batch = _usable(conn.execute(query).all())
+                if not batch:
                     return []
+                expires = now + self.lease
                 conn.execute(
                     update(orders)
-                    .where(orders.c.id.in_(ids))
-                    .values(lease_owner=owner, lease_expires_at=now + self.lease)
+                    .where(orders.c.id.in_([o.id for o in batch]))
+                    .values(lease_owner=owner, lease_expires_at=expires)
                 )
-                rows = conn.execute(select(orders).where(orders.c.id.in_(ids))).all()
-            return sorted((_order_from(r) for r in rows), key=lambda o: o.updated_at)
+            for leased in batch:
+                leased.lease_owner, leased.lease_expires_at = owner, expires
+            return batch
         claimed: list[Order] = []
         for candidate in self.find_stuck(moved_before=moved_before, limit=limit,
                                          exclude=exclude, due_only=due_only):

@@ -688,3 +688,25 @@ def test_openapi_lists_the_order_paths(sqlite_client: TestClient) -> None:
         assert "post" in paths[path]
     assert "/healthz" in paths and "/metrics" in paths
     assert "/diagram" in paths and "/orders/{order_id}/diagram" in paths
+
+
+def test_corrupt_row_is_a_clear_500_and_resume_writes_nothing(
+    client: TestClient, db_url: str
+) -> None:
+    from sqlalchemy import text
+
+    order_id = place(client).json()["id"]
+    engine = make_engine(db_url)
+    key = uuid.UUID(order_id).hex if engine.dialect.name == "sqlite" else order_id
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE orders SET state = 'warp_drive' WHERE id = :id"), {"id": key})
+    for response in (client.get(f"/orders/{order_id}"),
+                     client.post(f"/orders/{order_id}/resume")):
+        assert response.status_code == 500
+        assert response.json()["detail"] == (
+            f"order {order_id} is corrupt: state = 'warp_drive' is not one of the machine's "
+            "states")
+    with engine.connect() as conn:
+        count = conn.execute(text("SELECT count(*) FROM transitions")).scalar_one()
+    engine.dispose()
+    assert count == 9  # the completed order's history, nothing added

@@ -283,3 +283,24 @@ async def test_lease_is_renewed_while_a_slow_call_is_in_flight(
     assert store.get(order.id).status == "completed"
     assert store.claim(order_id=order.id, owner="intruder") is not None  # released at the end
     engine.dispose()
+
+
+def test_a_corrupt_row_is_reported_and_never_driven(store: Store) -> None:
+    from sqlalchemy import text
+
+    from fsm.errors import CorruptOrder
+    from fsm.store import utcnow
+
+    good, _ = store.create_order(user_id=1, product_id=1, quantity=1)
+    bad, _ = store.create_order(user_id=1, product_id=1, quantity=1)
+    with store.engine.begin() as conn:  # e.g. a hand-edited row, or a state from a future
+        conn.execute(text("UPDATE orders SET payment_state = 'teleported' WHERE id = :id"),
+                     {"id": bad.id.hex if store.engine.dialect.name == "sqlite" else bad.id})
+    with pytest.raises(CorruptOrder, match="payment_state = 'teleported'"):
+        store.get(bad.id)
+    claimed = store.claim_batch(owner="sweeper", moved_before=utcnow(), limit=10)
+    assert [o.id for o in claimed] == [good.id]  # the sweep goes on without it
+    with store.engine.connect() as conn:  # and left the corrupt row exactly as it was
+        row = conn.execute(text("SELECT payment_state, version, lease_owner FROM orders "
+                                "WHERE payment_state = 'teleported'")).one()
+    assert tuple(row) == ("teleported", 0, None)

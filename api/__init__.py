@@ -1,0 +1,1 @@
+"""The orchestrator's HTTP API: translates HTTP to fsm calls and back."""

@@ -1,0 +1,1 @@
+"""The saga engine: state machines, persistence, executor, recovery. Imports nothing from api."""

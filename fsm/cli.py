@@ -174,6 +174,7 @@ def worker(
         updates["sweep_older_than"] = older_than
     settings = settings.model_copy(update=updates)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("transitions").setLevel(logging.WARNING)  # one line per event otherwise
 
     async def main() -> None:
         async with httpx.AsyncClient(timeout=settings.http_timeout) as client:

@@ -54,6 +54,12 @@ def load_settings() -> Settings:
         fail(f"invalid {field}: {err['msg']}")
 
 
+def configure_logging() -> None:
+    """Our INFO lines (sweep summaries, stopped runs); `transitions` would log every event."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+
+
 def _migrate(settings: Settings) -> None:
     from fsm.migrate import upgrade
 
@@ -77,6 +83,7 @@ def serve(
 
     settings = load_settings()
     _migrate(settings)
+    configure_logging()
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     application = create_app(settings, embedded_url=f"http://{local}:{port}/services",
                              sweep=sweep)
@@ -173,8 +180,7 @@ def worker(
     if older_than is not None:
         updates["sweep_older_than"] = older_than
     settings = settings.model_copy(update=updates)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("transitions").setLevel(logging.WARNING)  # one line per event otherwise
+    configure_logging()
 
     async def main() -> None:
         async with httpx.AsyncClient(timeout=settings.http_timeout) as client:

@@ -74,7 +74,7 @@ def list_orders(
     store: StoreDep,
     status_: Annotated[Status | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> OrderList:
     found = store.list_orders(status=status_, limit=limit, offset=offset)
     return OrderList(orders=[OrderOut.of(o) for o in found], limit=limit, offset=offset)

@@ -378,7 +378,9 @@ def test_list_newest_first_filtered_and_paginated(client: TestClient) -> None:
 
 @pytest.mark.parametrize("params", [
     {"status": "bogus"}, {"limit": 0}, {"limit": 501}, {"limit": "ten"}, {"offset": -1},
-], ids=["unknown status", "limit 0", "limit too big", "limit not int", "negative offset"])
+    {"offset": 10**20},
+], ids=["unknown status", "limit 0", "limit too big", "limit not int", "negative offset",
+        "offset overflows"])
 def test_list_rejects_bad_query(sqlite_client: TestClient, params: dict[str, Any]) -> None:
     response = sqlite_client.get("/orders", params=params)
 

@@ -91,7 +91,9 @@ def create_app(
             conn.execute(text("SELECT 1"))
         return {"status": "ok", "database": store.engine.dialect.name}
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
+                              "description": "Prometheus text exposition format"}})
     def metrics(store: StoreDep) -> Response:
         for status, count in store.count_by_status().items():
             ORDERS.labels(status=status).set(count)

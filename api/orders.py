@@ -6,12 +6,20 @@ import asyncio
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, status
+from fastapi import APIRouter, Header, Query, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.deps import Authorized, ExecutorDep, SettingsDep, StoreDep
 from api.runner import Runner
-from api.schemas import OrderIn, OrderList, OrderOut, TransitionOut
+from api.schemas import (
+    OrderIn,
+    OrderList,
+    OrderOut,
+    RejectedOrder,
+    TransitionOut,
+    problems,
+)
 from fsm.machine import Status
 from fsm.models import Order
 
@@ -37,7 +45,9 @@ def _answer(order: Order) -> JSONResponse:
     dependencies=[Authorized],
     status_code=status.HTTP_201_CREATED,
     response_model=OrderOut,
-    responses={202: {"model": OrderOut}, 404: {"description": "product not found"}},
+    responses={202: {"model": OrderOut, "description": "still running (see Location)"},
+               404: {"model": RejectedOrder, "description": "the product does not exist"},
+               **problems(401)},
 )
 async def create_order(
     body: OrderIn,
@@ -55,9 +65,11 @@ async def create_order(
     if not created:
         same = (order.user_id, order.product_id, order.quantity) == (
             body.user_id, body.product_id, body.quantity)
-        if not same:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                                detail="Idempotency-Key was already used for a different order")
+        if not same:  # the shape of any other 422, so clients handle one error format
+            raise RequestValidationError([{
+                "type": "idempotency_key_reused", "loc": ["header", "Idempotency-Key"],
+                "msg": "Idempotency-Key was already used for a different order",
+                "input": idempotency_key}])
         return _answer(order)
     runner: Runner = request.app.state.runner
     task = runner.start(order)
@@ -69,7 +81,7 @@ async def create_order(
     return _answer(order)
 
 
-@router.get("", response_model=OrderList)
+@router.get("", response_model=OrderList, responses=problems(500))
 def list_orders(
     store: StoreDep,
     status_: Annotated[Status | None, Query(alias="status")] = None,
@@ -80,22 +92,25 @@ def list_orders(
     return OrderList(orders=[OrderOut.of(o) for o in found], limit=limit, offset=offset)
 
 
-@router.get("/{order_id}", response_model=OrderOut)
+@router.get("/{order_id}", response_model=OrderOut, responses=problems(404, 500))
 def get_order(order_id: uuid.UUID, store: StoreDep) -> OrderOut:
     return OrderOut.of(store.get(order_id))
 
 
-@router.get("/{order_id}/transitions", response_model=list[TransitionOut])
+@router.get("/{order_id}/transitions", response_model=list[TransitionOut],
+            responses=problems(404, 500))
 def get_transitions(order_id: uuid.UUID, store: StoreDep) -> list[TransitionOut]:
     store.get(order_id)  # 404 for an unknown order rather than an empty list
     return [TransitionOut.of(t) for t in store.history(order_id)]
 
 
-@router.post("/{order_id}/resume", dependencies=[Authorized], response_model=OrderOut)
+@router.post("/{order_id}/resume", dependencies=[Authorized], response_model=OrderOut,
+             responses=problems(401, 404, 409, 500))
 async def resume_order(order_id: uuid.UUID, executor: ExecutorDep) -> OrderOut:
     return OrderOut.of(await executor.run(order_id))
 
 
-@router.post("/{order_id}/cancel", dependencies=[Authorized], response_model=OrderOut)
+@router.post("/{order_id}/cancel", dependencies=[Authorized], response_model=OrderOut,
+             responses=problems(401, 404, 409, 500))
 async def cancel_order(order_id: uuid.UUID, executor: ExecutorDep) -> OrderOut:
     return OrderOut.of(await executor.cancel(order_id))

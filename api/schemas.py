@@ -79,3 +79,24 @@ class TransitionOut(BaseModel):
     def of(cls, t: Transition) -> TransitionOut:
         return cls(seq=t.seq, scope=t.scope, trigger=t.trigger, from_state=t.from_state,
                    to_state=t.to_state, detail=t.detail, created_at=t.created_at)
+
+
+class RejectedOrder(OrderOut):
+    """The 404 of POST /orders: the product does not exist, the order stays queryable."""
+
+    detail: str
+
+
+class Problem(BaseModel):
+    """An error that is not input validation: unknown order, conflict, corrupt row."""
+
+    detail: str
+    code: str | None = None
+
+
+def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI documentation of the error answers a route can give."""
+    described = {401: "missing or wrong bearer token (when ORDER_SAGA_API_TOKEN is set)",
+                 404: "no such order", 409: "held by another driver, or not allowed in "
+                 "its state", 500: "the stored order is corrupt"}
+    return {code: {"model": Problem, "description": described[code]} for code in codes}

@@ -276,7 +276,9 @@ def test_idempotency_key_reused_for_another_body_is_422(
     other = place(client, quantity=2, headers=key)
 
     assert other.status_code == 422, other.text
-    assert "Idempotency-Key" in other.json()["detail"]
+    [error] = other.json()["detail"]  # the same shape as every other 422
+    assert error["loc"] == ["header", "Idempotency-Key"]
+    assert "already used for a different order" in error["msg"]
     assert downstream.balance(PAYER) == balance
     assert [o["id"] for o in client.get("/orders").json()["orders"]] == [first.json()["id"]]
 

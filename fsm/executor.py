@@ -173,13 +173,7 @@ class Executor:
                 results = await self._each_step(order, self._compensate)
                 failures = [reason for reason in results if reason is not None]
                 if failures:
-                    reason = "; ".join(failures)
-                    parks = order.attempts.get("order:park", 0) + 1
-                    pause = min(self.policy.park_max, self.policy.backoff_max * 2**parks)
-                    self._fire(order, "order", OrderTrigger.PARK, detail={"reason": reason},
-                               attention_reason=reason,
-                               attempts={**order.attempts, "order:park": parks},
-                               next_attempt_at=utcnow() + timedelta(seconds=pause))
+                    self._park(order, "; ".join(failures))
                     return
                 done = (OrderTrigger.CANCELLATION_DONE if state is OrderState.CANCELLING
                         else OrderTrigger.COMPENSATION_DONE)
@@ -191,6 +185,14 @@ class Executor:
                 retry = (OrderTrigger.RETRY_CANCELLATION if order.cancel_requested
                          else OrderTrigger.RETRY_COMPENSATION)
                 self._fire(order, "order", retry)
+
+    def _park(self, order: Order, reason: str) -> None:
+        """needs_attention, with the reason; the sweep retries after a doubling pause."""
+        parks = order.attempts.get("order:park", 0) + 1
+        pause = min(self.policy.park_max, self.policy.backoff_max * 2**parks)
+        self._fire(order, "order", OrderTrigger.PARK, detail={"reason": reason},
+                   attention_reason=reason, attempts={**order.attempts, "order:park": parks},
+                   next_attempt_at=utcnow() + timedelta(seconds=pause))
 
     async def _look_up_product(self, order: Order) -> bool:
         """PRODUCT_REQUESTED -> found / missing / unavailable; False if still unknown."""

@@ -7,7 +7,9 @@ the commands build everything from `Settings`, so `fsm` never imports `api` at i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import sqlite3
 import sys
 import uuid
@@ -186,12 +188,19 @@ def worker(
         async with httpx.AsyncClient(timeout=settings.http_timeout) as client:
             executor = _executor(settings, client)
             executor.store.count_by_status()  # fail fast, in one line, if the DB is not there
-            await sweep_forever(store=executor.store, executor=executor, settings=settings)
+            sweep = asyncio.create_task(
+                sweep_forever(store=executor.store, executor=executor, settings=settings))
+            # SIGTERM (a deploy) or Ctrl-C: stop driving and release every lease now, so
+            # another worker continues at once instead of after the lease expires. A call
+            # in flight is abandoned; its committed intent makes the next driver reconcile.
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, sweep.cancel)
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweep
+            logging.getLogger("order_saga.worker").info("stopped, leases released")
 
-    try:
-        asyncio.run(main())
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(main())
 
 
 class DiagramFormat(StrEnum):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,39 @@ def test_diagram_of_one_order_highlights_its_path(db_url: str, store: Store) -> 
     assert whole.returncode == mine.returncode == 0
     assert whole.stdout != mine.stdout
     assert "product_missing (2)" in mine.stdout  # the edge it took, numbered by its seq
+
+
+@pytest.mark.slow
+def test_worker_stops_on_sigterm_releasing_its_leases(
+    db_url: str, store: Store, downstream: Downstream
+) -> None:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin"), "ORDER_SAGA_DATABASE_URL": db_url,
+           "ORDER_SAGA_HTTP_TIMEOUT": "30", "ORDER_SAGA_LEASE_SECONDS": "60",
+           **{f"ORDER_SAGA_{s}_URL": downstream.url
+              for s in ("PRODUCT", "USER", "INVENTORY", "SHIPPING")}}
+    downstream.fault("shipping.schedule", "delay", count=3, seconds=3)
+    ids = [store.create_order(user_id=3, product_id=1, quantity=1)[0].id for _ in range(3)]
+    with subprocess.Popen([ORDER_SAGA, "worker", "--interval", "0.1", "--older-than", "0"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as worker:
+        try:
+            deadline = time.monotonic() + 30
+            while not all(store.get(i).shipping_state == "requested" for i in ids):
+                assert time.monotonic() < deadline and worker.poll() is None, "not in flight"
+                time.sleep(0.05)
+            worker.send_signal(signal.SIGTERM)  # a deploy, with three calls in flight
+            _, stderr = worker.communicate(timeout=10)
+        finally:
+            worker.kill()
+    assert worker.returncode == 0, stderr
+    in_flight = [store.get(i) for i in ids]
+    # Released at once (the lease had 60 s to go); the intent stays for the next driver.
+    assert all(o.lease_owner is None for o in in_flight)
+    assert all(o.state == "steps_running" and o.shipping_state == "requested"
+               for o in in_flight)
+
+    done = run("resume", "--older-than", "0", **{k: v for k, v in env.items() if k != "PATH"})
+    assert done.returncode == 0, done.stderr
+    assert all(store.get(i).status == "completed" for i in ids)
+    effects = downstream.effects()
+    assert all(effects[f"{i}:shipping:schedule"] == 1 for i in ids)

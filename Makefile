@@ -39,7 +39,7 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -n 2 --dist loadgroup -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check fsm api downstream tests bench
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 bench: $(STAMP)

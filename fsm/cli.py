@@ -15,7 +15,7 @@ import sys
 import uuid
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import httpx
 import typer
@@ -25,6 +25,9 @@ from typer.exceptions import TyperException
 
 from fsm.errors import SagaError
 from fsm.settings import Settings
+
+if TYPE_CHECKING:  # imported lazily at run time: `order-saga --help` stays fast
+    from fsm.executor import Executor
 
 app = typer.Typer(help="Durable order orchestrator.",
                   pretty_exceptions_enable=False, add_completion=False)
@@ -108,7 +111,7 @@ def services(
     uvicorn.run(create_services_app(path), host=host, port=port, log_level="warning")
 
 
-def _executor(settings: Settings, client: httpx.AsyncClient):  # type: ignore[no-untyped-def]
+def _executor(settings: Settings, client: httpx.AsyncClient) -> Executor:
     from fsm.clients import http_services
     from fsm.executor import Executor, RetryPolicy
     from fsm.store import Store, make_engine

@@ -13,6 +13,7 @@ import pytest
 
 from fsm.store import Store
 from tests.conftest import Downstream
+from tests.crashkit import saga_env
 
 ORDER_SAGA = str(Path(sys.executable).parent / "order-saga")
 UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"  # nothing listens there
@@ -65,9 +66,7 @@ def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
 def test_resume_dry_run_then_resume(
     db_url: str, store: Store, downstream: Downstream
 ) -> None:
-    env = {"ORDER_SAGA_DATABASE_URL": db_url,
-           **{f"ORDER_SAGA_{s}_URL": downstream.url
-              for s in ("PRODUCT", "USER", "INVENTORY", "SHIPPING")}}
+    env = saga_env(database_url=db_url, services_url=downstream.url)
     stuck, _ = store.create_order(user_id=1, product_id=1, quantity=1)
     dry = run("resume", "--older-than", "0", "--dry-run", **env)
     assert dry.returncode == 0, dry.stderr
@@ -105,10 +104,8 @@ def test_diagram_of_one_order_highlights_its_path(db_url: str, store: Store) -> 
 def test_worker_stops_on_sigterm_releasing_its_leases(
     db_url: str, store: Store, downstream: Downstream
 ) -> None:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin"), "ORDER_SAGA_DATABASE_URL": db_url,
-           "ORDER_SAGA_HTTP_TIMEOUT": "30", "ORDER_SAGA_LEASE_SECONDS": "60",
-           **{f"ORDER_SAGA_{s}_URL": downstream.url
-              for s in ("PRODUCT", "USER", "INVENTORY", "SHIPPING")}}
+    env = saga_env(database_url=db_url, services_url=downstream.url, http_timeout=30,
+                   lease_seconds=60)
     downstream.fault("shipping.schedule", "delay", count=3, seconds=3)
     ids = [store.create_order(user_id=3, product_id=1, quantity=1)[0].id for _ in range(3)]
     with subprocess.Popen([ORDER_SAGA, "worker", "--interval", "0.1", "--older-than", "0"],
@@ -130,7 +127,7 @@ def test_worker_stops_on_sigterm_releasing_its_leases(
     assert all(o.state == "steps_running" and o.shipping_state == "requested"
                for o in in_flight)
 
-    done = run("resume", "--older-than", "0", **{k: v for k, v in env.items() if k != "PATH"})
+    done = run("resume", "--older-than", "0", **env)
     assert done.returncode == 0, done.stderr
     assert all(store.get(i).status == "completed" for i in ids)
     effects = downstream.effects()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from transitions import Machine
 
 from fsm.machine import (
     DESIGN_TABLE,
@@ -28,24 +29,21 @@ ORDER_MOVES = list(itertools.product(OrderState, OrderTrigger))
 STEP_MOVES = list(itertools.product(StepState, StepTrigger))
 
 
-@pytest.mark.parametrize(("state", "trigger"), ORDER_MOVES, ids=lambda v: str(v))
-def test_order_machine_accepts_only_declared_edges(state: str, trigger: str) -> None:
-    dest = DECLARED.get(("order", trigger, state))
-    if dest is None:
-        with pytest.raises(MachineError):
-            next_state(ORDER_MACHINE, state, trigger)
-    else:
-        assert next_state(ORDER_MACHINE, state, trigger) == dest
+MOVES = ([("order", ORDER_MACHINE, st, tr) for st, tr in ORDER_MOVES]
+         + [("step", STEP_MACHINE, st, tr) for st, tr in STEP_MOVES])
 
 
-@pytest.mark.parametrize(("state", "trigger"), STEP_MOVES, ids=lambda v: str(v))
-def test_step_machine_accepts_only_declared_edges(state: str, trigger: str) -> None:
-    dest = DECLARED.get(("step", trigger, state))
+@pytest.mark.parametrize(("scope", "machine", "state", "trigger"), MOVES,
+                         ids=[f"{m}-{st}-{tr}" for m, _, st, tr in MOVES])
+def test_machines_accept_only_declared_edges(
+    scope: str, machine: Machine, state: str, trigger: str
+) -> None:
+    dest = DECLARED.get((scope, trigger, state))
     if dest is None:
         with pytest.raises(MachineError):
-            next_state(STEP_MACHINE, state, trigger)
+            next_state(machine, state, trigger)
     else:
-        assert next_state(STEP_MACHINE, state, trigger) == dest
+        assert next_state(machine, state, trigger) == dest
 
 
 def test_no_auto_transitions_or_unknown_triggers() -> None:

@@ -18,6 +18,7 @@ import pytest
 from fsm.machine import edges, is_terminal
 from fsm.store import Store
 from tests.conftest import Downstream
+from tests.crashkit import saga_env
 from tests.test_faults import assert_conserved
 
 ORDER_SAGA = str(Path(sys.executable).parent / "order-saga")
@@ -35,20 +36,9 @@ LEASE = 0.5
 
 
 def resume(db_url: str, services_url: str, crash_after: str | None) -> int:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin"),
-        "ORDER_SAGA_DATABASE_URL": db_url,
-        **{f"ORDER_SAGA_{s}_URL": services_url
-           for s in ("PRODUCT", "USER", "INVENTORY", "SHIPPING")},
-        "ORDER_SAGA_LEASE_SECONDS": str(LEASE),
-        "ORDER_SAGA_MAX_ATTEMPTS": "3",
-        "ORDER_SAGA_BACKOFF_BASE": "0.01",
-        "ORDER_SAGA_BACKOFF_MAX": "0.05",
-        "ORDER_SAGA_STEP_DEADLINE": "3",
-        "ORDER_SAGA_HTTP_TIMEOUT": "0.5",
-    }
-    if crash_after:
-        env["ORDER_SAGA_CRASH_AFTER"] = crash_after
+    env = saga_env(database_url=db_url, services_url=services_url, lease_seconds=LEASE,
+                   max_attempts=3, backoff_base=0.01, backoff_max=0.05, step_deadline=3,
+                   http_timeout=0.5, crash_after=crash_after)
     command = [ORDER_SAGA, "resume", "--older-than", "0", "--limit", "1000"]
     return subprocess.run(command, env=env, capture_output=True, timeout=120).returncode
 

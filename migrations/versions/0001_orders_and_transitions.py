@@ -1,7 +1,7 @@
 """orders and transitions
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-25 22:33:57.421142
 """
 

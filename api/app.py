@@ -26,10 +26,13 @@ def services_from(settings: Settings, client: httpx.AsyncClient, embedded_url: s
     def url(value: str | None) -> str:
         return value or embedded_url
 
-    return http_services(client, product_url=url(settings.product_url),
-                         user_url=url(settings.user_url),
-                         inventory_url=url(settings.inventory_url),
-                         shipping_url=url(settings.shipping_url))
+    return http_services(
+        client,
+        product_url=url(settings.product_url),
+        user_url=url(settings.user_url),
+        inventory_url=url(settings.inventory_url),
+        shipping_url=url(settings.shipping_url),
+    )
 
 
 def create_app(
@@ -50,9 +53,12 @@ def create_app(
         store = Store(engine, lease_seconds=settings.lease_seconds)
         async with httpx.AsyncClient(timeout=settings.http_timeout) as client:
             chosen = services or services_from(settings, client, embedded_url)
-            executor = Executor(store=store, services=chosen,
-                                policy=RetryPolicy.from_settings(settings),
-                                crash_after=settings.crash_after)
+            executor = Executor(
+                store=store,
+                services=chosen,
+                policy=RetryPolicy.from_settings(settings),
+                crash_after=settings.crash_after,
+            )
             runner = Runner(store=store, executor=executor, settings=settings)
             app.state.store, app.state.executor, app.state.runner = store, executor, runner
             if sweep:
@@ -63,8 +69,12 @@ def create_app(
                 await runner.stop()
                 engine.dispose()
 
-    app = FastAPI(title="order-saga", version="0.1.0", lifespan=lifespan,
-                  description="Durable order orchestrator (saga as a persisted state machine)")
+    app = FastAPI(
+        title="order-saga",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Durable order orchestrator (saga as a persisted state machine)",
+    )
     app.state.settings = settings
     app.include_router(orders.router)
     app.include_router(diagram.router)
@@ -91,9 +101,17 @@ def create_app(
             conn.execute(text("SELECT 1"))
         return {"status": "ok", "database": store.engine.dialect.name}
 
-    @app.get("/metrics", tags=["ops"], response_class=Response,
-             responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
-                              "description": "Prometheus text exposition format"}})
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        response_class=Response,
+        responses={
+            200: {
+                "content": {CONTENT_TYPE_LATEST: {}},
+                "description": "Prometheus text exposition format",
+            }
+        },
+    )
     def metrics(store: StoreDep) -> Response:
         for status, count in store.count_by_status().items():
             ORDERS.labels(status=status).set(count)

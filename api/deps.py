@@ -27,9 +27,7 @@ def get_app_settings(request: Request) -> Settings:
     return settings
 
 
-def require_token(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> None:
+def require_token(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
     """When ORDER_SAGA_API_TOKEN is set, mutating endpoints need `Bearer <token>`."""
     token = request.app.state.settings.api_token
     if not token:

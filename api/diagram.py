@@ -19,8 +19,10 @@ FormatQuery = Annotated[
     Format, Query(alias="format", description="svg and png need Graphviz on the server")
 ]
 _RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": {ctype: {} for ctype in CONTENT_TYPES.values()},
-          "description": "The diagram in the requested format."},
+    200: {
+        "content": {ctype: {} for ctype in CONTENT_TYPES.values()},
+        "description": "The diagram in the requested format.",
+    },
     503: {"description": "Graphviz is not installed (svg, png)."},
 }
 

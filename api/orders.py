@@ -36,8 +36,9 @@ def _answer(order: Order) -> JSONResponse:
         return JSONResponse(body, status_code=status.HTTP_404_NOT_FOUND)
     if order.status in _FINISHED:
         return JSONResponse(body, status_code=status.HTTP_201_CREATED)
-    return JSONResponse(body, status_code=status.HTTP_202_ACCEPTED,
-                        headers={"Location": f"/orders/{order.id}"})
+    return JSONResponse(
+        body, status_code=status.HTTP_202_ACCEPTED, headers={"Location": f"/orders/{order.id}"}
+    )
 
 
 @router.post(
@@ -45,9 +46,11 @@ def _answer(order: Order) -> JSONResponse:
     dependencies=[Authorized],
     status_code=status.HTTP_201_CREATED,
     response_model=OrderOut,
-    responses={202: {"model": OrderOut, "description": "still running (see Location)"},
-               404: {"model": RejectedOrder, "description": "the product does not exist"},
-               **problems(401)},
+    responses={
+        202: {"model": OrderOut, "description": "still running (see Location)"},
+        404: {"model": RejectedOrder, "description": "the product does not exist"},
+        **problems(401),
+    },
 )
 async def create_order(
     body: OrderIn,
@@ -59,17 +62,29 @@ async def create_order(
     prefer: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
     order, created = store.create_order(
-        user_id=body.user_id, product_id=body.product_id, quantity=body.quantity,
-        idempotency_key=idempotency_key, owner=executor.owner,
+        user_id=body.user_id,
+        product_id=body.product_id,
+        quantity=body.quantity,
+        idempotency_key=idempotency_key,
+        owner=executor.owner,
     )
     if not created:
         same = (order.user_id, order.product_id, order.quantity) == (
-            body.user_id, body.product_id, body.quantity)
+            body.user_id,
+            body.product_id,
+            body.quantity,
+        )
         if not same:  # the shape of any other 422, so clients handle one error format
-            raise RequestValidationError([{
-                "type": "idempotency_key_reused", "loc": ["header", "Idempotency-Key"],
-                "msg": "Idempotency-Key was already used for a different order",
-                "input": idempotency_key}])
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "idempotency_key_reused",
+                        "loc": ["header", "Idempotency-Key"],
+                        "msg": "Idempotency-Key was already used for a different order",
+                        "input": idempotency_key,
+                    }
+                ]
+            )
         return _answer(order)
     runner: Runner = request.app.state.runner
     task = runner.start(order)
@@ -97,20 +112,29 @@ def get_order(order_id: uuid.UUID, store: StoreDep) -> OrderOut:
     return OrderOut.of(store.get(order_id))
 
 
-@router.get("/{order_id}/transitions", response_model=list[TransitionOut],
-            responses=problems(404, 500))
+@router.get(
+    "/{order_id}/transitions", response_model=list[TransitionOut], responses=problems(404, 500)
+)
 def get_transitions(order_id: uuid.UUID, store: StoreDep) -> list[TransitionOut]:
     store.get(order_id)  # 404 for an unknown order rather than an empty list
     return [TransitionOut.of(t) for t in store.history(order_id)]
 
 
-@router.post("/{order_id}/resume", dependencies=[Authorized], response_model=OrderOut,
-             responses=problems(401, 404, 409, 500))
+@router.post(
+    "/{order_id}/resume",
+    dependencies=[Authorized],
+    response_model=OrderOut,
+    responses=problems(401, 404, 409, 500),
+)
 async def resume_order(order_id: uuid.UUID, executor: ExecutorDep) -> OrderOut:
     return OrderOut.of(await executor.run(order_id))
 
 
-@router.post("/{order_id}/cancel", dependencies=[Authorized], response_model=OrderOut,
-             responses=problems(401, 404, 409, 500))
+@router.post(
+    "/{order_id}/cancel",
+    dependencies=[Authorized],
+    response_model=OrderOut,
+    responses=problems(401, 404, 409, 500),
+)
 async def cancel_order(order_id: uuid.UUID, executor: ExecutorDep) -> OrderOut:
     return OrderOut.of(await executor.cancel(order_id))

@@ -37,7 +37,8 @@ class Runner:
 
     def start_sweeper(self) -> None:
         task: asyncio.Task[object] = asyncio.create_task(
-            sweep_forever(store=self.store, executor=self.executor, settings=self.settings))
+            sweep_forever(store=self.store, executor=self.executor, settings=self.settings)
+        )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

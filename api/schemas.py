@@ -48,15 +48,24 @@ class OrderOut(BaseModel):
     def of(cls, order: Order) -> OrderOut:
         shipping = None
         if order.status == Status.COMPLETED:
-            shipping = Shipping(address=order.shipping_address,
-                                expected_delivery=order.expected_delivery)
+            shipping = Shipping(
+                address=order.shipping_address, expected_delivery=order.expected_delivery
+            )
         return cls(
-            id=order.id, user_id=order.user_id, product_id=order.product_id,
-            quantity=order.quantity, amount=order.amount, status=Status(order.status),
-            state=order.state, steps=step_states(order), shipping=shipping,
-            attempts=order.attempts, last_error=order.last_error,
+            id=order.id,
+            user_id=order.user_id,
+            product_id=order.product_id,
+            quantity=order.quantity,
+            amount=order.amount,
+            status=Status(order.status),
+            state=order.state,
+            steps=step_states(order),
+            shipping=shipping,
+            attempts=order.attempts,
+            last_error=order.last_error,
             attention_reason=order.attention_reason,
-            created_at=order.created_at, updated_at=order.updated_at,
+            created_at=order.created_at,
+            updated_at=order.updated_at,
         )
 
 
@@ -77,8 +86,15 @@ class TransitionOut(BaseModel):
 
     @classmethod
     def of(cls, t: Transition) -> TransitionOut:
-        return cls(seq=t.seq, scope=t.scope, trigger=t.trigger, from_state=t.from_state,
-                   to_state=t.to_state, detail=t.detail, created_at=t.created_at)
+        return cls(
+            seq=t.seq,
+            scope=t.scope,
+            trigger=t.trigger,
+            from_state=t.from_state,
+            to_state=t.to_state,
+            detail=t.detail,
+            created_at=t.created_at,
+        )
 
 
 class RejectedOrder(OrderOut):
@@ -96,7 +112,10 @@ class Problem(BaseModel):
 
 def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI documentation of the error answers a route can give."""
-    described = {401: "missing or wrong bearer token (when ORDER_SAGA_API_TOKEN is set)",
-                 404: "no such order", 409: "held by another driver, or not allowed in "
-                 "its state", 500: "the stored order is corrupt"}
+    described = {
+        401: "missing or wrong bearer token (when ORDER_SAGA_API_TOKEN is set)",
+        404: "no such order",
+        409: "held by another driver, or not allowed in its state",
+        500: "the stored order is corrupt",
+    }
     return {code: {"model": Problem, "description": described[code]} for code in codes}

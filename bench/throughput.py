@@ -52,11 +52,20 @@ def bench_machine() -> tuple[float, float]:
 
     def machine_per_order() -> None:
         model = Model()
-        Machine(model=model, states=[s.value for s in OrderState], auto_transitions=False,
-                transitions=[{"trigger": t.value, "source": [x.value for x in s]
-                              if isinstance(s, list) else s.value, "dest": d.value}
-                             for t, s, d in ORDER_TRANSITIONS],
-                initial="pending")
+        Machine(
+            model=model,
+            states=[s.value for s in OrderState],
+            auto_transitions=False,
+            transitions=[
+                {
+                    "trigger": t.value,
+                    "source": [x.value for x in s] if isinstance(s, list) else s.value,
+                    "dest": d.value,
+                }
+                for t, s, d in ORDER_TRANSITIONS
+            ],
+            initial="pending",
+        )
         model.request_product()  # type: ignore[attr-defined]
 
     per_order = per_call_us(machine_per_order, 300)
@@ -73,12 +82,20 @@ def fresh_engine(url: str):  # type: ignore[no-untyped-def]
 def bench_store(url: str, n: int) -> tuple[float, float]:
     engine = fresh_engine(url)
     store = Store(engine)
-    triggers = [("order", "request_product"), ("order", "product_found"),
-                ("payment", "request"), ("inventory", "request"), ("shipping", "request"),
-                ("payment", "succeed"), ("inventory", "succeed"), ("shipping", "succeed"),
-                ("order", "all_succeeded")]
-    orders = [store.create_order(user_id=1, product_id=1, quantity=1, owner="b")[0]
-              for _ in range(n)]
+    triggers = [
+        ("order", "request_product"),
+        ("order", "product_found"),
+        ("payment", "request"),
+        ("inventory", "request"),
+        ("shipping", "request"),
+        ("payment", "succeed"),
+        ("inventory", "succeed"),
+        ("shipping", "succeed"),
+        ("order", "all_succeeded"),
+    ]
+    orders = [
+        store.create_order(user_id=1, product_id=1, quantity=1, owner="b")[0] for _ in range(n)
+    ]
     start = time.perf_counter()
     for order in orders:
         for scope, trigger in triggers:
@@ -86,8 +103,9 @@ def bench_store(url: str, n: int) -> tuple[float, float]:
     hot = (time.perf_counter() - start) / (n * len(triggers)) * 1e6
 
     # The naive way: an ORM session per transition, load, mutate, add the log row, commit.
-    orders = [store.create_order(user_id=1, product_id=1, quantity=1, owner="b")[0]
-              for _ in range(n)]
+    orders = [
+        store.create_order(user_id=1, product_id=1, quantity=1, owner="b")[0] for _ in range(n)
+    ]
     start = time.perf_counter()
     for order in orders:
         for seq, (scope, trigger) in enumerate(triggers, 1):
@@ -97,9 +115,17 @@ def bench_store(url: str, n: int) -> tuple[float, float]:
                 column = "state" if scope == "order" else f"{scope}_state"
                 setattr(row, column, trigger)
                 row.version += 1
-                session.add(Transition(order_id=order.id, seq=seq, scope=scope,
-                                       trigger=trigger, from_state="x", to_state=trigger,
-                                       created_at=datetime.now(UTC)))
+                session.add(
+                    Transition(
+                        order_id=order.id,
+                        seq=seq,
+                        scope=scope,
+                        trigger=trigger,
+                        from_state="x",
+                        to_state=trigger,
+                        created_at=datetime.now(UTC),
+                    )
+                )
                 session.commit()
     naive = (time.perf_counter() - start) / (n * len(triggers)) * 1e6
     engine.dispose()
@@ -112,15 +138,21 @@ async def bench_orders(url: str, n: int, concurrency: int) -> float:
     services_app = create_services_app()
     transport = httpx.ASGITransport(app=services_app)
     async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
-        services = http_services(client, product_url="http://svc", user_url="http://svc",
-                                 inventory_url="http://svc", shipping_url="http://svc")
+        services = http_services(
+            client,
+            product_url="http://svc",
+            user_url="http://svc",
+            inventory_url="http://svc",
+            shipping_url="http://svc",
+        )
         executor = Executor(store=store, services=services, policy=RetryPolicy())
         gate = asyncio.Semaphore(concurrency)
 
         async def one() -> None:
             async with gate:
-                order, _ = store.create_order(user_id=3, product_id=1, quantity=1,
-                                              owner=executor.owner)
+                order, _ = store.create_order(
+                    user_id=3, product_id=1, quantity=1, owner=executor.owner
+                )
                 await executor.drive(order)
                 assert order.state == "completed", order.state
 
@@ -152,11 +184,15 @@ def main() -> None:
     parser.add_argument("--no-pg", action="store_true")
     args = parser.parse_args()
 
-    print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
-          f"{platform.processor() or platform.machine()}, Python {platform.python_version()}")
+    print(
+        f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
+        f"{platform.processor() or platform.machine()}, Python {platform.python_version()}"
+    )
     shared, per_order = bench_machine()
-    print(f"machine: shared next_state {shared:.1f} µs, Machine per order {per_order:.1f} µs"
-          f" (x{per_order / shared:.1f})")
+    print(
+        f"machine: shared next_state {shared:.1f} µs, Machine per order {per_order:.1f} µs"
+        f" (x{per_order / shared:.1f})"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         databases = {"sqlite": f"sqlite:///{tmp}/bench.db"}
@@ -167,8 +203,10 @@ def main() -> None:
                 print(f"{name}: skipped, {url}")
                 continue
             hot, naive = bench_store(url, max(20, args.orders // 4))
-            print(f"{name}: transition hot path {hot:.0f} µs, session per transition "
-                  f"{naive:.0f} µs (x{naive / hot:.1f})")
+            print(
+                f"{name}: transition hot path {hot:.0f} µs, session per transition "
+                f"{naive:.0f} µs (x{naive / hot:.1f})"
+            )
             seq = asyncio.run(bench_orders(url, args.orders, 1))
             par = asyncio.run(bench_orders(url, args.orders, 20))
             print(f"{name}: orders/s sequential {seq:.0f}, 20 concurrent {par:.0f}")

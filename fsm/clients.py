@@ -44,9 +44,7 @@ class InventoryService(ReconcilingService, Protocol):
 
 
 class ShippingService(ReconcilingService, Protocol):
-    async def schedule(
-        self, *, order_id: str, user_id: int, quantity: int, key: str
-    ) -> Answer: ...
+    async def schedule(self, *, order_id: str, user_id: int, quantity: int, key: str) -> Answer: ...
     async def cancel(self, *, order_id: str, key: str) -> Answer: ...
 
 
@@ -120,9 +118,7 @@ class HttpInventoryService(HttpService):
         body = {"product_id": product_id, "quantity": quantity, "order_id": order_id}
         return await self.send("POST", "/inventory/deduct", json=body, key=key)
 
-    async def restore(
-        self, *, product_id: int, quantity: int, order_id: str, key: str
-    ) -> Answer:
+    async def restore(self, *, product_id: int, quantity: int, order_id: str, key: str) -> Answer:
         body = {"product_id": product_id, "quantity": quantity, "order_id": order_id}
         return await self.send("POST", "/inventory/restore", json=body, key=key)
 

@@ -22,8 +22,19 @@ if TYPE_CHECKING:
     from fsm.store import Store
 
 __all__ = [
-    "CONTENT_TYPES", "FORMATS", "Format", "GraphvizMissing", "Highlight", "UnknownFormat",
-    "edge_kind", "highlighted", "node_id", "render", "render_for_order", "to_dot", "to_mermaid",
+    "CONTENT_TYPES",
+    "FORMATS",
+    "Format",
+    "GraphvizMissing",
+    "Highlight",
+    "UnknownFormat",
+    "edge_kind",
+    "highlighted",
+    "node_id",
+    "render",
+    "render_for_order",
+    "to_dot",
+    "to_mermaid",
 ]
 
 Format = Literal["mermaid", "dot", "svg", "png"]
@@ -54,18 +65,33 @@ class GraphvizMissing(RuntimeError):
 
 # Presentation only: which declared triggers are the happy path and which are a failure;
 # everything else (compensate, cancel, park, retry...) undoes or parks work.
-HAPPY_TRIGGERS = frozenset({OrderTrigger.REQUEST_PRODUCT, OrderTrigger.PRODUCT_FOUND,
-                            OrderTrigger.ALL_SUCCEEDED, StepTrigger.REQUEST, StepTrigger.SUCCEED})
-FAILURE_TRIGGERS = frozenset({OrderTrigger.PRODUCT_MISSING, OrderTrigger.PRODUCT_UNAVAILABLE,
-                              StepTrigger.FAIL, StepTrigger.EXPIRE})
+HAPPY_TRIGGERS = frozenset(
+    {
+        OrderTrigger.REQUEST_PRODUCT,
+        OrderTrigger.PRODUCT_FOUND,
+        OrderTrigger.ALL_SUCCEEDED,
+        StepTrigger.REQUEST,
+        StepTrigger.SUCCEED,
+    }
+)
+FAILURE_TRIGGERS = frozenset(
+    {
+        OrderTrigger.PRODUCT_MISSING,
+        OrderTrigger.PRODUCT_UNAVAILABLE,
+        StepTrigger.FAIL,
+        StepTrigger.EXPIRE,
+    }
+)
 _COLOR = {"happy": "#2e7d32", "failure": "#c62828", "compensation": "#e65100"}
 _DIM = "#b8b8b8"
 _VISITED, _CURRENT = "#bbdefb", "#ffd54f"
 # Where an order can come to rest, tinted by outcome (whole-machine picture only).
-_OUTCOMES = {"success": ("#e8f5e9", "#2e7d32", ["completed"]),
-             "failure": ("#ffebee", "#c62828", ["rejected", "failed"]),
-             "closed": ("#eeeeee", "#616161", ["cancelled"]),
-             "attention": ("#fff3e0", "#e65100", ["needs_attention"])}
+_OUTCOMES = {
+    "success": ("#e8f5e9", "#2e7d32", ["completed"]),
+    "failure": ("#ffebee", "#c62828", ["rejected", "failed"]),
+    "closed": ("#eeeeee", "#616161", ["cancelled"]),
+    "attention": ("#fff3e0", "#e65100", ["needs_attention"]),
+}
 _OUTCOME_FILL = {state: fill for fill, _, states in _OUTCOMES.values() for state in states}
 _STEPS = "steps_running"
 _MIDDLE = list(Step)[len(Step) // 2]
@@ -146,8 +172,14 @@ def _dot_state(scope: str, state: str, hl: Highlight | None) -> _Attrs:
     if hl is None:
         attrs["fillcolor"] = _OUTCOME_FILL.get(state, "white") if scope == "order" else "white"
     elif (scope, state) in hl.current:
-        attrs.update({"fillcolor": _CURRENT, "penwidth": 3, "fontname": "Helvetica-Bold",
-                      "class": "visited current"})
+        attrs.update(
+            {
+                "fillcolor": _CURRENT,
+                "penwidth": 3,
+                "fontname": "Helvetica-Bold",
+                "class": "visited current",
+            }
+        )
     elif (scope, state) in hl.states:
         attrs.update({"fillcolor": _VISITED, "class": "visited"})
     else:
@@ -156,12 +188,13 @@ def _dot_state(scope: str, state: str, hl: Highlight | None) -> _Attrs:
 
 
 def _dot_edge(
-    edge: Edge, hl: Highlight | None, seqs: Mapping[EdgeKey, list[int]],
+    edge: Edge,
+    hl: Highlight | None,
+    seqs: Mapping[EdgeKey, list[int]],
     ends: tuple[str, str] | None,
 ) -> str:
     kind = edge_kind(edge.trigger)
-    attrs: _Attrs = {"label": _label(edge, seqs), "color": _COLOR[kind],
-                                     "fontcolor": _COLOR[kind]}
+    attrs: _Attrs = {"label": _label(edge, seqs), "color": _COLOR[kind], "fontcolor": _COLOR[kind]}
     if kind == "compensation":
         attrs["style"] = "dashed"
     if kind == "happy":  # keep the happy path a straight spine
@@ -179,33 +212,65 @@ def _dot_edge(
 
 
 def _legend(hl: Highlight | None) -> str:
-    parts = [f'<font color="{_COLOR["happy"]}">━ happy path</font>',
-             f'<font color="{_COLOR["failure"]}">━ failure</font>',
-             f'<font color="{_COLOR["compensation"]}">╌ compensation, cancel, park</font>',
-             "double border: terminal"]
+    parts = [
+        f'<font color="{_COLOR["happy"]}">━ happy path</font>',
+        f'<font color="{_COLOR["failure"]}">━ failure</font>',
+        f'<font color="{_COLOR["compensation"]}">╌ compensation, cancel, park</font>',
+        "double border: terminal",
+    ]
     if hl is not None:
-        parts += ["bold: taken by this order (n = log seq)", "yellow: current state",
-                  "blue: visited"]
+        parts += [
+            "bold: taken by this order (n = log seq)",
+            "yellow: current state",
+            "blue: visited",
+        ]
     return "<" + " &nbsp; · &nbsp; ".join(parts) + ">"
 
 
-_GRAPH: _Attrs = {"rankdir": "TB", "ordering": "out", "compound": "true", "fontsize": 10,
-                  "fontname": "Helvetica", "nodesep": 0.3, "ranksep": 0.4, "labelloc": "b"}
-_NODE: _Attrs = {"shape": "box", "style": "rounded,filled", "fontname": "Helvetica",
-                 "fontsize": 11, "height": 0.3}
-_COLUMN: _Attrs = {"style": "rounded,filled", "fillcolor": "#fafafa", "color": "#999999",
-                   "penwidth": 1, "fontsize": 11, "fontname": "Helvetica-Bold",
-                   "class": ""}  # clusters inherit attributes: undo the steps box's
-_BOX_LABEL = (f"{_STEPS}: payment, inventory and shipping run concurrently, one step machine"
-              " each;\ntheir compensate edges run later, while the order is compensating or"
-              " cancelling")
+_GRAPH: _Attrs = {
+    "rankdir": "TB",
+    "ordering": "out",
+    "compound": "true",
+    "fontsize": 10,
+    "fontname": "Helvetica",
+    "nodesep": 0.3,
+    "ranksep": 0.4,
+    "labelloc": "b",
+}
+_NODE: _Attrs = {
+    "shape": "box",
+    "style": "rounded,filled",
+    "fontname": "Helvetica",
+    "fontsize": 11,
+    "height": 0.3,
+}
+_COLUMN: _Attrs = {
+    "style": "rounded,filled",
+    "fillcolor": "#fafafa",
+    "color": "#999999",
+    "penwidth": 1,
+    "fontsize": 11,
+    "fontname": "Helvetica-Bold",
+    "class": "",
+}  # clusters inherit attributes: undo the steps box's
+_BOX_LABEL = (
+    f"{_STEPS}: payment, inventory and shipping run concurrently, one step machine"
+    " each;\ntheir compensate edges run later, while the order is compensating or"
+    " cancelling"
+)
 
 
 def _steps_box(hl: Highlight | None) -> _Attrs:
     box: _Attrs = {"label": _BOX_LABEL, "style": "rounded", "color": "#555555"}
     if hl is not None and ("order", _STEPS) in hl.current:
-        box.update({"style": "rounded,filled,bold", "fillcolor": "#fff8dc", "penwidth": 3,
-                    "class": "visited current"})
+        box.update(
+            {
+                "style": "rounded,filled,bold",
+                "fillcolor": "#fff8dc",
+                "penwidth": 3,
+                "class": "visited current",
+            }
+        )
     elif hl is not None and ("order", _STEPS) in hl.states:
         box.update({"style": "rounded,filled", "fillcolor": "#f3f8fd", "class": "visited"})
     return box
@@ -215,13 +280,20 @@ def to_dot(history: Sequence[Transition] | None = None) -> str:
     hl = None if history is None else highlighted(history)
     seqs = {} if history is None else _seqs(history)
     order, steps = _split()
-    lines = ["digraph order_saga {", f"  graph {_attrs(**_GRAPH)};",
-             f"  graph [label={_legend(hl)}];", f"  node {_attrs(**_NODE)};",
-             f"  edge {_attrs(fontname='Helvetica', fontsize=9, arrowsize=0.7)};",
-             f"  start {_attrs(shape='point', width=0.15, label='')};",
-             f"  start -> {_q(OrderState.PENDING)};"]
-    lines += [f"  {_q(state)} {_attrs(**_dot_state('order', state, hl))};"
-              for state in _states(order) if state != _STEPS]
+    lines = [
+        "digraph order_saga {",
+        f"  graph {_attrs(**_GRAPH)};",
+        f"  graph [label={_legend(hl)}];",
+        f"  node {_attrs(**_NODE)};",
+        f"  edge {_attrs(fontname='Helvetica', fontsize=9, arrowsize=0.7)};",
+        f"  start {_attrs(shape='point', width=0.15, label='')};",
+        f"  start -> {_q(OrderState.PENDING)};",
+    ]
+    lines += [
+        f"  {_q(state)} {_attrs(**_dot_state('order', state, hl))};"
+        for state in _states(order)
+        if state != _STEPS
+    ]
     lines.append(f"  subgraph {_q('cluster_' + _STEPS)} {{")
     lines.append(f"    graph {_attrs(**_steps_box(hl))};")
     # dot lays sibling clusters out right to left: emit them reversed so columns read
@@ -230,8 +302,10 @@ def to_dot(history: Sequence[Transition] | None = None) -> str:
         label = f"{step} ({Step(step).forward_action} / {Step(step).compensation_action})"
         lines.append(f"    subgraph {_q('cluster_' + step)} {{")
         lines.append(f"      graph {_attrs(label=label, **_COLUMN)};")
-        lines += [f"      {_q(node_id(step, state))} {_attrs(**_dot_state(step, state, hl))};"
-                  for state in _states(step_edges)]
+        lines += [
+            f"      {_q(node_id(step, state))} {_attrs(**_dot_state(step, state, hl))};"
+            for state in _states(step_edges)
+        ]
         lines.append("    }")
     lines.append("  }")
     middle = _states(steps[_MIDDLE])  # order edges attach to the middle column's ends
@@ -248,9 +322,11 @@ def to_mermaid(history: Sequence[Transition] | None = None) -> str:
     hl = None if history is None else highlighted(history)
     seqs = {} if history is None else _seqs(history)
     order, steps = _split()
-    lines = ["stateDiagram-v2",
-             "    %% generated from fsm/machine.py by fsm/diagram.py: do not edit by hand",
-             f"    [*] --> {OrderState.PENDING}"]
+    lines = [
+        "stateDiagram-v2",
+        "    %% generated from fsm/machine.py by fsm/diagram.py: do not edit by hand",
+        f"    [*] --> {OrderState.PENDING}",
+    ]
     lines += [f"    {e.source} --> {e.dest}: {_label(e, seqs)}" for e in order]
     lines.append(f"    state {_STEPS} {{")
     for i, (step, step_edges) in enumerate(steps.items()):
@@ -259,8 +335,10 @@ def to_mermaid(history: Sequence[Transition] | None = None) -> str:
         lines.append(f"        state {step} {{")
         lines += [f'            state "{s}" as {node_id(step, s)}' for s in _states(step_edges)]
         lines.append(f"            [*] --> {node_id(step, step_edges[0].source)}")
-        lines += [f"            {node_id(step, e.source)} --> {node_id(step, e.dest)}:"
-                  f" {_label(e, seqs)}" for e in step_edges]
+        lines += [
+            f"            {node_id(step, e.source)} --> {node_id(step, e.dest)}: {_label(e, seqs)}"
+            for e in step_edges
+        ]
         lines.append("        }")
     lines.append("    }")
     classes: dict[str, list[str]] = {}
@@ -269,14 +347,18 @@ def to_mermaid(history: Sequence[Transition] | None = None) -> str:
             lines.append(f"    classDef {name} fill:{fill},stroke:{stroke}")
             classes[name] = states
     else:
-        lines += [f"    classDef visited fill:{_VISITED},stroke:#1565c0",
-                  f"    classDef current fill:{_CURRENT},stroke:#000,stroke-width:3px,"
-                  "font-weight:bold",
-                  "    classDef untouched fill:#fff,stroke:#bbb,color:#999"]
+        lines += [
+            f"    classDef visited fill:{_VISITED},stroke:#1565c0",
+            f"    classDef current fill:{_CURRENT},stroke:#000,stroke-width:3px,font-weight:bold",
+            "    classDef untouched fill:#fff,stroke:#bbb,color:#999",
+        ]
         every = {("order", s) for s in _states(order)}
         every |= {(step, s) for step, step_edges in steps.items() for s in _states(step_edges)}
-        for name, keys in (("visited", hl.states - hl.current), ("current", hl.current),
-                           ("untouched", every - hl.states - hl.current)):
+        for name, keys in (
+            ("visited", hl.states - hl.current),
+            ("current", hl.current),
+            ("untouched", every - hl.states - hl.current),
+        ):
             classes[name] = sorted(node_id(scope, state) for scope, state in keys)
     lines += [f"    class {','.join(ids)} {name}" for name, ids in classes.items() if ids]
     return "\n".join(lines) + "\n"

@@ -1,16 +1,16 @@
 """The errors the saga raises, each with a stable code the API maps to a status.
 
-    SagaError
-    ├── CallFailure                 a downstream call did not succeed
-    │   ├── BusinessFailure         a definite "no" (4xx): not retried, had no effect
-    │   │   └── NotFound            404 (product lookup: the order is rejected)
-    │   └── TransientFailure        5xx, timeout, connection error: outcome unknown
-    ├── ConcurrencyError            another driver owns or moved the order
-    │   ├── StaleOrder              optimistic version check failed
-    │   └── LeaseLost               the lease is held by another owner (or expired)
-    ├── OrderNotFound               no such order id
-    ├── CorruptOrder                a stored row holds a state no machine declares
-    └── InvalidMove                 the trigger is not declared from the order's state
+SagaError
+├── CallFailure                 a downstream call did not succeed
+│   ├── BusinessFailure         a definite "no" (4xx): not retried, had no effect
+│   │   └── NotFound            404 (product lookup: the order is rejected)
+│   └── TransientFailure        5xx, timeout, connection error: outcome unknown
+├── ConcurrencyError            another driver owns or moved the order
+│   ├── StaleOrder              optimistic version check failed
+│   └── LeaseLost               the lease is held by another owner (or expired)
+├── OrderNotFound               no such order id
+├── CorruptOrder                a stored row holds a state no machine declares
+└── InvalidMove                 the trigger is not declared from the order's state
 """
 
 from __future__ import annotations

@@ -67,9 +67,13 @@ class RetryPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetryPolicy:
-        return cls(max_attempts=settings.max_attempts, backoff_base=settings.backoff_base,
-                   backoff_max=settings.backoff_max, step_deadline=settings.step_deadline,
-                   park_max=settings.park_max)
+        return cls(
+            max_attempts=settings.max_attempts,
+            backoff_base=settings.backoff_base,
+            backoff_max=settings.backoff_max,
+            step_deadline=settings.step_deadline,
+            park_max=settings.park_max,
+        )
 
 
 class stop_at(stop_base):  # noqa: N801  (named like tenacity's own stop conditions)
@@ -175,24 +179,36 @@ class Executor:
                 if failures:
                     self._park(order, "; ".join(failures))
                     return
-                done = (OrderTrigger.CANCELLATION_DONE if state is OrderState.CANCELLING
-                        else OrderTrigger.COMPENSATION_DONE)
+                done = (
+                    OrderTrigger.CANCELLATION_DONE
+                    if state is OrderState.CANCELLING
+                    else OrderTrigger.COMPENSATION_DONE
+                )
                 self._fire(order, "order", done, attention_reason=None)
             elif state is OrderState.NEEDS_ATTENTION:
                 if retried_attention:
                     return
                 retried_attention = True
-                retry = (OrderTrigger.RETRY_CANCELLATION if order.cancel_requested
-                         else OrderTrigger.RETRY_COMPENSATION)
+                retry = (
+                    OrderTrigger.RETRY_CANCELLATION
+                    if order.cancel_requested
+                    else OrderTrigger.RETRY_COMPENSATION
+                )
                 self._fire(order, "order", retry)
 
     def _park(self, order: Order, reason: str) -> None:
         """needs_attention, with the reason; the sweep retries after a doubling pause."""
         parks = order.attempts.get("order:park", 0) + 1
         pause = min(self.policy.park_max, self.policy.backoff_max * 2**parks)
-        self._fire(order, "order", OrderTrigger.PARK, detail={"reason": reason},
-                   attention_reason=reason, attempts={**order.attempts, "order:park": parks},
-                   next_attempt_at=utcnow() + timedelta(seconds=pause))
+        self._fire(
+            order,
+            "order",
+            OrderTrigger.PARK,
+            detail={"reason": reason},
+            attention_reason=reason,
+            attempts={**order.attempts, "order:park": parks},
+            next_attempt_at=utcnow() + timedelta(seconds=pause),
+        )
 
     async def _look_up_product(self, order: Order) -> bool:
         """PRODUCT_REQUESTED -> found / missing / unavailable; False if still unknown."""
@@ -212,12 +228,22 @@ class Executor:
             return False
         price = product.get("price")
         if not isinstance(price, int) or isinstance(price, bool) or price < 0:
-            self._fire(order, "order", OrderTrigger.PRODUCT_UNAVAILABLE,
-                       detail={"error": "invalid_product", "product": product})
+            self._fire(
+                order,
+                "order",
+                OrderTrigger.PRODUCT_UNAVAILABLE,
+                detail={"error": "invalid_product", "product": product},
+            )
             return True
         deadline = utcnow() + timedelta(seconds=self.policy.step_deadline)
-        self._fire(order, "order", OrderTrigger.PRODUCT_FOUND, detail={"product": product},
-                   amount=price * order.quantity, deadline_at=deadline)
+        self._fire(
+            order,
+            "order",
+            OrderTrigger.PRODUCT_FOUND,
+            detail={"product": product},
+            amount=price * order.quantity,
+            deadline_at=deadline,
+        )
         return True
 
     # -- one step forward ------------------------------------------------------------
@@ -235,12 +261,13 @@ class Executor:
         try:
             answer = None
             if resumed:
-                answer = await self._with_retries(order, f"{step}:lookup",
-                                                  lambda: service.lookup(key),
-                                                  deadline=order.deadline_at)
+                answer = await self._with_retries(
+                    order, f"{step}:lookup", lambda: service.lookup(key), deadline=order.deadline_at
+                )
             if answer is None:
-                answer = await self._with_retries(order, f"{step}:{step.forward_action}", call,
-                                                  deadline=order.deadline_at)
+                answer = await self._with_retries(
+                    order, f"{step}:{step.forward_action}", call, deadline=order.deadline_at
+                )
         except BusinessFailure as exc:
             self._fire(order, step, StepTrigger.FAIL, detail=exc.detail())
             return
@@ -250,8 +277,10 @@ class Executor:
             return
         changes: dict[str, Any] = {}
         if step is Step.SHIPPING:
-            changes = {"shipping_address": answer.get("address"),
-                       "expected_delivery": answer.get("expected_delivery")}
+            changes = {
+                "shipping_address": answer.get("address"),
+                "expected_delivery": answer.get("expected_delivery"),
+            }
         self._fire(order, step, StepTrigger.SUCCEED, detail=answer, **changes)
 
     def _call(self, order: Order, step: Step, action: str) -> Call:
@@ -259,15 +288,18 @@ class Executor:
         oid, key = str(order.id), idempotency_key(order, step, action)
         if step is Step.PAYMENT:  # deduct / refund
             pay = getattr(self.services.user, action)
-            return lambda: pay(user_id=order.user_id, amount=order.amount or 0, order_id=oid,
-                               key=key)
+            return lambda: pay(
+                user_id=order.user_id, amount=order.amount or 0, order_id=oid, key=key
+            )
         if step is Step.INVENTORY:  # deduct / restore
             stock = getattr(self.services.inventory, action)
-            return lambda: stock(product_id=order.product_id, quantity=order.quantity,
-                                 order_id=oid, key=key)
+            return lambda: stock(
+                product_id=order.product_id, quantity=order.quantity, order_id=oid, key=key
+            )
         if action == "schedule":
             return lambda: self.services.shipping.schedule(
-                order_id=oid, user_id=order.user_id, quantity=order.quantity, key=key)
+                order_id=oid, user_id=order.user_id, quantity=order.quantity, key=key
+            )
         return lambda: self.services.shipping.cancel(order_id=oid, key=key)
 
     # -- one step backward -----------------------------------------------------------
@@ -282,7 +314,8 @@ class Executor:
         action = step.compensation_action
         try:
             answer = await self._with_retries(
-                order, f"{step}:{action}", self._call(order, step, action), deadline=None)
+                order, f"{step}:{action}", self._call(order, step, action), deadline=None
+            )
         except CallFailure as exc:
             # Never skipped: the order parks in needs_attention and a resume retries it.
             return f"{step} {action} did not succeed: {exc}"
@@ -293,8 +326,11 @@ class Executor:
         return None
 
     def _service(self, step: Step) -> ReconcilingService:
-        return {Step.PAYMENT: self.services.user, Step.INVENTORY: self.services.inventory,
-                Step.SHIPPING: self.services.shipping}[step]
+        return {
+            Step.PAYMENT: self.services.user,
+            Step.INVENTORY: self.services.inventory,
+            Step.SHIPPING: self.services.shipping,
+        }[step]
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -311,29 +347,48 @@ class Executor:
             raise errors.exceptions[0] from errors
         return [task.result() for task in tasks]
 
-    def _fire(self, order: Order, scope: str, trigger: str, *,
-              detail: dict[str, Any] | None = None, **changes: Any) -> None:
-        self.store.record_transition(order=order, owner=self.owner, scope=scope,
-                                     trigger=trigger, detail=detail, **changes)
+    def _fire(
+        self,
+        order: Order,
+        scope: str,
+        trigger: str,
+        *,
+        detail: dict[str, Any] | None = None,
+        **changes: Any,
+    ) -> None:
+        self.store.record_transition(
+            order=order, owner=self.owner, scope=scope, trigger=trigger, detail=detail, **changes
+        )
         metrics.TRANSITIONS.labels(scope=scope, trigger=trigger).inc()
         if self.crash_after == f"{scope}:{trigger}":
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: die right after the commit
 
-    async def _with_retries(self, order: Order, call: str,
-                            fn: Callable[[], Awaitable[Any]], *,
-                            deadline: datetime | None) -> Any:
+    async def _with_retries(
+        self,
+        order: Order,
+        call: str,
+        fn: Callable[[], Awaitable[Any]],
+        *,
+        deadline: datetime | None,
+    ) -> Any:
         """Retry transient failures with the same key; persist every attempt's schedule."""
 
         def note(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             sleep = state.upcoming_sleep
-            self.store.note_attempt(order=order, owner=self.owner, call=call, error=str(exc),
-                                    next_attempt_at=utcnow() + timedelta(seconds=sleep))
+            self.store.note_attempt(
+                order=order,
+                owner=self.owner,
+                call=call,
+                error=str(exc),
+                next_attempt_at=utcnow() + timedelta(seconds=sleep),
+            )
 
         retrying = AsyncRetrying(
             stop=stop_any(stop_after_attempt(self.policy.max_attempts), stop_at(deadline)),
-            wait=wait_random_exponential(multiplier=self.policy.backoff_base,
-                                         max=self.policy.backoff_max),
+            wait=wait_random_exponential(
+                multiplier=self.policy.backoff_base, max=self.policy.backoff_max
+            ),
             retry=retry_if_exception_type(TransientFailure),
             before_sleep=note,
             reraise=True,
@@ -348,8 +403,9 @@ class Executor:
             metrics.CALLS.labels(service=service, action=action, outcome=outcome).inc()
             if isinstance(exc, TransientFailure):
                 later = utcnow() + timedelta(seconds=self.policy.backoff_max)
-                self.store.note_attempt(order=order, owner=self.owner, call=call,
-                                        error=str(exc), next_attempt_at=later)
+                self.store.note_attempt(
+                    order=order, owner=self.owner, call=call, error=str(exc), next_attempt_at=later
+                )
             raise
         metrics.CALLS.labels(service=service, action=action, outcome="success").inc()
         return result

@@ -243,8 +243,11 @@ def _build(states: type[StrEnum], table: list[Any], initial: StrEnum) -> Machine
         model=None,
         states=[s.value for s in states],
         transitions=[
-            {"trigger": t.value, "source": [x.value for x in src] if isinstance(src, list)
-             else src.value, "dest": dst.value}
+            {
+                "trigger": t.value,
+                "source": [x.value for x in src] if isinstance(src, list) else src.value,
+                "dest": dst.value,
+            }
             for t, src, dst in table
         ],
         initial=initial.value,

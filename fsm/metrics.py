@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-TRANSITIONS = Counter(
-    "order_saga_transitions_total", "Committed transitions", ["scope", "trigger"]
-)
+TRANSITIONS = Counter("order_saga_transitions_total", "Committed transitions", ["scope", "trigger"])
 CALLS = Counter(
     "order_saga_downstream_calls_total",
     "Downstream calls by final outcome (after retries)",

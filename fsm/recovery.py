@@ -37,8 +37,15 @@ class ResumeSummary:
 
     def line(self) -> str:
         parts = [f"resumed {self.resumed}"]
-        for status in ("completed", "failed", "rejected", "cancelled", "needs_attention",
-                       "running", "compensating"):
+        for status in (
+            "completed",
+            "failed",
+            "rejected",
+            "cancelled",
+            "needs_attention",
+            "running",
+            "compensating",
+        ):
             parts.append(f"{status} {self.outcomes.get(status, 0)}")
         parts.append(f"skipped (leased elsewhere) {self.skipped_leased}")
         if self.lost_to_other_driver:
@@ -65,8 +72,7 @@ async def resume_stuck(
     moved_before = utcnow() - timedelta(seconds=older_than)
     summary = ResumeSummary(skipped_leased=store.count_leased_stuck(moved_before=moved_before))
     if dry_run:
-        for order in store.find_stuck(moved_before=moved_before, limit=limit,
-                                      due_only=due_only):
+        for order in store.find_stuck(moved_before=moved_before, limit=limit, due_only=due_only):
             summary.found += 1
             if progress:
                 progress(order, "would resume")
@@ -89,9 +95,13 @@ async def resume_stuck(
             progress(order, order.status)
 
     while summary.found < limit:
-        batch = store.claim_batch(owner=executor.owner, moved_before=moved_before,
-                                  limit=min(concurrency, limit - summary.found), exclude=seen,
-                                  due_only=due_only)
+        batch = store.claim_batch(
+            owner=executor.owner,
+            moved_before=moved_before,
+            limit=min(concurrency, limit - summary.found),
+            exclude=seen,
+            due_only=due_only,
+        )
         if not batch:
             break
         summary.found += len(batch)
@@ -104,9 +114,12 @@ async def sweep_forever(*, store: Store, executor: Executor, settings: Settings)
     """Resume stuck orders every `sweep_interval` seconds until cancelled."""
     while True:
         try:
-            summary = await resume_stuck(store=store, executor=executor,
-                                         older_than=settings.sweep_older_than,
-                                         limit=settings.sweep_batch)
+            summary = await resume_stuck(
+                store=store,
+                executor=executor,
+                older_than=settings.sweep_older_than,
+                limit=settings.sweep_batch,
+            )
             if summary.found:
                 log.info("sweep: %s", summary.line())
         except asyncio.CancelledError:

@@ -58,8 +58,9 @@ class Settings(BaseSettings):
             raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
         return url
 
-    @field_validator("product_url", "user_url", "inventory_url", "shipping_url",
-                     "fallback_services_url")
+    @field_validator(
+        "product_url", "user_url", "inventory_url", "shipping_url", "fallback_services_url"
+    )
     @classmethod
     def _http_url(cls, url: str | None) -> str | None:
         if url is not None and not url.startswith(("http://", "https://")):

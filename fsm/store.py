@@ -57,8 +57,10 @@ _RESUMABLE = [s.value for s in OrderState if s not in TERMINAL_ORDER_STATES]
 _KNOWN = {
     "state": {s.value for s in OrderState},
     "status": {s.value for s in Status},
-    **{f"{step}_state": {s.value for s in StepState} for step in ("payment", "inventory",
-                                                                  "shipping")},
+    **{
+        f"{step}_state": {s.value for s in StepState}
+        for step in ("payment", "inventory", "shipping")
+    },
 }
 
 
@@ -102,8 +104,11 @@ def _guarded_update(columns: tuple[str, ...]) -> Any:
     """UPDATE orders SET <columns> WHERE id, version and lease owner match."""
     return (
         update(orders)
-        .where(orders.c.id == bindparam("_id"), orders.c.version == bindparam("_version"),
-               orders.c.lease_owner == bindparam("_owner"))
+        .where(
+            orders.c.id == bindparam("_id"),
+            orders.c.version == bindparam("_version"),
+            orders.c.lease_owner == bindparam("_owner"),
+        )
         .values({column: bindparam(column) for column in columns})
     )
 
@@ -113,12 +118,13 @@ def _order_from(row: Any) -> Order:
     data = dict(row._mapping)
     for column, known in _KNOWN.items():
         if data[column] not in known:
-            raise CorruptOrder(f"order {data['id']} is corrupt: {column} = {data[column]!r} "
-                               f"is not one of the machine's states")
+            raise CorruptOrder(
+                f"order {data['id']} is corrupt: {column} = {data[column]!r} "
+                f"is not one of the machine's states"
+            )
     if not isinstance(data["attempts"], dict):
         raise CorruptOrder(f"order {data['id']} is corrupt: attempts is not a JSON object")
-    for key in ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at",
-                "updated_at"):
+    for key in ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at", "updated_at"):
         data[key] = as_utc(data[key])
     return Order(**data)
 
@@ -214,10 +220,7 @@ class Store:
         query = select(transitions).where(transitions.c.order_id == order_id)
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(transitions.c.seq)).all()
-        return [
-            Transition(**{**r._mapping, "created_at": as_utc(r.created_at)})
-            for r in rows
-        ]
+        return [Transition(**{**r._mapping, "created_at": as_utc(r.created_at)}) for r in rows]
 
     # -- the hot path ----------------------------------------------------------------
 
@@ -253,8 +256,16 @@ class Store:
         }
         if scope == "order":
             values["status"] = coarse_status(dest).value
-        row = {"order_id": order.id, "seq": new_version, "scope": scope, "trigger": trigger,
-               "from_state": source, "to_state": dest, "detail": detail, "created_at": now}
+        row = {
+            "order_id": order.id,
+            "seq": new_version,
+            "scope": scope,
+            "trigger": trigger,
+            "from_state": source,
+            "to_state": dest,
+            "detail": detail,
+            "created_at": now,
+        }
         self._write(order=order, owner=owner, values=values, log=row)
         return dest
 
@@ -272,14 +283,16 @@ class Store:
         values = {"attempts": attempts, "last_error": error, "next_attempt_at": next_attempt_at}
         self._write(order=order, owner=owner, values=values)
 
-    def _write(self, *, order: Order, owner: str, values: dict[str, Any],
-               log: dict[str, Any] | None = None) -> None:
+    def _write(
+        self, *, order: Order, owner: str, values: dict[str, Any], log: dict[str, Any] | None = None
+    ) -> None:
         """One transaction: the guarded UPDATE, then (for a transition) its log line.
         `order` is updated in memory only once the commit succeeded."""
         with self.engine.begin() as conn:
-            result = conn.execute(_guarded_update(tuple(sorted(values))),
-                                  {**values, "_id": order.id, "_version": order.version,
-                                   "_owner": owner})
+            result = conn.execute(
+                _guarded_update(tuple(sorted(values))),
+                {**values, "_id": order.id, "_version": order.version, "_owner": owner},
+            )
             if result.rowcount != 1:
                 self._raise_conflict(conn, order, owner)
             if log is not None:
@@ -346,8 +359,14 @@ class Store:
 
     # -- recovery --------------------------------------------------------------------
 
-    def _stuck(self, *, moved_before: datetime, now: datetime,
-               exclude: Collection[uuid.UUID] = (), due_only: bool = True) -> Any:
+    def _stuck(
+        self,
+        *,
+        moved_before: datetime,
+        now: datetime,
+        exclude: Collection[uuid.UUID] = (),
+        due_only: bool = True,
+    ) -> Any:
         query = select(orders).where(
             orders.c.state.in_(_RESUMABLE),
             orders.c.updated_at <= moved_before,
@@ -355,15 +374,23 @@ class Store:
         )
         if due_only:  # the sweep honours the persisted retry schedule; an operator may not
             query = query.where(
-                or_(orders.c.next_attempt_at.is_(None), orders.c.next_attempt_at <= now))
+                or_(orders.c.next_attempt_at.is_(None), orders.c.next_attempt_at <= now)
+            )
         return query.where(orders.c.id.not_in(list(exclude))) if exclude else query
 
-    def find_stuck(self, *, moved_before: datetime, limit: int,
-                   exclude: Collection[uuid.UUID] = (), due_only: bool = True) -> list[Order]:
+    def find_stuck(
+        self,
+        *,
+        moved_before: datetime,
+        limit: int,
+        exclude: Collection[uuid.UUID] = (),
+        due_only: bool = True,
+    ) -> list[Order]:
         """Non-terminal orders, unleased, unmoved since `moved_before` (oldest first);
         with `due_only`, only those whose next retry time has come."""
-        query = self._stuck(moved_before=moved_before, now=utcnow(), exclude=exclude,
-                            due_only=due_only)
+        query = self._stuck(
+            moved_before=moved_before, now=utcnow(), exclude=exclude, due_only=due_only
+        )
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(orders.c.updated_at).limit(limit)).all()
         return _usable(rows)
@@ -371,24 +398,34 @@ class Store:
     def count_leased_stuck(self, *, moved_before: datetime) -> int:
         """Non-terminal orders that another driver currently holds."""
         now = utcnow()
-        query = select(func.count()).select_from(orders).where(
-            orders.c.state.in_(_RESUMABLE),
-            orders.c.updated_at <= moved_before,
-            orders.c.lease_owner.is_not(None),
-            orders.c.lease_expires_at >= now,
+        query = (
+            select(func.count())
+            .select_from(orders)
+            .where(
+                orders.c.state.in_(_RESUMABLE),
+                orders.c.updated_at <= moved_before,
+                orders.c.lease_owner.is_not(None),
+                orders.c.lease_expires_at >= now,
+            )
         )
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
-    def claim_batch(self, *, owner: str, moved_before: datetime, limit: int,
-                    exclude: Collection[uuid.UUID] = (), due_only: bool = True) -> list[Order]:
+    def claim_batch(
+        self,
+        *,
+        owner: str,
+        moved_before: datetime,
+        limit: int,
+        exclude: Collection[uuid.UUID] = (),
+        due_only: bool = True,
+    ) -> list[Order]:
         """Atomically lease up to `limit` stuck orders. PostgreSQL: FOR UPDATE SKIP LOCKED,
         so concurrent workers take disjoint batches; SQLite: one guarded UPDATE each."""
         now = utcnow()
         if self.is_postgres:
             query = (
-                self._stuck(moved_before=moved_before, now=now, exclude=exclude,
-                            due_only=due_only)
+                self._stuck(moved_before=moved_before, now=now, exclude=exclude, due_only=due_only)
                 .order_by(orders.c.updated_at)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
@@ -407,8 +444,9 @@ class Store:
                 leased.lease_owner, leased.lease_expires_at = owner, expires
             return batch
         claimed: list[Order] = []
-        for candidate in self.find_stuck(moved_before=moved_before, limit=limit,
-                                         exclude=exclude, due_only=due_only):
+        for candidate in self.find_stuck(
+            moved_before=moved_before, limit=limit, exclude=exclude, due_only=due_only
+        ):
             order = self._claim_if_stuck(candidate, owner=owner, now=now)
             if order is not None:
                 claimed.append(order)
@@ -438,4 +476,3 @@ class Store:
 
 def step_states(order: Order) -> dict[str, str]:
     return {scope: getattr(order, col) for scope, col in STATE_COLUMN.items() if scope != "order"}
-

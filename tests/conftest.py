@@ -91,8 +91,9 @@ class LiveServer:
     def __init__(self, app: Any) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="off")
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -160,8 +161,13 @@ def downstream(services_url: str) -> Downstream:
 @pytest.fixture
 async def services(services_url: str) -> AsyncIterator[Services]:
     async with httpx.AsyncClient(timeout=1.0) as client:
-        yield http_services(client, product_url=services_url, user_url=services_url,
-                            inventory_url=services_url, shipping_url=services_url)
+        yield http_services(
+            client,
+            product_url=services_url,
+            user_url=services_url,
+            inventory_url=services_url,
+            shipping_url=services_url,
+        )
 
 
 @pytest.fixture

@@ -66,8 +66,10 @@ class Result:
     stderr: str
 
     def explain(self) -> str:
-        return (f"`{' '.join(self.args)}` exited {self.returncode}\n"
-                f"--- stdout\n{self.stdout}--- stderr\n{self.stderr}")
+        return (
+            f"`{' '.join(self.args)}` exited {self.returncode}\n"
+            f"--- stdout\n{self.stdout}--- stderr\n{self.stderr}"
+        )
 
 
 def command(kind: str, *args: str) -> list[str]:
@@ -85,8 +87,9 @@ class Saga:
         self.argv = tuple(argv)
         self._out: IO[bytes] = tempfile.TemporaryFile()
         self._err: IO[bytes] = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(self.argv, env=dict(env), cwd=REPO,
-                                        stdout=self._out, stderr=self._err)
+        self.process = subprocess.Popen(
+            self.argv, env=dict(env), cwd=REPO, stdout=self._out, stderr=self._err
+        )
 
     def wait(self, timeout: float = SUBPROCESS_TIMEOUT) -> Result:
         """The finished process's result; one that hangs is killed and fails the test (its
@@ -113,13 +116,20 @@ class Saga:
         return text
 
 
-def run_saga(kind: str, *args: str, env: Mapping[str, str],
-             timeout: float = SUBPROCESS_TIMEOUT) -> Result:
+def run_saga(
+    kind: str, *args: str, env: Mapping[str, str], timeout: float = SUBPROCESS_TIMEOUT
+) -> Result:
     return Saga(command(kind, *args), env).wait(timeout)
 
 
-def drive_here(kind: str, order_id: uuid.UUID, *, database_url: str, services_url: str,
-               settings: Mapping[str, Any]) -> str:
+def drive_here(
+    kind: str,
+    order_id: uuid.UUID,
+    *,
+    database_url: str,
+    services_url: str,
+    settings: Mapping[str, Any],
+) -> str:
     """`resume --order` / `cancel` in this process, wired like the CLI (never crashes):
     the cheap way to set the stage before the run that is killed. Returns the state."""
     from fsm.clients import http_services
@@ -131,12 +141,19 @@ def drive_here(kind: str, order_id: uuid.UUID, *, database_url: str, services_ur
 
     async def main() -> str:
         async with httpx.AsyncClient(timeout=config.http_timeout) as client:
-            services = http_services(client, product_url=services_url, user_url=services_url,
-                                     inventory_url=services_url, shipping_url=services_url)
-            policy = RetryPolicy(max_attempts=config.max_attempts,
-                                 backoff_base=config.backoff_base,
-                                 backoff_max=config.backoff_max,
-                                 step_deadline=config.step_deadline)
+            services = http_services(
+                client,
+                product_url=services_url,
+                user_url=services_url,
+                inventory_url=services_url,
+                shipping_url=services_url,
+            )
+            policy = RetryPolicy(
+                max_attempts=config.max_attempts,
+                backoff_base=config.backoff_base,
+                backoff_max=config.backoff_max,
+                step_deadline=config.step_deadline,
+            )
             executor = Executor(store=store, services=services, policy=policy)
             run = executor.cancel if kind == "cancel" else executor.run
             return (await run(order_id)).state
@@ -187,11 +204,14 @@ def wait_for_lease_expiry(store: Store, order_id: uuid.UUID, *, limit: float = 3
         time.sleep(remaining + 0.1)
 
 
-def stuck_orders(store: Store, n: int, *, user_id: int, product_id: int,
-                 quantity: int) -> list[uuid.UUID]:
+def stuck_orders(
+    store: Store, n: int, *, user_id: int, product_id: int, quantity: int
+) -> list[uuid.UUID]:
     """`n` pending, unleased orders: what a crashed API process leaves behind."""
-    return [store.create_order(user_id=user_id, product_id=product_id, quantity=quantity)[0].id
-            for _ in range(n)]
+    return [
+        store.create_order(user_id=user_id, product_id=product_id, quantity=quantity)[0].id
+        for _ in range(n)
+    ]
 
 
 def triggers_by_scope(store: Store, order_id: uuid.UUID) -> dict[str, Counter[str]]:
@@ -219,7 +239,8 @@ def in_transaction_elsewhere(database_url: str) -> bool:
         row = pg.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
             "AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
-            "AND state <> 'idle'").fetchone()
+            "AND state <> 'idle'"
+        ).fetchone()
     return bool(row and row[0])
 
 
@@ -247,10 +268,13 @@ class Books:
     stocks: dict[int, int]
 
     @classmethod
-    def read(cls, downstream: Downstream, *, users: Iterable[int],
-             products: Iterable[int]) -> Books:
-        return cls({u: downstream.balance(u) for u in set(users)},
-                   {p: downstream.stock(p) for p in set(products) if p != 999})
+    def read(
+        cls, downstream: Downstream, *, users: Iterable[int], products: Iterable[int]
+    ) -> Books:
+        return cls(
+            {u: downstream.balance(u) for u in set(users)},
+            {p: downstream.stock(p) for p in set(products) if p != 999},
+        )
 
 
 def assert_conserved(downstream: Downstream, books: Books, orders: Sequence[Order]) -> None:
@@ -260,12 +284,12 @@ def assert_conserved(downstream: Downstream, books: Books, orders: Sequence[Orde
     twice = {k: n for k, n in effects.items() if n > 1}
     assert not twice, f"effects applied more than once: {twice}"
     for user, before in books.balances.items():
-        spent = sum(o.amount or 0 for o in orders if o.user_id == user
-                    and o.status == "completed")
+        spent = sum(o.amount or 0 for o in orders if o.user_id == user and o.status == "completed")
         assert downstream.balance(user) == before - spent, f"user {user}: money not conserved"
     for product, before in books.stocks.items():
-        taken = sum(o.quantity for o in orders if o.product_id == product
-                    and o.status == "completed")
+        taken = sum(
+            o.quantity for o in orders if o.product_id == product and o.status == "completed"
+        )
         assert downstream.stock(product) == before - taken, f"product {product}: stock"
     for o in orders:
         shipment = downstream.shipment(o.id)
@@ -277,14 +301,14 @@ def assert_conserved(downstream: Downstream, books: Books, orders: Sequence[Orde
 
 def order_effects(effects: Mapping[str, int], order_id: uuid.UUID) -> dict[str, int]:
     prefix = f"{order_id}:"
-    return {k[len(prefix):]: n for k, n in effects.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: n for k, n in effects.items() if k.startswith(prefix)}
 
 
 # -- `python -m tests.crashkit cancel <id>` ---------------------------------------------
 
 
 def _cancel(order_id: uuid.UUID) -> int:
-    from fsm.cli import _executor, load_settings
+    from order_saga.cli import _executor, load_settings
 
     settings = load_settings()
 

@@ -62,8 +62,9 @@ def client(db_url: str, services_url: str) -> Iterator[TestClient]:
 
 
 @pytest.fixture(scope="module")
-def sqlite_client(tmp_path_factory: pytest.TempPathFactory,
-                  services_server: LiveServer) -> Iterator[TestClient]:
+def sqlite_client(
+    tmp_path_factory: pytest.TempPathFactory, services_server: LiveServer
+) -> Iterator[TestClient]:
     """For requests rejected before they reach storage or any service: one app on one
     database serves them all (each such test also checks that nothing was stored)."""
     url = f"sqlite:///{tmp_path_factory.mktemp('validation')}/saga.db"
@@ -74,8 +75,14 @@ def sqlite_client(tmp_path_factory: pytest.TempPathFactory,
         yield c
 
 
-def place(client: TestClient, *, user: int = PAYER, product: int = WIDGET, quantity: int = 1,
-          headers: dict[str, str] | None = None) -> Any:
+def place(
+    client: TestClient,
+    *,
+    user: int = PAYER,
+    product: int = WIDGET,
+    quantity: int = 1,
+    headers: dict[str, str] | None = None,
+) -> Any:
     body = {"user_id": user, "product_id": product, "quantity": quantity}
     return client.post("/orders", json=body, headers=headers or {})
 
@@ -126,8 +133,11 @@ def test_create_completed(client: TestClient, downstream: Downstream) -> None:
     assert (order["user_id"], order["product_id"], order["quantity"]) == (PAYER, WIDGET, 2)
     assert order["amount"] == 2 * WIDGET_PRICE and type(order["amount"]) is int
     assert (order["status"], order["state"]) == ("completed", "completed")
-    assert order["steps"] == {"payment": "succeeded", "inventory": "succeeded",
-                              "shipping": "succeeded"}
+    assert order["steps"] == {
+        "payment": "succeeded",
+        "inventory": "succeeded",
+        "shipping": "succeeded",
+    }
     assert order["shipping"]["address"] and order["shipping"]["expected_delivery"]
     assert order["last_error"] is None and order["attention_reason"] is None
     assert_utc(order["created_at"])
@@ -154,8 +164,7 @@ def test_create_failed_answers_201(client: TestClient, downstream: Downstream) -
     assert downstream.stock(WIDGET) == stock
 
 
-def test_missing_product_404_names_the_order(client: TestClient,
-                                             downstream: Downstream) -> None:
+def test_missing_product_404_names_the_order(client: TestClient, downstream: Downstream) -> None:
     response = place(client, product=MISSING)
 
     assert response.status_code == 404, response.text
@@ -227,8 +236,9 @@ def test_create_rejects_bad_input(sqlite_client: TestClient, body: Any) -> None:
 
 @pytest.mark.parametrize("content", ["not json", '{"user_id": 1,', ""])
 def test_create_rejects_non_json(sqlite_client: TestClient, content: str) -> None:
-    response = sqlite_client.post("/orders", content=content,
-                                  headers={"Content-Type": "application/json"})
+    response = sqlite_client.post(
+        "/orders", content=content, headers={"Content-Type": "application/json"}
+    )
 
     assert response.status_code == 422, response.text
     assert_message(response)
@@ -378,11 +388,25 @@ def test_list_newest_first_filtered_and_paginated(client: TestClient) -> None:
     assert page3["orders"] == []
 
 
-@pytest.mark.parametrize("params", [
-    {"status": "bogus"}, {"limit": 0}, {"limit": 501}, {"limit": "ten"}, {"offset": -1},
-    {"offset": 10**20},
-], ids=["unknown status", "limit 0", "limit too big", "limit not int", "negative offset",
-        "offset overflows"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"status": "bogus"},
+        {"limit": 0},
+        {"limit": 501},
+        {"limit": "ten"},
+        {"offset": -1},
+        {"offset": 10**20},
+    ],
+    ids=[
+        "unknown status",
+        "limit 0",
+        "limit too big",
+        "limit not int",
+        "negative offset",
+        "offset overflows",
+    ],
+)
 def test_list_rejects_bad_query(sqlite_client: TestClient, params: dict[str, Any]) -> None:
     response = sqlite_client.get("/orders", params=params)
 
@@ -402,15 +426,28 @@ def test_transitions_are_the_persisted_history(client: TestClient) -> None:
     log = response.json()
     assert [t["seq"] for t in log] == list(range(1, len(log) + 1))
     for t in log:
-        assert {"seq", "scope", "trigger", "from_state", "to_state", "detail",
-                "created_at"} <= t.keys()
+        assert {
+            "seq",
+            "scope",
+            "trigger",
+            "from_state",
+            "to_state",
+            "detail",
+            "created_at",
+        } <= t.keys()
         assert t["scope"] in {"order", "payment", "inventory", "shipping"}
         assert_utc(t["created_at"])
     first, last = log[0], log[-1]
     assert (first["scope"], first["trigger"], first["from_state"]) == (
-        "order", "request_product", "pending")
+        "order",
+        "request_product",
+        "pending",
+    )
     assert (last["scope"], last["trigger"], last["to_state"]) == (
-        "order", "all_succeeded", "completed")
+        "order",
+        "all_succeeded",
+        "completed",
+    )
     found = next(t for t in log if t["trigger"] == "product_found")
     assert found["detail"]["product"]["price"] == WIDGET_PRICE  # the service's answer
     # per scope, each state continues from the previous one
@@ -459,8 +496,11 @@ def test_cancel_completed_order(client: TestClient, downstream: Downstream) -> N
     shipment = downstream.shipment(order_id)
     assert shipment is not None and shipment["status"] == "cancelled"
     assert client.get(f"/orders/{order_id}").json()["status"] == "cancelled"
-    triggers = [t["trigger"] for t in client.get(f"/orders/{order_id}/transitions").json()
-                if t["scope"] == "order"]
+    triggers = [
+        t["trigger"]
+        for t in client.get(f"/orders/{order_id}/transitions").json()
+        if t["scope"] == "order"
+    ]
     assert triggers[-2:] == ["cancel", "cancellation_done"]
 
 
@@ -476,8 +516,9 @@ def test_cancel_failed_order_is_409(client: TestClient, downstream: Downstream) 
     assert client.get(f"/orders/{order_id}/transitions").json() == before
 
 
-def test_cancel_of_a_cancelled_order_is_idempotent(client: TestClient,
-                                                   downstream: Downstream) -> None:
+def test_cancel_of_a_cancelled_order_is_idempotent(
+    client: TestClient, downstream: Downstream
+) -> None:
     order_id = place(client).json()["id"]
     assert client.post(f"/orders/{order_id}/cancel").status_code == 200
     before = client.get(f"/orders/{order_id}/transitions").json()
@@ -502,8 +543,11 @@ def test_cancel_unknown_order_is_404(client: TestClient) -> None:
 
 
 def test_resume_terminal_order_is_a_noop(client: TestClient, downstream: Downstream) -> None:
-    for kind, user, product in [("completed", PAYER, WIDGET), ("failed", POOR, WIDGET),
-                                ("rejected", PAYER, MISSING)]:
+    for kind, user, product in [
+        ("completed", PAYER, WIDGET),
+        ("failed", POOR, WIDGET),
+        ("rejected", PAYER, MISSING),
+    ]:
         created = place(client, user=user, product=product).json()
         before = client.get(f"/orders/{created['id']}/transitions").json()
         effects = downstream.effects()
@@ -523,8 +567,9 @@ def test_resume_drives_a_stuck_order_to_completion(
     balance = downstream.balance(PAYER)
     engine = make_engine(db_url)
     try:
-        stuck, created = Store(engine).create_order(user_id=PAYER, product_id=WIDGET,
-                                                    quantity=1)  # pending, nobody's lease
+        stuck, created = Store(engine).create_order(
+            user_id=PAYER, product_id=WIDGET, quantity=1
+        )  # pending, nobody's lease
     finally:
         engine.dispose()
     assert created and stuck.lease_owner is None
@@ -545,8 +590,9 @@ def test_resume_of_an_order_another_driver_holds_is_409(
 ) -> None:
     engine = make_engine(db_url)
     try:
-        held, _ = Store(engine).create_order(user_id=PAYER, product_id=WIDGET, quantity=1,
-                                             owner="another-worker")
+        held, _ = Store(engine).create_order(
+            user_id=PAYER, product_id=WIDGET, quantity=1, owner="another-worker"
+        )
     finally:
         engine.dispose()
 
@@ -577,8 +623,7 @@ def test_cancel_while_running_is_409_and_the_run_goes_on(
     assert wait_terminal(client, order_id, timeout=3)["status"] == "completed"
 
 
-def test_resume_while_running_is_409_lease_held(client: TestClient,
-                                                 downstream: Downstream) -> None:
+def test_resume_while_running_is_409_lease_held(client: TestClient, downstream: Downstream) -> None:
     downstream.fault("shipping.schedule", "delay", count=1, seconds=0.5)
     order_id = place(client, headers={"Prefer": "respond-async"}).json()["id"]
 
@@ -650,8 +695,14 @@ def test_mutations_succeed_with_the_token(secured: TestClient) -> None:
 def test_reads_stay_open_with_a_token(secured: TestClient) -> None:
     order_id = place(secured, headers=GOOD_AUTH).json()["id"]
 
-    for path in (f"/orders/{order_id}", "/orders", f"/orders/{order_id}/transitions",
-                 "/healthz", "/metrics", "/openapi.json"):
+    for path in (
+        f"/orders/{order_id}",
+        "/orders",
+        f"/orders/{order_id}/transitions",
+        "/healthz",
+        "/metrics",
+        "/openapi.json",
+    ):
         assert secured.get(path).status_code == 200, path
 
 
@@ -663,8 +714,9 @@ def test_healthz(client: TestClient, db_url: str) -> None:
 
     assert response.status_code == 200
     assert response.json()["status"] == "ok"
-    assert response.json()["database"] == ("sqlite" if db_url.startswith("sqlite")
-                                           else "postgresql")
+    assert response.json()["database"] == (
+        "sqlite" if db_url.startswith("sqlite") else "postgresql"
+    )
 
 
 def test_metrics_are_prometheus_text(client: TestClient) -> None:
@@ -704,12 +756,11 @@ def test_corrupt_row_is_a_clear_500_and_resume_writes_nothing(
     key = uuid.UUID(order_id).hex if engine.dialect.name == "sqlite" else order_id
     with engine.begin() as conn:
         conn.execute(text("UPDATE orders SET state = 'warp_drive' WHERE id = :id"), {"id": key})
-    for response in (client.get(f"/orders/{order_id}"),
-                     client.post(f"/orders/{order_id}/resume")):
+    for response in (client.get(f"/orders/{order_id}"), client.post(f"/orders/{order_id}/resume")):
         assert response.status_code == 500
         assert response.json()["detail"] == (
-            f"order {order_id} is corrupt: state = 'warp_drive' is not one of the machine's "
-            "states")
+            f"order {order_id} is corrupt: state = 'warp_drive' is not one of the machine's states"
+        )
     with engine.connect() as conn:
         count = conn.execute(text("SELECT count(*) FROM transitions")).scalar_one()
     engine.dispose()

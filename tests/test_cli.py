@@ -21,8 +21,9 @@ UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"  # nothing 
 
 def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     full_env = {"PATH": os.environ.get("PATH", "/usr/bin"), **env}
-    return subprocess.run([ORDER_SAGA, *args], capture_output=True, text=True, env=full_env,
-                          timeout=60)
+    return subprocess.run(
+        [ORDER_SAGA, *args], capture_output=True, text=True, env=full_env, timeout=60
+    )
 
 
 @pytest.mark.parametrize(
@@ -39,10 +40,16 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         (["resume"], {"ORDER_SAGA_USER_URL": "ftp://x"}, "ORDER_SAGA_USER_URL"),
         (["services", "--state", "/nonexistent/dir/s.db"], {}, "unable to open database"),
         (["resume"], {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}, "Connection refused"),
-        (["worker"], {"ORDER_SAGA_DATABASE_URL": "sqlite:////nonexistent/dir/x.db"},
-         "unable to open database"),
-        (["resume", "--order", "00000000-0000-0000-0000-000000000000"],
-         {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}, "Connection refused"),
+        (
+            ["worker"],
+            {"ORDER_SAGA_DATABASE_URL": "sqlite:////nonexistent/dir/x.db"},
+            "unable to open database",
+        ),
+        (
+            ["resume", "--order", "00000000-0000-0000-0000-000000000000"],
+            {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG},
+            "Connection refused",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_a_non_zero_exit(
@@ -63,9 +70,7 @@ def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     assert run("db", "upgrade", ORDER_SAGA_DATABASE_URL=url).returncode == 0
 
 
-def test_resume_dry_run_then_resume(
-    db_url: str, store: Store, downstream: Downstream
-) -> None:
+def test_resume_dry_run_then_resume(db_url: str, store: Store, downstream: Downstream) -> None:
     env = saga_env(database_url=db_url, services_url=downstream.url)
     stuck, _ = store.create_order(user_id=1, product_id=1, quantity=1)
     dry = run("resume", "--older-than", "0", "--dry-run", **env)
@@ -81,11 +86,13 @@ def test_resume_dry_run_then_resume(
 
 
 def test_unknown_order_for_the_diagram_is_one_line(db_url: str, store: Store) -> None:
-    result = run("diagram", "--order", "00000000-0000-0000-0000-000000000000",
-                 ORDER_SAGA_DATABASE_URL=db_url)
+    result = run(
+        "diagram", "--order", "00000000-0000-0000-0000-000000000000", ORDER_SAGA_DATABASE_URL=db_url
+    )
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        "order-saga: order 00000000-0000-0000-0000-000000000000 not found")
+        "order-saga: order 00000000-0000-0000-0000-000000000000 not found"
+    )
 
 
 def test_diagram_of_one_order_highlights_its_path(db_url: str, store: Store) -> None:
@@ -93,8 +100,9 @@ def test_diagram_of_one_order_highlights_its_path(db_url: str, store: Store) -> 
     store.record_transition(order=order, owner="t", scope="order", trigger="request_product")
     store.record_transition(order=order, owner="t", scope="order", trigger="product_missing")
     whole = run("diagram", "--format", "dot", ORDER_SAGA_DATABASE_URL=db_url)
-    mine = run("diagram", "--format", "dot", "--order", str(order.id),
-               ORDER_SAGA_DATABASE_URL=db_url)
+    mine = run(
+        "diagram", "--format", "dot", "--order", str(order.id), ORDER_SAGA_DATABASE_URL=db_url
+    )
     assert whole.returncode == mine.returncode == 0
     assert whole.stdout != mine.stdout
     assert "product_missing (2)" in mine.stdout  # the edge it took, numbered by its seq
@@ -104,13 +112,18 @@ def test_diagram_of_one_order_highlights_its_path(db_url: str, store: Store) -> 
 def test_worker_stops_on_sigterm_releasing_its_leases(
     db_url: str, store: Store, downstream: Downstream
 ) -> None:
-    env = saga_env(database_url=db_url, services_url=downstream.url, http_timeout=30,
-                   lease_seconds=60)
+    env = saga_env(
+        database_url=db_url, services_url=downstream.url, http_timeout=30, lease_seconds=60
+    )
     downstream.fault("shipping.schedule", "delay", count=3, seconds=3)
     ids = [store.create_order(user_id=3, product_id=1, quantity=1)[0].id for _ in range(3)]
-    with subprocess.Popen([ORDER_SAGA, "worker", "--interval", "0.1", "--older-than", "0"],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as worker:
+    with subprocess.Popen(
+        [ORDER_SAGA, "worker", "--interval", "0.1", "--older-than", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as worker:
         try:
             deadline = time.monotonic() + 30
             while not all(store.get(i).shipping_state == "requested" for i in ids):
@@ -124,8 +137,7 @@ def test_worker_stops_on_sigterm_releasing_its_leases(
     in_flight = [store.get(i) for i in ids]
     # Released at once (the lease had 60 s to go); the intent stays for the next driver.
     assert all(o.lease_owner is None for o in in_flight)
-    assert all(o.state == "steps_running" and o.shipping_state == "requested"
-               for o in in_flight)
+    assert all(o.state == "steps_running" and o.shipping_state == "requested" for o in in_flight)
 
     done = run("resume", "--older-than", "0", **env)
     assert done.returncode == 0, done.stderr

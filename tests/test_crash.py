@@ -61,8 +61,13 @@ class Scenario:
 # Every run: quick retries, and a dead driver's lease runs out after 0.5 s (the wait before
 # the recovery run). Short is safe here: no second driver competes during a run, and a
 # write is guarded by version and lease owner, not by the expiry.
-BASE_SETTINGS = {"lease_seconds": 0.5, "max_attempts": 3, "backoff_base": 0.01,
-                 "backoff_max": 0.05, "http_timeout": 5}
+BASE_SETTINGS = {
+    "lease_seconds": 0.5,
+    "max_attempts": 3,
+    "backoff_base": 0.01,
+    "backoff_max": 0.05,
+    "http_timeout": 5,
+}
 # A forward step that keeps answering "unknown" expires after 1 s of retrying.
 EXPIRE_SETTINGS = {"step_deadline": 1, "max_attempts": 100}  # 100: the maximum
 REFUND_DOWN = Fault("user.refund", "error")  # count 1000 > any retry budget: parks
@@ -76,9 +81,9 @@ SCENARIOS: dict[str, Scenario] = {
     # row 2: product 404, nothing else called.
     "rejected": Scenario(1, 999, 1, "rejected"),
     # product lookup answers 500 past the step deadline (counted from order creation).
-    "product-unavailable": Scenario(1, 1, 1, "failed",
-                                    (Phase(faults=(Fault("product.get", "error"),)),),
-                                    {"step_deadline": 0.2}),
+    "product-unavailable": Scenario(
+        1, 1, 1, "failed", (Phase(faults=(Fault("product.get", "error"),)),), {"step_deadline": 0.2}
+    ),
     # row 3: payment 402 -> restore inventory, cancel shipping.
     "payment-failed": Scenario(2, 1, 1, "failed"),
     # row 4: inventory 409 -> refund user, cancel shipping.
@@ -87,27 +92,42 @@ SCENARIOS: dict[str, Scenario] = {
     "shipping-failed": Scenario(1, 1, 11, "failed"),
     # A forward step unknown past its deadline is compensated. Three flavours of unknown:
     # applied but answered 500; not applied, 500; not applied, client timeout.
-    "payment-expired": Scenario(1, 1, 1, "failed",
-                                (Phase(faults=(Fault("user.deduct", "apply_then_error"),)),),
-                                EXPIRE_SETTINGS),
-    "inventory-expired": Scenario(1, 1, 1, "failed",
-                                  (Phase(faults=(Fault("inventory.deduct", "error"),)),),
-                                  EXPIRE_SETTINGS),
-    "shipping-expired": Scenario(1, 1, 1, "failed",
-                                 (Phase(faults=(Fault("shipping.schedule", "timeout",
-                                                      seconds=1.0),)),),
-                                 {**EXPIRE_SETTINGS, "http_timeout": 0.3}),
+    "payment-expired": Scenario(
+        1,
+        1,
+        1,
+        "failed",
+        (Phase(faults=(Fault("user.deduct", "apply_then_error"),)),),
+        EXPIRE_SETTINGS,
+    ),
+    "inventory-expired": Scenario(
+        1, 1, 1, "failed", (Phase(faults=(Fault("inventory.deduct", "error"),)),), EXPIRE_SETTINGS
+    ),
+    "shipping-expired": Scenario(
+        1,
+        1,
+        1,
+        "failed",
+        (Phase(faults=(Fault("shipping.schedule", "timeout", seconds=1.0),)),),
+        {**EXPIRE_SETTINGS, "http_timeout": 0.3},
+    ),
     # row 4 with the refund down past the retry budget: parks, then retried.
     "compensation-parked": Scenario(1, 3, 1, "failed", (Phase(faults=(REFUND_DOWN,)),)),
-    "compensation-retried": Scenario(1, 3, 1, "failed", (
-        Phase(faults=(REFUND_DOWN,), reaches="needs_attention"), Phase())),
+    "compensation-retried": Scenario(
+        1, 3, 1, "failed", (Phase(faults=(REFUND_DOWN,), reaches="needs_attention"), Phase())
+    ),
     # the owner cancels a completed order.
     "cancelled": Scenario(1, 1, 2, "cancelled", (COMPLETE, Phase("cancel"))),
-    "cancellation-parked": Scenario(1, 1, 2, "cancelled", (
-        COMPLETE, Phase("cancel", faults=(REFUND_DOWN,)))),
-    "cancellation-retried": Scenario(1, 1, 2, "cancelled", (
-        COMPLETE, Phase("cancel", faults=(REFUND_DOWN,), reaches="needs_attention"),
-        Phase())),
+    "cancellation-parked": Scenario(
+        1, 1, 2, "cancelled", (COMPLETE, Phase("cancel", faults=(REFUND_DOWN,)))
+    ),
+    "cancellation-retried": Scenario(
+        1,
+        1,
+        2,
+        "cancelled",
+        (COMPLETE, Phase("cancel", faults=(REFUND_DOWN,), reaches="needs_attention"), Phase()),
+    ),
 }
 
 # (scope, trigger, source) -> the scenario whose last run commits that edge first.
@@ -173,15 +193,17 @@ def expect_ok(result: Result) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("edge", EDGES, ids=lambda e: ":".join(key(e)))
-def test_crash_right_after_commit(edge: Edge, db_url: str, store: Store,
-                                  downstream: Downstream) -> None:
+def test_crash_right_after_commit(
+    edge: Edge, db_url: str, store: Store, downstream: Downstream
+) -> None:
     name = CRASH_POINTS.get(key(edge))
     if name is None:
         pytest.fail(f"no crash scenario for {edge}: add one to CRASH_POINTS")
     scenario = SCENARIOS[name]
     books = Books.read(downstream, users=[scenario.user], products=[scenario.product])
-    order, _ = store.create_order(user_id=scenario.user, product_id=scenario.product,
-                                  quantity=scenario.quantity)
+    order, _ = store.create_order(
+        user_id=scenario.user, product_id=scenario.product, quantity=scenario.quantity
+    )
     oid = str(order.id)
     settings = {**BASE_SETTINGS, **scenario.settings}
     env = saga_env(database_url=db_url, services_url=downstream.url, **settings)
@@ -190,8 +212,13 @@ def test_crash_right_after_commit(edge: Edge, db_url: str, store: Store,
     *before, last = scenario.phases
     for phase in before:
         set_faults(downstream.url, phase.faults)
-        state = drive_here(phase.command, order.id, database_url=db_url,
-                           services_url=downstream.url, settings=settings)
+        state = drive_here(
+            phase.command,
+            order.id,
+            database_url=db_url,
+            services_url=downstream.url,
+            settings=settings,
+        )
         if phase.reaches is not None:
             assert state == phase.reaches
 
@@ -203,7 +230,11 @@ def test_crash_right_after_commit(edge: Edge, db_url: str, store: Store,
     at_crash = store.history(order.id)
     last_row = at_crash[-1]
     assert (last_row.scope, last_row.trigger, last_row.from_state, last_row.to_state) == (
-        edge.scope, edge.trigger, edge.source, edge.dest), crashed.explain()
+        edge.scope,
+        edge.trigger,
+        edge.source,
+        edge.dest,
+    ), crashed.explain()
     row = store.get(order.id)
     assert getattr(row, STATE_COLUMN[edge.scope]) == edge.dest
     assert row.version == last_row.seq
@@ -220,8 +251,15 @@ def rows(log: list[Transition]) -> list[tuple[int, str, str, str, str]]:
     return [(t.seq, t.scope, t.trigger, t.from_state, t.to_state) for t in log]
 
 
-def assert_recovered(store: Store, downstream: Downstream, books: Books, order_id: uuid.UUID,
-                     scenario: Scenario, *, at_crash: list[Transition]) -> None:
+def assert_recovered(
+    store: Store,
+    downstream: Downstream,
+    books: Books,
+    order_id: uuid.UUID,
+    scenario: Scenario,
+    *,
+    at_crash: list[Transition],
+) -> None:
     final = store.get(order_id)
     assert final.status == scenario.final, store.history(order_id)
     assert final.lease_owner is None
@@ -230,7 +268,7 @@ def assert_recovered(store: Store, downstream: Downstream, books: Books, order_i
     # row is a declared edge, and no intent was committed twice.
     log = store.history(order_id)
     assert [t.seq for t in log] == list(range(1, len(log) + 1))
-    assert rows(log[:len(at_crash)]) == rows(at_crash)
+    assert rows(log[: len(at_crash)]) == rows(at_crash)
     declared = {(e.scope, e.trigger, e.source, e.dest) for e in EDGES}
     assert all((t.scope, t.trigger, t.from_state, t.to_state) in declared for t in log)
     triggers = [(t.scope, t.trigger) for t in log]

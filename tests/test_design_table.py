@@ -36,20 +36,27 @@ ROWS = {
     # row 2: 404 | not called | not called | not called -> rejected, call nothing else
     "rejected": Row(1, 999, 1, NOT_CALLED, NOT_CALLED, NOT_CALLED, "rejected"),
     # row 3: found | failed | success | success -> restore inventory, cancel shipping
-    "payment-failed": Row(2, 1, 1, NO, OK, OK, "failed",
-                          frozenset({"inventory", "shipping"})),
+    "payment-failed": Row(2, 1, 1, NO, OK, OK, "failed", frozenset({"inventory", "shipping"})),
     # row 4: found | success | failed | success -> refund user, cancel shipping
     "inventory-failed": Row(1, 3, 1, OK, NO, OK, "failed", frozenset({"payment", "shipping"})),
     # row 5: found | success | success | failed -> refund user, restore inventory
-    "shipping-failed": Row(1, 1, 11, OK, OK, NO, "failed",
-                           frozenset({"payment", "inventory"})),
+    "shipping-failed": Row(1, 1, 11, OK, OK, NO, "failed", frozenset({"payment", "inventory"})),
     # row 6: found | failed | failed | success -> cancel shipping
     "payment-inventory-failed": Row(2, 3, 1, NO, NO, OK, "failed", frozenset({"shipping"})),
     # row 7: found | failed | failed | failed -> nothing to compensate
     "all-failed": Row(2, 3, 11, NO, NO, NO, "failed"),
     # cancellation: a completed order cancelled by its owner -> refund, restore, cancel
-    "cancelled": Row(1, 1, 2, OK, OK, OK, "cancelled",
-                     frozenset({"payment", "inventory", "shipping"}), cancel=True),
+    "cancelled": Row(
+        1,
+        1,
+        2,
+        OK,
+        OK,
+        OK,
+        "cancelled",
+        frozenset({"payment", "inventory", "shipping"}),
+        cancel=True,
+    ),
 }
 
 
@@ -80,11 +87,14 @@ def expected_history(row: Row) -> dict[str, list[str]]:
 async def test_design_table_row(
     row: Row, store: Store, executor: Executor, downstream: Downstream
 ) -> None:
-    balance, stock = downstream.balance(row.user), downstream.stock(row.product) \
-        if row.product != 999 else None
+    balance, stock = (
+        downstream.balance(row.user),
+        downstream.stock(row.product) if row.product != 999 else None,
+    )
 
-    order, _ = store.create_order(user_id=row.user, product_id=row.product,
-                                  quantity=row.quantity, owner=executor.owner)
+    order, _ = store.create_order(
+        user_id=row.user, product_id=row.product, quantity=row.quantity, owner=executor.owner
+    )
     await executor.drive(order)
     if row.cancel:
         assert order.status == "completed"
@@ -104,9 +114,11 @@ async def test_design_table_row(
 
     # Exactly the compensations the table demands were called, each applied once.
     effects = downstream.effects()
-    compensation_keys = {k.split(":")[1] for k in effects
-                         if k.startswith(str(order.id))
-                         and k.rsplit(":", 1)[1] in ("refund", "restore", "cancel")}
+    compensation_keys = {
+        k.split(":")[1]
+        for k in effects
+        if k.startswith(str(order.id)) and k.rsplit(":", 1)[1] in ("refund", "restore", "cancel")
+    }
     assert compensation_keys == set(row.compensated)
     assert all(count == 1 for count in effects.values())
     if row.payment == NOT_CALLED:

@@ -57,23 +57,51 @@ def log(*moves: tuple[str, str]) -> list[Transition]:
     for seq, (scope, trigger) in enumerate(moves, start=1):
         machine = ORDER_MACHINE if scope == "order" else STEP_MACHINE
         dest = next_state(machine, at[scope], trigger)
-        rows.append(Transition(order_id=ORDER_ID, seq=seq, scope=scope, trigger=trigger,
-                               from_state=at[scope], to_state=dest, created_at=datetime.now(UTC)))
+        rows.append(
+            Transition(
+                order_id=ORDER_ID,
+                seq=seq,
+                scope=scope,
+                trigger=trigger,
+                from_state=at[scope],
+                to_state=dest,
+                created_at=datetime.now(UTC),
+            )
+        )
         at[scope] = dest
     return rows
 
 
-STARTED = [("order", "request_product"), ("order", "product_found"),
-           ("payment", "request"), ("inventory", "request"), ("shipping", "request")]
+STARTED = [
+    ("order", "request_product"),
+    ("order", "product_found"),
+    ("payment", "request"),
+    ("inventory", "request"),
+    ("shipping", "request"),
+]
 # SPEC §1 row 1: all three succeed -> completed.
-COMPLETED = log(*STARTED, ("payment", "succeed"), ("inventory", "succeed"),
-                ("shipping", "succeed"), ("order", "all_succeeded"))
+COMPLETED = log(
+    *STARTED,
+    ("payment", "succeed"),
+    ("inventory", "succeed"),
+    ("shipping", "succeed"),
+    ("order", "all_succeeded"),
+)
 # SPEC §1 row 3: payment fails -> restore inventory, cancel shipping; one park on the way.
-FAILED = log(*STARTED, ("payment", "fail"), ("inventory", "succeed"), ("shipping", "succeed"),
-             ("order", "some_failed"), ("inventory", "compensate"), ("shipping", "compensate"),
-             ("inventory", "finish_compensation"), ("order", "park"),
-             ("order", "retry_compensation"), ("shipping", "finish_compensation"),
-             ("order", "compensation_done"))
+FAILED = log(
+    *STARTED,
+    ("payment", "fail"),
+    ("inventory", "succeed"),
+    ("shipping", "succeed"),
+    ("order", "some_failed"),
+    ("inventory", "compensate"),
+    ("shipping", "compensate"),
+    ("inventory", "finish_compensation"),
+    ("order", "park"),
+    ("order", "retry_compensation"),
+    ("shipping", "finish_compensation"),
+    ("order", "compensation_done"),
+)
 # SPEC §1 row 2: product 404 -> rejected, nothing else called.
 REJECTED = log(("order", "request_product"), ("order", "product_missing"))
 # Still running: shipping's call is in flight.
@@ -107,8 +135,10 @@ def dot_edges(text: str) -> dict[tuple[str, str, str], dict[str, str]]:
 
 def dot_classes(text: str) -> dict[str, set[str]]:
     """state id -> its classes (nodes, and the steps box cluster)."""
-    result = {n: set(dict(DOT_ATTR.findall(raw)).get("class", "").split())
-              for n, raw in DOT_NODE.findall(text)}
+    result = {
+        n: set(dict(DOT_ATTR.findall(raw)).get("class", "").split())
+        for n, raw in DOT_NODE.findall(text)
+    }
     box = re.search(r'cluster_steps_running" \{\n\s*graph \[(.*)\];', text)
     assert box is not None
     result["steps_running"] = set(dict(DOT_ATTR.findall(box.group(1))).get("class", "").split())
@@ -232,23 +262,36 @@ def test_highlight_is_exactly_the_log(name: str) -> None:
 
 def test_current_states() -> None:
     assert highlighted(COMPLETED).current == {("order", "completed")} | {
-        (step.value, "succeeded") for step in Step}
-    assert highlighted(FAILED).current == {("order", "failed"), ("payment", "failed"),
-                                           ("inventory", "compensated"),
-                                           ("shipping", "compensated")}
+        (step.value, "succeeded") for step in Step
+    }
+    assert highlighted(FAILED).current == {
+        ("order", "failed"),
+        ("payment", "failed"),
+        ("inventory", "compensated"),
+        ("shipping", "compensated"),
+    }
     assert highlighted(REJECTED).current == {("order", "rejected")}
-    assert highlighted(RUNNING).current == {("order", "steps_running"), ("payment", "succeeded"),
-                                            ("inventory", "expired"), ("shipping", "requested")}
+    assert highlighted(RUNNING).current == {
+        ("order", "steps_running"),
+        ("payment", "succeeded"),
+        ("inventory", "expired"),
+        ("shipping", "requested"),
+    }
     fresh = highlighted([])
     assert (fresh.states, fresh.edges, fresh.current) == (set(), set(), {("order", "pending")})
 
 
 def test_rejected_lights_up_only_the_lookup() -> None:
     hl = highlighted(REJECTED)
-    assert hl.states == {("order", "pending"), ("order", "product_requested"),
-                         ("order", "rejected")}
-    assert hl.edges == {("order", "request_product", "pending", "product_requested"),
-                        ("order", "product_missing", "product_requested", "rejected")}
+    assert hl.states == {
+        ("order", "pending"),
+        ("order", "product_requested"),
+        ("order", "rejected"),
+    }
+    assert hl.edges == {
+        ("order", "request_product", "pending", "product_requested"),
+        ("order", "product_missing", "product_requested", "rejected"),
+    }
 
 
 @pytest.mark.parametrize("name", HISTORIES)
@@ -275,8 +318,7 @@ def test_mermaid_marks_exactly_the_log(name: str) -> None:
     hl = highlighted(rows)
     text = render("mermaid", rows).decode()
     taken = {k: seqs for k, seqs in mermaid_edges(text).items() if seqs}
-    want = {(node_id(r.scope, r.from_state), r.trigger, node_id(r.scope, r.to_state))
-            for r in rows}
+    want = {(node_id(r.scope, r.from_state), r.trigger, node_id(r.scope, r.to_state)) for r in rows}
     assert set(taken) == want
     for row in rows:  # each edge is labelled with the log's sequence numbers
         key = (node_id(row.scope, row.from_state), row.trigger, node_id(row.scope, row.to_state))
@@ -289,16 +331,24 @@ def test_mermaid_marks_exactly_the_log(name: str) -> None:
 
 
 def test_failure_and_compensation_edges_look_different_from_the_happy_path() -> None:
-    taken = {k[1]: a for k, a in dot_edges(render("dot", FAILED).decode()).items()
-             if "taken" in a.get("class", "")}
+    taken = {
+        k[1]: a
+        for k, a in dot_edges(render("dot", FAILED).decode()).items()
+        if "taken" in a.get("class", "")
+    }
     colors = {t: a["color"] for t, a in taken.items()}
     assert colors["request"] == colors["succeed"] == diagram._COLOR["happy"]
     assert colors["fail"] == diagram._COLOR["failure"]
     assert colors["compensate"] == colors["park"] == diagram._COLOR["compensation"]
     assert len({colors["request"], colors["fail"], colors["compensate"]}) == 3
-    assert all(a["class"] == "taken happy" for a in
-               (a for k, a in dot_edges(render("dot", COMPLETED).decode()).items()
-                if "taken" in a.get("class", "")))
+    assert all(
+        a["class"] == "taken happy"
+        for a in (
+            a
+            for k, a in dot_edges(render("dot", COMPLETED).decode()).items()
+            if "taken" in a.get("class", "")
+        )
+    )
 
 
 def test_highlighted_svg_is_xml_with_classes() -> None:
@@ -325,8 +375,13 @@ def http(tmp_path: Path) -> Iterator[tuple[TestClient, Store]]:
 
 def failed_order(store: Store) -> uuid.UUID:
     order, _ = store.create_order(user_id=1, product_id=1, quantity=1, owner="t")
-    for scope, trigger in [*STARTED, ("payment", "fail"), ("inventory", "succeed"),
-                           ("shipping", "fail"), ("order", "some_failed")]:
+    for scope, trigger in [
+        *STARTED,
+        ("payment", "fail"),
+        ("inventory", "succeed"),
+        ("shipping", "fail"),
+        ("order", "some_failed"),
+    ]:
         store.record_transition(order=order, owner="t", scope=scope, trigger=trigger)
     return order.id
 
@@ -366,8 +421,10 @@ def test_order_diagram_highlights_its_log(http: tuple[TestClient, Store]) -> Non
             assert response.content == render(fmt, history)
     assert render_for_order(store, order_id, "mermaid") == render("mermaid", history)
     text = client.get(f"/orders/{order_id}/diagram", params={"format": "mermaid"}).text
-    assert ("compensating" in mermaid_classes(text)["current"]
-            and "payment_failed" in mermaid_classes(text)["current"])
+    assert (
+        "compensating" in mermaid_classes(text)["current"]
+        and "payment_failed" in mermaid_classes(text)["current"]
+    )
     assert text.count(" (") == len(history)  # every logged move is labelled, nothing else
 
 
@@ -389,13 +446,13 @@ def test_malformed_order_id_is_422(http: tuple[TestClient, Store]) -> None:
     assert http[0].get("/orders/not-a-uuid/diagram").status_code == 422
 
 
-def test_graphviz_missing_is_503(http: tuple[TestClient, Store],
-                                 monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_graphviz_missing_is_503(
+    http: tuple[TestClient, Store], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     client, store = http
     order_id = failed_order(store)
     monkeypatch.setenv("PATH", str(tmp_path))
     response = client.get(f"/orders/{order_id}/diagram", params={"format": "png"})
     assert response.status_code == 503
     assert response.json() == {"detail": str(GraphvizMissing())}
-    assert client.get(f"/orders/{order_id}/diagram",
-                      params={"format": "dot"}).status_code == 200
+    assert client.get(f"/orders/{order_id}/diagram", params={"format": "dot"}).status_code == 200

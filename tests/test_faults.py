@@ -24,16 +24,18 @@ MUTATIONS = [
 ]
 
 
-def assert_conserved(downstream: Downstream, store: Store, balances: dict[int, int],
-                     stocks: dict[int, int]) -> None:
+def assert_conserved(
+    downstream: Downstream, store: Store, balances: dict[int, int], stocks: dict[int, int]
+) -> None:
     """Money and stock move only by completed orders; no effect applied twice."""
     orders = store.list_orders(limit=500)
     for user, before in balances.items():
         spent = sum(o.amount or 0 for o in orders if o.user_id == user and o.status == "completed")
         assert downstream.balance(user) == before - spent
     for product, before in stocks.items():
-        taken = sum(o.quantity for o in orders
-                    if o.product_id == product and o.status == "completed")
+        taken = sum(
+            o.quantity for o in orders if o.product_id == product and o.status == "completed"
+        )
         assert downstream.stock(product) == before - taken
     assert all(n == 1 for n in downstream.effects().values()), downstream.effects()
     for o in orders:
@@ -42,18 +44,24 @@ def assert_conserved(downstream: Downstream, store: Store, balances: dict[int, i
             assert shipment["status"] == "cancelled"
 
 
-async def run_row(store: Store, executor: Executor, user: int, product: int,
-                  quantity: int) -> str:
-    order, _ = store.create_order(user_id=user, product_id=product, quantity=quantity,
-                                  owner=executor.owner)
+async def run_row(store: Store, executor: Executor, user: int, product: int, quantity: int) -> str:
+    order, _ = store.create_order(
+        user_id=user, product_id=product, quantity=quantity, owner=executor.owner
+    )
     await executor.drive(order)
     return store.get(order.id).status
 
 
 @pytest.mark.parametrize(("operation", "user", "product", "quantity", "status"), MUTATIONS)
 async def test_lost_response_applies_the_effect_once(
-    operation: str, user: int, product: int, quantity: int, status: str,
-    store: Store, executor: Executor, downstream: Downstream,
+    operation: str,
+    user: int,
+    product: int,
+    quantity: int,
+    status: str,
+    store: Store,
+    executor: Executor,
+    downstream: Downstream,
 ) -> None:
     balances, stocks = {user: downstream.balance(user)}, {product: downstream.stock(product)}
     downstream.fault(operation, "apply_then_error")
@@ -67,8 +75,14 @@ async def test_lost_response_applies_the_effect_once(
 
 @pytest.mark.parametrize(("operation", "user", "product", "quantity", "status"), MUTATIONS)
 async def test_transient_errors_are_retried_with_the_same_key(
-    operation: str, user: int, product: int, quantity: int, status: str,
-    store: Store, executor: Executor, downstream: Downstream,
+    operation: str,
+    user: int,
+    product: int,
+    quantity: int,
+    status: str,
+    store: Store,
+    executor: Executor,
+    downstream: Downstream,
 ) -> None:
     balances, stocks = {user: downstream.balance(user)}, {product: downstream.stock(product)}
     downstream.fault(operation, "error", count=2)
@@ -100,8 +114,7 @@ async def test_business_failure_is_not_retried(
 
 
 def short_deadline(store: Store, services: Services) -> Executor:
-    policy = RetryPolicy(max_attempts=2, backoff_base=0.01, backoff_max=0.02,
-                         step_deadline=0.5)
+    policy = RetryPolicy(max_attempts=2, backoff_base=0.01, backoff_max=0.02, step_deadline=0.5)
     return Executor(store=store, services=services, policy=policy)
 
 
@@ -121,7 +134,11 @@ async def test_forward_step_unknown_past_its_deadline_is_compensated(
     final = store.get(order.id)
     assert (final.status, final.inventory_state) == ("failed", "compensated")
     assert [t.trigger for t in store.history(order.id) if t.scope == "inventory"] == [
-        "request", "expire", "compensate", "finish_compensation"]
+        "request",
+        "expire",
+        "compensate",
+        "finish_compensation",
+    ]
     assert_conserved(downstream, store, balances, stocks)
 
 
@@ -162,11 +179,19 @@ async def test_compensation_outage_parks_then_resume_finishes(
     await executor.run(order.id)
     final = store.get(order.id)
     assert (final.state, final.inventory_state, final.attention_reason) == (
-        "failed", "compensated", None)
+        "failed",
+        "compensated",
+        None,
+    )
     assert_conserved(downstream, store, {}, stocks)
     triggers = [t.trigger for t in store.history(order.id) if t.scope == "order"]
-    assert triggers[-5:] == ["park", "retry_compensation", "park", "retry_compensation",
-                             "compensation_done"]
+    assert triggers[-5:] == [
+        "park",
+        "retry_compensation",
+        "park",
+        "retry_compensation",
+        "compensation_done",
+    ]
 
 
 def httpx_clear(downstream: Downstream) -> None:
@@ -205,11 +230,11 @@ def test_stale_writer_is_rejected_and_nothing_is_recorded(store: Store) -> None:
     stale = store.get(order.id)
     store.record_transition(order=order, owner="a", scope="order", trigger="request_product")
     with pytest.raises(StaleOrder):
-        store.record_transition(order=stale, owner="a", scope="order",
-                                trigger="request_product")
+        store.record_transition(order=stale, owner="a", scope="order", trigger="request_product")
     with pytest.raises(LeaseLost):
-        store.record_transition(order=store.get(order.id), owner="b", scope="order",
-                                trigger="product_missing")
+        store.record_transition(
+            order=store.get(order.id), owner="b", scope="order", trigger="product_missing"
+        )
     assert [t.trigger for t in store.history(order.id)] == ["request_product"]
     assert store.get(order.id).version == 1
 
@@ -228,8 +253,9 @@ def test_lease_is_exclusive_until_released_or_expired(db_url: str) -> None:
     time.sleep(0.3)
     assert short.claim(order_id=order.id, owner="b") is not None  # expired: taken over
     with pytest.raises(LeaseLost):
-        short.record_transition(order=short.get(order.id), owner="a", scope="order",
-                                trigger="request_product")
+        short.record_transition(
+            order=short.get(order.id), owner="a", scope="order", trigger="request_product"
+        )
     short.release(order_id=order.id, owner="b")
     assert short.get(order.id).lease_owner is None
     engine.dispose()
@@ -254,8 +280,9 @@ async def test_parked_order_waits_with_growing_pauses_for_the_sweep(
     swept = await resume_stuck(store=store, executor=executor, older_than=0, limit=10)
     assert swept.found == 0
     # An operator's resume retries now; the next pause is twice as long.
-    forced = await resume_stuck(store=store, executor=executor, older_than=0, limit=10,
-                                due_only=False)
+    forced = await resume_stuck(
+        store=store, executor=executor, older_than=0, limit=10, due_only=False
+    )
     assert (forced.found, forced.outcomes["needs_attention"]) == (1, 1)
     second = store.get(order.id)
     assert second.attempts["order:park"] == 2
@@ -272,8 +299,11 @@ async def test_lease_is_renewed_while_a_slow_call_is_in_flight(
 
     engine = make_engine(db_url)
     store = Store(engine, lease_seconds=0.6)  # renewed every 0.2 s while driving
-    executor = Executor(store=store, services=services,
-                        policy=RetryPolicy(max_attempts=2, backoff_base=0.01, step_deadline=5))
+    executor = Executor(
+        store=store,
+        services=services,
+        policy=RetryPolicy(max_attempts=2, backoff_base=0.01, step_deadline=5),
+    )
     downstream.fault("shipping.schedule", "delay", seconds=0.9)  # under the 1 s client timeout
     order, _ = store.create_order(user_id=1, product_id=1, quantity=1, owner=executor.owner)
     run = asyncio.create_task(executor.drive(order))
@@ -294,13 +324,19 @@ def test_a_corrupt_row_is_reported_and_never_driven(store: Store) -> None:
     good, _ = store.create_order(user_id=1, product_id=1, quantity=1)
     bad, _ = store.create_order(user_id=1, product_id=1, quantity=1)
     with store.engine.begin() as conn:  # e.g. a hand-edited row, or a state from a future
-        conn.execute(text("UPDATE orders SET payment_state = 'teleported' WHERE id = :id"),
-                     {"id": bad.id.hex if store.engine.dialect.name == "sqlite" else bad.id})
+        conn.execute(
+            text("UPDATE orders SET payment_state = 'teleported' WHERE id = :id"),
+            {"id": bad.id.hex if store.engine.dialect.name == "sqlite" else bad.id},
+        )
     with pytest.raises(CorruptOrder, match="payment_state = 'teleported'"):
         store.get(bad.id)
     claimed = store.claim_batch(owner="sweeper", moved_before=utcnow(), limit=10)
     assert [o.id for o in claimed] == [good.id]  # the sweep goes on without it
     with store.engine.connect() as conn:  # and left the corrupt row exactly as it was
-        row = conn.execute(text("SELECT payment_state, version, lease_owner FROM orders "
-                                "WHERE payment_state = 'teleported'")).one()
+        row = conn.execute(
+            text(
+                "SELECT payment_state, version, lease_owner FROM orders "
+                "WHERE payment_state = 'teleported'"
+            )
+        ).one()
     assert tuple(row) == ("teleported", 0, None)

@@ -23,18 +23,23 @@ from fsm.machine import (
     next_state,
 )
 
-DECLARED = {(e.scope if e.scope == "order" else "step", e.trigger, e.source): e.dest
-            for e in edges()}
+DECLARED = {
+    (e.scope if e.scope == "order" else "step", e.trigger, e.source): e.dest for e in edges()
+}
 ORDER_MOVES = list(itertools.product(OrderState, OrderTrigger))
 STEP_MOVES = list(itertools.product(StepState, StepTrigger))
 
 
-MOVES = ([("order", ORDER_MACHINE, st, tr) for st, tr in ORDER_MOVES]
-         + [("step", STEP_MACHINE, st, tr) for st, tr in STEP_MOVES])
+MOVES = [("order", ORDER_MACHINE, st, tr) for st, tr in ORDER_MOVES] + [
+    ("step", STEP_MACHINE, st, tr) for st, tr in STEP_MOVES
+]
 
 
-@pytest.mark.parametrize(("scope", "machine", "state", "trigger"), MOVES,
-                         ids=[f"{m}-{st}-{tr}" for m, _, st, tr in MOVES])
+@pytest.mark.parametrize(
+    ("scope", "machine", "state", "trigger"),
+    MOVES,
+    ids=[f"{m}-{st}-{tr}" for m, _, st, tr in MOVES],
+)
 def test_machines_accept_only_declared_edges(
     scope: str, machine: Machine, state: str, trigger: str
 ) -> None:
@@ -55,17 +60,27 @@ def test_no_auto_transitions_or_unknown_triggers() -> None:
 
 @pytest.mark.parametrize("outcomes", list(DESIGN_TABLE), ids=str)
 def test_decide_follows_the_design_table(outcomes: tuple[Outcome, ...]) -> None:
-    states = {step: StepState.SUCCEEDED if o is Outcome.SUCCESS else StepState.FAILED
-              for step, o in zip(Step, outcomes, strict=True)}
+    states = {
+        step: StepState.SUCCEEDED if o is Outcome.SUCCESS else StepState.FAILED
+        for step, o in zip(Step, outcomes, strict=True)
+    }
     status, compensate = DESIGN_TABLE[outcomes]
     trigger = decide(states)
     assert (trigger == OrderTrigger.ALL_SUCCEEDED) == (status == "completed")
     # compensate exactly what succeeded
-    assert compensate == ({s for s, st in states.items() if st is StepState.SUCCEEDED}
-                          if trigger == OrderTrigger.SOME_FAILED else set())
+    assert compensate == (
+        {s for s, st in states.items() if st is StepState.SUCCEEDED}
+        if trigger == OrderTrigger.SOME_FAILED
+        else set()
+    )
 
 
 def test_decide_waits_for_every_step() -> None:
     with pytest.raises(ValueError, match="not settled"):
-        decide({Step.PAYMENT: StepState.SUCCEEDED, Step.INVENTORY: StepState.REQUESTED,
-                Step.SHIPPING: StepState.FAILED})
+        decide(
+            {
+                Step.PAYMENT: StepState.SUCCEEDED,
+                Step.INVENTORY: StepState.REQUESTED,
+                Step.SHIPPING: StepState.FAILED,
+            }
+        )

@@ -53,8 +53,13 @@ def test_upgrade_is_idempotent(empty_db: str) -> None:
 def test_plain_alembic_cli_works(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/cli.db"
     alembic = Path(sys.executable).parent / "alembic"
-    result = subprocess.run([str(alembic), "upgrade", "head"], cwd=ROOT, capture_output=True,
-                            text=True, env={"ORDER_SAGA_DATABASE_URL": url, "PATH": "/usr/bin"})
+    result = subprocess.run(
+        [str(alembic), "upgrade", "head"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"ORDER_SAGA_DATABASE_URL": url, "PATH": "/usr/bin"},
+    )
     assert result.returncode == 0, result.stderr
     engine = make_engine(url)
     with engine.connect() as conn:

@@ -46,15 +46,15 @@ def resumed_count(result: Result) -> int:
     return int(match.group(1))
 
 
-def assert_each_driven_once(store: Store, downstream: Downstream, books: Books,
-                            ids: list[uuid.UUID]) -> None:
+def assert_each_driven_once(
+    store: Store, downstream: Downstream, books: Books, ids: list[uuid.UUID]
+) -> None:
     orders = [store.get(oid) for oid in ids]
     assert Counter(o.status for o in orders) == Counter(completed=len(ids))
     assert all(o.lease_owner is None for o in orders)
     for oid in ids:
         assert triggers_by_scope(store, oid) == ONE_RUN, store.history(oid)
-    forward = {f"{oid}:{step}:{action}" for oid in ids
-               for step, action in FORWARD_ACTIONS.items()}
+    forward = {f"{oid}:{step}:{action}" for oid in ids for step, action in FORWARD_ACTIONS.items()}
     assert len(forward) == 3 * len(ids)
     assert downstream.effects() == dict.fromkeys(forward, 1)  # once each, nothing else
     assert downstream.balance(RICH_USER) == books.balances[RICH_USER] - len(ids) * WIDGET_PRICE
@@ -127,8 +127,12 @@ def test_a_frozen_driver_loses_its_orders_and_cannot_write_after_waking(
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # until A waits on its delayed payments
             orders = [store.get(oid) for oid in ids]
-            waiting = [o for o in orders if o.payment_state == "requested"
-                       and o.inventory_state == o.shipping_state == "succeeded"]
+            waiting = [
+                o
+                for o in orders
+                if o.payment_state == "requested"
+                and o.inventory_state == o.shipping_state == "succeeded"
+            ]
             if len(waiting) >= 8:  # resume claims 8 at a time (its concurrency)
                 held = len(waiting)
                 break
@@ -137,8 +141,11 @@ def test_a_frozen_driver_loses_its_orders_and_cannot_write_after_waking(
             pytest.fail(f"A never got its payments in flight: {a.stop().explain()}")
         pause_between_transactions(a, db_url)
 
-        expiry = max(o.lease_expires_at for o in (store.get(oid) for oid in ids)
-                     if o.lease_expires_at is not None)
+        expiry = max(
+            o.lease_expires_at
+            for o in (store.get(oid) for oid in ids)
+            if o.lease_expires_at is not None
+        )
         time.sleep(max(0.0, (expiry - utcnow()).total_seconds()) + 0.2)
         b = Saga(argv, env).wait(timeout=120)
         assert b.returncode == 0, b.explain()

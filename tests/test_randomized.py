@@ -24,21 +24,43 @@ from tests.test_faults import assert_conserved
 ORDER_SAGA = str(Path(sys.executable).parent / "order-saga")
 ORDERS = int(os.environ.get("ORDER_SAGA_TEST_RANDOM_ORDERS", "40"))
 ROUNDS = int(os.environ.get("ORDER_SAGA_TEST_RANDOM_ROUNDS", "6"))
-OPERATIONS = ["product.get", "user.deduct", "user.refund", "inventory.deduct",
-              "inventory.restore", "shipping.schedule", "shipping.cancel"]
+OPERATIONS = [
+    "product.get",
+    "user.deduct",
+    "user.refund",
+    "inventory.deduct",
+    "inventory.restore",
+    "shipping.schedule",
+    "shipping.cancel",
+]
 MODES = ["error", "error", "apply_then_error", "apply_then_error", "delay", "timeout"]
 # Kill points every round can reach; the rare edges (park, retry, cancel, expiry) each have
 # a deterministic crash test in test_crash.py.
-RARE = {"park", "retry_compensation", "retry_cancellation", "cancel", "cancellation_done",
-        "product_unavailable", "expire"}
+RARE = {
+    "park",
+    "retry_compensation",
+    "retry_cancellation",
+    "cancel",
+    "cancellation_done",
+    "product_unavailable",
+    "expire",
+}
 CRASH_POINTS = sorted({f"{e.scope}:{e.trigger}" for e in edges() if e.trigger not in RARE})
 LEASE = 0.5
 
 
 def resume(db_url: str, services_url: str, crash_after: str | None) -> int:
-    env = saga_env(database_url=db_url, services_url=services_url, lease_seconds=LEASE,
-                   max_attempts=3, backoff_base=0.01, backoff_max=0.05, step_deadline=3,
-                   http_timeout=0.5, crash_after=crash_after)
+    env = saga_env(
+        database_url=db_url,
+        services_url=services_url,
+        lease_seconds=LEASE,
+        max_attempts=3,
+        backoff_base=0.01,
+        backoff_max=0.05,
+        step_deadline=3,
+        http_timeout=0.5,
+        crash_after=crash_after,
+    )
     command = [ORDER_SAGA, "resume", "--older-than", "0", "--limit", "1000"]
     return subprocess.run(command, env=env, capture_output=True, timeout=120).returncode
 
@@ -56,13 +78,19 @@ def test_random_faults_and_kills_end_terminal_and_conserved(
     kills = 0
     for _ in range(ROUNDS):
         for _ in range(ORDERS // ROUNDS):  # new orders every round, beside unfinished ones
-            store.create_order(user_id=rng.choice(users),
-                               product_id=rng.choice(products + [999]),
-                               quantity=rng.choice([1, 1, 2, 11]))
+            store.create_order(
+                user_id=rng.choice(users),
+                product_id=rng.choice(products + [999]),
+                quantity=rng.choice([1, 1, 2, 11]),
+            )
         for _ in range(rng.randint(1, 4)):
             mode = rng.choice(MODES)
-            downstream.fault(rng.choice(OPERATIONS), mode, count=rng.randint(1, 5),
-                             seconds=0.8 if mode == "timeout" else 0.05)
+            downstream.fault(
+                rng.choice(OPERATIONS),
+                mode,
+                count=rng.randint(1, 5),
+                seconds=0.8 if mode == "timeout" else 0.05,
+            )
         code = resume(db_url, downstream.url, rng.choice(CRASH_POINTS))
         assert code in (0, -9), f"seed {seed}: resume exited {code}"
         kills += code == -9

@@ -15,8 +15,9 @@ from fsm.settings import Settings
 from tests.conftest import Downstream
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-ROW = re.compile(r"^\| (found|404) \|.*\| (\w+)(?: \(HTTP 404\))? \| [^|]+ \| `(\{.*\})` \|$",
-                 re.MULTILINE)
+ROW = re.compile(
+    r"^\| (found|404) \|.*\| (\w+)(?: \(HTTP 404\))? \| [^|]+ \| `(\{.*\})` \|$", re.MULTILINE
+)
 TABLE = [(json.loads(body), status) for _, status, body in ROW.findall(README)]
 CURLS = re.findall(r"-d '(\{\"user_id\".*?\})'", README)
 
@@ -34,8 +35,9 @@ def test_readme_row_reproduces_its_status(
     body: dict[str, int], status: str, db_url: str, downstream: Downstream
 ) -> None:
     url = downstream.url
-    settings = Settings(database_url=db_url, product_url=url, user_url=url, inventory_url=url,
-                        shipping_url=url)
+    settings = Settings(
+        database_url=db_url, product_url=url, user_url=url, inventory_url=url, shipping_url=url
+    )
     with TestClient(create_app(settings, sweep=False)) as client:
         response = client.post("/orders", json=body)
     assert response.status_code == (404 if status == "rejected" else 201)

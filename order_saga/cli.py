@@ -29,8 +29,9 @@ from fsm.settings import Settings
 if TYPE_CHECKING:  # imported lazily at run time: `order-saga --help` stays fast
     from fsm.executor import Executor
 
-app = typer.Typer(help="Durable order orchestrator.",
-                  pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Durable order orchestrator.", pretty_exceptions_enable=False, add_completion=False
+)
 db_app = typer.Typer(help="Database schema.")
 app.add_typer(db_app, name="db")
 
@@ -90,8 +91,7 @@ def serve(
     _migrate(settings)
     configure_logging()
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    application = create_app(settings, embedded_url=f"http://{local}:{port}/services",
-                             sweep=sweep)
+    application = create_app(settings, embedded_url=f"http://{local}:{port}/services", sweep=sweep)
     uvicorn.run(application, host=host, port=port, log_level="info")
 
 
@@ -99,8 +99,10 @@ def serve(
 def services(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8100,
-    state: Annotated[str | None, typer.Option(help="SQLite file for their state "
-                                              "(default: ORDER_SAGA_SERVICES_DB).")] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(help="SQLite file for their state (default: ORDER_SAGA_SERVICES_DB)."),
+    ] = None,
 ) -> None:
     """Serve the four reference services (and /_faults) alone."""
     import uvicorn
@@ -118,19 +120,24 @@ def _executor(settings: Settings, client: httpx.AsyncClient) -> Executor:
 
     fallback = settings.fallback_services_url
     store = Store(make_engine(settings.database_url), lease_seconds=settings.lease_seconds)
-    services_ = http_services(client, product_url=settings.product_url or fallback,
-                              user_url=settings.user_url or fallback,
-                              inventory_url=settings.inventory_url or fallback,
-                              shipping_url=settings.shipping_url or fallback)
+    services_ = http_services(
+        client,
+        product_url=settings.product_url or fallback,
+        user_url=settings.user_url or fallback,
+        inventory_url=settings.inventory_url or fallback,
+        shipping_url=settings.shipping_url or fallback,
+    )
     policy = RetryPolicy.from_settings(settings)
-    return Executor(store=store, services=services_, policy=policy,
-                    crash_after=settings.crash_after)
+    return Executor(
+        store=store, services=services_, policy=policy, crash_after=settings.crash_after
+    )
 
 
 @app.command()
 def resume(
-    older_than: Annotated[float, typer.Option(min=0, help="Only orders unmoved this long "
-                                              "(seconds).")] = 60.0,
+    older_than: Annotated[
+        float, typer.Option(min=0, help="Only orders unmoved this long (seconds).")
+    ] = 60.0,
     limit: Annotated[int, typer.Option(min=1, max=100_000)] = 100,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List, change nothing.")] = False,
     order: Annotated[str | None, typer.Option(help="Resume this one order id.")] = None,
@@ -152,12 +159,19 @@ def resume(
                 typer.echo(f"{result.id} {result.state} ({result.status})")
                 return 0
             summary = await resume_stuck(
-                store=executor.store, executor=executor, older_than=older_than, limit=limit,
-                dry_run=dry_run, due_only=False,
-                progress=lambda o, what: typer.echo(f"{o.id} {o.state}: {what}"))
+                store=executor.store,
+                executor=executor,
+                older_than=older_than,
+                limit=limit,
+                dry_run=dry_run,
+                due_only=False,
+                progress=lambda o, what: typer.echo(f"{o.id} {o.state}: {what}"),
+            )
             if dry_run:
-                typer.echo(f"would resume {summary.found}, "
-                           f"skipped (leased elsewhere) {summary.skipped_leased}")
+                typer.echo(
+                    f"would resume {summary.found}, "
+                    f"skipped (leased elsewhere) {summary.skipped_leased}"
+                )
             else:
                 typer.echo(summary.line())
             return 1 if summary.errors else 0
@@ -171,8 +185,10 @@ def resume(
 
 @app.command()
 def worker(
-    interval: Annotated[float | None, typer.Option(min=0.01, help="Seconds between sweeps "
-                                                   "(default ORDER_SAGA_SWEEP_INTERVAL).")] = None,
+    interval: Annotated[
+        float | None,
+        typer.Option(min=0.01, help="Seconds between sweeps (default ORDER_SAGA_SWEEP_INTERVAL)."),
+    ] = None,
     older_than: Annotated[float | None, typer.Option(min=0)] = None,
 ) -> None:
     """Claim and advance stuck orders forever (run several; they share the load)."""
@@ -192,7 +208,8 @@ def worker(
             executor = _executor(settings, client)
             executor.store.count_by_status()  # fail fast, in one line, if the DB is not there
             sweep = asyncio.create_task(
-                sweep_forever(store=executor.store, executor=executor, settings=settings))
+                sweep_forever(store=executor.store, executor=executor, settings=settings)
+            )
             # SIGTERM (a deploy) or Ctrl-C: stop driving and release every lease now, so
             # another worker continues at once instead of after the lease expires. A call
             # in flight is abandoned; its committed intent makes the next driver reconcile.
@@ -265,8 +282,9 @@ def main() -> None:
     """Entry point: usage errors become one line (`order-saga: …`) and a non-zero exit."""
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=sys.argv[1:] or ["--help"], prog_name="order-saga",
-                            standalone_mode=False)
+        code = command.main(
+            args=sys.argv[1:] or ["--help"], prog_name="order-saga", standalone_mode=False
+        )
     except TyperException as exc:  # bad flag, unknown command, missing argument
         typer.echo(f"order-saga: {exc.format_message()}", err=True)
         code = exc.exit_code

@@ -68,3 +68,10 @@ class CorruptOrder(SagaError):
 
 class InvalidMove(SagaError):
     code = "invalid_move"
+
+
+class StoreUnavailable(SagaError):
+    """The database is down, unreachable, or a lock/statement timeout expired: nothing was
+    decided, try again later (the API answers 503 + Retry-After)."""
+
+    code = "store_unavailable"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -14,25 +13,11 @@ from sqlalchemy import text
 from api import diagram, orders
 from api.deps import StoreDep
 from api.runner import Runner
-from fsm.clients import Services, http_services
+from fsm.clients import Services
 from fsm.errors import ConcurrencyError, CorruptOrder, InvalidMove, OrderNotFound
-from fsm.executor import Executor, RetryPolicy
 from fsm.metrics import ORDERS
 from fsm.settings import Settings, get_settings
-from fsm.store import Store, make_engine
-
-
-def services_from(settings: Settings, client: httpx.AsyncClient, embedded_url: str) -> Services:
-    def url(value: str | None) -> str:
-        return value or embedded_url
-
-    return http_services(
-        client,
-        product_url=url(settings.product_url),
-        user_url=url(settings.user_url),
-        inventory_url=url(settings.inventory_url),
-        shipping_url=url(settings.shipping_url),
-    )
+from fsm.wiring import open_saga
 
 
 def create_app(
@@ -49,25 +34,19 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = make_engine(settings.database_url)
-        store = Store(engine, lease_seconds=settings.lease_seconds)
-        async with httpx.AsyncClient(timeout=settings.http_timeout) as client:
-            chosen = services or services_from(settings, client, embedded_url)
-            executor = Executor(
-                store=store,
-                services=chosen,
-                policy=RetryPolicy.from_settings(settings),
-                crash_after=settings.crash_after,
+        async with open_saga(settings, services=services, fallback_url=embedded_url) as saga:
+            runner = Runner(store=saga.store, executor=saga.executor, settings=settings)
+            app.state.store, app.state.executor, app.state.runner = (
+                saga.store,
+                saga.executor,
+                runner,
             )
-            runner = Runner(store=store, executor=executor, settings=settings)
-            app.state.store, app.state.executor, app.state.runner = store, executor, runner
             if sweep:
                 runner.start_sweeper()
             try:
                 yield
             finally:
                 await runner.stop()
-                engine.dispose()
 
     app = FastAPI(
         title="order-saga",

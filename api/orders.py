@@ -61,7 +61,7 @@ async def create_order(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
     prefer: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
-    order, created = store.create_order(
+    order, created = await store.create_order(
         user_id=body.user_id,
         product_id=body.product_id,
         quantity=body.quantity,

@@ -3,18 +3,21 @@
 The executor owns no state between runs: everything it needs to continue is in the order
 row (states, version, retry schedule) and every side effect is preceded by a committed
 intent transition, so a run killed anywhere is continued by the next one (SPEC §3).
-It holds the order's lease for the whole run and releases it at the end.
+It holds the order's lease for the whole run: one task renews the leases of every order
+this executor drives (one statement per interval), and the terminal transition releases it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import os
 import signal
 import socket
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -26,10 +29,9 @@ from tenacity import (
     stop_any,
     wait_random_exponential,
 )
-from tenacity.stop import stop_base
 
 from fsm import metrics
-from fsm.clients import Answer, ReconcilingService, Services
+from fsm.clients import Services
 from fsm.errors import (
     BusinessFailure,
     CallFailure,
@@ -39,7 +41,6 @@ from fsm.errors import (
     TransientFailure,
 )
 from fsm.machine import (
-    COMPENSATION_NEEDED,
     OrderState,
     OrderTrigger,
     Step,
@@ -47,52 +48,22 @@ from fsm.machine import (
     StepTrigger,
     decide,
     is_terminal,
+    to_compensate,
 )
 from fsm.models import Order
-from fsm.settings import Settings
-from fsm.store import Store, step_states, utcnow
+from fsm.retry import RetryPolicy, stop_at
+from fsm.steps import idempotency_key, saga_steps
+from fsm.store import Store, utcnow
 
-Call = Callable[[], Awaitable[Answer]]
+__all__ = ["Executor", "RetryPolicy", "idempotency_key", "new_owner"]
+
+log = logging.getLogger("order_saga.executor")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 4  # per call, per run
-    backoff_base: float = 0.05  # seconds; full jitter, doubling
-    backoff_max: float = 2.0
-    step_deadline: float = 60.0  # a forward step unknown this long is treated as failed
-    # A parked order is retried by the sweep after backoff_max x 2^parks, at most this.
-    park_max: float = 3600.0
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RetryPolicy:
-        return cls(
-            max_attempts=settings.max_attempts,
-            backoff_base=settings.backoff_base,
-            backoff_max=settings.backoff_max,
-            step_deadline=settings.step_deadline,
-            park_max=settings.park_max,
-        )
-
-
-class stop_at(stop_base):  # noqa: N801  (named like tenacity's own stop conditions)
-    """Stop retrying once a wall-clock deadline (persisted on the order) has passed."""
-
-    def __init__(self, deadline: datetime | None) -> None:
-        self.deadline = deadline
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        return self.deadline is not None and utcnow() >= self.deadline
+ALL_STEPS = frozenset(Step)
 
 
 def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def idempotency_key(order: Order, step: str, action: str) -> str:
-    """Derived, never random: every retry, resume and process sends the same key."""
-    return f"{order.id}:{step}:{action}"
 
 
 class Executor:
@@ -107,6 +78,7 @@ class Executor:
     ) -> None:
         self.store = store
         self.services = services
+        self.steps = saga_steps(services)
         self.policy = policy or RetryPolicy()
         self.owner = owner or new_owner()
         # Test hook: "scope:trigger" -> SIGKILL this process right after that commit.
@@ -115,46 +87,65 @@ class Executor:
         # crashed-and-restarted owner can continue), so a second run inside this process
         # (a resume or cancel during a background run) must be refused here.
         self._driving: set[uuid.UUID] = set()
+        self._keeper: asyncio.Task[None] | None = None
+
+    @property
+    def driving(self) -> Collection[uuid.UUID]:
+        return self._driving
 
     # -- entry points ----------------------------------------------------------------
 
     async def run(self, order_id: uuid.UUID) -> Order:
         """Claim the order and drive it as far as this run's retry budget allows."""
-        return await self.drive(self._claim(order_id))
+        return await self.drive(await self._claim(order_id))
 
-    def _claim(self, order_id: uuid.UUID) -> Order:
+    async def _claim(self, order_id: uuid.UUID) -> Order:
         if order_id in self._driving:
             raise LeaseLost(f"order {order_id} is being driven right now")
-        order = self.store.claim(order_id=order_id, owner=self.owner)
+        order = await self.store.claim(order_id=order_id, owner=self.owner)
         if order is None:
             raise LeaseLost(f"order {order_id} is being driven by another worker")
         return order
 
     async def cancel(self, order_id: uuid.UUID) -> Order:
         """The owner cancels a completed order: refund, restore, cancel shipping."""
-        order = self._claim(order_id)
-        if order.state == OrderState.COMPLETED:
-            # One commit: a crash can never keep the request but lose the transition.
-            self._fire(order, "order", OrderTrigger.CANCEL, cancel_requested=True)
-        elif not order.cancel_requested:
-            self.store.release(order_id=order.id, owner=self.owner)
-            raise InvalidMove(f"only a completed order can be cancelled (it is {order.state})")
+        order = await self._claim(order_id)
+        try:
+            if order.state == OrderState.COMPLETED:
+                # One commit: a crash can never keep the request but lose the transition.
+                await self._fire(order, "order", OrderTrigger.CANCEL, cancel_requested=True)
+            elif not order.cancel_requested:
+                raise InvalidMove(f"only a completed order can be cancelled (it is {order.state})")
+        except BaseException:
+            await self._release(order)
+            raise
         return await self.drive(order)
 
     async def drive(self, order: Order) -> Order:
-        """Advance an order whose lease we hold; always releases the lease."""
+        """Advance an order whose lease we hold; the lease is always given back."""
         if order.id in self._driving:
             raise LeaseLost(f"order {order.id} is being driven right now")
         self._driving.add(order.id)
-        keeper = asyncio.create_task(self._keep_lease(order.id))
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.create_task(self._keep_leases())
+        started = time.perf_counter()
         try:
             await self._advance(order)
+        except Exception:
+            await self._reload(order)  # what was queued after the failure never happened
+            raise
         finally:
-            keeper.cancel()
             self._driving.discard(order.id)
-            self.store.release(order_id=order.id, owner=self.owner)
-            order.lease_owner = None
+            if not is_terminal(order.state) or order.lease_owner is not None:
+                await self._release(order)
+            metrics.RUN_SECONDS.observe(time.perf_counter() - started)
         return order
+
+    async def aclose(self) -> None:
+        """Stop renewing leases (the runs themselves belong to their callers)."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
 
     # -- the loop --------------------------------------------------------------------
 
@@ -163,28 +154,29 @@ class Executor:
         while not is_terminal(order.state):
             state = OrderState(order.state)
             if state is OrderState.PENDING:
-                self._fire(order, "order", OrderTrigger.REQUEST_PRODUCT)
+                await self._fire(order, "order", OrderTrigger.REQUEST_PRODUCT)
             elif state is OrderState.PRODUCT_REQUESTED:
                 if not await self._look_up_product(order):
                     return
             elif state is OrderState.STEPS_RUNNING:
-                await self._each_step(order, self._forward)
-                states = {s: StepState(getattr(order, f"{s}_state")) for s in Step}
-                if any(st is StepState.REQUESTED for st in states.values()):
+                await self._each_step(order, self._forward, ALL_STEPS)
+                states = _step_states(order)
+                if StepState.REQUESTED in states.values():
                     return  # budget of this run spent; a later resume continues
-                self._fire(order, "order", decide(states), detail={"steps": step_states(order)})
+                trigger = decide(states)
+                await self._fire(order, "order", trigger, detail={"steps": order.step_states()})
             elif state in (OrderState.COMPENSATING, OrderState.CANCELLING):
-                results = await self._each_step(order, self._compensate)
-                failures = [reason for reason in results if reason is not None]
+                steps = to_compensate(_step_states(order))
+                failures = [r for r in await self._each_step(order, self._compensate, steps) if r]
                 if failures:
-                    self._park(order, "; ".join(failures))
+                    await self._park(order, "; ".join(failures))
                     return
                 done = (
                     OrderTrigger.CANCELLATION_DONE
                     if state is OrderState.CANCELLING
                     else OrderTrigger.COMPENSATION_DONE
                 )
-                self._fire(order, "order", done, attention_reason=None)
+                await self._fire(order, "order", done, attention_reason=None)
             elif state is OrderState.NEEDS_ATTENTION:
                 if retried_attention:
                     return
@@ -194,13 +186,13 @@ class Executor:
                     if order.cancel_requested
                     else OrderTrigger.RETRY_COMPENSATION
                 )
-                self._fire(order, "order", retry)
+                await self._fire(order, "order", retry)
 
-    def _park(self, order: Order, reason: str) -> None:
+    async def _park(self, order: Order, reason: str) -> None:
         """needs_attention, with the reason; the sweep retries after a doubling pause."""
         parks = order.attempts.get("order:park", 0) + 1
         pause = min(self.policy.park_max, self.policy.backoff_max * 2**parks)
-        self._fire(
+        await self._fire(
             order,
             "order",
             OrderTrigger.PARK,
@@ -212,31 +204,30 @@ class Executor:
 
     async def _look_up_product(self, order: Order) -> bool:
         """PRODUCT_REQUESTED -> found / missing / unavailable; False if still unknown."""
-        call = "product:get"
         try:
             product = await self._with_retries(
-                order, call, lambda: self.services.product.get(order.product_id), deadline=None
+                order,
+                "product:get",
+                lambda: self.services.product.get(order.product_id),
+                deadline=None,
             )
         except NotFound as exc:
-            self._fire(order, "order", OrderTrigger.PRODUCT_MISSING, detail=exc.detail())
+            await self._fire(order, "order", OrderTrigger.PRODUCT_MISSING, detail=exc.detail())
             return True
         except CallFailure as exc:
             expired = utcnow() >= order.created_at + timedelta(seconds=self.policy.step_deadline)
             if isinstance(exc, BusinessFailure) or expired:
-                self._fire(order, "order", OrderTrigger.PRODUCT_UNAVAILABLE, detail=exc.detail())
+                trigger = OrderTrigger.PRODUCT_UNAVAILABLE
+                await self._fire(order, "order", trigger, detail=exc.detail())
                 return True
             return False
         price = product.get("price")
         if not isinstance(price, int) or isinstance(price, bool) or price < 0:
-            self._fire(
-                order,
-                "order",
-                OrderTrigger.PRODUCT_UNAVAILABLE,
-                detail={"error": "invalid_product", "product": product},
-            )
+            detail = {"error": "invalid_product", "product": product}
+            await self._fire(order, "order", OrderTrigger.PRODUCT_UNAVAILABLE, detail=detail)
             return True
         deadline = utcnow() + timedelta(seconds=self.policy.step_deadline)
-        self._fire(
+        await self._fire(
             order,
             "order",
             OrderTrigger.PRODUCT_FOUND,
@@ -246,108 +237,77 @@ class Executor:
         )
         return True
 
-    # -- one step forward ------------------------------------------------------------
+    # -- one step forward, one step back ---------------------------------------------
 
     async def _forward(self, order: Order, step: Step) -> None:
-        state = StepState(getattr(order, f"{step}_state"))
+        saga_step = self.steps[step]
+        state = StepState(order.state_of(step))
         resumed = state is StepState.REQUESTED  # a previous run may have sent it already
         if state is StepState.PENDING:
-            self._fire(order, step, StepTrigger.REQUEST)  # intent, committed before the call
+            await self._fire(order, step, StepTrigger.REQUEST)  # intent, before the call
         elif not resumed:
             return
-        call = self._call(order, step, step.forward_action)
-        key = idempotency_key(order, step, step.forward_action)
-        service = self._service(step)
+        action = step.forward_action
+        key = idempotency_key(order, step, action)
         try:
             answer = None
             if resumed:
                 answer = await self._with_retries(
-                    order, f"{step}:lookup", lambda: service.lookup(key), deadline=order.deadline_at
-                )
+                    order, f"{step}:lookup", lambda: saga_step.service.lookup(key),
+                    deadline=order.deadline_at,
+                )  # fmt: skip
             if answer is None:
                 answer = await self._with_retries(
-                    order, f"{step}:{step.forward_action}", call, deadline=order.deadline_at
-                )
+                    order, f"{step}:{action}", lambda: saga_step.forward(order, key),
+                    deadline=order.deadline_at,
+                )  # fmt: skip
         except BusinessFailure as exc:
-            self._fire(order, step, StepTrigger.FAIL, detail=exc.detail())
+            await self._fire(order, step, StepTrigger.FAIL, detail=exc.detail())
             return
         except TransientFailure as exc:
             if order.deadline_at is not None and utcnow() >= order.deadline_at:
-                self._fire(order, step, StepTrigger.EXPIRE, detail=exc.detail())
+                await self._fire(order, step, StepTrigger.EXPIRE, detail=exc.detail())
             return
-        changes: dict[str, Any] = {}
-        if step is Step.SHIPPING:
-            changes = {
-                "shipping_address": answer.get("address"),
-                "expected_delivery": answer.get("expected_delivery"),
-            }
-        self._fire(order, step, StepTrigger.SUCCEED, detail=answer, **changes)
-
-    def _call(self, order: Order, step: Step, action: str) -> Call:
-        """The downstream call for one step's action, with its derived idempotency key."""
-        oid, key = str(order.id), idempotency_key(order, step, action)
-        if step is Step.PAYMENT:  # deduct / refund
-            pay = getattr(self.services.user, action)
-            return lambda: pay(
-                user_id=order.user_id, amount=order.amount or 0, order_id=oid, key=key
-            )
-        if step is Step.INVENTORY:  # deduct / restore
-            stock = getattr(self.services.inventory, action)
-            return lambda: stock(
-                product_id=order.product_id, quantity=order.quantity, order_id=oid, key=key
-            )
-        if action == "schedule":
-            return lambda: self.services.shipping.schedule(
-                order_id=oid, user_id=order.user_id, quantity=order.quantity, key=key
-            )
-        return lambda: self.services.shipping.cancel(order_id=oid, key=key)
-
-    # -- one step backward -----------------------------------------------------------
+        changes = saga_step.forward_changes(answer)
+        await self._fire(order, step, StepTrigger.SUCCEED, detail=answer, **changes)
 
     async def _compensate(self, order: Order, step: Step) -> str | None:
         """Undo a step that may have had an effect; returns a reason if it must wait."""
-        state = StepState(getattr(order, f"{step}_state"))
-        if state not in COMPENSATION_NEEDED:
-            return None  # never attempted, definitely failed, or already undone
-        if state is not StepState.COMPENSATING:
-            self._fire(order, step, StepTrigger.COMPENSATE)
+        saga_step = self.steps[step]
+        if StepState(order.state_of(step)) is not StepState.COMPENSATING:
+            await self._fire(order, step, StepTrigger.COMPENSATE)
         action = step.compensation_action
+        key = idempotency_key(order, step, action)
         try:
             answer = await self._with_retries(
-                order, f"{step}:{action}", self._call(order, step, action), deadline=None
+                order, f"{step}:{action}", lambda: saga_step.undo(order, key), deadline=None
             )
         except CallFailure as exc:
             # Never skipped: the order parks in needs_attention and a resume retries it.
             return f"{step} {action} did not succeed: {exc}"
-        changes: dict[str, Any] = {}
-        if step is Step.SHIPPING:
-            changes = {"shipping_address": None, "expected_delivery": None}
-        self._fire(order, step, StepTrigger.FINISH_COMPENSATION, detail=answer, **changes)
+        changes = saga_step.undo_changes()
+        await self._fire(order, step, StepTrigger.FINISH_COMPENSATION, detail=answer, **changes)
         return None
-
-    def _service(self, step: Step) -> ReconcilingService:
-        return {
-            Step.PAYMENT: self.services.user,
-            Step.INVENTORY: self.services.inventory,
-            Step.SHIPPING: self.services.shipping,
-        }[step]
 
     # -- plumbing --------------------------------------------------------------------
 
     async def _each_step(
-        self, order: Order, fn: Callable[[Order, Step], Coroutine[Any, Any, T]]
+        self,
+        order: Order,
+        fn: Callable[[Order, Step], Coroutine[Any, Any, T]],
+        steps: Collection[Step],
     ) -> list[T]:
-        """Run `fn` for the three steps concurrently (SPEC §1: one failing does not stop
-        the others). An error (lease lost, stale write) cancels the siblings and is
-        re-raised as itself, not as an ExceptionGroup, so callers can catch it by type."""
+        """Run `fn` for the steps concurrently (SPEC §1: one failing does not stop the
+        others). An error (lease lost, stale write) cancels the siblings and is re-raised
+        as itself, not as an ExceptionGroup, so callers can catch it by type."""
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(fn(order, step)) for step in Step]
+                tasks = [group.create_task(fn(order, step)) for step in Step if step in steps]
         except BaseExceptionGroup as errors:
             raise errors.exceptions[0] from errors
         return [task.result() for task in tasks]
 
-    def _fire(
+    async def _fire(
         self,
         order: Order,
         scope: str,
@@ -356,7 +316,7 @@ class Executor:
         detail: dict[str, Any] | None = None,
         **changes: Any,
     ) -> None:
-        self.store.record_transition(
+        await self.store.record_transition(
             order=order, owner=self.owner, scope=scope, trigger=trigger, detail=detail, **changes
         )
         metrics.TRANSITIONS.labels(scope=scope, trigger=trigger).inc()
@@ -367,22 +327,19 @@ class Executor:
         self,
         order: Order,
         call: str,
-        fn: Callable[[], Awaitable[Any]],
+        fn: Callable[[], Awaitable[T]],
         *,
         deadline: datetime | None,
-    ) -> Any:
+    ) -> T:
         """Retry transient failures with the same key; persist every attempt's schedule."""
 
-        def note(state: RetryCallState) -> None:
+        async def note(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             sleep = state.upcoming_sleep
-            self.store.note_attempt(
-                order=order,
-                owner=self.owner,
-                call=call,
-                error=str(exc),
+            await self.store.note_attempt(
+                order=order, owner=self.owner, call=call, error=str(exc),
                 next_attempt_at=utcnow() + timedelta(seconds=sleep),
-            )
+            )  # fmt: skip
 
         retrying = AsyncRetrying(
             stop=stop_any(stop_after_attempt(self.policy.max_attempts), stop_at(deadline)),
@@ -403,16 +360,39 @@ class Executor:
             metrics.CALLS.labels(service=service, action=action, outcome=outcome).inc()
             if isinstance(exc, TransientFailure):
                 later = utcnow() + timedelta(seconds=self.policy.backoff_max)
-                self.store.note_attempt(
-                    order=order, owner=self.owner, call=call, error=str(exc), next_attempt_at=later
-                )
+                await self.store.note_attempt(
+                    order=order, owner=self.owner, call=call, error=str(exc),
+                    next_attempt_at=later,
+                )  # fmt: skip
             raise
         metrics.CALLS.labels(service=service, action=action, outcome="success").inc()
         return result
 
-    async def _keep_lease(self, order_id: uuid.UUID) -> None:
+    async def _keep_leases(self) -> None:
+        """Renew every lease this executor holds, one statement per interval."""
         interval = self.store.lease.total_seconds() / 3
-        while True:
+        while self._driving:
             await asyncio.sleep(interval)
-            if not self.store.renew(order_id=order_id, owner=self.owner):
-                return  # lost: the next guarded write raises LeaseLost
+            try:
+                await self.store.renew(order_ids=list(self._driving), owner=self.owner)
+            except Exception as exc:  # a lost lease shows at the next guarded write
+                log.warning("could not renew leases: %s", exc)
+
+    async def _release(self, order: Order) -> None:
+        try:
+            await self.store.release(order_id=order.id, owner=self.owner)
+            order.lease_owner = order.lease_expires_at = None
+        except Exception as exc:  # the lease expires on its own
+            log.warning("could not release order %s: %s", order.id, exc)
+
+    async def _reload(self, order: Order) -> None:
+        try:
+            fresh = await asyncio.to_thread(self.store.get, order.id)
+        except Exception:
+            return  # the database is down too: the sweep sorts it out later
+        for field in dataclasses.fields(Order):
+            setattr(order, field.name, getattr(fresh, field.name))
+
+
+def _step_states(order: Order) -> dict[Step, StepState]:
+    return {step: StepState(order.state_of(step)) for step in Step}

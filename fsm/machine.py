@@ -43,6 +43,7 @@ __all__ = [
     "Edge",
     "coarse_status",
     "decide",
+    "to_compensate",
     "edges",
     "is_terminal",
     "next_state",
@@ -199,14 +200,24 @@ DESIGN_TABLE: Mapping[tuple[Outcome, Outcome, Outcome], tuple[Status, frozenset[
 }
 
 
-def decide(steps: Mapping[Step, StepState]) -> OrderTrigger:
-    """The join: once every step has settled, complete or compensate."""
+def _settled(steps: Mapping[Step, StepState]) -> None:
     unsettled = [s for s, st in steps.items() if st in (SS.PENDING, SS.REQUESTED)]
     if unsettled:
         raise ValueError(f"steps not settled yet: {', '.join(unsettled)}")
+
+
+def decide(steps: Mapping[Step, StepState]) -> OrderTrigger:
+    """The join: once every step has settled, complete or compensate (SPEC §1 rows 1, 3-7)."""
+    _settled(steps)
     if all(st == SS.SUCCEEDED for st in steps.values()):
         return T.ALL_SUCCEEDED
     return T.SOME_FAILED
+
+
+def to_compensate(steps: Mapping[Step, StepState]) -> frozenset[Step]:
+    """The steps whose effect may exist and so must be undone: "compensate exactly what
+    succeeded" (an expired step may have been applied; a compensating one is under way)."""
+    return frozenset(step for step, state in steps.items() if state in COMPENSATION_NEEDED)
 
 
 def coarse_status(state: str) -> Status:

@@ -1,22 +1,29 @@
-"""SQLModel tables: orders (current state, version, lease, retry schedule) and the
-append-only transition log. Definitions only; every query lives in `fsm.store`.
+"""The schema and the in-memory records of an order.
+
+SQLModel defines the tables (`OrderTable`, `TransitionTable`; Alembic owns the schema). The
+objects the engine passes around are plain slotted dataclasses (`Order`, `Transition`): the
+executor writes ~70 attributes per order, and an instrumented table model made each write
+pay SQLAlchemy's attribute bookkeeping. Definitions only; every query lives in `fsm.store`.
 """
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, Column, DateTime, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from fsm.machine import Step
+
 
 def _utc() -> Any:
     return DateTime(timezone=True)
 
 
-class Order(SQLModel, table=True):
+class OrderTable(SQLModel, table=True):
     __tablename__ = "orders"
     __table_args__ = (Index("ix_orders_status_updated", "status", "updated_at"),)
 
@@ -54,7 +61,7 @@ class Order(SQLModel, table=True):
     updated_at: datetime = Field(sa_type=_utc())
 
 
-class Transition(SQLModel, table=True):
+class TransitionTable(SQLModel, table=True):
     __tablename__ = "transitions"
     __table_args__ = (UniqueConstraint("order_id", "seq", name="uq_transitions_order_seq"),)
 
@@ -67,3 +74,61 @@ class Transition(SQLModel, table=True):
     to_state: str = Field(max_length=32)
     detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     created_at: datetime = Field(sa_type=_utc())
+
+
+# Which column holds a scope's state: the one place that knows ("order" or a step name).
+STATE_COLUMN: dict[str, str] = {"order": "state", **{s.value: f"{s.value}_state" for s in Step}}
+ORDER_COLUMNS: tuple[str, ...] = tuple(OrderTable.model_fields)
+
+
+@dataclass(slots=True)
+class Order:
+    """One order as the engine sees it: a row of `orders`, plus the writes it has queued."""
+
+    id: uuid.UUID
+    user_id: int
+    product_id: int
+    quantity: int
+    state: str
+    status: str
+    payment_state: str
+    inventory_state: str
+    shipping_state: str
+    created_at: datetime
+    updated_at: datetime
+    idempotency_key: str | None = None
+    amount: int | None = None
+    shipping_address: str | None = None
+    expected_delivery: str | None = None
+    version: int = 0
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
+    attempts: dict[str, int] = field(default_factory=dict)
+    last_error: str | None = None
+    next_attempt_at: datetime | None = None
+    deadline_at: datetime | None = None
+    attention_reason: str | None = None
+    cancel_requested: bool = False
+
+    def state_of(self, scope: str) -> str:
+        """The state of the order ("order") or of one of its steps."""
+        value: str = getattr(self, STATE_COLUMN[scope])
+        return value
+
+    def step_states(self) -> dict[str, str]:
+        return {step.value: getattr(self, STATE_COLUMN[step]) for step in Step}
+
+
+@dataclass(slots=True, frozen=True)
+class Transition:
+    """One line of the append-only transition log."""
+
+    order_id: uuid.UUID
+    seq: int
+    scope: str
+    trigger: str
+    from_state: str
+    to_state: str
+    created_at: datetime
+    detail: dict[str, Any] | None = None
+    id: int | None = None

@@ -66,18 +66,24 @@ async def resume_stuck(
     due_only: bool = True,
     progress: Progress | None = None,
 ) -> ResumeSummary:
-    """Claim stuck orders a few at a time (so several workers share the load) and drive
-    each to a terminal state or park it; at most `limit` orders, each at most once.
+    """Drive stuck orders, at most `concurrency` at once and `limit` in all, each at most
+    once: a slot that frees up is refilled by a new claim, so several workers share the
+    backlog and none waits for the slowest order of a batch.
     `due_only=False` (an operator's `resume`) ignores the retry schedule: retry now."""
     moved_before = utcnow() - timedelta(seconds=older_than)
-    summary = ResumeSummary(skipped_leased=store.count_leased_stuck(moved_before=moved_before))
+    leased = await asyncio.to_thread(store.count_leased_stuck, moved_before=moved_before)
+    summary = ResumeSummary(skipped_leased=leased)
     if dry_run:
-        for order in store.find_stuck(moved_before=moved_before, limit=limit, due_only=due_only):
+        found = await asyncio.to_thread(
+            store.find_stuck, moved_before=moved_before, limit=limit, due_only=due_only
+        )
+        for order in found:
             summary.found += 1
             if progress:
                 progress(order, "would resume")
         return summary
-    seen: set[uuid.UUID] = set()
+    # Orders driven here that did not move (so still match the claim): never twice a call.
+    stalled: set[uuid.UUID] = set()
 
     async def one(order: Order) -> None:
         try:
@@ -89,41 +95,56 @@ async def resume_stuck(
             log.exception("resume of order %s failed", order.id)
             summary.errors += 1
             return
+        finally:
+            if order.updated_at <= moved_before:
+                stalled.add(order.id)
         summary.resumed += 1
         summary.outcomes[order.status] += 1
         if progress:
             progress(order, order.status)
 
-    while summary.found < limit:
-        batch = store.claim_batch(
-            owner=executor.owner,
-            moved_before=moved_before,
-            limit=min(concurrency, limit - summary.found),
-            exclude=seen,
-            due_only=due_only,
-        )
-        if not batch:
-            break
-        summary.found += len(batch)
-        seen.update(o.id for o in batch)
-        await asyncio.gather(*(one(o) for o in batch))
-    return summary
+    running: set[asyncio.Task[None]] = set()
+    exhausted = False
+    try:
+        while True:
+            free = min(concurrency - len(running), limit - summary.found)
+            if free > 0 and not exhausted:
+                batch = await store.claim_batch(
+                    owner=executor.owner, moved_before=moved_before, limit=free,
+                    exclude=stalled, due_only=due_only,
+                )  # fmt: skip
+                exhausted = not batch
+                summary.found += len(batch)
+                running.update(asyncio.create_task(one(order)) for order in batch)
+            if not running:
+                return summary
+            _, still = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            running = set(still)
+    finally:  # cancelled (SIGTERM): every run releases its lease before we return
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 async def sweep_forever(*, store: Store, executor: Executor, settings: Settings) -> None:
-    """Resume stuck orders every `sweep_interval` seconds until cancelled."""
+    """Resume stuck orders until cancelled: at once again while there is a backlog,
+    otherwise every `sweep_interval` seconds."""
     while True:
+        found = resumed = 0
         try:
             summary = await resume_stuck(
                 store=store,
                 executor=executor,
                 older_than=settings.sweep_older_than,
                 limit=settings.sweep_batch,
+                concurrency=settings.sweep_concurrency,
             )
+            found, resumed = summary.found, summary.resumed
             if summary.found:
                 log.info("sweep: %s", summary.line())
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("sweep failed; trying again in %ss", settings.sweep_interval)
-        await asyncio.sleep(settings.sweep_interval)
+        if found < settings.sweep_batch or not resumed:
+            await asyncio.sleep(settings.sweep_interval)

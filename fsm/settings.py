@@ -49,7 +49,14 @@ class Settings(BaseSettings):
     # The sweep of `serve` and `worker`: how often, how old an order must be, batch size.
     sweep_interval: float = Field(default=5.0, gt=0)
     sweep_older_than: float = Field(default=30.0, ge=0)
-    sweep_batch: int = Field(default=20, ge=1, le=1000)
+    sweep_batch: int = Field(default=200, ge=1, le=100_000)
+    # Orders one sweep (of `serve` or a `worker`) drives at once; they share commits.
+    sweep_concurrency: int = Field(default=32, ge=1, le=1000)
+    # Every database wait is bounded: a lock held elsewhere, a slow statement (seconds).
+    db_lock_timeout: float = Field(default=5.0, gt=0, le=600)
+    db_statement_timeout: float = Field(default=30.0, gt=0, le=3600)
+    # Downstream connection pool of one process (three calls per order in flight).
+    http_max_connections: int = Field(default=256, ge=1, le=10_000)
 
     @field_validator("database_url")
     @classmethod

@@ -1,9 +1,15 @@
 """All SQL of the orchestrator: create orders, record transitions under a version and lease
-check, claim and release leases, find stuck orders. No HTTP, no business decisions.
+check, claim, renew and release leases, find stuck orders. No HTTP, no business decisions.
 
-The hot path (`record_transition`) is one short transaction on a pooled connection: a
-guarded UPDATE of the order row and an INSERT into the append-only log, both Core
-statements; SQLModel only defines the tables.
+Writes are coroutines: each is an op for the group-commit thread (`fsm.committer`), so the
+event loop never waits on the database and concurrent orders share commits. Reads are plain
+functions on SQLAlchemy's pool, for the API's worker threads and the CLI; async code calls
+them through `asyncio.to_thread`.
+
+In-memory contract: a write applies its values to the `Order` when it is *queued*, so the
+next write of the same order (a concurrent step's) builds on it; writes of one order commit
+in the order they were queued. If a write fails, it and every later write of that order
+fail (the version chain breaks), and the caller must stop driving the order.
 """
 
 from __future__ import annotations
@@ -12,23 +18,22 @@ import logging
 import uuid
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
+from functools import partial
 from typing import Any
 
-from sqlalchemy import (
-    Engine,
-    bindparam,
-    create_engine,
-    event,
-    func,
-    insert,
-    or_,
-    select,
-    update,
-)
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, create_engine, event, func, or_, select
+from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
 
-from fsm.errors import CorruptOrder, InvalidMove, LeaseLost, OrderNotFound, StaleOrder
+from fsm import sql
+from fsm.committer import Committer
+from fsm.errors import (
+    CorruptOrder,
+    InvalidMove,
+    LeaseLost,
+    OrderNotFound,
+    StaleOrder,
+    StoreUnavailable,
+)
 from fsm.machine import (
     ORDER_MACHINE,
     STEP_MACHINE,
@@ -40,117 +45,89 @@ from fsm.machine import (
     coarse_status,
     next_state,
 )
-from fsm.models import Order, Transition
+from fsm.models import ORDER_COLUMNS, STATE_COLUMN, Order, OrderTable, Transition, TransitionTable
+
+__all__ = ["STATE_COLUMN", "Store", "make_engine", "step_states", "utcnow"]
 
 log = logging.getLogger("order_saga.store")
-orders = Order.__table__  # type: ignore[attr-defined]
-transitions = Transition.__table__  # type: ignore[attr-defined]
+orders = OrderTable.__table__  # type: ignore[attr-defined]
+transitions = TransitionTable.__table__  # type: ignore[attr-defined]
 
-STATE_COLUMN = {
-    "order": "state",
-    "payment": "payment_state",
-    "inventory": "inventory_state",
-    "shipping": "shipping_state",
-}
 # Orders the sweep may pick up: a known, non-terminal state (a corrupt row never matches).
-_RESUMABLE = [s.value for s in OrderState if s not in TERMINAL_ORDER_STATES]
-_KNOWN = {
-    "state": {s.value for s in OrderState},
-    "status": {s.value for s in Status},
-    **{
-        f"{step}_state": {s.value for s in StepState}
-        for step in ("payment", "inventory", "shipping")
-    },
-}
+_RESUMABLE = tuple(s.value for s in OrderState if s not in TERMINAL_ORDER_STATES)
+_RESUMABLE_SQL = ", ".join(f"'{s}'" for s in _RESUMABLE)
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands timestamps back naive; they were written as UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-def make_engine(url: str) -> Engine:
-    """An engine with the pragmas the saga relies on (SQLite: WAL, wait on locks)."""
+def make_engine(url: str, *, lock_timeout: float = 5.0, statement_timeout: float = 30.0) -> Engine:
+    """The read pool, with bounded waits: a lock or a slow statement ends in an error."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": lock_timeout}
+        )
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
         return engine
-    # No pre-ping: it would add a round trip to every transition; recycle instead.
-    return create_engine(url, pool_recycle=1800, pool_size=10, max_overflow=10)
-
-
-# Hot-path statements are built once (per set of columns) and executed with parameters:
-# rebuilding them per call costs more than the SQL itself.
-_INSERT_TRANSITION = insert(transitions)
-
-
-@lru_cache(maxsize=64)
-def _guarded_update(columns: tuple[str, ...]) -> Any:
-    """UPDATE orders SET <columns> WHERE id, version and lease owner match."""
-    return (
-        update(orders)
-        .where(
-            orders.c.id == bindparam("_id"),
-            orders.c.version == bindparam("_version"),
-            orders.c.lease_owner == bindparam("_owner"),
-        )
-        .values({column: bindparam(column) for column in columns})
+    options = (
+        f"-c lock_timeout={int(lock_timeout * 1000)} "
+        f"-c statement_timeout={int(statement_timeout * 1000)}"
+    )
+    # Reads are off the hot path: a pre-ping per checkout finds a connection the server
+    # dropped (restart, pg_terminate_backend) before a request meets it.
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        pool_size=10,
+        max_overflow=10,
+        pool_timeout=lock_timeout,
+        connect_args={"options": options, "connect_timeout": max(1, int(lock_timeout))},
     )
 
 
-def _order_from(row: Any) -> Order:
-    """The row as an Order; a state no machine knows raises CorruptOrder (never guessed)."""
-    data = dict(row._mapping)
-    for column, known in _KNOWN.items():
-        if data[column] not in known:
-            raise CorruptOrder(
-                f"order {data['id']} is corrupt: {column} = {data[column]!r} "
-                f"is not one of the machine's states"
-            )
-    if not isinstance(data["attempts"], dict):
-        raise CorruptOrder(f"order {data['id']} is corrupt: attempts is not a JSON object")
-    for key in ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at", "updated_at"):
-        data[key] = as_utc(data[key])
-    return Order(**data)
-
-
-def _usable(rows: Sequence[Any]) -> list[Order]:
-    """Rows a sweep can drive; a corrupt one is reported and left as it is, not guessed."""
-    usable = []
-    for row in rows:
-        try:
-            usable.append(_order_from(row))
-        except CorruptOrder as exc:
-            log.error("skipping: %s", exc)
-    return usable
+def step_states(order: Order) -> dict[str, str]:
+    return order.step_states()
 
 
 class Store:
     """Orders and their transition log in one SQL database."""
 
-    def __init__(self, engine: Engine, *, lease_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        lease_seconds: float = 30.0,
+        lock_timeout: float = 5.0,
+        statement_timeout: float = 30.0,
+        max_batch: int = 256,
+    ) -> None:
         self.engine = engine
         self.lease = timedelta(seconds=lease_seconds)
         self.is_postgres = engine.dialect.name == "postgresql"
+        self.dialect = sql.dialect_of(engine)
+        self.committer = Committer(
+            sql.backend(engine, lock_timeout=lock_timeout, statement_timeout=statement_timeout),
+            max_batch=max_batch,
+        )
 
-    # -- orders ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Commit what is queued and stop the writer thread (the engine stays the caller's)."""
+        self.committer.close()
 
-    def create_order(
+    # -- writes ----------------------------------------------------------------------
+
+    async def create_order(
         self,
         *,
         user_id: int,
@@ -159,72 +136,43 @@ class Store:
         idempotency_key: str | None = None,
         owner: str | None = None,
     ) -> tuple[Order, bool]:
-        """Insert a pending order (leased to `owner` if given). With an idempotency key
-        already used, return that order instead: (order, created)."""
+        """Insert a pending order, already leased to `owner` if given. With an idempotency
+        key already used, return that order instead: (order, created)."""
         now = utcnow()
-        values: dict[str, Any] = {
-            "id": uuid.uuid4(),
-            "idempotency_key": idempotency_key,
-            "user_id": user_id,
-            "product_id": product_id,
-            "quantity": quantity,
-            "amount": None,
-            "state": OrderState.PENDING.value,
-            "status": Status.PENDING.value,
-            "payment_state": StepState.PENDING.value,
-            "inventory_state": StepState.PENDING.value,
-            "shipping_state": StepState.PENDING.value,
-            "version": 0,
-            "lease_owner": owner,
-            "lease_expires_at": now + self.lease if owner else None,
-            "attempts": {},
-            "cancel_requested": False,
-            "created_at": now,
-            "updated_at": now,
-        }
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(insert(orders).values(**values))
-        except IntegrityError:
-            if idempotency_key is None:
-                raise
-            existing = self.find_by_idempotency_key(idempotency_key)
-            if existing is None:
-                raise
-            return existing, False
-        return self.get(values["id"]), True
+        order = Order(
+            id=uuid.uuid4(),
+            idempotency_key=idempotency_key,
+            user_id=user_id,
+            product_id=product_id,
+            quantity=quantity,
+            state=OrderState.PENDING.value,
+            status=Status.PENDING.value,
+            payment_state=StepState.PENDING.value,
+            inventory_state=StepState.PENDING.value,
+            shipping_state=StepState.PENDING.value,
+            lease_owner=owner,
+            lease_expires_at=now + self.lease if owner else None,
+            created_at=now,
+            updated_at=now,
+        )
+        return await self.committer.submit(partial(self._insert, order))
 
-    def get(self, order_id: uuid.UUID) -> Order:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(orders).where(orders.c.id == order_id)).first()
-        if row is None:
-            raise OrderNotFound(f"order {order_id} not found")
-        return _order_from(row)
+    def _insert(self, order: Order, cursor: Any) -> tuple[Order, bool]:
+        d = self.dialect
+        cursor.execute(sql.insert_order(d), [d.encode(c, getattr(order, c)) for c in ORDER_COLUMNS])
+        if cursor.rowcount == 1:
+            return order, True
+        # A unique conflict: the key was used before, or (a retried batch whose first
+        # commit's answer was lost) this very row is already there.
+        for by, value in (("id", order.id), ("idempotency_key", order.idempotency_key)):
+            if value is not None:
+                cursor.execute(sql.select_order(d, by), [d.encode(by, value)])
+                row = cursor.fetchone()
+                if row is not None:
+                    return d.order(row), by == "id"
+        raise StaleOrder(f"order {order.id} could not be inserted (conflict)")
 
-    def find_by_idempotency_key(self, key: str) -> Order | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(orders).where(orders.c.idempotency_key == key)).first()
-        return _order_from(row) if row else None
-
-    def list_orders(
-        self, *, status: str | None = None, limit: int = 50, offset: int = 0
-    ) -> list[Order]:
-        query = select(orders).order_by(orders.c.created_at.desc(), orders.c.id)
-        if status is not None:
-            query = query.where(orders.c.status == status)
-        with self.engine.connect() as conn:
-            rows = conn.execute(query.limit(limit).offset(offset)).all()
-        return [_order_from(r) for r in rows]
-
-    def history(self, order_id: uuid.UUID) -> list[Transition]:
-        query = select(transitions).where(transitions.c.order_id == order_id)
-        with self.engine.connect() as conn:
-            rows = conn.execute(query.order_by(transitions.c.seq)).all()
-        return [Transition(**{**r._mapping, "created_at": as_utc(r.created_at)}) for r in rows]
-
-    # -- the hot path ----------------------------------------------------------------
-
-    def record_transition(
+    async def record_transition(
         self,
         *,
         order: Order,
@@ -235,9 +183,9 @@ class Store:
         **changes: Any,
     ) -> str:
         """Validate `trigger` against the machine, then commit the new state and its log
-        line in one transaction guarded by version and lease. Updates `order` in memory
-        only after the commit; returns the new state. Raises InvalidMove, StaleOrder or
-        LeaseLost (nothing is written then)."""
+        line in one transaction guarded by version and lease; a terminal state releases the
+        lease in the same UPDATE. Returns the new state. Raises InvalidMove (nothing queued),
+        StaleOrder or LeaseLost (nothing written)."""
         column = STATE_COLUMN[scope]
         source = getattr(order, column)
         machine = ORDER_MACHINE if scope == "order" else STEP_MACHINE
@@ -246,30 +194,23 @@ class Store:
         except MachineError as exc:
             raise InvalidMove(f"{scope}: cannot {trigger} from {source}") from exc
         now = utcnow()
-        new_version = order.version + 1
+        seq = order.version + 1
         values: dict[str, Any] = {
             column: dest,
-            "version": new_version,
+            "version": seq,
             "updated_at": now,
             "lease_expires_at": now + self.lease,
             **changes,
         }
         if scope == "order":
             values["status"] = coarse_status(dest).value
-        row = {
-            "order_id": order.id,
-            "seq": new_version,
-            "scope": scope,
-            "trigger": trigger,
-            "from_state": source,
-            "to_state": dest,
-            "detail": detail,
-            "created_at": now,
-        }
-        self._write(order=order, owner=owner, values=values, log=row)
+            if dest in TERMINAL_ORDER_STATES:
+                values["lease_owner"] = values["lease_expires_at"] = None
+        line = (order.id, seq, scope, trigger, source, dest, detail, now)
+        await self._write(order, owner, values, line)
         return dest
 
-    def note_attempt(
+    async def note_attempt(
         self,
         *,
         order: Order,
@@ -281,137 +222,86 @@ class Store:
         """Persist the retry schedule of one call (count, last error, next attempt)."""
         attempts = {**order.attempts, call: order.attempts.get(call, 0) + 1}
         values = {"attempts": attempts, "last_error": error, "next_attempt_at": next_attempt_at}
-        self._write(order=order, owner=owner, values=values)
+        await self._write(order, owner, values, None)
 
-    def _write(
-        self, *, order: Order, owner: str, values: dict[str, Any], log: dict[str, Any] | None = None
+    async def _write(
+        self, order: Order, owner: str, values: dict[str, Any], line: tuple[Any, ...] | None
     ) -> None:
-        """One transaction: the guarded UPDATE, then (for a transition) its log line.
-        `order` is updated in memory only once the commit succeeded."""
-        with self.engine.begin() as conn:
-            result = conn.execute(
-                _guarded_update(tuple(sorted(values))),
-                {**values, "_id": order.id, "_version": order.version, "_owner": owner},
-            )
-            if result.rowcount != 1:
-                self._raise_conflict(conn, order, owner)
-            if log is not None:
-                conn.execute(_INSERT_TRANSITION, log)
-        for key, value in values.items():
+        expected = order.version
+        before = {key: getattr(order, key) for key in values}
+        for key, value in values.items():  # queued: the next write builds on it
             setattr(order, key, value)
-
-    @staticmethod
-    def _raise_conflict(conn: Any, order: Order, owner: str) -> None:
-        row = conn.execute(
-            select(orders.c.version, orders.c.lease_owner).where(orders.c.id == order.id)
-        ).first()
-        if row is None:
-            raise OrderNotFound(f"order {order.id} not found")
-        if row.version != order.version:
-            raise StaleOrder(
-                f"order {order.id} moved on (version {row.version}, expected {order.version})"
+        try:
+            await self.committer.submit(
+                partial(self._guarded, order.id, expected, owner, values, line)
             )
-        raise LeaseLost(f"order {order.id} is leased by {row.lease_owner!r}, not {owner!r}")
+        except BaseException:
+            if order.version == values.get("version", expected):  # nothing queued on top
+                for key, value in before.items():
+                    setattr(order, key, value)
+            raise
+
+    def _guarded(
+        self,
+        order_id: uuid.UUID,
+        expected: int,
+        owner: str,
+        values: dict[str, Any],
+        line: tuple[Any, ...] | None,
+        cursor: Any,
+    ) -> None:
+        d = self.dialect
+        columns = tuple(values)
+        params = [d.encode(c, values[c]) for c in columns]
+        cursor.execute(sql.guarded_update(d, columns), [*params, d.uuid(order_id), expected, owner])
+        if cursor.rowcount != 1:
+            self._raise_conflict(cursor, order_id, expected, owner)
+        if line is not None:
+            cursor.execute(
+                sql.insert_transition(d),
+                [d.encode(c, v) for c, v in zip(sql.TRANSITION_COLUMNS, line, strict=True)],
+            )
+
+    def _raise_conflict(self, cursor: Any, order_id: uuid.UUID, expected: int, owner: str) -> None:
+        d = self.dialect
+        cursor.execute(
+            d.sql("SELECT version, lease_owner FROM orders WHERE id = %s"), [d.uuid(order_id)]
+        )
+        row = cursor.fetchone()
+        if row is None:
+            raise OrderNotFound(f"order {order_id} not found")
+        if row[0] != expected:
+            raise StaleOrder(f"order {order_id} moved on (version {row[0]}, expected {expected})")
+        raise LeaseLost(f"order {order_id} is leased by {row[1]!r}, not {owner!r}")
 
     # -- leases ----------------------------------------------------------------------
 
-    def _lease_free(self, now: datetime, owner: str) -> Any:
-        return or_(
-            orders.c.lease_owner.is_(None),
-            orders.c.lease_expires_at < now,
-            orders.c.lease_owner == owner,
-        )
-
-    def claim(self, *, order_id: uuid.UUID, owner: str) -> Order | None:
+    async def claim(self, *, order_id: uuid.UUID, owner: str) -> Order | None:
         """Take the lease if it is free, expired or already ours; None if someone holds it."""
-        now = utcnow()
-        with self.engine.begin() as conn:
-            result = conn.execute(
-                update(orders)
-                .where(orders.c.id == order_id, self._lease_free(now, owner))
-                .values(lease_owner=owner, lease_expires_at=now + self.lease)
-            )
-            if result.rowcount != 1:
-                exists = conn.execute(select(orders.c.id).where(orders.c.id == order_id)).first()
-                if exists is None:
-                    raise OrderNotFound(f"order {order_id} not found")
-                return None
-            row = conn.execute(select(orders).where(orders.c.id == order_id)).one()
-        return _order_from(row)
+        return await self.committer.submit(partial(self._claim, order_id, owner, utcnow()))
 
-    def renew(self, *, order_id: uuid.UUID, owner: str) -> bool:
-        now = utcnow()
-        with self.engine.begin() as conn:
-            result = conn.execute(
-                update(orders)
-                .where(orders.c.id == order_id, orders.c.lease_owner == owner)
-                .values(lease_expires_at=now + self.lease)
-            )
-        return result.rowcount == 1
-
-    def release(self, *, order_id: uuid.UUID, owner: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(orders)
-                .where(orders.c.id == order_id, orders.c.lease_owner == owner)
-                .values(lease_owner=None, lease_expires_at=None)
-            )
-
-    # -- recovery --------------------------------------------------------------------
-
-    def _stuck(
-        self,
-        *,
-        moved_before: datetime,
-        now: datetime,
-        exclude: Collection[uuid.UUID] = (),
-        due_only: bool = True,
-    ) -> Any:
-        query = select(orders).where(
-            orders.c.state.in_(_RESUMABLE),
-            orders.c.updated_at <= moved_before,
-            or_(orders.c.lease_owner.is_(None), orders.c.lease_expires_at < now),
+    def _claim(self, order_id: uuid.UUID, owner: str, now: datetime, cursor: Any) -> Order | None:
+        d = self.dialect
+        cursor.execute(
+            d.sql(
+                "UPDATE orders SET lease_owner = %s, lease_expires_at = %s WHERE id = %s AND "
+                "(lease_owner IS NULL OR lease_expires_at < %s OR lease_owner = %s) " + d.returning
+            ),
+            [owner, d.timestamp(now + self.lease), d.uuid(order_id), d.timestamp(now), owner],
         )
-        if due_only:  # the sweep honours the persisted retry schedule; an operator may not
-            query = query.where(
-                or_(orders.c.next_attempt_at.is_(None), orders.c.next_attempt_at <= now)
-            )
-        return query.where(orders.c.id.not_in(list(exclude))) if exclude else query
+        row = cursor.fetchone()
+        if row is None:
+            cursor.execute(d.sql("SELECT 1 FROM orders WHERE id = %s"), [d.uuid(order_id)])
+            if cursor.fetchone() is None:
+                raise OrderNotFound(f"order {order_id} not found")
+            return None
+        try:
+            return self.dialect.order(row)
+        except CorruptOrder:
+            self._release(order_id, owner, cursor)  # never drive what cannot be read
+            raise
 
-    def find_stuck(
-        self,
-        *,
-        moved_before: datetime,
-        limit: int,
-        exclude: Collection[uuid.UUID] = (),
-        due_only: bool = True,
-    ) -> list[Order]:
-        """Non-terminal orders, unleased, unmoved since `moved_before` (oldest first);
-        with `due_only`, only those whose next retry time has come."""
-        query = self._stuck(
-            moved_before=moved_before, now=utcnow(), exclude=exclude, due_only=due_only
-        )
-        with self.engine.connect() as conn:
-            rows = conn.execute(query.order_by(orders.c.updated_at).limit(limit)).all()
-        return _usable(rows)
-
-    def count_leased_stuck(self, *, moved_before: datetime) -> int:
-        """Non-terminal orders that another driver currently holds."""
-        now = utcnow()
-        query = (
-            select(func.count())
-            .select_from(orders)
-            .where(
-                orders.c.state.in_(_RESUMABLE),
-                orders.c.updated_at <= moved_before,
-                orders.c.lease_owner.is_not(None),
-                orders.c.lease_expires_at >= now,
-            )
-        )
-        with self.engine.connect() as conn:
-            return int(conn.execute(query).scalar_one())
-
-    def claim_batch(
+    async def claim_batch(
         self,
         *,
         owner: str,
@@ -420,59 +310,174 @@ class Store:
         exclude: Collection[uuid.UUID] = (),
         due_only: bool = True,
     ) -> list[Order]:
-        """Atomically lease up to `limit` stuck orders. PostgreSQL: FOR UPDATE SKIP LOCKED,
-        so concurrent workers take disjoint batches; SQLite: one guarded UPDATE each."""
-        now = utcnow()
-        if self.is_postgres:
-            query = (
-                self._stuck(moved_before=moved_before, now=now, exclude=exclude, due_only=due_only)
-                .order_by(orders.c.updated_at)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-            with self.engine.begin() as conn:
-                batch = _usable(conn.execute(query).all())
-                if not batch:
-                    return []
-                expires = now + self.lease
-                conn.execute(
-                    update(orders)
-                    .where(orders.c.id.in_([o.id for o in batch]))
-                    .values(lease_owner=owner, lease_expires_at=expires)
-                )
-            for leased in batch:
-                leased.lease_owner, leased.lease_expires_at = owner, expires
-            return batch
-        claimed: list[Order] = []
-        for candidate in self.find_stuck(
-            moved_before=moved_before, limit=limit, exclude=exclude, due_only=due_only
-        ):
-            order = self._claim_if_stuck(candidate, owner=owner, now=now)
-            if order is not None:
-                claimed.append(order)
-        return claimed
+        """Atomically lease up to `limit` stuck orders, oldest first, in one statement.
+        PostgreSQL: FOR UPDATE SKIP LOCKED, so concurrent workers take disjoint batches."""
+        op = partial(self._claim_batch, owner, moved_before, limit, tuple(exclude), due_only)
+        return await self.committer.submit(op)
 
-    def _claim_if_stuck(self, candidate: Order, *, owner: str, now: datetime) -> Order | None:
-        with self.engine.begin() as conn:
-            result = conn.execute(
-                update(orders)
-                .where(
-                    orders.c.id == candidate.id,
-                    orders.c.version == candidate.version,
-                    or_(orders.c.lease_owner.is_(None), orders.c.lease_expires_at < now),
-                )
-                .values(lease_owner=owner, lease_expires_at=now + self.lease)
+    def _claim_batch(
+        self,
+        owner: str,
+        moved_before: datetime,
+        limit: int,
+        exclude: tuple[uuid.UUID, ...],
+        due_only: bool,
+        cursor: Any,
+    ) -> list[Order]:
+        d = self.dialect
+        now = d.timestamp(utcnow())
+        where = [
+            f"state IN ({_RESUMABLE_SQL})",
+            "updated_at <= %s",
+            "(lease_owner IS NULL OR lease_expires_at < %s)",
+        ]
+        params: list[Any] = [d.timestamp(moved_before), now]
+        if due_only:  # the sweep honours the persisted retry schedule; an operator may not
+            where.append("(next_attempt_at IS NULL OR next_attempt_at <= %s)")
+            params.append(now)
+        if exclude:
+            where.append(f"id NOT IN ({', '.join(['%s'] * len(exclude))})")
+            params.extend(d.uuid(i) for i in exclude)
+        candidates = (
+            f"SELECT id FROM orders WHERE {' AND '.join(where)} "
+            f"ORDER BY updated_at LIMIT %s {d.skip_locked}"
+        )
+        lease = d.timestamp(utcnow() + self.lease)
+        cursor.execute(
+            d.sql(
+                f"UPDATE orders SET lease_owner = %s, lease_expires_at = %s "
+                f"WHERE id IN ({candidates}) {d.returning}"
+            ),
+            [owner, lease, *params, limit],
+        )
+        return self._usable(cursor.fetchall(), owner, cursor)
+
+    def _usable(self, rows: Sequence[Any], owner: str, cursor: Any) -> list[Order]:
+        """Claimed rows a driver can use; a corrupt one is reported, released, never guessed."""
+        usable = []
+        for row in rows:
+            try:
+                usable.append(self.dialect.order(row))
+            except CorruptOrder as exc:
+                log.error("skipping: %s", exc)
+                self._release(row[0], owner, cursor, encoded=True)
+        return usable
+
+    async def renew(self, *, order_ids: Collection[uuid.UUID], owner: str) -> int:
+        """Extend every listed lease `owner` still holds: one statement for all of them."""
+        if not order_ids:
+            return 0
+        return await self.committer.submit(partial(self._renew, tuple(order_ids), owner))
+
+    def _renew(self, order_ids: tuple[uuid.UUID, ...], owner: str, cursor: Any) -> int:
+        d = self.dialect
+        renewed = 0
+        for start in range(0, len(order_ids), 500):  # stay under SQLite's variable limit
+            chunk = order_ids[start : start + 500]
+            cursor.execute(
+                d.sql(
+                    "UPDATE orders SET lease_expires_at = %s WHERE lease_owner = %s "
+                    f"AND id IN ({', '.join(['%s'] * len(chunk))})"
+                ),
+                [d.timestamp(utcnow() + self.lease), owner, *(d.uuid(i) for i in chunk)],
             )
-            if result.rowcount != 1:
-                return None
-            row = conn.execute(select(orders).where(orders.c.id == candidate.id)).one()
-        return _order_from(row)
+            renewed += cursor.rowcount
+        return renewed
+
+    async def release(self, *, order_id: uuid.UUID, owner: str) -> None:
+        await self.committer.submit(partial(self._release, order_id, owner))
+
+    def _release(self, order_id: Any, owner: str, cursor: Any, *, encoded: bool = False) -> None:
+        d = self.dialect
+        cursor.execute(
+            d.sql(
+                "UPDATE orders SET lease_owner = NULL, lease_expires_at = NULL "
+                "WHERE id = %s AND lease_owner = %s"
+            ),
+            [order_id if encoded else d.uuid(order_id), owner],
+        )
+
+    # -- reads (blocking: API worker threads, the CLI, or asyncio.to_thread) -----------
+
+    def _rows(self, query: Any) -> Sequence[Any]:
+        try:
+            with self.engine.connect() as conn:
+                return conn.execute(query).all()
+        except SQLAlchemyOperationalError as exc:
+            raise StoreUnavailable(f"database unavailable: {sql.first_line(exc.orig)}") from exc
+
+    def get(self, order_id: uuid.UUID) -> Order:
+        rows = self._rows(select(orders).where(orders.c.id == order_id))
+        if not rows:
+            raise OrderNotFound(f"order {order_id} not found")
+        return _order_from(rows[0])
+
+    def find_by_idempotency_key(self, key: str) -> Order | None:
+        rows = self._rows(select(orders).where(orders.c.idempotency_key == key))
+        return _order_from(rows[0]) if rows else None
+
+    def list_orders(
+        self, *, status: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[Order]:
+        query = select(orders).order_by(orders.c.created_at.desc(), orders.c.id)
+        if status is not None:
+            query = query.where(orders.c.status == status)
+        return [_order_from(r) for r in self._rows(query.limit(limit).offset(offset))]
+
+    def history(self, order_id: uuid.UUID) -> list[Transition]:
+        query = select(transitions).where(transitions.c.order_id == order_id)
+        return [
+            Transition(**{**r._mapping, "created_at": sql.as_utc(r.created_at)})
+            for r in self._rows(query.order_by(transitions.c.seq))
+        ]
 
     def count_by_status(self) -> dict[str, int]:
         query = select(orders.c.status, func.count()).group_by(orders.c.status)
-        with self.engine.connect() as conn:
-            return {status: int(n) for status, n in conn.execute(query).all()}
+        return {status: int(n) for status, n in self._rows(query)}
+
+    def _stuck(self, *, moved_before: datetime, now: datetime, due_only: bool) -> Any:
+        query = select(orders).where(
+            orders.c.state.in_(_RESUMABLE),
+            orders.c.updated_at <= moved_before,
+            or_(orders.c.lease_owner.is_(None), orders.c.lease_expires_at < now),
+        )
+        if due_only:
+            query = query.where(
+                or_(orders.c.next_attempt_at.is_(None), orders.c.next_attempt_at <= now)
+            )
+        return query
+
+    def find_stuck(
+        self, *, moved_before: datetime, limit: int, due_only: bool = True
+    ) -> list[Order]:
+        """Non-terminal orders, unleased, unmoved since `moved_before` (oldest first);
+        with `due_only`, only those whose next retry time has come. Corrupt rows skipped."""
+        query = self._stuck(moved_before=moved_before, now=utcnow(), due_only=due_only)
+        usable = []
+        for row in self._rows(query.order_by(orders.c.updated_at).limit(limit)):
+            try:
+                usable.append(_order_from(row))
+            except CorruptOrder as exc:
+                log.error("skipping: %s", exc)
+        return usable
+
+    def count_leased_stuck(self, *, moved_before: datetime) -> int:
+        """Non-terminal orders that another driver currently holds."""
+        query = (
+            select(func.count())
+            .select_from(orders)
+            .where(
+                orders.c.state.in_(_RESUMABLE),
+                orders.c.updated_at <= moved_before,
+                orders.c.lease_owner.is_not(None),
+                orders.c.lease_expires_at >= utcnow(),
+            )
+        )
+        return int(self._rows(query)[0][0])
 
 
-def step_states(order: Order) -> dict[str, str]:
-    return {scope: getattr(order, col) for scope, col in STATE_COLUMN.items() if scope != "order"}
+def _order_from(row: Any) -> Order:
+    data = dict(row._mapping)
+    for key in ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at", "updated_at"):
+        data[key] = sql.as_utc(data[key])
+    return sql.order_from(data)

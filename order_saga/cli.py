@@ -15,7 +15,7 @@ import sys
 import uuid
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import Annotated, NoReturn
 
 import httpx
 import typer
@@ -23,11 +23,8 @@ from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from typer.exceptions import TyperException
 
-from fsm.errors import SagaError
+from fsm.errors import SagaError, StoreUnavailable
 from fsm.settings import Settings
-
-if TYPE_CHECKING:  # imported lazily at run time: `order-saga --help` stays fast
-    from fsm.executor import Executor
 
 app = typer.Typer(
     help="Durable order orchestrator.", pretty_exceptions_enable=False, add_completion=False
@@ -48,7 +45,7 @@ def one_line(exc: BaseException) -> str:
 
 
 # Failures of the environment, not of the program: reported in one line, exit 1.
-ENVIRONMENT_ERRORS = (SQLAlchemyError, OSError, sqlite3.Error, httpx.HTTPError)
+ENVIRONMENT_ERRORS = (SQLAlchemyError, OSError, sqlite3.Error, httpx.HTTPError, StoreUnavailable)
 
 
 def load_settings() -> Settings:
@@ -113,26 +110,6 @@ def services(
     uvicorn.run(create_services_app(path), host=host, port=port, log_level="warning")
 
 
-def _executor(settings: Settings, client: httpx.AsyncClient) -> Executor:
-    from fsm.clients import http_services
-    from fsm.executor import Executor, RetryPolicy
-    from fsm.store import Store, make_engine
-
-    fallback = settings.fallback_services_url
-    store = Store(make_engine(settings.database_url), lease_seconds=settings.lease_seconds)
-    services_ = http_services(
-        client,
-        product_url=settings.product_url or fallback,
-        user_url=settings.user_url or fallback,
-        inventory_url=settings.inventory_url or fallback,
-        shipping_url=settings.shipping_url or fallback,
-    )
-    policy = RetryPolicy.from_settings(settings)
-    return Executor(
-        store=store, services=services_, policy=policy, crash_after=settings.crash_after
-    )
-
-
 @app.command()
 def resume(
     older_than: Annotated[
@@ -144,12 +121,13 @@ def resume(
 ) -> None:
     """Drive stuck (non-terminal, unleased) orders to a terminal state; print a summary."""
     from fsm.recovery import resume_stuck
+    from fsm.wiring import open_saga
 
     settings = load_settings()
 
     async def main() -> int:
-        async with httpx.AsyncClient(timeout=settings.http_timeout) as client:
-            executor = _executor(settings, client)
+        async with open_saga(settings) as saga:
+            executor = saga.executor
             if order is not None:
                 try:
                     oid = uuid.UUID(order)
@@ -193,6 +171,7 @@ def worker(
 ) -> None:
     """Claim and advance stuck orders forever (run several; they share the load)."""
     from fsm.recovery import sweep_forever
+    from fsm.wiring import open_saga
 
     settings = load_settings()
     updates: dict[str, float] = {}
@@ -204,8 +183,8 @@ def worker(
     configure_logging()
 
     async def main() -> None:
-        async with httpx.AsyncClient(timeout=settings.http_timeout) as client:
-            executor = _executor(settings, client)
+        async with open_saga(settings) as saga:
+            executor = saga.executor
             executor.store.count_by_status()  # fail fast, in one line, if the DB is not there
             sweep = asyncio.create_task(
                 sweep_forever(store=executor.store, executor=executor, settings=settings)
@@ -242,13 +221,13 @@ def diagram(
     history = None
     if order is not None:
         from fsm.errors import OrderNotFound
-        from fsm.store import Store, make_engine
+        from fsm.wiring import build_store
 
         try:
             oid = uuid.UUID(order)
         except ValueError:
             fail(f"--order: {order!r} is not an order id (UUID)")
-        store = Store(make_engine(load_settings().database_url))
+        store = build_store(load_settings())
         try:
             store.get(oid)
             history = store.history(oid)

@@ -19,12 +19,25 @@ from sqlmodel import SQLModel
 
 import fsm.models  # noqa: F401  (registers the tables)
 from downstream.app import create_services_app
-from fsm.clients import Services, http_services
-from fsm.executor import Executor, RetryPolicy
+from fsm.clients import Services
+from fsm.executor import Executor
+from fsm.settings import Settings
 from fsm.store import Store, make_engine
+from fsm.wiring import build_executor, build_store, http_client, http_services_for
 
 PG_SERVER = os.environ.get("ORDER_SAGA_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
-FAST_POLICY = RetryPolicy(max_attempts=3, backoff_base=0.01, backoff_max=0.05, step_deadline=5)
+# Retry budgets small enough for tests, still every branch of the policy.
+FAST = {"max_attempts": 3, "backoff_base": 0.01, "backoff_max": 0.05, "step_deadline": 5}
+
+
+def saga_settings(db_url: str, services_url: str | None = None, **overrides: Any) -> Settings:
+    """The settings a test engine runs with: FAST retries, short HTTP timeout."""
+    urls = {}
+    if services_url is not None:
+        urls = {
+            f"{name}_url": services_url for name in ("product", "user", "inventory", "shipping")
+        }
+    return Settings(database_url=db_url, http_timeout=1.0, **{**FAST, **urls, **overrides})
 
 
 def _pg_admin() -> psycopg.Connection[Any]:
@@ -73,9 +86,10 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
 
 @pytest.fixture
 def store(db_url: str) -> Iterator[Store]:
-    engine = make_engine(db_url)
-    yield Store(engine, lease_seconds=30)
-    engine.dispose()
+    store = build_store(saga_settings(db_url, lease_seconds=30))
+    yield store
+    store.close()
+    store.engine.dispose()
 
 
 def free_port() -> int:
@@ -160,16 +174,13 @@ def downstream(services_url: str) -> Downstream:
 
 @pytest.fixture
 async def services(services_url: str) -> AsyncIterator[Services]:
-    async with httpx.AsyncClient(timeout=1.0) as client:
-        yield http_services(
-            client,
-            product_url=services_url,
-            user_url=services_url,
-            inventory_url=services_url,
-            shipping_url=services_url,
-        )
+    settings = saga_settings("sqlite://", services_url)
+    async with http_client(settings) as client:
+        yield http_services_for(settings, client)
 
 
 @pytest.fixture
-def executor(store: Store, services: Services) -> Executor:
-    return Executor(store=store, services=services, policy=FAST_POLICY)
+async def executor(db_url: str, store: Store, services: Services) -> AsyncIterator[Executor]:
+    executor = build_executor(saga_settings(db_url), store=store, services=services)
+    yield executor
+    await executor.aclose()

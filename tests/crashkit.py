@@ -122,7 +122,7 @@ def run_saga(
     return Saga(command(kind, *args), env).wait(timeout)
 
 
-def drive_here(
+async def drive_here(
     kind: str,
     order_id: uuid.UUID,
     *,
@@ -132,37 +132,15 @@ def drive_here(
 ) -> str:
     """`resume --order` / `cancel` in this process, wired like the CLI (never crashes):
     the cheap way to set the stage before the run that is killed. Returns the state."""
-    from fsm.clients import http_services
-    from fsm.executor import Executor, RetryPolicy
     from fsm.settings import Settings
-    from fsm.store import Store, make_engine
+    from fsm.wiring import open_saga
 
-    config = Settings(**{"database_url": database_url, **settings})
+    urls = {f"{name}_url": services_url for name in ("product", "user", "inventory", "shipping")}
+    config = Settings(**{"database_url": database_url, **urls, **settings})
 
-    async def main() -> str:
-        async with httpx.AsyncClient(timeout=config.http_timeout) as client:
-            services = http_services(
-                client,
-                product_url=services_url,
-                user_url=services_url,
-                inventory_url=services_url,
-                shipping_url=services_url,
-            )
-            policy = RetryPolicy(
-                max_attempts=config.max_attempts,
-                backoff_base=config.backoff_base,
-                backoff_max=config.backoff_max,
-                step_deadline=config.step_deadline,
-            )
-            executor = Executor(store=store, services=services, policy=policy)
-            run = executor.cancel if kind == "cancel" else executor.run
-            return (await run(order_id)).state
-
-    store = Store(make_engine(config.database_url), lease_seconds=config.lease_seconds)
-    try:
-        return asyncio.run(main())
-    finally:
-        store.engine.dispose()
+    async with open_saga(config) as saga:
+        run = saga.executor.cancel if kind == "cancel" else saga.executor.run
+        return (await run(order_id)).state
 
 
 # -- the reference services -------------------------------------------------------------
@@ -208,10 +186,15 @@ def stuck_orders(
     store: Store, n: int, *, user_id: int, product_id: int, quantity: int
 ) -> list[uuid.UUID]:
     """`n` pending, unleased orders: what a crashed API process leaves behind."""
-    return [
-        store.create_order(user_id=user_id, product_id=product_id, quantity=quantity)[0].id
-        for _ in range(n)
-    ]
+
+    async def create() -> list[uuid.UUID]:
+        made = [
+            await store.create_order(user_id=user_id, product_id=product_id, quantity=quantity)
+            for _ in range(n)
+        ]
+        return [order.id for order, _ in made]
+
+    return asyncio.run(create())
 
 
 def triggers_by_scope(store: Store, order_id: uuid.UUID) -> dict[str, Counter[str]]:
@@ -308,13 +291,14 @@ def order_effects(effects: Mapping[str, int], order_id: uuid.UUID) -> dict[str, 
 
 
 def _cancel(order_id: uuid.UUID) -> int:
-    from order_saga.cli import _executor, load_settings
+    from fsm.wiring import open_saga
+    from order_saga.cli import load_settings
 
     settings = load_settings()
 
     async def main() -> Any:
-        async with httpx.AsyncClient(timeout=settings.http_timeout) as client:
-            return await _executor(settings, client).cancel(order_id)
+        async with open_saga(settings) as saga:
+            return await saga.executor.cancel(order_id)
 
     order = asyncio.run(main())
     print(f"{order.id} {order.state} ({order.status})")

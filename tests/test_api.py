@@ -561,17 +561,13 @@ def test_resume_terminal_order_is_a_noop(client: TestClient, downstream: Downstr
         assert downstream.effects() == effects
 
 
-def test_resume_drives_a_stuck_order_to_completion(
-    client: TestClient, db_url: str, downstream: Downstream
+async def test_resume_drives_a_stuck_order_to_completion(
+    client: TestClient, store: Store, downstream: Downstream
 ) -> None:
     balance = downstream.balance(PAYER)
-    engine = make_engine(db_url)
-    try:
-        stuck, created = Store(engine).create_order(
-            user_id=PAYER, product_id=WIDGET, quantity=1
-        )  # pending, nobody's lease
-    finally:
-        engine.dispose()
+    stuck, created = await store.create_order(
+        user_id=PAYER, product_id=WIDGET, quantity=1
+    )  # pending, nobody's lease
     assert created and stuck.lease_owner is None
     assert client.get(f"/orders/{stuck.id}").json()["status"] == "pending"
 
@@ -585,16 +581,12 @@ def test_resume_drives_a_stuck_order_to_completion(
     assert downstream.balance(PAYER) == balance - WIDGET_PRICE
 
 
-def test_resume_of_an_order_another_driver_holds_is_409(
-    client: TestClient, db_url: str, downstream: Downstream
+async def test_resume_of_an_order_another_driver_holds_is_409(
+    client: TestClient, store: Store, downstream: Downstream
 ) -> None:
-    engine = make_engine(db_url)
-    try:
-        held, _ = Store(engine).create_order(
-            user_id=PAYER, product_id=WIDGET, quantity=1, owner="another-worker"
-        )
-    finally:
-        engine.dispose()
+    held, _ = await store.create_order(
+        user_id=PAYER, product_id=WIDGET, quantity=1, owner="another-worker"
+    )
 
     response = client.post(f"/orders/{held.id}/resume")
 

@@ -92,7 +92,7 @@ async def test_design_table_row(
         downstream.stock(row.product) if row.product != 999 else None,
     )
 
-    order, _ = store.create_order(
+    order, _ = await store.create_order(
         user_id=row.user, product_id=row.product, quantity=row.quantity, owner=executor.owner
     )
     await executor.drive(order)

@@ -373,8 +373,8 @@ def http(tmp_path: Path) -> Iterator[tuple[TestClient, Store]]:
     engine.dispose()
 
 
-def failed_order(store: Store) -> uuid.UUID:
-    order, _ = store.create_order(user_id=1, product_id=1, quantity=1, owner="t")
+async def failed_order(store: Store) -> uuid.UUID:
+    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1, owner="t")
     for scope, trigger in [
         *STARTED,
         ("payment", "fail"),
@@ -382,7 +382,7 @@ def failed_order(store: Store) -> uuid.UUID:
         ("shipping", "fail"),
         ("order", "some_failed"),
     ]:
-        store.record_transition(order=order, owner="t", scope=scope, trigger=trigger)
+        await store.record_transition(order=order, owner="t", scope=scope, trigger=trigger)
     return order.id
 
 
@@ -409,9 +409,9 @@ def test_unknown_format_is_422(http: tuple[TestClient, Store], path: str) -> Non
     assert "'svg'" in response.text and "format" in response.text
 
 
-def test_order_diagram_highlights_its_log(http: tuple[TestClient, Store]) -> None:
+async def test_order_diagram_highlights_its_log(http: tuple[TestClient, Store]) -> None:
     client, store = http
-    order_id = failed_order(store)
+    order_id = await failed_order(store)
     history = store.history(order_id)
     for fmt in FORMATS:
         response = client.get(f"/orders/{order_id}/diagram", params={"format": fmt})
@@ -428,9 +428,9 @@ def test_order_diagram_highlights_its_log(http: tuple[TestClient, Store]) -> Non
     assert text.count(" (") == len(history)  # every logged move is labelled, nothing else
 
 
-def test_fresh_order_diagram_marks_pending(http: tuple[TestClient, Store]) -> None:
+async def test_fresh_order_diagram_marks_pending(http: tuple[TestClient, Store]) -> None:
     client, store = http
-    order, _ = store.create_order(user_id=1, product_id=1, quantity=1)
+    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1)
     text = client.get(f"/orders/{order.id}/diagram", params={"format": "mermaid"}).text
     assert mermaid_classes(text)["current"] == {"pending"}
 
@@ -446,11 +446,11 @@ def test_malformed_order_id_is_422(http: tuple[TestClient, Store]) -> None:
     assert http[0].get("/orders/not-a-uuid/diagram").status_code == 422
 
 
-def test_graphviz_missing_is_503(
+async def test_graphviz_missing_is_503(
     http: tuple[TestClient, Store], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     client, store = http
-    order_id = failed_order(store)
+    order_id = await failed_order(store)
     monkeypatch.setenv("PATH", str(tmp_path))
     response = client.get(f"/orders/{order_id}/diagram", params={"format": "png"})
     assert response.status_code == 503

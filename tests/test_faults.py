@@ -45,7 +45,7 @@ def assert_conserved(
 
 
 async def run_row(store: Store, executor: Executor, user: int, product: int, quantity: int) -> str:
-    order, _ = store.create_order(
+    order, _ = await store.create_order(
         user_id=user, product_id=product, quantity=quantity, owner=executor.owner
     )
     await executor.drive(order)
@@ -124,7 +124,7 @@ async def test_forward_step_unknown_past_its_deadline_is_compensated(
     executor = short_deadline(store, services)
     balances, stocks = {1: downstream.balance(1)}, {1: downstream.stock(1)}
     downstream.fault("inventory.deduct", "error", count=1000)  # an outage
-    order, _ = store.create_order(user_id=1, product_id=1, quantity=1, owner=executor.owner)
+    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1, owner=executor.owner)
     await executor.drive(order)
     # The run's budget is spent before the deadline: the step stays unknown, persisted.
     assert (order.state, order.inventory_state) == ("steps_running", "requested")
@@ -149,7 +149,7 @@ async def test_unknown_outcome_is_reconciled_before_resending(
     balances, stocks = {1: downstream.balance(1)}, {1: downstream.stock(1)}
     # Every response is lost, but the first attempt applied the deduction.
     downstream.fault("inventory.deduct", "apply_then_error", count=1000)
-    order, _ = store.create_order(user_id=1, product_id=1, quantity=1, owner=executor.owner)
+    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1, owner=executor.owner)
     await executor.drive(order)
     assert order.inventory_state == "requested"
     await executor.run(order.id)  # asks the service what happened instead of re-sending
@@ -166,7 +166,7 @@ async def test_compensation_outage_parks_then_resume_finishes(
 ) -> None:
     stocks = {1: downstream.stock(1)}
     downstream.fault("inventory.restore", "error", count=1000)
-    order, _ = store.create_order(user_id=2, product_id=1, quantity=1, owner=executor.owner)
+    order, _ = await store.create_order(user_id=2, product_id=1, quantity=1, owner=executor.owner)
     await executor.drive(order)
     assert (order.state, order.inventory_state) == ("needs_attention", "compensating")
     assert "inventory restore did not succeed" in (order.attention_reason or "")
@@ -204,7 +204,7 @@ async def test_cancellation_outage_parks_and_resumes_as_cancellation(
     store: Store, executor: Executor, downstream: Downstream
 ) -> None:
     balance = downstream.balance(1)
-    order, _ = store.create_order(user_id=1, product_id=1, quantity=1, owner=executor.owner)
+    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1, owner=executor.owner)
     await executor.drive(order)
     downstream.fault("user.refund", "error", count=1000)
     await executor.cancel(order.id)
@@ -218,45 +218,47 @@ async def test_cancellation_outage_parks_and_resumes_as_cancellation(
 async def test_only_completed_orders_can_be_cancelled(
     store: Store, executor: Executor, downstream: Downstream
 ) -> None:
-    order, _ = store.create_order(user_id=2, product_id=1, quantity=1, owner=executor.owner)
+    order, _ = await store.create_order(user_id=2, product_id=1, quantity=1, owner=executor.owner)
     await executor.drive(order)
     with pytest.raises(InvalidMove):
         await executor.cancel(order.id)
     assert store.get(order.id).lease_owner is None
 
 
-def test_stale_writer_is_rejected_and_nothing_is_recorded(store: Store) -> None:
-    order, _ = store.create_order(user_id=1, product_id=1, quantity=1, owner="a")
+async def test_stale_writer_is_rejected_and_nothing_is_recorded(store: Store) -> None:
+    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1, owner="a")
     stale = store.get(order.id)
-    store.record_transition(order=order, owner="a", scope="order", trigger="request_product")
+    await store.record_transition(order=order, owner="a", scope="order", trigger="request_product")
     with pytest.raises(StaleOrder):
-        store.record_transition(order=stale, owner="a", scope="order", trigger="request_product")
+        await store.record_transition(
+            order=stale, owner="a", scope="order", trigger="request_product"
+        )
     with pytest.raises(LeaseLost):
-        store.record_transition(
+        await store.record_transition(
             order=store.get(order.id), owner="b", scope="order", trigger="product_missing"
         )
     assert [t.trigger for t in store.history(order.id)] == ["request_product"]
     assert store.get(order.id).version == 1
 
 
-def test_lease_is_exclusive_until_released_or_expired(db_url: str) -> None:
+async def test_lease_is_exclusive_until_released_or_expired(db_url: str) -> None:
     from fsm.store import make_engine
 
     engine = make_engine(db_url)
     short = Store(engine, lease_seconds=0.2)
-    order, _ = short.create_order(user_id=1, product_id=1, quantity=1)
-    assert short.claim(order_id=order.id, owner="a") is not None
-    assert short.claim(order_id=order.id, owner="b") is None
-    assert short.claim(order_id=order.id, owner="a") is not None  # re-entrant
+    order, _ = await short.create_order(user_id=1, product_id=1, quantity=1)
+    assert await short.claim(order_id=order.id, owner="a") is not None
+    assert await short.claim(order_id=order.id, owner="b") is None
+    assert await short.claim(order_id=order.id, owner="a") is not None  # re-entrant
     import time
 
     time.sleep(0.3)
-    assert short.claim(order_id=order.id, owner="b") is not None  # expired: taken over
+    assert await short.claim(order_id=order.id, owner="b") is not None  # expired: taken over
     with pytest.raises(LeaseLost):
-        short.record_transition(
+        await short.record_transition(
             order=short.get(order.id), owner="a", scope="order", trigger="request_product"
         )
-    short.release(order_id=order.id, owner="b")
+    await short.release(order_id=order.id, owner="b")
     assert short.get(order.id).lease_owner is None
     engine.dispose()
 
@@ -270,7 +272,7 @@ async def test_parked_order_waits_with_growing_pauses_for_the_sweep(
     policy = RetryPolicy(max_attempts=2, backoff_base=0.01, backoff_max=5, step_deadline=5)
     executor = Executor(store=store, services=services, policy=policy)
     downstream.fault("inventory.restore", "error", count=1000)
-    order, _ = store.create_order(user_id=2, product_id=1, quantity=1, owner=executor.owner)
+    order, _ = await store.create_order(user_id=2, product_id=1, quantity=1, owner=executor.owner)
     await executor.drive(order)
     first = store.get(order.id)
     assert first.state == "needs_attention" and first.attempts["order:park"] == 1
@@ -305,24 +307,24 @@ async def test_lease_is_renewed_while_a_slow_call_is_in_flight(
         policy=RetryPolicy(max_attempts=2, backoff_base=0.01, step_deadline=5),
     )
     downstream.fault("shipping.schedule", "delay", seconds=0.9)  # under the 1 s client timeout
-    order, _ = store.create_order(user_id=1, product_id=1, quantity=1, owner=executor.owner)
+    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1, owner=executor.owner)
     run = asyncio.create_task(executor.drive(order))
     await asyncio.sleep(0.75)  # past the first lease's expiry: only renewal keeps it
-    assert store.claim(order_id=order.id, owner="intruder") is None
+    assert await store.claim(order_id=order.id, owner="intruder") is None
     await run
     assert store.get(order.id).status == "completed"
-    assert store.claim(order_id=order.id, owner="intruder") is not None  # released at the end
+    assert await store.claim(order_id=order.id, owner="intruder") is not None  # released at the end
     engine.dispose()
 
 
-def test_a_corrupt_row_is_reported_and_never_driven(store: Store) -> None:
+async def test_a_corrupt_row_is_reported_and_never_driven(store: Store) -> None:
     from sqlalchemy import text
 
     from fsm.errors import CorruptOrder
     from fsm.store import utcnow
 
-    good, _ = store.create_order(user_id=1, product_id=1, quantity=1)
-    bad, _ = store.create_order(user_id=1, product_id=1, quantity=1)
+    good, _ = await store.create_order(user_id=1, product_id=1, quantity=1)
+    bad, _ = await store.create_order(user_id=1, product_id=1, quantity=1)
     with store.engine.begin() as conn:  # e.g. a hand-edited row, or a state from a future
         conn.execute(
             text("UPDATE orders SET payment_state = 'teleported' WHERE id = :id"),
@@ -330,7 +332,7 @@ def test_a_corrupt_row_is_reported_and_never_driven(store: Store) -> None:
         )
     with pytest.raises(CorruptOrder, match="payment_state = 'teleported'"):
         store.get(bad.id)
-    claimed = store.claim_batch(owner="sweeper", moved_before=utcnow(), limit=10)
+    claimed = await store.claim_batch(owner="sweeper", moved_before=utcnow(), limit=10)
     assert [o.id for o in claimed] == [good.id]  # the sweep goes on without it
     with store.engine.connect() as conn:  # and left the corrupt row exactly as it was
         row = conn.execute(

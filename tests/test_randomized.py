@@ -66,7 +66,7 @@ def resume(db_url: str, services_url: str, crash_after: str | None) -> int:
 
 
 @pytest.mark.slow
-def test_random_faults_and_kills_end_terminal_and_conserved(
+async def test_random_faults_and_kills_end_terminal_and_conserved(
     db_url: str, store: Store, downstream: Downstream
 ) -> None:
     seed = int(os.environ.get("ORDER_SAGA_TEST_SEED", random.randrange(2**32)))
@@ -78,7 +78,7 @@ def test_random_faults_and_kills_end_terminal_and_conserved(
     kills = 0
     for _ in range(ROUNDS):
         for _ in range(ORDERS // ROUNDS):  # new orders every round, beside unfinished ones
-            store.create_order(
+            await store.create_order(
                 user_id=rng.choice(users),
                 product_id=rng.choice(products + [999]),
                 quantity=rng.choice([1, 1, 2, 11]),

@@ -1,0 +1,233 @@
+"""Group commit: one writer thread per process, through which every write of the engine goes.
+
+Writes that arrive while a transaction is being committed are written together in the
+next one, so N orders in flight share one commit (one fsync on PostgreSQL) instead of
+queueing behind N. Each caller continues only once the transaction holding *its* write has
+committed: intent-before-effect (SPEC §3) holds per order exactly as with one commit per
+write. Nothing waits for company: a write that finds the queue empty is committed at once.
+
+A write is an `Op`: a function of a DBAPI cursor, run inside the batch's transaction. An op
+refuses by raising a `SagaError` (stale version, lost lease) *before it has written
+anything*; that fails this op alone, its batch neighbours commit. A database error aborts
+the transaction: the batch is then retried one op per transaction, so only the op that
+causes it fails. The thread owns its connection; the event loop never touches the database.
+
+    committer.submit(op)  -> awaitable (from the event loop)
+    committer.call(op)    -> result    (from a plain thread: the CLI, tests)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from fsm.errors import SagaError
+
+log = logging.getLogger("order_saga.committer")
+
+T = TypeVar("T")
+Op = Callable[[Any], T]  # a function of a DBAPI cursor
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How the thread talks to one database (built by `fsm.sql`)."""
+
+    connect: Callable[[], Any]  # -> a DBAPI connection, ready to use
+    begin: str | None  # statement opening a write transaction (SQLite: BEGIN IMMEDIATE)
+    errors: tuple[type[BaseException], ...]  # the driver's database errors
+    translate: Callable[[BaseException], BaseException]  # driver error -> what callers see
+    broken: Callable[[Any], bool]  # is this connection unusable (disconnected)?
+    close: Callable[[Any], None]
+
+
+class _Item(Generic[T]):
+    __slots__ = ("op", "loop", "future")
+
+    def __init__(
+        self,
+        op: Op[T],
+        loop: asyncio.AbstractEventLoop | None,
+        future: asyncio.Future[T] | concurrent.futures.Future[T],
+    ) -> None:
+        self.op, self.loop, self.future = op, loop, future
+
+
+_STOP = object()
+
+
+class Committer:
+    def __init__(self, backend: Backend, *, max_batch: int = 256) -> None:
+        self.backend = backend
+        self.max_batch = max_batch
+        self.batches = 0  # committed transactions (read by tests and /metrics)
+        self.ops = 0
+        self.largest_batch = 0
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._conn: Any = None
+
+    # -- callers ---------------------------------------------------------------------
+
+    def submit(self, op: Op[T]) -> asyncio.Future[T]:
+        """Queue `op`; the future resolves once its transaction has committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._put(_Item(op, loop, future))
+        return future
+
+    def call(self, op: Op[T]) -> T:
+        """Queue `op` and block this (non-event-loop) thread until it has committed."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._put(_Item(op, None, future))
+        return future.result()
+
+    def _put(self, item: _Item[Any]) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._serve, name="order-saga-commit", daemon=True
+                    )
+                    self._thread.start()
+        self._queue.put(item)
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the thread and close its connection."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(_STOP)
+            thread.join()
+
+    # -- the writer thread -----------------------------------------------------------
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                first = self._queue.get()
+                if first is _STOP:
+                    return
+                batch = [first]
+                stopping = False
+                while len(batch) < self.max_batch:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    batch.append(item)
+                try:
+                    results = self._commit(batch)
+                except BaseException as fatal:  # even then, nobody is left waiting
+                    results = [(False, fatal)] * len(batch)
+                    log.exception("commit thread: unexpected failure")
+                self._deliver(batch, results)
+                if stopping:
+                    return
+        finally:
+            if self._conn is not None:
+                self.backend.close(self._conn)
+                self._conn = None
+
+    def _commit(self, batch: list[_Item[Any]]) -> list[tuple[bool, Any]]:
+        try:
+            return self._transaction([item.op for item in batch])
+        except Exception as exc:
+            self._discard(exc)
+            if len(batch) == 1:
+                return [(False, self._translate(exc))]
+            log.warning("batch of %d failed (%s); retrying one write at a time", len(batch), exc)
+        results: list[tuple[bool, Any]] = []
+        for item in batch:
+            try:
+                results.extend(self._transaction([item.op]))
+            except Exception as single:
+                self._discard(single)
+                results.append((False, self._translate(single)))
+        return results
+
+    def _translate(self, exc: Exception) -> BaseException:
+        if isinstance(exc, self.backend.errors):
+            return self.backend.translate(exc)
+        return exc  # a bug in an op: the caller sees it as it is
+
+    def _transaction(self, ops: list[Op[Any]]) -> list[tuple[bool, Any]]:
+        """Run `ops` in one transaction; a SagaError refuses one op, the rest go on."""
+        if self._conn is None:
+            self._conn = self.backend.connect()
+        conn = self._conn
+        cursor = conn.cursor()
+        try:
+            if self.backend.begin:
+                cursor.execute(self.backend.begin)
+            results: list[tuple[bool, Any]] = []
+            for op in ops:
+                try:
+                    results.append((True, op(cursor)))
+                except SagaError as refused:
+                    results.append((False, refused))
+            conn.commit()
+        except BaseException:
+            _rollback(conn)
+            raise
+        finally:
+            cursor.close()
+        self.batches += 1
+        self.ops += len(ops)
+        self.largest_batch = max(self.largest_batch, len(ops))
+        return results
+
+    def _discard(self, exc: BaseException) -> None:
+        """After a failed transaction: drop the connection if it is broken (reconnect next)."""
+        if self._conn is not None and (
+            not isinstance(exc, self.backend.errors) or self.backend.broken(self._conn)
+        ):
+            log.warning("database connection lost (%s); reconnecting", exc)
+            self.backend.close(self._conn)
+            self._conn = None
+
+    @staticmethod
+    def _deliver(batch: list[_Item[Any]], results: list[tuple[bool, Any]]) -> None:
+        """Hand results back: one wake-up per event loop, not one per write."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, bool, Any]]] = {}
+        for item, (ok, value) in zip(batch, results, strict=True):
+            if item.loop is None:
+                sync_future: concurrent.futures.Future[Any] = item.future  # type: ignore[assignment]
+                if ok:
+                    sync_future.set_result(value)
+                else:
+                    sync_future.set_exception(value)
+            else:
+                by_loop.setdefault(item.loop, []).append((item.future, ok, value))
+        for loop, pending in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, pending)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
+
+
+def _resolve(pending: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in pending:
+        if future.done():  # the caller was cancelled; the write stands
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def _rollback(conn: Any) -> None:
+    try:
+        conn.rollback()
+    except Exception:  # a broken connection cannot roll back; it is replaced
+        pass

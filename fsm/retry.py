@@ -1,0 +1,42 @@
+"""How hard one run tries a downstream call: attempts, backoff, the forward-step deadline and
+the pauses of a parked order. Pure configuration plus a tenacity stop condition."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from tenacity import RetryCallState
+from tenacity.stop import stop_base
+
+from fsm.settings import Settings
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 4  # per call, per run
+    backoff_base: float = 0.05  # seconds; full jitter, doubling
+    backoff_max: float = 2.0
+    step_deadline: float = 60.0  # a forward step unknown this long is treated as failed
+    # A parked order is retried by the sweep after backoff_max x 2^parks, at most this.
+    park_max: float = 3600.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(
+            max_attempts=settings.max_attempts,
+            backoff_base=settings.backoff_base,
+            backoff_max=settings.backoff_max,
+            step_deadline=settings.step_deadline,
+            park_max=settings.park_max,
+        )
+
+
+class stop_at(stop_base):  # noqa: N801  (named like tenacity's own stop conditions)
+    """Stop retrying once a wall-clock deadline (persisted on the order) has passed."""
+
+    def __init__(self, deadline: datetime | None) -> None:
+        self.deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.deadline is not None and datetime.now(UTC) >= self.deadline

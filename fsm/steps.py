@@ -1,0 +1,123 @@
+"""The three concurrent steps, each pairing its forward call with its compensation (as
+Temporal's saga pairs an activity with its undo), typed against the service Protocols.
+
+The executor asks a step to `forward` or `undo` for an order and gets the service's answer
+plus the order columns that answer sets; it never picks a client method by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fsm.clients import (
+    Answer,
+    InventoryService,
+    ReconcilingService,
+    Services,
+    ShippingService,
+    UserService,
+)
+from fsm.machine import Step
+from fsm.models import Order
+
+
+def idempotency_key(order: Order, step: str, action: str) -> str:
+    """Derived, never random: every retry, resume and process sends the same key."""
+    return f"{order.id}:{step}:{action}"
+
+
+class SagaStep(Protocol):
+    """One step: its forward call and its undo (action names: `Step.forward_action`...)."""
+
+    @property
+    def step(self) -> Step: ...
+
+    @property
+    def service(self) -> ReconcilingService: ...
+
+    async def forward(self, order: Order, key: str) -> Answer: ...
+
+    async def undo(self, order: Order, key: str) -> Answer: ...
+
+    def forward_changes(self, answer: Answer) -> dict[str, Any]: ...
+
+    def undo_changes(self) -> dict[str, Any]: ...
+
+
+class _NoChanges:
+    def forward_changes(self, answer: Answer) -> dict[str, Any]:
+        return {}
+
+    def undo_changes(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass(frozen=True)
+class Payment(_NoChanges):
+    """Charge the user the order's amount; refund it."""
+
+    service: UserService
+    step: Step = Step.PAYMENT
+
+    async def forward(self, order: Order, key: str) -> Answer:
+        return await self.service.deduct(
+            user_id=order.user_id, amount=order.amount or 0, order_id=str(order.id), key=key
+        )
+
+    async def undo(self, order: Order, key: str) -> Answer:
+        return await self.service.refund(
+            user_id=order.user_id, amount=order.amount or 0, order_id=str(order.id), key=key
+        )
+
+
+@dataclass(frozen=True)
+class Inventory(_NoChanges):
+    """Take the ordered quantity out of stock; put it back."""
+
+    service: InventoryService
+    step: Step = Step.INVENTORY
+
+    async def forward(self, order: Order, key: str) -> Answer:
+        return await self.service.deduct(
+            product_id=order.product_id, quantity=order.quantity, order_id=str(order.id), key=key
+        )
+
+    async def undo(self, order: Order, key: str) -> Answer:
+        return await self.service.restore(
+            product_id=order.product_id, quantity=order.quantity, order_id=str(order.id), key=key
+        )
+
+
+@dataclass(frozen=True)
+class Shipping:
+    """Schedule the shipment (its address and delivery date land on the order); cancel it."""
+
+    service: ShippingService
+    step: Step = Step.SHIPPING
+
+    async def forward(self, order: Order, key: str) -> Answer:
+        return await self.service.schedule(
+            order_id=str(order.id), user_id=order.user_id, quantity=order.quantity, key=key
+        )
+
+    async def undo(self, order: Order, key: str) -> Answer:
+        return await self.service.cancel(order_id=str(order.id), key=key)
+
+    def forward_changes(self, answer: Answer) -> dict[str, Any]:
+        return {
+            "shipping_address": answer.get("address"),
+            "expected_delivery": answer.get("expected_delivery"),
+        }
+
+    def undo_changes(self) -> dict[str, Any]:
+        return {"shipping_address": None, "expected_delivery": None}
+
+
+def saga_steps(services: Services) -> dict[Step, SagaStep]:
+    """The steps in the order SPEC §1 lists them, bound to the given clients."""
+    return {
+        Step.PAYMENT: Payment(services.user),
+        Step.INVENTORY: Inventory(services.inventory),
+        Step.SHIPPING: Shipping(services.shipping),
+    }

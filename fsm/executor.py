@@ -319,7 +319,7 @@ class Executor:
         await self.store.record_transition(
             order=order, owner=self.owner, scope=scope, trigger=trigger, detail=detail, **changes
         )
-        metrics.TRANSITIONS.labels(scope=scope, trigger=trigger).inc()
+        metrics.transition(scope, trigger).inc()
         if self.crash_after == f"{scope}:{trigger}":
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: die right after the commit
 
@@ -331,7 +331,44 @@ class Executor:
         *,
         deadline: datetime | None,
     ) -> T:
-        """Retry transient failures with the same key; persist every attempt's schedule."""
+        """Retry transient failures with the same key; persist every attempt's schedule.
+        The first attempt runs bare: building tenacity's machinery cost ~0.5 ms a call,
+        more than the call itself, and most calls succeed the first time."""
+        service, _, action = call.partition(":")
+        try:
+            try:
+                result = await fn()
+            except TransientFailure as first:
+                result = await self._retry(order, call, fn, deadline=deadline, first=first)
+        except CallFailure as exc:
+            outcome = "transient" if isinstance(exc, TransientFailure) else "business"
+            metrics.call_outcome(service, action, outcome).inc()
+            if isinstance(exc, TransientFailure):
+                later = utcnow() + timedelta(seconds=self.policy.backoff_max)
+                await self.store.note_attempt(
+                    order=order, owner=self.owner, call=call, error=str(exc),
+                    next_attempt_at=later,
+                )  # fmt: skip
+            raise
+        metrics.call_outcome(service, action, "success").inc()
+        return result
+
+    async def _retry(
+        self,
+        order: Order,
+        call: str,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        deadline: datetime | None,
+        first: TransientFailure,
+    ) -> T:
+        """Attempts 2..n under tenacity; attempt 1 (already failed) is replayed as its first."""
+        replay: list[TransientFailure] = [first]
+
+        async def attempt() -> T:
+            if replay:
+                raise replay.pop()
+            return await fn()
 
         async def note(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -350,22 +387,7 @@ class Executor:
             before_sleep=note,
             reraise=True,
         )
-        service, _, action = call.partition(":")
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    result = await fn()
-        except CallFailure as exc:
-            outcome = "transient" if isinstance(exc, TransientFailure) else "business"
-            metrics.CALLS.labels(service=service, action=action, outcome=outcome).inc()
-            if isinstance(exc, TransientFailure):
-                later = utcnow() + timedelta(seconds=self.policy.backoff_max)
-                await self.store.note_attempt(
-                    order=order, owner=self.owner, call=call, error=str(exc),
-                    next_attempt_at=later,
-                )  # fmt: skip
-            raise
-        metrics.CALLS.labels(service=service, action=action, outcome="success").inc()
+        result: T = await retrying(attempt)
         return result
 
     async def _keep_leases(self) -> None:

@@ -20,6 +20,7 @@ from fsm.machine import (
     StepTrigger,
     decide,
     edges,
+    fire,
     next_state,
 )
 
@@ -47,8 +48,11 @@ def test_machines_accept_only_declared_edges(
     if dest is None:
         with pytest.raises(MachineError):
             next_state(machine, state, trigger)
+        with pytest.raises(MachineError):  # the machine itself agrees: no such edge
+            fire(machine, state, trigger)
     else:
         assert next_state(machine, state, trigger) == dest
+        assert fire(machine, state, trigger) == dest  # compiled table == firing the event
 
 
 def test_no_auto_transitions_or_unknown_triggers() -> None:

@@ -14,7 +14,13 @@ from api import diagram, orders
 from api.deps import StoreDep
 from api.runner import Runner
 from fsm.clients import Services
-from fsm.errors import ConcurrencyError, CorruptOrder, InvalidMove, OrderNotFound
+from fsm.errors import (
+    ConcurrencyError,
+    CorruptOrder,
+    InvalidMove,
+    OrderNotFound,
+    StoreUnavailable,
+)
 from fsm.metrics import ORDERS
 from fsm.settings import Settings, get_settings
 from fsm.wiring import open_saga
@@ -69,6 +75,13 @@ def create_app(
     @app.exception_handler(CorruptOrder)
     async def _corrupt(_: Request, exc: CorruptOrder) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=500)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        # Nothing was decided: the client may retry (with its Idempotency-Key) shortly.
+        return JSONResponse(
+            {"detail": str(exc), "code": exc.code}, status_code=503, headers={"Retry-After": "1"}
+        )
 
     @app.exception_handler(InvalidMove)
     async def _invalid(_: Request, exc: InvalidMove) -> JSONResponse:

@@ -8,9 +8,10 @@ write. Nothing waits for company: a write that finds the queue empty is committe
 
 A write is an `Op`: a function of a DBAPI cursor, run inside the batch's transaction. An op
 refuses by raising a `SagaError` (stale version, lost lease) *before it has written
-anything*; that fails this op alone, its batch neighbours commit. A database error aborts
-the transaction: the batch is then retried one op per transaction, so only the op that
-causes it fails. The thread owns its connection; the event loop never touches the database.
+anything*; that fails this op alone, its batch neighbours commit. An op the database
+rejects (a lock timeout, a constraint) aborts the transaction; the batch is committed again
+without it, so it fails alone too. The thread owns its connection (reconnecting once when
+it is lost); the event loop never touches the database.
 
     committer.submit(op)  -> awaitable (from the event loop)
     committer.call(op)    -> result    (from a plain thread: the CLI, tests)
@@ -62,6 +63,14 @@ class _Item(Generic[T]):
 _STOP = object()
 
 
+class _OpError(Exception):
+    """The database rejected the op at `position` (the transaction is rolled back)."""
+
+    def __init__(self, position: int, error: Exception) -> None:
+        super().__init__(str(error))
+        self.position, self.error = position, error
+
+
 class Committer:
     def __init__(self, backend: Backend, *, max_batch: int = 256) -> None:
         self.backend = backend
@@ -69,6 +78,7 @@ class Committer:
         self.batches = 0  # committed transactions (read by tests and /metrics)
         self.ops = 0
         self.largest_batch = 0
+        self.in_flight = 0  # writes in the transaction under way (0: waiting for work)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -140,21 +150,32 @@ class Committer:
                 self._conn = None
 
     def _commit(self, batch: list[_Item[Any]]) -> list[tuple[bool, Any]]:
-        try:
-            return self._transaction([item.op for item in batch])
-        except Exception as exc:
-            self._discard(exc)
-            if len(batch) == 1:
-                return [(False, self._translate(exc))]
-            log.warning("batch of %d failed (%s); retrying one write at a time", len(batch), exc)
-        results: list[tuple[bool, Any]] = []
-        for item in batch:
+        """Commit the batch; an op the database rejects fails alone and the rest are
+        committed without it. A failure to begin or commit fails the whole batch (the
+        database is locked, down or out of space: retrying each write would only make
+        every caller wait again), after one reconnect if the connection was lost."""
+        results: list[tuple[bool, Any] | None] = [None] * len(batch)
+        pending = list(range(len(batch)))
+        reconnected = False
+        while pending:
             try:
-                results.extend(self._transaction([item.op]))
-            except Exception as single:
-                self._discard(single)
-                results.append((False, self._translate(single)))
-        return results
+                done = self._transaction([batch[i].op for i in pending])
+            except _OpError as rejected:
+                self._discard(rejected.error)
+                results[pending.pop(rejected.position)] = (False, self._translate(rejected.error))
+                continue
+            except Exception as exc:
+                lost = self._discard(exc)
+                if lost and not reconnected:
+                    reconnected = True
+                    continue
+                for i in pending:
+                    results[i] = (False, self._translate(exc))
+                break
+            for i, result in zip(pending, done, strict=True):
+                results[i] = result
+            break
+        return [r for r in results if r is not None]
 
     def _translate(self, exc: Exception) -> BaseException:
         if isinstance(exc, self.backend.errors):
@@ -167,34 +188,39 @@ class Committer:
             self._conn = self.backend.connect()
         conn = self._conn
         cursor = conn.cursor()
+        self.in_flight = len(ops)
         try:
             if self.backend.begin:
                 cursor.execute(self.backend.begin)
             results: list[tuple[bool, Any]] = []
-            for op in ops:
+            for position, op in enumerate(ops):
                 try:
                     results.append((True, op(cursor)))
                 except SagaError as refused:
                     results.append((False, refused))
+                except Exception as error:
+                    raise _OpError(position, error) from error
             conn.commit()
         except BaseException:
             _rollback(conn)
             raise
         finally:
             cursor.close()
+            self.in_flight = 0
         self.batches += 1
         self.ops += len(ops)
         self.largest_batch = max(self.largest_batch, len(ops))
         return results
 
-    def _discard(self, exc: BaseException) -> None:
-        """After a failed transaction: drop the connection if it is broken (reconnect next)."""
-        if self._conn is not None and (
-            not isinstance(exc, self.backend.errors) or self.backend.broken(self._conn)
-        ):
-            log.warning("database connection lost (%s); reconnecting", exc)
-            self.backend.close(self._conn)
-            self._conn = None
+    def _discard(self, exc: BaseException) -> bool:
+        """After a failed transaction: drop a broken connection (the next batch reconnects).
+        True if it was lost."""
+        if self._conn is None or not self.backend.broken(self._conn):
+            return False
+        log.warning("database connection lost (%s); reconnecting", exc)
+        self.backend.close(self._conn)
+        self._conn = None
+        return True
 
     @staticmethod
     def _deliver(batch: list[_Item[Any]], results: list[tuple[bool, Any]]) -> None:

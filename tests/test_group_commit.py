@@ -1,0 +1,172 @@
+"""Group commit and a write path off the event loop (issue 8), on SQLite and PostgreSQL:
+concurrent orders share transactions and still end right; one bad write in a batch fails
+alone; while a write waits on a lock, reads still answer, and the wait is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from api.app import create_app
+from downstream.seed import (
+    ORDINARY_USER_ID,
+    POOR_USER_ID,
+    RICH_USER_ID,
+    SOLD_OUT_PRODUCT_ID,
+    WIDGET_ID,
+)
+from fsm.errors import StaleOrder
+from fsm.executor import Executor
+from fsm.models import Order
+from fsm.store import Store
+from tests.conftest import Downstream, LiveServer, saga_settings
+from tests.crashkit import Books, assert_conserved
+
+
+async def wait_until(condition: Any, *, timeout: float = 10.0) -> None:
+    """Poll `condition` (synchronise on an event, never on a sleep's length)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+# (user, product, status) — each row's expected outcome, from the seed's named roles.
+MIX = [
+    (RICH_USER_ID, WIDGET_ID, "completed"),  # SPEC §1 row 1
+    (POOR_USER_ID, WIDGET_ID, "failed"),  # row 3: payment fails, the rest undone
+    (ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, "failed"),  # row 4: inventory fails
+]
+
+
+async def test_concurrent_orders_share_commits_and_all_end_right(
+    store: Store, executor: Executor, downstream: Downstream
+) -> None:
+    plan = MIX * 10
+    books = Books.read(downstream, users=[u for u, _, _ in plan], products=[p for _, p, _ in plan])
+
+    async def one(user: int, product: int) -> Order:
+        order, _ = await store.create_order(
+            user_id=user, product_id=product, quantity=1, owner=executor.owner
+        )
+        return await executor.drive(order)
+
+    orders = await asyncio.gather(*(one(u, p) for u, p, _ in plan))
+
+    assert [o.status for o in orders] == [status for _, _, status in plan]
+    assert store.committer.largest_batch > 1, "no two writes ever shared a commit"
+    assert store.committer.ops > store.committer.batches
+    persisted = [store.get(o.id) for o in orders]
+    assert [(o.status, o.version) for o in persisted] == [(o.status, o.version) for o in orders]
+    for o in persisted:  # every committed version has its log line, in order
+        assert [t.seq for t in store.history(o.id)] == list(range(1, o.version + 1))
+        assert o.lease_owner is None
+    assert_conserved(downstream, books, persisted)
+
+
+@contextmanager
+def write_lock_held(db_url: str, order: Order) -> Iterator[None]:
+    """Another session holds a lock the next write of `order` must wait for: SQLite's
+    write lock (BEGIN IMMEDIATE), PostgreSQL's row lock (SELECT ... FOR UPDATE)."""
+    if db_url.startswith("sqlite"):
+        conn = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
+        return
+    dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SELECT 1 FROM orders WHERE id = %s FOR UPDATE", [order.id])
+        yield
+        conn.rollback()
+
+
+async def test_a_stale_write_inside_a_batch_fails_alone(db_url: str, store: Store) -> None:
+    blocker, good_a, good_b, stale = [
+        (await store.create_order(user_id=1, product_id=1, quantity=1, owner="t"))[0]
+        for _ in range(4)
+    ]
+    old_copy = store.get(stale.id)
+    await store.record_transition(order=stale, owner="t", scope="order", trigger="request_product")
+
+    with write_lock_held(db_url, blocker):
+        first = asyncio.ensure_future(
+            store.record_transition(
+                order=blocker, owner="t", scope="order", trigger="request_product"
+            )
+        )
+        await wait_until(lambda: store.committer.in_flight == 1)  # the writer is stuck
+        queued = [
+            store.record_transition(order=o, owner=owner, scope="order", trigger=trigger)
+            for o, owner, trigger in [
+                (good_a, "t", "request_product"),
+                (old_copy, "t", "request_product"),  # version 0: the row is at 1
+                (good_b, "t", "request_product"),
+            ]
+        ]
+        batched = asyncio.gather(*queued, return_exceptions=True)
+        await asyncio.sleep(0)  # let the three be queued behind the stuck transaction
+    await first
+    results = await batched
+
+    assert store.committer.largest_batch == 3  # the three shared one transaction
+    assert results[0] == results[2] == "product_requested"
+    assert isinstance(results[1], StaleOrder)
+    assert [store.get(o.id).version for o in (good_a, stale, good_b)] == [1, 1, 1]
+    assert [t.trigger for t in store.history(stale.id)] == ["request_product"]
+
+
+@pytest.fixture
+def live_api(db_url: str, services_url: str) -> Iterator[tuple[str, Store]]:
+    settings = saga_settings(db_url, services_url, db_lock_timeout=1.5)
+    app = create_app(settings, sweep=False)
+    with LiveServer(app, lifespan="on") as server:
+        yield server.url, app.state.store
+
+
+async def test_reads_answer_while_a_write_waits_on_a_lock(
+    db_url: str, live_api: tuple[str, Store]
+) -> None:
+    url, store = live_api
+    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        with write_lock_held(db_url, order):
+            resume = asyncio.ensure_future(client.post(f"/orders/{order.id}/resume"))
+            await wait_until(lambda: store.committer.in_flight > 0)  # waiting on the lock
+            health = await client.get("/healthz")
+            got = await client.get(f"/orders/{order.id}")
+            # Both answered while the write was still waiting: nothing froze the loop.
+            assert not resume.done()
+        assert (health.status_code, got.status_code) == (200, 200)
+        assert got.json()["status"] == "pending"
+        answer = await resume
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "completed"
+
+
+async def test_a_lock_held_past_the_timeout_is_a_clear_503(
+    db_url: str, live_api: tuple[str, Store]
+) -> None:
+    url, store = live_api
+    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        with write_lock_held(db_url, order):
+            answer = await client.post(f"/orders/{order.id}/resume")  # waits 1.5 s, no more
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["Retry-After"]
+        assert "database" in answer.json()["detail"]
+        # Nothing was lost or half-written: the order is as it was, and can go on now.
+        assert (await client.get(f"/orders/{order.id}")).json()["state"] == "pending"
+        again = await client.post(f"/orders/{order.id}/resume")
+    assert again.json()["status"] == "completed"

@@ -5,15 +5,22 @@ PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# Exact versions of everything `make` installs; `make lock` regenerates it from the ranges
+# in pyproject.toml (newest that fit), and the next `make` installs exactly those.
+CONSTRAINTS := constraints.txt
 APT_PKGS := graphviz
 
-.PHONY: run test test-fast lint bench services worker clean deps
+.PHONY: run test test-fast lint bench services worker clean deps lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	@touch $(STAMP)
+
+lock: $(STAMP)
+	$(BIN)/pip-compile --quiet --upgrade --extra dev --strip-extras --no-emit-index-url \
+	  --no-emit-find-links --output-file $(CONSTRAINTS) pyproject.toml
 
 deps:
 	@if ! command -v dot >/dev/null 2>&1; then \

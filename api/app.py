@@ -1,29 +1,30 @@
-"""create_app(): the orchestrator's FastAPI application, its lifespan and routers."""
+"""create_app(): the orchestrator's FastAPI application, its lifespan, routers and edge.
+
+The edge (`api/guard.py`) wraps everything, the mounted reference services included: the
+bearer token when one is configured, then the body cap and strict JSON. Every error answer
+goes through `api/problems.py`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
-from api import diagram, orders
+from api import diagram, openapi, orders, problems
 from api.deps import StoreDep
+from api.guard import BearerFor, BodyGuard, TokenGate
 from api.runner import Runner
 from fsm.clients import Services
-from fsm.errors import (
-    ConcurrencyError,
-    CorruptOrder,
-    InvalidMove,
-    OrderNotFound,
-    StoreUnavailable,
-)
+from fsm.errors import StoreUnavailable
 from fsm.metrics import ORDERS
 from fsm.settings import Settings, get_settings
-from fsm.wiring import open_saga
+from fsm.wiring import http_client, http_services_for, open_saga
 
 
 def create_app(
@@ -40,7 +41,15 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_saga(settings, services=services, fallback_url=embedded_url) as saga:
+        async with AsyncExitStack() as stack:
+            chosen = services
+            if chosen is None:
+                client = await stack.enter_async_context(http_client(settings))
+                client.auth = BearerFor(settings.api_token, embedded_url)  # to our mount only
+                chosen = http_services_for(settings, client, fallback_url=embedded_url)
+            saga = await stack.enter_async_context(
+                open_saga(settings, services=chosen, fallback_url=embedded_url)
+            )
             runner = Runner(store=saga.store, executor=saga.executor, settings=settings)
             app.state.store, app.state.executor, app.state.runner = (
                 saga.store,
@@ -61,36 +70,24 @@ def create_app(
         description="Durable order orchestrator (saga as a persisted state machine)",
     )
     app.state.settings = settings
+    app.state.diagrams = diagram.Renderer(concurrency=settings.diagram_concurrency)
+    problems.install(app)
+    openapi.install(app, secured=settings.api_token is not None)
     app.include_router(orders.router)
     app.include_router(diagram.router)
 
-    @app.exception_handler(OrderNotFound)
-    async def _not_found(_: Request, exc: OrderNotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
-
-    @app.exception_handler(ConcurrencyError)
-    async def _busy(_: Request, exc: ConcurrencyError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=409)
-
-    @app.exception_handler(CorruptOrder)
-    async def _corrupt(_: Request, exc: CorruptOrder) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=500)
-
-    @app.exception_handler(StoreUnavailable)
-    async def _unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
-        # Nothing was decided: the client may retry (with its Idempotency-Key) shortly.
-        return JSONResponse(
-            {"detail": str(exc), "code": exc.code}, status_code=503, headers={"Retry-After": "1"}
-        )
-
-    @app.exception_handler(InvalidMove)
-    async def _invalid(_: Request, exc: InvalidMove) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=409)
-
-    @app.get("/healthz", tags=["ops"])
+    @app.get(
+        "/healthz",
+        tags=["ops"],
+        responses={503: {"model": problems.Problem, "description": "a dependency is down"}},
+    )
     def healthz(store: StoreDep) -> dict[str, str]:
-        with store.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        """200 when the database answers; 503 naming the dependency that does not."""
+        try:
+            with store.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except (SQLAlchemyError, StoreUnavailable) as exc:
+            raise StoreUnavailable(f"database: {type(exc).__name__}") from exc
         return {"status": "ok", "database": store.engine.dialect.name}
 
     @app.get(
@@ -113,4 +110,10 @@ def create_app(
         from downstream.app import create_services_app
 
         app.mount("/services", create_services_app(settings.services_db))
+    # Added last = outermost: the token is checked before a body is even read.
+    app.add_middleware(
+        BodyGuard, max_bytes=settings.max_body_bytes, read_timeout=settings.body_timeout
+    )
+    if settings.api_token is not None:
+        app.add_middleware(TokenGate, token=settings.api_token)
     return app

@@ -1,11 +1,13 @@
-"""FastAPI dependencies as Annotated aliases: the store, the executor, the auth check."""
+"""FastAPI dependencies as Annotated aliases: the store, the executor, the settings.
+
+Authentication is not a dependency: `api.guard.TokenGate` enforces it for every path.
+"""
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request, status
+from fastapi import Depends, Request
 
 from fsm.executor import Executor
 from fsm.settings import Settings
@@ -27,21 +29,6 @@ def get_app_settings(request: Request) -> Settings:
     return settings
 
 
-def require_token(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
-    """When ORDER_SAGA_API_TOKEN is set, mutating endpoints need `Bearer <token>`."""
-    token = request.app.state.settings.api_token
-    if not token:
-        return
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given, token):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            detail="missing or wrong bearer token",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
-
 StoreDep = Annotated[Store, Depends(get_store)]
 ExecutorDep = Annotated[Executor, Depends(get_executor)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
-Authorized = Depends(require_token)

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.problems import Problem
 from fsm.machine import Status
 from fsm.models import Order, Transition
 from fsm.store import step_states
@@ -103,17 +104,10 @@ class RejectedOrder(OrderOut):
     detail: str
 
 
-class Problem(BaseModel):
-    """An error that is not input validation: unknown order, conflict, corrupt row."""
-
-    detail: str
-    code: str | None = None
-
-
 def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI documentation of the error answers a route can give."""
+    """OpenAPI documentation of the error answers a route can give (as problem+json:
+    `api/openapi.py` moves them there)."""
     described = {
-        401: "missing or wrong bearer token (when ORDER_SAGA_API_TOKEN is set)",
         404: "no such order",
         409: "held by another driver, or not allowed in its state",
         500: "the stored order is corrupt",

@@ -9,8 +9,8 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Response, status
 
 from downstream.deps import FaultsDep, StoreDep
-from downstream.faults import DEFAULT_SECONDS, Fault
-from downstream.schemas import FaultRequest
+from downstream.faults import DEFAULT_SECONDS, MAX_PENDING, Fault
+from downstream.schemas import Detail, FaultRequest, ValidationDetail
 
 router = APIRouter(tags=["admin"])
 
@@ -20,10 +20,20 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.post("/_faults", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "/_faults",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        409: {"model": Detail, "description": f"{MAX_PENDING} faults are already pending"},
+        422: {"model": ValidationDetail, "description": "not a valid fault"},
+    },
+)
 async def add_fault(body: FaultRequest, faults: FaultsDep) -> dict[str, Any]:
     seconds = DEFAULT_SECONDS[body.mode] if body.seconds is None else body.seconds
-    return faults.add(Fault(body.operation, body.mode, body.count, seconds)).as_dict()
+    added = faults.add(Fault(body.operation, body.mode, body.count, seconds))
+    if added is None:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"{MAX_PENDING} faults are already pending")
+    return added.as_dict()
 
 
 @router.get("/_faults")
@@ -49,7 +59,10 @@ async def effects(store: StoreDep) -> dict[str, dict[str, int]]:
     return {"effects": store.effects()}
 
 
-@router.get("/_operations/{key:path}")
+@router.get(
+    "/_operations/{key:path}",
+    responses={404: {"model": Detail, "description": "no request with this key"}},
+)
 async def stored_answer(key: str, store: StoreDep) -> dict[str, Any]:
     answer = store.stored_answer(key)
     if answer is None:

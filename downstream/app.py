@@ -4,7 +4,9 @@
 replace it behind the same URLs.
 """
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
 from downstream import admin, services
 from downstream.faults import FaultBoard
@@ -24,4 +26,15 @@ def create_services_app(state_path: str | None = None) -> FastAPI:
     app.state.faults = FaultBoard()
     app.include_router(services.router)
     app.include_router(admin.router)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes each bad input, and NaN or a 10 MB body cannot or
+        # should not be echoed: say where and what only.
+        issues = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg")), "type": str(e.get("type"))}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": issues}, status_code=422)
+
     return app

@@ -26,6 +26,8 @@ Mode = Literal["error", "delay", "timeout", "apply_then_error"]
 OPERATIONS: tuple[str, ...] = get_args(Operation)
 MODES: tuple[str, ...] = get_args(Mode)
 
+MAX_PENDING = 100  # fault entries on the board at once: a runaway script gets a 409
+
 DEFAULT_SECONDS: dict[str, float] = {
     "error": 0.0,
     "delay": 1.0,
@@ -52,8 +54,11 @@ class FaultBoard:
         self._lock = threading.Lock()
         self._queues: dict[str, deque[Fault]] = {}
 
-    def add(self, fault: Fault) -> Fault:
+    def add(self, fault: Fault) -> Fault | None:
+        """Queue `fault`; None (nothing queued) when MAX_PENDING entries are waiting."""
         with self._lock:
+            if sum(len(queue) for queue in self._queues.values()) >= MAX_PENDING:
+                return None
             self._queues.setdefault(fault.operation, deque()).append(fault)
         return fault
 

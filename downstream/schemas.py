@@ -1,16 +1,19 @@
 """Request bodies of the reference services, validated strictly (bad input -> 422).
 
-Integers are strict and positive (money in cents, never a float); unknown fields are ignored.
-Field names match the keyword arguments of `ledger.py`'s functions.
+Integers are strict, positive and fit SQLite's 64 bits (money in cents, never a float);
+unknown fields are ignored. Field names match the keyword arguments of `ledger.py`'s
+functions.
 """
 
 from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from downstream.faults import Mode, Operation
 
-PositiveInt = Annotated[int, Field(strict=True, gt=0)]
+MAX_INT = 2**63 - 1  # SQLite's INTEGER: a larger id or amount is a 422, not an overflow
+PositiveInt = Annotated[int, Field(strict=True, gt=0, le=MAX_INT)]
+MAX_FAULT_COUNT = 1000
 OrderId = Annotated[str, Field(strict=True, min_length=1, max_length=200)]
 
 
@@ -45,9 +48,34 @@ class ShipmentCancel(BaseModel):
 
 
 class FaultRequest(BaseModel):
-    """`POST /_faults`: affect the next `count` calls of `operation`."""
+    """`POST /_faults`: affect the next `count` calls of `operation` (strict: `seconds`
+    is a number, never `false` or `"30"`)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     operation: Operation
     mode: Mode
-    count: PositiveInt = 1
-    seconds: Annotated[float, Field(ge=0, le=3600)] | None = None  # default depends on mode
+    count: Annotated[int, Field(strict=True, gt=0, le=MAX_FAULT_COUNT)] = 1
+    # The default depends on the mode (see faults.DEFAULT_SECONDS).
+    seconds: Annotated[float, Field(strict=True, ge=0, le=3600, allow_inf_nan=False)] | None = None
+
+
+# ---- error answers (documented in the OpenAPI) ---------------------------------------------
+
+
+class Detail(BaseModel):
+    """Every error answer of the services: `{"detail": "..."}`."""
+
+    detail: str
+
+
+class Issue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationDetail(BaseModel):
+    """A 422: what is wrong and where, never the input itself (it may not be printable)."""
+
+    detail: list[Issue] | str

@@ -6,19 +6,44 @@ Every POST honours `Idempotency-Key`; every operation listed in `faults.py` can 
 
 import sqlite3
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from downstream import ledger
 from downstream.deps import FaultsDep, IdempotencyKey, StoreDep, respond
 from downstream.faults import FaultBoard
-from downstream.schemas import Charge, ShipmentCancel, ShipmentRequest, StockMove
+from downstream.schemas import (
+    MAX_INT,
+    Charge,
+    Detail,
+    ShipmentCancel,
+    ShipmentRequest,
+    StockMove,
+    ValidationDetail,
+)
 from downstream.store import Outcome, Store
 
 router = APIRouter()
+
+Id = Annotated[int, PathParam(ge=-MAX_INT - 1, le=MAX_INT, description="a 64-bit integer")]
+
+
+def answers(**codes: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI documentation of a route's error answers: `answers(_404="no such user")`."""
+    documented: dict[int | str, dict[str, Any]] = {}
+    for name, description in codes.items():
+        code = int(name.lstrip("_"))
+        model = ValidationDetail if code == 422 else Detail
+        documented[code] = {"model": model, "description": description}
+    return documented
+
+
+INVALID = "invalid body, or the Idempotency-Key was used for another request"
+FAULTS = {"_500": "injected fault (/_faults: error, apply_then_error)", "_504": "injected timeout"}
 
 
 async def _mutate(
@@ -44,8 +69,12 @@ async def _mutate(
 # ---- product -------------------------------------------------------------------------------
 
 
-@router.get("/products/{product_id}", tags=["product"])
-async def get_product(product_id: int, store: StoreDep, faults: FaultsDep) -> JSONResponse:
+@router.get(
+    "/products/{product_id}",
+    tags=["product"],
+    responses=answers(_404="no such product", **FAULTS),
+)
+async def get_product(product_id: Id, store: StoreDep, faults: FaultsDep) -> JSONResponse:
     outcome = await faults.run(
         "product.get", lambda: store.read(lambda conn: ledger.get_product(conn, product_id))
     )
@@ -55,12 +84,22 @@ async def get_product(product_id: int, store: StoreDep, faults: FaultsDep) -> JS
 # ---- user (payment) ------------------------------------------------------------------------
 
 
-@router.get("/users/{user_id}", tags=["user"])
-async def get_user(user_id: int, store: StoreDep) -> JSONResponse:
+@router.get("/users/{user_id}", tags=["user"], responses=answers(_404="no such user"))
+async def get_user(user_id: Id, store: StoreDep) -> JSONResponse:
     return respond(store.read(lambda conn: ledger.get_user(conn, user_id)))
 
 
-@router.post("/users/deduct", tags=["user"])
+@router.post(
+    "/users/deduct",
+    tags=["user"],
+    responses=answers(
+        _402="insufficient balance",
+        _404="no such user",
+        _409="this order was already compensated (a late request)",
+        _422=INVALID,
+        **FAULTS,
+    ),
+)
 async def deduct_balance(
     body: Charge, store: StoreDep, faults: FaultsDep, key: IdempotencyKey = None
 ) -> JSONResponse:
@@ -74,7 +113,11 @@ async def deduct_balance(
     )
 
 
-@router.post("/users/refund", tags=["user"])
+@router.post(
+    "/users/refund",
+    tags=["user"],
+    responses=answers(_404="no such user", _422=INVALID, **FAULTS),
+)
 async def refund_balance(
     body: Charge, store: StoreDep, faults: FaultsDep, key: IdempotencyKey = None
 ) -> JSONResponse:
@@ -91,12 +134,23 @@ async def refund_balance(
 # ---- inventory -----------------------------------------------------------------------------
 
 
-@router.get("/inventory/{product_id}", tags=["inventory"])
-async def get_stock(product_id: int, store: StoreDep) -> JSONResponse:
+@router.get(
+    "/inventory/{product_id}", tags=["inventory"], responses=answers(_404="no such product")
+)
+async def get_stock(product_id: Id, store: StoreDep) -> JSONResponse:
     return respond(store.read(lambda conn: ledger.get_stock(conn, product_id)))
 
 
-@router.post("/inventory/deduct", tags=["inventory"])
+@router.post(
+    "/inventory/deduct",
+    tags=["inventory"],
+    responses=answers(
+        _404="no such product",
+        _409="insufficient stock, or this order was already compensated",
+        _422=INVALID,
+        **FAULTS,
+    ),
+)
 async def deduct_stock(
     body: StockMove, store: StoreDep, faults: FaultsDep, key: IdempotencyKey = None
 ) -> JSONResponse:
@@ -110,7 +164,11 @@ async def deduct_stock(
     )
 
 
-@router.post("/inventory/restore", tags=["inventory"])
+@router.post(
+    "/inventory/restore",
+    tags=["inventory"],
+    responses=answers(_404="no such product", _422=INVALID, **FAULTS),
+)
 async def restore_stock(
     body: StockMove, store: StoreDep, faults: FaultsDep, key: IdempotencyKey = None
 ) -> JSONResponse:
@@ -127,7 +185,15 @@ async def restore_stock(
 # ---- shipping ------------------------------------------------------------------------------
 
 
-@router.post("/shipping/schedule", tags=["shipping"])
+@router.post(
+    "/shipping/schedule",
+    tags=["shipping"],
+    responses=answers(
+        _409="already scheduled, or this order was already compensated",
+        _422=INVALID + "; more than 10 units; no address for the user",
+        **FAULTS,
+    ),
+)
 async def schedule_shipment(
     body: ShipmentRequest, store: StoreDep, faults: FaultsDep, key: IdempotencyKey = None
 ) -> JSONResponse:
@@ -141,7 +207,7 @@ async def schedule_shipment(
     )
 
 
-@router.post("/shipping/cancel", tags=["shipping"])
+@router.post("/shipping/cancel", tags=["shipping"], responses=answers(_422=INVALID, **FAULTS))
 async def cancel_shipment(
     body: ShipmentCancel, store: StoreDep, faults: FaultsDep, key: IdempotencyKey = None
 ) -> JSONResponse:
@@ -156,6 +222,6 @@ async def cancel_shipment(
 
 
 # Declared after /shipping/schedule and /shipping/cancel (POST-only, so no clash anyway).
-@router.get("/shipping/{order_id}", tags=["shipping"])
+@router.get("/shipping/{order_id}", tags=["shipping"], responses=answers(_404="no shipment"))
 async def get_shipment(order_id: str, store: StoreDep) -> JSONResponse:
     return respond(store.read(lambda conn: ledger.get_shipment(conn, order_id)))

@@ -10,6 +10,8 @@ from functools import lru_cache
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 
 class Settings(BaseSettings):
@@ -58,11 +60,42 @@ class Settings(BaseSettings):
     # Downstream connection pool of one process (three calls per order in flight).
     http_max_connections: int = Field(default=256, ge=1, le=10_000)
 
+    # --- the HTTP edge of `serve` (issue 11): limits, timeouts, shutdown -------------------
+    # Request bodies above this are refused (413) before anything parses them.
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # Seconds a client may take to send a request's headers, and then its body (slowloris).
+    header_timeout: float = Field(default=10.0, gt=0, le=600)
+    body_timeout: float = Field(default=10.0, gt=0, le=600)
+    # Idle keep-alive connections are closed after this many seconds.
+    keepalive_timeout: int = Field(default=5, ge=1, le=600)
+    # Connections + in-flight requests beyond this are answered 503 at once.
+    limit_concurrency: int = Field(default=256, ge=1, le=100_000)
+    # SIGTERM: in-flight requests and runs get this long to finish, then runs are cancelled
+    # (their leases released) and the process exits; orders continue on resume.
+    shutdown_grace: float = Field(default=10.0, ge=0, le=3600)
+    # Graphviz renderings (svg/png) running at once; more wait their turn off the loop.
+    diagram_concurrency: int = Field(default=2, ge=1, le=64)
+
+    @field_validator("api_token")
+    @classmethod
+    def _usable_token(cls, token: str | None) -> str | None:
+        if token is None:
+            return None
+        if not token.strip():
+            raise ValueError("must not be empty (unset it to turn authentication off)")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in token) or token != token.strip():
+            raise ValueError("must not contain control characters or surrounding spaces")
+        return token
+
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, url: str) -> str:
         if not url.startswith(("sqlite://", "postgresql")):
             raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        try:
+            make_url(url)
+        except (ArgumentError, ValueError):  # the message would quote it, password and all
+            raise ValueError("is not a valid database URL") from None
         return url
 
     @field_validator(

@@ -13,9 +13,10 @@ import signal
 import sqlite3
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import httpx
 import typer
@@ -25,6 +26,10 @@ from typer.exceptions import TyperException
 
 from fsm.errors import SagaError, StoreUnavailable
 from fsm.settings import Settings
+from order_saga.redact import masked, redact
+
+if TYPE_CHECKING:  # imported lazily at run time: `order-saga --help` stays fast
+    from fsm.wiring import Saga
 
 app = typer.Typer(
     help="Durable order orchestrator.", pretty_exceptions_enable=False, add_completion=False
@@ -34,7 +39,7 @@ app.add_typer(db_app, name="db")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"order-saga: {message}", err=True)
+    typer.echo(f"order-saga: {redact(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -69,7 +74,7 @@ def _migrate(settings: Settings) -> None:
     try:
         upgrade(settings.database_url)
     except Exception as exc:  # unreachable database, bad URL, ...
-        fail(f"cannot migrate {settings.database_url}: {one_line(exc)}", 1)
+        fail(f"cannot migrate {masked(settings.database_url)}: {one_line(exc)}", 1)
 
 
 @app.command()
@@ -83,13 +88,14 @@ def serve(
     import uvicorn
 
     from api.app import create_app
+    from order_saga.server import uvicorn_options
 
     settings = load_settings()
     _migrate(settings)
     configure_logging()
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     application = create_app(settings, embedded_url=f"http://{local}:{port}/services", sweep=sweep)
-    uvicorn.run(application, host=host, port=port, log_level="info")
+    uvicorn.run(application, host=host, port=port, log_level="info", **uvicorn_options(settings))
 
 
 @app.command()
@@ -104,10 +110,33 @@ def services(
     """Serve the four reference services (and /_faults) alone."""
     import uvicorn
 
+    from api.guard import BodyGuard
     from downstream.app import create_services_app
+    from order_saga.server import uvicorn_options
 
-    path = state or load_settings().services_db
-    uvicorn.run(create_services_app(path), host=host, port=port, log_level="warning")
+    settings = load_settings()
+    path = state or settings.services_db
+    # The same body cap and strict JSON as when they are mounted under serve's /services.
+    guarded = BodyGuard(
+        create_services_app(path),
+        max_bytes=settings.max_body_bytes,
+        read_timeout=settings.body_timeout,
+    )
+    uvicorn.run(guarded, host=host, port=port, log_level="warning", **uvicorn_options(settings))
+
+
+@contextlib.asynccontextmanager
+async def _saga(settings: Settings) -> AsyncIterator[Saga]:
+    """`open_saga`, with our token on calls to `serve`'s embedded services (the fallback
+    URL), and only there."""
+    from api.guard import BearerFor
+    from fsm.wiring import http_client, http_services_for, open_saga
+
+    async with http_client(settings) as client:
+        client.auth = BearerFor(settings.api_token, settings.fallback_services_url)
+        services_ = http_services_for(settings, client)
+        async with open_saga(settings, services=services_) as saga:
+            yield saga
 
 
 @app.command()
@@ -121,18 +150,21 @@ def resume(
 ) -> None:
     """Drive stuck (non-terminal, unleased) orders to a terminal state; print a summary."""
     from fsm.recovery import resume_stuck
-    from fsm.wiring import open_saga
 
     settings = load_settings()
 
     async def main() -> int:
-        async with open_saga(settings) as saga:
+        async with _saga(settings) as saga:
             executor = saga.executor
             if order is not None:
                 try:
                     oid = uuid.UUID(order)
                 except ValueError:
                     fail(f"--order: {order!r} is not an order id (UUID)")
+                if dry_run:  # read only: no lease, no transition, no call
+                    found = executor.store.get(oid)
+                    typer.echo(f"{found.id} {found.state} ({found.status}): would resume")
+                    return 0
                 result = await executor.run(oid)
                 typer.echo(f"{result.id} {result.state} ({result.status})")
                 return 0
@@ -171,7 +203,6 @@ def worker(
 ) -> None:
     """Claim and advance stuck orders forever (run several; they share the load)."""
     from fsm.recovery import sweep_forever
-    from fsm.wiring import open_saga
 
     settings = load_settings()
     updates: dict[str, float] = {}
@@ -183,7 +214,7 @@ def worker(
     configure_logging()
 
     async def main() -> None:
-        async with open_saga(settings) as saga:
+        async with _saga(settings) as saga:
             executor = saga.executor
             executor.store.count_by_status()  # fail fast, in one line, if the DB is not there
             sweep = asyncio.create_task(
@@ -254,7 +285,7 @@ def db_upgrade() -> None:
     """Apply all migrations (same as `alembic upgrade head`)."""
     settings = load_settings()
     _migrate(settings)
-    typer.echo(f"database at head: {settings.database_url}")
+    typer.echo(f"database at head: {masked(settings.database_url)}")
 
 
 def main() -> None:
@@ -268,7 +299,7 @@ def main() -> None:
         typer.echo(f"order-saga: {exc.format_message()}", err=True)
         code = exc.exit_code
     except ENVIRONMENT_ERRORS as exc:  # database or service unreachable, unwritable file
-        typer.echo(f"order-saga: {one_line(exc)}", err=True)
+        typer.echo(f"order-saga: {redact(one_line(exc))}", err=True)
         code = 1
     except typer.Abort:
         code = 130

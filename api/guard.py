@@ -1,0 +1,207 @@
+"""ASGI middleware at the edge of the process, in front of every route and every mount.
+
+`TokenGate`: with ORDER_SAGA_API_TOKEN set, every path but an explicit allow-list needs
+`Authorization: Bearer <token>`. Enforced here rather than per route, so the mounted
+reference services and any route added later are covered without anyone remembering to.
+
+`BodyGuard`: bodies are capped before anything reads them (413), and a JSON body must be
+strict JSON before any handler parses it (422): UTF-8, no NaN/Infinity/overflowing
+numbers, no lone surrogates, no duplicate keys. Python's `json` accepts all of those, and
+a handler would otherwise act on the last duplicate or fail to echo the value back.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+from collections.abc import Generator
+from typing import Any
+
+import anyio
+import httpx
+from fastapi.security import HTTPBearer
+from starlette.datastructures import Headers
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.problems import ValidationIssue, excerpt, problem
+
+OPEN_PATHS = frozenset({"/healthz", "/metrics"})
+BEARER = HTTPBearer(
+    auto_error=False, description="Required on every path but /healthz and /metrics"
+)
+JSON_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class TokenGate:
+    def __init__(self, app: ASGIApp, *, token: str, open_paths: frozenset[str] = OPEN_PATHS):
+        self.app = app
+        self.expected = token.encode("utf-8")
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        credentials = await BEARER(HTTPConnection(scope))
+        # Starlette decodes header bytes as latin-1: encoding back gives the bytes sent,
+        # so a non-ASCII header (or token) is compared, never a TypeError.
+        given = credentials.credentials.encode("latin-1") if credentials else b""
+        if credentials is None or not hmac.compare_digest(given, self.expected):
+            response = problem(
+                401,
+                "missing or wrong bearer token",
+                code="unauthorized",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class BearerFor(httpx.Auth):
+    """Client side: our own token on calls to our own embedded services (`prefix`), and
+    only there, so it never leaks to a real downstream service configured by URL."""
+
+    def __init__(self, token: str | None, prefix: str) -> None:
+        self.header = f"Bearer {token}" if token else None  # httpx sends it as UTF-8
+        self.prefix = prefix.rstrip("/") + "/"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if self.header is not None and str(request.url).startswith(self.prefix):
+            request.headers["Authorization"] = self.header
+        yield request
+
+
+class BadJSON(ValueError):
+    pass
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise BadJSON(f"duplicate key {excerpt(key)!r}")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadJSON(f"number out of range: {excerpt(text)}")
+    return value
+
+
+def _constant(name: str) -> Any:
+    raise BadJSON(f"{name} is not JSON")
+
+
+def _check_strings(document: Any) -> None:
+    stack = [document]  # iterative: nesting depth is bounded by the body cap only
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadJSON("a string holds a lone surrogate (\\ud800-\\udfff)") from None
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+
+
+def strict_json(body: bytes) -> None:
+    """Raise `BadJSON` unless `body` is JSON that every consumer reads the same way."""
+    try:
+        text = body.decode("utf-8")
+        document = json.loads(
+            text, object_pairs_hook=_pairs, parse_float=_finite, parse_constant=_constant
+        )
+    except BadJSON:
+        raise
+    except UnicodeDecodeError:
+        raise BadJSON("the body is not UTF-8") from None
+    except RecursionError:
+        raise BadJSON("the body is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of thousands of digits
+        raise BadJSON(f"invalid JSON: {str(exc).splitlines()[0][:80]}") from None
+    _check_strings(document)
+
+
+def _is_json(content_type: str | None) -> bool:
+    # FastAPI parses a body as JSON when there is no content type or a JSON one.
+    if not content_type:
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+class BodyGuard:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, read_timeout: float = 10.0) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.read_timeout = read_timeout
+
+    def _too_large(self) -> Any:
+        return problem(
+            413, f"the body is larger than {self.max_bytes} bytes", code="body_too_large"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large()(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        with anyio.move_on_after(self.read_timeout) as reading:  # a body sent byte by byte
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return  # the client is gone: nothing to answer
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_bytes:
+                    await self._too_large()(scope, receive, send)
+                    return
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        if reading.cancelled_caught:
+            timeout = problem(408, "the body took too long to arrive", code="body_timeout")
+            await timeout(scope, receive, send)
+            return
+        body = b"".join(chunks)
+        if body and scope["method"] in JSON_METHODS and _is_json(headers.get("content-type")):
+            try:
+                strict_json(body)
+            except BadJSON as exc:
+                response = problem(
+                    422,
+                    f"body: {exc}",
+                    code="invalid_json",
+                    errors=[ValidationIssue(loc=["body"], msg=str(exc), type="json_invalid")],
+                )
+                await response(scope, receive, send)
+                return
+
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: wait for the disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)

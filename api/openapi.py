@@ -1,0 +1,95 @@
+"""The OpenAPI document says what the edge does: problem+json errors, the bearer scheme.
+
+FastAPI documents each route's own answers; the answers the middleware and the shared
+error mapping give to every route (401, 413, 422, 503) are added here, from the same
+constants they use, so the document cannot drift from `api/guard.py` and
+`api/problems.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from api.guard import BEARER, JSON_METHODS, OPEN_PATHS
+from api.problems import MEDIA_TYPE, RETRY_AFTER, Problem
+
+PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+ERROR_SCHEMAS = ("HTTPValidationError", "ValidationError")
+EVERYWHERE = {503: "the database (or Graphviz, for svg/png) is unavailable; see Retry-After"}
+WITH_BODY = {
+    413: "the body is larger than ORDER_SAGA_MAX_BODY_BYTES",
+    422: "invalid input: not strict JSON (NaN, duplicate keys, lone surrogates) or not the schema",
+}
+SECURED = {401: "missing or wrong bearer token"}
+
+
+def _problem(description: str, status: int) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "description": description,
+        "content": {MEDIA_TYPE: {"schema": PROBLEM_REF}},
+    }
+    if status == 503:
+        answer["headers"] = {
+            "Retry-After": {
+                "description": f"seconds (here {RETRY_AFTER})",
+                "schema": {"type": "integer"},
+            }
+        }
+    return answer
+
+
+def _as_problem(answer: dict[str, Any]) -> None:
+    """Error answers FastAPI documents as application/json become problem+json."""
+    content = answer.get("content", {})
+    schema = content.get("application/json", {}).get("schema", {})
+    ref = str(schema.get("$ref", ""))
+    if ref.endswith(("/Problem", *(f"/{name}" for name in ERROR_SCHEMAS))):
+        del content["application/json"]
+        content[MEDIA_TYPE] = {"schema": PROBLEM_REF}
+
+
+def build(app: FastAPI, *, secured: bool) -> dict[str, Any]:
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        description=app.description,
+        routes=app.routes,
+    )
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    schemas.update(Problem.model_json_schema(ref_template="#/components/schemas/{model}")["$defs"])
+    schemas["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas["Problem"].pop("$defs", None)
+    if secured:
+        components["securitySchemes"] = {
+            "bearer": BEARER.model.model_dump(mode="json", by_alias=True, exclude_none=True)
+        }
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            for code, answer in responses.items():
+                if code.isdigit() and int(code) >= 400:
+                    _as_problem(answer)
+            extra = dict(EVERYWHERE)
+            if method.upper() in JSON_METHODS:
+                extra |= WITH_BODY
+            if secured and path not in OPEN_PATHS:
+                extra |= SECURED
+                operation["security"] = [{"bearer": []}]
+            for status, description in extra.items():
+                responses.setdefault(str(status), _problem(description, status))
+    for name in ERROR_SCHEMAS:  # replaced by Problem everywhere
+        schemas.pop(name, None)
+    return schema
+
+
+def install(app: FastAPI, *, secured: bool) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build(app, secured=secured)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

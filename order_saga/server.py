@@ -1,0 +1,76 @@
+"""How `serve` and `services` run uvicorn: limits and timeouts from Settings.
+
+uvicorn bounds idle keep-alive connections and, with `limit_concurrency`, the number of
+connections and requests at once (503 beyond), but it has no deadline for a request's
+headers: a client sending one byte every few seconds keeps a connection forever
+(slowloris). `HeaderDeadline` adds one; bodies get theirs in `api.guard.BodyGuard`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from fsm.settings import Settings
+
+
+class HeaderDeadline(H11Protocol):
+    """h11 that closes a connection whose next request's headers are not complete
+    `header_timeout` seconds after the connection opened or the previous answer ended.
+    Unlike the keep-alive timer, trickling bytes does not reset it."""
+
+    header_timeout = 10.0
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.header_timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _waiting_for_headers(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if self._waiting_for_headers() and not self.transport.is_closing():
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self._waiting_for_headers():  # a whole request arrived: it is being served
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self._waiting_for_headers():
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+def protocol(header_timeout: float) -> type[HeaderDeadline]:
+    return type("HeaderDeadlineProtocol", (HeaderDeadline,), {"header_timeout": header_timeout})
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for `uvicorn.run` / `uvicorn.Config`."""
+    return {
+        "http": protocol(settings.header_timeout),
+        "timeout_keep_alive": settings.keepalive_timeout,
+        "limit_concurrency": settings.limit_concurrency,
+        # SIGTERM: in-flight requests (and the runs they wait for) get this long, then the
+        # lifespan's shutdown cancels the remaining runs, which release their leases.
+        "timeout_graceful_shutdown": settings.shutdown_grace,
+    }

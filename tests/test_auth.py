@@ -1,0 +1,227 @@
+"""ORDER_SAGA_API_TOKEN (issue 11, items 1-4): every path of the app's own router table,
+the mounted reference services included, needs the bearer token but /healthz and
+/metrics; the table is walked, not listed by hand, so a route added later is covered."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.routing import iter_route_contexts
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+from sqlmodel import SQLModel
+from starlette.routing import BaseRoute, Mount
+
+from api.app import create_app
+from api.guard import OPEN_PATHS
+from fsm.settings import Settings
+from fsm.store import Store, make_engine
+from tests.conftest import free_port
+from tests.crashkit import saga_env
+from tests.test_cli import ORDER_SAGA, run
+
+TOKEN = "s3cret-token"
+NON_ASCII_TOKEN = "sécret-ключ-令牌"
+PARAM = re.compile(r"{([^}:]+)(?::[^}]+)?}")
+ORDER_ID = str(uuid.uuid4())
+
+WRONG: dict[str, dict[str, Any]] = {
+    "no header": {},
+    "wrong token": {"Authorization": "Bearer nope"},
+    "token prefix": {"Authorization": f"Bearer {TOKEN[:-1]}"},
+    "basic scheme": {"Authorization": f"Basic {TOKEN}"},
+    "bare token": {"Authorization": TOKEN},
+    "empty bearer": {"Authorization": "Bearer "},
+    "non-ASCII": {"Authorization": "Bearer sécret".encode()},
+    "latin-1 bytes": {"Authorization": b"Bearer \xe9\xff"},
+}
+
+
+def concrete(path: str) -> str:
+    return PARAM.sub(lambda m: ORDER_ID if "order" in m.group(1) else "1", path)
+
+
+def walk(routes: list[BaseRoute], prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(method, path) of every endpoint, through included routers and mounted apps."""
+    for route in iter_route_contexts(routes):
+        if isinstance(route.original_route, Mount):
+            yield from walk(list(route.original_route.routes), prefix + str(route.path))
+            continue
+        for method in sorted(route.methods or {"GET"}):
+            yield method, prefix + concrete(str(route.path))
+
+
+def app_with_token(tmp_path: Path, token: str) -> FastAPI:
+    url = f"sqlite:///{tmp_path}/auth.db"
+    engine = make_engine(url)
+    SQLModel.metadata.create_all(engine)
+    engine.dispose()
+    # No downstream URLs: the reference services are mounted under /services.
+    settings = Settings(database_url=url, services_db=str(tmp_path / "s.db"), api_token=token)
+    return create_app(settings, sweep=False)
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    app = app_with_token(tmp_path_factory.mktemp("auth"), TOKEN)
+    with TestClient(app) as client:
+        yield client
+
+
+def endpoints(client: TestClient) -> list[tuple[str, str]]:
+    app: FastAPI = client.app  # type: ignore[assignment]
+    found = sorted(set(walk(app.routes)))
+    assert any(path.startswith("/services/") for _, path in found)  # the mount is walked
+    return found
+
+
+def test_every_path_but_health_and_metrics_needs_the_token(secured: TestClient) -> None:
+    found = endpoints(secured)
+    assert len(found) > 20
+    before = secured.get("/services/_effects", headers={"Authorization": f"Bearer {TOKEN}"})
+    for method, path in found:
+        for case, headers in WRONG.items():
+            response = secured.request(method, path, headers=headers)
+            if path in OPEN_PATHS:
+                assert response.status_code == 200, (method, path, case)
+                continue
+            assert response.status_code == 401, (method, path, case, response.text)
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+            assert response.headers["content-type"] == "application/problem+json"
+            if method != "HEAD":
+                assert response.json()["detail"] == "missing or wrong bearer token"
+    # /services/_reset, /_faults, /users/refund ... all refused: nothing changed.
+    after = secured.get("/services/_effects", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert after.json() == before.json()
+    ok = secured.get("/orders", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.json()["orders"] == []
+
+
+def test_the_right_token_opens_every_path(secured: TestClient) -> None:
+    for method, path in endpoints(secured):
+        if method == "POST" and path.endswith("/_reset"):
+            continue  # would wipe the services other tests in this module read
+        response = secured.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code not in (401, 403), (method, path)
+        assert response.status_code < 500, (method, path, response.text)
+
+
+def test_a_route_added_later_is_covered(tmp_path: Path) -> None:
+    app = app_with_token(tmp_path, TOKEN)
+
+    @app.get("/added-later")
+    def added() -> dict[str, str]:
+        return {"secret": "yes"}
+
+    with TestClient(app) as client:
+        assert client.get("/added-later").status_code == 401
+        good = client.get("/added-later", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert good.json() == {"secret": "yes"}
+
+
+def test_a_non_ascii_configured_token_works_and_never_500s(tmp_path: Path) -> None:
+    app = app_with_token(tmp_path, NON_ASCII_TOKEN)
+    right = {"Authorization": b"Bearer " + NON_ASCII_TOKEN.encode()}
+    with TestClient(app) as client:
+        assert client.get("/orders", headers=right).status_code == 200
+        for headers in WRONG.values():
+            assert client.get("/orders", headers=headers).status_code == 401
+        latin1 = {"Authorization": b"Bearer " + NON_ASCII_TOKEN.encode("utf-16")}
+        assert client.get("/orders", headers=latin1).status_code == 401
+
+
+def test_openapi_declares_the_bearer_scheme(secured: TestClient) -> None:
+    document = secured.get("/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert document["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "Required on every path but /healthz and /metrics",
+    }
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            expected = [] if path in OPEN_PATHS else [{"bearer": []}]
+            assert operation.get("security", []) == expected, path
+            if path not in OPEN_PATHS:
+                assert "401" in operation["responses"], path
+
+
+@pytest.mark.parametrize("token", ["", " ", "\t\n", " padded ", "new\nline"])
+def test_an_unusable_token_is_refused_at_start_up(token: str) -> None:
+    with pytest.raises(ValidationError, match="api_token"):
+        Settings(api_token=token)
+
+
+def test_the_cli_refuses_an_empty_token_in_one_line() -> None:
+    result = run("serve", "--port", "1", ORDER_SAGA_API_TOKEN="")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "order-saga: invalid ORDER_SAGA_API_TOKEN: "
+        "Value error, must not be empty (unset it to turn authentication off)"
+    ]
+
+
+def test_no_token_configured_leaves_every_path_open(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/open.db"
+    engine = make_engine(url)
+    SQLModel.metadata.create_all(engine)
+    engine.dispose()
+    app = create_app(Settings(database_url=url, services_db=str(tmp_path / "s.db")), sweep=False)
+    with TestClient(app) as client:
+        assert client.get("/orders").status_code == 200
+        assert client.get("/services/users/1").status_code == 200
+        assert "securitySchemes" not in client.get("/openapi.json").json()["components"]
+
+
+@pytest.mark.parametrize("token", [TOKEN, NON_ASCII_TOKEN], ids=["ascii", "non-ASCII"])
+def test_embedded_services_are_called_with_the_token(tmp_path: Path, token: str) -> None:
+    """`serve` with a token calls its own mounted services with it (and `resume`, through
+    the fallback URL, too): the saga still completes."""
+    url = f"sqlite:///{tmp_path}/live.db"
+    engine = make_engine(url)
+    SQLModel.metadata.create_all(engine)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    settings = Settings(database_url=url, services_db=str(tmp_path / "s.db"), api_token=token)
+    app = create_app(settings, embedded_url=f"{base}/services", sweep=False)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.01)
+        auth = {"Authorization": b"Bearer " + token.encode()}
+        body = {"user_id": 1, "product_id": 1, "quantity": 1}
+        placed = httpx.post(f"{base}/orders", json=body, headers=auth, timeout=30)
+        assert placed.status_code == 201, placed.text
+        assert placed.json()["status"] == "completed"
+
+        stuck, _ = Store(engine).create_order(user_id=1, product_id=1, quantity=1)
+        env = saga_env(database_url=url, services_url=None)  # type: ignore[arg-type]
+        env |= {
+            "ORDER_SAGA_API_TOKEN": token,
+            "ORDER_SAGA_FALLBACK_SERVICES_URL": f"{base}/services",
+        }
+        resumed = subprocess.run(
+            [ORDER_SAGA, "resume", "--order", str(stuck.id)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert resumed.returncode == 0, resumed.stderr
+        assert Store(engine).get(stuck.id).status == "completed"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.dispose()

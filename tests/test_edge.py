@@ -1,0 +1,273 @@
+"""The edges of a running process (issue 11, items 5, 9, 10, 12, 14, 15): the database
+down is a 503 problem with Retry-After, slow clients are cut off, diagrams render off the
+loop, `resume --order --dry-run` reads only, URLs never print their password, SIGTERM
+drains within its grace period."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from sqlmodel import SQLModel
+
+from api.app import create_app
+from api.diagram import Renderer
+from fsm.models import Transition
+from fsm.settings import Settings
+from fsm.store import Store, make_engine
+from order_saga.server import uvicorn_options
+from tests.conftest import PG_SERVER, Downstream, free_port
+from tests.crashkit import saga_env
+from tests.test_cli import ORDER_SAGA, run
+
+UNREACHABLE = {
+    "postgresql, nothing listening": lambda: (
+        f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x"
+    ),
+    "postgresql, no such database": lambda: f"{PG_SERVER}/order_saga_no_such_database",
+    "sqlite, unopenable path": lambda: "sqlite:////nonexistent/dir/saga.db",
+}
+
+
+@pytest.mark.parametrize("make_url", UNREACHABLE.values(), ids=UNREACHABLE.keys())
+def test_database_down_is_a_503_problem_with_retry_after(make_url: Any, tmp_path: Path) -> None:
+    settings = Settings(database_url=make_url(), services_db=str(tmp_path / "s.db"))
+    with TestClient(create_app(settings, sweep=False)) as client:
+        health = client.get("/healthz")
+        answers = [
+            client.get("/orders"),
+            client.get(f"/orders/{uuid.uuid4()}"),
+            client.post("/orders", json={"user_id": 1, "product_id": 1, "quantity": 1}),
+            client.post(f"/orders/{uuid.uuid4()}/resume"),
+            client.get("/metrics"),
+        ]
+        assert client.get("/services/users/1").status_code == 200  # the services are fine
+    for response in [health, *answers]:
+        assert response.status_code == 503, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert int(response.headers["Retry-After"]) > 0
+        body = response.json()
+        assert body["dependency"] == "database" and body["code"] == "store_unavailable"
+        assert "password" not in response.text
+
+
+def test_healthz_names_the_database_when_up(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/up.db"
+    settings = Settings(database_url=url, services_db=str(tmp_path / "s.db"))
+    with TestClient(create_app(settings, sweep=False)) as client:
+        assert client.get("/healthz").json() == {"status": "ok", "database": "sqlite"}
+
+
+# -- diagrams: off the loop, capped, cached ----------------------------------------------------
+
+
+async def test_diagrams_render_off_the_loop_capped_and_cached() -> None:
+    entered: list[str] = []
+    release = threading.Event()
+
+    def slow_draw(fmt: str, history: Sequence[Transition] | None) -> bytes:
+        entered.append(fmt)
+        assert release.wait(10), "never released"
+        return f"picture {fmt} {len(history or ())}".encode()
+
+    renderer = Renderer(concurrency=1, draw=slow_draw)
+    order = uuid.uuid4()
+    jobs = [
+        asyncio.create_task(renderer.render((order, seq, "png"), "png", None)) for seq in (1, 2, 3)
+    ]
+    deadline = time.monotonic() + 10
+    while not entered:  # the loop runs this while a drawing blocks a thread
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert len(entered) == 1  # capped: the two others wait for the one token
+    release.set()
+    assert await asyncio.gather(*jobs) == [b"picture png 0"] * 3
+    assert len(entered) == 3
+    again = await renderer.render((order, 2, "png"), "png", None)  # same order, same seq
+    assert again == b"picture png 0" and len(entered) == 3  # served from the cache
+
+
+# -- resume --order --dry-run ------------------------------------------------------------------
+
+
+def test_resume_one_order_dry_run_changes_nothing(
+    db_url: str, store: Store, downstream: Downstream
+) -> None:
+    env = saga_env(database_url=db_url, services_url=downstream.url)
+    stuck, _ = store.create_order(user_id=1, product_id=1, quantity=1)
+    before = store.get(stuck.id)
+
+    dry = run("resume", "--order", str(stuck.id), "--dry-run", **env)
+
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.strip() == f"{stuck.id} pending (pending): would resume"
+    after = store.get(stuck.id)
+    assert (after.state, after.version, after.lease_owner) == ("pending", before.version, None)
+    assert store.history(stuck.id) == [] and downstream.effects() == {}
+    assert run("resume", "--order", str(stuck.id), **env).returncode == 0  # for real
+    assert store.get(stuck.id).status == "completed"
+
+
+# -- passwords never printed ---------------------------------------------------------------------
+
+
+def test_db_upgrade_masks_the_password_on_success_and_failure(tmp_path: Path) -> None:
+    from tests.conftest import create_pg_database, drop_pg_database
+
+    name = f"order_saga_mask_{uuid.uuid4().hex[:8]}"
+    create_pg_database(name)
+    try:
+        server = PG_SERVER.replace("postgres@", "postgres:hunter2@")  # trust auth ignores it
+        ok = run("db", "upgrade", ORDER_SAGA_DATABASE_URL=f"{server}/{name}")
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout.strip() == f"database at head: {server.replace('hunter2', '***')}/{name}"
+    finally:
+        drop_pg_database(name)
+    refused = run(
+        "db",
+        "upgrade",
+        ORDER_SAGA_DATABASE_URL=f"postgresql+psycopg://postgres:hunter2@127.0.0.1:{free_port()}/x",
+    )
+    assert refused.returncode == 1
+    assert "hunter2" not in refused.stdout + refused.stderr
+    assert "cannot migrate postgresql+psycopg://postgres:***@127.0.0.1:" in refused.stderr
+    unparsable = run(
+        "db", "upgrade", ORDER_SAGA_DATABASE_URL="postgresql+psycopg://u:hunter2@host:port/x"
+    )
+    assert unparsable.returncode == 2
+    assert unparsable.stderr == (
+        "order-saga: invalid ORDER_SAGA_DATABASE_URL: Value error, is not a valid database URL\n"
+    )
+
+
+# -- slow clients ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def edge_server(tmp_path: Path) -> Iterator[int]:
+    """`serve`'s uvicorn options (header deadline 0.5 s, body deadline 0.5 s) on a port."""
+    url = f"sqlite:///{tmp_path}/edge.db"
+    engine = make_engine(url)
+    SQLModel.metadata.create_all(engine)
+    engine.dispose()
+    settings = Settings(
+        database_url=url,
+        services_db=str(tmp_path / "s.db"),
+        header_timeout=0.5,
+        body_timeout=0.5,
+    )
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings, sweep=False),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        **uvicorn_options(settings),
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.01)
+    yield port
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_trickled_headers_are_cut_off(edge_server: int) -> None:
+    with socket.create_connection(("127.0.0.1", edge_server), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        deadline = time.monotonic() + 10
+        closed = False
+        while not closed and time.monotonic() < deadline:  # one header byte per 50 ms
+            try:
+                sock.sendall(b"X")
+                sock.settimeout(0.05)
+                closed = sock.recv(1024) == b""
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+        assert closed, "a client trickling headers kept its connection for 10 s"
+
+
+def test_a_slow_body_is_a_408(edge_server: int) -> None:
+    with socket.create_connection(("127.0.0.1", edge_server), timeout=10) as sock:
+        sock.sendall(
+            b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        answer = sock.recv(4096)  # the server gives up waiting for the other 99 bytes
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+
+
+def test_a_whole_request_is_still_served(edge_server: int) -> None:
+    response = httpx.get(f"http://127.0.0.1:{edge_server}/healthz")
+    assert response.status_code == 200
+
+
+# -- SIGTERM in embedded mode ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_drains_within_the_grace_period_and_releases_leases(tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    url = f"sqlite:///{tmp_path}/saga.db"
+    env = saga_env(database_url=url, services_url=None)  # type: ignore[arg-type]
+    env |= {
+        "ORDER_SAGA_SERVICES_DB": str(tmp_path / "services.db"),
+        "ORDER_SAGA_SHUTDOWN_GRACE": "1",
+        "ORDER_SAGA_HTTP_TIMEOUT": "120",
+        "ORDER_SAGA_LEASE_SECONDS": "300",
+    }
+    with subprocess.Popen(
+        [ORDER_SAGA, "serve", "--port", str(port), "--no-sweep"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as serve:
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                assert time.monotonic() < deadline and serve.poll() is None, "serve did not start"
+                try:
+                    if httpx.get(f"{base}/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.05)
+            fault = {"operation": "user.deduct", "mode": "delay", "count": 1, "seconds": 600}
+            httpx.post(f"{base}/services/_faults", json=fault).raise_for_status()
+            body = {"user_id": 1, "product_id": 1, "quantity": 1}
+            placed = httpx.post(f"{base}/orders", json=body, headers={"Prefer": "respond-async"})
+            order_id = placed.json()["id"]
+            while httpx.get(f"{base}/orders/{order_id}").json()["steps"]["payment"] != "requested":
+                assert time.monotonic() < deadline, "the payment call never started"
+                time.sleep(0.05)
+            serve.send_signal(signal.SIGTERM)  # a 600 s call in flight
+            _, stderr = serve.communicate(timeout=60)
+        finally:
+            serve.kill()
+    # uvicorn re-raises the signal it handled once it has shut down cleanly.
+    assert serve.returncode in (0, -signal.SIGTERM), stderr
+    assert "Application shutdown complete" in stderr
+    engine = make_engine(url)
+    order = Store(engine).get(uuid.UUID(order_id))
+    engine.dispose()
+    assert order.lease_owner is None  # released: resume can continue at once
+    assert order.payment_state == "requested"  # the intent stays for the next driver

@@ -4,6 +4,7 @@ the mounted reference services included, needs the bearer token but /healthz and
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import threading
@@ -209,7 +210,8 @@ def test_embedded_services_are_called_with_the_token(tmp_path: Path, token: str)
         assert placed.status_code == 201, placed.text
         assert placed.json()["status"] == "completed"
 
-        stuck, _ = Store(engine).create_order(user_id=1, product_id=1, quantity=1)
+        store = Store(engine)
+        stuck, _ = asyncio.run(store.create_order(user_id=1, product_id=1, quantity=1))
         env = saga_env(database_url=url, services_url=None)  # type: ignore[arg-type]
         env |= {
             "ORDER_SAGA_API_TOKEN": token,
@@ -220,7 +222,8 @@ def test_embedded_services_are_called_with_the_token(tmp_path: Path, token: str)
             env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert resumed.returncode == 0, resumed.stderr
-        assert Store(engine).get(stuck.id).status == "completed"
+        assert store.get(stuck.id).status == "completed"
+        store.close()
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -102,11 +102,11 @@ async def test_diagrams_render_off_the_loop_capped_and_cached() -> None:
 # -- resume --order --dry-run ------------------------------------------------------------------
 
 
-def test_resume_one_order_dry_run_changes_nothing(
+async def test_resume_one_order_dry_run_changes_nothing(
     db_url: str, store: Store, downstream: Downstream
 ) -> None:
     env = saga_env(database_url=db_url, services_url=downstream.url)
-    stuck, _ = store.create_order(user_id=1, product_id=1, quantity=1)
+    stuck, _ = await store.create_order(user_id=1, product_id=1, quantity=1)
     before = store.get(stuck.id)
 
     dry = run("resume", "--order", str(stuck.id), "--dry-run", **env)
@@ -267,7 +267,9 @@ def test_sigterm_drains_within_the_grace_period_and_releases_leases(tmp_path: Pa
     assert serve.returncode in (0, -signal.SIGTERM), stderr
     assert "Application shutdown complete" in stderr
     engine = make_engine(url)
-    order = Store(engine).get(uuid.UUID(order_id))
+    store = Store(engine)
+    order = store.get(uuid.UUID(order_id))
+    store.close()
     engine.dispose()
     assert order.lease_owner is None  # released: resume can continue at once
     assert order.payment_state == "requested"  # the intent stays for the next driver

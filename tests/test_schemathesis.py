@@ -104,12 +104,14 @@ def api_live(tmp_path_factory: pytest.TempPathFactory, services_live: str) -> It
 def report(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     terminal = request.config.pluginmanager.get_plugin("terminalreporter")
-    if terminal is not None and COUNTS:
-        terminal.write_line(
-            f"schemathesis: {COUNTS['operations']} operations, {COUNTS['cases']} cases, "
-            f"{COUNTS['requests']} requests, "
-            f"{COUNTS['failures']} failures"
-        )
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if terminal is not None and capture is not None and COUNTS:
+        with capture.global_and_fixture_disabled():  # shown without -s too
+            terminal.write_line(
+                f"schemathesis: {COUNTS['operations']} operations, {COUNTS['cases']} cases, "
+                f"{COUNTS['requests']} requests, "
+                f"{COUNTS['failures']} failures"
+            )
 
 
 def load(url: str, **kwargs: Any) -> Any:

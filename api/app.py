@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi_offline import FastAPIOffline
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
-from api import diagram, orders
+from api import actions, diagram, orders, ui
 from api.deps import StoreDep
 from api.runner import Runner
 from fsm.clients import Services
@@ -21,9 +23,12 @@ from fsm.errors import (
     OrderNotFound,
     StoreUnavailable,
 )
-from fsm.metrics import ORDERS
+from fsm.metrics import exposition
 from fsm.settings import Settings, get_settings
 from fsm.wiring import open_saga
+
+_HEALTHY = {"status": "ok", "database": "postgresql"}
+_METRICS_EXAMPLE = 'order_saga_orders{status="needs_attention"} 1.0\n'
 
 
 def create_app(
@@ -54,7 +59,7 @@ def create_app(
             finally:
                 await runner.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc from assets shipped in the package, no CDN
         title="order-saga",
         version="0.1.0",
         lifespan=lifespan,
@@ -63,6 +68,11 @@ def create_app(
     app.state.settings = settings
     app.include_router(orders.router)
     app.include_router(diagram.router)
+    # Operator console (issue 9): the /ui pages, their assets, a request id on every line.
+    app.include_router(ui.router)
+    app.include_router(actions.router)
+    app.mount("/ui/static", ui.static, name="ui-static")
+    app.add_middleware(CorrelationIdMiddleware)
 
     @app.exception_handler(OrderNotFound)
     async def _not_found(_: Request, exc: OrderNotFound) -> JSONResponse:
@@ -87,8 +97,13 @@ def create_app(
     async def _invalid(_: Request, exc: InvalidMove) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=409)
 
-    @app.get("/healthz", tags=["ops"])
+    @app.get(
+        "/healthz",
+        tags=["ops"],
+        responses={200: {"content": {"application/json": {"example": _HEALTHY}}}},
+    )
     def healthz(store: StoreDep) -> dict[str, str]:
+        """Liveness and readiness: answers once the database answers a query."""
         with store.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         return {"status": "ok", "database": store.engine.dialect.name}
@@ -99,15 +114,14 @@ def create_app(
         response_class=Response,
         responses={
             200: {
-                "content": {CONTENT_TYPE_LATEST: {}},
+                "content": {CONTENT_TYPE_LATEST: {"example": _METRICS_EXAMPLE}},
                 "description": "Prometheus text exposition format",
             }
         },
     )
     def metrics(store: StoreDep) -> Response:
-        for status, count in store.count_by_status().items():
-            ORDERS.labels(status=status).set(count)
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        """Prometheus metrics; `order_saga_orders{status}` is counted in SQL per scrape."""
+        return Response(exposition(store.count_by_status), media_type=CONTENT_TYPE_LATEST)
 
     if services is None and settings.embedded_services:
         from downstream.app import create_services_app

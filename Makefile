@@ -1,6 +1,6 @@
 # The README's commands. `make test` works on a fresh machine: it installs the Debian
-# packages it needs (graphviz, PostgreSQL client tools are optional), makes .venv and runs
-# the suite on SQLite and on PostgreSQL.
+# packages it needs (graphviz; chromium for the browser tests; PostgreSQL client tools are
+# optional), makes .venv and runs the suite on SQLite and on PostgreSQL.
 PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 # Exact versions of everything `make` installs; `make lock` regenerates it from the ranges
 # in pyproject.toml (newest that fit), and the next `make` installs exactly those.
 CONSTRAINTS := constraints.txt
-APT_PKGS := graphviz
+APT_PKGS := graphviz chromium
 
 .PHONY: run test test-fast lint bench services worker clean deps lock
 
@@ -23,10 +23,10 @@ lock: $(STAMP)
 	  --no-emit-find-links --output-file $(CONSTRAINTS) pyproject.toml
 
 deps:
-	@if ! command -v dot >/dev/null 2>&1; then \
+	@if ! command -v dot >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
-	  else echo "note: install Graphviz (apt-get install graphviz) for svg/png diagrams"; fi; \
+	  else echo "note: apt-get install $(APT_PKGS) (svg/png diagrams, browser tests)"; fi; \
 	fi
 
 run: $(STAMP)

@@ -10,21 +10,26 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
+from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi_offline import FastAPIOffline
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from api import diagram, openapi, orders, problems
+from api import actions, diagram, openapi, orders, problems, ui
 from api.deps import StoreDep
 from api.guard import BearerFor, BodyGuard, TokenGate
 from api.runner import Runner
 from fsm.clients import Services
 from fsm.errors import StoreUnavailable
-from fsm.metrics import ORDERS
+from fsm.metrics import exposition
 from fsm.settings import Settings, get_settings
 from fsm.wiring import http_client, http_services_for, open_saga
+
+_HEALTHY = {"status": "ok", "database": "postgresql"}
+_METRICS_EXAMPLE = 'order_saga_orders{status="needs_attention"} 1.0\n'
 
 
 def create_app(
@@ -63,7 +68,7 @@ def create_app(
             finally:
                 await runner.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc from assets shipped in the package, no CDN
         title="order-saga",
         version="0.1.0",
         lifespan=lifespan,
@@ -75,11 +80,19 @@ def create_app(
     openapi.install(app, secured=settings.api_token is not None)
     app.include_router(orders.router)
     app.include_router(diagram.router)
+    # Operator console (issue 9): the /ui pages, their assets, a request id on every line.
+    app.include_router(ui.router)
+    app.include_router(actions.router)
+    app.mount("/ui/static", ui.static, name="ui-static")
+    app.add_middleware(CorrelationIdMiddleware)
 
     @app.get(
         "/healthz",
         tags=["ops"],
-        responses={503: {"model": problems.Problem, "description": "a dependency is down"}},
+        responses={
+            200: {"content": {"application/json": {"example": _HEALTHY}}},
+            503: {"model": problems.Problem, "description": "a dependency is down"},
+        },
     )
     def healthz(store: StoreDep) -> dict[str, str]:
         """200 when the database answers; 503 naming the dependency that does not."""
@@ -96,15 +109,14 @@ def create_app(
         response_class=Response,
         responses={
             200: {
-                "content": {CONTENT_TYPE_LATEST: {}},
+                "content": {CONTENT_TYPE_LATEST: {"example": _METRICS_EXAMPLE}},
                 "description": "Prometheus text exposition format",
             }
         },
     )
     def metrics(store: StoreDep) -> Response:
-        for status, count in store.count_by_status().items():
-            ORDERS.labels(status=status).set(count)
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        """Prometheus metrics; `order_saga_orders{status}` is counted in SQL per scrape."""
+        return Response(exposition(store.count_by_status), media_type=CONTENT_TYPE_LATEST)
 
     if services is None and settings.embedded_services:
         from downstream.app import create_services_app

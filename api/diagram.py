@@ -28,9 +28,16 @@ router = APIRouter(tags=["diagram"])
 FormatQuery = Annotated[
     Format, Query(alias="format", description="svg and png need Graphviz on the server")
 ]
+_EXAMPLES = {
+    "mermaid": "stateDiagram-v2\n    [*] --> pending\n",
+    "svg": '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 1000 1400">…</svg>',
+}
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "content": {ctype: {} for ctype in CONTENT_TYPES.values()},
+        "content": {
+            ctype: {"example": _EXAMPLES[fmt]} if fmt in _EXAMPLES else {}
+            for fmt, ctype in CONTENT_TYPES.items()
+        },
         "description": "The diagram in the requested format.",
     },
     503: {"description": "Graphviz is not installed (svg, png)."},

@@ -72,6 +72,9 @@ async def create_order(
     idempotency_key: IdempotencyKey = None,
     prefer: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
+    """Place an order and run the saga: product lookup, then payment, inventory and
+    shipping concurrently, compensating what succeeded if any fails. A retried POST with
+    the same `Idempotency-Key` returns the same order and charges nothing twice."""
     order, created = await store.create_order(
         user_id=body.user_id,
         product_id=body.product_id,
@@ -114,12 +117,14 @@ def list_orders(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> OrderList:
+    """Orders, newest first, optionally of one coarse status; page with limit/offset."""
     found = store.list_orders(status=status_, limit=limit, offset=offset)
     return OrderList(orders=[OrderOut.of(o) for o in found], limit=limit, offset=offset)
 
 
 @router.get("/{order_id}", response_model=OrderOut, responses=problems(404, 500))
 def get_order(order_id: uuid.UUID, store: StoreDep) -> OrderOut:
+    """One order: coarse status, exact machine state, each step's state, retry info."""
     return OrderOut.of(store.get(order_id))
 
 
@@ -127,6 +132,8 @@ def get_order(order_id: uuid.UUID, store: StoreDep) -> OrderOut:
     "/{order_id}/transitions", response_model=list[TransitionOut], responses=problems(404, 500)
 )
 def get_transitions(order_id: uuid.UUID, store: StoreDep) -> list[TransitionOut]:
+    """The order's append-only transition log, oldest first: every committed move with
+    the downstream answer, error or operator's reason in `detail`."""
     store.get(order_id)  # 404 for an unknown order rather than an empty list
     return [TransitionOut.of(t) for t in store.history(order_id)]
 
@@ -137,6 +144,8 @@ def get_transitions(order_id: uuid.UUID, store: StoreDep) -> list[TransitionOut]
     responses=problems(404, 409, 500),
 )
 async def resume_order(order_id: uuid.UUID, executor: ExecutorDep) -> OrderOut:
+    """Drive the order on from its persisted state now (a parked order retries its
+    compensation); a terminal order is returned unchanged."""
     return OrderOut.of(await executor.run(order_id))
 
 
@@ -146,4 +155,5 @@ async def resume_order(order_id: uuid.UUID, executor: ExecutorDep) -> OrderOut:
     responses=problems(404, 409, 500),
 )
 async def cancel_order(order_id: uuid.UUID, executor: ExecutorDep) -> OrderOut:
+    """Cancel a completed order: refund the user, restore the stock, cancel the shipment."""
     return OrderOut.of(await executor.cancel(order_id))

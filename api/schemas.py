@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 from api.problems import Problem
-from fsm.machine import Status
+from fsm.machine import OrderState, Status, Step, StepState
 from fsm.models import Order, Transition
 from fsm.store import step_states
 
 PositiveId = Annotated[int, Field(strict=True, gt=0, le=2**31 - 1)]
 
 
+_ID = "3f2b8c1e-9a7d-4e6f-8b0c-1d2e3f4a5b6c"
+_AT = "2026-11-28T17:24:08.079000Z"
+
+
 class OrderIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"user_id": 1, "product_id": 1, "quantity": 2}]},
+    )
 
     user_id: PositiveId
     product_id: PositiveId
@@ -29,15 +37,35 @@ class Shipping(BaseModel):
     expected_delivery: str | None
 
 
+_ORDER_EXAMPLE: JsonDict = {
+    "id": _ID,
+    "user_id": 1,
+    "product_id": 1,
+    "quantity": 2,
+    "amount": 3998,
+    "status": "completed",
+    "state": "completed",
+    "steps": {"payment": "succeeded", "inventory": "succeeded", "shipping": "succeeded"},
+    "shipping": {"address": "1 Main St, Springfield", "expected_delivery": "2026-12-01"},
+    "attempts": {},
+    "last_error": None,
+    "attention_reason": None,
+    "created_at": _AT,
+    "updated_at": _AT,
+}
+
+
 class OrderOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [_ORDER_EXAMPLE]})
+
     id: uuid.UUID
     user_id: int
     product_id: int
     quantity: int
     amount: int | None = Field(description="cents: price x quantity, fixed at product lookup")
     status: Status
-    state: str
-    steps: dict[str, str]
+    state: OrderState = Field(description="the order machine's exact state")
+    steps: dict[Step, StepState] = Field(description="each step machine's state")
     shipping: Shipping | None = Field(description="present once the order is completed")
     attempts: dict[str, int]
     last_error: str | None
@@ -59,8 +87,8 @@ class OrderOut(BaseModel):
             quantity=order.quantity,
             amount=order.amount,
             status=Status(order.status),
-            state=order.state,
-            steps=step_states(order),
+            state=OrderState(order.state),
+            steps={Step(k): StepState(v) for k, v in step_states(order).items()},
             shipping=shipping,
             attempts=order.attempts,
             last_error=order.last_error,
@@ -71,17 +99,44 @@ class OrderOut(BaseModel):
 
 
 class OrderList(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"orders": [_ORDER_EXAMPLE], "limit": 50, "offset": 0}]}
+    )
+
     orders: list[OrderOut]
     limit: int
     offset: int
 
 
+Scope = Literal["order", "payment", "inventory", "shipping"]
+
+
+def _state(scope: str, state: str) -> OrderState | StepState:
+    return OrderState(state) if scope == "order" else StepState(state)
+
+
 class TransitionOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "seq": 6,
+                    "scope": "payment",
+                    "trigger": "succeed",
+                    "from_state": "requested",
+                    "to_state": "succeeded",
+                    "detail": {"order_id": _ID, "user_id": 1, "amount": 3998, "balance": 96002},
+                    "created_at": _AT,
+                }
+            ]
+        }
+    )
+
     seq: int
-    scope: str
+    scope: Scope
     trigger: str
-    from_state: str
-    to_state: str
+    from_state: OrderState | StepState = Field(description="order states, or step states")
+    to_state: OrderState | StepState
     detail: dict[str, Any] | None
     created_at: datetime
 
@@ -89,10 +144,10 @@ class TransitionOut(BaseModel):
     def of(cls, t: Transition) -> TransitionOut:
         return cls(
             seq=t.seq,
-            scope=t.scope,
+            scope=cast(Scope, t.scope),
             trigger=t.trigger,
-            from_state=t.from_state,
-            to_state=t.to_state,
+            from_state=_state(t.scope, t.from_state),
+            to_state=_state(t.scope, t.to_state),
             detail=t.detail,
             created_at=t.created_at,
         )

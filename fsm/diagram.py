@@ -10,7 +10,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, get_args
 
 import graphviz
 
@@ -27,11 +27,13 @@ __all__ = [
     "Format",
     "GraphvizMissing",
     "Highlight",
+    "Overlay",
     "UnknownFormat",
     "edge_kind",
     "highlighted",
     "node_id",
     "render",
+    "render_dot",
     "render_for_order",
     "to_dot",
     "to_mermaid",
@@ -89,10 +91,21 @@ _VISITED, _CURRENT = "#bbdefb", "#ffd54f"
 _OUTCOMES = {
     "success": ("#e8f5e9", "#2e7d32", ["completed"]),
     "failure": ("#ffebee", "#c62828", ["rejected", "failed"]),
-    "closed": ("#eeeeee", "#616161", ["cancelled"]),
+    "closed": ("#eeeeee", "#616161", ["cancelled", "resolved"]),
     "attention": ("#fff3e0", "#e65100", ["needs_attention"]),
 }
 _OUTCOME_FILL = {state: fill for fill, _, states in _OUTCOMES.values() for state in states}
+# One order's picture: where it rests now is filled by outcome, strongly, so a failed order
+# never looks like a completed one (a running order keeps the yellow "current").
+_RESTING = {"success": "#81c784", "failure": "#e57373", "closed": "#bdbdbd", "attention": "#ffb74d"}
+_CURRENT_FILL = {s: _RESTING[name] for name, (_, _, states) in _OUTCOMES.items() for s in states}
+_STEP_FILL = {
+    "succeeded": _RESTING["success"],
+    "failed": _RESTING["failure"],
+    "expired": _RESTING["failure"],
+    "compensating": _RESTING["attention"],
+    "compensated": _RESTING["closed"],
+}
 _STEPS = "steps_running"
 _MIDDLE = list(Step)[len(Step) // 2]
 
@@ -106,6 +119,14 @@ def edge_kind(trigger: str) -> Literal["happy", "failure", "compensation"]:
 def node_id(scope: str, state: str) -> str:
     """The id a state has in dot and mermaid: order states bare, step states prefixed."""
     return state if scope == "order" else f"{scope}_{state}"
+
+
+class Overlay(Protocol):
+    """Extra dot attributes per state and edge, drawn over the plain machine (the heatmap
+    of `fsm.heatmap` labels and tints them with the traffic of the log)."""
+
+    def state(self, scope: str, state: str) -> dict[str, str | float]: ...
+    def edge(self, edge: Edge) -> dict[str, str | float]: ...
 
 
 class Highlight(NamedTuple):
@@ -172,9 +193,10 @@ def _dot_state(scope: str, state: str, hl: Highlight | None) -> _Attrs:
     if hl is None:
         attrs["fillcolor"] = _OUTCOME_FILL.get(state, "white") if scope == "order" else "white"
     elif (scope, state) in hl.current:
+        outcome = (_CURRENT_FILL if scope == "order" else _STEP_FILL).get(state, _CURRENT)
         attrs.update(
             {
-                "fillcolor": _CURRENT,
+                "fillcolor": outcome,
                 "penwidth": 3,
                 "fontname": "Helvetica-Bold",
                 "class": "visited current",
@@ -192,6 +214,7 @@ def _dot_edge(
     hl: Highlight | None,
     seqs: Mapping[EdgeKey, list[int]],
     ends: tuple[str, str] | None,
+    overlay: Overlay | None = None,
 ) -> str:
     kind = edge_kind(edge.trigger)
     attrs: _Attrs = {"label": _label(edge, seqs), "color": _COLOR[kind], "fontcolor": _COLOR[kind]}
@@ -203,6 +226,8 @@ def _dot_edge(
         attrs.update({"penwidth": 3, "fontname": "Helvetica-Bold", "class": f"taken {kind}"})
     elif hl is not None:
         attrs.update(color=_DIM, fontcolor="#999999")
+    if overlay is not None:
+        attrs.update(overlay.edge(edge))
     tail, head = node_id(edge.scope, edge.source), node_id(edge.scope, edge.dest)
     if ends is not None and edge.source == _STEPS:  # leave the steps box from its bottom
         tail, attrs["ltail"] = node_id(_MIDDLE, ends[1]), f"cluster_{_STEPS}"
@@ -221,7 +246,7 @@ def _legend(hl: Highlight | None) -> str:
     if hl is not None:
         parts += [
             "bold: taken by this order (n = log seq)",
-            "yellow: current state",
+            "filled: where it is now (green done, red failed, orange parked, yellow running)",
             "blue: visited",
         ]
     return "<" + " &nbsp; · &nbsp; ".join(parts) + ">"
@@ -276,8 +301,13 @@ def _steps_box(hl: Highlight | None) -> _Attrs:
     return box
 
 
-def to_dot(history: Sequence[Transition] | None = None) -> str:
+def to_dot(history: Sequence[Transition] | None = None, overlay: Overlay | None = None) -> str:
     hl = None if history is None else highlighted(history)
+
+    def state_attrs(scope: str, state: str) -> _Attrs:
+        attrs = _dot_state(scope, state, hl)
+        return attrs if overlay is None else {**attrs, **overlay.state(scope, state)}
+
     seqs = {} if history is None else _seqs(history)
     order, steps = _split()
     lines = [
@@ -290,7 +320,7 @@ def to_dot(history: Sequence[Transition] | None = None) -> str:
         f"  start -> {_q(OrderState.PENDING)};",
     ]
     lines += [
-        f"  {_q(state)} {_attrs(**_dot_state('order', state, hl))};"
+        f"  {_q(state)} {_attrs(**state_attrs('order', state))};"
         for state in _states(order)
         if state != _STEPS
     ]
@@ -303,14 +333,14 @@ def to_dot(history: Sequence[Transition] | None = None) -> str:
         lines.append(f"    subgraph {_q('cluster_' + step)} {{")
         lines.append(f"      graph {_attrs(label=label, **_COLUMN)};")
         lines += [
-            f"      {_q(node_id(step, state))} {_attrs(**_dot_state(step, state, hl))};"
+            f"      {_q(node_id(step, state))} {_attrs(**state_attrs(step, state))};"
             for state in _states(step_edges)
         ]
         lines.append("    }")
     lines.append("  }")
     middle = _states(steps[_MIDDLE])  # order edges attach to the middle column's ends
-    lines += [_dot_edge(edge, hl, seqs, (middle[0], middle[-1])) for edge in order]
-    lines += [_dot_edge(edge, hl, seqs, None) for es in steps.values() for edge in es]
+    lines += [_dot_edge(edge, hl, seqs, (middle[0], middle[-1]), overlay) for edge in order]
+    lines += [_dot_edge(edge, hl, seqs, None, overlay) for es in steps.values() for edge in es]
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -373,6 +403,11 @@ def _graphviz(dot: str, fmt: str) -> bytes:
     except graphviz.ExecutableNotFound as exc:
         raise GraphvizMissing() from exc
     return out
+
+
+def render_dot(dot: str, fmt: str) -> bytes:
+    """Lay out a dot document made here (e.g. with an Overlay) as svg or png."""
+    return _graphviz(dot, fmt)
 
 
 @lru_cache(maxsize=len(FORMATS))

@@ -30,7 +30,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from fsm import metrics
+from fsm import events, metrics
 from fsm.clients import Services
 from fsm.errors import (
     BusinessFailure,
@@ -316,9 +316,15 @@ class Executor:
         detail: dict[str, Any] | None = None,
         **changes: Any,
     ) -> None:
-        await self.store.record_transition(
-            order=order, owner=self.owner, scope=scope, trigger=trigger, detail=detail, **changes
-        )
+        with events.transition(order, scope, trigger):  # the one log line per transition
+            await self.store.record_transition(
+                order=order,
+                owner=self.owner,
+                scope=scope,
+                trigger=trigger,
+                detail=detail,
+                **changes,
+            )
         metrics.transition(scope, trigger).inc()
         if self.crash_after == f"{scope}:{trigger}":
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: die right after the commit
@@ -335,6 +341,7 @@ class Executor:
         The first attempt runs bare: building tenacity's machinery cost ~0.5 ms a call,
         more than the call itself, and most calls succeed the first time."""
         service, _, action = call.partition(":")
+        fn = metrics.timed(fn, service, action)  # each attempt's latency
         try:
             try:
                 result = await fn()

@@ -85,6 +85,7 @@ class OrderState(StrEnum):
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
     NEEDS_ATTENTION = "needs_attention"
+    RESOLVED = "resolved"  # an operator fixed a parked order by hand (see Status.RESOLVED)
 
 
 class OrderTrigger(StrEnum):
@@ -100,6 +101,7 @@ class OrderTrigger(StrEnum):
     PARK = "park"
     RETRY_COMPENSATION = "retry_compensation"
     RETRY_CANCELLATION = "retry_cancellation"
+    RESOLVE = "resolve"  # operator only: fsm.operator.resolve, never the executor
 
 
 class StepState(StrEnum):
@@ -132,6 +134,12 @@ class Status(StrEnum):
     REJECTED = "rejected"
     CANCELLED = "cancelled"
     NEEDS_ATTENTION = "needs_attention"
+    # Its own terminal status, not `failed` or `cancelled`: like Temporal's "Terminated"
+    # and Step Functions' "Aborted", an end an operator imposed must stay distinguishable
+    # from one the saga reached itself. `failed`/`cancelled` promise that every effect was
+    # undone by the saga; after `resolve` the books were settled by hand, outside it, and
+    # counts, filters and alerts should be able to tell the two apart.
+    RESOLVED = "resolved"
 
 
 S, T = OrderState, OrderTrigger
@@ -150,6 +158,7 @@ ORDER_TRANSITIONS: list[tuple[OrderTrigger, OrderState | list[OrderState], Order
     (T.PARK, [S.COMPENSATING, S.CANCELLING], S.NEEDS_ATTENTION),  # retry budget spent
     (T.RETRY_COMPENSATION, S.NEEDS_ATTENTION, S.COMPENSATING),
     (T.RETRY_CANCELLATION, S.NEEDS_ATTENTION, S.CANCELLING),
+    (T.RESOLVE, S.NEEDS_ATTENTION, S.RESOLVED),  # fixed by hand; the reason in the log
 ]
 
 SS, ST = StepState, StepTrigger
@@ -163,7 +172,7 @@ STEP_TRANSITIONS: list[tuple[StepTrigger, StepState | list[StepState], StepState
     (ST.FINISH_COMPENSATION, SS.COMPENSATING, SS.COMPENSATED),  # only on a 2xx
 ]
 
-TERMINAL_ORDER_STATES = frozenset({S.REJECTED, S.COMPLETED, S.FAILED, S.CANCELLED})
+TERMINAL_ORDER_STATES = frozenset({S.REJECTED, S.COMPLETED, S.FAILED, S.CANCELLED, S.RESOLVED})
 # Steps whose effect may exist and so must be undone when the order fails or is cancelled.
 COMPENSATION_NEEDED = frozenset({SS.SUCCEEDED, SS.EXPIRED, SS.COMPENSATING})
 
@@ -178,6 +187,7 @@ _STATUS = {
     S.FAILED: Status.FAILED,
     S.CANCELLED: Status.CANCELLED,
     S.NEEDS_ATTENTION: Status.NEEDS_ATTENTION,
+    S.RESOLVED: Status.RESOLVED,
 }
 
 

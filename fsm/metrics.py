@@ -1,10 +1,23 @@
-"""Prometheus metrics of the orchestrator (exposed by the API at /metrics)."""
+"""Prometheus metrics of the orchestrator: counters and histograms the executor updates,
+and `order_saga_orders{status}`, counted in SQL at scrape time by a custom collector (a
+status whose count drops to zero shows 0, never a stale last value). Served by the API at
+/metrics and by `order-saga worker` on its own port.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from functools import cache
+from typing import TypeVar
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fsm.machine import Status
+
+T = TypeVar("T")
 
 TRANSITIONS = Counter("order_saga_transitions_total", "Committed transitions", ["scope", "trigger"])
 CALLS = Counter(
@@ -13,7 +26,13 @@ CALLS = Counter(
     ["service", "action", "outcome"],
 )
 RUN_SECONDS = Histogram("order_saga_run_seconds", "Duration of one executor run")
-ORDERS = Gauge("order_saga_orders", "Orders by coarse status (read at scrape time)", ["status"])
+# One attempt of one downstream call (each retry is observed on its own).
+CALL_SECONDS = Histogram(
+    "order_saga_call_seconds",
+    "Latency of one downstream call attempt, per step and action",
+    ["step", "action"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 
 
 # Labelled children looked up once: `.labels()` takes a lock and builds a key per call.
@@ -25,3 +44,64 @@ def transition(scope: str, trigger: str) -> Counter:
 @cache
 def call_outcome(service: str, action: str, outcome: str) -> Counter:
     return CALLS.labels(service=service, action=action, outcome=outcome)
+
+
+@cache
+def call_seconds(step: str, action: str) -> Histogram:
+    return CALL_SECONDS.labels(step=step, action=action)
+
+
+def timed(fn: Callable[[], Awaitable[T]], step: str, action: str) -> Callable[[], Awaitable[T]]:
+    """`fn` observing its latency in `order_saga_call_seconds{step,action}` per call."""
+    child = call_seconds(step, action)
+
+    async def run() -> T:
+        started = time.perf_counter()
+        try:
+            return await fn()
+        finally:
+            child.observe(time.perf_counter() - started)
+
+    return run
+
+
+CountByStatus = Callable[[], Mapping[str, int]]
+
+
+class OrdersCollector(Collector):
+    """`order_saga_orders{status}`: one SQL count per scrape, every status present."""
+
+    def __init__(self, count_by_status: CountByStatus) -> None:
+        self.count_by_status = count_by_status
+
+    def collect(self) -> Iterable[Metric]:
+        counts = self.count_by_status()
+        family = GaugeMetricFamily(
+            "order_saga_orders",
+            "Orders by coarse status, counted at scrape time",
+            labels=["status"],
+        )
+        for status in Status:
+            family.add_metric([status.value], counts.get(status.value, 0))
+        yield family
+
+
+class _Process(Collector):
+    """The process-wide default registry (counters, histograms, runtime) as one collector."""
+
+    def collect(self) -> Iterable[Metric]:
+        yield from REGISTRY.collect()
+
+
+def registry(count_by_status: CountByStatus) -> CollectorRegistry:
+    """A registry serving this process's metrics plus the orders counted in `store`'s SQL;
+    per app or worker, so several apps in one process (tests) never clash."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Process())
+    reg.register(OrdersCollector(count_by_status))
+    return reg
+
+
+def exposition(count_by_status: CountByStatus) -> bytes:
+    """The Prometheus text format, counted now."""
+    return generate_latest(registry(count_by_status))

@@ -7,6 +7,7 @@ down instead of mutating the environment.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +60,10 @@ class Settings(BaseSettings):
     db_statement_timeout: float = Field(default=30.0, gt=0, le=3600)
     # Downstream connection pool of one process (three calls per order in flight).
     http_max_connections: int = Field(default=256, ge=1, le=10_000)
+    # Operator console (issue 9): log lines as text or JSON; the port on which
+    # `order-saga worker` serves /metrics (0: none; run several workers on distinct ports).
+    log_format: Literal["text", "json"] = "text"
+    worker_metrics_port: int = Field(default=9464, ge=0, le=65535)
 
     # --- the HTTP edge of `serve` (issue 11): limits, timeouts, shutdown -------------------
     # Request bodies above this are refused (413) before anything parses them.

@@ -19,7 +19,6 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
 
 from fsm.committer import Backend
 from fsm.errors import CorruptOrder, StoreUnavailable
@@ -45,14 +44,6 @@ TRANSITION_COLUMNS = (
     "detail",
     "created_at",
 )
-
-
-def masked(url: str) -> str:
-    """A database URL safe to print: the password replaced by ***."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL at all: show nothing of it
-        return "<unparseable database url>"
 
 
 class Dialect:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import signal
 import sqlite3
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -29,6 +31,7 @@ from fsm.settings import Settings
 from order_saga.redact import masked, redact
 
 if TYPE_CHECKING:  # imported lazily at run time: `order-saga --help` stays fast
+    from fsm.models import Order
     from fsm.wiring import Saga
 
 app = typer.Typer(
@@ -36,6 +39,11 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema.")
 app.add_typer(db_app, name="db")
+# Operator console (issue 9): `orders list|show|cancel|resolve` and `--version`.
+from order_saga.orders_cli import orders_app, version_option  # noqa: E402
+
+app.add_typer(orders_app, name="orders")
+app.callback()(version_option)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -62,10 +70,11 @@ def load_settings() -> Settings:
         fail(f"invalid {field}: {err['msg']}")
 
 
-def configure_logging() -> None:
-    """Our INFO lines (sweep summaries, stopped runs); `transitions` would log every event."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("transitions").setLevel(logging.WARNING)
+def configure_logging(settings: Settings | None = None) -> None:
+    """Our INFO lines (transitions, sweep summaries, stopped runs), text or JSON."""
+    from order_saga.logs import configure
+
+    configure((settings or load_settings()).log_format)
 
 
 def _migrate(settings: Settings) -> None:
@@ -92,10 +101,17 @@ def serve(
 
     settings = load_settings()
     _migrate(settings)
-    configure_logging()
+    configure_logging(settings)
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     application = create_app(settings, embedded_url=f"http://{local}:{port}/services", sweep=sweep)
-    uvicorn.run(application, host=host, port=port, log_level="info", **uvicorn_options(settings))
+    uvicorn.run(
+        application,
+        host=host,
+        port=port,
+        log_level="info",
+        log_config=None,
+        **uvicorn_options(settings),
+    )
 
 
 @app.command()
@@ -148,8 +164,10 @@ def resume(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List, change nothing.")] = False,
     order: Annotated[str | None, typer.Option(help="Resume this one order id.")] = None,
 ) -> None:
-    """Drive stuck (non-terminal, unleased) orders to a terminal state; print a summary."""
+    """Drive stuck (non-terminal, unleased) orders to a terminal state; print a summary.
+    Exit 3 when some stay parked (needs_attention), each printed with its reason."""
     from fsm.recovery import resume_stuck
+    from fsm.store import utcnow
 
     settings = load_settings()
 
@@ -167,7 +185,26 @@ def resume(
                     return 0
                 result = await executor.run(oid)
                 typer.echo(f"{result.id} {result.state} ({result.status})")
+                if result.status == "needs_attention":
+                    typer.echo(f"still parked: {result.id}: {result.attention_reason}", err=True)
+                    return 3
                 return 0
+            parked: list[Order] = []
+            done = itertools.count(1)
+            # How many there are to do now (others may turn up while it runs).
+            stuck = await asyncio.to_thread(
+                executor.store.find_stuck,
+                moved_before=utcnow() - timedelta(seconds=older_than),
+                limit=limit,
+                due_only=False,
+            )
+            todo = len(stuck)
+
+            def report(o: Order, what: str) -> None:
+                typer.echo(f"[{next(done)}/{todo}] {o.id} {o.state}: {what}")
+                if o.status == "needs_attention":
+                    parked.append(o)
+
             summary = await resume_stuck(
                 store=executor.store,
                 executor=executor,
@@ -175,7 +212,7 @@ def resume(
                 limit=limit,
                 dry_run=dry_run,
                 due_only=False,
-                progress=lambda o, what: typer.echo(f"{o.id} {o.state}: {what}"),
+                progress=report,
             )
             if dry_run:
                 typer.echo(
@@ -184,7 +221,9 @@ def resume(
                 )
             else:
                 typer.echo(summary.line())
-            return 1 if summary.errors else 0
+            for o in parked:  # exit 3: the operator has work (see `order-saga orders show`)
+                typer.echo(f"still parked: {o.id}: {o.attention_reason}", err=True)
+            return 1 if summary.errors else (3 if parked else 0)
 
     try:
         code = asyncio.run(main())
@@ -200,6 +239,15 @@ def worker(
         typer.Option(min=0.01, help="Seconds between sweeps (default ORDER_SAGA_SWEEP_INTERVAL)."),
     ] = None,
     older_than: Annotated[float | None, typer.Option(min=0)] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Serve /metrics here (default ORDER_SAGA_WORKER_METRICS_PORT; 0: off).",
+        ),
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Interface for /metrics.")] = "127.0.0.1",
 ) -> None:
     """Claim and advance stuck orders forever (run several; they share the load)."""
     from fsm.recovery import sweep_forever
@@ -210,13 +258,35 @@ def worker(
         updates["sweep_interval"] = interval
     if older_than is not None:
         updates["sweep_older_than"] = older_than
+    if metrics_port is not None:
+        updates["worker_metrics_port"] = metrics_port
     settings = settings.model_copy(update=updates)
-    configure_logging()
+    configure_logging(settings)
 
     async def main() -> None:
         async with _saga(settings) as saga:
             executor = saga.executor
             executor.store.count_by_status()  # fail fast, in one line, if the DB is not there
+            if settings.worker_metrics_port:
+                from prometheus_client import start_http_server
+
+                from fsm.metrics import registry
+
+                try:
+                    start_http_server(
+                        settings.worker_metrics_port,
+                        addr=metrics_host,
+                        registry=registry(executor.store.count_by_status),
+                    )
+                except OSError as exc:
+                    if "worker_metrics_port" in settings.model_fields_set:
+                        raise  # asked for explicitly: one line, exit 1
+                    # The default port taken (another worker on this host): keep working.
+                    logging.getLogger("order_saga.worker").warning(
+                        "no /metrics on port %s (%s): set --metrics-port",
+                        settings.worker_metrics_port,
+                        exc,
+                    )
             sweep = asyncio.create_task(
                 sweep_forever(store=executor.store, executor=executor, settings=settings)
             )

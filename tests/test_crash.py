@@ -32,6 +32,7 @@ from tests.crashkit import (
     set_faults,
     wait_for_lease_expiry,
 )
+from tests.test_operator_crash import CRASH_TESTED_ELSEWHERE
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,6 @@ CRASH_POINTS: dict[tuple[str, str, str], str] = {
     ("shipping", "finish_compensation", "compensating"): "payment-failed",
 }
 
-EDGES = list(edges())
 UNDONE = {"pending", "failed", "compensated"}  # step states with no effect left behind
 
 
@@ -180,8 +180,12 @@ def key(edge: Edge) -> tuple[str, str, str]:
     return (str(edge.scope), str(edge.trigger), str(edge.source))
 
 
+# Operator edges (not driven by `resume`/cancel) have their crash test in their own file.
+EDGES = [e for e in edges() if key(e) not in CRASH_TESTED_ELSEWHERE]
+
+
 def test_every_edge_has_a_crash_scenario() -> None:
-    declared = {key(e) for e in EDGES}
+    declared = {key(e) for e in edges()} - CRASH_TESTED_ELSEWHERE
     assert declared - CRASH_POINTS.keys() == set(), "edges without a crash scenario"
     assert CRASH_POINTS.keys() - declared == set(), "crash points for undeclared edges"
     assert set(CRASH_POINTS.values()) <= SCENARIOS.keys()

@@ -1,0 +1,43 @@
+"""`POST /orders/{id}/resolve`: the operator's "mark resolved" over HTTP (the /ui page and
+`order-saga orders resolve` do the same through `fsm.operator`). HTTP <-> that call only.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import StoreDep
+from api.schemas import OrderOut, problems
+from fsm import operator
+from fsm.executor import new_owner
+
+router = APIRouter(prefix="/orders", tags=["orders"])
+
+
+class ResolveIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"reason": "refunded by hand, ticket OPS-42"}]},
+    )
+
+    reason: Annotated[str, Field(min_length=1, max_length=1000, pattern=r"\S")]
+    operator: Annotated[str | None, Field(max_length=200)] = None
+
+
+@router.post(
+    "/{order_id}/resolve",
+    response_model=OrderOut,
+    responses=problems(401, 404, 409, 500),
+)
+async def resolve_order(order_id: uuid.UUID, body: ResolveIn, store: StoreDep) -> OrderOut:
+    """End a parked (`needs_attention`) order an operator fixed by hand: the declared edge
+    needs_attention -resolve-> resolved, with the reason kept in the transition log.
+    Nothing downstream is called. 409 unless the order is parked and nobody drives it."""
+    order = await operator.resolve(
+        store, order_id, reason=body.reason, owner=new_owner(), operator=body.operator
+    )
+    return OrderOut.of(order)

@@ -1,0 +1,225 @@
+"""The operator page at /ui: server-rendered Jinja2 templates, no JavaScript needed and no
+asset from outside the package (works on a machine without internet).
+
+Orders by status with filters and paging (parked first), one order's page (steps,
+timeline, its diagram lit), actions behind a confirmation page (resume, retry
+compensation, cancel, mark resolved) and the heatmap of the whole machine. Every action is
+a machine transition done by the executor or `fsm.operator`, so the audit trail is the
+transition log itself. HTTP <-> store/executor only: no business rules here.
+"""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from api.deps import ExecutorDep, StoreDep
+from fsm import diagram, heatmap, operator, queries
+from fsm.errors import SagaError
+from fsm.executor import new_owner
+from fsm.machine import TERMINAL_ORDER_STATES, OrderState, Status, Step, is_terminal
+
+HERE = Path(__file__).resolve().parent
+templates = Jinja2Templates(directory=HERE / "templates")
+templates.env.filters["duration"] = heatmap.duration
+static = StaticFiles(directory=HERE / "static")
+# Pages for people, not an API: left out of the OpenAPI schema.
+router = APIRouter(prefix="/ui", include_in_schema=False)  # behind TokenGate
+PAGE = 25
+
+
+class Action(StrEnum):
+    RESUME = "resume"
+    RETRY = "retry"
+    CANCEL = "cancel"
+    RESOLVE = "resolve"
+
+
+# action -> (button label, what it does, allowed in these states)
+ACTIONS: dict[str, tuple[str, str, frozenset[str]]] = {
+    "resume": (
+        "Resume",
+        "Drive the order on from its persisted state now (ignores the retry schedule).",
+        frozenset(s.value for s in OrderState)
+        - {s.value for s in TERMINAL_ORDER_STATES}
+        - {OrderState.NEEDS_ATTENTION.value},
+    ),
+    "retry": (
+        "Retry compensation",
+        "Try the parked compensation (or cancellation) again now.",
+        frozenset({OrderState.NEEDS_ATTENTION.value}),
+    ),
+    "cancel": (
+        "Cancel order",
+        "Refund the user, restore the stock and cancel the shipment of this completed order.",
+        frozenset({OrderState.COMPLETED.value}),
+    ),
+    "resolve": (
+        "Mark resolved",
+        "End this parked order as fixed by hand (needs_attention -> resolved). "
+        "Nothing is called; your reason is kept in the transition log.",
+        frozenset({OrderState.NEEDS_ATTENTION.value}),
+    ),
+}
+
+
+def _inline_svg(document: bytes) -> str:
+    """Graphviz's SVG without its XML prolog, to embed in the page."""
+    text = document.decode()
+    return text[text.index("<svg") :]
+
+
+def _page(request: Request, name: str, **context: Any) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, context)
+
+
+@router.get("", response_class=HTMLResponse, summary="Orders by status (operator page)")
+def orders_page(
+    request: Request,
+    store: StoreDep,
+    status: Annotated[Status | None, Query()] = None,
+    state: Annotated[OrderState | None, Query()] = None,
+    product: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+    user: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+    older_than: Annotated[float | None, Query(ge=0, description="seconds unmoved")] = None,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+) -> HTMLResponse:
+    """Counts per status, the filtered orders (parked first), one page at a time."""
+    flt = queries.OrderFilter(
+        status=status,
+        state=state,
+        product_id=product,
+        user_id=user,
+        older_than=older_than,
+        limit=PAGE,
+        offset=offset,
+    )
+    found, total = queries.list_orders(store, flt)
+    params = {
+        k: v
+        for k, v in {
+            "status": status,
+            "state": state,
+            "product": product,
+            "user": user,
+            "older_than": older_than,
+        }.items()
+        if v is not None
+    }
+
+    def link(**changes: Any) -> str:
+        merged = {**params, **changes}
+        return "/ui?" + urlencode({k: v for k, v in merged.items() if v not in (None, "")})
+
+    return _page(
+        request,
+        "orders.html",
+        orders=found,
+        total=total,
+        counts=queries.counts_by_status(store),
+        flt=flt,
+        statuses=[s.value for s in Status],
+        states=[s.value for s in OrderState],
+        prev_link=link(offset=max(0, offset - PAGE)) if offset else None,
+        next_link=link(offset=offset + PAGE) if offset + PAGE < total else None,
+        status_link=lambda s: link(status=s, offset=None),
+        age=queries.age,
+    )
+
+
+@router.get("/orders/{order_id}", response_class=HTMLResponse, summary="One order")
+def order_page(
+    request: Request,
+    order_id: uuid.UUID,
+    store: StoreDep,
+    done: str | None = None,
+    error: str | None = None,
+) -> HTMLResponse:
+    """Amount, steps, why it is parked, its timeline and its diagram with the path lit."""
+    order = store.get(order_id)
+    history = store.history(order_id)
+    try:
+        svg = _inline_svg(diagram.render("svg", history))
+    except diagram.GraphvizMissing as exc:
+        svg = f"<p class='warn'>{exc}</p>"
+    actions = {name: spec for name, spec in ACTIONS.items() if order.state in spec[2]}
+    return _page(
+        request,
+        "order.html",
+        order=order,
+        steps={step.value: getattr(order, f"{step}_state") for step in Step},
+        spans=queries.timeline(history),
+        svg=svg,
+        actions=actions,
+        final=is_terminal(order.state),
+        done=done,
+        error=error,
+    )
+
+
+@router.get("/orders/{order_id}/{action}", response_class=HTMLResponse, summary="Confirm")
+def confirm_page(
+    request: Request, order_id: uuid.UUID, action: Action, store: StoreDep
+) -> HTMLResponse:
+    """The confirmation step of an action (nothing changes until it is submitted)."""
+    order = store.get(order_id)
+    label, what, states = ACTIONS[action]
+    return _page(
+        request,
+        "confirm.html",
+        order=order,
+        action=action,
+        label=label,
+        what=what,
+        allowed=order.state in states,
+    )
+
+
+@router.post("/orders/{order_id}/{action}", summary="Do an action")
+async def act(
+    order_id: uuid.UUID,
+    action: Action,
+    store: StoreDep,
+    executor: ExecutorDep,
+    reason: Annotated[str, Form(max_length=1000)] = "",
+) -> RedirectResponse:
+    """Run the confirmed action, then back to the order's page with what happened."""
+    try:
+        if action in (Action.RESUME, Action.RETRY):
+            order = await executor.run(order_id)
+        elif action is Action.CANCEL:
+            order = await executor.cancel(order_id)
+        else:
+            if not reason.strip():
+                return _redirect(order_id, error="a reason is required to mark an order resolved")
+            order = await operator.resolve(
+                store, order_id, reason=reason, owner=new_owner(), operator="operator page"
+            )
+    except SagaError as exc:
+        return _redirect(order_id, error=str(exc))
+    return _redirect(order_id, done=f"{ACTIONS[action][0]}: now {order.state} ({order.status})")
+
+
+def _redirect(order_id: uuid.UUID, **message: str) -> RedirectResponse:
+    return RedirectResponse(f"/ui/orders/{order_id}?{urlencode(message)}", status_code=303)
+
+
+@router.get("/heatmap", response_class=HTMLResponse, summary="Heatmap of the machine")
+def heatmap_page(request: Request, store: StoreDep) -> HTMLResponse:
+    """Per state: how many orders passed, p50/p95 time there, how many sit there now; per
+    edge: how many took it. Counted from the transition log, drawn on the diagram."""
+    heat = queries.heat(store)
+    try:
+        svg = _inline_svg(heatmap.heat_svg(heat))
+    except diagram.GraphvizMissing as exc:
+        svg = f"<p class='warn'>{exc}</p>"
+    rows = sorted(heat.states.items(), key=lambda kv: (kv[0][0] != "order", kv[0]))
+    return _page(request, "heatmap.html", svg=svg, rows=rows)

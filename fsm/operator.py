@@ -1,0 +1,56 @@
+"""Operator actions that are not a saga run: `resolve` ends a parked order an operator
+fixed by hand. Like every move it is a declared edge, committed under the order's lease
+with the operator's reason in the transition log, so the audit trail is the log itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+
+from fsm import events
+from fsm.errors import InvalidMove, LeaseLost
+from fsm.machine import OrderState, OrderTrigger
+from fsm.models import Order
+from fsm.store import Store
+
+
+async def resolve(
+    store: Store,
+    order_id: uuid.UUID,
+    *,
+    reason: str,
+    owner: str,
+    operator: str | None = None,
+    crash_after: str | None = None,
+) -> Order:
+    """needs_attention -> resolved. Raises OrderNotFound, LeaseLost (someone is driving
+    it: a resume is retrying it right now) or InvalidMove (it is not parked)."""
+    if not reason.strip():
+        raise ValueError("a reason is required")
+    order = await store.claim(order_id=order_id, owner=owner)
+    if order is None:
+        raise LeaseLost(f"order {order_id} is being driven by another worker")
+    try:
+        if order.state != OrderState.NEEDS_ATTENTION:
+            raise InvalidMove(
+                f"only a parked (needs_attention) order can be resolved, not {order.state}"
+            )
+        detail = {"reason": reason.strip(), "operator": operator, "was": order.attention_reason}
+        with events.transition(order, "order", OrderTrigger.RESOLVE):
+            await store.record_transition(  # terminal: releases the lease in the same write
+                order=order,
+                owner=owner,
+                scope="order",
+                trigger=OrderTrigger.RESOLVE,
+                detail=detail,
+                next_attempt_at=None,
+                attention_reason=None,
+            )
+        if crash_after == f"order:{OrderTrigger.RESOLVE}":
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die right after the commit
+    finally:
+        await store.release(order_id=order_id, owner=owner)  # refused: never written
+    order.lease_owner = None
+    return order

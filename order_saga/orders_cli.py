@@ -1,0 +1,279 @@
+"""`order-saga orders list|show|cancel|resolve`: the operator's view and actions from a
+shell, like `temporal workflow list/describe` or `dbos workflow list/get/cancel`. A table
+for people by default, `--json` for scripts (the same shapes as the HTTP API).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fsm.errors import SagaError
+from fsm.machine import OrderState, Status
+
+if TYPE_CHECKING:
+    from fsm.models import Order
+    from fsm.store import Store
+
+orders_app = typer.Typer(help="List, inspect, cancel and resolve orders.", no_args_is_help=True)
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+# A pipe or a file gets wide lines (rich would squeeze the table into 80 columns).
+_console = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"order-saga: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _order_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        _fail(f"{text!r} is not an order id (UUID)", 2)
+
+
+@contextmanager
+def _store() -> Iterator[Store]:
+    """The store as every command builds it (`fsm.wiring`), closed (its writer thread
+    stopped) on the way out."""
+    from fsm.wiring import build_store
+    from order_saga.cli import load_settings
+
+    store = build_store(load_settings())
+    try:
+        yield store
+    finally:
+        store.close()
+        store.engine.dispose()
+
+
+def _as_json(order: Order) -> dict[str, Any]:
+    from api.schemas import OrderOut
+
+    body: dict[str, Any] = OrderOut.of(order).model_dump(mode="json")
+    body["next_attempt_at"] = order.next_attempt_at.isoformat() if order.next_attempt_at else None
+    return body
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+def _ago(order: Order) -> str:
+    from fsm.heatmap import duration
+    from fsm.queries import age
+
+    return duration(age(order.updated_at))
+
+
+@orders_app.command("list")
+def list_orders(
+    status: Annotated[Status | None, typer.Option(help="Coarse status.")] = None,
+    state: Annotated[OrderState | None, typer.Option(help="Exact machine state.")] = None,
+    older_than: Annotated[
+        float | None, typer.Option(min=0, help="Unmoved for at least this many seconds.")
+    ] = None,
+    product: Annotated[int | None, typer.Option(min=1)] = None,
+    user: Annotated[int | None, typer.Option(min=1)] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+    as_json: JsonFlag = False,
+) -> None:
+    """Orders, parked (needs_attention) first with their reason, then newest first."""
+    from fsm.queries import OrderFilter, list_orders
+
+    flt = OrderFilter(
+        status=status,
+        state=state,
+        older_than=older_than,
+        product_id=product,
+        user_id=user,
+        limit=limit,
+    )
+    with _store() as store:
+        found, total = list_orders(store, flt)
+    if as_json:
+        _print_json({"orders": [_as_json(o) for o in found], "total": total})
+        return
+    table = Table(title=f"{len(found)} of {total} orders", title_justify="left")
+    for column in ("id", "status", "state", "user", "product", "qty", "amount", "moved", "why"):
+        table.add_column(column, no_wrap=column in ("id", "state"))
+    for o in found:
+        why = o.attention_reason or ""
+        if o.next_attempt_at and o.status == Status.NEEDS_ATTENTION:
+            why += f" (retry {o.next_attempt_at:%H:%M:%S})"
+        table.add_row(
+            str(o.id),
+            o.status,
+            o.state,
+            str(o.user_id),
+            str(o.product_id),
+            str(o.quantity),
+            "" if o.amount is None else f"{o.amount / 100:.2f}",
+            f"{_ago(o)} ago",
+            why,
+        )
+    _console.print(table)
+
+
+@orders_app.command("show")
+def show(order_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonFlag = False) -> None:
+    """One order: amount, steps, why it is parked, and its timeline (time in each state)."""
+    from fsm.heatmap import duration
+    from fsm.queries import timeline
+
+    oid = _order_id(order_id)
+    try:
+        with _store() as store:
+            order = store.get(oid)
+            spans = timeline(store.history(oid))
+    except SagaError as exc:
+        _fail(str(exc), 1)
+    if as_json:
+        body = _as_json(order)
+        body["timeline"] = [
+            {
+                "seq": s.seq,
+                "scope": s.scope,
+                "trigger": s.trigger,
+                "from_state": s.from_state,
+                "to_state": s.to_state,
+                "at": s.at.isoformat(),
+                "seconds": s.seconds,
+                "detail": s.detail,
+            }
+            for s in spans
+        ]
+        _print_json(body)
+        return
+    amount = "–" if order.amount is None else f"{order.amount / 100:.2f}"
+    _console.print(f"[bold]{order.id}[/]  {order.status} ({order.state})")
+    _console.print(
+        f"user {order.user_id} · product {order.product_id} × {order.quantity} · amount {amount}"
+    )
+    _console.print(
+        "steps: "
+        + ", ".join(
+            f"{s} {getattr(order, f'{s}_state')}" for s in ("payment", "inventory", "shipping")
+        )
+    )
+    if order.attention_reason:
+        _console.print(f"[bold red]needs attention:[/] {order.attention_reason}")
+        if order.next_attempt_at:
+            _console.print(f"next retry by the sweep: {order.next_attempt_at.isoformat()}")
+    if order.last_error:
+        _console.print(f"last error: {order.last_error}")
+    table = Table(title="timeline", title_justify="left")
+    for column in ("seq", "at", "scope", "trigger", "from → to", "stayed", "detail"):
+        table.add_column(column)
+    for s in spans:
+        stayed = duration(s.seconds) if s.seconds is not None else "now"
+        detail = json.dumps(s.detail) if s.detail else ""
+        table.add_row(
+            str(s.seq),
+            f"{s.at:%H:%M:%S.%f}"[:-3],
+            s.scope,
+            s.trigger,
+            f"{s.from_state} → {s.to_state}",
+            stayed,
+            detail[:80],
+        )
+    _console.print(table)
+
+
+@orders_app.command("cancel")
+def cancel(
+    order_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonFlag = False
+) -> None:
+    """Cancel a completed order: refund, restore stock, cancel the shipment."""
+    from fsm.wiring import open_saga
+    from order_saga.cli import load_settings
+
+    settings = load_settings()
+    oid = _order_id(order_id)
+
+    async def main() -> Order:
+        async with open_saga(settings) as saga:
+            return await saga.executor.cancel(oid)
+
+    try:
+        order = asyncio.run(main())
+    except SagaError as exc:
+        _fail(str(exc), 1)
+    if as_json:
+        _print_json(_as_json(order))
+    else:
+        typer.echo(f"{order.id} {order.state} ({order.status})")
+    if order.status != Status.CANCELLED:
+        _fail(f"not cancelled yet: {order.attention_reason or order.state}", 3)
+
+
+def _who() -> str | None:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name in a bare container
+        return None
+
+
+@orders_app.command("resolve")
+def resolve(
+    order_id: Annotated[str, typer.Argument(metavar="ID")],
+    reason: Annotated[str, typer.Option(help="What was fixed by hand (kept in the log).")],
+    as_json: JsonFlag = False,
+) -> None:
+    """End a parked (needs_attention) order an operator fixed by hand: -> resolved."""
+    from fsm import operator
+    from fsm.executor import new_owner
+    from order_saga.cli import load_settings
+
+    if not reason.strip():
+        _fail("--reason must not be empty", 2)
+    settings = load_settings()
+    oid = _order_id(order_id)
+    try:
+        with _store() as store:
+            order = asyncio.run(
+                operator.resolve(
+                    store,
+                    oid,
+                    reason=reason,
+                    owner=new_owner(),
+                    operator=_who(),
+                    crash_after=settings.crash_after,
+                )
+            )
+    except SagaError as exc:
+        _fail(str(exc), 1)
+    if as_json:
+        _print_json(_as_json(order))
+    else:
+        typer.echo(f"{order.id} {order.state} ({order.status})")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from order_saga import __version__
+
+        typer.echo(f"order-saga {__version__}")
+        raise typer.Exit()
+
+
+def version_option(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Durable order orchestrator."""

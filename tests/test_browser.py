@@ -1,0 +1,179 @@
+"""The operator page in a real browser: Debian's headless Chromium driven by Playwright,
+against a real `order-saga serve` (embedded services, migrations, lifespan) in another
+process. List -> order -> confirmed action -> the state changed, and a screenshot check.
+
+SQLite only: `serve` migrates a fresh database itself (the storage behaviour behind these
+pages runs on both databases in tests/test_ui.py and tests/test_operator.py).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image, ImageStat
+
+from tests.conftest import free_port
+from tests.crashkit import ORDER_SAGA
+
+CHROMIUM = os.environ.get("ORDER_SAGA_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which(CHROMIUM) is None, reason="no chromium: apt-get install chromium"
+    ),
+]
+TIMEOUT_MS = 30_000
+
+
+class Served:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def place(self, user: int, product: int, quantity: int = 1) -> dict[str, Any]:
+        body = {"user_id": user, "product_id": product, "quantity": quantity}
+        response = httpx.post(f"{self.url}/orders", json=body, timeout=30)
+        assert response.status_code in (201, 202, 404), response.text
+        return dict(response.json())
+
+    def fault(self, operation: str) -> None:
+        body = {"operation": operation, "mode": "error", "count": 1000}
+        httpx.post(f"{self.url}/services/_faults", json=body).raise_for_status()
+
+    def clear_faults(self) -> None:
+        httpx.delete(f"{self.url}/services/_faults").raise_for_status()
+
+    def order(self, order_id: str) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.url}/orders/{order_id}").json())
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDER_SAGA_")}
+    env |= {
+        "ORDER_SAGA_DATABASE_URL": f"sqlite:///{tmp_path}/saga.db",
+        "ORDER_SAGA_SERVICES_DB": str(tmp_path / "services.db"),
+        "ORDER_SAGA_MAX_ATTEMPTS": "2",
+        "ORDER_SAGA_BACKOFF_MAX": "0.05",
+    }
+    log = (tmp_path / "serve.log").open("wb")
+    cmd = [ORDER_SAGA, "serve", "--port", str(port), "--no-sweep"]
+    with subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT) as server:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.1)
+        try:
+            yield Served(url)
+        finally:
+            server.terminate()
+            server.wait(timeout=15)
+            log.close()
+
+
+@pytest.fixture
+def page(served: Served) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        tab = browser.new_page(viewport={"width": 1280, "height": 900})
+        tab.set_default_timeout(TIMEOUT_MS)
+        try:
+            yield tab
+        finally:
+            browser.close()
+
+
+def test_list_order_resolve_and_cancel_in_the_browser(served: Served, page: Any) -> None:
+    from playwright.sync_api import expect
+
+    completed = served.place(1, 1)
+    served.place(2, 1)  # payment refused: failed
+    served.fault("user.refund")
+    parked = served.place(1, 3)  # sold out, and the refund is down: parked
+    served.clear_faults()
+    assert parked["status"] == "needs_attention"
+
+    page.goto(f"{served.url}/ui")
+    first = page.locator("table.orders tbody tr").first
+    expect(first).to_have_attribute("data-order", parked["id"])  # parked first
+    expect(first).to_contain_text("payment refund did not succeed")
+    expect(page.locator('[data-status="needs_attention"] b')).to_have_text("1")
+
+    first.get_by_role("link").click()
+    expect(page.locator("#order-status")).to_have_text("needs_attention")
+    page.get_by_role("link", name="Mark resolved").click()
+    page.get_by_label("Reason").fill("refunded by hand, ticket OPS-42")
+    page.get_by_role("button", name="Yes, mark resolved").click()
+    expect(page.get_by_role("status")).to_contain_text("now resolved")
+    expect(page.locator("#order-status")).to_have_text("resolved")
+    expect(page.locator("table.timeline")).to_contain_text("refunded by hand, ticket OPS-42")
+    assert served.order(parked["id"])["status"] == "resolved"
+
+    page.goto(f"{served.url}/ui?status=completed")
+    page.locator(f'tr[data-order="{completed["id"]}"] a').click()
+    page.get_by_role("link", name="Cancel order").click()
+    page.get_by_role("button", name="Yes, cancel order").click()
+    expect(page.locator("#order-status")).to_have_text("cancelled")
+    assert served.order(completed["id"])["status"] == "cancelled"
+
+    page.goto(f"{served.url}/ui")
+    expect(page.locator('[data-status="needs_attention"] b')).to_have_text("0")
+    expect(page.locator('[data-status="resolved"] b')).to_have_text("1")
+
+
+def test_pages_render_non_blank(served: Served, page: Any, tmp_path: Path) -> None:
+    served.place(1, 1)
+    failed = served.place(2, 1)
+    for path, min_height in (("/ui", 400), (f"/ui/orders/{failed['id']}", 1200)):
+        page.goto(f"{served.url}{path}")
+        shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
+        width, height = shot.size
+        assert width == 1280 and min_height <= height <= 20_000, (path, shot.size)
+        # Not blank: many colours, and real contrast (text, badges, the diagram).
+        assert len(shot.getcolors(maxcolors=1 << 20) or []) > 50, path
+        spread = [hi - lo for lo, hi in ImageStat.Stat(shot).extrema]
+        assert min(spread) > 150, (path, spread)
+    svg_box = page.locator(".diagram svg").bounding_box()
+    assert svg_box is not None and svg_box["width"] > 600 and svg_box["height"] > 600
+    page.goto(f"{served.url}/ui/heatmap")
+    assert page.locator(".diagram svg").bounding_box()["height"] > 300
+    assert page.locator("table.heat tbody tr").count() > 10
+
+
+def test_docs_render_with_nothing_from_outside(served: Served, page: Any) -> None:
+    from playwright.sync_api import expect
+
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url))
+    page.goto(f"{served.url}/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("order-saga")
+    expect(page.locator(".opblock-summary-path").first).to_be_visible()
+    outside = [url for url in asked if not url.startswith((served.url, "data:"))]
+    assert asked and not outside, outside

@@ -1,0 +1,161 @@
+"""What an operator reads without SQL: the OpenAPI document (every endpoint described with
+an example, state fields as enums), `POST /orders/{id}/resolve`, log lines (JSON on demand,
+request ids, quiet httpx, masked database URLs) and the worker's own /metrics port."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from fsm.store import Store
+from order_saga.logs import configure
+from order_saga.redact import masked
+from tests.conftest import Downstream, free_port
+from tests.crashkit import ORDER_SAGA, saga_env
+from tests.test_api import settings_for
+
+ORDER_STATES = {
+    "pending", "product_requested", "rejected", "steps_running", "completed", "compensating",
+    "failed", "cancelling", "cancelled", "needs_attention", "resolved",
+}  # fmt: skip
+
+
+@pytest.fixture
+def client(db_url: str, services_url: str) -> Iterator[TestClient]:
+    app = create_app(settings_for(db_url, services_url, max_attempts=2), sweep=False)
+    with TestClient(app) as c:
+        yield c
+
+
+def _has_example(node: Any, schemas: dict[str, Any], seen: frozenset[str] = frozenset()) -> bool:
+    """An `example(s)` anywhere in `node`, following $refs into the components."""
+    if isinstance(node, dict):
+        if "example" in node or "examples" in node:
+            return True
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref not in seen:
+            name = ref.rsplit("/", 1)[-1]
+            return _has_example(schemas.get(name, {}), schemas, seen | {ref})
+        return any(_has_example(v, schemas, seen) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_example(v, schemas, seen) for v in node)
+    return False
+
+
+def test_every_endpoint_has_a_description_and_an_example(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    operations = [(m, p, op) for p, ops in spec["paths"].items() for m, op in ops.items()]
+    assert len(operations) >= 11
+    for method, path, op in operations:
+        assert op.get("description", "").strip(), f"{method.upper()} {path}: no description"
+        answers = {"requestBody": op.get("requestBody"), "200": op["responses"].get("200")}
+        assert _has_example(answers, schemas), f"{method.upper()} {path}: no example"
+    assert not any(p.startswith("/ui") for p in spec["paths"])  # pages, not API
+
+
+def test_state_fields_are_enums(client: TestClient) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    order = schemas["OrderOut"]["properties"]
+    assert set(schemas[order["state"]["$ref"].rsplit("/", 1)[-1]]["enum"]) == ORDER_STATES
+    step_ref = order["steps"]["additionalProperties"]["$ref"]
+    assert "compensating" in schemas[step_ref.rsplit("/", 1)[-1]]["enum"]
+    transition = schemas["TransitionOut"]["properties"]
+    assert {"$ref": "#/components/schemas/StepState"} in transition["to_state"]["anyOf"]
+    assert transition["scope"]["enum"] == ["order", "payment", "inventory", "shipping"]
+
+
+def test_resolve_over_http(client: TestClient, store: Store, downstream: Downstream) -> None:
+    downstream.fault("user.refund", "error", count=1000)
+    order = client.post("/orders", json={"user_id": 1, "product_id": 3, "quantity": 1}).json()
+    httpx.delete(f"{downstream.url}/_faults").raise_for_status()
+    assert order["status"] == "needs_attention"
+    url = f"/orders/{order['id']}/resolve"
+    assert client.post(url, json={"reason": "   "}).status_code == 422
+    assert client.post(url, json={}).status_code == 422
+    done = client.post(url, json={"reason": "refunded by hand", "operator": "alice"})
+    assert done.status_code == 200, done.text
+    assert (done.json()["state"], done.json()["status"]) == ("resolved", "resolved")
+    assert client.post(url, json={"reason": "again"}).status_code == 409
+    last = client.get(f"/orders/{order['id']}/transitions").json()[-1]
+    assert last["trigger"] == "resolve" and last["detail"]["reason"] == "refunded by hand"
+
+
+def test_json_logs_carry_order_fields_and_quiet_httpx() -> None:
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    configure("json")
+    stream = io.StringIO()
+    handler = root.handlers[0]
+    handler.setStream(stream)  # type: ignore[attr-defined]
+    try:
+        extra = {"order_id": "o-1", "state": "needs_attention", "trigger": "park"}
+        logging.getLogger("order_saga.events").warning("parked", extra=extra)
+        logging.getLogger("httpx").info("HTTP Request: POST http://x/users/deduct")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    (line,) = stream.getvalue().splitlines()  # httpx's INFO line is not there
+    record = json.loads(line)
+    assert record["order_id"] == "o-1" and record["state"] == "needs_attention"
+    assert record["trigger"] == "park" and record["level"] == "WARNING"
+    assert record["correlation_id"] == "-"  # outside a request
+
+
+def test_database_urls_are_masked() -> None:
+    assert masked("postgresql+psycopg://app:hunter2@db:5432/orders") == (
+        "postgresql+psycopg://app:***@db:5432/orders"
+    )
+    assert masked("sqlite:///order-saga.db") == "sqlite:///order-saga.db"
+    result = subprocess.run(
+        [ORDER_SAGA, "db", "upgrade"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "ORDER_SAGA_DATABASE_URL": "postgresql+psycopg://app:hunter2@127.0.0.1:1/x",
+        },
+    )
+    assert result.returncode == 1 and "app:***@127.0.0.1:1" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+async def test_worker_serves_metrics_on_its_own_port(
+    db_url: str, store: Store, downstream: Downstream
+) -> None:
+    await store.create_order(user_id=1, product_id=999, quantity=1)  # will be rejected
+    port = free_port()
+    env = saga_env(database_url=db_url, services_url=downstream.url, worker_metrics_port=port)
+    cmd = [ORDER_SAGA, "worker", "--interval", "0.1", "--older-than", "0"]
+    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) as worker:
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                assert worker.poll() is None and time.monotonic() < deadline, "no metrics"
+                try:
+                    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+                except httpx.TransportError:
+                    text = ""
+                if 'order_saga_orders{status="rejected"} 1.0' in text:
+                    break
+                time.sleep(0.1)
+            assert 'order_saga_orders{status="pending"} 0.0' in text  # dropped to zero
+            assert "order_saga_run_seconds_count" in text
+        finally:
+            worker.terminate()
+            _, stderr = worker.communicate(timeout=15)
+    assert worker.returncode == 0, stderr
+    assert "order_saga.events" in stderr and "product_missing" in stderr  # a transition line

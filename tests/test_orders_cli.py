@@ -1,0 +1,126 @@
+"""`order-saga orders list|show|cancel|resolve`, `--version` and `resume`'s exit code for
+parked orders, as an operator runs them: real processes, real services, both databases."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlmodel import SQLModel
+
+from fsm.store import Store, make_engine
+from order_saga import __version__
+from tests.conftest import Downstream
+from tests.crashkit import ORDER_SAGA, saga_env, set_faults
+from tests.crashkit import Fault as CrashFault
+
+FAST = {"max_attempts": 2, "backoff_base": 0.01, "backoff_max": 0.05, "http_timeout": 3}
+REFUND_DOWN = CrashFault("user.refund", "error")
+
+
+def saga(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([ORDER_SAGA, *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def ok_json(*args: str, env: dict[str, str]) -> Any:
+    result = saga(*args, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def env(db_url: str, downstream: Downstream) -> dict[str, str]:
+    return saga_env(database_url=db_url, services_url=downstream.url, **FAST)
+
+
+def test_version() -> None:
+    result = subprocess.run([ORDER_SAGA, "--version"], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout.strip()) == (0, f"order-saga {__version__}")
+
+
+@pytest.mark.slow
+async def test_park_then_list_show_and_resolve_from_the_cli(
+    env: dict[str, str], store: Store, downstream: Downstream
+) -> None:
+    completed, _ = await store.create_order(user_id=1, product_id=1, quantity=1)
+    stuck, _ = await store.create_order(
+        user_id=1, product_id=3, quantity=1
+    )  # sold out: compensates
+    set_faults(downstream.url, [REFUND_DOWN])
+    resumed = saga("resume", "--older-than", "0", env=env)
+    set_faults(downstream.url, ())
+    # exit 3: an order stayed parked, and why is printed
+    assert resumed.returncode == 3, resumed.stdout + resumed.stderr
+    assert f"still parked: {stuck.id}: payment refund did not succeed" in resumed.stderr
+    assert "[1/2]" in resumed.stdout and "[2/2]" in resumed.stdout  # progress
+
+    listed = ok_json("orders", "list", env=env)
+    assert listed["total"] == 2
+    assert [o["id"] for o in listed["orders"]] == [str(stuck.id), str(completed.id)]
+    assert listed["orders"][0]["attention_reason"].startswith("payment refund")
+    only = ok_json("orders", "list", "--status", "completed", env=env)
+    assert [o["id"] for o in only["orders"]] == [str(completed.id)]
+    assert (
+        ok_json("orders", "list", "--state", "needs_attention", "--older-than", "3600", env=env)[
+            "orders"
+        ]
+        == []
+    )
+    table = saga("orders", "list", env=env)
+    assert table.returncode == 0 and str(stuck.id) in table.stdout
+    assert "needs_attention" in table.stdout and "payment refund" in table.stdout
+
+    shown = ok_json("orders", "show", str(stuck.id), env=env)
+    assert shown["status"] == "needs_attention"
+    assert shown["steps"] == {
+        "payment": "compensating",
+        "inventory": "failed",
+        "shipping": "compensated",
+    }
+    assert shown["timeline"][-1]["trigger"] == "park"
+    assert [t["seq"] for t in shown["timeline"]] == list(range(1, len(shown["timeline"]) + 1))
+    readable = saga("orders", "show", str(stuck.id), env=env)
+    assert "needs attention:" in readable.stdout and "timeline" in readable.stdout
+
+    cannot = saga("orders", "cancel", str(stuck.id), env=env)  # only completed orders
+    assert cannot.returncode == 1 and "only a completed order" in cannot.stderr
+    resolved = ok_json("orders", "resolve", str(stuck.id), "--reason", "refunded by hand", env=env)
+    assert (resolved["state"], resolved["status"]) == ("resolved", "resolved")
+    assert store.history(stuck.id)[-1].detail["reason"] == "refunded by hand"  # type: ignore[index]
+    twice = saga("orders", "resolve", str(stuck.id), "--reason", "again", env=env)
+    assert twice.returncode == 1 and "only a parked" in twice.stderr
+
+    cancelled = ok_json("orders", "cancel", str(completed.id), env=env)
+    assert cancelled["status"] == "cancelled"
+    assert downstream.shipment(completed.id)["status"] == "cancelled"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["orders", "show", "nope"], 2, "is not an order id"),
+        (["orders", "show", "00000000-0000-0000-0000-000000000000"], 1, "not found"),
+        (["orders", "resolve", "00000000-0000-0000-0000-000000000000"], 2, "--reason"),
+        (
+            ["orders", "resolve", "00000000-0000-0000-0000-000000000000", "--reason", " "],
+            2,
+            "empty",
+        ),
+        (["orders", "list", "--status", "lost"], 2, "Invalid value for '--status'"),
+        (["orders", "cancel", "00000000-0000-0000-0000-000000000000"], 1, "not found"),
+    ],
+)
+def test_bad_input_is_one_line(
+    tmp_path: Path, services_url: str, args: list[str], code: int, message: str
+) -> None:
+    url = f"sqlite:///{tmp_path}/saga.db"  # no storage behaviour here: one database will do
+    engine = make_engine(url)
+    SQLModel.metadata.create_all(engine)
+    engine.dispose()
+    result = saga(*args, env=saga_env(database_url=url, services_url=services_url))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("order-saga: ") and message in lines[0], lines

@@ -1,0 +1,171 @@
+"""The operator page over HTTP (TestClient, lifespan included, real services), on SQLite and
+PostgreSQL: the list with counts, filters and parked orders first; one order's page and its
+lit diagram coloured by outcome; the confirmed actions; the heatmap; /docs with no asset
+from outside; request ids. The same flows in a real browser: tests/test_browser.py."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from fsm.store import Store
+from tests.conftest import Downstream
+from tests.test_api import settings_for
+
+PAYER, POOR = 1, 2
+WIDGET, SOLD_OUT, MISSING = 1, 3, 999
+GREEN, RED = "#81c784", "#e57373"  # fsm.diagram: where a completed / failed order rests
+
+
+@pytest.fixture
+def client(db_url: str, services_url: str) -> Iterator[TestClient]:
+    app = create_app(settings_for(db_url, services_url, max_attempts=2), sweep=False)
+    with TestClient(app) as c:
+        yield c
+
+
+def place(client: TestClient, user: int, product: int, quantity: int = 1) -> str:
+    response = client.post(
+        "/orders", json={"user_id": user, "product_id": product, "quantity": quantity}
+    )
+    assert response.status_code in (201, 202, 404), response.text
+    return str(response.json()["id"])
+
+
+def park(client: TestClient, downstream: Downstream) -> str:
+    downstream.fault("user.refund", "error", count=1000)
+    order_id = place(client, PAYER, SOLD_OUT)
+    httpx.delete(f"{downstream.url}/_faults").raise_for_status()
+    assert client.get(f"/orders/{order_id}").json()["status"] == "needs_attention"
+    return order_id
+
+
+def rows(html: str) -> list[str]:
+    return re.findall(r'<tr class="status-[a-z_]+" data-order="([0-9a-f-]+)"', html)
+
+
+def current_fill(svg: str, state: str) -> str:
+    """The fill of the node dot marked current for `state` in Graphviz's SVG."""
+    match = re.search(
+        rf'<g id="node\d+" class="node visited current">\s*<title>{state}</title>\s*'
+        r'<path fill="(#[0-9a-f]{6})"',
+        svg,
+    )
+    assert match, f"{state} is not the current node"
+    return match.group(1)
+
+
+def test_list_counts_filters_and_parked_first(client: TestClient, downstream: Downstream) -> None:
+    done = place(client, PAYER, WIDGET)
+    parked = park(client, downstream)
+    failed = place(client, POOR, WIDGET)
+    page = client.get("/ui")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert rows(page.text) == [parked, failed, done]  # parked first, then newest first
+    assert re.search(r'data-status="needs_attention">needs_attention <b>1</b>', page.text)
+    assert re.search(r'data-status="cancelled">cancelled <b>0</b>', page.text)
+    assert "payment refund did not succeed" in page.text and "sweep retries at" in page.text
+    assert rows(client.get("/ui", params={"status": "failed"}).text) == [failed]
+    assert rows(client.get("/ui", params={"user": POOR}).text) == [failed]
+    assert rows(client.get("/ui", params={"product": SOLD_OUT}).text) == [parked]
+    assert rows(client.get("/ui", params={"state": "completed"}).text) == [done]
+    assert rows(client.get("/ui", params={"older_than": 3600}).text) == []
+    assert client.get("/ui", params={"status": "lost"}).status_code == 422
+
+
+def test_paging(client: TestClient) -> None:
+    ids = [place(client, PAYER, MISSING) for _ in range(27)]  # rejected: cheap to make
+    first = client.get("/ui").text
+    assert rows(first) == ids[::-1][:25] and 'rel="next"' in first and 'rel="prev"' not in first
+    second = client.get("/ui", params={"offset": 25}).text
+    assert rows(second) == ids[::-1][25:] and 'rel="prev"' in second and 'rel="next"' not in second
+
+
+def test_order_page_shows_steps_timeline_and_outcome(
+    client: TestClient, store: Store, downstream: Downstream
+) -> None:
+    failed = place(client, POOR, WIDGET)
+    page = client.get(f"/ui/orders/{failed}").text
+    assert '<span class="badge status-failed" id="order-status">failed</span>' in page
+    assert "402" in page  # the downstream answer that failed the payment
+    history = store.history(uuid.UUID(failed))
+    assert len(re.findall(r'<tr class="scope-', page)) == len(history)
+    assert page.count("<svg") == 1 and "<?xml" not in page  # inline, without the prolog
+    assert current_fill(page, "failed") == RED  # a failed order never looks completed
+    completed = client.get(f"/ui/orders/{place(client, PAYER, WIDGET)}").text
+    assert current_fill(completed, "completed") == GREEN
+    assert "action-cancel" in completed and "action-resolve" not in completed
+    assert client.get(f"/ui/orders/{uuid.uuid4()}").status_code == 404
+
+
+def test_resolve_needs_confirmation_and_a_reason(
+    client: TestClient, store: Store, downstream: Downstream
+) -> None:
+    parked = park(client, downstream)
+    page = client.get(f"/ui/orders/{parked}").text
+    assert "action-resolve" in page and "action-retry" in page and "action-cancel" not in page
+    confirm = client.get(f"/ui/orders/{parked}/resolve")
+    assert confirm.status_code == 200 and 'name="reason"' in confirm.text
+    assert store.get(uuid.UUID(parked)).state == "needs_attention"  # asking changes nothing
+    completed = place(client, PAYER, WIDGET)
+    offered = client.get(f"/ui/orders/{completed}/resolve").text
+    assert "Not possible while the order is completed" in offered and "<form" not in offered
+    empty = client.post(f"/ui/orders/{parked}/resolve", data={"reason": " "})
+    assert "a reason is required" in empty.text
+    assert store.get(uuid.UUID(parked)).state == "needs_attention"
+    done = client.post(f"/ui/orders/{parked}/resolve", data={"reason": "refunded by hand"})
+    assert done.status_code == 200 and done.url.path == f"/ui/orders/{parked}"
+    assert "Mark resolved: now resolved (resolved)" in done.text
+    assert store.history(uuid.UUID(parked))[-1].detail["reason"] == "refunded by hand"  # type: ignore[index]
+    again = client.post(f"/ui/orders/{parked}/resolve", data={"reason": "again"})
+    assert "only a parked" in again.text  # refused, shown on the page
+
+
+def test_retry_and_cancel_from_the_page(
+    client: TestClient, store: Store, downstream: Downstream
+) -> None:
+    parked = park(client, downstream)
+    retried = client.post(f"/ui/orders/{parked}/retry")
+    assert "Retry compensation: now failed (failed)" in retried.text
+    completed = place(client, PAYER, WIDGET)
+    cancelled = client.post(f"/ui/orders/{completed}/cancel")
+    assert "Cancel order: now cancelled (cancelled)" in cancelled.text
+    assert downstream.shipment(completed)["status"] == "cancelled"  # type: ignore[index]
+    refused = client.post(f"/ui/orders/{place(client, POOR, WIDGET)}/cancel")  # a failed one
+    assert "only a completed order can be cancelled" in refused.text
+    assert client.get(f"/ui/orders/{completed}/explode").status_code == 422
+
+
+def test_heatmap_page(client: TestClient, downstream: Downstream) -> None:
+    place(client, PAYER, WIDGET)
+    place(client, POOR, WIDGET)
+    page = client.get("/ui/heatmap").text
+    assert page.count("<svg") == 1
+    assert "all_succeeded ×1" in page and "some_failed ×1" in page and "resolve ×0" in page
+    assert re.search(r"<td>order</td><td>completed</td><td class=\"num\">1</td>", page)
+
+
+def test_pages_need_the_token_when_one_is_set(db_url: str, services_url: str) -> None:
+    app = create_app(settings_for(db_url, services_url, api_token="s3cret"), sweep=False)
+    with TestClient(app) as c:
+        assert c.get("/ui").status_code == 401
+        assert c.get("/ui", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_docs_work_offline_and_lines_carry_request_ids(client: TestClient) -> None:
+    for path in ("/docs", "/redoc"):
+        html = client.get(path).text
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+        assert assets and all(a.startswith("/") for a in assets), assets  # nothing external
+        for asset in assets:
+            assert client.get(asset).status_code == 200, asset
+    assert client.get("/ui/static/ui.css").status_code == 200
+    response = client.get("/healthz", headers={"X-Request-ID": "3f2b8c1e9a7d4e6f8b0c1d2e3f4a5b6c"})
+    assert response.headers["x-request-id"] == "3f2b8c1e9a7d4e6f8b0c1d2e3f4a5b6c"
+    assert len(client.get("/healthz").headers["x-request-id"]) == 32  # made up when absent

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -13,16 +15,20 @@ from sqlalchemy import text
 from api import diagram, orders
 from api.deps import StoreDep
 from api.runner import Runner
+from fsm.breaker import Breakers
 from fsm.clients import Services
 from fsm.errors import (
+    CircuitOpen,
     ConcurrencyError,
     CorruptOrder,
     InvalidMove,
     OrderNotFound,
     StoreUnavailable,
 )
+from fsm.machine import MACHINE_VERSION
 from fsm.metrics import ORDERS
 from fsm.settings import Settings, get_settings
+from fsm.upgrade import guard
 from fsm.wiring import open_saga
 
 
@@ -40,7 +46,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_saga(settings, services=services, fallback_url=embedded_url) as saga:
+        breakers = Breakers.from_settings(settings)
+        app.state.breakers = breakers
+        async with open_saga(
+            settings, services=services, fallback_url=embedded_url, breakers=breakers
+        ) as saga:
+            guard(saga.store)  # orders the installed machine cannot drive: logged, never swept
             runner = Runner(store=saga.store, executor=saga.executor, settings=settings)
             app.state.store, app.state.executor, app.state.runner = (
                 saga.store,
@@ -87,11 +98,24 @@ def create_app(
     async def _invalid(_: Request, exc: InvalidMove) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=409)
 
+    @app.exception_handler(CircuitOpen)
+    async def _circuit_open(_: Request, exc: CircuitOpen) -> JSONResponse:
+        retry_after = str(max(1, math.ceil(exc.retry_after)))
+        body = {"detail": str(exc), "code": exc.code, "service": exc.service}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": retry_after})
+
     @app.get("/healthz", tags=["ops"])
-    def healthz(store: StoreDep) -> dict[str, str]:
+    def healthz(store: StoreDep, request: Request) -> dict[str, Any]:
         with store.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
-        return {"status": "ok", "database": store.engine.dialect.name}
+        breakers: Breakers | None = getattr(request.app.state, "breakers", None)
+        not_closed = breakers.not_closed() if breakers else {}
+        return {
+            "status": "degraded" if not_closed else "ok",
+            "database": store.engine.dialect.name,
+            "machine_version": MACHINE_VERSION,
+            "breakers": not_closed,  # services whose circuit breaker is open or half-open
+        }
 
     @app.get(
         "/metrics",

@@ -50,6 +50,7 @@ def _answer(order: Order) -> JSONResponse:
         202: {"model": OrderOut, "description": "still running (see Location)"},
         404: {"model": RejectedOrder, "description": "the product does not exist"},
         **problems(401),
+        503: {"description": "the product service's circuit breaker is open (see Retry-After)"},
     },
 )
 async def create_order(
@@ -61,6 +62,7 @@ async def create_order(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
     prefer: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
+    request.app.state.breakers.check("product")  # 503 + Retry-After, nothing created
     order, created = await store.create_order(
         user_id=body.user_id,
         product_id=body.product_id,

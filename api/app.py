@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 from asgi_correlation_id import CorrelationIdMiddleware
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -22,13 +23,16 @@ from api import actions, diagram, openapi, orders, problems, ui
 from api.deps import StoreDep
 from api.guard import BearerFor, BodyGuard, TokenGate
 from api.runner import Runner
+from fsm.breaker import Breakers
 from fsm.clients import Services
 from fsm.errors import StoreUnavailable
+from fsm.machine import MACHINE_VERSION
 from fsm.metrics import exposition
 from fsm.settings import Settings, get_settings
+from fsm.upgrade import guard
 from fsm.wiring import http_client, http_services_for, open_saga
 
-_HEALTHY = {"status": "ok", "database": "postgresql"}
+_HEALTHY = {"status": "ok", "database": "postgresql", "machine_version": "d7f8f13c33ba"}
 _METRICS_EXAMPLE = 'order_saga_orders{status="needs_attention"} 1.0\n'
 
 
@@ -46,6 +50,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        breakers = Breakers.from_settings(settings)
+        app.state.breakers = breakers
         async with AsyncExitStack() as stack:
             chosen = services
             if chosen is None:
@@ -53,8 +59,9 @@ def create_app(
                 client.auth = BearerFor(settings.api_token, embedded_url)  # to our mount only
                 chosen = http_services_for(settings, client, fallback_url=embedded_url)
             saga = await stack.enter_async_context(
-                open_saga(settings, services=chosen, fallback_url=embedded_url)
+                open_saga(settings, services=chosen, fallback_url=embedded_url, breakers=breakers)
             )
+            guard(saga.store)  # orders the installed machine cannot drive: logged, never swept
             runner = Runner(store=saga.store, executor=saga.executor, settings=settings)
             app.state.store, app.state.executor, app.state.runner = (
                 saga.store,
@@ -94,14 +101,22 @@ def create_app(
             503: {"model": problems.Problem, "description": "a dependency is down"},
         },
     )
-    def healthz(store: StoreDep) -> dict[str, str]:
-        """200 when the database answers; 503 naming the dependency that does not."""
+    def healthz(store: StoreDep, request: Request) -> dict[str, Any]:
+        """200 when the database answers ("degraded" with the services whose circuit
+        breaker is open); 503 naming the dependency that does not answer."""
         try:
             with store.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except (SQLAlchemyError, StoreUnavailable) as exc:
             raise StoreUnavailable(f"database: {type(exc).__name__}") from exc
-        return {"status": "ok", "database": store.engine.dialect.name}
+        breakers: Breakers | None = getattr(request.app.state, "breakers", None)
+        not_closed = breakers.not_closed() if breakers else {}
+        return {
+            "status": "degraded" if not_closed else "ok",
+            "database": store.engine.dialect.name,
+            "machine_version": MACHINE_VERSION,
+            "breakers": not_closed,  # services whose circuit breaker is open or half-open
+        }
 
     @app.get(
         "/metrics",

@@ -61,6 +61,7 @@ def _answer(order: Order) -> JSONResponse:
     responses={
         202: {"model": OrderOut, "description": "still running (see Location)"},
         404: {"model": RejectedOrder, "description": "the product does not exist"},
+        503: {"description": "the product service's circuit breaker is open (see Retry-After)"},
     },
 )
 async def create_order(
@@ -75,6 +76,7 @@ async def create_order(
     """Place an order and run the saga: product lookup, then payment, inventory and
     shipping concurrently, compensating what succeeded if any fails. A retried POST with
     the same `Idempotency-Key` returns the same order and charges nothing twice."""
+    request.app.state.breakers.check("product")  # 503 + Retry-After, nothing created
     order, created = await store.create_order(
         user_id=body.user_id,
         product_id=body.product_id,

@@ -11,6 +11,7 @@ the rejected order itself (its `status` member is the order's, not RFC 9457's).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -25,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fsm.diagram import GraphvizMissing
 from fsm.errors import (
+    CircuitOpen,
     ConcurrencyError,
     CorruptOrder,
     InvalidMove,
@@ -160,6 +162,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(SagaError)
     async def _saga(_: Request, exc: SagaError) -> JSONResponse:
+        if isinstance(exc, CircuitOpen):  # the service is known down: no call was made
+            seconds = str(max(1, math.ceil(exc.retry_after)))
+            return problem(
+                503, str(exc), code=exc.code, headers={"Retry-After": seconds},
+                dependency=exc.service,
+            )  # fmt: skip
         if isinstance(exc, StoreUnavailable):  # the store's own words: a lock or statement
             # timeout, or the server gone; nothing was decided, a retry soon may succeed
             return unavailable("database", str(exc), retry_after="1")

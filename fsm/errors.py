@@ -5,6 +5,7 @@ SagaError
 │   ├── BusinessFailure         a definite "no" (4xx): not retried, had no effect
 │   │   └── NotFound            404 (product lookup: the order is rejected)
 │   └── TransientFailure        5xx, timeout, connection error: outcome unknown
+│       └── CircuitOpen         not called: the service's circuit breaker is open
 ├── ConcurrencyError            another driver owns or moved the order
 │   ├── StaleOrder              optimistic version check failed
 │   └── LeaseLost               the lease is held by another owner (or expired)
@@ -44,6 +45,20 @@ class NotFound(BusinessFailure):
 
 class TransientFailure(CallFailure):
     code = "transient_failure"
+
+
+class CircuitOpen(TransientFailure):
+    """No call was made: the service's breaker is open (fsm.breaker). Transient, so code
+    unaware of breakers treats it like any outage; `retry_after` is the seconds until the
+    breaker lets a probe through."""
+
+    code = "circuit_open"
+
+    def __init__(self, message: str, *, service: str, retry_after: float, breaker: Any) -> None:
+        super().__init__(message)
+        self.service = service
+        self.retry_after = retry_after
+        self.breaker = breaker
 
 
 class ConcurrencyError(SagaError):

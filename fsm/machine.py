@@ -18,7 +18,9 @@ Both machines are built once per process (`ORDER_MACHINE`, `STEP_MACHINE`) with
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -31,6 +33,7 @@ __all__ = [
     "STEP_MACHINE",
     "STEP_TRANSITIONS",
     "COMPENSATION_NEEDED",
+    "MACHINE_VERSION",
     "DESIGN_TABLE",
     "MachineError",
     "OrderState",
@@ -48,6 +51,7 @@ __all__ = [
     "is_terminal",
     "next_state",
     "fire",
+    "version_of",
 ]
 
 
@@ -322,3 +326,50 @@ def next_state(machine: Machine, state: str, trigger: str) -> str:
         return _MOVES[id(machine)][(str(state), str(trigger))]
     except KeyError:
         raise MachineError(f'cannot "{trigger}" from state {state}') from None
+
+
+# -- machine version (issue 10) ------------------------------------------------------------
+# A stable name for "this machine": live orders record it, so a deploy can tell which orders
+# were written by which tables. Sorted canonical JSON, so reordering rows changes nothing and
+# renaming a state, trigger or edge changes it.
+
+EdgeTable = list[tuple[Any, Any, Any]]
+
+
+def flat_edges(table: EdgeTable) -> list[tuple[str, str, str]]:
+    """(trigger, source, dest) per source, sorted: the table with its lists expanded."""
+    return sorted(
+        (str(trigger), str(source), str(dest))
+        for trigger, sources, dest in table
+        for source in (sources if isinstance(sources, list) else [sources])
+    )
+
+
+def version_of(
+    *,
+    order_states: Iterable[str],
+    order_terminal: Iterable[str],
+    order_edges: EdgeTable,
+    step_states: Iterable[str],
+    step_edges: EdgeTable,
+) -> str:
+    """sha256 (first 12 hex digits) of both machines' states, terminal states and edges."""
+    canonical = {
+        "order": {
+            "states": sorted(map(str, order_states)),
+            "terminal": sorted(map(str, order_terminal)),
+            "edges": flat_edges(order_edges),
+        },
+        "step": {"states": sorted(map(str, step_states)), "edges": flat_edges(step_edges)},
+    }
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+MACHINE_VERSION = version_of(
+    order_states=[s.value for s in OrderState],
+    order_terminal=[s.value for s in TERMINAL_ORDER_STATES],
+    order_edges=ORDER_TRANSITIONS,
+    step_states=[s.value for s in StepState],
+    step_edges=STEP_TRANSITIONS,
+)

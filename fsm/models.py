@@ -59,6 +59,9 @@ class OrderTable(SQLModel, table=True):
 
     created_at: datetime = Field(sa_type=_utc())
     updated_at: datetime = Field(sa_type=_utc())
+    # The machine (fsm.machine.MACHINE_VERSION) the order was created under; a state
+    # migration that rewrites its states rewrites this too (issue 10).
+    machine_version: str = Field(default="", max_length=12)
 
 
 class TransitionTable(SQLModel, table=True):
@@ -74,6 +77,7 @@ class TransitionTable(SQLModel, table=True):
     to_state: str = Field(max_length=32)
     detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     created_at: datetime = Field(sa_type=_utc())
+    machine_version: str = Field(default="", max_length=12)  # the machine that made the move
 
 
 # Which column holds a scope's state: the one place that knows ("order" or a step name).
@@ -109,6 +113,7 @@ class Order:
     deadline_at: datetime | None = None
     attention_reason: str | None = None
     cancel_requested: bool = False
+    machine_version: str = ""
 
     def state_of(self, scope: str) -> str:
         """The state of the order ("order") or of one of its steps."""
@@ -132,3 +137,4 @@ class Transition:
     created_at: datetime
     detail: dict[str, Any] | None = None
     id: int | None = None
+    machine_version: str = ""

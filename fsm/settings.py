@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     db_statement_timeout: float = Field(default=30.0, gt=0, le=3600)
     # Downstream connection pool of one process (three calls per order in flight).
     http_max_connections: int = Field(default=256, ge=1, le=10_000)
+    # Circuit breaker per downstream service (fsm.breaker): opened after this many
+    # consecutive transient failures, a single probe after the cool-down (seconds), and the
+    # orders that waited are released at most `breaker_batch` calls at a time. Below
+    # max_attempts, so one order's run alone can open it and then wait instead of parking.
+    breaker_threshold: int = Field(default=3, ge=1, le=1000)
+    breaker_cooldown: float = Field(default=5.0, gt=0)
+    breaker_batch: int = Field(default=20, ge=1, le=1000)
+
     # Operator console (issue 9): log lines as text or JSON; the port on which
     # `order-saga worker` serves /metrics (0: none; run several workers on distinct ports).
     log_format: Literal["text", "json"] = "text"

@@ -43,6 +43,7 @@ TRANSITION_COLUMNS = (
     "to_state",
     "detail",
     "created_at",
+    "machine_version",
 )
 
 

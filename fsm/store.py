@@ -35,6 +35,7 @@ from fsm.errors import (
     StoreUnavailable,
 )
 from fsm.machine import (
+    MACHINE_VERSION,
     ORDER_MACHINE,
     STEP_MACHINE,
     TERMINAL_ORDER_STATES,
@@ -55,6 +56,7 @@ transitions = TransitionTable.__table__  # type: ignore[attr-defined]
 
 # Orders the sweep may pick up: a known, non-terminal state (a corrupt row never matches).
 _RESUMABLE = tuple(s.value for s in OrderState if s not in TERMINAL_ORDER_STATES)
+_STATES = "state, payment_state, inventory_state, shipping_state"
 _RESUMABLE_SQL = ", ".join(f"'{s}'" for s in _RESUMABLE)
 
 
@@ -116,6 +118,9 @@ class Store:
         self.lease = timedelta(seconds=lease_seconds)
         self.is_postgres = engine.dialect.name == "postgresql"
         self.dialect = sql.dialect_of(engine)
+        # (state, payment, inventory, shipping) combinations the installed machine cannot
+        # drive, found at start by fsm.upgrade.guard(): the sweep leaves those orders alone.
+        self.undrivable: frozenset[tuple[str, str, str, str]] = frozenset()
         self.committer = Committer(
             sql.backend(engine, lock_timeout=lock_timeout, statement_timeout=statement_timeout),
             max_batch=max_batch,
@@ -154,6 +159,7 @@ class Store:
             lease_expires_at=now + self.lease if owner else None,
             created_at=now,
             updated_at=now,
+            machine_version=MACHINE_VERSION,
         )
         return await self.committer.submit(partial(self._insert, order))
 
@@ -206,7 +212,7 @@ class Store:
             values["status"] = coarse_status(dest).value
             if dest in TERMINAL_ORDER_STATES:
                 values["lease_owner"] = values["lease_expires_at"] = None
-        line = (order.id, seq, scope, trigger, source, dest, detail, now)
+        line = (order.id, seq, scope, trigger, source, dest, detail, now, MACHINE_VERSION)
         await self._write(order, owner, values, line)
         return dest
 
@@ -338,6 +344,10 @@ class Store:
         if exclude:
             where.append(f"id NOT IN ({', '.join(['%s'] * len(exclude))})")
             params.extend(d.uuid(i) for i in exclude)
+        if self.undrivable:  # fsm.upgrade.guard(): what this machine cannot drive stays put
+            rows = ", ".join(["(%s, %s, %s, %s)"] * len(self.undrivable))
+            where.append(f"({_STATES}) NOT IN (VALUES {rows})")
+            params.extend(value for combo in sorted(self.undrivable) for value in combo)
         candidates = (
             f"SELECT id FROM orders WHERE {' AND '.join(where)} "
             f"ORDER BY updated_at LIMIT %s {d.skip_locked}"

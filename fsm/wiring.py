@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from fsm.breaker import Breakers
 from fsm.clients import Services, http_services
 from fsm.executor import Executor
 from fsm.retry import RetryPolicy
@@ -82,14 +83,18 @@ async def open_saga(
     *,
     services: Services | None = None,
     fallback_url: str | None = None,
+    breakers: Breakers | None = None,
 ) -> AsyncIterator[Saga]:
-    """Build the engine; on exit stop renewing leases, commit what is queued, close."""
+    """Build the engine; on exit stop renewing leases, commit what is queued, close.
+    With `breakers`, every service client goes through its service's circuit breaker."""
     store = build_store(settings)
     try:
         async with AsyncExitStack() as stack:
             if services is None:
                 client = await stack.enter_async_context(http_client(settings))
                 services = http_services_for(settings, client, fallback_url=fallback_url)
+            if breakers is not None:
+                services = breakers.wrap(services)
             executor = build_executor(settings, store=store, services=services)
             try:
                 yield Saga(settings=settings, store=store, executor=executor)

@@ -31,6 +31,7 @@ from fsm.settings import Settings
 from order_saga.redact import masked, redact
 
 if TYPE_CHECKING:  # imported lazily at run time: `order-saga --help` stays fast
+    from fsm.breaker import Breakers
     from fsm.models import Order
     from fsm.wiring import Saga
 
@@ -142,7 +143,7 @@ def services(
 
 
 @contextlib.asynccontextmanager
-async def _saga(settings: Settings) -> AsyncIterator[Saga]:
+async def _saga(settings: Settings, breakers: Breakers | None = None) -> AsyncIterator[Saga]:
     """`open_saga`, with our token on calls to `serve`'s embedded services (the fallback
     URL), and only there."""
     from api.guard import BearerFor
@@ -151,7 +152,7 @@ async def _saga(settings: Settings) -> AsyncIterator[Saga]:
     async with http_client(settings) as client:
         client.auth = BearerFor(settings.api_token, settings.fallback_services_url)
         services_ = http_services_for(settings, client)
-        async with open_saga(settings, services=services_) as saga:
+        async with open_saga(settings, services=services_, breakers=breakers) as saga:
             yield saga
 
 
@@ -264,9 +265,13 @@ def worker(
     configure_logging(settings)
 
     async def main() -> None:
-        async with _saga(settings) as saga:
+        from fsm.breaker import Breakers
+        from fsm.upgrade import guard
+
+        async with _saga(settings, breakers=Breakers.from_settings(settings)) as saga:
             executor = saga.executor
             executor.store.count_by_status()  # fail fast, in one line, if the DB is not there
+            guard(executor.store)  # orders this machine cannot drive: logged, never swept
             if settings.worker_metrics_port:
                 from prometheus_client import start_http_server
 
@@ -348,6 +353,9 @@ def diagram(
     else:
         output.write_bytes(document)
         typer.echo(f"wrote {output}", err=True)
+    from fsm.machine import MACHINE_VERSION
+
+    typer.echo(f"machine version {MACHINE_VERSION}", err=True)
 
 
 @db_app.command("upgrade")
@@ -356,6 +364,38 @@ def db_upgrade() -> None:
     settings = load_settings()
     _migrate(settings)
     typer.echo(f"database at head: {masked(settings.database_url)}")
+
+
+# -- check-upgrade (issue 10) ----------------------------------------------------------------
+
+
+@app.command("check-upgrade")
+def check_upgrade(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+    ids: Annotated[
+        int, typer.Option(min=0, max=100_000, help="Order ids listed per stranded group.")
+    ] = 1000,
+) -> None:
+    """Check every live order against the installed machine; exit 1 if any would be
+    stranded (unknown state or step state, or no path left to a terminal state)."""
+    import json
+
+    from fsm.store import make_engine
+    from fsm.upgrade import check
+
+    engine = make_engine(load_settings().database_url)
+    try:
+        report = check(engine, with_ids=ids)
+    except ENVIRONMENT_ERRORS as exc:
+        fail(f"cannot read the database: {one_line(exc)}", 1)
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        for line in report.lines():
+            typer.echo(line)
+    raise typer.Exit(0 if report.ok else 1)
 
 
 def main() -> None:

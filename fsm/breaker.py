@@ -1,0 +1,295 @@
+"""A circuit breaker per downstream service, shared by every order of the process (issue 10).
+
+closed --N consecutive transient failures--> open --cool-down--> half-open (one probe)
+half-open --probe answers--> closed;  half-open --probe fails--> open (cool-down again)
+
+While a breaker is open no call reaches its service: the wrapped client raises
+`CircuitOpen` (a `TransientFailure`, so code that knows nothing of breakers sees an outage)
+and `call_through`, the executor's retry-loop hook, waits for the breaker instead of
+spending an attempt: until it closes, or the caller's deadline (a forward step's) passes;
+a compensation has no deadline and so waits as long as the outage lasts. When a probe
+closes the breaker, every waiter is woken at once and calls again through a semaphore, so
+the orders that waited are driven immediately, at most `batch` calls at a time.
+
+A definite answer (2xx or a business 4xx) is a success for the breaker: the service is up.
+
+Why a small class and not a library: purgatory 3.0 (asyncio, maintained) and aiobreaker
+1.2 (asyncio, last release 2021) both let *every* concurrent call through while half-open
+(no single probe), and both only raise while open: neither can wait for the circuit with
+a deadline nor release waiters in bounded batches, which is what keeps the saga's retry
+budgets intact. Their storage backends (Redis) solve a problem this process does not have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar, cast
+
+from prometheus_client import Counter, Gauge
+
+from fsm.clients import InventoryService, ProductService, Services, ShippingService, UserService
+from fsm.errors import CallFailure, CircuitOpen, TransientFailure
+from fsm.settings import Settings
+
+log = logging.getLogger("order_saga.breaker")
+T = TypeVar("T")
+
+CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
+_GAUGE_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+SERVICES = ("product", "user", "inventory", "shipping")
+
+STATE = Gauge(
+    "order_saga_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", ["service"]
+)
+TRANSITIONS = Counter(
+    "order_saga_breaker_transitions_total",
+    "Circuit breaker state changes",
+    ["service", "from_state", "to_state"],
+)
+REJECTED = Counter(
+    "order_saga_breaker_rejected_calls_total",
+    "Calls not made because the service's breaker was open",
+    ["service"],
+)
+
+
+@dataclass
+class BreakerStats:
+    admitted: int = 0  # calls let through to the service
+    probes: int = 0  # of which half-open probes
+    rejected: int = 0  # calls refused while open
+    late_failures: int = 0  # calls admitted while closed that failed after it opened
+
+
+class Breaker:
+    """One service's breaker. Single event loop; no locks needed (no await between checks)."""
+
+    def __init__(
+        self,
+        service: str,
+        *,
+        threshold: int = 3,
+        cooldown: float = 5.0,
+        batch: int = 20,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.service = service
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.clock = clock
+        self.stats = BreakerStats()
+        self.batch = asyncio.Semaphore(batch)  # calls of woken waiters in flight at once
+        self._state = CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probing = False
+        self._changed = asyncio.Event()  # replaced on every change; waiters hold the old one
+        STATE.labels(service=service).set(0)
+
+    # -- reading ---------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """closed, open, or half_open (cool-down over: the next call is the probe)."""
+        if self._state == OPEN and self._cooled():
+            return HALF_OPEN
+        return self._state
+
+    def retry_after(self) -> float:
+        """Seconds until a probe may be sent (0 when it may be sent now)."""
+        if self._state != OPEN:
+            return 0.0
+        return max(0.0, self._opened_at + self.cooldown - self.clock())
+
+    def _may_try(self) -> bool:
+        if self._state == CLOSED:
+            return True
+        if self._probing:
+            return False
+        return self._state == HALF_OPEN or self._cooled()
+
+    def _cooled(self) -> bool:
+        return self.clock() >= self._opened_at + self.cooldown
+
+    # -- calling ---------------------------------------------------------------------
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Make the call if the breaker allows it; raise CircuitOpen (no call) if not."""
+        probe = self._admit()
+        self.stats.admitted += 1
+        try:
+            result = await fn()
+        except TransientFailure as exc:
+            self._failed(probe, exc)
+            raise
+        except CallFailure:
+            self._succeeded(probe)  # a definite "no" is an answer: the service is up
+            raise
+        except BaseException:  # cancelled mid-probe: let another caller probe
+            if probe:
+                self._probing = False
+                self._wake()
+            raise
+        self._succeeded(probe)
+        return result
+
+    def refuse(self) -> CircuitOpen:
+        self.stats.rejected += 1
+        REJECTED.labels(service=self.service).inc()
+        wait = self.retry_after()
+        return CircuitOpen(
+            f"{self.service}: circuit breaker {self.state}, no call made (probe in {wait:.1f}s)",
+            service=self.service,
+            retry_after=wait,
+            breaker=self,
+        )
+
+    def _admit(self) -> bool:
+        """True if this call is the half-open probe; raises CircuitOpen if refused."""
+        if self._state == CLOSED:
+            return False
+        if self._state == OPEN and self._cooled():
+            self._move(HALF_OPEN, f"cool-down of {self.cooldown}s over: one probe")
+        if self._state == HALF_OPEN and not self._probing:
+            self._probing = True
+            self.stats.probes += 1
+            return True
+        raise self.refuse()
+
+    def _failed(self, probe: bool, exc: Exception) -> None:
+        if probe:
+            self._probing = False
+            self._open(f"probe failed: {exc}")
+        elif self._state == CLOSED:
+            self._failures += 1
+            if self._failures >= self.threshold:
+                self._open(f"{self._failures} consecutive transient failures, last: {exc}")
+        else:
+            self.stats.late_failures += 1
+
+    def _succeeded(self, probe: bool) -> None:
+        if probe:
+            self._probing = False
+        self._failures = 0
+        if self._state != CLOSED:
+            self._move(CLOSED, "probe answered" if probe else "a call answered")
+
+    def _open(self, reason: str) -> None:
+        self._opened_at = self.clock()
+        self._move(OPEN, f"{reason}; calls wait {self.cooldown}s for a probe")
+
+    def _move(self, state: str, reason: str) -> None:
+        before, self._state = self._state, state
+        level = logging.INFO if state == CLOSED else logging.WARNING
+        log.log(level, "circuit breaker %s: %s -> %s (%s)", self.service, before, state, reason)
+        STATE.labels(service=self.service).set(_GAUGE_VALUE[state])
+        TRANSITIONS.labels(service=self.service, from_state=before, to_state=state).inc()
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    # -- waiting ---------------------------------------------------------------------
+
+    async def wait(self, deadline: datetime | None, refused: Exception) -> None:
+        """Until a call may be tried (closed, or a probe may be sent); raises `refused`
+        once `deadline` (wall clock, UTC) has passed. No deadline: as long as it takes."""
+        while not self._may_try():
+            timeout = self.retry_after() if self._state == OPEN else None
+            if deadline is not None:
+                left = (deadline - datetime.now(deadline.tzinfo)).total_seconds()
+                if left <= 0:
+                    raise refused
+                timeout = left if timeout is None else min(timeout, left)
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except TimeoutError:
+                pass
+
+
+async def call_through(fn: Callable[[], Awaitable[T]], *, deadline: datetime | None) -> T:
+    """The executor's retry-loop hook: make the call; if a breaker refuses it, wait for
+    that breaker (not spending a retry attempt) and call again. After waiting, calls go
+    through the breaker's batch semaphore, so a closing breaker releases its waiters in
+    bounded batches. Raises the last error once `deadline` has passed while waiting."""
+    waited: Breaker | None = None
+    while True:
+        try:
+            if waited is None:
+                return await fn()
+            async with waited.batch:
+                return await fn()
+        except CircuitOpen as refused:
+            waited = cast(Breaker, refused.breaker)
+            await waited.wait(deadline, refused)
+        except TransientFailure as failed:
+            # After waiting, a failure that leaves the breaker open (this call was the probe,
+            # or was admitted just before the probe failed) is still the outage, not this
+            # order's attempt: keep waiting, so waiting never spends the retry budget.
+            if waited is None or waited.state == CLOSED:
+                raise
+            await waited.wait(deadline, failed)
+
+
+class _Guarded:
+    """A service client whose every method goes through the service's breaker."""
+
+    def __init__(self, client: object, breaker: Breaker) -> None:
+        self._client = client
+        self._breaker = breaker
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            return await self._breaker.call(lambda: method(*args, **kwargs))
+
+        return guarded
+
+
+class Breakers:
+    """The four breakers of one process, by service name."""
+
+    def __init__(self, *, threshold: int = 3, cooldown: float = 5.0, batch: int = 20) -> None:
+        self.by_service = {
+            name: Breaker(name, threshold=threshold, cooldown=cooldown, batch=batch)
+            for name in SERVICES
+        }
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Breakers:
+        return cls(
+            threshold=settings.breaker_threshold,
+            cooldown=settings.breaker_cooldown,
+            batch=settings.breaker_batch,
+        )
+
+    def __getitem__(self, service: str) -> Breaker:
+        return self.by_service[service]
+
+    def wrap(self, services: Services) -> Services:
+        """The Services decorator: the same clients, each behind its service's breaker."""
+        b = self.by_service
+        return Services(
+            product=cast(ProductService, _Guarded(services.product, b["product"])),
+            user=cast(UserService, _Guarded(services.user, b["user"])),
+            inventory=cast(InventoryService, _Guarded(services.inventory, b["inventory"])),
+            shipping=cast(ShippingService, _Guarded(services.shipping, b["shipping"])),
+        )
+
+    def not_closed(self) -> dict[str, str]:
+        """Services whose breaker is open or half-open, with that state (for /healthz)."""
+        return {name: b.state for name, b in self.by_service.items() if b.state != CLOSED}
+
+    def check(self, service: str) -> None:
+        """Raise CircuitOpen if `service`'s breaker is open and not yet due for a probe
+        (POST /orders refuses before creating anything when the product service is out)."""
+        breaker = self.by_service[service]
+        if breaker.state == OPEN:
+            raise breaker.refuse()

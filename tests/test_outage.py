@@ -1,0 +1,157 @@
+"""Issue 10, part 2: a downstream outage through the whole API, with the circuit breakers
+on, on SQLite and PostgreSQL, the reference services over real HTTP and /_faults."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from fsm.breaker import OPEN, Breaker
+from fsm.settings import Settings
+from fsm.store import Store
+from tests.conftest import Downstream
+
+PAYER, WIDGET, SOLD_OUT = 1, 1, 3  # seed: user 1 can pay; product 1 in stock, 3 sold out
+THRESHOLD, ATTEMPTS, ORDERS = 3, 4, 30
+OUTAGE = 1000  # calls the fault answers with 500
+TERMINAL = {"completed", "failed", "rejected", "cancelled"}
+
+
+@contextmanager
+def api(db_url: str, services_url: str, **overrides: Any) -> Iterator[TestClient]:
+    values: dict[str, Any] = {
+        "database_url": db_url,
+        **{f"{s}_url": services_url for s in ("product", "user", "inventory", "shipping")},
+        "max_attempts": ATTEMPTS,
+        "backoff_base": 0.01,
+        "backoff_max": 0.05,
+        "step_deadline": 60.0,
+        "respond_within": 0.0,
+        "breaker_threshold": THRESHOLD,
+        "breaker_cooldown": 0.2,
+        "breaker_batch": 8,
+        **overrides,
+    }
+    with TestClient(create_app(Settings(**values), sweep=False)) as client:
+        yield client
+
+
+def until(what: str, condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def breaker(client: TestClient, service: str) -> Breaker:
+    found: Breaker = client.app.state.breakers[service]  # type: ignore[attr-defined]
+    return found
+
+
+def calls_made(downstream: Downstream, operation: str) -> int:
+    """Calls that reached the service: the fault's count minus what is left of it."""
+    left = sum(
+        f["count"] for f in downstream.get("/_faults")["faults"] if f["operation"] == operation
+    )
+    return OUTAGE - left
+
+
+def place(client: TestClient, user: int, product: int) -> str:
+    body = {"user_id": user, "product_id": product, "quantity": 1}
+    response = client.post("/orders", json=body, headers={"Prefer": "respond-async"})
+    assert response.status_code in (201, 202), response.text
+    return str(response.json()["id"])
+
+
+def states(client: TestClient, ids: list[str]) -> list[dict[str, Any]]:
+    return [client.get(f"/orders/{oid}").json() for oid in ids]
+
+
+def test_an_outage_costs_threshold_plus_probes_then_every_order_finishes(
+    db_url: str, store: Store, downstream: Downstream
+) -> None:
+    balance, stock = downstream.balance(PAYER), downstream.stock(WIDGET)
+    downstream.fault("user.deduct", "error", count=OUTAGE)
+    with api(db_url, downstream.url) as client:
+        user = breaker(client, "user")
+        ids = [place(client, PAYER, WIDGET) for _ in range(ORDERS)]
+        until(
+            "every order waiting on payment and two failed probes",
+            lambda: (
+                user.stats.probes >= 2
+                and all(o["steps"]["payment"] == "requested" for o in states(client, ids))
+            ),
+        )
+        admitted_before = user.stats.admitted
+        calls = calls_made(downstream, "user.deduct")
+        # Every call went through the breaker (one probe may be on its way meanwhile);
+        # beyond the threshold only probes and calls already in flight when it opened
+        # reached the service, not 30 orders x attempts.
+        assert admitted_before - 1 <= calls <= user.stats.admitted
+        assert calls <= THRESHOLD + user.stats.probes + user.stats.late_failures
+        assert calls < ORDERS * ATTEMPTS / 3
+        health = client.get("/healthz").json()
+        assert health["status"] == "degraded" and health["breakers"]["user"] in (OPEN, "half_open")
+        metrics = client.get("/metrics").text
+        assert (
+            'order_saga_breaker_transitions_total{from_state="closed",service="user",to_state="open"}'
+            in metrics
+        )
+        assert all(o["status"] == "running" for o in states(client, ids))  # none gave up
+
+        httpx.delete(f"{downstream.url}/_faults").raise_for_status()
+        until(
+            "every order terminal",
+            lambda: all(o["status"] in TERMINAL for o in states(client, ids)),
+        )
+        assert {o["status"] for o in states(client, ids)} == {"completed"}
+        assert client.get("/healthz").json()["status"] == "ok"
+    assert downstream.balance(PAYER) == balance - sum(o.amount or 0 for o in store.list_orders())
+    assert downstream.stock(WIDGET) == stock - ORDERS
+    assert all(n == 1 for n in downstream.effects().values())
+    print(f"\noutage: {calls} user.deduct calls for {ORDERS} orders ({user.stats})")
+
+
+def test_a_compensation_during_an_outage_waits_and_completes_after_recovery(
+    db_url: str, store: Store, downstream: Downstream
+) -> None:
+    balance = downstream.balance(PAYER)
+    downstream.fault("user.refund", "error", count=OUTAGE)
+    with api(db_url, downstream.url) as client:
+        user = breaker(client, "user")
+        (oid,) = [place(client, PAYER, SOLD_OUT)]  # paid, inventory 409 -> refund
+        until("the refund waiting on an open breaker", lambda: user.stats.probes >= 2)
+        order = client.get(f"/orders/{oid}").json()
+        assert order["state"] == "compensating"  # waiting, not parked, not skipped
+        assert order["steps"]["payment"] == "compensating"
+        httpx.delete(f"{downstream.url}/_faults").raise_for_status()
+        until("the order failed", lambda: client.get(f"/orders/{oid}").json()["status"] == "failed")
+        assert client.get(f"/orders/{oid}").json()["steps"]["payment"] == "compensated"
+    assert downstream.balance(PAYER) == balance  # charged, then refunded exactly once
+    assert downstream.effects()[f"{oid}:payment:refund"] == 1
+
+
+def test_post_orders_is_refused_while_the_product_breaker_is_open(
+    db_url: str, store: Store, downstream: Downstream
+) -> None:
+    downstream.fault("product.get", "error", count=OUTAGE)
+    with api(db_url, downstream.url, breaker_cooldown=30.0) as client:
+        first = place(client, PAYER, WIDGET)
+        until("the product breaker open", lambda: breaker(client, "product").state == OPEN)
+        before = len(store.list_orders())
+        body = {"user_id": PAYER, "product_id": WIDGET, "quantity": 1}
+        refused = client.post("/orders", json=body, headers={"Idempotency-Key": "during-outage"})
+        assert refused.status_code == 503, refused.text
+        assert 1 <= int(refused.headers["Retry-After"]) <= 30
+        assert "product" in refused.json()["detail"]
+        assert len(store.list_orders()) == before  # nothing created
+        assert store.find_by_idempotency_key("during-outage") is None
+        assert client.get("/healthz").json()["breakers"] == {"product": OPEN}
+        assert client.get(f"/orders/{first}").json()["state"] == "product_requested"

@@ -1,0 +1,345 @@
+"""Issue 10, part 1: the machine version, `check-upgrade`, the start-up guard of the sweep,
+and a state migration proved end to end, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from alembic import command
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+from sqlalchemy import insert, select, text, update
+
+from api.app import create_app
+from fsm.clients import Services
+from fsm.executor import Executor
+from fsm.machine import (
+    MACHINE_VERSION,
+    ORDER_TRANSITIONS,
+    STEP_TRANSITIONS,
+    OrderState,
+    coarse_status,
+    version_of,
+)
+from fsm.migrate import alembic_config, upgrade
+from fsm.models import OrderTable
+from fsm.settings import Settings
+from fsm.store import Store, make_engine
+from fsm.upgrade import Tables, check, guard
+from fsm.wiring import build_executor, build_store
+from tests.conftest import Downstream, create_pg_database, drop_pg_database, saga_settings
+from tests.crashkit import saga_env
+
+ROOT = Path(__file__).resolve().parent.parent
+ORDER_SAGA = str(Path(sys.executable).parent / "order-saga")
+PAYER, SOLD_OUT = 1, 3  # seed: user 1 can pay, product 3 is sold out
+KNOWN = {s.value for s in OrderState}
+orders = OrderTable.__table__  # type: ignore[attr-defined]
+
+
+def check_upgrade(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin"), "ORDER_SAGA_DATABASE_URL": db_url}
+    return subprocess.run(
+        [ORDER_SAGA, "check-upgrade", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+# -- the version -----------------------------------------------------------------------
+
+
+def test_the_version_names_the_tables_not_their_order() -> None:
+    installed = Tables.installed()
+    assert installed.version == MACHINE_VERSION
+    assert len(MACHINE_VERSION) == 12 and int(MACHINE_VERSION, 16) >= 0
+    shuffled = version_of(
+        order_states=sorted(installed.order_states, reverse=True),
+        order_terminal=installed.order_terminal,
+        order_edges=list(reversed(ORDER_TRANSITIONS)),
+        step_states=installed.step_states,
+        step_edges=list(reversed(STEP_TRANSITIONS)),
+    )
+    assert shuffled == MACHINE_VERSION
+    assert installed.renamed("order", "needs_attention", "parked").version != MACHINE_VERSION
+    assert installed.renamed("step", "expired", "timed_out").version != MACHINE_VERSION
+    fewer = replace(installed, order_edges=installed.order_edges[1:])
+    assert fewer.version != MACHINE_VERSION
+
+
+async def test_orders_and_transitions_record_the_version(
+    store: Store, executor: Executor, downstream: Downstream
+) -> None:
+    order, _ = await store.create_order(
+        user_id=PAYER, product_id=1, quantity=1, owner=executor.owner
+    )
+    assert store.get(order.id).machine_version == MACHINE_VERSION
+    await executor.drive(order)
+    history = store.history(order.id)
+    assert len(history) >= 9 and {t.machine_version for t in history} == {MACHINE_VERSION}
+
+
+def test_diagram_prints_the_version_on_stderr() -> None:
+    result = subprocess.run([ORDER_SAGA, "diagram"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == f"machine version {MACHINE_VERSION}"
+    assert result.stdout.startswith("stateDiagram-v2")
+
+
+# -- the check -------------------------------------------------------------------------
+
+
+def put(store: Store, state: str, steps: tuple[str, str, str], n: int = 1) -> list[uuid.UUID]:
+    """Orders as a release's rows would hold them (the check reads nothing else)."""
+    now = datetime.now(UTC)
+    pay, inv, ship = steps
+    rows = [
+        {
+            "id": uuid.uuid4(),
+            "user_id": PAYER,
+            "product_id": 1,
+            "quantity": 1,
+            "state": state,
+            "status": coarse_status(state).value if state in KNOWN else "running",
+            "payment_state": pay,
+            "inventory_state": inv,
+            "shipping_state": ship,
+            "version": 0,
+            "attempts": {},
+            "cancel_requested": False,
+            "created_at": now,
+            "updated_at": now,
+            "machine_version": MACHINE_VERSION,
+        }
+        for _ in range(n)
+    ]
+    with store.engine.begin() as conn:
+        conn.execute(insert(orders), rows)
+    return [row["id"] for row in rows]
+
+
+def test_check_passes_on_live_orders_the_machine_drives(store: Store, db_url: str) -> None:
+    put(store, "steps_running", ("requested", "succeeded", "pending"), 3)
+    put(store, "needs_attention", ("compensating", "failed", "compensated"), 2)
+    put(store, "completed", ("succeeded", "succeeded", "succeeded"), 4)  # terminal: not read
+    report = check(store.engine)
+    assert report.ok and report.live == 5 and report.groups == 2
+    result = check_upgrade(db_url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().splitlines() == [report.summary()]
+
+
+def test_check_names_every_order_a_new_machine_would_strand(store: Store, db_url: str) -> None:
+    parked = put(store, "needs_attention", ("compensating", "failed", "compensated"), 2)
+    put(store, "steps_running", ("requested", "requested", "requested"))
+    renamed = Tables.installed().renamed("order", "needs_attention", "parked")
+    report = check(store.engine, renamed, with_ids=10)
+    assert not report.ok and report.stranded_orders == 2
+    (entry,) = report.by_state()["needs_attention"]
+    assert entry["reasons"] == ["order state 'needs_attention' is not a state of this machine"]
+    assert sorted(entry["orders"]) == sorted(map(str, parked))
+
+    # An edge removed: the state still exists, but no path leads to a terminal state.
+    installed = Tables.installed()
+    edges = tuple(e for e in installed.order_edges if e[1] != "steps_running")
+    dead_end = replace(installed, order_edges=edges)
+    (group, why) = check(store.engine, dead_end).stranded[0]
+    assert group.state == "steps_running"
+    assert why == ["no declared path from order state 'steps_running' to a terminal state"]
+
+
+def test_check_upgrade_cli_exit_1_and_json(store: Store, db_url: str) -> None:
+    lost = put(store, "steps_running", ("requested", "lost", "requested"))  # unknown step state
+    result = check_upgrade(db_url)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"would strand 1 of 1 live orders under machine {MACHINE_VERSION}"
+    assert lines[1] == "state steps_running: 1 orders"
+    assert "inventory state 'lost' is not a state of this machine" in lines[2]
+    assert lines[3].strip() == str(lost[0])
+    as_json = check_upgrade(db_url, "--json")
+    assert as_json.returncode == 1
+    document = json.loads(as_json.stdout)
+    assert document["ok"] is False and document["stranded_orders"] == 1
+    assert document["stranded"]["steps_running"][0]["orders"] == [str(lost[0])]
+
+
+def test_check_upgrade_on_an_unreachable_database_is_one_line() -> None:
+    result = check_upgrade("postgresql+psycopg://postgres@127.0.0.1:1/nothing")
+    assert result.returncode == 1
+    assert result.stderr.startswith("order-saga: cannot read the database")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_the_sweep_skips_what_the_machine_cannot_drive(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    (lost,) = put(store, "steps_running", ("requested", "lost", "requested"))
+    (fine,) = put(store, "pending", ("pending", "pending", "pending"))
+    before = store.get(fine).version
+    with caplog.at_level(logging.INFO, logger="order_saga.upgrade"):
+        skipped = guard(store)
+    assert skipped == {("steps_running", "requested", "lost", "requested")}
+    assert REGISTRY.get_sample_value("order_saga_undrivable_orders") == 1
+    errors = [r for r in caplog.records if r.name == "order_saga.upgrade"]
+    assert len(errors) == 1 and "inventory state 'lost'" in errors[0].getMessage()
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    found = await store.claim_batch(owner="t", moved_before=later, limit=10, due_only=False)
+    assert [o.id for o in found] == [fine]  # the undrivable order is not even claimed
+    assert store.get(fine).version == before
+    assert store.get(fine).lease_owner == "t"
+    with store.engine.connect() as conn:
+        row = conn.execute(select(orders.c.inventory_state).where(orders.c.id == lost)).one()
+    assert row.inventory_state == "lost"  # never rewritten
+
+
+# -- migrations ------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def migrated(request: pytest.FixtureRequest, tmp_path: Path, worker_id: str) -> Iterator[str]:
+    """An empty database at revision 0001 (callers upgrade on)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/upgrade.db"
+        upgrade(url, "0001")
+        yield url
+        return
+    name = f"order_saga_upgrade_{worker_id}_{os.getpid()}"
+    url = create_pg_database(name)
+    upgrade(url, "0001")
+    yield url
+    drop_pg_database(name)
+
+
+def test_revision_0002_gives_existing_rows_the_current_version(migrated: str) -> None:
+    engine = make_engine(migrated)
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO orders (id, user_id, product_id, quantity, state, status,"
+                " payment_state, inventory_state, shipping_state, version, attempts,"
+                " cancel_requested, created_at, updated_at) VALUES (:id, 1, 1, 1, 'pending',"
+                " 'pending', 'pending', 'pending', 'pending', 0, '{}', false, :now, :now)"
+            ),
+            {"id": uuid.uuid4().hex if migrated.startswith("sqlite") else uuid.uuid4(), "now": now},
+        )
+    upgrade(migrated)
+    with engine.connect() as conn:
+        assert conn.execute(select(orders.c.machine_version)).scalars().all() == [MACHINE_VERSION]
+    engine.dispose()
+
+
+async def test_a_renamed_state_migrates_and_the_orders_finish(
+    migrated: str, services: Services, downstream: Downstream
+) -> None:
+    """Orders parked under a release that called the state `awaiting_operator`; this
+    release (the installed machine) calls it `needs_attention`."""
+    upgrade(migrated)
+    store = build_store(saga_settings(migrated))
+    executor = build_executor(saga_settings(migrated), store=store, services=services)
+    balance, stock = downstream.balance(PAYER), downstream.stock(SOLD_OUT)
+    downstream.fault("user.refund", "error", count=1000)
+    ids = []
+    for _ in range(3):  # paid, sold out -> refund fails all run long -> parked
+        order, _ = await store.create_order(
+            user_id=PAYER, product_id=SOLD_OUT, quantity=1, owner=executor.owner
+        )
+        await executor.drive(order)
+        assert store.get(order.id).state == "needs_attention"
+        ids.append(order.id)
+    old = Tables.installed().renamed("order", "needs_attention", "awaiting_operator")
+    with store.engine.begin() as conn:  # as the previous release wrote them
+        conn.execute(
+            update(orders)
+            .where(orders.c.state == "needs_attention")
+            .values(state="awaiting_operator", machine_version=old.version)
+        )
+
+    assert check(store.engine, old).ok  # the old release could drive them
+    failing = check_upgrade(migrated)
+    assert failing.returncode == 1
+    assert "state awaiting_operator: 3 orders" in failing.stdout
+    assert all(str(oid) in failing.stdout for oid in ids)
+
+    config = alembic_config(migrated)
+    locations = [ROOT / "migrations" / "versions", ROOT / "tests" / "upgrade_revisions"]
+    config.set_main_option("version_locations", os.pathsep.join(map(str, locations)))
+    command.upgrade(config, "heads")
+
+    passing = check_upgrade(migrated)
+    assert passing.returncode == 0, passing.stdout
+    assert store.get(ids[0]).machine_version == MACHINE_VERSION
+    httpx.delete(f"{downstream.url}/_faults").raise_for_status()
+    for oid in ids:
+        assert (await executor.run(oid)).status == "failed"
+    assert downstream.balance(PAYER) == balance  # charged, then refunded once each
+    assert downstream.stock(SOLD_OUT) == stock
+    assert all(n == 1 for n in downstream.effects().values())
+    history = store.history(ids[0])
+    parked = [t for t in history if t.trigger == "park"]
+    assert parked and parked[0].to_state == "needs_attention"  # the log keeps what was written
+    assert history[-1].trigger == "compensation_done"
+    await executor.aclose()
+    store.close()
+    store.engine.dispose()
+
+
+# -- serve and worker run the check at start -------------------------------------------
+
+
+@pytest.mark.slow
+def test_worker_skips_undrivable_orders_and_drives_the_rest(
+    db_url: str, store: Store, downstream: Downstream
+) -> None:
+    (lost,) = put(store, "steps_running", ("requested", "lost", "requested"))
+    fine = put(store, "pending", ("pending", "pending", "pending"), 2)
+    env = saga_env(database_url=db_url, services_url=downstream.url)
+    with subprocess.Popen(
+        [ORDER_SAGA, "worker", "--interval", "0.1", "--older-than", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as worker:
+        try:
+            deadline = time.monotonic() + 30
+            while not all(store.get(i).status == "completed" for i in fine):
+                assert time.monotonic() < deadline and worker.poll() is None, "worker stuck"
+                time.sleep(0.05)
+            worker.send_signal(signal.SIGTERM)
+            _, stderr = worker.communicate(timeout=10)
+        finally:
+            worker.kill()
+    assert worker.returncode == 0, stderr
+    skipped = [line for line in stderr.splitlines() if "order_saga.upgrade" in line]
+    assert len(skipped) == 1 and "would strand 1 of 3 live orders" in skipped[0], stderr
+    assert "corrupt" not in stderr  # not read by the sweep at all, so not even reported
+    with store.engine.connect() as conn:
+        row = conn.execute(select(orders).where(orders.c.id == lost)).one()
+    assert (row.state, row.inventory_state, row.version) == ("steps_running", "lost", 0)
+
+
+def test_serve_checks_at_start_and_healthz_shows_the_version(
+    db_url: str, store: Store, downstream: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    put(store, "steps_running", ("requested", "lost", "requested"))
+    urls = {f"{s}_url": downstream.url for s in ("product", "user", "inventory", "shipping")}
+    app = create_app(Settings(database_url=db_url, **urls), sweep=False)
+    with caplog.at_level(logging.INFO, logger="order_saga.upgrade"), TestClient(app) as client:
+        health = client.get("/healthz").json()
+        assert app.state.store.undrivable == {("steps_running", "requested", "lost", "requested")}
+        assert "order_saga_undrivable_orders 1.0" in client.get("/metrics").text
+    assert health["machine_version"] == MACHINE_VERSION and health["status"] == "ok"
+    assert "would strand 1 of 1 live orders" in caplog.text

@@ -31,7 +31,7 @@ class ResolveIn(BaseModel):
 @router.post(
     "/{order_id}/resolve",
     response_model=OrderOut,
-    responses=problems(401, 404, 409, 500),
+    responses=problems(404, 409, 500),
 )
 async def resolve_order(order_id: uuid.UUID, body: ResolveIn, store: StoreDep) -> OrderOut:
     """End a parked (`needs_attention`) order an operator fixed by hand: the declared edge

@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 APT_PKGS := graphviz chromium
 
-.PHONY: run test test-fast lint bench services worker clean deps lock
+.PHONY: run test check test-fast lint bench services worker clean deps lock
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,7 +38,14 @@ services: $(STAMP)
 worker: $(STAMP)
 	$(BIN)/order-saga worker
 
-test: deps $(STAMP)
+# `make test` (the README's, and so CI's, command) is the whole check: a format, lint or
+# type error fails it as a failing test does.
+test: check
+
+check: deps $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	@scripts/ensure-postgres.sh
 	$(BIN)/pytest -n 2 --dist loadgroup
 
@@ -46,6 +53,7 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -n 2 --dist loadgroup -m "not slow"
 
 lint: $(STAMP)
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 

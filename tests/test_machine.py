@@ -15,6 +15,7 @@ from fsm.machine import (
     OrderState,
     OrderTrigger,
     Outcome,
+    Status,
     Step,
     StepState,
     StepTrigger,
@@ -22,6 +23,7 @@ from fsm.machine import (
     edges,
     fire,
     next_state,
+    to_compensate,
 )
 
 DECLARED = {
@@ -63,20 +65,21 @@ def test_no_auto_transitions_or_unknown_triggers() -> None:
 
 
 @pytest.mark.parametrize("outcomes", list(DESIGN_TABLE), ids=str)
-def test_decide_follows_the_design_table(outcomes: tuple[Outcome, ...]) -> None:
+def test_decide_and_to_compensate_follow_the_design_table(outcomes: tuple[Outcome, ...]) -> None:
+    """Each row's outcomes as settled step states; the row itself is the expectation."""
     states = {
         step: StepState.SUCCEEDED if o is Outcome.SUCCESS else StepState.FAILED
         for step, o in zip(Step, outcomes, strict=True)
     }
     status, compensate = DESIGN_TABLE[outcomes]
-    trigger = decide(states)
-    assert (trigger == OrderTrigger.ALL_SUCCEEDED) == (status == "completed")
-    # compensate exactly what succeeded
-    assert compensate == (
-        {s for s, st in states.items() if st is StepState.SUCCEEDED}
-        if trigger == OrderTrigger.SOME_FAILED
-        else set()
+    expected = (
+        OrderTrigger.ALL_SUCCEEDED if status == Status.COMPLETED else OrderTrigger.SOME_FAILED
     )
+    assert decide(states) == expected
+    if expected == OrderTrigger.SOME_FAILED:
+        assert to_compensate(states) == compensate
+    else:
+        assert compensate == frozenset()
 
 
 def test_decide_waits_for_every_step() -> None:

@@ -18,7 +18,7 @@ from sqlmodel import SQLModel
 from api.app import create_app
 from fsm.settings import Settings
 from fsm.store import Store, make_engine
-from tests.conftest import Downstream, LiveServer
+from tests.support.services import Downstream, LiveServer
 
 # Seed (downstream/seed.py): user 1 can pay, user 2 is poor, user 3 is rich; product 1 is in
 # stock at 1999 cents, product 3 is sold out, product 999 does not exist; > 10 units cannot

@@ -28,8 +28,8 @@ from api.app import create_app
 from api.guard import OPEN_PATHS
 from fsm.settings import Settings
 from fsm.store import Store, make_engine
-from tests.conftest import free_port
-from tests.crashkit import saga_env
+from tests.support.processes import saga_env
+from tests.support.services import free_port
 from tests.test_cli import ORDER_SAGA, run
 
 TOKEN = "s3cret-token"

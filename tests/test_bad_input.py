@@ -20,7 +20,7 @@ from downstream.app import create_services_app
 from downstream.faults import MAX_PENDING
 from fsm.settings import Settings
 from fsm.store import make_engine
-from tests.conftest import LiveServer
+from tests.support.services import LiveServer
 
 PROBLEM = "application/problem+json"
 SMALL = 2048  # bytes: an error answer never echoes a body back

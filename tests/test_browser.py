@@ -21,8 +21,8 @@ import httpx
 import pytest
 from PIL import Image, ImageStat
 
-from tests.conftest import free_port
-from tests.crashkit import ORDER_SAGA
+from tests.support.processes import ORDER_SAGA
+from tests.support.services import free_port
 
 CHROMIUM = os.environ.get("ORDER_SAGA_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from fsm.store import Store
-from tests.conftest import Downstream
-from tests.crashkit import saga_env
+from tests.support.processes import saga_env
+from tests.support.services import Downstream
 
 ORDER_SAGA = str(Path(sys.executable).parent / "order-saga")
 UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"  # nothing listens there

@@ -18,19 +18,15 @@ import pytest
 from fsm.machine import Edge, edges, is_terminal
 from fsm.models import Transition
 from fsm.store import STATE_COLUMN, Store
-from tests.conftest import Downstream
-from tests.crashkit import (
-    COMPENSATIONS,
+from tests.support.database import wait_for_lease_expiry
+from tests.support.processes import COMPENSATIONS, Result, drive_here, run_saga, saga_env
+from tests.support.services import (
     Books,
+    Downstream,
     Fault,
-    Result,
     assert_conserved,
-    drive_here,
     order_effects,
-    run_saga,
-    saga_env,
     set_faults,
-    wait_for_lease_expiry,
 )
 from tests.test_operator_crash import CRASH_TESTED_ELSEWHERE
 

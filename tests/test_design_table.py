@@ -10,7 +10,7 @@ import pytest
 
 from fsm.executor import Executor
 from fsm.store import Store
-from tests.conftest import Downstream
+from tests.support.services import Downstream
 
 OK, NO, NOT_CALLED = "ok", "failed", "not called"
 

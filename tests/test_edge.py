@@ -28,8 +28,9 @@ from fsm.models import Transition
 from fsm.settings import Settings
 from fsm.store import Store, make_engine
 from order_saga.server import uvicorn_options
-from tests.conftest import PG_SERVER, Downstream, free_port
-from tests.crashkit import saga_env
+from tests.support.database import PG_SERVER
+from tests.support.processes import saga_env
+from tests.support.services import Downstream, free_port
 from tests.test_cli import ORDER_SAGA, run
 
 UNREACHABLE = {
@@ -124,7 +125,7 @@ async def test_resume_one_order_dry_run_changes_nothing(
 
 
 def test_db_upgrade_masks_the_password_on_success_and_failure(tmp_path: Path) -> None:
-    from tests.conftest import create_pg_database, drop_pg_database
+    from tests.support.database import create_pg_database, drop_pg_database
 
     name = f"order_saga_mask_{uuid.uuid4().hex[:8]}"
     create_pg_database(name)

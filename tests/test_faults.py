@@ -11,7 +11,8 @@ from fsm.clients import Services
 from fsm.errors import InvalidMove, LeaseLost, StaleOrder
 from fsm.executor import Executor, RetryPolicy
 from fsm.store import Store
-from tests.conftest import Downstream
+from tests.support.services import Books, Downstream
+from tests.support.services import assert_conserved as check_conserved
 
 # (operation, user, product, quantity, final status): a row in which that call happens.
 MUTATIONS = [
@@ -27,21 +28,8 @@ MUTATIONS = [
 def assert_conserved(
     downstream: Downstream, store: Store, balances: dict[int, int], stocks: dict[int, int]
 ) -> None:
-    """Money and stock move only by completed orders; no effect applied twice."""
-    orders = store.list_orders(limit=500)
-    for user, before in balances.items():
-        spent = sum(o.amount or 0 for o in orders if o.user_id == user and o.status == "completed")
-        assert downstream.balance(user) == before - spent
-    for product, before in stocks.items():
-        taken = sum(
-            o.quantity for o in orders if o.product_id == product and o.status == "completed"
-        )
-        assert downstream.stock(product) == before - taken
-    assert all(n == 1 for n in downstream.effects().values()), downstream.effects()
-    for o in orders:
-        shipment = downstream.shipment(o.id)
-        if o.status != "completed" and shipment is not None:
-            assert shipment["status"] == "cancelled"
+    """The one conservation check (tests/support/services.py) over every stored order."""
+    check_conserved(downstream, Books(balances, stocks), store.list_orders(limit=500))
 
 
 async def run_row(store: Store, executor: Executor, user: int, product: int, quantity: int) -> str:

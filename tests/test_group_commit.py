@@ -27,8 +27,8 @@ from fsm.errors import StaleOrder
 from fsm.executor import Executor
 from fsm.models import Order
 from fsm.store import Store
-from tests.conftest import Downstream, LiveServer, saga_settings
-from tests.crashkit import Books, assert_conserved
+from tests.support.database import saga_settings
+from tests.support.services import Books, Downstream, LiveServer, assert_conserved
 
 
 async def wait_until(condition: Any, *, timeout: float = 10.0) -> None:

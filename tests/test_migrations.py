@@ -17,7 +17,7 @@ from sqlmodel import SQLModel
 import fsm.models  # noqa: F401
 from fsm.migrate import upgrade
 from fsm.store import make_engine
-from tests.conftest import create_pg_database, drop_pg_database
+from tests.support.database import create_pg_database, drop_pg_database
 
 ROOT = Path(__file__).resolve().parent.parent
 

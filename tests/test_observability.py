@@ -21,8 +21,8 @@ from api.app import create_app
 from fsm.store import Store
 from order_saga.logs import configure
 from order_saga.redact import masked
-from tests.conftest import Downstream, free_port
-from tests.crashkit import ORDER_SAGA, saga_env
+from tests.support.processes import ORDER_SAGA, saga_env
+from tests.support.services import Downstream, free_port
 from tests.test_api import settings_for
 
 ORDER_STATES = {

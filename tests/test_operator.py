@@ -16,7 +16,7 @@ from fsm.errors import InvalidMove, LeaseLost, OrderNotFound
 from fsm.executor import Executor
 from fsm.models import Order
 from fsm.store import Store
-from tests.conftest import Downstream
+from tests.support.services import Downstream
 
 # Seed (downstream/seed.py): user 1 pays, user 2 is poor; product 1 in stock, product 3 sold
 # out, 999 missing.

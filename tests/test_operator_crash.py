@@ -9,15 +9,9 @@ from __future__ import annotations
 import pytest
 
 from fsm.store import Store
-from tests.conftest import Downstream
-from tests.crashkit import (
-    Fault,
-    drive_here,
-    run_saga,
-    saga_env,
-    set_faults,
-    wait_for_lease_expiry,
-)
+from tests.support.database import wait_for_lease_expiry
+from tests.support.processes import drive_here, run_saga, saga_env
+from tests.support.services import Downstream, Fault, set_faults
 
 # (scope, trigger, source) of the edges whose crash scenario lives in this file.
 CRASH_TESTED_ELSEWHERE = frozenset({("order", "resolve", "needs_attention")})

@@ -13,9 +13,9 @@ from sqlmodel import SQLModel
 
 from fsm.store import Store, make_engine
 from order_saga import __version__
-from tests.conftest import Downstream
-from tests.crashkit import ORDER_SAGA, saga_env, set_faults
-from tests.crashkit import Fault as CrashFault
+from tests.support.processes import ORDER_SAGA, saga_env
+from tests.support.services import Downstream, set_faults
+from tests.support.services import Fault as CrashFault
 
 FAST = {"max_attempts": 2, "backoff_base": 0.01, "backoff_max": 0.05, "http_timeout": 3}
 REFUND_DOWN = CrashFault("user.refund", "error")

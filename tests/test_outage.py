@@ -15,7 +15,7 @@ from api.app import create_app
 from fsm.breaker import OPEN, Breaker
 from fsm.settings import Settings
 from fsm.store import Store
-from tests.conftest import Downstream
+from tests.support.services import Downstream
 
 PAYER, WIDGET, SOLD_OUT = 1, 1, 3  # seed: user 1 can pay; product 1 in stock, 3 sold out
 THRESHOLD, ATTEMPTS, ORDERS = 3, 4, 30

@@ -14,21 +14,16 @@ from collections import Counter
 import pytest
 
 from fsm.store import Store, utcnow
-from tests.conftest import Downstream
-from tests.crashkit import (
+from tests.support.database import stuck_orders, triggers_by_scope
+from tests.support.processes import (
     FORWARD_ACTIONS,
-    Books,
-    Fault,
     Result,
     Saga,
-    assert_conserved,
     command,
     pause_between_transactions,
     saga_env,
-    set_faults,
-    stuck_orders,
-    triggers_by_scope,
 )
+from tests.support.services import Books, Downstream, Fault, assert_conserved, set_faults
 
 # Seed: user 3 is rich enough for any batch; product 1 (1999 cents) has a million units.
 RICH_USER, WIDGET, WIDGET_PRICE = 3, 1, 1999

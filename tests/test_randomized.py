@@ -17,8 +17,8 @@ import pytest
 
 from fsm.machine import edges, is_terminal
 from fsm.store import Store
-from tests.conftest import Downstream
-from tests.crashkit import saga_env
+from tests.support.processes import saga_env
+from tests.support.services import Downstream
 from tests.test_faults import assert_conserved
 
 ORDER_SAGA = str(Path(sys.executable).parent / "order-saga")

@@ -16,7 +16,8 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from fsm.settings import Settings
-from tests.conftest import Downstream, drop_pg_database, free_port
+from tests.support.database import drop_pg_database
+from tests.support.services import Downstream, free_port
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 ROW = re.compile(

@@ -32,7 +32,7 @@ from downstream.app import create_services_app
 from fsm.settings import Settings
 from fsm.store import make_engine
 from order_saga.server import uvicorn_options
-from tests.conftest import free_port
+from tests.support.services import free_port
 
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

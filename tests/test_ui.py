@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from fsm.store import Store
-from tests.conftest import Downstream
+from tests.support.services import Downstream
 from tests.test_api import settings_for
 
 PAYER, POOR = 1, 2

@@ -40,8 +40,9 @@ from fsm.settings import Settings
 from fsm.store import Store, make_engine
 from fsm.upgrade import Tables, check, guard
 from fsm.wiring import build_executor, build_store
-from tests.conftest import Downstream, create_pg_database, drop_pg_database, saga_settings
-from tests.crashkit import saga_env
+from tests.support.database import create_pg_database, drop_pg_database, saga_settings
+from tests.support.processes import saga_env
+from tests.support.services import Downstream
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER_SAGA = str(Path(sys.executable).parent / "order-saga")

@@ -1,0 +1,1 @@
+"""Test helpers (no fixtures): services.py, processes.py, database.py."""

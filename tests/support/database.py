@@ -1,0 +1,103 @@
+"""The database side of the tests: PostgreSQL databases made per worker, the settings a
+test engine runs with, and reads of the saga's own tables (leases, history, open
+transactions)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import psycopg
+
+from fsm.settings import Settings
+from fsm.store import Store, utcnow
+
+PG_SERVER = os.environ.get("ORDER_SAGA_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+# Retry budgets small enough for tests, still every branch of the policy.
+FAST = {"max_attempts": 3, "backoff_base": 0.01, "backoff_max": 0.05, "step_deadline": 5}
+
+
+def saga_settings(db_url: str, services_url: str | None = None, **overrides: Any) -> Settings:
+    """The settings a test engine runs with: FAST retries, short HTTP timeout."""
+    urls = {}
+    if services_url is not None:
+        urls = {
+            f"{name}_url": services_url for name in ("product", "user", "inventory", "shipping")
+        }
+    return Settings(database_url=db_url, http_timeout=1.0, **{**FAST, **urls, **overrides})
+
+
+def _pg_admin() -> psycopg.Connection[Any]:
+    dsn = PG_SERVER.replace("postgresql+psycopg://", "postgresql://") + "/test"
+    return psycopg.connect(dsn, autocommit=True)
+
+
+def create_pg_database(name: str) -> str:
+    with _pg_admin() as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return f"{PG_SERVER}/{name}"
+
+
+def drop_pg_database(name: str) -> None:
+    with _pg_admin() as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def wait_for_lease_expiry(store: Store, order_id: uuid.UUID, *, limit: float = 30.0) -> None:
+    """A SIGKILLed driver cannot release its lease: sleep until it has run out."""
+    expires = store.get(order_id).lease_expires_at
+    if expires is None:
+        return
+    remaining = (expires - utcnow()).total_seconds()
+    assert remaining < limit, f"lease of {order_id} runs {remaining:.1f}s more"
+    if remaining > -0.05:
+        time.sleep(remaining + 0.1)
+
+
+def stuck_orders(
+    store: Store, n: int, *, user_id: int, product_id: int, quantity: int
+) -> list[uuid.UUID]:
+    """`n` pending, unleased orders: what a crashed API process leaves behind."""
+
+    async def create() -> list[uuid.UUID]:
+        made = [
+            await store.create_order(user_id=user_id, product_id=product_id, quantity=quantity)
+            for _ in range(n)
+        ]
+        return [order.id for order, _ in made]
+
+    return asyncio.run(create())
+
+
+def triggers_by_scope(store: Store, order_id: uuid.UUID) -> dict[str, Counter[str]]:
+    found: dict[str, Counter[str]] = {}
+    for t in store.history(order_id):
+        found.setdefault(t.scope, Counter())[t.trigger] += 1
+    return found
+
+
+def in_transaction_elsewhere(database_url: str) -> bool:
+    """Does another connection hold an open transaction (a write lock) right now?"""
+    if database_url.startswith("sqlite"):
+        conn = sqlite3.connect(database_url.removeprefix("sqlite:///"), timeout=0)
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # WAL: fails only while someone writes
+        except sqlite3.OperationalError:
+            return True
+        finally:
+            conn.close()
+        return False
+    dsn = database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as pg:
+        row = pg.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
+            "AND state <> 'idle'"
+        ).fetchone()
+    return bool(row and row[0])

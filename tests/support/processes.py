@@ -1,0 +1,141 @@
+"""Running `order-saga` in real subprocesses for the crash and racing tests: a clean
+environment, output to files, a hung process killed and reported; pausing a driver only
+between two transactions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from tests.support.database import in_transaction_elsewhere
+
+REPO = Path(__file__).resolve().parent.parent.parent
+ORDER_SAGA = str(Path(sys.executable).with_name("order-saga"))
+FORWARD_ACTIONS = {"payment": "deduct", "inventory": "deduct", "shipping": "schedule"}
+COMPENSATIONS = {"payment": "refund", "inventory": "restore", "shipping": "cancel"}
+SUBPROCESS_TIMEOUT = 60.0
+
+
+def saga_env(*, database_url: str, services_url: str, **settings: object) -> dict[str, str]:
+    """A clean environment for `order-saga`: no ORDER_SAGA_* leaks in from the caller;
+    `settings` are Settings field names (lease_seconds=1 -> ORDER_SAGA_LEASE_SECONDS=1)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDER_SAGA_")}
+    values: dict[str, object] = {
+        "database_url": database_url,
+        "product_url": services_url,
+        "user_url": services_url,
+        "inventory_url": services_url,
+        "shipping_url": services_url,
+        **settings,
+    }
+    env.update({f"ORDER_SAGA_{k.upper()}": str(v) for k, v in values.items() if v is not None})
+    return env
+
+
+@dataclass(frozen=True)
+class Result:
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def explain(self) -> str:
+        return (
+            f"`{' '.join(self.args)}` exited {self.returncode}\n"
+            f"--- stdout\n{self.stdout}--- stderr\n{self.stderr}"
+        )
+
+
+def command(kind: str, *args: str) -> list[str]:
+    """`resume`/`worker`/... -> the console script; `cancel` -> `order-saga orders cancel
+    ID` (the same ORDER_SAGA_* settings, ORDER_SAGA_CRASH_AFTER included; it takes the id
+    bare where `resume` takes `--order ID`)."""
+    if kind == "cancel":
+        return [ORDER_SAGA, "orders", "cancel", *(a for a in args if a != "--order")]
+    return [ORDER_SAGA, kind, *args]
+
+
+class Saga:
+    """One `order-saga` (or helper) process; output goes to files, never to a pipe that
+    could fill up while we wait on the other process."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
+        self.argv = tuple(argv)
+        self._out: IO[bytes] = tempfile.TemporaryFile()
+        self._err: IO[bytes] = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            self.argv, env=dict(env), cwd=REPO, stdout=self._out, stderr=self._err
+        )
+
+    def wait(self, timeout: float = SUBPROCESS_TIMEOUT) -> Result:
+        """The finished process's result; one that hangs is killed and fails the test (its
+        -9 must never pass for a crash the test asked for)."""
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            hung = Result(self.argv, -9, self._read(self._out), self._read(self._err))
+            raise AssertionError(f"still running after {timeout}s: {hung.explain()}") from None
+        return Result(self.argv, code, self._read(self._out), self._read(self._err))
+
+    def stop(self) -> Result:
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.wait(timeout=15)
+
+    @staticmethod
+    def _read(file: IO[bytes]) -> str:
+        file.seek(0)
+        text = file.read().decode(errors="replace")
+        file.close()
+        return text
+
+
+def run_saga(
+    kind: str, *args: str, env: Mapping[str, str], timeout: float = SUBPROCESS_TIMEOUT
+) -> Result:
+    return Saga(command(kind, *args), env).wait(timeout)
+
+
+async def drive_here(
+    kind: str,
+    order_id: uuid.UUID,
+    *,
+    database_url: str,
+    services_url: str,
+    settings: Mapping[str, Any],
+) -> str:
+    """`resume --order` / `cancel` in this process, wired like the CLI (never crashes):
+    the cheap way to set the stage before the run that is killed. Returns the state."""
+    from fsm.settings import Settings
+    from fsm.wiring import open_saga
+
+    urls = {f"{name}_url": services_url for name in ("product", "user", "inventory", "shipping")}
+    config = Settings(**{"database_url": database_url, **urls, **settings})
+
+    async with open_saga(config) as saga:
+        run = saga.executor.cancel if kind == "cancel" else saga.executor.run
+        return (await run(order_id)).state
+
+
+def pause_between_transactions(saga: Saga, database_url: str, *, tries: int = 200) -> None:
+    """SIGSTOP `saga`, but never while it holds a transaction open: a frozen writer would
+    block every other driver (SQLite's write lock, a PostgreSQL row lock)."""
+    for _ in range(tries):
+        saga.process.send_signal(signal.SIGSTOP)
+        time.sleep(0.02)  # let the stop land and the server notice a finished statement
+        if not in_transaction_elsewhere(database_url):
+            return
+        saga.process.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError("could not catch the driver between two transactions")

@@ -1,0 +1,144 @@
+"""The reference services in tests: served on a loopback port, read for assertions
+(`Downstream`), given faults, and the one conservation check (`Books` + `assert_conserved`)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import uvicorn
+
+from downstream.seed import MISSING_PRODUCT_ID
+
+if TYPE_CHECKING:
+    from fsm.models import Order
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LiveServer:
+    """An ASGI app served by uvicorn on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app: Any, *, lifespan: str = "off") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan=lifespan
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+class Downstream:
+    """Reads the reference services' state for assertions (balance, stock, shipments)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def get(self, path: str) -> Any:
+        return httpx.get(f"{self.url}{path}").json()
+
+    def balance(self, user_id: int) -> int:
+        return int(self.get(f"/users/{user_id}")["balance"])
+
+    def stock(self, product_id: int) -> int:
+        return int(self.get(f"/inventory/{product_id}")["quantity"])
+
+    def shipment(self, order_id: object) -> dict[str, Any] | None:
+        response = httpx.get(f"{self.url}/shipping/{order_id}")
+        return None if response.status_code == 404 else dict(response.json())
+
+    def effects(self) -> dict[str, int]:
+        return dict(self.get("/_effects")["effects"])
+
+    def fault(self, operation: str, mode: str, count: int = 1, seconds: float = 0.05) -> None:
+        body = {"operation": operation, "mode": mode, "count": count, "seconds": seconds}
+        httpx.post(f"{self.url}/_faults", json=body).raise_for_status()
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One entry for `POST /_faults` (SPEC §4)."""
+
+    operation: str
+    mode: str
+    count: int = 1000
+    seconds: float | None = None
+
+
+def set_faults(services_url: str, faults: Iterable[Fault]) -> None:
+    """Replace the pending faults with `faults`."""
+    httpx.delete(f"{services_url}/_faults").raise_for_status()
+    for fault in faults:
+        body = {"operation": fault.operation, "mode": fault.mode, "count": fault.count}
+        if fault.seconds is not None:
+            body["seconds"] = fault.seconds
+        httpx.post(f"{services_url}/_faults", json=body).raise_for_status()
+
+
+@dataclass(frozen=True)
+class Books:
+    """What the reference services held before the test: the baseline to conserve."""
+
+    balances: dict[int, int]
+    stocks: dict[int, int]
+
+    @classmethod
+    def read(
+        cls, downstream: Downstream, *, users: Iterable[int], products: Iterable[int]
+    ) -> Books:
+        return cls(
+            {u: downstream.balance(u) for u in set(users)},
+            {p: downstream.stock(p) for p in set(products) if p != MISSING_PRODUCT_ID},
+        )
+
+
+def assert_conserved(downstream: Downstream, books: Books, orders: Sequence[Order]) -> None:
+    """Every effect at most once; balance and stock moved by exactly the completed
+    orders; no live shipment for an order that did not stay completed."""
+    effects = downstream.effects()
+    twice = {k: n for k, n in effects.items() if n > 1}
+    assert not twice, f"effects applied more than once: {twice}"
+    for user, before in books.balances.items():
+        spent = sum(o.amount or 0 for o in orders if o.user_id == user and o.status == "completed")
+        assert downstream.balance(user) == before - spent, f"user {user}: money not conserved"
+    for product, before in books.stocks.items():
+        taken = sum(
+            o.quantity for o in orders if o.product_id == product and o.status == "completed"
+        )
+        assert downstream.stock(product) == before - taken, f"product {product}: stock"
+    for o in orders:
+        shipment = downstream.shipment(o.id)
+        if o.status == "completed":
+            assert shipment is not None and shipment["status"] == "scheduled", (o.id, shipment)
+        else:
+            assert shipment is None or shipment["status"] != "scheduled", (o.id, shipment)
+
+
+def order_effects(effects: Mapping[str, int], order_id: uuid.UUID) -> dict[str, int]:
+    prefix = f"{order_id}:"
+    return {k[len(prefix) :]: n for k, n in effects.items() if k.startswith(prefix)}

@@ -5,7 +5,7 @@ Talks to `create_services_app()` over ASGI, the way the orchestrator talks to it
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -396,14 +396,29 @@ async def test_fault_count_and_queue_order(svc: httpx.AsyncClient) -> None:
     assert (await svc.get("/_faults")).json() == {"faults": []}
 
 
+async def poll_until(
+    svc: httpx.AsyncClient,
+    fetch: Callable[[], Awaitable[httpx.Response]],
+    ready: Callable[[httpx.Response], bool],
+    timeout: float = 5.0,
+) -> None:
+    """Poll the services until `ready` holds (a condition with a deadline, never a nap)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not ready(await fetch()):
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0)
+
+
 async def test_delay_fault_answers_normally_without_blocking_others(
     svc: httpx.AsyncClient,
 ) -> None:
-    await add_fault(svc, operation="inventory.deduct", mode="delay", seconds=0.2)
+    await add_fault(svc, operation="inventory.deduct", mode="delay", seconds=0.5)
     slow = asyncio.create_task(svc.post("/inventory/deduct", json=move(), headers=key("k")))
-    await asyncio.sleep(0.02)
+    # The server took the fault off its queue: the delayed call is inside its delay now.
+    await poll_until(svc, lambda: svc.get("/_faults"), lambda r: r.json()["faults"] == [])
     assert (await svc.post("/users/deduct", json=charge())).status_code == 200
     assert not slow.done()  # the delayed call neither blocked nor finished early
+    assert await effects(svc) == {}  # and its effect is not applied before its delay ends
     response = await slow
     assert (response.status_code, response.json()["remaining"]) == (200, 999_998)
     assert await effects(svc) == {"k": 1}

@@ -16,15 +16,18 @@ from fastapi.testclient import TestClient
 from sqlmodel import SQLModel
 
 from api.app import create_app
+from downstream.seed import (
+    MISSING_PRODUCT_ID,
+    ORDINARY_USER_ID,
+    POOR_USER_ID,
+    RICH_USER_ID,
+    WIDGET_ID,
+)
 from fsm.settings import Settings
 from fsm.store import Store, make_engine
 from tests.support.services import Downstream, LiveServer
 
-# Seed (downstream/seed.py): user 1 can pay, user 2 is poor, user 3 is rich; product 1 is in
-# stock at 1999 cents, product 3 is sold out, product 999 does not exist; > 10 units cannot
-# ship.
-PAYER, POOR, RICH = 1, 2, 3
-WIDGET, MISSING = 1, 999
+# The seed's named ids (downstream/seed.py); the widget costs 1999 cents.
 WIDGET_PRICE = 1999
 TOKEN = "s3cret"
 TERMINAL = {"completed", "failed", "rejected", "cancelled", "needs_attention"}
@@ -78,8 +81,8 @@ def sqlite_client(
 def place(
     client: TestClient,
     *,
-    user: int = PAYER,
-    product: int = WIDGET,
+    user: int = ORDINARY_USER_ID,
+    product: int = WIDGET_ID,
     quantity: int = 1,
     headers: dict[str, str] | None = None,
 ) -> Any:
@@ -123,14 +126,18 @@ def order_effects(downstream: Downstream, order_id: str) -> dict[str, int]:
 
 
 def test_create_completed(client: TestClient, downstream: Downstream) -> None:
-    balance, stock = downstream.balance(PAYER), downstream.stock(WIDGET)
+    balance, stock = downstream.balance(ORDINARY_USER_ID), downstream.stock(WIDGET_ID)
 
     response = place(client, quantity=2)
 
     assert response.status_code == 201, response.text
     order = response.json()
     uuid.UUID(order["id"])
-    assert (order["user_id"], order["product_id"], order["quantity"]) == (PAYER, WIDGET, 2)
+    assert (order["user_id"], order["product_id"], order["quantity"]) == (
+        ORDINARY_USER_ID,
+        WIDGET_ID,
+        2,
+    )
     assert order["amount"] == 2 * WIDGET_PRICE and type(order["amount"]) is int
     assert (order["status"], order["state"]) == ("completed", "completed")
     assert order["steps"] == {
@@ -142,16 +149,16 @@ def test_create_completed(client: TestClient, downstream: Downstream) -> None:
     assert order["last_error"] is None and order["attention_reason"] is None
     assert_utc(order["created_at"])
     assert_utc(order["updated_at"])
-    assert downstream.balance(PAYER) == balance - 2 * WIDGET_PRICE
-    assert downstream.stock(WIDGET) == stock - 2
+    assert downstream.balance(ORDINARY_USER_ID) == balance - 2 * WIDGET_PRICE
+    assert downstream.stock(WIDGET_ID) == stock - 2
     shipment = downstream.shipment(order["id"])
     assert shipment is not None and shipment["status"] == "scheduled"
 
 
 def test_create_failed_answers_201(client: TestClient, downstream: Downstream) -> None:
-    balance, stock = downstream.balance(POOR), downstream.stock(WIDGET)
+    balance, stock = downstream.balance(POOR_USER_ID), downstream.stock(WIDGET_ID)
 
-    response = place(client, user=POOR)
+    response = place(client, user=POOR_USER_ID)
 
     assert response.status_code == 201, response.text
     order = response.json()
@@ -160,16 +167,16 @@ def test_create_failed_answers_201(client: TestClient, downstream: Downstream) -
     assert order["steps"]["inventory"] == order["steps"]["shipping"] == "compensated"
     assert order["amount"] == WIDGET_PRICE
     assert order["shipping"] is None
-    assert downstream.balance(POOR) == balance
-    assert downstream.stock(WIDGET) == stock
+    assert downstream.balance(POOR_USER_ID) == balance
+    assert downstream.stock(WIDGET_ID) == stock
 
 
 def test_missing_product_404_names_the_order(client: TestClient, downstream: Downstream) -> None:
-    response = place(client, product=MISSING)
+    response = place(client, product=MISSING_PRODUCT_ID)
 
     assert response.status_code == 404, response.text
     body = response.json()
-    assert str(MISSING) in body["detail"]
+    assert str(MISSING_PRODUCT_ID) in body["detail"]
     order_id = body["id"]
     assert body["status"] == "rejected" and body["amount"] is None
     shown = client.get(f"/orders/{order_id}")
@@ -255,7 +262,7 @@ def test_create_rejects_overlong_idempotency_key(sqlite_client: TestClient) -> N
 def test_idempotency_key_retry_returns_same_order_and_charges_once(
     client: TestClient, downstream: Downstream
 ) -> None:
-    balance = downstream.balance(PAYER)
+    balance = downstream.balance(ORDINARY_USER_ID)
     key = {"Idempotency-Key": f"checkout-{uuid.uuid4()}"}
 
     first = place(client, headers=key)
@@ -265,7 +272,7 @@ def test_idempotency_key_retry_returns_same_order_and_charges_once(
     assert again.json()["id"] == first.json()["id"]
     assert again.json()["status"] == "completed"
     order_id = first.json()["id"]
-    assert downstream.balance(PAYER) == balance - WIDGET_PRICE
+    assert downstream.balance(ORDINARY_USER_ID) == balance - WIDGET_PRICE
     assert order_effects(downstream, order_id) == {
         f"{order_id}:payment:deduct": 1,
         f"{order_id}:inventory:deduct": 1,
@@ -280,7 +287,7 @@ def test_idempotency_key_reused_for_another_body_is_422(
     key = {"Idempotency-Key": "reused-key"}
     first = place(client, quantity=1, headers=key)
     assert first.status_code == 201
-    balance = downstream.balance(PAYER)
+    balance = downstream.balance(ORDINARY_USER_ID)
 
     other = place(client, quantity=2, headers=key)
 
@@ -288,7 +295,7 @@ def test_idempotency_key_reused_for_another_body_is_422(
     [error] = other.json()["errors"]  # the same problem shape as every other 422
     assert error["loc"] == ["header", "Idempotency-Key"]
     assert "already used for a different order" in error["msg"]
-    assert downstream.balance(PAYER) == balance
+    assert downstream.balance(ORDINARY_USER_ID) == balance
     assert [o["id"] for o in client.get("/orders").json()["orders"]] == [first.json()["id"]]
 
 
@@ -313,8 +320,8 @@ def test_idempotency_key_retry_while_the_first_is_still_running(
 def test_idempotency_key_retry_of_a_rejected_order_is_404_again(client: TestClient) -> None:
     key = {"Idempotency-Key": "missing-product"}
 
-    first = place(client, product=MISSING, headers=key)
-    again = place(client, product=MISSING, headers=key)
+    first = place(client, product=MISSING_PRODUCT_ID, headers=key)
+    again = place(client, product=MISSING_PRODUCT_ID, headers=key)
 
     assert first.status_code == again.status_code == 404
     assert again.json()["id"] == first.json()["id"]
@@ -325,14 +332,18 @@ def test_idempotency_key_retry_of_a_rejected_order_is_404_again(client: TestClie
 
 
 def test_get_order(client: TestClient) -> None:
-    created = place(client, user=RICH, quantity=3).json()
+    created = place(client, user=RICH_USER_ID, quantity=3).json()
 
     response = client.get(f"/orders/{created['id']}")
 
     assert response.status_code == 200
     order = response.json()
     assert order["id"] == created["id"]
-    assert (order["user_id"], order["product_id"], order["quantity"]) == (RICH, WIDGET, 3)
+    assert (order["user_id"], order["product_id"], order["quantity"]) == (
+        RICH_USER_ID,
+        WIDGET_ID,
+        3,
+    )
     assert order["amount"] == 3 * WIDGET_PRICE
     assert order["status"] == order["state"] == "completed"
     assert order["shipping"] == created["shipping"]
@@ -362,9 +373,9 @@ def test_get_malformed_order_id_is_422(sqlite_client: TestClient) -> None:
 def test_list_newest_first_filtered_and_paginated(client: TestClient) -> None:
     ids = [
         place(client).json()["id"],  # completed
-        place(client, user=POOR).json()["id"],  # failed
-        place(client, product=MISSING).json()["id"],  # rejected
-        place(client, user=RICH).json()["id"],  # completed
+        place(client, user=POOR_USER_ID).json()["id"],  # failed
+        place(client, product=MISSING_PRODUCT_ID).json()["id"],  # rejected
+        place(client, user=RICH_USER_ID).json()["id"],  # completed
     ]
     newest_first = ids[::-1]
 
@@ -460,7 +471,7 @@ def test_transitions_are_the_persisted_history(client: TestClient) -> None:
 
 
 def test_transitions_of_failed_step_carry_the_error(client: TestClient) -> None:
-    order_id = place(client, user=POOR).json()["id"]
+    order_id = place(client, user=POOR_USER_ID).json()["id"]
 
     log = client.get(f"/orders/{order_id}/transitions").json()
 
@@ -479,9 +490,9 @@ def test_transitions_of_unknown_order_is_404(client: TestClient) -> None:
 
 
 def test_cancel_completed_order(client: TestClient, downstream: Downstream) -> None:
-    balance, stock = downstream.balance(PAYER), downstream.stock(WIDGET)
+    balance, stock = downstream.balance(ORDINARY_USER_ID), downstream.stock(WIDGET_ID)
     order_id = place(client, quantity=2).json()["id"]
-    assert downstream.balance(PAYER) == balance - 2 * WIDGET_PRICE
+    assert downstream.balance(ORDINARY_USER_ID) == balance - 2 * WIDGET_PRICE
 
     response = client.post(f"/orders/{order_id}/cancel")
 
@@ -490,8 +501,8 @@ def test_cancel_completed_order(client: TestClient, downstream: Downstream) -> N
     assert (order["status"], order["state"]) == ("cancelled", "cancelled")
     assert set(order["steps"].values()) == {"compensated"}
     assert order["shipping"] is None
-    assert downstream.balance(PAYER) == balance
-    assert downstream.stock(WIDGET) == stock
+    assert downstream.balance(ORDINARY_USER_ID) == balance
+    assert downstream.stock(WIDGET_ID) == stock
     shipment = downstream.shipment(order_id)
     assert shipment is not None and shipment["status"] == "cancelled"
     assert client.get(f"/orders/{order_id}").json()["status"] == "cancelled"
@@ -504,7 +515,7 @@ def test_cancel_completed_order(client: TestClient, downstream: Downstream) -> N
 
 
 def test_cancel_failed_order_is_409(client: TestClient, downstream: Downstream) -> None:
-    order_id = place(client, user=POOR).json()["id"]
+    order_id = place(client, user=POOR_USER_ID).json()["id"]
     before = client.get(f"/orders/{order_id}/transitions").json()
 
     response = client.post(f"/orders/{order_id}/cancel")
@@ -543,9 +554,9 @@ def test_cancel_unknown_order_is_404(client: TestClient) -> None:
 
 def test_resume_terminal_order_is_a_noop(client: TestClient, downstream: Downstream) -> None:
     for kind, user, product in [
-        ("completed", PAYER, WIDGET),
-        ("failed", POOR, WIDGET),
-        ("rejected", PAYER, MISSING),
+        ("completed", ORDINARY_USER_ID, WIDGET_ID),
+        ("failed", POOR_USER_ID, WIDGET_ID),
+        ("rejected", ORDINARY_USER_ID, MISSING_PRODUCT_ID),
     ]:
         created = place(client, user=user, product=product).json()
         before = client.get(f"/orders/{created['id']}/transitions").json()
@@ -563,9 +574,9 @@ def test_resume_terminal_order_is_a_noop(client: TestClient, downstream: Downstr
 async def test_resume_drives_a_stuck_order_to_completion(
     client: TestClient, store: Store, downstream: Downstream
 ) -> None:
-    balance = downstream.balance(PAYER)
+    balance = downstream.balance(ORDINARY_USER_ID)
     stuck, created = await store.create_order(
-        user_id=PAYER, product_id=WIDGET, quantity=1
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1
     )  # pending, nobody's lease
     assert created and stuck.lease_owner is None
     assert client.get(f"/orders/{stuck.id}").json()["status"] == "pending"
@@ -577,14 +588,14 @@ async def test_resume_drives_a_stuck_order_to_completion(
     assert (order["status"], order["amount"]) == ("completed", WIDGET_PRICE)
     log = client.get(f"/orders/{stuck.id}/transitions").json()
     assert log[0]["from_state"] == "pending" and log[-1]["to_state"] == "completed"
-    assert downstream.balance(PAYER) == balance - WIDGET_PRICE
+    assert downstream.balance(ORDINARY_USER_ID) == balance - WIDGET_PRICE
 
 
 async def test_resume_of_an_order_another_driver_holds_is_409(
     client: TestClient, store: Store, downstream: Downstream
 ) -> None:
     held, _ = await store.create_order(
-        user_id=PAYER, product_id=WIDGET, quantity=1, owner="another-worker"
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner="another-worker"
     )
 
     response = client.post(f"/orders/{held.id}/resume")

@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute, Mount
 
 from api.app import create_app
 from api.guard import OPEN_PATHS
+from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm.settings import Settings
 from fsm.store import Store, make_engine
 from tests.support.processes import saga_env
@@ -211,7 +212,9 @@ def test_embedded_services_are_called_with_the_token(tmp_path: Path, token: str)
         assert placed.json()["status"] == "completed"
 
         store = Store(engine)
-        stuck, _ = asyncio.run(store.create_order(user_id=1, product_id=1, quantity=1))
+        stuck, _ = asyncio.run(
+            store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
+        )
         env = saga_env(database_url=url, services_url=None)  # type: ignore[arg-type]
         env |= {
             "ORDER_SAGA_API_TOKEN": token,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from downstream.seed import ORDINARY_USER_ID, RICH_USER_ID, WIDGET_ID
 from fsm.store import Store
 from tests.support.processes import saga_env
 from tests.support.services import Downstream
@@ -74,7 +75,7 @@ async def test_resume_dry_run_then_resume(
     db_url: str, store: Store, downstream: Downstream
 ) -> None:
     env = saga_env(database_url=db_url, services_url=downstream.url)
-    stuck, _ = await store.create_order(user_id=1, product_id=1, quantity=1)
+    stuck, _ = await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
     dry = run("resume", "--older-than", "0", "--dry-run", **env)
     assert dry.returncode == 0, dry.stderr
     assert f"{stuck.id} pending: would resume" in dry.stdout
@@ -98,7 +99,9 @@ def test_unknown_order_for_the_diagram_is_one_line(db_url: str, store: Store) ->
 
 
 async def test_diagram_of_one_order_highlights_its_path(db_url: str, store: Store) -> None:
-    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1, owner="t")
+    order, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner="t"
+    )
     await store.record_transition(order=order, owner="t", scope="order", trigger="request_product")
     await store.record_transition(order=order, owner="t", scope="order", trigger="product_missing")
     whole = run("diagram", "--format", "dot", ORDER_SAGA_DATABASE_URL=db_url)
@@ -118,7 +121,10 @@ async def test_worker_stops_on_sigterm_releasing_its_leases(
         database_url=db_url, services_url=downstream.url, http_timeout=30, lease_seconds=60
     )
     downstream.fault("shipping.schedule", "delay", count=3, seconds=3)
-    ids = [(await store.create_order(user_id=3, product_id=1, quantity=1))[0].id for _ in range(3)]
+    ids = [
+        (await store.create_order(user_id=RICH_USER_ID, product_id=WIDGET_ID, quantity=1))[0].id
+        for _ in range(3)
+    ]
     with subprocess.Popen(
         [ORDER_SAGA, "worker", "--interval", "0.1", "--older-than", "0"],
         env=env,

@@ -8,6 +8,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from downstream.seed import (
+    MAX_UNITS_PER_SHIPMENT,
+    MISSING_PRODUCT_ID,
+    ORDINARY_USER_ID,
+    POOR_USER_ID,
+    SOLD_OUT_PRODUCT_ID,
+    WIDGET_ID,
+)
 from fsm.executor import Executor
 from fsm.store import Store
 from tests.support.services import Downstream
@@ -28,27 +36,36 @@ class Row:
     cancel: bool = False
 
 
-# Seed (downstream/seed.py): user 1 can pay, user 2 is poor; product 1 is in stock,
-# product 3 is sold out, product 999 does not exist; more than 10 units cannot ship.
+# The seed's named ids (downstream/seed.py); more than MAX_UNITS_PER_SHIPMENT cannot ship.
+PAYS, POOR, WIDGET = ORDINARY_USER_ID, POOR_USER_ID, WIDGET_ID
+SOLD_OUT, MISSING, TOO_MANY = SOLD_OUT_PRODUCT_ID, MISSING_PRODUCT_ID, MAX_UNITS_PER_SHIPMENT + 1
 ROWS = {
     # row 1: found | success | success | success -> completed, no action
-    "completed": Row(1, 1, 1, OK, OK, OK, "completed"),
+    "completed": Row(PAYS, WIDGET, 1, OK, OK, OK, "completed"),
     # row 2: 404 | not called | not called | not called -> rejected, call nothing else
-    "rejected": Row(1, 999, 1, NOT_CALLED, NOT_CALLED, NOT_CALLED, "rejected"),
+    "rejected": Row(PAYS, MISSING, 1, NOT_CALLED, NOT_CALLED, NOT_CALLED, "rejected"),
     # row 3: found | failed | success | success -> restore inventory, cancel shipping
-    "payment-failed": Row(2, 1, 1, NO, OK, OK, "failed", frozenset({"inventory", "shipping"})),
+    "payment-failed": Row(
+        POOR, WIDGET, 1, NO, OK, OK, "failed", frozenset({"inventory", "shipping"})
+    ),
     # row 4: found | success | failed | success -> refund user, cancel shipping
-    "inventory-failed": Row(1, 3, 1, OK, NO, OK, "failed", frozenset({"payment", "shipping"})),
+    "inventory-failed": Row(
+        PAYS, SOLD_OUT, 1, OK, NO, OK, "failed", frozenset({"payment", "shipping"})
+    ),
     # row 5: found | success | success | failed -> refund user, restore inventory
-    "shipping-failed": Row(1, 1, 11, OK, OK, NO, "failed", frozenset({"payment", "inventory"})),
+    "shipping-failed": Row(
+        PAYS, WIDGET, TOO_MANY, OK, OK, NO, "failed", frozenset({"payment", "inventory"})
+    ),
     # row 6: found | failed | failed | success -> cancel shipping
-    "payment-inventory-failed": Row(2, 3, 1, NO, NO, OK, "failed", frozenset({"shipping"})),
+    "payment-inventory-failed": Row(
+        POOR, SOLD_OUT, 1, NO, NO, OK, "failed", frozenset({"shipping"})
+    ),
     # row 7: found | failed | failed | failed -> nothing to compensate
-    "all-failed": Row(2, 3, 11, NO, NO, NO, "failed"),
+    "all-failed": Row(POOR, SOLD_OUT, TOO_MANY, NO, NO, NO, "failed"),
     # cancellation: a completed order cancelled by its owner -> refund, restore, cancel
     "cancelled": Row(
-        1,
-        1,
+        PAYS,
+        WIDGET,
         2,
         OK,
         OK,
@@ -89,7 +106,7 @@ async def test_design_table_row(
 ) -> None:
     balance, stock = (
         downstream.balance(row.user),
-        downstream.stock(row.product) if row.product != 999 else None,
+        downstream.stock(row.product) if row.product != MISSING else None,
     )
 
     order, _ = await store.create_order(

@@ -19,6 +19,7 @@ from sqlmodel import SQLModel
 
 import fsm.models  # noqa: F401  (registers the tables)
 from api.diagram import router
+from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm import diagram
 from fsm.diagram import (
     CONTENT_TYPES,
@@ -374,7 +375,9 @@ def http(tmp_path: Path) -> Iterator[tuple[TestClient, Store]]:
 
 
 async def failed_order(store: Store) -> uuid.UUID:
-    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1, owner="t")
+    order, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner="t"
+    )
     for scope, trigger in [
         *STARTED,
         ("payment", "fail"),
@@ -430,7 +433,7 @@ async def test_order_diagram_highlights_its_log(http: tuple[TestClient, Store]) 
 
 async def test_fresh_order_diagram_marks_pending(http: tuple[TestClient, Store]) -> None:
     client, store = http
-    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1)
+    order, _ = await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
     text = client.get(f"/orders/{order.id}/diagram", params={"format": "mermaid"}).text
     assert mermaid_classes(text)["current"] == {"pending"}
 

@@ -24,6 +24,7 @@ from sqlmodel import SQLModel
 
 from api.app import create_app
 from api.diagram import Renderer
+from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm.models import Transition
 from fsm.settings import Settings
 from fsm.store import Store, make_engine
@@ -107,7 +108,7 @@ async def test_resume_one_order_dry_run_changes_nothing(
     db_url: str, store: Store, downstream: Downstream
 ) -> None:
     env = saga_env(database_url=db_url, services_url=downstream.url)
-    stuck, _ = await store.create_order(user_id=1, product_id=1, quantity=1)
+    stuck, _ = await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
     before = store.get(stuck.id)
 
     dry = run("resume", "--order", str(stuck.id), "--dry-run", **env)

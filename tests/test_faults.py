@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from downstream.seed import ORDINARY_USER_ID, POOR_USER_ID, WIDGET_ID
 from fsm.clients import Services
 from fsm.errors import InvalidMove, LeaseLost, StaleOrder
 from fsm.executor import Executor, RetryPolicy
@@ -84,7 +85,10 @@ async def test_transient_errors_are_retried_with_the_same_key(
 async def test_timeout_is_an_unknown_outcome_and_retried(
     store: Store, executor: Executor, downstream: Downstream
 ) -> None:
-    balances, stocks = {1: downstream.balance(1)}, {1: downstream.stock(1)}
+    balances, stocks = (
+        {ORDINARY_USER_ID: downstream.balance(ORDINARY_USER_ID)},
+        {WIDGET_ID: downstream.stock(WIDGET_ID)},
+    )
     downstream.fault("user.deduct", "timeout", seconds=1.5)  # the client gives up after 1 s
     assert await run_row(store, executor, 1, 1, 1) == "completed"
     assert_conserved(downstream, store, balances, stocks)
@@ -110,9 +114,14 @@ async def test_forward_step_unknown_past_its_deadline_is_compensated(
     store: Store, services: Services, downstream: Downstream
 ) -> None:
     executor = short_deadline(store, services)
-    balances, stocks = {1: downstream.balance(1)}, {1: downstream.stock(1)}
+    balances, stocks = (
+        {ORDINARY_USER_ID: downstream.balance(ORDINARY_USER_ID)},
+        {WIDGET_ID: downstream.stock(WIDGET_ID)},
+    )
     downstream.fault("inventory.deduct", "error", count=1000)  # an outage
-    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1, owner=executor.owner)
+    order, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner=executor.owner
+    )
     await executor.drive(order)
     # The run's budget is spent before the deadline: the step stays unknown, persisted.
     assert (order.state, order.inventory_state) == ("steps_running", "requested")
@@ -134,10 +143,15 @@ async def test_unknown_outcome_is_reconciled_before_resending(
     store: Store, services: Services, downstream: Downstream
 ) -> None:
     executor = short_deadline(store, services)
-    balances, stocks = {1: downstream.balance(1)}, {1: downstream.stock(1)}
+    balances, stocks = (
+        {ORDINARY_USER_ID: downstream.balance(ORDINARY_USER_ID)},
+        {WIDGET_ID: downstream.stock(WIDGET_ID)},
+    )
     # Every response is lost, but the first attempt applied the deduction.
     downstream.fault("inventory.deduct", "apply_then_error", count=1000)
-    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1, owner=executor.owner)
+    order, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner=executor.owner
+    )
     await executor.drive(order)
     assert order.inventory_state == "requested"
     await executor.run(order.id)  # asks the service what happened instead of re-sending
@@ -152,13 +166,17 @@ async def test_unknown_outcome_is_reconciled_before_resending(
 async def test_compensation_outage_parks_then_resume_finishes(
     store: Store, executor: Executor, downstream: Downstream
 ) -> None:
-    stocks = {1: downstream.stock(1)}
+    stocks = {WIDGET_ID: downstream.stock(WIDGET_ID)}
     downstream.fault("inventory.restore", "error", count=1000)
-    order, _ = await store.create_order(user_id=2, product_id=1, quantity=1, owner=executor.owner)
+    order, _ = await store.create_order(
+        user_id=POOR_USER_ID, product_id=WIDGET_ID, quantity=1, owner=executor.owner
+    )
     await executor.drive(order)
     assert (order.state, order.inventory_state) == ("needs_attention", "compensating")
     assert "inventory restore did not succeed" in (order.attention_reason or "")
-    assert downstream.stock(1) == stocks[1] - 1  # not restored yet, and never skipped
+    assert (
+        downstream.stock(WIDGET_ID) == stocks[WIDGET_ID] - 1
+    )  # not restored yet, and never skipped
 
     await executor.run(order.id)  # still down: parks again, retried not skipped
     assert store.get(order.id).state == "needs_attention"
@@ -191,8 +209,10 @@ def httpx_clear(downstream: Downstream) -> None:
 async def test_cancellation_outage_parks_and_resumes_as_cancellation(
     store: Store, executor: Executor, downstream: Downstream
 ) -> None:
-    balance = downstream.balance(1)
-    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1, owner=executor.owner)
+    balance = downstream.balance(ORDINARY_USER_ID)
+    order, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner=executor.owner
+    )
     await executor.drive(order)
     downstream.fault("user.refund", "error", count=1000)
     await executor.cancel(order.id)
@@ -200,13 +220,15 @@ async def test_cancellation_outage_parks_and_resumes_as_cancellation(
     httpx_clear(downstream)
     await executor.run(order.id)
     assert store.get(order.id).state == "cancelled"
-    assert downstream.balance(1) == balance
+    assert downstream.balance(ORDINARY_USER_ID) == balance
 
 
 async def test_only_completed_orders_can_be_cancelled(
     store: Store, executor: Executor, downstream: Downstream
 ) -> None:
-    order, _ = await store.create_order(user_id=2, product_id=1, quantity=1, owner=executor.owner)
+    order, _ = await store.create_order(
+        user_id=POOR_USER_ID, product_id=WIDGET_ID, quantity=1, owner=executor.owner
+    )
     await executor.drive(order)
     with pytest.raises(InvalidMove):
         await executor.cancel(order.id)
@@ -214,7 +236,9 @@ async def test_only_completed_orders_can_be_cancelled(
 
 
 async def test_stale_writer_is_rejected_and_nothing_is_recorded(store: Store) -> None:
-    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1, owner="a")
+    order, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner="a"
+    )
     stale = store.get(order.id)
     await store.record_transition(order=order, owner="a", scope="order", trigger="request_product")
     with pytest.raises(StaleOrder):
@@ -234,7 +258,7 @@ async def test_lease_is_exclusive_until_released_or_expired(db_url: str) -> None
 
     engine = make_engine(db_url)
     short = Store(engine, lease_seconds=0.2)
-    order, _ = await short.create_order(user_id=1, product_id=1, quantity=1)
+    order, _ = await short.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
     assert await short.claim(order_id=order.id, owner="a") is not None
     assert await short.claim(order_id=order.id, owner="b") is None
     assert await short.claim(order_id=order.id, owner="a") is not None  # re-entrant
@@ -260,7 +284,9 @@ async def test_parked_order_waits_with_growing_pauses_for_the_sweep(
     policy = RetryPolicy(max_attempts=2, backoff_base=0.01, backoff_max=5, step_deadline=5)
     executor = Executor(store=store, services=services, policy=policy)
     downstream.fault("inventory.restore", "error", count=1000)
-    order, _ = await store.create_order(user_id=2, product_id=1, quantity=1, owner=executor.owner)
+    order, _ = await store.create_order(
+        user_id=POOR_USER_ID, product_id=WIDGET_ID, quantity=1, owner=executor.owner
+    )
     await executor.drive(order)
     first = store.get(order.id)
     assert first.state == "needs_attention" and first.attempts["order:park"] == 1
@@ -295,7 +321,9 @@ async def test_lease_is_renewed_while_a_slow_call_is_in_flight(
         policy=RetryPolicy(max_attempts=2, backoff_base=0.01, step_deadline=5),
     )
     downstream.fault("shipping.schedule", "delay", seconds=0.9)  # under the 1 s client timeout
-    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1, owner=executor.owner)
+    order, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner=executor.owner
+    )
     run = asyncio.create_task(executor.drive(order))
     await asyncio.sleep(0.75)  # past the first lease's expiry: only renewal keeps it
     assert await store.claim(order_id=order.id, owner="intruder") is None
@@ -311,8 +339,8 @@ async def test_a_corrupt_row_is_reported_and_never_driven(store: Store) -> None:
     from fsm.errors import CorruptOrder
     from fsm.store import utcnow
 
-    good, _ = await store.create_order(user_id=1, product_id=1, quantity=1)
-    bad, _ = await store.create_order(user_id=1, product_id=1, quantity=1)
+    good, _ = await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
+    bad, _ = await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
     with store.engine.begin() as conn:  # e.g. a hand-edited row, or a state from a future
         conn.execute(
             text("UPDATE orders SET payment_state = 'teleported' WHERE id = :id"),

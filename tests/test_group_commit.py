@@ -94,7 +94,11 @@ def write_lock_held(db_url: str, order: Order) -> Iterator[None]:
 
 async def test_a_stale_write_inside_a_batch_fails_alone(db_url: str, store: Store) -> None:
     blocker, good_a, good_b, stale = [
-        (await store.create_order(user_id=1, product_id=1, quantity=1, owner="t"))[0]
+        (
+            await store.create_order(
+                user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner="t"
+            )
+        )[0]
         for _ in range(4)
     ]
     old_copy = store.get(stale.id)
@@ -139,7 +143,7 @@ async def test_reads_answer_while_a_write_waits_on_a_lock(
     db_url: str, live_api: tuple[str, Store]
 ) -> None:
     url, store = live_api
-    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1)
+    order, _ = await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:
         with write_lock_held(db_url, order):
             resume = asyncio.ensure_future(client.post(f"/orders/{order.id}/resume"))
@@ -159,7 +163,7 @@ async def test_a_lock_held_past_the_timeout_is_a_clear_503(
     db_url: str, live_api: tuple[str, Store]
 ) -> None:
     url, store = live_api
-    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1)
+    order, _ = await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:
         with write_lock_held(db_url, order):
             answer = await client.post(f"/orders/{order.id}/resume")  # waits 1.5 s, no more

@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID
 from fsm.store import Store
 from order_saga.logs import configure
 from order_saga.redact import masked
@@ -136,7 +137,9 @@ def test_database_urls_are_masked() -> None:
 async def test_worker_serves_metrics_on_its_own_port(
     db_url: str, store: Store, downstream: Downstream
 ) -> None:
-    await store.create_order(user_id=1, product_id=999, quantity=1)  # will be rejected
+    await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=MISSING_PRODUCT_ID, quantity=1
+    )  # will be rejected
     port = free_port()
     env = saga_env(database_url=db_url, services_url=downstream.url, worker_metrics_port=port)
     cmd = [ORDER_SAGA, "worker", "--interval", "0.1", "--older-than", "0"]

@@ -11,17 +11,19 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from downstream.seed import (
+    MISSING_PRODUCT_ID,
+    ORDINARY_USER_ID,
+    POOR_USER_ID,
+    SOLD_OUT_PRODUCT_ID,
+    WIDGET_ID,
+)
 from fsm import metrics, operator, queries
 from fsm.errors import InvalidMove, LeaseLost, OrderNotFound
 from fsm.executor import Executor
 from fsm.models import Order
 from fsm.store import Store
 from tests.support.services import Downstream
-
-# Seed (downstream/seed.py): user 1 pays, user 2 is poor; product 1 in stock, product 3 sold
-# out, 999 missing.
-PAYER, POOR = 1, 2
-WIDGET, SOLD_OUT, MISSING = 1, 3, 999
 
 
 async def place(executor: Executor, store: Store, user: int, product: int, qty: int = 1) -> Order:
@@ -32,7 +34,7 @@ async def place(executor: Executor, store: Store, user: int, product: int, qty: 
 async def parked(executor: Executor, store: Store, downstream: Downstream) -> Order:
     """Row 4 (sold out) with the refund down past the retry budget: needs_attention."""
     downstream.fault("user.refund", "error", count=1000)
-    order = await place(executor, store, PAYER, SOLD_OUT)
+    order = await place(executor, store, ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID)
     httpx_delete_faults(downstream)
     assert order.state == "needs_attention", order
     return order
@@ -80,7 +82,7 @@ async def test_resolve_ends_a_parked_order_with_the_reason_in_the_log(
 async def test_resolve_refuses_what_is_not_parked(
     executor: Executor, store: Store, downstream: Downstream
 ) -> None:
-    completed = await place(executor, store, PAYER, WIDGET)
+    completed = await place(executor, store, ORDINARY_USER_ID, WIDGET_ID)
     with pytest.raises(InvalidMove, match="only a parked"):
         await operator.resolve(store, completed.id, reason="x", owner="ops")
     assert store.get(completed.id).lease_owner is None  # released on refusal
@@ -101,10 +103,10 @@ async def test_resolve_refuses_what_is_not_parked(
 async def test_list_filters_pages_and_puts_parked_first(
     executor: Executor, store: Store, downstream: Downstream
 ) -> None:
-    completed = await place(executor, store, PAYER, WIDGET)
+    completed = await place(executor, store, ORDINARY_USER_ID, WIDGET_ID)
     order = await parked(executor, store, downstream)
-    failed = await place(executor, store, POOR, WIDGET)
-    rejected = await place(executor, store, PAYER, MISSING)
+    failed = await place(executor, store, POOR_USER_ID, WIDGET_ID)
+    rejected = await place(executor, store, ORDINARY_USER_ID, MISSING_PRODUCT_ID)
     everything, total = queries.list_orders(store, queries.OrderFilter())
     assert total == 4 and everything[0].id == order.id  # parked first, though not newest
     assert [o.id for o in everything[1:]] == [rejected.id, failed.id, completed.id]
@@ -114,8 +116,8 @@ async def test_list_filters_pages_and_puts_parked_first(
 
     assert ids(status="failed") == [failed.id]
     assert ids(state="rejected") == [rejected.id]
-    assert ids(user_id=POOR) == [failed.id]
-    assert ids(product_id=SOLD_OUT) == [order.id]
+    assert ids(user_id=POOR_USER_ID) == [failed.id]
+    assert ids(product_id=SOLD_OUT_PRODUCT_ID) == [order.id]
     assert ids(older_than=3600) == []
     assert ids(older_than=0, status="completed") == [completed.id]
     page, total = queries.list_orders(store, queries.OrderFilter(limit=2, offset=2))
@@ -127,7 +129,7 @@ async def test_list_filters_pages_and_puts_parked_first(
 async def test_timeline_gives_time_in_each_state(
     executor: Executor, store: Store, downstream: Downstream
 ) -> None:
-    order = await place(executor, store, POOR, WIDGET)
+    order = await place(executor, store, POOR_USER_ID, WIDGET_ID)
     history = store.history(order.id)
     spans = queries.timeline(history)
     assert [s.seq for s in spans] == [t.seq for t in history]
@@ -146,8 +148,8 @@ async def test_heat_counts_passes_times_and_occupancy(
     executor: Executor, store: Store, downstream: Downstream
 ) -> None:
     for _ in range(3):
-        await place(executor, store, PAYER, WIDGET)
-    failed = await place(executor, store, POOR, WIDGET)
+        await place(executor, store, ORDINARY_USER_ID, WIDGET_ID)
+    failed = await place(executor, store, POOR_USER_ID, WIDGET_ID)
     heat = queries.heat(store)
     assert heat.states[("order", "completed")].now == 3
     assert heat.states[("order", "failed")].now == 1
@@ -206,7 +208,9 @@ async def test_one_log_line_per_transition_with_order_state_and_trigger(
 async def test_a_refused_write_is_logged_as_lease_lost(
     executor: Executor, store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
-    order, _ = await store.create_order(user_id=PAYER, product_id=WIDGET, quantity=1, owner="other")
+    order, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner="other"
+    )
     caplog.set_level(logging.INFO, logger="order_saga.events")
     with pytest.raises(LeaseLost):
         await executor.drive(order)  # we never claimed it: the first write is refused

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID
 from fsm.store import Store
 from tests.support.database import wait_for_lease_expiry
 from tests.support.processes import drive_here, run_saga, saga_env
@@ -24,7 +25,9 @@ REASON = "refunded by hand, ticket OPS-42"
 @pytest.mark.slow
 async def test_crash_right_after_resolve(db_url: str, store: Store, downstream: Downstream) -> None:
     # Row 4 (inventory sold out) with the refund down: the compensation parks.
-    order, _ = await store.create_order(user_id=1, product_id=3, quantity=1)
+    order, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=SOLD_OUT_PRODUCT_ID, quantity=1
+    )
     set_faults(downstream.url, [REFUND_DOWN])
     state = await drive_here(
         "resume", order.id, database_url=db_url, services_url=downstream.url, settings=SETTINGS

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlmodel import SQLModel
 
+from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
 from fsm.store import Store, make_engine
 from order_saga import __version__
 from tests.support.processes import ORDER_SAGA, saga_env
@@ -45,9 +46,11 @@ def test_version() -> None:
 async def test_park_then_list_show_and_resolve_from_the_cli(
     env: dict[str, str], store: Store, downstream: Downstream
 ) -> None:
-    completed, _ = await store.create_order(user_id=1, product_id=1, quantity=1)
+    completed, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1
+    )
     stuck, _ = await store.create_order(
-        user_id=1, product_id=3, quantity=1
+        user_id=ORDINARY_USER_ID, product_id=SOLD_OUT_PRODUCT_ID, quantity=1
     )  # sold out: compensates
     set_faults(downstream.url, [REFUND_DOWN])
     resumed = saga("resume", "--older-than", "0", env=env)

@@ -12,12 +12,12 @@ import httpx
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
 from fsm.breaker import OPEN, Breaker
 from fsm.settings import Settings
 from fsm.store import Store
 from tests.support.services import Downstream
 
-PAYER, WIDGET, SOLD_OUT = 1, 1, 3  # seed: user 1 can pay; product 1 in stock, 3 sold out
 THRESHOLD, ATTEMPTS, ORDERS = 3, 4, 30
 OUTAGE = 1000  # calls the fault answers with 500
 TERMINAL = {"completed", "failed", "rejected", "cancelled"}
@@ -77,11 +77,11 @@ def states(client: TestClient, ids: list[str]) -> list[dict[str, Any]]:
 def test_an_outage_costs_threshold_plus_probes_then_every_order_finishes(
     db_url: str, store: Store, downstream: Downstream
 ) -> None:
-    balance, stock = downstream.balance(PAYER), downstream.stock(WIDGET)
+    balance, stock = downstream.balance(ORDINARY_USER_ID), downstream.stock(WIDGET_ID)
     downstream.fault("user.deduct", "error", count=OUTAGE)
     with api(db_url, downstream.url) as client:
         user = breaker(client, "user")
-        ids = [place(client, PAYER, WIDGET) for _ in range(ORDERS)]
+        ids = [place(client, ORDINARY_USER_ID, WIDGET_ID) for _ in range(ORDERS)]
         until(
             "every order waiting on payment and two failed probes",
             lambda: (
@@ -113,8 +113,10 @@ def test_an_outage_costs_threshold_plus_probes_then_every_order_finishes(
         )
         assert {o["status"] for o in states(client, ids)} == {"completed"}
         assert client.get("/healthz").json()["status"] == "ok"
-    assert downstream.balance(PAYER) == balance - sum(o.amount or 0 for o in store.list_orders())
-    assert downstream.stock(WIDGET) == stock - ORDERS
+    assert downstream.balance(ORDINARY_USER_ID) == balance - sum(
+        o.amount or 0 for o in store.list_orders()
+    )
+    assert downstream.stock(WIDGET_ID) == stock - ORDERS
     assert all(n == 1 for n in downstream.effects().values())
     print(f"\noutage: {calls} user.deduct calls for {ORDERS} orders ({user.stats})")
 
@@ -122,11 +124,13 @@ def test_an_outage_costs_threshold_plus_probes_then_every_order_finishes(
 def test_a_compensation_during_an_outage_waits_and_completes_after_recovery(
     db_url: str, store: Store, downstream: Downstream
 ) -> None:
-    balance = downstream.balance(PAYER)
+    balance = downstream.balance(ORDINARY_USER_ID)
     downstream.fault("user.refund", "error", count=OUTAGE)
     with api(db_url, downstream.url) as client:
         user = breaker(client, "user")
-        (oid,) = [place(client, PAYER, SOLD_OUT)]  # paid, inventory 409 -> refund
+        (oid,) = [
+            place(client, ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID)
+        ]  # paid, inventory 409 -> refund
         until("the refund waiting on an open breaker", lambda: user.stats.probes >= 2)
         order = client.get(f"/orders/{oid}").json()
         assert order["state"] == "compensating"  # waiting, not parked, not skipped
@@ -134,7 +138,7 @@ def test_a_compensation_during_an_outage_waits_and_completes_after_recovery(
         httpx.delete(f"{downstream.url}/_faults").raise_for_status()
         until("the order failed", lambda: client.get(f"/orders/{oid}").json()["status"] == "failed")
         assert client.get(f"/orders/{oid}").json()["steps"]["payment"] == "compensated"
-    assert downstream.balance(PAYER) == balance  # charged, then refunded exactly once
+    assert downstream.balance(ORDINARY_USER_ID) == balance  # charged, then refunded exactly once
     assert downstream.effects()[f"{oid}:payment:refund"] == 1
 
 
@@ -143,10 +147,10 @@ def test_post_orders_is_refused_while_the_product_breaker_is_open(
 ) -> None:
     downstream.fault("product.get", "error", count=OUTAGE)
     with api(db_url, downstream.url, breaker_cooldown=30.0) as client:
-        first = place(client, PAYER, WIDGET)
+        first = place(client, ORDINARY_USER_ID, WIDGET_ID)
         until("the product breaker open", lambda: breaker(client, "product").state == OPEN)
         before = len(store.list_orders())
-        body = {"user_id": PAYER, "product_id": WIDGET, "quantity": 1}
+        body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
         refused = client.post("/orders", json=body, headers={"Idempotency-Key": "during-outage"})
         assert refused.status_code == 503, refused.text
         assert 1 <= int(refused.headers["Retry-After"]) <= 30

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from downstream.seed import MISSING_PRODUCT_ID
 from fsm.machine import edges, is_terminal
 from fsm.store import Store
 from tests.support.processes import saga_env
@@ -80,7 +81,7 @@ async def test_random_faults_and_kills_end_terminal_and_conserved(
         for _ in range(ORDERS // ROUNDS):  # new orders every round, beside unfinished ones
             await store.create_order(
                 user_id=rng.choice(users),
-                product_id=rng.choice(products + [999]),
+                product_id=rng.choice(products + [MISSING_PRODUCT_ID]),
                 quantity=rng.choice([1, 1, 2, 11]),
             )
         for _ in range(rng.randint(1, 4)):

@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import insert, select, text, update
 
 from api.app import create_app
+from downstream.seed import WIDGET_ID
 from fsm.clients import Services
 from fsm.executor import Executor
 from fsm.machine import (
@@ -83,7 +84,7 @@ async def test_orders_and_transitions_record_the_version(
     store: Store, executor: Executor, downstream: Downstream
 ) -> None:
     order, _ = await store.create_order(
-        user_id=PAYER, product_id=1, quantity=1, owner=executor.owner
+        user_id=PAYER, product_id=WIDGET_ID, quantity=1, owner=executor.owner
     )
     assert store.get(order.id).machine_version == MACHINE_VERSION
     await executor.drive(order)

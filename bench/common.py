@@ -348,7 +348,7 @@ def wait_http(
     raise RuntimeError(f"{url}: not up after {timeout:.0f}s: {procs.log_tail(proc)}")
 
 
-def start_services(procs: Processes) -> str:
+def start_services(procs: Processes) -> tuple[subprocess.Popen[bytes], str]:
     """The reference services alone (`order-saga services`), state in a fresh file."""
     port = free_port()
     state = procs.cfg.tmp / f"services-{port}.db"
@@ -356,7 +356,7 @@ def start_services(procs: Processes) -> str:
     proc = procs.start("services", argv, saga_env("sqlite:///unused.db"))
     url = f"http://127.0.0.1:{port}"
     wait_http(procs, proc, f"{url}/products/1")
-    return url
+    return proc, url
 
 
 def migrate(procs: Processes, url: str, timeout: float = 120.0) -> None:

@@ -23,6 +23,7 @@ from downstream.seed import DELIVERY_DAYS, MAX_UNITS_PER_SHIPMENT, PRODUCTS, USE
 from fsm.clients import Answer, Services
 from fsm.errors import BusinessFailure, CallFailure, NotFound
 
+
 class Window(OrderedDict[str, Any]):
     """A dict that forgets its oldest entries beyond `size`."""
 
@@ -49,7 +50,8 @@ class Ledger:
         self.balances = {u.id: u.balance for u in USERS}
         self.addresses = {u.id: u.address for u in USERS}
         self.products = {
-            p.id: {"id": p.id, "category": p.category, "description": p.description, "price": p.price}
+            p.id: {"id": p.id, "category": p.category, "description": p.description,
+                   "price": p.price}
             for p in PRODUCTS
         }  # fmt: skip
         self.stock = {p.id: p.stock for p in PRODUCTS}
@@ -57,7 +59,9 @@ class Ledger:
         self.held: Window = Window(window)  # "service:order_id" -> amount / quantity / address
         self.tombstones: Window = Window(window)  # "service:order_id" -> True
         self.effects = 0  # mutations that changed state (not replays)
-        self.expected_delivery = (datetime.now(UTC).date() + timedelta(days=DELIVERY_DAYS)).isoformat()
+        self.expected_delivery = (
+            datetime.now(UTC).date() + timedelta(days=DELIVERY_DAYS)
+        ).isoformat()
 
     def once(self, key: str, operation: str, request: dict[str, Any], action: Any) -> Answer:
         """Run `action` at most once per key; replay its answer or failure afterwards."""

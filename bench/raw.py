@@ -56,7 +56,7 @@ def _sql(mark: str) -> tuple[str, dict[tuple[str, str], str], str]:
     """INSERT order, UPDATE per (scope, trigger), INSERT transition, with `mark` params."""
     insert = f"INSERT INTO orders ({ORDER_COLUMNS}) VALUES ({', '.join([mark] * 16)})"
     updates = {}
-    for scope, trigger, _, dest, extra, _ in SAGA:
+    for scope, trigger, _, _, extra, _ in SAGA:
         column = "state" if scope == "order" else f"{scope}_state"
         sets = [column, "version", "updated_at", "lease_expires_at", *extra]
         if scope == "order":

@@ -1,0 +1,105 @@
+"""The process's resident memory after 10,000 and after 100,000 orders driven in-process
+(SQLite, the fake services, 16 at once), measured in a fresh child process
+(`python -m bench.rss --child ...`) so nothing of the other benchmarks is counted.
+
+The fakes keep a bounded window of per-order records, so their memory is flat and any
+growth between the two checkpoints is the engine's (caches, sets, tasks, metrics, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import Config, Row
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rss_bytes() -> int:
+    """Current resident set size, from /proc (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def child(url: str, checkpoints: list[int], seconds: float) -> list[dict[str, int]]:
+    from bench import engine_api
+    from bench.common import BUYER
+    from bench.engine import drive
+    from bench.fakes import fake_services
+    from fsm.migrate import upgrade
+
+    upgrade(url)
+    deadline = time.monotonic() + seconds
+    seen: list[dict[str, int]] = []
+    async with engine_api.open_engine(url, fake_services()) as engine:
+        await engine.order(**BUYER)
+        driven = 0
+        for checkpoint in checkpoints:
+            left = deadline - time.monotonic()
+            if left > 0:
+                driven += (await drive(engine, checkpoint - driven, 16, left)).count
+            gc.collect()
+            seen.append({"planned": checkpoint, "orders": driven, "rss": rss_bytes()})
+            if driven < checkpoint:
+                break  # the deadline came first
+    return seen
+
+
+def measure(cfg: Config, checkpoints: list[int], seconds: float) -> list[dict[str, int]]:
+    argv = [sys.executable, "-m", "bench.rss", "--child", f"sqlite:///{cfg.tmp}/rss.db"]
+    argv += ["--seconds", str(seconds), *map(str, checkpoints)]
+    # subprocess.run kills the child if the timeout passes or this process is interrupted.
+    done = subprocess.run(
+        argv, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 120, check=False
+    )
+    if done.returncode != 0:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"rss child exited {done.returncode}: {tail}")
+    result: list[dict[str, int]] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run(cfg: Config) -> list[Row]:
+    checkpoints = [cfg.n(10_000, 500), cfg.n(100_000, 2_000)]
+    seen = measure(cfg, checkpoints, cfg.seconds(150, 30))
+    rows = []
+    for point in seen:
+        partial = (
+            f" (deadline: {point['orders']:,} of {point['planned']:,})"
+            if point["orders"] < point["planned"]
+            else ""
+        )
+        row = Row(
+            what=f"process RSS after {point['orders']:,} orders in-process{partial}",
+            value=f"{point['rss'] / 2**20:,.1f} MiB",
+            limit="memory per order in flight (16) + fixed cost; fakes' memory is bounded",
+        )
+        if point is not seen[0]:
+            first = seen[0]
+            row.reference = f"after {first['orders']:,}: {first['rss'] / 2**20:,.1f} MiB"
+            row.ratio = f"{point['rss'] / first['rss'] - 1:+.1%}"
+            row.target = "within 10%"
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="RSS child: drive orders, print RSS as JSON")
+    parser.add_argument("--child", metavar="URL", required=True)
+    parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("checkpoints", type=int, nargs="+")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(child(args.child, args.checkpoints, args.seconds))))
+
+
+if __name__ == "__main__":
+    main()

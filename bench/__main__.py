@@ -113,7 +113,7 @@ def main() -> None:
         chosen.insert(0, "raw")  # their ratios need the raw loops of the same run
     signal.signal(signal.SIGTERM, _terminate)
 
-    began = time.monotonic()
+    began, load_before = time.monotonic(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="order-saga-bench-") as tmp:
         cfg = Config(tmp=Path(tmp), quick=args.quick, pg_server=None if args.no_pg else args.pg)
         if cfg.pg_server and (reason := pg_reachable(cfg.pg_server)):
@@ -161,6 +161,10 @@ def main() -> None:
             + (f" at {hide(cfg.pg_server)}" if cfg.pg_server else f" ({cfg.pg_skip_reason})")
         )
         print(f"- command: python -m bench {' '.join(sys.argv[1:])}".rstrip())
+        print(
+            f"- load average (1 min) at start {load_before:.1f}, at end {os.getloadavg()[0]:.1f}"
+            " (other processes on the machine count too)"
+        )
         print(f"- took {total / 60:.1f} min\n")
         print(table(rows))
 

@@ -69,14 +69,13 @@ class Row:
 
 @dataclass
 class Measured:
-    """`count` orders done in `wall` seconds using `cpu` seconds of the measuring process;
-    `partial` when a deadline stopped it before the planned count."""
+    """`count` orders done in `wall` seconds (of `planned`: fewer when a deadline came)."""
 
     count: int
     wall: float
-    cpu: float = 0.0
     planned: int = 0
     errors: int = 0
+    limit: str = ""  # which limit it is near (see bench.meter)
 
     @property
     def per_second(self) -> float:
@@ -229,35 +228,6 @@ def wait_terminal(counter: StateCounter, deadline: float, poll: float = 0.25) ->
     while counter.unfinished() > 0 and time.monotonic() < deadline:
         time.sleep(poll)
     return time.monotonic()
-
-
-# -- CPU -------------------------------------------------------------------------------------
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU of this process (pid None) or of a child, from /proc."""
-    if pid is None:
-        t = os.times()
-        return t.user + t.system
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
-
-
-def cores(cpu: float, wall: float) -> str:
-    return f"{cpu / wall:.2f} core" if wall > 0 else "-"
-
-
-def limit_of(process_cpu: float, wall: float, *, waits_on: str) -> str:
-    """Which limit a figure is near, from how busy the process that made it was."""
-    busy = process_cpu / wall if wall > 0 else 0.0
-    if busy >= 0.8:
-        return f"CPU: one core ({busy:.0%} of a core, Python)"
-    return f"{waits_on} (process CPU {busy:.0%} of a core)"
 
 
 # -- child processes -------------------------------------------------------------------------

@@ -12,8 +12,9 @@ import asyncio
 import time
 
 from bench import engine_api
-from bench.common import BUYER, Config, Measured, Row, cpu_seconds, limit_of, scratch_database
+from bench.common import BUYER, Config, Measured, Row, scratch_database
 from bench.fakes import fake_services
+from bench.meter import Meter
 from fsm.migrate import upgrade
 
 LEVELS = (1, 16, 64)
@@ -24,7 +25,9 @@ TARGETS = {
 }
 
 
-async def drive(engine: engine_api.Engine, count: int, at_once: int, seconds: float) -> Measured:
+async def drive(
+    engine: engine_api.Engine, count: int, at_once: int, seconds: float, *, waits_on: str = ""
+) -> Measured:
     """`count` orders, `at_once` in flight, no new one started after `seconds`."""
     deadline = time.monotonic() + seconds
     started = done = errors = 0
@@ -40,26 +43,30 @@ async def drive(engine: engine_api.Engine, count: int, at_once: int, seconds: fl
             done += 1
             errors += state != "completed"
 
-    cpu, start = cpu_seconds(), time.monotonic()
+    meter = Meter()
     await asyncio.gather(*(lane() for _ in range(at_once)))
-    return Measured(done, time.monotonic() - start, cpu_seconds() - cpu, count, errors)
+    meter.stop()
+    limit = meter.limit(meter.cores(), waits_on=waits_on)
+    return Measured(done, meter.wall, count, errors, limit)
 
 
-async def measure(url: str, count: int, seconds: float) -> dict[int, Measured]:
+async def measure(url: str, count: int, seconds: float, waits_on: str) -> dict[int, Measured]:
     async with engine_api.open_engine(url, fake_services()) as engine:
         await drive(engine, max(5, count // 50), 4, seconds)  # warm-up, not counted
-        return {level: await drive(engine, count, level, seconds) for level in LEVELS}
+        return {
+            level: await drive(engine, count, level, seconds, waits_on=waits_on) for level in LEVELS
+        }
 
 
 def run(cfg: Config, references: dict[str, float]) -> list[Row]:
     count, seconds = cfg.n(1000, 100), cfg.seconds(40, 10)
     rows = []
     for kind in cfg.databases():
+        waits = "commit latency (WAL write / fsync)"
         with scratch_database(cfg, kind, "engine") as url:
             upgrade(url)
-            results = asyncio.run(measure(url, count, seconds))
+            results = asyncio.run(measure(url, count, seconds, waits))
         raw = references.get(kind, 0.0)
-        waits = "commit latency (one fsync per commit)" if kind == "postgresql" else "disk"
         for level, m in results.items():
             shown = "one order at a time" if level == 1 else f"{level} orders at once"
             ratio = f"{m.per_second / raw:.0%}" if raw else "-"
@@ -73,7 +80,7 @@ def run(cfg: Config, references: dict[str, float]) -> list[Row]:
                     reference=f"raw {kind} loop {raw:,.0f} orders/s",
                     ratio=ratio,
                     target=TARGETS.get((kind, level), ""),
-                    limit=limit_of(m.cpu, m.wall, waits_on=waits),
+                    limit=m.limit,
                 )
             )
     return rows

@@ -22,8 +22,6 @@ from bench.common import (
     Config,
     Processes,
     Row,
-    cores,
-    cpu_seconds,
     free_port,
     saga_argv,
     saga_env,
@@ -31,6 +29,7 @@ from bench.common import (
     start_services,
     wait_http,
 )
+from bench.meter import Meter
 
 LEVELS = (1, 8, 32)
 
@@ -86,18 +85,12 @@ def measure(cfg: Config, kind: str, seconds: float) -> list[tuple[int, Load, str
         wait_http(procs, serve, f"{base}/healthz")
         asyncio.run(load(base, 2, min(2.0, seconds)))  # warm-up: connections, caches
         for clients in LEVELS:
-            before = [cpu_seconds(serve.pid), cpu_seconds(services.pid), cpu_seconds()]
+            meter = Meter(serve=serve.pid, services=services.pid)
             result = asyncio.run(load(base, clients, seconds))
-            used = [
-                cpu_seconds(serve.pid) - before[0],
-                cpu_seconds(services.pid) - before[1],
-                cpu_seconds() - before[2],
-            ]
-            notes = (
-                f"serve {cores(used[0], result.wall)}, services {cores(used[1], result.wall)}, "
-                f"load generator {cores(used[2], result.wall)}"
-            )
-            results.append((clients, result, notes))
+            meter.stop()
+            limit = meter.limit(meter.cores("serve"), waits_on="commit latency / services")
+            cpu = meter.where(serve=("serve",), services=("services",), generator=())
+            results.append((clients, result, f"{limit}; {cpu}"))
     return results
 
 

@@ -17,7 +17,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bench.common import BUYER, Config, Measured, Row, cpu_seconds, limit_of, scratch_database
+from bench.common import BUYER, Config, Measured, Row, scratch_database
+from bench.meter import Meter
 from fsm.machine import coarse_status
 from fsm.migrate import upgrade
 
@@ -102,14 +103,19 @@ def _loop(conn: Any, mark: str, count: int, deadline: float, *, sqlite: bool) ->
     return done
 
 
+def _measured(meter: Meter, done: int, count: int) -> Measured:
+    limit = meter.limit(meter.cores(), waits_on="commit latency (WAL write / fsync)")
+    return Measured(done, meter.wall, planned=count, limit=limit)
+
+
 def sqlite_loop(url: str, count: int, seconds: float) -> Measured:
     conn = sqlite3.connect(url.removeprefix("sqlite:///"))
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     try:
-        cpu, start = cpu_seconds(), time.monotonic()
-        done = _loop(conn, "?", count, start + seconds, sqlite=True)
-        return Measured(done, time.monotonic() - start, cpu_seconds() - cpu, planned=count)
+        meter = Meter()
+        done = _loop(conn, "?", count, time.monotonic() + seconds, sqlite=True)
+        return _measured(meter.stop(), done, count)
     finally:
         conn.close()
 
@@ -118,9 +124,9 @@ def pg_loop(url: str, count: int, seconds: float) -> Measured:
     import psycopg
 
     with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
-        cpu, start = cpu_seconds(), time.monotonic()
-        done = _loop(conn, "%s", count, start + seconds, sqlite=False)
-        return Measured(done, time.monotonic() - start, cpu_seconds() - cpu, planned=count)
+        meter = Meter()
+        done = _loop(conn, "%s", count, time.monotonic() + seconds, sqlite=False)
+        return _measured(meter.stop(), done, count)
 
 
 def run(cfg: Config) -> tuple[list[Row], dict[str, float]]:
@@ -145,7 +151,7 @@ def run(cfg: Config) -> tuple[list[Row], dict[str, float]]:
                 value=f"{m.per_second:,.0f} orders/s",
                 reference="itself",
                 ratio="100%",
-                limit=limit_of(m.cpu, m.wall, waits_on="commit latency (WAL write / fsync)"),
+                limit=m.limit,
             )
         )
     return rows, references

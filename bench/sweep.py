@@ -13,8 +13,6 @@ from bench.common import (
     Processes,
     Row,
     StateCounter,
-    cores,
-    cpu_seconds,
     insert_waiting_orders,
     migrate,
     saga_argv,
@@ -22,6 +20,7 @@ from bench.common import (
     scratch_database,
     start_services,
 )
+from bench.meter import Meter
 
 
 def sweep(cfg: Config, kind: str, count: int, seconds: float, raw: float) -> Row:
@@ -32,17 +31,16 @@ def sweep(cfg: Config, kind: str, count: int, seconds: float, raw: float) -> Row
         counter = StateCounter(url)
         try:
             argv = saga_argv("resume", "--limit", str(count), "--older-than", "0")
-            services_cpu = cpu_seconds(services.pid)
-            start = time.monotonic()
+            deadline = time.monotonic() + seconds
             resume = procs.start("resume", argv, saga_env(url, services_url))
-            cpu = 0.0
-            while resume.poll() is None and time.monotonic() < start + seconds:
-                cpu = cpu_seconds(resume.pid)  # /proc is gone once it has been reaped
+            meter = Meter(resume=resume.pid, services=services.pid)
+            while resume.poll() is None and time.monotonic() < deadline:
+                meter.sample()  # /proc/<pid> is gone once the child has been reaped
                 time.sleep(0.05)
-            wall = time.monotonic() - start
+            meter.stop()
+            wall = meter.wall
             timed_out = resume.poll() is None
             procs.stop(resume)
-            services_cpu = cpu_seconds(services.pid) - services_cpu
             states = counter.counts()
         finally:
             counter.close()
@@ -51,6 +49,8 @@ def sweep(cfg: Config, kind: str, count: int, seconds: float, raw: float) -> Row
     completed = states.get("completed", 0)
     others = {s: n for s, n in states.items() if s != "completed" and n}
     outcome = f"{completed:,} completed" + (f", others {others}" if others else "")
+    limit = meter.limit(meter.cores("resume"), waits_on="commit latency / services")
+    cpu = meter.where(resume=("resume",), services=("services",))
     took = count * wall / max(completed, 1) if timed_out else wall
     if timed_out:
         value = f"> {wall:.0f} s (stopped at the deadline; ~{took:,.0f} s at this rate)"
@@ -62,7 +62,7 @@ def sweep(cfg: Config, kind: str, count: int, seconds: float, raw: float) -> Row
         reference=f"raw {kind} loop: {count / raw:.1f} s for {count:,} orders" if raw else "",
         ratio=f"{count / raw / took:.0%}" if raw and took else "",
         target="< 10 s" if count >= 10_000 else "< 10 s at 10,000",
-        limit=f"resume {cores(cpu, wall)}, services {cores(services_cpu, wall)}; {outcome}",
+        limit=f"{limit}; {cpu}; {outcome}",
     )
 
 

@@ -18,8 +18,6 @@ from bench.common import (
     Processes,
     Row,
     StateCounter,
-    cores,
-    cpu_seconds,
     insert_waiting_orders,
     migrate,
     saga_argv,
@@ -27,6 +25,7 @@ from bench.common import (
     scratch_database,
     start_services,
 )
+from bench.meter import CPUS, Meter
 from fsm.machine import is_terminal
 
 
@@ -40,18 +39,17 @@ def drain(cfg: Config, workers: int, count: int, seconds: float) -> tuple[Measur
         try:
             argv = saga_argv("worker", "--older-than", "0", "--interval", "0.05")
             env = saga_env(url, services_url)
-            services_cpu = cpu_seconds(services.pid)
-            start = time.monotonic()
+            deadline = time.monotonic() + seconds
             pool = [procs.start(f"worker{i}", argv, env) for i in range(workers)]
-            deadline = start + seconds
+            meter = Meter(
+                services=services.pid, **{f"worker{i}": p.pid for i, p in enumerate(pool)}
+            )
             while (left := counter.unfinished()) > 0 and time.monotonic() < deadline:
                 dead = [p for p in pool if p.poll() is not None]
                 if dead:
                     raise RuntimeError(f"a worker exited early: {procs.log_tail(dead[0])}")
                 time.sleep(0.25)
-            wall = time.monotonic() - start
-            worker_cpu = sum(cpu_seconds(p.pid) for p in pool)
-            services_cpu = cpu_seconds(services.pid) - services_cpu
+            meter.stop()
             for proc in pool:
                 procs.stop(proc)
             states = counter.counts()
@@ -60,10 +58,13 @@ def drain(cfg: Config, workers: int, count: int, seconds: float) -> tuple[Measur
     completed = states.get("completed", 0)
     others = {s: n for s, n in states.items() if s != "completed" and n}
     failed = sum(n for s, n in others.items() if is_terminal(s))
-    m = Measured(count - left, wall, worker_cpu, count, errors=failed)
-    cpu = f"workers {cores(worker_cpu, wall)}, services {cores(services_cpu, wall)}"
+    m = Measured(count - left, meter.wall, count, errors=failed)
+    limit = meter.limit(
+        meter.cores("worker"), waits_on="commit latency / services", cap=min(workers, CPUS)
+    )
+    cpu = meter.where(workers=("worker",), services=("services",))
     outcome = f"{completed:,} completed" + (f", others {others}" if others else "")
-    return m, f"{cpu}; {outcome}"
+    return m, f"{limit}; {cpu}; {outcome}"
 
 
 def run(cfg: Config) -> list[Row]:

@@ -106,7 +106,8 @@ def run(cfg: Config, references: dict[str, float]) -> list[Row]:
             shown = f"{errors} errors {dict(result.failures)}" if errors else "no errors"
             rows.append(
                 Row(
-                    what=f"`POST /orders` over HTTP, {kind}, {clients} clients, "
+                    what=f"`POST /orders` over HTTP, {kind}, {clients} client"
+                    f"{'s' if clients > 1 else ''}, "
                     f"{seconds:.0f} s ({done:,} orders, {shown})",
                     value=f"{per_second:,.0f} orders/s; p50 {result.percentile(50)} ms, "
                     f"p95 {result.percentile(95)} ms, p99 {result.percentile(99)} ms",

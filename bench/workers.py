@@ -70,7 +70,7 @@ def drain(cfg: Config, workers: int, count: int, seconds: float) -> tuple[Measur
 def run(cfg: Config) -> list[Row]:
     if "postgresql" not in cfg.databases():
         return [Row("workers draining a backlog (PostgreSQL)", f"skipped: {cfg.pg_skip_reason}")]
-    count, seconds = cfg.n(10_000, 400), cfg.seconds(100, 30)
+    count, seconds = cfg.n(10_000, 400), cfg.seconds(90, 30)
     one, one_notes = drain(cfg, 1, count, seconds)
     four, four_notes = drain(cfg, 4, count, seconds)
     return [

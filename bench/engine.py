@@ -1,5 +1,5 @@
 """The engine in-process at 1, 16 and 64 orders at once on SQLite and PostgreSQL, with the
-fake services (no HTTP), against the raw loop of the same database.
+fake services (no HTTP), against the raw loop of the same database measured just before.
 
 Each order is created and driven to `completed` through `bench.engine_api`; an order that
 ends anywhere else, or raises, is counted as an error. A fresh database per database kind,
@@ -15,6 +15,7 @@ from bench import engine_api
 from bench.common import BUYER, Config, Measured, Row, scratch_database
 from bench.fakes import fake_services
 from bench.meter import Meter
+from bench.raw import measure as measure_raw
 from fsm.migrate import upgrade
 
 LEVELS = (1, 16, 64)
@@ -58,15 +59,22 @@ async def measure(url: str, count: int, seconds: float, waits_on: str) -> dict[i
         }
 
 
-def run(cfg: Config, references: dict[str, float]) -> list[Row]:
+def run(cfg: Config, references: dict[str, float], *, engine: bool = True) -> list[Row]:
+    """Per database, the raw loop and right after it the engine, so a machine whose load
+    drifts during the run still gives a fair ratio. Fills `references` (orders/s of each
+    raw loop) for the later phases; `engine=False` measures the raw loops only."""
     count, seconds = cfg.n(1000, 100), cfg.seconds(40, 10)
     rows = []
     for kind in cfg.databases():
+        raw_row, raw = measure_raw(cfg, kind)
+        references[kind] = raw
+        rows.append(raw_row)
+        if not engine:
+            continue
         waits = "commit latency (WAL write / fsync)"
         with scratch_database(cfg, kind, "engine") as url:
             upgrade(url)
             results = asyncio.run(measure(url, count, seconds, waits))
-        raw = references.get(kind, 0.0)
         for level, m in results.items():
             shown = "one order at a time" if level == 1 else f"{level} orders at once"
             ratio = f"{m.per_second / raw:.0%}" if raw else "-"

@@ -129,29 +129,24 @@ def pg_loop(url: str, count: int, seconds: float) -> Measured:
         return _measured(meter.stop(), done, count)
 
 
-def run(cfg: Config) -> tuple[list[Row], dict[str, float]]:
-    """Rows for the table, and each database's raw orders/s (the engine's references)."""
-    count, seconds = cfg.n(1000, 100), cfg.seconds(60, 15)
-    rows, references = [], {}
-    for kind in cfg.databases():
-        with scratch_database(cfg, kind, "raw") as url:
-            upgrade(url)
-            loop = sqlite_loop if kind == "sqlite" else pg_loop
-            loop(url, max(5, count // 50), seconds)  # warm-up: caches, prepared statements
-            m = loop(url, count, seconds)
-        references[kind] = m.per_second
-        what = (
-            "raw `sqlite3` loop, WAL + synchronous=NORMAL, one commit per transition"
-            if kind == "sqlite"
-            else "raw `psycopg` loop, one connection, one commit per transition"
-        )
-        rows.append(
-            Row(
-                what=f"{what} ({m.count:,} orders){m.note()}",
-                value=f"{m.per_second:,.0f} orders/s",
-                reference="itself",
-                ratio="100%",
-                limit=m.limit,
-            )
-        )
-    return rows, references
+def measure(cfg: Config, kind: str) -> tuple[Row, float]:
+    """The raw loop on a fresh `kind` database: its row for the table and its orders/s."""
+    count, seconds = cfg.n(1000, 100), cfg.seconds(45, 15)
+    with scratch_database(cfg, kind, "raw") as url:
+        upgrade(url)
+        loop = sqlite_loop if kind == "sqlite" else pg_loop
+        loop(url, max(5, count // 50), seconds)  # warm-up: caches, prepared statements
+        m = loop(url, count, seconds)
+    what = (
+        "raw `sqlite3` loop, WAL + synchronous=NORMAL, one commit per transition"
+        if kind == "sqlite"
+        else "raw `psycopg` loop, one connection, one commit per transition"
+    )
+    row = Row(
+        what=f"{what} ({m.count:,} orders){m.note()}",
+        value=f"{m.per_second:,.0f} orders/s",
+        reference="itself",
+        ratio="100%",
+        limit=m.limit,
+    )
+    return row, m.per_second

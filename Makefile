@@ -58,7 +58,8 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python bench/throughput.py
+	@scripts/ensure-postgres.sh || echo "bench: PostgreSQL figures will be skipped"
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.db *.db-wal *.db-shm

@@ -1,0 +1,97 @@
+"""Where the time went during one measurement: wall time, CPU of this process and of named
+child processes, and how busy the whole machine was (/proc/stat, so PostgreSQL and any
+other process count too). From these, `Meter.limit` names the limit a figure is near.
+Linux only (/proc); elsewhere the CPU figures read as zero.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+CPUS = len(os.sched_getaffinity(0))
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU of this process (pid None) or of a child, 0.0 if unreadable."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+
+
+def _machine() -> tuple[int, int, int]:
+    """Jiffies of all CPUs since boot: total, idle, iowait."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0, 0
+    return sum(values[:8]), values[3], values[4]  # user..steal; guest is inside user
+
+
+class Meter:
+    """Start at construction; `sample()` while children live (their /proc entry goes away
+    when they are reaped); `stop()` once, then read `wall`, `own`, `used`, `busy`."""
+
+    def __init__(self, **pids: int) -> None:
+        self.pids = pids
+        self.began = time.monotonic()
+        self.own_start = cpu_seconds()
+        self.first = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        self.last = dict(self.first)
+        self.machine_start = _machine()
+        self.wall = self.own = self.busy = self.iowait = 0.0
+        self.used: dict[str, float] = {}
+
+    def sample(self) -> None:
+        for name, pid in self.pids.items():
+            self.last[name] = cpu_seconds(pid) or self.last[name]
+
+    def stop(self) -> Meter:
+        self.sample()
+        self.wall = time.monotonic() - self.began
+        self.own = cpu_seconds() - self.own_start
+        self.used = {name: self.last[name] - self.first[name] for name in self.pids}
+        end = _machine()
+        total = end[0] - self.machine_start[0]
+        if total > 0:
+            self.busy = (
+                1 - (end[1] - self.machine_start[1] + end[2] - self.machine_start[2]) / total
+            )
+            self.iowait = (end[2] - self.machine_start[2]) / total
+        return self
+
+    def cores(self, *prefixes: str) -> float:
+        """Cores used by this process (no prefix) or by the children named with a prefix."""
+        if not prefixes:
+            cpu = self.own
+        else:
+            cpu = sum(v for k, v in self.used.items() if k.startswith(prefixes))
+        return cpu / self.wall if self.wall > 0 else 0.0
+
+    def where(self, **groups: tuple[str, ...]) -> str:
+        """'serve 0.81 core, services 0.12 core' for label -> child-name prefixes ((): us)."""
+        return ", ".join(
+            f"{label} {self.cores(*names):.2f} core" for label, names in groups.items()
+        )
+
+    def limit(self, main: float, *, waits_on: str, cap: float = 1.0) -> str:
+        """Which limit a figure is near, given the cores its main process(es) used and the
+        most they could use (`cap`: one per process, at most the machine's CPUs)."""
+        if main >= 0.8 * cap:
+            what = "one core" if cap <= 1 else f"{cap:.0f} cores"
+            return f"CPU: {what} (Python; {main:.2f} core busy)"
+        if self.busy >= 0.85:
+            return (
+                f"CPU: the machine ({self.busy:.0%} of {CPUS} cores busy, all processes; "
+                f"this figure's process {main:.2f} core)"
+            )
+        if self.iowait >= 0.15:
+            return f"disk ({self.iowait:.0%} iowait; {main:.2f} core busy)"
+        return f"{waits_on} ({main:.2f} core busy, machine {self.busy:.0%})"

@@ -1,9 +1,9 @@
 """The only module of `bench` that calls the engine's Python API (Store, Executor, ...).
 
 When that API changes, adapt this file alone: `open_engine` builds whatever drives orders
-for a database URL with given services, and `Engine.order` creates one order and drives it
-to the end, returning its final state. The schema must already exist (the benchmarks make
-it with `fsm.migrate.upgrade`).
+for a database URL with given services (through `fsm.wiring.open_saga`, as the product
+does), and `Engine.order` creates one order and drives it to the end, returning its final
+state. The schema must already exist (the benchmarks make it with `fsm.migrate.upgrade`).
 """
 
 from __future__ import annotations
@@ -12,18 +12,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fsm.clients import Services
-from fsm.executor import Executor, RetryPolicy
-from fsm.store import Store, make_engine
+from fsm.settings import Settings
+from fsm.store import Store
+from fsm.wiring import Saga, open_saga
 
 
 class Engine:
-    def __init__(self, store: Store, executor: Executor) -> None:
-        self.store = store
-        self.executor = executor
+    def __init__(self, saga: Saga) -> None:
+        self.saga = saga
+        self.store: Store = saga.store
+        self.executor = saga.executor
 
     async def order(self, *, user_id: int, product_id: int, quantity: int) -> str:
-        """Create one order (leased to this executor) and drive it; its final state."""
-        order, _ = self.store.create_order(
+        """Create one order (already leased to this executor) and drive it; its final state."""
+        order, _ = await self.store.create_order(
             user_id=user_id, product_id=product_id, quantity=quantity, owner=self.executor.owner
         )
         await self.executor.drive(order)
@@ -32,10 +34,6 @@ class Engine:
 
 @asynccontextmanager
 async def open_engine(url: str, services: Services) -> AsyncIterator[Engine]:
-    """Store + executor on `url` with the default retry policy; closed on exit."""
-    sql = make_engine(url)
-    store = Store(sql)
-    try:
-        yield Engine(store, Executor(store=store, services=services, policy=RetryPolicy()))
-    finally:
-        sql.dispose()
+    """The engine on `url` with the default settings; closed on exit."""
+    async with open_saga(Settings(database_url=url), services=services) as saga:
+        yield Engine(saga)

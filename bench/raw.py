@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.common import BUYER, Config, Measured, Row, scratch_database
 from bench.meter import Meter
-from fsm.machine import coarse_status
+from fsm.machine import MACHINE_VERSION, coarse_status
 from fsm.migrate import upgrade
 
 PRODUCT = {"id": 1, "category": "gadgets", "description": "Widget", "price": 1999}
@@ -46,16 +46,18 @@ SAGA: list[tuple[str, str, str, str, dict[str, Any], dict[str, Any] | None]] = [
 ORDER_COLUMNS = (
     "id, user_id, product_id, quantity, state, status, payment_state, inventory_state, "
     "shipping_state, version, lease_owner, lease_expires_at, attempts, cancel_requested, "
-    "created_at, updated_at"
+    "created_at, updated_at, machine_version"
 )
-TRANSITION_COLUMNS = "order_id, seq, scope, trigger, from_state, to_state, detail, created_at"
+TRANSITION_COLUMNS = (
+    "order_id, seq, scope, trigger, from_state, to_state, detail, created_at, machine_version"
+)
 LEASE = timedelta(seconds=30)
 OWNER = "raw-loop"
 
 
 def _sql(mark: str) -> tuple[str, dict[tuple[str, str], str], str]:
     """INSERT order, UPDATE per (scope, trigger), INSERT transition, with `mark` params."""
-    insert = f"INSERT INTO orders ({ORDER_COLUMNS}) VALUES ({', '.join([mark] * 16)})"
+    insert = f"INSERT INTO orders ({ORDER_COLUMNS}) VALUES ({', '.join([mark] * 17)})"
     updates = {}
     for scope, trigger, _, _, extra, _ in SAGA:
         column = "state" if scope == "order" else f"{scope}_state"
@@ -67,7 +69,7 @@ def _sql(mark: str) -> tuple[str, dict[tuple[str, str], str], str]:
             f"UPDATE orders SET {assignments} "
             f"WHERE id = {mark} AND version = {mark} AND lease_owner = {mark}"
         )
-    log = f"INSERT INTO transitions ({TRANSITION_COLUMNS}) VALUES ({', '.join([mark] * 8)})"
+    log = f"INSERT INTO transitions ({TRANSITION_COLUMNS}) VALUES ({', '.join([mark] * 9)})"
     return insert, updates, log
 
 
@@ -85,7 +87,8 @@ def _loop(conn: Any, mark: str, count: int, deadline: float, *, sqlite: bool) ->
         now = datetime.now(UTC)
         conn.execute(insert, (key, BUYER["user_id"], BUYER["product_id"], BUYER["quantity"],
                               "pending", "pending", "pending", "pending", "pending", 0, OWNER,
-                              stamp(now + LEASE), "{}", False, stamp(now), stamp(now)))  # fmt: skip
+                              stamp(now + LEASE), "{}", False, stamp(now), stamp(now),
+                              MACHINE_VERSION))  # fmt: skip
         conn.commit()
         for version, (scope, trigger, source, dest, extra, detail) in enumerate(SAGA, 1):
             now = datetime.now(UTC)
@@ -97,7 +100,9 @@ def _loop(conn: Any, mark: str, count: int, deadline: float, *, sqlite: bool) ->
             if cursor.rowcount != 1:
                 raise RuntimeError(f"raw loop: guarded UPDATE matched {cursor.rowcount} rows")
             text = None if detail is None else json.dumps({**detail, "order_id": str(oid)})
-            conn.execute(log, (key, version, scope, trigger, source, dest, text, stamp(now)))
+            conn.execute(
+                log, (key, version, scope, trigger, source, dest, text, stamp(now), MACHINE_VERSION)
+            )
             conn.commit()
         done += 1
     return done

@@ -93,7 +93,9 @@ async def test_random_faults_and_kills_end_terminal_and_conserved(
                 seconds=0.8 if mode == "timeout" else 0.05,
             )
         code = resume(db_url, downstream.url, rng.choice(CRASH_POINTS))
-        assert code in (0, -9), f"seed {seed}: resume exited {code}"
+        # 3: some orders stay parked (needs_attention) under these faults; a later round
+        # (and the final fault-free resume below) finishes them.
+        assert code in (0, 3, -9), f"seed {seed}: resume exited {code}"
         kills += code == -9
         time.sleep(LEASE + 0.1)  # the killed driver's leases expire
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import aiohttp
 import httpx
 
 from fsm.errors import BusinessFailure, NotFound, TransientFailure
@@ -64,7 +65,9 @@ class HttpService:
             response = await self.client.request(method, url, json=json, headers=headers)
         except httpx.TimeoutException as exc:
             raise TransientFailure(f"{method} {path}: timed out ({type(exc).__name__})") from exc
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, aiohttp.ClientError) as exc:
+            # The aiohttp transport (fsm.wiring.http_client) maps most of its errors to
+            # httpx's; one it leaves unmapped (a malformed answer, say) is as uncertain.
             raise TransientFailure(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
         return classify(method, path, response)
 

@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import httpx
+from httpx_aiohttp import HttpxAiohttpClient
 
 from fsm.breaker import Breakers
 from fsm.clients import Services, http_services
@@ -60,12 +61,15 @@ def http_services_for(
 
 
 def http_client(settings: Settings) -> httpx.AsyncClient:
+    """httpx's API on aiohttp's connection pool (httpx-aiohttp). httpcore's own pool checks
+    every pooled connection's socket on each request, which made the HTTP client the
+    largest CPU cost of an order under load (BENCHMARKS.md, "The HTTP path")."""
     # Three calls per order in flight: the pool must not be what limits concurrency.
     limits = httpx.Limits(
         max_connections=settings.http_max_connections,
         max_keepalive_connections=settings.http_max_connections,
     )
-    return httpx.AsyncClient(timeout=settings.http_timeout, limits=limits)
+    return HttpxAiohttpClient(timeout=settings.http_timeout, limits=limits)
 
 
 def build_executor(settings: Settings, *, store: Store, services: Services) -> Executor:

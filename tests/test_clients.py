@@ -1,0 +1,112 @@
+"""The service clients over a real socket, through the transport `open_saga` uses
+(`fsm.wiring.http_client`): every way an answer can fail lands in one of SPEC §2's three
+outcomes, never as a transport library's own exception."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from fsm.clients import HttpService
+from fsm.errors import BusinessFailure, NotFound, TransientFailure
+from fsm.settings import Settings
+from fsm.wiring import http_client
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def raw_server(handler: Handler) -> AsyncIterator[str]:
+    """A TCP server on 127.0.0.1 answering each connection with `handler`; yields its URL.
+    On exit every connection is closed and its handler finished."""
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.add(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await handler(reader, writer)
+        except ConnectionError:
+            pass  # the client hung up first
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(connection, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with server:
+            yield f"http://127.0.0.1:{port}"
+    finally:
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+
+def answering(raw: bytes) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(raw)
+        await writer.drain()
+
+    return handler
+
+
+def http_answer(status: str, body: bytes) -> bytes:
+    head = f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+    return f"{head}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+
+
+async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    await reader.read()  # never answers: waits until the client gives up and hangs up
+
+
+async def call(base_url: str) -> dict[str, object]:
+    async with http_client(Settings(http_timeout=0.3)) as client:
+        return await HttpService(client, base_url).send("POST", "/users/deduct", json={}, key="k")
+
+
+async def test_a_2xx_json_object_is_the_answer() -> None:
+    async with raw_server(answering(http_answer("200 OK", b'{"ok": true}'))) as url:
+        assert await call(url) == {"ok": True}
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "outcome"),
+    [
+        pytest.param("402 Payment Required", b'{"detail": "poor"}', BusinessFailure, id="402-no"),
+        pytest.param("404 Not Found", b'{"detail": "gone"}', NotFound, id="404-not-found"),
+        pytest.param("429 Too Many Requests", b"{}", TransientFailure, id="429-later"),
+        pytest.param("503 Service Unavailable", b"{}", TransientFailure, id="503"),
+        pytest.param("200 OK", b"[1, 2]", TransientFailure, id="2xx-not-an-object"),
+        pytest.param("200 OK", b"{not json", TransientFailure, id="2xx-unreadable"),
+    ],
+)
+async def test_an_answer_is_classified(status: str, body: bytes, outcome: type[Exception]) -> None:
+    async with raw_server(answering(http_answer(status, body))) as url:
+        with pytest.raises(outcome):
+            await call(url)
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        pytest.param(silent, id="no-answer-within-the-timeout"),
+        pytest.param(answering(b"NOT HTTP AT ALL\r\n\r\n"), id="malformed-status-line"),
+        pytest.param(answering(b""), id="closed-without-answer"),
+        pytest.param(answering(http_answer("200 OK", b'{"ok": true}')[:-5]), id="body-cut-short"),
+    ],
+)
+async def test_a_failed_exchange_is_transient(handler: Handler) -> None:
+    async with raw_server(handler) as url:
+        with pytest.raises(TransientFailure):
+            await call(url)
+
+
+async def test_nobody_listening_is_transient() -> None:
+    async with raw_server(answering(b"")) as url:
+        pass  # the port is closed again
+    with pytest.raises(TransientFailure):
+        await call(url)

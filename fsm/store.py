@@ -258,15 +258,22 @@ class Store:
     ) -> None:
         d = self.dialect
         columns = tuple(values)
-        params = [d.encode(c, values[c]) for c in columns]
-        cursor.execute(sql.guarded_update(d, columns), [*params, d.uuid(order_id), expected, owner])
+        params = [*(d.encode(c, values[c]) for c in columns), d.uuid(order_id), expected, owner]
+        logged = (
+            [d.encode(c, v) for c, v in zip(sql.TRANSITION_COLUMNS, line, strict=True)]
+            if line is not None
+            else None
+        )
+        if logged is not None and d.moves_in_one_statement:
+            cursor.execute(sql.guarded_move(d, columns), [*params, *logged])
+            if cursor.rowcount != 1:
+                self._raise_conflict(cursor, order_id, expected, owner)
+            return
+        cursor.execute(sql.guarded_update(d, columns), params)
         if cursor.rowcount != 1:
             self._raise_conflict(cursor, order_id, expected, owner)
-        if line is not None:
-            cursor.execute(
-                sql.insert_transition(d),
-                [d.encode(c, v) for c, v in zip(sql.TRANSITION_COLUMNS, line, strict=True)],
-            )
+        if logged is not None:
+            cursor.execute(sql.insert_transition(d), logged)
 
     def _raise_conflict(self, cursor: Any, order_id: uuid.UUID, expected: int, owner: str) -> None:
         d = self.dialect

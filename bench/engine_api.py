@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fsm.clients import Services
+from fsm.recovery import resume_stuck
 from fsm.settings import Settings
 from fsm.store import Store
 from fsm.wiring import Saga, open_saga
@@ -37,3 +38,19 @@ async def open_engine(url: str, services: Services) -> AsyncIterator[Engine]:
     """The engine on `url` with the default settings; closed on exit."""
     async with open_saga(Settings(database_url=url), services=services) as saga:
         yield Engine(saga)
+
+
+async def sweep(url: str, services: Services, count: int) -> dict[str, int]:
+    """The recovery sweep of a process with the default settings (what `order-saga resume`
+    runs) over up to `count` stuck orders; final status -> how many."""
+    settings = Settings(database_url=url)
+    async with open_saga(settings, services=services) as saga:
+        summary = await resume_stuck(
+            store=saga.store,
+            executor=saga.executor,
+            older_than=0,
+            limit=count,
+            concurrency=settings.sweep_concurrency,
+            due_only=False,
+        )
+    return dict(summary.outcomes)

@@ -8,7 +8,11 @@ write. Nothing waits for company: a write that finds the queue empty is committe
 
 A write is an `Op`: a function of a DBAPI cursor, run inside the batch's transaction. An op
 refuses by raising a `SagaError` (stale version, lost lease) *before it has written
-anything*; that fails this op alone, its batch neighbours commit. An op the database
+anything*; that fails this op alone, its batch neighbours commit. An op may be a generator
+that yields once, after sending its statements and before reading their results: on
+PostgreSQL the statements of a batch of such ops are then sent together (pipeline mode,
+one round trip per batch instead of one per statement), and each op is resumed to read its
+results once they have all arrived. An op the database
 rejects (a lock timeout, a constraint) aborts the transaction; the batch is committed again
 without it, so it fails alone too. The thread owns its connection (reconnecting once when
 it is lost); the event loop never touches the database.
@@ -21,12 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 from fsm.errors import SagaError
 
@@ -46,6 +52,9 @@ class Backend:
     translate: Callable[[BaseException], BaseException]  # driver error -> what callers see
     broken: Callable[[Any], bool]  # is this connection unusable (disconnected)?
     close: Callable[[Any], None]
+    # conn -> a context in which statements are sent without waiting for their results,
+    # all of them read at its exit (psycopg's pipeline mode); None: one at a time.
+    pipeline: Callable[[Any], AbstractContextManager[Any]] | None = None
 
 
 class _Item(Generic[T]):
@@ -86,16 +95,24 @@ class Committer:
 
     # -- callers ---------------------------------------------------------------------
 
-    def submit(self, op: Op[T]) -> asyncio.Future[T]:
+    @overload
+    def submit(self, op: Callable[[Any], Generator[None, None, T]]) -> asyncio.Future[T]: ...
+    @overload
+    def submit(self, op: Op[T]) -> asyncio.Future[T]: ...
+    def submit(self, op: Op[Any]) -> asyncio.Future[Any]:
         """Queue `op`; the future resolves once its transaction has committed."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future()
         self._put(_Item(op, loop, future))
         return future
 
-    def call(self, op: Op[T]) -> T:
+    @overload
+    def call(self, op: Callable[[Any], Generator[None, None, T]]) -> T: ...
+    @overload
+    def call(self, op: Op[T]) -> T: ...
+    def call(self, op: Op[Any]) -> Any:
         """Queue `op` and block this (non-event-loop) thread until it has committed."""
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._put(_Item(op, None, future))
         return future.result()
 
@@ -187,29 +204,73 @@ class Committer:
         if self._conn is None:
             self._conn = self.backend.connect()
         conn = self._conn
-        cursor = conn.cursor()
         self.in_flight = len(ops)
         try:
             if self.backend.begin:
-                cursor.execute(self.backend.begin)
-            results: list[tuple[bool, Any]] = []
-            for position, op in enumerate(ops):
-                try:
-                    results.append((True, op(cursor)))
-                except SagaError as refused:
-                    results.append((False, refused))
-                except Exception as error:
-                    raise _OpError(position, error) from error
+                conn.execute(self.backend.begin)
+            results = None
+            if self.backend.pipeline is not None and len(ops) > 1 and all(map(_yields, ops)):
+                results = self._pipelined(conn, ops)
+            if results is None:
+                results = [self._step(position, op, conn) for position, op in enumerate(ops)]
             conn.commit()
         except BaseException:
             _rollback(conn)
             raise
         finally:
-            cursor.close()
             self.in_flight = 0
         self.batches += 1
         self.ops += len(ops)
         self.largest_batch = max(self.largest_batch, len(ops))
+        return results
+
+    @staticmethod
+    def _step(position: int, op: Op[Any], conn: Any) -> tuple[bool, Any]:
+        """Run one op to its end (a generator op straight through its yield)."""
+        try:
+            out = op(conn.cursor())
+            return True, _finish(out) if inspect.isgenerator(out) else out
+        except SagaError as refused:
+            return False, refused
+        except Exception as error:
+            raise _OpError(position, error) from error
+
+    def _pipelined(self, conn: Any, ops: list[Op[Any]]) -> list[tuple[bool, Any]] | None:
+        """Send every op's statements, then read: one round trip for the batch. None when
+        the database rejected a statement: which one is not known, so the caller rolls
+        back and runs the batch one statement at a time, where the culprit fails alone."""
+        assert self.backend.pipeline is not None
+        sent: list[Any] = []
+        try:
+            with self.backend.pipeline(conn):
+                for op in ops:
+                    gen = op(conn.cursor())
+                    try:
+                        next(gen)
+                    except StopIteration as early:  # answered without the database
+                        gen = (True, early.value)
+                    except SagaError as refused:
+                        gen = (False, refused)
+                    sent.append(gen)
+        except self.backend.errors:
+            for gen in sent:
+                if inspect.isgenerator(gen):
+                    gen.close()
+            _rollback(conn)
+            if self.backend.broken(conn):
+                raise
+            return None
+        results: list[tuple[bool, Any]] = []
+        for position, gen in enumerate(sent):
+            if not inspect.isgenerator(gen):
+                results.append(gen)
+                continue
+            try:
+                results.append((True, _finish(gen, started=True)))
+            except SagaError as refused:
+                results.append((False, refused))
+            except Exception as error:
+                raise _OpError(position, error) from error
         return results
 
     def _discard(self, exc: BaseException) -> bool:
@@ -250,6 +311,22 @@ def _resolve(pending: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             future.set_result(value)
         else:
             future.set_exception(value)
+
+
+def _yields(op: Op[Any]) -> bool:
+    """Is `op` a generator function (a partial of one included)?"""
+    return inspect.isgeneratorfunction(op)
+
+
+def _finish(gen: Any, *, started: bool = False) -> Any:
+    """Run a generator op from (or past) its one yield to its return value."""
+    try:
+        if not started:
+            next(gen)
+        next(gen)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError(f"{gen!r}: an op yields once, between sending and reading")
 
 
 def _rollback(conn: Any) -> None:

@@ -267,6 +267,7 @@ def backend(engine: Engine, *, lock_timeout: float, statement_timeout: float) ->
         translate=_translate,
         broken=lambda conn: bool(conn.closed or conn.broken),
         close=lambda conn: conn.close(),
+        pipeline=lambda conn: conn.pipeline(),
     )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Generator, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -163,9 +163,10 @@ class Store:
         )
         return await self.committer.submit(partial(self._insert, order))
 
-    def _insert(self, order: Order, cursor: Any) -> tuple[Order, bool]:
+    def _insert(self, order: Order, cursor: Any) -> Generator[None, None, tuple[Order, bool]]:
         d = self.dialect
         cursor.execute(sql.insert_order(d), [d.encode(c, getattr(order, c)) for c in ORDER_COLUMNS])
+        yield  # (a committer op: statements sent, results next)
         if cursor.rowcount == 1:
             return order, True
         # A unique conflict: the key was used before, or (a retried batch whose first
@@ -255,7 +256,7 @@ class Store:
         values: dict[str, Any],
         line: tuple[Any, ...] | None,
         cursor: Any,
-    ) -> None:
+    ) -> Generator[None, None, None]:
         d = self.dialect
         columns = tuple(values)
         params = [*(d.encode(c, values[c]) for c in columns), d.uuid(order_id), expected, owner]
@@ -266,10 +267,12 @@ class Store:
         )
         if logged is not None and d.moves_in_one_statement:
             cursor.execute(sql.guarded_move(d, columns), [*params, *logged])
+            yield  # (a committer op: statements sent, results next)
             if cursor.rowcount != 1:
                 self._raise_conflict(cursor, order_id, expected, owner)
             return
         cursor.execute(sql.guarded_update(d, columns), params)
+        yield
         if cursor.rowcount != 1:
             self._raise_conflict(cursor, order_id, expected, owner)
         if logged is not None:

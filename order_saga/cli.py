@@ -212,6 +212,7 @@ def resume(
                 older_than=older_than,
                 limit=limit,
                 dry_run=dry_run,
+                concurrency=settings.sweep_concurrency,
                 due_only=False,
                 progress=report,
             )

@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from typing import Any
+from uuid import uuid4
 
 import httpx
 import psycopg
@@ -129,6 +130,54 @@ async def test_a_stale_write_inside_a_batch_fails_alone(db_url: str, store: Stor
     assert isinstance(results[1], StaleOrder)
     assert [store.get(o.id).version for o in (good_a, stale, good_b)] == [1, 1, 1]
     assert [t.trigger for t in store.history(stale.id)] == ["request_product"]
+
+
+async def test_a_statement_the_database_rejects_inside_a_batch_fails_alone(
+    db_url: str, store: Store
+) -> None:
+    """On PostgreSQL a batch's statements are sent together (pipeline mode), so the error
+    cannot say whose statement it was: the batch is run again one statement at a time,
+    and only the culprit fails."""
+    blocker, good_a, good_b = [
+        (
+            await store.create_order(
+                user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner="t"
+            )
+        )[0]
+        for _ in range(3)
+    ]
+
+    def rejected(cursor: Any) -> Generator[None, None, None]:  # an order without its columns
+        cursor.execute(store.dialect.sql("INSERT INTO orders (id) VALUES (%s)"), [uuid4().hex])
+        yield
+
+    with write_lock_held(db_url, blocker):
+        first = asyncio.ensure_future(
+            store.record_transition(
+                order=blocker, owner="t", scope="order", trigger="request_product"
+            )
+        )
+        await wait_until(lambda: store.committer.in_flight == 1)  # the writer is stuck
+        queued = [
+            store.record_transition(
+                order=good_a, owner="t", scope="order", trigger="request_product"
+            ),
+            store.committer.submit(rejected),
+            store.record_transition(
+                order=good_b, owner="t", scope="order", trigger="request_product"
+            ),
+        ]
+        batched = asyncio.gather(*queued, return_exceptions=True)
+        await asyncio.sleep(0)  # let the three be queued behind the stuck transaction
+    await first
+    results = await batched
+
+    assert store.committer.largest_batch == 2  # the good two committed together, without it
+    assert results[0] == results[2] == "product_requested"
+    assert isinstance(results[1], sqlite3.IntegrityError | psycopg.IntegrityError)
+    for order in (good_a, good_b):
+        assert store.get(order.id).state == "product_requested"
+        assert [t.trigger for t in store.history(order.id)] == ["request_product"]
 
 
 @pytest.fixture

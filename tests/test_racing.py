@@ -117,7 +117,8 @@ def test_a_frozen_driver_loses_its_orders_and_cannot_write_after_waking(
     env = saga_env(database_url=db_url, services_url=downstream.url)
     argv = command("resume", "--older-than", "0", "--limit", "1000")
 
-    a = Saga(argv, {**env, "ORDER_SAGA_LEASE_SECONDS": "3"})
+    # A drives 8 at a time, so 12 orders are still unclaimed when it freezes.
+    a = Saga(argv, {**env, "ORDER_SAGA_LEASE_SECONDS": "3", "ORDER_SAGA_SWEEP_CONCURRENCY": "8"})
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # until A waits on its delayed payments
@@ -128,7 +129,7 @@ def test_a_frozen_driver_loses_its_orders_and_cannot_write_after_waking(
                 if o.payment_state == "requested"
                 and o.inventory_state == o.shipping_state == "succeeded"
             ]
-            if len(waiting) >= 8:  # resume claims 8 at a time (its concurrency)
+            if len(waiting) >= 8:  # all of A's concurrency
                 held = len(waiting)
                 break
             time.sleep(0.05)

@@ -1,13 +1,19 @@
-"""The recovery sweep: `order-saga resume --limit N --older-than 0` over N stuck orders
-(pending, unleased, last moved an hour ago, inserted straight into a fresh database made
-by `order-saga db upgrade`), the reference services in another process; wall time of the
-command, on SQLite and PostgreSQL. Every order must end completed.
+"""The recovery sweep over N stuck orders (pending, unleased, last moved an hour ago,
+inserted straight into a fresh database made by the migrations), on SQLite and PostgreSQL,
+two ways; every order must end completed:
+
+- in-process with the fake services (`bench.engine_api.sweep`, what `resume` runs): the
+  engine's own cost, comparable with the engine rows;
+- `order-saga resume --limit N --older-than 0` as a process, the reference services in
+  another process: end to end, four HTTP calls per order on the same 2 cores.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+from bench import engine_api
 from bench.common import (
     Config,
     Processes,
@@ -20,7 +26,30 @@ from bench.common import (
     scratch_database,
     start_services,
 )
+from bench.fakes import fake_services
 from bench.meter import Meter
+from fsm.migrate import upgrade
+
+
+def in_process(cfg: Config, kind: str, count: int, raw: float) -> Row:
+    with scratch_database(cfg, kind, "sweep-in-process") as url:
+        upgrade(url)
+        insert_waiting_orders(url, count)
+        meter = Meter()
+        outcomes = asyncio.run(engine_api.sweep(url, fake_services(), count))
+        meter.stop()
+    completed = outcomes.get("completed", 0)
+    others = {s: n for s, n in outcomes.items() if s != "completed"}
+    outcome = f"{completed:,} completed" + (f", others {others}" if others else "")
+    limit = meter.limit(meter.cores(), waits_on="commit latency (WAL write / fsync)")
+    return Row(
+        what=f"recovery sweep in-process over {count:,} stuck orders, {kind}, fake services",
+        value=f"{meter.wall:.1f} s ({count / meter.wall:,.0f} orders/s)",
+        reference=f"raw {kind} loop: {count / raw:.1f} s for {count:,} orders" if raw else "",
+        ratio=f"{count / raw / meter.wall:.0%}" if raw else "",
+        target="< 10 s" if count >= 10_000 else "< 10 s at 10,000",
+        limit=f"{limit}; {outcome}",
+    )
 
 
 def sweep(cfg: Config, kind: str, count: int, seconds: float, raw: float) -> Row:
@@ -68,4 +97,8 @@ def sweep(cfg: Config, kind: str, count: int, seconds: float, raw: float) -> Row
 
 def run(cfg: Config, references: dict[str, float]) -> list[Row]:
     count, seconds = cfg.n(10_000, 300), cfg.seconds(75, 30)
-    return [sweep(cfg, kind, count, seconds, references.get(kind, 0.0)) for kind in cfg.databases()]
+    rows = []
+    for kind in cfg.databases():
+        raw = references.get(kind, 0.0)
+        rows += [in_process(cfg, kind, count, raw), sweep(cfg, kind, count, seconds, raw)]
+    return rows

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import httpx
 import typer
+import uvloop
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from typer.exceptions import TyperException
@@ -228,7 +229,7 @@ def resume(
             return 1 if summary.errors else (3 if parked else 0)
 
     try:
-        code = asyncio.run(main())
+        code = uvloop.run(main())
     except SagaError as exc:  # unknown order, held by another driver, ...
         fail(str(exc), 1)
     raise typer.Exit(code)
@@ -306,7 +307,7 @@ def worker(
                 await sweep
             logging.getLogger("order_saga.worker").info("stopped, leases released")
 
-    asyncio.run(main())
+    uvloop.run(main())  # as serve's loop (uvicorn picks uvloop)
 
 
 class DiagramFormat(StrEnum):

@@ -15,6 +15,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from downstream.seed import (
+    MAX_UNITS_PER_SHIPMENT,
+    MISSING_PRODUCT_ID,
+    ORDINARY_USER_ID,
+    POOR_USER_ID,
+    SOLD_OUT_PRODUCT_ID,
+    WIDGET_ID,
+)
 from fsm.machine import Edge, edges, is_terminal
 from fsm.models import Transition
 from fsm.store import STATE_COLUMN, Store
@@ -70,57 +78,77 @@ EXPIRE_SETTINGS = {"step_deadline": 1, "max_attempts": 100}  # 100: the maximum
 REFUND_DOWN = Fault("user.refund", "error")  # count 1000 > any retry budget: parks
 COMPLETE = Phase(reaches="completed")
 
-# Seed (downstream/seed.py): user 1 can pay, user 2 is poor; product 1 in stock, product 3
-# sold out, product 999 missing; more than 10 units cannot ship.
+# The seed's named roles (downstream/seed.py): over MAX_UNITS_PER_SHIPMENT cannot ship.
+OVERSIZED = MAX_UNITS_PER_SHIPMENT + 1
 SCENARIOS: dict[str, Scenario] = {
     # row 1: all three succeed.
-    "completed": Scenario(1, 1, 1, "completed"),
+    "completed": Scenario(ORDINARY_USER_ID, WIDGET_ID, 1, "completed"),
     # row 2: product 404, nothing else called.
-    "rejected": Scenario(1, 999, 1, "rejected"),
+    "rejected": Scenario(ORDINARY_USER_ID, MISSING_PRODUCT_ID, 1, "rejected"),
     # product lookup answers 500 past the step deadline (counted from order creation).
     "product-unavailable": Scenario(
-        1, 1, 1, "failed", (Phase(faults=(Fault("product.get", "error"),)),), {"step_deadline": 0.2}
+        ORDINARY_USER_ID,
+        WIDGET_ID,
+        1,
+        "failed",
+        (Phase(faults=(Fault("product.get", "error"),)),),
+        {"step_deadline": 0.2},
     ),
     # row 3: payment 402 -> restore inventory, cancel shipping.
-    "payment-failed": Scenario(2, 1, 1, "failed"),
+    "payment-failed": Scenario(POOR_USER_ID, WIDGET_ID, 1, "failed"),
     # row 4: inventory 409 -> refund user, cancel shipping.
-    "inventory-failed": Scenario(1, 3, 1, "failed"),
-    # row 5: shipping 422 (11 units) -> refund user, restore inventory.
-    "shipping-failed": Scenario(1, 1, 11, "failed"),
+    "inventory-failed": Scenario(ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, 1, "failed"),
+    # row 5: shipping 422 (too many units) -> refund user, restore inventory.
+    "shipping-failed": Scenario(ORDINARY_USER_ID, WIDGET_ID, OVERSIZED, "failed"),
     # A forward step unknown past its deadline is compensated. Three flavours of unknown:
     # applied but answered 500; not applied, 500; not applied, client timeout.
     "payment-expired": Scenario(
-        1,
-        1,
+        ORDINARY_USER_ID,
+        WIDGET_ID,
         1,
         "failed",
         (Phase(faults=(Fault("user.deduct", "apply_then_error"),)),),
         EXPIRE_SETTINGS,
     ),
     "inventory-expired": Scenario(
-        1, 1, 1, "failed", (Phase(faults=(Fault("inventory.deduct", "error"),)),), EXPIRE_SETTINGS
+        ORDINARY_USER_ID,
+        WIDGET_ID,
+        1,
+        "failed",
+        (Phase(faults=(Fault("inventory.deduct", "error"),)),),
+        EXPIRE_SETTINGS,
     ),
     "shipping-expired": Scenario(
-        1,
-        1,
+        ORDINARY_USER_ID,
+        WIDGET_ID,
         1,
         "failed",
         (Phase(faults=(Fault("shipping.schedule", "timeout", seconds=1.0),)),),
         {**EXPIRE_SETTINGS, "http_timeout": 0.3},
     ),
     # row 4 with the refund down past the retry budget: parks, then retried.
-    "compensation-parked": Scenario(1, 3, 1, "failed", (Phase(faults=(REFUND_DOWN,)),)),
+    "compensation-parked": Scenario(
+        ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, 1, "failed", (Phase(faults=(REFUND_DOWN,)),)
+    ),
     "compensation-retried": Scenario(
-        1, 3, 1, "failed", (Phase(faults=(REFUND_DOWN,), reaches="needs_attention"), Phase())
+        ORDINARY_USER_ID,
+        SOLD_OUT_PRODUCT_ID,
+        1,
+        "failed",
+        (Phase(faults=(REFUND_DOWN,), reaches="needs_attention"), Phase()),
     ),
     # the owner cancels a completed order.
-    "cancelled": Scenario(1, 1, 2, "cancelled", (COMPLETE, Phase("cancel"))),
+    "cancelled": Scenario(ORDINARY_USER_ID, WIDGET_ID, 2, "cancelled", (COMPLETE, Phase("cancel"))),
     "cancellation-parked": Scenario(
-        1, 1, 2, "cancelled", (COMPLETE, Phase("cancel", faults=(REFUND_DOWN,)))
+        ORDINARY_USER_ID,
+        WIDGET_ID,
+        2,
+        "cancelled",
+        (COMPLETE, Phase("cancel", faults=(REFUND_DOWN,))),
     ),
     "cancellation-retried": Scenario(
-        1,
-        1,
+        ORDINARY_USER_ID,
+        WIDGET_ID,
         2,
         "cancelled",
         (COMPLETE, Phase("cancel", faults=(REFUND_DOWN,), reaches="needs_attention"), Phase()),

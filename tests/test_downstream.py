@@ -48,15 +48,21 @@ async def stock(svc: httpx.AsyncClient, product_id: int) -> int:
     return int((await svc.get(f"/inventory/{product_id}")).json()["quantity"])
 
 
-def charge(order_id: str = "o-1", user_id: int = 1, amount: int = 1999) -> dict[str, Any]:
+def charge(
+    order_id: str = "o-1", user_id: int = seed.ORDINARY_USER_ID, amount: int = 1999
+) -> dict[str, Any]:
     return {"user_id": user_id, "amount": amount, "order_id": order_id}
 
 
-def move(order_id: str = "o-1", product_id: int = 1, quantity: int = 2) -> dict[str, Any]:
+def move(
+    order_id: str = "o-1", product_id: int = seed.WIDGET_ID, quantity: int = 2
+) -> dict[str, Any]:
     return {"product_id": product_id, "quantity": quantity, "order_id": order_id}
 
 
-def ship(order_id: str = "o-1", user_id: int = 1, quantity: int = 2) -> dict[str, Any]:
+def ship(
+    order_id: str = "o-1", user_id: int = seed.ORDINARY_USER_ID, quantity: int = 2
+) -> dict[str, Any]:
     return {"order_id": order_id, "user_id": user_id, "quantity": quantity}
 
 
@@ -96,10 +102,22 @@ async def test_seed_users(svc: httpx.AsyncClient, user: seed.SeedUser) -> None:
 @pytest.mark.parametrize(
     ("path", "detail"),
     [
-        ("/products/999", "product 999 not found"),
-        ("/users/999", "user 999 not found"),
-        ("/inventory/999", "product 999 not found"),
-        ("/shipping/never-scheduled", "no shipment for order never-scheduled"),
+        pytest.param(
+            f"/products/{seed.MISSING_PRODUCT_ID}",
+            f"product {seed.MISSING_PRODUCT_ID} not found",
+            id="product",
+        ),
+        pytest.param(
+            f"/users/{seed.MISSING_USER_ID}", f"user {seed.MISSING_USER_ID} not found", id="user"
+        ),
+        pytest.param(
+            f"/inventory/{seed.MISSING_PRODUCT_ID}",
+            f"product {seed.MISSING_PRODUCT_ID} not found",
+            id="stock",
+        ),
+        pytest.param(
+            "/shipping/never-scheduled", "no shipment for order never-scheduled", id="shipment"
+        ),
     ],
 )
 async def test_missing_ids_are_404(svc: httpx.AsyncClient, path: str, detail: str) -> None:
@@ -114,11 +132,16 @@ async def test_missing_ids_are_404(svc: httpx.AsyncClient, path: str, detail: st
 async def test_deduct_then_refund(svc: httpx.AsyncClient) -> None:
     response = await svc.post("/users/deduct", json=charge(amount=1999), headers=key("k1"))
     assert response.status_code == 200
-    assert response.json() == {"user_id": 1, "order_id": "o-1", "amount": 1999, "balance": 98_001}
+    assert response.json() == {
+        "user_id": seed.ORDINARY_USER_ID,
+        "order_id": "o-1",
+        "amount": 1999,
+        "balance": 98_001,
+    }
     # The refund gives back what was charged, whatever amount the caller names.
     response = await svc.post("/users/refund", json=charge(amount=5), headers=key("k2"))
     assert response.json() == {
-        "user_id": 1,
+        "user_id": seed.ORDINARY_USER_ID,
         "order_id": "o-1",
         "refunded": 1999,
         "balance": 100_000,
@@ -126,7 +149,7 @@ async def test_deduct_then_refund(svc: httpx.AsyncClient) -> None:
     second = await svc.post("/users/refund", json=charge(), headers=key("k3"))
     assert second.status_code == 200
     assert second.json()["refunded"] == 0
-    assert await balance(svc, 1) == 100_000
+    assert await balance(svc, seed.ORDINARY_USER_ID) == 100_000
     assert await effects(svc) == {"k1": 1, "k2": 1}
 
 
@@ -149,7 +172,12 @@ async def test_deduct_business_failures(
 async def test_refund_of_nothing_is_a_no_op(svc: httpx.AsyncClient) -> None:
     response = await svc.post("/users/refund", json=charge(order_id="never"), headers=key("r"))
     assert response.status_code == 200
-    assert response.json() == {"user_id": 1, "order_id": "never", "refunded": 0, "balance": 100_000}
+    assert response.json() == {
+        "user_id": seed.ORDINARY_USER_ID,
+        "order_id": "never",
+        "refunded": 0,
+        "balance": 100_000,
+    }
     assert await effects(svc) == {}
 
 
@@ -159,14 +187,14 @@ async def test_refund_of_nothing_is_a_no_op(svc: httpx.AsyncClient) -> None:
 async def test_inventory_deduct_then_restore(svc: httpx.AsyncClient) -> None:
     response = await svc.post("/inventory/deduct", json=move(quantity=3), headers=key("d"))
     assert response.json() == {
-        "product_id": 1,
+        "product_id": seed.WIDGET_ID,
         "order_id": "o-1",
         "quantity": 3,
         "remaining": 999_997,
     }
     response = await svc.post("/inventory/restore", json=move(quantity=3), headers=key("r"))
     assert response.json() == {
-        "product_id": 1,
+        "product_id": seed.WIDGET_ID,
         "order_id": "o-1",
         "restored": 3,
         "remaining": 1_000_000,
@@ -217,7 +245,7 @@ async def test_schedule_get_cancel_shipment(svc: httpx.AsyncClient) -> None:
     shipment = (await svc.get("/shipping/o-1")).json()
     assert shipment == {
         "order_id": "o-1",
-        "user_id": 1,
+        "user_id": seed.ORDINARY_USER_ID,
         "quantity": 10,
         "status": "scheduled",
         "expected_delivery": expected,
@@ -287,8 +315,8 @@ async def test_repeats_change_state_once(svc: httpx.AsyncClient) -> None:
     for _ in range(3):
         await svc.post("/users/deduct", json=charge(amount=100), headers=key("pay"))
         await svc.post("/inventory/deduct", json=move(quantity=1), headers=key("inv"))
-    assert await balance(svc, 1) == 100_000 - 100
-    assert await stock(svc, 1) == 1_000_000 - 1
+    assert await balance(svc, seed.ORDINARY_USER_ID) == 100_000 - 100
+    assert await stock(svc, seed.WIDGET_ID) == 1_000_000 - 1
     assert await effects(svc) == {"pay": 1, "inv": 1}
 
 
@@ -303,7 +331,7 @@ async def test_business_failure_is_stored_too(svc: httpx.AsyncClient) -> None:
 async def test_without_key_every_request_executes(svc: httpx.AsyncClient) -> None:
     for _ in range(2):
         assert (await svc.post("/users/deduct", json=charge(amount=100))).status_code == 200
-    assert await balance(svc, 1) == 100_000 - 200
+    assert await balance(svc, seed.ORDINARY_USER_ID) == 100_000 - 200
 
 
 @pytest.mark.parametrize(
@@ -318,7 +346,7 @@ async def test_key_reused_for_another_request_is_422(
     response = await svc.post(path, json=body, headers=key("k"))
     assert response.status_code == 422
     assert response.json() == {"detail": "idempotency key reused with a different request"}
-    assert await balance(svc, 1) == 100_000 - 1
+    assert await balance(svc, seed.ORDINARY_USER_ID) == 100_000 - 1
     assert await effects(svc) == {"k": 1}
 
 
@@ -360,8 +388,8 @@ async def test_late_forward_request_after_compensation_is_refused(
     late = await svc.post(forward[0], json=forward[1], headers=key("late"))
     assert (late.status_code, late.json()) == (409, {"detail": "order o-1 was already compensated"})
     assert await effects(svc) == {}
-    assert await balance(svc, 1) == 100_000
-    assert await stock(svc, 1) == 1_000_000
+    assert await balance(svc, seed.ORDINARY_USER_ID) == 100_000
+    assert await stock(svc, seed.WIDGET_ID) == 1_000_000
     assert (await svc.get("/shipping/o-1")).status_code == 404
 
 
@@ -380,7 +408,7 @@ async def test_error_fault_does_nothing_and_stores_nothing(svc: httpx.AsyncClien
     failed = await svc.post("/users/deduct", json=charge(), headers=key("k"))
     assert (failed.status_code, failed.json()) == (500, {"detail": "injected fault"})
     assert (await svc.get("/_operations/k")).status_code == 404
-    assert await balance(svc, 1) == 100_000
+    assert await balance(svc, seed.ORDINARY_USER_ID) == 100_000
     retry = await svc.post("/users/deduct", json=charge(), headers=key("k"))
     assert retry.status_code == 200
     assert await effects(svc) == {"k": 1}
@@ -391,7 +419,7 @@ async def test_fault_count_and_queue_order(svc: httpx.AsyncClient) -> None:
     await add_fault(svc, operation="product.get", mode="timeout", seconds=0.01)
     pending = (await svc.get("/_faults")).json()["faults"]
     assert [(f["mode"], f["count"]) for f in pending] == [("error", 2), ("timeout", 1)]
-    codes = [(await svc.get("/products/1")).status_code for _ in range(4)]
+    codes = [(await svc.get(f"/products/{seed.WIDGET_ID}")).status_code for _ in range(4)]
     assert codes == [500, 500, 504, 200]
     assert (await svc.get("/_faults")).json() == {"faults": []}
 
@@ -467,7 +495,7 @@ async def test_apply_then_error_charges_exactly_once(svc: httpx.AsyncClient) -> 
     await add_fault(svc, operation="user.deduct", mode="apply_then_error")
     await svc.post("/users/deduct", json=charge(amount=700), headers=key("k"))
     await svc.post("/users/deduct", json=charge(amount=700), headers=key("k"))
-    assert await balance(svc, 1) == 100_000 - 700
+    assert await balance(svc, seed.ORDINARY_USER_ID) == 100_000 - 700
     assert await effects(svc) == {"k": 1}
 
 
@@ -512,7 +540,7 @@ async def test_bad_fault_is_422(svc: httpx.AsyncClient, fault: dict[str, Any]) -
         ("/users/deduct", {**charge(), "amount": 19.99}),  # money is never a float
         ("/users/deduct", {**charge(), "amount": "1999"}),
         ("/users/deduct", {**charge(), "user_id": True}),
-        ("/users/refund", {"user_id": 1, "amount": 1}),
+        ("/users/refund", {"user_id": seed.ORDINARY_USER_ID, "amount": 1}),
         ("/inventory/deduct", move(order_id="")),
         ("/inventory/restore", {**move(), "quantity": None}),
         ("/shipping/schedule", {**ship(), "order_id": 7}),
@@ -541,7 +569,7 @@ async def test_reset_restores_the_seed(svc: httpx.AsyncClient) -> None:
     await svc.post("/shipping/schedule", json=ship(), headers=key("s"))
     await add_fault(svc, operation="user.deduct", mode="error")
     assert (await svc.post("/_reset")).status_code == 204
-    assert await balance(svc, 1) == 100_000
+    assert await balance(svc, seed.ORDINARY_USER_ID) == 100_000
     assert (await svc.get("/shipping/o-1")).status_code == 404
     assert await effects(svc) == {}
     assert (await svc.get("/_faults")).json() == {"faults": []}
@@ -552,8 +580,8 @@ async def test_in_memory_apps_do_not_share_state() -> None:
     first, second = create_services_app(), create_services_app()
     async with _client(first) as a, _client(second) as b:
         await a.post("/users/deduct", json=charge())
-        assert await balance(a, 1) == 100_000 - 1999
-        assert await balance(b, 1) == 100_000
+        assert await balance(a, seed.ORDINARY_USER_ID) == 100_000 - 1999
+        assert await balance(b, seed.ORDINARY_USER_ID) == 100_000
     first.state.store.close()
     second.state.store.close()
 
@@ -570,12 +598,12 @@ async def test_state_survives_a_restart_on_the_same_file(tmp_path: Path) -> None
 
     after = create_services_app(path)  # not re-seeded: the file already holds state
     async with _client(after) as svc:
-        assert await balance(svc, 1) == 100_000 - 1999
-        assert await stock(svc, 1) == 1_000_000 - 2
+        assert await balance(svc, seed.ORDINARY_USER_ID) == 100_000 - 1999
+        assert await stock(svc, seed.WIDGET_ID) == 1_000_000 - 2
         assert (await svc.get("/shipping/o-1")).json()["status"] == "scheduled"
         assert await effects(svc) == {"pay": 1, "inv": 1, "ship": 1}
         assert (await svc.get("/_faults")).json() == {"faults": []}  # faults are in memory
         repeat = await svc.post("/users/deduct", json=charge(), headers=key("pay"))
         assert (repeat.status_code, repeat.headers["Idempotent-Replayed"]) == (200, "true")
-        assert await balance(svc, 1) == 100_000 - 1999
+        assert await balance(svc, seed.ORDINARY_USER_ID) == 100_000 - 1999
     after.state.store.close()

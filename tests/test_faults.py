@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from downstream.seed import ORDINARY_USER_ID, POOR_USER_ID, WIDGET_ID
+from downstream.seed import ORDINARY_USER_ID, POOR_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
 from fsm.clients import Services
 from fsm.errors import InvalidMove, LeaseLost, StaleOrder
 from fsm.executor import Executor, RetryPolicy
@@ -17,12 +17,14 @@ from tests.support.services import assert_conserved as check_conserved
 
 # (operation, user, product, quantity, final status): a row in which that call happens.
 MUTATIONS = [
-    ("user.deduct", 1, 1, 1, "completed"),
-    ("inventory.deduct", 1, 1, 1, "completed"),
-    ("shipping.schedule", 1, 1, 1, "completed"),
-    ("user.refund", 1, 3, 1, "failed"),  # inventory fails -> refund
-    ("inventory.restore", 2, 1, 1, "failed"),  # payment fails -> restore
-    ("shipping.cancel", 2, 1, 1, "failed"),  # payment fails -> cancel shipping
+    pytest.param("user.deduct", ORDINARY_USER_ID, WIDGET_ID, 1, "completed", id="deduct"),
+    pytest.param("inventory.deduct", ORDINARY_USER_ID, WIDGET_ID, 1, "completed", id="reserve"),
+    pytest.param("shipping.schedule", ORDINARY_USER_ID, WIDGET_ID, 1, "completed", id="ship"),
+    # inventory fails -> refund
+    pytest.param("user.refund", ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, 1, "failed", id="refund"),
+    # payment fails -> restore inventory, cancel shipping
+    pytest.param("inventory.restore", POOR_USER_ID, WIDGET_ID, 1, "failed", id="restore"),
+    pytest.param("shipping.cancel", POOR_USER_ID, WIDGET_ID, 1, "failed", id="cancel-shipping"),
 ]
 
 
@@ -90,7 +92,7 @@ async def test_timeout_is_an_unknown_outcome_and_retried(
         {WIDGET_ID: downstream.stock(WIDGET_ID)},
     )
     downstream.fault("user.deduct", "timeout", seconds=1.5)  # the client gives up after 1 s
-    assert await run_row(store, executor, 1, 1, 1) == "completed"
+    assert await run_row(store, executor, ORDINARY_USER_ID, WIDGET_ID, 1) == "completed"
     assert_conserved(downstream, store, balances, stocks)
     assert "timed out" in (store.list_orders()[0].last_error or "")
 
@@ -98,7 +100,7 @@ async def test_timeout_is_an_unknown_outcome_and_retried(
 async def test_business_failure_is_not_retried(
     store: Store, executor: Executor, downstream: Downstream
 ) -> None:
-    assert await run_row(store, executor, 2, 1, 1) == "failed"  # 402, once
+    assert await run_row(store, executor, POOR_USER_ID, WIDGET_ID, 1) == "failed"  # 402, once
     order = store.list_orders()[0]
     assert "payment:deduct" not in order.attempts
     payment = [t for t in store.history(order.id) if t.scope == "payment"]

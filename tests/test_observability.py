@@ -22,9 +22,9 @@ from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID
 from fsm.store import Store
 from order_saga.logs import configure
 from order_saga.redact import masked
+from tests.support.api import settings_for
 from tests.support.processes import ORDER_SAGA, saga_env
 from tests.support.services import Downstream, free_port
-from tests.test_api import settings_for
 
 ORDER_STATES = {
     "pending", "product_requested", "rejected", "steps_running", "completed", "compensating",

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from fsm.store import Store
+from tests.support.api import settings_for
 from tests.support.services import Downstream
-from tests.test_api import settings_for
 
 PAYER, POOR = 1, 2
 WIDGET, SOLD_OUT, MISSING = 1, 3, 999

@@ -1,0 +1,237 @@
+"""SPEC §4 `POST /orders`: the answer codes (201, 202, 404, 422), bad bodies, and the
+Idempotency-Key contract; against the reference services over real HTTP, on SQLite and
+PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from downstream.seed import (
+    MISSING_PRODUCT_ID,
+    ORDINARY_USER_ID,
+    POOR_USER_ID,
+    WIDGET_ID,
+)
+from tests.support.api import (
+    TERMINAL,
+    WIDGET_PRICE,
+    api,
+    assert_message,
+    assert_utc,
+    order_effects,
+    place,
+    wait_terminal,
+)
+from tests.support.services import Downstream
+
+# -- POST /orders ------------------------------------------------------------------------
+
+
+def test_create_completed(client: TestClient, downstream: Downstream) -> None:
+    balance, stock = downstream.balance(ORDINARY_USER_ID), downstream.stock(WIDGET_ID)
+
+    response = place(client, quantity=2)
+
+    assert response.status_code == 201, response.text
+    order = response.json()
+    uuid.UUID(order["id"])
+    assert (order["user_id"], order["product_id"], order["quantity"]) == (
+        ORDINARY_USER_ID,
+        WIDGET_ID,
+        2,
+    )
+    assert order["amount"] == 2 * WIDGET_PRICE and type(order["amount"]) is int
+    assert (order["status"], order["state"]) == ("completed", "completed")
+    assert order["steps"] == {
+        "payment": "succeeded",
+        "inventory": "succeeded",
+        "shipping": "succeeded",
+    }
+    assert order["shipping"]["address"] and order["shipping"]["expected_delivery"]
+    assert order["last_error"] is None and order["attention_reason"] is None
+    assert_utc(order["created_at"])
+    assert_utc(order["updated_at"])
+    assert downstream.balance(ORDINARY_USER_ID) == balance - 2 * WIDGET_PRICE
+    assert downstream.stock(WIDGET_ID) == stock - 2
+    shipment = downstream.shipment(order["id"])
+    assert shipment is not None and shipment["status"] == "scheduled"
+
+
+def test_create_failed_answers_201(client: TestClient, downstream: Downstream) -> None:
+    balance, stock = downstream.balance(POOR_USER_ID), downstream.stock(WIDGET_ID)
+
+    response = place(client, user=POOR_USER_ID)
+
+    assert response.status_code == 201, response.text
+    order = response.json()
+    assert (order["status"], order["state"]) == ("failed", "failed")
+    assert order["steps"]["payment"] == "failed"
+    assert order["steps"]["inventory"] == order["steps"]["shipping"] == "compensated"
+    assert order["amount"] == WIDGET_PRICE
+    assert order["shipping"] is None
+    assert downstream.balance(POOR_USER_ID) == balance
+    assert downstream.stock(WIDGET_ID) == stock
+
+
+def test_missing_product_404_names_the_order(client: TestClient, downstream: Downstream) -> None:
+    response = place(client, product=MISSING_PRODUCT_ID)
+
+    assert response.status_code == 404, response.text
+    body = response.json()
+    assert str(MISSING_PRODUCT_ID) in body["detail"]
+    order_id = body["id"]
+    assert body["status"] == "rejected" and body["amount"] is None
+    shown = client.get(f"/orders/{order_id}")
+    assert shown.status_code == 200
+    assert (shown.json()["status"], shown.json()["state"]) == ("rejected", "rejected")
+    assert order_effects(downstream, order_id) == {}  # nothing else was called
+
+
+def test_prefer_respond_async_answers_202_then_completes(client: TestClient) -> None:
+    response = place(client, headers={"Prefer": "respond-async"})
+
+    assert response.status_code == 202, response.text
+    order = response.json()
+    assert response.headers["Location"] == f"/orders/{order['id']}"
+    assert order["status"] not in TERMINAL
+    final = wait_terminal(client, order["id"])
+    assert final["status"] == "completed"
+    assert final["amount"] == WIDGET_PRICE
+
+
+def test_slow_services_answer_202_then_complete(
+    db_url: str, services_url: str, downstream: Downstream
+) -> None:
+    downstream.fault("shipping.schedule", "delay", count=1, seconds=1.0)
+    with api(db_url, services_url, respond_within=0.2) as client:
+        response = place(client)
+        assert response.status_code == 202, response.text
+        order = response.json()
+        # answered before shipping did: no shipment exists yet for the order just answered
+        assert downstream.shipment(order["id"]) is None
+        assert response.headers["Location"] == f"/orders/{order['id']}"
+        assert order["status"] in {"pending", "running"}
+        assert client.get(response.headers["Location"]).status_code == 200
+        final = wait_terminal(client, order["id"])
+    assert final["status"] == "completed"
+    assert final["shipping"]["address"]
+
+
+BAD_BODIES = {
+    "missing field": {"user_id": 1, "product_id": 1},
+    "string user id": {"user_id": "1", "product_id": 1, "quantity": 1},
+    "string product id": {"user_id": 1, "product_id": "1", "quantity": 1},
+    "float quantity": {"user_id": 1, "product_id": 1, "quantity": 1.5},
+    "integral float": {"user_id": 1, "product_id": 1, "quantity": 1.0},
+    "bool quantity": {"user_id": 1, "product_id": 1, "quantity": True},
+    "zero quantity": {"user_id": 1, "product_id": 1, "quantity": 0},
+    "negative quantity": {"user_id": 1, "product_id": 1, "quantity": -3},
+    "zero user id": {"user_id": 0, "product_id": 1, "quantity": 1},
+    "null product": {"user_id": 1, "product_id": None, "quantity": 1},
+    "extra field": {"user_id": 1, "product_id": 1, "quantity": 1, "coupon": "FREE"},
+    "not an object": [1, 1, 1],
+}
+
+
+@pytest.mark.parametrize("body", BAD_BODIES.values(), ids=BAD_BODIES.keys())
+def test_create_rejects_bad_input(sqlite_client: TestClient, body: Any) -> None:
+    response = sqlite_client.post("/orders", json=body)
+
+    assert response.status_code == 422, response.text
+    assert_message(response)
+    assert sqlite_client.get("/orders").json()["orders"] == []  # nothing stored, so no call
+
+
+@pytest.mark.parametrize("content", ["not json", '{"user_id": 1,', ""])
+def test_create_rejects_non_json(sqlite_client: TestClient, content: str) -> None:
+    response = sqlite_client.post(
+        "/orders", content=content, headers={"Content-Type": "application/json"}
+    )
+
+    assert response.status_code == 422, response.text
+    assert_message(response)
+    assert sqlite_client.get("/orders").json()["orders"] == []
+
+
+def test_create_rejects_overlong_idempotency_key(sqlite_client: TestClient) -> None:
+    response = place(sqlite_client, headers={"Idempotency-Key": "k" * 201})
+
+    assert response.status_code == 422, response.text
+    assert_message(response)
+    assert sqlite_client.get("/orders").json()["orders"] == []
+
+
+def test_idempotency_key_retry_returns_same_order_and_charges_once(
+    client: TestClient, downstream: Downstream
+) -> None:
+    balance = downstream.balance(ORDINARY_USER_ID)
+    key = {"Idempotency-Key": f"checkout-{uuid.uuid4()}"}
+
+    first = place(client, headers=key)
+    again = place(client, headers=key)
+
+    assert first.status_code == again.status_code == 201, (first.text, again.text)
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["status"] == "completed"
+    order_id = first.json()["id"]
+    assert downstream.balance(ORDINARY_USER_ID) == balance - WIDGET_PRICE
+    assert order_effects(downstream, order_id) == {
+        f"{order_id}:payment:deduct": 1,
+        f"{order_id}:inventory:deduct": 1,
+        f"{order_id}:shipping:schedule": 1,
+    }
+    assert len(client.get("/orders").json()["orders"]) == 1
+
+
+def test_idempotency_key_reused_for_another_body_is_422(
+    client: TestClient, downstream: Downstream
+) -> None:
+    key = {"Idempotency-Key": "reused-key"}
+    first = place(client, quantity=1, headers=key)
+    assert first.status_code == 201
+    balance = downstream.balance(ORDINARY_USER_ID)
+
+    other = place(client, quantity=2, headers=key)
+
+    assert other.status_code == 422, other.text
+    [error] = other.json()["errors"]  # the same problem shape as every other 422
+    assert error["loc"] == ["header", "Idempotency-Key"]
+    assert "already used for a different order" in error["msg"]
+    assert downstream.balance(ORDINARY_USER_ID) == balance
+    assert [o["id"] for o in client.get("/orders").json()["orders"]] == [first.json()["id"]]
+
+
+def test_idempotency_key_retry_while_the_first_is_still_running(
+    client: TestClient, downstream: Downstream
+) -> None:
+    downstream.fault("shipping.schedule", "delay", count=1, seconds=0.5)
+    key = {"Idempotency-Key": f"in-flight-{uuid.uuid4()}"}
+
+    first = place(client, headers={**key, "Prefer": "respond-async"})
+    again = place(client, headers=key)
+
+    assert first.status_code == 202, first.text
+    assert again.status_code in (201, 202), again.text
+    order_id = first.json()["id"]
+    assert again.json()["id"] == order_id
+    assert wait_terminal(client, order_id)["status"] == "completed"
+    assert set(order_effects(downstream, order_id).values()) == {1}
+    assert len(client.get("/orders").json()["orders"]) == 1
+
+
+def test_idempotency_key_retry_of_a_rejected_order_is_404_again(client: TestClient) -> None:
+    key = {"Idempotency-Key": "missing-product"}
+
+    first = place(client, product=MISSING_PRODUCT_ID, headers=key)
+    again = place(client, product=MISSING_PRODUCT_ID, headers=key)
+
+    assert first.status_code == again.status_code == 404
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["status"] == "rejected"
+
+
+# -- GET /orders/{id} --------------------------------------------------------------------

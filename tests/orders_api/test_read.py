@@ -1,0 +1,179 @@
+"""SPEC §4 reads: `GET /orders/{id}`, `GET /orders` (filters, paging) and
+`GET /orders/{id}/transitions` (the persisted history), with their 404/422 answers."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from downstream.seed import (
+    MISSING_PRODUCT_ID,
+    POOR_USER_ID,
+    RICH_USER_ID,
+    WIDGET_ID,
+)
+from tests.support.api import (
+    WIDGET_PRICE,
+    assert_message,
+    assert_utc,
+    place,
+)
+
+
+def test_get_order(client: TestClient) -> None:
+    created = place(client, user=RICH_USER_ID, quantity=3).json()
+
+    response = client.get(f"/orders/{created['id']}")
+
+    assert response.status_code == 200
+    order = response.json()
+    assert order["id"] == created["id"]
+    assert (order["user_id"], order["product_id"], order["quantity"]) == (
+        RICH_USER_ID,
+        WIDGET_ID,
+        3,
+    )
+    assert order["amount"] == 3 * WIDGET_PRICE
+    assert order["status"] == order["state"] == "completed"
+    assert order["shipping"] == created["shipping"]
+    assert order["created_at"] == created["created_at"]
+    assert_utc(order["created_at"])
+    assert_utc(order["updated_at"])
+
+
+def test_get_unknown_order_is_404(client: TestClient) -> None:
+    unknown = uuid.uuid4()
+    response = client.get(f"/orders/{unknown}")
+
+    assert response.status_code == 404
+    assert str(unknown) in response.json()["detail"]
+
+
+def test_get_malformed_order_id_is_422(sqlite_client: TestClient) -> None:
+    response = sqlite_client.get("/orders/not-a-uuid")
+
+    assert response.status_code == 422
+    assert_message(response)
+
+
+# -- GET /orders -------------------------------------------------------------------------
+
+
+def test_list_newest_first_filtered_and_paginated(client: TestClient) -> None:
+    ids = [
+        place(client).json()["id"],  # completed
+        place(client, user=POOR_USER_ID).json()["id"],  # failed
+        place(client, product=MISSING_PRODUCT_ID).json()["id"],  # rejected
+        place(client, user=RICH_USER_ID).json()["id"],  # completed
+    ]
+    newest_first = ids[::-1]
+
+    everything = client.get("/orders")
+    assert everything.status_code == 200
+    assert [o["id"] for o in everything.json()["orders"]] == newest_first
+
+    completed = client.get("/orders", params={"status": "completed"}).json()["orders"]
+    assert [o["id"] for o in completed] == [ids[3], ids[0]]
+    assert {o["status"] for o in completed} == {"completed"}
+    failed = client.get("/orders", params={"status": "failed"}).json()["orders"]
+    assert [o["id"] for o in failed] == [ids[1]]
+    assert client.get("/orders", params={"status": "cancelled"}).json()["orders"] == []
+
+    page1 = client.get("/orders", params={"limit": 2}).json()
+    page2 = client.get("/orders", params={"limit": 2, "offset": 2}).json()
+    page3 = client.get("/orders", params={"limit": 2, "offset": 4}).json()
+    assert (page1["limit"], page1["offset"], page2["offset"]) == (2, 0, 2)
+    assert [o["id"] for o in page1["orders"] + page2["orders"]] == newest_first
+    assert page3["orders"] == []
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"status": "bogus"},
+        {"limit": 0},
+        {"limit": 501},
+        {"limit": "ten"},
+        {"offset": -1},
+        {"offset": 10**20},
+    ],
+    ids=[
+        "unknown status",
+        "limit 0",
+        "limit too big",
+        "limit not int",
+        "negative offset",
+        "offset overflows",
+    ],
+)
+def test_list_rejects_bad_query(sqlite_client: TestClient, params: dict[str, Any]) -> None:
+    response = sqlite_client.get("/orders", params=params)
+
+    assert response.status_code == 422, response.text
+    assert_message(response)
+
+
+# -- GET /orders/{id}/transitions --------------------------------------------------------
+
+
+def test_transitions_are_the_persisted_history(client: TestClient) -> None:
+    order_id = place(client).json()["id"]
+
+    response = client.get(f"/orders/{order_id}/transitions")
+
+    assert response.status_code == 200
+    log = response.json()
+    assert [t["seq"] for t in log] == list(range(1, len(log) + 1))
+    for t in log:
+        assert {
+            "seq",
+            "scope",
+            "trigger",
+            "from_state",
+            "to_state",
+            "detail",
+            "created_at",
+        } <= t.keys()
+        assert t["scope"] in {"order", "payment", "inventory", "shipping"}
+        assert_utc(t["created_at"])
+    first, last = log[0], log[-1]
+    assert (first["scope"], first["trigger"], first["from_state"]) == (
+        "order",
+        "request_product",
+        "pending",
+    )
+    assert (last["scope"], last["trigger"], last["to_state"]) == (
+        "order",
+        "all_succeeded",
+        "completed",
+    )
+    found = next(t for t in log if t["trigger"] == "product_found")
+    assert found["detail"]["product"]["price"] == WIDGET_PRICE  # the service's answer
+    # per scope, each state continues from the previous one
+    current: dict[str, str] = {}
+    for t in log:
+        if t["scope"] in current:
+            assert t["from_state"] == current[t["scope"]]
+        current[t["scope"]] = t["to_state"]
+    stamps = [datetime.fromisoformat(t["created_at"]) for t in log]
+    assert stamps == sorted(stamps)
+
+
+def test_transitions_of_failed_step_carry_the_error(client: TestClient) -> None:
+    order_id = place(client, user=POOR_USER_ID).json()["id"]
+
+    log = client.get(f"/orders/{order_id}/transitions").json()
+
+    fail = next(t for t in log if t["scope"] == "payment" and t["trigger"] == "fail")
+    assert fail["detail"]["status"] == 402
+
+
+def test_transitions_of_unknown_order_is_404(client: TestClient) -> None:
+    response = client.get(f"/orders/{uuid.uuid4()}/transitions")
+
+    assert response.status_code == 404
+    assert_message(response)

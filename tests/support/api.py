@@ -1,0 +1,94 @@
+"""Driving the orchestrator's HTTP API in tests: settings pointing at the reference
+services, an app under TestClient (lifespan included), placing an order, waiting for it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from downstream.seed import (
+    ORDINARY_USER_ID,
+    WIDGET_ID,
+)
+from fsm.settings import Settings
+from tests.support.services import Downstream
+
+# The seed's named ids (downstream/seed.py); the widget costs 1999 cents.
+WIDGET_PRICE = 1999
+TOKEN = "s3cret"
+TERMINAL = {"completed", "failed", "rejected", "cancelled", "needs_attention"}
+
+
+def settings_for(db_url: str, services_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": db_url,
+        "product_url": services_url,
+        "user_url": services_url,
+        "inventory_url": services_url,
+        "shipping_url": services_url,
+        "http_timeout": 3.0,
+        "max_attempts": 3,
+        "backoff_base": 0.01,
+        "backoff_max": 0.05,
+        "step_deadline": 5.0,
+        "respond_within": 5.0,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+@contextmanager
+def api(db_url: str, services_url: str, **overrides: Any) -> Iterator[TestClient]:
+    app = create_app(settings_for(db_url, services_url, **overrides), sweep=False)
+    with TestClient(app) as client:
+        yield client
+
+
+def place(
+    client: TestClient,
+    *,
+    user: int = ORDINARY_USER_ID,
+    product: int = WIDGET_ID,
+    quantity: int = 1,
+    headers: dict[str, str] | None = None,
+) -> Any:
+    body = {"user_id": user, "product_id": product, "quantity": quantity}
+    return client.post("/orders", json=body, headers=headers or {})
+
+
+def wait_terminal(client: TestClient, order_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        response = client.get(f"/orders/{order_id}")
+        assert response.status_code == 200, response.text
+        order: dict[str, Any] = response.json()
+        if order["status"] in TERMINAL:
+            return order
+        if time.monotonic() > deadline:
+            raise AssertionError(f"order {order_id} still {order['state']} after {timeout}s")
+        time.sleep(0.05)
+
+
+def assert_utc(stamp: str) -> None:
+    parsed = datetime.fromisoformat(stamp)
+    assert parsed.utcoffset() == timedelta(0), stamp
+
+
+def assert_message(response: Any) -> None:
+    """A 4xx with something a human can read: a string detail, or FastAPI's list of errors
+    each carrying `msg`."""
+    detail = response.json()["detail"]
+    if isinstance(detail, str):
+        assert detail
+    else:
+        assert detail and all(isinstance(e["msg"], str) and e["msg"] for e in detail)
+
+
+def order_effects(downstream: Downstream, order_id: str) -> dict[str, int]:
+    return {k: v for k, v in downstream.effects().items() if k.startswith(order_id)}

@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api import actions, diagram, openapi, orders, problems, ui
 from api.deps import StoreDep
-from api.guard import BearerFor, BodyGuard, TokenGate
+from api.guard import BodyGuard, TokenGate, token_bearing_services
 from api.runner import Runner
 from fsm.breaker import Breakers
 from fsm.clients import Services
@@ -30,7 +30,7 @@ from fsm.machine import MACHINE_VERSION
 from fsm.metrics import exposition
 from fsm.settings import Settings, get_settings
 from fsm.upgrade import guard
-from fsm.wiring import http_client, http_services_for, open_saga
+from fsm.wiring import open_saga
 
 _HEALTHY = {"status": "ok", "database": "postgresql", "machine_version": "d7f8f13c33ba"}
 _METRICS_EXAMPLE = 'order_saga_orders{status="needs_attention"} 1.0\n'
@@ -55,9 +55,9 @@ def create_app(
         async with AsyncExitStack() as stack:
             chosen = services
             if chosen is None:
-                client = await stack.enter_async_context(http_client(settings))
-                client.auth = BearerFor(settings.api_token, embedded_url)  # to our mount only
-                chosen = http_services_for(settings, client, fallback_url=embedded_url)
+                chosen = await stack.enter_async_context(
+                    token_bearing_services(settings, embedded_url)
+                )
             saga = await stack.enter_async_context(
                 open_saga(settings, services=chosen, fallback_url=embedded_url, breakers=breakers)
             )

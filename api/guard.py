@@ -15,7 +15,8 @@ from __future__ import annotations
 import hmac
 import json
 import math
-from collections.abc import Generator
+from collections.abc import AsyncIterator, Generator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -26,6 +27,9 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.problems import ValidationIssue, excerpt, problem
+from fsm.clients import Services
+from fsm.settings import Settings
+from fsm.wiring import http_client, http_services_for
 
 OPEN_PATHS = frozenset({"/healthz", "/metrics"})
 BEARER = HTTPBearer(
@@ -72,6 +76,15 @@ class BearerFor(httpx.Auth):
         if self.header is not None and str(request.url).startswith(self.prefix):
             request.headers["Authorization"] = self.header
         yield request
+
+
+@asynccontextmanager
+async def token_bearing_services(settings: Settings, embedded_url: str) -> AsyncIterator[Services]:
+    """The HTTP service clients for `settings`, an unset *_URL meaning the embedded
+    services at `embedded_url`; our API token goes on calls there and only there."""
+    async with http_client(settings) as client:
+        client.auth = BearerFor(settings.api_token, embedded_url)
+        yield http_services_for(settings, client, fallback_url=embedded_url)
 
 
 class BadJSON(ValueError):

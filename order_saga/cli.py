@@ -147,12 +147,10 @@ def services(
 async def _saga(settings: Settings, breakers: Breakers | None = None) -> AsyncIterator[Saga]:
     """`open_saga`, with our token on calls to `serve`'s embedded services (the fallback
     URL), and only there."""
-    from api.guard import BearerFor
-    from fsm.wiring import http_client, http_services_for, open_saga
+    from api.guard import token_bearing_services
+    from fsm.wiring import open_saga
 
-    async with http_client(settings) as client:
-        client.auth = BearerFor(settings.api_token, settings.fallback_services_url)
-        services_ = http_services_for(settings, client)
+    async with token_bearing_services(settings, settings.fallback_services_url) as services_:
         async with open_saga(settings, services=services_, breakers=breakers) as saga:
             yield saga
 

@@ -49,7 +49,7 @@ async def clear_faults(faults: FaultsDep) -> Response:
 
 @router.post("/_reset", status_code=status.HTTP_204_NO_CONTENT)
 async def reset(store: StoreDep, faults: FaultsDep) -> Response:
-    faults.clear()
+    faults.reset()
     store.reset()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

@@ -53,6 +53,9 @@ class FaultBoard:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._queues: dict[str, deque[Fault]] = {}
+        # Bumped by `reset` (POST /_reset): a delayed call that outlives a reset belongs to
+        # the world before it and changes nothing in the new one.
+        self._epoch = 0
 
     def add(self, fault: Fault) -> Fault | None:
         """Queue `fault`; None (nothing queued) when MAX_PENDING entries are waiting."""
@@ -86,18 +89,28 @@ class FaultBoard:
         with self._lock:
             self._queues.clear()
 
+    def reset(self) -> None:
+        """Clear the faults and void the delayed calls still sleeping."""
+        with self._lock:
+            self._queues.clear()
+            self._epoch += 1
+
     async def run(self, operation: str, call: Callable[[], Outcome]) -> Outcome:
         """Run `call` as the next fault for `operation` (if any) says.
 
         error -> 500, nothing done; delay -> sleep, then run; timeout -> sleep, then 504,
         nothing done; apply_then_error -> run (effect and idempotency record kept), then 500.
+        A call still sleeping when the services are reset answers 503 and does nothing.
         """
         fault = self.take(operation)
         if fault is None:
             return call()
         if fault.mode == "error":
             return fail(500, "injected fault")
+        epoch = self._epoch
         await asyncio.sleep(fault.seconds)
+        if self._epoch != epoch:  # the services were reset meanwhile: not applied
+            return fail(503, "the services were reset while this call was delayed")
         if fault.mode == "timeout":
             return fail(504, "injected timeout")
         outcome = call()

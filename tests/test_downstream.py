@@ -576,6 +576,22 @@ async def test_reset_restores_the_seed(svc: httpx.AsyncClient) -> None:
     assert (await svc.get("/_operations/k")).status_code == 404
 
 
+async def test_a_call_delayed_across_a_reset_changes_nothing(svc: httpx.AsyncClient) -> None:
+    """A delayed call of the world before a reset must not land in the one after it (one
+    test's abandoned call showing up in the next test's books)."""
+    await add_fault(svc, operation="shipping.schedule", mode="delay", seconds=0.3)
+    slow = asyncio.create_task(svc.post("/shipping/schedule", json=ship(), headers=key("s")))
+    await poll_until(svc, lambda: svc.get("/_faults"), lambda r: r.json()["faults"] == [])
+
+    assert (await svc.post("/_reset")).status_code == 204
+    response = await slow
+
+    assert response.status_code == 503
+    assert await effects(svc) == {}
+    assert (await svc.get("/shipping/o-1")).status_code == 404
+    assert (await svc.get("/_operations/s")).status_code == 404
+
+
 async def test_in_memory_apps_do_not_share_state() -> None:
     first, second = create_services_app(), create_services_app()
     async with _client(first) as a, _client(second) as b:

@@ -8,6 +8,10 @@ reference services and any route added later are covered without anyone remember
 strict JSON before any handler parses it (422): UTF-8, no NaN/Infinity/overflowing
 numbers, no lone surrogates, no duplicate keys. Python's `json` accepts all of those, and
 a handler would otherwise act on the last duplicate or fail to echo the value back.
+
+The client side of the same token, `token_bearing_services` (with `BearerFor`): the one
+place the API and the CLI get their service clients from, our token on calls to our own
+embedded services only.
 """
 
 from __future__ import annotations

@@ -12,8 +12,10 @@ steps (payment, inventory, shipping), rather than a HierarchicalMachine with par
 - The order machine stays small enough to read against the spec at a glance.
 
 Both machines are built once per process (`ORDER_MACHINE`, `STEP_MACHINE`) with
-`auto_transitions=False`; every move is validated by firing the machine's own event
-(`next_state`), so an undeclared move raises `MachineError` before anything is written.
+`auto_transitions=False`; every move is validated by `next_state`, a lookup in a table
+compiled once from the machine's own events (`fire`, the slow reference it is tested
+against, fires the event itself), so an undeclared move raises `MachineError` before
+anything is written.
 """
 
 from __future__ import annotations

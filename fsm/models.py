@@ -3,7 +3,8 @@
 SQLModel defines the tables (`OrderTable`, `TransitionTable`; Alembic owns the schema). The
 objects the engine passes around are plain slotted dataclasses (`Order`, `Transition`): the
 executor writes ~70 attributes per order, and an instrumented table model made each write
-pay SQLAlchemy's attribute bookkeeping. Definitions only; every query lives in `fsm.store`.
+pay SQLAlchemy's attribute bookkeeping. Definitions only; the queries live in `fsm.store`
+(with its statement texts in `fsm.sql`), `fsm.queries` and `fsm.upgrade`.
 """
 
 from __future__ import annotations

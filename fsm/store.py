@@ -1,5 +1,7 @@
-"""All SQL of the orchestrator: create orders, record transitions under a version and lease
-check, claim, renew and release leases, find stuck orders. No HTTP, no business decisions.
+"""The engine's storage: create orders, record transitions under a version and lease check,
+claim, renew and release leases, find stuck orders. No HTTP, no business decisions. The
+write statements' texts and the row codec live in `fsm.sql`; the operator's read-only
+views in `fsm.queries`; the start-up check's grouped query in `fsm.upgrade`.
 
 Writes are coroutines: each is an op for the group-commit thread (`fsm.committer`), so the
 event loop never waits on the database and concurrent orders share commits. Reads are plain

@@ -1,7 +1,9 @@
-"""The `order-saga` console script: serve | services | worker | resume | diagram | db.
+"""The `order-saga` console script: serve | services | worker | resume | diagram | db |
+check-upgrade, and `orders` (order_saga/orders_cli.py).
 
 Bad input (flags, ORDER_SAGA_* settings, ids) ends in one line on stderr and exit code 2;
-the commands build everything from `Settings`, so `fsm` never imports `api` at import time.
+the commands build everything from `Settings` and import `api`, `downstream` and the
+engine's wiring inside the command that needs them, so `order-saga --help` stays fast.
 """
 
 from __future__ import annotations

@@ -38,16 +38,16 @@ NON_ASCII_TOKEN = "sécret-ключ-令牌"
 PARAM = re.compile(r"{([^}:]+)(?::[^}]+)?}")
 ORDER_ID = str(uuid.uuid4())
 
-WRONG: dict[str, dict[str, Any]] = {
-    "no header": {},
-    "wrong token": {"Authorization": "Bearer nope"},
-    "token prefix": {"Authorization": f"Bearer {TOKEN[:-1]}"},
-    "basic scheme": {"Authorization": f"Basic {TOKEN}"},
-    "bare token": {"Authorization": TOKEN},
-    "empty bearer": {"Authorization": "Bearer "},
-    "non-ASCII": {"Authorization": "Bearer sécret".encode()},
-    "latin-1 bytes": {"Authorization": b"Bearer \xe9\xff"},
-}
+WRONG = [
+    pytest.param({}, id="no-header"),
+    pytest.param({"Authorization": "Bearer nope"}, id="wrong-token"),
+    pytest.param({"Authorization": f"Bearer {TOKEN[:-1]}"}, id="token-prefix"),
+    pytest.param({"Authorization": f"Basic {TOKEN}"}, id="basic-scheme"),
+    pytest.param({"Authorization": TOKEN}, id="bare-token"),
+    pytest.param({"Authorization": "Bearer "}, id="empty-bearer"),
+    pytest.param({"Authorization": "Bearer sécret".encode()}, id="non-ASCII"),
+    pytest.param({"Authorization": b"Bearer \xe9\xff"}, id="latin-1-bytes"),
+]
 
 
 def concrete(path: str) -> str:
@@ -88,21 +88,25 @@ def endpoints(client: TestClient) -> list[tuple[str, str]]:
     return found
 
 
-def test_every_path_but_health_and_metrics_needs_the_token(secured: TestClient) -> None:
+@pytest.mark.parametrize("headers", WRONG)
+def test_every_path_but_health_and_metrics_needs_the_token(
+    secured: TestClient, headers: dict[str, Any]
+) -> None:
     found = endpoints(secured)
     assert len(found) > 20
     before = secured.get("/services/_effects", headers={"Authorization": f"Bearer {TOKEN}"})
+    # One check over the router table, walked at run time: the message names the route.
     for method, path in found:
-        for case, headers in WRONG.items():
-            response = secured.request(method, path, headers=headers)
-            if path in OPEN_PATHS:
-                assert response.status_code == 200, (method, path, case)
-                continue
-            assert response.status_code == 401, (method, path, case, response.text)
-            assert response.headers["WWW-Authenticate"] == "Bearer"
-            assert response.headers["content-type"] == "application/problem+json"
-            if method != "HEAD":
-                assert response.json()["detail"] == "missing or wrong bearer token"
+        route = f"{method} {path}"
+        response = secured.request(method, path, headers=headers)
+        if path in OPEN_PATHS:
+            assert response.status_code == 200, route
+            continue
+        assert response.status_code == 401, (route, response.text)
+        assert response.headers["WWW-Authenticate"] == "Bearer", route
+        assert response.headers["content-type"] == "application/problem+json", route
+        if method != "HEAD":
+            assert response.json()["detail"] == "missing or wrong bearer token", route
     # /services/_reset, /_faults, /users/refund ... all refused: nothing changed.
     after = secured.get("/services/_effects", headers={"Authorization": f"Bearer {TOKEN}"})
     assert after.json() == before.json()
@@ -115,8 +119,8 @@ def test_the_right_token_opens_every_path(secured: TestClient) -> None:
         if method == "POST" and path.endswith("/_reset"):
             continue  # would wipe the services other tests in this module read
         response = secured.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"})
-        assert response.status_code not in (401, 403), (method, path)
-        assert response.status_code < 500, (method, path, response.text)
+        assert response.status_code not in (401, 403), f"{method} {path}"
+        assert response.status_code < 500, (f"{method} {path}", response.text)
 
 
 def test_a_route_added_later_is_covered(tmp_path: Path) -> None:
@@ -132,15 +136,25 @@ def test_a_route_added_later_is_covered(tmp_path: Path) -> None:
         assert good.json() == {"secret": "yes"}
 
 
-def test_a_non_ascii_configured_token_works_and_never_500s(tmp_path: Path) -> None:
-    app = app_with_token(tmp_path, NON_ASCII_TOKEN)
-    right = {"Authorization": b"Bearer " + NON_ASCII_TOKEN.encode()}
+@pytest.fixture(scope="module")
+def non_ascii_secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    app = app_with_token(tmp_path_factory.mktemp("non-ascii"), NON_ASCII_TOKEN)
     with TestClient(app) as client:
-        assert client.get("/orders", headers=right).status_code == 200
-        for headers in WRONG.values():
-            assert client.get("/orders", headers=headers).status_code == 401
-        latin1 = {"Authorization": b"Bearer " + NON_ASCII_TOKEN.encode("utf-16")}
-        assert client.get("/orders", headers=latin1).status_code == 401
+        yield client
+
+
+def test_a_non_ascii_configured_token_works(non_ascii_secured: TestClient) -> None:
+    right = {"Authorization": b"Bearer " + NON_ASCII_TOKEN.encode()}
+    assert non_ascii_secured.get("/orders", headers=right).status_code == 200
+    other_encoding = {"Authorization": b"Bearer " + NON_ASCII_TOKEN.encode("utf-16")}
+    assert non_ascii_secured.get("/orders", headers=other_encoding).status_code == 401
+
+
+@pytest.mark.parametrize("headers", WRONG)
+def test_a_non_ascii_configured_token_refuses_wrong_auth_and_never_500s(
+    non_ascii_secured: TestClient, headers: dict[str, Any]
+) -> None:
+    assert non_ascii_secured.get("/orders", headers=headers).status_code == 401
 
 
 def test_openapi_declares_the_bearer_scheme(secured: TestClient) -> None:
@@ -150,12 +164,13 @@ def test_openapi_declares_the_bearer_scheme(secured: TestClient) -> None:
         "scheme": "bearer",
         "description": "Required on every path but /healthz and /metrics",
     }
+    # One check over every operation the document lists: the message names the operation.
     for path, operations in document["paths"].items():
-        for operation in operations.values():
+        for method, operation in operations.items():
             expected = [] if path in OPEN_PATHS else [{"bearer": []}]
-            assert operation.get("security", []) == expected, path
+            assert operation.get("security", []) == expected, f"{method.upper()} {path}"
             if path not in OPEN_PATHS:
-                assert "401" in operation["responses"], path
+                assert "401" in operation["responses"], f"{method.upper()} {path}"
 
 
 @pytest.mark.parametrize("token", ["", " ", "\t\n", " padded ", "new\nline"])
@@ -182,7 +197,7 @@ def test_no_token_configured_leaves_every_path_open(tmp_path: Path) -> None:
     app = create_app(Settings(database_url=url, services_db=str(tmp_path / "s.db")), sweep=False)
     with TestClient(app) as client:
         assert client.get("/orders").status_code == 200
-        assert client.get("/services/users/1").status_code == 200
+        assert client.get(f"/services/users/{ORDINARY_USER_ID}").status_code == 200
         assert "securitySchemes" not in client.get("/openapi.json").json()["components"]
 
 
@@ -206,7 +221,7 @@ def test_embedded_services_are_called_with_the_token(tmp_path: Path, token: str)
             assert time.monotonic() < deadline and thread.is_alive()
             time.sleep(0.01)
         auth = {"Authorization": b"Bearer " + token.encode()}
-        body = {"user_id": 1, "product_id": 1, "quantity": 1}
+        body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
         placed = httpx.post(f"{base}/orders", json=body, headers=auth, timeout=30)
         assert placed.status_code == 201, placed.text
         assert placed.json()["status"] == "completed"

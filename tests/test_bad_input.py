@@ -18,6 +18,7 @@ from api.app import create_app
 from api.guard import BodyGuard
 from downstream.app import create_services_app
 from downstream.faults import MAX_PENDING
+from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm.settings import Settings
 from fsm.store import make_engine
 from tests.support.services import LiveServer
@@ -25,12 +26,13 @@ from tests.support.services import LiveServer
 PROBLEM = "application/problem+json"
 SMALL = 2048  # bytes: an error answer never echoes a body back
 CAP = 64 * 1024
-OK = '"user_id": 1, "product_id": 1, "quantity": 1'
+OK = f'"user_id": {ORDINARY_USER_ID}, "product_id": {WIDGET_ID}, "quantity": 1'
 
 
 def order(**fields: str) -> str:
     """An order body with some fields replaced by raw JSON text."""
-    values = {"user_id": "1", "product_id": "1", "quantity": "1", **fields}
+    values = {"user_id": str(ORDINARY_USER_ID), "product_id": str(WIDGET_ID), "quantity": "1"}
+    values |= fields
     return "{" + ", ".join(f'"{k}": {v}' for k, v in values.items()) + "}"
 
 
@@ -119,7 +121,7 @@ def test_blank_or_bad_idempotency_key_is_422(api: TestClient, key: str) -> None:
 @pytest.mark.usefixtures("nothing_created")
 def test_the_422_names_the_field_and_quotes_only_an_excerpt(api: TestClient) -> None:
     long = "x" * 5000
-    response = api.post("/orders", json={"user_id": long, "product_id": 1, "quantity": 1})
+    response = api.post("/orders", json={"user_id": long, "product_id": WIDGET_ID, "quantity": 1})
     body = assert_problem(response, 422)
     [issue] = body["errors"]
     assert issue["loc"] == ["body", "user_id"] and issue["msg"]
@@ -137,21 +139,21 @@ BAD_SERVICE_CALLS: list[Any] = [
     pytest.param(
         "POST",
         "/users/deduct",
-        {"user_id": 1, "amount": 2**64, "order_id": "o"},
+        {"user_id": ORDINARY_USER_ID, "amount": 2**64, "order_id": "o"},
         422,
         id="amount beyond 64 bits",
     ),
     pytest.param(
         "POST",
         "/inventory/deduct",
-        '{"product_id": 1, "quantity": NaN, "order_id": "o"}',
+        f'{{"product_id": {WIDGET_ID}, "quantity": NaN, "order_id": "o"}}',
         422,
         id="NaN quantity",
     ),
     pytest.param(
         "POST",
         "/shipping/schedule",
-        '{"order_id": "\\ud800", "user_id": 1, "quantity": 1}',
+        f'{{"order_id": "\\ud800", "user_id": {ORDINARY_USER_ID}, "quantity": 1}}',
         422,
         id="lone surrogate order id",
     ),
@@ -185,14 +187,14 @@ def services_client(request: pytest.FixtureRequest) -> Iterator[TestClient]:
 def test_bad_service_call_is_4xx_and_changes_nothing(
     services_client: TestClient, method: str, path: str, body: Any, status: int
 ) -> None:
-    before = services_client.get("/users/1").json()
+    before = services_client.get(f"/users/{ORDINARY_USER_ID}").json()
     kwargs: dict[str, Any] = {"content": body} if isinstance(body, str) else {"json": body}
     headers = {"Content-Type": "application/json"}
     response = services_client.request(method, path, headers=headers, **kwargs)
     assert response.status_code == status, response.text
     assert len(response.content) < SMALL
     assert response.json()["detail"]
-    assert services_client.get("/users/1").json() == before
+    assert services_client.get(f"/users/{ORDINARY_USER_ID}").json() == before
     assert services_client.get("/_faults").json() == {"faults": []}
     assert services_client.get("/_effects").json() == {"effects": {}}
 

@@ -21,6 +21,7 @@ import httpx
 import pytest
 from PIL import Image, ImageStat
 
+from downstream.seed import ORDINARY_USER_ID, POOR_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
 from tests.support.processes import ORDER_SAGA
 from tests.support.services import free_port
 
@@ -113,10 +114,10 @@ def page(served: Served) -> Iterator[Any]:
 def test_list_order_resolve_and_cancel_in_the_browser(served: Served, page: Any) -> None:
     from playwright.sync_api import expect
 
-    completed = served.place(1, 1)
-    served.place(2, 1)  # payment refused: failed
+    completed = served.place(ORDINARY_USER_ID, WIDGET_ID)
+    served.place(POOR_USER_ID, WIDGET_ID)  # payment refused: failed
     served.fault("user.refund")
-    parked = served.place(1, 3)  # sold out, and the refund is down: parked
+    parked = served.place(ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID)  # the refund is down: parked
     served.clear_faults()
     assert parked["status"] == "needs_attention"
 
@@ -149,8 +150,8 @@ def test_list_order_resolve_and_cancel_in_the_browser(served: Served, page: Any)
 
 
 def test_pages_render_non_blank(served: Served, page: Any, tmp_path: Path) -> None:
-    served.place(1, 1)
-    failed = served.place(2, 1)
+    served.place(ORDINARY_USER_ID, WIDGET_ID)
+    failed = served.place(POOR_USER_ID, WIDGET_ID)
     for path, min_height in (("/ui", 400), (f"/ui/orders/{failed['id']}", 1200)):
         page.goto(f"{served.url}{path}")
         shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")

@@ -227,13 +227,15 @@ def test_unknown_format(fmt: str) -> None:
         render(fmt, COMPLETED)
 
 
-def test_graphviz_missing_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", [pytest.param("svg", id="svg"), pytest.param("png", id="png")])
+def test_graphviz_missing_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fmt: str
+) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no `dot` to be found
-    for fmt in ("svg", "png"):
-        with pytest.raises(GraphvizMissing) as caught:
-            render(fmt, FAILED)
-        assert "\n" not in str(caught.value)
-        assert "apt-get install graphviz" in str(caught.value)
+    with pytest.raises(GraphvizMissing) as caught:
+        render(fmt, FAILED)
+    assert "\n" not in str(caught.value)
+    assert "apt-get install graphviz" in str(caught.value)
     assert render("mermaid", FAILED) and render("dot", FAILED)  # these need nothing
 
 

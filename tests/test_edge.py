@@ -51,11 +51,16 @@ def test_database_down_is_a_503_problem_with_retry_after(make_url: Any, tmp_path
         answers = [
             client.get("/orders"),
             client.get(f"/orders/{uuid.uuid4()}"),
-            client.post("/orders", json={"user_id": 1, "product_id": 1, "quantity": 1}),
+            client.post(
+                "/orders",
+                json={"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1},
+            ),
             client.post(f"/orders/{uuid.uuid4()}/resume"),
             client.get("/metrics"),
         ]
-        assert client.get("/services/users/1").status_code == 200  # the services are fine
+        assert (
+            client.get(f"/services/users/{ORDINARY_USER_ID}").status_code == 200
+        )  # the services are fine
     for response in [health, *answers]:
         assert response.status_code == 503, response.text
         assert response.headers["content-type"] == "application/problem+json"
@@ -256,7 +261,7 @@ def test_sigterm_drains_within_the_grace_period_and_releases_leases(tmp_path: Pa
                     time.sleep(0.05)
             fault = {"operation": "user.deduct", "mode": "delay", "count": 1, "seconds": 600}
             httpx.post(f"{base}/services/_faults", json=fault).raise_for_status()
-            body = {"user_id": 1, "product_id": 1, "quantity": 1}
+            body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
             placed = httpx.post(f"{base}/orders", json=body, headers={"Prefer": "respond-async"})
             order_id = placed.json()["id"]
             while httpx.get(f"{base}/orders/{order_id}").json()["steps"]["payment"] != "requested":

@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID
+from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID
 from fsm.store import Store
 from order_saga.logs import configure
 from order_saga.redact import masked
@@ -79,7 +79,10 @@ def test_state_fields_are_enums(client: TestClient) -> None:
 
 def test_resolve_over_http(client: TestClient, store: Store, downstream: Downstream) -> None:
     downstream.fault("user.refund", "error", count=1000)
-    order = client.post("/orders", json={"user_id": 1, "product_id": 3, "quantity": 1}).json()
+    order = client.post(
+        "/orders",
+        json={"user_id": ORDINARY_USER_ID, "product_id": SOLD_OUT_PRODUCT_ID, "quantity": 1},
+    ).json()
     httpx.delete(f"{downstream.url}/_faults").raise_for_status()
     assert order["status"] == "needs_attention"
     url = f"/orders/{order['id']}/resolve"

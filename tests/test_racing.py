@@ -13,7 +13,9 @@ from collections import Counter
 
 import pytest
 
+from downstream.seed import RICH_USER_ID, WIDGET_ID
 from fsm.store import Store, utcnow
+from tests.support.api import WIDGET_PRICE
 from tests.support.database import stuck_orders, triggers_by_scope
 from tests.support.processes import (
     FORWARD_ACTIONS,
@@ -25,8 +27,6 @@ from tests.support.processes import (
 )
 from tests.support.services import Books, Downstream, Fault, assert_conserved, set_faults
 
-# Seed: user 3 is rich enough for any batch; product 1 (1999 cents) has a million units.
-RICH_USER, WIDGET, WIDGET_PRICE = 3, 1, 1999
 ONE_RUN = {  # the log of an order completed by a single driver
     "order": Counter(request_product=1, product_found=1, all_succeeded=1),
     **{step: Counter(request=1, succeed=1) for step in FORWARD_ACTIONS},
@@ -52,8 +52,10 @@ def assert_each_driven_once(
     forward = {f"{oid}:{step}:{action}" for oid in ids for step, action in FORWARD_ACTIONS.items()}
     assert len(forward) == 3 * len(ids)
     assert downstream.effects() == dict.fromkeys(forward, 1)  # once each, nothing else
-    assert downstream.balance(RICH_USER) == books.balances[RICH_USER] - len(ids) * WIDGET_PRICE
-    assert downstream.stock(WIDGET) == books.stocks[WIDGET] - len(ids)
+    assert (
+        downstream.balance(RICH_USER_ID) == books.balances[RICH_USER_ID] - len(ids) * WIDGET_PRICE
+    )
+    assert downstream.stock(WIDGET_ID) == books.stocks[WIDGET_ID] - len(ids)
     assert_conserved(downstream, books, orders)
 
 
@@ -61,8 +63,8 @@ def assert_each_driven_once(
 def test_two_resumers_race_for_the_same_stuck_orders(
     db_url: str, store: Store, downstream: Downstream
 ) -> None:
-    books = Books.read(downstream, users=[RICH_USER], products=[WIDGET])
-    ids = stuck_orders(store, 100, user_id=RICH_USER, product_id=WIDGET, quantity=1)
+    books = Books.read(downstream, users=[RICH_USER_ID], products=[WIDGET_ID])
+    ids = stuck_orders(store, 100, user_id=RICH_USER_ID, product_id=WIDGET_ID, quantity=1)
     env = saga_env(database_url=db_url, services_url=downstream.url)
 
     argv = command("resume", "--older-than", "0", "--limit", "1000")
@@ -81,8 +83,8 @@ def test_two_resumers_race_for_the_same_stuck_orders(
 def test_two_workers_share_the_stuck_orders(
     db_url: str, store: Store, downstream: Downstream
 ) -> None:
-    books = Books.read(downstream, users=[RICH_USER], products=[WIDGET])
-    ids = stuck_orders(store, 50, user_id=RICH_USER, product_id=WIDGET, quantity=1)
+    books = Books.read(downstream, users=[RICH_USER_ID], products=[WIDGET_ID])
+    ids = stuck_orders(store, 50, user_id=RICH_USER_ID, product_id=WIDGET_ID, quantity=1)
     env = saga_env(database_url=db_url, services_url=downstream.url)
 
     argv = command("worker", "--interval", "0.2", "--older-than", "0")
@@ -110,8 +112,8 @@ def test_a_frozen_driver_loses_its_orders_and_cannot_write_after_waking(
     """SPEC §3 "a stale writer's transition is rejected, not merged": driver A freezes
     (SIGSTOP) with payments in flight, its leases run out, driver B takes every order over
     and completes it; A wakes up, and every write it attempts is refused."""
-    books = Books.read(downstream, users=[RICH_USER], products=[WIDGET])
-    ids = stuck_orders(store, 20, user_id=RICH_USER, product_id=WIDGET, quantity=1)
+    books = Books.read(downstream, users=[RICH_USER_ID], products=[WIDGET_ID])
+    ids = stuck_orders(store, 20, user_id=RICH_USER_ID, product_id=WIDGET_ID, quantity=1)
     # A's first deductions hang 4 s in the service: A is waiting on them when frozen.
     set_faults(downstream.url, [Fault("user.deduct", "delay", count=8, seconds=4.0)])
     env = saga_env(database_url=db_url, services_url=downstream.url)

@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm.settings import Settings
 from tests.support.database import drop_pg_database
 from tests.support.services import Downstream, free_port
@@ -104,7 +105,7 @@ def test_the_postgresql_block_runs_as_written(tmp_path: Path) -> None:
     probe = f"""
 wait_for http://127.0.0.1:{api}/healthz
 curl -sf -X POST http://127.0.0.1:{api}/orders -H 'Content-Type: application/json' \\
-     -d '{{"user_id":1,"product_id":1,"quantity":1}}'
+     -d '{{"user_id":{ORDINARY_USER_ID},"product_id":{WIDGET_ID},"quantity":1}}'
 """
     try:
         result = run_block(block, probe, tmp_path)

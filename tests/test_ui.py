@@ -14,12 +14,17 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from downstream.seed import (
+    MISSING_PRODUCT_ID,
+    ORDINARY_USER_ID,
+    POOR_USER_ID,
+    SOLD_OUT_PRODUCT_ID,
+    WIDGET_ID,
+)
 from fsm.store import Store
 from tests.support.api import settings_for
 from tests.support.services import Downstream
 
-PAYER, POOR = 1, 2
-WIDGET, SOLD_OUT, MISSING = 1, 3, 999
 GREEN, RED = "#81c784", "#e57373"  # fsm.diagram: where a completed / failed order rests
 
 
@@ -40,7 +45,7 @@ def place(client: TestClient, user: int, product: int, quantity: int = 1) -> str
 
 def park(client: TestClient, downstream: Downstream) -> str:
     downstream.fault("user.refund", "error", count=1000)
-    order_id = place(client, PAYER, SOLD_OUT)
+    order_id = place(client, ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID)
     httpx.delete(f"{downstream.url}/_faults").raise_for_status()
     assert client.get(f"/orders/{order_id}").json()["status"] == "needs_attention"
     return order_id
@@ -62,9 +67,9 @@ def current_fill(svg: str, state: str) -> str:
 
 
 def test_list_counts_filters_and_parked_first(client: TestClient, downstream: Downstream) -> None:
-    done = place(client, PAYER, WIDGET)
+    done = place(client, ORDINARY_USER_ID, WIDGET_ID)
     parked = park(client, downstream)
-    failed = place(client, POOR, WIDGET)
+    failed = place(client, POOR_USER_ID, WIDGET_ID)
     page = client.get("/ui")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert rows(page.text) == [parked, failed, done]  # parked first, then newest first
@@ -72,15 +77,16 @@ def test_list_counts_filters_and_parked_first(client: TestClient, downstream: Do
     assert re.search(r'data-status="cancelled">cancelled <b>0</b>', page.text)
     assert "payment refund did not succeed" in page.text and "sweep retries at" in page.text
     assert rows(client.get("/ui", params={"status": "failed"}).text) == [failed]
-    assert rows(client.get("/ui", params={"user": POOR}).text) == [failed]
-    assert rows(client.get("/ui", params={"product": SOLD_OUT}).text) == [parked]
+    assert rows(client.get("/ui", params={"user": POOR_USER_ID}).text) == [failed]
+    assert rows(client.get("/ui", params={"product": SOLD_OUT_PRODUCT_ID}).text) == [parked]
     assert rows(client.get("/ui", params={"state": "completed"}).text) == [done]
     assert rows(client.get("/ui", params={"older_than": 3600}).text) == []
     assert client.get("/ui", params={"status": "lost"}).status_code == 422
 
 
 def test_paging(client: TestClient) -> None:
-    ids = [place(client, PAYER, MISSING) for _ in range(27)]  # rejected: cheap to make
+    # rejected: cheap to make
+    ids = [place(client, ORDINARY_USER_ID, MISSING_PRODUCT_ID) for _ in range(27)]
     first = client.get("/ui").text
     assert rows(first) == ids[::-1][:25] and 'rel="next"' in first and 'rel="prev"' not in first
     second = client.get("/ui", params={"offset": 25}).text
@@ -90,7 +96,7 @@ def test_paging(client: TestClient) -> None:
 def test_order_page_shows_steps_timeline_and_outcome(
     client: TestClient, store: Store, downstream: Downstream
 ) -> None:
-    failed = place(client, POOR, WIDGET)
+    failed = place(client, POOR_USER_ID, WIDGET_ID)
     page = client.get(f"/ui/orders/{failed}").text
     assert '<span class="badge status-failed" id="order-status">failed</span>' in page
     assert "402" in page  # the downstream answer that failed the payment
@@ -98,7 +104,7 @@ def test_order_page_shows_steps_timeline_and_outcome(
     assert len(re.findall(r'<tr class="scope-', page)) == len(history)
     assert page.count("<svg") == 1 and "<?xml" not in page  # inline, without the prolog
     assert current_fill(page, "failed") == RED  # a failed order never looks completed
-    completed = client.get(f"/ui/orders/{place(client, PAYER, WIDGET)}").text
+    completed = client.get(f"/ui/orders/{place(client, ORDINARY_USER_ID, WIDGET_ID)}").text
     assert current_fill(completed, "completed") == GREEN
     assert "action-cancel" in completed and "action-resolve" not in completed
     assert client.get(f"/ui/orders/{uuid.uuid4()}").status_code == 404
@@ -113,7 +119,7 @@ def test_resolve_needs_confirmation_and_a_reason(
     confirm = client.get(f"/ui/orders/{parked}/resolve")
     assert confirm.status_code == 200 and 'name="reason"' in confirm.text
     assert store.get(uuid.UUID(parked)).state == "needs_attention"  # asking changes nothing
-    completed = place(client, PAYER, WIDGET)
+    completed = place(client, ORDINARY_USER_ID, WIDGET_ID)
     offered = client.get(f"/ui/orders/{completed}/resolve").text
     assert "Not possible while the order is completed" in offered and "<form" not in offered
     empty = client.post(f"/ui/orders/{parked}/resolve", data={"reason": " "})
@@ -133,18 +139,19 @@ def test_retry_and_cancel_from_the_page(
     parked = park(client, downstream)
     retried = client.post(f"/ui/orders/{parked}/retry")
     assert "Retry compensation: now failed (failed)" in retried.text
-    completed = place(client, PAYER, WIDGET)
+    completed = place(client, ORDINARY_USER_ID, WIDGET_ID)
     cancelled = client.post(f"/ui/orders/{completed}/cancel")
     assert "Cancel order: now cancelled (cancelled)" in cancelled.text
     assert downstream.shipment(completed)["status"] == "cancelled"  # type: ignore[index]
-    refused = client.post(f"/ui/orders/{place(client, POOR, WIDGET)}/cancel")  # a failed one
+    failed = place(client, POOR_USER_ID, WIDGET_ID)
+    refused = client.post(f"/ui/orders/{failed}/cancel")
     assert "only a completed order can be cancelled" in refused.text
     assert client.get(f"/ui/orders/{completed}/explode").status_code == 422
 
 
 def test_heatmap_page(client: TestClient, downstream: Downstream) -> None:
-    place(client, PAYER, WIDGET)
-    place(client, POOR, WIDGET)
+    place(client, ORDINARY_USER_ID, WIDGET_ID)
+    place(client, POOR_USER_ID, WIDGET_ID)
     page = client.get("/ui/heatmap").text
     assert page.count("<svg") == 1
     assert "all_succeeded ×1" in page and "some_failed ×1" in page and "resolve ×0" in page
@@ -158,13 +165,18 @@ def test_pages_need_the_token_when_one_is_set(db_url: str, services_url: str) ->
         assert c.get("/ui", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
-def test_docs_work_offline_and_lines_carry_request_ids(client: TestClient) -> None:
-    for path in ("/docs", "/redoc"):
-        html = client.get(path).text
-        assets = re.findall(r'(?:src|href)="([^"]+)"', html)
-        assert assets and all(a.startswith("/") for a in assets), assets  # nothing external
-        for asset in assets:
-            assert client.get(asset).status_code == 200, asset
+@pytest.mark.parametrize(
+    "path", [pytest.param("/docs", id="docs"), pytest.param("/redoc", id="redoc")]
+)
+def test_docs_work_offline(client: TestClient, path: str) -> None:
+    html = client.get(path).text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert assets and all(a.startswith("/") for a in assets), assets  # nothing external
+    for asset in assets:
+        assert client.get(asset).status_code == 200, asset
+
+
+def test_static_files_are_served_and_lines_carry_request_ids(client: TestClient) -> None:
     assert client.get("/ui/static/ui.css").status_code == 200
     response = client.get("/healthz", headers={"X-Request-ID": "3f2b8c1e9a7d4e6f8b0c1d2e3f4a5b6c"})
     assert response.headers["x-request-id"] == "3f2b8c1e9a7d4e6f8b0c1d2e3f4a5b6c"

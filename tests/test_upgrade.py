@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import insert, select, text, update
 
 from api.app import create_app
-from downstream.seed import WIDGET_ID
+from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
 from fsm.clients import Services
 from fsm.executor import Executor
 from fsm.machine import (
@@ -47,7 +47,6 @@ from tests.support.services import Downstream
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER_SAGA = str(Path(sys.executable).parent / "order-saga")
-PAYER, SOLD_OUT = 1, 3  # seed: user 1 can pay, product 3 is sold out
 KNOWN = {s.value for s in OrderState}
 orders = OrderTable.__table__  # type: ignore[attr-defined]
 
@@ -84,7 +83,7 @@ async def test_orders_and_transitions_record_the_version(
     store: Store, executor: Executor, downstream: Downstream
 ) -> None:
     order, _ = await store.create_order(
-        user_id=PAYER, product_id=WIDGET_ID, quantity=1, owner=executor.owner
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner=executor.owner
     )
     assert store.get(order.id).machine_version == MACHINE_VERSION
     await executor.drive(order)
@@ -109,8 +108,8 @@ def put(store: Store, state: str, steps: tuple[str, str, str], n: int = 1) -> li
     rows = [
         {
             "id": uuid.uuid4(),
-            "user_id": PAYER,
-            "product_id": 1,
+            "user_id": ORDINARY_USER_ID,
+            "product_id": WIDGET_ID,
             "quantity": 1,
             "state": state,
             "status": coarse_status(state).value if state in KNOWN else "running",
@@ -251,12 +250,15 @@ async def test_a_renamed_state_migrates_and_the_orders_finish(
     upgrade(migrated)
     store = build_store(saga_settings(migrated))
     executor = build_executor(saga_settings(migrated), store=store, services=services)
-    balance, stock = downstream.balance(PAYER), downstream.stock(SOLD_OUT)
+    balance, stock = downstream.balance(ORDINARY_USER_ID), downstream.stock(SOLD_OUT_PRODUCT_ID)
     downstream.fault("user.refund", "error", count=1000)
     ids = []
     for _ in range(3):  # paid, sold out -> refund fails all run long -> parked
         order, _ = await store.create_order(
-            user_id=PAYER, product_id=SOLD_OUT, quantity=1, owner=executor.owner
+            user_id=ORDINARY_USER_ID,
+            product_id=SOLD_OUT_PRODUCT_ID,
+            quantity=1,
+            owner=executor.owner,
         )
         await executor.drive(order)
         assert store.get(order.id).state == "needs_attention"
@@ -286,8 +288,8 @@ async def test_a_renamed_state_migrates_and_the_orders_finish(
     httpx.delete(f"{downstream.url}/_faults").raise_for_status()
     for oid in ids:
         assert (await executor.run(oid)).status == "failed"
-    assert downstream.balance(PAYER) == balance  # charged, then refunded once each
-    assert downstream.stock(SOLD_OUT) == stock
+    assert downstream.balance(ORDINARY_USER_ID) == balance  # charged, then refunded once each
+    assert downstream.stock(SOLD_OUT_PRODUCT_ID) == stock
     assert all(n == 1 for n in downstream.effects().values())
     history = store.history(ids[0])
     parked = [t for t in history if t.trigger == "park"]

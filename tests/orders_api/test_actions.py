@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from fastapi.testclient import TestClient
 
 from downstream.seed import (
@@ -89,23 +90,28 @@ def test_cancel_unknown_order_is_404(client: TestClient) -> None:
 # -- POST /orders/{id}/resume ------------------------------------------------------------
 
 
-def test_resume_terminal_order_is_a_noop(client: TestClient, downstream: Downstream) -> None:
-    for kind, user, product in [
-        ("completed", ORDINARY_USER_ID, WIDGET_ID),
-        ("failed", POOR_USER_ID, WIDGET_ID),
-        ("rejected", ORDINARY_USER_ID, MISSING_PRODUCT_ID),
-    ]:
-        created = place(client, user=user, product=product).json()
-        before = client.get(f"/orders/{created['id']}/transitions").json()
-        effects = downstream.effects()
+@pytest.mark.parametrize(
+    ("kind", "user", "product"),
+    [
+        pytest.param("completed", ORDINARY_USER_ID, WIDGET_ID, id="completed"),
+        pytest.param("failed", POOR_USER_ID, WIDGET_ID, id="failed"),
+        pytest.param("rejected", ORDINARY_USER_ID, MISSING_PRODUCT_ID, id="rejected"),
+    ],
+)
+def test_resume_terminal_order_is_a_noop(
+    client: TestClient, downstream: Downstream, kind: str, user: int, product: int
+) -> None:
+    created = place(client, user=user, product=product).json()
+    before = client.get(f"/orders/{created['id']}/transitions").json()
+    effects = downstream.effects()
 
-        response = client.post(f"/orders/{created['id']}/resume")
+    response = client.post(f"/orders/{created['id']}/resume")
 
-        assert response.status_code == 200, response.text
-        assert response.json()["status"] == kind
-        assert response.json()["updated_at"] == created["updated_at"]
-        assert client.get(f"/orders/{created['id']}/transitions").json() == before
-        assert downstream.effects() == effects
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == kind
+    assert response.json()["updated_at"] == created["updated_at"]
+    assert client.get(f"/orders/{created['id']}/transitions").json() == before
+    assert downstream.effects() == effects
 
 
 async def test_resume_drives_a_stuck_order_to_completion(

@@ -121,23 +121,24 @@ def test_slow_services_answer_202_then_complete(
     assert final["shipping"]["address"]
 
 
-BAD_BODIES = {
-    "missing field": {"user_id": 1, "product_id": 1},
-    "string user id": {"user_id": "1", "product_id": 1, "quantity": 1},
-    "string product id": {"user_id": 1, "product_id": "1", "quantity": 1},
-    "float quantity": {"user_id": 1, "product_id": 1, "quantity": 1.5},
-    "integral float": {"user_id": 1, "product_id": 1, "quantity": 1.0},
-    "bool quantity": {"user_id": 1, "product_id": 1, "quantity": True},
-    "zero quantity": {"user_id": 1, "product_id": 1, "quantity": 0},
-    "negative quantity": {"user_id": 1, "product_id": 1, "quantity": -3},
-    "zero user id": {"user_id": 0, "product_id": 1, "quantity": 1},
-    "null product": {"user_id": 1, "product_id": None, "quantity": 1},
-    "extra field": {"user_id": 1, "product_id": 1, "quantity": 1, "coupon": "FREE"},
-    "not an object": [1, 1, 1],
-}
+VALID = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
+BAD_BODIES = [
+    pytest.param({"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID}, id="missing field"),
+    pytest.param({**VALID, "user_id": str(ORDINARY_USER_ID)}, id="string user id"),
+    pytest.param({**VALID, "product_id": str(WIDGET_ID)}, id="string product id"),
+    pytest.param({**VALID, "quantity": 1.5}, id="float quantity"),
+    pytest.param({**VALID, "quantity": 1.0}, id="integral float"),
+    pytest.param({**VALID, "quantity": True}, id="bool quantity"),
+    pytest.param({**VALID, "quantity": 0}, id="zero quantity"),
+    pytest.param({**VALID, "quantity": -3}, id="negative quantity"),
+    pytest.param({**VALID, "user_id": 0}, id="zero user id"),
+    pytest.param({**VALID, "product_id": None}, id="null product"),
+    pytest.param({**VALID, "coupon": "FREE"}, id="extra field"),
+    pytest.param(list(VALID.values()), id="not an object"),
+]
 
 
-@pytest.mark.parametrize("body", BAD_BODIES.values(), ids=BAD_BODIES.keys())
+@pytest.mark.parametrize("body", BAD_BODIES)
 def test_create_rejects_bad_input(sqlite_client: TestClient, body: Any) -> None:
     response = sqlite_client.post("/orders", json=body)
 
@@ -146,7 +147,14 @@ def test_create_rejects_bad_input(sqlite_client: TestClient, body: Any) -> None:
     assert sqlite_client.get("/orders").json()["orders"] == []  # nothing stored, so no call
 
 
-@pytest.mark.parametrize("content", ["not json", '{"user_id": 1,', ""])
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param("not json", id="not json"),
+        pytest.param(f'{{"user_id": {ORDINARY_USER_ID},', id="truncated"),
+        pytest.param("", id="empty"),
+    ],
+)
 def test_create_rejects_non_json(sqlite_client: TestClient, content: str) -> None:
     response = sqlite_client.post(
         "/orders", content=content, headers={"Content-Type": "application/json"}

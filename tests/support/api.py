@@ -14,13 +14,14 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from downstream.seed import (
     ORDINARY_USER_ID,
+    PRODUCTS,
     WIDGET_ID,
 )
 from fsm.settings import Settings
 from tests.support.services import Downstream
 
-# The seed's named ids (downstream/seed.py); the widget costs 1999 cents.
-WIDGET_PRICE = 1999
+# What the seed (downstream/seed.py) sells the widget for, in cents.
+WIDGET_PRICE = next(p.price for p in PRODUCTS if p.id == WIDGET_ID)
 TOKEN = "s3cret"
 TERMINAL = {"completed", "failed", "rejected", "cancelled", "needs_attention"}
 

@@ -97,6 +97,13 @@ def hide(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def outcome(states: dict[str, int]) -> str:
+    """'N completed', then any other final states with their counts."""
+    others = {s: n for s, n in states.items() if s != "completed" and n}
+    done = f"{states.get('completed', 0):,} completed"
+    return done + (f", others {others}" if others else "")
+
+
 def rate(count: int, seconds: float) -> str:
     return f"{count / seconds:,.0f}/s" if seconds > 0 else "-"
 

@@ -21,6 +21,7 @@ from bench.common import (
     StateCounter,
     insert_waiting_orders,
     migrate,
+    outcome,
     saga_argv,
     saga_env,
     scratch_database,
@@ -38,9 +39,6 @@ def in_process(cfg: Config, kind: str, count: int, raw: float) -> Row:
         meter = Meter()
         outcomes = asyncio.run(engine_api.sweep(url, fake_services(), count))
         meter.stop()
-    completed = outcomes.get("completed", 0)
-    others = {s: n for s, n in outcomes.items() if s != "completed"}
-    outcome = f"{completed:,} completed" + (f", others {others}" if others else "")
     limit = meter.limit(meter.cores(), waits_on="commit latency (WAL write / fsync)")
     return Row(
         what=f"recovery sweep in-process over {count:,} stuck orders, {kind}, fake services",
@@ -48,7 +46,7 @@ def in_process(cfg: Config, kind: str, count: int, raw: float) -> Row:
         reference=f"raw {kind} loop: {count / raw:.1f} s for {count:,} orders" if raw else "",
         ratio=f"{count / raw / meter.wall:.0%}" if raw else "",
         target="< 10 s" if count >= 10_000 else "< 10 s at 10,000",
-        limit=f"{limit}; {outcome}",
+        limit=f"{limit}; {outcome(outcomes)}",
     )
 
 
@@ -76,8 +74,6 @@ def sweep(cfg: Config, kind: str, count: int, seconds: float, raw: float) -> Row
         if not timed_out and resume.returncode != 0:
             raise RuntimeError(f"resume exited {resume.returncode}: {procs.log_tail(resume)}")
     completed = states.get("completed", 0)
-    others = {s: n for s, n in states.items() if s != "completed" and n}
-    outcome = f"{completed:,} completed" + (f", others {others}" if others else "")
     limit = meter.limit(meter.cores("resume"), waits_on="commit latency / services")
     cpu = meter.where(resume=("resume",), services=("services",))
     took = count * wall / max(completed, 1) if timed_out else wall
@@ -91,7 +87,7 @@ def sweep(cfg: Config, kind: str, count: int, seconds: float, raw: float) -> Row
         reference=f"raw {kind} loop: {count / raw:.1f} s for {count:,} orders" if raw else "",
         ratio=f"{count / raw / took:.0%}" if raw and took else "",
         target="< 10 s" if count >= 10_000 else "< 10 s at 10,000",
-        limit=f"{limit}; {cpu}; {outcome}",
+        limit=f"{limit}; {cpu}; {outcome(states)}",
     )
 
 

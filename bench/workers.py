@@ -20,6 +20,7 @@ from bench.common import (
     StateCounter,
     insert_waiting_orders,
     migrate,
+    outcome,
     saga_argv,
     saga_env,
     scratch_database,
@@ -55,16 +56,13 @@ def drain(cfg: Config, workers: int, count: int, seconds: float) -> tuple[Measur
             states = counter.counts()
         finally:
             counter.close()
-    completed = states.get("completed", 0)
-    others = {s: n for s, n in states.items() if s != "completed" and n}
-    failed = sum(n for s, n in others.items() if is_terminal(s))
+    failed = sum(n for s, n in states.items() if s != "completed" and is_terminal(s))
     m = Measured(count - left, meter.wall, count, errors=failed)
     limit = meter.limit(
         meter.cores("worker"), waits_on="commit latency / services", cap=min(workers, CPUS)
     )
     cpu = meter.where(workers=("worker",), services=("services",))
-    outcome = f"{completed:,} completed" + (f", others {others}" if others else "")
-    return m, f"{limit}; {cpu}; {outcome}"
+    return m, f"{limit}; {cpu}; {outcome(states)}"
 
 
 def run(cfg: Config) -> list[Row]:

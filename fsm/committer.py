@@ -12,9 +12,9 @@ anything*; that fails this op alone, its batch neighbours commit. An op may be a
 that yields once, after sending its statements and before reading their results: on
 PostgreSQL the statements of a batch of such ops are then sent together (pipeline mode,
 one round trip per batch instead of one per statement), and each op is resumed to read its
-results once they have all arrived. An op the database
-rejects (a lock timeout, a constraint) aborts the transaction; the batch is committed again
-without it, so it fails alone too. The thread owns its connection (reconnecting once when
+results once they have all arrived. An op the database rejects (a lock timeout, a
+constraint) aborts the transaction; the batch is committed again without it, so it fails
+alone too. The thread owns its connection (reconnecting once when
 it is lost); the event loop never touches the database.
 
     committer.submit(op)  -> awaitable (from the event loop)
@@ -211,6 +211,8 @@ class Committer:
             results = None
             if self.backend.pipeline is not None and len(ops) > 1 and all(map(_yields, ops)):
                 results = self._pipelined(conn, ops)
+                if results is None and self.backend.begin:  # rolled back: open another
+                    conn.execute(self.backend.begin)
             if results is None:
                 results = [self._step(position, op, conn) for position, op in enumerate(ops)]
             conn.commit()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import Any
 from uuid import uuid4
@@ -93,37 +93,50 @@ def write_lock_held(db_url: str, order: Order) -> Iterator[None]:
         conn.rollback()
 
 
-async def test_a_stale_write_inside_a_batch_fails_alone(db_url: str, store: Store) -> None:
-    blocker, good_a, good_b, stale = [
+async def new_orders(store: Store, count: int) -> list[Order]:
+    return [
         (
             await store.create_order(
                 user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner="t"
             )
         )[0]
-        for _ in range(4)
+        for _ in range(count)
     ]
-    old_copy = store.get(stale.id)
-    await store.record_transition(order=stale, owner="t", scope="order", trigger="request_product")
 
+
+def request_product(store: Store, order: Order) -> Awaitable[str]:
+    return store.record_transition(order=order, owner="t", scope="order", trigger="request_product")
+
+
+async def one_batch(
+    db_url: str, store: Store, blocker: Order, writes: Callable[[], list[Awaitable[Any]]]
+) -> list[Any]:
+    """Queue `writes` while the writer is stuck on `blocker`'s write (another session holds
+    its lock), so they go in together as the next batch; their results or exceptions."""
     with write_lock_held(db_url, blocker):
-        first = asyncio.ensure_future(
-            store.record_transition(
-                order=blocker, owner="t", scope="order", trigger="request_product"
-            )
-        )
+        first = asyncio.ensure_future(request_product(store, blocker))
         await wait_until(lambda: store.committer.in_flight == 1)  # the writer is stuck
-        queued = [
-            store.record_transition(order=o, owner=owner, scope="order", trigger=trigger)
-            for o, owner, trigger in [
-                (good_a, "t", "request_product"),
-                (old_copy, "t", "request_product"),  # version 0: the row is at 1
-                (good_b, "t", "request_product"),
-            ]
-        ]
-        batched = asyncio.gather(*queued, return_exceptions=True)
-        await asyncio.sleep(0)  # let the three be queued behind the stuck transaction
+        batched = asyncio.gather(*writes(), return_exceptions=True)
+        await asyncio.sleep(0)  # let them be queued behind the stuck transaction
     await first
-    results = await batched
+    return await batched
+
+
+async def test_a_stale_write_inside_a_batch_fails_alone(db_url: str, store: Store) -> None:
+    blocker, good_a, good_b, stale = await new_orders(store, 4)
+    old_copy = store.get(stale.id)
+    await request_product(store, stale)
+
+    results = await one_batch(
+        db_url,
+        store,
+        blocker,
+        lambda: [
+            request_product(store, good_a),
+            request_product(store, old_copy),  # version 0: the row is at 1
+            request_product(store, good_b),
+        ],
+    )
 
     assert store.committer.largest_batch == 3  # the three shared one transaction
     assert results[0] == results[2] == "product_requested"
@@ -138,39 +151,22 @@ async def test_a_statement_the_database_rejects_inside_a_batch_fails_alone(
     """On PostgreSQL a batch's statements are sent together (pipeline mode), so the error
     cannot say whose statement it was: the batch is run again one statement at a time,
     and only the culprit fails."""
-    blocker, good_a, good_b = [
-        (
-            await store.create_order(
-                user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner="t"
-            )
-        )[0]
-        for _ in range(3)
-    ]
+    blocker, good_a, good_b = await new_orders(store, 3)
 
     def rejected(cursor: Any) -> Generator[None, None, None]:  # an order without its columns
         cursor.execute(store.dialect.sql("INSERT INTO orders (id) VALUES (%s)"), [uuid4().hex])
         yield
 
-    with write_lock_held(db_url, blocker):
-        first = asyncio.ensure_future(
-            store.record_transition(
-                order=blocker, owner="t", scope="order", trigger="request_product"
-            )
-        )
-        await wait_until(lambda: store.committer.in_flight == 1)  # the writer is stuck
-        queued = [
-            store.record_transition(
-                order=good_a, owner="t", scope="order", trigger="request_product"
-            ),
+    results = await one_batch(
+        db_url,
+        store,
+        blocker,
+        lambda: [
+            request_product(store, good_a),
             store.committer.submit(rejected),
-            store.record_transition(
-                order=good_b, owner="t", scope="order", trigger="request_product"
-            ),
-        ]
-        batched = asyncio.gather(*queued, return_exceptions=True)
-        await asyncio.sleep(0)  # let the three be queued behind the stuck transaction
-    await first
-    results = await batched
+            request_product(store, good_b),
+        ],
+    )
 
     assert store.committer.largest_batch == 2  # the good two committed together, without it
     assert results[0] == results[2] == "product_requested"

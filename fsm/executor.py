@@ -99,19 +99,22 @@ class Executor:
 
     async def run(self, order_id: uuid.UUID) -> Order:
         """Claim the order and drive it as far as this run's retry budget allows."""
-        return await self.drive(await self._claim(order_id))
-
-    async def _claim(self, order_id: uuid.UUID) -> Order:
-        if order_id in self._driving:
-            raise LeaseLost(f"order {order_id} is being driven right now")
-        order = await self.store.claim(order_id=order_id, owner=self.owner)
-        if order is None:
-            raise LeaseLost(f"order {order_id} is being driven by another worker")
-        return order
+        self._reserve(order_id)
+        try:
+            order = await self._claim(order_id)
+        except BaseException:
+            self._driving.discard(order_id)
+            raise
+        return await self._drive_reserved(order)
 
     async def cancel(self, order_id: uuid.UUID) -> Order:
         """The owner cancels a completed order: refund, restore, cancel shipping."""
-        order = await self._claim(order_id)
+        self._reserve(order_id)
+        try:
+            order = await self._claim(order_id)
+        except BaseException:
+            self._driving.discard(order_id)
+            raise
         try:
             if order.state == OrderState.COMPLETED:
                 # One commit: a crash can never keep the request but lose the transition.
@@ -119,17 +122,39 @@ class Executor:
             elif not order.cancel_requested:
                 raise InvalidMove(f"only a completed order can be cancelled (it is {order.state})")
         except BaseException:
-            await self._release(order)
+            try:
+                await self._release(order)
+            finally:
+                self._driving.discard(order_id)
             raise
-        return await self.drive(order)
+        return await self._drive_reserved(order)
 
-    async def drive(self, order: Order) -> Order:
-        """Advance an order whose lease we hold; the lease is always given back."""
-        if order.id in self._driving:
-            raise LeaseLost(f"order {order.id} is being driven right now")
-        self._driving.add(order.id)
+    def drive(self, order: Order) -> Coroutine[Any, Any, Order]:
+        """Advance an order whose lease we hold; the lease is always given back. The order
+        is reserved in this process at the call (before the first await), so a resume or
+        cancel arriving before the run starts is refused, not run beside it."""
+        self._reserve(order.id)
+        return self._drive_reserved(order)
+
+    def _reserve(self, order_id: uuid.UUID) -> None:
+        """One action per order at a time in this process. The lease is re-entrant for
+        its owner and every run of this executor shares the owner, so two actions of one
+        process (a cancel racing a resume) would otherwise both hold it, and the first
+        to finish would release the other's lease under it. Synchronous: no await between
+        the check and the claim on the set."""
+        if order_id in self._driving:
+            raise LeaseLost(f"order {order_id} is being driven right now (another action)")
+        self._driving.add(order_id)
         if self._keeper is None or self._keeper.done():
             self._keeper = asyncio.create_task(self._keep_leases())
+
+    async def _claim(self, order_id: uuid.UUID) -> Order:
+        order = await self.store.claim(order_id=order_id, owner=self.owner)
+        if order is None:
+            raise LeaseLost(f"order {order_id} is being driven by another worker")
+        return order
+
+    async def _drive_reserved(self, order: Order) -> Order:
         started = time.perf_counter()
         try:
             await self._advance(order)
@@ -137,9 +162,13 @@ class Executor:
             await self._reload(order)  # what was queued after the failure never happened
             raise
         finally:
-            self._driving.discard(order.id)
-            if not is_terminal(order.state) or order.lease_owner is not None:
-                await self._release(order)
+            try:
+                if not is_terminal(order.state) or order.lease_owner is not None:
+                    await self._release(order)
+            finally:
+                # Only after the release has committed: an action admitted earlier would
+                # claim (re-entrantly) and then lose its lease to this release.
+                self._driving.discard(order.id)
             metrics.RUN_SECONDS.observe(time.perf_counter() - started)
         return order
 
@@ -412,7 +441,7 @@ class Executor:
 
     async def _release(self, order: Order) -> None:
         try:
-            await self.store.release(order_id=order.id, owner=self.owner)
+            await self.store.release(order_id=order.id, owner=self.owner, version=order.version)
             order.lease_owner = order.lease_expires_at = None
         except Exception as exc:  # the lease expires on its own
             log.warning("could not release order %s: %s", order.id, exc)

@@ -50,7 +50,7 @@ async def resolve(
             )
         if crash_after == f"order:{OrderTrigger.RESOLVE}":
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: die right after the commit
-    finally:
-        await store.release(order_id=order_id, owner=owner)  # refused: never written
+    finally:  # refused (never written), or a no-op after the terminal write released it
+        await store.release(order_id=order_id, owner=owner, version=order.version)
     order.lease_owner = None
     return order

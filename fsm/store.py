@@ -406,18 +406,36 @@ class Store:
             renewed += cursor.rowcount
         return renewed
 
-    async def release(self, *, order_id: uuid.UUID, owner: str) -> None:
-        await self.committer.submit(partial(self._release, order_id, owner))
+    async def release(self, *, order_id: uuid.UUID, owner: str, version: int) -> bool:
+        """Give the lease back, only if `owner` holds it and the order is still at
+        `version` (what the releasing run last wrote or read): a run never releases a
+        lease taken over, or an order moved on, since. False if nothing was released."""
+        op = partial(self._release, order_id, owner, version=version)
+        released: bool = await self.committer.submit(op)
+        return released
 
-    def _release(self, order_id: Any, owner: str, cursor: Any, *, encoded: bool = False) -> None:
+    def _release(
+        self,
+        order_id: Any,
+        owner: str,
+        cursor: Any,
+        *,
+        version: int | None = None,
+        encoded: bool = False,
+    ) -> bool:
         d = self.dialect
+        guard, params = "", [order_id if encoded else d.uuid(order_id), owner]
+        if version is not None:
+            guard = " AND version = %s"
+            params.append(version)
         cursor.execute(
             d.sql(
                 "UPDATE orders SET lease_owner = NULL, lease_expires_at = NULL "
-                "WHERE id = %s AND lease_owner = %s"
+                "WHERE id = %s AND lease_owner = %s" + guard
             ),
-            [order_id if encoded else d.uuid(order_id), owner],
+            params,
         )
+        return bool(cursor.rowcount == 1)
 
     # -- reads (blocking: API worker threads, the CLI, or asyncio.to_thread) -----------
 

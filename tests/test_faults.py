@@ -272,7 +272,11 @@ async def test_lease_is_exclusive_until_released_or_expired(db_url: str) -> None
         await short.record_transition(
             order=short.get(order.id), owner="a", scope="order", trigger="request_product"
         )
-    await short.release(order_id=order.id, owner="b")
+    # Only what one holds, at the version one last saw: a moved-on order keeps its lease.
+    assert not await short.release(order_id=order.id, owner="b", version=order.version + 1)
+    assert not await short.release(order_id=order.id, owner="a", version=order.version)
+    assert short.get(order.id).lease_owner == "b"
+    assert await short.release(order_id=order.id, owner="b", version=order.version)
     assert short.get(order.id).lease_owner is None
     engine.dispose()
 

@@ -5,9 +5,10 @@
 reference services and any route added later are covered without anyone remembering to.
 
 `BodyGuard`: bodies are capped before anything reads them (413), and a JSON body must be
-strict JSON before any handler parses it (422): UTF-8, no NaN/Infinity/overflowing
-numbers, no lone surrogates, no duplicate keys. Python's `json` accepts all of those, and
-a handler would otherwise act on the last duplicate or fail to echo the value back.
+strict JSON before any handler parses it (422): UTF-8 (a body declared in another charset:
+415), no NaN/Infinity/overflowing numbers, no lone surrogates, no duplicate keys. Python's
+`json` accepts all of those, and a handler would otherwise act on the last duplicate or
+fail to echo the value back.
 
 The client side of the same token, `token_bearing_services` (with `BearerFor`): the one
 place the API and the CLI get their service clients from, our token on calls to our own
@@ -149,6 +150,18 @@ def strict_json(body: bytes) -> None:
     _check_strings(document)
 
 
+def _foreign_charset(content_type: str | None) -> str | None:
+    """The charset a JSON body declares, if it is not UTF-8 (RFC 8259 §8.1: JSON exchanged
+    between systems is UTF-8; a body declared otherwise would be misread, not converted)."""
+    for parameter in (content_type or "").split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+            if charset not in ("utf-8", "utf8"):
+                return charset
+    return None
+
+
 def _is_json(content_type: str | None) -> bool:
     # FastAPI parses a body as JSON when there is no content type or a JSON one.
     if not content_type:
@@ -199,7 +212,17 @@ class BodyGuard:
             await timeout(scope, receive, send)
             return
         body = b"".join(chunks)
-        if body and scope["method"] in JSON_METHODS and _is_json(headers.get("content-type")):
+        content_type = headers.get("content-type")
+        if body and scope["method"] in JSON_METHODS and _is_json(content_type):
+            charset = _foreign_charset(content_type)
+            if charset is not None:
+                unsupported = problem(
+                    415,
+                    f"a JSON body must be UTF-8, not charset={excerpt(charset)}",
+                    code="unsupported_charset",
+                )
+                await unsupported(scope, receive, send)
+                return
             try:
                 strict_json(body)
             except BadJSON as exc:

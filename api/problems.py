@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from fsm.diagram import GraphvizMissing
 from fsm.errors import (
@@ -147,14 +148,34 @@ def saga_status(exc: SagaError) -> int:
     return 500
 
 
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(app: FastAPI, scope: Any) -> str:
+    """Every method some route of this path answers. Starlette's 405 names only the
+    methods of the first route that matched the path (GET /orders and POST /orders are two
+    routes, so OPTIONS /orders said `Allow: POST`)."""
+    return ", ".join(
+        method
+        for method in METHODS
+        if any(
+            route.matches({**scope, "method": method})[0] is Match.FULL
+            for route in app.router.routes
+        )
+    )
+
+
 def install(app: FastAPI) -> None:
     """Register the mapping on `app`: every error answer below goes through `problem()`."""
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         code = "unauthorized" if exc.status_code == 401 else None
-        return problem(exc.status_code, detail, code=code, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(app, request.scope)
+        return problem(exc.status_code, detail, code=code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

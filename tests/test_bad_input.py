@@ -96,6 +96,44 @@ def test_bad_order_body(api: TestClient, content: str | bytes, status: int) -> N
 
 
 @pytest.mark.usefixtures("nothing_created")
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json; charset=latin-1",
+        "application/json;charset=ISO-8859-1",
+        'application/json; charset="utf-16"',
+        "application/problem+json; charset=windows-1252",
+    ],
+)
+def test_a_body_declared_in_another_charset_is_415(api: TestClient, content_type: str) -> None:
+    """JSON is UTF-8 (RFC 8259 §8.1): a body declared otherwise would be misread as UTF-8."""
+    body = ("{" + OK + "}").encode("latin-1")
+    response = api.post("/orders", content=body, headers={"Content-Type": content_type})
+    problem = assert_problem(response, 415)
+    assert problem["code"] == "unsupported_charset"
+    assert "UTF-8" in problem["detail"] and "charset=" in problem["detail"]
+
+
+@pytest.mark.usefixtures("nothing_created")
+@pytest.mark.parametrize("charset", ["utf-8", "UTF-8", "utf8", '"utf-8"'])
+def test_a_body_declared_utf8_is_read_as_utf8(api: TestClient, charset: str) -> None:
+    headers = {"Content-Type": f"application/json; charset={charset}"}
+    content = order(user_id='"café"').encode("utf-8")  # reaches validation, decoded
+    body = assert_problem(api.post("/orders", content=content, headers=headers), 422)
+    assert body["code"] == "invalid_request" and body["errors"][0]["input"] == "café"
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [("/orders", {"GET", "POST"}), (f"/orders/{'0' * 8}-0000-0000-0000-{'0' * 12}", {"GET"})],
+)
+def test_405_allows_every_method_of_the_path(api: TestClient, path: str, allowed: set[str]) -> None:
+    response = api.options(path)
+    assert_problem(response, 405)
+    assert set(response.headers["Allow"].replace(" ", "").split(",")) == allowed
+
+
+@pytest.mark.usefixtures("nothing_created")
 def test_oversized_body_without_content_length_is_413(api: TestClient) -> None:
     def chunks() -> Iterator[bytes]:  # chunked transfer: no Content-Length to trust
         yield b"["

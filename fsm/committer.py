@@ -29,6 +29,7 @@ import inspect
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -55,10 +56,15 @@ class Backend:
     # conn -> a context in which statements are sent without waiting for their results,
     # all of them read at its exit (psycopg's pipeline mode); None: one at a time.
     pipeline: Callable[[Any], AbstractContextManager[Any]] | None = None
+    # (conn, seconds) -> the longest the next BEGIN may wait for another writer's lock
+    # (SQLite's busy timeout); with `busy`, telling that wait's expiry from other errors.
+    # None: the database bounds its own waits per statement (PostgreSQL's lock_timeout).
+    bound_wait: Callable[[Any, float], None] | None = None
+    busy: Callable[[BaseException], bool] = lambda exc: False
 
 
 class _Item(Generic[T]):
-    __slots__ = ("op", "loop", "future")
+    __slots__ = ("op", "loop", "future", "deadline")
 
     def __init__(
         self,
@@ -67,6 +73,7 @@ class _Item(Generic[T]):
         future: asyncio.Future[T] | concurrent.futures.Future[T],
     ) -> None:
         self.op, self.loop, self.future = op, loop, future
+        self.deadline = 0.0  # monotonic: when waiting for a lock must give up (set at _put)
 
 
 _STOP = object()
@@ -81,9 +88,14 @@ class _OpError(Exception):
 
 
 class Committer:
-    def __init__(self, backend: Backend, *, max_batch: int = 256) -> None:
+    def __init__(
+        self, backend: Backend, *, max_batch: int = 256, lock_timeout: float = 5.0
+    ) -> None:
         self.backend = backend
         self.max_batch = max_batch
+        self.lock_timeout = lock_timeout  # the longest a write waits for a lock, queue included
+        # The last transaction's database error (None once one commits): /healthz reads it.
+        self.last_error: str | None = None
         self.batches = 0  # committed transactions (read by tests and /metrics)
         self.ops = 0
         self.largest_batch = 0
@@ -117,6 +129,7 @@ class Committer:
         return future.result()
 
     def _put(self, item: _Item[Any]) -> None:
+        item.deadline = time.monotonic() + self.lock_timeout
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
@@ -170,24 +183,43 @@ class Committer:
         """Commit the batch; an op the database rejects fails alone and the rest are
         committed without it. A failure to begin or commit fails the whole batch (the
         database is locked, down or out of space: retrying each write would only make
-        every caller wait again), after one reconnect if the connection was lost."""
+        every caller wait again), after one reconnect if the connection was lost.
+
+        Waiting for another writer's lock (SQLite) is bounded by the oldest write's own
+        deadline, `lock_timeout` after it was submitted: a write queued behind a batch that
+        waited in vain is not made to wait a second full timeout of its own (the documented
+        5 s were ~10 s). When the wait expires, the writes whose time is up fail; the
+        others try again for what is left of theirs."""
         results: list[tuple[bool, Any] | None] = [None] * len(batch)
         pending = list(range(len(batch)))
         reconnected = False
         while pending:
+            wait = None
+            if self.backend.bound_wait is not None:
+                wait = max(0.0, batch[pending[0]].deadline - time.monotonic())
             try:
-                done = self._transaction([batch[i].op for i in pending])
+                done = self._transaction([batch[i].op for i in pending], wait=wait)
             except _OpError as rejected:
                 self._discard(rejected.error)
                 results[pending.pop(rejected.position)] = (False, self._translate(rejected.error))
                 continue
             except Exception as exc:
+                failure = self._translate(exc)
+                if isinstance(exc, self.backend.errors):
+                    self.last_error = str(failure)
                 lost = self._discard(exc)
                 if lost and not reconnected:
                     reconnected = True
                     continue
+                if wait is not None and self.backend.busy(exc):
+                    now = time.monotonic() + 0.01
+                    expired = [i for i in pending if batch[i].deadline <= now] or pending[:1]
+                    for i in expired:
+                        results[i] = (False, failure)
+                    pending = [i for i in pending if i not in expired]
+                    continue
                 for i in pending:
-                    results[i] = (False, self._translate(exc))
+                    results[i] = (False, failure)
                 break
             for i, result in zip(pending, done, strict=True):
                 results[i] = result
@@ -199,13 +231,17 @@ class Committer:
             return self.backend.translate(exc)
         return exc  # a bug in an op: the caller sees it as it is
 
-    def _transaction(self, ops: list[Op[Any]]) -> list[tuple[bool, Any]]:
+    def _transaction(
+        self, ops: list[Op[Any]], *, wait: float | None = None
+    ) -> list[tuple[bool, Any]]:
         """Run `ops` in one transaction; a SagaError refuses one op, the rest go on."""
         if self._conn is None:
             self._conn = self.backend.connect()
         conn = self._conn
         self.in_flight = len(ops)
         try:
+            if wait is not None and self.backend.bound_wait is not None:
+                self.backend.bound_wait(conn, wait)
             if self.backend.begin:
                 conn.execute(self.backend.begin)
             results = None
@@ -221,6 +257,7 @@ class Committer:
             raise
         finally:
             self.in_flight = 0
+        self.last_error = None
         self.batches += 1
         self.ops += len(ops)
         self.largest_batch = max(self.largest_batch, len(ops))

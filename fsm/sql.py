@@ -247,6 +247,8 @@ def backend(engine: Engine, *, lock_timeout: float, statement_timeout: float) ->
             translate=_translate,
             broken=lambda conn: False,
             close=lambda conn: conn.close(),
+            bound_wait=_busy_timeout,
+            busy=_busy,
         )
 
     import psycopg
@@ -268,6 +270,17 @@ def backend(engine: Engine, *, lock_timeout: float, statement_timeout: float) ->
         broken=lambda conn: bool(conn.closed or conn.broken),
         close=lambda conn: conn.close(),
         pipeline=lambda conn: conn.pipeline(),
+    )
+
+
+def _busy_timeout(conn: Any, seconds: float) -> None:
+    conn.execute(f"PRAGMA busy_timeout={int(seconds * 1000)}")
+
+
+def _busy(exc: BaseException) -> bool:
+    """Another connection holds SQLite's write lock (SQLITE_BUSY)."""
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "locked" in str(exc) or "busy" in str(exc)
     )
 
 

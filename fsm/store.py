@@ -126,6 +126,7 @@ class Store:
         self.committer = Committer(
             sql.backend(engine, lock_timeout=lock_timeout, statement_timeout=statement_timeout),
             max_batch=max_batch,
+            lock_timeout=lock_timeout,
         )
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from uuid import uuid4
 import httpx
 import psycopg
 import pytest
+from sqlmodel import SQLModel
 
 from api.app import create_app
 from downstream.seed import (
@@ -24,10 +25,11 @@ from downstream.seed import (
     SOLD_OUT_PRODUCT_ID,
     WIDGET_ID,
 )
-from fsm.errors import StaleOrder
+from fsm.errors import StaleOrder, StoreUnavailable
 from fsm.executor import Executor
 from fsm.models import Order
-from fsm.store import Store
+from fsm.store import Store, make_engine
+from fsm.wiring import build_store
 from tests.support.database import saga_settings
 from tests.support.services import Books, Downstream, LiveServer, assert_conserved
 
@@ -219,3 +221,45 @@ async def test_a_lock_held_past_the_timeout_is_a_clear_503(
         assert (await client.get(f"/orders/{order.id}")).json()["state"] == "pending"
         again = await client.post(f"/orders/{order.id}/resume")
     assert again.json()["status"] == "completed"
+
+
+async def test_a_write_queued_behind_a_blocked_one_waits_one_lock_timeout_not_two(
+    tmp_path: Any,
+) -> None:
+    """SQLite: a write submitted while the writer waits in vain on another process's write
+    lock fails `DB_LOCK_TIMEOUT` after it was submitted, not after that wait *and* a full
+    timeout of its own (the documented 5 s were ~10 s). Bounds generous: the old path took
+    2x the timeout for the second write, the new one 1x."""
+    url = f"sqlite:///{tmp_path}/saga.db"
+    engine = make_engine(url)
+    SQLModel.metadata.create_all(engine)
+    engine.dispose()
+    timeout = 2.0
+    store = build_store(saga_settings(url, db_lock_timeout=timeout))
+    try:
+        first_order, second_order = await new_orders(store, 2)
+
+        async def timed(order: Order) -> tuple[BaseException | str, float]:
+            started = time.monotonic()
+            try:
+                outcome: BaseException | str = await request_product(store, order)
+            except StoreUnavailable as exc:
+                outcome = exc
+            return outcome, time.monotonic() - started
+
+        with write_lock_held(url, first_order):
+            first = asyncio.ensure_future(timed(first_order))
+            await wait_until(lambda: store.committer.in_flight == 1)  # the writer waits
+            second = await timed(second_order)  # queued behind it
+            assert store.committer.last_error is not None  # what /healthz reports
+            print(f"second write failed after {second[1]:.2f}s (lock timeout {timeout}s)")
+        assert isinstance((await first)[0], StoreUnavailable)
+        assert isinstance(second[0], StoreUnavailable), second
+        assert "locked" in str(second[0])
+        assert second[1] < 1.5 * timeout, f"waited {second[1]:.1f}s for a {timeout}s timeout"
+        # The lock is gone: the next write commits, and the error is cleared.
+        assert await request_product(store, second_order) == "product_requested"
+        assert store.committer.last_error is None
+    finally:
+        store.close()
+        store.engine.dispose()

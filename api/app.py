@@ -26,10 +26,10 @@ from api.runner import Runner
 from fsm.breaker import Breakers
 from fsm.clients import Services
 from fsm.errors import StoreUnavailable
-from fsm.machine import MACHINE_VERSION
 from fsm.metrics import exposition
 from fsm.settings import Settings, get_settings
 from fsm.upgrade import guard
+from fsm.version import MACHINE_VERSION
 from fsm.wiring import open_saga
 
 _HEALTHY = {"status": "ok", "database": "postgresql", "machine_version": "d7f8f13c33ba"}

@@ -20,6 +20,7 @@ from api.schemas import (
     TransitionOut,
     problems,
 )
+from fsm import queries
 from fsm.machine import Status
 from fsm.models import Order
 
@@ -120,7 +121,8 @@ def list_orders(
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> OrderList:
     """Orders, newest first, optionally of one coarse status; page with limit/offset."""
-    found = store.list_orders(status=status_, limit=limit, offset=offset)
+    flt = queries.OrderFilter(status=status_, limit=limit, offset=offset, parked_first=False)
+    found, _ = queries.list_orders(store, flt)
     return OrderList(orders=[OrderOut.of(o) for o in found], limit=limit, offset=offset)
 
 

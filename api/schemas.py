@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
 
 from api.problems import Problem
 from fsm.machine import OrderState, Status, Step, StepState
-from fsm.models import Order, Transition
+from fsm.models import STATE_COLUMN, Order, Transition
 from fsm.store import step_states
 
 PositiveId = Annotated[int, Field(strict=True, gt=0, le=2**31 - 1)]
@@ -45,7 +45,7 @@ _ORDER_EXAMPLE: JsonDict = {
     "amount": 3998,
     "status": "completed",
     "state": "completed",
-    "steps": {"payment": "succeeded", "inventory": "succeeded", "shipping": "succeeded"},
+    "steps": dict.fromkeys(Step, "succeeded"),
     "shipping": {"address": "1 Main St, Springfield", "expected_delivery": "2026-12-01"},
     "attempts": {},
     "last_error": None,
@@ -108,7 +108,7 @@ class OrderList(BaseModel):
     offset: int
 
 
-Scope = Literal["order", "payment", "inventory", "shipping"]
+_FIRST_STEP = next(iter(Step)).value
 
 
 def _state(scope: str, state: str) -> OrderState | StepState:
@@ -121,7 +121,7 @@ class TransitionOut(BaseModel):
             "examples": [
                 {
                     "seq": 6,
-                    "scope": "payment",
+                    "scope": _FIRST_STEP,
                     "trigger": "succeed",
                     "from_state": "requested",
                     "to_state": "succeeded",
@@ -133,7 +133,10 @@ class TransitionOut(BaseModel):
     )
 
     seq: int
-    scope: Scope
+    scope: str = Field(
+        description='"order", or the step the transition belongs to',
+        json_schema_extra={"enum": list(STATE_COLUMN)},
+    )
     trigger: str
     from_state: OrderState | StepState = Field(description="order states, or step states")
     to_state: OrderState | StepState
@@ -144,7 +147,7 @@ class TransitionOut(BaseModel):
     def of(cls, t: Transition) -> TransitionOut:
         return cls(
             seq=t.seq,
-            scope=cast(Scope, t.scope),
+            scope=t.scope,
             trigger=t.trigger,
             from_state=_state(t.scope, t.from_state),
             to_state=_state(t.scope, t.to_state),

@@ -25,7 +25,7 @@ from api.deps import ExecutorDep, StoreDep
 from fsm import diagram, heatmap, operator, queries
 from fsm.errors import SagaError
 from fsm.executor import new_owner
-from fsm.machine import TERMINAL_ORDER_STATES, OrderState, Status, Step, is_terminal
+from fsm.machine import TERMINAL_ORDER_STATES, OrderState, Status, is_terminal
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -155,7 +155,7 @@ def order_page(
         request,
         "order.html",
         order=order,
-        steps={step.value: getattr(order, f"{step}_state") for step in Step},
+        steps=order.step_states(),
         spans=queries.timeline(history),
         svg=svg,
         actions=actions,

@@ -28,10 +28,11 @@ from sqlalchemy import Engine, insert
 from sqlmodel import SQLModel
 
 import fsm.models  # noqa: F401
-from fsm.machine import MACHINE_VERSION, coarse_status
+from fsm.machine import coarse_status
 from fsm.models import OrderTable
 from fsm.store import make_engine
 from fsm.upgrade import Tables, check
+from fsm.version import MACHINE_VERSION
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
 ORDER_SAGA = os.path.join(os.path.dirname(sys.executable), "order-saga")

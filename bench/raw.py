@@ -19,8 +19,9 @@ from typing import Any
 
 from bench.common import BUYER, Config, Measured, Row, scratch_database
 from bench.meter import Meter
-from fsm.machine import MACHINE_VERSION, coarse_status
+from fsm.machine import coarse_status
 from fsm.migrate import upgrade
+from fsm.version import MACHINE_VERSION
 
 PRODUCT = {"id": 1, "category": "gadgets", "description": "Widget", "price": 1999}
 ADDRESS = "3 Oak Ave, Capital City"

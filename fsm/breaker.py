@@ -32,8 +32,9 @@ from typing import Any, TypeVar, cast
 
 from prometheus_client import Counter, Gauge
 
-from fsm.clients import InventoryService, ProductService, Services, ShippingService, UserService
+from fsm.clients import Services
 from fsm.errors import CallFailure, CircuitOpen, TransientFailure
+from fsm.machine import SERVICES
 from fsm.settings import Settings
 
 log = logging.getLogger("order_saga.breaker")
@@ -41,7 +42,6 @@ T = TypeVar("T")
 
 CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
 _GAUGE_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
-SERVICES = ("product", "user", "inventory", "shipping")
 
 STATE = Gauge(
     "order_saga_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", ["service"]
@@ -275,13 +275,11 @@ class Breakers:
 
     def wrap(self, services: Services) -> Services:
         """The Services decorator: the same clients, each behind its service's breaker."""
-        b = self.by_service
-        return Services(
-            product=cast(ProductService, _Guarded(services.product, b["product"])),
-            user=cast(UserService, _Guarded(services.user, b["user"])),
-            inventory=cast(InventoryService, _Guarded(services.inventory, b["inventory"])),
-            shipping=cast(ShippingService, _Guarded(services.shipping, b["shipping"])),
-        )
+        guarded = {
+            name: _Guarded(getattr(services, name), breaker)
+            for name, breaker in self.by_service.items()
+        }
+        return Services(**guarded)  # each stands in for its Protocol
 
     def not_closed(self) -> dict[str, str]:
         """Services whose breaker is open or half-open, with that state (for /healthz)."""

@@ -45,7 +45,7 @@ Op = Callable[[Any], T]  # a function of a DBAPI cursor
 
 @dataclass(frozen=True)
 class Backend:
-    """How the thread talks to one database (built by `fsm.sql`)."""
+    """How the thread talks to one database (built by `fsm.engine`)."""
 
     connect: Callable[[], Any]  # -> a DBAPI connection, ready to use
     begin: str | None  # statement opening a write transaction (SQLite: BEGIN IMMEDIATE)

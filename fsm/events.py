@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from fsm.errors import ConcurrencyError
+from fsm.models import STATE_COLUMN
 
 log = logging.getLogger("order_saga.events")
 
@@ -20,15 +21,11 @@ log = logging.getLogger("order_saga.events")
 _NOTABLE = {"park": "parked", "expire": "expired", "resolve": "resolved"}
 
 
-def _column(scope: str) -> str:
-    return "state" if scope == "order" else f"{scope}_state"
-
-
 @contextmanager
 def transition(order: Any, scope: str, trigger: str) -> Iterator[None]:
     """Log the commit made inside the block (`order` carries its new state afterwards),
     or the lost lease / stale version that refused it."""
-    source = getattr(order, _column(scope))
+    source = getattr(order, STATE_COLUMN[scope])
     fields: dict[str, Any] = {"order_id": str(order.id), "scope": scope, "trigger": trigger}
     try:
         yield
@@ -44,7 +41,7 @@ def transition(order: Any, scope: str, trigger: str) -> Iterator[None]:
             extra={**fields, "event": exc.code, "state": source},
         )
         raise
-    dest = getattr(order, _column(scope))
+    dest = getattr(order, STATE_COLUMN[scope])
     event = _NOTABLE.get(trigger, "transition")
     log.log(
         logging.INFO if event == "transition" else logging.WARNING,

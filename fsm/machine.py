@@ -20,11 +20,10 @@ anything is written.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from itertools import product
 from typing import Any
 
 from transitions import Machine, MachineError
@@ -35,10 +34,12 @@ __all__ = [
     "STEP_MACHINE",
     "STEP_TRANSITIONS",
     "COMPENSATION_NEEDED",
-    "MACHINE_VERSION",
+    "DESIGN_EXAMPLES",
     "DESIGN_TABLE",
     "MachineError",
     "OrderState",
+    "PRODUCT_SERVICE",
+    "SERVICES",
     "OrderTrigger",
     "Outcome",
     "Status",
@@ -53,7 +54,6 @@ __all__ = [
     "is_terminal",
     "next_state",
     "fire",
-    "version_of",
 ]
 
 
@@ -65,19 +65,28 @@ class Step(StrEnum):
     SHIPPING = "shipping"
 
     @property
-    def forward_action(self) -> str:
+    def service(self) -> str:
+        """The downstream service that performs it (a breaker and a URL each)."""
         return _ACTIONS[self][0]
 
     @property
-    def compensation_action(self) -> str:
+    def forward_action(self) -> str:
         return _ACTIONS[self][1]
 
+    @property
+    def compensation_action(self) -> str:
+        return _ACTIONS[self][2]
 
+
+# step: (service, forward action, undo action)
 _ACTIONS = {
-    Step.PAYMENT: ("deduct", "refund"),
-    Step.INVENTORY: ("deduct", "restore"),
-    Step.SHIPPING: ("schedule", "cancel"),
+    Step.PAYMENT: ("user", "deduct", "refund"),
+    Step.INVENTORY: ("inventory", "deduct", "restore"),
+    Step.SHIPPING: ("shipping", "schedule", "cancel"),
 }
+PRODUCT_SERVICE = "product"  # looked up before the steps: not a step, never compensated
+# Every downstream service, the product's first, then each step's (in the steps' order).
+SERVICES: tuple[str, ...] = (PRODUCT_SERVICE, *dict.fromkeys(step.service for step in Step))
 
 
 class OrderState(StrEnum):
@@ -202,21 +211,6 @@ class Outcome(StrEnum):
     FAILED = "failed"
 
 
-# SPEC §1 as data: (payment, inventory, shipping) outcomes -> (order status, compensations).
-# The "product 404" row never reaches the steps; it is the PRODUCT_MISSING edge above.
-_OK, _NO = Outcome.SUCCESS, Outcome.FAILED
-DESIGN_TABLE: Mapping[tuple[Outcome, Outcome, Outcome], tuple[Status, frozenset[Step]]] = {
-    (_OK, _OK, _OK): (Status.COMPLETED, frozenset()),
-    (_NO, _OK, _OK): (Status.FAILED, frozenset({Step.INVENTORY, Step.SHIPPING})),
-    (_OK, _NO, _OK): (Status.FAILED, frozenset({Step.PAYMENT, Step.SHIPPING})),
-    (_OK, _OK, _NO): (Status.FAILED, frozenset({Step.PAYMENT, Step.INVENTORY})),
-    (_NO, _NO, _OK): (Status.FAILED, frozenset({Step.SHIPPING})),
-    (_NO, _OK, _NO): (Status.FAILED, frozenset({Step.INVENTORY})),
-    (_OK, _NO, _NO): (Status.FAILED, frozenset({Step.PAYMENT})),
-    (_NO, _NO, _NO): (Status.FAILED, frozenset()),
-}
-
-
 def _settled(steps: Mapping[Step, StepState]) -> None:
     unsettled = [s for s, st in steps.items() if st in (SS.PENDING, SS.REQUESTED)]
     if unsettled:
@@ -235,6 +229,41 @@ def to_compensate(steps: Mapping[Step, StepState]) -> frozenset[Step]:
     """The steps whose effect may exist and so must be undone: "compensate exactly what
     succeeded" (an expired step may have been applied; a compensating one is under way)."""
     return frozenset(step for step, state in steps.items() if state in COMPENSATION_NEEDED)
+
+
+# SPEC §1 as data: each step's outcome (in `Step` order) -> (order status, compensations).
+# Generated from the rule `decide`/`to_compensate` implement, "compensate exactly what
+# succeeded", for every combination of outcomes (2^steps rows), so a step added to `Step`
+# is covered without writing its rows. The "product 404" row never reaches the steps; it is
+# the PRODUCT_MISSING edge above.
+Outcomes = tuple[Outcome, ...]
+
+
+def _row(outcomes: Outcomes) -> tuple[Status, frozenset[Step]]:
+    settled = {
+        step: SS.SUCCEEDED if outcome is Outcome.SUCCESS else SS.FAILED
+        for step, outcome in zip(Step, outcomes, strict=True)
+    }
+    if decide(settled) == T.ALL_SUCCEEDED:
+        return Status.COMPLETED, frozenset()
+    return Status.FAILED, to_compensate(settled)
+
+
+DESIGN_TABLE: Mapping[Outcomes, tuple[Status, frozenset[Step]]] = {
+    outcomes: _row(outcomes) for outcomes in product(Outcome, repeat=len(Step))
+}
+
+# SPEC §1's own rows, spelled out for a reader (payment, inventory, shipping): the generated
+# table must contain each of them (tests/test_machine.py).
+_OK, _NO = Outcome.SUCCESS, Outcome.FAILED
+DESIGN_EXAMPLES: Mapping[Outcomes, tuple[Status, frozenset[Step]]] = {
+    (_OK, _OK, _OK): (Status.COMPLETED, frozenset()),  # row 1
+    (_NO, _OK, _OK): (Status.FAILED, frozenset({Step.INVENTORY, Step.SHIPPING})),  # row 3
+    (_OK, _NO, _OK): (Status.FAILED, frozenset({Step.PAYMENT, Step.SHIPPING})),  # row 4
+    (_OK, _OK, _NO): (Status.FAILED, frozenset({Step.PAYMENT, Step.INVENTORY})),  # row 5
+    (_NO, _NO, _OK): (Status.FAILED, frozenset({Step.SHIPPING})),  # row 6
+    (_NO, _NO, _NO): (Status.FAILED, frozenset()),  # row 7
+}
 
 
 def coarse_status(state: str) -> Status:
@@ -328,50 +357,3 @@ def next_state(machine: Machine, state: str, trigger: str) -> str:
         return _MOVES[id(machine)][(str(state), str(trigger))]
     except KeyError:
         raise MachineError(f'cannot "{trigger}" from state {state}') from None
-
-
-# -- machine version (issue 10) ------------------------------------------------------------
-# A stable name for "this machine": live orders record it, so a deploy can tell which orders
-# were written by which tables. Sorted canonical JSON, so reordering rows changes nothing and
-# renaming a state, trigger or edge changes it.
-
-EdgeTable = list[tuple[Any, Any, Any]]
-
-
-def flat_edges(table: EdgeTable) -> list[tuple[str, str, str]]:
-    """(trigger, source, dest) per source, sorted: the table with its lists expanded."""
-    return sorted(
-        (str(trigger), str(source), str(dest))
-        for trigger, sources, dest in table
-        for source in (sources if isinstance(sources, list) else [sources])
-    )
-
-
-def version_of(
-    *,
-    order_states: Iterable[str],
-    order_terminal: Iterable[str],
-    order_edges: EdgeTable,
-    step_states: Iterable[str],
-    step_edges: EdgeTable,
-) -> str:
-    """sha256 (first 12 hex digits) of both machines' states, terminal states and edges."""
-    canonical = {
-        "order": {
-            "states": sorted(map(str, order_states)),
-            "terminal": sorted(map(str, order_terminal)),
-            "edges": flat_edges(order_edges),
-        },
-        "step": {"states": sorted(map(str, step_states)), "edges": flat_edges(step_edges)},
-    }
-    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-MACHINE_VERSION = version_of(
-    order_states=[s.value for s in OrderState],
-    order_terminal=[s.value for s in TERMINAL_ORDER_STATES],
-    order_edges=ORDER_TRANSITIONS,
-    step_states=[s.value for s in StepState],
-    step_edges=STEP_TRANSITIONS,
-)

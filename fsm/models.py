@@ -3,8 +3,8 @@
 SQLModel defines the tables (`OrderTable`, `TransitionTable`; Alembic owns the schema). The
 objects the engine passes around are plain slotted dataclasses (`Order`, `Transition`): the
 executor writes ~70 attributes per order, and an instrumented table model made each write
-pay SQLAlchemy's attribute bookkeeping. Definitions only; the queries live in `fsm.store`
-(with its statement texts in `fsm.sql`), `fsm.queries` and `fsm.upgrade`.
+pay SQLAlchemy's attribute bookkeeping. Definitions only; the statements live in `fsm.sql`
+(writes, run by `fsm.store`) and `fsm.queries` (reads).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import JSON, Column, DateTime, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from fsm.machine import Step
+from fsm.machine import Step, StepState
 
 
 def _utc() -> Any:
@@ -96,11 +96,11 @@ class Order:
     quantity: int
     state: str
     status: str
-    payment_state: str
-    inventory_state: str
-    shipping_state: str
     created_at: datetime
     updated_at: datetime
+    payment_state: str = StepState.PENDING.value
+    inventory_state: str = StepState.PENDING.value
+    shipping_state: str = StepState.PENDING.value
     idempotency_key: str | None = None
     amount: int | None = None
     shipping_address: str | None = None

@@ -1,6 +1,11 @@
-"""Read-only SQL for the operator's views (the /ui pages and `order-saga orders`): orders
-filtered by status, state, product, user and age with parked ones first; counts by status;
-time spent in each state; the heatmap of the whole machine. Never writes.
+"""Every read of the engine's database, none of its writes: one order, its log, orders
+found by key or as stuck, `list_orders` (the API's and the operator's, filtered by status,
+state, product, user and age), counts by status, time spent in each state, the heatmap of
+the whole machine, and the start-up check's grouped query (`fsm.upgrade`).
+
+Reads are plain functions on SQLAlchemy's pool, for the API's worker threads and the CLI;
+async code calls them through `asyncio.to_thread`. `Reads` holds the engine; `fsm.store`'s
+`Store` is one (so a holder of the store reads through it).
 
 The heatmap is one query over the append-only log: a window function pairs each
 transition with the next one of the same order and scope (the time spent in the state it
@@ -10,20 +15,42 @@ and PostgreSQL.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Float, case, cast, func, literal_column, select, union_all
+from sqlalchemy import (
+    Engine,
+    Float,
+    case,
+    cast,
+    func,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+    union_all,
+)
+from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
 
+from fsm import sql
+from fsm.errors import CorruptOrder, OrderNotFound, StoreUnavailable
 from fsm.machine import Status
 from fsm.models import STATE_COLUMN, Order, OrderTable, Transition, TransitionTable
 from fsm.sql import as_utc
-from fsm.store import Store, utcnow
 
+log = logging.getLogger("order_saga.queries")
 orders = OrderTable.__table__  # type: ignore[attr-defined]
 transitions = TransitionTable.__table__  # type: ignore[attr-defined]
+_TIMESTAMPS = ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at", "updated_at")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -35,11 +62,95 @@ class OrderFilter:
     older_than: float | None = None  # seconds since the order last moved
     limit: int = 50
     offset: int = 0
+    parked_first: bool = True  # the operator's views; the API lists newest first (SPEC §4)
 
 
-def list_orders(store: Store, flt: OrderFilter) -> tuple[list[Order], int]:
-    """One page of matching orders, parked (needs_attention) first, then newest first;
-    and how many match in all."""
+class Reads:
+    """Read-only access to the orders and their log through SQLAlchemy's pool."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.is_postgres = engine.dialect.name == "postgresql"
+
+    def _rows(self, query: Any) -> Sequence[Any]:
+        try:
+            with self.engine.connect() as conn:
+                return conn.execute(query).all()
+        except SQLAlchemyOperationalError as exc:
+            raise StoreUnavailable(f"database unavailable: {sql.first_line(exc.orig)}") from exc
+
+    def get(self, order_id: uuid.UUID) -> Order:
+        rows = self._rows(select(orders).where(orders.c.id == order_id))
+        if not rows:
+            raise OrderNotFound(f"order {order_id} not found")
+        return _order_from(rows[0])
+
+    def find_by_idempotency_key(self, key: str) -> Order | None:
+        rows = self._rows(select(orders).where(orders.c.idempotency_key == key))
+        return _order_from(rows[0]) if rows else None
+
+    def history(self, order_id: uuid.UUID) -> list[Transition]:
+        query = select(transitions).where(transitions.c.order_id == order_id)
+        return [
+            Transition(**{**r._mapping, "created_at": as_utc(r.created_at)})
+            for r in self._rows(query.order_by(transitions.c.seq))
+        ]
+
+    def count_by_status(self) -> dict[str, int]:
+        query = select(orders.c.status, func.count()).group_by(orders.c.status)
+        return {status: int(n) for status, n in self._rows(query)}
+
+    def _stuck(self, *, moved_before: datetime, now: datetime, due_only: bool) -> Any:
+        query = select(orders).where(
+            orders.c.state.in_(sql.RESUMABLE),
+            orders.c.updated_at <= moved_before,
+            or_(orders.c.lease_owner.is_(None), orders.c.lease_expires_at < now),
+        )
+        if due_only:
+            query = query.where(
+                or_(orders.c.next_attempt_at.is_(None), orders.c.next_attempt_at <= now)
+            )
+        return query
+
+    def find_stuck(
+        self, *, moved_before: datetime, limit: int, due_only: bool = True
+    ) -> list[Order]:
+        """Non-terminal orders, unleased, unmoved since `moved_before` (oldest first);
+        with `due_only`, only those whose next retry time has come. Corrupt rows skipped."""
+        query = self._stuck(moved_before=moved_before, now=utcnow(), due_only=due_only)
+        usable = []
+        for row in self._rows(query.order_by(orders.c.updated_at).limit(limit)):
+            try:
+                usable.append(_order_from(row))
+            except CorruptOrder as exc:
+                log.error("skipping: %s", exc)
+        return usable
+
+    def count_leased_stuck(self, *, moved_before: datetime) -> int:
+        """Non-terminal orders that another driver currently holds."""
+        query = (
+            select(func.count())
+            .select_from(orders)
+            .where(
+                orders.c.state.in_(sql.RESUMABLE),
+                orders.c.updated_at <= moved_before,
+                orders.c.lease_owner.is_not(None),
+                orders.c.lease_expires_at >= utcnow(),
+            )
+        )
+        return int(self._rows(query)[0][0])
+
+
+def _order_from(row: Any) -> Order:
+    data = dict(row._mapping)
+    for key in _TIMESTAMPS:
+        data[key] = as_utc(data[key])
+    return sql.order_from(data)
+
+
+def list_orders(reads: Reads, flt: OrderFilter) -> tuple[list[Order], int]:
+    """One page of matching orders, newest first (parked ones before the rest with
+    `parked_first`); and how many match in all."""
     conditions: list[Any] = []
     if flt.status:
         conditions.append(orders.c.status == flt.status)
@@ -51,24 +162,19 @@ def list_orders(store: Store, flt: OrderFilter) -> tuple[list[Order], int]:
         conditions.append(orders.c.user_id == flt.user_id)
     if flt.older_than is not None:
         conditions.append(orders.c.updated_at <= utcnow() - timedelta(seconds=flt.older_than))
-    parked_first = case((orders.c.status == Status.NEEDS_ATTENTION.value, 0), else_=1)
-    query = (
-        select(orders.c.id)
-        .where(*conditions)
-        .order_by(parked_first, orders.c.created_at.desc(), orders.c.id)
-        .limit(flt.limit)
-        .offset(flt.offset)
-    )
+    order_by: list[Any] = [orders.c.created_at.desc(), orders.c.id]
+    if flt.parked_first:
+        order_by.insert(0, case((orders.c.status == Status.NEEDS_ATTENTION.value, 0), else_=1))
+    query = select(orders).where(*conditions).order_by(*order_by)
     total_query = select(func.count()).select_from(orders).where(*conditions)
-    with store.engine.connect() as conn:
-        ids = [row.id for row in conn.execute(query)]
-        total = int(conn.execute(total_query).scalar_one())
-    return [store.get(order_id) for order_id in ids], total
+    rows = reads._rows(query.limit(flt.limit).offset(flt.offset))
+    total = int(reads._rows(total_query)[0][0])
+    return [_order_from(row) for row in rows], total
 
 
-def counts_by_status(store: Store) -> dict[str, int]:
+def counts_by_status(reads: Reads) -> dict[str, int]:
     """Every coarse status with its count (zero included), in the machine's order."""
-    found = store.count_by_status()
+    found = reads.count_by_status()
     return {status.value: found.get(status.value, 0) for status in Status}
 
 
@@ -132,13 +238,13 @@ class Heat:
     edges: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
 
 
-def _seconds(store: Store, later: Any, earlier: Any) -> Any:
+def _seconds(store: Reads, later: Any, earlier: Any) -> Any:
     if store.is_postgres:
         return func.extract("epoch", later - earlier)
     return (func.julianday(later) - func.julianday(earlier)) * 86400.0
 
 
-def heat(store: Store) -> Heat:
+def heat(store: Reads) -> Heat:
     """Count, p50/p95 time spent and current occupancy for every state; count per edge."""
     t = transitions
     left = func.lead(t.c.created_at).over(partition_by=(t.c.order_id, t.c.scope), order_by=t.c.seq)
@@ -196,3 +302,40 @@ def age(moment: datetime | None) -> float | None:
     """Seconds since `moment` (UTC)."""
     moment = as_utc(moment)
     return None if moment is None else (utcnow() - moment).total_seconds()
+
+
+# -- the start-up check's grouped reads (fsm.upgrade) -------------------------------------
+
+_STATE_KEYS = tuple(STATE_COLUMN.values())  # order state, then each step's, machine order
+
+
+def live_state_groups(
+    engine: Engine, *, terminal: Iterable[str]
+) -> list[tuple[tuple[str, ...], str, int]]:
+    """(state and step states, machine version, count) of every order not in `terminal`:
+    one grouped query, so 100,000 orders come back as a handful of rows."""
+    keys = [*(orders.c[c] for c in _STATE_KEYS), orders.c.machine_version]
+    query = select(*keys, func.count()).where(orders.c.state.not_in(list(terminal))).group_by(*keys)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    n = len(_STATE_KEYS)
+    return [(tuple(row[:n]), row[n], int(row[n + 1])) for row in rows]
+
+
+def ids_by_states(
+    engine: Engine, combos: set[tuple[str, ...]], limit: int
+) -> dict[tuple[str, ...], list[str]]:
+    """Up to `limit` order ids (oldest first) per combination of state and step states."""
+    columns = [orders.c[c] for c in _STATE_KEYS]
+    query = (
+        select(orders.c.id, *columns)
+        .where(tuple_(*columns).in_(sorted(combos)))
+        .order_by(orders.c.created_at)
+    )
+    found: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    with engine.connect() as conn:
+        for oid, *combo in conn.execute(query):
+            ids = found[tuple(combo)]
+            if len(ids) < limit:
+                ids.append(str(oid))
+    return dict(found)

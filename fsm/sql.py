@@ -1,17 +1,18 @@
-"""The hot path's SQL, written once per dialect, and the codec between rows and `Order`.
+"""Every write's SQL (the hot path's moves, the leases, the connection set-up), written
+once per dialect, and the codec between rows and `Order`. The reads are `fsm.queries`'.
 
 The engine's writes run on the committer thread's own DBAPI connection (sqlite3 or
 psycopg), not through SQLAlchemy: its execution path cost ~0.25 ms a statement, more than
 SQLite itself. Statement texts are built once and reused, so sqlite3's statement cache and
 psycopg's server-side prepared statements apply. Values are encoded exactly as SQLAlchemy
 stores them (SQLite: uuid as 32 hex digits, timestamps as naive-UTC text, JSON as text), so
-the reads, which do go through SQLAlchemy, see the same rows. No decisions here.
+the reads, which do go through SQLAlchemy, see the same rows. Column lists come from the
+schema and the machine (`ORDER_COLUMNS`, `STATE_COLUMN`). No decisions, no connections.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -20,19 +21,20 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from fsm.committer import Backend
-from fsm.errors import CorruptOrder, StoreUnavailable
-from fsm.machine import OrderState, Status, StepState
-from fsm.models import ORDER_COLUMNS, Order
+from fsm.errors import CorruptOrder
+from fsm.machine import TERMINAL_ORDER_STATES, OrderState, Status, StepState
+from fsm.models import ORDER_COLUMNS, STATE_COLUMN, Order
 
 _TIMESTAMPS = frozenset(
     {"lease_expires_at", "next_attempt_at", "deadline_at", "created_at", "updated_at"}
 )
 _JSON = frozenset({"attempts", "detail"})
 _KNOWN = {
-    "state": frozenset(OrderState),
     "status": frozenset(Status),
-    **{f"{step}_state": frozenset(StepState) for step in ("payment", "inventory", "shipping")},
+    **{
+        column: frozenset(OrderState if scope == "order" else StepState)
+        for scope, column in STATE_COLUMN.items()
+    },
 }
 TRANSITION_COLUMNS = (
     "order_id",
@@ -222,80 +224,100 @@ def select_order(dialect: Dialect, by: str) -> str:
     return dialect.sql(f"SELECT {columns} FROM orders WHERE {by} = %s")
 
 
-# -- the committer's connection ----------------------------------------------------------
+# -- leases -------------------------------------------------------------------------------
+
+# Orders the sweep may pick up: a known, non-terminal state (a corrupt row never matches).
+RESUMABLE = tuple(s.value for s in OrderState if s not in TERMINAL_ORDER_STATES)
+# The order's state and each step's, in the machine's order: what fsm.upgrade groups by.
+STATE_COLUMNS = tuple(STATE_COLUMN.values())
 
 
-def backend(engine: Engine, *, lock_timeout: float, statement_timeout: float) -> Backend:
-    """The committer's own connection to the engine's database, with bounded waits."""
-    url = engine.url
-    if engine.dialect.name == "sqlite":
+@lru_cache(maxsize=8)
+def select_lease(dialect: Dialect) -> str:
+    return dialect.sql("SELECT version, lease_owner FROM orders WHERE id = %s")
 
-        def connect_sqlite() -> Any:
-            conn = sqlite3.connect(
-                url.database or ":memory:", timeout=lock_timeout, check_same_thread=False
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
-            conn.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
-            conn.execute("PRAGMA foreign_keys=ON")
-            return conn
 
-        return Backend(
-            connect=connect_sqlite,
-            begin="BEGIN IMMEDIATE",  # take the write lock up front: no upgrade deadlocks
-            errors=(sqlite3.Error,),
-            translate=_translate,
-            broken=lambda conn: False,
-            close=lambda conn: conn.close(),
-            bound_wait=_busy_timeout,
-            busy=_busy,
+@lru_cache(maxsize=8)
+def claim(dialect: Dialect) -> str:
+    """Take the lease if free, expired or already the owner's; the row comes back."""
+    return dialect.sql(
+        "UPDATE orders SET lease_owner = %s, lease_expires_at = %s WHERE id = %s AND "
+        "(lease_owner IS NULL OR lease_expires_at < %s OR lease_owner = %s) " + dialect.returning
+    )
+
+
+@lru_cache(maxsize=8)
+def order_exists(dialect: Dialect) -> str:
+    return dialect.sql("SELECT 1 FROM orders WHERE id = %s")
+
+
+@lru_cache(maxsize=128)
+def claim_batch(dialect: Dialect, *, due_only: bool, excluded: int, undrivable: int) -> str:
+    """Lease up to N stuck orders, oldest first, in one statement. Parameters: owner, lease
+    end, moved-before, now, [now if due_only], excluded ids, undrivable combinations
+    (flattened in STATE_COLUMNS order), limit."""
+    resumable = ", ".join(f"'{s}'" for s in RESUMABLE)
+    where = [
+        f"state IN ({resumable})",
+        "updated_at <= %s",
+        "(lease_owner IS NULL OR lease_expires_at < %s)",
+    ]
+    if due_only:  # the sweep honours the persisted retry schedule; an operator may not
+        where.append("(next_attempt_at IS NULL OR next_attempt_at <= %s)")
+    if excluded:
+        where.append(f"id NOT IN ({', '.join(['%s'] * excluded)})")
+    if undrivable:  # fsm.upgrade.guard(): what this machine cannot drive stays put
+        row = f"({', '.join(['%s'] * len(STATE_COLUMNS))})"
+        where.append(
+            f"({', '.join(STATE_COLUMNS)}) NOT IN (VALUES {', '.join([row] * undrivable)})"
         )
-
-    import psycopg
-
-    conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    options = (
-        f"-c lock_timeout={int(lock_timeout * 1000)} "
-        f"-c statement_timeout={int(statement_timeout * 1000)}"
+    candidates = (
+        f"SELECT id FROM orders WHERE {' AND '.join(where)} "
+        f"ORDER BY updated_at LIMIT %s {dialect.skip_locked}"
     )
-
-    def connect_pg() -> Any:
-        return psycopg.connect(conninfo, options=options, connect_timeout=max(1, int(lock_timeout)))
-
-    return Backend(
-        connect=connect_pg,
-        begin=None,  # psycopg opens the transaction at the first statement
-        errors=(psycopg.Error,),
-        translate=_translate,
-        broken=lambda conn: bool(conn.closed or conn.broken),
-        close=lambda conn: conn.close(),
-        pipeline=lambda conn: conn.pipeline(),
+    return dialect.sql(
+        "UPDATE orders SET lease_owner = %s, lease_expires_at = %s "
+        f"WHERE id IN ({candidates}) {dialect.returning}"
     )
 
 
-def _busy_timeout(conn: Any, seconds: float) -> None:
-    conn.execute(f"PRAGMA busy_timeout={int(seconds * 1000)}")
+@lru_cache(maxsize=128)
+def renew(dialect: Dialect, count: int) -> str:
+    """Extend the leases of `count` orders the owner still holds."""
+    return dialect.sql(
+        "UPDATE orders SET lease_expires_at = %s WHERE lease_owner = %s "
+        f"AND id IN ({', '.join(['%s'] * count)})"
+    )
 
 
-def _busy(exc: BaseException) -> bool:
-    """Another connection holds SQLite's write lock (SQLITE_BUSY)."""
-    return isinstance(exc, sqlite3.OperationalError) and (
-        "locked" in str(exc) or "busy" in str(exc)
+@lru_cache(maxsize=8)
+def release(dialect: Dialect, *, at_version: bool) -> str:
+    """Give the lease back if the owner holds it (and, `at_version`, the order is still at
+    the version given last)."""
+    return dialect.sql(
+        "UPDATE orders SET lease_owner = NULL, lease_expires_at = NULL "
+        "WHERE id = %s AND lease_owner = %s" + (" AND version = %s" if at_version else "")
+    )
+
+
+# -- connection set-up (used by fsm.engine for both kinds of connection) ------------------
+
+SQLITE_BEGIN = "BEGIN IMMEDIATE"  # take the write lock up front: no upgrade deadlocks
+
+
+def sqlite_busy_timeout(*, busy_ms: int) -> str:
+    return f"PRAGMA busy_timeout={busy_ms}"
+
+
+def sqlite_pragmas(*, busy_ms: int) -> tuple[str, ...]:
+    return (
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=NORMAL",  # durable across process crashes
+        sqlite_busy_timeout(busy_ms=busy_ms),
+        "PRAGMA foreign_keys=ON",
     )
 
 
 def first_line(exc: BaseException | None) -> str:
     """Drivers append hints and context on more lines; an error message is the first."""
     return (str(exc).strip().splitlines() or [""])[0]
-
-
-def _translate(exc: BaseException) -> BaseException:
-    """Driver errors a caller can only wait out become StoreUnavailable, in one line."""
-    import psycopg
-
-    first = first_line(exc)
-    if isinstance(exc, sqlite3.OperationalError | psycopg.OperationalError):
-        return StoreUnavailable(f"database unavailable: {first}")
-    if isinstance(exc, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
-        return StoreUnavailable(f"database busy: {first}")
-    return exc

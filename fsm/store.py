@@ -1,12 +1,10 @@
-"""The engine's storage: create orders, record transitions under a version and lease check,
-claim, renew and release leases, find stuck orders. No HTTP, no business decisions. The
-write statements' texts and the row codec live in `fsm.sql`; the operator's read-only
-views in `fsm.queries`; the start-up check's grouped query in `fsm.upgrade`.
+"""The engine's writes and leases: create orders, record transitions under a version and
+lease check, claim, renew and release leases. No HTTP, no business decisions, no SQL text
+(statements and the row codec are `fsm.sql`'s), no reads (`fsm.queries`, which `Store`
+inherits so a holder of the store can read), no connection set-up (`fsm.engine`).
 
 Writes are coroutines: each is an op for the group-commit thread (`fsm.committer`), so the
-event loop never waits on the database and concurrent orders share commits. Reads are plain
-functions on SQLAlchemy's pool, for the API's worker threads and the CLI; async code calls
-them through `asyncio.to_thread`.
+event loop never waits on the database and concurrent orders share commits.
 
 In-memory contract: a write applies its values to the `Order` when it is *queued*, so the
 next write of the same order (a concurrent step's) builds on it; writes of one order commit
@@ -19,92 +17,41 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Collection, Generator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, or_, select
-from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
+from sqlalchemy import Engine
 
 from fsm import sql
 from fsm.committer import Committer
-from fsm.errors import (
-    CorruptOrder,
-    InvalidMove,
-    LeaseLost,
-    OrderNotFound,
-    StaleOrder,
-    StoreUnavailable,
-)
+from fsm.engine import backend, make_engine
+from fsm.errors import CorruptOrder, InvalidMove, LeaseLost, OrderNotFound, StaleOrder
 from fsm.machine import (
-    MACHINE_VERSION,
     ORDER_MACHINE,
     STEP_MACHINE,
     TERMINAL_ORDER_STATES,
     MachineError,
     OrderState,
     Status,
-    StepState,
     coarse_status,
     next_state,
 )
-from fsm.models import ORDER_COLUMNS, STATE_COLUMN, Order, OrderTable, Transition, TransitionTable
+from fsm.models import ORDER_COLUMNS, STATE_COLUMN, Order
+from fsm.queries import Reads, utcnow
+from fsm.version import MACHINE_VERSION
 
+# make_engine and utcnow re-exported: callers that knew them here keep working.
 __all__ = ["STATE_COLUMN", "Store", "make_engine", "step_states", "utcnow"]
 
 log = logging.getLogger("order_saga.store")
-orders = OrderTable.__table__  # type: ignore[attr-defined]
-transitions = TransitionTable.__table__  # type: ignore[attr-defined]
-
-# Orders the sweep may pick up: a known, non-terminal state (a corrupt row never matches).
-_RESUMABLE = tuple(s.value for s in OrderState if s not in TERMINAL_ORDER_STATES)
-_STATES = "state, payment_state, inventory_state, shipping_state"
-_RESUMABLE_SQL = ", ".join(f"'{s}'" for s in _RESUMABLE)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def make_engine(url: str, *, lock_timeout: float = 5.0, statement_timeout: float = 30.0) -> Engine:
-    """The read pool, with bounded waits: a lock or a slow statement ends in an error."""
-    if url.startswith("sqlite"):
-        engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": lock_timeout}
-        )
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
-            cursor.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
-
-        return engine
-    options = (
-        f"-c lock_timeout={int(lock_timeout * 1000)} "
-        f"-c statement_timeout={int(statement_timeout * 1000)}"
-    )
-    # Reads are off the hot path: a pre-ping per checkout finds a connection the server
-    # dropped (restart, pg_terminate_backend) before a request meets it.
-    return create_engine(
-        url,
-        pool_pre_ping=True,
-        pool_recycle=1800,
-        pool_size=10,
-        max_overflow=10,
-        pool_timeout=lock_timeout,
-        connect_args={"options": options, "connect_timeout": max(1, int(lock_timeout))},
-    )
 
 
 def step_states(order: Order) -> dict[str, str]:
     return order.step_states()
 
 
-class Store:
+class Store(Reads):
     """Orders and their transition log in one SQL database."""
 
     def __init__(
@@ -116,15 +63,14 @@ class Store:
         statement_timeout: float = 30.0,
         max_batch: int = 256,
     ) -> None:
-        self.engine = engine
+        super().__init__(engine)
         self.lease = timedelta(seconds=lease_seconds)
-        self.is_postgres = engine.dialect.name == "postgresql"
         self.dialect = sql.dialect_of(engine)
-        # (state, payment, inventory, shipping) combinations the installed machine cannot
+        # (state, *step states) combinations (sql.STATE_COLUMNS) the installed machine cannot
         # drive, found at start by fsm.upgrade.guard(): the sweep leaves those orders alone.
-        self.undrivable: frozenset[tuple[str, str, str, str]] = frozenset()
+        self.undrivable: frozenset[tuple[str, ...]] = frozenset()
         self.committer = Committer(
-            sql.backend(engine, lock_timeout=lock_timeout, statement_timeout=statement_timeout),
+            backend(engine, lock_timeout=lock_timeout, statement_timeout=statement_timeout),
             max_batch=max_batch,
             lock_timeout=lock_timeout,
         )
@@ -154,10 +100,7 @@ class Store:
             product_id=product_id,
             quantity=quantity,
             state=OrderState.PENDING.value,
-            status=Status.PENDING.value,
-            payment_state=StepState.PENDING.value,
-            inventory_state=StepState.PENDING.value,
-            shipping_state=StepState.PENDING.value,
+            status=Status.PENDING.value,  # and every step pending (Order's default)
             lease_owner=owner,
             lease_expires_at=now + self.lease if owner else None,
             created_at=now,
@@ -283,9 +226,7 @@ class Store:
 
     def _raise_conflict(self, cursor: Any, order_id: uuid.UUID, expected: int, owner: str) -> None:
         d = self.dialect
-        cursor.execute(
-            d.sql("SELECT version, lease_owner FROM orders WHERE id = %s"), [d.uuid(order_id)]
-        )
+        cursor.execute(sql.select_lease(d), [d.uuid(order_id)])
         row = cursor.fetchone()
         if row is None:
             raise OrderNotFound(f"order {order_id} not found")
@@ -302,15 +243,12 @@ class Store:
     def _claim(self, order_id: uuid.UUID, owner: str, now: datetime, cursor: Any) -> Order | None:
         d = self.dialect
         cursor.execute(
-            d.sql(
-                "UPDATE orders SET lease_owner = %s, lease_expires_at = %s WHERE id = %s AND "
-                "(lease_owner IS NULL OR lease_expires_at < %s OR lease_owner = %s) " + d.returning
-            ),
+            sql.claim(d),
             [owner, d.timestamp(now + self.lease), d.uuid(order_id), d.timestamp(now), owner],
         )
         row = cursor.fetchone()
         if row is None:
-            cursor.execute(d.sql("SELECT 1 FROM orders WHERE id = %s"), [d.uuid(order_id)])
+            cursor.execute(sql.order_exists(d), [d.uuid(order_id)])
             if cursor.fetchone() is None:
                 raise OrderNotFound(f"order {order_id} not found")
             return None
@@ -345,34 +283,14 @@ class Store:
     ) -> list[Order]:
         d = self.dialect
         now = d.timestamp(utcnow())
-        where = [
-            f"state IN ({_RESUMABLE_SQL})",
-            "updated_at <= %s",
-            "(lease_owner IS NULL OR lease_expires_at < %s)",
-        ]
-        params: list[Any] = [d.timestamp(moved_before), now]
-        if due_only:  # the sweep honours the persisted retry schedule; an operator may not
-            where.append("(next_attempt_at IS NULL OR next_attempt_at <= %s)")
-            params.append(now)
-        if exclude:
-            where.append(f"id NOT IN ({', '.join(['%s'] * len(exclude))})")
-            params.extend(d.uuid(i) for i in exclude)
-        if self.undrivable:  # fsm.upgrade.guard(): what this machine cannot drive stays put
-            rows = ", ".join(["(%s, %s, %s, %s)"] * len(self.undrivable))
-            where.append(f"({_STATES}) NOT IN (VALUES {rows})")
-            params.extend(value for combo in sorted(self.undrivable) for value in combo)
-        candidates = (
-            f"SELECT id FROM orders WHERE {' AND '.join(where)} "
-            f"ORDER BY updated_at LIMIT %s {d.skip_locked}"
+        params: list[Any] = [owner, d.timestamp(utcnow() + self.lease)]
+        params += [d.timestamp(moved_before), now, *([now] if due_only else [])]
+        params.extend(d.uuid(i) for i in exclude)
+        params.extend(value for combo in sorted(self.undrivable) for value in combo)
+        statement = sql.claim_batch(
+            d, due_only=due_only, excluded=len(exclude), undrivable=len(self.undrivable)
         )
-        lease = d.timestamp(utcnow() + self.lease)
-        cursor.execute(
-            d.sql(
-                f"UPDATE orders SET lease_owner = %s, lease_expires_at = %s "
-                f"WHERE id IN ({candidates}) {d.returning}"
-            ),
-            [owner, lease, *params, limit],
-        )
+        cursor.execute(statement, [*params, limit])
         return self._usable(cursor.fetchall(), owner, cursor)
 
     def _usable(self, rows: Sequence[Any], owner: str, cursor: Any) -> list[Order]:
@@ -398,10 +316,7 @@ class Store:
         for start in range(0, len(order_ids), 500):  # stay under SQLite's variable limit
             chunk = order_ids[start : start + 500]
             cursor.execute(
-                d.sql(
-                    "UPDATE orders SET lease_expires_at = %s WHERE lease_owner = %s "
-                    f"AND id IN ({', '.join(['%s'] * len(chunk))})"
-                ),
+                sql.renew(d, len(chunk)),
                 [d.timestamp(utcnow() + self.lease), owner, *(d.uuid(i) for i in chunk)],
             )
             renewed += cursor.rowcount
@@ -425,100 +340,8 @@ class Store:
         encoded: bool = False,
     ) -> bool:
         d = self.dialect
-        guard, params = "", [order_id if encoded else d.uuid(order_id), owner]
+        params = [order_id if encoded else d.uuid(order_id), owner]
         if version is not None:
-            guard = " AND version = %s"
             params.append(version)
-        cursor.execute(
-            d.sql(
-                "UPDATE orders SET lease_owner = NULL, lease_expires_at = NULL "
-                "WHERE id = %s AND lease_owner = %s" + guard
-            ),
-            params,
-        )
+        cursor.execute(sql.release(d, at_version=version is not None), params)
         return bool(cursor.rowcount == 1)
-
-    # -- reads (blocking: API worker threads, the CLI, or asyncio.to_thread) -----------
-
-    def _rows(self, query: Any) -> Sequence[Any]:
-        try:
-            with self.engine.connect() as conn:
-                return conn.execute(query).all()
-        except SQLAlchemyOperationalError as exc:
-            raise StoreUnavailable(f"database unavailable: {sql.first_line(exc.orig)}") from exc
-
-    def get(self, order_id: uuid.UUID) -> Order:
-        rows = self._rows(select(orders).where(orders.c.id == order_id))
-        if not rows:
-            raise OrderNotFound(f"order {order_id} not found")
-        return _order_from(rows[0])
-
-    def find_by_idempotency_key(self, key: str) -> Order | None:
-        rows = self._rows(select(orders).where(orders.c.idempotency_key == key))
-        return _order_from(rows[0]) if rows else None
-
-    def list_orders(
-        self, *, status: str | None = None, limit: int = 50, offset: int = 0
-    ) -> list[Order]:
-        query = select(orders).order_by(orders.c.created_at.desc(), orders.c.id)
-        if status is not None:
-            query = query.where(orders.c.status == status)
-        return [_order_from(r) for r in self._rows(query.limit(limit).offset(offset))]
-
-    def history(self, order_id: uuid.UUID) -> list[Transition]:
-        query = select(transitions).where(transitions.c.order_id == order_id)
-        return [
-            Transition(**{**r._mapping, "created_at": sql.as_utc(r.created_at)})
-            for r in self._rows(query.order_by(transitions.c.seq))
-        ]
-
-    def count_by_status(self) -> dict[str, int]:
-        query = select(orders.c.status, func.count()).group_by(orders.c.status)
-        return {status: int(n) for status, n in self._rows(query)}
-
-    def _stuck(self, *, moved_before: datetime, now: datetime, due_only: bool) -> Any:
-        query = select(orders).where(
-            orders.c.state.in_(_RESUMABLE),
-            orders.c.updated_at <= moved_before,
-            or_(orders.c.lease_owner.is_(None), orders.c.lease_expires_at < now),
-        )
-        if due_only:
-            query = query.where(
-                or_(orders.c.next_attempt_at.is_(None), orders.c.next_attempt_at <= now)
-            )
-        return query
-
-    def find_stuck(
-        self, *, moved_before: datetime, limit: int, due_only: bool = True
-    ) -> list[Order]:
-        """Non-terminal orders, unleased, unmoved since `moved_before` (oldest first);
-        with `due_only`, only those whose next retry time has come. Corrupt rows skipped."""
-        query = self._stuck(moved_before=moved_before, now=utcnow(), due_only=due_only)
-        usable = []
-        for row in self._rows(query.order_by(orders.c.updated_at).limit(limit)):
-            try:
-                usable.append(_order_from(row))
-            except CorruptOrder as exc:
-                log.error("skipping: %s", exc)
-        return usable
-
-    def count_leased_stuck(self, *, moved_before: datetime) -> int:
-        """Non-terminal orders that another driver currently holds."""
-        query = (
-            select(func.count())
-            .select_from(orders)
-            .where(
-                orders.c.state.in_(_RESUMABLE),
-                orders.c.updated_at <= moved_before,
-                orders.c.lease_owner.is_not(None),
-                orders.c.lease_expires_at >= utcnow(),
-            )
-        )
-        return int(self._rows(query)[0][0])
-
-
-def _order_from(row: Any) -> Order:
-    data = dict(row._mapping)
-    for key in ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at", "updated_at"):
-        data[key] = sql.as_utc(data[key])
-    return sql.order_from(data)

@@ -13,128 +13,31 @@ the declared edges. Read-only: it never drives or rewrites an order.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict, deque
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Gauge
-from sqlalchemy import Engine, func, select, tuple_
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from fsm.machine import (
-    ORDER_TRANSITIONS,
-    STEP_TRANSITIONS,
-    TERMINAL_ORDER_STATES,
-    OrderState,
-    Step,
-    StepState,
-    flat_edges,
-    version_of,
-)
-from fsm.models import OrderTable
+from fsm import queries
+from fsm.models import STATE_COLUMN
 from fsm.store import Store
+from fsm.version import Tables
+
+__all__ = ["Combo", "Group", "Report", "Tables", "check", "guard", "live_groups", "undrivable"]
 
 log = logging.getLogger("order_saga.upgrade")
-orders = OrderTable.__table__  # type: ignore[attr-defined]
 
 UNDRIVABLE = Gauge(
     "order_saga_undrivable_orders",
     "Live orders the installed machine cannot drive (skipped by the sweep), found at start",
 )
 
-STEPS = tuple(s.value for s in Step)  # payment, inventory, shipping: the column order below
-Combo = tuple[str, str, str, str]  # (order state, payment, inventory, shipping)
-
-
-@dataclass(frozen=True)
-class Tables:
-    """One version of both machines as plain data: what the check runs against."""
-
-    order_states: frozenset[str]
-    order_terminal: frozenset[str]
-    order_edges: tuple[tuple[str, str, str], ...]  # (trigger, source, dest)
-    step_states: frozenset[str]
-    step_edges: tuple[tuple[str, str, str], ...]
-
-    @classmethod
-    def installed(cls) -> Tables:
-        return cls(
-            order_states=frozenset(s.value for s in OrderState),
-            order_terminal=frozenset(s.value for s in TERMINAL_ORDER_STATES),
-            order_edges=tuple(flat_edges(ORDER_TRANSITIONS)),
-            step_states=frozenset(s.value for s in StepState),
-            step_edges=tuple(flat_edges(STEP_TRANSITIONS)),
-        )
-
-    @property
-    def version(self) -> str:
-        return version_of(
-            order_states=self.order_states,
-            order_terminal=self.order_terminal,
-            order_edges=list(self.order_edges),
-            step_states=self.step_states,
-            step_edges=list(self.step_edges),
-        )
-
-    def renamed(self, scope: str, old: str, new: str) -> Tables:
-        """This machine with one state renamed ("order" or "step" scope): a test's new machine."""
-
-        def swap(name: str) -> str:
-            return new if name == old else name
-
-        def edges(table: tuple[tuple[str, str, str], ...]) -> tuple[tuple[str, str, str], ...]:
-            return tuple(sorted((t, swap(s), swap(d)) for t, s, d in table))
-
-        if scope == "order":
-            return replace(
-                self,
-                order_states=frozenset(map(swap, self.order_states)),
-                order_terminal=frozenset(map(swap, self.order_terminal)),
-                order_edges=edges(self.order_edges),
-            )
-        return replace(
-            self,
-            step_states=frozenset(map(swap, self.step_states)),
-            step_edges=edges(self.step_edges),
-        )
-
-    def reasons(self, state: str, steps: Mapping[str, str]) -> list[str]:
-        """Why this machine cannot drive an order in `state` with `steps`; [] if it can."""
-        why: list[str] = []
-        if state not in self.order_states:
-            why.append(f"order state {state!r} is not a state of this machine")
-        elif not _reaches(state, self.order_edges, self.order_terminal):
-            why.append(f"no declared path from order state {state!r} to a terminal state")
-        finals = _sinks(self.step_states, self.step_edges)
-        for step, step_state in steps.items():
-            if step_state not in self.step_states:
-                why.append(f"{step} state {step_state!r} is not a state of this machine")
-            elif not _reaches(step_state, self.step_edges, finals):
-                why.append(f"no declared path from {step} state {step_state!r} to a final state")
-        return why
-
-
-def _sinks(states: Iterable[str], edges: Iterable[tuple[str, str, str]]) -> frozenset[str]:
-    """A step's final states: those with no outgoing edge."""
-    sources = {source for _, source, _ in edges}
-    return frozenset(s for s in states if s not in sources)
-
-
-def _reaches(start: str, edges: Iterable[tuple[str, str, str]], goals: frozenset[str]) -> bool:
-    """Breadth-first search over the declared edges."""
-    nexts: dict[str, set[str]] = defaultdict(set)
-    for _, source, dest in edges:
-        nexts[source].add(dest)
-    seen, queue = {start}, deque([start])
-    while queue:
-        state = queue.popleft()
-        if state in goals:
-            return True
-        for dest in nexts[state] - seen:
-            seen.add(dest)
-            queue.append(dest)
-    return False
+STEPS = tuple(scope for scope in STATE_COLUMN if scope != "order")  # the machine's order
+Combo = tuple[str, ...]  # (order state, *each step's state in STEPS order)
 
 
 @dataclass(frozen=True)
@@ -148,7 +51,7 @@ class Group:
 
     @property
     def combo(self) -> Combo:
-        return (self.state, *(self.steps[s] for s in STEPS))  # type: ignore[return-value]
+        return (self.state, *(self.steps[s] for s in STEPS))
 
 
 @dataclass
@@ -219,12 +122,9 @@ class Report:
 def live_groups(engine: Engine, *, terminal: Iterable[str]) -> list[Group]:
     """Every order not in a `terminal` state, counted per (state, step states, version):
     one grouped query, so 100,000 orders come back as a handful of rows."""
-    keys = [orders.c.state, *(orders.c[f"{s}_state"] for s in STEPS), orders.c.machine_version]
-    query = select(*keys, func.count()).where(orders.c.state.not_in(list(terminal))).group_by(*keys)
-    with engine.connect() as conn:
-        rows = conn.execute(query).all()
     return [
-        Group(row[0], dict(zip(STEPS, row[1:4], strict=True)), row[4], int(row[5])) for row in rows
+        Group(combo[0], dict(zip(STEPS, combo[1:], strict=True)), version, count)
+        for combo, version, count in queries.live_state_groups(engine, terminal=terminal)
     ]
 
 
@@ -240,28 +140,14 @@ def check(engine: Engine, tables: Tables | None = None, *, with_ids: int = 0) ->
         if why:
             report.stranded.append((group, why))
     if with_ids and report.stranded:
-        report.order_ids = _ids(engine, {g.combo for g, _ in report.stranded}, with_ids)
+        report.order_ids = queries.ids_by_states(
+            engine, {g.combo for g, _ in report.stranded}, with_ids
+        )
     return report
 
 
-def _ids(engine: Engine, combos: set[Combo], limit: int) -> dict[Combo, list[str]]:
-    columns = [orders.c.state, *(orders.c[f"{s}_state"] for s in STEPS)]
-    query = (
-        select(orders.c.id, *columns)
-        .where(tuple_(*columns).in_(sorted(combos)))
-        .order_by(orders.c.created_at)
-    )
-    found: dict[Combo, list[str]] = defaultdict(list)
-    with engine.connect() as conn:
-        for oid, *combo in conn.execute(query):
-            ids = found[(combo[0], combo[1], combo[2], combo[3])]
-            if len(ids) < limit:
-                ids.append(str(oid))
-    return dict(found)
-
-
 def undrivable(engine: Engine, tables: Tables | None = None) -> frozenset[Combo]:
-    """The (order state, payment, inventory, shipping) combinations the machine cannot drive."""
+    """The (order state, *step states) combinations the machine cannot drive."""
     return frozenset(group.combo for group, _ in check(engine, tables).stranded)
 
 

@@ -355,7 +355,7 @@ def diagram(
     else:
         output.write_bytes(document)
         typer.echo(f"wrote {output}", err=True)
-    from fsm.machine import MACHINE_VERSION
+    from fsm.version import MACHINE_VERSION
 
     typer.echo(f"machine version {MACHINE_VERSION}", err=True)
 

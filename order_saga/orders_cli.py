@@ -162,10 +162,7 @@ def show(order_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonFl
         f"user {order.user_id} · product {order.product_id} × {order.quantity} · amount {amount}"
     )
     _console.print(
-        "steps: "
-        + ", ".join(
-            f"{s} {getattr(order, f'{s}_state')}" for s in ("payment", "inventory", "shipping")
-        )
+        "steps: " + ", ".join(f"{step} {state}" for step, state in order.step_states().items())
     )
     if order.attention_reason:
         _console.print(f"[bold red]needs attention:[/] {order.attention_reason}")

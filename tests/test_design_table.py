@@ -1,4 +1,5 @@
-"""SPEC §1, row by row: the final status, the exact compensations, the persisted history
+"""SPEC §1, row by row (every row of fsm.machine.DESIGN_TABLE, plus the rejected and the
+cancelled order): the final status, the exact compensations, the persisted history
 and the downstream state afterwards, through the reference services over real HTTP, on
 SQLite and PostgreSQL."""
 
@@ -17,8 +18,12 @@ from downstream.seed import (
     WIDGET_ID,
 )
 from fsm.executor import Executor
+from fsm.machine import DESIGN_TABLE, Outcome, Step
 from fsm.store import Store
 from tests.support.services import Downstream
+
+STEPS = [step.value for step in Step]
+UNDO_ACTIONS = {step.compensation_action for step in Step}
 
 OK, NO, NOT_CALLED = "ok", "failed", "not called"
 
@@ -28,9 +33,7 @@ class Row:
     user: int
     product: int
     quantity: int
-    payment: str
-    inventory: str
-    shipping: str
+    outcomes: dict[str, str]  # step -> OK, NO or NOT_CALLED
     status: str
     compensated: frozenset[str] = field(default_factory=frozenset)
     cancel: bool = False
@@ -39,40 +42,45 @@ class Row:
 # The seed's named ids (downstream/seed.py); more than MAX_UNITS_PER_SHIPMENT cannot ship.
 PAYS, POOR, WIDGET = ORDINARY_USER_ID, POOR_USER_ID, WIDGET_ID
 SOLD_OUT, MISSING, TOO_MANY = SOLD_OUT_PRODUCT_ID, MISSING_PRODUCT_ID, MAX_UNITS_PER_SHIPMENT + 1
-ROWS = {
-    # row 1: found | success | success | success -> completed, no action
-    "completed": Row(PAYS, WIDGET, 1, OK, OK, OK, "completed"),
+# How the reference services are made to say "no" to one step: the order's field and value.
+FAILS = {
+    Step.PAYMENT: ("user", POOR),
+    Step.INVENTORY: ("product", SOLD_OUT),
+    Step.SHIPPING: ("quantity", TOO_MANY),
+}
+ORDINARY = {"user": PAYS, "product": WIDGET, "quantity": 1}
+
+
+def design_row(outcomes: tuple[Outcome, ...]) -> Row:
+    """fsm.machine.DESIGN_TABLE's row for these outcomes, as an order to place."""
+    status, compensated = DESIGN_TABLE[outcomes]
+    order = dict(ORDINARY)
+    for step, outcome in zip(Step, outcomes, strict=True):
+        if outcome is Outcome.FAILED:
+            field_, value = FAILS[step]
+            order[field_] = value
+    return Row(
+        **order,
+        outcomes={
+            s.value: OK if o is Outcome.SUCCESS else NO for s, o in zip(Step, outcomes, strict=True)
+        },
+        status=status.value,
+        compensated=frozenset(s.value for s in compensated),
+    )
+
+
+def row_id(outcomes: tuple[Outcome, ...]) -> str:
+    failed = [s.value for s, o in zip(Step, outcomes, strict=True) if o is Outcome.FAILED]
+    return "-".join(failed) + "-failed" if failed else "completed"
+
+
+ROWS = {row_id(outcomes): design_row(outcomes) for outcomes in DESIGN_TABLE}
+ROWS |= {
     # row 2: 404 | not called | not called | not called -> rejected, call nothing else
-    "rejected": Row(PAYS, MISSING, 1, NOT_CALLED, NOT_CALLED, NOT_CALLED, "rejected"),
-    # row 3: found | failed | success | success -> restore inventory, cancel shipping
-    "payment-failed": Row(
-        POOR, WIDGET, 1, NO, OK, OK, "failed", frozenset({"inventory", "shipping"})
-    ),
-    # row 4: found | success | failed | success -> refund user, cancel shipping
-    "inventory-failed": Row(
-        PAYS, SOLD_OUT, 1, OK, NO, OK, "failed", frozenset({"payment", "shipping"})
-    ),
-    # row 5: found | success | success | failed -> refund user, restore inventory
-    "shipping-failed": Row(
-        PAYS, WIDGET, TOO_MANY, OK, OK, NO, "failed", frozenset({"payment", "inventory"})
-    ),
-    # row 6: found | failed | failed | success -> cancel shipping
-    "payment-inventory-failed": Row(
-        POOR, SOLD_OUT, 1, NO, NO, OK, "failed", frozenset({"shipping"})
-    ),
-    # row 7: found | failed | failed | failed -> nothing to compensate
-    "all-failed": Row(POOR, SOLD_OUT, TOO_MANY, NO, NO, NO, "failed"),
-    # cancellation: a completed order cancelled by its owner -> refund, restore, cancel
+    "rejected": Row(PAYS, MISSING, 1, dict.fromkeys(STEPS, NOT_CALLED), "rejected"),
+    # cancellation: a completed order cancelled by its owner -> undo every step
     "cancelled": Row(
-        PAYS,
-        WIDGET,
-        2,
-        OK,
-        OK,
-        OK,
-        "cancelled",
-        frozenset({"payment", "inventory", "shipping"}),
-        cancel=True,
+        PAYS, WIDGET, 2, dict.fromkeys(STEPS, OK), "cancelled", frozenset(STEPS), cancel=True
     ),
 }
 
@@ -80,17 +88,16 @@ ROWS = {
 def expected_history(row: Row) -> dict[str, list[str]]:
     """Each scope's triggers in commit order (steps interleave, so compare per scope)."""
     order = ["request_product"]
-    if row.payment == NOT_CALLED:
+    if row.status == "rejected":
         order.append("product_missing")
     else:
         order.append("product_found")
-        all_ok = (row.payment, row.inventory, row.shipping) == (OK, OK, OK)
+        all_ok = all(outcome == OK for outcome in row.outcomes.values())
         order.append("all_succeeded" if all_ok else "some_failed")
         order += ["cancel", "cancellation_done"] if row.cancel else []
         order += [] if all_ok else ["compensation_done"]
     history = {"order": order}
-    for step in ("payment", "inventory", "shipping"):
-        outcome = getattr(row, step)
+    for step, outcome in row.outcomes.items():
         if outcome == NOT_CALLED:
             continue
         triggers = ["request", "succeed" if outcome == OK else "fail"]
@@ -134,11 +141,11 @@ async def test_design_table_row(
     compensation_keys = {
         k.split(":")[1]
         for k in effects
-        if k.startswith(str(order.id)) and k.rsplit(":", 1)[1] in ("refund", "restore", "cancel")
+        if k.startswith(str(order.id)) and k.rsplit(":", 1)[1] in UNDO_ACTIONS
     }
     assert compensation_keys == set(row.compensated)
     assert all(count == 1 for count in effects.values())
-    if row.payment == NOT_CALLED:
+    if row.status == "rejected":
         assert not [k for k in effects if k.startswith(str(order.id))]
 
     # Downstream state: money and stock move only for a completed (not cancelled) order.
@@ -147,7 +154,7 @@ async def test_design_table_row(
     if stock is not None:
         assert downstream.stock(row.product) == stock - row.quantity * kept
     shipment = downstream.shipment(order.id)
-    if row.shipping == OK:
+    if row.outcomes[Step.SHIPPING] == OK:
         assert shipment is not None
         assert shipment["status"] == ("scheduled" if kept else "cancelled")
     else:

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from downstream.seed import ORDINARY_USER_ID, POOR_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
+from fsm import queries
 from fsm.clients import Services
 from fsm.errors import InvalidMove, LeaseLost, StaleOrder
 from fsm.executor import Executor, RetryPolicy
@@ -32,7 +33,11 @@ def assert_conserved(
     downstream: Downstream, store: Store, balances: dict[int, int], stocks: dict[int, int]
 ) -> None:
     """The one conservation check (tests/support/services.py) over every stored order."""
-    check_conserved(downstream, Books(balances, stocks), store.list_orders(limit=500))
+    check_conserved(
+        downstream,
+        Books(balances, stocks),
+        queries.list_orders(store, queries.OrderFilter(limit=500))[0],
+    )
 
 
 async def run_row(store: Store, executor: Executor, user: int, product: int, quantity: int) -> str:
@@ -58,7 +63,7 @@ async def test_lost_response_applies_the_effect_once(
     downstream.fault(operation, "apply_then_error")
     assert await run_row(store, executor, user, product, quantity) == status
     assert_conserved(downstream, store, balances, stocks)
-    order = store.list_orders()[0]
+    order = queries.list_orders(store, queries.OrderFilter())[0][0]
     step, _, action = operation.partition(".")
     call = f"{'payment' if step == 'user' else step}:{action}"
     assert order.attempts == {call: 1}  # one retry, persisted, same key
@@ -79,7 +84,7 @@ async def test_transient_errors_are_retried_with_the_same_key(
     downstream.fault(operation, "error", count=2)
     assert await run_row(store, executor, user, product, quantity) == status
     assert_conserved(downstream, store, balances, stocks)
-    order = store.list_orders()[0]
+    order = queries.list_orders(store, queries.OrderFilter())[0][0]
     assert sum(order.attempts.values()) == 2
     assert "injected fault" in (order.last_error or "")
 
@@ -94,14 +99,14 @@ async def test_timeout_is_an_unknown_outcome_and_retried(
     downstream.fault("user.deduct", "timeout", seconds=1.5)  # the client gives up after 1 s
     assert await run_row(store, executor, ORDINARY_USER_ID, WIDGET_ID, 1) == "completed"
     assert_conserved(downstream, store, balances, stocks)
-    assert "timed out" in (store.list_orders()[0].last_error or "")
+    assert "timed out" in (queries.list_orders(store, queries.OrderFilter())[0][0].last_error or "")
 
 
 async def test_business_failure_is_not_retried(
     store: Store, executor: Executor, downstream: Downstream
 ) -> None:
     assert await run_row(store, executor, POOR_USER_ID, WIDGET_ID, 1) == "failed"  # 402, once
-    order = store.list_orders()[0]
+    order = queries.list_orders(store, queries.OrderFilter())[0][0]
     assert "payment:deduct" not in order.attempts
     payment = [t for t in store.history(order.id) if t.scope == "payment"]
     assert payment[1].trigger == "fail" and payment[1].detail["status"] == 402

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
+from fsm import queries
 from fsm.breaker import OPEN, Breaker
 from fsm.settings import Settings
 from fsm.store import Store
@@ -114,7 +115,7 @@ def test_an_outage_costs_threshold_plus_probes_then_every_order_finishes(
         assert {o["status"] for o in states(client, ids)} == {"completed"}
         assert client.get("/healthz").json()["status"] == "ok"
     assert downstream.balance(ORDINARY_USER_ID) == balance - sum(
-        o.amount or 0 for o in store.list_orders()
+        o.amount or 0 for o in queries.list_orders(store, queries.OrderFilter())[0]
     )
     assert downstream.stock(WIDGET_ID) == stock - ORDERS
     assert all(n == 1 for n in downstream.effects().values())
@@ -149,13 +150,15 @@ def test_post_orders_is_refused_while_the_product_breaker_is_open(
     with api(db_url, downstream.url, breaker_cooldown=30.0) as client:
         first = place(client, ORDINARY_USER_ID, WIDGET_ID)
         until("the product breaker open", lambda: breaker(client, "product").state == OPEN)
-        before = len(store.list_orders())
+        before = len(queries.list_orders(store, queries.OrderFilter())[0])
         body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
         refused = client.post("/orders", json=body, headers={"Idempotency-Key": "during-outage"})
         assert refused.status_code == 503, refused.text
         assert 1 <= int(refused.headers["Retry-After"]) <= 30
         assert "product" in refused.json()["detail"]
-        assert len(store.list_orders()) == before  # nothing created
+        assert (
+            len(queries.list_orders(store, queries.OrderFilter())[0]) == before
+        )  # nothing created
         assert store.find_by_idempotency_key("during-outage") is None
         assert client.get("/healthz").json()["breakers"] == {"product": OPEN}
         assert client.get(f"/orders/{first}").json()["state"] == "product_requested"

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from downstream.seed import MISSING_PRODUCT_ID
+from fsm import queries
 from fsm.machine import edges, is_terminal
 from fsm.store import Store
 from tests.support.processes import saga_env
@@ -102,10 +103,17 @@ async def test_random_faults_and_kills_end_terminal_and_conserved(
     httpx.delete(f"{downstream.url}/_faults").raise_for_status()
     for _ in range(4):
         assert resume(db_url, downstream.url, None) == 0, f"seed {seed}"
-        if all(is_terminal(o.state) for o in store.list_orders(limit=500)):
+        if all(
+            is_terminal(o.state)
+            for o in queries.list_orders(store, queries.OrderFilter(limit=500))[0]
+        ):
             break
         time.sleep(LEASE + 0.1)
-    stuck = [(o.id, o.state) for o in store.list_orders(limit=500) if not is_terminal(o.state)]
+    stuck = [
+        (o.id, o.state)
+        for o in queries.list_orders(store, queries.OrderFilter(limit=500))[0]
+        if not is_terminal(o.state)
+    ]
     assert not stuck, f"seed {seed}: not terminal after the final resume: {stuck}"
     assert kills > 0, f"seed {seed}: no round was killed"
     assert_conserved(downstream, store, balances, stocks)

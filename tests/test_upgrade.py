@@ -27,19 +27,13 @@ from api.app import create_app
 from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
 from fsm.clients import Services
 from fsm.executor import Executor
-from fsm.machine import (
-    MACHINE_VERSION,
-    ORDER_TRANSITIONS,
-    STEP_TRANSITIONS,
-    OrderState,
-    coarse_status,
-    version_of,
-)
+from fsm.machine import ORDER_TRANSITIONS, STEP_TRANSITIONS, OrderState, coarse_status
 from fsm.migrate import alembic_config, upgrade
 from fsm.models import OrderTable
 from fsm.settings import Settings
 from fsm.store import Store, make_engine
 from fsm.upgrade import Tables, check, guard
+from fsm.version import MACHINE_VERSION, version_of
 from fsm.wiring import build_executor, build_store
 from tests.support.database import create_pg_database, drop_pg_database, saga_settings
 from tests.support.processes import saga_env

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-from fsm.machine import MACHINE_VERSION
+from fsm.version import MACHINE_VERSION
 
 revision: str = "0002"
 down_revision: str | None = "0001"

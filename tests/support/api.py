@@ -17,6 +17,7 @@ from downstream.seed import (
     PRODUCTS,
     WIDGET_ID,
 )
+from fsm.machine import SERVICES
 from fsm.settings import Settings
 from tests.support.services import Downstream
 
@@ -29,10 +30,7 @@ TERMINAL = {"completed", "failed", "rejected", "cancelled", "needs_attention"}
 def settings_for(db_url: str, services_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "database_url": db_url,
-        "product_url": services_url,
-        "user_url": services_url,
-        "inventory_url": services_url,
-        "shipping_url": services_url,
+        **{f"{service}_url": services_url for service in SERVICES},
         "http_timeout": 3.0,
         "max_attempts": 3,
         "backoff_base": 0.01,

@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 
+from fsm.machine import SERVICES
 from fsm.settings import Settings
 from fsm.store import Store, utcnow
 
@@ -26,9 +27,7 @@ def saga_settings(db_url: str, services_url: str | None = None, **overrides: Any
     """The settings a test engine runs with: FAST retries, short HTTP timeout."""
     urls = {}
     if services_url is not None:
-        urls = {
-            f"{name}_url": services_url for name in ("product", "user", "inventory", "shipping")
-        }
+        urls = {f"{name}_url": services_url for name in SERVICES}
     return Settings(database_url=db_url, http_timeout=1.0, **{**FAST, **urls, **overrides})
 
 

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from fsm.machine import SERVICES, Step
 from tests.support.database import in_transaction_elsewhere
 
 REPO = Path(__file__).resolve().parent.parent.parent
 ORDER_SAGA = str(Path(sys.executable).with_name("order-saga"))
-FORWARD_ACTIONS = {"payment": "deduct", "inventory": "deduct", "shipping": "schedule"}
-COMPENSATIONS = {"payment": "refund", "inventory": "restore", "shipping": "cancel"}
+FORWARD_ACTIONS = {step.value: step.forward_action for step in Step}
+COMPENSATIONS = {step.value: step.compensation_action for step in Step}
 SUBPROCESS_TIMEOUT = 60.0
 
 
@@ -31,10 +32,7 @@ def saga_env(*, database_url: str, services_url: str, **settings: object) -> dic
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDER_SAGA_")}
     values: dict[str, object] = {
         "database_url": database_url,
-        "product_url": services_url,
-        "user_url": services_url,
-        "inventory_url": services_url,
-        "shipping_url": services_url,
+        **{f"{service}_url": services_url for service in SERVICES},
         **settings,
     }
     env.update({f"ORDER_SAGA_{k.upper()}": str(v) for k, v in values.items() if v is not None})
@@ -120,7 +118,7 @@ async def drive_here(
     from fsm.settings import Settings
     from fsm.wiring import open_saga
 
-    urls = {f"{name}_url": services_url for name in ("product", "user", "inventory", "shipping")}
+    urls = {f"{name}_url": services_url for name in SERVICES}
     config = Settings(**{"database_url": database_url, **urls, **settings})
 
     async with open_saga(config) as saga:

@@ -1,0 +1,128 @@
+"""Connections to the engine's database: SQLAlchemy's read pool (`make_engine`) and the
+commit thread's own DBAPI connection (`backend`), each with the same bounded waits.
+
+SQLite's pragmas and PostgreSQL's lock/statement timeouts are decided here, once, for both
+kinds of connection (their statement texts are `fsm.sql`'s). No statements of the engine's
+own, no decisions about orders.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+
+from fsm import sql
+from fsm.committer import Backend
+from fsm.errors import StoreUnavailable
+
+__all__ = ["backend", "make_engine", "pg_options"]
+
+
+def pg_options(*, lock_timeout: float, statement_timeout: float) -> str:
+    """PostgreSQL's per-connection bounded waits, as libpq `options`."""
+    return (
+        f"-c lock_timeout={int(lock_timeout * 1000)} "
+        f"-c statement_timeout={int(statement_timeout * 1000)}"
+    )
+
+
+def _sqlite_setup(conn: Any, lock_timeout: float) -> None:
+    for statement in sql.sqlite_pragmas(busy_ms=int(lock_timeout * 1000)):
+        conn.execute(statement)
+
+
+def make_engine(url: str, *, lock_timeout: float = 5.0, statement_timeout: float = 30.0) -> Engine:
+    """The read pool, with bounded waits: a lock or a slow statement ends in an error."""
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": lock_timeout}
+        )
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            _sqlite_setup(cursor, lock_timeout)
+            cursor.close()
+
+        return engine
+    # Reads are off the hot path: a pre-ping per checkout finds a connection the server
+    # dropped (restart, pg_terminate_backend) before a request meets it.
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        pool_size=10,
+        max_overflow=10,
+        pool_timeout=lock_timeout,
+        connect_args={
+            "options": pg_options(lock_timeout=lock_timeout, statement_timeout=statement_timeout),
+            "connect_timeout": max(1, int(lock_timeout)),
+        },
+    )
+
+
+def backend(engine: Engine, *, lock_timeout: float, statement_timeout: float) -> Backend:
+    """The committer's own connection to the engine's database, with bounded waits."""
+    url = engine.url
+    if engine.dialect.name == "sqlite":
+
+        def connect_sqlite() -> Any:
+            conn = sqlite3.connect(
+                url.database or ":memory:", timeout=lock_timeout, check_same_thread=False
+            )
+            _sqlite_setup(conn, lock_timeout)
+            return conn
+
+        return Backend(
+            connect=connect_sqlite,
+            begin=sql.SQLITE_BEGIN,  # take the write lock up front: no upgrade deadlocks
+            errors=(sqlite3.Error,),
+            translate=_translate,
+            broken=lambda conn: False,
+            close=lambda conn: conn.close(),
+            bound_wait=_busy_timeout,
+            busy=_busy,
+        )
+
+    import psycopg
+
+    conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    options = pg_options(lock_timeout=lock_timeout, statement_timeout=statement_timeout)
+
+    def connect_pg() -> Any:
+        return psycopg.connect(conninfo, options=options, connect_timeout=max(1, int(lock_timeout)))
+
+    return Backend(
+        connect=connect_pg,
+        begin=None,  # psycopg opens the transaction at the first statement
+        errors=(psycopg.Error,),
+        translate=_translate,
+        broken=lambda conn: bool(conn.closed or conn.broken),
+        close=lambda conn: conn.close(),
+        pipeline=lambda conn: conn.pipeline(),
+    )
+
+
+def _busy_timeout(conn: Any, seconds: float) -> None:
+    conn.execute(sql.sqlite_busy_timeout(busy_ms=int(seconds * 1000)))
+
+
+def _busy(exc: BaseException) -> bool:
+    """Another connection holds SQLite's write lock (SQLITE_BUSY)."""
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "locked" in str(exc) or "busy" in str(exc)
+    )
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """Driver errors a caller can only wait out become StoreUnavailable, in one line."""
+    import psycopg
+
+    first = sql.first_line(exc)
+    if isinstance(exc, sqlite3.OperationalError | psycopg.OperationalError):
+        return StoreUnavailable(f"database unavailable: {first}")
+    if isinstance(exc, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
+        return StoreUnavailable(f"database busy: {first}")
+    return exc

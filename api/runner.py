@@ -1,11 +1,15 @@
-"""Background runs of the API process: order runs that outlive their request, and the
-periodic sweep for stuck orders. Keeps task references so nothing is garbage-collected."""
+"""Background runs of the API process: order runs that outlive their request, the
+periodic sweep for stuck orders and, when retention is set, the pruning pass. Keeps task
+references so nothing is garbage-collected."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
+from fsm import retention
 from fsm.executor import Executor
 from fsm.models import Order
 from fsm.recovery import sweep_forever
@@ -36,9 +40,12 @@ class Runner:
             return None
 
     def start_sweeper(self) -> None:
-        task: asyncio.Task[object] = asyncio.create_task(
-            sweep_forever(store=self.store, executor=self.executor, settings=self.settings)
-        )
+        self._keep(sweep_forever(store=self.store, executor=self.executor, settings=self.settings))
+        if retention.enabled(self.settings):  # issue 22: the background retention pass
+            self._keep(retention.prune_forever(engine=self.store.engine, settings=self.settings))
+
+    def _keep(self, work: Coroutine[Any, Any, object]) -> None:
+        task: asyncio.Task[object] = asyncio.create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

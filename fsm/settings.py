@@ -89,6 +89,22 @@ class Settings(BaseSettings):
     # Graphviz renderings (svg/png) running at once; more wait their turn off the loop.
     diagram_concurrency: int = Field(default=2, ge=1, le=64)
 
+    # --- keeping the database small (issue 22) ---------------------------------------------
+    # Terminal orders whose last move (the terminal one) is older than this many seconds are
+    # deleted with their transitions by the background pass of `serve`/`worker` (None: keep
+    # everything); `retention_rows` keeps at most the newest N terminal orders. Either may
+    # be set alone. Non-terminal and parked orders are never deleted.
+    retention_seconds: float | None = Field(default=None, gt=0)
+    retention_rows: int | None = Field(default=None, ge=0)
+    # How often the background pass runs, and how many orders one short transaction deletes.
+    retention_interval: float = Field(default=60.0, gt=0)
+    retention_batch: int = Field(default=200, ge=1, le=10_000)
+    # The background pass writes every order it deletes here first (gzip JSON lines).
+    archive_dir: str | None = None
+    # A non-terminal order this many seconds after creation stops waiting (None: no limit):
+    # its forward steps not yet succeeded expire and it compensates (the `deadline` edge).
+    order_deadline: float | None = Field(default=None, gt=0)
+
     @field_validator("api_token")
     @classmethod
     def _usable_token(cls, token: str | None) -> str | None:

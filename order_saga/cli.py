@@ -1,5 +1,6 @@
 """The `order-saga` console script: serve | services | worker | resume | diagram | db |
-check-upgrade, and `orders` (order_saga/orders_cli.py).
+check-upgrade, `orders` (order_saga/orders_cli.py), `prune` and `archive`
+(order_saga/prune_cli.py).
 
 Bad input (flags, ORDER_SAGA_* settings, ids) ends in one line on stderr and exit code 2;
 the commands build everything from `Settings` and import `api`, `downstream` and the
@@ -48,6 +49,11 @@ from order_saga.orders_cli import orders_app, version_option  # noqa: E402
 
 app.add_typer(orders_app, name="orders")
 app.callback()(version_option)
+# Retention (issue 22): `prune` and `archive show`.
+from order_saga.prune_cli import archive_app, prune  # noqa: E402
+
+app.command("prune")(prune)
+app.add_typer(archive_app, name="archive")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -253,6 +259,7 @@ def worker(
     metrics_host: Annotated[str, typer.Option(help="Interface for /metrics.")] = "127.0.0.1",
 ) -> None:
     """Claim and advance stuck orders forever (run several; they share the load)."""
+    from fsm import retention
     from fsm.recovery import sweep_forever
 
     settings = load_settings()
@@ -297,6 +304,11 @@ def worker(
             sweep = asyncio.create_task(
                 sweep_forever(store=executor.store, executor=executor, settings=settings)
             )
+            if retention.enabled(settings):  # issue 22: one pruner at a time on PostgreSQL
+                pruning = asyncio.create_task(
+                    retention.prune_forever(engine=executor.store.engine, settings=settings)
+                )
+                sweep.add_done_callback(lambda _: pruning.cancel())
             # SIGTERM (a deploy) or Ctrl-C: stop driving and release every lease now, so
             # another worker continues at once instead of after the lease expires. A call
             # in flight is abandoned; its committed intent makes the next driver reconcile.

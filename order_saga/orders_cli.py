@@ -22,7 +22,7 @@ from fsm.errors import SagaError
 from fsm.machine import OrderState, Status
 
 if TYPE_CHECKING:
-    from fsm.models import Order
+    from fsm.models import Order, Transition
     from fsm.store import Store
 
 orders_app = typer.Typer(help="List, inspect, cancel and resolve orders.", no_args_is_help=True)
@@ -129,16 +129,22 @@ def list_orders(
 @orders_app.command("show")
 def show(order_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonFlag = False) -> None:
     """One order: amount, steps, why it is parked, and its timeline (time in each state)."""
-    from fsm.heatmap import duration
-    from fsm.queries import timeline
-
     oid = _order_id(order_id)
     try:
         with _store() as store:
             order = store.get(oid)
-            spans = timeline(store.history(oid))
+            history = store.history(oid)
     except SagaError as exc:
         _fail(str(exc), 1)
+    print_order(order, history, as_json=as_json)
+
+
+def print_order(order: Order, history: list[Transition], *, as_json: bool) -> None:
+    """`orders show`'s output for an order and its log (also `archive show`'s)."""
+    from fsm.heatmap import duration
+    from fsm.queries import timeline
+
+    spans = timeline(history)
     if as_json:
         body = _as_json(order)
         body["timeline"] = [

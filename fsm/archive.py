@@ -1,0 +1,191 @@
+"""The archive of pruned orders: gzip JSON lines, one line per order with its whole
+transition log, written and fsynced before the rows are deleted (`fsm.retention`).
+No SQL, no decisions about what to prune: encoding, appending, reading back.
+
+Format (version 1), one JSON object per line:
+
+    {"format_version": 1, "archived_at": "<UTC ISO 8601>",
+     "order": {<every column of `orders`, timestamps ISO 8601, id a UUID string>},
+     "transitions": [{"seq", "scope", "trigger", "from_state", "to_state",
+                      "created_at", "detail", "machine_version"}, ...]}   # by seq
+
+A file is a sequence of gzip members, one per batch (`gzip -dc FILE` reads it whole). A
+writer killed mid-batch leaves a truncated last member: its orders were not deleted (the
+delete waits for the fsync), readers ignore it and the next append cuts it off first. An
+order that changed between being archived and the delete's check stays in the database and
+is archived again by a later prune: the last line of an id is the one that counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import uuid
+import zlib
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from fsm.models import Order, Transition
+
+FORMAT_VERSION = 1
+_TIMESTAMPS = ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at", "updated_at")
+_TRANSITION_FIELDS = (
+    "seq",
+    "scope",
+    "trigger",
+    "from_state",
+    "to_state",
+    "created_at",
+    "detail",
+    "machine_version",
+)
+
+
+class ArchiveError(Exception):
+    """An archive file that cannot be read or a line of an unknown format."""
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat()
+
+
+def _time(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def encode(order: Order, history: Iterable[Transition], *, archived_at: datetime) -> dict[str, Any]:
+    """One archive line (as a dict) for an order and its transition log."""
+    body = {f.name: getattr(order, f.name) for f in dataclasses.fields(Order)}
+    body["id"] = str(order.id)
+    for key in _TIMESTAMPS:
+        body[key] = _iso(body[key])
+    lines = [
+        {
+            **{name: getattr(t, name) for name in _TRANSITION_FIELDS},
+            "created_at": _iso(t.created_at),
+        }
+        for t in sorted(history, key=lambda t: t.seq)
+    ]
+    return {
+        "format_version": FORMAT_VERSION,
+        "archived_at": _iso(archived_at),
+        "order": body,
+        "transitions": lines,
+    }
+
+
+def decode(line: dict[str, Any]) -> tuple[Order, list[Transition]]:
+    """The order and its log back from one archive line; ArchiveError for another format."""
+    if line.get("format_version") != FORMAT_VERSION:
+        raise ArchiveError(f"unknown archive format_version {line.get('format_version')!r}")
+    data = dict(line["order"])
+    data["id"] = uuid.UUID(data["id"])
+    for key in _TIMESTAMPS:
+        data[key] = _time(data[key])
+    order = Order(**data)
+    history = [
+        Transition(order_id=order.id, **{**t, "created_at": _time(t["created_at"])})
+        for t in line["transitions"]
+    ]
+    return order, history
+
+
+# -- files ---------------------------------------------------------------------------------
+
+
+def _members(raw: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """(end offset, data) of every complete gzip member; stops at a truncated or corrupt
+    tail (zlib checks each member's CRC and length)."""
+    offset = 0
+    pending = b""
+    while True:
+        inflater = zlib.decompressobj(wbits=31)
+        out: list[bytes] = []
+        used = 0
+        data = pending
+        pending = b""
+        while True:
+            if not data:
+                data = raw.read(1 << 20)
+                if not data:
+                    return  # end of file: no member, or a truncated one
+            try:
+                out.append(inflater.decompress(data))
+            except zlib.error:
+                return  # a corrupt tail
+            if inflater.eof:
+                pending = inflater.unused_data
+                used += len(data) - len(pending)
+                break
+            used += len(data)
+            data = b""
+        offset += used
+        yield offset, b"".join(out)
+
+
+def read(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Every archived line of a file, in the order written."""
+    try:
+        with open(path, "rb") as raw:
+            for _, data in _members(raw):
+                for text in data.splitlines():
+                    if text.strip():
+                        yield json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise ArchiveError(f"cannot read archive {path}: {exc}") from exc
+
+
+def find(path: str | Path, order_id: uuid.UUID) -> tuple[Order, list[Transition]] | None:
+    """The last archived copy of one order in a file, or None."""
+    wanted, found = str(order_id), None
+    for line in read(path):
+        if line.get("order", {}).get("id") == wanted:
+            found = line
+    return None if found is None else decode(found)
+
+
+class Appender:
+    """Appends one gzip member per batch and fsyncs it (and, for a new file, its folder)
+    before `append` returns; a truncated member a killed writer left is cut off first."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        created = not self.path.exists()
+        self._raw = open(self.path, "ab+")  # noqa: SIM115  (closed by close())
+        self._raw.seek(0)
+        end = 0
+        for member_end, _ in _members(self._raw):
+            end = member_end
+        self._raw.seek(0, os.SEEK_END)
+        if self._raw.tell() != end:
+            self._raw.truncate(end)
+            os.fsync(self._raw.fileno())
+        if created:
+            _fsync_dir(self.path.parent)
+
+    def append(self, lines: Iterable[dict[str, Any]]) -> int:
+        # Keys in their logged order (not sorted): `archive show` prints details as logged.
+        payload = b"".join(
+            json.dumps(line, separators=(",", ":")).encode() + b"\n" for line in lines
+        )
+        if not payload:
+            return 0
+        self._raw.write(gzip.compress(payload, mtime=0))
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        return len(payload)
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,364 @@
+"""Retention: delete terminal orders past their time (or beyond the newest N) with their
+transitions, in small short transactions, archiving each first (`fsm.archive`). Used by
+`order-saga prune` and by the background pass of `serve` and `worker`.
+
+What it must never do: delete an order that is not terminal (a parked `needs_attention`
+one included), one someone holds the lease of (a cancel or resolve under way), or one with
+order events not yet delivered (`undelivered_events`, the hook for the outbox); delete an
+order without its transitions or the other way round (one transaction per batch, so a kill
+at any point leaves each order whole or gone); delete before its archive line is fsynced.
+
+A batch reads its candidates without locks, archives them, then in one transaction locks
+the rows that are *still* eligible and unchanged (same version: the archived copy is the
+deleted one), deletes their transitions and then them. On SQLite that transaction takes the
+write lock up front (BEGIN IMMEDIATE) and holds it for two DELETEs; on PostgreSQL the rows
+are locked FOR UPDATE SKIP LOCKED, so a row the engine is writing is left for next time.
+One process prunes at a time on PostgreSQL (a session advisory lock); SQLite's single
+writer makes a second pruner harmless (it finds nothing left to delete).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, func, or_, select, tuple_
+from sqlalchemy.sql.elements import ColumnElement
+
+from fsm import archive
+from fsm.errors import CorruptOrder
+from fsm.machine import TERMINAL_ORDER_STATES, coarse_status
+from fsm.models import Order, OrderTable, Transition, TransitionTable
+from fsm.settings import Settings
+from fsm.sql import as_utc, order_from
+
+log = logging.getLogger("order_saga.retention")
+orders = OrderTable.__table__  # type: ignore[attr-defined]
+transitions = TransitionTable.__table__  # type: ignore[attr-defined]
+
+_TERMINAL_STATES = sorted(s.value for s in TERMINAL_ORDER_STATES)
+_TERMINAL_STATUSES = sorted({coarse_status(s).value for s in TERMINAL_ORDER_STATES})
+# pg_try_advisory_lock key of the pruner: "order-saga retention" in 63 bits.
+ADVISORY_KEY = 0x6F72_6465_7273_6167 & 0x7FFF_FFFF_FFFF_FFFF
+_TIMESTAMPS = ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at", "updated_at")
+
+
+def undelivered_events() -> ColumnElement[bool] | None:
+    """HOOK for the transactional outbox (issue 19): a condition over `orders` true when the
+    order still has order events not delivered to every destination. Until the outbox's
+    tables exist there are no events to wait for, so it adds nothing."""
+    return None
+
+
+def eligible(*, cutoff: datetime, now: datetime) -> list[ColumnElement[bool]]:
+    """THE definition of a prunable order, as conditions over `orders`: terminal (by state
+    and by status, so a corrupt row never matches), its terminal move at or before `cutoff`,
+    nobody holding its lease, and no undelivered order events."""
+    conditions: list[ColumnElement[bool]] = [
+        orders.c.status.in_(_TERMINAL_STATUSES),
+        orders.c.state.in_(_TERMINAL_STATES),
+        orders.c.updated_at <= cutoff,
+        or_(orders.c.lease_owner.is_(None), orders.c.lease_expires_at < now),
+    ]
+    pending_events = undelivered_events()
+    if pending_events is not None:
+        conditions.append(~pending_events)
+    return conditions
+
+
+def cutoff_of(
+    conn: Connection, *, older_than: float | None, keep_rows: int | None, now: datetime
+) -> datetime | None:
+    """The newest `updated_at` a prunable order may have: older than `older_than` seconds,
+    or beyond the newest `keep_rows` terminal orders, whichever reaches further; None when
+    neither selects anything."""
+    candidates: list[datetime] = []
+    if older_than is not None:
+        candidates.append(now - timedelta(seconds=older_than))
+    if keep_rows is not None:
+        boundary = conn.execute(
+            select(orders.c.updated_at)
+            .where(orders.c.status.in_(_TERMINAL_STATUSES))
+            .order_by(orders.c.updated_at.desc())
+            .limit(1)
+            .offset(keep_rows)
+        ).scalar()
+        if boundary is not None:
+            candidates.append(as_utc(boundary) or boundary)
+    return max(candidates) if candidates else None
+
+
+@dataclass
+class PruneSummary:
+    eligible: int = 0  # found eligible (what a dry run would delete)
+    deleted: int = 0
+    transitions: int = 0  # transition rows deleted with them
+    archived: int = 0
+    changed: int = 0  # archived, then moved or claimed before the delete: kept
+    batches: int = 0
+    seconds: float = 0.0
+    archive: str | None = None
+    ids: list[str] = field(default_factory=list)  # dry run: the first ones found
+
+    def line(self) -> str:
+        text = (
+            f"deleted {self.deleted} orders and {self.transitions} transitions "
+            f"in {self.batches} batches ({self.seconds:.1f}s)"
+        )
+        if self.archive:
+            text += f", archived {self.archived} to {self.archive}"
+        if self.changed:
+            text += f", {self.changed} changed meanwhile and kept"
+        return text
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "ids" or v}
+
+
+CrashHook = Callable[[str], None]
+
+
+def crash_hook(crash_after: str | None) -> CrashHook:
+    """Test hook: "prune:<point>" SIGKILLs this process at that point of a batch."""
+
+    def hook(point: str) -> None:
+        if crash_after == f"prune:{point}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+class Pruner:
+    """Deletes eligible orders batch by batch on one connection of `engine`."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        older_than: float | None,
+        keep_rows: int | None = None,
+        batch: int = 200,
+        appender: Callable[[], archive.Appender] | None = None,
+        crash: CrashHook | None = None,
+    ) -> None:
+        self.engine = engine
+        self.older_than = older_than
+        self.keep_rows = keep_rows
+        self.batch = batch
+        self._appender_factory = appender
+        self._appender: archive.Appender | None = None
+        self.crash = crash or (lambda point: None)
+        self.summary = PruneSummary()
+
+    # -- the whole run -------------------------------------------------------------------
+
+    def count(self, *, show: int = 20) -> PruneSummary:
+        """Dry run: how many are eligible now (and the first ids), nothing deleted."""
+        now = _now()
+        with self.engine.connect() as conn:
+            cut = cutoff_of(conn, older_than=self.older_than, keep_rows=self.keep_rows, now=now)
+            if cut is not None:
+                where = eligible(cutoff=cut, now=now)
+                self.summary.eligible = int(
+                    conn.execute(select(func.count()).select_from(orders).where(*where)).scalar()
+                    or 0
+                )
+                ids = conn.execute(
+                    select(orders.c.id).where(*where).order_by(orders.c.updated_at).limit(show)
+                )
+                self.summary.ids = [str(i) for (i,) in ids]
+        return self.summary
+
+    def run(self, *, pause: float = 0.0) -> PruneSummary:
+        """Batches until nothing eligible is left; `pause` x each batch's time between them."""
+        started = time.perf_counter()
+        with self.session() as conn:
+            if conn is None:
+                log.info("prune: another process is pruning; skipped")
+                return self.summary
+            while True:
+                began = time.perf_counter()
+                if not self.one_batch(conn):
+                    break
+                if pause:
+                    time.sleep(pause * (time.perf_counter() - began))
+        self.summary.seconds = time.perf_counter() - started
+        return self.summary
+
+    @contextmanager
+    def session(self) -> Iterator[Connection | None]:
+        """A connection for the run; None when another process holds the PostgreSQL lock."""
+        with self.engine.connect() as conn:
+            postgres = conn.dialect.name == "postgresql"
+            if postgres:
+                locked = conn.execute(select(func.pg_try_advisory_lock(ADVISORY_KEY))).scalar()
+                conn.commit()
+                if not locked:
+                    yield None
+                    return
+            try:
+                yield conn
+            finally:
+                if self._appender is not None:
+                    self._appender.close()
+                    self._appender = None
+                if postgres and not conn.invalidated:
+                    conn.rollback()
+                    conn.execute(select(func.pg_advisory_unlock(ADVISORY_KEY)))
+                    conn.commit()
+
+    # -- one batch -----------------------------------------------------------------------
+
+    def one_batch(self, conn: Connection) -> int:
+        """Archive and delete up to `batch` eligible orders; how many were found (0: done)."""
+        now = _now()
+        cut = cutoff_of(conn, older_than=self.older_than, keep_rows=self.keep_rows, now=now)
+        conn.commit()
+        if cut is None:
+            return 0
+        found, history = self._candidates(conn, cut, now)
+        conn.commit()  # no snapshot or lock held while the archive is written
+        if not found:
+            return 0
+        self.summary.batches += 1
+        self.summary.eligible += len(found)
+        if self._appender_factory is not None:
+            if self._appender is None:
+                self._appender = self._appender_factory()
+                self.summary.archive = str(self._appender.path)
+            self._appender.append(
+                archive.encode(o, history.get(o.id, []), archived_at=now) for o in found
+            )
+            self.summary.archived += len(found)
+        self.crash("archived")
+        deleted, lines = self._delete(conn, found, cut, now)
+        self.summary.deleted += deleted
+        self.summary.transitions += lines
+        self.summary.changed += len(found) - deleted
+        self.crash("batch")
+        return len(found)
+
+    def _candidates(
+        self, conn: Connection, cut: datetime, now: datetime
+    ) -> tuple[list[Order], dict[uuid.UUID, list[Transition]]]:
+        rows = conn.execute(
+            select(orders)
+            .where(*eligible(cutoff=cut, now=now))
+            .order_by(orders.c.updated_at)
+            .limit(self.batch)
+        ).all()
+        found = []
+        for row in rows:
+            data = dict(row._mapping)
+            for key in _TIMESTAMPS:
+                data[key] = as_utc(data[key])
+            try:
+                found.append(order_from(data))
+            except CorruptOrder as exc:  # never deleted: it cannot be archived faithfully
+                log.error("prune: skipping %s", exc)
+        history: dict[uuid.UUID, list[Transition]] = {}
+        if found:
+            lines = conn.execute(
+                select(transitions)
+                .where(transitions.c.order_id.in_([o.id for o in found]))
+                .order_by(transitions.c.order_id, transitions.c.seq)
+            )
+            for r in lines:
+                t = Transition(**{**r._mapping, "created_at": as_utc(r.created_at)})
+                history.setdefault(t.order_id, []).append(t)
+        return found, history
+
+    def _delete(
+        self, conn: Connection, found: list[Order], cut: datetime, now: datetime
+    ) -> tuple[int, int]:
+        """One transaction: lock what is still eligible and unchanged, delete its
+        transitions, then it. Returns (orders, transitions) deleted."""
+        postgres = conn.dialect.name == "postgresql"
+        if not postgres:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock before the check
+        try:
+            same = tuple_(orders.c.id, orders.c.version).in_([(o.id, o.version) for o in found])
+            check = select(orders.c.id).where(same, *eligible(cutoff=cut, now=now))
+            if postgres:
+                check = check.with_for_update(skip_locked=True)
+            ids = [i for (i,) in conn.execute(check)]
+            if not ids:
+                conn.rollback()
+                return 0, 0
+            lines = conn.execute(transitions.delete().where(transitions.c.order_id.in_(ids)))
+            self.crash("transitions")
+            gone = conn.execute(orders.delete().where(orders.c.id.in_(ids)))
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        return int(gone.rowcount), int(lines.rowcount)
+
+
+def _now() -> datetime:
+    from fsm.store import utcnow
+
+    return utcnow()
+
+
+def archive_file(directory: str | Path) -> archive.Appender:
+    """A new archive file in `directory` for one background pass."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = _now().strftime("%Y%m%dT%H%M%SZ")
+    return archive.Appender(folder / f"orders-{stamp}-{os.getpid()}.jsonl.gz")
+
+
+def enabled(settings: Settings) -> bool:
+    return settings.retention_seconds is not None or settings.retention_rows is not None
+
+
+def pruner_for(settings: Settings, engine: Engine) -> Pruner:
+    directory = settings.archive_dir
+    return Pruner(
+        engine,
+        older_than=settings.retention_seconds,
+        keep_rows=settings.retention_rows,
+        batch=settings.retention_batch,
+        appender=(lambda: archive_file(directory)) if directory else None,
+        crash=crash_hook(settings.crash_after),
+    )
+
+
+async def prune_forever(*, engine: Engine, settings: Settings) -> None:
+    """The background pass of `serve`/`worker`: every `retention_interval` seconds, batch
+    by batch (each in a worker thread, paced to at most half the time), until cancelled."""
+    while True:
+        pruner = pruner_for(settings, engine)
+        try:
+            await _run_paced(pruner)
+            if pruner.summary.deleted or pruner.summary.changed:
+                log.info("retention: %s", pruner.summary.line())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("retention pass failed; trying again in %ss", settings.retention_interval)
+        await asyncio.sleep(settings.retention_interval)
+
+
+async def _run_paced(pruner: Pruner) -> None:
+    started = time.perf_counter()
+    with pruner.session() as conn:
+        if conn is None:
+            return
+        while True:
+            began = time.perf_counter()
+            if not await asyncio.to_thread(pruner.one_batch, conn):
+                break
+            await asyncio.sleep(time.perf_counter() - began)  # the writer's turn
+    pruner.summary.seconds = time.perf_counter() - started

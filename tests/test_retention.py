@@ -1,0 +1,156 @@
+"""Retention (issue 22) on SQLite and PostgreSQL: a prune deletes exactly the eligible
+orders (terminal, unleased, old enough or beyond the newest N) with their transitions and
+never a running, parked or leased one; the archive round-trips to what `orders show`
+printed; the background pass prunes on its own; one pruner at a time on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fsm import archive
+from fsm.errors import OrderNotFound
+from fsm.executor import Executor
+from fsm.retention import Pruner, prune_forever
+from fsm.store import Store, make_engine, utcnow
+from order_saga.cli import app
+from tests.support.database import saga_settings
+from tests.support.processes import saga_env
+from tests.support.retention import Population, orphan_transitions, populate, transition_count
+from tests.support.services import Downstream
+
+
+def assert_pruned(store: Store, population: Population, gone: list[uuid.UUID]) -> None:
+    for order_id in gone:
+        with pytest.raises(OrderNotFound):
+            store.get(order_id)
+        assert store.history(order_id) == []
+    assert orphan_transitions(store) == 0
+
+
+async def test_prune_deletes_exactly_the_eligible_orders_with_their_transitions(
+    store: Store, executor: Executor, downstream: Downstream
+) -> None:
+    population = await populate(store, executor, downstream)
+    kept_before = {why: (store.get(i), store.history(i)) for why, i in population.kept.items()}
+    lines = sum(transition_count(store, i) for i in population.eligible)
+
+    summary = Pruner(store.engine, older_than=0, batch=2).run()
+
+    assert summary.deleted == len(population.eligible)
+    assert summary.batches == 3  # 5 eligible orders, 2 a batch
+    assert summary.transitions == lines
+    assert_pruned(store, population, population.eligible)
+    for why, (order, history) in kept_before.items():  # untouched, log and all
+        assert store.get(order.id).version == order.version, why
+        assert store.history(order.id) == history, why
+    assert Pruner(store.engine, older_than=0).run().deleted == 0  # nothing left to do
+
+
+async def test_only_orders_older_than_the_cutoff_go(
+    store: Store, executor: Executor, downstream: Downstream
+) -> None:
+    population = await populate(store, executor, downstream, completed=2)
+    old, new = population.eligible[0], population.eligible[-1]
+    a, b = store.get(old).updated_at, store.get(new).updated_at
+    assert a < b
+    older_than = (utcnow() - (a + (b - a) / 2)).total_seconds()
+
+    summary = Pruner(store.engine, older_than=older_than).run()
+
+    assert summary.deleted >= 1
+    assert_pruned(store, population, [old])
+    assert store.get(new).status == "failed"
+    assert transition_count(store, new) == len(store.history(new)) > 0
+
+
+async def test_keep_rows_keeps_the_newest_terminal_orders(
+    store: Store, executor: Executor, downstream: Downstream
+) -> None:
+    population = await populate(store, executor, downstream, completed=3)
+    newest_two = sorted(population.eligible, key=lambda i: store.get(i).updated_at)[-2:]
+    # The leased completed order is terminal too: it counts among the newest, and stays.
+    summary = Pruner(store.engine, older_than=None, keep_rows=3).run()
+    assert summary.deleted == len(population.eligible) - 2
+    for order_id in newest_two:
+        assert store.get(order_id)
+    assert_pruned(store, population, [i for i in population.eligible if i not in newest_two])
+
+
+async def test_dry_run_counts_and_deletes_nothing(
+    store: Store, executor: Executor, downstream: Downstream
+) -> None:
+    population = await populate(store, executor, downstream, completed=1)
+    summary = Pruner(store.engine, older_than=0).count()
+    assert summary.eligible == len(population.eligible)
+    assert set(summary.ids) == {str(i) for i in population.eligible}
+    assert all(store.get(i) for i in population.eligible)
+
+
+async def test_the_archive_round_trips_to_what_orders_show_printed(
+    db_url: str, store: Store, executor: Executor, downstream: Downstream, tmp_path: Path
+) -> None:
+    population = await populate(store, executor, downstream, completed=1)
+    env = saga_env(database_url=db_url, services_url=downstream.url)
+    cli = CliRunner()
+    shown = {
+        (i, flag): cli.invoke(app, ["orders", "show", str(i), *flag], env=env)
+        for i in population.eligible
+        for flag in ((), ("--json",))
+    }
+    assert all(r.exit_code == 0 for r in shown.values()), shown
+    file = tmp_path / "pruned.jsonl.gz"
+
+    pruned = cli.invoke(app, ["prune", "--older-than", "0", "--archive", str(file)], env=env)
+
+    assert pruned.exit_code == 0, pruned.output
+    assert f"deleted {len(population.eligible)} orders" in pruned.output
+    assert_pruned(store, population, population.eligible)
+    for (order_id, flag), before in shown.items():
+        after = cli.invoke(app, ["archive", "show", str(file), str(order_id), *flag], env=env)
+        assert after.exit_code == 0, after.output
+        assert after.output == before.output
+    lines = list(archive.read(file))
+    assert [line["format_version"] for line in lines] == [1] * len(population.eligible)
+    missing = cli.invoke(app, ["archive", "show", str(file), str(population.kept["live"])])
+    assert missing.exit_code == 1 and "is not in" in missing.output
+
+
+async def test_the_background_pass_prunes_with_the_settings(
+    db_url: str, store: Store, executor: Executor, downstream: Downstream, tmp_path: Path
+) -> None:
+    population = await populate(store, executor, downstream, completed=1)
+    settings = saga_settings(
+        db_url, retention_seconds=0.001, retention_interval=0.05, archive_dir=str(tmp_path)
+    )
+    task = asyncio.create_task(prune_forever(engine=store.engine, settings=settings))
+    try:
+        for _ in range(400):  # a condition wait: every eligible order gone
+            if orphan_transitions(store) == 0 and all(
+                transition_count(store, i) == 0 for i in population.eligible
+            ):
+                break
+            await asyncio.sleep(0.025)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert_pruned(store, population, population.eligible)
+    archived = {line["order"]["id"] for f in tmp_path.iterdir() for line in archive.read(f)}
+    assert archived == {str(i) for i in population.eligible}
+    assert all(store.get(i) for i in population.kept.values())
+
+
+def test_one_pruner_at_a_time_on_postgresql(pg_url: str) -> None:
+    engine = make_engine(pg_url)  # (SQLite's single writer needs no such lock)
+    first, second = Pruner(engine, older_than=0), Pruner(engine, older_than=0)
+    with first.session() as held:
+        assert held is not None
+        with second.session() as refused:
+            assert refused is None
+    with second.session() as free:  # released with the first one's session
+        assert free is not None
+    engine.dispose()

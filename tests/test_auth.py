@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
@@ -29,9 +26,8 @@ from api.guard import OPEN_PATHS
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm.settings import Settings
 from fsm.store import Store, make_engine
-from tests.support.processes import saga_env
-from tests.support.services import free_port
-from tests.test_cli import ORDER_SAGA, run
+from tests.support.processes import ORDER_SAGA, run_cli, saga_env
+from tests.support.services import LiveServer, free_port
 
 TOKEN = "s3cret-token"
 NON_ASCII_TOKEN = "sécret-ключ-令牌"
@@ -180,7 +176,7 @@ def test_an_unusable_token_is_refused_at_start_up(token: str) -> None:
 
 
 def test_the_cli_refuses_an_empty_token_in_one_line() -> None:
-    result = run("serve", "--port", "1", ORDER_SAGA_API_TOKEN="")
+    result = run_cli("serve", "--port", "1", ORDER_SAGA_API_TOKEN="")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == [
@@ -212,14 +208,8 @@ def test_embedded_services_are_called_with_the_token(tmp_path: Path, token: str)
     base = f"http://127.0.0.1:{port}"
     settings = Settings(database_url=url, services_db=str(tmp_path / "s.db"), api_token=token)
     app = create_app(settings, embedded_url=f"{base}/services", sweep=False)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server = LiveServer(app, port=port, lifespan="auto").start()
     try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.01)
         auth = {"Authorization": b"Bearer " + token.encode()}
         body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
         placed = httpx.post(f"{base}/orders", json=body, headers=auth, timeout=30)
@@ -243,6 +233,5 @@ def test_embedded_services_are_called_with_the_token(tmp_path: Path, token: str)
         assert store.get(stuck.id).status == "completed"
         store.close()
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        server.stop()
         engine.dispose()

@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from downstream.seed import ORDINARY_USER_ID, RICH_USER_ID, WIDGET_ID
 from fsm.store import Store
-from tests.support.processes import saga_env
+from tests.support.processes import Saga, command, run_cli, saga_env
 from tests.support.services import Downstream
+from tests.support.waiting import wait_until
 
-ORDER_SAGA = str(Path(sys.executable).parent / "order-saga")
 UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"  # nothing listens there
-
-
-def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    full_env = {"PATH": os.environ.get("PATH", "/usr/bin"), **env}
-    return subprocess.run(
-        [ORDER_SAGA, *args], capture_output=True, text=True, env=full_env, timeout=60
-    )
 
 
 @pytest.mark.parametrize(
@@ -56,7 +44,7 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 def test_bad_input_is_one_line_and_a_non_zero_exit(
     args: list[str], env: dict[str, str], message: str
 ) -> None:
-    result = run(*args, **env)
+    result = run_cli(*args, **env)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("order-saga: "), result.stderr
@@ -65,10 +53,10 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/fresh.db"
-    result = run("db", "upgrade", ORDER_SAGA_DATABASE_URL=url)
+    result = run_cli("db", "upgrade", ORDER_SAGA_DATABASE_URL=url)
     assert result.returncode == 0, result.stderr
     assert "database at head" in result.stdout
-    assert run("db", "upgrade", ORDER_SAGA_DATABASE_URL=url).returncode == 0
+    assert run_cli("db", "upgrade", ORDER_SAGA_DATABASE_URL=url).returncode == 0
 
 
 async def test_resume_dry_run_then_resume(
@@ -76,12 +64,12 @@ async def test_resume_dry_run_then_resume(
 ) -> None:
     env = saga_env(database_url=db_url, services_url=downstream.url)
     stuck, _ = await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
-    dry = run("resume", "--older-than", "0", "--dry-run", **env)
+    dry = run_cli("resume", "--older-than", "0", "--dry-run", **env)
     assert dry.returncode == 0, dry.stderr
     assert f"{stuck.id} pending: would resume" in dry.stdout
     assert store.get(stuck.id).state == "pending"  # --dry-run changes nothing
 
-    done = run("resume", "--older-than", "0", **env)
+    done = run_cli("resume", "--older-than", "0", **env)
     assert done.returncode == 0, done.stderr
     assert "resumed 1, completed 1" in done.stdout
     assert store.get(stuck.id).state == "completed"
@@ -89,7 +77,7 @@ async def test_resume_dry_run_then_resume(
 
 
 def test_unknown_order_for_the_diagram_is_one_line(db_url: str, store: Store) -> None:
-    result = run(
+    result = run_cli(
         "diagram", "--order", "00000000-0000-0000-0000-000000000000", ORDER_SAGA_DATABASE_URL=db_url
     )
     assert result.returncode == 1
@@ -104,8 +92,8 @@ async def test_diagram_of_one_order_highlights_its_path(db_url: str, store: Stor
     )
     await store.record_transition(order=order, owner="t", scope="order", trigger="request_product")
     await store.record_transition(order=order, owner="t", scope="order", trigger="product_missing")
-    whole = run("diagram", "--format", "dot", ORDER_SAGA_DATABASE_URL=db_url)
-    mine = run(
+    whole = run_cli("diagram", "--format", "dot", ORDER_SAGA_DATABASE_URL=db_url)
+    mine = run_cli(
         "diagram", "--format", "dot", "--order", str(order.id), ORDER_SAGA_DATABASE_URL=db_url
     )
     assert whole.returncode == mine.returncode == 0
@@ -125,29 +113,20 @@ async def test_worker_stops_on_sigterm_releasing_its_leases(
         (await store.create_order(user_id=RICH_USER_ID, product_id=WIDGET_ID, quantity=1))[0].id
         for _ in range(3)
     ]
-    with subprocess.Popen(
-        [ORDER_SAGA, "worker", "--interval", "0.1", "--older-than", "0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as worker:
-        try:
-            deadline = time.monotonic() + 30
-            while not all(store.get(i).shipping_state == "requested" for i in ids):
-                assert time.monotonic() < deadline and worker.poll() is None, "not in flight"
-                time.sleep(0.05)
-            worker.send_signal(signal.SIGTERM)  # a deploy, with three calls in flight
-            _, stderr = worker.communicate(timeout=10)
-        finally:
-            worker.kill()
-    assert worker.returncode == 0, stderr
+    with Saga(command("worker", "--interval", "0.1", "--older-than", "0"), env) as worker:
+        wait_until(
+            lambda: all(store.get(i).shipping_state == "requested" for i in ids),
+            what="three shipping calls in flight",
+            alive=worker.running,
+        )
+        stopped = worker.stop()  # SIGTERM: a deploy, with three calls in flight
+    assert stopped.returncode == 0, stopped.explain()
     in_flight = [store.get(i) for i in ids]
     # Released at once (the lease had 60 s to go); the intent stays for the next driver.
     assert all(o.lease_owner is None for o in in_flight)
     assert all(o.state == "steps_running" and o.shipping_state == "requested" for o in in_flight)
 
-    done = run("resume", "--older-than", "0", **env)
+    done = run_cli("resume", "--older-than", "0", **env)
     assert done.returncode == 0, done.stderr
     assert all(store.get(i).status == "completed" for i in ids)
     effects = downstream.effects()

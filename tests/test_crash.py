@@ -26,6 +26,7 @@ from downstream.seed import (
 from fsm.machine import Edge, edges, is_terminal
 from fsm.models import Transition
 from fsm.store import STATE_COLUMN, Store
+from tests.support.crash_points import CRASH_TESTED_ELSEWHERE
 from tests.support.database import wait_for_lease_expiry
 from tests.support.processes import COMPENSATIONS, Result, drive_here, run_saga, saga_env
 from tests.support.services import (
@@ -36,7 +37,6 @@ from tests.support.services import (
     order_effects,
     set_faults,
 )
-from tests.test_operator_crash import CRASH_TESTED_ELSEWHERE
 
 
 @dataclass(frozen=True)

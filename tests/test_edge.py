@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -18,7 +17,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from sqlmodel import SQLModel
 
@@ -30,9 +28,9 @@ from fsm.settings import Settings
 from fsm.store import Store, make_engine
 from order_saga.server import uvicorn_options
 from tests.support.database import PG_SERVER
-from tests.support.processes import saga_env
-from tests.support.services import Downstream, free_port
-from tests.test_cli import ORDER_SAGA, run
+from tests.support.processes import Saga, command, run_cli, saga_env
+from tests.support.services import Downstream, LiveServer, free_port
+from tests.support.waiting import wait_until, wait_until_async
 
 UNREACHABLE = {
     "postgresql, nothing listening": lambda: (
@@ -95,10 +93,8 @@ async def test_diagrams_render_off_the_loop_capped_and_cached() -> None:
     jobs = [
         asyncio.create_task(renderer.render((order, seq, "png"), "png", None)) for seq in (1, 2, 3)
     ]
-    deadline = time.monotonic() + 10
-    while not entered:  # the loop runs this while a drawing blocks a thread
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
+    # The loop runs this while a drawing blocks a thread.
+    await wait_until_async(lambda: entered, what="the first drawing to start")
     assert len(entered) == 1  # capped: the two others wait for the one token
     release.set()
     assert await asyncio.gather(*jobs) == [b"picture png 0"] * 3
@@ -117,14 +113,14 @@ async def test_resume_one_order_dry_run_changes_nothing(
     stuck, _ = await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
     before = store.get(stuck.id)
 
-    dry = run("resume", "--order", str(stuck.id), "--dry-run", **env)
+    dry = run_cli("resume", "--order", str(stuck.id), "--dry-run", **env)
 
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.strip() == f"{stuck.id} pending (pending): would resume"
     after = store.get(stuck.id)
     assert (after.state, after.version, after.lease_owner) == ("pending", before.version, None)
     assert store.history(stuck.id) == [] and downstream.effects() == {}
-    assert run("resume", "--order", str(stuck.id), **env).returncode == 0  # for real
+    assert run_cli("resume", "--order", str(stuck.id), **env).returncode == 0  # for real
     assert store.get(stuck.id).status == "completed"
 
 
@@ -138,12 +134,12 @@ def test_db_upgrade_masks_the_password_on_success_and_failure(tmp_path: Path) ->
     create_pg_database(name)
     try:
         server = PG_SERVER.replace("postgres@", "postgres:hunter2@")  # trust auth ignores it
-        ok = run("db", "upgrade", ORDER_SAGA_DATABASE_URL=f"{server}/{name}")
+        ok = run_cli("db", "upgrade", ORDER_SAGA_DATABASE_URL=f"{server}/{name}")
         assert ok.returncode == 0, ok.stderr
         assert ok.stdout.strip() == f"database at head: {server.replace('hunter2', '***')}/{name}"
     finally:
         drop_pg_database(name)
-    refused = run(
+    refused = run_cli(
         "db",
         "upgrade",
         ORDER_SAGA_DATABASE_URL=f"postgresql+psycopg://postgres:hunter2@127.0.0.1:{free_port()}/x",
@@ -151,7 +147,7 @@ def test_db_upgrade_masks_the_password_on_success_and_failure(tmp_path: Path) ->
     assert refused.returncode == 1
     assert "hunter2" not in refused.stdout + refused.stderr
     assert "cannot migrate postgresql+psycopg://postgres:***@127.0.0.1:" in refused.stderr
-    unparsable = run(
+    unparsable = run_cli(
         "db", "upgrade", ORDER_SAGA_DATABASE_URL="postgresql+psycopg://u:hunter2@host:port/x"
     )
     assert unparsable.returncode == 2
@@ -176,24 +172,9 @@ def edge_server(tmp_path: Path) -> Iterator[int]:
         header_timeout=0.5,
         body_timeout=0.5,
     )
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings, sweep=False),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        **uvicorn_options(settings),
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.01)
-    yield port
-    server.should_exit = True
-    thread.join(timeout=10)
+    app = create_app(settings, sweep=False)
+    with LiveServer(app, lifespan="auto", **uvicorn_options(settings)) as server:
+        yield server.port
 
 
 def test_trickled_headers_are_cut_off(edge_server: int) -> None:
@@ -231,6 +212,13 @@ def test_a_whole_request_is_still_served(edge_server: int) -> None:
 # -- SIGTERM in embedded mode ---------------------------------------------------------------------
 
 
+def healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/healthz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 @pytest.mark.slow
 def test_sigterm_drains_within_the_grace_period_and_releases_leases(tmp_path: Path) -> None:
     port = free_port()
@@ -243,37 +231,24 @@ def test_sigterm_drains_within_the_grace_period_and_releases_leases(tmp_path: Pa
         "ORDER_SAGA_HTTP_TIMEOUT": "120",
         "ORDER_SAGA_LEASE_SECONDS": "300",
     }
-    with subprocess.Popen(
-        [ORDER_SAGA, "serve", "--port", str(port), "--no-sweep"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as serve:
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                assert time.monotonic() < deadline and serve.poll() is None, "serve did not start"
-                try:
-                    if httpx.get(f"{base}/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.05)
-            fault = {"operation": "user.deduct", "mode": "delay", "count": 1, "seconds": 600}
-            httpx.post(f"{base}/services/_faults", json=fault).raise_for_status()
-            body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
-            placed = httpx.post(f"{base}/orders", json=body, headers={"Prefer": "respond-async"})
-            order_id = placed.json()["id"]
-            while httpx.get(f"{base}/orders/{order_id}").json()["steps"]["payment"] != "requested":
-                assert time.monotonic() < deadline, "the payment call never started"
-                time.sleep(0.05)
-            serve.send_signal(signal.SIGTERM)  # a 600 s call in flight
-            _, stderr = serve.communicate(timeout=60)
-        finally:
-            serve.kill()
+    with Saga(command("serve", "--port", str(port), "--no-sweep"), env) as serve:
+        wait_until(lambda: healthy(base), what="serve answering /healthz", alive=serve.running)
+        fault = {"operation": "user.deduct", "mode": "delay", "count": 1, "seconds": 600}
+        httpx.post(f"{base}/services/_faults", json=fault).raise_for_status()
+        body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
+        placed = httpx.post(f"{base}/orders", json=body, headers={"Prefer": "respond-async"})
+        order_id = placed.json()["id"]
+        wait_until(
+            lambda: (
+                httpx.get(f"{base}/orders/{order_id}").json()["steps"]["payment"] == "requested"
+            ),
+            what="the payment call to start",
+            alive=serve.running,
+        )
+        stopped = serve.stop(timeout=60)  # SIGTERM with a 600 s call in flight
     # uvicorn re-raises the signal it handled once it has shut down cleanly.
-    assert serve.returncode in (0, -signal.SIGTERM), stderr
-    assert "Application shutdown complete" in stderr
+    assert stopped.returncode in (0, -signal.SIGTERM), stopped.explain()
+    assert "Application shutdown complete" in stopped.stderr
     engine = make_engine(url)
     store = Store(engine)
     order = store.get(uuid.UUID(order_id))

@@ -12,9 +12,10 @@ from fsm import queries
 from fsm.clients import Services
 from fsm.errors import InvalidMove, LeaseLost, StaleOrder
 from fsm.executor import Executor, RetryPolicy
-from fsm.store import Store
+from fsm.store import Store, utcnow
 from tests.support.services import Books, Downstream
 from tests.support.services import assert_conserved as check_conserved
+from tests.support.waiting import past, wait_until, wait_until_async
 
 # (operation, user, product, quantity, final status): a row in which that call happens.
 MUTATIONS = [
@@ -133,7 +134,9 @@ async def test_forward_step_unknown_past_its_deadline_is_compensated(
     # The run's budget is spent before the deadline: the step stays unknown, persisted.
     assert (order.state, order.inventory_state) == ("steps_running", "requested")
     assert order.attempts["inventory:deduct"] == 2 and order.next_attempt_at is not None
-    await asyncio.sleep(0.6)
+    deadline = store.get(order.id).deadline_at
+    assert deadline is not None
+    await wait_until_async(past(deadline, utcnow), what="the step's deadline to pass")
     await executor.run(order.id)
     final = store.get(order.id)
     assert (final.status, final.inventory_state) == ("failed", "compensated")
@@ -269,9 +272,9 @@ async def test_lease_is_exclusive_until_released_or_expired(db_url: str) -> None
     assert await short.claim(order_id=order.id, owner="a") is not None
     assert await short.claim(order_id=order.id, owner="b") is None
     assert await short.claim(order_id=order.id, owner="a") is not None  # re-entrant
-    import time
-
-    time.sleep(0.3)
+    expiry = short.get(order.id).lease_expires_at
+    assert expiry is not None
+    wait_until(past(expiry, utcnow), what="a's lease to run out")
     assert await short.claim(order_id=order.id, owner="b") is not None  # expired: taken over
     with pytest.raises(LeaseLost):
         await short.record_transition(
@@ -335,8 +338,13 @@ async def test_lease_is_renewed_while_a_slow_call_is_in_flight(
     order, _ = await store.create_order(
         user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner=executor.owner
     )
+    first_lease = store.get(order.id).lease_expires_at
+    assert first_lease is not None
     run = asyncio.create_task(executor.drive(order))
-    await asyncio.sleep(0.75)  # past the first lease's expiry: only renewal keeps it
+    # Past the first lease's expiry, with the shipping call still in flight: only renewal
+    # keeps the lease.
+    await wait_until_async(past(first_lease, utcnow), what="the first lease to run out")
+    assert not run.done()
     assert await store.claim(order_id=order.id, owner="intruder") is None
     await run
     assert store.get(order.id).status == "completed"
@@ -348,7 +356,6 @@ async def test_a_corrupt_row_is_reported_and_never_driven(store: Store) -> None:
     from sqlalchemy import text
 
     from fsm.errors import CorruptOrder
-    from fsm.store import utcnow
 
     good, _ = await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
     bad, _ = await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)

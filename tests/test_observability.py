@@ -7,9 +7,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import subprocess
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,8 +20,9 @@ from fsm.store import Store
 from order_saga.logs import configure
 from order_saga.redact import masked
 from tests.support.api import settings_for
-from tests.support.processes import ORDER_SAGA, saga_env
+from tests.support.processes import Saga, command, run_cli, saga_env
 from tests.support.services import Downstream, free_port
+from tests.support.waiting import wait_until
 
 ORDER_STATES = {
     "pending", "product_requested", "rejected", "steps_running", "completed", "compensating",
@@ -122,16 +120,8 @@ def test_database_urls_are_masked() -> None:
         "postgresql+psycopg://app:***@db:5432/orders"
     )
     assert masked("sqlite:///order-saga.db") == "sqlite:///order-saga.db"
-    result = subprocess.run(
-        [ORDER_SAGA, "db", "upgrade"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={
-            "PATH": os.environ.get("PATH", ""),
-            "ORDER_SAGA_DATABASE_URL": "postgresql+psycopg://app:hunter2@127.0.0.1:1/x",
-        },
-    )
+    url = "postgresql+psycopg://app:hunter2@127.0.0.1:1/x"
+    result = run_cli("db", "upgrade", ORDER_SAGA_DATABASE_URL=url)
     assert result.returncode == 1 and "app:***@127.0.0.1:1" in result.stderr
     assert "hunter2" not in result.stderr + result.stdout
 
@@ -145,23 +135,19 @@ async def test_worker_serves_metrics_on_its_own_port(
     )  # will be rejected
     port = free_port()
     env = saga_env(database_url=db_url, services_url=downstream.url, worker_metrics_port=port)
-    cmd = [ORDER_SAGA, "worker", "--interval", "0.1", "--older-than", "0"]
-    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) as worker:
+
+    def metrics() -> str:
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                assert worker.poll() is None and time.monotonic() < deadline, "no metrics"
-                try:
-                    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-                except httpx.TransportError:
-                    text = ""
-                if 'order_saga_orders{status="rejected"} 1.0' in text:
-                    break
-                time.sleep(0.1)
-            assert 'order_saga_orders{status="pending"} 0.0' in text  # dropped to zero
-            assert "order_saga_run_seconds_count" in text
-        finally:
-            worker.terminate()
-            _, stderr = worker.communicate(timeout=15)
-    assert worker.returncode == 0, stderr
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        except httpx.TransportError:
+            return ""
+        return text if 'order_saga_orders{status="rejected"} 1.0' in text else ""
+
+    with Saga(command("worker", "--interval", "0.1", "--older-than", "0"), env) as worker:
+        text = wait_until(metrics, what="the rejected order in /metrics", alive=worker.running)
+        assert 'order_saga_orders{status="pending"} 0.0' in text  # dropped to zero
+        assert "order_saga_run_seconds_count" in text
+        stopped = worker.stop()
+    assert stopped.returncode == 0, stopped.explain()
+    stderr = stopped.stderr
     assert "order_saga.events" in stderr and "product_missing" in stderr  # a transition line

@@ -1,7 +1,8 @@
 """SPEC §3 for the operator's edge: `order-saga orders resolve` SIGKILLs itself right after
 committing needs_attention -resolve-> resolved (lease still held), and a fresh `resume`
 finds the order terminal, keeps the log as it was, and releases it. On SQLite and
-PostgreSQL. `tests/test_crash.py` counts the edges listed here as covered.
+PostgreSQL. `tests/test_crash.py` counts the edges it covers (tests/support/crash_points.py)
+as covered.
 """
 
 from __future__ import annotations
@@ -10,12 +11,10 @@ import pytest
 
 from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID
 from fsm.store import Store
+from tests.support.crash_points import CRASH_TESTED_ELSEWHERE
 from tests.support.database import wait_for_lease_expiry
 from tests.support.processes import drive_here, run_saga, saga_env
 from tests.support.services import Downstream, Fault, set_faults
-
-# (scope, trigger, source) of the edges whose crash scenario lives in this file.
-CRASH_TESTED_ELSEWHERE = frozenset({("order", "resolve", "needs_attention")})
 
 SETTINGS = {"lease_seconds": 0.5, "max_attempts": 2, "backoff_base": 0.01, "backoff_max": 0.05}
 REFUND_DOWN = Fault("user.refund", "error")  # count 1000 > the retry budget: parks

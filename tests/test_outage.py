@@ -3,8 +3,7 @@ on, on SQLite and PostgreSQL, the reference services over real HTTP and /_faults
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -15,13 +14,14 @@ from api.app import create_app
 from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
 from fsm import queries
 from fsm.breaker import OPEN, Breaker
+from fsm.machine import is_terminal
 from fsm.settings import Settings
 from fsm.store import Store
 from tests.support.services import Downstream
+from tests.support.waiting import wait_until
 
 THRESHOLD, ATTEMPTS, ORDERS = 3, 4, 30
 OUTAGE = 1000  # calls the fault answers with 500
-TERMINAL = {"completed", "failed", "rejected", "cancelled"}
 
 
 @contextmanager
@@ -41,14 +41,6 @@ def api(db_url: str, services_url: str, **overrides: Any) -> Iterator[TestClient
     }
     with TestClient(create_app(Settings(**values), sweep=False)) as client:
         yield client
-
-
-def until(what: str, condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def breaker(client: TestClient, service: str) -> Breaker:
@@ -83,12 +75,12 @@ def test_an_outage_costs_threshold_plus_probes_then_every_order_finishes(
     with api(db_url, downstream.url) as client:
         user = breaker(client, "user")
         ids = [place(client, ORDINARY_USER_ID, WIDGET_ID) for _ in range(ORDERS)]
-        until(
-            "every order waiting on payment and two failed probes",
+        wait_until(
             lambda: (
                 user.stats.probes >= 2
                 and all(o["steps"]["payment"] == "requested" for o in states(client, ids))
             ),
+            what="every order waiting on payment and two failed probes",
         )
         admitted_before = user.stats.admitted
         calls = calls_made(downstream, "user.deduct")
@@ -108,9 +100,9 @@ def test_an_outage_costs_threshold_plus_probes_then_every_order_finishes(
         assert all(o["status"] == "running" for o in states(client, ids))  # none gave up
 
         httpx.delete(f"{downstream.url}/_faults").raise_for_status()
-        until(
-            "every order terminal",
-            lambda: all(o["status"] in TERMINAL for o in states(client, ids)),
+        wait_until(
+            lambda: all(is_terminal(o["state"]) for o in states(client, ids)),
+            what="every order terminal",
         )
         assert {o["status"] for o in states(client, ids)} == {"completed"}
         assert client.get("/healthz").json()["status"] == "ok"
@@ -132,12 +124,15 @@ def test_a_compensation_during_an_outage_waits_and_completes_after_recovery(
         (oid,) = [
             place(client, ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID)
         ]  # paid, inventory 409 -> refund
-        until("the refund waiting on an open breaker", lambda: user.stats.probes >= 2)
+        wait_until(lambda: user.stats.probes >= 2, what="the refund waiting on an open breaker")
         order = client.get(f"/orders/{oid}").json()
         assert order["state"] == "compensating"  # waiting, not parked, not skipped
         assert order["steps"]["payment"] == "compensating"
         httpx.delete(f"{downstream.url}/_faults").raise_for_status()
-        until("the order failed", lambda: client.get(f"/orders/{oid}").json()["status"] == "failed")
+        wait_until(
+            lambda: client.get(f"/orders/{oid}").json()["status"] == "failed",
+            what="the order failed",
+        )
         assert client.get(f"/orders/{oid}").json()["steps"]["payment"] == "compensated"
     assert downstream.balance(ORDINARY_USER_ID) == balance  # charged, then refunded exactly once
     assert downstream.effects()[f"{oid}:payment:refund"] == 1
@@ -149,7 +144,9 @@ def test_post_orders_is_refused_while_the_product_breaker_is_open(
     downstream.fault("product.get", "error", count=OUTAGE)
     with api(db_url, downstream.url, breaker_cooldown=30.0) as client:
         first = place(client, ORDINARY_USER_ID, WIDGET_ID)
-        until("the product breaker open", lambda: breaker(client, "product").state == OPEN)
+        wait_until(
+            lambda: breaker(client, "product").state == OPEN, what="the product breaker open"
+        )
         before = len(queries.list_orders(store, queries.OrderFilter())[0])
         body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
         refused = client.post("/orders", json=body, headers={"Idempotency-Key": "during-outage"})

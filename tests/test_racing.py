@@ -26,6 +26,7 @@ from tests.support.processes import (
     saga_env,
 )
 from tests.support.services import Books, Downstream, Fault, assert_conserved, set_faults
+from tests.support.waiting import past, wait_until
 
 ONE_RUN = {  # the log of an order completed by a single driver
     "order": Counter(request_product=1, product_found=1, all_succeeded=1),
@@ -90,14 +91,19 @@ def test_two_workers_share_the_stuck_orders(
     argv = command("worker", "--interval", "0.2", "--older-than", "0")
     workers = [Saga(argv, env), Saga(argv, env)]
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            orders = [store.get(oid) for oid in ids]
-            if all(o.status == "completed" and o.lease_owner is None for o in orders):
-                break
-            assert all(w.process.poll() is None for w in workers), "a worker died"
-            time.sleep(0.25)
-        time.sleep(0.5)  # a few more sweeps over finished orders: must change nothing
+        wait_until(
+            lambda: all(
+                o.status == "completed" and o.lease_owner is None
+                for o in (store.get(oid) for oid in ids)
+            ),
+            120,
+            what="every order completed and released",
+            alive=lambda: all(w.running() for w in workers),
+            interval=0.25,
+        )
+        # Not a synchronisation: idle time IS the test here. The workers sweep every 0.2 s;
+        # a few more sweeps over finished orders must change nothing.
+        time.sleep(0.5)
     finally:
         results = [w.stop() for w in workers]
     for result in results:
@@ -122,21 +128,17 @@ def test_a_frozen_driver_loses_its_orders_and_cannot_write_after_waking(
     # A drives 8 at a time, so 12 orders are still unclaimed when it freezes.
     a = Saga(argv, {**env, "ORDER_SAGA_LEASE_SECONDS": "3", "ORDER_SAGA_SWEEP_CONCURRENCY": "8"})
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # until A waits on its delayed payments
-            orders = [store.get(oid) for oid in ids]
+
+        def waiting_on_payments() -> int:
             waiting = [
                 o
-                for o in orders
+                for o in (store.get(oid) for oid in ids)
                 if o.payment_state == "requested"
                 and o.inventory_state == o.shipping_state == "succeeded"
             ]
-            if len(waiting) >= 8:  # all of A's concurrency
-                held = len(waiting)
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail(f"A never got its payments in flight: {a.stop().explain()}")
+            return len(waiting) if len(waiting) >= 8 else 0  # all of A's concurrency
+
+        held = wait_until(waiting_on_payments, what="A's payments in flight", alive=a.running)
         pause_between_transactions(a, db_url)
 
         expiry = max(
@@ -144,7 +146,7 @@ def test_a_frozen_driver_loses_its_orders_and_cannot_write_after_waking(
             for o in (store.get(oid) for oid in ids)
             if o.lease_expires_at is not None
         )
-        time.sleep(max(0.0, (expiry - utcnow()).total_seconds()) + 0.2)
+        wait_until(past(expiry, utcnow), what="A's leases to run out")
         b = Saga(argv, env).wait(timeout=120)
         assert b.returncode == 0, b.explain()
         assert resumed_count(b) == 20, b.explain()

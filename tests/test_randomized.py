@@ -8,9 +8,6 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,11 +16,10 @@ from downstream.seed import MISSING_PRODUCT_ID
 from fsm import queries
 from fsm.machine import edges, is_terminal
 from fsm.store import Store
-from tests.support.processes import saga_env
-from tests.support.services import Downstream
-from tests.test_faults import assert_conserved
+from tests.support.database import wait_for_leases_to_expire
+from tests.support.processes import ORDER_SAGA, saga_env
+from tests.support.services import Books, Downstream, assert_conserved
 
-ORDER_SAGA = str(Path(sys.executable).parent / "order-saga")
 ORDERS = int(os.environ.get("ORDER_SAGA_TEST_RANDOM_ORDERS", "40"))
 ROUNDS = int(os.environ.get("ORDER_SAGA_TEST_RANDOM_ROUNDS", "6"))
 OPERATIONS = [
@@ -75,8 +71,7 @@ async def test_random_faults_and_kills_end_terminal_and_conserved(
     print(f"ORDER_SAGA_TEST_SEED={seed}")  # shown by pytest when the test fails
     rng = random.Random(seed)
     users, products = [1, 2, 3], [1, 2, 3, 4]
-    balances = {u: downstream.balance(u) for u in users}
-    stocks = {p: downstream.stock(p) for p in products}
+    books = Books.read(downstream, users=users, products=products)
     kills = 0
     for _ in range(ROUNDS):
         for _ in range(ORDERS // ROUNDS):  # new orders every round, beside unfinished ones
@@ -98,7 +93,7 @@ async def test_random_faults_and_kills_end_terminal_and_conserved(
         # (and the final fault-free resume below) finishes them.
         assert code in (0, 3, -9), f"seed {seed}: resume exited {code}"
         kills += code == -9
-        time.sleep(LEASE + 0.1)  # the killed driver's leases expire
+        wait_for_leases_to_expire(store)  # the killed driver's, before the next round
 
     httpx.delete(f"{downstream.url}/_faults").raise_for_status()
     for _ in range(4):
@@ -108,7 +103,7 @@ async def test_random_faults_and_kills_end_terminal_and_conserved(
             for o in queries.list_orders(store, queries.OrderFilter(limit=500))[0]
         ):
             break
-        time.sleep(LEASE + 0.1)
+        wait_for_leases_to_expire(store)
     stuck = [
         (o.id, o.state)
         for o in queries.list_orders(store, queries.OrderFilter(limit=500))[0]
@@ -116,4 +111,6 @@ async def test_random_faults_and_kills_end_terminal_and_conserved(
     ]
     assert not stuck, f"seed {seed}: not terminal after the final resume: {stuck}"
     assert kills > 0, f"seed {seed}: no round was killed"
-    assert_conserved(downstream, store, balances, stocks)
+    assert_conserved(
+        downstream, books, queries.list_orders(store, queries.OrderFilter(limit=500))[0]
+    )

@@ -6,10 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -36,20 +33,17 @@ from fsm.upgrade import Tables, check, guard
 from fsm.version import MACHINE_VERSION, version_of
 from fsm.wiring import build_executor, build_store
 from tests.support.database import create_pg_database, drop_pg_database, saga_settings
-from tests.support.processes import saga_env
+from tests.support.processes import ORDER_SAGA, Saga, run_cli, saga_env
 from tests.support.services import Downstream
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER_SAGA = str(Path(sys.executable).parent / "order-saga")
 KNOWN = {s.value for s in OrderState}
 orders = OrderTable.__table__  # type: ignore[attr-defined]
 
 
 def check_upgrade(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin"), "ORDER_SAGA_DATABASE_URL": db_url}
-    return subprocess.run(
-        [ORDER_SAGA, "check-upgrade", *args], capture_output=True, text=True, env=env, timeout=60
-    )
+    return run_cli("check-upgrade", *args, ORDER_SAGA_DATABASE_URL=db_url)
 
 
 # -- the version -----------------------------------------------------------------------
@@ -86,7 +80,7 @@ async def test_orders_and_transitions_record_the_version(
 
 
 def test_diagram_prints_the_version_on_stderr() -> None:
-    result = subprocess.run([ORDER_SAGA, "diagram"], capture_output=True, text=True, timeout=60)
+    result = run_cli("diagram")
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == f"machine version {MACHINE_VERSION}"
     assert result.stdout.startswith("stateDiagram-v2")
@@ -304,23 +298,15 @@ def test_worker_skips_undrivable_orders_and_drives_the_rest(
     (lost,) = put(store, "steps_running", ("requested", "lost", "requested"))
     fine = put(store, "pending", ("pending", "pending", "pending"), 2)
     env = saga_env(database_url=db_url, services_url=downstream.url)
-    with subprocess.Popen(
-        [ORDER_SAGA, "worker", "--interval", "0.1", "--older-than", "0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as worker:
-        try:
-            deadline = time.monotonic() + 30
-            while not all(store.get(i).status == "completed" for i in fine):
-                assert time.monotonic() < deadline and worker.poll() is None, "worker stuck"
-                time.sleep(0.05)
-            worker.send_signal(signal.SIGTERM)
-            _, stderr = worker.communicate(timeout=10)
-        finally:
-            worker.kill()
-    assert worker.returncode == 0, stderr
+    with Saga([ORDER_SAGA, "worker", "--interval", "0.1", "--older-than", "0"], env) as worker:
+        wait_until(
+            lambda: all(store.get(i).status == "completed" for i in fine),
+            what="the drivable orders completed",
+            alive=worker.running,
+        )
+        stopped = worker.stop()
+    assert stopped.returncode == 0, stopped.explain()
+    stderr = stopped.stderr
     skipped = [line for line in stderr.splitlines() if "order_saga.upgrade" in line]
     assert len(skipped) == 1 and "would strand 1 of 3 live orders" in skipped[0], stderr
     assert "corrupt" not in stderr  # not read by the sweep at all, so not even reported

@@ -97,7 +97,7 @@ def test_prefer_respond_async_answers_202_then_completes(client: TestClient) -> 
     assert response.status_code == 202, response.text
     order = response.json()
     assert response.headers["Location"] == f"/orders/{order['id']}"
-    assert order["status"] not in TERMINAL
+    assert order["state"] not in TERMINAL
     final = wait_terminal(client, order["id"])
     assert final["status"] == "completed"
     assert final["amount"] == WIDGET_PRICE

@@ -1,1 +1,1 @@
-"""Test helpers (no fixtures): services.py, processes.py, database.py, api.py."""
+"""Test helpers (no fixtures): services.py, processes.py, database.py, api.py, crash_points.py."""

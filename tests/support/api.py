@@ -3,7 +3,6 @@ services, an app under TestClient (lifespan included), placing an order, waiting
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -17,14 +16,17 @@ from downstream.seed import (
     PRODUCTS,
     WIDGET_ID,
 )
-from fsm.machine import SERVICES
+from fsm.machine import SERVICES, TERMINAL_ORDER_STATES
 from fsm.settings import Settings
 from tests.support.services import Downstream
+from tests.support.waiting import wait_until
 
 # What the seed (downstream/seed.py) sells the widget for, in cents.
 WIDGET_PRICE = next(p.price for p in PRODUCTS if p.id == WIDGET_ID)
 TOKEN = "s3cret"
-TERMINAL = {"completed", "failed", "rejected", "cancelled", "needs_attention"}
+# The states an order ends in, as the machine declares them: needs_attention is not one (it
+# waits for a retry or an operator), resolved is.
+TERMINAL = frozenset(state.value for state in TERMINAL_ORDER_STATES)
 
 
 def settings_for(db_url: str, services_url: str, **overrides: Any) -> Settings:
@@ -62,16 +64,14 @@ def place(
 
 
 def wait_terminal(client: TestClient, order_id: str, timeout: float = 10.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
+    def terminal() -> dict[str, Any] | None:
         response = client.get(f"/orders/{order_id}")
         assert response.status_code == 200, response.text
         order: dict[str, Any] = response.json()
-        if order["status"] in TERMINAL:
-            return order
-        if time.monotonic() > deadline:
-            raise AssertionError(f"order {order_id} still {order['state']} after {timeout}s")
-        time.sleep(0.05)
+        return order if order["state"] in TERMINAL else None
+
+    found: dict[str, Any] = wait_until(terminal, timeout, what=f"order {order_id} to end")
+    return found
 
 
 def assert_utc(stamp: str) -> None:

@@ -7,16 +7,17 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-import time
 import uuid
 from collections import Counter
 from typing import Any
 
 import psycopg
 
+from fsm import queries
 from fsm.machine import SERVICES
 from fsm.settings import Settings
 from fsm.store import Store, utcnow
+from tests.support.waiting import past, wait_until
 
 PG_SERVER = os.environ.get("ORDER_SAGA_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 # Retry budgets small enough for tests, still every branch of the policy.
@@ -49,14 +50,26 @@ def drop_pg_database(name: str) -> None:
 
 
 def wait_for_lease_expiry(store: Store, order_id: uuid.UUID, *, limit: float = 30.0) -> None:
-    """A SIGKILLed driver cannot release its lease: sleep until it has run out."""
+    """A SIGKILLed driver cannot release its lease: wait until it has run out."""
     expires = store.get(order_id).lease_expires_at
     if expires is None:
         return
     remaining = (expires - utcnow()).total_seconds()
     assert remaining < limit, f"lease of {order_id} runs {remaining:.1f}s more"
-    if remaining > -0.05:
-        time.sleep(remaining + 0.1)
+    wait_until(past(expires, utcnow), limit, what=f"the lease of {order_id} to run out")
+
+
+def wait_for_leases_to_expire(store: Store, *, limit: float = 30.0) -> None:
+    """Every lease the store holds has run out (the drivers that held them were killed)."""
+
+    def all_expired() -> bool:
+        now = utcnow()
+        return all(
+            o.lease_expires_at is None or o.lease_expires_at < now
+            for o in queries.list_orders(store, queries.OrderFilter(limit=10_000))[0]
+        )
+
+    wait_until(all_expired, limit, what="every lease to run out")
 
 
 def stuck_orders(

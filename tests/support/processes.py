@@ -1,6 +1,7 @@
-"""Running `order-saga` in real subprocesses for the crash and racing tests: a clean
-environment, output to files, a hung process killed and reported; pausing a driver only
-between two transactions."""
+"""Running `order-saga` in real subprocesses: a clean environment, output to files, a hung
+process killed and reported; the one start / wait-for-a-condition / SIGTERM helper (`Saga`
+as a context manager with `wait_until(..., alive=saga.running)` and `saga.stop()`);
+pausing a driver only between two transactions."""
 
 from __future__ import annotations
 
@@ -53,6 +54,15 @@ class Result:
         )
 
 
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`order-saga ARGS` as a user types it: only PATH and `env` in its environment, text
+    output captured (for one-line errors and exit codes)."""
+    full_env = {"PATH": os.environ.get("PATH", "/usr/bin"), **env}
+    return subprocess.run(
+        [ORDER_SAGA, *args], capture_output=True, text=True, env=full_env, timeout=60
+    )
+
+
 def command(kind: str, *args: str) -> list[str]:
     """`resume`/`worker`/... -> the console script; `cancel` -> `order-saga orders cancel
     ID` (the same ORDER_SAGA_* settings, ORDER_SAGA_CRASH_AFTER included; it takes the id
@@ -86,10 +96,25 @@ class Saga:
             raise AssertionError(f"still running after {timeout}s: {hung.explain()}") from None
         return Result(self.argv, code, self._read(self._out), self._read(self._err))
 
-    def stop(self) -> Result:
-        if self.process.poll() is None:
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 15) -> Result:
+        """SIGTERM (a deploy, a Ctrl-C) and the result once it has shut down."""
+        if self.running():
             self.process.terminate()
-        return self.wait(timeout=15)
+        return self.wait(timeout=timeout)
+
+    def __enter__(self) -> Saga:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        """Never leave a process behind to write into the next test."""
+        if self.running():
+            self.process.kill()
+            self.process.wait()
+        self._out.close()
+        self._err.close()
 
     @staticmethod
     def _read(file: IO[bytes]) -> str:

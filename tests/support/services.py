@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import httpx
 import uvicorn
 
 from downstream.seed import MISSING_PRODUCT_ID
+from tests.support.waiting import wait_until
 
 if TYPE_CHECKING:
     from fsm.models import Order
@@ -28,29 +28,39 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """An ASGI app served by uvicorn on 127.0.0.1 in a background thread."""
+    """An ASGI app served by uvicorn on 127.0.0.1 in a background thread; `options` are
+    more `uvicorn.Config` keywords (e.g. `serve`'s own, from `uvicorn_options`)."""
 
-    def __init__(self, app: Any, *, lifespan: str = "off") -> None:
-        self.port = free_port()
+    def __init__(
+        self, app: Any, *, lifespan: str = "off", port: int | None = None, **options: Any
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan=lifespan
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan=lifespan,
+            **options,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> LiveServer:
+    def start(self) -> LiveServer:
         self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
+        wait_until(lambda: self.server.started, 20, what="uvicorn", alive=self.thread.is_alive)
         return self
 
-    def __exit__(self, *_: object) -> None:
+    def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+    def __enter__(self) -> LiveServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
 
 class Downstream:

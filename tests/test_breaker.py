@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 
 from fsm.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Breakers, call_through
 from fsm.errors import BusinessFailure, CircuitOpen, TransientFailure
+from tests.support.waiting import wait_until_async
 
 
 class Clock:
@@ -133,9 +134,8 @@ async def test_waiters_spend_no_call_and_are_released_in_bounded_batches() -> No
         return await call_through(lambda: breaker.call(service), deadline=None)
 
     waiters = [asyncio.create_task(order()) for _ in range(12)]
-    # Poll until a probe has failed at least twice: the waiters kept waiting meanwhile.
-    while breaker.stats.probes < 2:
-        await asyncio.sleep(0.01)
+    # Until a probe has failed at least twice: the waiters kept waiting meanwhile.
+    await wait_until_async(lambda: breaker.stats.probes >= 2, what="two failed probes")
     assert service.calls == 2 + breaker.stats.probes  # the failures, then only probes
     service.down = False
     assert await asyncio.gather(*waiters) == ["ok"] * 12

@@ -11,8 +11,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,9 @@ import pytest
 from PIL import Image, ImageStat
 
 from downstream.seed import ORDINARY_USER_ID, POOR_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
-from tests.support.processes import ORDER_SAGA
-from tests.support.services import free_port
+from tests.support.processes import Saga, command
+from tests.support.services import answers, free_port
+from tests.support.waiting import wait_until
 
 CHROMIUM = os.environ.get("ORDER_SAGA_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -75,26 +74,11 @@ def served(tmp_path: Path) -> Iterator[Served]:
         "ORDER_SAGA_MAX_ATTEMPTS": "2",
         "ORDER_SAGA_BACKOFF_MAX": "0.05",
     }
-    log = (tmp_path / "serve.log").open("wb")
-    cmd = [ORDER_SAGA, "serve", "--port", str(port), "--no-sweep"]
-    with subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT) as server:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "serve did not start"
-            time.sleep(0.1)
-        try:
-            yield Served(url)
-        finally:
-            server.terminate()
-            server.wait(timeout=15)
-            log.close()
+    url = f"http://127.0.0.1:{port}"
+    with Saga(command("serve", "--port", str(port), "--no-sweep"), env) as server:
+        wait_until(lambda: answers(f"{url}/healthz"), what="serve", alive=server.running)
+        yield Served(url)
+        server.stop()
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from fsm.store import Store, make_engine
 from order_saga.server import uvicorn_options
 from tests.support.database import PG_SERVER
 from tests.support.processes import Saga, command, run_cli, saga_env
-from tests.support.services import Downstream, LiveServer, free_port
+from tests.support.services import Downstream, LiveServer, answers, free_port
 from tests.support.waiting import wait_until, wait_until_async
 
 UNREACHABLE = {
@@ -212,13 +212,6 @@ def test_a_whole_request_is_still_served(edge_server: int) -> None:
 # -- SIGTERM in embedded mode ---------------------------------------------------------------------
 
 
-def healthy(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/healthz").status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 @pytest.mark.slow
 def test_sigterm_drains_within_the_grace_period_and_releases_leases(tmp_path: Path) -> None:
     port = free_port()
@@ -232,7 +225,7 @@ def test_sigterm_drains_within_the_grace_period_and_releases_leases(tmp_path: Pa
         "ORDER_SAGA_LEASE_SECONDS": "300",
     }
     with Saga(command("serve", "--port", str(port), "--no-sweep"), env) as serve:
-        wait_until(lambda: healthy(base), what="serve answering /healthz", alive=serve.running)
+        wait_until(lambda: answers(f"{base}/healthz"), what="serve", alive=serve.running)
         fault = {"operation": "user.deduct", "mode": "delay", "count": 1, "seconds": 600}
         httpx.post(f"{base}/services/_faults", json=fault).raise_for_status()
         body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import Awaitable, Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,15 +31,7 @@ from fsm.store import Store, make_engine
 from fsm.wiring import build_store
 from tests.support.database import saga_settings
 from tests.support.services import Books, Downstream, LiveServer, assert_conserved
-
-
-async def wait_until(condition: Any, *, timeout: float = 10.0) -> None:
-    """Poll `condition` (synchronise on an event, never on a sleep's length)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
-
+from tests.support.waiting import wait_until_async
 
 # (user, product, status) — each row's expected outcome, from the seed's named roles.
 MIX = [
@@ -117,7 +108,7 @@ async def one_batch(
     its lock), so they go in together as the next batch; their results or exceptions."""
     with write_lock_held(db_url, blocker):
         first = asyncio.ensure_future(request_product(store, blocker))
-        await wait_until(lambda: store.committer.in_flight == 1)  # the writer is stuck
+        await wait_until_async(lambda: store.committer.in_flight == 1, what="the stuck writer")
         batched = asyncio.gather(*writes(), return_exceptions=True)
         await asyncio.sleep(0)  # let them be queued behind the stuck transaction
     await first
@@ -194,7 +185,9 @@ async def test_reads_answer_while_a_write_waits_on_a_lock(
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:
         with write_lock_held(db_url, order):
             resume = asyncio.ensure_future(client.post(f"/orders/{order.id}/resume"))
-            await wait_until(lambda: store.committer.in_flight > 0)  # waiting on the lock
+            await wait_until_async(
+                lambda: store.committer.in_flight > 0, what="a write waiting on the lock"
+            )
             health = await client.get("/healthz")
             got = await client.get(f"/orders/{order.id}")
             # Both answered while the write was still waiting: nothing froze the loop.

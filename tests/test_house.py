@@ -57,3 +57,51 @@ def test_the_console_script_path_is_defined_once() -> None:
         if isinstance(target, ast.Name) and target.id == "ORDER_SAGA"
     ]
     assert [d.split(":")[0] for d in definitions] == ["tests/support/processes.py"], definitions
+
+
+# Fixed sleeps left on purpose, by (file, test): where idle time IS what the test checks.
+SLEEPS_ALLOWED = {
+    ("tests/test_racing.py", "test_two_workers_share_the_stuck_orders"): (
+        "after every order is done, a few more idle sweeps must change nothing"
+    ),
+}
+
+
+class Sleeps(ast.NodeVisitor):
+    """(innermost function, line) of every `time.sleep(...)`/`sleep(...)` call, and of every
+    `asyncio.sleep(x)` but `asyncio.sleep(0)` (a yield to the loop, not a wait)."""
+
+    def __init__(self) -> None:
+        self.where: list[str] = ["<module>"]
+        self.found: list[tuple[str, int]] = []
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        self.where.append(node.name)
+        self.generic_visit(node)
+        self.where.pop()
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Call(self, node: ast.Call) -> None:
+        called = ast.unparse(node.func)
+        zero = bool(node.args) and ast.unparse(node.args[0]) in ("0", "0.0")
+        if called in ("time.sleep", "sleep") or (called == "asyncio.sleep" and not zero):
+            self.found.append((self.where[-1], node.lineno))
+        self.generic_visit(node)
+
+
+def test_tests_wait_on_conditions_not_fixed_sleeps() -> None:
+    """A test waits with tests.support.waiting (a condition polled under a deadline); only
+    the helpers in tests/support/ sleep (a poll interval, a signal given time to land)."""
+    found: dict[tuple[str, str], int] = {}
+    for path, tree in modules():
+        if not path.startswith("tests/support/"):
+            visitor = Sleeps()
+            visitor.visit(tree)
+            found |= {(path, name): line for name, line in visitor.found}
+    unexpected = [
+        f"{p}:{line} in {n}" for (p, n), line in found.items() if (p, n) not in SLEEPS_ALLOWED
+    ]
+    assert not unexpected, "wait on a condition (tests.support.waiting):\n" + "\n".join(unexpected)
+    gone = [key for key in SLEEPS_ALLOWED if key not in found]
+    assert not gone, f"allowed sleeps no longer there, drop them from the list: {gone}"

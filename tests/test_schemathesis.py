@@ -8,8 +8,6 @@ Both run as deployed: the API with its lifespan and a bearer token, on uvicorn w
 
 from __future__ import annotations
 
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +16,6 @@ import httpx
 import pytest
 import requests
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
@@ -32,7 +29,7 @@ from downstream.app import create_services_app
 from fsm.settings import Settings
 from fsm.store import make_engine
 from order_saga.server import uvicorn_options
-from tests.support.services import free_port
+from tests.support.services import LiveServer
 
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -44,35 +41,12 @@ COUNTS: Counter[str] = Counter()
 pytestmark = pytest.mark.xdist_group("schemathesis")  # one worker starts the servers once
 
 
-class Served:
-    """An ASGI app on uvicorn (lifespan on) in a thread, with `serve`'s options."""
-
-    def __init__(self, app: Any, options: dict[str, Any]) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        port = int(self.url.rsplit(":", 1)[1])
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **options)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Served:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
-
-
 @pytest.fixture(scope="module")
 def services_live() -> Iterator[str]:
     settings = Settings()
     app = create_services_app()
     guarded = BodyGuard(app, max_bytes=settings.max_body_bytes)
-    with Served(guarded, uvicorn_options(settings)) as served:
+    with LiveServer(guarded, lifespan="auto", **uvicorn_options(settings)) as served:
         yield served.url
     app.state.store.close()
 
@@ -96,7 +70,8 @@ def api_live(tmp_path_factory: pytest.TempPathFactory, services_live: str) -> It
         backoff_base=0.01,
         backoff_max=0.05,
     )
-    with Served(create_app(settings, sweep=False), uvicorn_options(settings)) as served:
+    app = create_app(settings, sweep=False)
+    with LiveServer(app, lifespan="auto", **uvicorn_options(settings)) as served:
         yield served.url
 
 

@@ -63,6 +63,14 @@ class LiveServer:
         self.stop()
 
 
+def answers(url: str) -> bool:
+    """Does GET `url` answer 200 yet (a server still starting refuses the connection)?"""
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 class Downstream:
     """Reads the reference services' state for assertions (balance, stock, shipments)."""
 

@@ -134,8 +134,11 @@ async def test_waiters_spend_no_call_and_are_released_in_bounded_batches() -> No
         return await call_through(lambda: breaker.call(service), deadline=None)
 
     waiters = [asyncio.create_task(order()) for _ in range(12)]
-    # Until a probe has failed at least twice: the waiters kept waiting meanwhile.
-    await wait_until_async(lambda: breaker.stats.probes >= 2, what="two failed probes")
+    # Until a probe has failed at least twice: the waiters kept waiting meanwhile. Polled
+    # well inside the 0.05 s cool-down, so the service comes back before a third probe.
+    await wait_until_async(
+        lambda: breaker.stats.probes >= 2, what="two failed probes", interval=0.005
+    )
     assert service.calls == 2 + breaker.stats.probes  # the failures, then only probes
     service.down = False
     assert await asyncio.gather(*waiters) == ["ok"] * 12

@@ -11,12 +11,12 @@ from datetime import datetime
 from typing import TypeVar
 
 T = TypeVar("T")
-POLL = 0.02  # how often a condition is re-read: often enough, cheap enough
+POLL = 0.05  # how often a condition is re-read: often enough, and cheap on two busy cores
 
 
 def wait_until(
     predicate: Callable[[], T],
-    timeout: float = 30.0,
+    timeout: float = 60.0,
     *,
     what: str = "the condition",
     alive: Callable[[], bool] | None = None,
@@ -38,7 +38,7 @@ def wait_until(
 
 async def wait_until_async(
     predicate: Callable[[], T | Awaitable[T]],
-    timeout: float = 30.0,
+    timeout: float = 60.0,
     *,
     what: str = "the condition",
     interval: float = POLL,

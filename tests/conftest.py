@@ -19,8 +19,9 @@ from fsm.clients import Services
 from fsm.executor import Executor
 from fsm.store import Store, make_engine
 from fsm.wiring import build_executor, build_store, http_client, http_services_for
-from tests.support.database import create_pg_database, drop_pg_database, saga_settings
+from tests.support.database import create_pg_database, drop_pg_database
 from tests.support.services import Downstream, LiveServer
+from tests.support.settings import saga_settings
 
 
 @pytest.fixture(scope="session")

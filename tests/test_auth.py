@@ -26,8 +26,9 @@ from api.guard import OPEN_PATHS
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm.settings import Settings
 from fsm.store import Store, make_engine
-from tests.support.processes import ORDER_SAGA, run_cli, saga_env
+from tests.support.processes import ORDER_SAGA, run_cli
 from tests.support.services import LiveServer, free_port
+from tests.support.settings import cli_settings, saga_env
 
 TOKEN = "s3cret-token"
 NON_ASCII_TOKEN = "sécret-ключ-令牌"
@@ -66,7 +67,7 @@ def app_with_token(tmp_path: Path, token: str) -> FastAPI:
     SQLModel.metadata.create_all(engine)
     engine.dispose()
     # No downstream URLs: the reference services are mounted under /services.
-    settings = Settings(database_url=url, services_db=str(tmp_path / "s.db"), api_token=token)
+    settings = cli_settings(url, services_db=str(tmp_path / "s.db"), api_token=token)
     return create_app(settings, sweep=False)
 
 
@@ -190,7 +191,7 @@ def test_no_token_configured_leaves_every_path_open(tmp_path: Path) -> None:
     engine = make_engine(url)
     SQLModel.metadata.create_all(engine)
     engine.dispose()
-    app = create_app(Settings(database_url=url, services_db=str(tmp_path / "s.db")), sweep=False)
+    app = create_app(cli_settings(url, services_db=str(tmp_path / "s.db")), sweep=False)
     with TestClient(app) as client:
         assert client.get("/orders").status_code == 200
         assert client.get(f"/services/users/{ORDINARY_USER_ID}").status_code == 200
@@ -206,7 +207,7 @@ def test_embedded_services_are_called_with_the_token(tmp_path: Path, token: str)
     SQLModel.metadata.create_all(engine)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    settings = Settings(database_url=url, services_db=str(tmp_path / "s.db"), api_token=token)
+    settings = cli_settings(url, services_db=str(tmp_path / "s.db"), api_token=token)
     app = create_app(settings, embedded_url=f"{base}/services", sweep=False)
     server = LiveServer(app, port=port, lifespan="auto").start()
     try:
@@ -220,7 +221,7 @@ def test_embedded_services_are_called_with_the_token(tmp_path: Path, token: str)
         stuck, _ = asyncio.run(
             store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
         )
-        env = saga_env(database_url=url, services_url=None)  # type: ignore[arg-type]
+        env = saga_env(database_url=url)
         env |= {
             "ORDER_SAGA_API_TOKEN": token,
             "ORDER_SAGA_FALLBACK_SERVICES_URL": f"{base}/services",

@@ -19,9 +19,9 @@ from api.guard import BodyGuard
 from downstream.app import create_services_app
 from downstream.faults import MAX_PENDING
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
-from fsm.settings import Settings
 from fsm.store import make_engine
 from tests.support.services import LiveServer
+from tests.support.settings import cli_settings
 
 PROBLEM = "application/problem+json"
 SMALL = 2048  # bytes: an error answer never echoes a body back
@@ -72,10 +72,7 @@ def api(tmp_path_factory: pytest.TempPathFactory, services_server: LiveServer) -
     engine = make_engine(url)
     SQLModel.metadata.create_all(engine)
     engine.dispose()
-    s = services_server.url
-    settings = Settings(
-        database_url=url, product_url=s, user_url=s, inventory_url=s, shipping_url=s
-    )
+    settings = cli_settings(url, services_server.url)
     with TestClient(create_app(settings, sweep=False)) as client:
         yield client
 

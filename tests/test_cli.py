@@ -8,8 +8,9 @@ import pytest
 
 from downstream.seed import ORDINARY_USER_ID, RICH_USER_ID, WIDGET_ID
 from fsm.store import Store
-from tests.support.processes import Saga, command, run_cli, saga_env
+from tests.support.processes import Saga, command, run_cli
 from tests.support.services import Downstream
+from tests.support.settings import saga_env
 from tests.support.waiting import wait_until
 
 UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"  # nothing listens there

@@ -28,7 +28,7 @@ from fsm.models import Transition
 from fsm.store import STATE_COLUMN, Store
 from tests.support.crash_points import CRASH_TESTED_ELSEWHERE
 from tests.support.database import wait_for_lease_expiry
-from tests.support.processes import COMPENSATIONS, Result, drive_here, run_saga, saga_env
+from tests.support.processes import COMPENSATIONS, Result, drive_here, run_saga
 from tests.support.services import (
     Books,
     Downstream,
@@ -37,6 +37,7 @@ from tests.support.services import (
     order_effects,
     set_faults,
 )
+from tests.support.settings import saga_env
 
 
 @dataclass(frozen=True)

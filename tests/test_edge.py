@@ -24,12 +24,12 @@ from api.app import create_app
 from api.diagram import Renderer
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm.models import Transition
-from fsm.settings import Settings
 from fsm.store import Store, make_engine
 from order_saga.server import uvicorn_options
 from tests.support.database import PG_SERVER
-from tests.support.processes import Saga, command, run_cli, saga_env
+from tests.support.processes import Saga, command, run_cli
 from tests.support.services import Downstream, LiveServer, answers, free_port
+from tests.support.settings import cli_settings, saga_env
 from tests.support.waiting import wait_until, wait_until_async
 
 UNREACHABLE = {
@@ -43,7 +43,7 @@ UNREACHABLE = {
 
 @pytest.mark.parametrize("make_url", UNREACHABLE.values(), ids=UNREACHABLE.keys())
 def test_database_down_is_a_503_problem_with_retry_after(make_url: Any, tmp_path: Path) -> None:
-    settings = Settings(database_url=make_url(), services_db=str(tmp_path / "s.db"))
+    settings = cli_settings(make_url(), services_db=str(tmp_path / "s.db"))
     with TestClient(create_app(settings, sweep=False)) as client:
         health = client.get("/healthz")
         answers = [
@@ -70,7 +70,7 @@ def test_database_down_is_a_503_problem_with_retry_after(make_url: Any, tmp_path
 
 def test_healthz_names_the_database_when_up(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/up.db"
-    settings = Settings(database_url=url, services_db=str(tmp_path / "s.db"))
+    settings = cli_settings(url, services_db=str(tmp_path / "s.db"))
     with TestClient(create_app(settings, sweep=False)) as client:
         health = client.get("/healthz").json()  # also machine_version and breakers (issue 10)
         assert (health["status"], health["database"]) == ("ok", "sqlite")
@@ -166,11 +166,8 @@ def edge_server(tmp_path: Path) -> Iterator[int]:
     engine = make_engine(url)
     SQLModel.metadata.create_all(engine)
     engine.dispose()
-    settings = Settings(
-        database_url=url,
-        services_db=str(tmp_path / "s.db"),
-        header_timeout=0.5,
-        body_timeout=0.5,
+    settings = cli_settings(
+        url, services_db=str(tmp_path / "s.db"), header_timeout=0.5, body_timeout=0.5
     )
     app = create_app(settings, sweep=False)
     with LiveServer(app, lifespan="auto", **uvicorn_options(settings)) as server:
@@ -217,7 +214,7 @@ def test_sigterm_drains_within_the_grace_period_and_releases_leases(tmp_path: Pa
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     url = f"sqlite:///{tmp_path}/saga.db"
-    env = saga_env(database_url=url, services_url=None)  # type: ignore[arg-type]
+    env = saga_env(database_url=url)
     env |= {
         "ORDER_SAGA_SERVICES_DB": str(tmp_path / "services.db"),
         "ORDER_SAGA_SHUTDOWN_GRACE": "1",

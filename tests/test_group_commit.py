@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,8 +30,8 @@ from fsm.executor import Executor
 from fsm.models import Order
 from fsm.store import Store, make_engine
 from fsm.wiring import build_store
-from tests.support.database import saga_settings
 from tests.support.services import Books, Downstream, LiveServer, assert_conserved
+from tests.support.settings import saga_settings
 from tests.support.waiting import wait_until_async
 
 # (user, product, status) — each row's expected outcome, from the seed's named roles.
@@ -242,7 +243,7 @@ async def test_a_write_queued_behind_a_blocked_one_waits_one_lock_timeout_not_tw
 
         with write_lock_held(url, first_order):
             first = asyncio.ensure_future(timed(first_order))
-            await wait_until(lambda: store.committer.in_flight == 1)  # the writer waits
+            await wait_until_async(lambda: store.committer.in_flight == 1, what="the writer")
             second = await timed(second_order)  # queued behind it
             assert store.committer.last_error is not None  # what /healthz reports
             print(f"second write failed after {second[1]:.2f}s (lock timeout {timeout}s)")

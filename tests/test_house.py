@@ -105,3 +105,38 @@ def test_tests_wait_on_conditions_not_fixed_sleeps() -> None:
     assert not unexpected, "wait on a condition (tests.support.waiting):\n" + "\n".join(unexpected)
     gone = [key for key in SLEEPS_ALLOWED if key not in found]
     assert not gone, f"allowed sleeps no longer there, drop them from the list: {gone}"
+
+
+# Settings(...) written by hand, by (file, function): none of them configures a saga.
+SETTINGS_ALLOWED = {
+    ("tests/test_auth.py", "test_an_unusable_token_is_refused_at_start_up"): (
+        "the validation of Settings itself"
+    ),
+    ("tests/test_clients.py", "call"): "one HTTP client and its timeout, no saga",
+    ("tests/test_schemathesis.py", "services_live"): "the services' body limit, as deployed",
+}
+
+
+class SettingsCalls(Sleeps):
+    """(innermost function, line) of every `Settings(...)` call."""
+
+    def visit_Call(self, node: ast.Call) -> None:
+        if ast.unparse(node.func) == "Settings":
+            self.found.append((self.where[-1], node.lineno))
+        self.generic_visit(node)
+
+
+def test_test_settings_are_built_one_way() -> None:
+    """tests/support/settings.py builds every saga's settings (and its ORDER_SAGA_* env)."""
+    found: dict[tuple[str, str], int] = {}
+    for path, tree in modules():
+        if path != "tests/support/settings.py":
+            visitor = SettingsCalls()
+            visitor.visit(tree)
+            found |= {(path, name): line for name, line in visitor.found}
+    unexpected = [
+        f"{p}:{line} in {n}" for (p, n), line in found.items() if (p, n) not in SETTINGS_ALLOWED
+    ]
+    assert not unexpected, "use tests.support.settings:\n" + "\n".join(unexpected)
+    gone = [key for key in SETTINGS_ALLOWED if key not in found]
+    assert not gone, f"allowed Settings(...) no longer there, drop them from the list: {gone}"

@@ -19,9 +19,10 @@ from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID, SOLD_OUT_PRODU
 from fsm.store import Store
 from order_saga.logs import configure
 from order_saga.redact import masked
-from tests.support.api import settings_for
-from tests.support.processes import Saga, command, run_cli, saga_env
+from tests.support.api import API
+from tests.support.processes import Saga, command, run_cli
 from tests.support.services import Downstream, free_port
+from tests.support.settings import saga_env, saga_settings
 from tests.support.waiting import wait_until
 
 ORDER_STATES = {
@@ -32,7 +33,7 @@ ORDER_STATES = {
 
 @pytest.fixture
 def client(db_url: str, services_url: str) -> Iterator[TestClient]:
-    app = create_app(settings_for(db_url, services_url, max_attempts=2), sweep=False)
+    app = create_app(saga_settings(db_url, services_url, **API, max_attempts=2), sweep=False)
     with TestClient(app) as c:
         yield c
 

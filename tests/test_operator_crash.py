@@ -13,8 +13,9 @@ from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID
 from fsm.store import Store
 from tests.support.crash_points import CRASH_TESTED_ELSEWHERE
 from tests.support.database import wait_for_lease_expiry
-from tests.support.processes import drive_here, run_saga, saga_env
+from tests.support.processes import drive_here, run_saga
 from tests.support.services import Downstream, Fault, set_faults
+from tests.support.settings import saga_env
 
 SETTINGS = {"lease_seconds": 0.5, "max_attempts": 2, "backoff_base": 0.01, "backoff_max": 0.05}
 REFUND_DOWN = Fault("user.refund", "error")  # count 1000 > the retry budget: parks

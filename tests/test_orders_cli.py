@@ -14,9 +14,10 @@ from sqlmodel import SQLModel
 from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
 from fsm.store import Store, make_engine
 from order_saga import __version__
-from tests.support.processes import ORDER_SAGA, saga_env
+from tests.support.processes import ORDER_SAGA
 from tests.support.services import Downstream, set_faults
 from tests.support.services import Fault as CrashFault
+from tests.support.settings import saga_env
 
 FAST = {"max_attempts": 2, "backoff_base": 0.01, "backoff_max": 0.05, "http_timeout": 3}
 REFUND_DOWN = CrashFault("user.refund", "error")

@@ -15,9 +15,9 @@ from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
 from fsm import queries
 from fsm.breaker import OPEN, Breaker
 from fsm.machine import is_terminal
-from fsm.settings import Settings
 from fsm.store import Store
 from tests.support.services import Downstream
+from tests.support.settings import cli_settings
 from tests.support.waiting import wait_until
 
 THRESHOLD, ATTEMPTS, ORDERS = 3, 4, 30
@@ -27,8 +27,6 @@ OUTAGE = 1000  # calls the fault answers with 500
 @contextmanager
 def api(db_url: str, services_url: str, **overrides: Any) -> Iterator[TestClient]:
     values: dict[str, Any] = {
-        "database_url": db_url,
-        **{f"{s}_url": services_url for s in ("product", "user", "inventory", "shipping")},
         "max_attempts": ATTEMPTS,
         "backoff_base": 0.01,
         "backoff_max": 0.05,
@@ -39,7 +37,9 @@ def api(db_url: str, services_url: str, **overrides: Any) -> Iterator[TestClient
         "breaker_batch": 8,
         **overrides,
     }
-    with TestClient(create_app(Settings(**values), sweep=False)) as client:
+    with TestClient(
+        create_app(cli_settings(db_url, services_url, **values), sweep=False)
+    ) as client:
         yield client
 
 

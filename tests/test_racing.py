@@ -23,9 +23,9 @@ from tests.support.processes import (
     Saga,
     command,
     pause_between_transactions,
-    saga_env,
 )
 from tests.support.services import Books, Downstream, Fault, assert_conserved, set_faults
+from tests.support.settings import saga_env
 from tests.support.waiting import past, wait_until
 
 ONE_RUN = {  # the log of an order completed by a single driver

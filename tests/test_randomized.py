@@ -17,8 +17,9 @@ from fsm import queries
 from fsm.machine import edges, is_terminal
 from fsm.store import Store
 from tests.support.database import wait_for_leases_to_expire
-from tests.support.processes import ORDER_SAGA, saga_env
+from tests.support.processes import ORDER_SAGA
 from tests.support.services import Books, Downstream, assert_conserved
+from tests.support.settings import saga_env
 
 ORDERS = int(os.environ.get("ORDER_SAGA_TEST_RANDOM_ORDERS", "40"))
 ROUNDS = int(os.environ.get("ORDER_SAGA_TEST_RANDOM_ROUNDS", "6"))

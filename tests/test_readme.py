@@ -16,9 +16,9 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
-from fsm.settings import Settings
 from tests.support.database import drop_pg_database
 from tests.support.services import Downstream, free_port
+from tests.support.settings import cli_settings
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 ROW = re.compile(
@@ -40,10 +40,7 @@ def test_the_readme_shows_every_row_of_the_design_table() -> None:
 def test_readme_row_reproduces_its_status(
     body: dict[str, int], status: str, db_url: str, downstream: Downstream
 ) -> None:
-    url = downstream.url
-    settings = Settings(
-        database_url=db_url, product_url=url, user_url=url, inventory_url=url, shipping_url=url
-    )
+    settings = cli_settings(db_url, downstream.url)
     with TestClient(create_app(settings, sweep=False)) as client:
         response = client.post("/orders", json=body)
     assert response.status_code == (404 if status == "rejected" else 201)

@@ -30,6 +30,7 @@ from fsm.settings import Settings
 from fsm.store import make_engine
 from order_saga.server import uvicorn_options
 from tests.support.services import LiveServer
+from tests.support.settings import cli_settings
 
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -57,12 +58,9 @@ def api_live(tmp_path_factory: pytest.TempPathFactory, services_live: str) -> It
     engine = make_engine(url)
     SQLModel.metadata.create_all(engine)
     engine.dispose()
-    settings = Settings(
-        database_url=url,
-        product_url=services_live,
-        user_url=services_live,
-        inventory_url=services_live,
-        shipping_url=services_live,
+    settings = cli_settings(
+        url,
+        services_live,
         api_token=TOKEN,
         respond_within=2.0,
         http_timeout=2.0,

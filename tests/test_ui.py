@@ -22,15 +22,16 @@ from downstream.seed import (
     WIDGET_ID,
 )
 from fsm.store import Store
-from tests.support.api import settings_for
+from tests.support.api import API
 from tests.support.services import Downstream
+from tests.support.settings import saga_settings
 
 GREEN, RED = "#81c784", "#e57373"  # fsm.diagram: where a completed / failed order rests
 
 
 @pytest.fixture
 def client(db_url: str, services_url: str) -> Iterator[TestClient]:
-    app = create_app(settings_for(db_url, services_url, max_attempts=2), sweep=False)
+    app = create_app(saga_settings(db_url, services_url, **API, max_attempts=2), sweep=False)
     with TestClient(app) as c:
         yield c
 
@@ -159,7 +160,7 @@ def test_heatmap_page(client: TestClient, downstream: Downstream) -> None:
 
 
 def test_pages_need_the_token_when_one_is_set(db_url: str, services_url: str) -> None:
-    app = create_app(settings_for(db_url, services_url, api_token="s3cret"), sweep=False)
+    app = create_app(saga_settings(db_url, services_url, **API, api_token="s3cret"), sweep=False)
     with TestClient(app) as c:
         assert c.get("/ui").status_code == 401
         assert c.get("/ui", headers={"Authorization": "Bearer s3cret"}).status_code == 200

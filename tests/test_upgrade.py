@@ -27,14 +27,14 @@ from fsm.executor import Executor
 from fsm.machine import ORDER_TRANSITIONS, STEP_TRANSITIONS, OrderState, coarse_status
 from fsm.migrate import alembic_config, upgrade
 from fsm.models import OrderTable
-from fsm.settings import Settings
 from fsm.store import Store, make_engine
 from fsm.upgrade import Tables, check, guard
 from fsm.version import MACHINE_VERSION, version_of
 from fsm.wiring import build_executor, build_store
-from tests.support.database import create_pg_database, drop_pg_database, saga_settings
-from tests.support.processes import ORDER_SAGA, Saga, run_cli, saga_env
+from tests.support.database import create_pg_database, drop_pg_database
+from tests.support.processes import ORDER_SAGA, Saga, run_cli
 from tests.support.services import Downstream
+from tests.support.settings import cli_settings, saga_env, saga_settings
 from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -319,8 +319,7 @@ def test_serve_checks_at_start_and_healthz_shows_the_version(
     db_url: str, store: Store, downstream: Downstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     put(store, "steps_running", ("requested", "lost", "requested"))
-    urls = {f"{s}_url": downstream.url for s in ("product", "user", "inventory", "shipping")}
-    app = create_app(Settings(database_url=db_url, **urls), sweep=False)
+    app = create_app(cli_settings(db_url, downstream.url), sweep=False)
     with caplog.at_level(logging.INFO, logger="order_saga.upgrade"), TestClient(app) as client:
         health = client.get("/healthz").json()
         assert app.state.store.undrivable == {("steps_running", "requested", "lost", "requested")}

@@ -1,5 +1,5 @@
-"""Driving the orchestrator's HTTP API in tests: settings pointing at the reference
-services, an app under TestClient (lifespan included), placing an order, waiting for it."""
+"""Driving the orchestrator's HTTP API in tests: the settings it runs with (API), an app
+under TestClient (lifespan included), placing an order, waiting for it."""
 
 from __future__ import annotations
 
@@ -16,37 +16,25 @@ from downstream.seed import (
     PRODUCTS,
     WIDGET_ID,
 )
-from fsm.machine import SERVICES, TERMINAL_ORDER_STATES
-from fsm.settings import Settings
+from fsm.machine import TERMINAL_ORDER_STATES
 from tests.support.services import Downstream
+from tests.support.settings import saga_settings
 from tests.support.waiting import wait_until
 
 # What the seed (downstream/seed.py) sells the widget for, in cents.
 WIDGET_PRICE = next(p.price for p in PRODUCTS if p.id == WIDGET_ID)
 TOKEN = "s3cret"
+# The API under test calls the services with room to spare and answers its POST within the
+# run (tests of 202 lower respond_within themselves).
+API: dict[str, Any] = {"http_timeout": 3.0, "respond_within": 5.0}
 # The states an order ends in, as the machine declares them: needs_attention is not one (it
 # waits for a retry or an operator), resolved is.
 TERMINAL = frozenset(state.value for state in TERMINAL_ORDER_STATES)
 
 
-def settings_for(db_url: str, services_url: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "database_url": db_url,
-        **{f"{service}_url": services_url for service in SERVICES},
-        "http_timeout": 3.0,
-        "max_attempts": 3,
-        "backoff_base": 0.01,
-        "backoff_max": 0.05,
-        "step_deadline": 5.0,
-        "respond_within": 5.0,
-        **overrides,
-    }
-    return Settings(**values)
-
-
 @contextmanager
 def api(db_url: str, services_url: str, **overrides: Any) -> Iterator[TestClient]:
-    app = create_app(settings_for(db_url, services_url, **overrides), sweep=False)
+    app = create_app(saga_settings(db_url, services_url, **(API | overrides)), sweep=False)
     with TestClient(app) as client:
         yield client
 

@@ -1,5 +1,5 @@
-"""The database side of the tests: PostgreSQL databases made per worker, the settings a
-test engine runs with, and reads of the saga's own tables (leases, history, open
+"""The database side of the tests: PostgreSQL databases made per worker, waiting out
+leases, and reads of the saga's own tables (leases, history, open
 transactions)."""
 
 from __future__ import annotations
@@ -14,22 +14,10 @@ from typing import Any
 import psycopg
 
 from fsm import queries
-from fsm.machine import SERVICES
-from fsm.settings import Settings
 from fsm.store import Store, utcnow
 from tests.support.waiting import past, wait_until
 
 PG_SERVER = os.environ.get("ORDER_SAGA_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
-# Retry budgets small enough for tests, still every branch of the policy.
-FAST = {"max_attempts": 3, "backoff_base": 0.01, "backoff_max": 0.05, "step_deadline": 5}
-
-
-def saga_settings(db_url: str, services_url: str | None = None, **overrides: Any) -> Settings:
-    """The settings a test engine runs with: FAST retries, short HTTP timeout."""
-    urls = {}
-    if services_url is not None:
-        urls = {f"{name}_url": services_url for name in SERVICES}
-    return Settings(database_url=db_url, http_timeout=1.0, **{**FAST, **urls, **overrides})
 
 
 def _pg_admin() -> psycopg.Connection[Any]:

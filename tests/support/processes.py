@@ -17,27 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from fsm.machine import SERVICES, Step
+from fsm.machine import Step
 from tests.support.database import in_transaction_elsewhere
+from tests.support.settings import cli_settings
 
 REPO = Path(__file__).resolve().parent.parent.parent
 ORDER_SAGA = str(Path(sys.executable).with_name("order-saga"))
 FORWARD_ACTIONS = {step.value: step.forward_action for step in Step}
 COMPENSATIONS = {step.value: step.compensation_action for step in Step}
 SUBPROCESS_TIMEOUT = 60.0
-
-
-def saga_env(*, database_url: str, services_url: str, **settings: object) -> dict[str, str]:
-    """A clean environment for `order-saga`: no ORDER_SAGA_* leaks in from the caller;
-    `settings` are Settings field names (lease_seconds=1 -> ORDER_SAGA_LEASE_SECONDS=1)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDER_SAGA_")}
-    values: dict[str, object] = {
-        "database_url": database_url,
-        **{f"{service}_url": services_url for service in SERVICES},
-        **settings,
-    }
-    env.update({f"ORDER_SAGA_{k.upper()}": str(v) for k, v in values.items() if v is not None})
-    return env
 
 
 @dataclass(frozen=True)
@@ -140,11 +128,9 @@ async def drive_here(
 ) -> str:
     """`resume --order` / `cancel` in this process, wired like the CLI (never crashes):
     the cheap way to set the stage before the run that is killed. Returns the state."""
-    from fsm.settings import Settings
     from fsm.wiring import open_saga
 
-    urls = {f"{name}_url": services_url for name in SERVICES}
-    config = Settings(**{"database_url": database_url, **urls, **settings})
+    config = cli_settings(database_url, services_url, **settings)
 
     async with open_saga(config) as saga:
         run = saga.executor.cancel if kind == "cancel" else saga.executor.run

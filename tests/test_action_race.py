@@ -16,10 +16,10 @@ import pytest
 
 from downstream.seed import RICH_USER_ID, WIDGET_ID
 from fsm.wiring import build_store
-from tests.support.database import saga_settings
-from tests.support.processes import saga_env
 from tests.support.services import Books, Downstream, assert_conserved
 from tests.support.serving import fresh_database, serving
+from tests.support.settings import saga_env, saga_settings
+from tests.support.waiting import wait_until
 
 # Per run; the bug stranded 28 of 40 on SQLite. The issue asks 100: 30 keeps it quick on 2 cores.
 ORDERS = 30
@@ -54,15 +54,19 @@ async def _race(cancel_url: str, resume_url: str, ids: list[str]) -> list[tuple[
 def _wait_finished(url: str, ids: list[str], timeout: float = 30.0) -> dict[str, dict[str, Any]]:
     """Every order's final body once none is moving (a condition wait; the deadline only
     turns a stranded order into a failure instead of a hang)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        bodies = {oid: httpx.get(f"{url}/orders/{oid}").json() for oid in ids}
-        if all(b["status"] in FINISHED for b in bodies.values()):
-            return bodies
-        if time.monotonic() > deadline:
-            stuck = {oid: b["state"] for oid, b in bodies.items() if b["status"] not in FINISHED}
-            raise AssertionError(f"{len(stuck)} orders never finished: {stuck}")
-        time.sleep(0.1)
+
+    def bodies() -> dict[str, dict[str, Any]]:
+        return {oid: httpx.get(f"{url}/orders/{oid}").json() for oid in ids}
+
+    def finished() -> dict[str, dict[str, Any]] | None:
+        now = bodies()
+        return now if all(b["status"] in FINISHED for b in now.values()) else None
+
+    def stuck() -> str:
+        return str({oid: b["state"] for oid, b in bodies().items() if b["status"] not in FINISHED})
+
+    found = wait_until(finished, timeout, what="every order finished", explain=stuck, interval=0.1)
+    return found
 
 
 def _check_answers(oid: str, cancel: Any, resume: Any, final: dict[str, Any]) -> None:

@@ -71,10 +71,13 @@ class Saga:
         self.process = subprocess.Popen(
             self.argv, env=dict(env), cwd=REPO, stdout=self._out, stderr=self._err
         )
+        self._result: Result | None = None
 
     def wait(self, timeout: float = SUBPROCESS_TIMEOUT) -> Result:
-        """The finished process's result; one that hangs is killed and fails the test (its
-        -9 must never pass for a crash the test asked for)."""
+        """The finished process's result (the same one when asked again); one that hangs is
+        killed and fails the test (its -9 must never pass for a crash the test asked for)."""
+        if self._result is not None:
+            return self._result
         try:
             code = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -82,7 +85,8 @@ class Saga:
             self.process.wait()
             hung = Result(self.argv, -9, self._read(self._out), self._read(self._err))
             raise AssertionError(f"still running after {timeout}s: {hung.explain()}") from None
-        return Result(self.argv, code, self._read(self._out), self._read(self._err))
+        self._result = Result(self.argv, code, self._read(self._out), self._read(self._err))
+        return self._result
 
     def running(self) -> bool:
         return self.process.poll() is None

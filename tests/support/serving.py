@@ -5,19 +5,14 @@ database per test (serve applies the migrations itself)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import IO
-
-import httpx
 
 from tests.support.database import create_pg_database, drop_pg_database
-from tests.support.processes import ORDER_SAGA, REPO
-from tests.support.services import free_port
+from tests.support.processes import Saga, command
+from tests.support.services import answers, free_port
+from tests.support.waiting import wait_until
 
 
 @contextmanager
@@ -35,46 +30,27 @@ def fresh_database(kind: str, directory: str) -> Iterator[str]:
 
 
 class Served:
-    """One `order-saga serve --no-sweep` process; its output goes to a file."""
+    """One `order-saga serve --no-sweep` process (a `Saga`); its output goes to files."""
 
     def __init__(self, env: Mapping[str, str], *args: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._log: IO[bytes] = tempfile.TemporaryFile()
-        argv = [ORDER_SAGA, "serve", "--port", str(self.port), "--no-sweep", *args]
-        self.process = subprocess.Popen(
-            argv, env=dict(env), cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        self.saga = Saga(command("serve", "--port", str(self.port), "--no-sweep", *args), env)
 
     def wait_ready(self, timeout: float = 60.0) -> Served:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise AssertionError(f"serve exited {self.process.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"serve did not start:\n{self.output()}")
-            time.sleep(0.05)
-
-    def output(self) -> str:
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")
+        wait_until(
+            lambda: answers(f"{self.url}/healthz"),
+            timeout,
+            what="serve to answer /healthz",
+            alive=self.saga.running,
+            explain=lambda: self.stop(),
+        )
+        return self
 
     def stop(self) -> str:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        text = self.output()
-        self._log.close()
-        return text
+        """SIGTERM, and what it printed (a hung serve is killed and fails the test)."""
+        result = self.saga.stop()
+        return result.stdout + result.stderr
 
 
 @contextmanager

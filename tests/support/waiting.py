@@ -21,18 +21,20 @@ def wait_until(
     what: str = "the condition",
     alive: Callable[[], bool] | None = None,
     interval: float = POLL,
+    explain: Callable[[], str] = str,
 ) -> T:
-    """The predicate's first truthy value; AssertionError naming `what` after `timeout`
-    seconds, or at once when `alive` (e.g. "the process still runs") turns false."""
+    """The predicate's first truthy value; AssertionError naming `what` (and `explain()`,
+    e.g. a process's output) after `timeout` seconds, or at once when `alive` (e.g. "the
+    process still runs") turns false."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if alive is not None and not alive():
-            raise AssertionError(f"gave up waiting for {what}: the process ended")
+            raise AssertionError(f"gave up waiting for {what}: the process ended\n{explain()}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{explain()}")
         time.sleep(interval)
 
 

@@ -18,10 +18,10 @@ from fsm.executor import Executor
 from fsm.retention import Pruner, prune_forever
 from fsm.store import Store, make_engine, utcnow
 from order_saga.cli import app
-from tests.support.database import saga_settings
-from tests.support.processes import saga_env
 from tests.support.retention import Population, orphan_transitions, populate, transition_count
 from tests.support.services import Downstream
+from tests.support.settings import saga_env, saga_settings
+from tests.support.waiting import wait_until_async
 
 
 def assert_pruned(store: Store, population: Population, gone: list[uuid.UUID]) -> None:
@@ -129,12 +129,14 @@ async def test_the_background_pass_prunes_with_the_settings(
     )
     task = asyncio.create_task(prune_forever(engine=store.engine, settings=settings))
     try:
-        for _ in range(400):  # a condition wait: every eligible order gone
-            if orphan_transitions(store) == 0 and all(
-                transition_count(store, i) == 0 for i in population.eligible
-            ):
-                break
-            await asyncio.sleep(0.025)
+        await wait_until_async(
+            lambda: (
+                orphan_transitions(store) == 0
+                and all(transition_count(store, i) == 0 for i in population.eligible)
+            ),
+            what="every eligible order pruned",
+            interval=0.025,
+        )
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -13,9 +13,10 @@ from fsm import archive
 from fsm.errors import OrderNotFound
 from fsm.executor import Executor
 from fsm.store import Store
-from tests.support.processes import run_saga, saga_env
+from tests.support.processes import run_saga
 from tests.support.retention import orphan_transitions, populate, transition_count
 from tests.support.services import Downstream
+from tests.support.settings import saga_env
 
 POINTS = ["archived", "transitions", "batch"]
 

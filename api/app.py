@@ -7,6 +7,7 @@ goes through `api/problems.py`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -26,14 +27,26 @@ from api.runner import Runner
 from fsm.breaker import Breakers
 from fsm.clients import Services
 from fsm.errors import StoreUnavailable
+from fsm.health import WriteHealth, WriteStatus
 from fsm.metrics import exposition
 from fsm.settings import Settings, get_settings
+from fsm.store import Store
 from fsm.upgrade import guard
 from fsm.version import MACHINE_VERSION
 from fsm.wiring import open_saga
 
 _HEALTHY = {"status": "ok", "database": "postgresql", "machine_version": "d7f8f13c33ba"}
 _METRICS_EXAMPLE = 'order_saga_orders{status="needs_attention"} 1.0\n'
+
+
+def _select_one(store: Store) -> None:
+    with store.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+async def _writes(request: Request) -> WriteStatus:
+    health: WriteHealth = request.app.state.health
+    return await health.check()
 
 
 def create_app(
@@ -68,6 +81,7 @@ def create_app(
                 saga.executor,
                 runner,
             )
+            app.state.health = WriteHealth(saga.store)
             if sweep:
                 runner.start_sweeper()
             try:
@@ -101,22 +115,47 @@ def create_app(
             503: {"model": problems.Problem, "description": "a dependency is down"},
         },
     )
-    def healthz(store: StoreDep, request: Request) -> dict[str, Any]:
-        """200 when the database answers ("degraded" with the services whose circuit
-        breaker is open); 503 naming the dependency that does not answer."""
+    async def healthz(store: StoreDep, request: Request) -> dict[str, Any]:
+        """200 when the database answers: "ok", or "degraded" with why (`writes`: the last
+        write failed or a write cannot get through now; `breakers`: services whose circuit
+        breaker is open). 503 naming the dependency that does not answer at all."""
         try:
-            with store.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
+            await asyncio.to_thread(_select_one, store)
         except (SQLAlchemyError, StoreUnavailable) as exc:
             raise StoreUnavailable(f"database: {type(exc).__name__}") from exc
+        writes = await _writes(request)
         breakers: Breakers | None = getattr(request.app.state, "breakers", None)
         not_closed = breakers.not_closed() if breakers else {}
         return {
-            "status": "degraded" if not_closed else "ok",
+            "status": "degraded" if not_closed or not writes.writable else "ok",
             "database": store.engine.dialect.name,
             "machine_version": MACHINE_VERSION,
+            "writes": {"ok": writes.writable, "reason": writes.reason},
             "breakers": not_closed,  # services whose circuit breaker is open or half-open
         }
+
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        responses={
+            200: {"content": {"application/json": {"example": {"status": "ready"}}}},
+            503: {"model": problems.Problem, "description": "this process cannot take writes"},
+        },
+    )
+    async def readyz(request: Request) -> Any:
+        """Readiness (send orders here?): 200 while writes go through; 503 with the reason
+        when the last write failed or a write cannot get through now (a held lock, a full
+        disk, a refused connection). /healthz stays the liveness probe."""
+        writes = await _writes(request)
+        if not writes.writable:
+            return problems.problem(
+                503,
+                writes.reason or "cannot write",
+                code="not_ready",
+                headers={"Retry-After": "1"},
+                dependency="database",
+            )
+        return {"status": "ready"}
 
     @app.get(
         "/metrics",

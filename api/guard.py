@@ -36,9 +36,9 @@ from fsm.clients import Services
 from fsm.settings import Settings
 from fsm.wiring import http_client, http_services_for
 
-OPEN_PATHS = frozenset({"/healthz", "/metrics"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 BEARER = HTTPBearer(
-    auto_error=False, description="Required on every path but /healthz and /metrics"
+    auto_error=False, description="Required on every path but /healthz, /readyz and /metrics"
 )
 JSON_METHODS = frozenset({"POST", "PUT", "PATCH"})
 

@@ -35,7 +35,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, overload
 
-from fsm.errors import SagaError
+from fsm.errors import SagaError, StoreUnavailable
 
 log = logging.getLogger("order_saga.committer")
 
@@ -94,8 +94,13 @@ class Committer:
         self.backend = backend
         self.max_batch = max_batch
         self.lock_timeout = lock_timeout  # the longest a write waits for a lock, queue included
-        # The last transaction's database error (None once one commits): /healthz reads it.
+        # The last transaction's database error, None once a transaction holding a write
+        # (not only probes) commits: /healthz and /readyz read it (fsm.health).
         self.last_error: str | None = None
+        # Did it fail writing (a statement or the commit: disk full, read-only), rather than
+        # getting in (connect, BEGIN: refused, locked)? Only a real write clears the former.
+        self._failed_writing = False
+        self._writing = False
         self.batches = 0  # committed transactions (read by tests and /metrics)
         self.ops = 0
         self.largest_batch = 0
@@ -200,13 +205,16 @@ class Committer:
             try:
                 done = self._transaction([batch[i].op for i in pending], wait=wait)
             except _OpError as rejected:
-                self._discard(rejected.error)
-                results[pending.pop(rejected.position)] = (False, self._translate(rejected.error))
+                lost = self._discard(rejected.error)
+                failure = self._translate(rejected.error)
+                if isinstance(failure, StoreUnavailable):  # disk full, server gone: not the op's
+                    self.last_error, self._failed_writing = str(failure), not lost
+                results[pending.pop(rejected.position)] = (False, failure)
                 continue
             except Exception as exc:
                 failure = self._translate(exc)
                 if isinstance(exc, self.backend.errors):
-                    self.last_error = str(failure)
+                    self.last_error, self._failed_writing = str(failure), self._writing
                 lost = self._discard(exc)
                 if lost and not reconnected:
                     reconnected = True
@@ -235,6 +243,7 @@ class Committer:
         self, ops: list[Op[Any]], *, wait: float | None = None
     ) -> list[tuple[bool, Any]]:
         """Run `ops` in one transaction; a SagaError refuses one op, the rest go on."""
+        self._writing = False
         if self._conn is None:
             self._conn = self.backend.connect()
         conn = self._conn
@@ -244,6 +253,7 @@ class Committer:
                 self.backend.bound_wait(conn, wait)
             if self.backend.begin:
                 conn.execute(self.backend.begin)
+            self._writing = True
             results = None
             if self.backend.pipeline is not None and len(ops) > 1 and all(map(_yields, ops)):
                 results = self._pipelined(conn, ops)
@@ -257,7 +267,8 @@ class Committer:
             raise
         finally:
             self.in_flight = 0
-        self.last_error = None
+        if not self._failed_writing or not all(getattr(op, "probe", False) for op in ops):
+            self.last_error = None  # in again; a failure to write needs a real write
         self.batches += 1
         self.ops += len(ops)
         self.largest_batch = max(self.largest_batch, len(ops))

@@ -179,6 +179,8 @@ def dialect_of(engine: Engine) -> Dialect:
 
 # -- statement texts, built once ---------------------------------------------------------
 
+PROBE = "SELECT 1"  # fsm.health's probe: a round trip inside the writer's transaction
+
 
 @lru_cache(maxsize=128)
 def guarded_update(dialect: Dialect, columns: tuple[str, ...]) -> str:

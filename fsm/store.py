@@ -234,6 +234,11 @@ class Store(Reads):
             raise StaleOrder(f"order {order_id} moved on (version {row[0]}, expected {expected})")
         raise LeaseLost(f"order {order_id} is leased by {row[1]!r}, not {owner!r}")
 
+    async def probe(self) -> None:
+        """A transaction through the writer that writes nothing (SQLite: it still takes
+        the write lock): raises what a write would meet now (lock, refusal, read-only)."""
+        await self.committer.submit(_probe)
+
     # -- leases ----------------------------------------------------------------------
 
     async def claim(self, *, order_id: uuid.UUID, owner: str) -> Order | None:
@@ -345,3 +350,10 @@ class Store(Reads):
             params.append(version)
         cursor.execute(sql.release(d, at_version=version is not None), params)
         return bool(cursor.rowcount == 1)
+
+
+def _probe(cursor: Any) -> None:
+    cursor.execute(sql.PROBE)
+
+
+_probe.probe = True  # type: ignore[attr-defined]  # (the committer: not a write)

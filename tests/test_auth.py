@@ -159,7 +159,7 @@ def test_openapi_declares_the_bearer_scheme(secured: TestClient) -> None:
     assert document["components"]["securitySchemes"]["bearer"] == {
         "type": "http",
         "scheme": "bearer",
-        "description": "Required on every path but /healthz and /metrics",
+        "description": "Required on every path but /healthz, /readyz and /metrics",
     }
     # One check over every operation the document lists: the message names the operation.
     for path, operations in document["paths"].items():

@@ -1,0 +1,172 @@
+"""Issue 16: `/healthz` says `degraded` and `/readyz` answers 503, with the reason, while
+this process cannot take writes (a write lock held elsewhere, a full disk, a database that
+refuses connections), and both are back to ok once writes go through again. Readiness
+follows within the probe's 1 s timeout plus its 0.5 s cache; the waits below are
+condition polls whose deadlines only turn a hang into a failure."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+from sqlmodel import SQLModel
+
+from api.app import create_app
+from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
+from fsm.store import make_engine
+from tests.support.api import settings_for
+from tests.support.proxy import CuttableProxy
+from tests.support.services import LiveServer
+
+
+def until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> float:
+    """Poll `check`; the seconds it took."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout, f"never: {what}"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+@pytest.fixture
+def serve_on() -> Iterator[Callable[..., str]]:
+    servers: list[LiveServer] = []
+
+    def start(db_url: str, services_url: str, **overrides: Any) -> str:
+        app = create_app(settings_for(db_url, services_url, **overrides), sweep=False)
+        server = LiveServer(app, lifespan="on").__enter__()
+        servers.append(server)
+        return server.url
+
+    yield start
+    for server in servers:
+        server.__exit__()
+
+
+def schema(url: str) -> None:
+    engine = make_engine(url)
+    SQLModel.metadata.create_all(engine)
+    engine.dispose()
+
+
+def ready(url: str) -> bool:
+    return httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+
+
+def not_ready(url: str) -> dict[str, Any] | None:
+    answer = httpx.get(f"{url}/readyz", timeout=10)
+    return None if answer.status_code == 200 else dict(answer.json())
+
+
+def place(url: str) -> httpx.Response:
+    body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
+    return httpx.post(f"{url}/orders", json=body, timeout=30)
+
+
+def assert_down(url: str, words: str) -> None:
+    problem = not_ready(url)
+    assert problem is not None and problem["status"] == 503 and problem["code"] == "not_ready"
+    assert words in problem["detail"], problem
+    health = httpx.get(f"{url}/healthz", timeout=10).json()
+    assert health["status"] == "degraded" and health["writes"]["ok"] is False, health
+    assert words in health["writes"]["reason"], health
+
+
+def assert_back(url: str) -> None:
+    until(lambda: ready(url), "ready again")
+    health = httpx.get(f"{url}/healthz", timeout=10).json()
+    assert health["status"] == "ok" and health["writes"] == {"ok": True, "reason": None}
+
+
+def test_a_held_sqlite_write_lock_makes_it_not_ready(
+    tmp_path: Path, services_url: str, serve_on: Callable[..., str]
+) -> None:
+    import sqlite3
+
+    db = tmp_path / "saga.db"
+    schema(f"sqlite:///{db}")
+    url = serve_on(f"sqlite:///{db}", services_url)
+    assert ready(url)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process's writer, stuck
+    try:
+        took = until(lambda: not_ready(url) is not None, "not ready while the lock is held")
+        print(f"not ready {took:.2f}s after the lock was taken")
+        assert_down(url, "locked or slow")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert_back(url)
+    assert place(url).status_code == 201
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (needs root and mount(2); otherwise the test cannot be run here)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_makes_it_not_ready_until_a_write_goes_through(
+    tiny_disk: Path, services_url: str, serve_on: Callable[..., str]
+) -> None:
+    db_url = f"sqlite:///{tiny_disk}/saga.db"
+    schema(db_url)
+    url = serve_on(db_url, services_url)
+    assert place(url).status_code == 201
+    filler = tiny_disk / "filler"
+    with filler.open("wb", buffering=0) as out:  # every free block taken
+        try:
+            while True:
+                out.write(b"\0" * 4096)
+        except OSError:
+            pass
+    try:
+        refused = [place(url).status_code for _ in range(30)]
+        assert 503 in refused, refused  # the WAL had to grow: the write failed
+        assert_down(url, "full")
+    finally:
+        os.unlink(filler)
+    assert not_ready(url) is not None  # nothing has written since: still not proven
+    assert place(url).status_code == 201
+    assert_back(url)
+
+
+def test_a_refused_postgresql_connection_makes_it_not_ready(
+    pg_url: str, services_url: str, serve_on: Callable[..., str]
+) -> None:
+    schema(pg_url)
+    direct = make_url(pg_url)
+    with CuttableProxy(direct.port or 5432) as proxy:
+        through = direct.set(port=proxy.port).render_as_string(hide_password=False)
+        url = serve_on(through, services_url, db_lock_timeout=2)
+        assert place(url).status_code == 201
+        assert ready(url)
+        proxy.cut()
+        took = until(lambda: not_ready(url) is not None, "not ready while refused")
+        print(f"not ready {took:.2f}s after the connection was cut")
+        problem = not_ready(url)
+        assert problem is not None and problem["code"] == "not_ready", problem
+        assert "database unavailable" in problem["detail"], problem  # the driver's words follow
+        # The reads cannot reach it either: /healthz names the dependency (its own 503).
+        health = httpx.get(f"{url}/healthz", timeout=10)
+        assert health.status_code == 503 and health.json()["dependency"] == "database"
+        proxy.restore()
+        assert_back(url)
+        assert place(url).status_code == 201

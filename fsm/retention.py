@@ -35,7 +35,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, func, or_, select, tuple_
 from sqlalchemy.sql.elements import ColumnElement
 
-from fsm import archive
+from fsm import archive, sql
 from fsm.errors import CorruptOrder
 from fsm.machine import TERMINAL_ORDER_STATES, coarse_status
 from fsm.models import Order, OrderTable, Transition, TransitionTable
@@ -150,8 +150,10 @@ class Pruner:
         batch: int = 200,
         appender: Callable[[], archive.Appender] | None = None,
         crash: CrashHook | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.engine = engine
+        self.clock = clock or _now  # injectable: tests pin "now" to place the cutoff
         self.older_than = older_than
         self.keep_rows = keep_rows
         self.batch = batch
@@ -164,7 +166,7 @@ class Pruner:
 
     def count(self, *, show: int = 20) -> PruneSummary:
         """Dry run: how many are eligible now (and the first ids), nothing deleted."""
-        now = _now()
+        now = self.clock()
         with self.engine.connect() as conn:
             cut = cutoff_of(conn, older_than=self.older_than, keep_rows=self.keep_rows, now=now)
             if cut is not None:
@@ -221,7 +223,7 @@ class Pruner:
 
     def one_batch(self, conn: Connection) -> int:
         """Archive and delete up to `batch` eligible orders; how many were found (0: done)."""
-        now = _now()
+        now = self.clock()
         cut = cutoff_of(conn, older_than=self.older_than, keep_rows=self.keep_rows, now=now)
         conn.commit()
         if cut is None:
@@ -285,7 +287,7 @@ class Pruner:
         transitions, then it. Returns (orders, transitions) deleted."""
         postgres = conn.dialect.name == "postgresql"
         if not postgres:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock before the check
+            conn.exec_driver_sql(sql.SQLITE_BEGIN)  # the write lock before the check
         try:
             same = tuple_(orders.c.id, orders.c.version).in_([(o.id, o.version) for o in found])
             check = select(orders.c.id).where(same, *eligible(cutoff=cut, now=now))

@@ -58,9 +58,10 @@ async def test_only_orders_older_than_the_cutoff_go(
     old, new = population.eligible[0], population.eligible[-1]
     a, b = store.get(old).updated_at, store.get(new).updated_at
     assert a < b
-    older_than = (utcnow() - (a + (b - a) / 2)).total_seconds()
+    now = utcnow()
+    older_than = (now - (a + (b - a) / 2)).total_seconds()
 
-    summary = Pruner(store.engine, older_than=older_than).run()
+    summary = Pruner(store.engine, older_than=older_than, clock=lambda: now).run()
 
     assert summary.deleted >= 1
     assert_pruned(store, population, [old])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any
 
 from asgi_correlation_id import CorrelationIdMiddleware
@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api import actions, diagram, openapi, orders, problems, ui
 from api.deps import StoreDep
-from api.guard import BodyGuard, TokenGate, token_bearing_services
+from api.guard import BodyGuard, TokenGate
 from api.runner import Runner
 from fsm.breaker import Breakers
 from fsm.clients import Services
@@ -31,7 +31,6 @@ from fsm.health import WriteHealth, WriteStatus
 from fsm.metrics import exposition
 from fsm.settings import Settings, get_settings
 from fsm.store import Store
-from fsm.upgrade import guard
 from fsm.version import MACHINE_VERSION
 from fsm.wiring import open_saga
 
@@ -63,18 +62,13 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        breakers = Breakers.from_settings(settings)
-        app.state.breakers = breakers
-        async with AsyncExitStack() as stack:
-            chosen = services
-            if chosen is None:
-                chosen = await stack.enter_async_context(
-                    token_bearing_services(settings, embedded_url)
-                )
-            saga = await stack.enter_async_context(
-                open_saga(settings, services=chosen, fallback_url=embedded_url, breakers=breakers)
-            )
-            guard(saga.store)  # orders the installed machine cannot drive: logged, never swept
+        async with open_saga(
+            settings,
+            services=services,
+            embedded_url=embedded_url,
+            breakers=True,
+            upgrade_guard=True,  # orders the installed machine cannot drive: never swept
+        ) as saga:
             runner = Runner(store=saga.store, executor=saga.executor, settings=settings)
             app.state.store, app.state.executor, app.state.runner = (
                 saga.store,
@@ -82,6 +76,7 @@ def create_app(
                 runner,
             )
             app.state.health = WriteHealth(saga.store)
+            app.state.breakers = saga.breakers
             if sweep:
                 runner.start_sweeper()
             try:

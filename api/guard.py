@@ -10,9 +10,8 @@ strict JSON before any handler parses it (422): UTF-8 (a body declared in anothe
 `json` accepts all of those, and a handler would otherwise act on the last duplicate or
 fail to echo the value back.
 
-The client side of the same token, `token_bearing_services` (with `BearerFor`): the one
-place the API and the CLI get their service clients from, our token on calls to our own
-embedded services only.
+Server side only: the client side of the token (our token on calls to our own embedded
+services) is `fsm.wiring`'s, where every service client is built.
 """
 
 from __future__ import annotations
@@ -20,21 +19,15 @@ from __future__ import annotations
 import hmac
 import json
 import math
-from collections.abc import AsyncIterator, Generator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import httpx
 from fastapi.security import HTTPBearer
 from starlette.datastructures import Headers
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.problems import ValidationIssue, excerpt, problem
-from fsm.clients import Services
-from fsm.settings import Settings
-from fsm.wiring import http_client, http_services_for
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 BEARER = HTTPBearer(
@@ -67,29 +60,6 @@ class TokenGate:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
-
-
-class BearerFor(httpx.Auth):
-    """Client side: our own token on calls to our own embedded services (`prefix`), and
-    only there, so it never leaks to a real downstream service configured by URL."""
-
-    def __init__(self, token: str | None, prefix: str) -> None:
-        self.header = f"Bearer {token}" if token else None  # httpx sends it as UTF-8
-        self.prefix = prefix.rstrip("/") + "/"
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        if self.header is not None and str(request.url).startswith(self.prefix):
-            request.headers["Authorization"] = self.header
-        yield request
-
-
-@asynccontextmanager
-async def token_bearing_services(settings: Settings, embedded_url: str) -> AsyncIterator[Services]:
-    """The HTTP service clients for `settings`, an unset *_URL meaning the embedded
-    services at `embedded_url`; our API token goes on calls there and only there."""
-    async with http_client(settings) as client:
-        client.auth = BearerFor(settings.api_token, embedded_url)
-        yield http_services_for(settings, client, fallback_url=embedded_url)
 
 
 class BadJSON(ValueError):

@@ -24,11 +24,10 @@ from sqlmodel import SQLModel
 
 import fsm.models  # noqa: F401
 from downstream.app import create_services_app
-from fsm.breaker import Breakers
 from fsm.recovery import resume_stuck
 from fsm.settings import Settings
 from fsm.store import make_engine
-from fsm.wiring import build_executor, build_store, http_services_for
+from fsm.wiring import http_services_for, open_saga
 
 OUTAGE_CALLS = 100_000  # more than any run here makes: the outage lasts `--outage` s
 
@@ -49,13 +48,15 @@ async def scenario(args: argparse.Namespace, *, breaker: bool) -> str:
         engine = make_engine(settings.database_url)
         SQLModel.metadata.create_all(engine)
         engine.dispose()
-        store = build_store(settings)
-        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
-            services = http_services_for(settings, client, fallback_url="http://svc")
-            breakers = Breakers.from_settings(settings)
-            if breaker:
-                services = breakers.wrap(services)
-            executor = build_executor(settings, store=store, services=services)
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://svc") as client,
+            open_saga(
+                settings,
+                services=http_services_for(settings, client, embedded_url="http://svc"),
+                breakers=breaker,
+            ) as saga,
+        ):
+            store, executor = saga.store, saga.executor
             fault = {"operation": "user.deduct", "mode": "error", "count": OUTAGE_CALLS}
             (await client.post("/_faults", json=fault)).raise_for_status()
 
@@ -87,11 +88,9 @@ async def scenario(args: argparse.Namespace, *, breaker: bool) -> str:
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
             outcomes = Counter(store.get(o.id).status for o in orders)
-            await executor.aclose()
-        store.close()
-        store.engine.dispose()
+            breakers = saga.breakers
     services_app.state.store.close()
-    stats = f", breaker {breakers['user'].stats}" if breaker else ""
+    stats = f", breaker {breakers['user'].stats}" if breakers else ""
     return (
         f"{'with' if breaker else 'without'} breaker: {calls} user.deduct calls in "
         f"{args.outage:.0f}s of outage for {args.orders} orders; all terminal "

@@ -1,16 +1,23 @@
-"""The engine's composition root: Settings -> Store, Services, Executor, built in one place.
+"""The engine's composition root: Settings -> store, HTTP services, breakers, executor.
 
-The API's lifespan, the CLI's commands, the tests and the benchmarks all call `open_saga`,
-so how the engine is put together (timeouts, pool sizes, retry policy, test hooks) is
-written once. It composes `fsm` only: the API and the reference services are not its
-business (an unset *_URL falls back to `fallback_url`, e.g. the embedded services).
+`open_saga` is the only place the engine is put together: the API's lifespan, every CLI
+command, the tests' fixtures and the benchmarks call it (`open_store` when all they need
+is the store: reads and operator actions that call no service). So how the engine is
+assembled (timeouts, pool sizes, retry policy, our API token on calls to our own embedded
+services, circuit breakers, the start-up upgrade guard, test hooks) is written once, and
+`tests/test_layers.py` fails when an entry point builds a `Store` or `Executor` itself.
+
+It composes `fsm` only: the API, the CLI and the reference services are not its business.
+An unset *_URL means the embedded reference services at `embedded_url` (default
+`settings.fallback_services_url`, where `serve` mounts them), and only calls there carry
+`settings.api_token`: a real downstream service configured by URL never sees it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Generator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import httpx
@@ -22,18 +29,22 @@ from fsm.executor import Executor
 from fsm.retry import RetryPolicy
 from fsm.settings import Settings
 from fsm.store import Store, make_engine
+from fsm.upgrade import guard
 
 
 @dataclass(frozen=True)
 class Saga:
-    """A running engine: its settings, its store (with the commit thread) and executor."""
+    """A running engine: its settings, store (with the commit thread), executor, and the
+    circuit breakers its service calls go through (None: unguarded)."""
 
     settings: Settings
     store: Store
     executor: Executor
+    breakers: Breakers | None = None
 
 
 def build_store(settings: Settings) -> Store:
+    """The store as `open_saga` builds it, for a caller that closes it (prefer `open_store`)."""
     engine = make_engine(
         settings.database_url,
         lock_timeout=settings.db_lock_timeout,
@@ -47,17 +58,34 @@ def build_store(settings: Settings) -> Store:
     )
 
 
-def http_services_for(
-    settings: Settings, client: httpx.AsyncClient, *, fallback_url: str | None = None
-) -> Services:
-    fallback = fallback_url or settings.fallback_services_url
-    return http_services(
-        client,
-        product_url=settings.product_url or fallback,
-        user_url=settings.user_url or fallback,
-        inventory_url=settings.inventory_url or fallback,
-        shipping_url=settings.shipping_url or fallback,
-    )
+def _close_store(store: Store) -> None:
+    store.close()  # commits what is queued, stops the writer thread
+    store.engine.dispose()
+
+
+@contextmanager
+def open_store(settings: Settings) -> Iterator[Store]:
+    """The store alone, as `open_saga` builds it; closed (writer thread stopped, pool
+    disposed) on the way out. For reads and for operator actions that call no service."""
+    store = build_store(settings)
+    try:
+        yield store
+    finally:
+        _close_store(store)
+
+
+class BearerFor(httpx.Auth):
+    """Our own API token on calls to our own embedded services (`prefix`), and only
+    there, so it never leaks to a real downstream service configured by URL."""
+
+    def __init__(self, token: str | None, prefix: str) -> None:
+        self.header = f"Bearer {token}" if token else None  # httpx sends it as UTF-8
+        self.prefix = prefix.rstrip("/") + "/"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if self.header is not None and str(request.url).startswith(self.prefix):
+            request.headers["Authorization"] = self.header
+        yield request
 
 
 def http_client(settings: Settings) -> httpx.AsyncClient:
@@ -72,7 +100,22 @@ def http_client(settings: Settings) -> httpx.AsyncClient:
     return HttpxAiohttpClient(timeout=settings.http_timeout, limits=limits)
 
 
+def http_services_for(
+    settings: Settings, client: httpx.AsyncClient, *, embedded_url: str | None = None
+) -> Services:
+    """The four service clients over `client`; an unset *_URL means `embedded_url`."""
+    embedded = embedded_url or settings.fallback_services_url
+    return http_services(
+        client,
+        product_url=settings.product_url or embedded,
+        user_url=settings.user_url or embedded,
+        inventory_url=settings.inventory_url or embedded,
+        shipping_url=settings.shipping_url or embedded,
+    )
+
+
 def build_executor(settings: Settings, *, store: Store, services: Services) -> Executor:
+    """The executor as `open_saga` builds it, for a caller that closes it (`aclose`)."""
     return Executor(
         store=store,
         services=services,
@@ -86,24 +129,42 @@ async def open_saga(
     settings: Settings,
     *,
     services: Services | None = None,
-    fallback_url: str | None = None,
-    breakers: Breakers | None = None,
+    embedded_url: str | None = None,
+    breakers: bool = False,
+    upgrade_guard: bool = False,
+    store: Store | None = None,
 ) -> AsyncIterator[Saga]:
     """Build the engine; on exit stop renewing leases, commit what is queued, close.
-    With `breakers`, every service client goes through its service's circuit breaker."""
-    store = build_store(settings)
+
+    - `services`: the downstream clients (tests, benchmarks); by default HTTP clients from
+      `settings`, with `settings.api_token` on calls to the embedded services at
+      `embedded_url` (default `settings.fallback_services_url`) and only there.
+    - `breakers`: every service call goes through its service's circuit breaker.
+    - `upgrade_guard`: the start-up check of a long-running process (`serve`, `worker`):
+      orders the installed machine cannot drive are logged and never swept.
+    - `store`: drive through a store the caller opened with `open_store` (and closes).
+    """
+    owned = store is None
+    the_store = build_store(settings) if store is None else store
     try:
         async with AsyncExitStack() as stack:
             if services is None:
+                embedded = embedded_url or settings.fallback_services_url
                 client = await stack.enter_async_context(http_client(settings))
-                services = http_services_for(settings, client, fallback_url=fallback_url)
-            if breakers is not None:
-                services = breakers.wrap(services)
-            executor = build_executor(settings, store=store, services=services)
+                client.auth = BearerFor(settings.api_token, embedded)
+                services = http_services_for(settings, client, embedded_url=embedded)
+            guarded = Breakers.from_settings(settings) if breakers else None
+            if guarded is not None:
+                services = guarded.wrap(services)
+            if upgrade_guard:
+                with the_store.engine.connect():
+                    pass  # no database: fail now, in one line, before any check logs
+                guard(the_store)
+            executor = build_executor(settings, store=the_store, services=services)
             try:
-                yield Saga(settings=settings, store=store, executor=executor)
+                yield Saga(settings=settings, store=the_store, executor=executor, breakers=guarded)
             finally:
                 await executor.aclose()
     finally:
-        await asyncio.to_thread(store.close)
-        store.engine.dispose()
+        if owned:
+            await asyncio.to_thread(_close_store, the_store)

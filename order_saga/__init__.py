@@ -1,6 +1,6 @@
-"""The composition root of order-saga: the `order-saga` console script, which wires the
-engine (`fsm`), the HTTP API (`api`) and the reference services (`downstream`) together.
-Nothing in `fsm` imports this package."""
+"""The `order-saga` console script: serves the HTTP API (`api`) and the reference services
+(`downstream`), and drives the engine (`fsm`) from a shell. It never builds the engine:
+`fsm.wiring.open_saga` does. Nothing in `fsm` or `api` imports this package."""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -2,9 +2,10 @@
 check-upgrade, `orders` (order_saga/orders_cli.py), `prune` and `archive`
 (order_saga/prune_cli.py).
 
-Bad input (flags, ORDER_SAGA_* settings, ids) ends in one line on stderr and exit code 2;
-the commands build everything from `Settings` and import `api`, `downstream` and the
-engine's wiring inside the command that needs them, so `order-saga --help` stays fast.
+Bad input (flags, ORDER_SAGA_* settings, ids) ends in one line on stderr and exit code 2
+(order_saga/console.py). Every command gets its engine from `fsm.wiring` (`open_saga`,
+`open_store`), never builds one, and imports `api`, `downstream` and the wiring inside the
+command that needs them, so `order-saga --help` stays fast.
 """
 
 from __future__ import annotations
@@ -14,30 +15,32 @@ import contextlib
 import itertools
 import logging
 import signal
-import sqlite3
 import sys
-import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
-import httpx
 import typer
 import uvloop
-from pydantic import ValidationError
-from sqlalchemy.exc import SQLAlchemyError
 from typer.exceptions import TyperException
 
-from fsm.errors import SagaError, StoreUnavailable
+from fsm.errors import SagaError
 from fsm.settings import Settings
+from order_saga.console import (
+    ENVIRONMENT_ERRORS,
+    fail,
+    load_settings,
+    one_line,
+    parse_order_id,
+    version_option,
+)
+from order_saga.orders_cli import orders_app
+from order_saga.prune_cli import archive_app, prune
 from order_saga.redact import masked, redact
 
 if TYPE_CHECKING:  # imported lazily at run time: `order-saga --help` stays fast
-    from fsm.breaker import Breakers
     from fsm.models import Order
-    from fsm.wiring import Saga
 
 app = typer.Typer(
     help="Durable order orchestrator.", pretty_exceptions_enable=False, add_completion=False
@@ -45,39 +48,11 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database schema.")
 app.add_typer(db_app, name="db")
 # Operator console (issue 9): `orders list|show|cancel|resolve` and `--version`.
-from order_saga.orders_cli import orders_app, version_option  # noqa: E402
-
 app.add_typer(orders_app, name="orders")
 app.callback()(version_option)
 # Retention (issue 22): `prune` and `archive show`.
-from order_saga.prune_cli import archive_app, prune  # noqa: E402
-
 app.command("prune")(prune)
 app.add_typer(archive_app, name="archive")
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"order-saga: {redact(message)}", err=True)
-    raise typer.Exit(code)
-
-
-def one_line(exc: BaseException) -> str:
-    """`Type: first line of the message` (drivers append hints and links on more lines)."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
-# Failures of the environment, not of the program: reported in one line, exit 1.
-ENVIRONMENT_ERRORS = (SQLAlchemyError, OSError, sqlite3.Error, httpx.HTTPError, StoreUnavailable)
-
-
-def load_settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = "ORDER_SAGA_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
-        fail(f"invalid {field}: {err['msg']}")
 
 
 def configure_logging(settings: Settings | None = None) -> None:
@@ -151,18 +126,6 @@ def services(
     uvicorn.run(guarded, host=host, port=port, log_level="warning", **uvicorn_options(settings))
 
 
-@contextlib.asynccontextmanager
-async def _saga(settings: Settings, breakers: Breakers | None = None) -> AsyncIterator[Saga]:
-    """`open_saga`, with our token on calls to `serve`'s embedded services (the fallback
-    URL), and only there."""
-    from api.guard import token_bearing_services
-    from fsm.wiring import open_saga
-
-    async with token_bearing_services(settings, settings.fallback_services_url) as services_:
-        async with open_saga(settings, services=services_, breakers=breakers) as saga:
-            yield saga
-
-
 @app.command()
 def resume(
     older_than: Annotated[
@@ -176,17 +139,15 @@ def resume(
     Exit 3 when some stay parked (needs_attention), each printed with its reason."""
     from fsm.recovery import resume_stuck
     from fsm.store import utcnow
+    from fsm.wiring import open_saga
 
     settings = load_settings()
+    oid = None if order is None else parse_order_id(order, "--order: ")
 
     async def main() -> int:
-        async with _saga(settings) as saga:
+        async with open_saga(settings) as saga:
             executor = saga.executor
-            if order is not None:
-                try:
-                    oid = uuid.UUID(order)
-                except ValueError:
-                    fail(f"--order: {order!r} is not an order id (UUID)")
+            if oid is not None:
                 if dry_run:  # read only: no lease, no transition, no call
                     found = executor.store.get(oid)
                     typer.echo(f"{found.id} {found.state} ({found.status}): would resume")
@@ -274,13 +235,11 @@ def worker(
     configure_logging(settings)
 
     async def main() -> None:
-        from fsm.breaker import Breakers
-        from fsm.upgrade import guard
+        from fsm.wiring import open_saga
 
-        async with _saga(settings, breakers=Breakers.from_settings(settings)) as saga:
+        # The upgrade guard: orders this machine cannot drive are logged, never swept.
+        async with open_saga(settings, breakers=True, upgrade_guard=True) as saga:
             executor = saga.executor
-            executor.store.count_by_status()  # fail fast, in one line, if the DB is not there
-            guard(executor.store)  # orders this machine cannot drive: logged, never swept
             if settings.worker_metrics_port:
                 from prometheus_client import start_http_server
 
@@ -341,16 +300,13 @@ def diagram(
     history = None
     if order is not None:
         from fsm.errors import OrderNotFound
-        from fsm.wiring import build_store
+        from fsm.wiring import open_store
 
+        oid = parse_order_id(order, "--order: ")
         try:
-            oid = uuid.UUID(order)
-        except ValueError:
-            fail(f"--order: {order!r} is not an order id (UUID)")
-        store = build_store(load_settings())
-        try:
-            store.get(oid)
-            history = store.history(oid)
+            with open_store(load_settings()) as store:
+                store.get(oid)
+                history = store.history(oid)
         except OrderNotFound as exc:
             fail(str(exc), 1)
         except ENVIRONMENT_ERRORS as exc:

@@ -1,6 +1,7 @@
 """`order-saga orders list|show|cancel|resolve`: the operator's view and actions from a
 shell, like `temporal workflow list/describe` or `dbos workflow list/get/cancel`. A table
-for people by default, `--json` for scripts (the same shapes as the HTTP API).
+for people by default, `--json` for scripts (the same shapes as the HTTP API). The
+store and the engine come from `fsm.wiring`, the shared helpers from `order_saga.console`.
 """
 
 from __future__ import annotations
@@ -9,10 +10,9 @@ import asyncio
 import getpass
 import json
 import sys
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,6 +20,7 @@ from rich.table import Table
 
 from fsm.errors import SagaError
 from fsm.machine import OrderState, Status
+from order_saga.console import fail, load_settings, parse_order_id
 
 if TYPE_CHECKING:
     from fsm.models import Order, Transition
@@ -31,31 +32,13 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.
 _console = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"order-saga: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _order_id(text: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(text)
-    except ValueError:
-        _fail(f"{text!r} is not an order id (UUID)", 2)
-
-
 @contextmanager
 def _store() -> Iterator[Store]:
-    """The store as every command builds it (`fsm.wiring`), closed (its writer thread
-    stopped) on the way out."""
-    from fsm.wiring import build_store
-    from order_saga.cli import load_settings
+    """The store alone (`fsm.wiring.open_store`), closed on the way out."""
+    from fsm.wiring import open_store
 
-    store = build_store(load_settings())
-    try:
+    with open_store(load_settings()) as store:
         yield store
-    finally:
-        store.close()
-        store.engine.dispose()
 
 
 def _as_json(order: Order) -> dict[str, Any]:
@@ -129,13 +112,13 @@ def list_orders(
 @orders_app.command("show")
 def show(order_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonFlag = False) -> None:
     """One order: amount, steps, why it is parked, and its timeline (time in each state)."""
-    oid = _order_id(order_id)
+    oid = parse_order_id(order_id)
     try:
         with _store() as store:
             order = store.get(oid)
             history = store.history(oid)
     except SagaError as exc:
-        _fail(str(exc), 1)
+        fail(str(exc), 1)
     print_order(order, history, as_json=as_json)
 
 
@@ -200,10 +183,9 @@ def cancel(
 ) -> None:
     """Cancel a completed order: refund, restore stock, cancel the shipment."""
     from fsm.wiring import open_saga
-    from order_saga.cli import load_settings
 
     settings = load_settings()
-    oid = _order_id(order_id)
+    oid = parse_order_id(order_id)
 
     async def main() -> Order:
         async with open_saga(settings) as saga:
@@ -212,13 +194,13 @@ def cancel(
     try:
         order = asyncio.run(main())
     except SagaError as exc:
-        _fail(str(exc), 1)
+        fail(str(exc), 1)
     if as_json:
         _print_json(_as_json(order))
     else:
         typer.echo(f"{order.id} {order.state} ({order.status})")
     if order.status != Status.CANCELLED:
-        _fail(f"not cancelled yet: {order.attention_reason or order.state}", 3)
+        fail(f"not cancelled yet: {order.attention_reason or order.state}", 3)
 
 
 def _who() -> str | None:
@@ -237,12 +219,11 @@ def resolve(
     """End a parked (needs_attention) order an operator fixed by hand: -> resolved."""
     from fsm import operator
     from fsm.executor import new_owner
-    from order_saga.cli import load_settings
 
     if not reason.strip():
-        _fail("--reason must not be empty", 2)
+        fail("--reason must not be empty", 2)
     settings = load_settings()
-    oid = _order_id(order_id)
+    oid = parse_order_id(order_id)
     try:
         with _store() as store:
             order = asyncio.run(
@@ -256,27 +237,8 @@ def resolve(
                 )
             )
     except SagaError as exc:
-        _fail(str(exc), 1)
+        fail(str(exc), 1)
     if as_json:
         _print_json(_as_json(order))
     else:
         typer.echo(f"{order.id} {order.state} ({order.status})")
-
-
-def _print_version(value: bool) -> None:
-    if value:
-        from order_saga import __version__
-
-        typer.echo(f"order-saga {__version__}")
-        raise typer.Exit()
-
-
-def version_option(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
-        ),
-    ] = False,
-) -> None:
-    """Durable order orchestrator."""

@@ -6,20 +6,14 @@ archived order printed exactly as `orders show` prints a live one. Decides nothi
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
+from order_saga.console import fail, load_settings, parse_order_id
+
 archive_app = typer.Typer(help="Read archives written by prune.", no_args_is_help=True)
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    from order_saga.redact import redact
-
-    typer.echo(f"order-saga: {redact(message)}", err=True)
-    raise typer.Exit(code)
 
 
 def prune(
@@ -42,12 +36,11 @@ def prune(
     from fsm import archive as archives
     from fsm.retention import Pruner, crash_hook
     from fsm.store import make_engine
-    from order_saga.cli import load_settings
 
     if older_than is None and keep is None:
-        _fail("give --older-than SECONDS and/or --keep N", 2)
+        fail("give --older-than SECONDS and/or --keep N", 2)
     if archive is not None and archive.is_dir():
-        _fail(f"--archive: {archive} is a directory", 2)
+        fail(f"--archive: {archive} is a directory", 2)
     settings = load_settings()
     engine = make_engine(
         settings.database_url,
@@ -66,7 +59,7 @@ def prune(
     try:
         summary = pruner.count() if dry_run else pruner.run()
     except archives.ArchiveError as exc:
-        _fail(str(exc), 1)
+        fail(str(exc), 1)
     finally:
         engine.dispose()
     if as_json:
@@ -89,17 +82,14 @@ def show(
     from fsm import archive as archives
     from order_saga.orders_cli import print_order
 
-    try:
-        oid = uuid.UUID(order_id)
-    except ValueError:
-        _fail(f"{order_id!r} is not an order id (UUID)", 2)
+    oid = parse_order_id(order_id)
     if not file.is_file():
-        _fail(f"no archive file {file}", 1)
+        fail(f"no archive file {file}", 1)
     try:
         found = archives.find(file, oid)
     except (archives.ArchiveError, KeyError, TypeError) as exc:
-        _fail(f"{file}: {exc}", 1)
+        fail(f"{file}: {exc}", 1)
     if found is None:
-        _fail(f"order {oid} is not in {file}", 1)
+        fail(f"order {oid} is not in {file}", 1)
     order, history = found
     print_order(order, history, as_json=as_json)

@@ -18,7 +18,7 @@ from downstream.app import create_services_app
 from fsm.clients import Services
 from fsm.executor import Executor
 from fsm.store import Store, make_engine
-from fsm.wiring import build_executor, build_store, http_client, http_services_for
+from fsm.wiring import http_client, http_services_for, open_saga, open_store
 from tests.support.database import create_pg_database, drop_pg_database
 from tests.support.services import Downstream, LiveServer
 from tests.support.settings import saga_settings
@@ -53,10 +53,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
 
 @pytest.fixture
 def store(db_url: str) -> Iterator[Store]:
-    store = build_store(saga_settings(db_url, lease_seconds=30))
-    yield store
-    store.close()
-    store.engine.dispose()
+    with open_store(saga_settings(db_url, lease_seconds=30)) as store:
+        yield store
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +86,6 @@ async def services(services_url: str) -> AsyncIterator[Services]:
 
 @pytest.fixture
 async def executor(db_url: str, store: Store, services: Services) -> AsyncIterator[Executor]:
-    executor = build_executor(saga_settings(db_url), store=store, services=services)
-    yield executor
-    await executor.aclose()
+    """The engine as `open_saga` builds it, driving through the `store` fixture."""
+    async with open_saga(saga_settings(db_url), store=store, services=services) as saga:
+        yield saga.executor

@@ -25,7 +25,8 @@ from api.app import create_app
 from api.guard import OPEN_PATHS
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm.settings import Settings
-from fsm.store import Store, make_engine
+from fsm.store import make_engine
+from fsm.wiring import open_store
 from tests.support.processes import ORDER_SAGA, run_cli
 from tests.support.services import LiveServer, free_port
 from tests.support.settings import cli_settings, saga_env
@@ -217,10 +218,10 @@ def test_embedded_services_are_called_with_the_token(tmp_path: Path, token: str)
         assert placed.status_code == 201, placed.text
         assert placed.json()["status"] == "completed"
 
-        store = Store(engine)
-        stuck, _ = asyncio.run(
-            store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
-        )
+        with open_store(settings) as store:
+            stuck, _ = asyncio.run(
+                store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
+            )
         env = saga_env(database_url=url)
         env |= {
             "ORDER_SAGA_API_TOKEN": token,
@@ -231,8 +232,8 @@ def test_embedded_services_are_called_with_the_token(tmp_path: Path, token: str)
             env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert resumed.returncode == 0, resumed.stderr
-        assert store.get(stuck.id).status == "completed"
-        store.close()
+        with open_store(settings) as store:
+            assert store.get(stuck.id).status == "completed"
     finally:
         server.stop()
         engine.dispose()

@@ -43,7 +43,9 @@ from fsm.machine import (
     next_state,
 )
 from fsm.models import Transition
-from fsm.store import Store, make_engine
+from fsm.settings import Settings
+from fsm.store import Store
+from fsm.wiring import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 EDGES = list(edges())
@@ -366,14 +368,14 @@ def test_highlighted_svg_is_xml_with_classes() -> None:
 
 @pytest.fixture
 def http(tmp_path: Path) -> Iterator[tuple[TestClient, Store]]:
-    engine = make_engine(f"sqlite:///{tmp_path}/diagram.db")
-    SQLModel.metadata.create_all(engine)
-    app = FastAPI()
-    app.include_router(router)
-    app.state.store = Store(engine)
-    with TestClient(app) as client:
-        yield client, app.state.store
-    engine.dispose()
+    settings = Settings(database_url=f"sqlite:///{tmp_path}/diagram.db")
+    with open_store(settings) as store:
+        SQLModel.metadata.create_all(store.engine)
+        app = FastAPI()
+        app.include_router(router)
+        app.state.store = store
+        with TestClient(app) as client:
+            yield client, store
 
 
 async def failed_order(store: Store) -> uuid.UUID:

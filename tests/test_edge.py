@@ -25,11 +25,12 @@ from api.diagram import Renderer
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm.models import Transition
 from fsm.store import Store, make_engine
+from fsm.wiring import open_store
 from order_saga.server import uvicorn_options
 from tests.support.database import PG_SERVER
 from tests.support.processes import Saga, command, run_cli
 from tests.support.services import Downstream, LiveServer, answers, free_port
-from tests.support.settings import cli_settings, saga_env
+from tests.support.settings import cli_settings, saga_env, saga_settings
 from tests.support.waiting import wait_until, wait_until_async
 
 UNREACHABLE = {
@@ -239,10 +240,7 @@ def test_sigterm_drains_within_the_grace_period_and_releases_leases(tmp_path: Pa
     # uvicorn re-raises the signal it handled once it has shut down cleanly.
     assert stopped.returncode in (0, -signal.SIGTERM), stopped.explain()
     assert "Application shutdown complete" in stopped.stderr
-    engine = make_engine(url)
-    store = Store(engine)
-    order = store.get(uuid.UUID(order_id))
-    store.close()
-    engine.dispose()
+    with open_store(saga_settings(url)) as store:
+        order = store.get(uuid.UUID(order_id))
     assert order.lease_owner is None  # released: resume can continue at once
     assert order.payment_state == "requested"  # the intent stays for the next driver

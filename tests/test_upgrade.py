@@ -30,7 +30,7 @@ from fsm.models import OrderTable
 from fsm.store import Store, make_engine
 from fsm.upgrade import Tables, check, guard
 from fsm.version import MACHINE_VERSION, version_of
-from fsm.wiring import build_executor, build_store
+from fsm.wiring import open_saga
 from tests.support.database import create_pg_database, drop_pg_database
 from tests.support.processes import ORDER_SAGA, Saga, run_cli
 from tests.support.services import Downstream
@@ -236,56 +236,53 @@ async def test_a_renamed_state_migrates_and_the_orders_finish(
     """Orders parked under a release that called the state `awaiting_operator`; this
     release (the installed machine) calls it `needs_attention`."""
     upgrade(migrated)
-    store = build_store(saga_settings(migrated))
-    executor = build_executor(saga_settings(migrated), store=store, services=services)
-    balance, stock = downstream.balance(ORDINARY_USER_ID), downstream.stock(SOLD_OUT_PRODUCT_ID)
-    downstream.fault("user.refund", "error", count=1000)
-    ids = []
-    for _ in range(3):  # paid, sold out -> refund fails all run long -> parked
-        order, _ = await store.create_order(
-            user_id=ORDINARY_USER_ID,
-            product_id=SOLD_OUT_PRODUCT_ID,
-            quantity=1,
-            owner=executor.owner,
-        )
-        await executor.drive(order)
-        assert store.get(order.id).state == "needs_attention"
-        ids.append(order.id)
-    old = Tables.installed().renamed("order", "needs_attention", "awaiting_operator")
-    with store.engine.begin() as conn:  # as the previous release wrote them
-        conn.execute(
-            update(orders)
-            .where(orders.c.state == "needs_attention")
-            .values(state="awaiting_operator", machine_version=old.version)
-        )
+    async with open_saga(saga_settings(migrated), services=services) as saga:
+        store, executor = saga.store, saga.executor
+        balance, stock = downstream.balance(ORDINARY_USER_ID), downstream.stock(SOLD_OUT_PRODUCT_ID)
+        downstream.fault("user.refund", "error", count=1000)
+        ids = []
+        for _ in range(3):  # paid, sold out -> refund fails all run long -> parked
+            order, _ = await store.create_order(
+                user_id=ORDINARY_USER_ID,
+                product_id=SOLD_OUT_PRODUCT_ID,
+                quantity=1,
+                owner=executor.owner,
+            )
+            await executor.drive(order)
+            assert store.get(order.id).state == "needs_attention"
+            ids.append(order.id)
+        old = Tables.installed().renamed("order", "needs_attention", "awaiting_operator")
+        with store.engine.begin() as conn:  # as the previous release wrote them
+            conn.execute(
+                update(orders)
+                .where(orders.c.state == "needs_attention")
+                .values(state="awaiting_operator", machine_version=old.version)
+            )
 
-    assert check(store.engine, old).ok  # the old release could drive them
-    failing = check_upgrade(migrated)
-    assert failing.returncode == 1
-    assert "state awaiting_operator: 3 orders" in failing.stdout
-    assert all(str(oid) in failing.stdout for oid in ids)
+        assert check(store.engine, old).ok  # the old release could drive them
+        failing = check_upgrade(migrated)
+        assert failing.returncode == 1
+        assert "state awaiting_operator: 3 orders" in failing.stdout
+        assert all(str(oid) in failing.stdout for oid in ids)
 
-    config = alembic_config(migrated)
-    locations = [ROOT / "migrations" / "versions", ROOT / "tests" / "upgrade_revisions"]
-    config.set_main_option("version_locations", os.pathsep.join(map(str, locations)))
-    command.upgrade(config, "heads")
+        config = alembic_config(migrated)
+        locations = [ROOT / "migrations" / "versions", ROOT / "tests" / "upgrade_revisions"]
+        config.set_main_option("version_locations", os.pathsep.join(map(str, locations)))
+        command.upgrade(config, "heads")
 
-    passing = check_upgrade(migrated)
-    assert passing.returncode == 0, passing.stdout
-    assert store.get(ids[0]).machine_version == MACHINE_VERSION
-    httpx.delete(f"{downstream.url}/_faults").raise_for_status()
-    for oid in ids:
-        assert (await executor.run(oid)).status == "failed"
-    assert downstream.balance(ORDINARY_USER_ID) == balance  # charged, then refunded once each
-    assert downstream.stock(SOLD_OUT_PRODUCT_ID) == stock
-    assert all(n == 1 for n in downstream.effects().values())
-    history = store.history(ids[0])
-    parked = [t for t in history if t.trigger == "park"]
-    assert parked and parked[0].to_state == "needs_attention"  # the log keeps what was written
-    assert history[-1].trigger == "compensation_done"
-    await executor.aclose()
-    store.close()
-    store.engine.dispose()
+        passing = check_upgrade(migrated)
+        assert passing.returncode == 0, passing.stdout
+        assert store.get(ids[0]).machine_version == MACHINE_VERSION
+        httpx.delete(f"{downstream.url}/_faults").raise_for_status()
+        for oid in ids:
+            assert (await executor.run(oid)).status == "failed"
+        assert downstream.balance(ORDINARY_USER_ID) == balance  # charged, then refunded once each
+        assert downstream.stock(SOLD_OUT_PRODUCT_ID) == stock
+        assert all(n == 1 for n in downstream.effects().values())
+        history = store.history(ids[0])
+        parked = [t for t in history if t.trigger == "park"]
+        assert parked and parked[0].to_state == "needs_attention"  # the log keeps what was written
+        assert history[-1].trigger == "compensation_done"
 
 
 # -- serve and worker run the check at start -------------------------------------------

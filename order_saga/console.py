@@ -1,0 +1,72 @@
+"""What every `order-saga` command shares: settings read once with one-line errors, the
+one-line failure (secrets masked), `--version`. Both command modules (`cli`, `orders_cli`)
+import this one and never each other. No engine here: commands get theirs from
+`fsm.wiring`. Kept light, so `order-saga --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from typing import Annotated, NoReturn
+
+import httpx
+import typer
+from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
+
+from fsm.errors import StoreUnavailable
+from fsm.settings import Settings
+from order_saga.redact import redact
+
+# Failures of the environment, not of the program: reported in one line, exit 1.
+ENVIRONMENT_ERRORS = (SQLAlchemyError, OSError, sqlite3.Error, httpx.HTTPError, StoreUnavailable)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """`order-saga: <message>` on stderr (passwords in URLs masked), exit `code`."""
+    typer.echo(f"order-saga: {redact(message)}", err=True)
+    raise typer.Exit(code)
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: first line of the message`."""
+    from fsm.sql import first_line
+
+    return f"{type(exc).__name__}: {first_line(exc)}".rstrip(": ")
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = "ORDER_SAGA_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
+        fail(f"invalid {field}: {err['msg']}")
+
+
+def parse_order_id(text: str, what: str = "") -> uuid.UUID:
+    """`text` as an order id, or a one-line error (exit 2) naming the flag `what`."""
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        fail(f"{what}{text!r} is not an order id (UUID)")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from order_saga import __version__
+
+        typer.echo(f"order-saga {__version__}")
+        raise typer.Exit()
+
+
+def version_option(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Durable order orchestrator."""

@@ -30,6 +30,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -61,19 +62,30 @@ class Backend:
     # None: the database bounds its own waits per statement (PostgreSQL's lock_timeout).
     bound_wait: Callable[[Any, float], None] | None = None
     busy: Callable[[BaseException], bool] = lambda exc: False
+    # Row locks (PostgreSQL). The batch connection waits only briefly for a row another
+    # session holds (`row_locked` tells that error); the op is then moved to the side lane,
+    # a second writer thread on `side` (its own connection, the full lock timeout, bounded
+    # by the op's own deadline), so one locked row costs only its own order's writes.
+    row_locked: Callable[[BaseException], bool] = lambda exc: False
+    side: Backend | None = None
 
 
 class _Item(Generic[T]):
-    __slots__ = ("op", "loop", "future", "deadline")
+    __slots__ = ("op", "loop", "future", "deadline", "key", "after")
 
     def __init__(
         self,
         op: Op[T],
         loop: asyncio.AbstractEventLoop | None,
         future: asyncio.Future[T] | concurrent.futures.Future[T],
+        key: Any = None,
     ) -> None:
-        self.op, self.loop, self.future = op, loop, future
+        self.op, self.loop, self.future, self.key = op, loop, future, key
         self.deadline = 0.0  # monotonic: when waiting for a lock must give up (set at _put)
+        self.after: Callable[[], None] | None = None  # run once delivered (the side lane)
+
+
+_MOVED = (False, None)  # a result slot whose op went to the side lane (delivered there)
 
 
 _STOP = object()
@@ -105,6 +117,16 @@ class Committer:
         self.ops = 0
         self.largest_batch = 0
         self.in_flight = 0  # writes in the transaction under way (0: waiting for work)
+        # The side lane for ops that met a row lock, and the keys (orders) with ops there:
+        # a later op of such an order follows it there, so one order's writes stay in order.
+        self.side = (
+            Committer(backend.side, max_batch=1, lock_timeout=lock_timeout)
+            if backend.side is not None
+            else None
+        )
+        self.moved: Counter[Any] = Counter()  # ops moved to the side lane, by key (tests)
+        self._aside: Counter[Any] = Counter()
+        self._aside_lock = threading.Lock()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -113,14 +135,17 @@ class Committer:
     # -- callers ---------------------------------------------------------------------
 
     @overload
-    def submit(self, op: Callable[[Any], Generator[None, None, T]]) -> asyncio.Future[T]: ...
+    def submit(
+        self, op: Callable[[Any], Generator[None, None, T]], *, key: Any = None
+    ) -> asyncio.Future[T]: ...
     @overload
-    def submit(self, op: Op[T]) -> asyncio.Future[T]: ...
-    def submit(self, op: Op[Any]) -> asyncio.Future[Any]:
-        """Queue `op`; the future resolves once its transaction has committed."""
+    def submit(self, op: Op[T], *, key: Any = None) -> asyncio.Future[T]: ...
+    def submit(self, op: Op[Any], *, key: Any = None) -> asyncio.Future[Any]:
+        """Queue `op`; the future resolves once its transaction has committed. `key` (an
+        order id) names the row the op writes: ops of one key commit in submission order."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._put(_Item(op, loop, future))
+        self._put(_Item(op, loop, future, key))
         return future
 
     @overload
@@ -134,7 +159,7 @@ class Committer:
         return future.result()
 
     def _put(self, item: _Item[Any]) -> None:
-        item.deadline = time.monotonic() + self.lock_timeout
+        item.deadline = item.deadline or time.monotonic() + self.lock_timeout
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
@@ -151,6 +176,30 @@ class Committer:
         if thread is not None:
             self._queue.put(_STOP)
             thread.join()
+        if self.side is not None:
+            self.side.close()
+
+    def _move(self, item: _Item[Any]) -> None:
+        """Hand `item` to the side lane (the caller keeps waiting on the same future)."""
+        assert self.side is not None
+        with self._aside_lock:
+            self._aside[item.key] += 1
+            self.moved[item.key] += 1
+
+        def back() -> None:
+            with self._aside_lock:
+                self._aside[item.key] -= 1
+                if self._aside[item.key] <= 0:
+                    del self._aside[item.key]
+
+        item.after = back
+        self.side._put(item)
+
+    def _follows_aside(self, item: _Item[Any]) -> bool:
+        if item.key is None or not self._aside:
+            return False
+        with self._aside_lock:
+            return item.key in self._aside
 
     # -- the writer thread -----------------------------------------------------------
 
@@ -171,6 +220,13 @@ class Committer:
                         stopping = True
                         break
                     batch.append(item)
+                for item in [i for i in batch if self._follows_aside(i)]:
+                    batch.remove(item)  # its order has a write in the side lane: after it
+                    self._move(item)
+                if not batch:
+                    if stopping:
+                        return
+                    continue
                 try:
                     results = self._commit(batch)
                 except BaseException as fatal:  # even then, nobody is left waiting
@@ -205,6 +261,25 @@ class Committer:
             try:
                 done = self._transaction([batch[i].op for i in pending], wait=wait)
             except _OpError as rejected:
+                if self.side is not None and self.backend.row_locked(rejected.error):
+                    self._discard(rejected.error)
+                    culprit = batch[pending[rejected.position]].key
+                    # It, and its order's later ops in this batch, wait in the side lane.
+                    aside = [
+                        i
+                        for n, i in enumerate(pending)
+                        if n == rejected.position
+                        or (
+                            culprit is not None
+                            and n > rejected.position
+                            and batch[i].key == culprit
+                        )
+                    ]
+                    for i in aside:
+                        self._move(batch[i])
+                        results[i] = _MOVED
+                    pending = [i for i in pending if i not in aside]
+                    continue
                 lost = self._discard(rejected.error)
                 failure = self._translate(rejected.error)
                 if isinstance(failure, StoreUnavailable):  # disk full, server gone: not the op's
@@ -232,7 +307,7 @@ class Committer:
             for i, result in zip(pending, done, strict=True):
                 results[i] = result
             break
-        return [r for r in results if r is not None]
+        return [r if r is not None else _MOVED for r in results]
 
     def _translate(self, exc: Exception) -> BaseException:
         if isinstance(exc, self.backend.errors):
@@ -337,7 +412,12 @@ class Committer:
     def _deliver(batch: list[_Item[Any]], results: list[tuple[bool, Any]]) -> None:
         """Hand results back: one wake-up per event loop, not one per write."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, bool, Any]]] = {}
-        for item, (ok, value) in zip(batch, results, strict=True):
+        for item, result in zip(batch, results, strict=True):
+            if result is _MOVED:
+                continue  # the side lane answers it
+            if item.after is not None:
+                item.after()
+            ok, value = result
             if item.loop is None:
                 sync_future: concurrent.futures.Future[Any] = item.future  # type: ignore[assignment]
                 if ok:

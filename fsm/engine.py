@@ -20,6 +20,12 @@ from fsm.errors import StoreUnavailable
 __all__ = ["backend", "make_engine", "pg_options"]
 
 
+# How long a group-commit batch waits for a row lock another session holds before the op
+# moves to the side lane (fsm.committer): long enough for the brief locks of another
+# process's batch or sweep, short enough that the rest of the batch barely notices.
+BATCH_LOCK_TIMEOUT = 0.1
+
+
 def pg_options(*, lock_timeout: float, statement_timeout: float) -> str:
     """PostgreSQL's per-connection bounded waits, as libpq `options`."""
     return (
@@ -91,18 +97,34 @@ def backend(engine: Engine, *, lock_timeout: float, statement_timeout: float) ->
     conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
     options = pg_options(lock_timeout=lock_timeout, statement_timeout=statement_timeout)
 
-    def connect_pg() -> Any:
+    batch_options = pg_options(
+        lock_timeout=min(lock_timeout, BATCH_LOCK_TIMEOUT), statement_timeout=statement_timeout
+    )
+
+    def connect_pg(options: str = batch_options) -> Any:
         return psycopg.connect(conninfo, options=options, connect_timeout=max(1, int(lock_timeout)))
 
+    common: dict[str, Any] = {
+        "begin": None,  # psycopg opens the transaction at the first statement
+        "errors": (psycopg.Error,),
+        "translate": _translate,
+        "broken": lambda conn: bool(conn.closed or conn.broken),
+        "close": lambda conn: conn.close(),
+    }
+    side = Backend(connect=lambda: connect_pg(options), bound_wait=_pg_lock_timeout, **common)
     return Backend(
         connect=connect_pg,
-        begin=None,  # psycopg opens the transaction at the first statement
-        errors=(psycopg.Error,),
-        translate=_translate,
-        broken=lambda conn: bool(conn.closed or conn.broken),
-        close=lambda conn: conn.close(),
         pipeline=lambda conn: conn.pipeline(),
+        row_locked=lambda exc: isinstance(exc, psycopg.errors.LockNotAvailable),
+        side=side,
+        **common,
     )
+
+
+def _pg_lock_timeout(conn: Any, seconds: float) -> None:
+    """The side lane's wait for a row: what is left of the op's own lock timeout (0 would
+    mean no limit at all to PostgreSQL)."""
+    conn.execute(sql.pg_lock_timeout(lock_ms=max(1, int(seconds * 1000))))
 
 
 def _busy_timeout(conn: Any, seconds: float) -> None:
@@ -121,8 +143,8 @@ def _translate(exc: BaseException) -> BaseException:
     import psycopg
 
     first = sql.first_line(exc)
+    if isinstance(exc, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
+        return StoreUnavailable(f"database busy: {first}")  # (before: they are Operational)
     if isinstance(exc, sqlite3.OperationalError | psycopg.OperationalError):
         return StoreUnavailable(f"database unavailable: {first}")
-    if isinstance(exc, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
-        return StoreUnavailable(f"database busy: {first}")
     return exc

@@ -285,10 +285,12 @@ def claim_batch(dialect: Dialect, *, due_only: bool, excluded: int, undrivable: 
 
 @lru_cache(maxsize=128)
 def renew(dialect: Dialect, count: int) -> str:
-    """Extend the leases of `count` orders the owner still holds."""
+    """Extend the leases of `count` orders the owner still holds. A row another session
+    has locked is skipped (PostgreSQL), not waited for: one locked order must not cost
+    every other order its lease (it is renewed at the next interval)."""
     return dialect.sql(
-        "UPDATE orders SET lease_expires_at = %s WHERE lease_owner = %s "
-        f"AND id IN ({', '.join(['%s'] * count)})"
+        "UPDATE orders SET lease_expires_at = %s WHERE id IN (SELECT id FROM orders "
+        f"WHERE lease_owner = %s AND id IN ({', '.join(['%s'] * count)}) {dialect.skip_locked})"
     )
 
 
@@ -305,6 +307,10 @@ def release(dialect: Dialect, *, at_version: bool) -> str:
 # -- connection set-up (used by fsm.engine for both kinds of connection) ------------------
 
 SQLITE_BEGIN = "BEGIN IMMEDIATE"  # take the write lock up front: no upgrade deadlocks
+
+
+def pg_lock_timeout(*, lock_ms: int) -> str:
+    return f"SET lock_timeout = {int(lock_ms)}"
 
 
 def sqlite_busy_timeout(*, busy_ms: int) -> str:

@@ -107,7 +107,7 @@ class Store(Reads):
             updated_at=now,
             machine_version=MACHINE_VERSION,
         )
-        return await self.committer.submit(partial(self._insert, order))
+        return await self.committer.submit(partial(self._insert, order), key=order.id)
 
     def _insert(self, order: Order, cursor: Any) -> Generator[None, None, tuple[Order, bool]]:
         d = self.dialect
@@ -186,7 +186,7 @@ class Store(Reads):
             setattr(order, key, value)
         try:
             await self.committer.submit(
-                partial(self._guarded, order.id, expected, owner, values, line)
+                partial(self._guarded, order.id, expected, owner, values, line), key=order.id
             )
         except BaseException:
             if order.version == values.get("version", expected):  # nothing queued on top
@@ -243,7 +243,9 @@ class Store(Reads):
 
     async def claim(self, *, order_id: uuid.UUID, owner: str) -> Order | None:
         """Take the lease if it is free, expired or already ours; None if someone holds it."""
-        return await self.committer.submit(partial(self._claim, order_id, owner, utcnow()))
+        return await self.committer.submit(
+            partial(self._claim, order_id, owner, utcnow()), key=order_id
+        )
 
     def _claim(self, order_id: uuid.UUID, owner: str, now: datetime, cursor: Any) -> Order | None:
         d = self.dialect
@@ -332,7 +334,7 @@ class Store(Reads):
         `version` (what the releasing run last wrote or read): a run never releases a
         lease taken over, or an order moved on, since. False if nothing was released."""
         op = partial(self._release, order_id, owner, version=version)
-        released: bool = await self.committer.submit(op)
+        released: bool = await self.committer.submit(op, key=order_id)
         return released
 
     def _release(

@@ -21,9 +21,9 @@ from sqlmodel import SQLModel
 from api.app import create_app
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm.store import make_engine
-from tests.support.api import settings_for
 from tests.support.proxy import CuttableProxy
 from tests.support.services import LiveServer
+from tests.support.settings import saga_settings
 
 
 def until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> float:
@@ -40,7 +40,7 @@ def serve_on() -> Iterator[Callable[..., str]]:
     servers: list[LiveServer] = []
 
     def start(db_url: str, services_url: str, **overrides: Any) -> str:
-        app = create_app(settings_for(db_url, services_url, **overrides), sweep=False)
+        app = create_app(saga_settings(db_url, services_url, **overrides), sweep=False)
         server = LiveServer(app, lifespan="on").__enter__()
         servers.append(server)
         return server.url

@@ -74,11 +74,13 @@ def answers(url: str) -> bool:
 class Downstream:
     """Reads the reference services' state for assertions (balance, stock, shipments)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, token: str | None = None) -> None:
         self.url = url
+        # The services mounted in a `serve` with an API token want it too.
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def get(self, path: str) -> Any:
-        return httpx.get(f"{self.url}{path}").json()
+        return httpx.get(f"{self.url}{path}", headers=self.headers).json()
 
     def balance(self, user_id: int) -> int:
         return int(self.get(f"/users/{user_id}")["balance"])
@@ -87,7 +89,7 @@ class Downstream:
         return int(self.get(f"/inventory/{product_id}")["quantity"])
 
     def shipment(self, order_id: object) -> dict[str, Any] | None:
-        response = httpx.get(f"{self.url}/shipping/{order_id}")
+        response = httpx.get(f"{self.url}/shipping/{order_id}", headers=self.headers)
         return None if response.status_code == 404 else dict(response.json())
 
     def effects(self) -> dict[str, int]:
@@ -95,7 +97,10 @@ class Downstream:
 
     def fault(self, operation: str, mode: str, count: int = 1, seconds: float = 0.05) -> None:
         body = {"operation": operation, "mode": mode, "count": count, "seconds": seconds}
-        httpx.post(f"{self.url}/_faults", json=body).raise_for_status()
+        httpx.post(f"{self.url}/_faults", json=body, headers=self.headers).raise_for_status()
+
+    def clear_faults(self) -> None:
+        httpx.delete(f"{self.url}/_faults", headers=self.headers).raise_for_status()
 
 
 @dataclass(frozen=True)

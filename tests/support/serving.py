@@ -32,8 +32,8 @@ def fresh_database(kind: str, directory: str) -> Iterator[str]:
 class Served:
     """One `order-saga serve --no-sweep` process (a `Saga`); its output goes to files."""
 
-    def __init__(self, env: Mapping[str, str], *args: str) -> None:
-        self.port = free_port()
+    def __init__(self, env: Mapping[str, str], *args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.saga = Saga(command("serve", "--port", str(self.port), "--no-sweep", *args), env)
 

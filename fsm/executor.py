@@ -62,6 +62,8 @@ __all__ = ["Executor", "RetryPolicy", "idempotency_key", "new_owner"]
 log = logging.getLogger("order_saga.executor")
 T = TypeVar("T")
 ALL_STEPS = frozenset(Step)
+# Where the order deadline fails the order outright: no step has started, nothing to undo.
+_BEFORE_STEPS = frozenset({OrderState.PENDING, OrderState.PRODUCT_REQUESTED})
 
 
 def new_owner() -> str:
@@ -184,14 +186,21 @@ class Executor:
         retried_attention = False
         while not is_terminal(order.state):
             state = OrderState(order.state)
-            if state is OrderState.PENDING:
+            if state in _BEFORE_STEPS and self._past_deadline(order):
+                await self._fire(order, "order", OrderTrigger.DEADLINE, detail=self._why(order))
+            elif state is OrderState.PENDING:
                 await self._fire(order, "order", OrderTrigger.REQUEST_PRODUCT)
             elif state is OrderState.PRODUCT_REQUESTED:
                 if not await self._look_up_product(order):
                     return
             elif state is OrderState.STEPS_RUNNING:
-                await self._each_step(order, self._forward, ALL_STEPS)
+                if not self._past_deadline(order):
+                    await self._each_step(order, self._forward, ALL_STEPS)
                 states = _step_states(order)
+                unfinished = any(st is not StepState.SUCCEEDED for st in states.values())
+                if unfinished and self._past_deadline(order):
+                    await self._stop_waiting(order)
+                    continue
                 if StepState.REQUESTED in states.values():
                     return  # budget of this run spent; a later resume continues
                 trigger = decide(states)
@@ -220,38 +229,83 @@ class Executor:
                 await self._fire(order, "order", retry)
 
     async def _park(self, order: Order, reason: str) -> None:
-        """needs_attention, with the reason; the sweep retries after a doubling pause."""
+        """needs_attention, with the reason; the sweep retries after a doubling pause. Past
+        its order deadline it is flagged so (compensations are never cut short)."""
         parks = order.attempts.get("order:park", 0) + 1
         pause = min(self.policy.park_max, self.policy.backoff_max * 2**parks)
+        detail: dict[str, Any] = {"reason": reason}
+        if self._past_deadline(order):
+            reason = f"past its order deadline: {reason}"
+            detail["deadline"] = self._why(order)["deadline"]
         await self._fire(
             order,
             "order",
             OrderTrigger.PARK,
-            detail={"reason": reason},
+            detail=detail,
             attention_reason=reason,
             attempts={**order.attempts, "order:park": parks},
             next_attempt_at=utcnow() + timedelta(seconds=pause),
         )
 
+    # -- the order's own deadline (ORDER_SAGA_ORDER_DEADLINE) ---------------------------
+
+    def _deadline(self, order: Order) -> datetime | None:
+        if self.policy.order_deadline is None:
+            return None
+        return order.created_at + timedelta(seconds=self.policy.order_deadline)
+
+    def _past_deadline(self, order: Order) -> bool:
+        deadline = self._deadline(order)
+        return deadline is not None and utcnow() >= deadline
+
+    def _why(self, order: Order) -> dict[str, Any]:
+        deadline = self._deadline(order)
+        return {
+            "reason": f"order deadline of {self.policy.order_deadline:g}s after creation passed",
+            "deadline": deadline.isoformat() if deadline else None,
+        }
+
+    async def _stop_waiting(self, order: Order) -> None:
+        """Past the deadline during the steps: every `requested` step expires (it may have
+        been applied, so it is compensated), then the order compensates (`deadline`)."""
+        for step in Step:
+            if StepState(order.state_of(step)) is StepState.REQUESTED:
+                await self._fire(order, step, StepTrigger.EXPIRE, detail=self._why(order))
+        detail = {**self._why(order), "steps": order.step_states()}
+        await self._fire(order, "order", OrderTrigger.DEADLINE, detail=detail)
+
+    def _forward_deadline(self, order: Order) -> datetime | None:
+        """When a forward call stops being retried: the step deadline or the order's."""
+        found = [d for d in (order.deadline_at, self._deadline(order)) if d is not None]
+        return min(found) if found else None
+
     async def _look_up_product(self, order: Order) -> bool:
         """PRODUCT_REQUESTED -> found / missing / unavailable; False if still unknown."""
+        lookup_deadline = order.created_at + timedelta(seconds=self.policy.step_deadline)
+        stop = self._deadline(order)
         try:
             product = await self._with_retries(
                 order,
                 "product:get",
                 lambda: self.services.product.get(order.product_id),
-                deadline=order.created_at + timedelta(seconds=self.policy.step_deadline),
+                deadline=lookup_deadline if stop is None else min(lookup_deadline, stop),
             )
         except NotFound as exc:
             await self._fire(order, "order", OrderTrigger.PRODUCT_MISSING, detail=exc.detail())
             return True
         except CallFailure as exc:
+            if self._past_deadline(order):  # it stops waiting for the product
+                await self._fire(order, "order", OrderTrigger.DEADLINE, detail=self._why(order))
+                return True
             expired = utcnow() >= order.created_at + timedelta(seconds=self.policy.step_deadline)
             if isinstance(exc, BusinessFailure) or expired:
                 trigger = OrderTrigger.PRODUCT_UNAVAILABLE
                 await self._fire(order, "order", trigger, detail=exc.detail())
                 return True
             return False
+        if self._past_deadline(order):  # found, too late: no step is started
+            await self._fire(order, "order", OrderTrigger.DEADLINE, detail=self._why(order))
+            return True
         price = product.get("price")
         if not isinstance(price, int) or isinstance(price, bool) or price < 0:
             detail = {"error": "invalid_product", "product": product}
@@ -275,9 +329,12 @@ class Executor:
         state = StepState(order.state_of(step))
         resumed = state is StepState.REQUESTED  # a previous run may have sent it already
         if state is StepState.PENDING:
+            if self._past_deadline(order):
+                return  # never started: nothing to undo (the join stops waiting)
             await self._fire(order, step, StepTrigger.REQUEST)  # intent, before the call
         elif not resumed:
             return
+        deadline = self._forward_deadline(order)  # past the order's: the join expires it
         action = step.forward_action
         key = idempotency_key(order, step, action)
         try:
@@ -285,12 +342,12 @@ class Executor:
             if resumed:
                 answer = await self._with_retries(
                     order, f"{step}:lookup", lambda: saga_step.service.lookup(key),
-                    deadline=order.deadline_at,
+                    deadline=deadline,
                 )  # fmt: skip
             if answer is None:
                 answer = await self._with_retries(
                     order, f"{step}:{action}", lambda: saga_step.forward(order, key),
-                    deadline=order.deadline_at,
+                    deadline=deadline,
                 )  # fmt: skip
         except BusinessFailure as exc:
             await self._fire(order, step, StepTrigger.FAIL, detail=exc.detail())

@@ -117,6 +117,7 @@ class OrderTrigger(StrEnum):
     RETRY_COMPENSATION = "retry_compensation"
     RETRY_CANCELLATION = "retry_cancellation"
     RESOLVE = "resolve"  # operator only: fsm.operator.resolve, never the executor
+    DEADLINE = "deadline"  # ORDER_DEADLINE passed: the order stops waiting (issue 22)
 
 
 class StepState(StrEnum):
@@ -174,6 +175,12 @@ ORDER_TRANSITIONS: list[tuple[OrderTrigger, OrderState | list[OrderState], Order
     (T.RETRY_COMPENSATION, S.NEEDS_ATTENTION, S.COMPENSATING),
     (T.RETRY_CANCELLATION, S.NEEDS_ATTENTION, S.CANCELLING),
     (T.RESOLVE, S.NEEDS_ATTENTION, S.RESOLVED),  # fixed by hand; the reason in the log
+    # The order's own deadline (ORDER_SAGA_ORDER_DEADLINE after creation) passed: before the
+    # steps nothing was done, so it fails; during them, every step not yet succeeded is
+    # expired first (a `requested` one may have been applied) and the order compensates.
+    # Compensating, cancelling and parked orders are never cut short (a parked one is flagged).
+    (T.DEADLINE, [S.PENDING, S.PRODUCT_REQUESTED], S.FAILED),
+    (T.DEADLINE, S.STEPS_RUNNING, S.COMPENSATING),
 ]
 
 SS, ST = StepState, StepTrigger

@@ -20,6 +20,8 @@ class RetryPolicy:
     step_deadline: float = 60.0  # a forward step unknown this long is treated as failed
     # A parked order is retried by the sweep after backoff_max x 2^parks, at most this.
     park_max: float = 3600.0
+    # The order's own deadline after creation (None: none): past it, it stops waiting.
+    order_deadline: float | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetryPolicy:
@@ -29,6 +31,7 @@ class RetryPolicy:
             backoff_max=settings.backoff_max,
             step_deadline=settings.step_deadline,
             park_max=settings.park_max,
+            order_deadline=settings.order_deadline,
         )
 
 

@@ -154,6 +154,37 @@ SCENARIOS: dict[str, Scenario] = {
         "cancelled",
         (COMPLETE, Phase("cancel", faults=(REFUND_DOWN,), reaches="needs_attention"), Phase()),
     ),
+    # The order deadline (issue 22). Still pending when it passes (the crashing process
+    # starts well after 0.2 s): fails, nothing called.
+    "deadline-pending": Scenario(
+        ORDINARY_USER_ID, WIDGET_ID, 1, "failed", (Phase(),), {"order_deadline": 0.2}
+    ),
+    # Waiting for the product: 500s leave it product_requested (3 quick attempts), then the
+    # lookup answers after 3 s, past the 2 s deadline (if it had not passed already).
+    "deadline-product": Scenario(
+        ORDINARY_USER_ID,
+        WIDGET_ID,
+        1,
+        "failed",
+        (
+            Phase(faults=(Fault("product.get", "error"),), reaches="product_requested"),
+            Phase(faults=(Fault("product.get", "delay", seconds=3.0),)),
+        ),
+        {"order_deadline": 2.0},
+    ),
+    # Waiting for the payment (500s: requested, the other two succeeded), then it hangs
+    # past the client's timeout and the deadline: payment expires, the order compensates.
+    "deadline-steps": Scenario(
+        ORDINARY_USER_ID,
+        WIDGET_ID,
+        1,
+        "failed",
+        (
+            Phase(faults=(Fault("user.deduct", "error"),), reaches="steps_running"),
+            Phase(faults=(Fault("user.deduct", "timeout", seconds=3.0),)),
+        ),
+        {"order_deadline": 2.0, "http_timeout": 2.5},
+    ),
 }
 
 # (scope, trigger, source) -> the scenario whose last run commits that edge first.
@@ -172,6 +203,9 @@ CRASH_POINTS: dict[tuple[str, str, str], str] = {
     ("order", "park", "cancelling"): "cancellation-parked",
     ("order", "retry_compensation", "needs_attention"): "compensation-retried",
     ("order", "retry_cancellation", "needs_attention"): "cancellation-retried",
+    ("order", "deadline", "pending"): "deadline-pending",
+    ("order", "deadline", "product_requested"): "deadline-product",
+    ("order", "deadline", "steps_running"): "deadline-steps",
     # payment
     ("payment", "request", "pending"): "completed",
     ("payment", "succeed", "requested"): "completed",

@@ -160,7 +160,8 @@ SCENARIOS: dict[str, Scenario] = {
         ORDINARY_USER_ID, WIDGET_ID, 1, "failed", (Phase(),), {"order_deadline": 0.2}
     ),
     # Waiting for the product: 500s leave it product_requested (3 quick attempts), then the
-    # lookup answers after 3 s, past the 2 s deadline (if it had not passed already).
+    # lookup answers after 6 s, past the 5 s deadline (if it had not passed already). The
+    # margin is for the first run, which must end before the deadline on a loaded machine.
     "deadline-product": Scenario(
         ORDINARY_USER_ID,
         WIDGET_ID,
@@ -168,9 +169,9 @@ SCENARIOS: dict[str, Scenario] = {
         "failed",
         (
             Phase(faults=(Fault("product.get", "error"),), reaches="product_requested"),
-            Phase(faults=(Fault("product.get", "delay", seconds=3.0),)),
+            Phase(faults=(Fault("product.get", "delay", seconds=6.0),)),
         ),
-        {"order_deadline": 2.0},
+        {"order_deadline": 5.0},
     ),
     # Waiting for the payment (500s: requested, the other two succeeded), then it hangs
     # past the client's timeout and the deadline: payment expires, the order compensates.
@@ -181,9 +182,9 @@ SCENARIOS: dict[str, Scenario] = {
         "failed",
         (
             Phase(faults=(Fault("user.deduct", "error"),), reaches="steps_running"),
-            Phase(faults=(Fault("user.deduct", "timeout", seconds=3.0),)),
+            Phase(faults=(Fault("user.deduct", "timeout", seconds=6.0),)),
         ),
-        {"order_deadline": 2.0, "http_timeout": 2.5},
+        {"order_deadline": 5.0, "http_timeout": 5.5},
     ),
 }
 
@@ -339,7 +340,9 @@ def assert_recovered(
     declared = {(e.scope, e.trigger, e.source, e.dest) for e in EDGES}
     assert all((t.scope, t.trigger, t.from_state, t.to_state) in declared for t in log)
     triggers = [(t.scope, t.trigger) for t in log]
-    assert triggers.count(("order", "request_product")) == 1
+    # Once, unless the order deadline passed before it was ever looked up.
+    looked_up = 0 if triggers[0] == ("order", "deadline") else 1
+    assert triggers.count(("order", "request_product")) == looked_up
     for step in COMPENSATIONS:
         assert triggers.count((step, "request")) <= 1, f"{step} requested twice"
         assert triggers.count((step, "compensate")) <= 1, f"{step} compensated twice"

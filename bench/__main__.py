@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from bench import engine, http_load, rss, sweep, workers
+from bench import engine, http_load, retention, rss, sweep, workers
 from bench.common import (
     DEFAULT_PG,
     Config,
@@ -40,7 +40,7 @@ from bench.common import (
 
 # "engine" measures the raw loops too (each right before the engine on its database);
 # "raw" alone is for runs that want only the references (http and sweep need them).
-PHASES = ("raw", "engine", "workers", "http", "sweep", "rss")
+PHASES = ("raw", "engine", "workers", "http", "sweep", "rss", "retention")
 NEEDS_RAW = {"http", "sweep"}
 
 
@@ -135,6 +135,7 @@ def main() -> None:
             "http": lambda: http_load.run(cfg, references),
             "sweep": lambda: sweep.run(cfg, references),
             "rss": lambda: rss.run(cfg),
+            "retention": lambda: retention.run(cfg),
         }
         rows: list[Row] = []
         try:

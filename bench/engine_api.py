@@ -54,3 +54,16 @@ async def sweep(url: str, services: Services, count: int) -> dict[str, int]:
             due_only=False,
         )
     return dict(summary.outcomes)
+
+
+def prune(url: str, *, older_than: float) -> tuple[int, float]:
+    """`order-saga prune --older-than` in this process, no archive: (orders deleted, seconds)."""
+    from fsm.retention import Pruner
+    from fsm.store import make_engine
+
+    engine = make_engine(url)
+    try:
+        summary = Pruner(engine, older_than=older_than).run()
+    finally:
+        engine.dispose()
+    return summary.deleted, summary.seconds

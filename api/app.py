@@ -112,7 +112,7 @@ def create_app(
     )
     async def healthz(store: StoreDep, request: Request) -> dict[str, Any]:
         """200 when the database answers: "ok", or "degraded" with why (`writes`: the last
-        write failed or a write cannot get through now; `breakers`: services whose circuit
+        write failed or a write cannot get through now; `breakers`: operations whose circuit
         breaker is open). 503 naming the dependency that does not answer at all."""
         try:
             await asyncio.to_thread(_select_one, store)
@@ -126,7 +126,7 @@ def create_app(
             "database": store.engine.dialect.name,
             "machine_version": MACHINE_VERSION,
             "writes": {"ok": writes.writable, "reason": writes.reason},
-            "breakers": not_closed,  # services whose circuit breaker is open or half-open
+            "breakers": not_closed,  # operations whose circuit breaker is open or half-open
         }
 
     @app.get(

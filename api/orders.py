@@ -77,7 +77,7 @@ async def create_order(
     """Place an order and run the saga: product lookup, then payment, inventory and
     shipping concurrently, compensating what succeeded if any fails. A retried POST with
     the same `Idempotency-Key` returns the same order and charges nothing twice."""
-    request.app.state.breakers.check("product")  # 503 + Retry-After, nothing created
+    request.app.state.breakers.check("product.get")  # 503 + Retry-After, nothing created
     order, created = await store.create_order(
         user_id=body.user_id,
         product_id=body.product_id,

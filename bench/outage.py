@@ -90,7 +90,7 @@ async def scenario(args: argparse.Namespace, *, breaker: bool) -> str:
             outcomes = Counter(store.get(o.id).status for o in orders)
             breakers = saga.breakers
     services_app.state.store.close()
-    stats = f", breaker {breakers['user'].stats}" if breakers else ""
+    stats = f", breaker {breakers['user.deduct'].stats}" if breakers else ""
     return (
         f"{'with' if breaker else 'without'} breaker: {calls} user.deduct calls in "
         f"{args.outage:.0f}s of outage for {args.orders} orders; all terminal "

@@ -1,4 +1,15 @@
-"""A circuit breaker per downstream service, shared by every order of the process (issue 10).
+"""A circuit breaker per downstream operation (`user.deduct`, `user.refund`, `user.lookup`,
+...), shared by every order of the process (issues 10, 16).
+
+Why per operation and not per service: outages are often partial. With only `user.deduct`
+answering 500, a per-service breaker was closed again by the user service's healthy
+refunds and lookups (which resumed orders make first), so it flapped (7 opens in 15 s)
+and 26-182 deducts per run still reached the failing endpoint; and while it was open it
+also held back the refunds that compensations needed and the service could do. Per
+operation, only the failing endpoint is shielded, only its own answers close it, and
+compensations keep flowing. A whole-service outage costs `threshold` failures per
+operation instead of per service (a few calls more), a price worth a breaker that tells
+the truth about each endpoint.
 
 closed --N consecutive transient failures--> open --cool-down--> half-open (one probe)
 half-open --probe answers--> closed;  half-open --probe fails--> open (cool-down again)
@@ -44,17 +55,19 @@ CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
 _GAUGE_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 
 STATE = Gauge(
-    "order_saga_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", ["service"]
+    "order_saga_breaker_state",
+    "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+    ["operation"],
 )
 TRANSITIONS = Counter(
     "order_saga_breaker_transitions_total",
     "Circuit breaker state changes",
-    ["service", "from_state", "to_state"],
+    ["operation", "from_state", "to_state"],
 )
 REJECTED = Counter(
     "order_saga_breaker_rejected_calls_total",
-    "Calls not made because the service's breaker was open",
-    ["service"],
+    "Calls not made because the operation's breaker was open",
+    ["operation"],
 )
 
 
@@ -89,7 +102,7 @@ class Breaker:
         self._opened_at = 0.0
         self._probing = False
         self._changed = asyncio.Event()  # replaced on every change; waiters hold the old one
-        STATE.labels(service=service).set(0)
+        STATE.labels(operation=service).set(0)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -140,7 +153,7 @@ class Breaker:
 
     def refuse(self) -> CircuitOpen:
         self.stats.rejected += 1
-        REJECTED.labels(service=self.service).inc()
+        REJECTED.labels(operation=self.service).inc()
         wait = self.retry_after()
         return CircuitOpen(
             f"{self.service}: circuit breaker {self.state}, no call made (probe in {wait:.1f}s)",
@@ -187,8 +200,8 @@ class Breaker:
         before, self._state = self._state, state
         level = logging.INFO if state == CLOSED else logging.WARNING
         log.log(level, "circuit breaker %s: %s -> %s (%s)", self.service, before, state, reason)
-        STATE.labels(service=self.service).set(_GAUGE_VALUE[state])
-        TRANSITIONS.labels(service=self.service, from_state=before, to_state=state).inc()
+        STATE.labels(operation=self.service).set(_GAUGE_VALUE[state])
+        TRANSITIONS.labels(operation=self.service, from_state=before, to_state=state).inc()
         self._wake()
 
     def _wake(self) -> None:
@@ -238,29 +251,29 @@ async def call_through(fn: Callable[[], Awaitable[T]], *, deadline: datetime | N
 
 
 class _Guarded:
-    """A service client whose every method goes through the service's breaker."""
+    """A service client whose every method goes through that operation's breaker."""
 
-    def __init__(self, client: object, breaker: Breaker) -> None:
+    def __init__(self, client: object, breakers: Breakers, service: str) -> None:
         self._client = client
-        self._breaker = breaker
+        self._breakers = breakers
+        self._service = service
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._client, name)
+        breaker = self._breakers[f"{self._service}.{name}"]
 
         async def guarded(*args: Any, **kwargs: Any) -> Any:
-            return await self._breaker.call(lambda: method(*args, **kwargs))
+            return await breaker.call(lambda: method(*args, **kwargs))
 
         return guarded
 
 
 class Breakers:
-    """The four breakers of one process, by service name."""
+    """The breakers of one process, by operation (`service.method`), made on first use."""
 
     def __init__(self, *, threshold: int = 3, cooldown: float = 5.0, batch: int = 20) -> None:
-        self.by_service = {
-            name: Breaker(name, threshold=threshold, cooldown=cooldown, batch=batch)
-            for name in SERVICES
-        }
+        self.threshold, self.cooldown, self.batch = threshold, cooldown, batch
+        self.by_operation: dict[str, Breaker] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Breakers:
@@ -270,24 +283,28 @@ class Breakers:
             batch=settings.breaker_batch,
         )
 
-    def __getitem__(self, service: str) -> Breaker:
-        return self.by_service[service]
+    def __getitem__(self, operation: str) -> Breaker:
+        """The breaker of `operation` ("user.deduct"), made closed on first use."""
+        breaker = self.by_operation.get(operation)
+        if breaker is None:
+            breaker = self.by_operation[operation] = Breaker(
+                operation, threshold=self.threshold, cooldown=self.cooldown, batch=self.batch
+            )
+        return breaker
 
     def wrap(self, services: Services) -> Services:
-        """The Services decorator: the same clients, each behind its service's breaker."""
-        guarded = {
-            name: _Guarded(getattr(services, name), breaker)
-            for name, breaker in self.by_service.items()
-        }
+        """The Services decorator: the same clients, each call behind its operation's
+        breaker."""
+        guarded = {name: _Guarded(getattr(services, name), self, name) for name in SERVICES}
         return Services(**guarded)  # each stands in for its Protocol
 
     def not_closed(self) -> dict[str, str]:
-        """Services whose breaker is open or half-open, with that state (for /healthz)."""
-        return {name: b.state for name, b in self.by_service.items() if b.state != CLOSED}
+        """Operations whose breaker is open or half-open, with that state (for /healthz)."""
+        return {name: b.state for name, b in self.by_operation.items() if b.state != CLOSED}
 
-    def check(self, service: str) -> None:
-        """Raise CircuitOpen if `service`'s breaker is open and not yet due for a probe
-        (POST /orders refuses before creating anything when the product service is out)."""
-        breaker = self.by_service[service]
-        if breaker.state == OPEN:
+    def check(self, operation: str) -> None:
+        """Raise CircuitOpen if `operation`'s breaker is open and not yet due for a probe
+        (POST /orders refuses before creating anything while `product.get` is out)."""
+        breaker = self.by_operation.get(operation)
+        if breaker is not None and breaker.state == OPEN:
             raise breaker.refuse()

@@ -125,8 +125,8 @@ async def test_a_cancelled_probe_frees_the_probe_slot() -> None:
 async def test_waiters_spend_no_call_and_are_released_in_bounded_batches() -> None:
     service = Service()
     breaker = Breaker("user", threshold=2, cooldown=0.05, batch=3)
-    guarded = Breakers().by_service  # unrelated breakers stay closed
-    assert all(b.state == CLOSED for b in guarded.values())
+    guarded = Breakers()  # unrelated breakers stay closed
+    assert guarded["user.deduct"].state == CLOSED and guarded.not_closed() == {}
     await fail_n(breaker, service, 2)
     assert breaker.state == OPEN
 
@@ -162,7 +162,7 @@ async def test_state_changes_are_logged_and_counted(caplog: pytest.LogCaptureFix
     breaker = Breaker("shipping", threshold=1, cooldown=1, clock=clock)
 
     def moves(to: str) -> float:
-        labels = {"service": "shipping", "from_state": CLOSED, "to_state": to}
+        labels = {"operation": "shipping", "from_state": CLOSED, "to_state": to}
         return REGISTRY.get_sample_value("order_saga_breaker_transitions_total", labels) or 0.0
 
     opened = moves(OPEN)
@@ -172,7 +172,7 @@ async def test_state_changes_are_logged_and_counted(caplog: pytest.LogCaptureFix
         service.down = False
         await breaker.call(service)
     assert moves(OPEN) == opened + 1
-    assert REGISTRY.get_sample_value("order_saga_breaker_state", {"service": "shipping"}) == 0
+    assert REGISTRY.get_sample_value("order_saga_breaker_state", {"operation": "shipping"}) == 0
     text = caplog.text
     assert "circuit breaker shipping: closed -> open" in text
     assert "open -> half_open" in text and "half_open -> closed" in text
@@ -180,9 +180,9 @@ async def test_state_changes_are_logged_and_counted(caplog: pytest.LogCaptureFix
 
 async def test_check_refuses_only_while_open() -> None:
     breakers = Breakers(threshold=1, cooldown=60)
-    breakers.check("product")  # closed: fine
-    await fail_n(breakers["product"], Service(), 1)
+    breakers.check("product.get")  # never called: fine
+    await fail_n(breakers["product.get"], Service(), 1)
     with pytest.raises(CircuitOpen) as refused:
-        breakers.check("product")
+        breakers.check("product.get")
     assert 0 < refused.value.retry_after <= 60
-    assert breakers.not_closed() == {"product": OPEN}
+    assert breakers.not_closed() == {"product.get": OPEN}

@@ -3,21 +3,28 @@ on, on SQLite and PostgreSQL, the reference services over real HTTP and /_faults
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+from sqlmodel import SQLModel
 
 from api.app import create_app
 from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
 from fsm import queries
 from fsm.breaker import OPEN, Breaker
 from fsm.machine import is_terminal
-from fsm.store import Store
-from tests.support.services import Downstream
-from tests.support.settings import cli_settings
+from fsm.store import Store, make_engine
+from fsm.wiring import open_store
+from tests.support.services import Books, Downstream, assert_conserved
+from tests.support.settings import cli_settings, saga_settings
 from tests.support.waiting import wait_until
 
 THRESHOLD, ATTEMPTS, ORDERS = 3, 4, 30
@@ -73,7 +80,7 @@ def test_an_outage_costs_threshold_plus_probes_then_every_order_finishes(
     balance, stock = downstream.balance(ORDINARY_USER_ID), downstream.stock(WIDGET_ID)
     downstream.fault("user.deduct", "error", count=OUTAGE)
     with api(db_url, downstream.url) as client:
-        user = breaker(client, "user")
+        user = breaker(client, "user.deduct")
         ids = [place(client, ORDINARY_USER_ID, WIDGET_ID) for _ in range(ORDERS)]
         wait_until(
             lambda: (
@@ -91,10 +98,13 @@ def test_an_outage_costs_threshold_plus_probes_then_every_order_finishes(
         assert calls <= THRESHOLD + user.stats.probes + user.stats.late_failures
         assert calls < ORDERS * ATTEMPTS / 3
         health = client.get("/healthz").json()
-        assert health["status"] == "degraded" and health["breakers"]["user"] in (OPEN, "half_open")
+        assert health["status"] == "degraded" and health["breakers"]["user.deduct"] in (
+            OPEN,
+            "half_open",
+        )
         metrics = client.get("/metrics").text
         assert (
-            'order_saga_breaker_transitions_total{from_state="closed",service="user",to_state="open"}'
+            'order_saga_breaker_transitions_total{from_state="closed",operation="user.deduct",to_state="open"}'
             in metrics
         )
         assert all(o["status"] == "running" for o in states(client, ids))  # none gave up
@@ -120,7 +130,7 @@ def test_a_compensation_during_an_outage_waits_and_completes_after_recovery(
     balance = downstream.balance(ORDINARY_USER_ID)
     downstream.fault("user.refund", "error", count=OUTAGE)
     with api(db_url, downstream.url) as client:
-        user = breaker(client, "user")
+        user = breaker(client, "user.refund")
         (oid,) = [
             place(client, ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID)
         ]  # paid, inventory 409 -> refund
@@ -145,7 +155,7 @@ def test_post_orders_is_refused_while_the_product_breaker_is_open(
     with api(db_url, downstream.url, breaker_cooldown=30.0) as client:
         first = place(client, ORDINARY_USER_ID, WIDGET_ID)
         wait_until(
-            lambda: breaker(client, "product").state == OPEN, what="the product breaker open"
+            lambda: breaker(client, "product.get").state == OPEN, what="the product breaker open"
         )
         before = len(queries.list_orders(store, queries.OrderFilter())[0])
         body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
@@ -157,5 +167,63 @@ def test_post_orders_is_refused_while_the_product_breaker_is_open(
             len(queries.list_orders(store, queries.OrderFilter())[0]) == before
         )  # nothing created
         assert store.find_by_idempotency_key("during-outage") is None
-        assert client.get("/healthz").json()["breakers"] == {"product": OPEN}
+        assert client.get("/healthz").json()["breakers"] == {"product.get": OPEN}
         assert client.get(f"/orders/{first}").json()["state"] == "product_requested"
+
+
+def deduct_closes() -> float:
+    """How often the `user.deduct` breaker has closed in this process (any from-state)."""
+    return sum(
+        REGISTRY.get_sample_value(
+            "order_saga_breaker_transitions_total",
+            {"operation": "user.deduct", "from_state": before, "to_state": "closed"},
+        )
+        or 0.0
+        for before in ("open", "half_open")
+    )
+
+
+@pytest.mark.slow
+def test_a_partial_outage_is_shielded_by_its_own_breaker(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """Issue 16: only `user.deduct` fails for 20 s while the user service's refunds keep
+    succeeding (operators cancel completed orders meanwhile). A breaker per service was
+    closed by each refund and let the waiting deducts through again (26-182 calls); per
+    operation, the deducts are shielded the whole time: at most 60 calls for 30 orders.
+    SQLite only: the breaker is the same on both databases."""
+    db_url = f"sqlite:///{tmp_path}/saga.db"
+    engine = make_engine(db_url)
+    SQLModel.metadata.create_all(engine)
+    engine.dispose()
+    books = Books.read(downstream, users=[ORDINARY_USER_ID], products=[WIDGET_ID])
+    with api(db_url, downstream.url, breaker_cooldown=5.0) as client:
+        done = [place(client, ORDINARY_USER_ID, WIDGET_ID) for _ in range(10)]
+        wait_until(
+            lambda: {o["status"] for o in states(client, done)} == {"completed"},
+            what="the orders to cancel later completed",
+        )
+        downstream.fault("user.deduct", "error", count=OUTAGE)
+        closed_before = deduct_closes()
+        ids = [place(client, ORDINARY_USER_ID, WIDGET_ID) for _ in range(ORDERS)]
+        for oid in done:  # 20 s of outage, a refund every 2 s
+            assert client.post(f"/orders/{oid}/cancel").json()["status"] == "cancelled"
+            time.sleep(2.0)
+        calls = calls_made(downstream, "user.deduct")
+        # It never flapped: no refund's success closed the deducts' breaker.
+        assert deduct_closes() == closed_before
+        shielded = client.get("/healthz").json()["breakers"]
+        assert shielded.get("user.deduct") in (OPEN, "half_open"), shielded
+        assert "user.refund" not in shielded, shielded  # the healthy endpoint stays usable
+        httpx.delete(f"{downstream.url}/_faults").raise_for_status()
+        wait_until(
+            lambda: all(is_terminal(o["state"]) for o in states(client, ids)),
+            60,
+            what="every order terminal after the outage",
+        )
+    print(f"\npartial outage: {calls} user.deduct calls in 20 s for {ORDERS} orders")
+    assert calls <= 60, calls
+    with open_store(saga_settings(db_url)) as store:
+        orders = [store.get(uuid.UUID(oid)) for oid in [*done, *ids]]
+    assert {o.status for o in orders[len(done) :]} == {"completed"}
+    assert_conserved(downstream, books, orders)

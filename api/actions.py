@@ -10,10 +10,11 @@ from typing import Annotated
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import StoreDep
+from api.deps import PrincipalDep, StoreDep
 from api.schemas import OrderOut, problems
 from fsm import operator
 from fsm.executor import new_owner
+from fsm.machine import OperatorAction
 
 router = APIRouter(prefix="/orders", tags=["orders"])
 
@@ -33,11 +34,20 @@ class ResolveIn(BaseModel):
     response_model=OrderOut,
     responses=problems(404, 409, 500),
 )
-async def resolve_order(order_id: uuid.UUID, body: ResolveIn, store: StoreDep) -> OrderOut:
+async def resolve_order(
+    order_id: uuid.UUID, body: ResolveIn, store: StoreDep, principal: PrincipalDep
+) -> OrderOut:
     """End a parked (`needs_attention`) order an operator fixed by hand: the declared edge
-    needs_attention -resolve-> resolved, with the reason kept in the transition log.
-    Nothing downstream is called. 409 unless the order is parked and nobody drives it."""
+    needs_attention -resolve-> resolved, with the reason kept in the transition log and
+    an audit row naming the caller's key. Nothing downstream is called. 409 unless the
+    order is parked and nobody drives it."""
+    audit = operator.Audit(OperatorAction.RESOLVE, principal.audit, body.reason)
     order = await operator.resolve(
-        store, order_id, reason=body.reason, owner=new_owner(), operator=body.operator
+        store,
+        order_id,
+        reason=body.reason,
+        owner=new_owner(),
+        operator=body.operator or principal.name,
+        audit=audit,
     )
     return OrderOut.of(order)

@@ -1,7 +1,8 @@
 """create_app(): the orchestrator's FastAPI application, its lifespan, routers and edge.
 
-The edge (`api/guard.py`) wraps everything, the mounted reference services included: the
-bearer token when one is configured, then the body cap and strict JSON. Every error answer
+The edge wraps everything, the mounted reference services included: who is calling and
+whether their role may (`api/auth.py`, from the table in `api/access.py`), then the body
+cap and strict JSON (`api/guard.py`). Every error answer
 goes through `api/problems.py`.
 """
 
@@ -20,9 +21,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from api import actions, diagram, openapi, orders, problems, ui
+from api import actions, diagram, oidc, openapi, orders, problems, ui
+from api.auth import Authenticator, AuthGate
 from api.deps import StoreDep
-from api.guard import BodyGuard, TokenGate
+from api.guard import BodyGuard
 from api.runner import Runner
 from fsm.breaker import Breakers
 from fsm.clients import Services
@@ -59,6 +61,9 @@ def create_app(
     built from settings, and with no URLs configured the reference services are mounted
     under /services and called over HTTP at `embedded_url`."""
     settings = settings or get_settings()
+    authenticator = Authenticator(
+        None, api_token=settings.api_token, ttl=settings.key_cache_seconds
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,6 +81,8 @@ def create_app(
                 runner,
             )
             app.state.health = WriteHealth(saga.store)
+            authenticator.engine = saga.store.engine
+            await authenticator.setup()
             app.state.breakers = saga.breakers
             if sweep:
                 runner.start_sweeper()
@@ -91,12 +98,16 @@ def create_app(
         description="Durable order orchestrator (saga as a persisted state machine)",
     )
     app.state.settings = settings
+    app.state.authenticator = authenticator
     app.state.diagrams = diagram.Renderer(concurrency=settings.diagram_concurrency)
     problems.install(app)
-    openapi.install(app, secured=settings.api_token is not None)
+    openapi.install(app)
     app.include_router(orders.router)
     app.include_router(diagram.router)
     # Operator console (issue 9): the /ui pages, their assets, a request id on every line.
+    app.include_router(ui.login_router)  # /ui/login, /ui/logout (issue 17)
+    app.include_router(oidc.router)  # /ui/oidc/login, /ui/oidc/callback (404 unless set)
+    app.state.oidc = oidc.Provider(settings) if settings.oidc else None
     app.include_router(ui.router)
     app.include_router(actions.router)
     app.mount("/ui/static", ui.static, name="ui-static")
@@ -171,10 +182,9 @@ def create_app(
         from downstream.app import create_services_app
 
         app.mount("/services", create_services_app(settings.services_db))
-    # Added last = outermost: the token is checked before a body is even read.
+    # Added last = outermost: the caller is checked before a body is even read.
     app.add_middleware(
         BodyGuard, max_bytes=settings.max_body_bytes, read_timeout=settings.body_timeout
     )
-    if settings.api_token is not None:
-        app.add_middleware(TokenGate, token=settings.api_token)
+    app.add_middleware(AuthGate, authenticator=authenticator)
     return app

@@ -18,7 +18,7 @@ import anyio
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import StoreDep
+from api.deps import PrincipalDep, StoreDep, visible
 from fsm.diagram import CONTENT_TYPES, Format, GraphvizMissing, render
 from fsm.errors import OrderNotFound
 from fsm.models import Transition
@@ -97,12 +97,16 @@ async def machine_diagram(request: Request, fmt: FormatQuery = "svg") -> Respons
     responses={**_RESPONSES, 404: {"description": "No such order."}},
 )
 async def order_diagram(
-    request: Request, order_id: uuid.UUID, store: StoreDep, fmt: FormatQuery = "svg"
+    request: Request,
+    order_id: uuid.UUID,
+    store: StoreDep,
+    principal: PrincipalDep,
+    fmt: FormatQuery = "svg",
 ) -> Response:
     """The machine with this order's path (from its transition log) and current state(s)
     highlighted."""
     try:
-        await run_in_threadpool(store.get, order_id)
+        visible(await run_in_threadpool(store.get, order_id), principal)
     except OrderNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from exc
     history = await run_in_threadpool(store.history, order_id)

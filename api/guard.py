@@ -1,8 +1,6 @@
 """ASGI middleware at the edge of the process, in front of every route and every mount.
 
-`TokenGate`: with ORDER_SAGA_API_TOKEN set, every path but an explicit allow-list needs
-`Authorization: Bearer <token>`. Enforced here rather than per route, so the mounted
-reference services and any route added later are covered without anyone remembering to.
+Who may call what is `api.auth.AuthGate` (issue 17), outermost of all.
 
 `BodyGuard`: bodies are capped before anything reads them (413), and a JSON body must be
 strict JSON before any handler parses it (422): UTF-8 (a body declared in another charset:
@@ -10,56 +8,23 @@ strict JSON before any handler parses it (422): UTF-8 (a body declared in anothe
 `json` accepts all of those, and a handler would otherwise act on the last duplicate or
 fail to echo the value back.
 
-Server side only: the client side of the token (our token on calls to our own embedded
+Server side only: the client side of the bearer (our token on calls to our own embedded
 services) is `fsm.wiring`'s, where every service client is built.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import math
 from typing import Any
 
 import anyio
-from fastapi.security import HTTPBearer
 from starlette.datastructures import Headers
-from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.problems import ValidationIssue, excerpt, problem
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-BEARER = HTTPBearer(
-    auto_error=False, description="Required on every path but /healthz, /readyz and /metrics"
-)
 JSON_METHODS = frozenset({"POST", "PUT", "PATCH"})
-
-
-class TokenGate:
-    def __init__(self, app: ASGIApp, *, token: str, open_paths: frozenset[str] = OPEN_PATHS):
-        self.app = app
-        self.expected = token.encode("utf-8")
-        self.open_paths = open_paths
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths:
-            await self.app(scope, receive, send)
-            return
-        credentials = await BEARER(HTTPConnection(scope))
-        # Starlette decodes header bytes as latin-1: encoding back gives the bytes sent,
-        # so a non-ASCII header (or token) is compared, never a TypeError.
-        given = credentials.credentials.encode("latin-1") if credentials else b""
-        if credentials is None or not hmac.compare_digest(given, self.expected):
-            response = problem(
-                401,
-                "missing or wrong bearer token",
-                code="unauthorized",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
 
 
 class BadJSON(ValueError):

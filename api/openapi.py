@@ -1,9 +1,11 @@
-"""The OpenAPI document says what the edge does: problem+json errors, the bearer scheme.
+"""The OpenAPI document says what the edge does: problem+json errors, who may call what.
 
 FastAPI documents each route's own answers; the answers the middleware and the shared
-error mapping give to every route (401, 413, 422, 503) are added here, from the same
-constants they use, so the document cannot drift from `api/guard.py` and
-`api/problems.py`.
+error mapping give to every route (401, 403, 404 for another client's order, 413, 422,
+503) are added here, from the same constants and the same route x role table they use,
+so the document cannot drift from `api/auth.py`, `api/access.py`, `api/guard.py` and
+`api/problems.py`. The security schemes are always described: authentication turns on
+at run time, once ORDER_SAGA_API_TOKEN is set or the first key is created.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from api.guard import BEARER, JSON_METHODS, OPEN_PATHS
+from api.access import OWN, OWN_ACT, ROUTES, Access, roles_of
+from api.auth import BEARER
+from api.guard import JSON_METHODS
 from api.problems import MEDIA_TYPE, RETRY_AFTER, Problem
 
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
@@ -23,7 +27,24 @@ WITH_BODY = {
     413: "the body is larger than ORDER_SAGA_MAX_BODY_BYTES",
     422: "invalid input: not strict JSON (NaN, duplicate keys, lone surrogates) or not the schema",
 }
-SECURED = {401: "missing or wrong bearer token"}
+SESSION = {
+    "type": "apiKey",
+    "in": "cookie",
+    "name": "order_saga_session",
+    "description": "The console's session (sign in at /ui/login); a request other than "
+    "GET also needs its X-CSRF-Token header",
+}
+
+
+def _secured(access: Access) -> dict[int, str]:
+    roles = ", ".join(r.value for r in roles_of(access))
+    answers = {
+        401: "no credentials, a wrong or revoked key (once authentication is on)",
+        403: f"the caller's role may not call this; allowed: {roles}",
+    }
+    if access in (OWN, OWN_ACT):
+        answers[404] = "no such order, or (for a client key) an order another key created"
+    return answers
 
 
 def _problem(description: str, status: int) -> dict[str, Any]:
@@ -51,7 +72,7 @@ def _as_problem(answer: dict[str, Any]) -> None:
         content[MEDIA_TYPE] = {"schema": PROBLEM_REF}
 
 
-def build(app: FastAPI, *, secured: bool) -> dict[str, Any]:
+def build(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(
         title=app.title,
         version=app.version,
@@ -63,10 +84,10 @@ def build(app: FastAPI, *, secured: bool) -> dict[str, Any]:
     schemas.update(Problem.model_json_schema(ref_template="#/components/schemas/{model}")["$defs"])
     schemas["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
     schemas["Problem"].pop("$defs", None)
-    if secured:
-        components["securitySchemes"] = {
-            "bearer": BEARER.model.model_dump(mode="json", by_alias=True, exclude_none=True)
-        }
+    components["securitySchemes"] = {
+        "bearer": BEARER.model.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "session": SESSION,
+    }
     for path, operations in schema.get("paths", {}).items():
         for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
@@ -76,9 +97,10 @@ def build(app: FastAPI, *, secured: bool) -> dict[str, Any]:
             extra = dict(EVERYWHERE)
             if method.upper() in JSON_METHODS:
                 extra |= WITH_BODY
-            if secured and path not in OPEN_PATHS:
-                extra |= SECURED
-                operation["security"] = [{"bearer": []}]
+            access = ROUTES.get((method.upper(), path))
+            if access is None or not access.public:
+                extra |= _secured(access) if access else {401: "no credentials", 403: "admin"}
+                operation["security"] = [{"bearer": []}, {"session": []}]
             for status, description in extra.items():
                 responses.setdefault(str(status), _problem(description, status))
     for name in ERROR_SCHEMAS:  # replaced by Problem everywhere
@@ -86,10 +108,10 @@ def build(app: FastAPI, *, secured: bool) -> dict[str, Any]:
     return schema
 
 
-def install(app: FastAPI, *, secured: bool) -> None:
+def install(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = build(app, secured=secured)
+            app.openapi_schema = build(app)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

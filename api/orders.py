@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from api.deps import ExecutorDep, SettingsDep, StoreDep
+from api.deps import ExecutorDep, PrincipalDep, SettingsDep, StoreDep, visible
 from api.runner import Runner
 from api.schemas import (
     OrderIn,
@@ -21,8 +21,9 @@ from api.schemas import (
     problems,
 )
 from fsm import queries
-from fsm.machine import Status
+from fsm.machine import OperatorAction, Status
 from fsm.models import Order
+from fsm.operator import Audit
 
 router = APIRouter(prefix="/orders", tags=["orders"])
 
@@ -37,6 +38,11 @@ IdempotencyKey = Annotated[
         description="1-200 visible ASCII characters; a retry with the same key and body "
         "returns the same order",
     ),
+]
+
+Reason = Annotated[
+    str | None,
+    Query(max_length=1000, description="why (kept in the order's transition log)"),
 ]
 
 _FINISHED = {Status.COMPLETED, Status.FAILED, Status.CANCELLED}
@@ -71,6 +77,7 @@ async def create_order(
     store: StoreDep,
     executor: ExecutorDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
     idempotency_key: IdempotencyKey = None,
     prefer: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
@@ -84,6 +91,7 @@ async def create_order(
         quantity=body.quantity,
         idempotency_key=idempotency_key,
         owner=executor.owner,
+        created_by=principal.creator,
     )
     if not created:
         same = (order.user_id, order.product_id, order.quantity) == (
@@ -116,29 +124,37 @@ async def create_order(
 @router.get("", response_model=OrderList, responses=problems(500))
 def list_orders(
     store: StoreDep,
+    principal: PrincipalDep,
     status_: Annotated[Status | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> OrderList:
-    """Orders, newest first, optionally of one coarse status; page with limit/offset."""
-    flt = queries.OrderFilter(status=status_, limit=limit, offset=offset, parked_first=False)
+    """Orders, newest first, optionally of one coarse status; page with limit/offset.
+    A client key lists the orders it placed, only those."""
+    mine = principal.creator if principal.sees_only_own else None
+    flt = queries.OrderFilter(
+        status=status_, limit=limit, offset=offset, parked_first=False, created_by=mine
+    )
     found, _ = queries.list_orders(store, flt)
     return OrderList(orders=[OrderOut.of(o) for o in found], limit=limit, offset=offset)
 
 
 @router.get("/{order_id}", response_model=OrderOut, responses=problems(404, 500))
-def get_order(order_id: uuid.UUID, store: StoreDep) -> OrderOut:
+def get_order(order_id: uuid.UUID, store: StoreDep, principal: PrincipalDep) -> OrderOut:
     """One order: coarse status, exact machine state, each step's state, retry info."""
-    return OrderOut.of(store.get(order_id))
+    return OrderOut.of(visible(store.get(order_id), principal))
 
 
 @router.get(
     "/{order_id}/transitions", response_model=list[TransitionOut], responses=problems(404, 500)
 )
-def get_transitions(order_id: uuid.UUID, store: StoreDep) -> list[TransitionOut]:
+def get_transitions(
+    order_id: uuid.UUID, store: StoreDep, principal: PrincipalDep
+) -> list[TransitionOut]:
     """The order's append-only transition log, oldest first: every committed move with
-    the downstream answer, error or operator's reason in `detail`."""
-    store.get(order_id)  # 404 for an unknown order rather than an empty list
+    the downstream answer, error or operator's reason in `detail`, and every operator
+    action as its own row (scope `operator`, from = to) naming who did it and why."""
+    visible(store.get(order_id), principal)  # 404 for an unknown order, not an empty list
     return [TransitionOut.of(t) for t in store.history(order_id)]
 
 
@@ -147,10 +163,13 @@ def get_transitions(order_id: uuid.UUID, store: StoreDep) -> list[TransitionOut]
     response_model=OrderOut,
     responses=problems(404, 409, 500),
 )
-async def resume_order(order_id: uuid.UUID, executor: ExecutorDep) -> OrderOut:
+async def resume_order(
+    order_id: uuid.UUID, executor: ExecutorDep, principal: PrincipalDep, reason: Reason = None
+) -> OrderOut:
     """Drive the order on from its persisted state now (a parked order retries its
-    compensation); a terminal order is returned unchanged."""
-    return OrderOut.of(await executor.run(order_id))
+    compensation); a terminal order is returned unchanged. The log names who resumed."""
+    audit = Audit(OperatorAction.RESUME, principal.audit, reason)
+    return OrderOut.of(await executor.run(order_id, audit=audit))
 
 
 @router.post(
@@ -158,6 +177,16 @@ async def resume_order(order_id: uuid.UUID, executor: ExecutorDep) -> OrderOut:
     response_model=OrderOut,
     responses=problems(404, 409, 500),
 )
-async def cancel_order(order_id: uuid.UUID, executor: ExecutorDep) -> OrderOut:
-    """Cancel a completed order: refund the user, restore the stock, cancel the shipment."""
-    return OrderOut.of(await executor.cancel(order_id))
+async def cancel_order(
+    order_id: uuid.UUID,
+    store: StoreDep,
+    executor: ExecutorDep,
+    principal: PrincipalDep,
+    reason: Reason = None,
+) -> OrderOut:
+    """Cancel a completed order: refund the user, restore the stock, cancel the shipment.
+    A client key may cancel the orders it placed; the log names who cancelled."""
+    if principal.sees_only_own:
+        visible(store.get(order_id), principal)
+    audit = Audit(OperatorAction.CANCEL, principal.audit, reason)
+    return OrderOut.of(await executor.cancel(order_id, audit=audit))

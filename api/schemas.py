@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
 
 from api.problems import Problem
-from fsm.machine import OrderState, Status, Step, StepState
+from fsm.machine import AUDIT_SCOPE, OrderState, Status, Step, StepState
 from fsm.models import STATE_COLUMN, Order, Transition
 from fsm.store import step_states
 
@@ -112,7 +112,7 @@ _FIRST_STEP = next(iter(Step)).value
 
 
 def _state(scope: str, state: str) -> OrderState | StepState:
-    return OrderState(state) if scope == "order" else StepState(state)
+    return OrderState(state) if scope in ("order", AUDIT_SCOPE) else StepState(state)
 
 
 class TransitionOut(BaseModel):
@@ -134,8 +134,9 @@ class TransitionOut(BaseModel):
 
     seq: int
     scope: str = Field(
-        description='"order", or the step the transition belongs to',
-        json_schema_extra={"enum": list(STATE_COLUMN)},
+        description='"order", the step the transition belongs to, or "operator": an audit '
+        "row naming who did an operator action and why (from = to: not a move; issue 17)",
+        json_schema_extra={"enum": [*STATE_COLUMN, AUDIT_SCOPE]},
     )
     trigger: str
     from_state: OrderState | StepState = Field(description="order states, or step states")

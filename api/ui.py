@@ -21,11 +21,17 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from api.deps import ExecutorDep, StoreDep
+from api.deps import ExecutorDep, PrincipalDep, StoreDep
 from fsm import diagram, heatmap, operator, queries
 from fsm.errors import SagaError
 from fsm.executor import new_owner
-from fsm.machine import TERMINAL_ORDER_STATES, OrderState, Status, is_terminal
+from fsm.machine import (
+    TERMINAL_ORDER_STATES,
+    OperatorAction,
+    OrderState,
+    Status,
+    is_terminal,
+)
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -41,6 +47,15 @@ class Action(StrEnum):
     RETRY = "retry"
     CANCEL = "cancel"
     RESOLVE = "resolve"
+
+
+# what the transition log's audit row calls each button
+AUDITED = {
+    Action.RESUME: OperatorAction.RESUME,
+    Action.RETRY: OperatorAction.RETRY_COMPENSATION,
+    Action.CANCEL: OperatorAction.CANCEL,
+    Action.RESOLVE: OperatorAction.RESOLVE,
+}
 
 
 # action -> (button label, what it does, allowed in these states)
@@ -189,19 +204,26 @@ async def act(
     action: Action,
     store: StoreDep,
     executor: ExecutorDep,
+    principal: PrincipalDep,
     reason: Annotated[str, Form(max_length=1000)] = "",
 ) -> RedirectResponse:
     """Run the confirmed action, then back to the order's page with what happened."""
+    audit = operator.Audit(AUDITED[action], principal.audit, reason, channel="console")
     try:
         if action in (Action.RESUME, Action.RETRY):
-            order = await executor.run(order_id)
+            order = await executor.run(order_id, audit=audit)
         elif action is Action.CANCEL:
-            order = await executor.cancel(order_id)
+            order = await executor.cancel(order_id, audit=audit)
         else:
             if not reason.strip():
                 return _redirect(order_id, error="a reason is required to mark an order resolved")
             order = await operator.resolve(
-                store, order_id, reason=reason, owner=new_owner(), operator="operator page"
+                store,
+                order_id,
+                reason=reason,
+                owner=new_owner(),
+                operator=principal.name,
+                audit=audit,
             )
     except SagaError as exc:
         return _redirect(order_id, error=str(exc))

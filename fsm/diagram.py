@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, get_args
 
 import graphviz
 
-from fsm.machine import TERMINAL_ORDER_STATES, Edge, OrderState, OrderTrigger, Step, StepTrigger
+from fsm.machine import (
+    AUDIT_SCOPE,
+    TERMINAL_ORDER_STATES,
+    Edge,
+    OrderState,
+    OrderTrigger,
+    Step,
+    StepTrigger,
+)
 from fsm.machine import edges as declared_edges
 
 if TYPE_CHECKING:
@@ -143,6 +151,8 @@ def highlighted(history: Iterable[Transition]) -> Highlight:
     taken: set[EdgeKey] = set()
     last: dict[str, str] = {}
     for row in sorted(history, key=lambda r: r.seq):
+        if row.scope == AUDIT_SCOPE:
+            continue  # who did what: not a move of the machine
         states |= {(row.scope, row.from_state), (row.scope, row.to_state)}
         taken.add((row.scope, row.trigger, row.from_state, row.to_state))
         last[row.scope] = row.to_state

@@ -31,7 +31,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from fsm import events, metrics
+from fsm import events, metrics, operator
 from fsm.breaker import call_through
 from fsm.clients import Services
 from fsm.errors import (
@@ -53,6 +53,7 @@ from fsm.machine import (
     to_compensate,
 )
 from fsm.models import Order
+from fsm.operator import Audit
 from fsm.retry import RetryPolicy, stop_at
 from fsm.steps import idempotency_key, saga_steps
 from fsm.store import Store, utcnow
@@ -99,18 +100,29 @@ class Executor:
 
     # -- entry points ----------------------------------------------------------------
 
-    async def run(self, order_id: uuid.UUID) -> Order:
-        """Claim the order and drive it as far as this run's retry budget allows."""
+    async def run(self, order_id: uuid.UUID, *, audit: Audit | None = None) -> Order:
+        """Claim the order and drive it as far as this run's retry budget allows. With
+        `audit` (a person's resume), a live order's log first names who and why."""
         self._reserve(order_id)
         try:
             order = await self._claim(order_id)
         except BaseException:
             self._driving.discard(order_id)
             raise
+        if audit is not None and not is_terminal(order.state):
+            try:
+                await operator.record(self.store, order, owner=self.owner, audit=audit)
+            except BaseException:
+                try:
+                    await self._release(order)
+                finally:
+                    self._driving.discard(order_id)
+                raise
         return await self._drive_reserved(order)
 
-    async def cancel(self, order_id: uuid.UUID) -> Order:
-        """The owner cancels a completed order: refund, restore, cancel shipping."""
+    async def cancel(self, order_id: uuid.UUID, *, audit: Audit | None = None) -> Order:
+        """The owner cancels a completed order: refund, restore, cancel shipping. With
+        `audit`, the log first names who cancelled and why."""
         self._reserve(order_id)
         try:
             order = await self._claim(order_id)
@@ -119,6 +131,7 @@ class Executor:
             raise
         try:
             if order.state == OrderState.COMPLETED:
+                await operator.record(self.store, order, owner=self.owner, audit=audit)
                 # One commit: a crash can never keep the request but lose the transition.
                 await self._fire(order, "order", OrderTrigger.CANCEL, cancel_requested=True)
             elif not order.cancel_requested:

@@ -41,6 +41,8 @@ __all__ = [
     "PRODUCT_SERVICE",
     "SERVICES",
     "OrderTrigger",
+    "OperatorAction",
+    "AUDIT_SCOPE",
     "Outcome",
     "Status",
     "Step",
@@ -157,6 +159,19 @@ class Status(StrEnum):
     # counts, filters and alerts should be able to tell the two apart.
     RESOLVED = "resolved"
 
+
+class OperatorAction(StrEnum):
+    """What a person did to an order (issue 17). Each is logged as its own audit row in
+    the transition log — scope `AUDIT_SCOPE`, from = to: not a move, so no edge, no crash
+    point and no change to MACHINE_VERSION — naming who and why, before the action runs."""
+
+    RESUME = "resume"
+    RETRY_COMPENSATION = "retry_compensation"
+    CANCEL = "cancel"
+    RESOLVE = "resolve"
+
+
+AUDIT_SCOPE = "operator"
 
 S, T = OrderState, OrderTrigger
 

@@ -26,10 +26,15 @@ def _utc() -> Any:
 
 class OrderTable(SQLModel, table=True):
     __tablename__ = "orders"
-    __table_args__ = (Index("ix_orders_status_updated", "status", "updated_at"),)
+    __table_args__ = (
+        Index("ix_orders_status_updated", "status", "updated_at"),
+        # Idempotency keys are scoped per caller (issue 17): two clients may both send
+        # "checkout-42" and get two orders.
+        UniqueConstraint("created_by", "idempotency_key", name="uq_orders_created_by_key"),
+    )
 
     id: uuid.UUID = Field(primary_key=True)
-    idempotency_key: str | None = Field(default=None, max_length=200, unique=True)
+    idempotency_key: str | None = Field(default=None, max_length=200)
     user_id: int
     product_id: int
     quantity: int
@@ -63,6 +68,9 @@ class OrderTable(SQLModel, table=True):
     # The machine (fsm.machine.MACHINE_VERSION) the order was created under; a state
     # migration that rewrites its states rewrites this too (issue 10).
     machine_version: str = Field(default="", max_length=12)
+    # Who placed it: the API key's name ("" for orders placed with no identity, i.e. on an
+    # open laptop install or before issue 17). A `client` key sees only its own orders.
+    created_by: str = Field(default="", max_length=64, index=True)
 
 
 class TransitionTable(SQLModel, table=True):
@@ -115,6 +123,7 @@ class Order:
     attention_reason: str | None = None
     cancel_requested: bool = False
     machine_version: str = ""
+    created_by: str = ""
 
     def state_of(self, scope: str) -> str:
         """The state of the order ("order") or of one of its steps."""
@@ -139,3 +148,28 @@ class Transition:
     detail: dict[str, Any] | None = None
     id: int | None = None
     machine_version: str = ""
+
+
+class ApiKeyTable(SQLModel, table=True):
+    """One client key (issue 17): a name, a role and a keyed hash of its secret, never the
+    secret itself. Revoked keys stay (names are not reused; the audit trail names them)."""
+
+    __tablename__ = "api_keys"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True)
+    role: str = Field(max_length=16)
+    key_hash: str = Field(max_length=64, unique=True)  # hex HMAC-SHA256(pepper, secret)
+    created_at: datetime = Field(sa_type=_utc())
+    last_used_at: datetime | None = Field(default=None, sa_type=_utc())
+    revoked_at: datetime | None = Field(default=None, sa_type=_utc())
+
+
+class ServerSecretTable(SQLModel, table=True):
+    """Random secrets of this deployment, made once and shared through the database by
+    every `serve`/`worker` process: the key pepper, the console's cookie signing key."""
+
+    __tablename__ = "server_secrets"
+
+    name: str = Field(primary_key=True, max_length=32)
+    value: str = Field(max_length=128)  # hex

@@ -1,6 +1,11 @@
 """Operator actions that are not a saga run: `resolve` ends a parked order an operator
 fixed by hand. Like every move it is a declared edge, committed under the order's lease
 with the operator's reason in the transition log, so the audit trail is the log itself.
+
+`Audit` is who did an operator action (resume, retry compensation, cancel, resolve) and
+why: the executor and `resolve` write it as its own row (scope AUDIT_SCOPE) right after
+taking the lease and before acting, so the log names the person even if the action then
+fails or the process dies.
 """
 
 from __future__ import annotations
@@ -8,12 +13,38 @@ from __future__ import annotations
 import os
 import signal
 import uuid
+from dataclasses import dataclass, field
+from typing import Any
 
 from fsm import events
 from fsm.errors import InvalidMove, LeaseLost
-from fsm.machine import OrderState, OrderTrigger
+from fsm.machine import OperatorAction, OrderState, OrderTrigger
 from fsm.models import Order
 from fsm.store import Store
+
+
+@dataclass(frozen=True)
+class Audit:
+    """Who (`who`: by, as, via, email) did `action`, and why (`reason`, optional)."""
+
+    action: OperatorAction
+    who: dict[str, str] = field(default_factory=dict)
+    reason: str | None = None
+    channel: str = "api"  # api | console | cli
+
+    def detail(self) -> dict[str, Any]:
+        detail: dict[str, Any] = {**self.who, "channel": self.channel}
+        if self.reason and self.reason.strip():
+            detail["reason"] = self.reason.strip()
+        return detail
+
+
+async def record(store: Store, order: Order, *, owner: str, audit: Audit | None) -> None:
+    """Write `audit` as its own log row (a no-op without one). The caller holds the lease."""
+    if audit is not None:
+        await store.record_audit(
+            order=order, owner=owner, action=audit.action.value, detail=audit.detail()
+        )
 
 
 async def resolve(
@@ -24,6 +55,7 @@ async def resolve(
     owner: str,
     operator: str | None = None,
     crash_after: str | None = None,
+    audit: Audit | None = None,
 ) -> Order:
     """needs_attention -> resolved. Raises OrderNotFound, LeaseLost (someone is driving
     it: a resume is retrying it right now) or InvalidMove (it is not parked)."""
@@ -37,6 +69,9 @@ async def resolve(
             raise InvalidMove(
                 f"only a parked (needs_attention) order can be resolved, not {order.state}"
             )
+        await record(store, order, owner=owner, audit=audit)
+        if audit is not None and operator is None:
+            operator = audit.who.get("by")
         detail = {"reason": reason.strip(), "operator": operator, "was": order.attention_reason}
         with events.transition(order, "order", OrderTrigger.RESOLVE):
             await store.record_transition(  # terminal: releases the lease in the same write

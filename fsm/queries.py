@@ -39,7 +39,7 @@ from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
 
 from fsm import sql
 from fsm.errors import CorruptOrder, OrderNotFound, StoreUnavailable
-from fsm.machine import Status
+from fsm.machine import AUDIT_SCOPE, Status
 from fsm.models import STATE_COLUMN, Order, OrderTable, Transition, TransitionTable
 from fsm.sql import as_utc
 
@@ -63,6 +63,7 @@ class OrderFilter:
     limit: int = 50
     offset: int = 0
     parked_first: bool = True  # the operator's views; the API lists newest first (SPEC §4)
+    created_by: str | None = None  # a client key's own orders only (issue 17)
 
 
 class Reads:
@@ -85,8 +86,10 @@ class Reads:
             raise OrderNotFound(f"order {order_id} not found")
         return _order_from(rows[0])
 
-    def find_by_idempotency_key(self, key: str) -> Order | None:
-        rows = self._rows(select(orders).where(orders.c.idempotency_key == key))
+    def find_by_idempotency_key(self, key: str, *, created_by: str = "") -> Order | None:
+        rows = self._rows(
+            select(orders).where(orders.c.idempotency_key == key, orders.c.created_by == created_by)
+        )
         return _order_from(rows[0]) if rows else None
 
     def history(self, order_id: uuid.UUID) -> list[Transition]:
@@ -162,6 +165,8 @@ def list_orders(reads: Reads, flt: OrderFilter) -> tuple[list[Order], int]:
         conditions.append(orders.c.user_id == flt.user_id)
     if flt.older_than is not None:
         conditions.append(orders.c.updated_at <= utcnow() - timedelta(seconds=flt.older_than))
+    if flt.created_by is not None:
+        conditions.append(orders.c.created_by == flt.created_by)
     order_by: list[Any] = [orders.c.created_at.desc(), orders.c.id]
     if flt.parked_first:
         order_by.insert(0, case((orders.c.status == Status.NEEDS_ATTENTION.value, 0), else_=1))
@@ -291,6 +296,10 @@ def heat(store: Reads) -> Heat:
         now = {(s, st): int(n) for s, st, n in conn.execute(occupancy)}
         pct = {(r.scope, r.state): (r.p50, r.p95) for r in conn.execute(percentiles)}
         edges = {(s, tr, a, b): int(n) for s, tr, a, b, n in conn.execute(edge_counts)}
+    # The operator's audit rows are not moves of the machine: not part of its traffic.
+    passed = {k: n for k, n in passed.items() if k[0] != AUDIT_SCOPE}
+    pct = {k: v for k, v in pct.items() if k[0] != AUDIT_SCOPE}
+    edges = {k: n for k, n in edges.items() if k[0] != AUDIT_SCOPE}
     keys = passed.keys() | now.keys() | pct.keys()
     states = {
         k: StateHeat(passed.get(k, 0), now.get(k, 0), *pct.get(k, (None, None))) for k in keys

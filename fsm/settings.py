@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     # Where the embedded reference services keep their state (survives restarts).
     services_db: str = "order-saga-services.db"
     api_token: str | None = None
+    # Issue 17: how long a process trusts its lookup of a key (a revoked key stops working
+    # within this, everywhere); the console's session cookie: lifetime, `Secure` flag
+    # (None: on unless serving plain http on 127.0.0.1/localhost), OpenID Connect sign-in.
+    key_cache_seconds: float = Field(default=2.0, gt=0, le=5)
+    session_seconds: int = Field(default=8 * 3600, ge=60, le=30 * 24 * 3600)
+    cookie_secure: bool | None = None
     # Test hook only: "scope:trigger" -> the process kills itself right after that commit.
     crash_after: str | None = None
 

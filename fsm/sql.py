@@ -226,6 +226,15 @@ def select_order(dialect: Dialect, by: str) -> str:
     return dialect.sql(f"SELECT {columns} FROM orders WHERE {by} = %s")
 
 
+@lru_cache(maxsize=8)
+def select_order_by_key(dialect: Dialect) -> str:
+    """An idempotency key is unique per caller (created_by), not globally (issue 17)."""
+    columns = ", ".join(ORDER_COLUMNS)
+    return dialect.sql(
+        f"SELECT {columns} FROM orders WHERE created_by = %s AND idempotency_key = %s"
+    )
+
+
 # -- leases -------------------------------------------------------------------------------
 
 # Orders the sweep may pick up: a known, non-terminal state (a corrupt row never matches).

@@ -28,6 +28,7 @@ from fsm.committer import Committer
 from fsm.engine import backend, make_engine
 from fsm.errors import CorruptOrder, InvalidMove, LeaseLost, OrderNotFound, StaleOrder
 from fsm.machine import (
+    AUDIT_SCOPE,
     ORDER_MACHINE,
     STEP_MACHINE,
     TERMINAL_ORDER_STATES,
@@ -89,9 +90,11 @@ class Store(Reads):
         quantity: int,
         idempotency_key: str | None = None,
         owner: str | None = None,
+        created_by: str = "",
     ) -> tuple[Order, bool]:
-        """Insert a pending order, already leased to `owner` if given. With an idempotency
-        key already used, return that order instead: (order, created)."""
+        """Insert a pending order, already leased to `owner` if given, placed by the key
+        `created_by`. With an idempotency key that caller used already, return that order
+        instead: (order, created)."""
         now = utcnow()
         order = Order(
             id=uuid.uuid4(),
@@ -106,6 +109,7 @@ class Store(Reads):
             created_at=now,
             updated_at=now,
             machine_version=MACHINE_VERSION,
+            created_by=created_by,
         )
         return await self.committer.submit(partial(self._insert, order), key=order.id)
 
@@ -117,12 +121,16 @@ class Store(Reads):
             return order, True
         # A unique conflict: the key was used before, or (a retried batch whose first
         # commit's answer was lost) this very row is already there.
-        for by, value in (("id", order.id), ("idempotency_key", order.idempotency_key)):
-            if value is not None:
-                cursor.execute(sql.select_order(d, by), [d.encode(by, value)])
-                row = cursor.fetchone()
-                if row is not None:
-                    return d.order(row), by == "id"
+        cursor.execute(sql.select_order(d, "id"), [d.encode("id", order.id)])
+        row = cursor.fetchone()
+        if row is not None:
+            return d.order(row), True
+        if order.idempotency_key is not None:  # unique per caller (issue 17)
+            key = [d.encode("created_by", order.created_by), order.idempotency_key]
+            cursor.execute(sql.select_order_by_key(d), key)
+            row = cursor.fetchone()
+            if row is not None:
+                return d.order(row), False
         raise StaleOrder(f"order {order.id} could not be inserted (conflict)")
 
     async def record_transition(
@@ -162,6 +170,21 @@ class Store(Reads):
         line = (order.id, seq, scope, trigger, source, dest, detail, now, MACHINE_VERSION)
         await self._write(order, owner, values, line)
         return dest
+
+    async def record_audit(
+        self, *, order: Order, owner: str, action: str, detail: dict[str, Any]
+    ) -> None:
+        """An operator's action (who, why, through what) as its own row of the log, scope
+        AUDIT_SCOPE and from = to (not a move), under the same version and lease guard as
+        a transition. Raises StaleOrder or LeaseLost (nothing written)."""
+        now = utcnow()
+        seq = order.version + 1
+        values: dict[str, Any] = {"version": seq, "lease_expires_at": now + self.lease}
+        line = (
+            order.id, seq, AUDIT_SCOPE, action, order.state, order.state, detail, now,
+            MACHINE_VERSION,
+        )  # fmt: skip
+        await self._write(order, owner, values, line)
 
     async def note_attempt(
         self,

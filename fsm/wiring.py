@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import httpx
 from httpx_aiohttp import HttpxAiohttpClient
 
+from fsm import keys
 from fsm.breaker import Breakers
 from fsm.clients import Services, http_services
 from fsm.executor import Executor
@@ -151,7 +152,11 @@ async def open_saga(
             if services is None:
                 embedded = embedded_url or settings.fallback_services_url
                 client = await stack.enter_async_context(http_client(settings))
-                client.auth = BearerFor(settings.api_token, embedded)
+                # ORDER_SAGA_API_TOKEN, else the deployment's internal token (issue 17)
+                token = settings.api_token or await asyncio.to_thread(
+                    keys.internal_token, engine=the_store.engine
+                )
+                client.auth = BearerFor(token, embedded)
                 services = http_services_for(settings, client, embedded_url=embedded)
             guarded = Breakers.from_settings(settings) if breakers else None
             if guarded is not None:

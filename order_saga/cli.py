@@ -49,6 +49,10 @@ db_app = typer.Typer(help="Database schema.")
 app.add_typer(db_app, name="db")
 # Operator console (issue 9): `orders list|show|cancel|resolve` and `--version`.
 app.add_typer(orders_app, name="orders")
+# Client keys with roles (issue 17).
+from order_saga.keys_cli import keys_app  # noqa: E402
+
+app.add_typer(keys_app, name="keys")
 app.callback()(version_option)
 # Retention (issue 22): `prune` and `archive show`.
 app.command("prune")(prune)
@@ -134,9 +138,14 @@ def resume(
     limit: Annotated[int, typer.Option(min=1, max=100_000)] = 100,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List, change nothing.")] = False,
     order: Annotated[str | None, typer.Option(help="Resume this one order id.")] = None,
+    as_name: Annotated[
+        str | None, typer.Option("--as", help="Who is resuming --order (the audit row).")
+    ] = None,
+    reason: Annotated[str | None, typer.Option(help="Why (with --order; kept in the log).")] = None,
 ) -> None:
     """Drive stuck (non-terminal, unleased) orders to a terminal state; print a summary.
-    Exit 3 when some stay parked (needs_attention), each printed with its reason."""
+    Exit 3 when some stay parked (needs_attention), each printed with its reason. With
+    --order, the order's log names who resumed it (`--as`, default the local admin)."""
     from fsm.recovery import resume_stuck
     from fsm.store import utcnow
     from fsm.wiring import open_saga
@@ -152,7 +161,11 @@ def resume(
                     found = executor.store.get(oid)
                     typer.echo(f"{found.id} {found.state} ({found.status}): would resume")
                     return 0
-                result = await executor.run(oid)
+                from fsm.machine import OperatorAction
+                from order_saga.orders_cli import cli_audit
+
+                audit = cli_audit(OperatorAction.RESUME, as_name, reason)
+                result = await executor.run(oid, audit=audit)
                 typer.echo(f"{result.id} {result.state} ({result.status})")
                 if result.status == "needs_attention":
                     typer.echo(f"still parked: {result.id}: {result.attention_reason}", err=True)

@@ -19,15 +19,21 @@ from rich.console import Console
 from rich.table import Table
 
 from fsm.errors import SagaError
-from fsm.machine import OrderState, Status
+from fsm.machine import OperatorAction, OrderState, Status
 from order_saga.console import fail, load_settings, parse_order_id
 
 if TYPE_CHECKING:
     from fsm.models import Order, Transition
+    from fsm.operator import Audit
     from fsm.store import Store
 
 orders_app = typer.Typer(help="List, inspect, cancel and resolve orders.", no_args_is_help=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+AsName = Annotated[
+    str | None,
+    typer.Option("--as", help="Who is acting, for the audit row (default: the local admin)."),
+]
+LOCAL_ADMIN = "local-admin"
 # A pipe or a file gets wide lines (rich would squeeze the table into 80 columns).
 _console = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 
@@ -177,9 +183,24 @@ def print_order(order: Order, history: list[Transition], *, as_json: bool) -> No
     _console.print(table)
 
 
+def cli_audit(action: OperatorAction, as_name: str | None, reason: str | None) -> Audit:
+    """The CLI acts as the local admin (whoever can reach the database is one); `--as`
+    names the person, recorded with the login name of the shell that ran it."""
+    from fsm.operator import Audit
+
+    who = {"by": (as_name or "").strip() or LOCAL_ADMIN, "as": "admin", "via": "cli"}
+    login = _who()
+    if login:
+        who["login"] = login
+    return Audit(action, who, reason, channel="cli")
+
+
 @orders_app.command("cancel")
 def cancel(
-    order_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonFlag = False
+    order_id: Annotated[str, typer.Argument(metavar="ID")],
+    as_json: JsonFlag = False,
+    as_name: AsName = None,
+    reason: Annotated[str | None, typer.Option(help="Why (kept in the log).")] = None,
 ) -> None:
     """Cancel a completed order: refund, restore stock, cancel the shipment."""
     from fsm.wiring import open_saga
@@ -189,7 +210,8 @@ def cancel(
 
     async def main() -> Order:
         async with open_saga(settings) as saga:
-            return await saga.executor.cancel(oid)
+            audit = cli_audit(OperatorAction.CANCEL, as_name, reason)
+            return await saga.executor.cancel(oid, audit=audit)
 
     try:
         order = asyncio.run(main())
@@ -215,6 +237,7 @@ def resolve(
     order_id: Annotated[str, typer.Argument(metavar="ID")],
     reason: Annotated[str, typer.Option(help="What was fixed by hand (kept in the log).")],
     as_json: JsonFlag = False,
+    as_name: AsName = None,
 ) -> None:
     """End a parked (needs_attention) order an operator fixed by hand: -> resolved."""
     from fsm import operator
@@ -232,8 +255,9 @@ def resolve(
                     oid,
                     reason=reason,
                     owner=new_owner(),
-                    operator=_who(),
+                    operator=(as_name or "").strip() or _who(),
                     crash_after=settings.crash_after,
+                    audit=cli_audit(OperatorAction.RESOLVE, as_name, reason),
                 )
             )
     except SagaError as exc:

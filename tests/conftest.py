@@ -46,7 +46,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
         url = request.getfixturevalue("pg_url")
         engine = make_engine(url)
         with engine.begin() as conn:
-            conn.execute(text("TRUNCATE transitions, orders"))
+            conn.execute(text("TRUNCATE transitions, orders, api_keys"))
     engine.dispose()
     return url
 

@@ -1,0 +1,242 @@
+"""Authentication and role checks at the edge (issue 17): pure ASGI, in front of every
+route and every mount, so a route added later is covered without anyone remembering to.
+
+Who is calling comes from, in this order: `Authorization: Bearer` (the bootstrap
+ORDER_SAGA_API_TOKEN, a client key, or the process's own internal token on the embedded
+services only), else the console's signed session cookie (`api.session`). The caller is
+put on the scope as `scope["principal"]`; whether its role may call the route is looked up
+in `api.access.ROUTES` (data). Authentication is enforced once ORDER_SAGA_API_TOKEN is set
+or any key has ever been created; until then (a laptop) every path is open, the caller
+being `anonymous` with every right. Key lookups are cached for `ttl` seconds per process,
+so a revoked key stops working within that time everywhere. This module never writes a
+secret anywhere: answers name the problem, never the credential.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import anyio.to_thread
+from fastapi.security import HTTPBearer
+from sqlalchemy import Engine
+from starlette.datastructures import Headers
+from starlette.requests import HTTPConnection
+from starlette.responses import RedirectResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.access import Access, Table
+from api.problems import problem
+from api.session import COOKIE, Session, Sessions
+from fsm import keys
+from fsm.keys import Principal, Role
+
+BEARER = HTTPBearer(
+    auto_error=False,
+    description="An API key (`order-saga keys create`) or ORDER_SAGA_API_TOKEN; "
+    "required on every path but /healthz and /metrics once either exists",
+)
+ANONYMOUS = Principal(name="anonymous", role=Role.ADMIN, kind="anonymous")
+TOKEN_PRINCIPAL = Principal(name="api-token", role=Role.ADMIN, kind="token")
+INTERNAL = Principal(name="order-saga", role=Role.ADMIN, kind="internal")
+# On a public path while authentication is enforced: nobody in particular, least rights.
+NOBODY = Principal(name="nobody", role=Role.CLIENT, kind="none")
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+PAGES = ("/ui", "/docs", "/redoc")  # for people: a browser is sent to the login page
+
+
+class Cache:
+    """A small per-process map with a time to live (monotonic clock)."""
+
+    def __init__(self, ttl: float, size: int = 10_000) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._items: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
+
+    def get(self, key: Any) -> tuple[bool, Any]:
+        item = self._items.get(key)
+        if item is None or item[0] < time.monotonic():
+            return False, None
+        return True, item[1]
+
+    def put(self, key: Any, value: Any) -> None:
+        self._items[key] = (time.monotonic() + self.ttl, value)
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+class Authenticator:
+    """Credentials -> Principal, with the lookups cached for `ttl` seconds."""
+
+    def __init__(self, engine: Engine | None, *, api_token: str | None, ttl: float = 2.0) -> None:
+        self._engine = engine
+        self.token = api_token.encode("utf-8") if api_token else None
+        self.ttl = ttl
+        self._keys = Cache(ttl)
+        self._names = Cache(ttl)
+        self._enforced = Cache(ttl, size=1)
+        self._pepper: bytes | None = None
+        self._internal: bytes | None = None
+        self.sessions: Sessions | None = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("the app's lifespan has not run: no database to check keys in")
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def _secrets(self) -> None:
+        if self._pepper is None:
+            self._pepper = keys.server_secret(engine=self.engine, name="key_pepper")
+            self._internal = (keys.internal_token(engine=self.engine) or "").encode()
+            self.sessions = Sessions(keys.server_secret(engine=self.engine, name="session"))
+
+    async def setup(self) -> None:
+        await anyio.to_thread.run_sync(self._secrets)
+
+    async def enforced(self) -> bool:
+        if self.token is not None:
+            return True
+        hit, value = self._enforced.get(None)
+        if not hit:
+            value = await anyio.to_thread.run_sync(lambda: keys.any_keys(engine=self.engine))
+            self._enforced.put(None, value)
+        return bool(value)
+
+    async def bearer(self, given: bytes, path: str) -> Principal | None:
+        """The principal of a bearer credential (as sent, latin-1 bytes), None if wrong."""
+        if self.token is not None and hmac.compare_digest(given, self.token):
+            return TOKEN_PRINCIPAL
+        await self.setup()
+        if self._internal and hmac.compare_digest(given, self._internal):
+            return INTERNAL if path.startswith("/services/") or path == "/services" else None
+        try:
+            secret = given.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        if not secret.startswith(keys.PREFIX):
+            return None
+        assert self._pepper is not None
+        digest = keys.key_hash(self._pepper, secret)
+        hit, principal = self._keys.get(digest)
+        if not hit:
+            principal = await anyio.to_thread.run_sync(
+                lambda: keys.find_key(engine=self.engine, digest=digest)
+            )
+            self._keys.put(digest, principal)
+        return principal  # type: ignore[no-any-return]
+
+    async def session(self, session: Session) -> Principal | None:
+        """A console session's principal, None once its key was revoked."""
+        if session.kind != "key":
+            return session.principal
+        hit, role = self._names.get(session.name)
+        if not hit:
+            role = await anyio.to_thread.run_sync(
+                lambda: keys.live_role(engine=self.engine, name=session.name)
+            )
+            self._names.put(session.name, role)
+        if role is None:
+            return None
+        return Principal(name=session.name, role=role, kind="key")
+
+
+def _unauthorized(detail: str = "missing or wrong bearer token") -> Any:
+    return problem(401, detail, code="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _forbidden(principal: Principal, access: Access) -> Any:
+    return problem(
+        403,
+        f"the {principal.role.value} role may not do this (needs: {access.name})",
+        code="forbidden",
+    )
+
+
+def _wants_page(scope: Scope, headers: Headers) -> bool:
+    path: str = scope["path"]
+    return (
+        scope["method"] in ("GET", "HEAD")
+        and path.startswith(PAGES)
+        and "text/html" in headers.get("accept", "")
+    )
+
+
+class AuthGate:
+    def __init__(
+        self, app: ASGIApp, *, authenticator: Authenticator, table: Table | None = None
+    ) -> None:
+        self.app = app
+        self.auth = authenticator
+        self.table = table or Table.build()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        access = self.table.access(scope["method"], scope["path"])
+        scope["principal"] = ANONYMOUS
+        if not await self.auth.enforced():
+            await self.app(scope, receive, send)
+            return
+        scope["principal"] = NOBODY
+        connection = HTTPConnection(scope)
+        credentials = await BEARER(connection)
+        principal: Principal | None = None
+        if credentials is not None:
+            # Starlette decodes header bytes as latin-1: encoding back gives the bytes
+            # sent, so a non-ASCII header is compared, never a TypeError.
+            given = credentials.credentials.encode("latin-1")
+            principal = await self.auth.bearer(given, scope["path"])
+            if principal is None and not access.public:
+                await _unauthorized()(scope, receive, send)
+                return
+        elif "authorization" not in connection.headers and COOKIE in connection.cookies:
+            principal = await self._from_cookie(scope, connection)
+        if principal is None:
+            if access.public:
+                await self.app(scope, receive, send)
+                return
+            if _wants_page(scope, connection.headers):
+                login = RedirectResponse(f"/ui/login?next={scope['path']}", status_code=303)
+                await login(scope, receive, send)
+                return
+            await _unauthorized()(scope, receive, send)
+            return
+        scope["principal"] = principal
+        if not access.admits(principal.role):
+            await _forbidden(principal, access)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _from_cookie(self, scope: Scope, connection: HTTPConnection) -> Principal | None:
+        await self.auth.setup()
+        assert self.auth.sessions is not None
+        session = self.auth.sessions.read(connection.cookies[COOKIE])
+        if session is None:
+            return None
+        scope["session"] = session
+        path: str = scope["path"]
+        if scope["method"] not in SAFE_METHODS and not path.startswith("/ui/"):
+            # The API with a console cookie (e.g. /docs "try it out"): only with the
+            # session's CSRF token in a header, since a cookie rides along by itself.
+            sent = connection.headers.get("x-csrf-token", "")
+            if not hmac.compare_digest(sent.encode("latin-1"), session.csrf.encode()):
+                return None
+        return await self.auth.session(session)
+
+
+def principal_of(scope: Scope) -> Principal:
+    found: Principal = scope.get("principal", ANONYMOUS)
+    return found
+
+
+PrincipalGetter = Callable[[Scope], Principal]

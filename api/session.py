@@ -1,0 +1,71 @@
+"""The console's session cookie (issue 17): who signed in, signed and timestamped.
+
+The cookie holds the principal (name, role, how it signed in, e-mail for OIDC), a CSRF
+token and nothing secret; it is signed with a key derived from the deployment's random
+`session` secret (`fsm.keys.server_secret`), so every `serve` process accepts every
+other's cookies, and it expires after `max_age` seconds (the signature carries the time).
+A key-backed session is re-checked against the key on every request (`api.auth`), so
+revoking the key ends its sessions too. No I/O here.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+
+from fsm.keys import Principal, Role
+
+COOKIE = "order_saga_session"
+DEFAULT_MAX_AGE = 8 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    name: str
+    role: Role
+    kind: str  # "key" or "oidc"
+    csrf: str
+    email: str | None = None
+
+    @property
+    def principal(self) -> Principal:
+        return Principal(name=self.name, role=self.role, kind=self.kind, email=self.email)
+
+
+class Sessions:
+    def __init__(self, secret: bytes, *, max_age: int = DEFAULT_MAX_AGE) -> None:
+        self.max_age = max_age
+        self.signer = URLSafeTimedSerializer(secret, salt="order-saga console session")
+
+    def issue(self, principal: Principal) -> tuple[str, Session]:
+        session = Session(
+            name=principal.name,
+            role=principal.role,
+            kind=principal.kind,
+            csrf=secrets.token_urlsafe(24),
+            email=principal.email,
+        )
+        data = {
+            "n": session.name,
+            "r": session.role.value,
+            "k": session.kind,
+            "c": session.csrf,
+            "e": session.email,
+        }
+        return self.signer.dumps(data), session
+
+    def read(self, cookie: str) -> Session | None:
+        """The session in a cookie; None if forged, altered, expired or malformed."""
+        try:
+            data = self.signer.loads(cookie, max_age=self.max_age)
+            return Session(
+                name=str(data["n"]),
+                role=Role(data["r"]),
+                kind=str(data["k"]),
+                csrf=str(data["c"]),
+                email=data.get("e"),
+            )
+        except (BadSignature, KeyError, TypeError, ValueError):
+            return None

@@ -42,7 +42,7 @@ def test_upgrade_head_matches_the_models(empty_db: str) -> None:
     engine.dispose()
     assert diff == [], f"models and migrations differ: {diff}"
     assert {"orders", "transitions", "alembic_version"} <= tables
-    assert version == "0002"
+    assert version == "0003"
 
 
 def test_upgrade_is_idempotent(empty_db: str) -> None:

@@ -136,6 +136,8 @@ class Authenticator:
 
     async def session(self, session: Session) -> Principal | None:
         """A console session's principal, None once its key was revoked."""
+        if session.kind == "token":  # valid while that token is still the configured one
+            return session.principal if self.token is not None else None
         if session.kind != "key":
             return session.principal
         hit, role = self._names.get(session.name)

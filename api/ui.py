@@ -21,7 +21,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from api import login
+from api.access import ROUTES
+from api.auth import principal_of
 from api.deps import ExecutorDep, PrincipalDep, StoreDep
+from api.login import CsrfChecked
 from fsm import diagram, heatmap, operator, queries
 from fsm.errors import SagaError
 from fsm.executor import new_owner
@@ -38,7 +42,7 @@ templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.filters["duration"] = heatmap.duration
 static = StaticFiles(directory=HERE / "static")
 # Pages for people, not an API: left out of the OpenAPI schema.
-router = APIRouter(prefix="/ui", include_in_schema=False)  # behind TokenGate
+router = APIRouter(prefix="/ui", include_in_schema=False)  # who may: api/access.py
 PAGE = 25
 
 
@@ -93,7 +97,25 @@ def _inline_svg(document: bytes) -> str:
 
 
 def _page(request: Request, name: str, **context: Any) -> HTMLResponse:
-    return templates.TemplateResponse(request, name, context)
+    """A page, told who is looking: their name, whether they may act (the same table the
+    edge enforces), the session's CSRF token for every form."""
+    principal = principal_of(request.scope)
+    session = request.scope.get("session")
+    act = ROUTES[("POST", "/ui/orders/{order_id}/{action}")]
+    return templates.TemplateResponse(
+        request,
+        name,
+        {
+            "principal": principal,
+            "signed_in": session is not None,
+            "csrf": session.csrf if session is not None else "",
+            "can_act": act.admits(principal.role),
+            **context,
+        },
+    )
+
+
+login_router = login.install(templates)
 
 
 @router.get("", response_class=HTMLResponse, summary="Orders by status (operator page)")
@@ -205,6 +227,7 @@ async def act(
     store: StoreDep,
     executor: ExecutorDep,
     principal: PrincipalDep,
+    _: CsrfChecked,
     reason: Annotated[str, Form(max_length=1000)] = "",
 ) -> RedirectResponse:
     """Run the confirmed action, then back to the order's page with what happened."""

@@ -1,0 +1,141 @@
+"""Issue 17, item 3: the console signs in with a key. A signed HttpOnly SameSite=Lax
+cookie with an expiry, CSRF on every form, role-aware pages, logout; /docs and /redoc
+work once signed in. (OIDC: tests/test_oidc.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID
+from fsm import keys
+from fsm.keys import Role
+from fsm.machine import AUDIT_SCOPE
+from fsm.store import Store
+from tests.support.api import api, place
+
+HTML = {"Accept": "text/html"}
+CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+@pytest.fixture
+def team(store: Store) -> dict[str, str]:
+    made = {"shop": Role.CLIENT, "auditor": Role.READER, "ops-alice": Role.OPERATOR}
+    return {n: keys.create_key(engine=store.engine, name=n, role=r) for n, r in made.items()}
+
+
+@pytest.fixture
+def console(db_url: str, services_url: str, team: dict[str, str]) -> Iterator[TestClient]:
+    with api(db_url, services_url, cookie_secure=False) as c:
+        yield c
+
+
+def sign_in(client: TestClient, secret: str, next_: str = "/ui") -> None:
+    answer = client.post("/ui/login", data={"key": secret, "next": next_}, follow_redirects=False)
+    assert answer.status_code == 303, answer.text
+    assert answer.headers["location"] == next_
+
+
+def test_a_browser_without_a_session_is_sent_to_the_login_page(console: TestClient) -> None:
+    page = console.get("/ui", headers=HTML, follow_redirects=False)
+    assert (page.status_code, page.headers["location"]) == (303, "/ui/login?next=/ui")
+    assert console.get("/ui").status_code == 401  # an API client is told, not redirected
+    assert console.get("/ui/login").status_code == 200
+    wrong = console.post("/ui/login", data={"key": "osk_nope"}, follow_redirects=False)
+    assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
+    # never an open redirect off the site
+    sign_in_elsewhere = console.get("/ui/login?next=//evil.example/x")
+    assert "//evil.example" not in sign_in_elsewhere.text
+
+
+def test_the_session_cookie_is_signed_httponly_lax_and_expires(
+    db_url: str, services_url: str, team: dict[str, str]
+) -> None:
+    with api(db_url, services_url) as client:  # testserver is not localhost: Secure
+        answer = client.post("/ui/login", data={"key": team["auditor"]}, follow_redirects=False)
+    cookie = answer.headers["set-cookie"]
+    for attribute in ("HttpOnly", "SameSite=lax", "Secure", "Max-Age=28800", "Path=/"):
+        assert attribute.lower() in cookie.lower(), cookie
+    assert team["auditor"] not in cookie
+
+
+def test_a_reader_sees_no_buttons_and_may_not_act(
+    console: TestClient, team: dict[str, str], store: Store
+) -> None:
+    oid = place(console, headers={"Authorization": f"Bearer {team['shop']}"}).json()["id"]
+    sign_in(console, team["auditor"])
+    page = console.get(f"/ui/orders/{oid}")
+    assert page.status_code == 200 and "auditor (reader)" in page.text
+    assert "action-cancel" not in page.text  # a completed order, but not for a reader
+    csrf = CSRF.search(page.text)
+    assert csrf is not None  # the sign-out form
+    refused = console.post(f"/ui/orders/{oid}/cancel", data={"csrf": csrf.group(1)})
+    assert refused.status_code == 403
+    assert console.get(f"/ui/orders/{oid}/cancel").status_code == 403
+    for path in ("/docs", "/redoc", "/openapi.json", "/ui/heatmap"):
+        assert console.get(path).status_code == 200, path
+    assert store.get(uuid.UUID(oid)).status == "completed"
+
+
+def test_an_operator_acts_with_the_csrf_token_and_is_named_in_the_log(
+    console: TestClient, team: dict[str, str], store: Store
+) -> None:
+    stuck, _ = asyncio.run(
+        store.create_order(user_id=ORDINARY_USER_ID, product_id=SOLD_OUT_PRODUCT_ID, quantity=1)
+    )
+    sign_in(console, team["ops-alice"], f"/ui/orders/{stuck.id}")
+    confirm = console.get(f"/ui/orders/{stuck.id}/resume")
+    assert confirm.status_code == 200
+    token = CSRF.search(confirm.text)
+    assert token is not None
+    path = f"/ui/orders/{stuck.id}/resume"
+    for forged in ({}, {"csrf": "not-it"}):
+        refused = console.post(path, data=forged, follow_redirects=False)
+        assert refused.status_code == 403, refused.text
+    assert [t for t in store.history(stuck.id) if t.scope == AUDIT_SCOPE] == []
+    # the API with only the cookie: a state change needs the X-CSRF-Token header too
+    assert console.post(f"/orders/{stuck.id}/resume").status_code == 401
+    done = console.post(
+        path, data={"csrf": token.group(1), "reason": "INC-9"}, follow_redirects=False
+    )
+    assert done.status_code == 303, done.text
+    (row,) = [t for t in store.history(stuck.id) if t.scope == AUDIT_SCOPE]
+    assert row.detail is not None
+    assert (row.detail["by"], row.detail["as"], row.detail["channel"], row.detail["reason"]) == (
+        "ops-alice",
+        "operator",
+        "console",
+        "INC-9",
+    )
+    # logout needs the token too, then the session is gone
+    assert console.post("/ui/logout", follow_redirects=False).status_code == 403
+    out = console.post("/ui/logout", data={"csrf": token.group(1)}, follow_redirects=False)
+    assert out.status_code == 303
+    assert console.get("/ui", headers=HTML, follow_redirects=False).status_code == 303
+
+
+def test_revoking_the_key_ends_its_sessions(
+    console: TestClient, team: dict[str, str], store: Store
+) -> None:
+    sign_in(console, team["auditor"])
+    assert console.get("/ui").status_code == 200
+    keys.revoke_key(engine=store.engine, name="auditor")
+    deadline = time.monotonic() + 5.0
+    while console.get("/ui").status_code != 401:
+        assert time.monotonic() < deadline, "a revoked key's session still works after 5 s"
+        time.sleep(0.1)
+
+
+def test_an_altered_cookie_is_no_session(console: TestClient, team: dict[str, str]) -> None:
+    sign_in(console, team["auditor"])
+    good = console.cookies["order_saga_session"]
+    console.cookies.clear()
+    forged = good[:-3] + ("AAA" if not good.endswith("AAA") else "BBB")
+    console.cookies.set("order_saga_session", forged)
+    assert console.get("/ui").status_code == 401

@@ -37,6 +37,19 @@ class Settings(BaseSettings):
     key_cache_seconds: float = Field(default=2.0, gt=0, le=5)
     session_seconds: int = Field(default=8 * 3600, ge=60, le=30 * 24 * 3600)
     cookie_secure: bool | None = None
+    # OpenID Connect sign-in for the console: the issuer (discovery at
+    # <issuer>/.well-known/openid-configuration), this app's client, and claim -> role:
+    # the ID token's `oidc_role_claim` (a string or a list) is looked up in `oidc_roles`
+    # (JSON, e.g. {"saga-operators": "operator"}); the highest role found wins; nobody
+    # matching gets `oidc_default_role`, or is refused when that is unset.
+    oidc_issuer: str | None = None
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = None
+    oidc_role_claim: str = "groups"
+    oidc_roles: dict[str, Literal["client", "reader", "operator", "admin"]] = Field(
+        default_factory=dict
+    )
+    oidc_default_role: Literal["client", "reader", "operator", "admin"] | None = None
     # Test hook only: "scope:trigger" -> the process kills itself right after that commit.
     crash_after: str | None = None
 
@@ -121,6 +134,17 @@ class Settings(BaseSettings):
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in token) or token != token.strip():
             raise ValueError("must not contain control characters or surrounding spaces")
         return token
+
+    @field_validator("oidc_issuer")
+    @classmethod
+    def _issuer(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("https://", "http://")):
+            raise ValueError("must be an https:// URL (http:// only for a local test issuer)")
+        return url.rstrip("/") if url else url
+
+    @property
+    def oidc(self) -> bool:
+        return bool(self.oidc_issuer and self.oidc_client_id)
 
     @field_validator("database_url")
     @classmethod

@@ -1,0 +1,173 @@
+"""OpenID Connect sign-in for the console (issue 17): authorization code + PKCE (S256)
+with authlib's client, the ID token checked with the issuer's JWKS (joserfc): signature,
+`iss`, `aud`, `exp`, `nonce`. Claims -> role from settings (`OIDC_ROLES`); the session
+names the subject and e-mail, which is what the audit rows record.
+
+The flow's state (state, nonce, PKCE verifier, where to go next) travels in a short-lived
+signed HttpOnly cookie, not in server memory, so any `serve` process can finish a sign-in
+another began. HTTP <-> the provider and the session only.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import httpx
+from authlib.integrations.httpx_client import AsyncOAuth2Client
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import RedirectResponse, Response
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+from api.login import safe_next, secure_cookie, sign_in
+from fsm.keys import Principal, Role
+from fsm.settings import Settings
+
+router = APIRouter(prefix="/ui/oidc", include_in_schema=False)
+FLOW_COOKIE = "order_saga_oidc"
+FLOW_SECONDS = 600
+DISCOVERY_SECONDS = 300
+
+
+@dataclass
+class Provider:
+    """One issuer: its discovery document and keys, fetched lazily and cached."""
+
+    settings: Settings
+    _meta: dict[str, Any] = field(default_factory=dict)
+    _keys: KeySet | None = None
+    _fetched: float = 0.0
+
+    async def meta(self) -> dict[str, Any]:
+        if not self._meta or time.monotonic() - self._fetched > DISCOVERY_SECONDS:
+            url = f"{self.settings.oidc_issuer}/.well-known/openid-configuration"
+            async with httpx.AsyncClient(timeout=self.settings.http_timeout) as client:
+                found = (await client.get(url)).raise_for_status().json()
+                self._keys = KeySet.import_key_set(
+                    (await client.get(found["jwks_uri"])).raise_for_status().json()
+                )
+            self._meta, self._fetched = found, time.monotonic()
+        return self._meta
+
+    def client(self, redirect_uri: str) -> AsyncOAuth2Client:
+        return AsyncOAuth2Client(
+            client_id=self.settings.oidc_client_id,
+            client_secret=self.settings.oidc_client_secret,
+            scope="openid email profile",
+            redirect_uri=redirect_uri,
+            code_challenge_method="S256",
+            timeout=self.settings.http_timeout,
+        )
+
+    def claims(self, id_token: str, nonce: str) -> dict[str, Any]:
+        """The ID token's claims once signature, issuer, audience, expiry and nonce hold."""
+        assert self._keys is not None
+        token = jwt.decode(id_token, self._keys, algorithms=["RS256", "ES256", "PS256"])
+        issuer = str(self._meta.get("issuer") or self.settings.oidc_issuer)
+        registry = jwt.JWTClaimsRegistry(
+            leeway=30,
+            iss={"essential": True, "value": issuer},
+            aud={"essential": True, "value": str(self.settings.oidc_client_id)},
+            sub={"essential": True},
+            exp={"essential": True},
+            nonce={"essential": True, "value": nonce},
+        )
+        registry.validate(token.claims)
+        return dict(token.claims)
+
+    def role_of(self, claims: dict[str, Any]) -> Role | None:
+        value = claims.get(self.settings.oidc_role_claim)
+        values = value if isinstance(value, list) else [value] if value is not None else []
+        roles = [Role(self.settings.oidc_roles[v]) for v in map(str, values)
+                 if v in self.settings.oidc_roles]  # fmt: skip
+        if roles:
+            return max(roles, key=list(Role).index)
+        default = self.settings.oidc_default_role
+        return Role(default) if default else None
+
+
+def _flow_signer(request: Request) -> URLSafeTimedSerializer:
+    sessions = request.app.state.authenticator.sessions
+    return URLSafeTimedSerializer(sessions.signer.secret_key, salt="order-saga oidc flow")
+
+
+def _provider(request: Request) -> Provider:
+    provider: Provider | None = getattr(request.app.state, "oidc", None)
+    if provider is None:
+        raise HTTPException(404, "OpenID Connect is not configured (ORDER_SAGA_OIDC_ISSUER)")
+    return provider
+
+
+def _callback(request: Request) -> str:
+    return str(request.url_for("oidc_callback"))
+
+
+@router.get("/login")
+async def oidc_login(request: Request, next: Annotated[str, Query()] = "/ui") -> Response:
+    """Off to the provider: authorization code flow with PKCE, state and nonce."""
+    provider = _provider(request)
+    meta = await provider.meta()
+    verifier = secrets.token_urlsafe(48)
+    state, nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    async with provider.client(_callback(request)) as client:
+        url, _ = client.create_authorization_url(
+            meta["authorization_endpoint"], state=state, code_verifier=verifier, nonce=nonce
+        )
+    flow = _flow_signer(request).dumps({"s": state, "n": nonce, "v": verifier, "x": next})
+    response = RedirectResponse(url, status_code=302)
+    response.set_cookie(
+        FLOW_COOKIE,
+        flow,
+        max_age=FLOW_SECONDS,
+        httponly=True,
+        samesite="lax",
+        secure=secure_cookie(request.app.state.settings, request),
+        path="/ui/oidc",
+    )
+    return response
+
+
+@router.get("/callback", name="oidc_callback")
+async def oidc_callback(
+    request: Request,
+    code: Annotated[str | None, Query(max_length=2000)] = None,
+    state: Annotated[str | None, Query(max_length=200)] = None,
+    error: Annotated[str | None, Query(max_length=200)] = None,
+) -> Response:
+    """Back from the provider: check state, trade the code (with the PKCE verifier) for
+    tokens, check the ID token, map its claims to a role, sign in."""
+    provider = _provider(request)
+    if error:
+        raise HTTPException(401, f"the identity provider refused: {error}")
+    try:
+        flow = _flow_signer(request).loads(
+            request.cookies.get(FLOW_COOKIE, ""), max_age=FLOW_SECONDS
+        )
+    except BadSignature:
+        raise HTTPException(401, "no sign-in in progress (or it expired): start again") from None
+    if not code or not state or not secrets.compare_digest(state, str(flow["s"])):
+        raise HTTPException(401, "the sign-in's state does not match: start again")
+    meta = await provider.meta()
+    try:
+        async with provider.client(_callback(request)) as client:
+            tokens = await client.fetch_token(
+                meta["token_endpoint"], code=code, code_verifier=flow["v"]
+            )
+        claims = provider.claims(str(tokens["id_token"]), str(flow["n"]))
+    except (httpx.HTTPError, JoseError, KeyError, ValueError) as exc:
+        raise HTTPException(401, f"sign-in failed: {type(exc).__name__}") from None
+    role = provider.role_of(claims)
+    if role is None:
+        raise HTTPException(403, "signed in, but no role is mapped for this account")
+    email = claims.get("email")
+    principal = Principal(
+        name=str(claims["sub"]), role=role, kind="oidc", email=str(email) if email else None
+    )
+    response = sign_in(request, principal, safe_next(str(flow.get("x", "/ui"))))
+    response.delete_cookie(FLOW_COOKIE, path="/ui/oidc")
+    return response

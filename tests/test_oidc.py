@@ -1,0 +1,237 @@
+"""Issue 17, item 3: the console signs in with OpenID Connect (authorization code + PKCE)
+against a real local provider (tests/support/oidc.py), and the browser — Debian's
+headless Chromium driven by Playwright against a real `order-saga serve` — signs in with
+a key and with OIDC, acts as an operator, and the transition row names that operator."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
+from fsm import keys
+from fsm.keys import Role
+from fsm.machine import AUDIT_SCOPE
+from fsm.store import Store, make_engine
+from tests.support.api import api
+from tests.support.oidc import CLIENT_ID, CLIENT_SECRET, Provider, User, provider_app
+from tests.support.processes import ORDER_SAGA
+from tests.support.services import LiveServer, free_port
+
+CHROMIUM = os.environ.get("ORDER_SAGA_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+CODE = re.compile(r'name="code" value="([^"]+)"')
+OPERATORS = "saga-operators"
+
+
+@pytest.fixture(scope="module")
+def idp() -> Iterator[Provider]:
+    provider = Provider(user=User("alice-0001", "alice@example.com", [OPERATORS]))
+    with LiveServer(provider_app(provider)) as server:
+        provider.issuer = server.url
+        yield provider
+
+
+def oidc_settings(idp: Provider) -> dict[str, Any]:
+    return {
+        "oidc_issuer": idp.issuer,
+        "oidc_client_id": CLIENT_ID,
+        "oidc_client_secret": CLIENT_SECRET,
+        "oidc_roles": {OPERATORS: "operator", "saga-readers": "reader"},
+        "cookie_secure": False,
+    }
+
+
+def test_code_flow_with_pkce_signs_in_with_the_mapped_role(
+    db_url: str, services_url: str, store: Store, idp: Provider
+) -> None:
+    keys.create_key(engine=store.engine, name="someone", role=Role.READER)  # auth is on
+    with api(db_url, services_url, **oidc_settings(idp)) as app:
+        assert "single sign-on" in app.get("/ui/login").text
+        start = app.get("/ui/oidc/login?next=/ui/heatmap", follow_redirects=False)
+        assert start.status_code == 302
+        authorize = start.headers["location"]
+        assert authorize.startswith(f"{idp.issuer}/authorize?")
+        assert "code_challenge_method=S256" in authorize and "nonce=" in authorize
+        page = httpx.get(authorize)
+        assert page.status_code == 200, page.text
+        code = CODE.search(page.text)
+        assert code is not None
+        back = httpx.post(f"{idp.issuer}/approve", data={"code": code.group(1)})
+        callback = back.headers["location"]
+        assert callback.startswith("http://testserver/ui/oidc/callback?")
+        # a forged state is refused before any token is asked for
+        forged = app.get(re.sub(r"state=[^&]+", "state=forged", callback), follow_redirects=False)
+        assert forged.status_code == 401
+        done = app.get(callback.removeprefix("http://testserver"), follow_redirects=False)
+        assert done.status_code == 303, done.text
+        assert done.headers["location"] == "/ui/heatmap"
+        assert app.get("/ui").status_code == 200
+        assert "alice-0001 (operator)" in app.get("/ui/heatmap").text
+        # the code is one use only: replaying the callback fails at the provider
+        replay = app.get(callback.removeprefix("http://testserver"), follow_redirects=False)
+        assert replay.status_code == 401
+
+
+def test_an_account_with_no_mapped_role_is_refused(
+    db_url: str, services_url: str, store: Store, idp: Provider
+) -> None:
+    keys.create_key(engine=store.engine, name="someone", role=Role.READER)
+    settings = oidc_settings(idp) | {"oidc_roles": {"other-group": "admin"}}
+    with api(db_url, services_url, **settings) as app:
+        start = app.get("/ui/oidc/login", follow_redirects=False)
+        code = CODE.search(httpx.get(start.headers["location"]).text)
+        assert code is not None
+        back = httpx.post(f"{idp.issuer}/approve", data={"code": code.group(1)})
+        done = app.get(
+            back.headers["location"].removeprefix("http://testserver"), follow_redirects=False
+        )
+        assert done.status_code == 403
+        assert "set-cookie" not in done.headers or "order_saga_session" not in str(
+            done.headers.get("set-cookie")
+        )
+
+
+# -- in the browser ----------------------------------------------------------------------
+
+
+class Served:
+    def __init__(self, url: str, database_url: str, token: str) -> None:
+        self.url = url
+        self.database_url = database_url
+        self.token = token
+
+    def place(self) -> dict[str, Any]:
+        body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
+        auth = {"Authorization": f"Bearer {self.token}"}
+        response = httpx.post(f"{self.url}/orders", json=body, headers=auth, timeout=30)
+        assert response.status_code == 201, response.text
+        return dict(response.json())
+
+    def audit_rows(self, order_id: str) -> list[Any]:
+        engine = make_engine(self.database_url)
+        try:
+            from fsm.wiring import build_store
+            from tests.support.database import saga_settings
+
+            store = build_store(saga_settings(self.database_url))
+            try:
+                return [t for t in store.history(uuid.UUID(order_id)) if t.scope == AUDIT_SCOPE]
+            finally:
+                store.close()
+                store.engine.dispose()
+        finally:
+            engine.dispose()
+
+
+@pytest.fixture
+def served(tmp_path: Path, idp: Provider) -> Iterator[Served]:
+    port = free_port()
+    url = f"sqlite:///{tmp_path}/saga.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDER_SAGA_")}
+    env |= {
+        "ORDER_SAGA_DATABASE_URL": url,
+        "ORDER_SAGA_SERVICES_DB": str(tmp_path / "services.db"),
+        "ORDER_SAGA_API_TOKEN": "bootstrap-token",
+        "ORDER_SAGA_OIDC_ISSUER": idp.issuer,
+        "ORDER_SAGA_OIDC_CLIENT_ID": CLIENT_ID,
+        "ORDER_SAGA_OIDC_CLIENT_SECRET": CLIENT_SECRET,
+        "ORDER_SAGA_OIDC_ROLES": json.dumps({OPERATORS: "operator"}),
+    }
+    log = (tmp_path / "serve.log").open("wb")
+    cmd = [ORDER_SAGA, "serve", "--port", str(port), "--no-sweep"]
+    with subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT) as server:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"{base}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.1)
+        try:
+            yield Served(base, url, "bootstrap-token")
+        finally:
+            server.terminate()
+            server.wait(timeout=15)
+            log.close()
+            output = (tmp_path / "serve.log").read_text()
+            assert "bootstrap-token" not in output and CLIENT_SECRET not in output
+
+
+@pytest.fixture
+def page(served: Served) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        tab = browser.new_page(viewport={"width": 1280, "height": 900})
+        tab.set_default_timeout(30_000)
+        try:
+            yield tab
+        finally:
+            browser.close()
+
+
+def _cancel_in_the_browser(page: Any, served: Served, order_id: str) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{served.url}/ui/orders/{order_id}")
+    page.get_by_role("link", name="Cancel order").click()
+    page.get_by_label("Why").fill("customer called")
+    page.get_by_role("button", name="Yes, cancel order").click()
+    expect(page.get_by_role("status")).to_contain_text("now cancelled")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason="no chromium")
+def test_the_browser_signs_in_with_a_key_then_with_oidc_and_acts(
+    served: Served, page: Any, idp: Provider
+) -> None:
+    from playwright.sync_api import expect
+
+    engine = make_engine(served.database_url)
+    secret = keys.create_key(engine=engine, name="ops-bob", role=Role.OPERATOR)
+    engine.dispose()
+
+    # with a key
+    first = served.place()
+    page.goto(f"{served.url}/ui")
+    expect(page).to_have_url(re.compile(r"/ui/login\?next=/ui$"))
+    page.get_by_label("API key").fill(secret)
+    page.get_by_role("button", name="Sign in with a key").click()
+    expect(page.locator(".whoami")).to_contain_text("ops-bob (operator)")
+    _cancel_in_the_browser(page, served, first["id"])
+    (row,) = served.audit_rows(first["id"])
+    assert row.detail["by"] == "ops-bob" and row.detail["channel"] == "console"
+    page.get_by_role("button", name="Sign out").click()
+    expect(page).to_have_url(re.compile(r"/ui/login$"))
+
+    # with OpenID Connect
+    second = served.place()
+    page.goto(f"{served.url}/ui")
+    page.get_by_role("link", name="Sign in with single sign-on").click()
+    page.get_by_role("button", name="Continue as alice@example.com").click()
+    expect(page.locator(".whoami")).to_contain_text("alice-0001 (operator)")
+    _cancel_in_the_browser(page, served, second["id"])
+    (row,) = served.audit_rows(second["id"])
+    assert row.detail is not None
+    assert (row.detail["by"], row.detail["email"], row.detail["via"]) == (
+        "alice-0001",
+        "alice@example.com",
+        "oidc",
+    )

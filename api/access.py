@@ -44,6 +44,7 @@ ADMIN = Access("admin", frozenset({ADMIN_}))
 # walks app.routes); a route missing here needs an admin.
 ROUTES: Mapping[tuple[str, str], Access] = {
     ("GET", "/healthz"): PUBLIC,
+    ("GET", "/readyz"): PUBLIC,
     ("GET", "/metrics"): PUBLIC,
     ("POST", "/orders"): PLACE,
     ("GET", "/orders"): OWN,  # a client's list holds its own orders only

@@ -9,8 +9,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,15 +22,18 @@ from fsm import keys
 from fsm.keys import Role
 from fsm.machine import AUDIT_SCOPE
 from fsm.store import Store, make_engine
+from fsm.wiring import build_store
 from tests.support.api import api
 from tests.support.oidc import CLIENT_ID, CLIENT_SECRET, Provider, User, provider_app
-from tests.support.processes import ORDER_SAGA
-from tests.support.services import LiveServer, free_port
+from tests.support.services import LiveServer
+from tests.support.serving import Served
+from tests.support.settings import saga_env, saga_settings
 
 CHROMIUM = os.environ.get("ORDER_SAGA_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
 CODE = re.compile(r'name="code" value="([^"]+)"')
 OPERATORS = "saga-operators"
+BOOTSTRAP = "bootstrap-token"
 
 
 @pytest.fixture(scope="module")
@@ -106,75 +107,51 @@ def test_an_account_with_no_mapped_role_is_refused(
 # -- in the browser ----------------------------------------------------------------------
 
 
-class Served:
-    def __init__(self, url: str, database_url: str, token: str) -> None:
-        self.url = url
+class Team:
+    """A served `order-saga serve` with the bootstrap token, OIDC, and its database."""
+
+    def __init__(self, served: Served, database_url: str) -> None:
+        self.url = served.url
         self.database_url = database_url
-        self.token = token
 
     def place(self) -> dict[str, Any]:
         body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
-        auth = {"Authorization": f"Bearer {self.token}"}
+        auth = {"Authorization": f"Bearer {BOOTSTRAP}"}
         response = httpx.post(f"{self.url}/orders", json=body, headers=auth, timeout=30)
         assert response.status_code == 201, response.text
         return dict(response.json())
 
     def audit_rows(self, order_id: str) -> list[Any]:
-        engine = make_engine(self.database_url)
+        store = build_store(saga_settings(self.database_url))
         try:
-            from fsm.wiring import build_store
-            from tests.support.database import saga_settings
-
-            store = build_store(saga_settings(self.database_url))
-            try:
-                return [t for t in store.history(uuid.UUID(order_id)) if t.scope == AUDIT_SCOPE]
-            finally:
-                store.close()
-                store.engine.dispose()
+            return [t for t in store.history(uuid.UUID(order_id)) if t.scope == AUDIT_SCOPE]
         finally:
-            engine.dispose()
+            store.close()
+            store.engine.dispose()
 
 
 @pytest.fixture
-def served(tmp_path: Path, idp: Provider) -> Iterator[Served]:
-    port = free_port()
+def served(tmp_path: Path, idp: Provider) -> Iterator[Team]:
     url = f"sqlite:///{tmp_path}/saga.db"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDER_SAGA_")}
-    env |= {
-        "ORDER_SAGA_DATABASE_URL": url,
-        "ORDER_SAGA_SERVICES_DB": str(tmp_path / "services.db"),
-        "ORDER_SAGA_API_TOKEN": "bootstrap-token",
-        "ORDER_SAGA_OIDC_ISSUER": idp.issuer,
-        "ORDER_SAGA_OIDC_CLIENT_ID": CLIENT_ID,
-        "ORDER_SAGA_OIDC_CLIENT_SECRET": CLIENT_SECRET,
-        "ORDER_SAGA_OIDC_ROLES": json.dumps({OPERATORS: "operator"}),
-    }
-    log = (tmp_path / "serve.log").open("wb")
-    cmd = [ORDER_SAGA, "serve", "--port", str(port), "--no-sweep"]
-    with subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT) as server:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "serve did not start"
-            time.sleep(0.1)
-        try:
-            yield Served(base, url, "bootstrap-token")
-        finally:
-            server.terminate()
-            server.wait(timeout=15)
-            log.close()
-            output = (tmp_path / "serve.log").read_text()
-            assert "bootstrap-token" not in output and CLIENT_SECRET not in output
+    env = saga_env(
+        database_url=url,
+        services_db=str(tmp_path / "services.db"),
+        api_token=BOOTSTRAP,
+        oidc_issuer=idp.issuer,
+        oidc_client_id=CLIENT_ID,
+        oidc_client_secret=CLIENT_SECRET,
+        oidc_roles=json.dumps({OPERATORS: "operator"}),
+    )
+    server = Served(env).wait_ready()
+    try:
+        yield Team(server, url)
+    finally:
+        output = server.stop()
+        assert BOOTSTRAP not in output and CLIENT_SECRET not in output
 
 
 @pytest.fixture
-def page(served: Served) -> Iterator[Any]:
+def page(served: Team) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -187,7 +164,7 @@ def page(served: Served) -> Iterator[Any]:
             browser.close()
 
 
-def _cancel_in_the_browser(page: Any, served: Served, order_id: str) -> None:
+def _cancel_in_the_browser(page: Any, served: Team, order_id: str) -> None:
     from playwright.sync_api import expect
 
     page.goto(f"{served.url}/ui/orders/{order_id}")
@@ -200,7 +177,7 @@ def _cancel_in_the_browser(page: Any, served: Served, order_id: str) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason="no chromium")
 def test_the_browser_signs_in_with_a_key_then_with_oidc_and_acts(
-    served: Served, page: Any, idp: Provider
+    served: Team, page: Any, idp: Provider
 ) -> None:
     from playwright.sync_api import expect
 

@@ -47,6 +47,7 @@ check: deps $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	@scripts/ensure-postgres.sh
+	@scripts/ensure-rabbitmq.sh
 	$(BIN)/pytest -n 2 --dist loadgroup
 
 test-fast: $(STAMP)

@@ -9,8 +9,10 @@ goes through `api/problems.py`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from asgi_correlation_id import CorrelationIdMiddleware
@@ -26,11 +28,13 @@ from api.auth import Authenticator, AuthGate
 from api.deps import StoreDep
 from api.guard import BodyGuard
 from api.runner import Runner
+from fsm import subscriptions
 from fsm.breaker import Breakers
 from fsm.clients import Services
 from fsm.errors import StoreUnavailable
 from fsm.health import WriteHealth, WriteStatus
 from fsm.metrics import exposition
+from fsm.relay import Relay
 from fsm.settings import Settings, get_settings
 from fsm.store import Store
 from fsm.version import MACHINE_VERSION
@@ -86,9 +90,16 @@ def create_app(
             app.state.breakers = saga.breakers
             if sweep:
                 runner.start_sweeper()
+            relay = None
+            if settings.relay:  # order events: delivered from here (and any other relay)
+                relay = asyncio.create_task(Relay(saga.store, settings).run(), name="relay")
             try:
                 yield
             finally:
+                if relay is not None:
+                    relay.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await relay
                 await runner.stop()
 
     app = FastAPIOffline(  # /docs and /redoc from assets shipped in the package, no CDN
@@ -132,12 +143,23 @@ def create_app(
         writes = await _writes(request)
         breakers: Breakers | None = getattr(request.app.state, "breakers", None)
         not_closed = breakers.not_closed() if breakers else {}
+        limit = request.app.state.settings.event_lag_degraded
+        lagging = {
+            name: round(lag, 3)
+            for name, (_pending, lag) in (
+                await asyncio.to_thread(subscriptions.lags_if_known, store)
+            ).items()
+            if lag > limit
+        }
         return {
-            "status": "degraded" if not_closed or not writes.writable else "ok",
+            "status": "degraded" if not_closed or not writes.writable or lagging else "ok",
             "database": store.engine.dialect.name,
             "machine_version": MACHINE_VERSION,
             "writes": {"ok": writes.writable, "reason": writes.reason},
             "breakers": not_closed,  # operations whose circuit breaker is open or half-open
+            # event destinations whose oldest undelivered event is older than
+            # ORDER_SAGA_EVENT_LAG_DEGRADED seconds: name -> its age
+            "events_lagging": lagging,
         }
 
     @app.get(
@@ -176,7 +198,8 @@ def create_app(
     )
     def metrics(store: StoreDep) -> Response:
         """Prometheus metrics; `order_saga_orders{status}` is counted in SQL per scrape."""
-        return Response(exposition(store.count_by_status), media_type=CONTENT_TYPE_LATEST)
+        body = exposition(store.count_by_status, partial(subscriptions.lags_if_known, store))
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     if services is None and settings.embedded_services:
         from downstream.app import create_services_app

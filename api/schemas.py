@@ -12,7 +12,7 @@ from pydantic.config import JsonDict
 from api.problems import Problem
 from fsm.machine import AUDIT_SCOPE, OrderState, Status, Step, StepState
 from fsm.models import STATE_COLUMN, Order, Transition
-from fsm.store import step_states
+from fsm.outbox import order_document
 
 PositiveId = Annotated[int, Field(strict=True, gt=0, le=2**31 - 1)]
 
@@ -75,27 +75,8 @@ class OrderOut(BaseModel):
 
     @classmethod
     def of(cls, order: Order) -> OrderOut:
-        shipping = None
-        if order.status == Status.COMPLETED:
-            shipping = Shipping(
-                address=order.shipping_address, expected_delivery=order.expected_delivery
-            )
-        return cls(
-            id=order.id,
-            user_id=order.user_id,
-            product_id=order.product_id,
-            quantity=order.quantity,
-            amount=order.amount,
-            status=Status(order.status),
-            state=OrderState(order.state),
-            steps={Step(k): StepState(v) for k, v in step_states(order).items()},
-            shipping=shipping,
-            attempts=order.attempts,
-            last_error=order.last_error,
-            attention_reason=order.attention_reason,
-            created_at=order.created_at,
-            updated_at=order.updated_at,
-        )
+        # The same document the order's events carry (fsm.outbox): one shape, two channels.
+        return cls.model_validate(order_document(order))
 
 
 class OrderList(BaseModel):

@@ -6,7 +6,7 @@ reconcile an unknown outcome before re-sending.
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Response, status
+from fastapi import APIRouter, HTTPException, Request, Response, status
 
 from downstream.deps import FaultsDep, StoreDep
 from downstream.faults import DEFAULT_SECONDS, MAX_PENDING, Fault
@@ -48,9 +48,10 @@ async def clear_faults(faults: FaultsDep) -> Response:
 
 
 @router.post("/_reset", status_code=status.HTTP_204_NO_CONTENT)
-async def reset(store: StoreDep, faults: FaultsDep) -> Response:
+async def reset(store: StoreDep, faults: FaultsDep, request: Request) -> Response:
     faults.reset()
     store.reset()
+    request.app.state.sink.reset()  # the event sink's record (downstream/sink.py)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from downstream import admin, services
+from downstream import admin, services, sink
 from downstream.faults import FaultBoard
 from downstream.store import Store
 
@@ -24,8 +24,10 @@ def create_services_app(state_path: str | None = None) -> FastAPI:
     )
     app.state.store = Store(state_path)
     app.state.faults = FaultBoard()
+    app.state.sink = sink.Sink()
     app.include_router(services.router)
     app.include_router(admin.router)
+    app.include_router(sink.router)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

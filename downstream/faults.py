@@ -21,6 +21,7 @@ Operation = Literal[
     "inventory.restore",
     "shipping.schedule",
     "shipping.cancel",
+    "sink.receive",  # the reference event consumer (downstream/sink.py)
 ]
 Mode = Literal["error", "delay", "timeout", "apply_then_error"]
 OPERATIONS: tuple[str, ...] = get_args(Operation)

@@ -34,6 +34,23 @@ CALL_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
+# Order events (fsm.relay): attempts per destination; pending and lag are counted at
+# scrape time (OutboxCollector).
+OUTBOX_DELIVERIES = Counter(
+    "order_saga_outbox_deliveries", "Events delivered, per destination", ["destination"]
+)
+OUTBOX_FAILURES = Counter(
+    "order_saga_outbox_failures", "Failed delivery attempts, per destination", ["destination"]
+)
+
+
+def outbox_delivered(destination: str) -> Counter:
+    return OUTBOX_DELIVERIES.labels(destination=destination)
+
+
+def outbox_failed(destination: str) -> Counter:
+    return OUTBOX_FAILURES.labels(destination=destination)
+
 
 # Labelled children looked up once: `.labels()` takes a lock and builds a key per call.
 @cache
@@ -86,6 +103,36 @@ class OrdersCollector(Collector):
         yield family
 
 
+# destination name -> (undelivered events, age in seconds of the oldest of them; 0: none)
+Backlog = Callable[[], Mapping[str, tuple[int, float]]]
+
+
+class OutboxCollector(Collector):
+    """`order_saga_outbox_pending{destination}` and `order_saga_outbox_lag_seconds
+    {destination}`, counted in SQL at scrape time."""
+
+    def __init__(self, backlog: Backlog) -> None:
+        self.backlog = backlog
+
+    def collect(self) -> Iterable[Metric]:
+        found = self.backlog()
+        pending = GaugeMetricFamily(
+            "order_saga_outbox_pending",
+            "Order events not yet delivered (dead letters excluded), per destination",
+            labels=["destination"],
+        )
+        lag = GaugeMetricFamily(
+            "order_saga_outbox_lag_seconds",
+            "Age of the oldest undelivered order event, per destination (0: none)",
+            labels=["destination"],
+        )
+        for name, (count, seconds) in sorted(found.items()):
+            pending.add_metric([name], count)
+            lag.add_metric([name], seconds)
+        yield pending
+        yield lag
+
+
 class _Process(Collector):
     """The process-wide default registry (counters, histograms, runtime) as one collector."""
 
@@ -93,15 +140,17 @@ class _Process(Collector):
         yield from REGISTRY.collect()
 
 
-def registry(count_by_status: CountByStatus) -> CollectorRegistry:
+def registry(count_by_status: CountByStatus, backlog: Backlog | None = None) -> CollectorRegistry:
     """A registry serving this process's metrics plus the orders counted in `store`'s SQL;
     per app or worker, so several apps in one process (tests) never clash."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(_Process())
     reg.register(OrdersCollector(count_by_status))
+    if backlog is not None:
+        reg.register(OutboxCollector(backlog))
     return reg
 
 
-def exposition(count_by_status: CountByStatus) -> bytes:
+def exposition(count_by_status: CountByStatus, backlog: Backlog | None = None) -> bytes:
     """The Prometheus text format, counted now."""
-    return generate_latest(registry(count_by_status))
+    return generate_latest(registry(count_by_status, backlog))

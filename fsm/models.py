@@ -173,3 +173,58 @@ class ServerSecretTable(SQLModel, table=True):
 
     name: str = Field(primary_key=True, max_length=32)
     value: str = Field(max_length=128)  # hex
+
+
+# -- order events: the transactional outbox (fsm.outbox) ----------------------------------
+
+
+class EventDestinationTable(SQLModel, table=True):
+    """Where events go: a webhook (URL + signing secret) or the RabbitMQ exchange."""
+
+    __tablename__ = "event_destinations"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200, unique=True)
+    kind: str = Field(max_length=16)  # "webhook" or "amqp"
+    url: str = Field(max_length=2000)  # amqp: shown with its password masked
+    secret: str | None = Field(default=None, max_length=200)  # webhooks: whsec_...
+    events: str = Field(max_length=1000)  # ",order.created,order.completed," (matched by LIKE)
+    created_at: datetime = Field(sa_type=_utc())
+
+
+class OutboxEventTable(SQLModel, table=True):
+    """One event per order status change, written in the commit of its transition."""
+
+    __tablename__ = "outbox_events"
+
+    id: str = Field(primary_key=True, max_length=80)  # "<order_id>:<seq>"
+    order_id: uuid.UUID = Field(index=True)
+    seq: int
+    type: str = Field(max_length=40)
+    created_at: datetime = Field(sa_type=_utc())
+    body: str  # the CloudEvent, as sent
+
+
+class OutboxDeliveryTable(SQLModel, table=True):
+    """One row per (destination, event), fanned out in the event's own commit: a relay
+    finds work by state, never by a cursor over ids (a lower id may commit later)."""
+
+    __tablename__ = "outbox_deliveries"
+    __table_args__ = (
+        Index("ix_outbox_deliveries_due", "destination_id", "state", "next_attempt_at"),
+        Index("ix_outbox_deliveries_order", "destination_id", "order_id", "seq"),
+    )
+
+    destination_id: int = Field(primary_key=True)
+    event_id: str = Field(primary_key=True, max_length=80)
+    order_id: uuid.UUID
+    seq: int
+    state: str = Field(max_length=16)  # pending | delivered | dead
+    attempts: int = 0
+    next_attempt_at: datetime = Field(sa_type=_utc())
+    lease_owner: str | None = Field(default=None, max_length=200)
+    lease_until: datetime | None = Field(default=None, sa_type=_utc())
+    last_error: str | None = None
+    created_at: datetime = Field(sa_type=_utc())  # the event's time: the lag
+    retry_from: datetime = Field(sa_type=_utc())  # the age limit counts from here
+    delivered_at: datetime | None = Field(default=None, sa_type=_utc())

@@ -124,6 +124,35 @@ class Settings(BaseSettings):
     # its forward steps not yet succeeded expire and it compensates (the `deadline` edge).
     order_deadline: float | None = Field(default=None, gt=0)
 
+    # --- order events (issue 19): the outbox relay and its destinations ---------------------
+    # RabbitMQ: the durable topic exchange `order-saga.events` (unset: no AMQP destination).
+    amqp_url: str | None = None
+    # The CloudEvents `source` attribute of every order event.
+    event_source: str = Field(default="/order-saga", min_length=1, max_length=200)
+    # Run the relay inside `serve` and `worker` (`order-saga relay` runs it alone).
+    relay: bool = True
+    # How often an idle relay looks for new events (seconds), and how many it takes at once.
+    relay_interval: float = Field(default=0.2, gt=0, le=60)
+    relay_batch: int = Field(default=100, ge=1, le=10_000)
+    # A relay owns the deliveries it took this long (kill -9: another takes them after it).
+    relay_lease: float = Field(default=30.0, gt=0, le=3600)
+    # One delivery attempt's timeout (webhook request, broker confirm), seconds.
+    event_timeout: float = Field(default=5.0, gt=0, le=600)
+    # Failed deliveries are retried with exponential backoff and jitter for this long after
+    # the event (seconds), then dead-lettered (`order-saga events list --failed`).
+    event_max_age: float = Field(default=86_400.0, gt=0)
+    event_backoff_base: float = Field(default=1.0, gt=0)
+    event_backoff_max: float = Field(default=300.0, gt=0)
+    # /healthz says "degraded" when a destination's oldest undelivered event is this old.
+    event_lag_degraded: float = Field(default=60.0, gt=0)
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("amqp://", "amqps://")):
+            raise ValueError("must be an amqp:// or amqps:// URL")
+        return url
+
     @field_validator("api_token")
     @classmethod
     def _usable_token(cls, token: str | None) -> str | None:

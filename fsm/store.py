@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from fsm import sql
+from fsm import outbox, outbox_sql, sql
 from fsm.committer import Committer
 from fsm.engine import backend, make_engine
 from fsm.errors import CorruptOrder, InvalidMove, LeaseLost, OrderNotFound, StaleOrder
@@ -63,8 +63,10 @@ class Store(Reads):
         lock_timeout: float = 5.0,
         statement_timeout: float = 30.0,
         max_batch: int = 256,
+        event_source: str = "/order-saga",
     ) -> None:
         super().__init__(engine)
+        self.event_source = event_source  # the CloudEvents `source` of order events
         self.lease = timedelta(seconds=lease_seconds)
         self.dialect = sql.dialect_of(engine)
         # (state, *step states) combinations (sql.STATE_COLUMNS) the installed machine cannot
@@ -111,13 +113,24 @@ class Store(Reads):
             machine_version=MACHINE_VERSION,
             created_by=created_by,
         )
-        return await self.committer.submit(partial(self._insert, order), key=order.id)
+        event = self._event(order, 0, outbox.event_type(None, order.status), now)
+        return await self.committer.submit(partial(self._insert, order, event), key=order.id)
 
-    def _insert(self, order: Order, cursor: Any) -> Generator[None, None, tuple[Order, bool]]:
+    def _insert(
+        self, order: Order, event: outbox_sql.EventRow | None, cursor: Any
+    ) -> Generator[None, None, tuple[Order, bool]]:
         d = self.dialect
-        cursor.execute(sql.insert_order(d), [d.encode(c, getattr(order, c)) for c in ORDER_COLUMNS])
+        values = [d.encode(c, getattr(order, c)) for c in ORDER_COLUMNS]
+        if event is not None and d.moves_in_one_statement:
+            cursor.execute(
+                outbox_sql.create_with_event(ORDER_COLUMNS), [*values, *event.fan, *event.params]
+            )
+        else:
+            cursor.execute(sql.insert_order(d), values)
         yield  # (a committer op: statements sent, results next)
         if cursor.rowcount == 1:
+            if event is not None and not d.moves_in_one_statement:
+                outbox_sql.write_event(d, cursor, event)
             return order, True
         # A unique conflict: the key was used before, or (a retried batch whose first
         # commit's answer was lost) this very row is already there.
@@ -163,12 +176,14 @@ class Store(Reads):
             "lease_expires_at": now + self.lease,
             **changes,
         }
+        kind = None
         if scope == "order":
             values["status"] = coarse_status(dest).value
+            kind = outbox.event_type(order.status, values["status"])
             if dest in TERMINAL_ORDER_STATES:
                 values["lease_owner"] = values["lease_expires_at"] = None
         line = (order.id, seq, scope, trigger, source, dest, detail, now, MACHINE_VERSION)
-        await self._write(order, owner, values, line)
+        await self._write(order, owner, values, line, kind)
         return dest
 
     async def record_audit(
@@ -186,6 +201,24 @@ class Store(Reads):
         )  # fmt: skip
         await self._write(order, owner, values, line)
 
+    def _event(
+        self, order: Order, seq: int, kind: str | None, now: datetime
+    ) -> outbox_sql.EventRow | None:
+        """The event row of this write (the order as it is once the write is applied)."""
+        if kind is None:
+            return None
+        d = self.dialect
+        event_id, order_id, stamp = (
+            outbox.event_id(order.id, seq),
+            d.uuid(order.id),
+            d.timestamp(now),
+        )
+        body = outbox.cloud_event(order, seq=seq, type_=kind, at=now, source=self.event_source)
+        return outbox_sql.EventRow(
+            params=(event_id, order_id, seq, kind, stamp, body),
+            fan=(event_id, order_id, seq, stamp, stamp, stamp, outbox.like(kind)),
+        )
+
     async def note_attempt(
         self,
         *,
@@ -201,15 +234,22 @@ class Store(Reads):
         await self._write(order, owner, values, None)
 
     async def _write(
-        self, order: Order, owner: str, values: dict[str, Any], line: tuple[Any, ...] | None
+        self,
+        order: Order,
+        owner: str,
+        values: dict[str, Any],
+        line: tuple[Any, ...] | None,
+        kind: str | None = None,
     ) -> None:
         expected = order.version
         before = {key: getattr(order, key) for key in values}
         for key, value in values.items():  # queued: the next write builds on it
             setattr(order, key, value)
+        event = self._event(order, order.version, kind, order.updated_at) if line else None
         try:
             await self.committer.submit(
-                partial(self._guarded, order.id, expected, owner, values, line), key=order.id
+                partial(self._guarded, order.id, expected, owner, values, line, event),
+                key=order.id,
             )
         except BaseException:
             if order.version == values.get("version", expected):  # nothing queued on top
@@ -224,6 +264,7 @@ class Store(Reads):
         owner: str,
         values: dict[str, Any],
         line: tuple[Any, ...] | None,
+        event: outbox_sql.EventRow | None,
         cursor: Any,
     ) -> Generator[None, None, None]:
         d = self.dialect
@@ -235,7 +276,13 @@ class Store(Reads):
             else None
         )
         if logged is not None and d.moves_in_one_statement:
-            cursor.execute(sql.guarded_move(d, columns), [*params, *logged])
+            if event is None:
+                cursor.execute(sql.guarded_move(d, columns), [*params, *logged])
+            else:
+                cursor.execute(
+                    outbox_sql.move_with_event(columns),
+                    [*params, *logged, *event.fan, *event.params],
+                )
             yield  # (a committer op: statements sent, results next)
             if cursor.rowcount != 1:
                 self._raise_conflict(cursor, order_id, expected, owner)
@@ -246,6 +293,8 @@ class Store(Reads):
             self._raise_conflict(cursor, order_id, expected, owner)
         if logged is not None:
             cursor.execute(sql.insert_transition(d), logged)
+        if event is not None:
+            outbox_sql.write_event(d, cursor, event)
 
     def _raise_conflict(self, cursor: Any, order_id: uuid.UUID, expected: int, owner: str) -> None:
         d = self.dialect

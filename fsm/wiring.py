@@ -56,6 +56,7 @@ def build_store(settings: Settings) -> Store:
         lease_seconds=settings.lease_seconds,
         lock_timeout=settings.db_lock_timeout,
         statement_timeout=settings.db_statement_timeout,
+        event_source=settings.event_source,
     )
 
 

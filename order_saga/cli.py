@@ -18,6 +18,7 @@ import signal
 import sys
 from datetime import timedelta
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -57,6 +58,11 @@ app.callback()(version_option)
 # Retention (issue 22): `prune` and `archive show`.
 app.command("prune")(prune)
 app.add_typer(archive_app, name="archive")
+# Order events (issue 19): `webhooks add|list|remove|test`, `events list|redeliver`.
+from order_saga.events_cli import events_app, webhooks_app  # noqa: E402
+
+app.add_typer(webhooks_app, name="webhooks")
+app.add_typer(events_app, name="events")
 
 
 def configure_logging(settings: Settings | None = None) -> None:
@@ -256,13 +262,17 @@ def worker(
             if settings.worker_metrics_port:
                 from prometheus_client import start_http_server
 
+                from fsm import subscriptions
                 from fsm.metrics import registry
 
                 try:
                     start_http_server(
                         settings.worker_metrics_port,
                         addr=metrics_host,
-                        registry=registry(executor.store.count_by_status),
+                        registry=registry(
+                            executor.store.count_by_status,
+                            partial(subscriptions.lags_if_known, executor.store),
+                        ),
                     )
                 except OSError as exc:
                     if "worker_metrics_port" in settings.model_fields_set:
@@ -281,6 +291,11 @@ def worker(
                     retention.prune_forever(engine=executor.store.engine, settings=settings)
                 )
                 sweep.add_done_callback(lambda _: pruning.cancel())
+            if settings.relay:  # order events leave from here too (several relays share)
+                from fsm.relay import Relay
+
+                relay = asyncio.create_task(Relay(executor.store, settings).run())
+                sweep.add_done_callback(lambda _: relay.cancel())
             # SIGTERM (a deploy) or Ctrl-C: stop driving and release every lease now, so
             # another worker continues at once instead of after the lease expires. A call
             # in flight is abandoned; its committed intent makes the next driver reconcile.
@@ -292,6 +307,33 @@ def worker(
             logging.getLogger("order_saga.worker").info("stopped, leases released")
 
     uvloop.run(main())  # as serve's loop (uvicorn picks uvloop)
+
+
+@app.command()
+def relay() -> None:
+    """Deliver order events to every destination (webhooks, RabbitMQ) until stopped; run
+    several, they share the work. `serve` and `worker` run one too (ORDER_SAGA_RELAY)."""
+    from fsm.relay import Relay
+    from fsm.wiring import build_store
+
+    settings = load_settings()
+    configure_logging(settings)
+
+    async def main() -> None:
+        store = build_store(settings)
+        try:
+            await asyncio.to_thread(store.count_by_status)  # fail fast if the DB is not there
+            task = asyncio.create_task(Relay(store, settings).run())
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, task.cancel)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            await asyncio.to_thread(store.close)
+            store.engine.dispose()
+
+    uvloop.run(main())
 
 
 class DiagramFormat(StrEnum):

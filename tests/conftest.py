@@ -46,7 +46,12 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
         url = request.getfixturevalue("pg_url")
         engine = make_engine(url)
         with engine.begin() as conn:
-            conn.execute(text("TRUNCATE transitions, orders, api_keys"))
+            conn.execute(
+                text(
+                    "TRUNCATE transitions, orders, api_keys, "
+                    "outbox_events, outbox_deliveries, event_destinations"
+                )
+            )
     engine.dispose()
     return url
 

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlmodel import SQLModel
 
 import fsm.models  # noqa: F401
-from fsm.migrate import upgrade
+from fsm.migrate import alembic_config, upgrade
 from fsm.store import make_engine
 from tests.support.database import create_pg_database, drop_pg_database
 
@@ -42,7 +43,9 @@ def test_upgrade_head_matches_the_models(empty_db: str) -> None:
     engine.dispose()
     assert diff == [], f"models and migrations differ: {diff}"
     assert {"orders", "transitions", "alembic_version"} <= tables
-    assert version == "0003"
+    assert {"outbox_events", "outbox_deliveries", "event_destinations"} <= tables
+    (head,) = ScriptDirectory.from_config(alembic_config(empty_db)).get_heads()
+    assert version == head
 
 
 def test_upgrade_is_idempotent(empty_db: str) -> None:

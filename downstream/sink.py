@@ -1,0 +1,150 @@
+"""A reference event consumer: a webhook sink that verifies Standard Webhooks signatures,
+deduplicates by event id and records what it saw, so the README can show events arriving
+and tests can assert on them. In memory only (reset with the services).
+
+    PUT    /sink/secret   {"secret": "whsec_..."}  the secret `order-saga webhooks add` printed
+    POST   /sink          an event (401 unsigned or tampered, 200 accepted, a repeat counted)
+    GET    /sink          {"events": [first arrivals, in arrival order], "duplicates": n, ...}
+    DELETE /sink          forget what was seen
+
+Its own implementation of the signature check (a consumer does not import the orchestrator);
+the fault board's `sink.receive` makes it answer 500 or hang.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request, Response, status
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from downstream.deps import FaultsDep
+from downstream.store import Outcome, fail
+
+router = APIRouter(prefix="/sink", tags=["event sink"])
+TOLERANCE = 300  # seconds: a timestamp further off is a replay (Standard Webhooks)
+
+
+def verify(secret: str, headers: dict[str, str], body: bytes) -> str:
+    """The message id of a correctly signed, fresh request; ValueError saying why not."""
+    msg_id, stamp, signatures = (
+        headers.get("webhook-id"),
+        headers.get("webhook-timestamp"),
+        headers.get("webhook-signature"),
+    )
+    if not (msg_id and stamp and signatures):
+        raise ValueError("missing webhook-id, webhook-timestamp or webhook-signature")
+    try:
+        when = int(stamp)
+    except ValueError:
+        raise ValueError("webhook-timestamp is not an integer") from None
+    if abs(time.time() - when) > TOLERANCE:
+        raise ValueError("webhook-timestamp too far from now")
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    expected = base64.b64encode(
+        hmac.new(key, f"{msg_id}.{stamp}.".encode() + body, hashlib.sha256).digest()
+    ).decode()
+    for signature in signatures.split():
+        version, _, value = signature.partition(",")
+        if version == "v1" and hmac.compare_digest(value, expected):
+            return msg_id
+    raise ValueError("no valid signature")
+
+
+class Sink:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.secret: str | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.events: list[dict[str, Any]] = []
+            self.seen: set[str] = set()
+            self.duplicates = 0
+            self.rejected = 0
+
+    def receive(self, headers: dict[str, str], body: bytes) -> Outcome:
+        with self._lock:
+            if self.secret is None:
+                self.rejected += 1
+                return fail(401, "no secret set (PUT /sink/secret)")
+            try:
+                msg_id = verify(self.secret, headers, body)
+                event = json.loads(body)
+            except ValueError as exc:
+                self.rejected += 1
+                return fail(401, f"rejected: {exc}")
+            if msg_id in self.seen:
+                self.duplicates += 1
+                return Outcome(200, {"duplicate": True})
+            self.seen.add(msg_id)
+            self.events.append(event)
+            return Outcome(200, {"duplicate": False})
+
+    def summary(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "events": list(self.events),
+                "duplicates": self.duplicates,
+                "rejected": self.rejected,
+            }
+
+
+def get_sink(request: Request) -> Sink:
+    sink: Sink = request.app.state.sink
+    return sink
+
+
+SinkDep = Annotated[Sink, Depends(get_sink)]
+
+
+class SecretIn(BaseModel):
+    secret: str = Field(pattern=r"^whsec_[A-Za-z0-9+/=]{16,}$")
+
+
+@router.put("/secret", status_code=status.HTTP_204_NO_CONTENT)
+async def set_secret(body: SecretIn, sink: SinkDep) -> Response:
+    sink.secret = body.secret
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("")
+async def receive(
+    request: Request,
+    sink: SinkDep,
+    faults: FaultsDep,
+    webhook_id: Annotated[str | None, Header()] = None,
+    webhook_timestamp: Annotated[str | None, Header()] = None,
+    webhook_signature: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    body = await request.body()
+    headers = {
+        k: v
+        for k, v in (
+            ("webhook-id", webhook_id),
+            ("webhook-timestamp", webhook_timestamp),
+            ("webhook-signature", webhook_signature),
+        )
+        if v is not None
+    }
+    outcome = await faults.run("sink.receive", lambda: sink.receive(headers, body))
+    return JSONResponse(outcome.body, status_code=outcome.status_code)
+
+
+@router.get("")
+async def seen(sink: SinkDep) -> dict[str, Any]:
+    return sink.summary()
+
+
+@router.delete("", status_code=status.HTTP_204_NO_CONTENT)
+async def forget(sink: SinkDep) -> Response:
+    sink.reset()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

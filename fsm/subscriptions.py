@@ -1,0 +1,171 @@
+"""The operator's side of order events: webhooks added (a signing secret made once),
+listed, removed and tested; each destination's backlog (for /metrics, /healthz and the
+console); dead letters listed and redelivered. Writes go through the store's commit thread,
+reads through its read pool. Sends nothing except `test_webhook` (one signed request, now).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+
+from fsm import outbox, outbox_sql
+from fsm.destinations import Attempt
+from fsm.destinations.webhook import new_secret, post
+from fsm.outbox_sql import Backlog, DeliveryRow, Destination
+from fsm.store import Store, utcnow
+
+T = TypeVar("T")
+log = logging.getLogger("order_saga.events")
+
+
+def read(store: Store, op: Callable[[Any], T]) -> T:
+    """Run a read-only cursor op on a pooled connection of the read engine."""
+    conn = store.engine.raw_connection()
+    try:
+        return op(conn.cursor())
+    finally:
+        conn.close()  # back to the pool, rolled back
+
+
+def webhook_url(url: str) -> str:
+    """A URL events can be POSTed to; ValueError saying why not."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http:// or https:// URL")
+    if parts.username or parts.password:
+        raise ValueError("a webhook URL must not carry credentials (the signature authenticates)")
+    return url
+
+
+@dataclass(frozen=True)
+class Added:
+    destination: Destination
+    secret: str  # shown once: only its holder can verify the signatures
+
+
+def add_webhook(store: Store, url: str, types: tuple[str, ...]) -> Added:
+    """Subscribe `url` to `types`; ValueError when it is subscribed already."""
+    secret = new_secret()
+    added = store.committer.call(
+        partial(
+            outbox_sql.add_destination,
+            store.dialect,
+            name=webhook_url(url),
+            kind="webhook",
+            url=url,
+            secret=secret,
+            events=outbox.subscription(types),
+            now=utcnow(),
+        )
+    )
+    if added is None:
+        raise ValueError(f"{url} is subscribed already (remove it first)")
+    return Added(added, secret)
+
+
+def destinations(store: Store) -> list[Destination]:
+    return read(store, partial(outbox_sql.destinations, store.dialect))
+
+
+def find(store: Store, ident: str, *, kind: str | None = "webhook") -> Destination:
+    """A destination by id or by URL; LookupError when none matches."""
+    for destination in destinations(store):
+        if kind is not None and destination.kind != kind:
+            continue
+        if ident in (str(destination.id), destination.url, destination.name):
+            return destination
+    raise LookupError(f"no {kind or 'destination'} {ident!r} (see `order-saga webhooks list`)")
+
+
+def remove(store: Store, ident: str) -> Destination:
+    """Unsubscribe; its undelivered events are dropped with it."""
+    destination = find(store, ident)
+    store.committer.call(
+        partial(outbox_sql.remove_destination, store.dialect, destination_id=destination.id)
+    )
+    return destination
+
+
+def test_event(destination: Destination) -> tuple[str, bytes]:
+    """A signed `order-saga.test` CloudEvent (no order: data names the destination)."""
+    msg_id = f"test:{uuid.uuid4()}"
+    body = {
+        "specversion": "1.0",
+        "id": msg_id,
+        "source": "/order-saga",
+        "type": "order-saga.test",
+        "time": utcnow().isoformat().replace("+00:00", "Z"),
+        "datacontenttype": "application/json",
+        "data": {"destination": destination.id, "url": destination.url},
+    }
+    return msg_id, json.dumps(body, separators=(",", ":")).encode()
+
+
+async def test_webhook(destination: Destination, *, timeout: float) -> Attempt:
+    """Send one test event now, outside the outbox: the endpoint's answer."""
+    assert destination.secret is not None
+    msg_id, body = test_event(destination)
+    async with httpx.AsyncClient(follow_redirects=False) as client:
+        return await post(client, destination.url, destination.secret, msg_id, body, timeout)
+
+
+def backlog(store: Store) -> list[Backlog]:
+    return read(store, partial(outbox_sql.backlog, store.dialect))
+
+
+def lags(store: Store) -> dict[str, tuple[int, float]]:
+    """destination -> (undelivered events, seconds since the oldest of them; 0: none)."""
+    now = utcnow()
+    return {
+        b.destination.name: (
+            b.pending,
+            (now - b.oldest_pending).total_seconds() if b.oldest_pending else 0.0,
+        )
+        for b in backlog(store)
+    }
+
+
+def lags_if_known(store: Store) -> dict[str, tuple[int, float]]:
+    """`lags`, or nothing when the database cannot say (down, or not migrated yet): for
+    /healthz and /metrics, which report the database's state elsewhere."""
+    try:
+        return lags(store)
+    except Exception as exc:  # the driver's error, whichever driver
+        log.debug("event backlog unknown: %s", exc)
+        return {}
+
+
+def deliveries(
+    store: Store, *, failed: bool = False, limit: int = 50, order_id: uuid.UUID | None = None
+) -> list[DeliveryRow]:
+    op = partial(
+        outbox_sql.deliveries,
+        store.dialect,
+        state="dead" if failed else None,
+        limit=limit,
+        order_id=order_id,
+    )
+    return read(store, op)
+
+
+def redeliver(store: Store, event_id: str | None) -> int:
+    """Dead letters back in line (one event and its order's later dead ones, or all);
+    ValueError for a malformed id. Returns how many deliveries were revived."""
+    if event_id is not None:
+        outbox_sql.split_id(event_id)
+    op = partial(outbox_sql.redeliver, store.dialect, event_id=event_id, now=utcnow())
+    return store.committer.call(op)
+
+
+async def redeliver_async(store: Store, event_id: str | None) -> int:
+    return await asyncio.to_thread(redeliver, store, event_id)

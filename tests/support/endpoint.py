@@ -1,0 +1,97 @@
+"""A webhook endpoint for tests, on raw asyncio sockets so it can misbehave as real ones do:
+answer 200 or 500, hang past the client's timeout, or close the connection without an
+answer. It records every request (headers, body) and how many requests for one event id
+were in flight at once. Runs on the test's own event loop, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Mode = Literal["ok", "500", "hang", "close"]
+
+
+@dataclass
+class Request:
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def event(self) -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(self.body)
+        return parsed
+
+
+@dataclass
+class Endpoint:
+    mode: Mode = "ok"
+    delay: float = 0.0  # seconds before answering (to make overlaps visible)
+    requests: list[Request] = field(default_factory=list)  # answered 200, in arrival order
+    attempts: int = 0  # every request, whatever the answer
+    most_at_once: int = 0  # the most requests of one event id in flight together
+    _in_flight: Counter[str] = field(default_factory=Counter)
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    url: str = ""
+
+    async def __aenter__(self) -> Endpoint:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/hook"
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def events(self) -> list[dict[str, Any]]:
+        return [r.event for r in self.requests]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            while await self._one(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the client went away, or the endpoint is closing
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")[1:]
+        headers = {}
+        for line in lines:
+            if ":" in line:
+                name, value = line.split(":", 1)
+                headers[name.strip().lower()] = value.strip()
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        self.attempts += 1
+        mode = self.mode
+        if mode == "close":
+            return False
+        if mode == "hang":
+            await asyncio.sleep(3600)
+        msg_id = headers.get("webhook-id", "")
+        self._in_flight[msg_id] += 1
+        self.most_at_once = max(self.most_at_once, self._in_flight[msg_id])
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        finally:
+            self._in_flight[msg_id] -= 1
+        status = b"200 OK" if mode == "ok" else b"500 Internal Server Error"
+        if mode == "ok":
+            self.requests.append(Request(headers, body))
+        writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        return True

@@ -1,0 +1,113 @@
+"""The transactional outbox (issue 19 items 1-2): one CloudEvent per order status change,
+written in the commit of its transition, fanned out to the destinations subscribed to its
+type in that same commit. Both databases."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from api.schemas import OrderOut
+from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID, POOR_USER_ID, WIDGET_ID
+from fsm import outbox, subscriptions
+from fsm.errors import StaleOrder
+from fsm.executor import Executor
+from fsm.machine import coarse_status
+from fsm.store import Store
+from tests.support.events import events_of
+
+ROWS = [  # user, product -> the event types of the order, in order
+    pytest.param(ORDINARY_USER_ID, WIDGET_ID, ["order.created", "order.completed"], id="completed"),
+    pytest.param(
+        POOR_USER_ID,
+        WIDGET_ID,
+        ["order.created", "order.compensating", "order.failed"],
+        id="failed",
+    ),
+    pytest.param(
+        ORDINARY_USER_ID, MISSING_PRODUCT_ID, ["order.created", "order.rejected"], id="rejected"
+    ),
+]
+
+
+async def run(store: Store, executor: Executor, user: int, product: int) -> uuid.UUID:
+    order, _ = await store.create_order(
+        user_id=user, product_id=product, quantity=1, owner=executor.owner
+    )
+    await executor.drive(order)
+    return order.id
+
+
+@pytest.mark.parametrize(("user", "product", "types"), ROWS)
+async def test_each_status_change_leaves_one_event_named_by_its_transition(
+    user: int, product: int, types: list[str], store: Store, executor: Executor
+) -> None:
+    order_id = await run(store, executor, user, product)
+    events = events_of(store, order_id)
+    assert [e["type"] for e in events] == types
+    # One per status change of the log, each named <order_id>:<seq of that transition>.
+    changes, status = [0], coarse_status("pending")
+    for t in store.history(order_id):
+        if t.scope == "order" and coarse_status(t.to_state) != status:
+            status = coarse_status(t.to_state)
+            if outbox.event_type(None, status) is not None:
+                changes.append(t.seq)
+    assert [e["id"] for e in events] == [f"{order_id}:{seq}" for seq in changes]
+    for event in events:
+        assert event["specversion"] == "1.0"
+        assert event["subject"] == str(order_id)
+        assert event["source"] == "/order-saga"
+        assert event["datacontenttype"] == "application/json"
+        assert event["time"] == event["data"]["updated_at"]
+    # The last event carries the order exactly as GET /orders/{id} shows it now.
+    assert events[-1]["data"] == OrderOut.of(store.get(order_id)).model_dump(mode="json")
+
+
+async def test_a_refused_write_leaves_no_event(store: Store) -> None:
+    order, _ = await store.create_order(user_id=1, product_id=1, quantity=1, owner="me")
+    await store.record_transition(order=order, owner="me", scope="order", trigger="request_product")
+    stale = store.get(order.id)
+    stale.version -= 1  # another driver's view: the guarded write must refuse, event and all
+    with pytest.raises(StaleOrder):
+        await store.record_transition(
+            order=stale, owner="me", scope="order", trigger="product_missing"
+        )
+    assert [e["type"] for e in events_of(store, order.id)] == ["order.created"]
+
+
+async def test_deliveries_are_fanned_out_by_subscription_in_the_same_commit(
+    store: Store, executor: Executor
+) -> None:
+    default = subscriptions.add_webhook(store, "http://127.0.0.1:9/a", outbox.DEFAULT_TYPES)
+    everything = subscriptions.add_webhook(store, "http://127.0.0.1:9/b", outbox.ALL_TYPES)
+    only_failed = subscriptions.add_webhook(store, "http://127.0.0.1:9/c", ("order.failed",))
+    order_id = await run(store, executor, POOR_USER_ID, WIDGET_ID)
+    rows = subscriptions.deliveries(store, limit=100, order_id=order_id)
+    got: dict[str, list[str]] = {}
+    for row in sorted(rows, key=lambda r: r.event_id):
+        got.setdefault(row.destination, []).append(row.type)
+    assert {k: sorted(v) for k, v in got.items()} == {
+        default.destination.name: ["order.created", "order.failed"],
+        everything.destination.name: ["order.compensating", "order.created", "order.failed"],
+        only_failed.destination.name: ["order.failed"],
+    }
+    assert {r.state for r in rows} == {"pending"}
+
+
+def test_the_event_types_are_a_table_over_the_statuses() -> None:
+    # Every terminal or operator-visible status has its type; `running` has none.
+    assert outbox.event_type("pending", "running") is None
+    assert outbox.event_type("running", "running") is None
+    assert set(outbox.DEFAULT_TYPES) == {
+        "order.created",
+        "order.completed",
+        "order.failed",
+        "order.rejected",
+        "order.cancelled",
+        "order.needs_attention",
+        "order.resolved",
+    }
+    assert outbox.OPT_IN == {"order.compensating"}
+    with pytest.raises(ValueError, match="unknown event type"):
+        outbox.parse_types(["order.shipped"])

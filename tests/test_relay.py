@@ -1,0 +1,191 @@
+"""The relay (issue 19 items 2-4) over real HTTP: every event reaches every webhook, signed,
+in order per order; failing endpoints are retried, dead-lettered past the age limit and
+redelivered by the command; a dead endpoint delays neither the orders nor the other
+destinations. Both databases."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import standardwebhooks
+from click.testing import CliRunner, Result
+from typer.main import get_command
+
+from fsm import outbox, subscriptions
+from fsm.destinations.webhook import signed_headers
+from fsm.executor import Executor
+from fsm.store import Store
+from order_saga.cli import app
+from tests.support.endpoint import Endpoint, Mode
+from tests.support.events import (
+    FAST_EVENTS,
+    events_of,
+    expected,
+    orders,
+    out_of_order,
+    relaying,
+    sink_seen,
+    subscribe_sink,
+)
+from tests.support.settings import saga_env, saga_settings
+from tests.support.waiting import wait_until_async
+
+
+async def test_every_event_reaches_the_sink_once_in_order_verified(
+    db_url: str, store: Store, executor: Executor, services_url: str
+) -> None:
+    subscribe_sink(store, services_url)
+    async with relaying(store, saga_settings(db_url, **FAST_EVENTS)):
+        ids = await orders(store, executor, 12)
+        want = expected(store, ids, outbox.DEFAULT_TYPES)
+        await wait_until_async(
+            lambda: len(sink_seen(services_url)["events"]) >= len(want), what="the sink"
+        )
+        await wait_until_async(lambda: subscriptions.lags(store)[f"{services_url}/sink"][0] == 0)
+    seen = sink_seen(services_url)
+    assert sorted(e["id"] for e in seen["events"]) == sorted(want)
+    assert out_of_order(seen["events"]) == []
+    assert seen["rejected"] == 0  # every signature verified by the sink
+    assert seen["duplicates"] == 0  # nobody died: exactly once here
+    (backlog,) = subscriptions.backlog(store)
+    assert (backlog.pending, backlog.dead) == (0, 0)
+
+
+async def test_standard_webhooks_verifies_what_the_relay_sends(
+    db_url: str, store: Store, executor: Executor
+) -> None:
+    async with Endpoint() as endpoint:
+        added = subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
+        async with relaying(store, saga_settings(db_url, **FAST_EVENTS)):
+            (order_id,) = await orders(store, executor, 1)
+            await wait_until_async(lambda: len(endpoint.requests) >= 2, what="two events")
+    verifier = standardwebhooks.Webhook(added.secret)
+    for request in endpoint.requests:
+        assert request.headers["content-type"] == outbox.CONTENT_TYPE
+        assert request.headers["webhook-id"] == request.event["id"]
+        assert verifier.verify(request.body, request.headers) == request.event
+    assert [r.event["id"] for r in endpoint.requests] == [
+        e["id"] for e in events_of(store, order_id) if e["type"] in outbox.DEFAULT_TYPES
+    ]
+
+
+@pytest.mark.parametrize("tamper", ["body", "timestamp", "signature"])
+def test_a_tampered_request_is_rejected_by_standard_webhooks(tamper: str) -> None:
+    from fsm.destinations.webhook import new_secret
+
+    secret, body = new_secret(), b'{"id":"x:1","type":"order.completed"}'
+    headers = signed_headers(secret, "x:1", body)
+    verifier = standardwebhooks.Webhook(secret)
+    assert verifier.verify(body, headers)
+    if tamper == "body":
+        body = body.replace(b"completed", b"cancelled")
+    elif tamper == "timestamp":
+        headers["webhook-timestamp"] = str(int(headers["webhook-timestamp"]) + 1)
+    else:
+        headers["webhook-signature"] = signed_headers(new_secret(), "x:1", body)[
+            "webhook-signature"
+        ]
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        verifier.verify(body, headers)
+
+
+def run_cli(db_url: str, services_url: str, *args: str) -> Result:
+    """The `order-saga` command, in this process (a console script start costs seconds on
+    a loaded machine; the process tests start the real one)."""
+    env = saga_env(database_url=db_url, services_url=services_url)
+    return CliRunner().invoke(get_command(app), list(args), env=env)
+
+
+@pytest.mark.parametrize("mode", ["500", "hang", "close"])
+async def test_a_failing_endpoint_is_retried_dead_lettered_and_redelivered(
+    mode: Mode, db_url: str, store: Store, executor: Executor, services_url: str
+) -> None:
+    settings = saga_settings(db_url, **{**FAST_EVENTS, "event_max_age": 1.5, "event_timeout": 0.2})
+    async with Endpoint(mode=mode) as endpoint:
+        subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
+        async with relaying(store, settings):
+            ids = await orders(store, executor, 3)
+            want = expected(store, ids, outbox.DEFAULT_TYPES)
+
+            def all_dead() -> bool:
+                return len(subscriptions.deliveries(store, failed=True)) == len(want)
+
+            await wait_until_async(all_dead, what="every delivery dead-lettered")
+            dead = subscriptions.deliveries(store, failed=True)
+            first = [d for d in dead if d.last_error != "behind a dead letter"]
+            assert first and any(d.attempts > 1 for d in first)  # retried before giving up
+            assert endpoint.attempts > len(first)
+            assert endpoint.requests == []
+            listed = await asyncio.to_thread(
+                run_cli, db_url, services_url, "events", "list", "--failed", "--json"
+            )
+            assert listed.exit_code == 0, listed.output
+            assert sorted(d["event_id"] for d in _json(listed.stdout)["deliveries"]) == sorted(want)
+
+            endpoint.mode = "ok"
+            done = await asyncio.to_thread(
+                run_cli, db_url, services_url, "events", "redeliver", "--all"
+            )
+            assert done.exit_code == 0, done.output
+            assert f"{len(want)} deliveries back in line" in done.stdout
+            await wait_until_async(
+                lambda: len(endpoint.requests) >= len(want), what="the redelivery"
+            )
+    assert sorted(e["id"] for e in endpoint.events()) == sorted(want)
+    assert out_of_order(endpoint.events()) == []
+    assert subscriptions.deliveries(store, failed=True) == []
+
+
+async def test_redeliver_one_event_brings_its_order_s_later_events(
+    db_url: str, store: Store, executor: Executor, services_url: str
+) -> None:
+    settings = saga_settings(db_url, **{**FAST_EVENTS, "event_max_age": 0.2})
+    async with Endpoint(mode="500") as endpoint:
+        subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
+        async with relaying(store, settings):
+            first, second = await orders(store, executor, 2)
+            n_first = len(expected(store, [first], outbox.DEFAULT_TYPES))
+            n_all = len(expected(store, [first, second], outbox.DEFAULT_TYPES))
+            await wait_until_async(
+                lambda: len(subscriptions.deliveries(store, failed=True)) == n_all, what="dead"
+            )
+            endpoint.mode = "ok"
+            revived = subscriptions.redeliver(store, f"{first}:0")
+            assert revived == n_first
+            await wait_until_async(
+                lambda: len(endpoint.requests) >= n_first, what="the first order"
+            )
+    assert [e["subject"] for e in endpoint.events()] == [str(first)] * n_first
+    assert out_of_order(endpoint.events()) == []
+    assert len(subscriptions.deliveries(store, failed=True)) == n_all - n_first
+    bad = run_cli(db_url, services_url, "events", "redeliver", "nope")
+    assert bad.exit_code == 2 and "is not an event id" in bad.stderr
+
+
+async def test_a_dead_endpoint_delays_neither_orders_nor_other_destinations(
+    db_url: str, store: Store, executor: Executor, services_url: str
+) -> None:
+    settings = saga_settings(db_url, **{**FAST_EVENTS, "event_timeout": 30.0})
+    async with Endpoint(mode="hang") as dead:
+        subscriptions.add_webhook(store, dead.url, outbox.DEFAULT_TYPES)
+        subscribe_sink(store, services_url)
+        async with relaying(store, settings):
+            ids = await orders(store, executor, 6)  # they finish: nothing waits for a relay
+            want = expected(store, ids, outbox.DEFAULT_TYPES)
+            await wait_until_async(
+                lambda: len(sink_seen(services_url)["events"]) >= len(want), what="the sink"
+            )
+            sink = f"{services_url}/sink"
+            await wait_until_async(lambda: subscriptions.lags(store)[sink][0] == 0)
+            lags = subscriptions.lags(store)
+    assert sorted(e["id"] for e in sink_seen(services_url)["events"]) == sorted(want)
+    assert dead.requests == []
+    assert lags[dead.url][0] == len(want)  # all still pending there
+
+
+def _json(text: str) -> Any:
+    import json
+
+    return json.loads(text)

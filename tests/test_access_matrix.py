@@ -1,0 +1,196 @@
+"""Issue 17, item 5: every route of the app — walked from its router table and checked
+against the OpenAPI document, not a hand list — × no credentials, each role, a revoked
+key, a wrong key and another client's key, on SQLite and PostgreSQL, with the exact status
+the table in api/access.py promises: 401, 403, 404 (another client's order), or through
+the gate. No secret appears in any answer or log line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from api.access import MOUNTS, OWN, OWN_ACT, ROUTES, Table
+from api.app import create_app
+from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
+from fsm import keys
+from fsm.keys import Role
+from fsm.machine import OrderTrigger
+from fsm.store import Store
+from tests.support.routes import concrete, endpoints
+from tests.support.settings import cli_settings
+
+OWNER, OTHER = "shop-a", "shop-b"
+TABLE = Table.build()
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    role: Role | None  # None: no valid credential at all
+    header: dict[str, str]
+
+
+@pytest.fixture
+def callers(store: Store) -> list[Caller]:
+    made = {
+        OWNER: Role.CLIENT,
+        OTHER: Role.CLIENT,
+        "auditor": Role.READER,
+        "ops": Role.OPERATOR,
+        "root": Role.ADMIN,
+        "gone": Role.ADMIN,
+    }
+    secret = {n: keys.create_key(engine=store.engine, name=n, role=r) for n, r in made.items()}
+    keys.revoke_key(engine=store.engine, name="gone")
+
+    def bearer(value: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {value}"}
+
+    return [
+        Caller("no credentials", None, {}),
+        Caller("wrong key", None, bearer("osk_" + secrets.token_urlsafe(32))),
+        Caller("revoked key", None, bearer(secret["gone"])),
+        Caller("owner client", Role.CLIENT, bearer(secret[OWNER])),
+        Caller("another client", Role.CLIENT, bearer(secret[OTHER])),
+        Caller("reader", Role.READER, bearer(secret["auditor"])),
+        Caller("operator", Role.OPERATOR, bearer(secret["ops"])),
+        Caller("admin", Role.ADMIN, bearer(secret["root"])),
+    ]
+
+
+@pytest.fixture
+def rejected_order(store: Store) -> uuid.UUID:
+    """An order of OWNER's that every action leaves as it is (a terminal one): the matrix
+    checks who gets through, not what the actions do."""
+
+    async def make() -> uuid.UUID:
+        order, _ = await store.create_order(
+            user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, created_by=OWNER
+        )
+        owner = "matrix-setup"
+        claimed = await store.claim(order_id=order.id, owner=owner)
+        assert claimed is not None
+        for trigger in (OrderTrigger.REQUEST_PRODUCT, OrderTrigger.PRODUCT_MISSING):
+            await store.record_transition(
+                order=claimed, owner=owner, scope="order", trigger=trigger
+            )
+        return order.id
+
+    return asyncio.run(make())
+
+
+@pytest.fixture
+def app(db_url: str, tmp_path: Path, callers: list[Caller]) -> Iterator[TestClient]:
+    # No downstream URLs: the reference services are mounted under /services.
+    settings = cli_settings(db_url, services_db=str(tmp_path / "s.db"))
+    with TestClient(create_app(settings, sweep=False)) as client:
+        yield client
+
+
+def expected(method: str, path: str, template: str, caller: Caller) -> int | None:
+    """The exact status the table promises, or None: through the gate (then anything
+    but 401/403 and never a 5xx)."""
+    access = TABLE.access(method, path)
+    if access.public:
+        return None
+    if caller.role is None:
+        return 401
+    if not access.admits(caller.role):
+        return 403
+    if access in (OWN, OWN_ACT) and "{order_id}" in template and caller.name == "another client":
+        return 404
+    return None
+
+
+def admin_of(callers: list[Caller]) -> dict[str, str]:
+    return next(c.header for c in callers if c.role is Role.ADMIN)
+
+
+def test_every_route_is_in_the_table_and_in_the_openapi(
+    app: TestClient, callers: list[Caller]
+) -> None:
+    fastapi_app: FastAPI = app.app  # type: ignore[assignment]
+    walked = set(endpoints(fastapi_app.routes))
+    mounted = tuple(MOUNTS)
+    unlisted = sorted(
+        f"{m} {t}" for m, t in walked if (m, t) not in ROUTES and not t.startswith(mounted)
+    )
+    assert not unlisted, f"routes missing from api/access.py ROUTES: {unlisted}"
+    stale = sorted(f"{m} {t}" for m, t in ROUTES if (m, t) not in walked)
+    assert not stale, f"ROUTES rows no route answers: {stale}"
+    document = app.get("/openapi.json", headers=admin_of(callers)).json()
+    documented = {
+        (method.upper(), path) for path, ops in document["paths"].items() for method in ops
+    }
+    assert documented <= walked, documented - walked  # the walk covers the document
+
+
+def test_the_route_role_matrix(
+    app: TestClient,
+    callers: list[Caller],
+    rejected_order: uuid.UUID,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    fastapi_app: FastAPI = app.app  # type: ignore[assignment]
+    walked = sorted(set(endpoints(fastapi_app.routes)))
+    assert len(walked) > 30 and any(t.startswith("/services/") for _, t in walked)
+    values = {"order_id": str(rejected_order), "action": "resume", "file": "ui.css"}
+    secrets_sent = [c.header["Authorization"][7:] for c in callers if c.header]
+    wrong: list[str] = []
+    for method, template in walked:
+        if template == "/services/_reset":
+            continue  # would reseed the services mid-matrix (admin only, like the rest)
+        path = concrete(template, values)
+        for caller in callers:
+            answer = app.request(method, path, headers=caller.header, follow_redirects=False)
+            want = expected(method, path, template, caller)
+            got = answer.status_code
+            refused_by_gate = answer.headers.get(
+                "content-type"
+            ) == "application/problem+json" and answer.json().get("code") in (
+                "unauthorized",
+                "forbidden",
+            )
+            if want is None:  # the route judges for itself (the sign-in form may say 401)
+                ok = got < 500 and not refused_by_gate
+            else:
+                ok = got == want and (refused_by_gate or want == 404)
+            if not ok:
+                wanted = want or "through the gate"
+                wrong.append(f"{method} {template} as {caller.name}: {got}, want {wanted}")
+            body = answer.text
+            assert not any(s in body for s in secrets_sent), (method, template, caller.name)
+    assert not wrong, "\n".join(wrong)
+    logged = caplog.text
+    assert not any(s in logged for s in secrets_sent)
+
+
+def test_the_openapi_documents_security_and_the_refusals(
+    app: TestClient, callers: list[Caller]
+) -> None:
+    document = app.get("/openapi.json", headers=admin_of(callers)).json()
+    assert set(document["components"]["securitySchemes"]) == {"bearer", "session"}
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            where = f"{method.upper()} {path}"
+            access = ROUTES[(method.upper(), path)]
+            if access.public:
+                assert "security" not in operation, where
+                continue
+            assert operation["security"] == [{"bearer": []}, {"session": []}], where
+            assert {"401", "403"} <= set(operation["responses"]), where
+            refused = operation["responses"]["403"]["description"]
+            if access not in (OWN, OWN_ACT) or "{order_id}" not in path:
+                continue
+            assert "404" in operation["responses"], where
+            assert refused, where

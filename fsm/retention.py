@@ -38,13 +38,22 @@ from sqlalchemy.sql.elements import ColumnElement
 from fsm import archive, sql
 from fsm.errors import CorruptOrder
 from fsm.machine import TERMINAL_ORDER_STATES, coarse_status
-from fsm.models import Order, OrderTable, Transition, TransitionTable
+from fsm.models import (
+    Order,
+    OrderTable,
+    OutboxDeliveryTable,
+    OutboxEventTable,
+    Transition,
+    TransitionTable,
+)
 from fsm.settings import Settings
 from fsm.sql import as_utc, order_from
 
 log = logging.getLogger("order_saga.retention")
 orders = OrderTable.__table__  # type: ignore[attr-defined]
 transitions = TransitionTable.__table__  # type: ignore[attr-defined]
+events = OutboxEventTable.__table__  # type: ignore[attr-defined]
+deliveries = OutboxDeliveryTable.__table__  # type: ignore[attr-defined]
 
 _TERMINAL_STATES = sorted(s.value for s in TERMINAL_ORDER_STATES)
 _TERMINAL_STATUSES = sorted({coarse_status(s).value for s in TERMINAL_ORDER_STATES})
@@ -54,10 +63,13 @@ _TIMESTAMPS = ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at
 
 
 def undelivered_events() -> ColumnElement[bool] | None:
-    """HOOK for the transactional outbox (issue 19): a condition over `orders` true when the
-    order still has order events not delivered to every destination. Until the outbox's
-    tables exist there are no events to wait for, so it adds nothing."""
-    return None
+    """The transactional outbox's condition (issue 19): true when the order still has an
+    event not delivered to some destination (pending, in flight or dead-lettered)."""
+    return (
+        select(deliveries.c.event_id)
+        .where(deliveries.c.order_id == orders.c.id, deliveries.c.state != "delivered")
+        .exists()
+    )
 
 
 def eligible(*, cutoff: datetime, now: datetime) -> list[ColumnElement[bool]]:
@@ -298,6 +310,9 @@ class Pruner:
                 conn.rollback()
                 return 0, 0
             lines = conn.execute(transitions.delete().where(transitions.c.order_id.in_(ids)))
+            # Their events, every one delivered (eligible says so): the outbox keeps no orphans.
+            conn.execute(deliveries.delete().where(deliveries.c.order_id.in_(ids)))
+            conn.execute(events.delete().where(events.c.order_id.in_(ids)))
             self.crash("transitions")
             gone = conn.execute(orders.delete().where(orders.c.id.in_(ids)))
             conn.commit()

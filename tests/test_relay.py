@@ -189,3 +189,22 @@ def _json(text: str) -> Any:
     import json
 
     return json.loads(text)
+
+
+async def test_an_order_with_undelivered_events_is_not_pruned_then_goes_with_them(
+    db_url: str, store: Store, executor: Executor
+) -> None:
+    from fsm.retention import Pruner
+
+    async with Endpoint(mode="500") as endpoint:
+        subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
+        (order_id,) = await orders(store, executor, 1)  # terminal, its events pending
+        assert Pruner(store.engine, older_than=0).run().deleted == 0
+        endpoint.mode = "ok"
+        async with relaying(store, saga_settings(db_url, **FAST_EVENTS)):
+            await wait_until_async(
+                lambda: subscriptions.lags(store)[endpoint.url][0] == 0, what="delivery"
+            )
+    assert Pruner(store.engine, older_than=0).run().deleted == 1
+    assert events_of(store, order_id) == []
+    assert subscriptions.deliveries(store, order_id=order_id) == []

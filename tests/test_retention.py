@@ -157,3 +157,40 @@ def test_one_pruner_at_a_time_on_postgresql(pg_url: str) -> None:
     with second.session() as free:  # released with the first one's session
         assert free is not None
     engine.dispose()
+
+
+async def test_an_order_with_an_undelivered_event_is_kept_a_delivered_one_goes(
+    store: Store, executor: Executor, downstream: Downstream
+) -> None:
+    from fsm.models import OutboxDeliveryTable, OutboxEventTable
+
+    population = await populate(store, executor, downstream, completed=2)
+    waiting, delivered = population.eligible[0], population.eligible[1]
+    deliveries = OutboxDeliveryTable.__table__  # type: ignore[attr-defined]
+    events = OutboxEventTable.__table__  # type: ignore[attr-defined]
+    now = utcnow()
+    with store.engine.begin() as conn:
+        for order_id, state in ((waiting, "pending"), (delivered, "delivered")):
+            event = f"{order_id}:99"
+            conn.execute(
+                events.insert(),
+                {"id": event, "order_id": order_id, "seq": 99, "type": "order.completed",
+                 "created_at": now, "body": "{}"},
+            )  # fmt: skip
+            conn.execute(
+                deliveries.insert(),
+                {"destination_id": 1, "event_id": event, "order_id": order_id, "seq": 99,
+                 "state": state, "next_attempt_at": now, "created_at": now, "retry_from": now},
+            )  # fmt: skip
+
+    Pruner(store.engine, older_than=0).run()
+
+    assert store.get(waiting).status == "completed"  # its event still owed: kept
+    assert_pruned(store, population, [i for i in population.eligible if i != waiting])
+    with store.engine.connect() as conn:
+        left = {r.order_id for r in conn.execute(deliveries.select())}
+        left_events = {r.order_id for r in conn.execute(events.select())}
+    assert left == {waiting}
+    assert waiting in left_events
+    gone = set(population.eligible) - {waiting}
+    assert not gone & left_events  # the outbox rows of the deleted ones went with them

@@ -10,9 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
 
 from api.problems import Problem
-from fsm.machine import AUDIT_SCOPE, OrderState, Status, Step, StepState
+from fsm.machine import AUDIT_SCOPE, OrderState, Status, StepState
 from fsm.models import STATE_COLUMN, Order, Transition
 from fsm.outbox import order_document
+from fsm.registry import STEP_NAMES
 
 PositiveId = Annotated[int, Field(strict=True, gt=0, le=2**31 - 1)]
 
@@ -45,7 +46,7 @@ _ORDER_EXAMPLE: JsonDict = {
     "amount": 3998,
     "status": "completed",
     "state": "completed",
-    "steps": dict.fromkeys(Step, "succeeded"),
+    "steps": dict.fromkeys(STEP_NAMES, "succeeded"),
     "shipping": {"address": "1 Main St, Springfield", "expected_delivery": "2026-12-01"},
     "attempts": {},
     "last_error": None,
@@ -65,7 +66,10 @@ class OrderOut(BaseModel):
     amount: int | None = Field(description="cents: price x quantity, fixed at product lookup")
     status: Status
     state: OrderState = Field(description="the order machine's exact state")
-    steps: dict[Step, StepState] = Field(description="each step machine's state")
+    steps: dict[str, StepState] = Field(
+        description="each step machine's state, by step (in the saga's order)",
+        json_schema_extra={"propertyNames": {"enum": list(STEP_NAMES)}},
+    )
     shipping: Shipping | None = Field(description="present once the order is completed")
     attempts: dict[str, int]
     last_error: str | None
@@ -89,7 +93,7 @@ class OrderList(BaseModel):
     offset: int
 
 
-_FIRST_STEP = next(iter(Step)).value
+_FIRST_STEP = STEP_NAMES[0]
 
 
 def _state(scope: str, state: str) -> OrderState | StepState:

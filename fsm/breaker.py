@@ -45,7 +45,7 @@ from prometheus_client import Counter, Gauge
 
 from fsm.clients import Services
 from fsm.errors import CallFailure, CircuitOpen, TransientFailure
-from fsm.machine import SERVICES
+from fsm.registry import SERVICES
 from fsm.settings import Settings
 
 log = logging.getLogger("order_saga.breaker")
@@ -295,7 +295,9 @@ class Breakers:
     def wrap(self, services: Services) -> Services:
         """The Services decorator: the same clients, each call behind its operation's
         breaker."""
-        guarded = {name: _Guarded(getattr(services, name), self, name) for name in SERVICES}
+        guarded = {
+            name: _Guarded(services[name], self, name) for name in (s.name for s in SERVICES)
+        }
         return Services(**guarded)  # each stands in for its Protocol
 
     def not_closed(self) -> dict[str, str]:

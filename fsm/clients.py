@@ -7,7 +7,6 @@ connection error, unreadable body: the effect may or may not have happened).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
@@ -135,27 +134,20 @@ class HttpShippingService(HttpService):
         return await self.send("POST", "/shipping/cancel", json={"order_id": order_id}, key=key)
 
 
-@dataclass(frozen=True)
 class Services:
-    """The four downstream clients the executor talks to."""
+    """The downstream clients the executor talks to, by service name: `product` and each
+    step's (`fsm.registry.SERVICES`). `fsm.wiring` builds them from the settings."""
 
-    product: ProductService
-    user: UserService
-    inventory: InventoryService
-    shipping: ShippingService
+    def __init__(self, **clients: Any) -> None:
+        self.clients: dict[str, Any] = clients
 
+    @property
+    def product(self) -> ProductService:
+        client: ProductService = self["product"]
+        return client
 
-def http_services(
-    client: httpx.AsyncClient,
-    *,
-    product_url: str,
-    user_url: str,
-    inventory_url: str,
-    shipping_url: str,
-) -> Services:
-    return Services(
-        product=HttpProductService(client, product_url),
-        user=HttpUserService(client, user_url),
-        inventory=HttpInventoryService(client, inventory_url),
-        shipping=HttpShippingService(client, shipping_url),
-    )
+    def __getitem__(self, service: str) -> Any:
+        try:
+            return self.clients[service]
+        except KeyError:
+            raise KeyError(f"no client for the {service!r} service") from None

@@ -20,10 +20,10 @@ from fsm.machine import (
     Edge,
     OrderState,
     OrderTrigger,
-    Step,
     StepTrigger,
 )
 from fsm.machine import edges as declared_edges
+from fsm.registry import STEP, STEP_NAMES
 
 if TYPE_CHECKING:
     from fsm.models import Transition
@@ -115,7 +115,7 @@ _STEP_FILL = {
     "compensated": _RESTING["closed"],
 }
 _STEPS = "steps_running"
-_MIDDLE = list(Step)[len(Step) // 2]
+_MIDDLE = STEP_NAMES[len(STEP_NAMES) // 2]
 
 
 def edge_kind(trigger: str) -> Literal["happy", "failure", "compensation"]:
@@ -174,7 +174,7 @@ def _label(edge: Edge, seqs: Mapping[EdgeKey, list[int]]) -> str:
 
 def _split() -> tuple[list[Edge], dict[str, list[Edge]]]:
     order: list[Edge] = []
-    steps: dict[str, list[Edge]] = {step: [] for step in Step}
+    steps: dict[str, list[Edge]] = {step: [] for step in STEP_NAMES}
     for edge in declared_edges():
         (order if edge.scope == "order" else steps[edge.scope]).append(edge)
     return order, steps
@@ -339,7 +339,7 @@ def to_dot(history: Sequence[Transition] | None = None, overlay: Overlay | None 
     # dot lays sibling clusters out right to left: emit them reversed so columns read
     # payment, inventory, shipping.
     for step, step_edges in reversed(steps.items()):
-        label = f"{step} ({Step(step).forward_action} / {Step(step).compensation_action})"
+        label = f"{step} ({STEP[step].forward} / {STEP[step].undo})"
         lines.append(f"    subgraph {_q('cluster_' + step)} {{")
         lines.append(f"      graph {_attrs(label=label, **_COLUMN)};")
         lines += [

@@ -54,15 +54,16 @@ from fsm.machine import (
 )
 from fsm.models import Order
 from fsm.operator import Audit
+from fsm.registry import STEP, STEP_NAMES, bind
 from fsm.retry import RetryPolicy, stop_at
-from fsm.steps import idempotency_key, saga_steps
+from fsm.steps import idempotency_key
 from fsm.store import Store, utcnow
 
 __all__ = ["Executor", "RetryPolicy", "idempotency_key", "new_owner"]
 
 log = logging.getLogger("order_saga.executor")
 T = TypeVar("T")
-ALL_STEPS = frozenset(Step)
+ALL_STEPS = frozenset(STEP_NAMES)
 # Where the order deadline fails the order outright: no step has started, nothing to undo.
 _BEFORE_STEPS = frozenset({OrderState.PENDING, OrderState.PRODUCT_REQUESTED})
 
@@ -83,7 +84,7 @@ class Executor:
     ) -> None:
         self.store = store
         self.services = services
-        self.steps = saga_steps(services)
+        self.steps = bind(services.__getitem__)
         self.policy = policy or RetryPolicy()
         self.owner = owner or new_owner()
         # Test hook: "scope:trigger" -> SIGKILL this process right after that commit.
@@ -281,7 +282,7 @@ class Executor:
     async def _stop_waiting(self, order: Order) -> None:
         """Past the deadline during the steps: every `requested` step expires (it may have
         been applied, so it is compensated), then the order compensates (`deadline`)."""
-        for step in Step:
+        for step in STEP_NAMES:
             if StepState(order.state_of(step)) is StepState.REQUESTED:
                 await self._fire(order, step, StepTrigger.EXPIRE, detail=self._why(order))
         detail = {**self._why(order), "steps": order.step_states()}
@@ -348,7 +349,7 @@ class Executor:
         elif not resumed:
             return
         deadline = self._forward_deadline(order)  # past the order's: the join expires it
-        action = step.forward_action
+        action = STEP[step].forward
         key = idempotency_key(order, step, action)
         try:
             answer = None
@@ -377,7 +378,7 @@ class Executor:
         saga_step = self.steps[step]
         if StepState(order.state_of(step)) is not StepState.COMPENSATING:
             await self._fire(order, step, StepTrigger.COMPENSATE)
-        action = step.compensation_action
+        action = STEP[step].undo
         key = idempotency_key(order, step, action)
         try:
             answer = await self._with_retries(
@@ -403,7 +404,7 @@ class Executor:
         as itself, not as an ExceptionGroup, so callers can catch it by type."""
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(fn(order, step)) for step in Step if step in steps]
+                tasks = [group.create_task(fn(order, step)) for step in STEP_NAMES if step in steps]
         except BaseExceptionGroup as errors:
             raise errors.exceptions[0] from errors
         return [task.result() for task in tasks]
@@ -526,4 +527,4 @@ class Executor:
 
 
 def _step_states(order: Order) -> dict[Step, StepState]:
-    return {step: StepState(order.state_of(step)) for step in Step}
+    return {step: StepState(order.state_of(step)) for step in STEP_NAMES}

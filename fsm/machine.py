@@ -1,14 +1,15 @@
 """The saga's states, triggers and transition tables: SPEC §1 as data. Pure, no I/O.
 
-Design choice: one *order* machine plus one *step* machine shared by the three concurrent
-steps (payment, inventory, shipping), rather than a HierarchicalMachine with parallel regions.
+Design choice: one *order* machine plus one *step* machine shared by the concurrent steps
+(`fsm.registry.STEPS`), rather than a HierarchicalMachine with parallel regions.
 - Each step's progress (requested -> succeeded / failed / expired -> compensating ->
   compensated) is its own small column in SQL and its own line in the transition log, so a
   resumed executor reads "what happened to payment" directly instead of parsing a nested
   state name such as ``steps_running_payment_requested``.
-- The join ("all three settled") is one explicit decision in the executor, driven by
+- The join ("all settled") is one explicit decision in the executor, driven by
   `decide()` below, instead of `on_final` callbacks firing inside nested regions; the
-  design table lives here as a literal and is tested row by row.
+  design table is generated here from that rule, SPEC §1's rows kept as examples it must
+  contain, and is tested row by row.
 - The order machine stays small enough to read against the spec at a glance.
 
 Both machines are built once per process (`ORDER_MACHINE`, `STEP_MACHINE`) with
@@ -28,6 +29,8 @@ from typing import Any
 
 from transitions import Machine, MachineError
 
+from fsm.registry import STEP_NAMES
+
 __all__ = [
     "ORDER_MACHINE",
     "ORDER_TRANSITIONS",
@@ -38,8 +41,7 @@ __all__ = [
     "DESIGN_TABLE",
     "MachineError",
     "OrderState",
-    "PRODUCT_SERVICE",
-    "SERVICES",
+    "STEP_NAMES",
     "OrderTrigger",
     "OperatorAction",
     "AUDIT_SCOPE",
@@ -59,36 +61,8 @@ __all__ = [
 ]
 
 
-class Step(StrEnum):
-    """The three steps attempted concurrently once the product is known."""
-
-    PAYMENT = "payment"
-    INVENTORY = "inventory"
-    SHIPPING = "shipping"
-
-    @property
-    def service(self) -> str:
-        """The downstream service that performs it (a breaker and a URL each)."""
-        return _ACTIONS[self][0]
-
-    @property
-    def forward_action(self) -> str:
-        return _ACTIONS[self][1]
-
-    @property
-    def compensation_action(self) -> str:
-        return _ACTIONS[self][2]
-
-
-# step: (service, forward action, undo action)
-_ACTIONS = {
-    Step.PAYMENT: ("user", "deduct", "refund"),
-    Step.INVENTORY: ("inventory", "deduct", "restore"),
-    Step.SHIPPING: ("shipping", "schedule", "cancel"),
-}
-PRODUCT_SERVICE = "product"  # looked up before the steps: not a step, never compensated
-# Every downstream service, the product's first, then each step's (in the steps' order).
-SERVICES: tuple[str, ...] = (PRODUCT_SERVICE, *dict.fromkeys(step.service for step in Step))
+# A step's name; the steps, their order, services and actions are `fsm.registry.STEPS`.
+Step = str
 
 
 class OrderState(StrEnum):
@@ -253,10 +227,10 @@ def to_compensate(steps: Mapping[Step, StepState]) -> frozenset[Step]:
     return frozenset(step for step, state in steps.items() if state in COMPENSATION_NEEDED)
 
 
-# SPEC §1 as data: each step's outcome (in `Step` order) -> (order status, compensations).
+# SPEC §1 as data: each step's outcome (in the registry's order) -> (order status, compensations).
 # Generated from the rule `decide`/`to_compensate` implement, "compensate exactly what
-# succeeded", for every combination of outcomes (2^steps rows), so a step added to `Step`
-# is covered without writing its rows. The "product 404" row never reaches the steps; it is
+# succeeded", for every combination of outcomes (2^steps rows), so a step added to the
+# registry is covered without writing its rows. The "product 404" row never reaches the steps; it is
 # the PRODUCT_MISSING edge above.
 Outcomes = tuple[Outcome, ...]
 
@@ -264,7 +238,7 @@ Outcomes = tuple[Outcome, ...]
 def _row(outcomes: Outcomes) -> tuple[Status, frozenset[Step]]:
     settled = {
         step: SS.SUCCEEDED if outcome is Outcome.SUCCESS else SS.FAILED
-        for step, outcome in zip(Step, outcomes, strict=True)
+        for step, outcome in zip(STEP_NAMES, outcomes, strict=True)
     }
     if decide(settled) == T.ALL_SUCCEEDED:
         return Status.COMPLETED, frozenset()
@@ -272,7 +246,7 @@ def _row(outcomes: Outcomes) -> tuple[Status, frozenset[Step]]:
 
 
 DESIGN_TABLE: Mapping[Outcomes, tuple[Status, frozenset[Step]]] = {
-    outcomes: _row(outcomes) for outcomes in product(Outcome, repeat=len(Step))
+    outcomes: _row(outcomes) for outcomes in product(Outcome, repeat=len(STEP_NAMES))
 }
 
 # SPEC §1's own rows, spelled out for a reader (payment, inventory, shipping): the generated
@@ -280,10 +254,10 @@ DESIGN_TABLE: Mapping[Outcomes, tuple[Status, frozenset[Step]]] = {
 _OK, _NO = Outcome.SUCCESS, Outcome.FAILED
 DESIGN_EXAMPLES: Mapping[Outcomes, tuple[Status, frozenset[Step]]] = {
     (_OK, _OK, _OK): (Status.COMPLETED, frozenset()),  # row 1
-    (_NO, _OK, _OK): (Status.FAILED, frozenset({Step.INVENTORY, Step.SHIPPING})),  # row 3
-    (_OK, _NO, _OK): (Status.FAILED, frozenset({Step.PAYMENT, Step.SHIPPING})),  # row 4
-    (_OK, _OK, _NO): (Status.FAILED, frozenset({Step.PAYMENT, Step.INVENTORY})),  # row 5
-    (_NO, _NO, _OK): (Status.FAILED, frozenset({Step.SHIPPING})),  # row 6
+    (_NO, _OK, _OK): (Status.FAILED, frozenset({"inventory", "shipping"})),  # row 3
+    (_OK, _NO, _OK): (Status.FAILED, frozenset({"payment", "shipping"})),  # row 4
+    (_OK, _OK, _NO): (Status.FAILED, frozenset({"payment", "inventory"})),  # row 5
+    (_NO, _NO, _OK): (Status.FAILED, frozenset({"shipping"})),  # row 6
     (_NO, _NO, _NO): (Status.FAILED, frozenset()),  # row 7
 }
 
@@ -311,7 +285,7 @@ def edges() -> Iterator[Edge]:
     for trigger, sources, dest in ORDER_TRANSITIONS:
         for source in sources if isinstance(sources, list) else [sources]:
             yield Edge("order", trigger, source, dest)
-    for step in Step:
+    for step in STEP_NAMES:
         for step_trigger, step_sources, step_dest in STEP_TRANSITIONS:
             for origin in step_sources if isinstance(step_sources, list) else [step_sources]:
                 yield Edge(step, step_trigger, origin, step_dest)

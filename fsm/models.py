@@ -10,14 +10,15 @@ pay SQLAlchemy's attribute bookkeeping. Definitions only; the statements live in
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, Index, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from fsm.machine import Step, StepState
+from fsm.machine import StepState
+from fsm.registry import STEPS
 
 
 def _utc() -> Any:
@@ -89,9 +90,18 @@ class TransitionTable(SQLModel, table=True):
     machine_version: str = Field(default="", max_length=12)  # the machine that made the move
 
 
+# A step plugged in at start-up (fsm.registry, ORDER_SAGA_STEP_MODULES) has no field above:
+# its state column is added to the table here (its migration adds it to the database).
+_orders = OrderTable.__table__  # type: ignore[attr-defined]
+for _row in STEPS:
+    if _row.column not in _orders.c:
+        _orders.append_column(
+            Column(_row.column, String(32), nullable=False, server_default=StepState.PENDING.value)
+        )
+
 # Which column holds a scope's state: the one place that knows ("order" or a step name).
-STATE_COLUMN: dict[str, str] = {"order": "state", **{s.value: f"{s.value}_state" for s in Step}}
-ORDER_COLUMNS: tuple[str, ...] = tuple(OrderTable.model_fields)
+STATE_COLUMN: dict[str, str] = {"order": "state", **{row.name: row.column for row in STEPS}}
+ORDER_COLUMNS: tuple[str, ...] = tuple(column.name for column in _orders.columns)
 
 
 @dataclass(slots=True)
@@ -131,7 +141,21 @@ class Order:
         return value
 
     def step_states(self) -> dict[str, str]:
-        return {step.value: getattr(self, STATE_COLUMN[step]) for step in Step}
+        return {row.name: getattr(self, row.column) for row in STEPS}
+
+
+def _with_plugged_in_steps(base: type[Order]) -> type[Order]:
+    """`Order` plus a field per plugged-in step's column (pending by default)."""
+    known = {f.name for f in fields(base)}
+    extra = [row.column for row in STEPS if row.column not in known]
+    if not extra:
+        return base
+    columns = [(c, str, field(default=StepState.PENDING.value)) for c in extra]
+    return make_dataclass("Order", columns, bases=(base,), slots=True)
+
+
+if not TYPE_CHECKING:  # the type checker knows the declared fields only
+    Order = _with_plugged_in_steps(Order)
 
 
 @dataclass(slots=True, frozen=True)

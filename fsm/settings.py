@@ -6,26 +6,29 @@ down instead of mutating the environment.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+from fsm.registry import SERVICES
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ORDER_SAGA_", extra="ignore")
 
     database_url: str = "sqlite:///order-saga.db"
-    # Downstream base URLs; None means "the embedded reference services" (serve mounts them
-    # under /services of its own port).
-    product_url: str | None = None
-    user_url: str | None = None
-    inventory_url: str | None = None
-    shipping_url: str | None = None
-    # `resume` and `worker` host no services: an unset *_URL falls back to this, the
+    # Downstream base URLs, one per service of `fsm.registry.SERVICES` (the product's and
+    # each step's): ORDER_SAGA_SERVICES='{"product": "http://…", "user": …}', or one
+    # ORDER_SAGA_<SERVICE>_URL each (Settings(product_url=…) too). None set: the embedded
+    # reference services (`serve` mounts them under /services of its own port); some set:
+    # every service must have one, and an unknown service is refused (see `_service_urls`).
+    services: dict[str, str] = Field(default_factory=dict)
+    # `resume` and `worker` host no services: with no URL set they use this, the
     # embedded services of a `serve` running on the default port.
     fallback_services_url: str = "http://127.0.0.1:8000/services"
     # Where the embedded reference services keep their state (survives restarts).
@@ -186,19 +189,51 @@ class Settings(BaseSettings):
             raise ValueError("is not a valid database URL") from None
         return url
 
-    @field_validator(
-        "product_url", "user_url", "inventory_url", "shipping_url", "fallback_services_url"
-    )
+    @field_validator("fallback_services_url")
     @classmethod
-    def _http_url(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(("http://", "https://")):
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
-        return url.rstrip("/") if url else url
+        return url.rstrip("/")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _service_urls(cls, data: Any) -> Any:
+        """ORDER_SAGA_SERVICES merged with the ORDER_SAGA_<SERVICE>_URL variables (and
+        `<service>_url` arguments); refused, naming the variable, if a URL is not http(s),
+        a service is unknown, or some services have a URL and others not."""
+        if not isinstance(data, dict):
+            return data
+        names = [service.name for service in SERVICES]
+        urls = dict(data.get("services") or {})
+        for name in names:
+            given = data.pop(f"{name}_url", None) or os.environ.get(_env(name))
+            if given is not None:
+                urls[name] = given
+        unknown = sorted(set(urls) - set(names))
+        if unknown:
+            raise ValueError(
+                f"ORDER_SAGA_SERVICES: unknown service {', '.join(unknown)} "
+                f"(the services are {', '.join(names)})"
+            )
+        for name, url in urls.items():
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise ValueError(f"{_env(name)} must be an http:// or https:// URL")
+        missing = [name for name in names if name not in urls]
+        if urls and missing:
+            raise ValueError(
+                f"no URL for the {', '.join(missing)} service ({', '.join(map(_env, missing))} "
+                "or ORDER_SAGA_SERVICES): set every service's URL, or none for the embedded ones"
+            )
+        return {**data, "services": {name: urls[name].rstrip("/") for name in urls}}
 
     @property
     def embedded_services(self) -> bool:
-        urls = (self.product_url, self.user_url, self.inventory_url, self.shipping_url)
-        return all(u is None for u in urls)
+        return not self.services
+
+
+def _env(service: str) -> str:
+    return f"ORDER_SAGA_{service.upper()}_URL"
 
 
 @lru_cache

@@ -1,5 +1,6 @@
-"""The three concurrent steps, each pairing its forward call with its compensation (as
-Temporal's saga pairs an activity with its undo), typed against the service Protocols.
+"""The steps' adapters (their rows are `fsm.registry.STEPS`), each pairing its forward call
+with its compensation (as Temporal's saga pairs an activity with its undo), typed against
+the service Protocols.
 
 The executor asks a step to `forward` or `undo` for an order and gets the service's answer
 plus the order columns that answer sets; it never picks a client method by name.
@@ -8,18 +9,12 @@ plus the order columns that answer sets; it never picks a client method by name.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from fsm.clients import (
-    Answer,
-    InventoryService,
-    ReconcilingService,
-    Services,
-    ShippingService,
-    UserService,
-)
-from fsm.machine import Step
-from fsm.models import Order
+from fsm.clients import Answer, InventoryService, ReconcilingService, ShippingService, UserService
+
+if TYPE_CHECKING:
+    from fsm.models import Order
 
 
 def idempotency_key(order: Order, step: str, action: str) -> str:
@@ -28,10 +23,7 @@ def idempotency_key(order: Order, step: str, action: str) -> str:
 
 
 class SagaStep(Protocol):
-    """One step: its forward call and its undo (action names: `Step.forward_action`...)."""
-
-    @property
-    def step(self) -> Step: ...
+    """One step: its forward call and its undo (their names: the step's `fsm.registry` row)."""
 
     @property
     def service(self) -> ReconcilingService: ...
@@ -58,7 +50,6 @@ class Payment(_NoChanges):
     """Charge the user the order's amount; refund it."""
 
     service: UserService
-    step: Step = Step.PAYMENT
 
     async def forward(self, order: Order, key: str) -> Answer:
         return await self.service.deduct(
@@ -76,7 +67,6 @@ class Inventory(_NoChanges):
     """Take the ordered quantity out of stock; put it back."""
 
     service: InventoryService
-    step: Step = Step.INVENTORY
 
     async def forward(self, order: Order, key: str) -> Answer:
         return await self.service.deduct(
@@ -94,7 +84,6 @@ class Shipping:
     """Schedule the shipment (its address and delivery date land on the order); cancel it."""
 
     service: ShippingService
-    step: Step = Step.SHIPPING
 
     async def forward(self, order: Order, key: str) -> Answer:
         return await self.service.schedule(
@@ -112,12 +101,3 @@ class Shipping:
 
     def undo_changes(self) -> dict[str, Any]:
         return {"shipping_address": None, "expected_delivery": None}
-
-
-def saga_steps(services: Services) -> dict[Step, SagaStep]:
-    """The steps in the order SPEC §1 lists them, bound to the given clients."""
-    return {
-        Step.PAYMENT: Payment(services.user),
-        Step.INVENTORY: Inventory(services.inventory),
-        Step.SHIPPING: Shipping(services.shipping),
-    }

@@ -23,6 +23,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from fsm import queries
+from fsm.machine import OrderState as S
+from fsm.machine import StepState
 from fsm.models import STATE_COLUMN
 from fsm.store import Store
 from fsm.version import Tables
@@ -61,6 +63,8 @@ class Report:
     groups: int = 0
     stranded: list[tuple[Group, list[str]]] = field(default_factory=list)
     order_ids: dict[Combo, list[str]] = field(default_factory=dict)
+    # What a step added to the registry means for live orders (drivable, but worth knowing).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -103,10 +107,11 @@ class Report:
             "groups": self.groups,
             "stranded_orders": self.stranded_orders,
             "stranded": self.by_state(),
+            "notes": self.notes,
         }
 
     def lines(self) -> list[str]:
-        out = [self.summary()]
+        out = [self.summary(), *(f"note: {note}" for note in self.notes)]
         for state, entries in self.by_state().items():
             out.append(f"state {state}: {sum(e['count'] for e in entries)} orders")
             for entry in entries:
@@ -139,11 +144,37 @@ def check(engine: Engine, tables: Tables | None = None, *, with_ids: int = 0) ->
         why = tables.reasons(group.state, group.steps)
         if why:
             report.stranded.append((group, why))
+        report.notes.extend(_added_steps(group, tables.version))
     if with_ids and report.stranded:
         report.order_ids = queries.ids_by_states(
             engine, {g.combo for g, _ in report.stranded}, with_ids
         )
     return report
+
+
+# Order states in which the steps have not been decided yet: a pending step there is run.
+_BEFORE_THE_JOIN = frozenset({S.PENDING, S.PRODUCT_REQUESTED, S.STEPS_RUNNING})
+
+
+def _added_steps(group: Group, version: str) -> list[str]:
+    """A step still `pending` in an order past the join was added after the order ran its
+    steps (the migration's default for the new column): it is never run, and not undone
+    (only a step that may have taken effect is compensated), so the order is not
+    resurrected. One written by another machine before the join will run it."""
+    pending = [step for step, state in group.steps.items() if state == StepState.PENDING]
+    if not pending:
+        return []
+    if group.state not in _BEFORE_THE_JOIN:
+        return [
+            f"{group.count} live orders in {group.state} have {', '.join(pending)} pending "
+            f"(added after they ran their steps): never run, never undone for them"
+        ]
+    if group.machine_version != version and group.state == S.STEPS_RUNNING:
+        return [
+            f"{group.count} live orders in steps_running, written by machine "
+            f"{group.machine_version}, have {', '.join(pending)} pending: resumed, they run it"
+        ]
+    return []
 
 
 def undrivable(engine: Engine, tables: Tables | None = None) -> frozenset[Combo]:

@@ -23,10 +23,12 @@ from fsm.machine import (
     OrderState,
     StepState,
 )
+from fsm.registry import STEPS
 
 __all__ = ["MACHINE_VERSION", "Tables", "flat_edges", "version_of"]
 
 EdgeTable = list[tuple[Any, Any, Any]]
+StepKey = tuple[str, str, str, str]  # a registry row as data: name, service, forward, undo
 
 
 def flat_edges(table: EdgeTable) -> list[tuple[str, str, str]]:
@@ -45,8 +47,11 @@ def version_of(
     order_edges: EdgeTable,
     step_states: Iterable[str],
     step_edges: EdgeTable,
+    steps: Iterable[StepKey],
 ) -> str:
-    """sha256 (first 12 hex digits) of both machines' states, terminal states and edges."""
+    """sha256 (first 12 hex digits) of both machines' states, terminal states and edges,
+    and of the steps (name, service, forward and undo actions) in their order: adding,
+    removing, renaming or reordering a step is a new machine."""
     canonical = {
         "order": {
             "states": sorted(map(str, order_states)),
@@ -54,6 +59,7 @@ def version_of(
             "edges": flat_edges(order_edges),
         },
         "step": {"states": sorted(map(str, step_states)), "edges": flat_edges(step_edges)},
+        "steps": [list(step) for step in steps],
     }
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -68,6 +74,7 @@ class Tables:
     order_edges: tuple[tuple[str, str, str], ...]  # (trigger, source, dest)
     step_states: frozenset[str]
     step_edges: tuple[tuple[str, str, str], ...]
+    steps: tuple[StepKey, ...]  # the registry's rows, in order
 
     @classmethod
     def installed(cls) -> Tables:
@@ -77,6 +84,7 @@ class Tables:
             order_edges=tuple(flat_edges(ORDER_TRANSITIONS)),
             step_states=frozenset(s.value for s in StepState),
             step_edges=tuple(flat_edges(STEP_TRANSITIONS)),
+            steps=tuple((r.name, r.service, r.forward, r.undo) for r in STEPS),
         )
 
     @property
@@ -87,6 +95,7 @@ class Tables:
             order_edges=list(self.order_edges),
             step_states=self.step_states,
             step_edges=list(self.step_edges),
+            steps=self.steps,
         )
 
     def renamed(self, scope: str, old: str, new: str) -> Tables:

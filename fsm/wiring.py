@@ -25,8 +25,9 @@ from httpx_aiohttp import HttpxAiohttpClient
 
 from fsm import keys
 from fsm.breaker import Breakers
-from fsm.clients import Services, http_services
+from fsm.clients import Services
 from fsm.executor import Executor
+from fsm.registry import SERVICES
 from fsm.retry import RetryPolicy
 from fsm.settings import Settings
 from fsm.store import Store, make_engine
@@ -105,14 +106,11 @@ def http_client(settings: Settings) -> httpx.AsyncClient:
 def http_services_for(
     settings: Settings, client: httpx.AsyncClient, *, embedded_url: str | None = None
 ) -> Services:
-    """The four service clients over `client`; an unset *_URL means `embedded_url`."""
+    """A client per service of the registry over `client`; with no URL set (settings
+    refuse some without the others), every one at `embedded_url`."""
     embedded = embedded_url or settings.fallback_services_url
-    return http_services(
-        client,
-        product_url=settings.product_url or embedded,
-        user_url=settings.user_url or embedded,
-        inventory_url=settings.inventory_url or embedded,
-        shipping_url=settings.shipping_url or embedded,
+    return Services(
+        **{s.name: s.client(client, settings.services.get(s.name, embedded)) for s in SERVICES}
     )
 
 

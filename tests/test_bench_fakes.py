@@ -19,7 +19,7 @@ from fsm.errors import BusinessFailure, NotFound
 
 async def test_same_key_replays_without_a_second_effect() -> None:
     ledger = Ledger()
-    user = fake_services(ledger).user
+    user = fake_services(ledger)["user"]
     first = await user.deduct(
         user_id=RICH_USER_ID, amount=1999, order_id="o1", key="o1:payment:deduct"
     )
@@ -35,7 +35,7 @@ async def test_same_key_replays_without_a_second_effect() -> None:
 
 async def test_key_reused_for_another_request_is_refused_and_changes_nothing() -> None:
     ledger = Ledger()
-    stock = fake_services(ledger).inventory
+    stock = fake_services(ledger)["inventory"]
     await stock.deduct(product_id=WIDGET_ID, quantity=1, order_id="o1", key="k")
     with pytest.raises(BusinessFailure) as refused:
         await stock.deduct(product_id=WIDGET_ID, quantity=2, order_id="o1", key="k")
@@ -48,12 +48,14 @@ async def test_failures_are_business_failures_and_replay_as_such() -> None:
     with pytest.raises(NotFound):
         await services.product.get(MISSING_PRODUCT_ID)
     with pytest.raises(BusinessFailure) as poor:
-        await services.user.deduct(user_id=POOR_USER_ID, amount=1999, order_id="o2", key="o2:pay")
+        await services["user"].deduct(
+            user_id=POOR_USER_ID, amount=1999, order_id="o2", key="o2:pay"
+        )
     assert poor.value.status == 402
     with pytest.raises(BusinessFailure):  # lookup replays the stored "no"
-        await services.user.lookup("o2:pay")
+        await services["user"].lookup("o2:pay")
     with pytest.raises(BusinessFailure) as too_many:
-        await services.shipping.schedule(
+        await services["shipping"].schedule(
             order_id="o3", user_id=ORDINARY_USER_ID, quantity=11, key="o3:ship"
         )
     assert too_many.value.status == 422
@@ -61,7 +63,7 @@ async def test_failures_are_business_failures_and_replay_as_such() -> None:
 
 async def test_compensation_gives_back_and_refuses_a_late_forward_request() -> None:
     ledger = Ledger()
-    user = fake_services(ledger).user
+    user = fake_services(ledger)["user"]
     await user.deduct(user_id=ORDINARY_USER_ID, amount=500, order_id="o4", key="o4:d")
     refund = await user.refund(user_id=ORDINARY_USER_ID, amount=500, order_id="o4", key="o4:r")
     assert refund["refunded"] == 500
@@ -73,7 +75,7 @@ async def test_compensation_gives_back_and_refuses_a_late_forward_request() -> N
 
 async def test_memory_stays_bounded() -> None:
     ledger = Ledger(window=100)
-    shipping = fake_services(ledger).shipping
+    shipping = fake_services(ledger)["shipping"]
     for n in range(1000):
         await shipping.schedule(order_id=f"o{n}", user_id=RICH_USER_ID, quantity=1, key=f"o{n}:s")
     assert len(ledger.answers) == 100

@@ -18,12 +18,13 @@ from downstream.seed import (
     WIDGET_ID,
 )
 from fsm.executor import Executor
-from fsm.machine import DESIGN_TABLE, Outcome, Step
+from fsm.machine import DESIGN_TABLE, Outcome
+from fsm.registry import STEP, STEP_NAMES
 from fsm.store import Store
 from tests.support.services import Downstream
 
-STEPS = [step.value for step in Step]
-UNDO_ACTIONS = {step.compensation_action for step in Step}
+STEPS = list(STEP_NAMES)
+UNDO_ACTIONS = {row.undo for row in STEP.values()}
 
 OK, NO, NOT_CALLED = "ok", "failed", "not called"
 
@@ -44,9 +45,9 @@ PAYS, POOR, WIDGET = ORDINARY_USER_ID, POOR_USER_ID, WIDGET_ID
 SOLD_OUT, MISSING, TOO_MANY = SOLD_OUT_PRODUCT_ID, MISSING_PRODUCT_ID, MAX_UNITS_PER_SHIPMENT + 1
 # How the reference services are made to say "no" to one step: the order's field and value.
 FAILS = {
-    Step.PAYMENT: ("user", POOR),
-    Step.INVENTORY: ("product", SOLD_OUT),
-    Step.SHIPPING: ("quantity", TOO_MANY),
+    "payment": ("user", POOR),
+    "inventory": ("product", SOLD_OUT),
+    "shipping": ("quantity", TOO_MANY),
 }
 ORDINARY = {"user": PAYS, "product": WIDGET, "quantity": 1}
 
@@ -55,22 +56,22 @@ def design_row(outcomes: tuple[Outcome, ...]) -> Row:
     """fsm.machine.DESIGN_TABLE's row for these outcomes, as an order to place."""
     status, compensated = DESIGN_TABLE[outcomes]
     order = dict(ORDINARY)
-    for step, outcome in zip(Step, outcomes, strict=True):
+    for step, outcome in zip(STEP_NAMES, outcomes, strict=True):
         if outcome is Outcome.FAILED:
             field_, value = FAILS[step]
             order[field_] = value
     return Row(
         **order,
         outcomes={
-            s.value: OK if o is Outcome.SUCCESS else NO for s, o in zip(Step, outcomes, strict=True)
+            s: OK if o is Outcome.SUCCESS else NO for s, o in zip(STEP_NAMES, outcomes, strict=True)
         },
         status=status.value,
-        compensated=frozenset(s.value for s in compensated),
+        compensated=frozenset(compensated),
     )
 
 
 def row_id(outcomes: tuple[Outcome, ...]) -> str:
-    failed = [s.value for s, o in zip(Step, outcomes, strict=True) if o is Outcome.FAILED]
+    failed = [s for s, o in zip(STEP_NAMES, outcomes, strict=True) if o is Outcome.FAILED]
     return "-".join(failed) + "-failed" if failed else "completed"
 
 
@@ -154,7 +155,7 @@ async def test_design_table_row(
     if stock is not None:
         assert downstream.stock(row.product) == stock - row.quantity * kept
     shipment = downstream.shipment(order.id)
-    if row.outcomes[Step.SHIPPING] == OK:
+    if row.outcomes["shipping"] == OK:
         assert shipment is not None
         assert shipment["status"] == ("scheduled" if kept else "cancelled")
     else:

@@ -37,12 +37,12 @@ from fsm.machine import (
     STEP_MACHINE,
     Edge,
     OrderState,
-    Step,
     StepState,
     edges,
     next_state,
 )
 from fsm.models import Transition
+from fsm.registry import STEP_NAMES
 from fsm.settings import Settings
 from fsm.store import Store
 from fsm.wiring import open_store
@@ -55,7 +55,7 @@ ORDER_ID = uuid.UUID("00000000-0000-4000-8000-000000000001")
 def log(*moves: tuple[str, str]) -> list[Transition]:
     """A transition log built by walking the real machines, so every row is a legal move."""
     at = {"order": OrderState.PENDING.value}
-    at |= {step.value: StepState.PENDING.value for step in Step}
+    at |= dict.fromkeys(STEP_NAMES, StepState.PENDING.value)
     rows = []
     for seq, (scope, trigger) in enumerate(moves, start=1):
         machine = ORDER_MACHINE if scope == "order" else STEP_MACHINE
@@ -194,7 +194,7 @@ def test_mermaid_holds_every_declared_transition_and_nothing_else() -> None:
     text = render("mermaid").decode()
     assert text.startswith("stateDiagram-v2\n")
     assert "state steps_running {" in text
-    assert text.count("\n        --\n") == len(Step) - 1  # one concurrent region per step
+    assert text.count("\n        --\n") == len(STEP_NAMES) - 1  # one concurrent region per step
     assert text.count("{") == text.count("}")
     assert set(mermaid_edges(text)) == {expected_id(e) for e in EDGES}
 
@@ -212,7 +212,7 @@ def test_svg_is_xml_naming_every_state() -> None:
     root = ET.fromstring(svg)
     assert root.tag.endswith("svg")
     texts = {t.text for t in root.iter() if t.tag.endswith("text")}
-    names = {s for e in EDGES for s in (e.source, e.dest)} | {step.value for step in Step}
+    names = {s for e in EDGES for s in (e.source, e.dest)} | set(STEP_NAMES)
     for name in names:
         assert any(text and re.search(rf"\b{name}\b", text) for text in texts), name
 
@@ -267,7 +267,7 @@ def test_highlight_is_exactly_the_log(name: str) -> None:
 
 def test_current_states() -> None:
     assert highlighted(COMPLETED).current == {("order", "completed")} | {
-        (step.value, "succeeded") for step in Step
+        (step, "succeeded") for step in STEP_NAMES
     }
     assert highlighted(FAILED).current == {
         ("order", "failed"),

@@ -114,6 +114,7 @@ SETTINGS_ALLOWED = {
     ),
     ("tests/test_clients.py", "call"): "one HTTP client and its timeout, no saga",
     ("tests/test_schemathesis.py", "services_live"): "the services' body limit, as deployed",
+    ("tests/test_registry.py", "settings"): "the validation of the service URL map itself",
 }
 
 

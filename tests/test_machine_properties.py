@@ -12,33 +12,33 @@ from fsm.machine import (
     STEP_MACHINE,
     OrderState,
     OrderTrigger,
-    Step,
     StepState,
     decide,
     edges,
     next_state,
     to_compensate,
 )
+from fsm.registry import STEP_NAMES
 
 SETTLED = [s for s in StepState if s not in (StepState.PENDING, StepState.REQUESTED)]
-settled_steps = st.fixed_dictionaries({step: st.sampled_from(SETTLED) for step in Step})
+settled_steps = st.fixed_dictionaries({step: st.sampled_from(SETTLED) for step in STEP_NAMES})
 
 
 @given(settled_steps)
 def test_to_compensate_is_exactly_the_steps_whose_effect_may_exist(
-    steps: dict[Step, StepState],
+    steps: dict[str, StepState],
 ) -> None:
     assert to_compensate(steps) == {s for s, state in steps.items() if state in COMPENSATION_NEEDED}
 
 
 @given(settled_steps)
-def test_decide_completes_iff_every_step_succeeded(steps: dict[Step, StepState]) -> None:
+def test_decide_completes_iff_every_step_succeeded(steps: dict[str, StepState]) -> None:
     all_ok = all(state is StepState.SUCCEEDED for state in steps.values())
     assert decide(steps) == (OrderTrigger.ALL_SUCCEEDED if all_ok else OrderTrigger.SOME_FAILED)
 
 
 ORDER_EDGES = {(e.source, e.trigger): e.dest for e in edges() if e.scope == "order"}
-STEP_EDGES = {(e.source, e.trigger): e.dest for e in edges() if e.scope == Step.PAYMENT}
+STEP_EDGES = {(e.source, e.trigger): e.dest for e in edges() if e.scope == STEP_NAMES[0]}
 
 
 @given(st.lists(st.integers(min_value=0), max_size=30))

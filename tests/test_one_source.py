@@ -1,6 +1,6 @@
 """One source for each fact (issue 15 items 3 and 4), checked over the source's syntax tree:
 SQL text is written only in `fsm/sql.py` and `fsm/queries.py`, and no module spells a step's
-name or state column by hand: the steps come from the machine (`fsm.machine.Step`).
+name or state column by hand: the steps come from the registry (`fsm.registry.STEPS`).
 
 Docstrings are prose and are not checked; every other string literal (f-string parts
 included) and every attribute name is.
@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fsm.machine import Step
-from fsm.models import STATE_COLUMN
+from fsm.registry import STEPS
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINE_PACKAGES = ("fsm", "api", "order_saga")
@@ -24,7 +23,7 @@ ENGINE_PACKAGES = ("fsm", "api", "order_saga")
 SQL_MODULES = {"fsm/sql.py", "fsm/queries.py", "fsm/outbox_sql.py"}
 # The registry, the only module that may write the steps' names, and the schema (the
 # tables' columns, declared as SQLModel fields).
-STEP_REGISTRY = {"fsm/machine.py", "fsm/models.py"}
+STEP_REGISTRY = {"fsm/registry.py", "fsm/machine.py", "fsm/models.py"}
 # A literal equal to a step's name that is not about the step list.
 # The order's `shipping` field (SPEC §4), in its model and in the document events carry.
 NOT_A_STEP = {("api/schemas.py", "shipping"), ("fsm/outbox.py", "shipping")}
@@ -34,9 +33,9 @@ SQL = re.compile(
     r"BEGIN\s+IMMEDIATE|CREATE\s+(TABLE|INDEX))\b",
     re.DOTALL,
 )
-STEP_NAMES = {step.value for step in Step} | {STATE_COLUMN[step] for step in Step}
+STEP_NAMES = {row.name for row in STEPS} | {row.column for row in STEPS}
 # Identifiers: only the state columns (a bare `inventory` names the service, `Services`' field).
-STEP_COLUMNS = {STATE_COLUMN[step] for step in Step}
+STEP_COLUMNS = {row.column for row in STEPS}
 
 
 def sources(*packages: str) -> Iterator[tuple[str, ast.AST]]:

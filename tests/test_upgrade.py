@@ -59,6 +59,7 @@ def test_the_version_names_the_tables_not_their_order() -> None:
         order_edges=list(reversed(ORDER_TRANSITIONS)),
         step_states=installed.step_states,
         step_edges=list(reversed(STEP_TRANSITIONS)),
+        steps=installed.steps,
     )
     assert shuffled == MACHINE_VERSION
     assert installed.renamed("order", "needs_attention", "parked").version != MACHINE_VERSION

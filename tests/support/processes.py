@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from fsm.machine import Step
+from fsm.registry import STEPS
 from tests.support.database import in_transaction_elsewhere
 from tests.support.settings import cli_settings
 
 REPO = Path(__file__).resolve().parent.parent.parent
 ORDER_SAGA = str(Path(sys.executable).with_name("order-saga"))
-FORWARD_ACTIONS = {step.value: step.forward_action for step in Step}
-COMPENSATIONS = {step.value: step.compensation_action for step in Step}
+FORWARD_ACTIONS = {row.name: row.forward for row in STEPS}
+COMPENSATIONS = {row.name: row.undo for row in STEPS}
 SUBPROCESS_TIMEOUT = 60.0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from fsm.machine import SERVICES
+from fsm.registry import SERVICES
 from fsm.settings import Settings
 
 # Retry budgets small enough for tests, still every branch of the policy; a short HTTP
@@ -29,7 +29,7 @@ def saga_fields(database_url: str, services_url: str | None, **fields: Any) -> d
     given: the defaults, e.g. `serve`'s embedded services), then `fields`; None drops one."""
     values: dict[str, Any] = {"database_url": database_url}
     if services_url is not None:
-        values |= {f"{service}_url": services_url for service in SERVICES}
+        values |= {f"{service}_url": services_url for service in (s.name for s in SERVICES)}
     return {k: v for k, v in (values | fields).items() if v is not None}
 
 

@@ -8,13 +8,22 @@ plus the order columns that answer sets; it never picks a client method by name.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from fsm.clients import Answer, InventoryService, ReconcilingService, ShippingService, UserService
 
-if TYPE_CHECKING:
-    from fsm.models import Order
+
+class Order(Protocol):
+    """What an adapter reads of an order (`fsm.models.Order`; no import of it, so the
+    registry, which the models read, stays below them)."""
+
+    id: uuid.UUID
+    user_id: int
+    product_id: int
+    quantity: int
+    amount: int | None
 
 
 def idempotency_key(order: Order, step: str, action: str) -> str:

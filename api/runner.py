@@ -27,14 +27,17 @@ class Runner:
         self.tasks: set[asyncio.Task[object]] = set()
 
     def start(self, order: Order) -> asyncio.Task[object]:
-        task: asyncio.Task[object] = asyncio.create_task(self._drive(order))
+        # Reserved here, before the task runs: a resume or cancel of this order arriving
+        # in between is refused (409), not run beside it.
+        run = self.executor.drive(order)
+        task: asyncio.Task[object] = asyncio.create_task(self._drive(order, run))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
 
-    async def _drive(self, order: Order) -> object:
+    async def _drive(self, order: Order, run: Coroutine[Any, Any, Order]) -> object:
         try:
-            return await self.executor.drive(order)
+            return await run
         except Exception:  # the order stays persisted; the sweep resumes it
             log.exception("run of order %s stopped", order.id)
             return None

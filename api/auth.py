@@ -100,7 +100,8 @@ class Authenticator:
             self.sessions = Sessions(keys.server_secret(engine=self.engine, name="session"))
 
     async def setup(self) -> None:
-        await anyio.to_thread.run_sync(self._secrets)
+        if self._pepper is None:  # once per process: no thread hop on each request
+            await anyio.to_thread.run_sync(self._secrets)
 
     async def enforced(self) -> bool:
         if self.token is not None:

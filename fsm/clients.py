@@ -1,12 +1,22 @@
-"""One Protocol per downstream service and its httpx implementation.
+"""One Protocol per downstream service and its HTTP implementation over one client layer.
 
 Every answer is classified here, once, into the three outcomes of SPEC §2: a returned
 dict (2xx), `BusinessFailure` (a definite 4xx "no") or `TransientFailure` (5xx, timeout,
 connection error, unreadable body: the effect may or may not have happened).
+
+The calls go out through a `Transport`: `AiohttpTransport` (aiohttp's pool directly, what
+`fsm.wiring` builds: one client layer, the cheapest per call, BENCHMARKS.md "The HTTP
+path, issue 20") or `HttpxTransport` (an httpx client, e.g. on an in-process ASGI
+transport). This module does not decide timeouts or pool sizes (`fsm.wiring` does), and
+never lets a transport library's own exception out.
 """
 
 from __future__ import annotations
 
+import json as jsonlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Protocol
 
 import aiohttp
@@ -48,11 +58,85 @@ class ShippingService(ReconcilingService, Protocol):
     async def cancel(self, *, order_id: str, key: str) -> Answer: ...
 
 
+@dataclass(frozen=True)
+class Reply:
+    """An answer as it came off the wire: status, reason phrase, raw body."""
+
+    status: int
+    reason: str
+    body: bytes
+
+
+class Transport(Protocol):
+    async def request(self, method: str, url: str, *, body: Any, headers: dict[str, str]) -> Reply:
+        """Send `body` as JSON (None: no body). Raises only `TransientFailure` (its
+        message says what went wrong; the caller adds the method and path)."""
+
+
+class AiohttpTransport:
+    """aiohttp's session and pool, used directly. `sign`, when set, may add headers to
+    each request given its URL (`fsm.wiring.BearerFor`: our token on calls to our own
+    embedded services only). Use as an async context manager (the session is made on the
+    running loop)."""
+
+    def __init__(self, *, timeout: float, max_connections: int) -> None:
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.max_connections = max_connections
+        self.session: aiohttp.ClientSession | None = None
+        self.sign: Callable[[str, dict[str, str]], None] | None = None
+
+    async def __aenter__(self) -> AiohttpTransport:
+        connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self.timeout,
+            cookie_jar=aiohttp.DummyCookieJar(),  # services set none; skip the jar's work
+            json_serialize=jsonlib.dumps,
+        )
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def request(self, method: str, url: str, *, body: Any, headers: dict[str, str]) -> Reply:
+        assert self.session is not None, "use AiohttpTransport as an async context manager"
+        if self.sign is not None:
+            self.sign(url, headers)
+        try:
+            async with self.session.request(method, url, json=body, headers=headers) as r:
+                return Reply(r.status, r.reason or "", await r.read())
+        except TimeoutError as exc:
+            raise TransientFailure(f"timed out ({type(exc).__name__})") from exc
+        except (aiohttp.ClientError, ValueError, OSError) as exc:
+            # ClientError: refused, reset, disconnected, malformed or cut-short answers.
+            raise TransientFailure(f"{type(exc).__name__}: {exc}") from exc
+
+
+class HttpxTransport:
+    """An httpx client as the transport (an in-process ASGI app, say)."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    async def request(self, method: str, url: str, *, body: Any, headers: dict[str, str]) -> Reply:
+        try:
+            r = await self.client.request(method, url, json=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise TransientFailure(f"timed out ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise TransientFailure(f"{type(exc).__name__}: {exc}") from exc
+        return Reply(r.status_code, r.reason_phrase, r.content)
+
+
 class HttpService:
     """Shared request + classification logic for one service's base URL."""
 
-    def __init__(self, client: httpx.AsyncClient, base_url: str) -> None:
-        self.client = client
+    def __init__(self, transport: Transport | httpx.AsyncClient, base_url: str) -> None:
+        if isinstance(transport, httpx.AsyncClient):
+            transport = HttpxTransport(transport)
+        self.transport = transport
         self.base_url = base_url.rstrip("/")
 
     async def send(
@@ -61,14 +145,10 @@ class HttpService:
         headers = {"Idempotency-Key": key} if key else {}
         url = f"{self.base_url}{path}"
         try:
-            response = await self.client.request(method, url, json=json, headers=headers)
-        except httpx.TimeoutException as exc:
-            raise TransientFailure(f"{method} {path}: timed out ({type(exc).__name__})") from exc
-        except (httpx.TransportError, aiohttp.ClientError) as exc:
-            # The aiohttp transport (fsm.wiring.http_client) maps most of its errors to
-            # httpx's; one it leaves unmapped (a malformed answer, say) is as uncertain.
-            raise TransientFailure(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
-        return classify(method, path, response)
+            reply = await self.transport.request(method, url, body=json, headers=headers)
+        except TransientFailure as exc:  # the transport's, which does not know the path
+            raise TransientFailure(f"{method} {path}: {exc}") from exc
+        return classify(method, path, reply.status, reply.reason, _parse(reply.body))
 
     async def lookup(self, key: str) -> Answer | None:
         """Reconcile: ask what happened to `key`. The stored answer is replayed through the
@@ -77,22 +157,31 @@ class HttpService:
             stored = await self.send("GET", f"/_operations/{key}")
         except NotFound:
             return None
-        replay = httpx.Response(int(stored["status_code"]), json=stored.get("body"))
-        return classify("replay", key, replay)
+        status = int(stored["status_code"])
+        return classify("replay", key, status, _phrase(status), stored.get("body"))
 
 
-def classify(method: str, path: str, response: httpx.Response) -> Answer:
-    status = response.status_code
+def _parse(body: bytes) -> Any:
     try:
-        body: Any = response.json()
+        return jsonlib.loads(body)
+    except ValueError:  # UnicodeDecodeError is a ValueError too
+        return None
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
     except ValueError:
-        body = None
+        return ""
+
+
+def classify(method: str, path: str, status: int, reason: str, body: Any) -> Answer:
     if 200 <= status < 300:
         if not isinstance(body, dict):
             raise TransientFailure(f"{method} {path}: unreadable body", status=status)
         return body
     message = body.get("detail") if isinstance(body, dict) else None
-    text = f"{method} {path}: {status} {message or response.reason_phrase}"
+    text = f"{method} {path}: {status} {message or reason}"
     if status == 404:
         raise NotFound(text, status=status, body=body)
     if 400 <= status < 500 and status not in _RETRYABLE_4XX:

@@ -16,16 +16,15 @@ An unset *_URL means the embedded reference services at `embedded_url` (default
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import httpx
-from httpx_aiohttp import HttpxAiohttpClient
 
 from fsm import keys
 from fsm.breaker import Breakers
-from fsm.clients import Services
+from fsm.clients import AiohttpTransport, Services, Transport
 from fsm.executor import Executor
 from fsm.registry import SERVICES
 from fsm.retry import RetryPolicy
@@ -77,34 +76,35 @@ def open_store(settings: Settings) -> Iterator[Store]:
         _close_store(store)
 
 
-class BearerFor(httpx.Auth):
+class BearerFor:
     """Our own API token on calls to our own embedded services (`prefix`), and only
-    there, so it never leaks to a real downstream service configured by URL."""
+    there, so it never leaks to a real downstream service configured by URL. Called by
+    the transport with each request's URL and headers."""
 
     def __init__(self, token: str | None, prefix: str) -> None:
-        self.header = f"Bearer {token}" if token else None  # httpx sends it as UTF-8
+        self.header = f"Bearer {token}" if token else None  # aiohttp sends it as UTF-8
         self.prefix = prefix.rstrip("/") + "/"
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        if self.header is not None and str(request.url).startswith(self.prefix):
-            request.headers["Authorization"] = self.header
-        yield request
+    def __call__(self, url: str, headers: dict[str, str]) -> None:
+        if self.header is not None and url.startswith(self.prefix):
+            headers["Authorization"] = self.header
 
 
-def http_client(settings: Settings) -> httpx.AsyncClient:
-    """httpx's API on aiohttp's connection pool (httpx-aiohttp). httpcore's own pool checks
-    every pooled connection's socket on each request, which made the HTTP client the
-    largest CPU cost of an order under load (BENCHMARKS.md, "The HTTP path")."""
+def http_client(settings: Settings) -> AiohttpTransport:
+    """The service clients' transport: aiohttp's connection pool used directly, one client
+    layer (httpx's own pool checks every pooled connection's socket on each request, and
+    httpx over aiohttp paid for two layers: BENCHMARKS.md, "The HTTP path, issue 20")."""
     # Three calls per order in flight: the pool must not be what limits concurrency.
-    limits = httpx.Limits(
-        max_connections=settings.http_max_connections,
-        max_keepalive_connections=settings.http_max_connections,
+    return AiohttpTransport(
+        timeout=settings.http_timeout, max_connections=settings.http_max_connections
     )
-    return HttpxAiohttpClient(timeout=settings.http_timeout, limits=limits)
 
 
 def http_services_for(
-    settings: Settings, client: httpx.AsyncClient, *, embedded_url: str | None = None
+    settings: Settings,
+    client: Transport | httpx.AsyncClient,
+    *,
+    embedded_url: str | None = None,
 ) -> Services:
     """A client per service of the registry over `client`; with no URL set (settings
     refuse some without the others), every one at `embedded_url`."""
@@ -155,7 +155,7 @@ async def open_saga(
                 token = settings.api_token or await asyncio.to_thread(
                     keys.internal_token, engine=the_store.engine
                 )
-                client.auth = BearerFor(token, embedded)
+                client.sign = BearerFor(token, embedded)
                 services = http_services_for(settings, client, embedded_url=embedded)
             guarded = Breakers.from_settings(settings) if breakers else None
             if guarded is not None:

@@ -3,13 +3,22 @@
 of the API request it belongs to (asgi-correlation-id) and, for saga events, `order_id`,
 `state` and `trigger`. httpx's line per request is off (it would log every downstream call);
 database URLs are printed only through `masked`.
+
+Lines are formatted and written by a `QueueListener` thread, not by the code that logs:
+the event loop only puts the record on a queue (its request id taken there, while the
+request's context is current). Records are passed as they are, their message formatted
+later by the listener (our arguments are ids and strings). `flush()` (also at exit) waits
+until every queued line is written. This module does not decide what is logged.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
+import queue
 import sys
-from typing import Literal
+from typing import IO, Literal
 
 from asgi_correlation_id import CorrelationIdFilter
 from pythonjsonlogger.json import JsonFormatter
@@ -22,17 +31,53 @@ _JSON_FIELDS = ["asctime", "levelname", "name", "correlation_id", "message"]
 _QUIET = ("httpx", "httpcore", "transitions")
 
 
-def configure(fmt: LogFormat = "text", level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(CorrelationIdFilter(default_value="-"))
+class _Enqueue(logging.handlers.QueueHandler):
+    """Puts the record on the queue as it is: no formatting on the logging thread (the
+    stdlib's `prepare` formats the message and copies the record, for pickling, which an
+    in-process queue does not need). A traceback is rendered now, while its frames hold."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
+def flush() -> None:
+    """Write every queued line and stop the writer thread (logging goes on synchronously
+    through nothing until `configure` is called again)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
+
+
+atexit.register(flush)
+
+
+def configure(
+    fmt: LogFormat = "text", level: int = logging.INFO, *, stream: IO[str] | None = None
+) -> None:
+    """Root logger -> queue -> one writer thread -> `stream` (default stderr)."""
+    global _listener
+    flush()
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter(_JSON_FIELDS, rename_fields={"levelname": "level"}))
     else:
         handler.setFormatter(logging.Formatter(_TEXT))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    enqueue = _Enqueue(records)
+    enqueue.addFilter(CorrelationIdFilter(default_value="-"))  # on the logging side
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
+    root.addHandler(enqueue)
+    _listener = logging.handlers.QueueListener(records, handler, respect_handler_level=True)
+    _listener.start()
     root.setLevel(level)
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID
 from fsm.store import Store
-from order_saga.logs import configure
+from order_saga.logs import configure, flush
 from order_saga.redact import masked
 from tests.support.api import API
 from tests.support.processes import Saga, command, run_cli
@@ -98,15 +98,14 @@ def test_resolve_over_http(client: TestClient, store: Store, downstream: Downstr
 def test_json_logs_carry_order_fields_and_quiet_httpx() -> None:
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
-    configure("json")
     stream = io.StringIO()
-    handler = root.handlers[0]
-    handler.setStream(stream)  # type: ignore[attr-defined]
+    configure("json", stream=stream)
     try:
         extra = {"order_id": "o-1", "state": "needs_attention", "trigger": "park"}
         logging.getLogger("order_saga.events").warning("parked", extra=extra)
         logging.getLogger("httpx").info("HTTP Request: POST http://x/users/deduct")
     finally:
+        flush()  # the writer thread writes what is queued
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     (line,) = stream.getvalue().splitlines()  # httpx's INFO line is not there

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from api.deps import ExecutorDep, PrincipalDep, SettingsDep, StoreDep, visible
 from api.runner import Runner
@@ -46,18 +46,25 @@ Reason = Annotated[
 ]
 
 _FINISHED = {Status.COMPLETED, Status.FAILED, Status.CANCELLED}
+_JSON = "application/json"
 
 
-def _answer(order: Order) -> JSONResponse:
-    """201 when terminal, 404 (still naming the order) when rejected, 202 while running."""
-    body: dict[str, Any] = OrderOut.of(order).model_dump(mode="json")
+def _answer(order: Order) -> Response:
+    """201 when terminal, 404 (still naming the order) when rejected, 202 while running.
+    The body is serialized once, by pydantic's own JSON serializer (no dict in between)."""
+    out = OrderOut.of(order)
     if order.status == Status.REJECTED:
+        body: dict[str, Any] = out.model_dump(mode="json")
         body["detail"] = f"product {order.product_id} not found"
         return JSONResponse(body, status_code=status.HTTP_404_NOT_FOUND)
+    json = out.__pydantic_serializer__.to_json(out)
     if order.status in _FINISHED:
-        return JSONResponse(body, status_code=status.HTTP_201_CREATED)
-    return JSONResponse(
-        body, status_code=status.HTTP_202_ACCEPTED, headers={"Location": f"/orders/{order.id}"}
+        return Response(json, status_code=status.HTTP_201_CREATED, media_type=_JSON)
+    return Response(
+        json,
+        status_code=status.HTTP_202_ACCEPTED,
+        media_type=_JSON,
+        headers={"Location": f"/orders/{order.id}"},
     )
 
 
@@ -80,7 +87,7 @@ async def create_order(
     principal: PrincipalDep,
     idempotency_key: IdempotencyKey = None,
     prefer: Annotated[str | None, Header()] = None,
-) -> JSONResponse:
+) -> Response:
     """Place an order and run the saga: product lookup, then payment, inventory and
     shipping concurrently, compensating what succeeded if any fails. A retried POST with
     the same `Idempotency-Key` returns the same order and charges nothing twice."""

@@ -20,7 +20,7 @@ from datetime import timedelta
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import uvloop
@@ -86,21 +86,44 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     sweep: Annotated[bool, typer.Option(help="Periodically resume stuck orders.")] = True,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Processes sharing the socket, each with its own engine (about one per core).",
+        ),
+    ] = 1,
 ) -> None:
     """Apply migrations and serve the API (plus the reference services when no
     downstream URLs are configured)."""
     import uvicorn
 
     from api.app import create_app
-    from order_saga.server import uvicorn_options
+    from order_saga.server import serve_processes, uvicorn_options
 
     settings = load_settings()
     _migrate(settings)
-    configure_logging(settings)
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    application = create_app(settings, embedded_url=f"http://{local}:{port}/services", sweep=sweep)
+    embedded = f"http://{local}:{port}/services"
+
+    def application() -> Any:
+        return create_app(settings, embedded_url=embedded, sweep=sweep)
+
+    if workers > 1:  # every process sweeps too: leases keep an order to one driver
+        options = {"log_level": "info", **uvicorn_options(settings)}
+        code = serve_processes(
+            application,
+            host=host,
+            port=port,
+            workers=workers,
+            options=options,
+            before_serving=lambda: configure_logging(settings),
+        )
+        raise typer.Exit(code)
+    configure_logging(settings)
     uvicorn.run(
-        application,
+        application(),
         host=host,
         port=port,
         log_level="info",

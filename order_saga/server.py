@@ -4,11 +4,20 @@ uvicorn bounds idle keep-alive connections and, with `limit_concurrency`, the nu
 connections and requests at once (503 beyond), but it has no deadline for a request's
 headers: a client sending one byte every few seconds keeps a connection forever
 (slowloris). `HeaderDeadline` adds one; bodies get theirs in `api.guard.BodyGuard`.
+
+`serve_processes`: `serve --workers N`, N processes on one socket, each a whole engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -75,3 +84,68 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         # lifespan's shutdown cancels the remaining runs, which release their leases.
         "timeout_graceful_shutdown": settings.shutdown_grace,
     }
+
+
+def serve_processes(
+    make_app: Callable[[], Any],
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    options: dict[str, Any],
+    before_serving: Callable[[], None] = lambda: None,
+) -> int:
+    """`workers` processes serving one listening socket (bound here, inherited by each
+    forked child; the kernel hands each connection to one of them). Each child calls
+    `before_serving` and `make_app` after the fork, so each has its own engine, writer
+    thread, connection pool and sweeper; none of those exist in the parent, which only
+    forwards SIGTERM/SIGINT (as SIGTERM: each child shuts down gracefully) and waits.
+    When one child exits, the others are stopped too. Returns the exit code (0: all
+    stopped cleanly). POSIX only (fork)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # the child: its own loop, engine and threads from here on
+            code = 1
+            try:
+                before_serving()
+                config = uvicorn.Config(make_app(), log_config=None, **options)
+                uvicorn.Server(config).run(sockets=[sock])
+                code = 0
+            except BaseException:  # report, then leave without the parent's cleanup
+                traceback.print_exc()
+            finally:
+                from order_saga.logs import flush
+
+                flush()  # the queued log lines (os._exit skips atexit)
+                sys.stderr.flush()
+                os._exit(code)
+        children.append(pid)
+    sock.close()
+    alive = set(children)
+
+    def stop(*_: object) -> None:
+        for child in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    worst = 0
+    while alive:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        alive.discard(pid)
+        code = os.waitstatus_to_exitcode(status)
+        worst = worst or (code if code > 0 else 0 if code == 0 else 128 - code)
+        stop()  # one gone: the others follow (a supervisor restarts the whole unit)
+    return worst

@@ -10,7 +10,9 @@ import signal
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from downstream.seed import RICH_USER_ID, WIDGET_ID
@@ -24,7 +26,15 @@ from tests.support.processes import (
     command,
     pause_between_transactions,
 )
-from tests.support.services import Books, Downstream, Fault, assert_conserved, set_faults
+from tests.support.services import (
+    Books,
+    Downstream,
+    Fault,
+    answers,
+    assert_conserved,
+    free_port,
+    set_faults,
+)
 from tests.support.settings import saga_env
 from tests.support.waiting import past, wait_until
 
@@ -167,3 +177,57 @@ def test_a_frozen_driver_loses_its_orders_and_cannot_write_after_waking(
     assert resumed_count(woken) == 0
     assert {oid: store.get(oid).version for oid in ids} == versions
     assert_each_driven_once(store, downstream, books, ids)
+
+
+@pytest.mark.slow
+def test_serve_workers_share_the_socket_and_race_for_the_same_orders(
+    db_url: str, store: Store, downstream: Downstream
+) -> None:
+    """`serve --workers 2`: two processes on one socket, each with its own engine and
+    sweeper, both sweeping every 0.1 s with no age threshold, so each sweep also races
+    for the orders being placed over HTTP at that moment. Every order, stuck or placed,
+    is driven exactly once."""
+    books = Books.read(downstream, users=[RICH_USER_ID], products=[WIDGET_ID])
+    ids = stuck_orders(store, 40, user_id=RICH_USER_ID, product_id=WIDGET_ID, quantity=1)
+    env = saga_env(
+        database_url=db_url,
+        services_url=downstream.url,
+        sweep_interval=0.1,
+        sweep_older_than=0,
+    )
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    served = Saga(command("serve", "--port", str(port), "--workers", "2"), env)
+    try:
+        wait_until(
+            lambda: answers(f"{base}/healthz"),
+            60,
+            what="serve --workers 2 to answer",
+            alive=served.running,
+        )
+        order = {"user_id": RICH_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
+
+        def place(_: int) -> httpx.Response:
+            return httpx.post(f"{base}/orders", json=order, timeout=60)
+
+        with ThreadPoolExecutor(8) as pool:
+            answered = list(pool.map(place, range(24)))
+        assert [a.status_code for a in answered] == [201] * 24, [a.text for a in answered]
+        placed = [uuid.UUID(a.json()["id"]) for a in answered]
+        wait_until(
+            lambda: all(
+                o.status == "completed" and o.lease_owner is None
+                for o in (store.get(oid) for oid in ids + placed)
+            ),
+            120,
+            what="every order completed and released",
+            alive=served.running,
+            interval=0.25,
+        )
+    finally:
+        result = served.stop()
+    assert result.returncode == 0, result.explain()
+    assert "Traceback" not in result.stderr, result.explain()
+    started = set(re.findall(r"Started server process \[(\d+)\]", result.stderr))
+    assert len(started) == 2, result.explain()  # two processes, one socket
+    assert_each_driven_once(store, downstream, books, ids + placed)

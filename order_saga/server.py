@@ -114,6 +114,10 @@ def serve_processes(
         pid = os.fork()
         if pid == 0:  # the child: its own loop, engine and threads from here on
             code = 1
+            # uvicorn re-raises the SIGTERM/SIGINT it shut down on once it has: after a
+            # graceful stop that is a clean exit, with the queued log lines written.
+            signal.signal(signal.SIGTERM, lambda *_: None)
+            signal.signal(signal.SIGINT, lambda *_: None)
             try:
                 before_serving()
                 config = uvicorn.Config(make_app(), log_config=None, **options)

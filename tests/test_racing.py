@@ -14,8 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from alembic import command as alembic_command
 
 from downstream.seed import RICH_USER_ID, WIDGET_ID
+from fsm.migrate import alembic_config
 from fsm.store import Store, utcnow
 from tests.support.api import WIDGET_PRICE
 from tests.support.database import stuck_orders, triggers_by_scope
@@ -189,6 +191,8 @@ def test_serve_workers_share_the_socket_and_race_for_the_same_orders(
     is driven exactly once."""
     books = Books.read(downstream, users=[RICH_USER_ID], products=[WIDGET_ID])
     ids = stuck_orders(store, 40, user_id=RICH_USER_ID, product_id=WIDGET_ID, quantity=1)
+    # The fixture made the schema from the models; serve migrates: mark it as current.
+    alembic_command.stamp(alembic_config(db_url), "head")
     env = saga_env(
         database_url=db_url,
         services_url=downstream.url,
@@ -204,6 +208,7 @@ def test_serve_workers_share_the_socket_and_race_for_the_same_orders(
             60,
             what="serve --workers 2 to answer",
             alive=served.running,
+            explain=lambda: served.stop().explain(),
         )
         order = {"user_id": RICH_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
 

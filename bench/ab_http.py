@@ -1,14 +1,15 @@
 """A/B of `serve`'s CPU per order over HTTP between code trees, interleaved in one run.
 
     python -m bench.ab_http --tree before=/tmp/ab/before --tree after=. --reps 3 --seconds 10
+    python -m bench.ab_http --tree one=. --tree two=.::--workers=2   # serve arguments per tree
 
 Each tree is a checkout of the project (e.g. `git archive COMMIT | tar -x -C DIR`); its
 `serve` runs with PYTHONPATH=DIR, so the installed packages are shared and only the
 project's code differs. One `order-saga services` process serves every round. The trees run
 round-robin (A B A B ...), each rep a fresh database and a fresh `serve --no-sweep`, a
 warm-up, then `clients` closed-loop clients for `seconds`. The figure is serve's user+sys
-CPU (from /proc) divided by the orders it completed: much steadier than orders/s on a
-loaded machine. Does not touch the engine's Python API.
+CPU (from /proc, its forked workers' included) divided by the orders it completed: much
+steadier than orders/s on a loaded machine. Does not touch the engine's Python API.
 """
 
 from __future__ import annotations
@@ -34,6 +35,19 @@ from bench.http_load import load
 from bench.meter import Meter
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (serve --workers' forks)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def one(
     cfg: Config,
     procs: Processes,
@@ -55,7 +69,8 @@ def one(
         try:
             wait_http(procs, serve, f"{base}/healthz")
             asyncio.run(load(base, 2, 1.5))
-            meter = Meter(serve=serve.pid)
+            pids = [serve.pid, *children(serve.pid)]
+            meter = Meter(**{f"serve{i}": pid for i, pid in enumerate(pids)})
             result = asyncio.run(load(base, clients, seconds))
             meter.stop()
         finally:
@@ -63,7 +78,7 @@ def one(
     done = len(result.latencies)
     if result.failures:
         print(f"  failures: {dict(result.failures)}", file=sys.stderr)
-    cpu = meter.used["serve"] * 1000 / done if done else float("nan")
+    cpu = sum(meter.used.values()) * 1000 / done if done else float("nan")
     p99 = float(result.percentile(99).replace(",", "")) if done > 1 else float("nan")
     return cpu, done / result.wall, p99, done
 
@@ -77,17 +92,21 @@ def main() -> None:
     parser.add_argument("--db", default="sqlite", choices=["sqlite", "postgresql"])
     parser.add_argument("--serve-arg", action="append", default=[], help="extra serve args")
     args = parser.parse_args()
-    trees = [(n, Path(d)) for n, d in (t.split("=", 1) for t in args.tree)]
-    results: dict[str, list[tuple[float, float, float, int]]] = {n: [] for n, _ in trees}
+    trees = [
+        (n, Path(d.split("::")[0]), d.split("::")[1:])
+        for n, d in (t.split("=", 1) for t in args.tree)
+    ]
+    results: dict[str, list[tuple[float, float, float, int]]] = {n: [] for n, _, _ in trees}
     with tempfile.TemporaryDirectory(prefix="order-saga-ab-") as tmp:
         cfg = Config(tmp=Path(tmp))
         with Processes(cfg) as procs:
             _, services_url = start_services(procs)
             for rep in range(args.reps):
-                for name, tree in trees:
+                for name, tree, own in trees:
+                    extra = [*args.serve_arg, *(a for arg in own for a in arg.split("="))]
                     r = one(
                         cfg, procs, tree, services_url, args.db, args.clients, args.seconds,
-                        args.serve_arg,
+                        extra,
                     )  # fmt: skip
                     results[name].append(r)
                     print(
@@ -98,7 +117,7 @@ def main() -> None:
     first = statistics.median(r[0] for r in results[trees[0][0]])
     print(f"| tree | CPU ms/order (median; reps) | vs {trees[0][0]} | orders/s | p99 ms |")
     print("|---|---|---|---|---|")
-    for name, _ in trees:
+    for name, _, _ in trees:
         rs = results[name]
         cpu = statistics.median(r[0] for r in rs)
         reps = ", ".join(f"{r[0]:.2f}" for r in rs)

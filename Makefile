@@ -29,8 +29,13 @@ deps:
 	  else echo "note: apt-get install $(APT_PKGS) (svg/png diagrams, browser tests)"; fi; \
 	fi
 
+# `make run PORT=8001`: the API (and the embedded services under /services) on another
+# port; commands that reach those services from outside (`resume`, `worker`) then need
+# ORDER_SAGA_FALLBACK_SERVICES_URL=http://127.0.0.1:8001/services.
+PORT ?= 8000
+
 run: $(STAMP)
-	$(BIN)/order-saga serve --host 127.0.0.1 --port 8000
+	$(BIN)/order-saga serve --host 127.0.0.1 --port $(PORT)
 
 services: $(STAMP)
 	$(BIN)/order-saga services --port 8100

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from api import actions, diagram, oidc, openapi, orders, problems, ui
+from api import actions, diagram, oidc, openapi, orders, problems, redoc, ui
 from api.auth import Authenticator, AuthGate
 from api.deps import StoreDep
 from api.guard import BodyGuard
@@ -40,7 +40,7 @@ from fsm.store import Store
 from fsm.version import MACHINE_VERSION
 from fsm.wiring import open_saga
 
-_HEALTHY = {"status": "ok", "database": "postgresql", "machine_version": "d7f8f13c33ba"}
+_HEALTHY = {"status": "ok", "database": "postgresql", "machine_version": MACHINE_VERSION}
 _METRICS_EXAMPLE = 'order_saga_orders{status="needs_attention"} 1.0\n'
 
 
@@ -103,6 +103,7 @@ def create_app(
                 await runner.stop()
 
     app = FastAPIOffline(  # /docs and /redoc from assets shipped in the package, no CDN
+        redoc_url=None,  # api/redoc.py: the same page, its logo not from a CDN either
         title="order-saga",
         version="0.1.0",
         lifespan=lifespan,
@@ -115,6 +116,7 @@ def create_app(
     openapi.install(app)
     app.include_router(orders.router)
     app.include_router(diagram.router)
+    app.include_router(redoc.router)
     # Operator console (issue 9): the /ui pages, their assets, a request id on every line.
     app.include_router(ui.login_router)  # /ui/login, /ui/logout (issue 17)
     app.include_router(oidc.router)  # /ui/oidc/login, /ui/oidc/callback (404 unless set)
@@ -198,7 +200,11 @@ def create_app(
     )
     def metrics(store: StoreDep) -> Response:
         """Prometheus metrics; `order_saga_orders{status}` is counted in SQL per scrape."""
-        body = exposition(store.count_by_status, partial(subscriptions.lags_if_known, store))
+        body = exposition(
+            store.count_by_status,
+            partial(subscriptions.lags_if_known, store),
+            store.oldest_unmoved_by_state,
+        )
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     if services is None and settings.embedded_services:

@@ -18,10 +18,11 @@ from api.schemas import (
     OrderOut,
     RejectedOrder,
     TransitionOut,
+    UnreadableOut,
     problems,
 )
-from fsm import queries
-from fsm.machine import OperatorAction, Status
+from fsm import queries, why
+from fsm.machine import OperatorAction, OrderState, Status
 from fsm.models import Order
 from fsm.operator import Audit
 
@@ -133,23 +134,69 @@ def list_orders(
     store: StoreDep,
     principal: PrincipalDep,
     status_: Annotated[Status | None, Query(alias="status")] = None,
+    state: Annotated[OrderState | None, Query(description="the exact machine state")] = None,
+    user_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+    product_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+    unmoved_for: Annotated[
+        float | None, Query(ge=0, le=10**9, description="seconds since the order last moved")
+    ] = None,
+    id_prefix: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=36,
+            pattern=r"^[0-9a-fA-F-]+$",
+            description="the start of an order id (8 hex digits are usually enough)",
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="`next_cursor` of the previous page")
+    ] = None,
 ) -> OrderList:
-    """Orders, newest first, optionally of one coarse status; page with limit/offset.
+    """Orders, newest first, filtered by every parameter given; `total` counts all that
+    match, `next_cursor` fetches the next page (stable while orders arrive; `offset` works
+    too). A stored row the installed machine cannot read is listed under `unreadable`.
     A client key lists the orders it placed, only those."""
     mine = principal.creator if principal.sees_only_own else None
     flt = queries.OrderFilter(
-        status=status_, limit=limit, offset=offset, parked_first=False, created_by=mine
+        status=status_,
+        state=state,
+        user_id=user_id,
+        product_id=product_id,
+        older_than=unmoved_for,
+        id_prefix=id_prefix,
+        limit=limit,
+        offset=offset,
+        cursor=cursor,
+        parked_first=False,
+        created_by=mine,
     )
-    found, _ = queries.list_orders(store, flt)
-    return OrderList(orders=[OrderOut.of(o) for o in found], limit=limit, offset=offset)
+    try:
+        page = queries.list_orders(store, flt)
+    except ValueError as exc:  # a cursor this API did not hand out
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ["query", "cursor"], "msg": str(exc), "input": cursor}]
+        ) from None
+    return OrderList(
+        orders=[OrderOut.of(o) for o in page.orders],
+        unreadable=[UnreadableOut.of(u) for u in page.unreadable],
+        total=page.total,
+        limit=limit,
+        offset=0 if cursor else offset,
+        next_cursor=page.next_cursor,
+    )
 
 
 @router.get("/{order_id}", response_model=OrderOut, responses=problems(404, 500))
-def get_order(order_id: uuid.UUID, store: StoreDep, principal: PrincipalDep) -> OrderOut:
-    """One order: coarse status, exact machine state, each step's state, retry info."""
-    return OrderOut.of(visible(store.get(order_id), principal))
+def get_order(
+    order_id: uuid.UUID, store: StoreDep, principal: PrincipalDep, settings: SettingsDep
+) -> OrderOut:
+    """One order: coarse status, exact machine state, each step's state, retry info, and
+    `why` a non-terminal one stands where it is (breaker, lease, next attempt, parked)."""
+    order = visible(store.get(order_id), principal)
+    return OrderOut.of(order, why.for_order(store, order, settings))
 
 
 @router.get(

@@ -13,7 +13,9 @@ from api.problems import Problem
 from fsm.machine import AUDIT_SCOPE, OrderState, Status, StepState
 from fsm.models import STATE_COLUMN, Order, Transition
 from fsm.outbox import order_document
+from fsm.queries import Unreadable
 from fsm.registry import STEP_NAMES
+from fsm.why import Kind, Why
 
 PositiveId = Annotated[int, Field(strict=True, gt=0, le=2**31 - 1)]
 
@@ -56,6 +58,27 @@ _ORDER_EXAMPLE: JsonDict = {
 }
 
 
+class WhyOut(BaseModel):
+    """Why a non-terminal order stands where it is (`fsm.why`): one kind, one sentence,
+    and when it changes by itself."""
+
+    kind: Kind
+    summary: str
+    until: datetime | None = Field(description="probe, next attempt, lease expiry or sweep")
+    owner: str | None = Field(description="the lease holder")
+    lease_expires_at: datetime | None
+    service: str | None = Field(description="whose circuit breaker it waits on")
+    call: str | None = Field(description="<step>:<action> of the call it waits to retry")
+    failed_attempts: int | None
+    max_attempts: int | None = Field(description="attempts per run")
+    last_error: str | None
+    reason: str | None = Field(description="why it is parked")
+
+    @classmethod
+    def of(cls, why: Why) -> WhyOut:
+        return cls.model_validate(why, from_attributes=True)
+
+
 class OrderOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [_ORDER_EXAMPLE]})
 
@@ -76,21 +99,66 @@ class OrderOut(BaseModel):
     attention_reason: str | None
     created_at: datetime
     updated_at: datetime
+    why: WhyOut | None = Field(
+        default=None,
+        description="GET /orders/{id} only: why a non-terminal order stands where it is",
+    )
 
     @classmethod
-    def of(cls, order: Order) -> OrderOut:
+    def of(cls, order: Order, why: Why | None = None) -> OrderOut:
         # The same document the order's events carry (fsm.outbox): one shape, two channels.
-        return cls.model_validate(order_document(order))
+        out = cls.model_validate(order_document(order))
+        if why is not None:
+            out.why = WhyOut.of(why)
+        return out
+
+
+class UnreadableOut(BaseModel):
+    """A stored order the installed machine cannot read (a state it does not declare)."""
+
+    id: uuid.UUID
+    status: str = Field(description="the raw value in the row")
+    state: str = Field(description="the raw value in the row")
+    why: str
+    created_at: datetime | None
+    updated_at: datetime | None
+
+    @classmethod
+    def of(cls, row: Unreadable) -> UnreadableOut:
+        return cls(
+            id=row.id,
+            status=row.status,
+            state=row.state,
+            why=row.why,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
 
 
 class OrderList(BaseModel):
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"orders": [_ORDER_EXAMPLE], "limit": 50, "offset": 0}]}
+        json_schema_extra={
+            "examples": [
+                {
+                    "orders": [_ORDER_EXAMPLE],
+                    "unreadable": [],
+                    "total": 1,
+                    "limit": 50,
+                    "offset": 0,
+                    "next_cursor": None,
+                }
+            ]
+        }
     )
 
     orders: list[OrderOut]
+    unreadable: list[UnreadableOut] = Field(
+        description="rows of this page the installed machine cannot read, listed as such"
+    )
+    total: int = Field(description="how many orders match the filters in all")
     limit: int
     offset: int
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page")
 
 
 _FIRST_STEP = STEP_NAMES[0]

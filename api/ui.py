@@ -11,29 +11,31 @@ transition log itself. HTTP <-> store/executor only: no business rules here.
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from api import login
 from api.access import ROUTES
 from api.auth import principal_of
-from api.deps import ExecutorDep, PrincipalDep, StoreDep
+from api.deps import ExecutorDep, PrincipalDep, SettingsDep, StoreDep
 from api.login import CsrfChecked
-from fsm import diagram, heatmap, operator, queries
-from fsm.errors import SagaError
+from fsm import diagram, heatmap, operator, queries, why
+from fsm.errors import CorruptOrder, SagaError
 from fsm.executor import new_owner
 from fsm.machine import (
     TERMINAL_ORDER_STATES,
     OperatorAction,
     OrderState,
     Status,
+    StepState,
     is_terminal,
 )
 
@@ -44,6 +46,15 @@ static = StaticFiles(directory=HERE / "static")
 # Pages for people, not an API: left out of the OpenAPI schema.
 router = APIRouter(prefix="/ui", include_in_schema=False)  # who may: api/access.py
 PAGE = 25
+
+
+class Window(StrEnum):
+    HOUR = "hour"
+    DAY = "day"
+    ALL = "all"
+
+
+WINDOWS = {Window.HOUR: timedelta(hours=1), Window.DAY: timedelta(days=1), Window.ALL: None}
 
 
 class Action(StrEnum):
@@ -122,24 +133,35 @@ login_router = login.install(templates)
 def orders_page(
     request: Request,
     store: StoreDep,
+    settings: SettingsDep,
     status: Annotated[Status | None, Query()] = None,
     state: Annotated[OrderState | None, Query()] = None,
     product: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
     user: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
     older_than: Annotated[float | None, Query(ge=0, description="seconds unmoved")] = None,
+    id: Annotated[str | None, Query(max_length=36, pattern=r"^\s*[0-9a-fA-F-]*\s*$")] = None,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
-) -> HTMLResponse:
-    """Counts per status, the filtered orders (parked first), one page at a time."""
+) -> Response:
+    """Counts per status, the filtered orders (parked first), one page at a time; `id`
+    finds orders by their full id (straight to its page) or the start of it."""
+    id = (id or "").strip() or None
+    if id is not None:
+        try:
+            return RedirectResponse(f"/ui/orders/{uuid.UUID(id)}", status_code=303)
+        except ValueError:
+            pass  # the start of an id: list what matches
     flt = queries.OrderFilter(
         status=status,
         state=state,
         product_id=product,
         user_id=user,
         older_than=older_than,
+        id_prefix=id,
         limit=PAGE,
         offset=offset,
     )
-    found, total = queries.list_orders(store, flt)
+    page = queries.list_orders(store, flt)
+    found, total = page.items, page.total
     params = {
         k: v
         for k, v in {
@@ -148,6 +170,7 @@ def orders_page(
             "product": product,
             "user": user,
             "older_than": older_than,
+            "id": id,
         }.items()
         if v is not None
     }
@@ -169,6 +192,9 @@ def orders_page(
         next_link=link(offset=offset + PAGE) if offset + PAGE < total else None,
         status_link=lambda s: link(status=s, offset=None),
         age=queries.age,
+        search=id or "",
+        unreadable=lambda o: isinstance(o, queries.Unreadable),
+        whys=why.for_orders(store, page.orders, settings),
     )
 
 
@@ -177,23 +203,41 @@ def order_page(
     request: Request,
     order_id: uuid.UUID,
     store: StoreDep,
+    settings: SettingsDep,
     done: str | None = None,
     error: str | None = None,
 ) -> HTMLResponse:
     """Amount, steps, why it is parked, its timeline and its diagram with the path lit."""
-    order = store.get(order_id)
+    try:
+        order = store.get(order_id)
+    except CorruptOrder as exc:  # shown as what it is: the raw row and its log
+        return _page(
+            request,
+            "unreadable.html",
+            order_id=order_id,
+            why=str(exc),
+            spans=queries.timeline(store.history(order_id)),
+        )
     history = store.history(order_id)
     try:
         svg = _inline_svg(diagram.render("svg", history))
     except diagram.GraphvizMissing as exc:
         svg = f"<p class='warn'>{exc}</p>"
     actions = {name: spec for name, spec in ACTIONS.items() if order.state in spec[2]}
+    spans = queries.timeline(history)
+    tried = queries.attempts(store, order_id)
+    entries: list[tuple[str, Any]] = sorted(
+        [("transition", s) for s in spans] + [("attempt", a) for a in tried],
+        key=lambda e: e[1].at,
+    )
     return _page(
         request,
         "order.html",
         order=order,
+        why=why.for_order(store, order, settings),
+        entries=entries,
         steps=order.step_states(),
-        spans=queries.timeline(history),
+        spans=spans,
         svg=svg,
         actions=actions,
         final=is_terminal(order.state),
@@ -258,13 +302,22 @@ def _redirect(order_id: uuid.UUID, **message: str) -> RedirectResponse:
 
 
 @router.get("/heatmap", response_class=HTMLResponse, summary="Heatmap of the machine")
-def heatmap_page(request: Request, store: StoreDep) -> HTMLResponse:
+def heatmap_page(request: Request, store: StoreDep, window: Window = Window.ALL) -> HTMLResponse:
     """Per state: how many orders passed, p50/p95 time there, how many sit there now; per
     edge: how many took it. Counted from the transition log, drawn on the diagram."""
-    heat = queries.heat(store)
+    span = WINDOWS[window]
+    heat = queries.heat(store, since=None if span is None else queries.utcnow() - span)
     try:
         svg = _inline_svg(heatmap.heat_svg(heat))
     except diagram.GraphvizMissing as exc:
         svg = f"<p class='warn'>{exc}</p>"
     rows = sorted(heat.states.items(), key=lambda kv: (kv[0][0] != "order", kv[0]))
-    return _page(request, "heatmap.html", svg=svg, rows=rows)
+    return _page(
+        request, "heatmap.html", svg=svg, rows=rows, declared=declared, window=window.value
+    )
+
+
+def declared(scope: str, state: str) -> bool:
+    """Is `state` a state of this machine (for `scope`: the order, or a step)?"""
+    known = OrderState if scope == "order" else StepState
+    return state in {s.value for s in known}

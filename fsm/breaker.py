@@ -226,11 +226,18 @@ class Breaker:
                 pass
 
 
-async def call_through(fn: Callable[[], Awaitable[T]], *, deadline: datetime | None) -> T:
+Waiting = Callable[["Breaker", Exception], Awaitable[None]]
+
+
+async def call_through(
+    fn: Callable[[], Awaitable[T]], *, deadline: datetime | None, on_wait: Waiting | None = None
+) -> T:
     """The executor's retry-loop hook: make the call; if a breaker refuses it, wait for
     that breaker (not spending a retry attempt) and call again. After waiting, calls go
     through the breaker's batch semaphore, so a closing breaker releases its waiters in
-    bounded batches. Raises the last error once `deadline` has passed while waiting."""
+    bounded batches. Raises the last error once `deadline` has passed while waiting.
+    `on_wait(breaker, error)` is awaited each time a wait starts (the executor records it
+    on the order: "waiting on the user breaker, probe at T")."""
     waited: Breaker | None = None
     while True:
         try:
@@ -240,6 +247,8 @@ async def call_through(fn: Callable[[], Awaitable[T]], *, deadline: datetime | N
                 return await fn()
         except CircuitOpen as refused:
             waited = cast(Breaker, refused.breaker)
+            if on_wait is not None:
+                await on_wait(waited, refused)
             await waited.wait(deadline, refused)
         except TransientFailure as failed:
             # After waiting, a failure that leaves the breaker open (this call was the probe,
@@ -247,6 +256,8 @@ async def call_through(fn: Callable[[], Awaitable[T]], *, deadline: datetime | N
             # order's attempt: keep waiting, so waiting never spends the retry budget.
             if waited is None or waited.state == CLOSED:
                 raise
+            if on_wait is not None:
+                await on_wait(waited, failed)
             await waited.wait(deadline, failed)
 
 

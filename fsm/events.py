@@ -22,11 +22,14 @@ _NOTABLE = {"park": "parked", "expire": "expired", "resolve": "resolved"}
 
 
 @contextmanager
-def transition(order: Any, scope: str, trigger: str) -> Iterator[None]:
+def transition(order: Any, scope: str, trigger: str, *, reason: Any = None) -> Iterator[None]:
     """Log the commit made inside the block (`order` carries its new state afterwards),
-    or the lost lease / stale version that refused it."""
+    or the lost lease / stale version that refused it; `reason` (a park's, an operator's)
+    ends the line and is a field of its own."""
     source = getattr(order, STATE_COLUMN[scope])
     fields: dict[str, Any] = {"order_id": str(order.id), "scope": scope, "trigger": trigger}
+    if reason is not None:
+        fields["reason"] = str(reason)
     try:
         yield
     except ConcurrencyError as exc:
@@ -45,12 +48,49 @@ def transition(order: Any, scope: str, trigger: str) -> Iterator[None]:
     event = _NOTABLE.get(trigger, "transition")
     log.log(
         logging.INFO if event == "transition" else logging.WARNING,
-        "order %s %s: %s %s -> %s (%s)",
+        "order %s %s: %s %s -> %s (%s)%s",
         order.id,
         event,
         scope,
         source,
         dest,
         trigger,
+        f": {reason}" if reason is not None else "",
         extra={**fields, "event": event, "state": dest, "from_state": source},
+    )
+
+
+def attempt_failed(
+    order: Any, call: str, max_attempts: int, error: str, retry_in: float | None
+) -> None:
+    """One attempt of a downstream call failed (transient): which, how many, what next."""
+    n = order.attempts.get(call, 0)
+    then = f"next attempt in {retry_in:.2f}s" if retry_in is not None else "this run gives up"
+    log.warning(
+        "order %s attempt_failed: %s attempt %s of %s failed: %s; %s",
+        order.id,
+        call,
+        n,
+        max_attempts,
+        error,
+        then,
+        extra={
+            "order_id": str(order.id),
+            "event": "attempt_failed",
+            "call": call,
+            "attempt": n,
+            "error": error,
+        },
+    )
+
+
+def waiting(order: Any, call: str, service: str, probe_in: float) -> None:
+    """A call of the order waits for its service's open circuit breaker."""
+    log.warning(
+        "order %s waiting: %s waits for the %s circuit breaker (probe in %.1fs)",
+        order.id,
+        call,
+        service,
+        probe_in,
+        extra={"order_id": str(order.id), "event": "waiting", "call": call, "service": service},
     )

@@ -32,7 +32,7 @@ from tenacity import (
 )
 
 from fsm import events, metrics, operator
-from fsm.breaker import call_through
+from fsm.breaker import Breaker, call_through
 from fsm.clients import Services
 from fsm.errors import (
     BusinessFailure,
@@ -246,7 +246,7 @@ class Executor:
         """needs_attention, with the reason; the sweep retries after a doubling pause. Past
         its order deadline it is flagged so (compensations are never cut short)."""
         parks = order.attempts.get("order:park", 0) + 1
-        pause = min(self.policy.park_max, self.policy.backoff_max * 2**parks)
+        pause = min(self.policy.park_max, self.policy.park_min * 2 ** (parks - 1))
         detail: dict[str, Any] = {"reason": reason}
         if self._past_deadline(order):
             reason = f"past its order deadline: {reason}"
@@ -418,7 +418,8 @@ class Executor:
         detail: dict[str, Any] | None = None,
         **changes: Any,
     ) -> None:
-        with events.transition(order, scope, trigger):  # the one log line per transition
+        reason = detail.get("reason") if detail else None
+        with events.transition(order, scope, trigger, reason=reason):  # one line per transition
             await self.store.record_transition(
                 order=order,
                 owner=self.owner,
@@ -442,8 +443,10 @@ class Executor:
         """Retry transient failures with the same key; persist every attempt's schedule.
         The first attempt runs bare: building tenacity's machinery cost ~0.5 ms a call,
         more than the call itself, and most calls succeed the first time."""
-        fn = partial(call_through, fn, deadline=deadline)  # open breaker: wait, spend no attempt
-        service, _, action = call.partition(":")
+        # An open breaker: wait, spend no attempt, and say so on the order.
+        fn = partial(call_through, fn, deadline=deadline, on_wait=partial(self._waits, order, call))
+        scope, _, action = call.partition(":")  # "payment:deduct", "product:get"
+        service = STEP[scope].service if scope in STEP else scope  # payment -> user
         fn = metrics.timed(fn, service, action)  # each attempt's latency
         try:
             try:
@@ -459,6 +462,7 @@ class Executor:
                     order=order, owner=self.owner, call=call, error=str(exc),
                     next_attempt_at=later,
                 )  # fmt: skip
+                events.attempt_failed(order, call, self.policy.max_attempts, str(exc), None)
             raise
         metrics.call_outcome(service, action, "success").inc()
         return result
@@ -487,6 +491,7 @@ class Executor:
                 order=order, owner=self.owner, call=call, error=str(exc),
                 next_attempt_at=utcnow() + timedelta(seconds=sleep),
             )  # fmt: skip
+            events.attempt_failed(order, call, self.policy.max_attempts, str(exc), sleep)
 
         retrying = AsyncRetrying(
             stop=stop_any(stop_after_attempt(self.policy.max_attempts), stop_at(deadline)),
@@ -499,6 +504,16 @@ class Executor:
         )
         result: T = await retrying(attempt)
         return result
+
+    async def _waits(self, order: Order, call: str, breaker: Breaker, error: Exception) -> None:
+        """A call of `order` starts waiting for `breaker`: recorded on the order (why it
+        stands still, when the probe is due) and logged with its id."""
+        probe = breaker.retry_after()
+        await self.store.note_attempt(
+            order=order, owner=self.owner, call=call, error=str(error),
+            next_attempt_at=utcnow() + timedelta(seconds=probe), waiting_on=breaker.service,
+        )  # fmt: skip
+        events.waiting(order, call, breaker.service, probe)
 
     async def _keep_leases(self) -> None:
         """Renew every lease this executor holds, one statement per interval."""

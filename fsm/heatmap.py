@@ -10,10 +10,22 @@ from __future__ import annotations
 import math
 
 from fsm.diagram import render_dot, to_dot
-from fsm.machine import Edge, is_terminal
+from fsm.machine import Edge, OrderState, StepState, is_terminal
 from fsm.queries import Heat, StateHeat
 
 _HOT = (198, 40, 40)  # the slowest state's tint; the rest is scaled towards white
+# Time spent in a state is slowness only where work is pending: a live order state, a
+# step waiting for its call. A completed order (or a succeeded step) that stays there is
+# done, not slow: never tinted, and not the yardstick of the others.
+_STEP_WORKING = frozenset(
+    {StepState.PENDING.value, StepState.REQUESTED.value, StepState.COMPENSATING.value}
+)
+
+
+def working(scope: str, state: str) -> bool:
+    if scope == "order":
+        return state in {s.value for s in OrderState} and not is_terminal(state)
+    return state in _STEP_WORKING
 
 
 def duration(seconds: float | None) -> str:
@@ -42,7 +54,7 @@ class HeatOverlay:
 
     def __init__(self, heat: Heat) -> None:
         self.heat = heat
-        p95s = [h.p95 for h in heat.states.values() if h.p95]
+        p95s = [h.p95 for (scope, st), h in heat.states.items() if h.p95 and working(scope, st)]
         self.slowest = max(p95s, default=0.0)
         self.busiest = max(heat.edges.values(), default=0)
 
@@ -51,7 +63,7 @@ class HeatOverlay:
         label = f"{state}\npassed {h.entered} · now {h.now}"
         if h.p50 is not None:
             label += f"\np50 {duration(h.p50)} · p95 {duration(h.p95)}"
-        share = (h.p95 or 0.0) / self.slowest if self.slowest else 0.0
+        share = (h.p95 or 0.0) / self.slowest if self.slowest and working(scope, state) else 0.0
         attrs: dict[str, str | float] = {"label": label, "fillcolor": _tint(0.85 * share)}
         if share > 0.6:
             attrs["fontcolor"] = "white"

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, g
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fsm.machine import Status
+from fsm.machine import TERMINAL_ORDER_STATES, OrderState, Status
 
 T = TypeVar("T")
 
@@ -26,11 +26,12 @@ CALLS = Counter(
     ["service", "action", "outcome"],
 )
 RUN_SECONDS = Histogram("order_saga_run_seconds", "Duration of one executor run")
-# One attempt of one downstream call (each retry is observed on its own).
+# One attempt of one downstream call (each retry is observed on its own). Labelled, like
+# every metric here and the breakers', by the downstream `service` (user, not payment).
 CALL_SECONDS = Histogram(
     "order_saga_call_seconds",
-    "Latency of one downstream call attempt, per step and action",
-    ["step", "action"],
+    "Latency of one downstream call attempt, per service and action",
+    ["service", "action"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
@@ -64,13 +65,13 @@ def call_outcome(service: str, action: str, outcome: str) -> Counter:
 
 
 @cache
-def call_seconds(step: str, action: str) -> Histogram:
-    return CALL_SECONDS.labels(step=step, action=action)
+def call_seconds(service: str, action: str) -> Histogram:
+    return CALL_SECONDS.labels(service=service, action=action)
 
 
-def timed(fn: Callable[[], Awaitable[T]], step: str, action: str) -> Callable[[], Awaitable[T]]:
-    """`fn` observing its latency in `order_saga_call_seconds{step,action}` per call."""
-    child = call_seconds(step, action)
+def timed(fn: Callable[[], Awaitable[T]], service: str, action: str) -> Callable[[], Awaitable[T]]:
+    """`fn` observing its latency in `order_saga_call_seconds{service,action}` per call."""
+    child = call_seconds(service, action)
 
     async def run() -> T:
         started = time.perf_counter()
@@ -83,13 +84,18 @@ def timed(fn: Callable[[], Awaitable[T]], step: str, action: str) -> Callable[[]
 
 
 CountByStatus = Callable[[], Mapping[str, int]]
+OldestByState = Callable[[], Mapping[str, float]]
+LIVE_STATES = tuple(s.value for s in OrderState if s not in TERMINAL_ORDER_STATES)
 
 
 class OrdersCollector(Collector):
-    """`order_saga_orders{status}`: one SQL count per scrape, every status present."""
+    """`order_saga_orders{status}`: one SQL count per scrape, every status present; the
+    parked count and, per non-terminal state, how long its oldest order has been still
+    (what deploy/prometheus/order-saga.rules.yml alerts on)."""
 
-    def __init__(self, count_by_status: CountByStatus) -> None:
+    def __init__(self, count_by_status: CountByStatus, oldest: OldestByState | None) -> None:
         self.count_by_status = count_by_status
+        self.oldest = oldest
 
     def collect(self) -> Iterable[Metric]:
         counts = self.count_by_status()
@@ -101,6 +107,22 @@ class OrdersCollector(Collector):
         for status in Status:
             family.add_metric([status.value], counts.get(status.value, 0))
         yield family
+        parked = GaugeMetricFamily(
+            "order_saga_parked_orders", "Orders in needs_attention, waiting for a person"
+        )
+        parked.add_metric([], counts.get(Status.NEEDS_ATTENTION.value, 0))
+        yield parked
+        if self.oldest is None:
+            return
+        ages = self.oldest()
+        oldest = GaugeMetricFamily(
+            "order_saga_oldest_unmoved_seconds",
+            "Per non-terminal state: seconds since its longest-still order last moved (0: none)",
+            labels=["state"],
+        )
+        for state in LIVE_STATES:
+            oldest.add_metric([state], ages.get(state, 0.0))
+        yield oldest
 
 
 # destination name -> (undelivered events, age in seconds of the oldest of them; 0: none)
@@ -140,17 +162,25 @@ class _Process(Collector):
         yield from REGISTRY.collect()
 
 
-def registry(count_by_status: CountByStatus, backlog: Backlog | None = None) -> CollectorRegistry:
+def registry(
+    count_by_status: CountByStatus,
+    backlog: Backlog | None = None,
+    oldest: OldestByState | None = None,
+) -> CollectorRegistry:
     """A registry serving this process's metrics plus the orders counted in `store`'s SQL;
     per app or worker, so several apps in one process (tests) never clash."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(_Process())
-    reg.register(OrdersCollector(count_by_status))
+    reg.register(OrdersCollector(count_by_status, oldest))
     if backlog is not None:
         reg.register(OutboxCollector(backlog))
     return reg
 
 
-def exposition(count_by_status: CountByStatus, backlog: Backlog | None = None) -> bytes:
+def exposition(
+    count_by_status: CountByStatus,
+    backlog: Backlog | None = None,
+    oldest: OldestByState | None = None,
+) -> bytes:
     """The Prometheus text format, counted now."""
-    return generate_latest(registry(count_by_status, backlog))
+    return generate_latest(registry(count_by_status, backlog, oldest))

@@ -99,6 +99,25 @@ for _row in STEPS:
             Column(_row.column, String(32), nullable=False, server_default=StepState.PENDING.value)
         )
 
+
+class AttemptTable(SQLModel, table=True):
+    """A downstream call that did not succeed (its error, when the next try is due), or
+    that waits for an open circuit breaker: why an order stands still, shown in its
+    timeline. Written only when a call fails or waits, never on the happy path; not a
+    transition (the machines know nothing of it). No foreign key: a log beside the orders."""
+
+    __tablename__ = "attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    order_id: uuid.UUID = Field(index=True)
+    created_at: datetime = Field(sa_type=_utc())
+    call: str = Field(max_length=40)  # "<step>:<action>", e.g. "payment:refund"
+    attempt: int  # the call's failed attempts so far (persisted on the order too)
+    error: str | None = None
+    next_attempt_at: datetime | None = Field(default=None, sa_type=_utc())  # or the probe
+    waiting_on: str | None = Field(default=None, max_length=40)  # an operation's open breaker
+
+
 # Which column holds a scope's state: the one place that knows ("order" or a step name).
 STATE_COLUMN: dict[str, str] = {"order": "state", **{row.name: row.column for row in STEPS}}
 ORDER_COLUMNS: tuple[str, ...] = tuple(column.name for column in _orders.columns)

@@ -15,6 +15,8 @@ and PostgreSQL.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import uuid
 from collections import defaultdict
@@ -26,6 +28,7 @@ from typing import Any
 from sqlalchemy import (
     Engine,
     Float,
+    and_,
     case,
     cast,
     func,
@@ -40,7 +43,14 @@ from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
 from fsm import sql
 from fsm.errors import CorruptOrder, OrderNotFound, StoreUnavailable
 from fsm.machine import AUDIT_SCOPE, Status
-from fsm.models import STATE_COLUMN, Order, OrderTable, Transition, TransitionTable
+from fsm.models import (
+    STATE_COLUMN,
+    AttemptTable,
+    Order,
+    OrderTable,
+    Transition,
+    TransitionTable,
+)
 from fsm.sql import as_utc
 
 log = logging.getLogger("order_saga.queries")
@@ -60,9 +70,11 @@ class OrderFilter:
     product_id: int | None = None
     user_id: int | None = None
     older_than: float | None = None  # seconds since the order last moved
+    id_prefix: str | None = None  # hex digits (dashes ignored): the start of an order id
     limit: int = 50
     offset: int = 0
-    parked_first: bool = True  # the operator's views; the API lists newest first (SPEC §4)
+    cursor: str | None = None  # `Page.next_cursor` of the previous page (then offset is 0)
+    parked_first: bool = True  # the operator's views; the HTTP API lists newest first
     created_by: str | None = None  # a client key's own orders only (issue 17)
 
 
@@ -98,6 +110,22 @@ class Reads:
             Transition(**{**r._mapping, "created_at": as_utc(r.created_at)})
             for r in self._rows(query.order_by(transitions.c.seq))
         ]
+
+    def oldest_unmoved_by_state(self) -> dict[str, float]:
+        """Per non-terminal state holding orders: seconds since its longest-still order
+        last moved (the gauge alerts on stuck orders read this at scrape time)."""
+        query = (
+            select(orders.c.state, func.min(orders.c.updated_at))
+            .where(orders.c.state.in_(sql.RESUMABLE))
+            .group_by(orders.c.state)
+        )
+        now = utcnow()
+        found: dict[str, float] = {}
+        for state, moved in self._rows(query):
+            moved = as_utc(moved)
+            if moved is not None:
+                found[state] = max(0.0, (now - moved).total_seconds())
+        return found
 
     def count_by_status(self) -> dict[str, int]:
         query = select(orders.c.status, func.count()).group_by(orders.c.status)
@@ -145,15 +173,89 @@ class Reads:
 
 
 def _order_from(row: Any) -> Order:
-    data = dict(row._mapping)
+    """A row (or a mapping of ORDER_COLUMNS) as an Order; CorruptOrder if it is not one."""
+    data = dict(getattr(row, "_mapping", row))
     for key in _TIMESTAMPS:
         data[key] = as_utc(data[key])
     return sql.order_from(data)
 
 
-def list_orders(reads: Reads, flt: OrderFilter) -> tuple[list[Order], int]:
-    """One page of matching orders, newest first (parked ones before the rest with
-    `parked_first`); and how many match in all."""
+@dataclass(frozen=True)
+class Unreadable:
+    """A row the installed machine cannot read (a state it does not declare, a broken
+    column): listed as what it is, never guessed into an `Order`, never driven."""
+
+    id: uuid.UUID
+    status: str
+    state: str  # the raw value in the row
+    why: str
+    created_at: datetime | None
+    updated_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a listing: orders (and unreadable rows, in their place), how many match
+    in all, and the cursor of the next page (None on the last)."""
+
+    items: list[Order | Unreadable]
+    total: int
+    next_cursor: str | None = None
+
+    @property
+    def orders(self) -> list[Order]:
+        return [o for o in self.items if isinstance(o, Order)]
+
+    @property
+    def unreadable(self) -> list[Unreadable]:
+        return [o for o in self.items if isinstance(o, Unreadable)]
+
+
+class BadCursor(ValueError):
+    """A cursor this code did not hand out."""
+
+
+def _encode_cursor(parked: int, created_at: datetime, order_id: uuid.UUID) -> str:
+    raw = json.dumps([parked, created_at.isoformat(), str(order_id)])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[int, datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        parked, created_at, order_id = json.loads(raw)
+        return int(parked), datetime.fromisoformat(created_at), uuid.UUID(order_id)
+    except (ValueError, TypeError) as exc:
+        raise BadCursor(f"{cursor[:40]!r} is not a cursor of this listing") from exc
+
+
+def _id_prefix(prefix: str) -> tuple[uuid.UUID, uuid.UUID]:
+    """The range of ids starting with `prefix` (hex digits, dashes ignored)."""
+    digits = prefix.replace("-", "").lower()
+    if not 1 <= len(digits) <= 32 or any(c not in "0123456789abcdef" for c in digits):
+        raise ValueError(f"{prefix[:40]!r} is not the start of an order id (hex digits)")
+    return uuid.UUID(digits.ljust(32, "0")), uuid.UUID(digits.ljust(32, "f"))
+
+
+def decode(row: Any) -> Order | Unreadable:
+    """A row of `orders` as an Order, or as an Unreadable naming why it is not one."""
+    try:
+        return _order_from({k: v for k, v in row._mapping.items() if k != "parked_key"})
+    except CorruptOrder as exc:
+        return Unreadable(
+            id=row.id,
+            status=str(row.status),
+            state=str(row.state),
+            why=str(exc),
+            created_at=as_utc(row.created_at),
+            updated_at=as_utc(row.updated_at),
+        )
+
+
+def list_orders(reads: Reads, flt: OrderFilter) -> Page:
+    """One page of matching orders (parked first when `flt.parked_first`, then newest
+    first), with the total; an unreadable row is listed as such and the page goes on.
+    Raises BadCursor or ValueError (a bad id prefix) for input it cannot use."""
     conditions: list[Any] = []
     if flt.status:
         conditions.append(orders.c.status == flt.status)
@@ -167,14 +269,35 @@ def list_orders(reads: Reads, flt: OrderFilter) -> tuple[list[Order], int]:
         conditions.append(orders.c.updated_at <= utcnow() - timedelta(seconds=flt.older_than))
     if flt.created_by is not None:
         conditions.append(orders.c.created_by == flt.created_by)
-    order_by: list[Any] = [orders.c.created_at.desc(), orders.c.id]
-    if flt.parked_first:
-        order_by.insert(0, case((orders.c.status == Status.NEEDS_ATTENTION.value, 0), else_=1))
-    query = select(orders).where(*conditions).order_by(*order_by)
+    if flt.id_prefix:
+        low, high = _id_prefix(flt.id_prefix)
+        conditions.append(orders.c.id.between(low, high))
+    # The sort key: (parked first,) newest first, then the id; a cursor is its last value.
+    parked = case((orders.c.status == Status.NEEDS_ATTENTION.value, 0), else_=1)
     total_query = select(func.count()).select_from(orders).where(*conditions)
-    rows = reads._rows(query.limit(flt.limit).offset(flt.offset))
+    query = select(orders, parked.label("parked_key")).where(*conditions)
+    offset = flt.offset
+    if flt.cursor:
+        flag, created_at, after = _decode_cursor(flt.cursor)
+        later = or_(
+            orders.c.created_at < created_at,
+            and_(orders.c.created_at == created_at, orders.c.id > after),
+        )
+        if flt.parked_first:
+            later = or_(parked > flag, and_(parked == flag, later))
+        query = query.where(later)
+        offset = 0
+    order_by = [orders.c.created_at.desc(), orders.c.id]
+    query = query.order_by(*([parked, *order_by] if flt.parked_first else order_by))
+    query = query.limit(flt.limit + 1).offset(offset)
+    rows = reads._rows(query)
     total = int(reads._rows(total_query)[0][0])
-    return [_order_from(row) for row in rows], total
+    more, rows = len(rows) > flt.limit, rows[: flt.limit]
+    cursor = None
+    if more and rows:
+        last = rows[-1]
+        cursor = _encode_cursor(int(last.parked_key), last.created_at, last.id)
+    return Page([decode(row) for row in rows], total, cursor)
 
 
 def counts_by_status(reads: Reads) -> dict[str, int]:
@@ -249,13 +372,24 @@ def _seconds(store: Reads, later: Any, earlier: Any) -> Any:
     return (func.julianday(later) - func.julianday(earlier)) * 86400.0
 
 
-def heat(store: Reads) -> Heat:
-    """Count, p50/p95 time spent and current occupancy for every state; count per edge."""
+def heat(store: Reads, since: datetime | None = None) -> Heat:
+    """Count, p50/p95 time spent and current occupancy for every state; count per edge.
+    With `since`, only what happened from then on (the occupancy is always now's). Orders
+    enter `pending` when created (no transition leads there): counted from `orders`."""
     t = transitions
+    window = [] if since is None else [t.c.created_at >= since]
+    # WHERE comes before the window function: a stay's end (a later transition) is kept.
     left = func.lead(t.c.created_at).over(partition_by=(t.c.order_id, t.c.scope), order_by=t.c.seq)
-    stays = select(
-        t.c.scope, t.c.to_state.label("state"), t.c.created_at.label("entered"), left.label("left")
-    ).subquery()
+    stays = (
+        select(
+            t.c.scope,
+            t.c.to_state.label("state"),
+            t.c.created_at.label("entered"),
+            left.label("left"),
+        )
+        .where(*window)
+        .subquery()
+    )
     secs = select(
         stays.c.scope,
         stays.c.state,
@@ -280,9 +414,14 @@ def heat(store: Reads) -> Heat:
         func.min(case((ranked.c.rn >= ranked.c.n * 0.5, ranked.c.secs))).label("p50"),
         func.min(case((ranked.c.rn >= ranked.c.n * 0.95, ranked.c.secs))).label("p95"),
     ).group_by(ranked.c.scope, ranked.c.state)
-    entered = select(t.c.scope, t.c.to_state, func.count()).group_by(t.c.scope, t.c.to_state)
+    entered = select(t.c.scope, t.c.to_state, func.count()).where(*window)
+    entered = entered.group_by(t.c.scope, t.c.to_state)
     edge_counts = select(t.c.scope, t.c.trigger, t.c.from_state, t.c.to_state, func.count())
+    edge_counts = edge_counts.where(*window)
     edge_counts = edge_counts.group_by(t.c.scope, t.c.trigger, t.c.from_state, t.c.to_state)
+    created = select(func.count()).select_from(orders)
+    if since is not None:
+        created = created.where(orders.c.created_at >= since)
     occupancy = union_all(
         *(
             select(
@@ -296,6 +435,7 @@ def heat(store: Reads) -> Heat:
         now = {(s, st): int(n) for s, st, n in conn.execute(occupancy)}
         pct = {(r.scope, r.state): (r.p50, r.p95) for r in conn.execute(percentiles)}
         edges = {(s, tr, a, b): int(n) for s, tr, a, b, n in conn.execute(edge_counts)}
+        passed[("order", "pending")] = int(conn.execute(created).scalar_one())
     # The operator's audit rows are not moves of the machine: not part of its traffic.
     passed = {k: n for k, n in passed.items() if k[0] != AUDIT_SCOPE}
     pct = {k: v for k, v in pct.items() if k[0] != AUDIT_SCOPE}
@@ -348,3 +488,50 @@ def ids_by_states(
             if len(ids) < limit:
                 ids.append(str(oid))
     return dict(found)
+
+
+attempts_table = AttemptTable.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One logged failed (or waiting) downstream call of an order."""
+
+    order_id: uuid.UUID
+    at: datetime
+    call: str
+    attempt: int
+    error: str | None
+    next_attempt_at: datetime | None
+    waiting_on: str | None
+
+
+def _attempt(row: Any) -> Attempt:
+    return Attempt(
+        order_id=row.order_id,
+        at=as_utc(row.created_at) or row.created_at,
+        call=row.call,
+        attempt=row.attempt,
+        error=row.error,
+        next_attempt_at=as_utc(row.next_attempt_at),
+        waiting_on=row.waiting_on,
+    )
+
+
+def attempts(reads: Reads, order_id: uuid.UUID) -> list[Attempt]:
+    """The order's failed and waiting calls, oldest first (its timeline shows them)."""
+    a = attempts_table
+    query = select(a).where(a.c.order_id == order_id).order_by(a.c.id)
+    with reads.engine.connect() as conn:
+        return [_attempt(row) for row in conn.execute(query)]
+
+
+def last_attempts(reads: Reads, order_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Attempt]:
+    """The latest logged attempt of each of these orders (those that have one)."""
+    if not order_ids:
+        return {}
+    a = attempts_table
+    latest = select(func.max(a.c.id)).where(a.c.order_id.in_(order_ids)).group_by(a.c.order_id)
+    with reads.engine.connect() as conn:
+        rows = conn.execute(select(a).where(a.c.id.in_(latest.scalar_subquery())))
+        return {row.order_id: _attempt(row) for row in rows}

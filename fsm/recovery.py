@@ -35,6 +35,17 @@ class ResumeSummary:
     lost_to_other_driver: int = 0
     errors: int = 0
 
+    def as_dict(self) -> dict[str, object]:
+        """The summary as JSON-ready data (`order-saga resume --json`)."""
+        return {
+            "found": self.found,
+            "resumed": self.resumed,
+            "outcomes": dict(self.outcomes),
+            "skipped_leased": self.skipped_leased,
+            "lost_to_other_driver": self.lost_to_other_driver,
+            "errors": self.errors,
+        }
+
     def line(self) -> str:
         parts = [f"resumed {self.resumed}"]
         for status in (

@@ -39,6 +39,7 @@ from fsm import archive, sql
 from fsm.errors import CorruptOrder
 from fsm.machine import TERMINAL_ORDER_STATES, coarse_status
 from fsm.models import (
+    AttemptTable,
     Order,
     OrderTable,
     OutboxDeliveryTable,
@@ -54,6 +55,7 @@ orders = OrderTable.__table__  # type: ignore[attr-defined]
 transitions = TransitionTable.__table__  # type: ignore[attr-defined]
 events = OutboxEventTable.__table__  # type: ignore[attr-defined]
 deliveries = OutboxDeliveryTable.__table__  # type: ignore[attr-defined]
+attempts = AttemptTable.__table__  # type: ignore[attr-defined]
 
 _TERMINAL_STATES = sorted(s.value for s in TERMINAL_ORDER_STATES)
 _TERMINAL_STATUSES = sorted({coarse_status(s).value for s in TERMINAL_ORDER_STATES})
@@ -313,6 +315,8 @@ class Pruner:
             # Their events, every one delivered (eligible says so): the outbox keeps no orphans.
             conn.execute(deliveries.delete().where(deliveries.c.order_id.in_(ids)))
             conn.execute(events.delete().where(events.c.order_id.in_(ids)))
+            # its failed attempts (why it once stood still) go with it: not archived
+            conn.execute(attempts.delete().where(attempts.c.order_id.in_(ids)))
             self.crash("transitions")
             gone = conn.execute(orders.delete().where(orders.c.id.in_(ids)))
             conn.commit()

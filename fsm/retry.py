@@ -18,7 +18,8 @@ class RetryPolicy:
     backoff_base: float = 0.05  # seconds; full jitter, doubling
     backoff_max: float = 2.0
     step_deadline: float = 60.0  # a forward step unknown this long is treated as failed
-    # A parked order is retried by the sweep after backoff_max x 2^parks, at most this.
+    # A parked order is retried by the sweep after park_min x 2^(parks - 1), at most park_max.
+    park_min: float = 300.0
     park_max: float = 3600.0
     # The order's own deadline after creation (None: none): past it, it stops waiting.
     order_deadline: float | None = None
@@ -30,6 +31,7 @@ class RetryPolicy:
             backoff_base=settings.backoff_base,
             backoff_max=settings.backoff_max,
             step_deadline=settings.step_deadline,
+            park_min=settings.park_min,
             park_max=settings.park_max,
             order_deadline=settings.order_deadline,
         )

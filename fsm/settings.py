@@ -65,7 +65,11 @@ class Settings(BaseSettings):
     # A forward step still unknown this long after the steps started is treated as failed
     # (and compensated, since it may have been applied).
     step_deadline: float = Field(default=60.0, gt=0)
-    # A parked (needs_attention) order is retried by the sweep with doubling pauses up to this.
+    # A parked (needs_attention) order is retried by the sweep after `park_min`, then with
+    # doubling pauses up to `park_max`. Minutes, not seconds: a parked order is there for a
+    # person to look at; retried every few seconds it would flip between compensating and
+    # needs_attention under the operator's eyes (and hammer the service that fails it).
+    park_min: float = Field(default=300.0, gt=0)
     park_max: float = Field(default=3600.0, gt=0)
     # How long a driver owns an order without renewing its lease.
     lease_seconds: float = Field(default=30.0, gt=0)
@@ -84,9 +88,11 @@ class Settings(BaseSettings):
     http_max_connections: int = Field(default=256, ge=1, le=10_000)
     # Circuit breaker per downstream service (fsm.breaker): opened after this many
     # consecutive transient failures, a single probe after the cool-down (seconds), and the
-    # orders that waited are released at most `breaker_batch` calls at a time. Below
-    # max_attempts, so one order's run alone can open it and then wait instead of parking.
-    breaker_threshold: int = Field(default=3, ge=1, le=1000)
+    # orders that waited are released at most `breaker_batch` calls at a time. Above
+    # max_attempts: one order whose call keeps failing spends its run's budget and parks
+    # with its reason (what an operator expects, and what the README's recipe shows); it
+    # takes failures across orders (an outage) to open the breaker and make orders wait.
+    breaker_threshold: int = Field(default=5, ge=1, le=1000)
     breaker_cooldown: float = Field(default=5.0, gt=0)
     breaker_batch: int = Field(default=20, ge=1, le=1000)
 

@@ -48,6 +48,16 @@ TRANSITION_COLUMNS = (
     "machine_version",
 )
 
+ATTEMPT_COLUMNS = (
+    "order_id",
+    "created_at",
+    "call",
+    "attempt",
+    "error",
+    "next_attempt_at",
+    "waiting_on",
+)
+
 
 class Dialect:
     """Statement texts and value encodings of one database."""
@@ -218,6 +228,12 @@ def insert_transition(dialect: Dialect) -> str:
     columns = ", ".join(_quoted(c) for c in TRANSITION_COLUMNS)
     marks = ", ".join(["%s"] * len(TRANSITION_COLUMNS))
     return dialect.sql(f"INSERT INTO transitions ({columns}) VALUES ({marks})")
+
+
+@lru_cache(maxsize=8)
+def insert_attempt(dialect: Dialect) -> str:
+    marks = ", ".join(["%s"] * len(ATTEMPT_COLUMNS))
+    return dialect.sql(f"INSERT INTO attempts ({', '.join(ATTEMPT_COLUMNS)}) VALUES ({marks})")
 
 
 @lru_cache(maxsize=8)

@@ -227,11 +227,17 @@ class Store(Reads):
         call: str,
         error: str | None,
         next_attempt_at: datetime | None,
+        waiting_on: str | None = None,
     ) -> None:
-        """Persist the retry schedule of one call (count, last error, next attempt)."""
-        attempts = {**order.attempts, call: order.attempts.get(call, 0) + 1}
-        values = {"attempts": attempts, "last_error": error, "next_attempt_at": next_attempt_at}
-        await self._write(order, owner, values, None)
+        """Persist the retry schedule of one call (count, last error, next attempt) and log
+        the attempt in `attempts` (the failure path only). `waiting_on`: the call did not
+        fail but waits for that service's open breaker (no attempt spent; next = probe)."""
+        n = order.attempts.get(call, 0) + (0 if waiting_on else 1)
+        values: dict[str, Any] = {"last_error": error, "next_attempt_at": next_attempt_at}
+        if not waiting_on:
+            values["attempts"] = {**order.attempts, call: n}
+        logged = (order.id, utcnow(), call, n, error, next_attempt_at, waiting_on)
+        await self._write(order, owner, values, None, attempt=logged)
 
     async def _write(
         self,
@@ -240,6 +246,8 @@ class Store(Reads):
         values: dict[str, Any],
         line: tuple[Any, ...] | None,
         kind: str | None = None,
+        *,
+        attempt: tuple[Any, ...] | None = None,
     ) -> None:
         expected = order.version
         before = {key: getattr(order, key) for key in values}
@@ -248,7 +256,7 @@ class Store(Reads):
         event = self._event(order, order.version, kind, order.updated_at) if line else None
         try:
             await self.committer.submit(
-                partial(self._guarded, order.id, expected, owner, values, line, event),
+                partial(self._guarded, order.id, expected, owner, values, line, event, attempt),
                 key=order.id,
             )
         except BaseException:
@@ -265,6 +273,7 @@ class Store(Reads):
         values: dict[str, Any],
         line: tuple[Any, ...] | None,
         event: outbox_sql.EventRow | None,
+        attempt: tuple[Any, ...] | None,
         cursor: Any,
     ) -> Generator[None, None, None]:
         d = self.dialect
@@ -295,6 +304,9 @@ class Store(Reads):
             cursor.execute(sql.insert_transition(d), logged)
         if event is not None:
             outbox_sql.write_event(d, cursor, event)
+        if attempt is not None:
+            row = [d.encode(c, v) for c, v in zip(sql.ATTEMPT_COLUMNS, attempt, strict=True)]
+            cursor.execute(sql.insert_attempt(d), row)
 
     def _raise_conflict(self, cursor: Any, order_id: uuid.UUID, expected: int, owner: str) -> None:
         d = self.dialect

@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from enum import StrEnum
 from functools import partial
@@ -65,11 +67,11 @@ app.add_typer(webhooks_app, name="webhooks")
 app.add_typer(events_app, name="events")
 
 
-def configure_logging(settings: Settings | None = None) -> None:
+def configure_logging(settings: Settings | None = None, level: int = logging.INFO) -> None:
     """Our INFO lines (transitions, sweep summaries, stopped runs), text or JSON."""
     from order_saga.logs import configure
 
-    configure((settings or load_settings()).log_format)
+    configure((settings or load_settings()).log_format, level)
 
 
 def _migrate(settings: Settings) -> None:
@@ -171,6 +173,9 @@ def resume(
         str | None, typer.Option("--as", help="Who is resuming --order (the audit row).")
     ] = None,
     reason: Annotated[str | None, typer.Option(help="Why (with --order; kept in the log).")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON summary on stdout, no progress lines.")
+    ] = False,
 ) -> None:
     """Drive stuck (non-terminal, unleased) orders to a terminal state; print a summary.
     Exit 3 when some stay parked (needs_attention), each printed with its reason. With
@@ -181,6 +186,31 @@ def resume(
 
     settings = load_settings()
     oid = None if order is None else parse_order_id(order, "--order: ")
+    # Warnings only (parks, lost leases): stdout is the report, one line per order.
+    configure_logging(settings, logging.WARNING)
+
+    def say(line: str) -> None:
+        if not as_json:
+            typer.echo(line)
+
+    report_json: dict[str, object] = {}
+
+    def finish(orders: list[Order], parked: list[Order], **summary: object) -> None:
+        for o in parked:  # the operator has work (see `order-saga orders show`)
+            typer.echo(f"still parked: {o.id}: {o.attention_reason}", err=True)
+        report_json.update(
+            summary,
+            orders=[
+                {
+                    "id": str(o.id),
+                    "state": o.state,
+                    "status": o.status,
+                    "reason": o.attention_reason,
+                }
+                for o in orders
+            ],
+            still_parked=[str(o.id) for o in parked],
+        )
 
     async def main() -> int:
         async with open_saga(settings) as saga:
@@ -188,19 +218,20 @@ def resume(
             if oid is not None:
                 if dry_run:  # read only: no lease, no transition, no call
                     found = executor.store.get(oid)
-                    typer.echo(f"{found.id} {found.state} ({found.status}): would resume")
+                    say(f"{found.id} {found.state} ({found.status}): would resume")
+                    finish([found], [], dry_run=True, found=1)
                     return 0
                 from fsm.machine import OperatorAction
                 from order_saga.orders_cli import cli_audit
 
                 audit = cli_audit(OperatorAction.RESUME, as_name, reason)
                 result = await executor.run(oid, audit=audit)
-                typer.echo(f"{result.id} {result.state} ({result.status})")
-                if result.status == "needs_attention":
-                    typer.echo(f"still parked: {result.id}: {result.attention_reason}", err=True)
-                    return 3
-                return 0
+                say(f"{result.id} {result.state} ({result.status})")
+                parked_one = [result] if result.status == "needs_attention" else []
+                finish([result], parked_one, dry_run=False, found=1, resumed=1)
+                return 3 if parked_one else 0
             parked: list[Order] = []
+            seen: list[Order] = []
             done = itertools.count(1)
             # How many there are to do now (others may turn up while it runs).
             stuck = await asyncio.to_thread(
@@ -212,7 +243,8 @@ def resume(
             todo = len(stuck)
 
             def report(o: Order, what: str) -> None:
-                typer.echo(f"[{next(done)}/{todo}] {o.id} {o.state}: {what}")
+                say(f"[{next(done)}/{todo}] {o.id} {o.state}: {what}")
+                seen.append(o)
                 if o.status == "needs_attention":
                     parked.append(o)
 
@@ -227,21 +259,38 @@ def resume(
                 progress=report,
             )
             if dry_run:
-                typer.echo(
+                say(
                     f"would resume {summary.found}, "
                     f"skipped (leased elsewhere) {summary.skipped_leased}"
                 )
             else:
-                typer.echo(summary.line())
-            for o in parked:  # exit 3: the operator has work (see `order-saga orders show`)
-                typer.echo(f"still parked: {o.id}: {o.attention_reason}", err=True)
+                say(summary.line())
+            finish(seen, parked, dry_run=dry_run, **summary.as_dict())
             return 1 if summary.errors else (3 if parked else 0)
 
     try:
         code = uvloop.run(main())
     except SagaError as exc:  # unknown order, held by another driver, ...
         fail(str(exc), 1)
+    if as_json:
+        typer.echo(json.dumps(report_json, indent=2))
     raise typer.Exit(code)
+
+
+# Workers sharing a host each take the first free port from WORKER_METRICS_PORT up, so
+# a second worker never fails on "address already in use": scrape the range (9464-9479).
+METRICS_PORTS = 16
+
+
+def first_free(start: int, serve: Callable[[int], object]) -> int | None:
+    """Call `serve(port)` on the first port from `start` that binds; None if none does."""
+    for port in range(start, min(start + METRICS_PORTS, 65536)):
+        try:
+            serve(port)
+        except OSError:
+            continue
+        return port
+    return None
 
 
 @app.command()
@@ -288,24 +337,22 @@ def worker(
                 from fsm import subscriptions
                 from fsm.metrics import registry
 
-                try:
-                    start_http_server(
+                registry_ = registry(
+                    executor.store.count_by_status,
+                    partial(subscriptions.lags_if_known, executor.store),
+                    executor.store.oldest_unmoved_by_state,
+                )
+                serve_metrics = partial(start_http_server, addr=metrics_host, registry=registry_)
+                log = logging.getLogger("order_saga.worker")
+                port = first_free(settings.worker_metrics_port, serve_metrics)
+                if port is None:
+                    log.warning(
+                        "no /metrics: ports %s-%s are all taken (set --metrics-port)",
                         settings.worker_metrics_port,
-                        addr=metrics_host,
-                        registry=registry(
-                            executor.store.count_by_status,
-                            partial(subscriptions.lags_if_known, executor.store),
-                        ),
+                        settings.worker_metrics_port + METRICS_PORTS - 1,
                     )
-                except OSError as exc:
-                    if "worker_metrics_port" in settings.model_fields_set:
-                        raise  # asked for explicitly: one line, exit 1
-                    # The default port taken (another worker on this host): keep working.
-                    logging.getLogger("order_saga.worker").warning(
-                        "no /metrics on port %s (%s): set --metrics-port",
-                        settings.worker_metrics_port,
-                        exc,
-                    )
+                else:
+                    log.info("/metrics on http://%s:%s/metrics", metrics_host, port)
             sweep = asyncio.create_task(
                 sweep_forever(store=executor.store, executor=executor, settings=settings)
             )

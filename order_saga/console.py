@@ -70,3 +70,15 @@ def version_option(
     ] = False,
 ) -> None:
     """Durable order orchestrator."""
+    # Every command logs in ORDER_SAGA_LOG_FORMAT, warnings and up (serve, worker and
+    # resume set their own level). A bad setting is left to the command to report.
+    import logging
+
+    from pydantic import ValidationError
+
+    from order_saga.logs import configure
+
+    try:
+        configure(Settings().log_format, logging.WARNING)
+    except ValidationError:
+        pass

@@ -18,14 +18,28 @@ import logging
 import logging.handlers
 import queue
 import sys
+import time
 from typing import IO, Literal
 
 from asgi_correlation_id import CorrelationIdFilter
 from pythonjsonlogger.json import JsonFormatter
 
 LogFormat = Literal["text", "json"]
-_TEXT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s"
-_JSON_FIELDS = ["asctime", "levelname", "name", "correlation_id", "message"]
+# Timestamps are UTC ISO 8601 in both formats (SPEC §4), e.g. 2026-11-30T10:19:06.919Z.
+_TEXT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s [%(correlation_id)s] %(message)s"
+_DATES = "%Y-%m-%dT%H:%M:%S"
+_JSON_FIELDS = ["timestamp", "levelname", "name", "correlation_id", "message"]
+
+
+class _Plain(logging.Filter):
+    """Drop uvicorn's `color_message` (the same text with ANSI colour codes) from records:
+    as a JSON field it would put escape codes into every access line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.pop("color_message", None)
+        return True
+
+
 # Chatty libraries: their INFO lines are noise for an operator (httpx logs every request,
 # transitions every event; ours says the same once, with the order id).
 _QUIET = ("httpx", "httpcore", "transitions")
@@ -65,10 +79,15 @@ def configure(
     global _listener
     flush()
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter(_JSON_FIELDS, rename_fields={"levelname": "level"}))
+    handler.addFilter(_Plain())
+    if fmt == "json":  # "timestamp": ISO 8601 in UTC (python-json-logger's timestamp=True)
+        handler.setFormatter(
+            JsonFormatter(_JSON_FIELDS, rename_fields={"levelname": "level"}, timestamp=True)
+        )
     else:
-        handler.setFormatter(logging.Formatter(_TEXT))
+        text = logging.Formatter(_TEXT, datefmt=_DATES)
+        text.converter = time.gmtime
+        handler.setFormatter(text)
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     enqueue = _Enqueue(records)
     enqueue.addFilter(CorrelationIdFilter(default_value="-"))  # on the logging side

@@ -10,7 +10,7 @@ import asyncio
 import getpass
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -25,7 +25,9 @@ from order_saga.console import fail, load_settings, parse_order_id
 if TYPE_CHECKING:
     from fsm.models import Order, Transition
     from fsm.operator import Audit
+    from fsm.queries import Attempt, Unreadable
     from fsm.store import Store
+    from fsm.why import Why
 
 orders_app = typer.Typer(help="List, inspect, cancel and resolve orders.", no_args_is_help=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -47,10 +49,10 @@ def _store() -> Iterator[Store]:
         yield store
 
 
-def _as_json(order: Order) -> dict[str, Any]:
+def _as_json(order: Order, why: Why | None = None) -> dict[str, Any]:
     from api.schemas import OrderOut
 
-    body: dict[str, Any] = OrderOut.of(order).model_dump(mode="json")
+    body: dict[str, Any] = OrderOut.of(order, why).model_dump(mode="json")
     body["next_attempt_at"] = order.next_attempt_at.isoformat() if order.next_attempt_at else None
     return body
 
@@ -75,11 +77,19 @@ def list_orders(
     ] = None,
     product: Annotated[int | None, typer.Option(min=1)] = None,
     user: Annotated[int | None, typer.Option(min=1)] = None,
+    id_prefix: Annotated[
+        str | None, typer.Option("--id", help="A full order id or its first characters.")
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+    cursor: Annotated[
+        str | None, typer.Option(help="The next-page cursor printed by the previous page.")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Orders, parked (needs_attention) first with their reason, then newest first."""
-    from fsm.queries import OrderFilter, list_orders
+    """Orders, parked (needs_attention) first with their reason, then newest first; a row
+    the installed machine cannot read is listed as such. Pages with --cursor."""
+    from fsm import why
+    from fsm.queries import BadCursor, OrderFilter, Unreadable, list_orders
 
     flt = OrderFilter(
         status=status,
@@ -87,20 +97,37 @@ def list_orders(
         older_than=older_than,
         product_id=product,
         user_id=user,
+        id_prefix=id_prefix,
         limit=limit,
+        cursor=cursor,
     )
-    with _store() as store:
-        found, total = list_orders(store, flt)
+    try:
+        with _store() as store:
+            page = list_orders(store, flt)
+            whys = why.for_orders(store, page.orders, load_settings())
+    except BadCursor as exc:
+        fail(str(exc), 2)
+    except ValueError as exc:  # an id prefix that is not hex
+        fail(str(exc), 2)
     if as_json:
-        _print_json({"orders": [_as_json(o) for o in found], "total": total})
+        _print_json(
+            {
+                "orders": [_as_json(o, whys.get(o.id)) for o in page.orders],
+                "unreadable": [_unreadable_json(u) for u in page.unreadable],
+                "total": page.total,
+                "next_cursor": page.next_cursor,
+            }
+        )
         return
-    table = Table(title=f"{len(found)} of {total} orders", title_justify="left")
+    table = Table(title=f"{len(page.items)} of {page.total} orders", title_justify="left")
     for column in ("id", "status", "state", "user", "product", "qty", "amount", "moved", "why"):
         table.add_column(column, no_wrap=column in ("id", "state"))
-    for o in found:
-        why = o.attention_reason or ""
-        if o.next_attempt_at and o.status == Status.NEEDS_ATTENTION:
-            why += f" (retry {o.next_attempt_at:%H:%M:%S})"
+    for o in page.items:
+        if isinstance(o, Unreadable):
+            table.add_row(str(o.id), "UNREADABLE", o.state, "", "", "", "", "", o.why)
+            continue
+        w = whys.get(o.id)
+        because = w.summary if w is not None else ""
         table.add_row(
             str(o.id),
             o.status,
@@ -110,32 +137,66 @@ def list_orders(
             str(o.quantity),
             "" if o.amount is None else f"{o.amount / 100:.2f}",
             f"{_ago(o)} ago",
-            why,
+            because,
         )
     _console.print(table)
+    if page.next_cursor:
+        _console.print(f"next page: --cursor {page.next_cursor}")
+
+
+def _unreadable_json(row: Unreadable) -> dict[str, Any]:
+    from api.schemas import UnreadableOut
+
+    body: dict[str, Any] = UnreadableOut.of(row).model_dump(mode="json")
+    return body
 
 
 @orders_app.command("show")
 def show(order_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonFlag = False) -> None:
     """One order: amount, steps, why it is parked, and its timeline (time in each state)."""
+    from fsm import why
+    from fsm.queries import attempts
+
     oid = parse_order_id(order_id)
+    settings = load_settings()
     try:
         with _store() as store:
             order = store.get(oid)
             history = store.history(oid)
+            tried = attempts(store, oid)
+            because = why.for_order(store, order, settings)
     except SagaError as exc:
         fail(str(exc), 1)
-    print_order(order, history, as_json=as_json)
+    print_order(order, history, as_json=as_json, tried=tried, because=because)
 
 
-def print_order(order: Order, history: list[Transition], *, as_json: bool) -> None:
-    """`orders show`'s output for an order and its log (also `archive show`'s)."""
+def print_order(
+    order: Order,
+    history: list[Transition],
+    *,
+    as_json: bool,
+    tried: Sequence[Attempt] = (),
+    because: Why | None = None,
+) -> None:
+    """`orders show`'s output for an order and its log (also `archive show`'s); with
+    its failed attempts and why it stands where it is when the order is live."""
     from fsm.heatmap import duration
     from fsm.queries import timeline
 
     spans = timeline(history)
     if as_json:
-        body = _as_json(order)
+        body = _as_json(order, because)
+        body["failed_attempts"] = [
+            {
+                "at": a.at.isoformat(),
+                "call": a.call,
+                "attempt": a.attempt,
+                "error": a.error,
+                "next_attempt_at": a.next_attempt_at.isoformat() if a.next_attempt_at else None,
+                "waiting_on": a.waiting_on,
+            }
+            for a in tried
+        ]
         body["timeline"] = [
             {
                 "seq": s.seq,
@@ -161,25 +222,28 @@ def print_order(order: Order, history: list[Transition], *, as_json: bool) -> No
     )
     if order.attention_reason:
         _console.print(f"[bold red]needs attention:[/] {order.attention_reason}")
-        if order.next_attempt_at:
-            _console.print(f"next retry by the sweep: {order.next_attempt_at.isoformat()}")
+    if because is not None:
+        _console.print(f"[bold]why it is here:[/] {because.summary}")
     if order.last_error:
         _console.print(f"last error: {order.last_error}")
     table = Table(title="timeline", title_justify="left")
     for column in ("seq", "at", "scope", "trigger", "from → to", "stayed", "detail"):
         table.add_column(column)
+    rows: list[tuple[Any, tuple[str, ...]]] = []
     for s in spans:
         stayed = duration(s.seconds) if s.seconds is not None else "now"
         detail = json.dumps(s.detail) if s.detail else ""
-        table.add_row(
-            str(s.seq),
-            f"{s.at:%H:%M:%S.%f}"[:-3],
-            s.scope,
-            s.trigger,
-            f"{s.from_state} → {s.to_state}",
-            stayed,
-            detail[:80],
+        at = f"{s.at:%H:%M:%S.%f}"[:-3]
+        line = (str(s.seq), at, s.scope, s.trigger, f"{s.from_state} → {s.to_state}", stayed)
+        rows.append((s.at, (*line, detail[:80])))
+    for a in tried:  # failed attempts and breaker waits: not transitions, between them
+        what = (
+            f"waits for {a.waiting_on} breaker" if a.waiting_on else f"attempt {a.attempt} failed"
         )
+        at = f"{a.at:%H:%M:%S.%f}"[:-3]
+        rows.append((a.at, ("", at, a.call.split(":")[0], a.call, what, "", (a.error or "")[:80])))
+    for _, row in sorted(rows, key=lambda r: r[0]):
+        table.add_row(*row)
     _console.print(table)
 
 

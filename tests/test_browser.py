@@ -8,10 +8,12 @@ pages runs on both databases in tests/test_ui.py and tests/test_operator.py).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +65,30 @@ class Served:
     def order(self, order_id: str) -> dict[str, Any]:
         return dict(httpx.get(f"{self.url}/orders/{order_id}").json())
 
+    def place_async(self, user: int, product: int) -> dict[str, Any]:
+        """202 at once (Prefer: respond-async): the run goes on in `serve`."""
+        body = {"user_id": user, "product_id": product, "quantity": 1}
+        headers = {"Prefer": "respond-async"}
+        response = httpx.post(f"{self.url}/orders", json=body, headers=headers, timeout=30)
+        assert response.status_code == 202, response.text
+        return dict(response.json())
+
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
+def settings() -> dict[str, str]:
+    """ORDER_SAGA_* of the `serve` under test (a test overrides this fixture to change)."""
+    return {"MAX_ATTEMPTS": "2", "BACKOFF_MAX": "0.05"}
+
+
+@pytest.fixture
+def served(tmp_path: Path, settings: dict[str, str]) -> Iterator[Served]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDER_SAGA_")}
     env |= {
         "ORDER_SAGA_DATABASE_URL": f"sqlite:///{tmp_path}/saga.db",
         "ORDER_SAGA_SERVICES_DB": str(tmp_path / "services.db"),
-        "ORDER_SAGA_MAX_ATTEMPTS": "2",
-        "ORDER_SAGA_BACKOFF_MAX": "0.05",
+        "ORDER_SAGA_SHUTDOWN_GRACE": "0",
+        **{f"ORDER_SAGA_{k}": v for k, v in settings.items()},
     }
     url = f"http://127.0.0.1:{port}"
     with Saga(command("serve", "--port", str(port), "--no-sweep"), env) as server:
@@ -162,3 +178,130 @@ def test_docs_render_with_nothing_from_outside(served: Served, page: Any) -> Non
     expect(page.locator(".opblock-summary-path").first).to_be_visible()
     outside = [url for url in asked if not url.startswith((served.url, "data:"))]
     assert asked and not outside, outside
+
+
+# -- why is it here (issue 18): each way an order stands still, on its page and in the list
+
+
+def test_why_a_parked_order_is_here(served: Served, page: Any) -> None:
+    from playwright.sync_api import expect
+
+    served.fault("user.refund")
+    parked = served.place(ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID)
+    served.clear_faults()
+    page.goto(f"{served.url}/ui/orders/{parked['id']}")
+    why = page.locator("#why")
+    expect(why).to_have_attribute("data-kind", "parked")
+    expect(why).to_contain_text("payment refund did not succeed")
+    expect(why).to_contain_text("the sweep retries it at")
+    expect(page.locator("table.timeline tr.attempt").first).to_contain_text("payment:refund")
+
+
+def test_why_an_order_waits_for_its_next_attempt(served: Served, page: Any) -> None:
+    from playwright.sync_api import expect
+
+    served.fault("user.deduct")  # two attempts (MAX_ATTEMPTS=2), then the run gives up
+    waiting = served.place(ORDINARY_USER_ID, WIDGET_ID)
+    served.clear_faults()
+    assert waiting["status"] == "running"
+    page.goto(f"{served.url}/ui")
+    row = page.locator(f'tr[data-order="{waiting["id"]}"]')
+    expect(row).to_contain_text("next attempt of payment:deduct")
+    row.get_by_role("link").click()
+    why = page.locator("#why")
+    expect(why).to_have_attribute("data-kind", "waiting_for_next_attempt")
+    expect(why).to_contain_text("attempt 2 failed, 2 per run")
+    expect(why).to_contain_text("500")  # the last error
+    failed = page.locator("table.timeline tr.attempt")
+    expect(failed).to_have_count(2)  # each failed attempt in the timeline, not a transition
+    expect(failed.last).to_contain_text("payment:deduct attempt 2 failed")
+
+
+def test_why_an_order_with_an_expired_lease_is_here(
+    served: Served, page: Any, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    from fsm.wiring import build_store
+    from tests.support.settings import saga_settings
+
+    store = build_store(saga_settings(f"sqlite:///{tmp_path}/saga.db", lease_seconds=0.3))
+    try:
+
+        async def abandoned() -> Any:  # a driver that claimed an order, then died
+            made, _ = await store.create_order(
+                user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1
+            )
+            return await store.claim(order_id=made.id, owner="host-b:4242:gone")
+
+        with ThreadPoolExecutor(1) as pool:  # Playwright's loop runs in this thread
+            held = pool.submit(asyncio.run, abandoned()).result()
+    finally:
+        store.close()
+        store.engine.dispose()
+    assert held is not None
+    page.goto(f"{served.url}/ui/orders/{held.id}")
+    why = page.locator("#why")
+    expect(why).to_have_attribute("data-kind", "lease_expired")
+    expect(why).to_contain_text("lease of host-b:4242:gone expired at")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {
+            "BREAKER_THRESHOLD": "1",
+            "BREAKER_COOLDOWN": "600",
+            "STEP_DEADLINE": "600",
+            "RESPOND_WITHIN": "0",
+        }
+    ],
+    ids=["breaker"],
+)
+def test_why_an_order_waits_on_an_open_breaker(served: Served, page: Any) -> None:
+    from playwright.sync_api import expect
+
+    served.fault("user.deduct")  # one failure opens the user breaker for ten minutes
+    held = served.place_async(ORDINARY_USER_ID, WIDGET_ID)
+    page.goto(f"{served.url}/ui/orders/{held['id']}")
+    why = page.locator("#why")
+    expect(why).to_have_attribute("data-kind", "waiting_on_breaker")  # reloads until then
+    expect(why).to_contain_text("waiting on the user.deduct circuit breaker (probe at")
+    api = served.order(held["id"])["why"]
+    assert (api["kind"], api["service"], api["call"]) == (
+        "waiting_on_breaker",
+        "user.deduct",
+        "payment:deduct",
+    )
+    served.clear_faults()
+
+
+def test_find_an_order_by_the_start_of_its_id(served: Served, page: Any) -> None:
+    from playwright.sync_api import expect
+
+    wanted = served.place(ORDINARY_USER_ID, WIDGET_ID)
+    others = [served.place(POOR_USER_ID, WIDGET_ID) for _ in range(3)]
+    assert all(o["id"][:8] != wanted["id"][:8] for o in others)
+    page.goto(f"{served.url}/ui")
+    page.get_by_label("order id").fill(wanted["id"][:8])
+    page.get_by_role("button", name="Find").click()
+    rows = page.locator("table.orders tbody tr")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_have_attribute("data-order", wanted["id"])
+    expect(rows.first.locator("code.order-id")).to_have_text(wanted["id"])  # the full id
+    page.get_by_label("order id").fill(wanted["id"])  # all of it: straight to its page
+    page.get_by_role("button", name="Find").click()
+    expect(page.locator("#order-status")).to_have_text("completed")
+
+
+def test_auto_refresh_can_be_paused(served: Served, page: Any) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{served.url}/ui")
+    control = page.locator("#auto-refresh")
+    expect(control).to_be_checked()
+    expect(page.locator("#auto-refresh-status")).to_have_text("every 10 s")
+    control.uncheck()
+    expect(page.locator("#auto-refresh-status")).to_have_text("paused")
+    page.reload()
+    expect(page.locator("#auto-refresh")).not_to_be_checked()  # remembered

@@ -45,6 +45,7 @@ from fsm.models import Transition
 from fsm.registry import STEP_NAMES
 from fsm.settings import Settings
 from fsm.store import Store
+from fsm.version import MACHINE_VERSION
 from fsm.wiring import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,6 +251,18 @@ def test_readme_mermaid_block_is_current() -> None:
     block = re.search(r"```mermaid\n(.*?)```", readme, re.DOTALL)
     assert block is not None, "README.md has no ```mermaid block"
     assert block.group(1) == render("mermaid").decode()
+
+
+def test_readme_machine_versions_are_current() -> None:
+    """Every example that prints the installed machine's version shows today's (kept so by
+    scripts/sync_readme.py, like the mermaid block)."""
+    readme = (ROOT / "README.md").read_text()
+    spots = re.findall(
+        r"(?:machine version |under machine |machine_version=\"|\"machine_version\":\")"
+        r"([0-9a-f]{12})",
+        readme,
+    )
+    assert len(spots) >= 4 and set(spots) == {MACHINE_VERSION}, "run scripts/sync_readme.py"
 
 
 # -- one order highlighted -----------------------------------------------------------------

@@ -294,8 +294,10 @@ async def test_parked_order_waits_with_growing_pauses_for_the_sweep(
 ) -> None:
     from fsm.recovery import resume_stuck
 
-    # Pauses of backoff_max x 2^parks: 10 s, then 20 s (retries within a run stay short).
-    policy = RetryPolicy(max_attempts=2, backoff_base=0.01, backoff_max=5, step_deadline=5)
+    # Pauses of park_min x 2^(parks - 1): 10 s, then 20 s (retries within a run stay short).
+    policy = RetryPolicy(
+        max_attempts=2, backoff_base=0.01, backoff_max=0.05, step_deadline=5, park_min=10
+    )
     executor = Executor(store=store, services=services, policy=policy)
     downstream.fault("inventory.restore", "error", count=1000)
     order, _ = await store.create_order(
@@ -319,7 +321,7 @@ async def test_parked_order_waits_with_growing_pauses_for_the_sweep(
     assert second.next_attempt_at is not None
     pause = (second.next_attempt_at - second.updated_at).total_seconds()
     first_pause = (first.next_attempt_at - first.updated_at).total_seconds()
-    assert pause > first_pause * 1.5
+    assert first_pause == pytest.approx(10, abs=1) and pause == pytest.approx(20, abs=1)
 
 
 async def test_lease_is_renewed_while_a_slow_call_is_in_flight(

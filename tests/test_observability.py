@@ -7,7 +7,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -104,15 +106,20 @@ def test_json_logs_carry_order_fields_and_quiet_httpx() -> None:
         extra = {"order_id": "o-1", "state": "needs_attention", "trigger": "park"}
         logging.getLogger("order_saga.events").warning("parked", extra=extra)
         logging.getLogger("httpx").info("HTTP Request: POST http://x/users/deduct")
+        colour = {"color_message": '\x1b[36m"GET /healthz"\x1b[0m 200'}  # as uvicorn adds
+        logging.getLogger("uvicorn.access").info('"GET /healthz" 200', extra=colour)
     finally:
         flush()  # the writer thread writes what is queued
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
-    (line,) = stream.getvalue().splitlines()  # httpx's INFO line is not there
+    line, access = stream.getvalue().splitlines()  # httpx's INFO line is not there
     record = json.loads(line)
     assert record["order_id"] == "o-1" and record["state"] == "needs_attention"
     assert record["trigger"] == "park" and record["level"] == "WARNING"
     assert record["correlation_id"] == "-"  # outside a request
+    stamp = datetime.fromisoformat(record["timestamp"])  # ISO 8601, in UTC
+    assert stamp.utcoffset() == timedelta(0) and "asctime" not in record
+    assert "\x1b" not in access and "color_message" not in json.loads(access)
 
 
 def test_database_urls_are_masked() -> None:
@@ -151,3 +158,27 @@ async def test_worker_serves_metrics_on_its_own_port(
     assert stopped.returncode == 0, stopped.explain()
     stderr = stopped.stderr
     assert "order_saga.events" in stderr and "product_missing" in stderr  # a transition line
+
+
+def test_workers_on_one_host_take_the_next_free_metrics_port() -> None:
+    from order_saga.cli import METRICS_PORTS, first_free
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    servers: list[socket.socket] = []
+
+    def serve(p: int) -> None:
+        s = socket.socket()
+        servers.append(s)
+        s.bind(("127.0.0.1", p))  # raises OSError when taken, as start_http_server does
+
+    try:
+        got = first_free(port, serve)
+        assert got is not None and port < got < port + METRICS_PORTS
+        assert first_free(port, lambda p: (_ for _ in ()).throw(OSError("taken"))) is None
+    finally:
+        taken.close()
+        for s in servers:
+            s.close()

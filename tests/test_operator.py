@@ -107,12 +107,13 @@ async def test_list_filters_pages_and_puts_parked_first(
     order = await parked(executor, store, downstream)
     failed = await place(executor, store, POOR_USER_ID, WIDGET_ID)
     rejected = await place(executor, store, ORDINARY_USER_ID, MISSING_PRODUCT_ID)
-    everything, total = queries.list_orders(store, queries.OrderFilter())
+    listed = queries.list_orders(store, queries.OrderFilter())
+    everything, total = listed.orders, listed.total
     assert total == 4 and everything[0].id == order.id  # parked first, though not newest
     assert [o.id for o in everything[1:]] == [rejected.id, failed.id, completed.id]
 
     def ids(**kw: object) -> list[uuid.UUID]:
-        return [o.id for o in queries.list_orders(store, queries.OrderFilter(**kw))[0]]  # type: ignore[arg-type]
+        return [o.id for o in queries.list_orders(store, queries.OrderFilter(**kw)).items]  # type: ignore[arg-type]
 
     assert ids(status="failed") == [failed.id]
     assert ids(state="rejected") == [rejected.id]
@@ -120,8 +121,31 @@ async def test_list_filters_pages_and_puts_parked_first(
     assert ids(product_id=SOLD_OUT_PRODUCT_ID) == [order.id]
     assert ids(older_than=3600) == []
     assert ids(older_than=0, status="completed") == [completed.id]
-    page, total = queries.list_orders(store, queries.OrderFilter(limit=2, offset=2))
-    assert total == 4 and [o.id for o in page] == [failed.id, completed.id]
+    page = queries.list_orders(store, queries.OrderFilter(limit=2, offset=2))
+    assert page.total == 4 and [o.id for o in page.items] == [failed.id, completed.id]
+    assert ids(id_prefix=str(failed.id)[:8]) == [failed.id]  # the start of an id
+    assert ids(id_prefix=str(failed.id).upper()) == [failed.id]  # or all of it
+    with pytest.raises(ValueError, match="not the start of an order id"):
+        ids(id_prefix="zz")
+
+
+async def test_cursor_pages_see_every_order_once_while_orders_arrive(
+    executor: Executor, store: Store, downstream: Downstream
+) -> None:
+    made = [await place(executor, store, ORDINARY_USER_ID, MISSING_PRODUCT_ID) for _ in range(5)]
+    parked_one = await parked(executor, store, downstream)
+    first = queries.list_orders(store, queries.OrderFilter(limit=4))
+    assert first.total == 6 and first.items[0].id == parked_one.id and first.next_cursor
+    newer = await place(executor, store, ORDINARY_USER_ID, MISSING_PRODUCT_ID)  # arrives now
+    second = queries.list_orders(store, queries.OrderFilter(limit=4, cursor=first.next_cursor))
+    assert second.next_cursor is None and second.total == 7
+    seen = [o.id for o in first.items + second.items]
+    assert seen == [parked_one.id, *[o.id for o in reversed(made)]]  # none twice, none lost
+    assert newer.id not in seen  # newest first: a later order belongs before page one
+    newest = queries.list_orders(store, queries.OrderFilter(limit=4, parked_first=False))
+    assert newest.items[0].id == newer.id
+    with pytest.raises(queries.BadCursor):
+        queries.list_orders(store, queries.OrderFilter(cursor="not-a-cursor"))
     counts = queries.counts_by_status(store)
     assert counts["needs_attention"] == 1 and counts["cancelled"] == 0 and counts["resolved"] == 0
 
@@ -164,7 +188,7 @@ async def test_heat_counts_passes_times_and_occupancy(
     # p95 of steps_running is the slowest of the four stays (nearest rank): check it
     spans = [
         s.seconds
-        for o in queries.list_orders(store, queries.OrderFilter())[0]
+        for o in queries.list_orders(store, queries.OrderFilter()).items
         for s in queries.timeline(store.history(o.id))
         if s.scope == "order" and s.to_state == "steps_running"
     ]
@@ -185,7 +209,7 @@ async def test_orders_gauge_is_counted_at_scrape_time_and_drops_to_zero(
     after = orders_gauge(store)
     assert after["needs_attention"] == 0 and after["resolved"] == 1  # zero, not a stale 1
     text = metrics.exposition(store.count_by_status).decode()
-    assert 'order_saga_call_seconds_count{action="deduct",step="payment"}' in text
+    assert 'order_saga_call_seconds_count{action="deduct",service="user"}' in text
     assert "order_saga_run_seconds_count" in text
 
 
@@ -195,7 +219,8 @@ async def test_one_log_line_per_transition_with_order_state_and_trigger(
     caplog.set_level(logging.INFO, logger="order_saga.events")
     order = await parked(executor, store, downstream)
     await operator.resolve(store, order.id, reason="fixed", owner="ops")
-    mine = [r for r in caplog.records if getattr(r, "order_id", None) == str(order.id)]
+    about = [r for r in caplog.records if getattr(r, "order_id", None) == str(order.id)]
+    mine = [r for r in about if hasattr(r, "scope")]  # the transitions' lines
     history = store.history(order.id)
     assert [(r.scope, r.trigger, r.state) for r in mine] == [  # type: ignore[attr-defined]
         (t.scope, t.trigger, t.to_state) for t in history
@@ -203,6 +228,12 @@ async def test_one_log_line_per_transition_with_order_state_and_trigger(
     events = {r.trigger: r.event for r in mine}  # type: ignore[attr-defined]
     assert events["park"] == "parked" and events["resolve"] == "resolved"
     assert events["request_product"] == "transition"
+    park = next(r for r in mine if r.trigger == "park")  # type: ignore[attr-defined]
+    assert "payment refund did not succeed" in park.getMessage()  # the reason, greppable
+    # every failed attempt of the refund is a line with the order's id, call and error
+    failed = [r for r in about if getattr(r, "event", None) == "attempt_failed"]
+    assert [r.call for r in failed] == ["payment:refund"] * 3  # type: ignore[attr-defined]
+    assert all("500" in r.getMessage() for r in failed)
 
 
 async def test_a_refused_write_is_logged_as_lease_lost(
@@ -220,3 +251,30 @@ async def test_a_refused_write_is_logged_as_lease_lost(
         "pending",
         "request_product",
     )
+
+
+async def test_heat_windows_counts_pending_and_tints_only_work(
+    executor: Executor, store: Store, downstream: Downstream
+) -> None:
+    from datetime import timedelta
+
+    from fsm.heatmap import HeatOverlay
+
+    for _ in range(2):
+        await place(executor, store, ORDINARY_USER_ID, WIDGET_ID)
+    everything = queries.heat(store)
+    assert everything.states[("order", "pending")].entered == 2  # created: entered pending
+    later = queries.heat(store, since=queries.utcnow() + timedelta(seconds=1))
+    assert later.states[("order", "pending")].entered == 0  # nothing in the window...
+    assert ("order", "all_succeeded", "steps_running", "completed") not in later.edges
+    assert later.states[("order", "completed")].now == 2  # ...but who sits where is now's
+    # a completed order that waits an hour to be cancelled is not slow: never tinted
+    heat = queries.Heat(
+        states={
+            ("order", "completed"): queries.StateHeat(1, 1, 3600.0, 3600.0),
+            ("order", "steps_running"): queries.StateHeat(1, 0, 2.0, 2.0),
+        }
+    )
+    overlay = HeatOverlay(heat)
+    assert overlay.state("order", "completed")["fillcolor"] == "#ffffff"
+    assert overlay.state("order", "steps_running")["fillcolor"] != "#ffffff"  # the slowest

@@ -60,7 +60,9 @@ def shell_block(after_heading: str) -> str:
     return match.group(1)
 
 
-def run_block(block: str, probe: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_block(
+    block: str, probe: str, cwd: Path, *, timeout: float = 180, **settings: str
+) -> subprocess.CompletedProcess[str]:
     """Run `block` then `probe` in bash (-e: any failing command fails the test); the
     background jobs the block starts are killed on exit."""
     # A user waits for a server they started before typing the next line; so does this.
@@ -82,8 +84,9 @@ def run_block(block: str, probe: str, cwd: Path) -> subprocess.CompletedProcess[
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDER_SAGA_")}
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    env.update({f"ORDER_SAGA_{k.upper()}": v for k, v in settings.items()})
     return subprocess.run(
-        ["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=180
+        ["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -133,4 +136,59 @@ test "$(curl -s -o /dev/null -w '%{{http_code}}' localhost:{api}/orders)" = 401
     # /health also reports the machine version and the breakers (issue 10); this block
     # only promises a healthy SQLite database
     assert {k: health[k] for k in ("status", "database")} == {"status": "ok", "database": "sqlite"}
-    assert orders == {"orders": [], "limit": 50, "offset": 0}
+    assert orders == {
+        "orders": [],
+        "unreadable": [],
+        "total": 0,
+        "limit": 50,
+        "offset": 0,
+        "next_cursor": None,
+    }
+
+
+@pytest.mark.slow
+def test_the_park_recipe_parks_with_the_default_settings(tmp_path: Path) -> None:
+    """The operator section as a new user runs it next to `make run`: every setting at
+    its default (only the port swapped), the order parks, is listed, shown and resolved;
+    then a completed order is cancelled and `resume --json` prints one JSON summary."""
+    api = free_port()
+    park = shell_block("Park one and fix it").replace("8000", str(api))
+    listing = "order-saga orders list --status needs_attention"
+    assert listing in park
+    park = park.replace(listing, f"{listing}\n{listing} --json > parked.json")
+    others = shell_block("The other operator commands:").replace("8000", str(api))
+    others = re.sub(r"^(order-saga resume .*?)(\s+#.*)?$", r"\1 > resume.json", others, flags=re.M)
+    block = f"order-saga serve --port {api} &   # make run PORT={api}\n{park}\n{others}"
+    probe = "order-saga orders show $ID --json > resolved.json"
+    # ten commands, each an interpreter start: minutes on a busy 2-core machine
+    result = run_block(
+        block,
+        probe,
+        tmp_path,
+        timeout=900,
+        fallback_services_url=f"http://127.0.0.1:{api}/services",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    parked = json.loads((tmp_path / "parked.json").read_text())
+    assert parked["total"] == 1, parked  # one order in needs_attention, with its reason
+    [order] = parked["orders"]
+    assert order["state"] == "needs_attention"
+    assert "payment refund did not succeed" in order["attention_reason"]
+    resolved = json.loads((tmp_path / "resolved.json").read_text())
+    assert (resolved["id"], resolved["state"]) == (order["id"], "resolved")
+    assert "refunded by hand, OPS-42" in result.stdout + json.dumps(resolved)
+    summary = json.loads((tmp_path / "resume.json").read_text())  # one JSON document
+    assert summary["still_parked"] == [] and summary["errors"] == 0
+
+
+def test_make_run_takes_a_port() -> None:
+    root = Path(__file__).resolve().parent.parent
+    dry = subprocess.run(
+        ["make", "-n", "-o", ".venv/.installed", "run", "PORT=8123"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert "order-saga serve --host 127.0.0.1 --port 8123" in dry.stdout

@@ -157,6 +157,10 @@ def test_heatmap_page(client: TestClient, downstream: Downstream) -> None:
     assert page.count("<svg") == 1
     assert "all_succeeded ×1" in page and "some_failed ×1" in page and "resolve ×0" in page
     assert re.search(r"<td>order</td><td>completed</td><td class=\"num\">1</td>", page)
+    assert re.search(r"<td>order</td><td>pending</td><td class=\"num\">2</td>", page)  # created
+    hour = client.get("/ui/heatmap", params={"window": "hour"})
+    assert hour.status_code == 200 and 'class="on" data-window="hour"' in hour.text
+    assert client.get("/ui/heatmap", params={"window": "week"}).status_code == 422
 
 
 def test_pages_need_the_token_when_one_is_set(db_url: str, services_url: str) -> None:
@@ -174,7 +178,10 @@ def test_docs_work_offline(client: TestClient, path: str) -> None:
     assets = re.findall(r'(?:src|href)="([^"]+)"', html)
     assert assets and all(a.startswith("/") for a in assets), assets  # nothing external
     for asset in assets:
-        assert client.get(asset).status_code == 200, asset
+        fetched = client.get(asset)
+        assert fetched.status_code == 200, asset
+        if asset.endswith(".js"):  # nor anything the scripts draw (ReDoc's logo was a CDN's)
+            assert "cdn.redoc.ly" not in fetched.text and "cdn.jsdelivr" not in fetched.text
 
 
 def test_static_files_are_served_and_lines_carry_request_ids(client: TestClient) -> None:

@@ -91,6 +91,35 @@ def test_list_newest_first_filtered_and_paginated(client: TestClient) -> None:
     assert page3["orders"] == []
 
 
+def test_list_honours_every_filter_with_a_total_and_a_cursor(client: TestClient) -> None:
+    ids = [
+        place(client).json()["id"],  # completed
+        place(client, user=POOR_USER_ID).json()["id"],  # failed
+        place(client, product=MISSING_PRODUCT_ID).json()["id"],  # rejected
+        place(client, user=RICH_USER_ID).json()["id"],  # completed
+    ]
+
+    def found(**params: Any) -> list[str]:
+        body = client.get("/orders", params=params).json()
+        assert body["total"] == len(body["orders"]) + len(body["unreadable"]), body
+        return [o["id"] for o in body["orders"]]
+
+    assert found(user_id=POOR_USER_ID) == [ids[1]]
+    assert found(product_id=MISSING_PRODUCT_ID) == [ids[2]]
+    assert found(state="rejected") == [ids[2]]
+    assert found(status="completed", user_id=RICH_USER_ID) == [ids[3]]
+    assert found(unmoved_for=3600) == []
+    assert found(unmoved_for=0) == ids[::-1]
+    assert found(id_prefix=ids[1][:8]) == [ids[1]]
+    first = client.get("/orders", params={"limit": 3}).json()
+    assert first["total"] == 4 and first["next_cursor"]
+    rest = client.get("/orders", params={"limit": 3, "cursor": first["next_cursor"]}).json()
+    assert [o["id"] for o in first["orders"] + rest["orders"]] == ids[::-1]
+    assert rest["next_cursor"] is None and rest["total"] == 4
+    bad = client.get("/orders", params={"cursor": "not-ours"})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["loc"] == ["query", "cursor"]
+
+
 @pytest.mark.parametrize(
     "params",
     [
@@ -100,6 +129,10 @@ def test_list_newest_first_filtered_and_paginated(client: TestClient) -> None:
         {"limit": "ten"},
         {"offset": -1},
         {"offset": 10**20},
+        {"user_id": 0},
+        {"state": "warp_drive"},
+        {"unmoved_for": -1},
+        {"id_prefix": "xyz"},
     ],
     ids=[
         "unknown status",
@@ -108,6 +141,10 @@ def test_list_newest_first_filtered_and_paginated(client: TestClient) -> None:
         "limit not int",
         "negative offset",
         "offset overflows",
+        "user 0",
+        "unknown state",
+        "negative age",
+        "id prefix not hex",
     ],
 )
 def test_list_rejects_bad_query(sqlite_client: TestClient, params: dict[str, Any]) -> None:

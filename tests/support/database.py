@@ -101,3 +101,17 @@ def in_transaction_elsewhere(database_url: str) -> bool:
             "AND state <> 'idle'"
         ).fetchone()
     return bool(row and row[0])
+
+
+def corrupt_state(database_url: str, order_id: uuid.UUID, state: str = "warp_drive") -> None:
+    """Write a state no machine declares into an order's row, as a botched migration or a
+    hand edit would: the row the views must show as unreadable, never take down."""
+    from sqlalchemy import text
+
+    from fsm.store import make_engine
+
+    engine = make_engine(database_url)
+    key = order_id.hex if engine.dialect.name == "sqlite" else str(order_id)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE orders SET state = :s WHERE id = :id"), {"s": state, "id": key})
+    engine.dispose()

@@ -1,0 +1,162 @@
+"""Why a non-terminal order is where it is, in one place for the API (`GET /orders/{id}`),
+the console (list and order page) and `order-saga orders list|show`.
+
+From what is persisted only (the order row and its last logged attempt, `fsm.queries`)
+and the settings the sweep runs with: it never writes, never calls a service, never asks
+another process. In order of precedence, an order
+
+- waits on a service's open circuit breaker (which, when the probe is due), while its
+  driver holds the lease;
+- waits for its next attempt of a failing call (when, how many failed, the last error);
+- is being driven (leased by a live owner, until when);
+- is held by a lease whose owner stopped renewing it (expired: the sweep takes it over);
+- is parked in needs_attention (the reason; when the sweep retries it: its own pause and
+  `SWEEP_OLDER_THAN`, whichever is later);
+- or is runnable: by the sweep once it has been still for `SWEEP_OLDER_THAN`, or now.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from fsm.machine import OrderState, is_terminal
+from fsm.models import Order
+from fsm.queries import Attempt, last_attempts
+from fsm.settings import Settings
+from fsm.store import Store, utcnow
+
+
+class Kind(StrEnum):
+    BREAKER = "waiting_on_breaker"
+    NEXT_ATTEMPT = "waiting_for_next_attempt"
+    LEASED = "leased"
+    LEASE_EXPIRED = "lease_expired"
+    PARKED = "parked"
+    RUNNABLE = "runnable"
+
+
+@dataclass(frozen=True)
+class Why:
+    kind: Kind
+    summary: str  # one line, for people
+    until: datetime | None = None  # when it changes by itself (probe, attempt, expiry, sweep)
+    owner: str | None = None  # the lease holder
+    lease_expires_at: datetime | None = None
+    service: str | None = None  # whose breaker
+    call: str | None = None  # "<step>:<action>"
+    failed_attempts: int | None = None
+    max_attempts: int | None = None  # per run
+    last_error: str | None = None
+    reason: str | None = None  # a parked order's
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(self).items()
+        }
+
+
+def _at(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def explain(order: Order, *, last: Attempt | None, settings: Settings, now: datetime) -> Why | None:
+    """Why `order` stands where it is (None for a terminal order: it is done)."""
+    if is_terminal(order.state):
+        return None
+    # The last logged attempt speaks for the order only if nothing moved it since.
+    fresh = last if last is not None and last.at >= order.updated_at else None
+    owner, expires = order.lease_owner, order.lease_expires_at
+    alive = owner is not None and expires is not None and expires > now
+    sweep_from = order.updated_at + timedelta(seconds=settings.sweep_older_than)
+    common: dict[str, Any] = {"owner": owner, "lease_expires_at": expires}
+    if alive and fresh is not None and fresh.waiting_on and fresh.next_attempt_at:
+        return Why(
+            Kind.BREAKER,
+            f"waiting on the {fresh.waiting_on} circuit breaker (probe at "
+            f"{_at(fresh.next_attempt_at)}); {fresh.call} is not called until then",
+            until=fresh.next_attempt_at,
+            service=fresh.waiting_on,
+            call=fresh.call,
+            last_error=fresh.error,
+            **common,
+        )
+    if order.state == OrderState.NEEDS_ATTENTION and not alive:
+        swept = max(order.next_attempt_at or sweep_from, sweep_from)
+        return Why(
+            Kind.PARKED,
+            f"parked: {order.attention_reason}; the sweep retries it at {_at(swept)} "
+            "(or now: Retry on this page, `order-saga resume --order ID`)",
+            until=swept,
+            reason=order.attention_reason,
+            last_error=order.last_error,
+            **common,
+        )
+    retry = order.next_attempt_at
+    failed = fresh is not None and not fresh.waiting_on and retry is not None
+    if fresh is not None and retry is not None and failed and (retry > now or owner is None):
+        # Driven: its driver sleeps until then. Not driven: the sweep's turn, once the
+        # order has also been still for SWEEP_OLDER_THAN.
+        when = retry if alive else max(retry, sweep_from)
+        by = f", driven by {owner}" if alive else " by the sweep"
+        return Why(
+            Kind.NEXT_ATTEMPT,
+            f"next attempt of {fresh.call} at {_at(when)}{by} "
+            f"(attempt {fresh.attempt} failed, {settings.max_attempts} per run; "
+            f"last error: {fresh.error})",
+            until=when,
+            call=fresh.call,
+            failed_attempts=fresh.attempt,
+            max_attempts=settings.max_attempts,
+            last_error=fresh.error,
+            **common,
+        )
+    if alive:
+        assert expires is not None
+        return Why(
+            Kind.LEASED,
+            f"being driven: leased by {owner} until {_at(expires)} (alive, renewed while it runs)",
+            until=expires,
+            last_error=order.last_error,
+            **common,
+        )
+    if owner is not None and expires is not None:
+        takeover = max(expires, sweep_from)
+        return Why(
+            Kind.LEASE_EXPIRED,
+            f"lease of {owner} expired at {_at(expires)} (its driver stopped): "
+            f"the sweep takes it over from {_at(takeover)}",
+            until=takeover,
+            last_error=order.last_error,
+            **common,
+        )
+    if sweep_from > now:
+        return Why(
+            Kind.RUNNABLE,
+            f"runnable: the sweep picks it up from {_at(sweep_from)} "
+            f"(still for SWEEP_OLDER_THAN={settings.sweep_older_than:g}s), or resume it now",
+            until=sweep_from,
+            last_error=order.last_error,
+        )
+    return Why(
+        Kind.RUNNABLE,
+        "runnable now: the next sweep pass (or `order-saga resume`) drives it",
+        last_error=order.last_error,
+    )
+
+
+def for_orders(store: Store, orders: Sequence[Order], settings: Settings) -> dict[uuid.UUID, Why]:
+    """`explain` for each non-terminal order of a page (one query for their attempts)."""
+    live = [o for o in orders if not is_terminal(o.state)]
+    last = last_attempts(store, [o.id for o in live])
+    now = utcnow()
+    found = {o.id: explain(o, last=last.get(o.id), settings=settings, now=now) for o in live}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def for_order(store: Store, order: Order, settings: Settings) -> Why | None:
+    return for_orders(store, [order], settings).get(order.id)

@@ -1,0 +1,72 @@
+"""deploy/prometheus/order-saga.rules.yml: valid rule groups, and every metric an alert
+names is one the orchestrator exports, with the labels the alert groups by (promtool is
+not installed here; this is the parse and sanity check)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import REGISTRY
+
+from fsm import metrics
+from fsm.breaker import Breakers
+
+RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "order-saga.rules.yml"
+DOC = yaml.safe_load(RULES.read_text())
+ALERTS: list[dict[str, Any]] = [rule for group in DOC["groups"] for rule in group["rules"]]
+WORDS = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+def exported() -> str:
+    Breakers()["user.deduct"]  # a breaker: its gauge has a sample with its `operation`
+    return metrics.exposition(
+        lambda: {"needs_attention": 2}, lambda: {"compensating": 42.0}
+    ).decode()
+
+
+def test_the_file_is_rule_groups() -> None:
+    assert [g["name"] for g in DOC["groups"]] == ["order-saga"]
+    names = [rule["alert"] for rule in ALERTS]
+    assert len(names) == len(set(names)) >= 4
+    for rule in ALERTS:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+        assert rule["labels"]["severity"] in {"page", "ticket"}
+        assert rule["annotations"]["summary"]
+        assert rule["expr"].count("(") == rule["expr"].count(")")
+        if "for" in rule:
+            assert re.fullmatch(r"\d+[smh]", rule["for"])
+
+
+def labels_of(name: str, text: str) -> set[str]:
+    """The label names a metric carries: from its samples, or (a labelled counter with no
+    sample yet in this process) from its declaration."""
+    found = set()
+    for labels in re.findall(rf"^{name}(?:_total)?{{([^}}]*)}}", text, re.MULTILINE):
+        found |= set(re.findall(r"([a-z_]+)=", labels))
+    declared = REGISTRY._names_to_collectors.get(name)  # noqa: SLF001
+    return found | set(getattr(declared, "_labelnames", ()))
+
+
+@pytest.mark.parametrize("rule", ALERTS, ids=[r["alert"] for r in ALERTS])
+def test_every_metric_an_alert_reads_is_exported(rule: dict[str, Any]) -> None:
+    text = exported()
+    typed = set(re.findall(r"^# TYPE (order_saga_[a-z_]+) ", text, re.MULTILINE))
+    named = {w for w in WORDS.findall(rule["expr"]) if w.startswith("order_saga_")}
+    assert named, rule["expr"]
+    for name in named:
+        assert name.removesuffix("_total") in typed or name in typed, f"{name} not exported"
+        used = set(re.findall(r"by \(([a-z_]+)\)", rule["expr"]))
+        used |= set(re.findall(r"\b([a-z_]+)!?=~?\"", rule["expr"]))
+        assert used <= labels_of(name, text), (name, used)
+
+
+def test_the_stuck_and_parked_gauges_carry_what_the_rules_need() -> None:
+    text = exported()
+    assert "order_saga_parked_orders 2.0" in text
+    assert 'order_saga_oldest_unmoved_seconds{state="compensating"} 42.0' in text
+    assert 'order_saga_oldest_unmoved_seconds{state="pending"} 0.0' in text  # none: 0
+    assert 'order_saga_oldest_unmoved_seconds{state="completed"}' not in text  # terminal

@@ -1,0 +1,155 @@
+"""`fsm.why`: every way a non-terminal order can stand still, produced for real (executor,
+reference services, circuit breakers, leases) on SQLite and PostgreSQL, and explained by
+the one function the API, the console and the CLI share. Failed attempts and breaker
+waits are logged beside the transitions, never as transitions."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+
+from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
+from fsm import queries, why
+from fsm.breaker import Breakers
+from fsm.clients import Services
+from fsm.executor import Executor
+from fsm.models import Order
+from fsm.settings import Settings
+from fsm.store import Store, utcnow
+from fsm.why import Kind
+from fsm.wiring import build_executor, build_store
+from tests.support.services import Downstream, set_faults
+from tests.support.settings import saga_settings
+from tests.support.waiting import wait_until_async
+
+
+@pytest.fixture
+def settings(db_url: str) -> Settings:
+    # A long final pause (backoff_max) so "next attempt" is still ahead when read.
+    return saga_settings(db_url, max_attempts=2, backoff_max=30, sweep_older_than=30)
+
+
+@pytest.fixture
+async def driver(settings: Settings, store: Store, services: Services) -> AsyncIterator[Executor]:
+    executor = build_executor(settings, store=store, services=services)
+    yield executor
+    await executor.aclose()
+
+
+async def new_order(store: Store, product: int = WIDGET_ID) -> Order:
+    order, _ = await store.create_order(user_id=ORDINARY_USER_ID, product_id=product, quantity=1)
+    return order
+
+
+def explain(store: Store, order: Order, settings: Settings) -> why.Why:
+    found = why.for_order(store, store.get(order.id), settings)
+    assert found is not None, "a non-terminal order always has a why"
+    return found
+
+
+async def test_a_failing_call_waits_for_its_next_attempt(
+    store: Store, driver: Executor, settings: Settings, downstream: Downstream
+) -> None:
+    downstream.fault("user.deduct", "error", count=1000)
+    order = await driver.run((await new_order(store)).id)  # the run's budget spent
+    assert order.payment_state == "requested"
+    w = explain(store, order, settings)
+    assert w.kind is Kind.NEXT_ATTEMPT and w.call == "payment:deduct"
+    assert (w.failed_attempts, w.max_attempts) == (2, 2) and "500" in (w.last_error or "")
+    stored = store.get(order.id)
+    assert stored.next_attempt_at is not None and w.until is not None
+    # not before the sweep may take it: still for SWEEP_OLDER_THAN, then due
+    assert w.until == max(stored.next_attempt_at, stored.updated_at + timedelta(seconds=30))
+    assert "next attempt of payment:deduct" in w.summary and "attempt 2 failed" in w.summary
+    tried = queries.attempts(store, order.id)  # the timeline's entries, not transitions
+    assert [(a.call, a.attempt) for a in tried] == [("payment:deduct", 1), ("payment:deduct", 2)]
+    assert not any(t.trigger == "attempt" for t in store.history(order.id))
+    set_faults(downstream.url, ())
+
+
+async def test_a_parked_order_says_why_and_when_the_sweep_retries(
+    store: Store, driver: Executor, settings: Settings, downstream: Downstream
+) -> None:
+    downstream.fault("user.refund", "error", count=1000)
+    order = await driver.run((await new_order(store, SOLD_OUT_PRODUCT_ID)).id)
+    set_faults(downstream.url, ())
+    assert order.state == "needs_attention"
+    w = explain(store, order, settings)
+    stored = store.get(order.id)
+    assert w.kind is Kind.PARKED and w.reason == stored.attention_reason
+    assert "payment refund did not succeed" in w.summary
+    assert stored.next_attempt_at is not None  # the park's own pause (PARK_MIN) is later
+    assert w.until == max(stored.next_attempt_at, stored.updated_at + timedelta(seconds=30))
+    later = settings.model_copy(update={"sweep_older_than": 10_000.0})  # the real setting
+    assert explain(store, order, later).until == stored.updated_at + timedelta(seconds=10_000)
+
+
+async def test_a_lease_whose_owner_stopped_renewing_is_expired(
+    db_url: str, store: Store, settings: Settings
+) -> None:
+    order = await new_order(store)
+    short = build_store(saga_settings(db_url, lease_seconds=0.2))
+    try:
+        assert await store.claim(order_id=order.id, owner="host-a:4242:dead") is not None
+        live = explain(store, order, settings)  # a 30 s lease, renewed while it runs
+        assert live.kind is Kind.LEASED and live.owner == "host-a:4242:dead"
+        # the same owner claims again with a short lease, then never renews it
+        claimed = await short.claim(order_id=order.id, owner="host-a:4242:dead")
+        assert claimed is not None and claimed.lease_expires_at is not None
+        expiry = claimed.lease_expires_at
+        await wait_until_async(lambda: utcnow() > expiry, what="the lease to run out")
+        w = explain(store, order, settings)
+        assert w.kind is Kind.LEASE_EXPIRED and w.owner == "host-a:4242:dead"
+        assert w.lease_expires_at == claimed.lease_expires_at
+        assert "expired" in w.summary and "host-a:4242:dead" in w.summary
+    finally:
+        short.close()
+        short.engine.dispose()
+
+
+async def test_a_call_behind_an_open_breaker_waits_for_the_probe(
+    store: Store, services: Services, settings: Settings, downstream: Downstream
+) -> None:
+    breakers = Breakers(threshold=1, cooldown=60)
+    executor = build_executor(settings, store=store, services=breakers.wrap(services))
+    downstream.fault("user.deduct", "error", count=1000)
+    order = await new_order(store)
+    run = asyncio.create_task(executor.run(order.id))
+    try:
+
+        def waiting() -> why.Why | None:
+            assert not run.done(), run
+            w = explain(store, order, settings)
+            return w if w.kind is Kind.BREAKER else None
+
+        w = await wait_until_async(waiting, what="the order to wait on the breaker")
+        assert w.service == "user.deduct" and w.call == "payment:deduct"
+        assert w.until is not None and w.until > utcnow() + timedelta(seconds=50)  # the probe
+        assert w.owner == executor.owner and "user.deduct circuit breaker" in w.summary
+        [waited] = [a for a in queries.attempts(store, order.id) if a.waiting_on]
+        assert waited.waiting_on == "user.deduct"
+    finally:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        await executor.aclose()
+        set_faults(downstream.url, ())
+
+
+async def test_an_order_nobody_holds_is_runnable(store: Store, settings: Settings) -> None:
+    order = await new_order(store)
+    w = explain(store, order, settings)
+    assert w.kind is Kind.RUNNABLE
+    assert w.until == store.get(order.id).updated_at + timedelta(seconds=30)
+    now = settings.model_copy(update={"sweep_older_than": 0.0})
+    assert explain(store, order, now).summary.startswith("runnable now")
+
+
+async def test_a_terminal_order_needs_no_why(
+    store: Store, driver: Executor, settings: Settings
+) -> None:
+    done = await driver.run((await new_order(store)).id)
+    assert done.state == "completed"
+    assert why.for_order(store, done, settings) is None

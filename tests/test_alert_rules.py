@@ -24,7 +24,7 @@ WORDS = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 def exported() -> str:
     Breakers()["user.deduct"]  # a breaker: its gauge has a sample with its `operation`
     return metrics.exposition(
-        lambda: {"needs_attention": 2}, lambda: {"compensating": 42.0}
+        lambda: {"needs_attention": 2}, oldest=lambda: {"compensating": 42.0}
     ).decode()
 
 

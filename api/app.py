@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -54,6 +55,9 @@ async def _writes(request: Request) -> WriteStatus:
     return await health.check()
 
 
+log = logging.getLogger("order_saga.api")
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -86,7 +90,10 @@ def create_app(
             )
             app.state.health = WriteHealth(saga.store)
             authenticator.engine = saga.store.engine
-            await authenticator.setup()
+            try:
+                await authenticator.setup()
+            except SQLAlchemyError as exc:  # the database is down: the gate answers 503
+                log.warning("could not read the deployment's secrets at start (%s)", exc)
             app.state.breakers = saga.breakers
             if sweep:
                 runner.start_sweeper()

@@ -29,7 +29,7 @@ from starlette.responses import RedirectResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.access import Access, Table
-from api.problems import problem
+from api.problems import is_unavailable, problem, unavailable
 from api.session import COOKIE, Session, Sessions
 from fsm import keys
 from fsm.keys import Principal, Role
@@ -187,7 +187,17 @@ class AuthGate:
             return
         access = self.table.access(scope["method"], scope["path"])
         scope["principal"] = ANONYMOUS
-        if not await self.auth.enforced():
+        try:
+            enforced = await self.auth.enforced()
+        except Exception as exc:
+            # Keys live in the database: while it is down a public route still answers
+            # (health says why), any other gets the 503 a route gives, never a 500.
+            if not is_unavailable(exc):
+                raise
+            answer = self.app if access.public else unavailable("database")
+            await answer(scope, receive, send)
+            return
+        if not enforced:
             await self.app(scope, receive, send)
             return
         scope["principal"] = NOBODY

@@ -132,6 +132,7 @@ async def open_saga(
     embedded_url: str | None = None,
     breakers: bool = False,
     upgrade_guard: bool = False,
+    require_database: bool = False,
     store: Store | None = None,
 ) -> AsyncIterator[Saga]:
     """Build the engine; on exit stop renewing leases, commit what is queued, close.
@@ -142,6 +143,8 @@ async def open_saga(
     - `breakers`: every service call goes through its service's circuit breaker.
     - `upgrade_guard`: the start-up check of a long-running process (`serve`, `worker`):
       orders the installed machine cannot drive are logged and never swept.
+    - `require_database`: fail at once when the database does not answer (`worker`);
+      `serve` starts anyway and answers 503 until it does.
     - `store`: drive through a store the caller opened with `open_store` (and closes).
     """
     owned = store is None
@@ -160,9 +163,10 @@ async def open_saga(
             guarded = Breakers.from_settings(settings) if breakers else None
             if guarded is not None:
                 services = guarded.wrap(services)
-            if upgrade_guard:
+            if require_database:
                 with the_store.engine.connect():
                     pass  # no database: fail now, in one line, before any check logs
+            if upgrade_guard:
                 guard(the_store)
             executor = build_executor(settings, store=the_store, services=services)
             try:

@@ -329,7 +329,9 @@ def worker(
         from fsm.wiring import open_saga
 
         # The upgrade guard: orders this machine cannot drive are logged, never swept.
-        async with open_saga(settings, breakers=True, upgrade_guard=True) as saga:
+        async with open_saga(
+            settings, breakers=True, upgrade_guard=True, require_database=True
+        ) as saga:
             executor = saga.executor
             if settings.worker_metrics_port:
                 from prometheus_client import start_http_server

@@ -43,10 +43,10 @@ from fsm.machine import (
 )
 from fsm.models import Transition
 from fsm.registry import STEP_NAMES
-from fsm.settings import Settings
 from fsm.store import Store
 from fsm.version import MACHINE_VERSION
 from fsm.wiring import open_store
+from tests.support.settings import saga_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 EDGES = list(edges())
@@ -381,7 +381,7 @@ def test_highlighted_svg_is_xml_with_classes() -> None:
 
 @pytest.fixture
 def http(tmp_path: Path) -> Iterator[tuple[TestClient, Store]]:
-    settings = Settings(database_url=f"sqlite:///{tmp_path}/diagram.db")
+    settings = saga_settings(f"sqlite:///{tmp_path}/diagram.db")
     with open_store(settings) as store:
         SQLModel.metadata.create_all(store.engine)
         app = FastAPI()

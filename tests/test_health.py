@@ -24,14 +24,13 @@ from fsm.store import make_engine
 from tests.support.proxy import CuttableProxy
 from tests.support.services import LiveServer
 from tests.support.settings import saga_settings
+from tests.support.waiting import wait_until
 
 
 def until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> float:
     """Poll `check`; the seconds it took."""
     started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout, f"never: {what}"
-        time.sleep(0.05)
+    wait_until(check, timeout, what=what)
     return time.monotonic() - started
 
 

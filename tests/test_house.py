@@ -64,6 +64,9 @@ SLEEPS_ALLOWED = {
     ("tests/test_racing.py", "test_two_workers_share_the_stuck_orders"): (
         "after every order is done, a few more idle sweeps must change nothing"
     ),
+    ("tests/test_outage.py", "test_a_partial_outage_is_shielded_by_its_own_breaker"): (
+        "a refund every 2 s through a 20 s outage: the pacing is the scenario"
+    ),
 }
 
 

@@ -18,6 +18,8 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID
+from fsm.machine import AUDIT_SCOPE
+from fsm.registry import STEP_NAMES
 from fsm.store import Store
 from order_saga.logs import configure, flush
 from order_saga.redact import masked
@@ -75,7 +77,7 @@ def test_state_fields_are_enums(client: TestClient) -> None:
     assert "compensating" in schemas[step_ref.rsplit("/", 1)[-1]]["enum"]
     transition = schemas["TransitionOut"]["properties"]
     assert {"$ref": "#/components/schemas/StepState"} in transition["to_state"]["anyOf"]
-    assert transition["scope"]["enum"] == ["order", "payment", "inventory", "shipping"]
+    assert transition["scope"]["enum"] == ["order", *STEP_NAMES, AUDIT_SCOPE]
 
 
 def test_resolve_over_http(client: TestClient, store: Store, downstream: Downstream) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -117,6 +118,15 @@ curl -sf -X POST http://127.0.0.1:{api}/orders -H 'Content-Type: application/jso
 
 
 @pytest.mark.slow
+def json_documents(text: str) -> list[Any]:
+    """The top-level JSON objects in `text`, in order (nested ones are part of theirs)."""
+    decoder, found, at = json.JSONDecoder(), [], 0
+    while (start := text.find('{"', at)) != -1:
+        value, at = decoder.raw_decode(text, start)
+        found.append(value)
+    return found
+
+
 def test_the_configuration_block_runs_as_written(tmp_path: Path) -> None:
     api = free_port()
     block = shell_block("## Configuration").replace("8000", str(api))
@@ -128,11 +138,7 @@ test "$(curl -s -o /dev/null -w '%{{http_code}}' localhost:{api}/orders)" = 401
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("database at head: sqlite:///order-saga.db\n")
     # curl's answers, among serve's access log lines (curl ends with no newline)
-    decoder = json.JSONDecoder()
-    health, orders = (
-        decoder.raw_decode(result.stdout[m.start() :])[0]
-        for m in re.finditer(r'\{"', result.stdout)
-    )
+    health, orders = json_documents(result.stdout)
     # /health also reports the machine version and the breakers (issue 10); this block
     # only promises a healthy SQLite database
     assert {k: health[k] for k in ("status", "database")} == {"status": "ok", "database": "sqlite"}

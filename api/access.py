@@ -60,6 +60,7 @@ ROUTES: Mapping[tuple[str, str], Access] = {
     ("GET", "/docs"): ANY_ROLE,
     ("GET", "/docs/oauth2-redirect"): ANY_ROLE,
     ("GET", "/redoc"): ANY_ROLE,
+    ("GET", "/redoc/redoc.standalone.js"): ANY_ROLE,  # served here, no CDN (issue 18)
     # the console: signing in is public, the pages are for readers, the actions operators'
     ("GET", "/ui/login"): PUBLIC,
     ("POST", "/ui/login"): PUBLIC,

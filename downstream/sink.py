@@ -116,7 +116,10 @@ async def set_secret(body: SecretIn, sink: SinkDep) -> Response:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("")
+@router.post(
+    "",
+    responses={401: {"description": "unsigned, tampered or too old (Standard Webhooks)"}},
+)
 async def receive(
     request: Request,
     sink: SinkDep,

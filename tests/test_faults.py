@@ -37,7 +37,7 @@ def assert_conserved(
     check_conserved(
         downstream,
         Books(balances, stocks),
-        queries.list_orders(store, queries.OrderFilter(limit=500))[0],
+        queries.list_orders(store, queries.OrderFilter(limit=500)).orders,
     )
 
 
@@ -64,7 +64,7 @@ async def test_lost_response_applies_the_effect_once(
     downstream.fault(operation, "apply_then_error")
     assert await run_row(store, executor, user, product, quantity) == status
     assert_conserved(downstream, store, balances, stocks)
-    order = queries.list_orders(store, queries.OrderFilter())[0][0]
+    order = queries.list_orders(store, queries.OrderFilter()).orders[0]
     step, _, action = operation.partition(".")
     call = f"{'payment' if step == 'user' else step}:{action}"
     assert order.attempts == {call: 1}  # one retry, persisted, same key
@@ -85,7 +85,7 @@ async def test_transient_errors_are_retried_with_the_same_key(
     downstream.fault(operation, "error", count=2)
     assert await run_row(store, executor, user, product, quantity) == status
     assert_conserved(downstream, store, balances, stocks)
-    order = queries.list_orders(store, queries.OrderFilter())[0][0]
+    order = queries.list_orders(store, queries.OrderFilter()).orders[0]
     assert sum(order.attempts.values()) == 2
     assert "injected fault" in (order.last_error or "")
 
@@ -100,14 +100,16 @@ async def test_timeout_is_an_unknown_outcome_and_retried(
     downstream.fault("user.deduct", "timeout", seconds=1.5)  # the client gives up after 1 s
     assert await run_row(store, executor, ORDINARY_USER_ID, WIDGET_ID, 1) == "completed"
     assert_conserved(downstream, store, balances, stocks)
-    assert "timed out" in (queries.list_orders(store, queries.OrderFilter())[0][0].last_error or "")
+    assert "timed out" in (
+        queries.list_orders(store, queries.OrderFilter()).orders[0].last_error or ""
+    )
 
 
 async def test_business_failure_is_not_retried(
     store: Store, executor: Executor, downstream: Downstream
 ) -> None:
     assert await run_row(store, executor, POOR_USER_ID, WIDGET_ID, 1) == "failed"  # 402, once
-    order = queries.list_orders(store, queries.OrderFilter())[0][0]
+    order = queries.list_orders(store, queries.OrderFilter()).orders[0]
     assert "payment:deduct" not in order.attempts
     payment = [t for t in store.history(order.id) if t.scope == "payment"]
     assert payment[1].trigger == "fail" and payment[1].detail["status"] == 402

@@ -117,7 +117,7 @@ def test_an_outage_costs_threshold_plus_probes_then_every_order_finishes(
         assert {o["status"] for o in states(client, ids)} == {"completed"}
         assert client.get("/healthz").json()["status"] == "ok"
     assert downstream.balance(ORDINARY_USER_ID) == balance - sum(
-        o.amount or 0 for o in queries.list_orders(store, queries.OrderFilter())[0]
+        o.amount or 0 for o in queries.list_orders(store, queries.OrderFilter()).orders
     )
     assert downstream.stock(WIDGET_ID) == stock - ORDERS
     assert all(n == 1 for n in downstream.effects().values())
@@ -157,14 +157,14 @@ def test_post_orders_is_refused_while_the_product_breaker_is_open(
         wait_until(
             lambda: breaker(client, "product.get").state == OPEN, what="the product breaker open"
         )
-        before = len(queries.list_orders(store, queries.OrderFilter())[0])
+        before = len(queries.list_orders(store, queries.OrderFilter()).orders)
         body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
         refused = client.post("/orders", json=body, headers={"Idempotency-Key": "during-outage"})
         assert refused.status_code == 503, refused.text
         assert 1 <= int(refused.headers["Retry-After"]) <= 30
         assert "product" in refused.json()["detail"]
         assert (
-            len(queries.list_orders(store, queries.OrderFilter())[0]) == before
+            len(queries.list_orders(store, queries.OrderFilter()).orders) == before
         )  # nothing created
         assert store.find_by_idempotency_key("during-outage") is None
         assert client.get("/healthz").json()["breakers"] == {"product.get": OPEN}

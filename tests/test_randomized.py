@@ -101,17 +101,17 @@ async def test_random_faults_and_kills_end_terminal_and_conserved(
         assert resume(db_url, downstream.url, None) == 0, f"seed {seed}"
         if all(
             is_terminal(o.state)
-            for o in queries.list_orders(store, queries.OrderFilter(limit=500))[0]
+            for o in queries.list_orders(store, queries.OrderFilter(limit=500)).orders
         ):
             break
         wait_for_leases_to_expire(store)
     stuck = [
         (o.id, o.state)
-        for o in queries.list_orders(store, queries.OrderFilter(limit=500))[0]
+        for o in queries.list_orders(store, queries.OrderFilter(limit=500)).orders
         if not is_terminal(o.state)
     ]
     assert not stuck, f"seed {seed}: not terminal after the final resume: {stuck}"
     assert kills > 0, f"seed {seed}: no round was killed"
     assert_conserved(
-        downstream, books, queries.list_orders(store, queries.OrderFilter(limit=500))[0]
+        downstream, books, queries.list_orders(store, queries.OrderFilter(limit=500)).orders
     )

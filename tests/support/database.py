@@ -54,7 +54,7 @@ def wait_for_leases_to_expire(store: Store, *, limit: float = 30.0) -> None:
         now = utcnow()
         return all(
             o.lease_expires_at is None or o.lease_expires_at < now
-            for o in queries.list_orders(store, queries.OrderFilter(limit=10_000))[0]
+            for o in queries.list_orders(store, queries.OrderFilter(limit=10_000)).orders
         )
 
     wait_until(all_expired, limit, what="every lease to run out")

@@ -101,6 +101,8 @@ def configure(
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
     # uvicorn's loggers propagate to ours (serve passes log_config=None).
+    # Their level too: an earlier uvicorn.Config in this process (log_level=...) set it.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+        logging.getLogger(name).setLevel(logging.NOTSET)

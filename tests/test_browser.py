@@ -265,7 +265,8 @@ def test_why_an_order_waits_on_an_open_breaker(served: Served, page: Any) -> Non
     held = served.place_async(ORDINARY_USER_ID, WIDGET_ID)
     page.goto(f"{served.url}/ui/orders/{held['id']}")
     why = page.locator("#why")
-    expect(why).to_have_attribute("data-kind", "waiting_on_breaker")  # reloads until then
+    # The page reloads itself until the executor has recorded its wait on the breaker.
+    expect(why).to_have_attribute("data-kind", "waiting_on_breaker", timeout=30_000)
     expect(why).to_contain_text("waiting on the user.deduct circuit breaker (probe at")
     api = served.order(held["id"])["why"]
     assert (api["kind"], api["service"], api["call"]) == (

@@ -1,10 +1,15 @@
 """deploy/prometheus/order-saga.rules.yml: valid rule groups, and every metric an alert
-names is one the orchestrator exports, with the labels the alert groups by (promtool is
-not installed here; this is the parse and sanity check)."""
+names is one the orchestrator exports, with the labels the alert groups by. With promtool
+on PATH (Debian's `prometheus` package, or ORDER_SAGA_PROMTOOL), also `promtool check rules`
+and the rule unit tests of order-saga.rules.test.yml; without it, the parse and sanity
+checks here stand alone."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,8 @@ from fsm import metrics
 from fsm.breaker import Breakers
 
 RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "order-saga.rules.yml"
+RULE_TESTS = RULES.with_name("order-saga.rules.test.yml")
+PROMTOOL = os.environ.get("ORDER_SAGA_PROMTOOL") or shutil.which("promtool")
 DOC = yaml.safe_load(RULES.read_text())
 ALERTS: list[dict[str, Any]] = [rule for group in DOC["groups"] for rule in group["rules"]]
 WORDS = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
@@ -24,7 +31,9 @@ WORDS = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 def exported() -> str:
     Breakers()["user.deduct"]  # a breaker: its gauge has a sample with its `operation`
     return metrics.exposition(
-        lambda: {"needs_attention": 2}, oldest=lambda: {"compensating": 42.0}
+        lambda: {"needs_attention": 2},
+        backlog=lambda: {"billing-hook": (3, 420.0)},
+        oldest=lambda: {"compensating": 42.0},
     ).decode()
 
 
@@ -32,6 +41,9 @@ def test_the_file_is_rule_groups() -> None:
     assert [g["name"] for g in DOC["groups"]] == ["order-saga"]
     names = [rule["alert"] for rule in ALERTS]
     assert len(names) == len(set(names)) >= 4
+    # issue 18 §5: stuck orders, parked orders, an open breaker, outbox lag
+    assert {"OrderSagaStuckOrders", "OrderSagaParkedOrders", "OrderSagaBreakerOpen"} <= set(names)
+    assert "OrderSagaOutboxLag" in names
     for rule in ALERTS:
         assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
         assert rule["labels"]["severity"] in {"page", "ticket"}
@@ -70,3 +82,24 @@ def test_the_stuck_and_parked_gauges_carry_what_the_rules_need() -> None:
     assert 'order_saga_oldest_unmoved_seconds{state="compensating"} 42.0' in text
     assert 'order_saga_oldest_unmoved_seconds{state="pending"} 0.0' in text  # none: 0
     assert 'order_saga_oldest_unmoved_seconds{state="completed"}' not in text  # terminal
+
+
+def test_the_outbox_lag_rule_reads_the_lag_per_destination() -> None:
+    """The lag gauge as the relay's collector exports it, and a rule on it per destination."""
+    text = exported()
+    assert 'order_saga_outbox_lag_seconds{destination="billing-hook"} 420.0' in text
+    (rule,) = [r for r in ALERTS if r["alert"] == "OrderSagaOutboxLag"]
+    assert re.fullmatch(
+        r"max by \(destination\) \(order_saga_outbox_lag_seconds\) > \d+", rule["expr"]
+    ), rule["expr"]
+    assert "{{ $labels.destination }}" in rule["annotations"]["summary"]
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed")
+@pytest.mark.parametrize(
+    "check", [["check", "rules", str(RULES)], ["test", "rules", str(RULE_TESTS)]]
+)
+def test_promtool_accepts_the_rules(check: list[str]) -> None:
+    assert PROMTOOL is not None
+    done = subprocess.run([PROMTOOL, *check], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image, ImageStat
 
 from downstream.seed import ORDINARY_USER_ID, POOR_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
+from fsm.store import utcnow
 from tests.support.processes import Saga, command
 from tests.support.services import answers, free_port
 from tests.support.waiting import wait_until
@@ -239,7 +240,9 @@ def test_why_an_order_with_an_expired_lease_is_here(
     finally:
         store.close()
         store.engine.dispose()
-    assert held is not None
+    assert held is not None and held.lease_expires_at is not None
+    # the page reads the lease once, when it loads: load it only after the lease has run out
+    wait_until(lambda: utcnow() > held.lease_expires_at, timeout=5, what="the lease to run out")
     page.goto(f"{served.url}/ui/orders/{held.id}")
     why = page.locator("#why")
     expect(why).to_have_attribute("data-kind", "lease_expired")

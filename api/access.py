@@ -72,6 +72,9 @@ ROUTES: Mapping[tuple[str, str], Access] = {
     ("GET", "/ui/orders/{order_id}"): READ,
     ("GET", "/ui/orders/{order_id}/{action}"): OPERATE,
     ("POST", "/ui/orders/{order_id}/{action}"): OPERATE,
+    # order events (issue 19): readers see destinations and dead letters, operators redeliver
+    ("GET", "/ui/events"): READ,
+    ("POST", "/ui/events/redeliver"): OPERATE,
 }
 
 # Mounted apps, by path prefix (longest first wins).

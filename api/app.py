@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from api import actions, diagram, oidc, openapi, orders, problems, redoc, ui
+from api import actions, diagram, events_page, oidc, openapi, orders, problems, redoc, ui
 from api.auth import Authenticator, AuthGate
 from api.deps import StoreDep
 from api.guard import BodyGuard
@@ -129,6 +129,7 @@ def create_app(
     app.include_router(oidc.router)  # /ui/oidc/login, /ui/oidc/callback (404 unless set)
     app.state.oidc = oidc.Provider(settings) if settings.oidc else None
     app.include_router(ui.router)
+    app.include_router(events_page.router)  # /ui/events (issue 19)
     app.include_router(actions.router)
     app.mount("/ui/static", ui.static, name="ui-static")
     app.add_middleware(CorrelationIdMiddleware)

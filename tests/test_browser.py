@@ -309,3 +309,79 @@ def test_auto_refresh_can_be_paused(served: Served, page: Any) -> None:
     expect(page.locator("#auto-refresh-status")).to_have_text("paused")
     page.reload()
     expect(page.locator("#auto-refresh")).not_to_be_checked()  # remembered
+
+
+# -- order events (issue 19): a dead letter redelivered from the console ------------------
+
+EVENTS_TOKEN = "events-page-admin-token"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {
+            "API_TOKEN": EVENTS_TOKEN,  # signing in is enforced: the operator signs in
+            "EVENT_MAX_AGE": "0.3",  # a failing delivery is dead-lettered at once
+            "EVENT_BACKOFF_BASE": "0.05",
+            "EVENT_BACKOFF_MAX": "0.1",
+            "RELAY_INTERVAL": "0.05",
+        }
+    ],
+    ids=["events"],
+)
+def test_a_dead_letter_is_redelivered_from_the_events_page(
+    served: Served, page: Any, tmp_path: Path, services_url: str
+) -> None:
+    import json
+
+    from playwright.sync_api import expect
+
+    from fsm import keys
+    from fsm.keys import Role
+    from fsm.store import make_engine
+    from tests.support.processes import run_cli
+    from tests.support.services import Downstream
+
+    database = f"sqlite:///{tmp_path}/saga.db"
+    engine = make_engine(database)
+    try:
+        operator_key = keys.create_key(engine=engine, name="ops-alice", role=Role.OPERATOR)
+    finally:
+        engine.dispose()
+    sink = f"{services_url}/sink"
+    added = run_cli("webhooks", "add", sink, "--json", ORDER_SAGA_DATABASE_URL=database)
+    assert added.returncode == 0, added.stderr
+    httpx.put(f"{sink}/secret", json={"secret": json.loads(added.stdout)["secret"]})
+    downstream = Downstream(services_url)
+    downstream.fault("sink.receive", "error", count=1000)  # the endpoint answers 500
+    admin = {"Authorization": f"Bearer {EVENTS_TOKEN}"}
+    body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
+    placed = httpx.post(f"{served.url}/orders", json=body, headers=admin, timeout=30)
+    assert placed.status_code == 201, placed.text
+    created = f"{placed.json()['id']}:0"
+
+    def events_page() -> str:
+        return httpx.get(f"{served.url}/ui/events", headers=admin).text
+
+    wait_until(lambda: 'class="num dead bad">2<' in events_page(), what="two dead letters")
+
+    page.goto(f"{served.url}/ui/events")  # to the sign-in page, then back here
+    page.get_by_label("API key").fill(operator_key)
+    page.get_by_role("button", name="Sign in with a key").click()
+    expect(page.locator("header .whoami")).to_contain_text("ops-alice (operator)")
+    row = page.locator(f'table.dead-letters tr[data-event="{created}"]')
+    expect(row).to_contain_text("HTTP 500")
+    expect(page.locator(f'tr[data-destination="{sink}"] td.dead')).to_have_text("2")
+    downstream.clear_faults()  # the endpoint recovers
+    row.get_by_role("button", name="Redeliver").click()
+    expect(page.get_by_role("status")).to_contain_text("2 deliveries back in line")
+
+    wait_until(lambda: events_page().count("state state-delivered") == 2, what="delivered")
+    page.reload()
+    expect(page.locator("#no-dead-letters")).to_be_visible()
+    state = page.locator(f'table.deliveries tr[data-event="{created}"] td.state')
+    expect(state).to_have_text("delivered")
+    expect(page.locator(f'tr[data-destination="{sink}"] td.pending')).to_have_text("0")
+    seen = httpx.get(sink).json()
+    assert [e["id"] for e in seen["events"]][:1] == [created]  # the sink received it, first
+    assert len(seen["events"]) == 2 and seen["rejected"] == 0

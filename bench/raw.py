@@ -47,7 +47,7 @@ SAGA: list[tuple[str, str, str, str, dict[str, Any], dict[str, Any] | None]] = [
 ORDER_COLUMNS = (
     "id, user_id, product_id, quantity, state, status, payment_state, inventory_state, "
     "shipping_state, version, lease_owner, lease_expires_at, attempts, cancel_requested, "
-    "created_at, updated_at, machine_version"
+    "created_at, updated_at, machine_version, created_by"
 )
 TRANSITION_COLUMNS = (
     "order_id, seq, scope, trigger, from_state, to_state, detail, created_at, machine_version"
@@ -58,7 +58,7 @@ OWNER = "raw-loop"
 
 def _sql(mark: str) -> tuple[str, dict[tuple[str, str], str], str]:
     """INSERT order, UPDATE per (scope, trigger), INSERT transition, with `mark` params."""
-    insert = f"INSERT INTO orders ({ORDER_COLUMNS}) VALUES ({', '.join([mark] * 17)})"
+    insert = f"INSERT INTO orders ({ORDER_COLUMNS}) VALUES ({', '.join([mark] * 18)})"
     updates = {}
     for scope, trigger, _, _, extra, _ in SAGA:
         column = "state" if scope == "order" else f"{scope}_state"
@@ -89,7 +89,7 @@ def _loop(conn: Any, mark: str, count: int, deadline: float, *, sqlite: bool) ->
         conn.execute(insert, (key, BUYER["user_id"], BUYER["product_id"], BUYER["quantity"],
                               "pending", "pending", "pending", "pending", "pending", 0, OWNER,
                               stamp(now + LEASE), "{}", False, stamp(now), stamp(now),
-                              MACHINE_VERSION))  # fmt: skip
+                              MACHINE_VERSION, ""))  # fmt: skip
         conn.commit()
         for version, (scope, trigger, source, dest, extra, detail) in enumerate(SAGA, 1):
             now = datetime.now(UTC)

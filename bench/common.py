@@ -180,6 +180,7 @@ def insert_waiting_orders(url: str, count: int, *, age: float = 3600.0) -> None:
     base: dict[str, Any] = {
         **BUYER,
         "idempotency_key": None,
+        "created_by": "",
         "amount": None,
         "state": "pending",
         "status": "pending",

@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 APT_PKGS := graphviz chromium
 
-.PHONY: run test check test-fast lint bench services worker clean deps lock
+.PHONY: run test check test-fast lint bench bench-dbos services worker clean deps lock
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -67,5 +67,10 @@ bench: $(STAMP)
 	@scripts/ensure-postgres.sh || echo "bench: PostgreSQL figures will be skipped"
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+# The DBOS Transact + FastAPI peer of `python -m bench --only dbos`, in its own environment
+# (.venv-bench, bench/requirements-dbos.txt), never in order-saga's; the phase makes it too.
+bench-dbos: $(STAMP)
+	$(BIN)/python -m bench.dbos_peer
+
 clean:
-	rm -rf $(VENV) *.db *.db-wal *.db-shm
+	rm -rf $(VENV) .venv-bench *.db *.db-wal *.db-shm

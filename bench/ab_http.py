@@ -32,20 +32,7 @@ from bench.common import (
     wait_http,
 )
 from bench.http_load import load
-from bench.meter import Meter
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (serve --workers' forks)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
+from bench.meter import Meter, children
 
 
 def one(

@@ -76,6 +76,11 @@ class Measured:
     planned: int = 0
     errors: int = 0
     limit: str = ""  # which limit it is near (see bench.meter)
+    cpu_seconds: float = 0.0  # user + sys of the process measured, where it was metered
+
+    @property
+    def cpu_ms_per_order(self) -> float:
+        return self.cpu_seconds * 1000 / self.count if self.count else float("nan")
 
     @property
     def per_second(self) -> float:

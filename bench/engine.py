@@ -48,7 +48,7 @@ async def drive(
     await asyncio.gather(*(lane() for _ in range(at_once)))
     meter.stop()
     limit = meter.limit(meter.cores(), waits_on=waits_on)
-    return Measured(done, meter.wall, count, errors, limit)
+    return Measured(done, meter.wall, count, errors, limit, cpu_seconds=meter.own)
 
 
 async def measure(url: str, count: int, seconds: float, waits_on: str) -> dict[int, Measured]:
@@ -57,6 +57,27 @@ async def measure(url: str, count: int, seconds: float, waits_on: str) -> dict[i
         return {
             level: await drive(engine, count, level, seconds, waits_on=waits_on) for level in LEVELS
         }
+
+
+def cpu_key(kind: str) -> str:
+    return f"engine_cpu_ms:{kind}"
+
+
+def cpu_reference(cfg: Config, kind: str, references: dict[str, float]) -> float:
+    """The engine's in-process CPU ms per order at 16 at once on `kind` (fake services): the
+    engine phase's figure when it ran in this run, else measured here (a shorter run)."""
+    if cpu_key(kind) not in references:
+        count, seconds = cfg.n(600, 100), cfg.seconds(15, 5)
+        with scratch_database(cfg, kind, "engine-cpu") as url:
+            upgrade(url)
+
+            async def one_level() -> Measured:
+                async with engine_api.open_engine(url, fake_services()) as engine:
+                    await drive(engine, max(5, count // 50), 4, seconds)  # warm-up
+                    return await drive(engine, count, 16, seconds)
+
+            references[cpu_key(kind)] = asyncio.run(one_level()).cpu_ms_per_order
+    return references[cpu_key(kind)]
 
 
 def run(cfg: Config, references: dict[str, float], *, engine: bool = True) -> list[Row]:
@@ -75,6 +96,7 @@ def run(cfg: Config, references: dict[str, float], *, engine: bool = True) -> li
         with scratch_database(cfg, kind, "engine") as url:
             upgrade(url)
             results = asyncio.run(measure(url, count, seconds, waits))
+        references[cpu_key(kind)] = results[16].cpu_ms_per_order
         for level, m in results.items():
             shown = "one order at a time" if level == 1 else f"{level} orders at once"
             ratio = f"{m.per_second / raw:.0%}" if raw else "-"
@@ -84,7 +106,7 @@ def run(cfg: Config, references: dict[str, float], *, engine: bool = True) -> li
                 Row(
                     what=f"engine on {kind}, {shown}, fake services ({m.count:,} orders"
                     f"{', ' + str(m.errors) + ' not completed' if m.errors else ''}){m.note()}",
-                    value=f"{m.per_second:,.0f} orders/s",
+                    value=f"{m.per_second:,.0f} orders/s; {m.cpu_ms_per_order:.2f} ms CPU/order",
                     reference=f"raw {kind} loop {raw:,.0f} orders/s",
                     ratio=ratio,
                     target=TARGETS.get((kind, level), ""),

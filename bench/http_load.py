@@ -2,6 +2,11 @@
 reference services (`order-saga services`) in another, and this process as the load
 generator (aiohttp) at 1, 8 and 32 concurrent clients, on SQLite and PostgreSQL.
 
+Beside orders/s and latencies, each level prints serve's own CPU per completed order
+(user + sys from /proc, any forked children included), and a row per database sets the
+32-client figure against the engine's in-process CPU per order at 16 at once with the
+fake services, measured in the same run (issue 20: ≤ 2.5×).
+
 Each level runs for a fixed time; each client posts one order after the other. A request
 counts as done when it answers 201 with the order completed; anything else (202, 4xx,
 5xx, a timeout) is an error. Latencies are of the completed orders only.
@@ -11,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import aiohttp
 
+from bench import engine
 from bench.common import (
     BUYER,
     Config,
@@ -29,7 +36,7 @@ from bench.common import (
     start_services,
     wait_http,
 )
-from bench.meter import Meter
+from bench.meter import Meter, process_tree
 
 LEVELS = (1, 8, 32)
 
@@ -40,10 +47,51 @@ class Load:
     latencies: list[float] = field(default_factory=list)
     failures: Counter[str] = field(default_factory=Counter)
 
-    def percentile(self, p: int) -> str:
+    def ms(self, p: int) -> float:
         if len(self.latencies) < 2:
-            return "-"
-        return f"{statistics.quantiles(self.latencies, n=100, method='inclusive')[p - 1]:,.0f}"
+            return float("nan")
+        return statistics.quantiles(self.latencies, n=100, method="inclusive")[p - 1]
+
+    def percentile(self, p: int) -> str:
+        return "-" if len(self.latencies) < 2 else f"{self.ms(p):,.0f}"
+
+    @property
+    def per_second(self) -> float:
+        return len(self.latencies) / self.wall if self.wall else 0.0
+
+    def errors(self) -> str:
+        errors = sum(self.failures.values())
+        return f"{errors} errors {dict(self.failures)}" if errors else "no errors"
+
+
+@dataclass
+class Run:
+    """One load against one server: what the clients saw, the server's CPU per completed
+    order (ms; its forked children included) and the meter (for `limit`, `where`)."""
+
+    load: Load
+    cpu_ms: float
+    meter: Meter
+
+    def figures(self) -> str:
+        r = self.load
+        return (
+            f"{r.per_second:,.0f} orders/s; p50 {r.percentile(50)} ms, p99 {r.percentile(99)} ms"
+            f" (p99/p50 {r.ms(99) / r.ms(50):.1f}×); {self.cpu_ms:.2f} ms CPU/order"
+        )
+
+
+def drive_server(
+    server: subprocess.Popen[bytes], base: str, clients: int, seconds: float, **others: int
+) -> Run:
+    """`clients` closed-loop clients against `base` for `seconds`, metering the server (and
+    its children, as `server0`, `server1`...) and the `others` processes."""
+    meter = Meter(**process_tree("server", server.pid), **others)
+    result = asyncio.run(load(base, clients, seconds))
+    meter.stop()
+    done = len(result.latencies)
+    cpu = sum(v for k, v in meter.used.items() if k.startswith("server"))
+    return Run(result, cpu * 1000 / done if done else float("nan"), meter)
 
 
 async def load(base: str, clients: int, seconds: float) -> Load:
@@ -76,7 +124,7 @@ async def load(base: str, clients: int, seconds: float) -> Load:
     return result
 
 
-def measure(cfg: Config, kind: str, seconds: float) -> list[tuple[int, Load, str]]:
+def measure(cfg: Config, kind: str, seconds: float) -> list[tuple[int, Run, str]]:
     results = []
     with Processes(cfg) as procs, scratch_database(cfg, kind, "http") as url:
         services, services_url = start_services(procs)
@@ -90,13 +138,19 @@ def measure(cfg: Config, kind: str, seconds: float) -> list[tuple[int, Load, str
         wait_http(procs, serve, f"{base}/healthz")
         asyncio.run(load(base, 2, min(2.0, seconds)))  # warm-up: connections, caches
         for clients in LEVELS:
-            meter = Meter(serve=serve.pid, services=services.pid)
-            result = asyncio.run(load(base, clients, seconds))
-            meter.stop()
-            limit = meter.limit(meter.cores("serve"), waits_on="commit latency / services")
-            cpu = meter.where(serve=("serve",), services=("services",), generator=())
-            results.append((clients, result, f"{limit}; {cpu}"))
+            run = drive_server(serve, base, clients, seconds, services=services.pid)
+            meter = run.meter
+            limit = meter.limit(meter.cores("server"), waits_on="commit latency / services")
+            cpu = meter.where(serve=("server",), services=("services",), generator=())
+            results.append((clients, run, f"{limit}; {cpu}"))
     return results
+
+
+def target(kind: str, clients: int) -> str:
+    if clients != 32:
+        return ""
+    issue20 = "≥ 35% of raw, p99 ≤ 2× p50" if kind == "sqlite" else "p99 ≤ 2× p50"
+    return f"issue 8: ≥ 150 orders/s, p99 < 300 ms, no errors; issue 20: {issue20}"
 
 
 def run(cfg: Config, references: dict[str, float]) -> list[Row]:
@@ -104,22 +158,72 @@ def run(cfg: Config, references: dict[str, float]) -> list[Row]:
     rows = []
     for kind in cfg.databases():
         raw = references.get(kind, 0.0)
-        for clients, result, notes in measure(cfg, kind, seconds):
-            done = len(result.latencies)
-            per_second = done / result.wall if result.wall else 0.0
-            errors = sum(result.failures.values())
-            shown = f"{errors} errors {dict(result.failures)}" if errors else "no errors"
+        measured = measure(cfg, kind, seconds)
+        for clients, run, notes in measured:
+            result = run.load
             rows.append(
                 Row(
                     what=f"`POST /orders` over HTTP, {kind}, {clients} client"
                     f"{'s' if clients > 1 else ''}, "
-                    f"{seconds:.0f} s ({done:,} orders, {shown})",
-                    value=f"{per_second:,.0f} orders/s; p50 {result.percentile(50)} ms, "
-                    f"p95 {result.percentile(95)} ms, p99 {result.percentile(99)} ms",
+                    f"{seconds:.0f} s ({len(result.latencies):,} orders, {result.errors()})",
+                    value=run.figures(),
                     reference=f"raw {kind} loop {raw:,.0f} orders/s" if raw else "",
-                    ratio=f"{per_second / raw:.0%}" if raw else "",
-                    target="≥ 150 orders/s, p99 < 300 ms, no errors" if clients == 32 else "",
+                    ratio=f"{result.per_second / raw:.0%}" if raw else "",
+                    target=target(kind, clients),
                     limit=notes,
                 )
             )
+        top = measured[-1][1]
+        engine_ms = engine.cpu_reference(cfg, kind, references)
+        rows.append(
+            Row(
+                what=f"`serve` CPU per order over HTTP, {kind}, {LEVELS[-1]} clients, services "
+                "in another process (user+sys from /proc)",
+                value=f"{top.cpu_ms:.2f} ms",
+                reference=f"engine in-process, 16 at once, fake services: {engine_ms:.2f} ms",
+                ratio=f"{top.cpu_ms / engine_ms:.2f}×" if engine_ms > 0 else "-",
+                target="≤ 2.5×",
+                limit="serve's own work per order: inbound HTTP, 4 outgoing calls, logging",
+            )
+        )
     return rows
+
+
+def serve_once(
+    cfg: Config, kind: str, seconds: float, *, clients: int = 32, serve_args: tuple[str, ...] = ()
+) -> Run:
+    """One fresh database, fresh reference services and a fresh `serve --no-sweep
+    *serve_args`, a short warm-up, then `clients` clients for `seconds`: for phases that
+    set serve beside something else (another process count, another system), round-robin."""
+    with Processes(cfg) as procs, scratch_database(cfg, kind, "serve") as url:
+        services, services_url = start_services(procs)
+        port = free_port()
+        argv = saga_argv("serve", "--port", str(port), "--no-sweep", *serve_args)
+        serve = procs.start("serve", argv, saga_env(url, services_url))
+        base = f"http://127.0.0.1:{port}"
+        wait_http(procs, serve, f"{base}/healthz")
+        asyncio.run(load(base, 2, min(2.0, seconds)))
+        return drive_server(serve, base, clients, seconds, services=services.pid)
+
+
+def median_run(runs: list[Run]) -> tuple[float, float, float, float]:
+    """(orders/s, p50 ms, p99 ms, CPU ms per order), each the median over `runs`."""
+    return (
+        statistics.median(r.load.per_second for r in runs),
+        statistics.median(r.load.ms(50) for r in runs),
+        statistics.median(r.load.ms(99) for r in runs),
+        statistics.median(r.cpu_ms for r in runs),
+    )
+
+
+def shown(runs: list[Run]) -> str:
+    """'123 orders/s; p50 .. ms, p99 .. ms; 4.56 ms CPU/order', medians, reps after."""
+    rate, p50, p99, cpu = median_run(runs)
+    text = f"{rate:,.0f} orders/s; p50 {p50:,.0f} ms, p99 {p99:,.0f} ms; {cpu:.2f} ms CPU/order"
+    if len(runs) > 1:
+        text += (
+            " (reps: "
+            + ", ".join(f"{r.load.per_second:,.0f}/s {r.cpu_ms:.2f} ms" for r in runs)
+            + ")"
+        )
+    return text

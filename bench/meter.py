@@ -26,6 +26,25 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
 
 
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is `pid` (e.g. `serve --workers N`'s forks)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def process_tree(name: str, pid: int) -> dict[str, int]:
+    """{name0: pid, name1: first child, ...}: a process and its live children, for
+    `Meter(**process_tree("serve", pid))` and `Meter.cores("serve")`."""
+    return {f"{name}{i}": p for i, p in enumerate([pid, *children(pid)])}
+
+
 def _machine() -> tuple[int, int, int]:
     """Jiffies of all CPUs since boot: total, idle, iowait."""
     try:

@@ -17,7 +17,8 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
@@ -104,46 +105,41 @@ class Executor:
     async def run(self, order_id: uuid.UUID, *, audit: Audit | None = None) -> Order:
         """Claim the order and drive it as far as this run's retry budget allows. With
         `audit` (a person's resume), a live order's log first names who and why."""
-        self._reserve(order_id)
-        try:
-            order = await self._claim(order_id)
-        except BaseException:
-            self._driving.discard(order_id)
-            raise
-        if audit is not None and not is_terminal(order.state):
-            try:
+        async with self._claimed(order_id) as order:
+            if audit is not None and not is_terminal(order.state):
                 await operator.record(self.store, order, owner=self.owner, audit=audit)
-            except BaseException:
-                try:
-                    await self._release(order)
-                finally:
-                    self._driving.discard(order_id)
-                raise
         return await self._drive_reserved(order)
 
     async def cancel(self, order_id: uuid.UUID, *, audit: Audit | None = None) -> Order:
         """The owner cancels a completed order: refund, restore, cancel shipping. With
         `audit`, the log first names who cancelled and why."""
-        self._reserve(order_id)
-        try:
-            order = await self._claim(order_id)
-        except BaseException:
-            self._driving.discard(order_id)
-            raise
-        try:
+        async with self._claimed(order_id) as order:
             if order.state == OrderState.COMPLETED:
                 await operator.record(self.store, order, owner=self.owner, audit=audit)
                 # One commit: a crash can never keep the request but lose the transition.
                 await self._fire(order, "order", OrderTrigger.CANCEL, cancel_requested=True)
             elif not order.cancel_requested:
                 raise InvalidMove(f"only a completed order can be cancelled (it is {order.state})")
+        return await self._drive_reserved(order)
+
+    @asynccontextmanager
+    async def _claimed(self, order_id: uuid.UUID) -> AsyncIterator[Order]:
+        """Reserve the order in this process and take its lease for the body; if the body
+        raises, the lease and the reservation are given back before the error goes on."""
+        self._reserve(order_id)
+        try:
+            order = await self._claim(order_id)
+        except BaseException:
+            self._driving.discard(order_id)
+            raise
+        try:
+            yield order
         except BaseException:
             try:
                 await self._release(order)
             finally:
                 self._driving.discard(order_id)
             raise
-        return await self._drive_reserved(order)
 
     def drive(self, order: Order) -> Coroutine[Any, Any, Order]:
         """Advance an order whose lease we hold; the lease is always given back. The order

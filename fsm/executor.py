@@ -141,12 +141,27 @@ class Executor:
                 self._driving.discard(order_id)
             raise
 
-    def drive(self, order: Order) -> Coroutine[Any, Any, Order]:
+    def drive(self, order: Order, *, audit: Audit | None = None) -> Coroutine[Any, Any, Order]:
         """Advance an order whose lease we hold; the lease is always given back. The order
         is reserved in this process at the call (before the first await), so a resume or
-        cancel arriving before the run starts is refused, not run beside it."""
+        cancel arriving before the run starts is refused, not run beside it. With `audit`
+        (a person's bulk resume), a live order's log first names who and why."""
         self._reserve(order.id)
-        return self._drive_reserved(order)
+        return self._audited(order, audit)
+
+    async def _audited(self, order: Order, audit: Audit | None) -> Order:
+        """Drive a reserved, leased order, its audit row (if any) written first; if that
+        write fails the lease is given back and nothing is driven."""
+        if audit is not None and not is_terminal(order.state):
+            try:
+                await operator.record(self.store, order, owner=self.owner, audit=audit)
+            except BaseException:
+                try:
+                    await self._release(order)
+                finally:
+                    self._driving.discard(order.id)
+                raise
+        return await self._drive_reserved(order)
 
     def _reserve(self, order_id: uuid.UUID) -> None:
         """One action per order at a time in this process. The lease is re-entrant for

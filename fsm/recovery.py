@@ -18,6 +18,7 @@ from datetime import timedelta
 from fsm.errors import ConcurrencyError
 from fsm.executor import Executor
 from fsm.models import Order
+from fsm.operator import Audit
 from fsm.settings import Settings
 from fsm.store import Store, utcnow
 
@@ -76,11 +77,13 @@ async def resume_stuck(
     concurrency: int = 8,
     due_only: bool = True,
     progress: Progress | None = None,
+    audit: Audit | None = None,
 ) -> ResumeSummary:
     """Drive stuck orders, at most `concurrency` at once and `limit` in all, each at most
     once: a slot that frees up is refilled by a new claim, so several workers share the
     backlog and none waits for the slowest order of a batch.
-    `due_only=False` (an operator's `resume`) ignores the retry schedule: retry now."""
+    `due_only=False` (an operator's `resume`) ignores the retry schedule: retry now.
+    `audit` (a person's `resume`, not the sweep): each order's log first names who."""
     moved_before = utcnow() - timedelta(seconds=older_than)
     leased = await asyncio.to_thread(store.count_leased_stuck, moved_before=moved_before)
     summary = ResumeSummary(skipped_leased=leased)
@@ -98,7 +101,7 @@ async def resume_stuck(
 
     async def one(order: Order) -> None:
         try:
-            await executor.drive(order)
+            await executor.drive(order, audit=audit)
         except ConcurrencyError:
             summary.lost_to_other_driver += 1
             return

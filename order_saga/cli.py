@@ -170,19 +170,21 @@ def resume(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List, change nothing.")] = False,
     order: Annotated[str | None, typer.Option(help="Resume this one order id.")] = None,
     as_name: Annotated[
-        str | None, typer.Option("--as", help="Who is resuming --order (the audit row).")
+        str | None, typer.Option("--as", help="Who is resuming (each order's audit row).")
     ] = None,
-    reason: Annotated[str | None, typer.Option(help="Why (with --order; kept in the log).")] = None,
+    reason: Annotated[str | None, typer.Option(help="Why (kept in each order's log).")] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON summary on stdout, no progress lines.")
     ] = False,
 ) -> None:
     """Drive stuck (non-terminal, unleased) orders to a terminal state; print a summary.
-    Exit 3 when some stay parked (needs_attention), each printed with its reason. With
-    --order, the order's log names who resumed it (`--as`, default the local admin)."""
+    Exit 3 when some stay parked (needs_attention), each printed with its reason. Each
+    order resumed gets a row in its log naming who (`--as`, default the local admin)."""
+    from fsm.machine import OperatorAction
     from fsm.recovery import resume_stuck
     from fsm.store import utcnow
     from fsm.wiring import open_saga
+    from order_saga.orders_cli import cli_audit
 
     settings = load_settings()
     oid = None if order is None else parse_order_id(order, "--order: ")
@@ -215,16 +217,13 @@ def resume(
     async def main() -> int:
         async with open_saga(settings) as saga:
             executor = saga.executor
+            audit = cli_audit(OperatorAction.RESUME, as_name, reason)
             if oid is not None:
                 if dry_run:  # read only: no lease, no transition, no call
                     found = executor.store.get(oid)
                     say(f"{found.id} {found.state} ({found.status}): would resume")
                     finish([found], [], dry_run=True, found=1)
                     return 0
-                from fsm.machine import OperatorAction
-                from order_saga.orders_cli import cli_audit
-
-                audit = cli_audit(OperatorAction.RESUME, as_name, reason)
                 result = await executor.run(oid, audit=audit)
                 say(f"{result.id} {result.state} ({result.status})")
                 parked_one = [result] if result.status == "needs_attention" else []
@@ -257,6 +256,7 @@ def resume(
                 concurrency=settings.sweep_concurrency,
                 due_only=False,
                 progress=report,
+                audit=audit,
             )
             if dry_run:
                 say(

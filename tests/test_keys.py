@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID
+from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
 from fsm import keys
 from fsm.keys import Role
 from fsm.machine import AUDIT_SCOPE
 from fsm.store import Store
+from order_saga.orders_cli import LOCAL_ADMIN
 from tests.support.api import TOKEN, WIDGET_PRICE, api, place
+from tests.support.database import stuck_orders
 from tests.support.processes import run_saga
 from tests.support.services import Downstream
 from tests.support.settings import cli_settings, saga_env
@@ -219,3 +222,40 @@ def test_keys_cli_and_the_cli_acting_as_someone(
     shown = run_saga("orders", "show", str(order.id), "--json", env=env)
     timeline = json.loads(shown.stdout)["timeline"]
     assert any(s["scope"] == AUDIT_SCOPE and s["detail"]["by"] == "bob" for s in timeline)
+
+
+@pytest.mark.slow
+def test_a_bulk_resume_names_who_on_every_order_it_resumes(
+    db_url: str, services_url: str, store: Store
+) -> None:
+    """`order-saga resume` (no --order) is a person's action on each order it drives: each
+    one's log gets its own audit row, naming `--as` or, without it, the local admin."""
+    env = saga_env(database_url=db_url, services_url=services_url)
+
+    def resume_all(*args: str) -> list[uuid.UUID]:
+        stuck = stuck_orders(store, 2, user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
+        done = run_saga("resume", "--older-than", "0", *args, env=env)
+        assert done.returncode == 0, done.explain()
+        assert "resumed 2" in done.stdout, done.explain()
+        return stuck
+
+    def audit_of(oid: uuid.UUID) -> dict[str, Any]:
+        (row,) = [t for t in store.history(oid) if t.scope == AUDIT_SCOPE]
+        assert row.trigger == "resume" and row.from_state == row.to_state == "pending"
+        assert row.detail is not None
+        return row.detail
+
+    for oid in resume_all("--as", "carol", "--reason", "INC-9 after the deploy"):
+        detail = audit_of(oid)
+        assert (detail["by"], detail["as"], detail["via"], detail["channel"]) == (
+            "carol",
+            "admin",
+            "cli",
+            "cli",
+        )
+        assert detail["reason"] == "INC-9 after the deploy"
+        assert store.get(oid).status == "completed"
+    for oid in resume_all():  # only the new ones: the first two are terminal now
+        detail = audit_of(oid)
+        assert (detail["by"], detail["via"]) == (LOCAL_ADMIN, "cli")
+        assert "reason" not in detail

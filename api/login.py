@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from api.access import ROUTES
 from api.auth import Authenticator
 from api.session import COOKIE, Session
 from fsm.keys import Principal
@@ -63,6 +64,18 @@ def sign_in(request: Request, principal: Principal, target: str) -> Response:
     return response
 
 
+def no_console_for(principal: Principal) -> str | None:
+    """Why `principal` may not use the console (its role may not open /ui, per
+    `api.access`), else None: refused at sign-in, not with a cookie that opens nothing."""
+    console = ROUTES[("GET", "/ui")]
+    if console.admits(principal.role):
+        return None
+    return (
+        f"the {principal.role.value} role has no console (it needs: {console.name}); "
+        "its key is for the API"
+    )
+
+
 def csrf_checked(request: Request, csrf: Annotated[str, Form()] = "") -> None:
     """A console form signed in by cookie must carry the session's CSRF token (a request
     with a bearer header, or on an open laptop, has no ambient credential to abuse)."""
@@ -76,7 +89,7 @@ CsrfChecked = Annotated[None, Depends(csrf_checked)]
 
 def _login_page(request: Request, templates: Jinja2Templates, **context: object) -> HTMLResponse:
     oidc = getattr(request.app.state, "oidc", None)
-    status = 401 if context.get("error") else 200
+    status = int(str(context.pop("status", 401 if context.get("error") else 200)))
     return templates.TemplateResponse(
         request, "login.html", {"oidc": oidc is not None, **context}, status_code=status
     )
@@ -94,11 +107,15 @@ def install(templates: Jinja2Templates) -> APIRouter:
         key: Annotated[str, Form(max_length=500)] = "",
         next: Annotated[str, Form(max_length=2000)] = "/ui",
     ) -> Response:
-        """A key (or the bootstrap token) -> a session cookie; a wrong one -> 401."""
+        """A key (or the bootstrap token) -> a session cookie; a wrong one -> 401, a key
+        whose role has no console (a client's) -> 403, no cookie."""
         auth = _authenticator(request)
         principal = await auth.bearer(key.strip().encode("utf-8"), "/ui")
         if principal is None:
             return _login_page(request, templates, next=safe_next(next), error="wrong key")
+        refused = no_console_for(principal)
+        if refused is not None:
+            return _login_page(request, templates, next=safe_next(next), error=refused, status=403)
         return sign_in(request, principal, next)
 
     @router.post("/logout")

@@ -24,7 +24,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
-from api.login import safe_next, secure_cookie, sign_in
+from api.login import no_console_for, safe_next, secure_cookie, sign_in
 from fsm.keys import Principal, Role
 from fsm.settings import Settings
 
@@ -168,6 +168,9 @@ async def oidc_callback(
     principal = Principal(
         name=str(claims["sub"]), role=role, kind="oidc", email=str(email) if email else None
     )
+    refused = no_console_for(principal)
+    if refused is not None:
+        raise HTTPException(403, f"signed in, but {refused}")
     response = sign_in(request, principal, safe_next(str(flow.get("x", "/ui"))))
     response.delete_cookie(FLOW_COOKIE, path="/ui/oidc")
     return response

@@ -385,3 +385,172 @@ def test_a_dead_letter_is_redelivered_from_the_events_page(
     seen = httpx.get(sink).json()
     assert [e["id"] for e in seen["events"]][:1] == [created]  # the sink received it, first
     assert len(seen["events"]) == 2 and seen["rejected"] == 0
+
+
+# -- each role in the browser (issue 17): one `serve` with keys for the module's role tests
+
+ROLES_TOKEN = "roles-page-admin-token"
+
+
+class Team:
+    """A `serve` with authentication on, one key per role, and the admin's own calls."""
+
+    def __init__(self, url: str, database_url: str, secrets: dict[str, str]) -> None:
+        self.url, self.database_url, self.secrets = url, database_url, secrets
+        self.admin = {"Authorization": f"Bearer {ROLES_TOKEN}"}
+
+    def place(self, key: str, product: int = WIDGET_ID) -> dict[str, Any]:
+        body = {"user_id": ORDINARY_USER_ID, "product_id": product, "quantity": 1}
+        auth = {"Authorization": f"Bearer {self.secrets[key]}"}
+        response = httpx.post(f"{self.url}/orders", json=body, headers=auth, timeout=30)
+        assert response.status_code in (201, 202), response.text  # 202: parked, not ended
+        return dict(response.json())
+
+    def order(self, order_id: str) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.url}/orders/{order_id}", headers=self.admin).json())
+
+    def history(self, order_id: str) -> list[dict[str, Any]]:
+        answer = httpx.get(f"{self.url}/orders/{order_id}/transitions", headers=self.admin)
+        return list(answer.json())
+
+    def fault(self, operation: str | None) -> None:
+        faults = f"{self.url}/services/_faults"
+        if operation is None:
+            httpx.delete(faults, headers=self.admin).raise_for_status()
+            return
+        body = {"operation": operation, "mode": "error", "count": 1000}
+        httpx.post(faults, json=body, headers=self.admin).raise_for_status()
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
+    from fsm import keys
+    from fsm.keys import Role
+    from fsm.store import make_engine
+    from tests.support.serving import Served as Serve
+    from tests.support.settings import saga_env
+
+    directory = tmp_path_factory.mktemp("roles")
+    database = f"sqlite:///{directory}/saga.db"
+    env = saga_env(
+        database_url=database,
+        services_db=str(directory / "services.db"),
+        api_token=ROLES_TOKEN,
+        shutdown_grace=0,
+        max_attempts=2,
+        backoff_max=0.05,
+    )
+    server = Serve(env).wait_ready()  # it made the schema
+    try:
+        engine = make_engine(database)
+        try:
+            made = {"shop": Role.CLIENT, "auditor": Role.READER, "ops-carol": Role.OPERATOR}
+            secrets = {n: keys.create_key(engine=engine, name=n, role=r) for n, r in made.items()}
+        finally:
+            engine.dispose()
+        yield Team(server.url, database, secrets)
+    finally:
+        output = server.stop()
+    for secret in (ROLES_TOKEN, *secrets.values()):
+        assert secret not in output  # never in serve's log
+
+
+@pytest.fixture
+def tab(team: Team) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        tab = browser.new_page(viewport={"width": 1280, "height": 900})
+        tab.set_default_timeout(TIMEOUT_MS)
+        try:
+            yield tab
+        finally:
+            browser.close()
+
+
+def _sign_in(tab: Any, team: Team, key: str, path: str = "/ui") -> None:
+    from playwright.sync_api import expect
+
+    tab.goto(f"{team.url}{path}")
+    expect(tab).to_have_url(f"{team.url}/ui/login?next={path}")  # no session: sign in first
+    tab.get_by_label("API key").fill(team.secrets[key])
+    tab.get_by_role("button", name="Sign in with a key").click()
+
+
+@pytest.mark.xdist_group("browser-roles")
+def test_a_reader_sees_the_orders_without_actions_and_a_forged_action_is_refused(
+    team: Team, tab: Any
+) -> None:
+    from playwright.sync_api import expect
+
+    placed = team.place("shop")  # completed: an operator could cancel it
+    _sign_in(tab, team, "auditor")
+    expect(tab.locator("header .whoami")).to_contain_text("auditor (reader)")
+    row = tab.locator(f'table.orders tr[data-order="{placed["id"]}"]')
+    expect(row).to_contain_text("completed")
+    row.get_by_role("link").click()
+    expect(tab.locator("#order-status")).to_have_text("completed")
+    expect(tab.locator("section.actions")).to_have_count(0)
+    expect(tab.locator('[class*="action-"]')).to_have_count(0)
+    # The cancel form forged from this page, with its own valid CSRF token: the role
+    # refuses it (403), and the order is untouched.
+    forged = tab.evaluate(
+        """async (id) => {
+            const body = new URLSearchParams({
+                csrf: document.querySelector('form.whoami input[name=csrf]').value,
+                reason: 'forged',
+            });
+            const answer = await fetch(`/ui/orders/${id}/cancel`, {method: 'POST', body});
+            return answer.status;
+        }""",
+        placed["id"],
+    )
+    assert forged == 403
+    confirm = tab.goto(f"{team.url}/ui/orders/{placed['id']}/cancel")
+    assert confirm is not None and confirm.status == 403  # nor its confirmation page
+    assert team.order(placed["id"])["status"] == "completed"
+    assert [t for t in team.history(placed["id"]) if t["scope"] == "operator"] == []
+
+
+@pytest.mark.xdist_group("browser-roles")
+def test_a_client_key_does_not_open_the_console(team: Team, tab: Any) -> None:
+    from playwright.sync_api import expect
+
+    from api.session import COOKIE
+
+    team.place("shop")
+    _sign_in(tab, team, "shop")
+    expect(tab.get_by_role("alert")).to_contain_text("the client role has no console")
+    expect(tab).to_have_url(f"{team.url}/ui/login")  # still signing in
+    assert COOKIE not in {c["name"] for c in tab.context.cookies()}
+    tab.goto(f"{team.url}/ui")
+    expect(tab).to_have_url(f"{team.url}/ui/login?next=/ui")
+
+
+@pytest.mark.xdist_group("browser-roles")
+def test_an_operator_acts_and_the_log_names_its_key(team: Team, tab: Any) -> None:
+    from playwright.sync_api import expect
+
+    team.fault("user.refund")
+    parked = team.place("shop", product=SOLD_OUT_PRODUCT_ID)  # the refund is down: parked
+    team.fault(None)
+    assert parked["status"] == "needs_attention"
+    _sign_in(tab, team, "ops-carol", f"/ui/orders/{parked['id']}")
+    expect(tab.locator("header .whoami")).to_contain_text("ops-carol (operator)")
+    tab.get_by_role("link", name="Mark resolved").click()
+    tab.get_by_label("Reason").fill("refunded by hand, OPS-77")
+    tab.get_by_role("button", name="Yes, mark resolved").click()
+    expect(tab.locator("#order-status")).to_have_text("resolved")
+    assert team.order(parked["id"])["status"] == "resolved"
+    log = team.history(parked["id"])
+    (audit,) = [t for t in log if t["scope"] == "operator"]
+    assert audit["trigger"] == "resolve"
+    assert {k: audit["detail"].get(k) for k in ("by", "as", "via", "channel")} == {
+        "by": "ops-carol",
+        "as": "operator",
+        "via": "key",
+        "channel": "console",
+    }
+    (resolved,) = [t for t in log if t["trigger"] == "resolve" and t["scope"] == "order"]
+    assert resolved["detail"]["operator"] == "ops-carol"

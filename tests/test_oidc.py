@@ -85,11 +85,24 @@ def test_code_flow_with_pkce_signs_in_with_the_mapped_role(
         assert replay.status_code == 401
 
 
+@pytest.mark.parametrize(
+    ("roles", "why"),
+    [
+        ({"other-group": "admin"}, "no role is mapped"),
+        ({OPERATORS: "client"}, "the client role has no console"),  # api.access: no /ui
+    ],
+    ids=["unmapped", "client"],
+)
 def test_an_account_with_no_mapped_role_is_refused(
-    db_url: str, services_url: str, store: Store, idp: Provider
+    db_url: str,
+    services_url: str,
+    store: Store,
+    idp: Provider,
+    roles: dict[str, str],
+    why: str,
 ) -> None:
     keys.create_key(engine=store.engine, name="someone", role=Role.READER)
-    settings = oidc_settings(idp) | {"oidc_roles": {"other-group": "admin"}}
+    settings = oidc_settings(idp) | {"oidc_roles": roles}
     with api(db_url, services_url, **settings) as app:
         start = app.get("/ui/oidc/login", follow_redirects=False)
         code = CODE.search(httpx.get(start.headers["location"]).text)
@@ -99,6 +112,7 @@ def test_an_account_with_no_mapped_role_is_refused(
             back.headers["location"].removeprefix("http://testserver"), follow_redirects=False
         )
         assert done.status_code == 403
+        assert why in done.text
         assert "set-cookie" not in done.headers or "order_saga_session" not in str(
             done.headers.get("set-cookie")
         )

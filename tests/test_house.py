@@ -5,7 +5,7 @@ tests/support/), the console-script path is defined once. Nothing here runs the 
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -93,20 +93,28 @@ class Sleeps(ast.NodeVisitor):
         self.generic_visit(node)
 
 
+def calls_outside_the_allowed(
+    visitor: type[Sleeps], skip: Callable[[str], bool], allowed: Mapping[tuple[str, str], str]
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """The calls `visitor` finds in the test modules not skipped, as (those the allow-list
+    does not name, the allow-list's entries no longer found)."""
+    found: dict[tuple[str, str], int] = {}
+    for path, tree in modules():
+        if not skip(path):
+            seen = visitor()
+            seen.visit(tree)
+            found |= {(path, name): line for name, line in seen.found}
+    unexpected = [f"{p}:{line} in {n}" for (p, n), line in found.items() if (p, n) not in allowed]
+    return unexpected, [key for key in allowed if key not in found]
+
+
 def test_tests_wait_on_conditions_not_fixed_sleeps() -> None:
     """A test waits with tests.support.waiting (a condition polled under a deadline); only
     the helpers in tests/support/ sleep (a poll interval, a signal given time to land)."""
-    found: dict[tuple[str, str], int] = {}
-    for path, tree in modules():
-        if not path.startswith("tests/support/"):
-            visitor = Sleeps()
-            visitor.visit(tree)
-            found |= {(path, name): line for name, line in visitor.found}
-    unexpected = [
-        f"{p}:{line} in {n}" for (p, n), line in found.items() if (p, n) not in SLEEPS_ALLOWED
-    ]
+    unexpected, gone = calls_outside_the_allowed(
+        Sleeps, lambda path: path.startswith("tests/support/"), SLEEPS_ALLOWED
+    )
     assert not unexpected, "wait on a condition (tests.support.waiting):\n" + "\n".join(unexpected)
-    gone = [key for key in SLEEPS_ALLOWED if key not in found]
     assert not gone, f"allowed sleeps no longer there, drop them from the list: {gone}"
 
 
@@ -132,15 +140,8 @@ class SettingsCalls(Sleeps):
 
 def test_test_settings_are_built_one_way() -> None:
     """tests/support/settings.py builds every saga's settings (and its ORDER_SAGA_* env)."""
-    found: dict[tuple[str, str], int] = {}
-    for path, tree in modules():
-        if path != "tests/support/settings.py":
-            visitor = SettingsCalls()
-            visitor.visit(tree)
-            found |= {(path, name): line for name, line in visitor.found}
-    unexpected = [
-        f"{p}:{line} in {n}" for (p, n), line in found.items() if (p, n) not in SETTINGS_ALLOWED
-    ]
+    unexpected, gone = calls_outside_the_allowed(
+        SettingsCalls, lambda path: path == "tests/support/settings.py", SETTINGS_ALLOWED
+    )
     assert not unexpected, "use tests.support.settings:\n" + "\n".join(unexpected)
-    gone = [key for key in SETTINGS_ALLOWED if key not in found]
     assert not gone, f"allowed Settings(...) no longer there, drop them from the list: {gone}"

@@ -27,7 +27,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from bench import dbos_peer, engine, http_load, http_workers, retention, rss, sweep, workers
+from bench import (
+    dbos_peer,
+    engine,
+    http_auth,
+    http_load,
+    http_workers,
+    retention,
+    rss,
+    sweep,
+    workers,
+)
 from bench.common import (
     DEFAULT_PG,
     Config,
@@ -40,7 +50,18 @@ from bench.common import (
 
 # "engine" measures the raw loops too (each right before the engine on its database);
 # "raw" alone is for runs that want only the references (http and sweep need them).
-PHASES = ("raw", "engine", "workers", "http", "http-workers", "dbos", "sweep", "rss", "retention")
+PHASES = (
+    "raw",
+    "engine",
+    "workers",
+    "http",
+    "http-workers",
+    "http-auth",
+    "dbos",
+    "sweep",
+    "rss",
+    "retention",
+)
 NEEDS_RAW = {"http", "sweep"}
 
 
@@ -134,6 +155,7 @@ def main() -> None:
             "workers": lambda: workers.run(cfg),
             "http": lambda: http_load.run(cfg, references),
             "http-workers": lambda: http_workers.run(cfg),
+            "http-auth": lambda: http_auth.run(cfg),
             "dbos": lambda: dbos_peer.run(cfg),
             "sweep": lambda: sweep.run(cfg, references),
             "rss": lambda: rss.run(cfg),

@@ -82,26 +82,37 @@ class Run:
 
 
 def drive_server(
-    server: subprocess.Popen[bytes], base: str, clients: int, seconds: float, **others: int
+    server: subprocess.Popen[bytes],
+    base: str,
+    clients: int,
+    seconds: float,
+    *,
+    headers: dict[str, str] | None = None,
+    **others: int,
 ) -> Run:
-    """`clients` closed-loop clients against `base` for `seconds`, metering the server (and
-    its children, as `server0`, `server1`...) and the `others` processes."""
+    """`clients` closed-loop clients against `base` for `seconds` (sending `headers`, e.g.
+    a key), metering the server (and its children, as `server0`, `server1`...) and the
+    `others` processes."""
     meter = Meter(**process_tree("server", server.pid), **others)
-    result = asyncio.run(load(base, clients, seconds))
+    result = asyncio.run(load(base, clients, seconds, headers=headers))
     meter.stop()
     done = len(result.latencies)
     cpu = sum(v for k, v in meter.used.items() if k.startswith("server"))
     return Run(result, cpu * 1000 / done if done else float("nan"), meter)
 
 
-async def load(base: str, clients: int, seconds: float) -> Load:
+async def load(
+    base: str, clients: int, seconds: float, *, headers: dict[str, str] | None = None
+) -> Load:
     """`clients` keep-alive connections posting orders back to back for `seconds`. The
     generator is aiohttp, the cheapest Python client, so that most of the 2 cores go to
     what is measured (httpx's own pool costs several times its CPU per request)."""
     result = Load()
     timeout = aiohttp.ClientTimeout(total=30.0)
     connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as client:
+    async with aiohttp.ClientSession(
+        base, connector=connector, timeout=timeout, headers=headers
+    ) as client:
         stop = time.monotonic() + seconds
 
         async def one_client() -> None:

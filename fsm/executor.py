@@ -105,15 +105,14 @@ class Executor:
     async def run(self, order_id: uuid.UUID, *, audit: Audit | None = None) -> Order:
         """Claim the order and drive it as far as this run's retry budget allows. With
         `audit` (a person's resume), a live order's log first names who and why."""
-        async with self._claimed(order_id) as order:
-            if audit is not None and not is_terminal(order.state):
-                await operator.record(self.store, order, owner=self.owner, audit=audit)
-        return await self._drive_reserved(order)
+        order = await self._claim_reserved(order_id)
+        return await self._audited(order, audit)
 
     async def cancel(self, order_id: uuid.UUID, *, audit: Audit | None = None) -> Order:
         """The owner cancels a completed order: refund, restore, cancel shipping. With
         `audit`, the log first names who cancelled and why."""
-        async with self._claimed(order_id) as order:
+        order = await self._claim_reserved(order_id)
+        async with self._given_back_on_error(order):
             if order.state == OrderState.COMPLETED:
                 await operator.record(self.store, order, owner=self.owner, audit=audit)
                 # One commit: a crash can never keep the request but lose the transition.
@@ -121,25 +120,6 @@ class Executor:
             elif not order.cancel_requested:
                 raise InvalidMove(f"only a completed order can be cancelled (it is {order.state})")
         return await self._drive_reserved(order)
-
-    @asynccontextmanager
-    async def _claimed(self, order_id: uuid.UUID) -> AsyncIterator[Order]:
-        """Reserve the order in this process and take its lease for the body; if the body
-        raises, the lease and the reservation are given back before the error goes on."""
-        self._reserve(order_id)
-        try:
-            order = await self._claim(order_id)
-        except BaseException:
-            self._driving.discard(order_id)
-            raise
-        try:
-            yield order
-        except BaseException:
-            try:
-                await self._release(order)
-            finally:
-                self._driving.discard(order_id)
-            raise
 
     def drive(self, order: Order, *, audit: Audit | None = None) -> Coroutine[Any, Any, Order]:
         """Advance an order whose lease we hold; the lease is always given back. The order
@@ -149,18 +129,35 @@ class Executor:
         self._reserve(order.id)
         return self._audited(order, audit)
 
+    async def _claim_reserved(self, order_id: uuid.UUID) -> Order:
+        """Reserve the order in this process and take its lease; if the claim fails, the
+        reservation is given back."""
+        self._reserve(order_id)
+        try:
+            return await self._claim(order_id)
+        except BaseException:
+            self._driving.discard(order_id)
+            raise
+
+    @asynccontextmanager
+    async def _given_back_on_error(self, order: Order) -> AsyncIterator[None]:
+        """If the body raises, the order's lease and reservation are given back before the
+        error goes on (nothing was driven)."""
+        try:
+            yield
+        except BaseException:
+            try:
+                await self._release(order)
+            finally:
+                self._driving.discard(order.id)
+            raise
+
     async def _audited(self, order: Order, audit: Audit | None) -> Order:
         """Drive a reserved, leased order, its audit row (if any) written first; if that
         write fails the lease is given back and nothing is driven."""
         if audit is not None and not is_terminal(order.state):
-            try:
+            async with self._given_back_on_error(order):
                 await operator.record(self.store, order, owner=self.owner, audit=audit)
-            except BaseException:
-                try:
-                    await self._release(order)
-                finally:
-                    self._driving.discard(order.id)
-                raise
         return await self._drive_reserved(order)
 
     def _reserve(self, order_id: uuid.UUID) -> None:

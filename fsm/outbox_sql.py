@@ -137,14 +137,18 @@ def claim(
         ),
         [destination_id],
     )
+    # The candidates picked once (MATERIALIZED): as a plain `IN (subquery)` PostgreSQL may
+    # run the LIMITed, SKIP LOCKED subquery again per row and lease more than `limit`.
+    materialized = "MATERIALIZED " if d.name == "postgresql" else ""
     cursor.execute(
         d.sql(
+            f"WITH picked AS {materialized}({candidates}) "
             "UPDATE outbox_deliveries SET lease_owner = %s, lease_until = %s, "
             "attempts = attempts + 1 "
-            f"WHERE destination_id = %s AND event_id IN ({candidates}) "
+            "WHERE destination_id = %s AND event_id IN (SELECT event_id FROM picked) "
             "RETURNING event_id, order_id, seq, attempts, created_at, retry_from"
         ),
-        [owner, d.timestamp(lease_until), destination_id, destination_id, stamp, stamp, limit],
+        [destination_id, stamp, stamp, limit, owner, d.timestamp(lease_until), destination_id],
     )
     rows = cursor.fetchall()
     if not rows:

@@ -5,17 +5,19 @@ type in that same commit. Both databases."""
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
+from functools import partial
 
 import pytest
 
 from api.schemas import OrderOut
 from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID, POOR_USER_ID, WIDGET_ID
-from fsm import outbox, subscriptions
+from fsm import outbox, outbox_sql, subscriptions
 from fsm.errors import StaleOrder
 from fsm.executor import Executor
 from fsm.machine import coarse_status
-from fsm.store import Store
-from tests.support.events import events_of
+from fsm.store import Store, utcnow
+from tests.support.events import events_of, orders, subscribe_sink
 
 ROWS = [  # user, product -> the event types of the order, in order
     pytest.param(ORDINARY_USER_ID, WIDGET_ID, ["order.created", "order.completed"], id="completed"),
@@ -113,3 +115,29 @@ def test_the_event_types_are_a_table_over_the_statuses() -> None:
     assert outbox.OPT_IN == {"order.compensating"}
     with pytest.raises(ValueError, match="unknown event type"):
         outbox.parse_types(["order.shipped"])
+
+
+async def test_a_claim_leases_at_most_its_batch(
+    store: Store, executor: Executor, services_url: str
+) -> None:
+    """A relay takes `relay_batch` deliveries at a time, never more: what it holds when it
+    is killed is what the next relay sends again (the duplicates' bound). On PostgreSQL a
+    LIMITed SKIP LOCKED subquery inside `IN (...)` may be run again per row and lease
+    many more; the candidates are picked once."""
+    subscribe_sink(store, services_url)
+    await orders(store, executor, 12)  # 12 orders: 12 first events claimable at once
+    (destination,) = subscriptions.destinations(store)
+    taken: list[int] = []
+    for owner in ("a", "b", "c", "d", "e"):
+        now = utcnow()
+        claim = partial(
+            outbox_sql.claim,
+            store.dialect,
+            destination_id=destination.id,
+            owner=owner,
+            now=now,
+            lease_until=now + timedelta(seconds=30),
+            limit=3,
+        )
+        taken.append(len(await store.committer.submit(claim)))
+    assert taken == [3, 3, 3, 3, 0]

@@ -70,7 +70,10 @@ def create_app(
     under /services and called over HTTP at `embedded_url`."""
     settings = settings or get_settings()
     authenticator = Authenticator(
-        None, api_token=settings.api_token, ttl=settings.key_cache_seconds
+        None,
+        api_token=settings.api_token,
+        ttl=settings.key_cache_seconds,
+        session_seconds=settings.session_seconds,
     )
 
     @asynccontextmanager

@@ -14,6 +14,7 @@ secret anywhere: answers name the problem, never the credential.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from collections import OrderedDict
@@ -30,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.access import Access, Table
 from api.problems import is_unavailable, problem, unavailable
-from api.session import COOKIE, Session, Sessions
+from api.session import COOKIE, DEFAULT_MAX_AGE, Session, Sessions
 from fsm import keys
 from fsm.keys import Principal, Role
 
@@ -72,8 +73,16 @@ class Cache:
 class Authenticator:
     """Credentials -> Principal, with the lookups cached for `ttl` seconds."""
 
-    def __init__(self, engine: Engine | None, *, api_token: str | None, ttl: float = 2.0) -> None:
+    def __init__(
+        self,
+        engine: Engine | None,
+        *,
+        api_token: str | None,
+        ttl: float = 2.0,
+        session_seconds: int = DEFAULT_MAX_AGE,
+    ) -> None:
         self._engine = engine
+        self.session_seconds = session_seconds
         self.token = api_token.encode("utf-8") if api_token else None
         self.ttl = ttl
         self._keys = Cache(ttl)
@@ -97,7 +106,10 @@ class Authenticator:
         if self._pepper is None:
             self._pepper = keys.server_secret(engine=self.engine, name="key_pepper")
             self._internal = (keys.internal_token(engine=self.engine) or "").encode()
-            self.sessions = Sessions(keys.server_secret(engine=self.engine, name="session"))
+            self.sessions = Sessions(
+                keys.server_secret(engine=self.engine, name="session"),
+                max_age=self.session_seconds,  # the cookie's Max-Age, enforced here too
+            )
 
     async def setup(self) -> None:
         if self._pepper is None:  # once per process: no thread hop on each request
@@ -135,10 +147,20 @@ class Authenticator:
             self._keys.put(digest, principal)
         return principal  # type: ignore[no-any-return]
 
+    def token_fingerprint(self) -> str | None:
+        """What a bootstrap-token session is bound to: HMAC of the configured token under
+        the pepper (call after `setup`); None without a token."""
+        if self.token is None or self._pepper is None:
+            return None
+        return hmac.new(self._pepper, b"api-token:" + self.token, hashlib.sha256).hexdigest()
+
     async def session(self, session: Session) -> Principal | None:
         """A console session's principal, None once its key was revoked."""
         if session.kind == "token":  # valid while that token is still the configured one
-            return session.principal if self.token is not None else None
+            now = self.token_fingerprint()
+            if now is None or session.bound is None:
+                return None
+            return session.principal if hmac.compare_digest(session.bound, now) else None
         if session.kind != "key":
             return session.principal
         hit, role = self._names.get(session.name)

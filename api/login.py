@@ -49,7 +49,8 @@ def sign_in(request: Request, principal: Principal, target: str) -> Response:
     """Set the session cookie for `principal` and go to `target`."""
     auth = _authenticator(request)
     assert auth.sessions is not None
-    cookie, _ = auth.sessions.issue(principal)
+    bound = auth.token_fingerprint() if principal.kind == "token" else None
+    cookie, _ = auth.sessions.issue(principal, bound=bound)
     settings: Settings = request.app.state.settings
     response = RedirectResponse(safe_next(target), status_code=303)
     response.set_cookie(

@@ -25,9 +25,12 @@ DEFAULT_MAX_AGE = 8 * 3600
 class Session:
     name: str
     role: Role
-    kind: str  # "key" or "oidc"
+    kind: str  # "key", "token" or "oidc"
     csrf: str
     email: str | None = None
+    # A bootstrap-token session: a keyed fingerprint of the token it signed in with, so
+    # changing ORDER_SAGA_API_TOKEN ends it (it reveals nothing of the token).
+    bound: str | None = None
 
     @property
     def principal(self) -> Principal:
@@ -39,13 +42,14 @@ class Sessions:
         self.max_age = max_age
         self.signer = URLSafeTimedSerializer(secret, salt="order-saga console session")
 
-    def issue(self, principal: Principal) -> tuple[str, Session]:
+    def issue(self, principal: Principal, *, bound: str | None = None) -> tuple[str, Session]:
         session = Session(
             name=principal.name,
             role=principal.role,
             kind=principal.kind,
             csrf=secrets.token_urlsafe(24),
             email=principal.email,
+            bound=bound,
         )
         data = {
             "n": session.name,
@@ -53,6 +57,7 @@ class Sessions:
             "k": session.kind,
             "c": session.csrf,
             "e": session.email,
+            "b": session.bound,
         }
         return self.signer.dumps(data), session
 
@@ -66,6 +71,7 @@ class Sessions:
                 kind=str(data["k"]),
                 csrf=str(data["c"]),
                 email=data.get("e"),
+                bound=data.get("b"),
             )
         except (BadSignature, KeyError, TypeError, ValueError):
             return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -140,3 +141,43 @@ def test_an_altered_cookie_is_no_session(console: TestClient, team: dict[str, st
     forged = good[:-3] + ("AAA" if not good.endswith("AAA") else "BBB")
     console.cookies.set("order_saga_session", forged)
     assert console.get("/ui").status_code == 401
+
+
+def _cookie_signed_ago(store: Store, seconds: float, **data: object) -> str:
+    """A session cookie as the console signs it, but issued `seconds` ago (the signature
+    carries the time): made with the deployment's own session secret, as a server would."""
+    from itsdangerous import TimestampSigner, URLSafeTimedSerializer
+
+    class Earlier(TimestampSigner):
+        def get_timestamp(self) -> int:
+            return int(time.time() - seconds)
+
+    secret = keys.server_secret(engine=store.engine, name="session")
+    signer = URLSafeTimedSerializer(secret, salt="order-saga console session", signer=Earlier)
+    return signer.dumps({"c": "x" * 32, "e": None, "b": None, **data})
+
+
+def test_the_session_lasts_session_seconds_on_the_server_too(
+    db_url: str, services_url: str, team: dict[str, str], store: Store
+) -> None:
+    """SESSION_SECONDS bounds the session where it counts, on the server: a cookie kept
+    past its Max-Age (copied, stolen) opens nothing."""
+    reader = {"n": "auditor", "r": "reader", "k": "key"}
+    with api(db_url, services_url, cookie_secure=False, session_seconds=60) as client:
+        client.cookies.set("order_saga_session", _cookie_signed_ago(store, 30, **reader))
+        assert client.get("/ui").status_code == 200
+        client.cookies.set("order_saga_session", _cookie_signed_ago(store, 120, **reader))
+        assert client.get("/ui").status_code == 401
+
+
+def test_a_token_session_ends_when_the_token_changes(db_url: str, services_url: str) -> None:
+    with api(db_url, services_url, cookie_secure=False, api_token="first-token") as first:
+        sign_in(first, "first-token")
+        assert "api-token (admin)" in first.get("/ui").text
+        cookie = first.cookies["order_saga_session"]
+    with api(db_url, services_url, cookie_secure=False, api_token="first-token") as same:
+        same.cookies.set("order_saga_session", cookie)  # another process, the same token
+        assert same.get("/ui").status_code == 200
+    with api(db_url, services_url, cookie_secure=False, api_token="second-token") as rotated:
+        rotated.cookies.set("order_saga_session", cookie)
+        assert rotated.get("/ui").status_code == 401

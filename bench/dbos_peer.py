@@ -45,10 +45,11 @@ class Unavailable(RuntimeError):
 
 def ensure_venv() -> Path:
     """.venv-bench's python with bench/requirements-dbos.txt installed: made (or brought up
-    to date) when missing or older than that file."""
+    to date) when missing or when that file changed since."""
     python, stamp = VENV / "bin" / "python", VENV / ".installed"
-    if stamp.exists() and stamp.stat().st_mtime >= REQUIREMENTS.stat().st_mtime:
-        return python
+    wanted = REQUIREMENTS.read_text()
+    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return python  # the stamp holds what was installed (a checkout moves mtimes)
     print(f"dbos: installing {REQUIREMENTS.name} into {VENV} ...", file=sys.stderr)
     try:
         if not python.exists():
@@ -62,7 +63,7 @@ def ensure_venv() -> Path:
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         raise Unavailable(f"pip install failed: {' | '.join(lines[-2:])}")
-    stamp.touch()
+    stamp.write_text(wanted)
     return python
 
 

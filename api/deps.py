@@ -4,6 +4,9 @@ caller.
 Authentication is not a dependency: `api.auth.AuthGate` enforces it for every path and
 leaves the caller on the scope; `PrincipalDep` reads it, `visible` hides another
 client's order behind a 404.
+
+Each is `async def` although it awaits nothing: FastAPI runs a plain `def` dependency in
+its thread pool, a thread hop per dependency per request (four on `POST /orders`).
 """
 
 from __future__ import annotations
@@ -21,22 +24,22 @@ from fsm.settings import Settings
 from fsm.store import Store
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     store: Store = request.app.state.store
     return store
 
 
-def get_executor(request: Request) -> Executor:
+async def get_executor(request: Request) -> Executor:
     executor: Executor = request.app.state.executor
     return executor
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_principal(request: Request) -> Principal:
+async def get_principal(request: Request) -> Principal:
     return principal_of(request.scope)
 
 

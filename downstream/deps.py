@@ -1,7 +1,8 @@
 """FastAPI dependencies of the reference services, as `Annotated` aliases.
 
 The store and the fault board live on `app.state` (set by `create_services_app`), so the
-same app works alone on a port or mounted under another app's path.
+same app works alone on a port or mounted under another app's path. `async def`, though
+they await nothing: a plain `def` dependency runs in FastAPI's thread pool (a thread hop).
 """
 
 from typing import Annotated
@@ -13,12 +14,12 @@ from downstream.faults import FaultBoard
 from downstream.store import Outcome, Store
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     store: Store = request.app.state.store
     return store
 
 
-def get_faults(request: Request) -> FaultBoard:
+async def get_faults(request: Request) -> FaultBoard:
     faults: FaultBoard = request.app.state.faults
     return faults
 

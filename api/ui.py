@@ -27,7 +27,7 @@ from api.access import ROUTES
 from api.auth import principal_of
 from api.deps import ExecutorDep, PrincipalDep, SettingsDep, StoreDep
 from api.login import CsrfChecked
-from fsm import diagram, heatmap, operator, queries, why
+from fsm import diagram, heatmap, operator, queries, rollup, why
 from fsm.errors import CorruptOrder, SagaError
 from fsm.executor import new_owner
 from fsm.machine import (
@@ -306,6 +306,7 @@ def heatmap_page(request: Request, store: StoreDep, window: Window = Window.ALL)
     """Per state: how many orders passed, p50/p95 time there, how many sit there now; per
     edge: how many took it. Counted from the transition log, drawn on the diagram."""
     span = WINDOWS[window]
+    rollup.refresh(store.engine)  # folds the log written since the last load
     heat = queries.heat(store, since=None if span is None else queries.utcnow() - span)
     try:
         svg = _inline_svg(heatmap.heat_svg(heat))

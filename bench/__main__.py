@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 from bench import (
     dbos_peer,
     engine,
+    heatmap,
     http_auth,
     http_load,
     http_workers,
@@ -61,6 +62,7 @@ PHASES = (
     "sweep",
     "rss",
     "retention",
+    "heatmap",
 )
 NEEDS_RAW = {"http", "sweep"}
 
@@ -160,6 +162,7 @@ def main() -> None:
             "sweep": lambda: sweep.run(cfg, references),
             "rss": lambda: rss.run(cfg),
             "retention": lambda: retention.run(cfg),
+            "heatmap": lambda: heatmap.run(cfg),
         }
         rows: list[Row] = []
         try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, make_dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from fsm.machine import StepState
@@ -86,7 +86,8 @@ class TransitionTable(SQLModel, table=True):
     from_state: str = Field(max_length=32)
     to_state: str = Field(max_length=32)
     detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
-    created_at: datetime = Field(sa_type=_utc())
+    # Indexed for the heatmap's windows (the part of an hour the roll-up cannot split).
+    created_at: datetime = Field(sa_type=_utc(), index=True)
     machine_version: str = Field(default="", max_length=12)  # the machine that made the move
 
 
@@ -116,6 +117,46 @@ class AttemptTable(SQLModel, table=True):
     error: str | None = None
     next_attempt_at: datetime | None = Field(default=None, sa_type=_utc())  # or the probe
     waiting_on: str | None = Field(default=None, max_length=40)  # an operation's open breaker
+
+
+class HeatTotalTable(SQLModel, table=True):
+    """The heatmap's roll-up of the whole log (`fsm.rollup`): per edge and per bucket of
+    the stay that edge ended (time spent in its `from_state`; `fsm.queries.NO_STAY`: none,
+    the scope's first move), how many transitions. Written by `fsm.rollup.roll` only,
+    never by the engine."""
+
+    __tablename__ = "heat_totals"
+
+    scope: str = Field(primary_key=True, max_length=16)
+    trigger: str = Field(primary_key=True, max_length=40)
+    from_state: str = Field(primary_key=True, max_length=32)
+    to_state: str = Field(primary_key=True, max_length=32)
+    bucket: int = Field(primary_key=True)
+    n: int
+
+
+class HeatHourTable(SQLModel, table=True):
+    """`heat_totals` per hour of the transitions' time, for the last hour and day windows
+    (hours older than `fsm.rollup.KEEP_HOURS` are deleted by the roll)."""
+
+    __tablename__ = "heat_hours"
+
+    hour: datetime = Field(primary_key=True, sa_type=_utc())
+    scope: str = Field(primary_key=True, max_length=16)
+    trigger: str = Field(primary_key=True, max_length=40)
+    from_state: str = Field(primary_key=True, max_length=32)
+    to_state: str = Field(primary_key=True, max_length=32)
+    bucket: int = Field(primary_key=True)
+    n: int
+
+
+class HeatCursorTable(SQLModel, table=True):
+    """One row: every transition with `id <= rolled_id` is in the roll-up, none above."""
+
+    __tablename__ = "heat_cursor"
+
+    id: int = Field(primary_key=True)
+    rolled_id: int = Field(sa_type=BigInteger())
 
 
 # Which column holds a scope's state: the one place that knows ("order" or a step name).

@@ -7,10 +7,10 @@ Reads are plain functions on SQLAlchemy's pool, for the API's worker threads and
 async code calls them through `asyncio.to_thread`. `Reads` holds the engine; `fsm.store`'s
 `Store` is one (so a holder of the store reads through it).
 
-The heatmap is one query over the append-only log: a window function pairs each
-transition with the next one of the same order and scope (the time spent in the state it
-entered), and nearest-rank percentiles are taken with ROW_NUMBER, portable between SQLite
-and PostgreSQL.
+The heatmap reads the roll-up `fsm.rollup` keeps of the append-only log (per edge, a
+histogram of the stays it ended; all time and per hour) plus the few transitions the
+roll-up does not hold, in one statement; nearest-rank percentiles are taken from the
+histograms in Python, the same on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -27,12 +28,13 @@ from typing import Any
 
 from sqlalchemy import (
     Engine,
-    Float,
+    Integer,
     and_,
     case,
     cast,
     func,
-    literal_column,
+    literal,
+    null,
     or_,
     select,
     tuple_,
@@ -46,6 +48,9 @@ from fsm.machine import AUDIT_SCOPE, Status
 from fsm.models import (
     STATE_COLUMN,
     AttemptTable,
+    HeatCursorTable,
+    HeatHourTable,
+    HeatTotalTable,
     Order,
     OrderTable,
     Transition,
@@ -366,85 +371,157 @@ class Heat:
     edges: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
 
 
-def _seconds(store: Reads, later: Any, earlier: Any) -> Any:
-    if store.is_postgres:
-        return func.extract("epoch", later - earlier)
-    return (func.julianday(later) - func.julianday(earlier)) * 86400.0
+# -- the heatmap ----------------------------------------------------------------------------
+# A stay (time a scope spent in a state) ends with the scope's next transition: each
+# transition carries the stay in its `from_state`, measured from the scope's previous
+# transition (none: the scope's first move). Stays are kept as log-scale buckets, 40 a
+# decade: a percentile is its bucket's geometric middle, within 2.9% of the exact value.
+
+BUCKETS_PER_DECADE = 40
+MIN_BUCKET = -160  # 0.1 ms and shorter (a zero or negative stay: two processes' clocks)
+NO_STAY = -1000  # the scope's first transition: it ended no stay
+KEEP_HOURS = 48  # `heat_hours` kept: windows up to KEEP_HOURS - 1 hours use it
+heat_totals = HeatTotalTable.__table__  # type: ignore[attr-defined]
+heat_hours = HeatHourTable.__table__  # type: ignore[attr-defined]
+heat_cursor = HeatCursorTable.__table__  # type: ignore[attr-defined]
+
+
+def bucket(seconds: float) -> int:
+    """The bucket of a stay of `seconds`: floor(40 log10 s), MIN_BUCKET at least."""
+    if seconds <= 10 ** (MIN_BUCKET / BUCKETS_PER_DECADE):
+        return MIN_BUCKET
+    return max(MIN_BUCKET, math.floor(BUCKETS_PER_DECADE * math.log10(seconds)))
+
+
+def bucket_seconds(b: int) -> float:
+    """What a bucket stands for: the geometric middle of its range."""
+    return float(10 ** ((b + 0.5) / BUCKETS_PER_DECADE))
+
+
+def stay_bucket(at: datetime, entered: datetime | None) -> int:
+    if entered is None:
+        return NO_STAY
+    later, earlier = as_utc(at), as_utc(entered)
+    assert later is not None and earlier is not None
+    return bucket((later - earlier).total_seconds())
+
+
+def hour_of(moment: datetime) -> datetime:
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
+def nearest_rank(histogram: dict[int, int], percent: int) -> float | None:
+    """The nearest-rank percentile (the ceil(percent% × n)-th smallest) of a histogram."""
+    n = sum(histogram.values())
+    if n == 0:
+        return None
+    rank, seen = -(-n * percent // 100), 0
+    for b in sorted(histogram):
+        seen += histogram[b]
+        if seen >= rank:
+            return bucket_seconds(b)
+    raise AssertionError("unreachable")
+
+
+def ended_stays(*conditions: Any) -> Any:
+    """Transitions (the operator's audit rows aside) with the time their scope entered the
+    state each leaves: the created_at of the same order's previous transition of the same
+    scope (None: its first), one index probe on (order_id, seq) each."""
+    t, p = transitions, transitions.alias("previous")
+    entered = (
+        select(p.c.created_at)
+        .where(p.c.order_id == t.c.order_id, p.c.scope == t.c.scope, p.c.seq < t.c.seq)
+        .order_by(p.c.seq.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    return select(
+        t.c.scope,
+        t.c.trigger,
+        t.c.from_state,
+        t.c.to_state,
+        null().cast(Integer).label("bucket"),
+        literal(1, Integer).label("n"),
+        t.c.created_at,
+        entered.label("entered"),
+    ).where(t.c.scope != AUDIT_SCOPE, *conditions)
+
+
+def _rolled(table: Any, *conditions: Any) -> Any:
+    keys = (table.c.scope, table.c.trigger, table.c.from_state, table.c.to_state, table.c.bucket)
+    stamp = null().cast(transitions.c.created_at.type)
+    return (
+        select(*keys, cast(func.sum(table.c.n), Integer).label("n"), stamp, stamp)
+        .where(*conditions)
+        .group_by(*keys)
+    )
 
 
 def heat(store: Reads, since: datetime | None = None) -> Heat:
     """Count, p50/p95 time spent and current occupancy for every state; count per edge.
-    With `since`, only what happened from then on (the occupancy is always now's). Orders
-    enter `pending` when created (no transition leads there): counted from `orders`."""
+    With `since`, the transitions from then on and the stays they ended (the occupancy is
+    always now's). Orders enter `pending` when created (no transition leads there):
+    counted from `orders`.
+
+    One statement reads the roll-up (`fsm.rollup.roll`: all time, or whole hours of the
+    window) and the log where the roll-up cannot answer: past its cursor, and the part of
+    the window's first hour inside the window. Exact whether or not anything was rolled."""
     t = transitions
-    window = [] if since is None else [t.c.created_at >= since]
-    # WHERE comes before the window function: a stay's end (a later transition) is kept.
-    left = func.lead(t.c.created_at).over(partition_by=(t.c.order_id, t.c.scope), order_by=t.c.seq)
-    stays = (
-        select(
-            t.c.scope,
-            t.c.to_state.label("state"),
-            t.c.created_at.label("entered"),
-            left.label("left"),
-        )
-        .where(*window)
-        .subquery()
-    )
-    secs = select(
-        stays.c.scope,
-        stays.c.state,
-        cast(_seconds(store, stays.c.left, stays.c.entered), Float).label("secs"),
-    ).subquery()
-    ranked = (
-        select(
-            secs.c.scope,
-            secs.c.state,
-            secs.c.secs,
-            func.row_number()
-            .over(partition_by=(secs.c.scope, secs.c.state), order_by=secs.c.secs)
-            .label("rn"),
-            func.count().over(partition_by=(secs.c.scope, secs.c.state)).label("n"),
-        )
-        .where(secs.c.secs.is_not(None))
-        .subquery()
-    )
-    percentiles = select(
-        ranked.c.scope,
-        ranked.c.state,
-        func.min(case((ranked.c.rn >= ranked.c.n * 0.5, ranked.c.secs))).label("p50"),
-        func.min(case((ranked.c.rn >= ranked.c.n * 0.95, ranked.c.secs))).label("p95"),
-    ).group_by(ranked.c.scope, ranked.c.state)
-    entered = select(t.c.scope, t.c.to_state, func.count()).where(*window)
-    entered = entered.group_by(t.c.scope, t.c.to_state)
-    edge_counts = select(t.c.scope, t.c.trigger, t.c.from_state, t.c.to_state, func.count())
-    edge_counts = edge_counts.where(*window)
-    edge_counts = edge_counts.group_by(t.c.scope, t.c.trigger, t.c.from_state, t.c.to_state)
+
+    def parts(rolled_id: int) -> list[Any]:
+        unrolled = t.c.id > rolled_id
+        if since is None:
+            return [_rolled(heat_totals), ended_stays(unrolled)]
+        if since >= utcnow() - timedelta(hours=KEEP_HOURS - 1):
+            edge = hour_of(since)
+            edge += timedelta(hours=1) if since != edge else timedelta()
+            return [
+                _rolled(heat_hours, heat_hours.c.hour >= edge),
+                ended_stays(t.c.created_at >= since, t.c.created_at < edge),
+                ended_stays(unrolled, t.c.created_at >= edge),
+            ]
+        return [ended_stays(t.c.created_at >= since)]  # older than the hours kept
+
+    cursor = select(heat_cursor.c.rolled_id).where(heat_cursor.c.id == 1)
     created = select(func.count()).select_from(orders)
     if since is not None:
         created = created.where(orders.c.created_at >= since)
-    occupancy = union_all(
-        *(
-            select(
-                literal_column(f"'{scope}'").label("scope"), orders.c[col], func.count()
-            ).group_by(orders.c[col])
-            for scope, col in STATE_COLUMN.items()
-        )
-    )
+    state_columns = [orders.c[col] for col in STATE_COLUMN.values()]
+    occupancy = select(*state_columns, func.count()).group_by(*state_columns)
+    edges: dict[tuple[str, str, str, str], int] = defaultdict(int)
+    stays: dict[tuple[str, str], dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    now: dict[tuple[str, str], int] = defaultdict(int)
     with store.engine.connect() as conn:
-        passed = {(s, st): int(n) for s, st, n in conn.execute(entered)}
-        now = {(s, st): int(n) for s, st, n in conn.execute(occupancy)}
-        pct = {(r.scope, r.state): (r.p50, r.p95) for r in conn.execute(percentiles)}
-        edges = {(s, tr, a, b): int(n) for s, tr, a, b, n in conn.execute(edge_counts)}
-        passed[("order", "pending")] = int(conn.execute(created).scalar_one())
-    # The operator's audit rows are not moves of the machine: not part of its traffic.
-    passed = {k: n for k, n in passed.items() if k[0] != AUDIT_SCOPE}
-    pct = {k: v for k, v in pct.items() if k[0] != AUDIT_SCOPE}
-    edges = {k: n for k, n in edges.items() if k[0] != AUDIT_SCOPE}
-    keys = passed.keys() | now.keys() | pct.keys()
+        while True:  # the cursor as a literal (an index range), unchanged around the read
+            rolled_id = int(conn.execute(cursor).scalar_one_or_none() or 0)
+            rows = conn.execute(union_all(*parts(rolled_id))).all()
+            if int(conn.execute(cursor).scalar_one_or_none() or 0) == rolled_id:
+                break  # else a roll committed meanwhile: the rows may count it twice
+        for scope, trigger, a, b, bucket_, n, at, entered in rows:
+            edges[(scope, trigger, a, b)] += n
+            if bucket_ is None:
+                bucket_ = stay_bucket(at, entered)
+            if bucket_ != NO_STAY:
+                stays[(scope, a)][bucket_] += n
+        for row in conn.execute(occupancy):
+            for scope, state in zip(STATE_COLUMN, row[:-1], strict=True):
+                now[(scope, state)] += int(row[-1])
+        pending = int(conn.execute(created).scalar_one())
+    passed: dict[tuple[str, str], int] = defaultdict(int)
+    for (scope, _, _, b), n in edges.items():
+        passed[(scope, b)] += n
+    passed[("order", "pending")] = pending
+    keys = passed.keys() | now.keys() | stays.keys()
     states = {
-        k: StateHeat(passed.get(k, 0), now.get(k, 0), *pct.get(k, (None, None))) for k in keys
+        k: StateHeat(
+            passed.get(k, 0),
+            now.get(k, 0),
+            nearest_rank(stays.get(k, {}), 50),
+            nearest_rank(stays.get(k, {}), 95),
+        )
+        for k in keys
     }
-    return Heat(states=states, edges=edges)
+    return Heat(states=states, edges=dict(edges))
 
 
 def age(moment: datetime | None) -> float | None:

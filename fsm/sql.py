@@ -338,6 +338,12 @@ def pg_lock_timeout(*, lock_ms: int) -> str:
     return f"SET lock_timeout = {int(lock_ms)}"
 
 
+def pg_wait_for_log_writers(*, lock_ms: int) -> tuple[str, ...]:
+    """The heatmap roll-up's (`fsm.rollup`): wait, at most `lock_ms`, until every
+    transaction writing the transition log has committed (new writers queue meanwhile)."""
+    return (f"SET LOCAL lock_timeout = {int(lock_ms)}", "LOCK TABLE transitions IN SHARE MODE")
+
+
 def sqlite_busy_timeout(*, busy_ms: int) -> str:
     return f"PRAGMA busy_timeout={busy_ms}"
 

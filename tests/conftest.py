@@ -49,7 +49,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
             conn.execute(
                 text(
                     "TRUNCATE transitions, orders, api_keys, "
-                    "outbox_events, outbox_deliveries, event_destinations"
+                    "outbox_events, outbox_deliveries, event_destinations, "
+                    "heat_totals, heat_hours, heat_cursor"
                 )
             )
     engine.dispose()

@@ -1,0 +1,158 @@
+"""The heatmap read through its roll-up (`fsm.rollup`) equals a straightforward computation
+over the whole log, on both databases: nothing rolled, rolled in small chunks, rolled and
+then more written, for every window (the last hour, with its first hour split; the last
+day; all; and a window older than the hours the roll-up keeps)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+
+from bench.heatmap import load_rows
+from fsm import queries, rollup
+from fsm.machine import AUDIT_SCOPE
+from fsm.models import STATE_COLUMN
+from fsm.sql import as_utc
+from fsm.store import Store
+
+Key = tuple[str, str]
+
+
+def nearest_rank(values: list[float], percent: int) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = -(-len(ordered) * percent // 100)  # ceil(percent% of n), from 1
+    return ordered[rank - 1]
+
+
+def straightforward(store: Store, since: datetime | None) -> queries.Heat:
+    """Read every row and count in Python: each transition in the window is an edge taken,
+    an entry into its to_state, and ends the stay its scope began with the previous
+    transition of the same order and scope (its from_state)."""
+    with store.engine.connect() as conn:
+        lines = conn.execute(select(queries.transitions)).all()
+        orders = conn.execute(select(queries.orders)).all()
+    logs: dict[tuple[Any, str], list[Any]] = defaultdict(list)
+    for line in lines:
+        if line.scope != AUDIT_SCOPE:
+            logs[(line.order_id, line.scope)].append(line)
+    edges: dict[tuple[str, str, str, str], int] = defaultdict(int)
+    passed: dict[Key, int] = defaultdict(int)
+    stays: dict[Key, list[float]] = defaultdict(list)
+    for log in logs.values():
+        log.sort(key=lambda line: line.seq)
+        for previous, line in zip([None, *log], log, strict=False):
+            at = as_utc(line.created_at)
+            assert at is not None
+            if since is not None and at < since:
+                continue
+            edges[(line.scope, line.trigger, line.from_state, line.to_state)] += 1
+            passed[(line.scope, line.to_state)] += 1
+            if previous is not None:
+                began = as_utc(previous.created_at)
+                assert began is not None
+                stays[(line.scope, line.from_state)].append((at - began).total_seconds())
+    now: dict[Key, int] = defaultdict(int)
+    for order in orders:
+        for scope, column in STATE_COLUMN.items():
+            now[(scope, getattr(order, column))] += 1
+        created = as_utc(order.created_at)
+        assert created is not None
+        if since is None or created >= since:
+            passed[("order", "pending")] += 1
+    passed.setdefault(("order", "pending"), 0)
+
+    def bucketed(value: float | None) -> float | None:
+        return None if value is None else queries.bucket_seconds(queries.bucket(value))
+
+    states = {
+        key: queries.StateHeat(
+            passed.get(key, 0),
+            now.get(key, 0),
+            bucketed(nearest_rank(stays.get(key, []), 50)),
+            bucketed(nearest_rank(stays.get(key, []), 95)),
+        )
+        for key in passed.keys() | now.keys() | stays.keys()
+    }
+    return queries.Heat(states=states, edges=dict(edges))
+
+
+def windows() -> dict[str, datetime | None]:
+    now = queries.utcnow()
+    return {
+        "last hour": now - timedelta(hours=1),  # its first hour split: log and roll-up
+        "last day": now - timedelta(days=1),
+        "all": None,
+        "three days": now - timedelta(days=3),  # older than the hours kept: the log
+    }
+
+
+def assert_same(store: Store) -> None:
+    for name, since in windows().items():
+        expected, got = straightforward(store, since), queries.heat(store, since)
+        assert got.edges == expected.edges, name
+        assert got.states == expected.states, name
+
+
+def test_the_rolled_heatmap_equals_the_whole_log(store: Store) -> None:
+    url = store.engine.url.render_as_string(hide_password=False)
+    assert load_rows(url, 400, seed=1, span=timedelta(days=4)) > 3_000
+    heat = queries.heat(store)
+    assert heat.states[("order", "completed")].p95 is not None  # cancellations left it
+    assert_same(store)  # nothing rolled: the log alone
+    assert rollup.roll(store.engine, chunk=250) > 3_000
+    assert rollup.roll(store.engine) == 0  # nothing new
+    assert_same(store)  # all rolled, hours older than KEEP_HOURS dropped
+    with store.engine.connect() as conn:
+        hours = conn.execute(select(queries.heat_hours.c.hour)).scalars().all()
+    oldest = queries.hour_of(queries.utcnow()) - timedelta(hours=queries.KEEP_HOURS)
+    assert hours and min(as_utc(h) or h for h in hours) >= oldest
+    load_rows(url, 60, seed=2, span=timedelta(hours=3))  # written after the roll
+    assert_same(store)  # the roll-up plus the log past its cursor
+    assert rollup.roll(store.engine) > 0
+    assert_same(store)
+
+
+def test_a_roll_reads_only_past_its_cursor(store: Store) -> None:
+    url = store.engine.url.render_as_string(hide_password=False)
+    load_rows(url, 30, seed=3, span=timedelta(hours=2))
+    first = rollup.roll(store.engine)
+    load_rows(url, 10, seed=4, span=timedelta(hours=2))
+    second = rollup.roll(store.engine)
+    with store.engine.connect() as conn:
+        total = conn.execute(
+            select(queries.transitions.c.id).where(queries.transitions.c.scope != AUDIT_SCOPE)
+        ).all()
+    assert first + second == len(total)  # each transition folded once
+    assert_same(store)
+
+
+def test_a_roll_never_passes_a_transition_not_yet_committed(store: Store) -> None:
+    """PostgreSQL hands out ids before commit: while a transaction writing the log is
+    open, a roll folds nothing (it waits LOCK_WAIT_MS for it, then gives up); once it
+    commits, the next roll folds its transition too."""
+    if store.engine.dialect.name != "postgresql":
+        return  # SQLite: one writer at a time, the roll's transaction waits its turn
+    url = store.engine.url.render_as_string(hide_password=False)
+    load_rows(url, 5, seed=5, span=timedelta(hours=1))
+    assert rollup.roll(store.engine) > 0
+    t = queries.transitions
+    with store.engine.connect() as conn:
+        line = conn.execute(select(t).order_by(t.c.id.desc()).limit(1)).one()._asdict()
+    writer = store.engine.connect()
+    try:
+        late = {**line, "seq": line["seq"] + 100, "created_at": queries.utcnow()}
+        late.pop("id")
+        writer.execute(t.insert().values(late))  # open: its id is taken, not committed
+        with store.engine.begin() as conn:  # a higher id, committed first
+            conn.execute(t.insert().values({**late, "seq": late["seq"] + 1}))
+        assert rollup.roll(store.engine) == 0  # else its cursor would pass the open one
+        writer.commit()
+    finally:
+        writer.close()
+    assert rollup.roll(store.engine) == 2
+    assert_same(store)

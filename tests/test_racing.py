@@ -17,8 +17,10 @@ import pytest
 from alembic import command as alembic_command
 
 from downstream.seed import RICH_USER_ID, WIDGET_ID
+from fsm.machine import AUDIT_SCOPE
 from fsm.migrate import alembic_config
 from fsm.store import Store, utcnow
+from order_saga.orders_cli import LOCAL_ADMIN
 from tests.support.api import WIDGET_PRICE
 from tests.support.database import stuck_orders, triggers_by_scope
 from tests.support.processes import (
@@ -61,7 +63,12 @@ def assert_each_driven_once(
     assert Counter(o.status for o in orders) == Counter(completed=len(ids))
     assert all(o.lease_owner is None for o in orders)
     for oid in ids:
-        assert triggers_by_scope(store, oid) == ONE_RUN, store.history(oid)
+        # the machine's moves: one run's; a manual `resume` also writes who resumed it
+        # (scope AUDIT_SCOPE, not a move), once per driver that claimed the order
+        moves = triggers_by_scope(store, oid)
+        audit = moves.pop(AUDIT_SCOPE, Counter())
+        assert moves == ONE_RUN, store.history(oid)
+        assert set(audit) <= {"resume"}, store.history(oid)
     forward = {f"{oid}:{step}:{action}" for oid in ids for step, action in FORWARD_ACTIONS.items()}
     assert len(forward) == 3 * len(ids)
     assert downstream.effects() == dict.fromkeys(forward, 1)  # once each, nothing else
@@ -90,6 +97,9 @@ def test_two_resumers_race_for_the_same_stuck_orders(
     print(f"resumed per process: {counts}")
     assert sum(counts) == 100, [r.stdout[-300:] for r in results]
     assert_each_driven_once(store, downstream, books, ids)
+    for oid in ids:  # claimed by one resumer only: one audit row, naming the local admin
+        (row,) = [t for t in store.history(oid) if t.scope == AUDIT_SCOPE]
+        assert row.detail is not None and row.detail["by"] == LOCAL_ADMIN
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ from bench.common import (
     Processes,
     Row,
     free_port,
+    pg_admin_dsn,
     saga_argv,
     saga_env,
     scratch_database,
@@ -72,6 +73,7 @@ class Run:
     load: Load
     cpu_ms: float
     meter: Meter
+    commits: float = float("nan")  # PostgreSQL transactions committed per order, if counted
 
     def figures(self) -> str:
         r = self.load
@@ -214,7 +216,30 @@ def serve_once(
         base = f"http://127.0.0.1:{port}"
         wait_http(procs, serve, f"{base}/healthz")
         asyncio.run(load(base, 2, min(2.0, seconds)))
-        return drive_server(serve, base, clients, seconds, services=services.pid)
+        before = pg_commits(cfg, url)
+        run = drive_server(serve, base, clients, seconds, services=services.pid)
+        if (
+            before is not None
+            and (after := pg_commits(cfg, url)) is not None
+            and run.load.latencies
+        ):
+            run.commits = (after - before) / len(run.load.latencies)
+        return run
+
+
+def pg_commits(cfg: Config, url: str) -> int | None:
+    """Transactions committed in the PostgreSQL database of `url` so far (pg_stat_database,
+    after the second PostgreSQL takes to publish its counters); None on SQLite. How many
+    orders share a commit: group commit's batching, which more processes split."""
+    if not url.startswith("postgresql") or cfg.pg_server is None:
+        return None
+    import psycopg
+
+    time.sleep(1.1)
+    query = "SELECT xact_commit FROM pg_stat_database WHERE datname = %s"
+    with psycopg.connect(pg_admin_dsn(cfg.pg_server), connect_timeout=5) as conn:
+        row = conn.execute(query, (url.rsplit("/", 1)[1],)).fetchone()
+    return int(row[0]) if row else None
 
 
 def median_run(runs: list[Run]) -> tuple[float, float, float, float]:

@@ -5,10 +5,14 @@ CPU per completed order, the parent's and both forked workers' user + sys from /
 
 On 2 cores shared with the services, PostgreSQL and the load generator, orders/s is
 bounded by the machine more than by one `serve`; the CPU per order says whether a second
-process costs anything per order (it must be within 10 % of one process).
+process costs anything per order (it must be within 10 % of one process). Beside it, the
+transactions PostgreSQL committed per order (pg_stat_database): group commit shares one
+commit among the orders one process has in flight, and two processes each batch fewer.
 """
 
 from __future__ import annotations
+
+import statistics
 
 from bench.common import Config, Row
 from bench.http_load import Run, median_run, serve_once, shown
@@ -33,7 +37,9 @@ def run(cfg: Config) -> list[Row]:
             f" alternating with one process ({errors} errors)",
             value=shown(twos),
             reference=f"one process: {shown(ones)}",
-            ratio=f"CPU/order {cpu2 / cpu1:.2f}×; orders/s {rate2 / rate1:.2f}×"
+            ratio=f"CPU/order {cpu2 / cpu1:.2f}×; orders/s {rate2 / rate1:.2f}×; PostgreSQL "
+            f"commits/order {statistics.median(r.commits for r in ones):.2f} → "
+            f"{statistics.median(r.commits for r in twos):.2f}"
             if cpu1 > 0 and rate1 > 0
             else "-",
             target="CPU/order within 10% of one process (≤ 1.10×)",

@@ -433,6 +433,23 @@ class Committer:
                 pass
 
 
+async def settled(future: asyncio.Future[T]) -> T:
+    """Await a submitted write to its end even if the awaiting task is cancelled meanwhile.
+
+    A queued op commits (or fails) whether or not anyone still waits for it, so a caller
+    cancelled mid-write (SIGTERM) must not guess: it learns the outcome first and then
+    sees its cancellation (the wait is short, and bounded by the op's lock timeout)."""
+    cancelled: asyncio.CancelledError | None = None
+    while not future.done():
+        try:
+            await asyncio.wait([future])  # cancelling the wait leaves the future alone
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
+    return future.result()
+
+
 def _resolve(pending: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
     for future, ok, value in pending:
         if future.done():  # the caller was cancelled; the write stands

@@ -99,7 +99,12 @@ async def resume_stuck(
     # Orders driven here that did not move (so still match the claim): never twice a call.
     stalled: set[uuid.UUID] = set()
 
+    # Claimed, task not yet started: a task cancelled before its first step never runs
+    # its body, so its lease is given back here.
+    unstarted: dict[uuid.UUID, Order] = {}
+
     async def one(order: Order) -> None:
+        unstarted.pop(order.id, None)
         try:
             await executor.drive(order, audit=audit)
         except ConcurrencyError:
@@ -129,6 +134,7 @@ async def resume_stuck(
                 )  # fmt: skip
                 exhausted = not batch
                 summary.found += len(batch)
+                unstarted.update((order.id, order) for order in batch)
                 running.update(asyncio.create_task(one(order)) for order in batch)
             if not running:
                 return summary
@@ -138,6 +144,8 @@ async def resume_stuck(
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+        if unstarted:
+            await store.give_back(list(unstarted.values()), executor.owner)
 
 
 async def sweep_forever(*, store: Store, executor: Executor, settings: Settings) -> None:

@@ -14,6 +14,8 @@ fail (the version chain breaks), and the caller must stop driving the order.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Collection, Generator, Sequence
@@ -24,7 +26,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from fsm import outbox, outbox_sql, sql
-from fsm.committer import Committer
+from fsm.committer import Committer, settled
 from fsm.engine import backend, make_engine
 from fsm.errors import CorruptOrder, InvalidMove, LeaseLost, OrderNotFound, StaleOrder
 from fsm.machine import (
@@ -254,13 +256,15 @@ class Store(Reads):
         for key, value in values.items():  # queued: the next write builds on it
             setattr(order, key, value)
         event = self._event(order, order.version, kind, order.updated_at) if line else None
+        future = self.committer.submit(
+            partial(self._guarded, order.id, expected, owner, values, line, event, attempt),
+            key=order.id,
+        )
         try:
-            await self.committer.submit(
-                partial(self._guarded, order.id, expected, owner, values, line, event, attempt),
-                key=order.id,
-            )
+            await settled(future)  # cancelled (SIGTERM) or not: what the database holds
         except BaseException:
-            if order.version == values.get("version", expected):  # nothing queued on top
+            if _failed(future) and order.version == values.get("version", expected):
+                # nothing queued on top
                 for key, value in before.items():
                     setattr(order, key, value)
             raise
@@ -326,10 +330,17 @@ class Store(Reads):
     # -- leases ----------------------------------------------------------------------
 
     async def claim(self, *, order_id: uuid.UUID, owner: str) -> Order | None:
-        """Take the lease if it is free, expired or already ours; None if someone holds it."""
-        return await self.committer.submit(
+        """Take the lease if it is free, expired or already ours; None if someone holds it.
+        Cancelled meanwhile (SIGTERM), a lease it took is given back before it returns."""
+        future = self.committer.submit(
             partial(self._claim, order_id, owner, utcnow()), key=order_id
         )
+        try:
+            return await settled(future)
+        except asyncio.CancelledError:
+            if not _failed(future) and (order := future.result()) is not None:
+                await self.give_back([order], owner)
+            raise
 
     def _claim(self, order_id: uuid.UUID, owner: str, now: datetime, cursor: Any) -> Order | None:
         d = self.dialect
@@ -361,7 +372,25 @@ class Store(Reads):
         """Atomically lease up to `limit` stuck orders, oldest first, in one statement.
         PostgreSQL: FOR UPDATE SKIP LOCKED, so concurrent workers take disjoint batches."""
         op = partial(self._claim_batch, owner, moved_before, limit, tuple(exclude), due_only)
-        return await self.committer.submit(op)
+        future = self.committer.submit(op)
+        try:
+            return await settled(future)
+        except asyncio.CancelledError:  # nobody will drive what it took: give it back
+            if not _failed(future):
+                await self.give_back(future.result(), owner)
+            raise
+
+    async def give_back(self, orders: Sequence[Order], owner: str) -> None:
+        """Release leases just claimed, for a caller cancelled before it could drive them."""
+        releases = [
+            self.committer.submit(
+                partial(self._release, order.id, owner, version=order.version), key=order.id
+            )
+            for order in orders
+        ]  # all queued at once: they commit even if this wait is cut short
+        for release in releases:
+            with contextlib.suppress(BaseException):  # else the lease expires on its own
+                await settled(release)
 
     def _claim_batch(
         self,
@@ -436,6 +465,11 @@ class Store(Reads):
             params.append(version)
         cursor.execute(sql.release(d, at_version=version is not None), params)
         return bool(cursor.rowcount == 1)
+
+
+def _failed(future: asyncio.Future[Any]) -> bool:
+    """Did this submitted write not commit (or is its outcome unknown)?"""
+    return not future.done() or future.cancelled() or future.exception() is not None
 
 
 def _probe(cursor: Any) -> None:

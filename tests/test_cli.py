@@ -124,7 +124,10 @@ async def test_worker_stops_on_sigterm_releasing_its_leases(
     assert stopped.returncode == 0, stopped.explain()
     in_flight = [store.get(i) for i in ids]
     # Released at once (the lease had 60 s to go); the intent stays for the next driver.
-    assert all(o.lease_owner is None for o in in_flight)
+    assert all(o.lease_owner is None for o in in_flight), (
+        [(o.state, o.shipping_state, o.version, o.lease_owner) for o in in_flight],
+        stopped.explain(),
+    )
     assert all(o.state == "steps_running" and o.shipping_state == "requested" for o in in_flight)
 
     done = run_cli("resume", "--older-than", "0", **env)

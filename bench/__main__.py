@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 from bench import (
     dbos_peer,
     engine,
+    events,
     heatmap,
     http_auth,
     http_load,
@@ -58,6 +59,7 @@ PHASES = (
     "http",
     "http-workers",
     "http-auth",
+    "events",
     "dbos",
     "sweep",
     "rss",
@@ -158,6 +160,7 @@ def main() -> None:
             "http": lambda: http_load.run(cfg, references),
             "http-workers": lambda: http_workers.run(cfg),
             "http-auth": lambda: http_auth.run(cfg),
+            "events": lambda: events.run(cfg, references),
             "dbos": lambda: dbos_peer.run(cfg),
             "sweep": lambda: sweep.run(cfg, references),
             "rss": lambda: rss.run(cfg),

@@ -8,19 +8,24 @@ state. The schema must already exist (the benchmarks make it with `fsm.migrate.u
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
+from fsm import outbox, outbox_sql, subscriptions
 from fsm.clients import Services
 from fsm.recovery import resume_stuck
+from fsm.relay import Relay
 from fsm.settings import Settings
 from fsm.store import Store
 from fsm.wiring import Saga, open_saga
 
 
 class Engine:
-    def __init__(self, saga: Saga) -> None:
-        self.saga = saga
+    def __init__(self, saga: Saga, url: str) -> None:
+        self.saga, self.url = saga, url
         self.store: Store = saga.store
         self.executor = saga.executor
 
@@ -37,7 +42,49 @@ class Engine:
 async def open_engine(url: str, services: Services) -> AsyncIterator[Engine]:
     """The engine on `url` with the default settings; closed on exit."""
     async with open_saga(Settings(database_url=url), services=services) as saga:
-        yield Engine(saga)
+        yield Engine(saga, url)
+
+
+# -- order events: the relay in the engine's process, as `serve` runs it --------------------
+
+
+async def subscribe_webhook(engine: Engine, url: str) -> str:
+    """`order-saga webhooks add URL` (every default event type); its signing secret."""
+    added = await asyncio.to_thread(
+        subscriptions.add_webhook, engine.store, url, outbox.DEFAULT_TYPES
+    )
+    return added.secret
+
+
+async def unsubscribe_all(engine: Engine) -> None:
+    """Every destination removed (its undelivered events with it)."""
+    store = engine.store
+    for destination in await asyncio.to_thread(subscriptions.destinations, store):
+        remove = partial(outbox_sql.remove_destination, store.dialect)
+        await store.committer.submit(partial(remove, destination_id=destination.id))
+
+
+async def destinations(engine: Engine) -> list[str]:
+    found = await asyncio.to_thread(subscriptions.destinations, engine.store)
+    return [d.name for d in found]
+
+
+async def backlog(engine: Engine) -> dict[str, tuple[int, float]]:
+    """destination -> (undelivered events, seconds since the oldest of them)."""
+    return await asyncio.to_thread(subscriptions.lags, engine.store)
+
+
+@asynccontextmanager
+async def relaying(engine: Engine, amqp_url: str | None) -> AsyncIterator[None]:
+    """The relay running beside the engine for the block (RabbitMQ too when `amqp_url`)."""
+    settings = Settings(database_url=engine.url, amqp_url=amqp_url)
+    task = asyncio.create_task(Relay(engine.store, settings).run(), name="relay")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def sweep(url: str, services: Services, count: int) -> dict[str, int]:

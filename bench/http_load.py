@@ -174,6 +174,7 @@ def run(cfg: Config, references: dict[str, float]) -> list[Row]:
         measured = measure(cfg, kind, seconds)
         for clients, run, notes in measured:
             result = run.load
+            references[f"http-{clients}-{kind}"] = result.per_second  # bench.events: beside
             rows.append(
                 Row(
                     what=f"`POST /orders` over HTTP, {kind}, {clients} client"

@@ -178,15 +178,18 @@ def claim(
 
 
 def delivered(
-    d: Dialect, cursor: Any, *, destination_id: int, event_id: str, now: datetime
+    d: Dialect, cursor: Any, *, destination_id: int, event_ids: list[str], now: datetime
 ) -> None:
+    """A batch's delivered events, in one statement (one round trip for the batch)."""
+    if not event_ids:
+        return
     cursor.execute(
         d.sql(
             "UPDATE outbox_deliveries SET state = 'delivered', delivered_at = %s, "
             "lease_owner = NULL, lease_until = NULL, last_error = NULL "
-            "WHERE destination_id = %s AND event_id = %s"
+            f"WHERE destination_id = %s AND event_id IN ({', '.join(['%s'] * len(event_ids))})"
         ),
-        [d.timestamp(now), destination_id, event_id],
+        [d.timestamp(now), destination_id, *event_ids],
     )
 
 

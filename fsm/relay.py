@@ -181,11 +181,10 @@ class Relay:
         self, destination: Destination, results: list[tuple[Claimed, Attempt]], cursor: Any
     ) -> None:
         d, s, now = self.store.dialect, self.settings, utcnow()
+        done = [claimed.event_id for claimed, attempt in results if attempt.delivered]
+        outbox_sql.delivered(d, cursor, destination_id=destination.id, event_ids=done, now=now)
         for claimed, attempt in results:
             if attempt.delivered:
-                outbox_sql.delivered(
-                    d, cursor, destination_id=destination.id, event_id=claimed.event_id, now=now
-                )
                 continue
             error = attempt.error or "failed"
             if not attempt.retry or _too_old(claimed.retry_from, now, s.event_max_age):

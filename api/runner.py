@@ -1,5 +1,6 @@
 """Background runs of the API process: order runs that outlive their request, the
-periodic sweep for stuck orders and, when retention is set, the pruning pass. Keeps task
+periodic sweep for stuck orders, the heatmap's roll-up and, when retention is set, the
+pruning pass. Keeps task
 references so nothing is garbage-collected."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-from fsm import retention
+from fsm import retention, rollup
 from fsm.executor import Executor
 from fsm.models import Order
 from fsm.recovery import sweep_forever
@@ -46,6 +47,10 @@ class Runner:
         self._keep(sweep_forever(store=self.store, executor=self.executor, settings=self.settings))
         if retention.enabled(self.settings):  # issue 22: the background retention pass
             self._keep(retention.prune_forever(engine=self.store.engine, settings=self.settings))
+        if self.settings.heat_roll_interval:  # the heatmap's roll-up kept current
+            self._keep(
+                rollup.roll_forever(self.store.engine, interval=self.settings.heat_roll_interval)
+            )
 
     def _keep(self, work: Coroutine[Any, Any, object]) -> None:
         task: asyncio.Task[object] = asyncio.create_task(work)

@@ -4,9 +4,10 @@ same per hour, the last KEEP_HOURS hours), so that `fsm.queries.heat` reads a fe
 thousand rolled rows and the transitions past the cursor instead of the whole log.
 
 Off the hot path: the engine never writes these tables (a counter row per edge updated in
-each transition's commit would make every worker's commits wait on the same rows). The
-console's heatmap rolls before it reads; a roll that cannot run leaves the heatmap exact
-(it reads more of the log), only slower.
+each transition's commit would make every worker's commits wait on the same rows). `serve`
+and `worker` roll every HEAT_ROLL_INTERVAL seconds and the console's heatmap rolls before
+it reads; a roll that cannot run leaves the heatmap exact (it reads more of the log), only
+slower.
 
 The cursor is an id of the log, so it must never pass a transition that commits later
 with a lower id. SQLite has one writer at a time, and it numbers its rows after every
@@ -21,6 +22,7 @@ counted.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from datetime import timedelta
@@ -47,6 +49,7 @@ from fsm.sql import as_utc
 
 log = logging.getLogger("order_saga.rollup")
 CHUNK = 100_000  # transitions folded per transaction
+BACKGROUND_CHUNK = 20_000  # per pass of `roll_forever` (one thread, a second or so)
 LOCK_WAIT_MS = 200  # PostgreSQL: the longest the roll waits for the log's writers
 _KEYS = ("scope", "trigger", "from_state", "to_state", "bucket")
 
@@ -79,9 +82,10 @@ def _add(conn: Any, table: Any, counts: Counter[tuple[Any, ...]], keys: tuple[st
         conn.execute(statement)
 
 
-def roll(engine: Engine, *, chunk: int = CHUNK) -> int:
+def roll(engine: Engine, *, chunk: int = CHUNK, chunks: int | None = None) -> int:
     """Fold every committed transition past the cursor into the roll-up, `chunk` at a
-    time; drop hours older than KEEP_HOURS. Returns how many were folded.
+    time (at most `chunks` of them); drop hours older than KEEP_HOURS. Returns how many
+    were folded.
 
     Each chunk is read and counted outside any write lock; the write is one short
     transaction that moves the cursor only from where the chunk began (compare and set):
@@ -92,8 +96,8 @@ def roll(engine: Engine, *, chunk: int = CHUNK) -> int:
         return 0
     insert = pg_insert if postgres else sqlite_insert
     cursor = select(heat_cursor.c.rolled_id).where(heat_cursor.c.id == 1)
-    folded = 0
-    while True:
+    folded = done = 0
+    while chunks is None or done < chunks:
         with engine.connect() as conn:
             start = int(conn.execute(cursor).scalar_one_or_none() or 0)
             end = top
@@ -127,12 +131,24 @@ def roll(engine: Engine, *, chunk: int = CHUNK) -> int:
             _add(conn, heat_hours, hours, ("hour", *_KEYS))
             conn.execute(delete(heat_hours).where(heat_hours.c.hour < oldest))
         folded += len(rows)
+        done += 1
+    return folded
 
 
-def refresh(engine: Engine) -> None:
-    """`roll`, logging instead of raising when it cannot run now (a busy database, a
-    read-only role): the heatmap is exact without it, only slower."""
+async def roll_forever(engine: Engine, *, interval: float) -> None:
+    """The background fold of `serve` and `worker`: every `interval` seconds, in a worker
+    thread, until cancelled; the heatmap's own load then folds only the last seconds' log
+    (and the first load after an upgrade does not fold the whole log)."""
+    while True:  # one chunk per thread: a shutdown waits for one chunk at most
+        folded = await asyncio.to_thread(refresh, engine, chunk=BACKGROUND_CHUNK, chunks=1)
+        await asyncio.sleep(interval if folded < BACKGROUND_CHUNK // 2 else 0.1)
+
+
+def refresh(engine: Engine, **how: Any) -> int:
+    """`roll` (`how`: its chunk sizes), logging instead of raising when it cannot run now
+    (a busy database, a read-only role): the heatmap is exact without it, only slower."""
     try:
-        roll(engine)
+        return roll(engine, **how)
     except SQLAlchemyError as exc:
         log.warning("heatmap roll-up failed: %s", sql.first_line(getattr(exc, "orig", exc)))
+        return 0

@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     # be set alone. Non-terminal and parked orders are never deleted.
     retention_seconds: float | None = Field(default=None, gt=0)
     retention_rows: int | None = Field(default=None, ge=0)
+    # How often `serve` and `worker` fold the new transitions into the heatmap's roll-up
+    # (fsm.rollup; 0: only when the heatmap is loaded).
+    heat_roll_interval: float = Field(default=60.0, ge=0)
     # How often the background pass runs, and how many orders one short transaction deletes.
     retention_interval: float = Field(default=60.0, gt=0)
     retention_batch: int = Field(default=200, ge=1, le=10_000)

@@ -363,6 +363,13 @@ def worker(
                     retention.prune_forever(engine=executor.store.engine, settings=settings)
                 )
                 sweep.add_done_callback(lambda _: pruning.cancel())
+            if settings.heat_roll_interval:  # the heatmap's roll-up kept current
+                from fsm import rollup
+
+                rolling = asyncio.create_task(
+                    rollup.roll_forever(executor.store.engine, interval=settings.heat_roll_interval)
+                )
+                sweep.add_done_callback(lambda _: rolling.cancel())
             if settings.relay:  # order events leave from here too (several relays share)
                 from fsm.relay import Relay
 

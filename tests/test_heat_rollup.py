@@ -9,7 +9,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from bench.heatmap import load_rows
 from fsm import queries, rollup
@@ -17,6 +17,9 @@ from fsm.machine import AUDIT_SCOPE
 from fsm.models import STATE_COLUMN
 from fsm.sql import as_utc
 from fsm.store import Store
+from tests.support.processes import Saga, command
+from tests.support.settings import saga_env
+from tests.support.waiting import wait_until
 
 Key = tuple[str, str]
 
@@ -155,4 +158,27 @@ def test_a_roll_never_passes_a_transition_not_yet_committed(store: Store) -> Non
     finally:
         writer.close()
     assert rollup.roll(store.engine) == 2
+    assert_same(store)
+
+
+def test_the_worker_folds_the_log_in_the_background(db_url: str, store: Store) -> None:
+    """`order-saga worker` keeps the roll-up current every HEAT_ROLL_INTERVAL seconds (so a
+    heatmap load folds only the last seconds), and still stops at once on SIGTERM."""
+    url = store.engine.url.render_as_string(hide_password=False)
+    t = queries.transitions
+
+    def caught_up() -> bool:
+        with store.engine.connect() as conn:
+            newest = conn.execute(select(func.max(t.c.id))).scalar_one()
+            rolled = conn.execute(select(queries.heat_cursor.c.rolled_id)).scalar_one_or_none()
+        return rolled is not None and rolled == newest
+
+    load_rows(url, 20, seed=6, span=timedelta(hours=1))
+    env = saga_env(database_url=db_url, heat_roll_interval=0.2, worker_metrics_port=0)
+    with Saga(command("worker"), env) as worker:
+        wait_until(caught_up, what="the worker's fold", alive=worker.running)
+        load_rows(url, 5, seed=7, span=timedelta(minutes=10))  # written while it runs
+        wait_until(caught_up, what="the worker's next fold", alive=worker.running)
+        stopped = worker.stop()
+    assert stopped.returncode == 0, stopped.explain()
     assert_same(store)

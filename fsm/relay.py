@@ -26,7 +26,7 @@ from functools import partial
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
+import aiohttp
 
 from fsm import metrics, outbox, outbox_sql
 from fsm.destinations import Attempt, Sender
@@ -84,12 +84,12 @@ class Relay:
         self.store, self.settings = store, settings
         self.owner = owner or f"relay:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._pumps: dict[int, tuple[Destination, asyncio.Task[None], Sender]] = {}
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     async def run(self) -> None:
         """Deliver until cancelled; then stop every pump (leases of what was in flight
         expire; nothing is lost)."""
-        self._client = httpx.AsyncClient(follow_redirects=False)
+        self._session = aiohttp.ClientSession()
         try:
             await register_amqp(self.store, self.settings)
             while True:
@@ -104,7 +104,7 @@ class Relay:
         finally:
             for destination_id in list(self._pumps):
                 await self._stop(destination_id)
-            await self._client.aclose()
+            await self._session.close()
 
     def _follow(self, found: list[Destination]) -> None:
         """Start a pump per new destination, stop those removed (or changed)."""
@@ -124,11 +124,14 @@ class Relay:
 
     def _sender(self, destination: Destination) -> Sender | None:
         timeout = self.settings.event_timeout
-        if destination.kind == "webhook" and destination.secret and self._client is not None:
+        if destination.kind == "webhook" and destination.secret and self._session is not None:
             from fsm.destinations.webhook import WebhookSender  # noqa: PLC0415
 
             return WebhookSender(
-                url=destination.url, secret=destination.secret, client=self._client, timeout=timeout
+                url=destination.url,
+                secret=destination.secret,
+                session=self._session,
+                timeout=timeout,
             )
         if destination.kind == "amqp" and self.settings.amqp_url:
             from fsm.destinations.amqp import AmqpSender  # noqa: PLC0415  (aio-pika on demand)

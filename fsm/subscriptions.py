@@ -16,7 +16,7 @@ from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 
 from fsm import outbox, outbox_sql
 from fsm.destinations import Attempt
@@ -115,8 +115,8 @@ async def test_webhook(destination: Destination, *, timeout: float) -> Attempt:
     """Send one test event now, outside the outbox: the endpoint's answer."""
     assert destination.secret is not None
     msg_id, body = test_event(destination)
-    async with httpx.AsyncClient(follow_redirects=False) as client:
-        return await post(client, destination.url, destination.secret, msg_id, body, timeout)
+    async with aiohttp.ClientSession() as session:
+        return await post(session, destination.url, destination.secret, msg_id, body, timeout)
 
 
 def backlog(store: Store) -> list[Backlog]:

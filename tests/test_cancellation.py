@@ -18,6 +18,7 @@ from fsm.machine import OrderTrigger
 from fsm.models import Order
 from fsm.store import Store, utcnow
 from tests.support.services import Downstream
+from tests.support.waiting import wait_until_async
 
 OWNER = "host-a:1:sigterm"
 
@@ -68,17 +69,22 @@ async def test_a_batch_claim_cancelled_in_flight_gives_its_leases_back(store: St
 async def test_a_run_cancelled_anywhere_releases_its_lease(
     store: Store, executor: Executor, downstream: Downstream
 ) -> None:
-    """Cancel runs at a spread of moments (before, between and during their writes and
-    calls): each gives its lease back, and a later run completes the order."""
+    """Cancel runs at each point of their way (at once, then once the n-th write has
+    committed, when the next may be in flight): each gives its lease back, and a later
+    run completes the order."""
     downstream.fault("user.deduct", "delay", count=100, seconds=0.05)
-    for pause in [0.0] * 4 + [0.002 * n for n in range(1, 30)]:
+    for writes in range(12):
         order = await _new_order(store)
         run = asyncio.ensure_future(executor.run(order.id))
-        await asyncio.sleep(pause)
+
+        def written(order: Order = order, n: int = writes, run: Any = run) -> bool:
+            return bool(run.done() or store.get(order.id).version >= order.version + n)
+
+        await wait_until_async(written, what=f"write {writes} of the run", interval=0.001)
         run.cancel()
         await asyncio.gather(run, return_exceptions=True)
         await store.probe()
         left = store.get(order.id)
-        assert left.lease_owner is None, f"cancelled after {pause}s in {left.state}: still leased"
+        assert left.lease_owner is None, f"cancelled after {writes} writes in {left.state}"
         if left.status != "completed":
             assert (await executor.run(order.id)).status == "completed"

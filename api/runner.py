@@ -10,7 +10,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-from fsm import retention, rollup
+from fsm import partitions, retention, rollup
 from fsm.executor import Executor
 from fsm.models import Order
 from fsm.recovery import sweep_forever
@@ -51,6 +51,8 @@ class Runner:
             self._keep(
                 rollup.roll_forever(self.store.engine, interval=self.settings.heat_roll_interval)
             )
+        if self.store.is_postgres:  # the log's day partitions, a week ahead (fsm.partitions)
+            self._keep(partitions.maintain_forever(self.store.engine))
 
     def _keep(self, work: Coroutine[Any, Any, object]) -> None:
         task: asyncio.Task[object] = asyncio.create_task(work)

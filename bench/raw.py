@@ -50,7 +50,8 @@ ORDER_COLUMNS = (
     "created_at, updated_at, machine_version, created_by"
 )
 TRANSITION_COLUMNS = (
-    "order_id, seq, scope, trigger, from_state, to_state, detail, created_at, machine_version"
+    "order_id, seq, scope, trigger, from_state, to_state, detail, created_at, machine_version, "
+    "order_created_at"
 )
 LEASE = timedelta(seconds=30)
 OWNER = "raw-loop"
@@ -70,7 +71,7 @@ def _sql(mark: str) -> tuple[str, dict[tuple[str, str], str], str]:
             f"UPDATE orders SET {assignments} "
             f"WHERE id = {mark} AND version = {mark} AND lease_owner = {mark}"
         )
-    log = f"INSERT INTO transitions ({TRANSITION_COLUMNS}) VALUES ({', '.join([mark] * 9)})"
+    log = f"INSERT INTO transitions ({TRANSITION_COLUMNS}) VALUES ({', '.join([mark] * 10)})"
     return insert, updates, log
 
 
@@ -85,7 +86,7 @@ def _loop(conn: Any, mark: str, count: int, deadline: float, *, sqlite: bool) ->
     while done < count and time.monotonic() < deadline:
         oid = uuid.uuid4()
         key: Any = oid.hex if sqlite else oid
-        now = datetime.now(UTC)
+        now = created = datetime.now(UTC)
         conn.execute(insert, (key, BUYER["user_id"], BUYER["product_id"], BUYER["quantity"],
                               "pending", "pending", "pending", "pending", "pending", 0, OWNER,
                               stamp(now + LEASE), "{}", False, stamp(now), stamp(now),
@@ -102,8 +103,10 @@ def _loop(conn: Any, mark: str, count: int, deadline: float, *, sqlite: bool) ->
                 raise RuntimeError(f"raw loop: guarded UPDATE matched {cursor.rowcount} rows")
             text = None if detail is None else json.dumps({**detail, "order_id": str(oid)})
             conn.execute(
-                log, (key, version, scope, trigger, source, dest, text, stamp(now), MACHINE_VERSION)
-            )
+                log,
+                (key, version, scope, trigger, source, dest, text, stamp(now), MACHINE_VERSION,
+                 stamp(created)),
+            )  # fmt: skip
             conn.commit()
         done += 1
     return done

@@ -14,9 +14,22 @@ from dataclasses import dataclass, field, fields, make_dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    PrimaryKeyConstraint,
+    String,
+    UniqueConstraint,
+    event,
+    text,
+)
+from sqlalchemy.ext.compiler import compiles
 from sqlmodel import Field, SQLModel
 
+from fsm import partitions
 from fsm.machine import StepState
 from fsm.registry import STEPS
 
@@ -75,11 +88,25 @@ class OrderTable(SQLModel, table=True):
 
 
 class TransitionTable(SQLModel, table=True):
+    """The append-only log. Each row carries its order's creation time (`order_created_at`)
+    so that PostgreSQL can partition the log by it (`fsm.partitions`: one order's rows in
+    one day's partition) and retention drops a whole day at once; (order_id, seq,
+    order_created_at) is unique exactly when (order_id, seq) is. `id` numbers the rows in
+    insertion order (the heatmap roll-up's cursor): SQLite's rowid; on PostgreSQL a
+    sequence, the key being (id, order_created_at) since a partitioned table's key must
+    hold the partition key (`_transitions_key`). No foreign key to `orders`: the log and
+    its order are written and deleted in one transaction, and a key would make dropping a
+    partition look for each deleted order's log in every other partition under the table
+    lock (README, "Keeping the database small")."""
+
     __tablename__ = "transitions"
-    __table_args__ = (UniqueConstraint("order_id", "seq", name="uq_transitions_order_seq"),)
+    __table_args__ = (
+        UniqueConstraint("order_id", "seq", "order_created_at", name="uq_transitions_order_seq"),
+        {"postgresql_partition_by": "RANGE (order_created_at)"},
+    )
 
     id: int | None = Field(default=None, primary_key=True)
-    order_id: uuid.UUID = Field(foreign_key="orders.id", index=True)
+    order_id: uuid.UUID
     seq: int
     scope: str = Field(max_length=16)  # "order" or the step: payment, inventory, shipping
     trigger: str = Field(max_length=40)
@@ -89,6 +116,25 @@ class TransitionTable(SQLModel, table=True):
     # Indexed for the heatmap's windows (the part of an hour the roll-up cannot split).
     created_at: datetime = Field(sa_type=_utc(), index=True)
     machine_version: str = Field(default="", max_length=12)  # the machine that made the move
+    order_created_at: datetime = Field(sa_type=_utc())  # = its order's created_at
+
+
+@compiles(PrimaryKeyConstraint, "postgresql")
+def _transitions_key(constraint: PrimaryKeyConstraint, compiler: Any, **kw: Any) -> str:
+    """PostgreSQL: the partitioned log's key holds the partition key, (id,
+    order_created_at); every other table's is as declared."""
+    if constraint.table is not None and constraint.table.name == "transitions":
+        return "CONSTRAINT pk_transitions PRIMARY KEY (id, order_created_at)"
+    return str(compiler.visit_primary_key_constraint(constraint, **kw))
+
+
+@event.listens_for(TransitionTable.__table__, "after_create")  # type: ignore[attr-defined]
+def _first_partitions(target: Any, connection: Any, **kw: Any) -> None:
+    """`metadata.create_all` on PostgreSQL (tests): the default partition and this week's
+    (the migration does the same for a database it converts)."""
+    if connection.dialect.name == "postgresql":
+        for statement in partitions.create_statements(have=set(), default=False):
+            connection.execute(text(statement))
 
 
 # A step plugged in at start-up (fsm.registry, ORDER_SAGA_STEP_MODULES) has no field above:
@@ -232,6 +278,7 @@ class Transition:
     detail: dict[str, Any] | None = None
     id: int | None = None
     machine_version: str = ""
+    order_created_at: datetime | None = None  # its order's (the partition key)
 
 
 class ApiKeyTable(SQLModel, table=True):

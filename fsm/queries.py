@@ -110,9 +110,19 @@ class Reads:
         return _order_from(rows[0]) if rows else None
 
     def history(self, order_id: uuid.UUID) -> list[Transition]:
-        query = select(transitions).where(transitions.c.order_id == order_id)
+        # With its order's creation time PostgreSQL reads one partition (fsm.partitions).
+        created = select(orders.c.created_at).where(orders.c.id == order_id).scalar_subquery()
+        query = select(transitions).where(
+            transitions.c.order_id == order_id, transitions.c.order_created_at == created
+        )
         return [
-            Transition(**{**r._mapping, "created_at": as_utc(r.created_at)})
+            Transition(
+                **{
+                    **r._mapping,
+                    "created_at": as_utc(r.created_at),
+                    "order_created_at": as_utc(r.order_created_at),
+                }
+            )
             for r in self._rows(query.order_by(transitions.c.seq))
         ]
 
@@ -426,11 +436,16 @@ def nearest_rank(histogram: dict[int, int], percent: int) -> float | None:
 def ended_stays(*conditions: Any) -> Any:
     """Transitions (the operator's audit rows aside) with the time their scope entered the
     state each leaves: the created_at of the same order's previous transition of the same
-    scope (None: its first), one index probe on (order_id, seq) each."""
+    scope (None: its first), one index probe on (order_id, seq, order_created_at) each."""
     t, p = transitions, transitions.alias("previous")
     entered = (
         select(p.c.created_at)
-        .where(p.c.order_id == t.c.order_id, p.c.scope == t.c.scope, p.c.seq < t.c.seq)
+        .where(
+            p.c.order_id == t.c.order_id,
+            p.c.order_created_at == t.c.order_created_at,  # PostgreSQL: its one partition
+            p.c.scope == t.c.scope,
+            p.c.seq < t.c.seq,
+        )
         .order_by(p.c.seq.desc())
         .limit(1)
         .scalar_subquery()

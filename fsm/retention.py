@@ -28,14 +28,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, or_, select, tuple_
+from sqlalchemy import Connection, Engine, and_, func, or_, select, text, tuple_
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.sql.elements import ColumnElement
 
-from fsm import archive, sql
+from fsm import archive, partitions, sql
 from fsm.errors import CorruptOrder
 from fsm.machine import TERMINAL_ORDER_STATES, coarse_status
 from fsm.models import (
@@ -120,6 +121,7 @@ class PruneSummary:
     archived: int = 0
     changed: int = 0  # archived, then moved or claimed before the delete: kept
     batches: int = 0
+    partitions: int = 0  # PostgreSQL: past days of the log dropped whole (fsm.partitions)
     seconds: float = 0.0
     archive: str | None = None
     ids: list[str] = field(default_factory=list)  # dry run: the first ones found
@@ -129,6 +131,8 @@ class PruneSummary:
             f"deleted {self.deleted} orders and {self.transitions} transitions "
             f"in {self.batches} batches ({self.seconds:.1f}s)"
         )
+        if self.partitions:
+            text += f", {self.partitions} partitions of the log dropped whole"
         if self.archive:
             text += f", archived {self.archived} to {self.archive}"
         if self.changed:
@@ -202,6 +206,7 @@ class Pruner:
             if conn is None:
                 log.info("prune: another process is pruning; skipped")
                 return self.summary
+            self.drop_partitions(conn)
             while True:
                 began = time.perf_counter()
                 if not self.one_batch(conn):
@@ -233,6 +238,120 @@ class Pruner:
                     conn.execute(select(func.pg_advisory_unlock(ADVISORY_KEY)))
                     conn.commit()
 
+    # -- whole partitions (PostgreSQL) ---------------------------------------------------
+
+    def drop_partitions(self, conn: Connection) -> int:
+        """Drop each day partition of the log whose orders are *all* prunable, with those
+        orders (archived first); how many. A day holding one order that must stay (running,
+        parked, leased, undelivered events, too recent) is left to the batches, which
+        delete its prunable orders row by row. PostgreSQL with a partitioned log only."""
+        if not partitions.is_partitioned(conn):
+            conn.commit()
+            return 0
+        now = self.clock()
+        cut = cutoff_of(conn, older_than=self.older_than, keep_rows=self.keep_rows, now=now)
+        # Only a day wholly before the cutoff can be all prunable.
+        days = [d for d in partitions.existing(conn) if cut is not None and d.end <= cut]
+        counts = self._day_counts(conn, days, cut, now) if days and cut is not None else {}
+        conn.commit()
+        dropped = 0
+        for day in days:
+            total, ok = counts.get(day.start.date(), (0, 0))
+            if total != ok or cut is None:  # one must stay: the batches take the others
+                continue
+            try:
+                dropped += self._drop_day(conn, day, total, cut, now)
+            except DBAPIError as exc:  # a lock not had, a conflict: the batches do it
+                conn.rollback()
+                log.warning("prune: partition %s left to batches: %s", day.name, exc.orig)
+        return dropped
+
+    def _day_counts(
+        self, conn: Connection, days: list[partitions.Partition], cut: datetime, now: datetime
+    ) -> dict[date, tuple[int, int]]:
+        """Per UTC day of creation: (orders, prunable ones), in one scan of `orders` (no
+        index on created_at: it would cost every update of an order)."""
+        bucket = func.date_trunc("day", func.timezone("UTC", orders.c.created_at))
+        rows = conn.execute(
+            select(bucket, func.count(), func.count().filter(and_(*eligible(cutoff=cut, now=now))))
+            .where(orders.c.created_at >= days[0].start, orders.c.created_at < days[-1].end)
+            .group_by(bucket)
+        )
+        return {when.date(): (int(total), int(ok)) for when, total, ok in rows}
+
+    def _drop_day(
+        self, conn: Connection, day: partitions.Partition, total: int, cut: datetime, now: datetime
+    ) -> int:
+        within = [orders.c.created_at >= day.start, orders.c.created_at < day.end]
+        prunable = and_(*eligible(cutoff=cut, now=now))
+        archiving = self._appender_factory is not None and total > 0
+        versions = self._archive_day(conn, within, now) if archiving else {}
+        self.crash("partition-archived")
+        try:
+            for table in (deliveries, events, attempts):  # all delivered: eligible says so
+                conn.execute(
+                    table.delete().where(table.c.order_id.in_(select(orders.c.id).where(*within)))
+                )
+            gone = conn.execute(
+                orders.delete().where(*within, prunable).returning(orders.c.id, orders.c.version)
+            ).all()
+            left = conn.execute(select(orders.c.id).where(*within).limit(1)).first()
+            changed = archiving and any(versions.get(i) != v for i, v in gone)
+            if left is not None or changed:  # moved or claimed since the count: next time
+                conn.rollback()
+                return 0
+            lines = int(conn.execute(text(f"SELECT count(*) FROM {day.name}")).scalar_one())
+            if not self._detach(conn, day.name):
+                conn.rollback()
+                log.info("prune: %s busy; left for the next pass", day.name)
+                return 0
+            conn.execute(text(f"DROP TABLE {day.name}"))
+            self.crash("partition-dropped")
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        self.summary.eligible += total
+        self.summary.deleted += len(gone)
+        self.summary.transitions += lines
+        self.summary.partitions += 1
+        log.info("prune: dropped %s with its %d orders", day.name, len(gone))
+        return 1
+
+    def _archive_day(
+        self, conn: Connection, within: list[ColumnElement[bool]], now: datetime
+    ) -> dict[uuid.UUID, int]:
+        """Archive every order of the day (`batch` x 10 at a time); their versions."""
+        ids = list(conn.execute(select(orders.c.id).where(*within).order_by(orders.c.id)).scalars())
+        versions: dict[uuid.UUID, int] = {}
+        step = max(self.batch * 10, 1000)
+        for start in range(0, len(ids), step):
+            chunk = ids[start : start + step]
+            found, history = self._read(conn, orders.c.id.in_(chunk))
+            versions.update((o.id, o.version) for o in found)
+            self._archive(found, history, now)
+        conn.commit()
+        return versions
+
+    def _detach(self, conn: Connection, name: str, *, tries: int = 25) -> bool:
+        """DETACH the partition inside the open transaction: its exclusive lock on the
+        log is asked for `partitions.LOCK_TIMEOUT_MS` at a time, so inserts never queue
+        behind it for longer; False when it could not be had."""
+        for attempt in range(tries):
+            point = conn.begin_nested()
+            try:
+                conn.execute(text(f"SET LOCAL lock_timeout = {partitions.LOCK_TIMEOUT_MS}"))
+                conn.execute(text(f"ALTER TABLE {partitions.PARENT} DETACH PARTITION {name}"))
+            except OperationalError as exc:
+                point.rollback()
+                if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+                continue
+            point.commit()
+            return True
+        return False
+
     # -- one batch -----------------------------------------------------------------------
 
     def one_batch(self, conn: Connection) -> int:
@@ -248,14 +367,7 @@ class Pruner:
             return 0
         self.summary.batches += 1
         self.summary.eligible += len(found)
-        if self._appender_factory is not None:
-            if self._appender is None:
-                self._appender = self._appender_factory()
-                self.summary.archive = str(self._appender.path)
-            self._appender.append(
-                archive.encode(o, history.get(o.id, []), archived_at=now) for o in found
-            )
-            self.summary.archived += len(found)
+        self._archive(found, history, now)
         self.crash("archived")
         deleted, lines = self._delete(conn, found, cut, now)
         self.summary.deleted += deleted
@@ -264,18 +376,37 @@ class Pruner:
         self.crash("batch")
         return len(found)
 
+    def _archive(
+        self, found: list[Order], history: dict[uuid.UUID, list[Transition]], now: datetime
+    ) -> None:
+        """Append them to the archive (fsynced) when archiving; nothing otherwise."""
+        if self._appender_factory is None or not found:
+            return
+        if self._appender is None:
+            self._appender = self._appender_factory()
+            self.summary.archive = str(self._appender.path)
+        self._appender.append(
+            archive.encode(o, history.get(o.id, []), archived_at=now) for o in found
+        )
+        self.summary.archived += len(found)
+
     def _candidates(
         self, conn: Connection, cut: datetime, now: datetime
     ) -> tuple[list[Order], dict[uuid.UUID, list[Transition]]]:
-        rows = conn.execute(
-            select(orders)
-            .where(*eligible(cutoff=cut, now=now))
-            .order_by(orders.c.updated_at)
-            .limit(self.batch)
-        ).all()
+        return self._read(conn, *eligible(cutoff=cut, now=now), limit=self.batch)
+
+    def _read(
+        self, conn: Connection, *where: ColumnElement[bool], limit: int | None = None
+    ) -> tuple[list[Order], dict[uuid.UUID, list[Transition]]]:
+        """The orders matching `where` (oldest move first) and, when archiving, their
+        logs (not read otherwise: nothing needs them)."""
+        result = conn.execute(
+            select(orders).where(*where).order_by(orders.c.updated_at).limit(limit)
+        )
+        names = list(result.keys())
         found = []
-        for row in rows:
-            data = dict(row._mapping)
+        for row in result:
+            data = dict(zip(names, row, strict=True))
             for key in _TIMESTAMPS:
                 data[key] = as_utc(data[key])
             try:
@@ -283,14 +414,18 @@ class Pruner:
             except CorruptOrder as exc:  # never deleted: it cannot be archived faithfully
                 log.error("prune: skipping %s", exc)
         history: dict[uuid.UUID, list[Transition]] = {}
-        if found:
+        if found and self._appender_factory is not None:
             lines = conn.execute(
                 select(transitions)
-                .where(transitions.c.order_id.in_([o.id for o in found]))
+                .where(*_log_of(found))
                 .order_by(transitions.c.order_id, transitions.c.seq)
             )
+            names = list(lines.keys())
             for r in lines:
-                t = Transition(**{**r._mapping, "created_at": as_utc(r.created_at)})
+                data = dict(zip(names, r, strict=True))
+                data["created_at"] = as_utc(data["created_at"])
+                data["order_created_at"] = as_utc(data["order_created_at"])
+                t = Transition(**data)
                 history.setdefault(t.order_id, []).append(t)
         return found, history
 
@@ -311,7 +446,10 @@ class Pruner:
             if not ids:
                 conn.rollback()
                 return 0, 0
-            lines = conn.execute(transitions.delete().where(transitions.c.order_id.in_(ids)))
+            kept = set(ids)
+            lines = conn.execute(
+                transitions.delete().where(*_log_of([o for o in found if o.id in kept]))
+            )
             # Their events, every one delivered (eligible says so): the outbox keeps no orphans.
             conn.execute(deliveries.delete().where(deliveries.c.order_id.in_(ids)))
             conn.execute(events.delete().where(events.c.order_id.in_(ids)))
@@ -324,6 +462,15 @@ class Pruner:
             conn.rollback()
             raise
         return int(gone.rowcount), int(lines.rowcount)
+
+
+def _log_of(found: list[Order]) -> list[ColumnElement[bool]]:
+    """The transition rows of these orders; with their creation times PostgreSQL reads
+    only the partitions holding them (fsm.partitions)."""
+    return [
+        transitions.c.order_id.in_([o.id for o in found]),
+        transitions.c.order_created_at.in_(sorted({o.created_at for o in found})),
+    ]
 
 
 def _now() -> datetime:
@@ -377,6 +524,7 @@ async def _run_paced(pruner: Pruner) -> None:
     with pruner.session() as conn:
         if conn is None:
             return
+        await asyncio.to_thread(pruner.drop_partitions, conn)
         while True:
             began = time.perf_counter()
             if not await asyncio.to_thread(pruner.one_batch, conn):

@@ -28,6 +28,7 @@ from fsm.models import ORDER_COLUMNS, STATE_COLUMN, Order
 _TIMESTAMPS = frozenset(
     {"lease_expires_at", "next_attempt_at", "deadline_at", "created_at", "updated_at"}
 )
+_STAMPED = _TIMESTAMPS | {"order_created_at"}  # encoded as timestamps (transitions' too)
 _JSON = frozenset({"attempts", "detail"})
 _KNOWN = {
     "status": frozenset(Status),
@@ -46,6 +47,7 @@ TRANSITION_COLUMNS = (
     "detail",
     "created_at",
     "machine_version",
+    "order_created_at",  # the partition key on PostgreSQL (fsm.partitions)
 )
 
 ATTEMPT_COLUMNS = (
@@ -72,7 +74,7 @@ class Dialect:
             return None
         if column == "id" or column == "order_id":
             return self.uuid(value)
-        if column in _TIMESTAMPS:
+        if column in _STAMPED:
             return self.timestamp(value)
         if column in _JSON:
             return self.json(value)

@@ -184,7 +184,10 @@ class Store(Reads):
             kind = outbox.event_type(order.status, values["status"])
             if dest in TERMINAL_ORDER_STATES:
                 values["lease_owner"] = values["lease_expires_at"] = None
-        line = (order.id, seq, scope, trigger, source, dest, detail, now, MACHINE_VERSION)
+        line = (
+            order.id, seq, scope, trigger, source, dest, detail, now, MACHINE_VERSION,
+            order.created_at,
+        )  # fmt: skip
         await self._write(order, owner, values, line, kind)
         return dest
 
@@ -199,7 +202,7 @@ class Store(Reads):
         values: dict[str, Any] = {"version": seq, "lease_expires_at": now + self.lease}
         line = (
             order.id, seq, AUDIT_SCOPE, action, order.state, order.state, detail, now,
-            MACHINE_VERSION,
+            MACHINE_VERSION, order.created_at,
         )  # fmt: skip
         await self._write(order, owner, values, line)
 

@@ -9,6 +9,7 @@ from alembic import context
 from sqlmodel import SQLModel
 
 import fsm.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from fsm import partitions
 from fsm.settings import get_settings
 from fsm.store import make_engine
 
@@ -47,6 +48,7 @@ def _run(connection: object) -> None:
         target_metadata=target_metadata,
         render_as_batch=True,
         compare_type=True,
+        include_name=partitions.include_name,  # the parent is the model; its days are not
     )
     with context.begin_transaction():
         context.run_migrations()

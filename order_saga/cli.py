@@ -311,7 +311,7 @@ def worker(
     metrics_host: Annotated[str, typer.Option(help="Interface for /metrics.")] = "127.0.0.1",
 ) -> None:
     """Claim and advance stuck orders forever (run several; they share the load)."""
-    from fsm import retention
+    from fsm import partitions, retention
     from fsm.recovery import sweep_forever
 
     settings = load_settings()
@@ -370,6 +370,9 @@ def worker(
                     rollup.roll_forever(executor.store.engine, interval=settings.heat_roll_interval)
                 )
                 sweep.add_done_callback(lambda _: rolling.cancel())
+            if executor.store.is_postgres:  # the log's day partitions, a week ahead
+                ahead = asyncio.create_task(partitions.maintain_forever(executor.store.engine))
+                sweep.add_done_callback(lambda _: ahead.cancel())
             if settings.relay:  # order events leave from here too (several relays share)
                 from fsm.relay import Relay
 

@@ -16,6 +16,7 @@ from sqlalchemy import inspect, text
 from sqlmodel import SQLModel
 
 import fsm.models  # noqa: F401
+from fsm import partitions
 from fsm.migrate import alembic_config, upgrade
 from fsm.store import make_engine
 from tests.support.database import create_pg_database, drop_pg_database
@@ -37,7 +38,10 @@ def test_upgrade_head_matches_the_models(empty_db: str) -> None:
     upgrade(empty_db)
     engine = make_engine(empty_db)
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+        context = MigrationContext.configure(
+            conn, opts={"include_name": partitions.include_name, "compare_type": True}
+        )
+        diff = compare_metadata(context, SQLModel.metadata)
         tables = set(inspect(conn).get_table_names())
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
     engine.dispose()

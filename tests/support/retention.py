@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import date
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from downstream.seed import (
     MISSING_PRODUCT_ID,
@@ -16,6 +17,7 @@ from downstream.seed import (
     SOLD_OUT_PRODUCT_ID,
     WIDGET_ID,
 )
+from fsm import partitions
 from fsm.executor import Executor
 from fsm.models import OrderTable, TransitionTable
 from fsm.store import Store
@@ -81,3 +83,32 @@ def transition_count(store: Store, order_id: uuid.UUID) -> int:
     query = select(func.count()).select_from(transitions).where(transitions.c.order_id == order_id)
     with store.engine.connect() as conn:
         return int(conn.execute(query).scalar_one())
+
+
+def age_into(store: Store, order_ids: list[uuid.UUID], day: date) -> str:
+    """PostgreSQL: move these orders (and their logs, with PostgreSQL's row movement) into
+    `day`'s partition, as if created then; the partition's name."""
+    with store.engine.connect() as conn:
+        partitions.ensure(conn, first=day, last=day)
+    start, _ = partitions.bounds(day)
+    with store.engine.begin() as conn:
+        for order_id in order_ids:
+            old = conn.execute(select(orders.c.created_at).where(orders.c.id == order_id)).scalar()
+            when = start + (old - old.replace(hour=0, minute=0, second=0, microsecond=0))
+            conn.execute(orders.update().where(orders.c.id == order_id).values(created_at=when))
+            conn.execute(
+                transitions.update()
+                .where(transitions.c.order_id == order_id)
+                .values(order_created_at=when)
+            )
+    return partitions.name_of(day)
+
+
+def partition_names(store: Store) -> set[str]:
+    with store.engine.connect() as conn:
+        return {p.name for p in partitions.existing(conn)}
+
+
+def rows_in(store: Store, table: str) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())

@@ -1,16 +1,16 @@
 """The hot path's statement on the partitioned log against the plain one (issue 22), same
 run, alternating: `python -m bench.partition_ab [--orders N] [--rounds R] [--days D]`.
 
-Two scratch PostgreSQL databases, one at revision 0005 (the plain `transitions`: a serial
-id, a foreign key to `orders`, a unique (order_id, seq) and an order_id index) and one at
-head (partitioned by day on `order_created_at`, key (order_id, seq, order_created_at),
-nothing else; D past day partitions added, as a retention of D days keeps). Each round
-drives N fresh orders through ten guarded moves — the engine's `WITH moved AS (UPDATE
-orders ...) INSERT INTO transitions ...` statement, prepared, 16 to a commit as the group
-commit does — first on one database, then on the other (the order swapped each round).
-Printed: the median seconds per move of each and their ratio. `synchronous_commit` is off
-in both sessions so that the fsync of the commit, the same for both, does not drown what
-the table costs.
+Two scratch PostgreSQL databases, one at revision 0006 (the plain `transitions`: a serial
+id key, a foreign key to `orders`, a unique (order_id, seq), order_id and created_at
+indexes) and one at head (partitioned by day on `order_created_at`: key (id,
+order_created_at), unique (order_id, seq, order_created_at), the created_at index; D past
+day partitions added, as a retention of D days keeps). Each round drives N fresh orders
+through ten guarded moves — the engine's `WITH moved AS (UPDATE orders ...) INSERT INTO
+transitions ...` statement, prepared, 16 to a commit as the group commit does — first on
+one database, then on the other (the order swapped each round). Printed: the median
+seconds per move of each and their ratio. `synchronous_commit` is off in both sessions so
+that the fsync of the commit, the same for both, does not drown what the table costs.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main() -> None:
         scratch_database(cfg, "postgresql", "plain") as plain_url,
         scratch_database(cfg, "postgresql", "parted") as parted_url,
     ):
-        upgrade(plain_url, "0005")
+        upgrade(plain_url, "0006")
         upgrade(parted_url)
         engine = create_engine(parted_url)
         with engine.connect() as conn:  # a retention of `days`: that many partitions
@@ -110,7 +110,7 @@ def main() -> None:
     plain, parted = (statistics.median(seconds[n]) for n in ("plain", "partitioned"))
     print(f"moves per round: {args.orders * 10:,}, rounds: {args.rounds}, alternating; ")
     print(f"partitioned log with {args.days} past days + {partitions.AHEAD + 1} ahead")
-    print(f"plain log (revision 0005):  {plain * 1e6:7.0f} µs per move (median of rounds)")
+    print(f"plain log (revision 0006):  {plain * 1e6:7.0f} µs per move (median of rounds)")
     print(f"partitioned log (head):     {parted * 1e6:7.0f} µs per move (median of rounds)")
     print(f"partitioned / plain:        {parted / plain:.2f}×")
     for name in ("plain", "partitioned"):

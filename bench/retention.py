@@ -92,6 +92,8 @@ def copy_terminal_orders(url: str, count: int, *, day: date, hold_one: bool = Fa
         order_row = {**template._mapping, "created_at": then, "updated_at": then}
         order_row["idempotency_key"] = None
         line_rows = [{**r._mapping, "created_at": then, "order_created_at": then} for r in lines]
+        for line in line_rows:
+            line.pop("id", None)  # numbered by the database
         held = {**order_row, "id": uuid.uuid4(), "state": "pending", "status": "pending"}
         if url.startswith("postgresql"):
             _copy(
@@ -126,7 +128,7 @@ def _copy(
 ) -> None:
     """COPY the orders and their transitions in (PostgreSQL, psycopg)."""
     order_cols = [c.name for c in orders.columns]
-    line_cols = [c.name for c in transitions.columns]
+    line_cols = [c.name for c in transitions.columns if c.name != "id"]
 
     def value(v: Any) -> Any:
         return json.dumps(v) if isinstance(v, dict) else v

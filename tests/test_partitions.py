@@ -141,7 +141,7 @@ def pg_empty(worker_id: str) -> Iterator[str]:
 
 
 def test_the_migration_converts_an_existing_log(pg_empty: str) -> None:
-    upgrade(pg_empty, "0005")
+    upgrade(pg_empty, "0006")
     engine = make_engine(pg_empty)
     old = utcnow() - timedelta(days=40)
     with engine.begin() as conn:
@@ -182,7 +182,7 @@ def test_the_migration_converts_an_existing_log(pg_empty: str) -> None:
         (partitions.name_of(utcnow().date()), 1),
         (partitions.name_of(utcnow().date()), 2),
     ]
-    command.downgrade(alembic_config(pg_empty), "0005")  # and back
+    command.downgrade(alembic_config(pg_empty), "0006")  # and back
     with engine.connect() as conn:
         assert not partitions.is_partitioned(conn)
         assert conn.execute(text("SELECT count(*) FROM transitions")).scalar_one() == 4

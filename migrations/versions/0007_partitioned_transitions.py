@@ -35,8 +35,7 @@ depends_on: str | Sequence[str] | None = None
 
 _STR = sqlmodel.sql.sqltypes.AutoString
 _COPIED = (
-    "id, order_id, seq, scope, trigger, from_state, to_state, detail, created_at, "
-    "machine_version"
+    "id, order_id, seq, scope, trigger, from_state, to_state, detail, created_at, machine_version"
 )
 _PG_COLUMNS = """
     order_id UUID NOT NULL,

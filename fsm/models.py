@@ -122,8 +122,10 @@ class TransitionTable(SQLModel, table=True):
 @compiles(PrimaryKeyConstraint, "postgresql")
 def _transitions_key(constraint: PrimaryKeyConstraint, compiler: Any, **kw: Any) -> str:
     """PostgreSQL: the partitioned log's key holds the partition key, (id,
-    order_created_at); every other table's is as declared."""
-    if constraint.table is not None and constraint.table.name == "transitions":
+    order_created_at); every other table's (the log's before revision 0007 too) is as
+    declared."""
+    table = constraint.table
+    if table is not None and table.name == "transitions" and "order_created_at" in table.c:
         return "CONSTRAINT pk_transitions PRIMARY KEY (id, order_created_at)"
     return str(compiler.visit_primary_key_constraint(constraint, **kw))
 

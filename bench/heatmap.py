@@ -52,7 +52,7 @@ WINDOWS: dict[str, timedelta | None] = {
 SPAN = timedelta(days=7)  # orders are created evenly over the last week
 TRANSITION_COLUMNS = (
     "order_id", "seq", "scope", "trigger", "from_state", "to_state", "detail", "created_at",
-    "machine_version",
+    "machine_version", "order_created_at",
 )  # fmt: skip
 
 
@@ -258,7 +258,7 @@ def _batches(
     lines: list[Any] = []
     for order, log in generate(count, **how):
         orders.append(order)
-        lines += log
+        lines += [(*line, order["created_at"]) for line in log]  # the partition key
         if len(orders) >= size:
             yield orders, lines
             orders, lines = [], []

@@ -16,7 +16,6 @@ import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -59,12 +58,16 @@ def loyalty(loyalty_url: str) -> Iterator[loyalty_step.Books]:
     loyalty_step.BOOKS.reset()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def scratch_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def scratch_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A scratch database migrated like a deploy that adds the step: the product's
-    migrations (a real `order-saga db upgrade`), then the step's own."""
+    migrations (a real `order-saga db upgrade`), then the step's own. One per database
+    kind for the module: every test works on orders of its own (the migration is not
+    what they test, and a `db upgrade` costs a process start)."""
     name = f"order_saga_fourth_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    url = f"sqlite:///{tmp_path}/four.db"
+    url = f"sqlite:///{tmp_path_factory.mktemp('fourth')}/four.db"
     if request.param == "postgresql":
         url = create_pg_database(name)
     try:

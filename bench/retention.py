@@ -50,8 +50,9 @@ def _size(url: str) -> int:
             if url.startswith("sqlite"):
                 conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
                 return Path(url.removeprefix("sqlite:///")).stat().st_size
-            query = (
-                "SELECT pg_total_relation_size('orders') + pg_total_relation_size('transitions')"
+            query = (  # the log's partitions too (a partitioned parent has no storage)
+                "SELECT pg_total_relation_size('orders') + "
+                "(SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('transitions'))"
             )
             return int(conn.execute(text(query)).scalar_one())
     finally:

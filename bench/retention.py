@@ -52,7 +52,8 @@ def _size(url: str) -> int:
                 return Path(url.removeprefix("sqlite:///")).stat().st_size
             query = (  # the log's partitions too (a partitioned parent has no storage)
                 "SELECT pg_total_relation_size('orders') + "
-                "(SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('transitions'))"
+                "coalesce((SELECT sum(pg_total_relation_size(relid)) "
+                "FROM pg_partition_tree('transitions')), pg_total_relation_size('transitions'))"
             )
             return int(conn.execute(text(query)).scalar_one())
     finally:

@@ -54,9 +54,13 @@ class AmqpSender:
             timestamp=event.created_at,
         )
         try:
-            exchange = await asyncio.wait_for(self._open(), self.timeout)
-            # publisher confirms: returns once the broker has taken responsibility
-            await asyncio.wait_for(exchange.publish(message, routing_key=event.type), self.timeout)
+            # One timeout for both awaits (asyncio.wait_for would start a task for each).
+            async with asyncio.timeout(self.timeout):
+                exchange = await self._open()
+                # publisher confirms: returns once the broker has taken responsibility. Not
+                # `mandatory`: an event no queue is bound for is confirmed all the same, and
+                # the broker would send each such message's whole body back to the relay.
+                await exchange.publish(message, routing_key=event.type, mandatory=False)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():

@@ -124,6 +124,10 @@ def serve(
         )
         raise typer.Exit(code)
     configure_logging(settings)
+    # uvicorn re-raises the SIGTERM it shut down on once it has; by default that ends the
+    # process before atexit writes the queued log lines (its "Application shutdown
+    # complete" among them): this handler, restored by uvicorn, writes them first.
+    signal.signal(signal.SIGTERM, _flush_then_die)
     uvicorn.run(
         application(),
         host=host,
@@ -132,6 +136,15 @@ def serve(
         log_config=None,
         **uvicorn_options(settings),
     )
+
+
+def _flush_then_die(signum: int, _frame: object) -> None:
+    """Write the queued log lines, then die of `signum` as the default handler would."""
+    from order_saga.logs import flush
+
+    flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
 
 
 @app.command()

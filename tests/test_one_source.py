@@ -19,8 +19,10 @@ from fsm.registry import STEPS
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINE_PACKAGES = ("fsm", "api", "order_saga")
-# fsm/outbox_sql.py: the order events' statements (issue 19), beside the orders' own.
-SQL_MODULES = {"fsm/sql.py", "fsm/queries.py", "fsm/outbox_sql.py"}
+# fsm/outbox_sql.py: the order events' statements (issue 19), beside the orders' own;
+# fsm/partitions.py: the PostgreSQL partitions' DDL and catalog reads (issue 22), written
+# beside the scheme they implement (day bounds, names), not data statements.
+SQL_MODULES = {"fsm/sql.py", "fsm/queries.py", "fsm/outbox_sql.py", "fsm/partitions.py"}
 # The registry, the only module that may write the steps' names, and the schema (the
 # tables' columns, declared as SQLModel fields).
 STEP_REGISTRY = {"fsm/registry.py", "fsm/machine.py", "fsm/models.py"}

@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time as time_module
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 log = logging.getLogger("order_saga.partitions")
 
@@ -135,6 +136,36 @@ def ensure(conn: Connection, *, first: date | None = None, last: date | None = N
                 "partition not created (%s): %s", statement.split(" PARTITION")[0], exc.orig
             )
     return created
+
+
+def rows_in(conn: Connection, name: str) -> int:
+    """How many transitions the partition `name` holds."""
+    return int(conn.execute(text(f"SELECT count(*) FROM {name}")).scalar_one())
+
+
+def detach(conn: Connection, name: str, *, tries: int = 25) -> bool:
+    """DETACH the partition inside the open transaction: its exclusive lock on the log is
+    asked for `LOCK_TIMEOUT_MS` at a time, so inserts never queue behind it for longer;
+    False when it could not be had."""
+    for attempt in range(tries):
+        point = conn.begin_nested()
+        try:
+            conn.execute(text(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}"))
+            conn.execute(text(f"ALTER TABLE {PARENT} DETACH PARTITION {name}"))
+        except OperationalError as exc:
+            point.rollback()
+            if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available
+                raise
+            time_module.sleep(0.05 * (attempt + 1))
+            continue
+        point.commit()
+        return True
+    return False
+
+
+def drop(conn: Connection, name: str) -> None:
+    """DROP a detached partition (in the caller's transaction)."""
+    conn.execute(text(f"DROP TABLE {name}"))
 
 
 def _has_default(conn: Connection) -> bool:

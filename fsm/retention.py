@@ -32,8 +32,8 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, or_, select, text, tuple_
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy import Connection, Engine, and_, func, or_, select, tuple_
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ColumnElement
 
 from fsm import archive, partitions, sql
@@ -300,12 +300,12 @@ class Pruner:
             if left is not None or changed:  # moved or claimed since the count: next time
                 conn.rollback()
                 return 0
-            lines = int(conn.execute(text(f"SELECT count(*) FROM {day.name}")).scalar_one())
-            if not self._detach(conn, day.name):
+            lines = partitions.rows_in(conn, day.name)
+            if not partitions.detach(conn, day.name):
                 conn.rollback()
                 log.info("prune: %s busy; left for the next pass", day.name)
                 return 0
-            conn.execute(text(f"DROP TABLE {day.name}"))
+            partitions.drop(conn, day.name)
             self.crash("partition-dropped")
             conn.commit()
         except BaseException:
@@ -332,25 +332,6 @@ class Pruner:
             self._archive(found, history, now)
         conn.commit()
         return versions
-
-    def _detach(self, conn: Connection, name: str, *, tries: int = 25) -> bool:
-        """DETACH the partition inside the open transaction: its exclusive lock on the
-        log is asked for `partitions.LOCK_TIMEOUT_MS` at a time, so inserts never queue
-        behind it for longer; False when it could not be had."""
-        for attempt in range(tries):
-            point = conn.begin_nested()
-            try:
-                conn.execute(text(f"SET LOCAL lock_timeout = {partitions.LOCK_TIMEOUT_MS}"))
-                conn.execute(text(f"ALTER TABLE {partitions.PARENT} DETACH PARTITION {name}"))
-            except OperationalError as exc:
-                point.rollback()
-                if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-                continue
-            point.commit()
-            return True
-        return False
 
     # -- one batch -----------------------------------------------------------------------
 

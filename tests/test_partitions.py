@@ -34,19 +34,15 @@ from tests.support.retention import (
 from tests.support.services import Downstream
 from tests.support.settings import saga_env
 
-pytestmark = pytest.mark.usefixtures("postgres_only")
-
-
-@pytest.fixture
-def postgres_only(db_url: str) -> None:
-    if not db_url.startswith("postgresql"):
-        pytest.skip("SQLite keeps one plain table (batched deletes)")
+# PostgreSQL only: SQLite keeps one plain table (batched deletes, tests/test_retention.py).
+postgres_only = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 
 
 def three_days_ago() -> object:
     return (utcnow() - timedelta(days=3)).date()
 
 
+@postgres_only
 async def test_a_day_whose_orders_all_go_is_dropped_whole_after_its_archive(
     store: Store, executor: Executor, downstream: Downstream, tmp_path: Path
 ) -> None:
@@ -76,6 +72,7 @@ async def test_a_day_whose_orders_all_go_is_dropped_whole_after_its_archive(
         assert store.history(order_id) == log
 
 
+@postgres_only
 async def test_a_day_holding_an_order_that_must_stay_is_pruned_row_by_row(
     store: Store, executor: Executor, downstream: Downstream
 ) -> None:
@@ -96,6 +93,7 @@ async def test_a_day_holding_an_order_that_must_stay_is_pruned_row_by_row(
 
 
 @pytest.mark.slow
+@postgres_only
 @pytest.mark.parametrize("point", ["partition-archived", "partition-dropped"])
 async def test_a_drop_killed_midway_leaves_every_order_whole_and_a_later_prune_finishes(
     point: str,

@@ -24,9 +24,10 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from fsm.machine import OrderState, is_terminal
+from fsm.machine import OrderState, StepState, is_terminal
 from fsm.models import Order
 from fsm.queries import Attempt, last_attempts
+from fsm.registry import STEP
 from fsm.settings import Settings
 from fsm.store import Store, utcnow
 
@@ -68,8 +69,13 @@ def explain(order: Order, *, last: Attempt | None, settings: Settings, now: date
     """Why `order` stands where it is (None for a terminal order: it is done)."""
     if is_terminal(order.state):
         return None
-    # The last logged attempt speaks for the order only if nothing moved it since.
-    fresh = last if last is not None and last.at >= order.updated_at else None
+    # The last logged attempt speaks for the order if nothing moved it since, or if its
+    # call is still unanswered (another step finishing does not end this call's wait).
+    fresh = (
+        last
+        if last is not None and (last.at >= order.updated_at or _unanswered(order, last.call))
+        else None
+    )
     owner, expires = order.lease_owner, order.lease_expires_at
     alive = owner is not None and expires is not None and expires > now
     sweep_from = order.updated_at + timedelta(seconds=settings.sweep_older_than)
@@ -147,6 +153,18 @@ def explain(order: Order, *, last: Attempt | None, settings: Settings, now: date
         "runnable now: the next sweep pass (or `order-saga resume`) drives it",
         last_error=order.last_error,
     )
+
+
+def _unanswered(order: Order, call: str) -> bool:
+    """`call` ("payment:deduct", "payment:refund") is still in flight: its step still
+    requested (the forward action) or compensating (the undo). The product lookup runs
+    alone, so for it the order's own last move is the test."""
+    scope, _, action = call.partition(":")
+    row = STEP.get(scope)
+    if row is None:
+        return False
+    waiting = StepState.REQUESTED if action == row.forward else StepState.COMPENSATING
+    return bool(getattr(order, row.column) == waiting)
 
 
 def for_orders(store: Store, orders: Sequence[Order], settings: Settings) -> dict[uuid.UUID, Why]:

@@ -138,6 +138,39 @@ async def test_a_call_behind_an_open_breaker_waits_for_the_probe(
         set_faults(downstream.url, ())
 
 
+async def test_a_wait_on_a_breaker_outlives_the_other_steps_finishing(
+    store: Store, services: Services, settings: Settings, downstream: Downstream
+) -> None:
+    """Inventory and shipping answer after payment began to wait on its breaker: their
+    transitions move the order past the wait's attempt row, and the wait still shows."""
+    breakers = Breakers(threshold=1, cooldown=60)
+    executor = build_executor(settings, store=store, services=breakers.wrap(services))
+    downstream.fault("user.deduct", "error", count=1000)
+    downstream.fault("inventory.deduct", "delay", seconds=0.5)
+    downstream.fault("shipping.schedule", "delay", seconds=0.5)
+    order = await new_order(store)
+    run = asyncio.create_task(executor.run(order.id))
+    try:
+
+        def others_done() -> Order | None:
+            assert not run.done(), run
+            now = store.get(order.id)
+            done = now.inventory_state == now.shipping_state == "succeeded"
+            return now if done else None
+
+        moved = await wait_until_async(others_done, what="inventory and shipping to succeed")
+        [waited] = [a for a in queries.attempts(store, order.id) if a.waiting_on]
+        assert waited.at < moved.updated_at  # the order moved after the wait began
+        w = explain(store, order, settings)
+        assert w.kind is Kind.BREAKER and w.service == "user.deduct", w
+        assert w.call == "payment:deduct"
+    finally:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        await executor.aclose()
+        set_faults(downstream.url, ())
+
+
 async def test_an_order_nobody_holds_is_runnable(store: Store, settings: Settings) -> None:
     order = await new_order(store)
     w = explain(store, order, settings)

@@ -53,6 +53,7 @@ check: deps $(STAMP)
 	$(BIN)/mypy
 	@scripts/ensure-postgres.sh
 	@scripts/ensure-rabbitmq.sh
+	@scripts/ensure-promtool.sh $(BIN)
 	$(BIN)/pytest -n 2 --dist loadgroup
 
 test-fast: $(STAMP)

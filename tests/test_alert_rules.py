@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,12 @@ from fsm.breaker import Breakers
 
 RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "order-saga.rules.yml"
 RULE_TESTS = RULES.with_name("order-saga.rules.test.yml")
-PROMTOOL = os.environ.get("ORDER_SAGA_PROMTOOL") or shutil.which("promtool")
+# On PATH, or where `make test` puts it (scripts/ensure-promtool.sh: the virtualenv's bin/).
+PROMTOOL = (
+    os.environ.get("ORDER_SAGA_PROMTOOL")
+    or shutil.which("promtool")
+    or shutil.which("promtool", path=str(Path(sys.executable).parent))
+)
 DOC = yaml.safe_load(RULES.read_text())
 ALERTS: list[dict[str, Any]] = [rule for group in DOC["groups"] for rule in group["rules"]]
 WORDS = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")

@@ -14,6 +14,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,9 @@ def served(tmp_path: Path, settings: dict[str, str]) -> Iterator[Served]:
         server.stop()
 
 
-@pytest.fixture
-def page(served: Served) -> Iterator[Any]:
+@contextmanager
+def browser_tab() -> Iterator[Any]:
+    """A page of Debian's chromium, driven by Playwright, closed after use."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -110,6 +112,12 @@ def page(served: Served) -> Iterator[Any]:
             yield tab
         finally:
             browser.close()
+
+
+@pytest.fixture
+def page(served: Served) -> Iterator[Any]:
+    with browser_tab() as tab:
+        yield tab
 
 
 def test_list_order_resolve_and_cancel_in_the_browser(served: Served, page: Any) -> None:
@@ -457,16 +465,8 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
 
 @pytest.fixture
 def tab(team: Team) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        tab = browser.new_page(viewport={"width": 1280, "height": 900})
-        tab.set_default_timeout(TIMEOUT_MS)
-        try:
-            yield tab
-        finally:
-            browser.close()
+    with browser_tab() as opened:
+        yield opened
 
 
 def _sign_in(tab: Any, team: Team, key: str, path: str = "/ui") -> None:

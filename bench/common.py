@@ -331,8 +331,11 @@ def wait_http(
     raise RuntimeError(f"{url}: not up after {timeout:.0f}s: {procs.log_tail(proc)}")
 
 
-def start_services(procs: Processes) -> tuple[subprocess.Popen[bytes], str]:
-    """The reference services alone (`order-saga services`), state in a fresh file."""
+def start_services(
+    procs: Processes, tree: Path | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The reference services alone (`order-saga services`), state in a fresh file; run
+    from another checkout's code when `tree` is given (PYTHONPATH)."""
     port = free_port()
     state = procs.cfg.tmp / f"services-{port}.db"
     argv = saga_argv("services", "--port", str(port), "--state", str(state))
@@ -340,6 +343,8 @@ def start_services(procs: Processes) -> tuple[subprocess.Popen[bytes], str]:
     # at 32 orders each keep ~400 calls in flight, and the benchmark measures the engine,
     # not the reference services' admission limit.
     env = saga_env("sqlite:///unused.db", ORDER_SAGA_LIMIT_CONCURRENCY="4096")
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree.resolve())
     proc = procs.start("services", argv, env)
     url = f"http://127.0.0.1:{port}"
     wait_http(procs, proc, f"{url}/products/1")

@@ -26,8 +26,9 @@ async def get_faults(request: Request) -> FaultBoard:
 
 StoreDep = Annotated[Store, Depends(get_store)]
 FaultsDep = Annotated[FaultBoard, Depends(get_faults)]
+MAX_KEY = 500
 IdempotencyKey = Annotated[
-    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=500)
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=MAX_KEY)
 ]
 
 

@@ -561,6 +561,52 @@ async def test_non_integer_path_id_is_422(svc: httpx.AsyncClient) -> None:
     assert (await svc.get("/products/abc")).status_code == 422
 
 
+# A saga's calls skip FastAPI's parameter solving when well-formed (`DirectRoute`); what the
+# direct reader declines goes to FastAPI's handler, so both paths answer alike.
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"Content-Type": "application/json"}, 200),  # the direct path
+        ({"Content-Type": "application/json; charset=utf-8"}, 200),  # FastAPI's
+        ({"Content-Type": "text/plain"}, 422),
+        ({"Content-Type": "application/json", "Idempotency-Key": ""}, 422),
+        ({"Content-Type": "application/json", "Idempotency-Key": "k" * 501}, 422),
+        ({"Content-Type": "application/json", "Idempotency-Key": "k" * 500}, 200),
+    ],
+)
+async def test_direct_and_checked_paths_answer_alike(
+    svc: httpx.AsyncClient, headers: dict[str, str], status: int
+) -> None:
+    body = b'{"user_id": 1, "amount": 5, "order_id": "o-direct"}'
+    response = await svc.post("/users/deduct", content=body, headers=headers)
+    assert response.status_code == status, response.text
+    if status == 200:
+        assert response.json()["balance"] == seed.USERS[0].balance - 5
+    else:
+        assert response.json()["detail"][0]["msg"]
+        assert await effects(svc) == {}
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/products/1", 200),
+        ("/products/0001", 200),  # FastAPI's int parsing, the same product
+        ("/products/-0", 404),
+        ("/products/9223372036854775807", 404),
+        ("/products/9223372036854775808", 422),  # past 64 bits: FastAPI's 422
+        ("/products/1.0", 200),  # declined by the direct reader; FastAPI takes it
+    ],
+)
+async def test_direct_product_lookup_answers_as_fastapi(
+    svc: httpx.AsyncClient, path: str, status: int
+) -> None:
+    response = await svc.get(path)
+    assert response.status_code == status, response.text
+    if status == 200:
+        assert response.json()["id"] == 1
+
+
 # ---- reset and persistence -----------------------------------------------------------------
 
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 
+from api import direct
+from api.auth import principal_of
 from api.deps import ExecutorDep, PrincipalDep, SettingsDep, StoreDep, visible
 from api.runner import Runner
 from api.schemas import (
@@ -26,16 +30,19 @@ from fsm.machine import OperatorAction, OrderState, Status
 from fsm.models import Order
 from fsm.operator import Audit
 
-router = APIRouter(prefix="/orders", tags=["orders"])
+router = APIRouter(prefix="/orders", tags=["orders"], route_class=direct.DirectRoute)
 
 # Visible ASCII, inner spaces allowed: an empty or blank key would be one key shared by
 # every client (the second would get the first one's order).
+_KEY_PATTERN = r"^[!-~]([ -~]*[!-~])?$"
+_KEY = re.compile(_KEY_PATTERN.strip("^$"))  # for fullmatch: Python's $ allows a final \n
+_KEY_MAX = 200
 IdempotencyKey = Annotated[
     str | None,
     Header(
         min_length=1,
-        max_length=200,
-        pattern=r"^[!-~]([ -~]*[!-~])?$",
+        max_length=_KEY_MAX,
+        pattern=_KEY_PATTERN,
         description="1-200 visible ASCII characters; a retry with the same key and body "
         "returns the same order",
     ),
@@ -127,6 +134,35 @@ async def create_order(
         except TimeoutError:
             pass  # still running in the background: answer 202
     return _answer(order)
+
+
+async def _create_order_directly(request: Request) -> Response | None:
+    """`create_order` for a well-formed request (`api.direct`): a JSON body (declared
+    `application/json` exactly) that `OrderIn` accepts, a valid `Idempotency-Key` or none."""
+    headers = request.headers
+    if headers.get("content-type") != _JSON:
+        return None
+    key = headers.get("idempotency-key")
+    if key is not None and (len(key) > _KEY_MAX or _KEY.fullmatch(key) is None):
+        return None
+    try:
+        body = OrderIn.model_validate_json(await request.body())
+    except ValidationError:
+        return None
+    state = request.app.state
+    return await create_order(
+        body,
+        request,
+        state.store,
+        state.executor,
+        state.settings,
+        principal_of(request.scope),
+        key,
+        headers.get("prefer"),
+    )
+
+
+direct.register(create_order, _create_order_directly)
 
 
 @router.get("", response_model=OrderList, responses=problems(500))

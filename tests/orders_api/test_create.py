@@ -173,6 +173,36 @@ def test_create_rejects_overlong_idempotency_key(sqlite_client: TestClient) -> N
     assert sqlite_client.get("/orders").json()["orders"] == []
 
 
+# A well-formed POST /orders skips FastAPI's parameter solving (`api.direct`); what the
+# direct reader declines goes to FastAPI's handler: both answer alike.
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        pytest.param({"Content-Type": "application/json"}, 201, id="direct"),
+        pytest.param({"Content-Type": "application/json; charset=utf-8"}, 201, id="charset"),
+        pytest.param({"Content-Type": "text/plain"}, 422, id="not declared json"),
+        pytest.param({"Idempotency-Key": "k" * 200}, 201, id="longest key"),
+        pytest.param({"Idempotency-Key": " padded"}, 422, id="key with a leading space"),
+        pytest.param({"Idempotency-Key": "a b"}, 201, id="key with an inner space"),
+    ],
+)
+def test_direct_and_checked_paths_answer_alike(
+    sqlite_client: TestClient, headers: dict[str, str], status: int
+) -> None:
+    content = f'{{"user_id": {ORDINARY_USER_ID}, "product_id": {WIDGET_ID}, "quantity": 1}}'
+    before = sqlite_client.get("/orders").json()["total"]
+    response = sqlite_client.post(
+        "/orders", content=content, headers={"Content-Type": "application/json", **headers}
+    )
+
+    assert response.status_code == status, response.text
+    if status == 201:
+        assert response.json()["status"] == "completed"
+    else:
+        assert_message(response)
+        assert sqlite_client.get("/orders").json()["total"] == before  # nothing stored
+
+
 def test_idempotency_key_retry_returns_same_order_and_charges_once(
     client: TestClient, downstream: Downstream
 ) -> None:

@@ -29,13 +29,12 @@ from api.auth import Authenticator, AuthGate
 from api.deps import StoreDep
 from api.guard import BodyGuard
 from api.runner import Runner
-from fsm import subscriptions
+from fsm import relay_child, subscriptions
 from fsm.breaker import Breakers
 from fsm.clients import Services
 from fsm.errors import StoreUnavailable
 from fsm.health import WriteHealth, WriteStatus
 from fsm.metrics import exposition
-from fsm.relay import Relay
 from fsm.settings import Settings, get_settings
 from fsm.store import Store
 from fsm.version import MACHINE_VERSION
@@ -101,8 +100,10 @@ def create_app(
             if sweep:
                 runner.start_sweeper()
             relay = None
-            if settings.relay:  # order events: delivered from here (and any other relay)
-                relay = asyncio.create_task(Relay(saga.store, settings).run(), name="relay")
+            if settings.relay:  # order events: delivered from a child process (and any relay)
+                relay = asyncio.create_task(
+                    relay_child.supervise(settings, saga.store), name="relay"
+                )
             try:
                 yield
             finally:

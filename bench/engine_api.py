@@ -9,15 +9,13 @@ state. The schema must already exist (the benchmarks make it with `fsm.migrate.u
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
-from fsm import outbox, outbox_sql, subscriptions
+from fsm import outbox, outbox_sql, relay_child, subscriptions
 from fsm.clients import Services
 from fsm.recovery import resume_stuck
-from fsm.relay import Relay
 from fsm.settings import Settings
 from fsm.store import Store
 from fsm.wiring import Saga, open_saga
@@ -76,15 +74,12 @@ async def backlog(engine: Engine) -> dict[str, tuple[int, float]]:
 
 @asynccontextmanager
 async def relaying(engine: Engine, amqp_url: str | None) -> AsyncIterator[None]:
-    """The relay running beside the engine for the block (RabbitMQ too when `amqp_url`)."""
-    settings = Settings(database_url=engine.url, amqp_url=amqp_url)
-    task = asyncio.create_task(Relay(engine.store, settings).run(), name="relay")
-    try:
+    """The relay of the engine's process for the block, as `serve` and `worker` run it: a
+    child process at `relay_nice` (fsm.relay_child; RabbitMQ too when `amqp_url`)."""
+    async with relay_child.running(
+        Settings(database_url=engine.url, amqp_url=amqp_url), engine.store
+    ):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def sweep(url: str, services: Services, count: int) -> dict[str, int]:

@@ -126,17 +126,26 @@ def claim(
         f"ORDER BY d.created_at, d.seq LIMIT %s {d.skip_locked}"
     )
     stamp = d.timestamp(now)
-    # An event committed after an earlier one of its order was dead-lettered joins it.
+    # An event committed after an earlier one of its order was dead-lettered joins it (it
+    # would not be claimed anyway: the earlier one is not delivered). Swept only while the
+    # destination has a dead letter at all: an index probe, not a scan per claim.
     cursor.execute(
         d.sql(
-            "UPDATE outbox_deliveries SET state = 'dead', last_error = 'behind a dead letter' "
-            "WHERE destination_id = %s AND state = 'pending' AND EXISTS (SELECT 1 FROM "
-            "outbox_deliveries p WHERE p.destination_id = outbox_deliveries.destination_id "
-            "AND p.order_id = outbox_deliveries.order_id AND p.seq < outbox_deliveries.seq "
-            "AND p.state = 'dead')"
+            "SELECT 1 FROM outbox_deliveries WHERE destination_id = %s AND state = 'dead' LIMIT 1"
         ),
         [destination_id],
     )
+    if cursor.fetchone() is not None:
+        cursor.execute(
+            d.sql(
+                "UPDATE outbox_deliveries SET state = 'dead', last_error = 'behind a dead letter' "
+                "WHERE destination_id = %s AND state = 'pending' AND EXISTS (SELECT 1 FROM "
+                "outbox_deliveries p WHERE p.destination_id = outbox_deliveries.destination_id "
+                "AND p.order_id = outbox_deliveries.order_id AND p.seq < outbox_deliveries.seq "
+                "AND p.state = 'dead')"
+            ),
+            [destination_id],
+        )
     # The candidates picked once (MATERIALIZED): as a plain `IN (subquery)` PostgreSQL may
     # run the LIMITed, SKIP LOCKED subquery again per row and lease more than `limit`.
     materialized = "MATERIALIZED " if d.name == "postgresql" else ""

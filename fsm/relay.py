@@ -1,6 +1,6 @@
 """The outbox relay: delivers pending order events to every destination, at least once and
-in order per order, and records each delivery. Runs inside `serve` and `worker`, or alone
-as `order-saga relay`; any number of relays share the work.
+in order per order, and records each delivery. Runs alone as `order-saga relay`, and for
+`serve` and `worker` as their child process (fsm.relay_child); any number share the work.
 
 One task per destination, so a slow or dead endpoint delays only its own deliveries; the
 orders never wait for a relay (their events are already committed). A task leases a batch
@@ -21,6 +21,7 @@ import os
 import random
 import socket
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
@@ -80,8 +81,18 @@ async def register_amqp(store: Store, settings: Settings) -> None:
 
 
 class Relay:
-    def __init__(self, store: Store, settings: Settings, *, owner: str | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        owner: str | None = None,
+        report: Callable[[str, int, int], None] | None = None,
+    ) -> None:
         self.store, self.settings = store, settings
+        # (destination, delivered, failed) of each settled batch, beside the counters
+        # (a child relay tells its parent: fsm.relay_child).
+        self.report = report
         self.owner = owner or f"relay:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._pumps: dict[int, tuple[Destination, asyncio.Task[None], Sender]] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -174,6 +185,8 @@ class Relay:
                 ok = sum(1 for a in attempts if a.delivered)
                 metrics.outbox_delivered(destination.name).inc(ok)
                 metrics.outbox_failed(destination.name).inc(len(attempts) - ok)
+                if self.report is not None:
+                    self.report(destination.name, ok, len(attempts) - ok)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database away: the leases expire, nothing lost

@@ -386,10 +386,10 @@ def worker(
             if executor.store.is_postgres:  # the log's day partitions, a week ahead
                 ahead = asyncio.create_task(partitions.maintain_forever(executor.store.engine))
                 sweep.add_done_callback(lambda _: ahead.cancel())
-            if settings.relay:  # order events leave from here too (several relays share)
-                from fsm.relay import Relay
+            if settings.relay:  # order events leave from here too: a child process
+                from fsm import relay_child
 
-                relay = asyncio.create_task(Relay(executor.store, settings).run())
+                relay = asyncio.create_task(relay_child.supervise(settings, executor.store))
                 sweep.add_done_callback(lambda _: relay.cancel())
             # SIGTERM (a deploy) or Ctrl-C: stop driving and release every lease now, so
             # another worker continues at once instead of after the lease expires. A call
@@ -399,29 +399,41 @@ def worker(
                 loop.add_signal_handler(signum, sweep.cancel)
             with contextlib.suppress(asyncio.CancelledError):
                 await sweep
+            if settings.relay:  # its child stopped before this process ends
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relay
             logging.getLogger("order_saga.worker").info("stopped, leases released")
 
     uvloop.run(main())  # as serve's loop (uvicorn picks uvloop)
 
 
 @app.command()
-def relay() -> None:
+def relay(
+    child: Annotated[
+        bool, typer.Option("--child", hidden=True, help="started by serve/worker")
+    ] = False,
+) -> None:
     """Deliver order events to every destination (webhooks, RabbitMQ) until stopped; run
     several, they share the work. `serve` and `worker` run one too (ORDER_SAGA_RELAY)."""
+    from fsm import relay_child
     from fsm.relay import Relay
     from fsm.wiring import build_store
 
-    settings = load_settings()
+    # --child: the relay of a `serve` or `worker` (fsm.relay_child), its settings on stdin.
+    settings = relay_child.read_parent_settings() if child else load_settings()
     configure_logging(settings)
 
     async def main() -> None:
         store = build_store(settings)
         try:
             await asyncio.to_thread(store.count_by_status)  # fail fast if the DB is not there
-            task = asyncio.create_task(Relay(store, settings).run())
+            report = relay_child.report if child else None
+            task = asyncio.create_task(Relay(store, settings, report=report).run())
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, task.cancel)
+            if child:  # the parent gone (stdin at its end): stop as on SIGTERM
+                relay_child.on_parent_gone(lambda: loop.call_soon_threadsafe(task.cancel))
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         finally:

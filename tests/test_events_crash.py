@@ -135,6 +135,11 @@ async def test_serve_killed_mid_delivery_every_destination_gets_every_event_in_o
             before = received()
             server, _url = serve()
             with server:
+                wait_until(
+                    lambda s=server: relay_children(s.process.pid),  # type: ignore[misc]
+                    what="serve's relay process",
+                    alive=server.running,
+                )
                 await wait_until_async(
                     lambda b=before, s=server: (
                         received() > b  # type: ignore[misc]
@@ -144,8 +149,12 @@ async def test_serve_killed_mid_delivery_every_destination_gets_every_event_in_o
                     what="serve to deliver",
                 )
                 assert server.running(), server.stop().explain()
+                relays = relay_children(server.process.pid)
+                assert relays, "serve runs its relay as a child process"
                 os.kill(server.process.pid, signal.SIGKILL)
                 server.process.wait()
+                # The child dies with serve: it sends nothing more (the next serve's does).
+                wait_until(lambda r=relays: not any(map(alive, r)), what="the relay to die")
         downstream.clear_faults()
         server, url = serve()
         with server:
@@ -157,7 +166,10 @@ async def test_serve_killed_mid_delivery_every_destination_gets_every_event_in_o
                 ),
                 what="every event at both destinations",
             )
+            relays = relay_children(server.process.pid)
+            assert relays
             server.stop()
+            assert not any(map(alive, relays)), "serve's shutdown stops its relay"
         messages = consumer.events(subjects)
 
     seen = sink_seen(services_url)
@@ -173,3 +185,28 @@ async def test_serve_killed_mid_delivery_every_destination_gets_every_event_in_o
     )
     assert seen["duplicates"] <= SERVE_KILLS * BATCH
     assert amqp_duplicates <= SERVE_KILLS * BATCH
+
+
+def relay_children(pid: int) -> list[int]:
+    """The `order-saga relay --child` processes `pid` started (fsm.relay_child)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                relay = b"relay\0--child" in f.read()
+        except (OSError, ValueError, IndexError):
+            continue  # not a process, or gone
+        if parent == pid and relay:
+            found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped has stopped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -12,7 +12,7 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from fsm import keys, subscriptions
+from fsm import keys, metrics, subscriptions
 from fsm.keys import Role
 from fsm.store import Store
 from tests.support.api import api, place
@@ -72,6 +72,7 @@ def test_readers_see_dead_letters_operators_redeliver_them(
         page = console.get("/ui/events")
         assert REDELIVER_BUTTON in page.text and "Redeliver all" in page.text
         downstream.clear_faults()  # the endpoint is back
+        delivered = metrics.outbox_delivered(sink)._value.get()
         for forged in ({"event": created}, {"event": created, "csrf": "not-it"}):
             answer = console.post("/ui/events/redeliver", data=forged, follow_redirects=False)
             assert answer.status_code == 403, answer.text
@@ -89,6 +90,11 @@ def test_readers_see_dead_letters_operators_redeliver_them(
         assert "2 deliveries back in line" in back.text
         wait_until(lambda: len(sink_seen(services_url)["events"]) == 2, what="the sink")
         wait_until(lambda: subscriptions.lags(store)[sink][0] == 0, what="settled")
+        # The relay is serve's child process: its deliveries reach serve's /metrics.
+        wait_until(
+            lambda: metrics.outbox_delivered(sink)._value.get() - delivered == 2,
+            what="the child's deliveries counted in serve's process",
+        )
         page = console.get("/ui/events")
         assert "No dead letters." in page.text
         assert page.text.count('class="state state-delivered"') == 2

@@ -112,6 +112,7 @@ def create_app(
                     with contextlib.suppress(asyncio.CancelledError):
                         await relay
                 await runner.stop()
+                await authenticator.settle()  # a key lookup in flight, before the store closes
 
     app = FastAPIOffline(  # /docs and /redoc from assets shipped in the package, no CDN
         redoc_url=None,  # api/redoc.py: the same page, its logo not from a CDN either

@@ -14,6 +14,7 @@ secret anywhere: answers name the problem, never the credential.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
@@ -50,21 +51,63 @@ PAGES = ("/ui", "/docs", "/redoc")  # for people: a browser is sent to the login
 
 
 class Cache:
-    """A small per-process map with a time to live (monotonic clock)."""
+    """A small per-process map of lookups with a time to live (monotonic clock), counted
+    from when the lookup began, so a value is never served longer than `ttl` after the
+    database said it. Lookups run in a thread, one at a time per key: the requests that
+    find an entry missing or expired wait for the same lookup. Under load a key is then
+    read once per `ttl` per process; before, every request that came while an entry was
+    expired did its own read (and `last_used_at` write, which on SQLite queued behind the
+    engine's writer)."""
 
     def __init__(self, ttl: float, size: int = 10_000) -> None:
         self.ttl = ttl
         self.size = size
         self._items: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
+        self._pending: dict[Any, asyncio.Task[Any]] = {}
 
-    def get(self, key: Any) -> tuple[bool, Any]:
+    async def fetch(self, key: Any, lookup: Callable[[], Any]) -> Any:
+        """The value of `key`: cached, else `lookup()` (blocking, run in a thread)."""
+        now = time.monotonic()
         item = self._items.get(key)
-        if item is None or item[0] < time.monotonic():
-            return False, None
-        return True, item[1]
+        if item is not None and now < item[0]:
+            return item[1]
+        task = self._running(key) or self._start(key, lookup)
+        return await asyncio.shield(task)
 
-    def put(self, key: Any, value: Any) -> None:
-        self._items[key] = (time.monotonic() + self.ttl, value)
+    async def settle(self) -> None:
+        """Wait for the lookups in flight on this loop (before their engine is closed)."""
+        loop = asyncio.get_running_loop()
+        running = [t for t in self._pending.values() if t.get_loop() is loop and not t.done()]
+        await asyncio.gather(*running, return_exceptions=True)
+
+    def _running(self, key: Any) -> asyncio.Task[Any] | None:
+        task = self._pending.get(key)
+        # A task of another event loop (a test client's earlier portal) is no lookup here.
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            return None
+        return task
+
+    def _start(self, key: Any, lookup: Callable[[], Any]) -> asyncio.Task[Any]:
+        began = time.monotonic()
+
+        async def look() -> Any:
+            value = await anyio.to_thread.run_sync(lookup)
+            self._put(key, value, began + self.ttl)
+            return value
+
+        task = asyncio.get_running_loop().create_task(look())
+        self._pending[key] = task
+        task.add_done_callback(lambda done: self._finished(key, done))
+        return task
+
+    def _finished(self, key: Any, task: asyncio.Task[Any]) -> None:
+        if self._pending.get(key) is task:
+            del self._pending[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here too: its waiters may all have gone
+
+    def _put(self, key: Any, value: Any, expires: float) -> None:
+        self._items[key] = (expires, value)
         self._items.move_to_end(key)
         while len(self._items) > self.size:
             self._items.popitem(last=False)
@@ -115,14 +158,16 @@ class Authenticator:
         if self._pepper is None:  # once per process: no thread hop on each request
             await anyio.to_thread.run_sync(self._secrets)
 
+    async def settle(self) -> None:
+        """Wait for every lookup in flight (at shutdown: the engine is disposed next, and a
+        lookup's connection must not come back to it afterwards)."""
+        for cache in (self._keys, self._names, self._enforced):
+            await cache.settle()
+
     async def enforced(self) -> bool:
         if self.token is not None:
             return True
-        hit, value = self._enforced.get(None)
-        if not hit:
-            value = await anyio.to_thread.run_sync(lambda: keys.any_keys(engine=self.engine))
-            self._enforced.put(None, value)
-        return bool(value)
+        return bool(await self._enforced.fetch(None, lambda: keys.any_keys(engine=self.engine)))
 
     async def bearer(self, given: bytes, path: str) -> Principal | None:
         """The principal of a bearer credential (as sent, latin-1 bytes), None if wrong."""
@@ -139,13 +184,10 @@ class Authenticator:
             return None
         assert self._pepper is not None
         digest = keys.key_hash(self._pepper, secret)
-        hit, principal = self._keys.get(digest)
-        if not hit:
-            principal = await anyio.to_thread.run_sync(
-                lambda: keys.find_key(engine=self.engine, digest=digest)
-            )
-            self._keys.put(digest, principal)
-        return principal  # type: ignore[no-any-return]
+        principal: Principal | None = await self._keys.fetch(
+            digest, lambda: keys.find_key(engine=self.engine, digest=digest)
+        )
+        return principal
 
     def token_fingerprint(self) -> str | None:
         """What a bootstrap-token session is bound to: HMAC of the configured token under
@@ -163,12 +205,9 @@ class Authenticator:
             return session.principal if hmac.compare_digest(session.bound, now) else None
         if session.kind != "key":
             return session.principal
-        hit, role = self._names.get(session.name)
-        if not hit:
-            role = await anyio.to_thread.run_sync(
-                lambda: keys.live_role(engine=self.engine, name=session.name)
-            )
-            self._names.put(session.name, role)
+        role = await self._names.fetch(
+            session.name, lambda: keys.live_role(engine=self.engine, name=session.name)
+        )
         if role is None:
             return None
         return Principal(name=session.name, role=role, kind="key")

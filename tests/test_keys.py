@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,8 +13,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 
 from api.app import create_app
+from api.auth import Authenticator
 from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
 from fsm import keys
 from fsm.keys import Role
@@ -259,3 +262,43 @@ def test_a_bulk_resume_names_who_on_every_order_it_resumes(
         detail = audit_of(oid)
         assert (detail["by"], detail["via"]) == (LOCAL_ADMIN, "cli")
         assert "reason" not in detail
+
+
+def test_a_key_is_read_once_however_many_requests_wait_for_it(store: Store) -> None:
+    """The gate's cache (issue 17, "no slower"): 32 requests that find a key missing or
+    expired share one read; a revoked key is still refused within the cache's time.
+    Before, each request that came while the entry was expired read (and wrote
+    `last_used_at`) itself."""
+    ttl = 1.0
+    secret = keys.create_key(engine=store.engine, name="busy-shop", role=Role.CLIENT)
+    auth = Authenticator(store.engine, api_token=None, ttl=ttl)
+    reads: list[float] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().startswith("SELECT") and "api_keys.key_hash" in statement:
+            reads.append(time.monotonic())
+
+    async def callers(n: int) -> set[str | None]:
+        found = await asyncio.gather(*(auth.bearer(secret.encode(), "/orders") for _ in range(n)))
+        return {p.name if p else None for p in found}
+
+    async def scenario() -> None:
+        assert await callers(32) == {"busy-shop"}
+        assert len(reads) == 1
+        assert await callers(32) == {"busy-shop"}  # cached
+        assert len(reads) == 1
+        await asyncio.sleep(ttl + 0.1)  # expired: the next 32 share the next read
+        assert await callers(32) == {"busy-shop"}
+        assert len(reads) == 2
+        keys.revoke_key(engine=store.engine, name="busy-shop")
+        revoked = time.monotonic()
+        while await callers(4) != {None}:
+            assert time.monotonic() - revoked < ttl + 1.0, "the revoked key still works"
+            await asyncio.sleep(0.05)
+        await auth.settle()
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        asyncio.run(scenario())
+    finally:
+        event.remove(store.engine, "before_cursor_execute", count)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -349,6 +349,50 @@ def start_services(
     url = f"http://127.0.0.1:{port}"
     wait_http(procs, proc, f"{url}/products/1")
     return proc, url
+
+
+@dataclass
+class Served:
+    """A `serve` process up and answering, with its own database and reference services."""
+
+    procs: Processes
+    url: str  # its database
+    serve: subprocess.Popen[bytes]
+    base: str  # http://127.0.0.1:PORT
+    services: subprocess.Popen[bytes]
+    services_url: str
+
+
+@contextlib.contextmanager
+def serving(
+    cfg: Config,
+    kind: str,
+    purpose: str,
+    *serve_args: str,
+    prepare: Callable[[str, str], object] | None = None,
+    **env: str,
+) -> Iterator[Served]:
+    """A fresh `kind` database, fresh reference services (`order-saga services`) and a
+    fresh `serve --no-sweep *serve_args` in front of them (`env` added to its environment),
+    answering /healthz; all of it stopped and dropped on the way out. `prepare(database
+    URL, services URL)`, if given, runs before serve starts (a schema, rows, a webhook)."""
+    with Processes(cfg) as procs, scratch_database(cfg, kind, purpose) as url:
+        services, services_url = start_services(procs)
+        if prepare is not None:
+            prepare(url, services_url)
+        port = free_port()
+        argv = saga_argv("serve", "--port", str(port), "--no-sweep", *serve_args)
+        serve = procs.start("serve", argv, saga_env(url, services_url, **env))
+        base = f"http://127.0.0.1:{port}"
+        wait_http(procs, serve, f"{base}/healthz")
+        yield Served(procs, url, serve, base, services, services_url)
+
+
+def abba(legs: int) -> list[int]:
+    """Which of two arms (0, 1) runs each leg: 0 1 1 0 1 0 0 1 ... (the Thue-Morse order),
+    so that a drift of the machine's load over the run, linear or curved, weighs on both
+    arms alike; consecutive pairs (legs 2i, 2i+1) hold one leg of each."""
+    return [bin(i).count("1") % 2 for i in range(legs)]
 
 
 def migrate(procs: Processes, url: str, timeout: float = 120.0) -> None:

@@ -38,12 +38,11 @@ from bench.common import (
     Measured,
     Processes,
     Row,
-    free_port,
     saga_argv,
     saga_env,
     scratch_database,
+    serving,
     start_services,
-    wait_http,
 )
 from bench.engine import drive
 from bench.fakes import fake_services
@@ -251,8 +250,8 @@ async def relay_up(base: str, destinations: int, timeout: float = 30.0) -> None:
 
 def http_rows(cfg: Config, kind: str, amqp_url: str | None, reference: float) -> list[Row]:
     seconds = cfg.seconds(10, 3)
-    with Processes(cfg) as procs, scratch_database(cfg, kind, "events-http") as url:
-        _services, services_url = start_services(procs)
+
+    def webhook(url: str, services_url: str) -> None:
         upgrade(url)
         added = subprocess.run(
             saga_argv("webhooks", "add", f"{services_url}/sink", "--json"),
@@ -263,19 +262,13 @@ def http_rows(cfg: Config, kind: str, amqp_url: str | None, reference: float) ->
             check=True,
         )
         set_sink_secret(services_url, json.loads(added.stdout)["secret"])
-        extra = {"ORDER_SAGA_AMQP_URL": amqp_url} if amqp_url else {}
-        port = free_port()
-        serve = procs.start(
-            "serve",
-            saga_argv("serve", "--port", str(port), "--no-sweep"),
-            saga_env(url, services_url, **extra),
-        )
-        base = f"http://127.0.0.1:{port}"
-        wait_http(procs, serve, f"{base}/healthz")
+
+    extra = {"ORDER_SAGA_AMQP_URL": amqp_url} if amqp_url else {}
+    with serving(cfg, kind, "events-http", prepare=webhook, **extra) as up:
         # serve's relay (a child process) is up once it has registered RabbitMQ, as in 1.
-        asyncio.run(relay_up(base, 2 if amqp_url else 1))
-        asyncio.run(load(base, 2, min(2.0, seconds)))  # warm-up: connections, caches
-        done, wall, samples, drained = asyncio.run(sampled_load(base, seconds))
+        asyncio.run(relay_up(up.base, 2 if amqp_url else 1))
+        asyncio.run(load(up.base, 2, min(2.0, seconds)))  # warm-up: connections, caches
+        done, wall, samples, drained = asyncio.run(sampled_load(up.base, seconds))
     per_second = done / wall if wall else 0.0
     rows = []
     for name in sorted(

@@ -24,19 +24,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from bench import engine
-from bench.common import (
-    BUYER,
-    Config,
-    Processes,
-    Row,
-    free_port,
-    pg_admin_dsn,
-    saga_argv,
-    saga_env,
-    scratch_database,
-    start_services,
-    wait_http,
-)
+from bench.common import BUYER, Config, Row, pg_admin_dsn, serving
 from bench.meter import Meter, process_tree
 
 LEVELS = (1, 8, 32)
@@ -139,19 +127,10 @@ async def load(
 
 def measure(cfg: Config, kind: str, seconds: float) -> list[tuple[int, Run, str]]:
     results = []
-    with Processes(cfg) as procs, scratch_database(cfg, kind, "http") as url:
-        services, services_url = start_services(procs)
-        port = free_port()
-        serve = procs.start(
-            "serve",
-            saga_argv("serve", "--port", str(port), "--no-sweep"),
-            saga_env(url, services_url),
-        )
-        base = f"http://127.0.0.1:{port}"
-        wait_http(procs, serve, f"{base}/healthz")
-        asyncio.run(load(base, 2, min(2.0, seconds)))  # warm-up: connections, caches
+    with serving(cfg, kind, "http") as up:
+        asyncio.run(load(up.base, 2, min(2.0, seconds)))  # warm-up: connections, caches
         for clients in LEVELS:
-            run = drive_server(serve, base, clients, seconds, services=services.pid)
+            run = drive_server(up.serve, up.base, clients, seconds, services=up.services.pid)
             meter = run.meter
             limit = meter.limit(meter.cores("server"), waits_on="commit latency / services")
             cpu = meter.where(serve=("server",), services=("services",), generator=())
@@ -209,19 +188,13 @@ def serve_once(
     """One fresh database, fresh reference services and a fresh `serve --no-sweep
     *serve_args`, a short warm-up, then `clients` clients for `seconds`: for phases that
     set serve beside something else (another process count, another system), round-robin."""
-    with Processes(cfg) as procs, scratch_database(cfg, kind, "serve") as url:
-        services, services_url = start_services(procs)
-        port = free_port()
-        argv = saga_argv("serve", "--port", str(port), "--no-sweep", *serve_args)
-        serve = procs.start("serve", argv, saga_env(url, services_url))
-        base = f"http://127.0.0.1:{port}"
-        wait_http(procs, serve, f"{base}/healthz")
-        asyncio.run(load(base, 2, min(2.0, seconds)))
-        before = pg_commits(cfg, url)
-        run = drive_server(serve, base, clients, seconds, services=services.pid)
+    with serving(cfg, kind, "serve", *serve_args) as up:
+        asyncio.run(load(up.base, 2, min(2.0, seconds)))
+        before = pg_commits(cfg, up.url)
+        run = drive_server(up.serve, up.base, clients, seconds, services=up.services.pid)
         if (
             before is not None
-            and (after := pg_commits(cfg, url)) is not None
+            and (after := pg_commits(cfg, up.url)) is not None
             and run.load.latencies
         ):
             run.commits = (after - before) / len(run.load.latencies)

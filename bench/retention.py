@@ -27,14 +27,11 @@ from sqlmodel import SQLModel
 from bench import engine_api
 from bench.common import (
     Config,
-    Processes,
     Row,
-    free_port,
     saga_argv,
     saga_env,
     scratch_database,
-    start_services,
-    wait_http,
+    serving,
 )
 from bench.engine import drive
 from bench.fakes import fake_services
@@ -171,16 +168,14 @@ def p99_with_and_without_prune(
 ) -> tuple[str, str, str, float]:
     """PostgreSQL: 8 clients for `seconds`, without then with `order-saga prune` of `count`
     orders running in its own process. (p99 without, p99 with, how the prune went, ratio)."""
-    with Processes(cfg) as procs, scratch_database(cfg, "postgresql", "pruneload") as url:
+
+    def backlog(url: str, _services_url: str) -> None:
         upgrade(url)
         asyncio.run(_orders(url, 5))
         copy_terminal_orders(url, count, day=_three_days_ago(), hold_one=hold_one)
-        _, services_url = start_services(procs)
-        port = free_port()
-        env = saga_env(url, services_url)
-        serve = procs.start("serve", saga_argv("serve", "--port", str(port), "--no-sweep"), env)
-        base = f"http://127.0.0.1:{port}"
-        wait_http(procs, serve, f"{base}/healthz")
+
+    with serving(cfg, "postgresql", "pruneload", prepare=backlog) as up:
+        procs, base, env = up.procs, up.base, saga_env(up.url, up.services_url)
         asyncio.run(load(base, 2, 2.0))  # warm-up
         without = asyncio.run(load(base, 8, seconds))
         began = time.monotonic()

@@ -162,8 +162,17 @@ class Relay:
 
     async def _pump(self, destination: Destination, sender: Sender) -> None:
         s = self.settings
+        loop = asyncio.get_running_loop()
+        claimed_at = -s.relay_gather
         while True:
             try:
+                # Under a steady trickle, claim at most every `relay_gather` seconds (unless
+                # the last batch was full): events gather into one claim and one settle
+                # instead of a pair of transactions for each few.
+                gather = claimed_at + s.relay_gather - loop.time()
+                if gather > 0:
+                    await asyncio.sleep(gather)
+                claimed_at = loop.time()
                 now = utcnow()
                 claimed = await self.store.committer.submit(
                     partial(
@@ -187,6 +196,8 @@ class Relay:
                 metrics.outbox_failed(destination.name).inc(len(attempts) - ok)
                 if self.report is not None:
                     self.report(destination.name, ok, len(attempts) - ok)
+                if len(claimed) >= s.relay_batch:
+                    claimed_at = -s.relay_gather  # a backlog: the next batch at once
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database away: the leases expire, nothing lost

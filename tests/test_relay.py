@@ -6,6 +6,8 @@ destinations. Both databases."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from typer.main import get_command
 from fsm import outbox, subscriptions
 from fsm.destinations.webhook import signed_headers
 from fsm.executor import Executor
+from fsm.relay import Relay
 from fsm.store import Store
 from order_saga.cli import app
 from tests.support.endpoint import Endpoint, Mode
@@ -208,3 +211,32 @@ async def test_an_order_with_undelivered_events_is_not_pruned_then_goes_with_the
     assert Pruner(store.engine, older_than=0).run().deleted == 1
     assert events_of(store, order_id) == []
     assert subscriptions.deliveries(store, order_id=order_id) == []
+
+
+async def test_a_trickle_of_events_is_claimed_in_batches_at_most_every_gather(
+    db_url: str, store: Store, executor: Executor, services_url: str
+) -> None:
+    """Orders finishing one after another: the relay claims at most every `relay_gather`
+    seconds, so the events share claims and settles (a claim per event or two without)."""
+    subscribe_sink(store, services_url)
+    gather = 0.4
+    settings = saga_settings(db_url, **{**FAST_EVENTS, "relay_gather": gather})
+    batches: list[int] = []
+    relay = Relay(store, settings, report=lambda _name, ok, failed: batches.append(ok + failed))
+    task = asyncio.create_task(relay.run())
+    try:
+        began = time.monotonic()
+        ids = []
+        while time.monotonic() - began < 1.2:  # one order at a time, as they come
+            ids += await orders(store, executor, 1)
+            await asyncio.sleep(0.02)
+        want = expected(store, ids, outbox.DEFAULT_TYPES)
+        await wait_until_async(lambda: sum(batches) >= len(want), what="every event settled")
+        elapsed = time.monotonic() - began
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert len(want) >= 8, "a trickle of several events"
+    assert len(batches) <= elapsed / gather + 2, (batches, elapsed)
+    assert sorted(e["id"] for e in sink_seen(services_url)["events"]) == sorted(want)

@@ -238,5 +238,6 @@ async def test_a_trickle_of_events_is_claimed_in_batches_at_most_every_gather(
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert len(want) >= 8, "a trickle of several events"
-    assert len(batches) <= elapsed / gather + 2, (batches, elapsed)
+    # (slack for a retried attempt on a loaded machine; ~one batch per event without gather)
+    assert len(batches) <= elapsed / gather + 4, (batches, elapsed)
     assert sorted(e["id"] for e in sink_seen(services_url)["events"]) == sorted(want)

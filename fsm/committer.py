@@ -4,7 +4,9 @@ Writes that arrive while a transaction is being committed are written together i
 next one, so N orders in flight share one commit (one fsync on PostgreSQL) instead of
 queueing behind N. Each caller continues only once the transaction holding *its* write has
 committed: intent-before-effect (SPEC §3) holds per order exactly as with one commit per
-write. Nothing waits for company: a write that finds the queue empty is committed at once.
+write. A write that finds the queue empty is committed at once, unless `company` says
+many other orders of this process are in flight: then the writer lingers (at most `linger`
+seconds, see `_gather`) for their writes to join the batch.
 
 A write is an `Op`: a function of a DBAPI cursor, run inside the batch's transaction. An op
 refuses by raising a `SagaError` (stale version, lost lease) *before it has written
@@ -31,7 +33,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sized
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, overload
@@ -101,10 +103,23 @@ class _OpError(Exception):
 
 class Committer:
     def __init__(
-        self, backend: Backend, *, max_batch: int = 256, lock_timeout: float = 5.0
+        self,
+        backend: Backend,
+        *,
+        max_batch: int = 256,
+        lock_timeout: float = 5.0,
+        linger: float = 0.0,
     ) -> None:
         self.backend = backend
         self.max_batch = max_batch
+        # Group commit shares a commit among the writes queued while the previous one ran;
+        # a process with little load (one of `serve --workers N`) finds few, and each
+        # commit costs the writer, the event loop's wake-up and a round trip. `company`
+        # (the orders this process drives now: fsm.wiring sets it) and `linger` (seconds)
+        # let a small batch wait briefly for the writes of the orders in flight.
+        self.linger = linger
+        self.company: Sized = ()
+        self.lingered = 0  # batches that waited for company (tests)
         self.lock_timeout = lock_timeout  # the longest a write waits for a lock, queue included
         # The last transaction's database error, None once a transaction holding a write
         # (not only probes) commits: /healthz and /readyz read it (fsm.health).
@@ -220,6 +235,8 @@ class Committer:
                         stopping = True
                         break
                     batch.append(item)
+                if self.linger > 0 and not stopping and len(batch) < self.max_batch:
+                    stopping = self._gather(batch)
                 for item in [i for i in batch if self._follows_aside(i)]:
                     batch.remove(item)  # its order has a write in the side lane: after it
                     self._move(item)
@@ -239,6 +256,34 @@ class Committer:
             if self._conn is not None:
                 self.backend.close(self._conn)
                 self._conn = None
+
+    def _gather(self, batch: list[_Item[Any]]) -> bool:
+        """Wait up to `linger` for more writes while fewer than half of the orders in
+        flight (`company`) have one in `batch`: they are between two writes (a service
+        call) and most write again within a few milliseconds, into this commit instead of
+        one each. A batch with no order's write (a probe, the relay), or one holding half
+        the orders already, goes at once; so does every write of a process driving one or
+        two orders (nobody to wait for). Each write still commits before its caller goes
+        on (SPEC §3): lingering only delays it. True if `_STOP` came meanwhile."""
+        keys = {item.key for item in batch if item.key is not None}
+        if not keys or 2 * len(keys) >= len(self.company):
+            return False
+        self.lingered += 1
+        until = time.monotonic() + self.linger
+        while 2 * len(keys) < len(self.company) and len(batch) < self.max_batch:
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                item = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return True
+            batch.append(item)
+            if item.key is not None:
+                keys.add(item.key)
+        return False
 
     def _commit(self, batch: list[_Item[Any]]) -> list[tuple[bool, Any]]:
         """Commit the batch; an op the database rejects fails alone and the rest are

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     # Every database wait is bounded: a lock held elsewhere, a slow statement (seconds).
     db_lock_timeout: float = Field(default=5.0, gt=0, le=600)
     db_statement_timeout: float = Field(default=30.0, gt=0, le=3600)
+    # Group commit: the longest a small batch waits for the writes of the other orders
+    # this process drives (seconds; fsm.committer). 0: never wait.
+    commit_linger: float = Field(default=0.002, ge=0, le=0.1)
     # Downstream connection pool of one process (three calls per order in flight).
     http_max_connections: int = Field(default=256, ge=1, le=10_000)
     # Circuit breaker per downstream service (fsm.breaker): opened after this many

@@ -65,6 +65,7 @@ class Store(Reads):
         lock_timeout: float = 5.0,
         statement_timeout: float = 30.0,
         max_batch: int = 256,
+        commit_linger: float = 0.0,
         event_source: str = "/order-saga",
     ) -> None:
         super().__init__(engine)
@@ -78,6 +79,7 @@ class Store(Reads):
             backend(engine, lock_timeout=lock_timeout, statement_timeout=statement_timeout),
             max_batch=max_batch,
             lock_timeout=lock_timeout,
+            linger=commit_linger,
         )
 
     def close(self) -> None:

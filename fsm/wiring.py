@@ -56,6 +56,7 @@ def build_store(settings: Settings) -> Store:
         lease_seconds=settings.lease_seconds,
         lock_timeout=settings.db_lock_timeout,
         statement_timeout=settings.db_statement_timeout,
+        commit_linger=settings.commit_linger,
         event_source=settings.event_source,
     )
 
@@ -116,12 +117,14 @@ def http_services_for(
 
 def build_executor(settings: Settings, *, store: Store, services: Services) -> Executor:
     """The executor as `open_saga` builds it, for a caller that closes it (`aclose`)."""
-    return Executor(
+    executor = Executor(
         store=store,
         services=services,
         policy=RetryPolicy.from_settings(settings),
         crash_after=settings.crash_after,
     )
+    store.committer.company = executor.driving  # the orders whose writes a commit may wait for
+    return executor
 
 
 @asynccontextmanager

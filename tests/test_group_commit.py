@@ -256,3 +256,49 @@ async def test_a_write_queued_behind_a_blocked_one_waits_one_lock_timeout_not_tw
     finally:
         store.close()
         store.engine.dispose()
+
+
+async def test_a_small_batch_waits_for_the_orders_in_flight_but_a_lone_order_never_waits(
+    store: Store,
+) -> None:
+    """`serve --workers N`: each process has fewer writes queued per commit, so a batch
+    holding fewer than half of the orders the process drives waits (up to the linger) for
+    theirs; a process driving one order never waits. (The linger is long here so that what
+    waited shows, not how long by luck.)"""
+    a, b, c, d = await new_orders(store, 4)
+    committer = store.committer
+    committer.linger = 5.0
+    committer.company = {a.id}  # one order in flight: nobody to wait for
+    began = time.monotonic()
+    await request_product(store, a)
+    assert time.monotonic() - began < 2.5
+    assert committer.lingered == 0
+
+    committer.company = {a.id, b.id, c.id, d.id}
+    batches = committer.batches
+    began = time.monotonic()
+    first = asyncio.ensure_future(request_product(store, b))
+    await wait_until_async(lambda: committer.lingered == 1, what="the writer to linger")
+    await asyncio.sleep(0.2)
+    assert not first.done(), "a quarter of the orders in flight: it waits for company"
+    await request_product(store, c)  # half of them now: the batch goes
+    assert await first == "product_requested"
+    assert committer.batches == batches + 1, "the two writes shared one commit"
+    assert time.monotonic() - began < 2.5
+    assert store.get(b.id).state == store.get(c.id).state == "product_requested"
+
+
+async def test_a_lingering_batch_is_committed_when_the_store_closes(
+    db_url: str, store: Store
+) -> None:
+    (order,) = await new_orders(store, 1)
+    committer = store.committer
+    committer.linger = 30.0
+    committer.company = {order.id, uuid4(), uuid4()}
+    write = asyncio.ensure_future(request_product(store, order))
+    await wait_until_async(lambda: committer.lingered == 1, what="the writer to linger")
+    began = time.monotonic()
+    store.close()  # commits what is queued, the lingering batch included, and stops
+    assert time.monotonic() - began < 10
+    assert await write == "product_requested"
+    assert store.get(order.id).state == "product_requested"

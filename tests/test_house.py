@@ -67,6 +67,18 @@ SLEEPS_ALLOWED = {
     ("tests/test_outage.py", "test_a_partial_outage_is_shielded_by_its_own_breaker"): (
         "a refund every 2 s through a 20 s outage: the pacing is the scenario"
     ),
+    ("tests/test_keys.py", "scenario"): (
+        "the cache entry must expire (its TTL is the scenario); the revoked key is then "
+        "polled under the revocation bound"
+    ),
+    (
+        "tests/test_group_commit.py",
+        "test_a_small_batch_waits_for_the_orders_in_flight_but_a_lone_order_never_waits",
+    ): "a lingering write must still be waiting 0.2 s later: an absence over time",
+    (
+        "tests/test_relay.py",
+        "test_a_trickle_of_events_is_claimed_in_batches_at_most_every_gather",
+    ): "one order every 20 ms for 1.2 s: the trickle's pacing is the scenario",
 }
 
 

@@ -54,7 +54,7 @@ check: deps $(STAMP)
 	@scripts/ensure-postgres.sh
 	@scripts/ensure-rabbitmq.sh
 	@scripts/ensure-promtool.sh $(BIN)
-	$(BIN)/pytest -n 2 --dist loadgroup
+	$(BIN)/pytest -n 2 --dist loadgroup --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -n 2 --dist loadgroup -m "not slow"

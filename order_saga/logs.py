@@ -7,8 +7,10 @@ database URLs are printed only through `masked`.
 Lines are formatted and written by a `QueueListener` thread, not by the code that logs:
 the event loop only puts the record on a queue (its request id taken there, while the
 request's context is current). Records are passed as they are, their message formatted
-later by the listener (our arguments are ids and strings). `flush()` (also at exit) waits
-until every queued line is written. This module does not decide what is logged.
+later by the listener (our arguments are ids and strings). The listener writes what has
+queued up meanwhile in one write (`_Lines`): ~10 lines per order, one system call each
+before. `flush()` (also at exit) waits until every queued line is written. This module
+does not decide what is logged.
 """
 
 from __future__ import annotations
@@ -57,7 +59,60 @@ class _Enqueue(logging.handlers.QueueHandler):
         return record
 
 
-_listener: logging.handlers.QueueListener | None = None
+class _Lines(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that can write many records at once: each filtered and formatted
+    as `emit` would, the lines written together and flushed once."""
+
+    def emit_all(self, records: list[logging.LogRecord]) -> None:
+        lines = []
+        for record in records:
+            if record.levelno < self.level or not self.filter(record):
+                continue
+            try:
+                lines.append(self.format(record) + self.terminator)
+            except Exception:
+                self.handleError(record)
+        if not lines:
+            return
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self.stream.write("".join(lines))
+                self.flush()
+            except Exception:
+                self.handleError(records[-1])
+
+
+class _Listener(logging.handlers.QueueListener):
+    """Takes every record queued by the time it wakes (up to `most`) and hands them to
+    its one `_Lines` handler in one go."""
+
+    most = 1000
+    gather = 0.01  # seconds the thread lets lines queue up after the first one
+
+    def _monitor(self) -> None:
+        records: queue.SimpleQueue[logging.LogRecord | None] = self.queue  # type: ignore[assignment]
+        (lines,) = self.handlers
+        assert isinstance(lines, _Lines)
+        while True:
+            first = records.get()
+            if first is not None:
+                time.sleep(self.gather)
+            batch: list[logging.LogRecord] = []
+            while first is not None:  # None: `stop()`'s sentinel
+                batch.append(first)
+                if len(batch) >= self.most:
+                    break
+                try:
+                    first = records.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                lines.emit_all(batch)
+            if first is None:
+                return
+
+
+_listener: _Listener | None = None
 
 
 def flush() -> None:
@@ -78,7 +133,7 @@ def configure(
     """Root logger -> queue -> one writer thread -> `stream` (default stderr)."""
     global _listener
     flush()
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = _Lines(stream if stream is not None else sys.stderr)
     handler.addFilter(_Plain())
     if fmt == "json":  # "timestamp": ISO 8601 in UTC (python-json-logger's timestamp=True)
         handler.setFormatter(
@@ -99,7 +154,7 @@ def configure(
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(enqueue)
-    _listener = logging.handlers.QueueListener(records, handler, respect_handler_level=True)
+    _listener = _Listener(records, handler, respect_handler_level=True)
     _listener.start()
     root.setLevel(level)
     for name in _QUIET:

@@ -30,6 +30,7 @@ def create_services_app(state_path: str | None = None) -> FastAPI:
     app.router.routes.extend(services.router.routes)
     app.include_router(admin.router)
     app.include_router(sink.router)
+    app.add_middleware(services.DirectCalls)  # innermost: a saga's calls skip the routing
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

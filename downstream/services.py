@@ -3,21 +3,21 @@
 Routes translate HTTP to `ledger.py` calls through `Store` and `FaultBoard`, nothing else.
 Every POST honours `Idempotency-Key`; every operation listed in `faults.py` can be faulted.
 
-The calls a saga makes (`@direct`) skip FastAPI's parameter solving when well-formed
-(`DirectRoute`): each call of an order pays it otherwise, about a third of the services'
-CPU per call (BENCHMARKS.md, "serve's and the services' CPU per order").
+The calls a saga makes (`DIRECT`) skip FastAPI's routing and parameter solving when
+well-formed (`DirectCalls`): each call of an order pays them otherwise, about a third of
+the services' CPU per call (BENCHMARKS.md, "serve's and the services' CPU per order").
 """
 
 import re
 import sqlite3
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from downstream import ledger
 from downstream.deps import MAX_KEY, FaultsDep, IdempotencyKey, StoreDep, respond
@@ -33,35 +33,57 @@ from downstream.schemas import (
 )
 from downstream.store import Outcome, Store
 
-Direct = Callable[[Request], Awaitable[Response | None]]
-_DIRECT: dict[Callable[..., Any], Direct] = {}  # endpoint -> its reader (end of module)
+Direct = Callable[[Request, str], Awaitable[Response | None]]  # (request, path's last part)
 
 
-class DirectRoute(APIRoute):
-    """A route whose endpoint may have a direct reader (`_DIRECT`): it takes the request's
-    parameters straight from the request, validated by the same pydantic model, and calls
-    the endpoint itself. It gives up (None) on anything it is not sure of, and FastAPI's
-    own handler then serves the request: every 422, the OpenAPI and the endpoint's code
-    stay FastAPI's."""
+class DirectCalls:
+    """ASGI middleware, innermost of the services app: a saga's call (`DIRECT`: method and
+    path) is read straight from the request, validated by the same pydantic model, and its
+    endpoint called directly, before FastAPI's routing and parameter solving, which cost
+    about a third of a call's CPU. It gives up (None) on anything it is not sure of and
+    FastAPI then serves the request as it came (the body replayed): every 422, the OpenAPI,
+    the endpoints' code and the error handling outside it stay FastAPI's."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        checked = super().get_route_handler()
-        endpoint = self.endpoint
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
 
-        async def handler(request: Request) -> Response:
-            reader = _DIRECT.get(endpoint)
-            if reader is not None and (response := await reader(request)) is not None:
-                return response
-            return await checked(request)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        root: str = scope.get("root_path", "")  # mounted (serve's /services)
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        head, _, last = path.rpartition("/")
+        method = scope["method"]
+        reader = DIRECT.get((method, path)) or DIRECT.get((method, f"{head}/{{}}"))
+        if reader is None:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        response = await reader(request, last)
+        if response is not None:
+            await response(scope, receive, send)
+            return
+        body = await request.body()  # read (or not) by the reader: FastAPI reads it again
+        replayed = False
 
-        return handler
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def _with_body(model: type[BaseModel], endpoint: Callable[..., Awaitable[Response]]) -> Direct:
     """A POST endpoint `(body, store, faults, key)`: a JSON body (`application/json`
     exactly) that `model` accepts, an `Idempotency-Key` within the header's bounds."""
 
-    async def reader(request: Request) -> Response | None:
+    async def reader(request: Request, _: str) -> Response | None:
         headers = request.headers
         if headers.get("content-type") != "application/json":
             return None
@@ -81,13 +103,12 @@ def _with_body(model: type[BaseModel], endpoint: Callable[..., Awaitable[Respons
 _DIGITS = re.compile(r"-?[0-9]{1,19}")
 
 
-def _with_id(name: str, endpoint: Callable[..., Awaitable[Response]]) -> Direct:
-    """A GET endpoint `(id, store, faults)` whose path parameter `name` is a plain decimal
-    64-bit integer."""
+def _with_id(endpoint: Callable[..., Awaitable[Response]]) -> Direct:
+    """A GET endpoint `(id, store, faults)` whose path ends in a plain decimal 64-bit
+    integer."""
 
-    async def reader(request: Request) -> Response | None:
-        raw = request.path_params.get(name)
-        if not isinstance(raw, str) or _DIGITS.fullmatch(raw) is None:
+    async def reader(request: Request, raw: str) -> Response | None:
+        if _DIGITS.fullmatch(raw) is None:
             return None
         value = int(raw)
         if not -MAX_INT - 1 <= value <= MAX_INT:
@@ -98,7 +119,7 @@ def _with_id(name: str, endpoint: Callable[..., Awaitable[Response]]) -> Direct:
     return reader
 
 
-router = APIRouter(route_class=DirectRoute)
+router = APIRouter()
 
 Id = Annotated[int, PathParam(ge=-MAX_INT - 1, le=MAX_INT, description="a 64-bit integer")]
 
@@ -298,15 +319,14 @@ async def get_shipment(order_id: str, store: StoreDep) -> JSONResponse:
     return respond(store.read(lambda conn: ledger.get_shipment(conn, order_id)))
 
 
-# The calls of a saga (and their compensations) skip FastAPI's parameter solving.
-_DIRECT.update(
-    {
-        get_product: _with_id("product_id", get_product),
-        deduct_balance: _with_body(Charge, deduct_balance),
-        refund_balance: _with_body(Charge, refund_balance),
-        deduct_stock: _with_body(StockMove, deduct_stock),
-        restore_stock: _with_body(StockMove, restore_stock),
-        schedule_shipment: _with_body(ShipmentRequest, schedule_shipment),
-        cancel_shipment: _with_body(ShipmentCancel, cancel_shipment),
-    }
-)
+# The calls of a saga (and their compensations) skip FastAPI's routing and parameter
+# solving (`DirectCalls`): (method, path) -> reader; a path ending in an id with "{}" there.
+DIRECT: dict[tuple[str, str], Direct] = {
+    ("GET", "/products/{}"): _with_id(get_product),
+    ("POST", "/users/deduct"): _with_body(Charge, deduct_balance),
+    ("POST", "/users/refund"): _with_body(Charge, refund_balance),
+    ("POST", "/inventory/deduct"): _with_body(StockMove, deduct_stock),
+    ("POST", "/inventory/restore"): _with_body(StockMove, restore_stock),
+    ("POST", "/shipping/schedule"): _with_body(ShipmentRequest, schedule_shipment),
+    ("POST", "/shipping/cancel"): _with_body(ShipmentCancel, cancel_shipment),
+}

@@ -561,7 +561,7 @@ async def test_non_integer_path_id_is_422(svc: httpx.AsyncClient) -> None:
     assert (await svc.get("/products/abc")).status_code == 422
 
 
-# A saga's calls skip FastAPI's parameter solving when well-formed (`DirectRoute`); what the
+# A saga's calls skip FastAPI's parameter solving when well-formed (`DirectCalls`); what the
 # direct reader declines goes to FastAPI's handler, so both paths answer alike.
 @pytest.mark.parametrize(
     ("headers", "status"),

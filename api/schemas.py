@@ -9,7 +9,6 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
 
-from api.problems import Problem
 from fsm.machine import AUDIT_SCOPE, OrderState, Status, StepState
 from fsm.models import STATE_COLUMN, Order, Transition
 from fsm.outbox import order_document
@@ -219,6 +218,8 @@ class RejectedOrder(OrderOut):
 def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI documentation of the error answers a route can give (as problem+json:
     `api/openapi.py` moves them there)."""
+    from api.problems import Problem  # FastAPI's: `order-saga orders --json` needs none of it
+
     described = {
         404: "no such order",
         409: "held by another driver, or not allowed in its state",

@@ -17,12 +17,13 @@ import json as jsonlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Protocol
-
-import aiohttp
-import httpx
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fsm.errors import BusinessFailure, NotFound, TransientFailure
+
+if TYPE_CHECKING:  # each transport imports its library: a command that calls no service
+    import aiohttp  # (`orders list`, `keys`, ...) imports neither (~150 ms a process)
+    import httpx
 
 Answer = dict[str, Any]
 
@@ -80,12 +81,16 @@ class AiohttpTransport:
     running loop)."""
 
     def __init__(self, *, timeout: float, max_connections: int) -> None:
+        import aiohttp
+
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.max_connections = max_connections
         self.session: aiohttp.ClientSession | None = None
         self.sign: Callable[[str, dict[str, str]], None] | None = None
 
     async def __aenter__(self) -> AiohttpTransport:
+        import aiohttp
+
         connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0)
         self.session = aiohttp.ClientSession(
             connector=connector,
@@ -101,6 +106,8 @@ class AiohttpTransport:
             self.session = None
 
     async def request(self, method: str, url: str, *, body: Any, headers: dict[str, str]) -> Reply:
+        import aiohttp  # imported by __init__: a lookup in sys.modules
+
         assert self.session is not None, "use AiohttpTransport as an async context manager"
         if self.sign is not None:
             self.sign(url, headers)
@@ -121,6 +128,8 @@ class HttpxTransport:
         self.client = client
 
     async def request(self, method: str, url: str, *, body: Any, headers: dict[str, str]) -> Reply:
+        import httpx  # its client's library: imported already
+
         try:
             r = await self.client.request(method, url, json=body, headers=headers)
         except httpx.TimeoutException as exc:
@@ -134,8 +143,11 @@ class HttpService:
     """Shared request + classification logic for one service's base URL."""
 
     def __init__(self, transport: Transport | httpx.AsyncClient, base_url: str) -> None:
-        if isinstance(transport, httpx.AsyncClient):
-            transport = HttpxTransport(transport)
+        if not isinstance(transport, AiohttpTransport):  # (the engine's: no httpx import)
+            import httpx
+
+            if isinstance(transport, httpx.AsyncClient):
+                transport = HttpxTransport(transport)
         self.transport = transport
         self.base_url = base_url.rstrip("/")
 

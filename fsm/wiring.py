@@ -19,18 +19,17 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import httpx
-
-from fsm import keys
-from fsm.breaker import Breakers
-from fsm.clients import AiohttpTransport, Services, Transport
-from fsm.executor import Executor
-from fsm.registry import SERVICES
-from fsm.retry import RetryPolicy
 from fsm.settings import Settings
 from fsm.store import Store, make_engine
-from fsm.upgrade import guard
+
+if TYPE_CHECKING:  # the engine's other parts are imported where they are built: a caller
+    import httpx  # that only opens the store (`orders list`, `keys`) loads none of them
+
+    from fsm.breaker import Breakers
+    from fsm.clients import AiohttpTransport, Services, Transport
+    from fsm.executor import Executor
 
 
 @dataclass(frozen=True)
@@ -95,6 +94,8 @@ def http_client(settings: Settings) -> AiohttpTransport:
     """The service clients' transport: aiohttp's connection pool used directly, one client
     layer (httpx's own pool checks every pooled connection's socket on each request, and
     httpx over aiohttp paid for two layers: BENCHMARKS.md, "The HTTP path, issue 20")."""
+    from fsm.clients import AiohttpTransport
+
     # Three calls per order in flight: the pool must not be what limits concurrency.
     return AiohttpTransport(
         timeout=settings.http_timeout, max_connections=settings.http_max_connections
@@ -109,6 +110,9 @@ def http_services_for(
 ) -> Services:
     """A client per service of the registry over `client`; with no URL set (settings
     refuse some without the others), every one at `embedded_url`."""
+    from fsm.clients import Services
+    from fsm.registry import SERVICES
+
     embedded = embedded_url or settings.fallback_services_url
     return Services(
         **{s.name: s.client(client, settings.services.get(s.name, embedded)) for s in SERVICES}
@@ -117,6 +121,9 @@ def http_services_for(
 
 def build_executor(settings: Settings, *, store: Store, services: Services) -> Executor:
     """The executor as `open_saga` builds it, for a caller that closes it (`aclose`)."""
+    from fsm.executor import Executor
+    from fsm.retry import RetryPolicy
+
     executor = Executor(
         store=store,
         services=services,
@@ -150,6 +157,10 @@ async def open_saga(
       `serve` starts anyway and answers 503 until it does.
     - `store`: drive through a store the caller opened with `open_store` (and closes).
     """
+    from fsm import keys
+    from fsm.breaker import Breakers
+    from fsm.upgrade import guard
+
     owned = store is None
     the_store = build_store(settings) if store is None else store
     try:

@@ -25,25 +25,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-import uvloop
 from typer.exceptions import TyperException
 
 from fsm.errors import SagaError
-from fsm.settings import Settings
 from order_saga.console import (
-    ENVIRONMENT_ERRORS,
+    environment_errors,
     fail,
     load_settings,
     one_line,
     parse_order_id,
     version_option,
 )
+from order_saga.events_cli import events_app, webhooks_app
+from order_saga.keys_cli import keys_app
 from order_saga.orders_cli import orders_app
 from order_saga.prune_cli import archive_app, prune
 from order_saga.redact import masked, redact
 
-if TYPE_CHECKING:  # imported lazily at run time: `order-saga --help` stays fast
+if TYPE_CHECKING:  # imported by the commands that use them: `order-saga --help` stays fast
     from fsm.models import Order
+    from fsm.settings import Settings
 
 app = typer.Typer(
     help="Durable order orchestrator.", pretty_exceptions_enable=False, add_completion=False
@@ -53,16 +54,12 @@ app.add_typer(db_app, name="db")
 # Operator console (issue 9): `orders list|show|cancel|resolve` and `--version`.
 app.add_typer(orders_app, name="orders")
 # Client keys with roles (issue 17).
-from order_saga.keys_cli import keys_app  # noqa: E402
-
 app.add_typer(keys_app, name="keys")
 app.callback()(version_option)
 # Retention (issue 22): `prune` and `archive show`.
 app.command("prune")(prune)
 app.add_typer(archive_app, name="archive")
 # Order events (issue 19): `webhooks add|list|remove|test`, `events list|redeliver`.
-from order_saga.events_cli import events_app, webhooks_app  # noqa: E402
-
 app.add_typer(webhooks_app, name="webhooks")
 app.add_typer(events_app, name="events")
 
@@ -281,6 +278,8 @@ def resume(
             finish(seen, parked, dry_run=dry_run, **summary.as_dict())
             return 1 if summary.errors else (3 if parked else 0)
 
+    import uvloop
+
     try:
         code = uvloop.run(main())
     except SagaError as exc:  # unknown order, held by another driver, ...
@@ -404,6 +403,8 @@ def worker(
                     await relay
             logging.getLogger("order_saga.worker").info("stopped, leases released")
 
+    import uvloop
+
     uvloop.run(main())  # as serve's loop (uvicorn picks uvloop)
 
 
@@ -440,6 +441,8 @@ def relay(
             await asyncio.to_thread(store.close)
             store.engine.dispose()
 
+    import uvloop
+
     uvloop.run(main())
 
 
@@ -471,7 +474,7 @@ def diagram(
                 history = store.history(oid)
         except OrderNotFound as exc:
             fail(str(exc), 1)
-        except ENVIRONMENT_ERRORS as exc:
+        except environment_errors() as exc:
             fail(f"cannot read the database: {one_line(exc)}", 1)
     try:
         document = diagrams.render(format.value, history)
@@ -518,7 +521,7 @@ def check_upgrade(
     engine = make_engine(load_settings().database_url)
     try:
         report = check(engine, with_ids=ids)
-    except ENVIRONMENT_ERRORS as exc:
+    except environment_errors() as exc:
         fail(f"cannot read the database: {one_line(exc)}", 1)
     finally:
         engine.dispose()
@@ -540,11 +543,14 @@ def main() -> None:
     except TyperException as exc:  # bad flag, unknown command, missing argument
         typer.echo(f"order-saga: {exc.format_message()}", err=True)
         code = exc.exit_code
-    except ENVIRONMENT_ERRORS as exc:  # database or service unreachable, unwritable file
-        typer.echo(f"order-saga: {redact(one_line(exc))}", err=True)
-        code = 1
     except typer.Abort:
         code = 130
+    except Exception as exc:
+        if not isinstance(exc, environment_errors()):
+            raise
+        # database or service unreachable, unwritable file
+        typer.echo(f"order-saga: {redact(one_line(exc))}", err=True)
+        code = 1
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -6,21 +6,29 @@ import this one and never each other. No engine here: commands get theirs from
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
-import httpx
 import typer
-from pydantic import ValidationError
-from sqlalchemy.exc import SQLAlchemyError
 
-from fsm.errors import StoreUnavailable
-from fsm.settings import Settings
 from order_saga.redact import redact
 
-# Failures of the environment, not of the program: reported in one line, exit 1.
-ENVIRONMENT_ERRORS = (SQLAlchemyError, OSError, sqlite3.Error, httpx.HTTPError, StoreUnavailable)
+if TYPE_CHECKING:  # imported by the commands that read settings: `--help` needs neither
+    from fsm.settings import Settings
+
+
+def environment_errors() -> tuple[type[BaseException], ...]:
+    """Failures of the environment, not of the program: reported in one line, exit 1.
+    A function, so the CLI's start-up imports none of their libraries: only a command
+    that talks to a database or a service does (or a handler that catches one)."""
+    import sqlite3
+
+    import httpx
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from fsm.errors import StoreUnavailable
+
+    return (SQLAlchemyError, OSError, sqlite3.Error, httpx.HTTPError, StoreUnavailable)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -37,6 +45,10 @@ def one_line(exc: BaseException) -> str:
 
 
 def load_settings() -> Settings:
+    from pydantic import ValidationError
+
+    from fsm.settings import Settings
+
     try:
         return Settings()
     except ValidationError as exc:
@@ -76,6 +88,7 @@ def version_option(
 
     from pydantic import ValidationError
 
+    from fsm.settings import Settings
     from order_saga.logs import configure
 
     try:

@@ -11,19 +11,29 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from fsm.store import Store
 
 webhooks_app = typer.Typer(help="Webhook subscriptions to order events.", no_args_is_help=True)
 events_app = typer.Typer(help="Order events: deliveries and dead letters.", no_args_is_help=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-_console = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
+
+
+@cache
+def _console() -> Console:
+    """rich, for the tables people read (imported then: `--json` and the other commands
+    need none of it). A pipe or a file gets wide lines (rich would squeeze the table into
+    80 columns)."""
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -105,6 +115,8 @@ def list_webhooks(as_json: JsonFlag = False) -> None:
     if as_json:
         typer.echo(json.dumps({"destinations": rows}, indent=2))
         return
+    from rich.table import Table
+
     table = Table(title=f"{len(rows)} destinations", title_justify="left")
     for column in ("id", "kind", "url", "events", "pending", "dead", "lag"):
         table.add_column(column)
@@ -118,7 +130,7 @@ def list_webhooks(as_json: JsonFlag = False) -> None:
             str(r["dead"]),
             f"{r['lag_seconds']:.1f}s",
         )
-    _console.print(table)
+    _console().print(table)
 
 
 @webhooks_app.command("remove")
@@ -180,6 +192,8 @@ def list_events(
         typer.echo(json.dumps({"deliveries": rows}, indent=2))
         return
     title = f"{len(found)} {'dead letters' if failed else 'deliveries'}"
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     for column in ("event", "type", "destination", "state", "attempts", "error"):
         table.add_column(column, no_wrap=column == "event")
@@ -187,7 +201,7 @@ def list_events(
         table.add_row(
             r.event_id, r.type, r.destination, r.state, str(r.attempts), r.last_error or ""
         )
-    _console.print(table)
+    _console().print(table)
 
 
 @events_app.command("redeliver")

@@ -12,17 +12,18 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from fsm.errors import SagaError
 from fsm.machine import OperatorAction, OrderState, Status
 from order_saga.console import fail, load_settings, parse_order_id
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from fsm.models import Order, Transition
     from fsm.operator import Audit
     from fsm.queries import Attempt, Unreadable
@@ -36,8 +37,16 @@ AsName = Annotated[
     typer.Option("--as", help="Who is acting, for the audit row (default: the local admin)."),
 ]
 LOCAL_ADMIN = "local-admin"
-# A pipe or a file gets wide lines (rich would squeeze the table into 80 columns).
-_console = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
+
+
+@cache
+def _console() -> Console:
+    """rich, for the tables people read (imported then: `--json` and the other commands
+    need none of it). A pipe or a file gets wide lines (rich would squeeze the table into
+    80 columns)."""
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 
 
 @contextmanager
@@ -119,6 +128,8 @@ def list_orders(
             }
         )
         return
+    from rich.table import Table
+
     table = Table(title=f"{len(page.items)} of {page.total} orders", title_justify="left")
     for column in ("id", "status", "state", "user", "product", "qty", "amount", "moved", "why"):
         table.add_column(column, no_wrap=column in ("id", "state"))
@@ -139,9 +150,9 @@ def list_orders(
             f"{_ago(o)} ago",
             because,
         )
-    _console.print(table)
+    _console().print(table)
     if page.next_cursor:
-        _console.print(f"next page: --cursor {page.next_cursor}")
+        _console().print(f"next page: --cursor {page.next_cursor}")
 
 
 def _unreadable_json(row: Unreadable) -> dict[str, Any]:
@@ -213,19 +224,21 @@ def print_order(
         _print_json(body)
         return
     amount = "–" if order.amount is None else f"{order.amount / 100:.2f}"
-    _console.print(f"[bold]{order.id}[/]  {order.status} ({order.state})")
-    _console.print(
+    _console().print(f"[bold]{order.id}[/]  {order.status} ({order.state})")
+    _console().print(
         f"user {order.user_id} · product {order.product_id} × {order.quantity} · amount {amount}"
     )
-    _console.print(
+    _console().print(
         "steps: " + ", ".join(f"{step} {state}" for step, state in order.step_states().items())
     )
     if order.attention_reason:
-        _console.print(f"[bold red]needs attention:[/] {order.attention_reason}")
+        _console().print(f"[bold red]needs attention:[/] {order.attention_reason}")
     if because is not None:
-        _console.print(f"[bold]why it is here:[/] {because.summary}")
+        _console().print(f"[bold]why it is here:[/] {because.summary}")
     if order.last_error:
-        _console.print(f"last error: {order.last_error}")
+        _console().print(f"last error: {order.last_error}")
+    from rich.table import Table
+
     table = Table(title="timeline", title_justify="left")
     for column in ("seq", "at", "scope", "trigger", "from → to", "stayed", "detail"):
         table.add_column(column)
@@ -244,7 +257,7 @@ def print_order(
         rows.append((a.at, ("", at, a.call.split(":")[0], a.call, what, "", (a.error or "")[:80])))
     for _, row in sorted(rows, key=lambda r: r[0]):
         table.add_row(*row)
-    _console.print(table)
+    _console().print(table)
 
 
 def cli_audit(action: OperatorAction, as_name: str | None, reason: str | None) -> Audit:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from sqlmodel import SQLModel
 
 from downstream.seed import ORDINARY_USER_ID, RICH_USER_ID, WIDGET_ID
-from fsm.store import Store
+from fsm.store import Store, make_engine
+from fsm.wiring import open_store
 from tests.support.processes import Saga, command, run_cli
 from tests.support.services import Downstream
-from tests.support.settings import saga_env
+from tests.support.settings import saga_env, saga_settings
 from tests.support.waiting import wait_until
 
 UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"  # nothing listens there
@@ -135,3 +140,57 @@ async def test_worker_stops_on_sigterm_releasing_its_leases(
     assert all(store.get(i).status == "completed" for i in ids)
     effects = downstream.effects()
     assert all(effects[f"{i}:shipping:schedule"] == 1 for i in ids)
+
+
+# What only serving, calling a service or publishing needs (`serve`, `services`, `relay`, a
+# saga run): the web framework and server, the HTTP clients, the broker's client, sign-in,
+# templates. A command that only talks to the database never imports them: every
+# `order-saga` is an interpreter start (the suite starts hundreds), and these libraries
+# were most of one (~1 s of `orders list` on a quiet 2-core machine, before).
+SERVING = ("fastapi", "uvicorn", "aio_pika", "authlib", "jinja2", "itsdangerous")
+CALLING = ("aiohttp", "httpx")
+MODULES_AFTER = """
+import json, sys
+from order_saga.cli import main
+sys.argv[0] = "order-saga"
+try:
+    main()
+except SystemExit as exit:
+    print(json.dumps([exit.code, sorted({m.split(".")[0] for m in sys.modules})]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "says", "absent"),
+    [
+        (["--help"], "Durable order orchestrator", SERVING + CALLING),
+        (["orders", "list"], "{order}", SERVING + CALLING),
+        (["orders", "show", "{order}", "--json"], "{order}", SERVING + CALLING),  # API shapes
+        (["keys", "list"], "no keys", SERVING + CALLING),
+        (["resume", "--order", "{order}", "--dry-run"], "would resume", SERVING),  # no call
+    ],
+)
+async def test_a_command_that_talks_only_to_the_database_imports_no_server_or_client(
+    tmp_path: Path, args: list[str], says: str, absent: tuple[str, ...]
+) -> None:
+    url = f"sqlite:///{tmp_path}/saga.db"  # which database does not change what is imported
+    engine = make_engine(url)
+    SQLModel.metadata.create_all(engine)
+    engine.dispose()
+    with open_store(saga_settings(url)) as store:
+        order, _ = await store.create_order(
+            user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1
+        )
+    argv = [a.format(order=order.id) for a in args]
+    result = subprocess.run(
+        [sys.executable, "-c", MODULES_AFTER, *argv],
+        env=saga_env(database_url=url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    *output, last = result.stdout.splitlines()
+    code, modules = json.loads(last)
+    assert code in (0, None), result.stderr
+    assert says.format(order=order.id) in "\n".join(output), result.stdout  # it did its job
+    assert sorted(set(absent) & set(modules)) == []

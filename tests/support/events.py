@@ -12,14 +12,13 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
-import httpx
-
 from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID, POOR_USER_ID, WIDGET_ID
 from fsm import outbox, outbox_sql, subscriptions
 from fsm.executor import Executor
 from fsm.relay import Relay
 from fsm.settings import Settings
 from fsm.store import Store
+from tests.support.services import HTTP
 
 # Deliveries fast enough for tests, every branch still reachable.
 FAST_EVENTS = {
@@ -42,12 +41,12 @@ def subscribe_sink(store: Store, services_url: str, types: Iterable[str] = ()) -
     """Subscribe the reference sink (downstream/sink.py) and give it the secret."""
     url = f"{services_url}/sink"
     added = subscriptions.add_webhook(store, url, outbox.parse_types(types))
-    httpx.put(f"{url}/secret", json={"secret": added.secret}).raise_for_status()
+    HTTP.put(f"{url}/secret", json={"secret": added.secret}).raise_for_status()
     return added.secret
 
 
 def sink_seen(services_url: str) -> dict[str, Any]:
-    seen: dict[str, Any] = httpx.get(f"{services_url}/sink").json()
+    seen: dict[str, Any] = HTTP.get(f"{services_url}/sink").json()
     return seen
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from downstream.seed import RICH_USER_ID, WIDGET_ID
 from fsm.wiring import build_store
-from tests.support.services import Books, Downstream, LiveServer, assert_conserved
+from tests.support.services import HTTP, Books, Downstream, LiveServer, assert_conserved
 from tests.support.serving import Served, fresh_database, serving
 from tests.support.settings import saga_env, saga_settings
 from tests.support.waiting import wait_until
@@ -62,7 +62,7 @@ def _wait_finished(url: str, ids: list[str], timeout: float = 30.0) -> dict[str,
     turns a stranded order into a failure instead of a hang)."""
 
     def bodies() -> dict[str, dict[str, Any]]:
-        return {oid: httpx.get(f"{url}/orders/{oid}").json() for oid in ids}
+        return {oid: HTTP.get(f"{url}/orders/{oid}").json() for oid in ids}
 
     def finished() -> dict[str, dict[str, Any]] | None:
         now = bodies()

@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import SQLModel
@@ -29,7 +28,7 @@ from fsm.wiring import open_store
 from order_saga.server import uvicorn_options
 from tests.support.database import PG_SERVER
 from tests.support.processes import Saga, command, run_cli
-from tests.support.services import Downstream, LiveServer, answers, free_port
+from tests.support.services import HTTP, Downstream, LiveServer, answers, free_port
 from tests.support.settings import cli_settings, saga_env, saga_settings
 from tests.support.waiting import wait_until, wait_until_async
 
@@ -202,7 +201,7 @@ def test_a_slow_body_is_a_408(edge_server: int) -> None:
 
 
 def test_a_whole_request_is_still_served(edge_server: int) -> None:
-    response = httpx.get(f"http://127.0.0.1:{edge_server}/healthz")
+    response = HTTP.get(f"http://127.0.0.1:{edge_server}/healthz")
     assert response.status_code == 200
 
 
@@ -224,14 +223,12 @@ def test_sigterm_drains_within_the_grace_period_and_releases_leases(tmp_path: Pa
     with Saga(command("serve", "--port", str(port), "--no-sweep"), env) as serve:
         wait_until(lambda: answers(f"{base}/healthz"), what="serve", alive=serve.running)
         fault = {"operation": "user.deduct", "mode": "delay", "count": 1, "seconds": 600}
-        httpx.post(f"{base}/services/_faults", json=fault).raise_for_status()
+        HTTP.post(f"{base}/services/_faults", json=fault).raise_for_status()
         body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
-        placed = httpx.post(f"{base}/orders", json=body, headers={"Prefer": "respond-async"})
+        placed = HTTP.post(f"{base}/orders", json=body, headers={"Prefer": "respond-async"})
         order_id = placed.json()["id"]
         wait_until(
-            lambda: (
-                httpx.get(f"{base}/orders/{order_id}").json()["steps"]["payment"] == "requested"
-            ),
+            lambda: HTTP.get(f"{base}/orders/{order_id}").json()["steps"]["payment"] == "requested",
             what="the payment call to start",
             alive=serve.running,
         )

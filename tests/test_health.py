@@ -22,7 +22,7 @@ from api.app import create_app
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm.store import make_engine
 from tests.support.proxy import CuttableProxy
-from tests.support.services import LiveServer
+from tests.support.services import HTTP, LiveServer
 from tests.support.settings import saga_settings
 from tests.support.waiting import wait_until
 
@@ -56,31 +56,31 @@ def schema(url: str) -> None:
 
 
 def ready(url: str) -> bool:
-    return httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+    return HTTP.get(f"{url}/readyz", timeout=10).status_code == 200
 
 
 def not_ready(url: str) -> dict[str, Any] | None:
-    answer = httpx.get(f"{url}/readyz", timeout=10)
+    answer = HTTP.get(f"{url}/readyz", timeout=10)
     return None if answer.status_code == 200 else dict(answer.json())
 
 
 def place(url: str) -> httpx.Response:
     body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
-    return httpx.post(f"{url}/orders", json=body, timeout=30)
+    return HTTP.post(f"{url}/orders", json=body, timeout=30)
 
 
 def assert_down(url: str, words: str) -> None:
     problem = not_ready(url)
     assert problem is not None and problem["status"] == 503 and problem["code"] == "not_ready"
     assert words in problem["detail"], problem
-    health = httpx.get(f"{url}/healthz", timeout=10).json()
+    health = HTTP.get(f"{url}/healthz", timeout=10).json()
     assert health["status"] == "degraded" and health["writes"]["ok"] is False, health
     assert words in health["writes"]["reason"], health
 
 
 def assert_back(url: str) -> None:
     until(lambda: ready(url), "ready again")
-    health = httpx.get(f"{url}/healthz", timeout=10).json()
+    health = HTTP.get(f"{url}/healthz", timeout=10).json()
     assert health["status"] == "ok" and health["writes"] == {"ok": True, "reason": None}
 
 
@@ -164,7 +164,7 @@ def test_a_refused_postgresql_connection_makes_it_not_ready(
         assert problem is not None and problem["code"] == "not_ready", problem
         assert "database unavailable" in problem["detail"], problem  # the driver's words follow
         # The reads cannot reach it either: /healthz names the dependency (its own 503).
-        health = httpx.get(f"{url}/healthz", timeout=10)
+        health = HTTP.get(f"{url}/healthz", timeout=10)
         assert health.status_code == 503 and health.json()["dependency"] == "database"
         proxy.restore()
         assert_back(url)

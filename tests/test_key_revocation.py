@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.support.processes import run_saga
-from tests.support.services import Downstream
+from tests.support.services import HTTP, Downstream
 from tests.support.serving import Served, fresh_database
 from tests.support.settings import saga_env
 from tests.support.waiting import wait_until
@@ -27,7 +26,7 @@ ASKS = 6  # fresh connections per check: the kernel spreads them over both worke
 
 def _statuses(url: str, secret: str | None) -> set[int]:
     headers = {"Authorization": f"Bearer {secret}"} if secret else {}
-    return {httpx.get(f"{url}/orders", headers=headers).status_code for _ in range(ASKS)}
+    return {HTTP.get(f"{url}/orders", headers=headers).status_code for _ in range(ASKS)}
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from order_saga.logs import configure, flush
 from order_saga.redact import masked
 from tests.support.api import API
 from tests.support.processes import Saga, command, run_cli
-from tests.support.services import Downstream, free_port
+from tests.support.services import HTTP, Downstream, free_port
 from tests.support.settings import saga_env, saga_settings
 from tests.support.waiting import wait_until
 
@@ -147,7 +147,7 @@ async def test_worker_serves_metrics_on_its_own_port(
 
     def metrics() -> str:
         try:
-            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            text = HTTP.get(f"http://127.0.0.1:{port}/metrics").text
         except httpx.TransportError:
             return ""
         return text if 'order_saga_orders{status="rejected"} 1.0' in text else ""

@@ -26,6 +26,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from downstream.deps import FaultsDep
+from downstream.faults import FaultBoard
+from downstream.services import DIRECT
 from downstream.store import Outcome, fail
 
 router = APIRouter(prefix="/sink", tags=["event sink"])
@@ -98,7 +100,7 @@ class Sink:
             }
 
 
-def get_sink(request: Request) -> Sink:
+async def get_sink(request: Request) -> Sink:  # async: a plain def is a thread hop
     sink: Sink = request.app.state.sink
     return sink
 
@@ -128,18 +130,37 @@ async def receive(
     webhook_timestamp: Annotated[str | None, Header()] = None,
     webhook_signature: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
-    body = await request.body()
-    headers = {
-        k: v
-        for k, v in (
-            ("webhook-id", webhook_id),
-            ("webhook-timestamp", webhook_timestamp),
-            ("webhook-signature", webhook_signature),
-        )
-        if v is not None
-    }
-    outcome = await faults.run("sink.receive", lambda: sink.receive(headers, body))
+    return await _receive(
+        sink,
+        faults,
+        await request.body(),
+        {"webhook-id": webhook_id, "webhook-timestamp": webhook_timestamp,
+         "webhook-signature": webhook_signature},
+    )  # fmt: skip
+
+
+async def _receive(
+    sink: Sink, faults: FaultBoard, body: bytes, headers: dict[str, str | None]
+) -> JSONResponse:
+    present = {k: v for k, v in headers.items() if v is not None}
+    outcome = await faults.run("sink.receive", lambda: sink.receive(present, body))
     return JSONResponse(outcome.body, status_code=outcome.status_code)
+
+
+async def _receive_directly(request: Request, _: str) -> Response:
+    """Every POST, as the services' saga calls are served (`downstream.services.DirectCalls`:
+    before FastAPI's routing and parameter solving; nothing here can fail to resolve: three
+    optional headers and two app-state objects), with the same endpoint code."""
+    headers, state = request.headers, request.app.state
+    return await _receive(
+        state.sink,
+        state.faults,
+        await request.body(),
+        {
+            name: headers.get(name)
+            for name in ("webhook-id", "webhook-timestamp", "webhook-signature")
+        },
+    )
 
 
 @router.get("")
@@ -151,3 +172,6 @@ async def seen(sink: SinkDep) -> dict[str, Any]:
 async def forget(sink: SinkDep) -> Response:
     sink.reset()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+DIRECT[("POST", "/sink")] = _receive_directly  # a POST per event and webhook

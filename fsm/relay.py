@@ -6,8 +6,9 @@ One task per destination, so a slow or dead endpoint delays only its own deliver
 orders never wait for a relay (their events are already committed). A task leases a batch
 of deliveries (each the oldest undelivered event of its order, fsm.outbox_sql.claim), sends
 them concurrently, then records delivered / retry at (exponential backoff with jitter) /
-dead letter (a refusal, or past `event_max_age` since the event or its redelivery). A relay
-killed mid-delivery leaves its leases to expire: the next relay sends those events again.
+dead letter (a refusal, or past `event_max_age` since the event or its redelivery), in the
+transaction that claims its next batch. A relay killed mid-delivery (or before recording
+it) leaves its leases to expire: the next relay sends those events again.
 Every database access goes through the store's group-commit thread. Decides nothing about
 orders, and never writes one.
 """
@@ -22,6 +23,7 @@ import random
 import socket
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
@@ -164,18 +166,23 @@ class Relay:
         s = self.settings
         loop = asyncio.get_running_loop()
         claimed_at = -s.relay_gather
-        while True:
-            try:
-                # Under a steady trickle, claim at most every `relay_gather` seconds (unless
-                # the last batch was full): events gather into one claim and one settle
-                # instead of a pair of transactions for each few.
-                gather = claimed_at + s.relay_gather - loop.time()
-                if gather > 0:
-                    await asyncio.sleep(gather)
-                claimed_at = loop.time()
-                now = utcnow()
-                claimed = await self.store.committer.submit(
-                    partial(
+        # A sent batch's outcomes, recorded in the transaction that claims the next batch
+        # (one transaction per batch instead of two: on SQLite each one takes the write lock
+        # the orders' commits wait for). Its leases stay this relay's until then, so nobody
+        # sends those events again meanwhile; the wait is at most `relay_gather`.
+        sent: Sent | None = None
+        try:
+            while True:
+                try:
+                    # Under a steady trickle, claim at most every `relay_gather` seconds
+                    # (unless the last batch was full): events gather into one claim
+                    # instead of a transaction for each few.
+                    gather = claimed_at + s.relay_gather - loop.time()
+                    if gather > 0:
+                        await asyncio.sleep(gather)
+                    claimed_at = loop.time()
+                    now = utcnow()
+                    claim = partial(
                         outbox_sql.claim,
                         self.store.dialect,
                         destination_id=destination.id,
@@ -184,30 +191,54 @@ class Relay:
                         lease_until=now + timedelta(seconds=s.relay_lease),
                         limit=s.relay_batch,
                     )
-                )
-                if not claimed:
-                    await asyncio.sleep(s.relay_interval)
-                    continue
-                attempts = await asyncio.gather(*(sender.send(c) for c in claimed))
-                results = list(zip(claimed, attempts, strict=True))
-                await self.store.committer.submit(partial(self._settle, destination, results))
-                ok = sum(1 for a in attempts if a.delivered)
-                metrics.outbox_delivered(destination.name).inc(ok)
-                metrics.outbox_failed(destination.name).inc(len(attempts) - ok)
-                if self.report is not None:
-                    self.report(destination.name, ok, len(attempts) - ok)
-                if len(claimed) >= s.relay_batch:
-                    claimed_at = -s.relay_gather  # a backlog: the next batch at once
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database away: the leases expire, nothing lost
-                log.warning("relay %s: %s", destination.name, exc)
-                await asyncio.sleep(max(s.relay_interval, 1.0))
+                    claimed = await self.store.committer.submit(
+                        partial(self._settle_then, destination, sent, claim)
+                    )
+                    self._count(destination, sent)
+                    sent = None
+                    if not claimed:
+                        await asyncio.sleep(s.relay_interval)
+                        continue
+                    attempts = await asyncio.gather(*(sender.send(c) for c in claimed))
+                    sent = Sent(list(zip(claimed, attempts, strict=True)), utcnow())
+                    if len(claimed) >= s.relay_batch:
+                        claimed_at = -s.relay_gather  # a backlog: the next batch at once
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the database away: the leases expire, nothing lost
+                    log.warning("relay %s: %s", destination.name, exc)
+                    await asyncio.sleep(max(s.relay_interval, 1.0))
+        finally:
+            if sent is not None:  # stopping: record what was sent (else: sent again later)
+                with contextlib.suppress(Exception):
+                    await self.store.committer.submit(partial(self._settle, destination, sent))
+                    self._count(destination, sent)
 
-    def _settle(
-        self, destination: Destination, results: list[tuple[Claimed, Attempt]], cursor: Any
-    ) -> None:
-        d, s, now = self.store.dialect, self.settings, utcnow()
+    def _count(self, destination: Destination, sent: Sent | None) -> None:
+        if sent is None:
+            return
+        ok = sum(1 for _claimed, attempt in sent.results if attempt.delivered)
+        failed = len(sent.results) - ok
+        metrics.outbox_delivered(destination.name).inc(ok)
+        metrics.outbox_failed(destination.name).inc(failed)
+        if self.report is not None:
+            self.report(destination.name, ok, failed)
+
+    def _settle_then(
+        self,
+        destination: Destination,
+        sent: Sent | None,
+        claim: Callable[[Any], list[Claimed]],
+        cursor: Any,
+    ) -> list[Claimed]:
+        """Record `sent` (if any), then claim the next batch: one transaction."""
+        if sent is not None:
+            self._settle(destination, sent, cursor)
+        return claim(cursor)
+
+    def _settle(self, destination: Destination, sent: Sent, cursor: Any) -> None:
+        d, s, now = self.store.dialect, self.settings, sent.at
+        results = sent.results
         done = [claimed.event_id for claimed, attempt in results if attempt.delivered]
         outbox_sql.delivered(d, cursor, destination_id=destination.id, event_ids=done, now=now)
         for claimed, attempt in results:
@@ -232,6 +263,14 @@ class Relay:
                 at=now + timedelta(seconds=delay),
                 error=error,
             )
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A batch's attempts, and when they ended (the time recorded with them)."""
+
+    results: list[tuple[Claimed, Attempt]]
+    at: datetime
 
 
 def _too_old(since: datetime, now: datetime, max_age: float) -> bool:

@@ -115,6 +115,9 @@ _FIRST_UNDELIVERED = (
 )
 
 
+_ANY_DEAD = "SELECT 1 FROM outbox_deliveries WHERE destination_id = %s AND state = 'dead' LIMIT 1"
+
+
 @lru_cache(maxsize=8)
 def due(d: Dialect) -> str:
     """The due deliveries of a destination: each pending, past its next attempt, not leased,
@@ -128,6 +131,20 @@ def due(d: Dialect) -> str:
     )
 
 
+def due_ids(
+    d: Dialect, cursor: Any, *, destination_id: int, now: datetime, limit: int
+) -> tuple[list[str], bool]:
+    """`due`, as a read outside the claiming transaction (SQLite: its search of the backlog,
+    several ms under a backlog of thousands, then holds no write lock the engine's commits
+    would wait for; `claim` leases those still due), and whether the destination has a
+    dead letter (then `claim` must run: it sweeps the events behind one)."""
+    stamp = d.timestamp(now)
+    cursor.execute(due(d), [destination_id, stamp, stamp, limit])
+    found = [r[0] for r in cursor.fetchall()]
+    cursor.execute(d.sql(_ANY_DEAD), [destination_id])
+    return found, cursor.fetchone() is not None
+
+
 def claim(
     d: Dialect,
     cursor: Any,
@@ -137,19 +154,17 @@ def claim(
     now: datetime,
     lease_until: datetime,
     limit: int,
+    found: list[str] | None = None,
 ) -> list[Claimed]:
     """Lease up to `limit` due deliveries, each the oldest undelivered event of its order
-    (PostgreSQL: SKIP LOCKED, so relays take disjoint sets)."""
+    (PostgreSQL: SKIP LOCKED, so relays take disjoint sets). `found`: the due ones as
+    `due_ids` saw them before this transaction (SQLite: the search holds no write lock);
+    those still due are leased."""
     stamp = d.timestamp(now)
     # An event committed after an earlier one of its order was dead-lettered joins it (it
     # would not be claimed anyway: the earlier one is not delivered). Swept only while the
     # destination has a dead letter at all: an index probe, not a scan per claim.
-    cursor.execute(
-        d.sql(
-            "SELECT 1 FROM outbox_deliveries WHERE destination_id = %s AND state = 'dead' LIMIT 1"
-        ),
-        [destination_id],
-    )
+    cursor.execute(d.sql(_ANY_DEAD), [destination_id])
     if cursor.fetchone() is not None:
         cursor.execute(
             d.sql(
@@ -161,22 +176,27 @@ def claim(
             ),
             [destination_id],
         )
-    # The due ones found first, then leased by primary key, their ids written out: as one
-    # statement (`IN (SELECT ...)` of the LIMITed, SKIP LOCKED select) PostgreSQL planned
-    # the lookup as a scan of all the destination's rows, delivered ones included, before
-    # the table had statistics.
-    cursor.execute(due(d), [destination_id, stamp, stamp, limit])
-    ids = [r[0] for r in cursor.fetchall()]
-    if not ids:
+    # The due ones found first (unless the caller found them: `found`), then leased by
+    # primary key, their ids written out: as one statement (`IN (SELECT ...)` of the
+    # LIMITed, SKIP LOCKED select) PostgreSQL planned the lookup as a scan of all the
+    # destination's rows, delivered ones included, before the table had statistics.
+    if found is None:
+        cursor.execute(due(d), [destination_id, stamp, stamp, limit])
+        found = [r[0] for r in cursor.fetchall()]
+    if not found:
         return []
+    # Each still due (found outside this transaction, one may have been leased, sent or
+    # dead-lettered since): the same conditions as `due`, asked again of the listed rows.
     cursor.execute(
         d.sql(
-            "UPDATE outbox_deliveries SET lease_owner = %s, lease_until = %s, "
-            "attempts = attempts + 1 "
-            f"WHERE destination_id = %s AND event_id IN ({', '.join(['%s'] * len(ids))}) "
+            "UPDATE outbox_deliveries AS d SET lease_owner = %s, lease_until = %s, "
+            "attempts = attempts + 1 WHERE d.destination_id = %s "
+            f"AND d.event_id IN ({', '.join(['%s'] * len(found))}) "
+            "AND d.state = 'pending' AND d.next_attempt_at <= %s "
+            f"AND (d.lease_until IS NULL OR d.lease_until < %s) AND {_FIRST_UNDELIVERED} "
             "RETURNING event_id, order_id, seq, attempts, created_at, retry_from"
         ),
-        [owner, d.timestamp(lease_until), destination_id, *ids],
+        [owner, d.timestamp(lease_until), destination_id, *found, stamp, stamp],
     )
     rows = cursor.fetchall()
     if not rows:

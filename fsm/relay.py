@@ -36,7 +36,7 @@ from fsm.destinations import Attempt, Sender
 from fsm.outbox_sql import Claimed, Destination
 from fsm.settings import Settings
 from fsm.store import Store, utcnow
-from fsm.subscriptions import destinations
+from fsm.subscriptions import destinations, read
 
 log = logging.getLogger("order_saga.relay")
 AMQP_DESTINATION = "amqp"
@@ -182,6 +182,24 @@ class Relay:
                         await asyncio.sleep(gather)
                     claimed_at = loop.time()
                     now = utcnow()
+                    found = None
+                    if self.store.dialect.name == "sqlite":
+                        # One writer at a time: the backlog is searched on a read connection
+                        # (no write lock held meanwhile), then leased if still due.
+                        found, dead = await asyncio.to_thread(
+                            read,
+                            self.store,
+                            partial(
+                                outbox_sql.due_ids,
+                                self.store.dialect,
+                                destination_id=destination.id,
+                                now=now,
+                                limit=s.relay_batch,
+                            ),
+                        )
+                        if not (found or dead or sent):
+                            await asyncio.sleep(s.relay_interval)  # nothing to write
+                            continue
                     claim = partial(
                         outbox_sql.claim,
                         self.store.dialect,
@@ -190,6 +208,7 @@ class Relay:
                         now=now,
                         lease_until=now + timedelta(seconds=s.relay_lease),
                         limit=s.relay_batch,
+                        found=found,
                     )
                     claimed = await self.store.committer.submit(
                         partial(self._settle_then, destination, sent, claim)

@@ -28,6 +28,7 @@ import typer
 from typer.exceptions import TyperException
 
 from fsm.errors import SagaError
+from order_saga import heap
 from order_saga.console import (
     environment_errors,
     fail,
@@ -106,8 +107,10 @@ def serve(
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     embedded = f"http://{local}:{port}/services"
 
-    def application() -> Any:
-        return create_app(settings, embedded_url=embedded, sweep=sweep)
+    def application() -> Any:  # in each process (`--workers N`: after the fork)
+        app = create_app(settings, embedded_url=embedded, sweep=sweep)
+        heap.settle()
+        return app
 
     if workers > 1:  # every process sweeps too: leases keep an order to one driver
         options = {"log_level": "info", **uvicorn_options(settings)}
@@ -168,6 +171,7 @@ def services(
         max_bytes=settings.max_body_bytes,
         read_timeout=settings.body_timeout,
     )
+    heap.settle()
     uvicorn.run(guarded, host=host, port=port, log_level="warning", **uvicorn_options(settings))
 
 
@@ -344,6 +348,7 @@ def worker(
         async with open_saga(
             settings, breakers=True, upgrade_guard=True, require_database=True
         ) as saga:
+            heap.settle()  # started: the engine and its modules are loaded
             executor = saga.executor
             if settings.worker_metrics_port:
                 from prometheus_client import start_http_server

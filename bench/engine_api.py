@@ -4,13 +4,16 @@ When that API changes, adapt this file alone: `open_engine` builds whatever driv
 for a database URL with given services (through `fsm.wiring.open_saga`, as the product
 does), and `Engine.order` creates one order and drives it to the end, returning its final
 state. The schema must already exist (the benchmarks make it with `fsm.migrate.upgrade`).
+The engine runs with the garbage collector as `serve` and `worker` set it
+(`order_saga.heap.settle`), so the engine's CPU per order and serve's are comparable.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import gc
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 
 from fsm import outbox, outbox_sql, relay_child, subscriptions
@@ -19,6 +22,7 @@ from fsm.recovery import resume_stuck
 from fsm.settings import Settings
 from fsm.store import Store
 from fsm.wiring import Saga, open_saga
+from order_saga import heap
 
 
 class Engine:
@@ -40,7 +44,21 @@ class Engine:
 async def open_engine(url: str, services: Services) -> AsyncIterator[Engine]:
     """The engine on `url` with the default settings; closed on exit."""
     async with open_saga(Settings(database_url=url), services=services) as saga:
-        yield Engine(saga, url)
+        with settled_heap():
+            yield Engine(saga, url)
+
+
+@contextmanager
+def settled_heap() -> Iterator[None]:
+    """The collector as `serve` and `worker` set it once started; Python's defaults after
+    (the bench process goes on to other phases)."""
+    threshold = gc.get_threshold()
+    heap.settle()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
 
 
 # -- order events: the relay in the engine's process, as `serve` runs it --------------------

@@ -4,6 +4,7 @@ to both. Nothing here is mocked."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -19,9 +20,24 @@ from fsm.clients import Services
 from fsm.executor import Executor
 from fsm.store import Store, make_engine
 from fsm.wiring import http_client, http_services_for, open_saga, open_store
+from order_saga import logs
 from tests.support.database import create_pg_database, drop_pg_database
 from tests.support.services import HTTP, Downstream, LiveServer
 from tests.support.settings import saga_settings
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """A command run in-process (CliRunner) points logging at its own stderr, which is
+    closed when the command returns: its lines are written, then the root logger is put
+    back, so later tests on this worker do not log into a closed stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    if root.handlers != handlers:
+        logs.flush()
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

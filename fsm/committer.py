@@ -228,16 +228,7 @@ class Committer:
                 if first is _STOP:
                     return
                 batch = [first]
-                stopping = False
-                while len(batch) < self.max_batch:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is _STOP:
-                        stopping = True
-                        break
-                    batch.append(item)
+                stopping = self._drain(batch)
                 if self.linger > 0 and not stopping and len(batch) < self.max_batch:
                     stopping = self._gather(batch)
                 for item in [i for i in batch if self._follows_aside(i)]:
@@ -260,6 +251,19 @@ class Committer:
                 self.backend.close(self._conn)
                 self._conn = None
 
+    def _drain(self, batch: list[_Item[Any]]) -> bool:
+        """Add what is queued to `batch`, up to `max_batch`, without waiting. True if
+        `_STOP` came."""
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if item is _STOP:
+                return True
+            batch.append(item)
+        return False
+
     def _gather(self, batch: list[_Item[Any]]) -> bool:
         """Wait up to `linger` for more writes while fewer than half of the orders in
         flight (`company`) have one in `batch`: they are between two writes (a service
@@ -280,16 +284,10 @@ class Committer:
         until = time.monotonic() + self.linger
         while (left := until - time.monotonic()) > 0:
             time.sleep(min(left, LINGER_TICK))
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    return True
-                batch.append(item)
-                if item.key is not None:
-                    keys.add(item.key)
+            seen = len(batch)
+            if self._drain(batch):
+                return True
+            keys.update(item.key for item in batch[seen:] if item.key is not None)
             if 2 * len(keys) >= len(self.company) or len(batch) >= self.max_batch:
                 break
         return False

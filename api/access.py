@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from fsm.keys import Role
+from fsm.roles import Role
 
 CLIENT, READER, OPERATOR, ADMIN_ = Role.CLIENT, Role.READER, Role.OPERATOR, Role.ADMIN
 

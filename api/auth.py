@@ -34,7 +34,8 @@ from api.access import Access, Table
 from api.problems import is_unavailable, problem, unavailable
 from api.session import COOKIE, DEFAULT_MAX_AGE, Session, Sessions
 from fsm import keys
-from fsm.keys import Principal, Role
+from fsm.keys import Principal
+from fsm.roles import Role
 
 BEARER = HTTPBearer(
     auto_error=False,

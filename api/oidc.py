@@ -25,7 +25,8 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from api.login import no_console_for, safe_next, secure_cookie, sign_in
-from fsm.keys import Principal, Role
+from fsm.keys import Principal
+from fsm.roles import Role
 from fsm.settings import Settings
 
 router = APIRouter(prefix="/ui/oidc", include_in_schema=False)

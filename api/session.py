@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from fsm.keys import Principal, Role
+from fsm.keys import Principal
+from fsm.roles import Role
 
 COOKIE = "order_saga_session"
 DEFAULT_MAX_AGE = 8 * 3600

@@ -44,7 +44,7 @@ KEY_NAME = "bench-client"
 def _make_key(database_url: str, name: str = KEY_NAME) -> str:
     from fsm import keys
     from fsm.engine import make_engine
-    from fsm.keys import Role
+    from fsm.roles import Role
 
     engine = make_engine(database_url)
     try:
@@ -156,7 +156,7 @@ def gate_costs(cfg: Config) -> tuple[float, float, float]:
     import fsm.models  # noqa: F401  (registers the tables)
     from fsm import keys
     from fsm.engine import make_engine
-    from fsm.keys import Role
+    from fsm.roles import Role
 
     n = cfg.n(20_000, 3_000)
     costs = []

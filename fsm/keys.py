@@ -17,27 +17,17 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from fsm.models import ApiKeyTable, ServerSecretTable
+from fsm.roles import Role
 
 PREFIX = "osk_"  # greppable: secret scanners and `git grep osk_` find a leaked key
 NAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
 keys = ApiKeyTable.__table__  # type: ignore[attr-defined]
 server_secrets = ServerSecretTable.__table__  # type: ignore[attr-defined]
-
-
-class Role(StrEnum):
-    """Roles, least to most: a client places and reads its own orders; a reader reads
-    everything; an operator also acts on orders; an admin also manages keys and faults."""
-
-    CLIENT = "client"
-    READER = "reader"
-    OPERATOR = "operator"
-    ADMIN = "admin"
 
 
 class KeyError_(ValueError):

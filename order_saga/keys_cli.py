@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fsm.keys import Role
+from fsm.roles import Role
 from order_saga.console import fail as _fail
 from order_saga.console import load_settings, one_line
 

@@ -22,8 +22,8 @@ from api.access import MOUNTS, OWN, OWN_ACT, ROUTES, Table
 from api.app import create_app
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm import keys
-from fsm.keys import Role
 from fsm.machine import OrderTrigger
+from fsm.roles import Role
 from fsm.store import Store
 from tests.support.routes import concrete, endpoints
 from tests.support.settings import cli_settings

@@ -345,7 +345,7 @@ def test_a_dead_letter_is_redelivered_from_the_events_page(
     from playwright.sync_api import expect
 
     from fsm import keys
-    from fsm.keys import Role
+    from fsm.roles import Role
     from fsm.store import make_engine
     from tests.support.processes import run_cli
     from tests.support.services import Downstream
@@ -433,7 +433,7 @@ class Team:
 @pytest.fixture(scope="module")
 def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
     from fsm import keys
-    from fsm.keys import Role
+    from fsm.roles import Role
     from fsm.store import make_engine
     from tests.support.serving import Served as Serve
     from tests.support.settings import saga_env

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 
 from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID
 from fsm import keys
-from fsm.keys import Role
 from fsm.machine import AUDIT_SCOPE
+from fsm.roles import Role
 from fsm.store import Store
 from tests.support.api import api, place
 from tests.support.waiting import wait_until

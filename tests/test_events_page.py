@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fsm import keys, metrics, subscriptions
-from fsm.keys import Role
+from fsm.roles import Role
 from fsm.store import Store
 from tests.support.api import api, place
 from tests.support.events import FAST_EVENTS, sink_seen, subscribe_sink

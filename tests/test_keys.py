@@ -19,8 +19,8 @@ from api.app import create_app
 from api.auth import Authenticator
 from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
 from fsm import keys
-from fsm.keys import Role
 from fsm.machine import AUDIT_SCOPE
+from fsm.roles import Role
 from fsm.store import Store
 from order_saga.orders_cli import LOCAL_ADMIN
 from tests.support.api import TOKEN, WIDGET_PRICE, api, place

@@ -19,8 +19,8 @@ import pytest
 
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm import keys
-from fsm.keys import Role
 from fsm.machine import AUDIT_SCOPE
+from fsm.roles import Role
 from fsm.store import Store, make_engine
 from fsm.wiring import build_store
 from tests.support.api import api

@@ -21,11 +21,15 @@ from fsm.sql import TRANSITION_COLUMNS, Dialect, _quoted, as_utc
 
 EVENT_COLUMNS = ("id", "order_id", "seq", "type", "created_at", "body")
 _EVENT_MARKS = ", ".join(["%s"] * len(EVENT_COLUMNS))
+# The pattern is an expression (a CAST), not a bare parameter: SQLite compiles `col LIKE ?`
+# for the value bound and prepares the statement again whenever that value changes (with
+# the event type, every other event): 50-60 us of the engine's writer per event, as much as
+# the two deliveries' rows themselves (BENCHMARKS.md, "Relay: the database's share").
 _FAN = (
     "INSERT INTO outbox_deliveries (destination_id, event_id, order_id, seq, state, attempts, "
     "next_attempt_at, created_at, retry_from) "
     "SELECT d.id, %s, %s, %s, 'pending', 0, %s, %s, %s FROM {source} event_destinations d "
-    "WHERE d.events LIKE %s"
+    "WHERE d.events LIKE CAST(%s AS TEXT)"
 )
 
 

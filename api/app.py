@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from api import actions, diagram, events_page, oidc, openapi, orders, problems, redoc, ui
+from api import actions, diagram, direct, events_page, oidc, openapi, orders, problems, redoc, ui
 from api.auth import Authenticator, AuthGate
 from api.deps import StoreDep
 from api.guard import BodyGuard
@@ -139,6 +139,8 @@ def create_app(
     app.include_router(events_page.router)  # /ui/events (issue 19)
     app.include_router(actions.router)
     app.mount("/ui/static", ui.static, name="ui-static")
+    # Innermost: POST /orders straight to its reader (api/direct.py), inside the request id.
+    app.add_middleware(direct.Shortcut, routes=app.router.routes)
     app.add_middleware(CorrelationIdMiddleware)
 
     @app.get(

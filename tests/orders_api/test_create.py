@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from api.direct import Shortcut
 from downstream.seed import (
     MISSING_PRODUCT_ID,
     ORDINARY_USER_ID,
@@ -201,6 +202,21 @@ def test_direct_and_checked_paths_answer_alike(
     else:
         assert_message(response)
         assert sqlite_client.get("/orders").json()["total"] == before  # nothing stored
+
+
+def test_a_well_formed_post_takes_the_shortcut_past_the_router(
+    sqlite_client: TestClient,
+) -> None:
+    """`api.direct.Shortcut` serves POST /orders before FastAPI's router (the route's
+    reader, not the route, sees the request): the answer is the same."""
+    response = place(sqlite_client)
+    assert response.status_code == 201, response.text
+
+    layer: Any = sqlite_client.app.middleware_stack  # type: ignore[attr-defined]
+    while not isinstance(layer, Shortcut):
+        layer = layer.app
+    assert ("POST", "/orders") in layer.readers
+    assert response.headers["X-Request-ID"]  # inside the request-id middleware
 
 
 def test_idempotency_key_retry_returns_same_order_and_charges_once(

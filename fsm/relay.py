@@ -102,7 +102,9 @@ class Relay:
     async def run(self) -> None:
         """Deliver until cancelled; then stop every pump (leases of what was in flight
         expire; nothing is lost)."""
-        self._session = aiohttp.ClientSession()
+        from fsm.destinations.webhook import new_session  # noqa: PLC0415
+
+        self._session = new_session()
         try:
             await register_amqp(self.store, self.settings)
             while True:

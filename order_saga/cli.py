@@ -433,6 +433,9 @@ def relay(
         store = build_store(settings)
         try:
             await asyncio.to_thread(store.count_by_status)  # fail fast if the DB is not there
+            if settings.amqp_url:  # loaded before settle(), so it is frozen with the rest
+                import fsm.destinations.amqp  # noqa: F401
+            heap.settle()  # started: every delivery's garbage is young (order_saga.heap)
             report = relay_child.report if child else None
             task = asyncio.create_task(Relay(store, settings, report=report).run())
             loop = asyncio.get_running_loop()

@@ -1,4 +1,5 @@
-"""The cyclic garbage collector of a long-running process: `serve`, `worker`, `services`.
+"""The cyclic garbage collector of a long-running process: `serve`, `worker`, `services`,
+`relay` (and the relay child of `serve` and `worker`).
 
 CPython collects its youngest generation every 700 net allocations of container objects and,
 every hundred or so of those, all of them: every object of the process, most of which are

@@ -7,7 +7,6 @@ One POST per attempt; no retries here and no database (fsm.relay schedules them)
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import secrets
 import time
@@ -29,19 +28,38 @@ def new_secret() -> str:
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    key = base64.b64decode(secret.removeprefix(SECRET_PREFIX))
-    signed = f"{msg_id}.{timestamp}.".encode() + body
-    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return _signature(signing_key(secret), msg_id, timestamp, body)
 
 
-def signed_headers(secret: str, msg_id: str, body: bytes) -> dict[str, str]:
+def signing_key(secret: str) -> bytes:
+    return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+
+
+def _signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    # hmac.digest: OpenSSL's one-shot HMAC, not the hmac.HMAC object's Python layers.
+    digest = hmac.digest(key, f"{msg_id}.{timestamp}.".encode() + body, "sha256")
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def signed_headers(secret: str | bytes, msg_id: str, body: bytes) -> dict[str, str]:
+    """The request's headers; `secret` as given to `webhooks add`, or its `signing_key`."""
+    key = secret if isinstance(secret, bytes) else signing_key(secret)
     timestamp = int(time.time())
     return {
         "content-type": CONTENT_TYPE,
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign(secret, msg_id, timestamp, body),
+        "webhook-signature": _signature(key, msg_id, timestamp, body),
     }
+
+
+def new_session() -> aiohttp.ClientSession:
+    """The relay's session: no cookie jar (an endpoint's cookies are not sent back), no
+    headers beyond the signed ones but Host and Content-Length."""
+    return aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+    )
 
 
 class WebhookSender:
@@ -50,11 +68,15 @@ class WebhookSender:
     def __init__(
         self, *, url: str, secret: str, session: aiohttp.ClientSession, timeout: float
     ) -> None:
-        self.url, self.secret, self.session, self.timeout = url, secret, session, timeout
+        self.url, self.session, self.timeout = url, session, timeout
+        # Made once, not per event: the key decoded, the timeout (an attrs object).
+        self._key = signing_key(secret)
+        self._client_timeout = aiohttp.ClientTimeout(total=timeout)
 
     async def send(self, event: Claimed) -> Attempt:
         body = event.body.encode()
-        return await post(self.session, self.url, self.secret, event.event_id, body, self.timeout)
+        headers = signed_headers(self._key, event.event_id, body)
+        return await _post(self.session, self.url, headers, body, self._client_timeout)
 
     async def aclose(self) -> None:
         pass  # the session is the relay's
@@ -65,18 +87,25 @@ async def post(
 ) -> Attempt:
     """One signed POST. aiohttp, not httpx: an event costs the relay's process several
     times less CPU (it shares that process with the orders in `serve` and `worker`)."""
+    headers = signed_headers(secret, msg_id, body)
+    return await _post(session, url, headers, body, aiohttp.ClientTimeout(total=timeout))
+
+
+async def _post(
+    session: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+    timeout: aiohttp.ClientTimeout,
+) -> Attempt:
     try:
         async with session.post(
-            url,
-            data=body,
-            headers=signed_headers(secret, msg_id, body),
-            timeout=aiohttp.ClientTimeout(total=timeout),
-            allow_redirects=False,
+            url, data=body, headers=headers, timeout=timeout, allow_redirects=False
         ) as response:
             status = response.status
             await response.read()  # the connection goes back to the pool
     except TimeoutError:
-        return transient(f"timeout after {timeout:g}s")
+        return transient(f"timeout after {timeout.total:g}s")
     except aiohttp.ClientError as exc:
         return transient(f"connection: {type(exc).__name__}: {exc}".strip().rstrip(":"))
     if 200 <= status < 300:

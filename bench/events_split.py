@@ -11,8 +11,10 @@ database, legs rotated so a drifting machine load is shared:
 
     python -m bench.events_split [--no-pg] [--rounds 2] [--count 1000]
 
-Prints one line per leg kind: orders/s (ratio to a), the engine's CPU ms/order, the relay
-process's and PostgreSQL's CPU per order, and how busy the machine was.
+Prints one line per leg kind: orders/s (ratio to a); CPU ms per order of the engine, the
+relay process, PostgreSQL's processes, the sink (reference services) and RabbitMQ, and
+their sum (on a loaded 2-core machine the CPU budget per order is the steadier figure);
+how busy the machine was.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from fsm.settings import Settings
 from fsm.store import utcnow
 
 AT_ONCE = 16
+SINK_PID = [0]
 KINDS = ("a", "b", "c", "d")
 NAMES = {
     "a": "relay off, no destination",
@@ -52,11 +55,12 @@ NAMES = {
 }
 
 
-def postgres_cpu() -> dict[int, float]:
+def named_cpu(name: str) -> dict[int, float]:
+    """CPU of every process named `name` (postgres backends; RabbitMQ's beam.smp)."""
     found = {}
     for stat in Path("/proc").glob("[0-9]*/comm"):
         try:
-            if stat.read_text().strip() == "postgres":
+            if stat.read_text().strip() == name:
                 found[int(stat.parent.name)] = cpu_seconds(int(stat.parent.name))
         except (OSError, ValueError):
             continue
@@ -75,6 +79,8 @@ class Leg:
     engine_cpu: float = 0.0
     relay_cpu: float = 0.0
     pg_cpu: float = 0.0
+    sink_cpu: float = 0.0  # the reference services' process (the webhook sink)
+    broker_cpu: float = 0.0  # RabbitMQ
     busy: float = 0.0  # machine busy cores x seconds
     rates: list[float] = field(default_factory=list)
 
@@ -136,6 +142,7 @@ async def drive(engine: engine_api.Engine, count: int, seconds: float) -> tuple[
 async def leg(
     engine: engine_api.Engine, kind: str, sink: str, count: int, seconds: float, out: Leg
 ) -> None:
+    sink_pid = SINK_PID[0]
     settings = Settings(database_url=engine.url, amqp_url=AMQP)
     relay: contextlib.AbstractAsyncContextManager[subprocess.Popen[bytes] | None]
     if kind != "a":
@@ -151,10 +158,11 @@ async def leg(
             await asyncio.sleep(3.0)  # started, imports done, first claims made
         relay_cpu0, pg0, own0, m0 = (
             cpu_seconds(proc.pid) if proc else 0.0,
-            postgres_cpu(),
+            named_cpu("postgres"),
             cpu_seconds(),
             _machine(),
         )
+        sink0, broker0 = cpu_seconds(sink_pid), named_cpu("beam.smp")
         done, wall = await drive(engine, count, seconds)
         m1 = _machine()
         out.orders += done
@@ -162,7 +170,9 @@ async def leg(
         out.rates.append(done / wall)
         out.engine_cpu += cpu_seconds() - own0
         out.relay_cpu += (cpu_seconds(proc.pid) - relay_cpu0) if proc else 0.0
-        out.pg_cpu += pg_delta(pg0, postgres_cpu())
+        out.pg_cpu += pg_delta(pg0, named_cpu("postgres"))
+        out.sink_cpu += cpu_seconds(sink_pid) - sink0
+        out.broker_cpu += pg_delta(broker0, named_cpu("beam.smp"))
         ticks = os.sysconf("SC_CLK_TCK")
         out.busy += ((m1[0] - m0[0]) - (m1[1] - m0[1]) - (m1[2] - m0[2])) / ticks
         if proc is not None:  # drained before the relay stops
@@ -190,18 +200,21 @@ def report(db: str, legs: dict[str, Leg]) -> None:
     base = legs["a"].orders / legs["a"].wall
     print(f"\n### {db} (load {os.getloadavg()[0]:.1f})")
     print(
-        "| leg | orders/s | of a | engine CPU ms/order | relay CPU ms/order | "
-        "postgres CPU ms/order | machine busy | legs |"
+        "| leg | orders/s | of a | CPU ms/order: engine | relay | postgres | sink | "
+        "RabbitMQ | all five | machine busy | legs (orders/s) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in KINDS:
         g = legs[kind]
         rate = g.orders / g.wall
         n = g.orders or 1
+        total = g.engine_cpu + g.relay_cpu + g.pg_cpu + g.sink_cpu + g.broker_cpu
         print(
             f"| {kind}. {NAMES[kind]} | {rate:,.0f} | {rate / base:.0%} | "
             f"{g.engine_cpu * 1000 / n:.2f} | {g.relay_cpu * 1000 / n:.2f} | "
-            f"{g.pg_cpu * 1000 / n:.2f} | {g.busy / g.wall:.2f} cores | "
+            f"{g.pg_cpu * 1000 / n:.2f} | {g.sink_cpu * 1000 / n:.2f} | "
+            f"{g.broker_cpu * 1000 / n:.2f} | {total * 1000 / n:.2f} | "
+            f"{g.busy / g.wall:.2f} cores | "
             f"{', '.join(f'{x:.0f}' for x in g.rates)} |"
         )
     sys.stdout.flush()
@@ -221,7 +234,8 @@ def main() -> None:
         cfg = Config(tmp=Path(tmp), pg_server=None if args.no_pg else DEFAULT_PG)
         kinds = [k for k in cfg.databases() if not (args.no_sqlite and k == "sqlite")]
         with Processes(cfg) as procs:
-            _services, sink = start_services(procs)
+            services, sink = start_services(procs)
+            SINK_PID[0] = services.pid
             for db in kinds:
                 with scratch_database(cfg, db, "events-split") as url:
                     upgrade(url)

@@ -54,10 +54,12 @@ check: deps $(STAMP)
 	@scripts/ensure-postgres.sh
 	@scripts/ensure-rabbitmq.sh
 	@scripts/ensure-promtool.sh $(BIN)
-	$(BIN)/pytest -n 2 --dist loadgroup --durations=25
+	# Three workers on 2 cores: the suite waits more than it computes (process starts, kills,
+	# leases); same clone, minutes apart: 9 min 41 s with -n 2, 8 min 13 s with -n 3.
+	$(BIN)/pytest -n 3 --dist loadgroup --durations=25
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -n 2 --dist loadgroup -m "not slow"
+	$(BIN)/pytest -n 3 --dist loadgroup -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .

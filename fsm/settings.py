@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     # Group commit: the longest a small batch waits for the writes of the other orders
     # this process drives (seconds; fsm.committer). 0: never wait.
     commit_linger: float = Field(default=0.002, ge=0, le=0.1)
+    # `serve --workers N` with N no more than the CPUs it may use: each process pinned to
+    # one of them (order_saga.server.serve_processes); false: the scheduler places them.
+    pin_workers: bool = True
     # Downstream connection pool of one process (three calls per order in flight).
     http_max_connections: int = Field(default=256, ge=1, le=10_000)
     # Circuit breaker per downstream service (fsm.breaker): opened after this many

@@ -121,6 +121,7 @@ def serve(
             workers=workers,
             options=options,
             before_serving=lambda: configure_logging(settings),
+            pin=settings.pin_workers,
         )
         raise typer.Exit(code)
     configure_logging(settings)

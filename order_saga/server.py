@@ -94,6 +94,7 @@ def serve_processes(
     workers: int,
     options: dict[str, Any],
     before_serving: Callable[[], None] = lambda: None,
+    pin: bool = True,
 ) -> int:
     """`workers` processes serving one listening socket (bound here, inherited by each
     forked child; the kernel hands each connection to one of them). Each child calls
@@ -101,7 +102,13 @@ def serve_processes(
     thread, connection pool and sweeper; none of those exist in the parent, which only
     forwards SIGTERM/SIGINT (as SIGTERM: each child shuts down gracefully) and waits.
     When one child exits, the others are stopped too. Returns the exit code (0: all
-    stopped cleanly). POSIX only (fork)."""
+    stopped cleanly). POSIX only (fork).
+
+    With `pin` and no more processes than the CPUs this one may run on, each child is
+    pinned to one of them (its threads inherit it): the scheduler otherwise moves the
+    event loop, writer and log threads of the busy processes between the cores, and two
+    processes on 2 cores spent ~1.2-1.5x the CPU per order of one (BENCHMARKS.md, issue
+    20). The parent, the database and everything else still run anywhere."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -110,7 +117,9 @@ def serve_processes(
     sock.listen(2048)
     sock.set_inheritable(True)
     children: list[int] = []
-    for _ in range(workers):
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    pin = pin and 1 < workers <= len(cpus)
+    for index in range(workers):
         pid = os.fork()
         if pid == 0:  # the child: its own loop, engine and threads from here on
             code = 1
@@ -119,6 +128,8 @@ def serve_processes(
             signal.signal(signal.SIGTERM, lambda *_: None)
             signal.signal(signal.SIGINT, lambda *_: None)
             try:
+                if pin:
+                    os.sched_setaffinity(0, {cpus[index]})
                 before_serving()
                 config = uvicorn.Config(make_app(), log_config=None, **options)
                 uvicorn.Server(config).run(sockets=[sock])

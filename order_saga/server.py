@@ -128,8 +128,9 @@ def serve_processes(
             signal.signal(signal.SIGTERM, lambda *_: None)
             signal.signal(signal.SIGINT, lambda *_: None)
             try:
-                if pin:
-                    os.sched_setaffinity(0, {cpus[index]})
+                if pin:  # refused (a sandbox): run unpinned rather than not at all
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(0, {cpus[index]})
                 before_serving()
                 config = uvicorn.Config(make_app(), log_config=None, **options)
                 uvicorn.Server(config).run(sockets=[sock])

@@ -1,5 +1,5 @@
 """A relay whose every destination costs nothing to deliver to (bench only): the real
-`fsm.relay.Relay` (claim, settle, its transactions and leases) with each send answered
+`fsm.relay.Relay` (its reads, its transaction per batch, the cursor's lease) with each send answered
 "delivered" at once. Started as the relay child of `serve` is (`fsm.relay_child`: the
 parent's settings on stdin, nice, stopped at stdin's end), so `bench.events_split` can
 tell the database's share of the relay's cost from the deliveries' (HTTP, AMQP).

@@ -19,7 +19,10 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    FunctionElement,
+    Identity,
     Index,
+    Integer,
     PrimaryKeyConstraint,
     String,
     UniqueConstraint,
@@ -325,22 +328,75 @@ class EventDestinationTable(SQLModel, table=True):
     created_at: datetime = Field(sa_type=_utc())
 
 
+class _CurrentTxid(FunctionElement):  # type: ignore[type-arg]
+    """The writing transaction's id on PostgreSQL (64 bits: never wraps); 0 on SQLite,
+    where positions alone are in commit order."""
+
+    inherit_cache = True
+
+
+@compiles(_CurrentTxid)
+def _current_txid_pg(element: Any, compiler: Any, **kw: Any) -> str:
+    return "(pg_current_xact_id()::text::bigint)"
+
+
+@compiles(_CurrentTxid, "sqlite")
+def _current_txid_sqlite(element: Any, compiler: Any, **kw: Any) -> str:
+    return "0"
+
+
+# Ordered by (txid, position) on PostgreSQL only: on SQLite txid is 0 and position is the
+# rowid (one index fewer in the engine's commit): partitions.OUTBOX_STREAM_INDEX.
+
+
 class OutboxEventTable(SQLModel, table=True):
-    """One event per order status change, written in the commit of its transition."""
+    """One event per order status change, written in the commit of its transition; each
+    destination's relay follows it by (txid, position) (fsm.outbox_sql)."""
 
     __tablename__ = "outbox_events"
+    __table_args__ = (
+        Index(partitions.OUTBOX_STREAM_INDEX, "txid", "position").ddl_if(dialect="postgresql"),
+        {"sqlite_autoincrement": True},
+    )
 
-    id: str = Field(primary_key=True, max_length=80)  # "<order_id>:<seq>"
+    # In commit order on SQLite (AUTOINCREMENT: never reused); a sequence on PostgreSQL.
+    position: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer(), "sqlite"),
+            Identity(always=True),
+            primary_key=True,
+        ),
+    )
+    id: str = Field(max_length=80, unique=True)  # "<order_id>:<seq>"
     order_id: uuid.UUID = Field(index=True)
     seq: int
     type: str = Field(max_length=40)
     created_at: datetime = Field(sa_type=_utc())
     body: str  # the CloudEvent, as sent
+    txid: int = Field(
+        default=None,
+        sa_column=Column(BigInteger(), nullable=False, server_default=_CurrentTxid()),
+    )
+
+
+class OutboxCursorTable(SQLModel, table=True):
+    """Where each destination's relay is in the event stream: every event at or before
+    (txid, position) was delivered, set aside as an exception row, or not subscribed to.
+    One relay at a time holds it (its lease)."""
+
+    __tablename__ = "outbox_cursors"
+
+    destination_id: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    txid: int = Field(sa_type=BigInteger())
+    position: int = Field(sa_type=BigInteger())
+    lease_owner: str | None = Field(default=None, max_length=200)
+    lease_until: datetime | None = Field(default=None, sa_type=_utc())
 
 
 class OutboxDeliveryTable(SQLModel, table=True):
-    """One row per (destination, event), fanned out in the event's own commit: a relay
-    finds work by state, never by a cursor over ids (a lower id may commit later)."""
+    """The exceptions of the stream: one row per (destination, event) whose delivery failed
+    once (retried by state, or dead), or that is held behind such a one of its order."""
 
     __tablename__ = "outbox_deliveries"
     __table_args__ = (

@@ -110,13 +110,14 @@ def parse_types(names: Iterable[str]) -> tuple[str, ...]:
 
 
 def subscription(types: Iterable[str]) -> str:
-    """How a destination's types are stored: matched with LIKE '%,<type>,%' in the commit."""
+    """How a destination's types are stored: ",<type>,<type>," (`wants`; SQL: LIKE)."""
     return "," + ",".join(types) + ","
+
+
+def wants(stored: str, type_: str) -> bool:
+    """Whether a destination subscribed as `stored` receives events of `type_`."""
+    return f",{type_}," in stored
 
 
 def subscribed(stored: str) -> list[str]:
     return [t for t in stored.split(",") if t]
-
-
-def like(type_: str) -> str:
-    return f"%,{type_},%"

@@ -1,12 +1,21 @@
-"""The outbox's SQL: the statements that write an event and fan it out to every subscribed
-destination in the transition's own commit, and the relay's and the operator's statements
-(claim, settle, dead-letter, redeliver, list). Statement texts and cursor ops only; no
-decisions (fsm.relay decides retry or dead letter), no sending.
+"""The outbox's SQL: the statement that writes an event in the transition's own commit (the
+event row only), and the relay's and the operator's statements (a destination's cursor over
+the event stream, its exception rows: retry, dead letter, redeliver, list). Statement texts
+and cursor ops only; no decisions (fsm.relay decides retry or dead letter), no sending.
 
-Work is found by state, never by a cursor: each (destination, event) has its own row,
-written in the event's commit, so an event whose transaction commits after a later-numbered
-one is still found (the auto-increment trap). An order's event is claimed only when every
-earlier event of that order to that destination is delivered: in order per order.
+Work is found by a cursor per destination over a position given in commit order:
+- SQLite: `position` is the table's INTEGER PRIMARY KEY AUTOINCREMENT. A writer holds the
+  database's only write lock from its first write to its commit, so positions are taken in
+  commit order; AUTOINCREMENT never reuses one (retention deletes the newest rows too).
+- PostgreSQL: a sequence's order is not commit order (the auto-increment trap: a
+  transaction that took position 11 may commit before one that took 10). Each event also
+  carries its transaction's id (`txid`); the relay reads only events of transactions below
+  the horizon `pg_snapshot_xmin(pg_current_snapshot())` (every one of them has ended: no
+  later commit adds a row below it) and follows (txid, position), never the position alone.
+A delivery that failed once, and the order's later events held behind it, get a row in
+`outbox_deliveries` (the exceptions, retried by state as before); an order's event is sent
+only when every earlier event of that order to that destination is delivered: in order per
+order.
 """
 
 from __future__ import annotations
@@ -21,16 +30,10 @@ from fsm.sql import TRANSITION_COLUMNS, Dialect, _quoted, as_utc
 
 EVENT_COLUMNS = ("id", "order_id", "seq", "type", "created_at", "body")
 _EVENT_MARKS = ", ".join(["%s"] * len(EVENT_COLUMNS))
-# The pattern is an expression (a CAST), not a bare parameter: SQLite compiles `col LIKE ?`
-# for the value bound and prepares the statement again whenever that value changes (with
-# the event type, every other event): 50-60 us of the engine's writer per event, as much as
-# the two deliveries' rows themselves (BENCHMARKS.md, "Relay: the database's share").
-_FAN = (
-    "INSERT INTO outbox_deliveries (destination_id, event_id, order_id, seq, state, attempts, "
-    "next_attempt_at, created_at, retry_from) "
-    "SELECT d.id, %s, %s, %s, 'pending', 0, %s, %s, %s FROM {source} event_destinations d "
-    "WHERE d.events LIKE CAST(%s AS TEXT)"
-)
+# A new destination's cursor on PostgreSQL: after every transaction below the horizon, so
+# the events of those still running (they may commit after the destination) are delivered.
+MAX_POSITION = 2**63 - 1
+_HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,6 @@ class EventRow:
     """An event as the store writes it (values already encoded for the driver)."""
 
     params: tuple[Any, ...]  # EVENT_COLUMNS
-    fan: tuple[Any, ...]  # event id, order id, seq, now x3, LIKE pattern
 
 
 # -- the hot path: the event in the transition's commit -----------------------------------
@@ -49,15 +51,10 @@ def insert_event(d: Dialect) -> str:
     return d.sql(f"INSERT INTO outbox_events ({', '.join(EVENT_COLUMNS)}) VALUES ({_EVENT_MARKS})")
 
 
-@lru_cache(maxsize=8)
-def fan_out(d: Dialect) -> str:
-    return d.sql(_FAN.format(source=""))
-
-
 @lru_cache(maxsize=128)
 def move_with_event(columns: tuple[str, ...]) -> str:
-    """PostgreSQL: the guarded UPDATE, its transition row, the event and its deliveries in
-    one statement; its row count is 1 when all happened, 0 when none did."""
+    """PostgreSQL: the guarded UPDATE, its transition row and the event in one statement;
+    its row count is 1 when all happened, 0 when none did."""
     sets = ", ".join(f"{c} = %s" for c in columns)
     names = ", ".join(_quoted(c) for c in TRANSITION_COLUMNS)
     marks = ", ".join(["%s"] * len(TRANSITION_COLUMNS))
@@ -65,8 +62,7 @@ def move_with_event(columns: tuple[str, ...]) -> str:
         f"WITH moved AS (UPDATE orders SET {sets} "
         "WHERE id = %s AND version = %s AND lease_owner = %s RETURNING id), "
         f"logged AS (INSERT INTO transitions ({names}) SELECT {marks} FROM moved "
-        "RETURNING order_id), "
-        f"fanned AS ({_FAN.format(source='logged,')}) "
+        "RETURNING order_id) "
         f"INSERT INTO outbox_events ({', '.join(EVENT_COLUMNS)}) SELECT {_EVENT_MARKS} FROM logged"
     )
 
@@ -74,20 +70,18 @@ def move_with_event(columns: tuple[str, ...]) -> str:
 @lru_cache(maxsize=8)
 def create_with_event(columns: tuple[str, ...]) -> str:
     """PostgreSQL: insert the order (unless its id or key exists) with its `order.created`
-    event and deliveries, in one statement; row count 1 when inserted."""
+    event, in one statement; row count 1 when inserted."""
     marks = ", ".join(["%s"] * len(columns))
     return (
         f"WITH ins AS (INSERT INTO orders ({', '.join(columns)}) VALUES ({marks}) "
-        "ON CONFLICT DO NOTHING RETURNING id), "
-        f"fanned AS ({_FAN.format(source='ins,')}) "
+        "ON CONFLICT DO NOTHING RETURNING id) "
         f"INSERT INTO outbox_events ({', '.join(EVENT_COLUMNS)}) SELECT {_EVENT_MARKS} FROM ins"
     )
 
 
 def write_event(d: Dialect, cursor: Any, event: EventRow) -> None:
-    """SQLite (in-process: no round trips to save): the event and its deliveries."""
+    """SQLite (in-process: no round trips to save): the event row."""
     cursor.execute(insert_event(d), event.params)
-    cursor.execute(fan_out(d), event.fan)
 
 
 # -- the relay ----------------------------------------------------------------------------
@@ -103,6 +97,8 @@ class Claimed:
     retry_from: datetime
     type: str
     body: str
+    txid: int = 0  # the stream's events: where they stand in it (exception rows: unused)
+    position: int = 0
 
 
 # An order's delivery is due only when it is the order's first undelivered one to its
@@ -135,18 +131,46 @@ def due(d: Dialect) -> str:
     )
 
 
-def due_ids(
-    d: Dialect, cursor: Any, *, destination_id: int, now: datetime, limit: int
-) -> tuple[list[str], bool]:
-    """`due`, as a read outside the claiming transaction (SQLite: its search of the backlog,
-    several ms under a backlog of thousands, then holds no write lock the engine's commits
-    would wait for; `claim` leases those still due), and whether the destination has a
-    dead letter (then `claim` must run: it sweeps the events behind one)."""
+_ANY_UNFINISHED = (
+    "SELECT 1 FROM outbox_deliveries WHERE destination_id = %s AND state IN ('pending', 'dead') "
+    "LIMIT 1"
+)
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a destination's pump has to do, as a read sees it (no write lock taken)."""
+
+    stream: bool  # events after its cursor, and the cursor's lease free or this relay's
+    due: list[str]  # exception rows due (`due`)
+    dead: bool  # a dead letter (then `claim` must run: it sweeps the events behind one)
+
+
+def work(
+    d: Dialect, cursor: Any, *, destination_id: int, owner: str, now: datetime, limit: int
+) -> Work:
+    """The pump's look before it writes: on SQLite the search of the backlog then holds no
+    write lock the engine's commits would wait for; an idle relay writes nothing."""
     stamp = d.timestamp(now)
+    stream = False
+    cursor.execute(
+        d.sql(
+            "SELECT txid, position, lease_owner, lease_until FROM outbox_cursors "
+            "WHERE destination_id = %s"
+        ),
+        [destination_id],
+    )
+    row = cursor.fetchone()
+    if row is not None and (row[2] in (None, owner) or _time(row[3]) < now):
+        cursor.execute(
+            d.sql(f"SELECT 1 FROM outbox_events e WHERE {_after(d)} LIMIT 1"),
+            _cursor_params(d, (row[0], row[1])),
+        )
+        stream = cursor.fetchone() is not None
     cursor.execute(due(d), [destination_id, stamp, stamp, limit])
     found = [r[0] for r in cursor.fetchall()]
     cursor.execute(d.sql(_ANY_DEAD), [destination_id])
-    return found, cursor.fetchone() is not None
+    return Work(stream, found, cursor.fetchone() is not None)
 
 
 def claim(
@@ -321,6 +345,204 @@ def split_id(event_id: str) -> tuple[uuid.UUID, int]:
         raise ValueError(f"{event_id!r} is not an event id (<order_id>:<seq>)") from None
 
 
+# -- the stream: a destination's cursor ---------------------------------------------------
+
+
+def _after(d: Dialect, e: str = "e", c: str | None = None) -> str:
+    """`e` is after the cursor (`c`'s columns, or two parameters) and readable: below the
+    horizon on PostgreSQL."""
+    if d.name == "sqlite":
+        return f"{e}.position > {c + '.position' if c else '%s'}"
+    bound = f"({c}.txid, {c}.position)" if c else "(%s, %s)"
+    return f"({e}.txid, {e}.position) > {bound} AND {e}.txid < {_HORIZON}"
+
+
+def _cursor_params(d: Dialect, at: tuple[int, int]) -> list[int]:
+    return [at[1]] if d.name == "sqlite" else [at[0], at[1]]
+
+
+@lru_cache(maxsize=8)
+def _next_events(d: Dialect) -> str:
+    order = "e.position" if d.name == "sqlite" else "e.txid, e.position"
+    return d.sql(
+        "SELECT e.id, e.order_id, e.seq, e.type, e.created_at, e.body, e.txid, e.position "
+        f"FROM outbox_events e WHERE {_after(d)} ORDER BY {order} LIMIT %s"
+    )
+
+
+def lease_stream(
+    d: Dialect,
+    cursor: Any,
+    *,
+    destination_id: int,
+    owner: str,
+    now: datetime,
+    lease_until: datetime,
+) -> tuple[int, int] | None:
+    """Take (or renew) the lease of the destination's cursor: its (txid, position), or None
+    when another relay holds it (on PostgreSQL the row lock makes the second wait, then
+    see the first's lease)."""
+    cursor.execute(
+        d.sql(
+            "UPDATE outbox_cursors SET lease_owner = %s, lease_until = %s "
+            "WHERE destination_id = %s AND (lease_owner = %s OR lease_owner IS NULL "
+            "OR lease_until < %s) RETURNING txid, position"
+        ),
+        [owner, d.timestamp(lease_until), destination_id, owner, d.timestamp(now)],
+    )
+    row = cursor.fetchone()
+    return None if row is None else (int(row[0]), int(row[1]))
+
+
+def advance(
+    d: Dialect,
+    cursor: Any,
+    *,
+    destination_id: int,
+    owner: str,
+    to: tuple[int, int],
+    lease_until: datetime | None,
+) -> bool:
+    """Move the cursor past a settled batch, if `owner` still holds its lease (renewed to
+    `lease_until`; None: released). False: another relay took it (and sends the batch
+    again): nothing of the batch may be recorded."""
+    cursor.execute(
+        d.sql(
+            "UPDATE outbox_cursors SET txid = %s, position = %s, lease_until = %s, "
+            "lease_owner = %s WHERE destination_id = %s AND lease_owner = %s"
+        ),
+        [
+            to[0],
+            to[1],
+            None if lease_until is None else d.timestamp(lease_until),
+            None if lease_until is None else owner,
+            destination_id,
+            owner,
+        ],
+    )
+    return bool(cursor.rowcount == 1)
+
+
+def release_stream(d: Dialect, cursor: Any, *, destination_id: int, owner: str) -> None:
+    cursor.execute(
+        d.sql(
+            "UPDATE outbox_cursors SET lease_owner = NULL, lease_until = NULL "
+            "WHERE destination_id = %s AND lease_owner = %s"
+        ),
+        [destination_id, owner],
+    )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The events after a cursor (every type: the cursor passes those not subscribed to
+    as well), in stream order, and which of their orders are held: an unfinished exception
+    row of the order to this destination ("dead" when one of them is dead)."""
+
+    events: list[Claimed]
+    held: dict[uuid.UUID, str]
+
+    @property
+    def last(self) -> tuple[int, int]:
+        return self.events[-1].txid, self.events[-1].position
+
+
+def take_batch(
+    d: Dialect,
+    cursor: Any,
+    *,
+    destination_id: int,
+    owner: str,
+    now: datetime,
+    lease_until: datetime,
+    limit: int,
+    at: tuple[int, int] | None = None,
+) -> Batch | None:
+    """Lease the destination's cursor and read up to `limit` events after it; None when
+    another relay holds the cursor, an empty batch when there is nothing after it. `at`:
+    where the cursor is, its lease just renewed (`advance`): read from there."""
+    if at is None:
+        at = lease_stream(
+            d, cursor, destination_id=destination_id, owner=owner, now=now, lease_until=lease_until
+        )
+    if at is None:
+        return None
+    cursor.execute(_next_events(d), [*_cursor_params(d, at), limit])
+    events = [
+        Claimed(
+            event_id=r[0],
+            order_id=_uuid(r[1]),
+            seq=r[2],
+            attempts=0,
+            created_at=_time(r[4]),
+            retry_from=_time(r[4]),
+            type=r[3],
+            body=r[5],
+            txid=int(r[6]),
+            position=int(r[7]),
+        )
+        for r in cursor.fetchall()
+    ]
+    return Batch(events, held_orders(d, cursor, destination_id=destination_id, events=events))
+
+
+def held_orders(
+    d: Dialect, cursor: Any, *, destination_id: int, events: list[Claimed]
+) -> dict[uuid.UUID, str]:
+    """The orders of `events` with an unfinished exception row to this destination -> "dead"
+    if one of those is dead, else "pending". Asked only when the destination has any."""
+    if not events:
+        return {}
+    cursor.execute(d.sql(_ANY_UNFINISHED), [destination_id])
+    if cursor.fetchone() is None:
+        return {}
+    orders = list({e.order_id: None for e in events})
+    cursor.execute(
+        d.sql(
+            "SELECT order_id, MAX(CASE WHEN state = 'dead' THEN 1 ELSE 0 END) "
+            "FROM outbox_deliveries WHERE destination_id = %s AND state <> 'delivered' "
+            f"AND order_id IN ({', '.join(['%s'] * len(orders))}) GROUP BY order_id"
+        ),
+        [destination_id, *(d.uuid(o) for o in orders)],
+    )
+    return {_uuid(r[0]): "dead" if r[1] else "pending" for r in cursor.fetchall()}
+
+
+@dataclass(frozen=True)
+class Aside:
+    """An event of the stream that was not delivered: an exception row to write."""
+
+    event: Claimed
+    state: str  # pending (retried at `next_attempt_at`) | dead
+    attempts: int
+    next_attempt_at: datetime
+    error: str | None
+
+
+def set_aside(d: Dialect, cursor: Any, *, destination_id: int, rows: list[Aside]) -> None:
+    """The exception rows of a settled batch, in one statement."""
+    if not rows:
+        return
+    marks = "(" + ", ".join(["%s"] * 10) + ")"
+    params: list[Any] = []
+    for row in rows:
+        e = row.event
+        stamp = d.timestamp(e.created_at)
+        params += [
+            destination_id, e.event_id, d.uuid(e.order_id), e.seq, row.state, row.attempts,
+            d.timestamp(row.next_attempt_at), None if row.error is None else row.error[:500],
+            stamp, stamp,
+        ]  # fmt: skip
+    cursor.execute(
+        d.sql(
+            "INSERT INTO outbox_deliveries (destination_id, event_id, order_id, seq, state, "
+            "attempts, next_attempt_at, last_error, created_at, retry_from) "
+            f"VALUES {', '.join([marks] * len(rows))} ON CONFLICT DO NOTHING"
+        ),
+        params,
+    )
+
+
 # -- destinations -------------------------------------------------------------------------
 
 
@@ -367,13 +589,29 @@ def add_destination(
     if cursor.rowcount != 1:
         return None
     cursor.execute(d.sql(f"{_DESTINATION} WHERE name = %s"), [name])
-    return Destination(*cursor.fetchone())
+    destination = Destination(*cursor.fetchone())
+    # Its cursor, at the end of the stream (kept when `replace` updated the destination).
+    cursor.execute(
+        d.sql(
+            "INSERT INTO outbox_cursors (destination_id, txid, position) "
+            f"SELECT %s, {_START_OF[d.name]} ON CONFLICT DO NOTHING"
+        ),
+        [destination.id],
+    )
+    return destination
+
+
+# SQLite: after the last event (positions are in commit order). PostgreSQL: after every
+# transaction below the horizon; the events of the ones still running are delivered.
+_START_OF = {
+    "sqlite": "0, COALESCE((SELECT MAX(position) FROM outbox_events), 0)",
+    "postgresql": f"{_HORIZON} - 1, {MAX_POSITION}",
+}
 
 
 def remove_destination(d: Dialect, cursor: Any, *, destination_id: int) -> bool:
-    cursor.execute(
-        d.sql("DELETE FROM outbox_deliveries WHERE destination_id = %s"), [destination_id]
-    )
+    for table in ("outbox_deliveries", "outbox_cursors"):
+        cursor.execute(d.sql(f"DELETE FROM {table} WHERE destination_id = %s"), [destination_id])
     cursor.execute(d.sql("DELETE FROM event_destinations WHERE id = %s"), [destination_id])
     return bool(cursor.rowcount == 1)
 
@@ -389,22 +627,39 @@ class Backlog:
     oldest_pending: datetime | None  # the lag is its age
 
 
+# ('%%': psycopg's escape of a literal %, so every statement using it passes parameters;
+# to SQLite's LIKE, %% matches what % does.)
+_SUBSCRIBED = "ds.events LIKE '%%,' || e.type || ',%%'"
+
+
 def backlog(d: Dialect, cursor: Any) -> list[Backlog]:
+    """Per destination: the subscribed events after its cursor plus its pending exception
+    rows (pending), its dead letters, and the oldest pending event's time."""
+    stream = f"FROM outbox_events e WHERE {_after(d, c='c')} AND {_SUBSCRIBED}"
+    rows = "FROM outbox_deliveries o WHERE o.destination_id = ds.id AND o.state"
     cursor.execute(
         d.sql(
             "SELECT ds.id, ds.name, ds.kind, ds.url, ds.secret, ds.events, "
-            "SUM(CASE WHEN o.state = 'pending' THEN 1 ELSE 0 END), "
-            "SUM(CASE WHEN o.state = 'dead' THEN 1 ELSE 0 END), "
-            "MIN(CASE WHEN o.state = 'pending' THEN o.created_at END) "
-            "FROM event_destinations ds LEFT JOIN outbox_deliveries o "
-            "ON o.destination_id = ds.id AND o.state <> 'delivered' "
-            "GROUP BY ds.id, ds.name, ds.kind, ds.url, ds.secret, ds.events ORDER BY ds.id"
-        )
+            f"(SELECT COUNT(*) {stream}), (SELECT MIN(e.created_at) {stream}), "
+            f"(SELECT COUNT(*) {rows} = 'pending'), (SELECT MIN(o.created_at) {rows} = 'pending'), "
+            f"(SELECT COUNT(*) {rows} = 'dead') "
+            "FROM event_destinations ds LEFT JOIN outbox_cursors c ON c.destination_id = ds.id "
+            "ORDER BY ds.id"
+        ),
+        [],
     )
-    return [
-        Backlog(Destination(*row[:6]), int(row[6] or 0), int(row[7] or 0), _time_or_none(row[8]))
-        for row in cursor.fetchall()
-    ]
+    found = []
+    for row in cursor.fetchall():
+        oldest = [t for t in (_time_or_none(row[7]), _time_or_none(row[9])) if t is not None]
+        found.append(
+            Backlog(
+                Destination(*row[:6]),
+                int(row[6] or 0) + int(row[8] or 0),
+                int(row[10] or 0),
+                min(oldest) if oldest else None,
+            )
+        )
+    return found
 
 
 @dataclass(frozen=True)
@@ -422,24 +677,52 @@ class DeliveryRow:
 def deliveries(
     d: Dialect, cursor: Any, *, state: str | None, limit: int, order_id: uuid.UUID | None = None
 ) -> list[DeliveryRow]:
-    where, params = [], []
-    if state is not None:
-        where.append("o.state = %s")
-        params.append(state)
-    if order_id is not None:
-        where.append("o.order_id = %s")
-        params.append(d.uuid(order_id))
-    cursor.execute(
-        d.sql(
-            "SELECT o.event_id, e.type, ds.name, o.state, o.attempts, o.last_error, "
-            "o.created_at, o.delivered_at FROM outbox_deliveries o "
-            "JOIN outbox_events e ON e.id = o.event_id "
-            "JOIN event_destinations ds ON ds.id = o.destination_id "
-            f"{'WHERE ' + ' AND '.join(where) if where else ''} "
-            "ORDER BY o.created_at DESC, o.seq DESC, ds.id LIMIT %s"
-        ),
-        [*params, limit],
-    )
+    """Deliveries, newest first: state "dead" from the exception rows; otherwise one per
+    (event, subscribed destination) since the destination was added: its exception row's
+    state if it has one, else delivered once its cursor passed the event, else pending."""
+    if state == "dead":
+        where, params = ["o.state = 'dead'"], []
+        if order_id is not None:
+            where.append("o.order_id = %s")
+            params.append(d.uuid(order_id))
+        cursor.execute(
+            d.sql(
+                "SELECT o.event_id, e.type, ds.name, o.state, o.attempts, o.last_error, "
+                "o.created_at, o.delivered_at FROM outbox_deliveries o "
+                "JOIN outbox_events e ON e.id = o.event_id "
+                "JOIN event_destinations ds ON ds.id = o.destination_id "
+                f"WHERE {' AND '.join(where)} "
+                "ORDER BY o.created_at DESC, o.seq DESC, ds.id LIMIT %s"
+            ),
+            [*params, limit],
+        )
+    else:
+        stream_state = f"CASE WHEN {_after(d, c='c')} THEN 'pending' ELSE 'delivered' END"
+        if d.name != "sqlite":  # past the cursor, or beyond the horizon: pending
+            stream_state = (
+                "CASE WHEN (e.txid, e.position) > (c.txid, c.position) "
+                "THEN 'pending' ELSE 'delivered' END"
+            )
+        where = [f"(o.event_id IS NOT NULL OR ({_SUBSCRIBED} AND e.created_at >= ds.created_at))"]
+        params = []
+        if order_id is not None:
+            where.append("e.order_id = %s")
+            params.append(d.uuid(order_id))
+        listed = (
+            f"SELECT e.id, e.type, ds.name, COALESCE(o.state, {stream_state}) AS state, "
+            "COALESCE(o.attempts, 0), o.last_error, e.created_at, o.delivered_at, "
+            "e.position, ds.id AS destination FROM outbox_events e "
+            "CROSS JOIN event_destinations ds JOIN outbox_cursors c ON c.destination_id = ds.id "
+            "LEFT JOIN outbox_deliveries o ON o.destination_id = ds.id AND o.event_id = e.id "
+            f"WHERE {' AND '.join(where)}"
+        )
+        if state is not None:
+            listed = f"SELECT * FROM ({listed}) listed WHERE state = %s"
+            params.append(state)
+        cursor.execute(
+            d.sql(f"{listed} ORDER BY 9 DESC, 10 LIMIT %s"),
+            [*params, limit],
+        )
     return [
         DeliveryRow(r[0], r[1], r[2], r[3], r[4], r[5], _time(r[6]), _time_or_none(r[7]))
         for r in cursor.fetchall()

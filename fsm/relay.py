@@ -3,14 +3,19 @@ in order per order, and records each delivery. Runs alone as `order-saga relay`,
 `serve` and `worker` as their child process (fsm.relay_child); any number share the work.
 
 One task per destination, so a slow or dead endpoint delays only its own deliveries; the
-orders never wait for a relay (their events are already committed). A task leases a batch
-of deliveries (each the oldest undelivered event of its order, fsm.outbox_sql.claim), sends
-them concurrently, then records delivered / retry at (exponential backoff with jitter) /
-dead letter (a refusal, or past `event_max_age` since the event or its redelivery), in the
-transaction that claims its next batch. A relay killed mid-delivery (or before recording
-it) leaves its leases to expire: the next relay sends those events again.
-Every database access goes through the store's group-commit thread. Decides nothing about
-orders, and never writes one.
+orders never wait for a relay (their events are already committed). A task holds its
+destination's cursor (a lease: one relay at a time) and takes the next batch of events
+after it (fsm.outbox_sql.take_batch); it sends the subscribed ones, an order's one after
+the other in seq order, the orders concurrently; an event of an order with an unfinished
+exception row, or behind one of its order's events that just failed, is held, not sent.
+The transaction that takes the next batch records the last: the cursor moved past it, and
+an exception row for each event not delivered (retry at: exponential backoff with jitter;
+dead letter: a refusal, or past `event_max_age` since the event or its redelivery; held).
+Exception rows are claimed under leases of their own (fsm.outbox_sql.claim) only while a
+destination has any. A relay killed mid-batch (or before recording it) leaves the cursor's
+lease to expire: the next relay sends that batch again.
+Every database write goes through the store's group-commit thread, after a read on the
+read pool said there is work. Decides nothing about orders, and never writes one.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import random
 import socket
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
@@ -64,7 +69,7 @@ def masked(url: str) -> str:
 
 async def register_amqp(store: Store, settings: Settings) -> None:
     """The RabbitMQ destination, once ORDER_SAGA_AMQP_URL is set: events committed from
-    then on are fanned out to it (its URL stored with the password masked)."""
+    then on are delivered to it (its URL stored with the password masked)."""
     if settings.amqp_url is None:
         return
     await store.committer.submit(
@@ -165,64 +170,53 @@ class Relay:
         await sender.aclose()
 
     async def _pump(self, destination: Destination, sender: Sender) -> None:
-        s = self.settings
+        s, d = self.settings, self.store.dialect
         loop = asyncio.get_running_loop()
         claimed_at = -s.relay_gather
-        # A sent batch's outcomes, recorded in the transaction that claims the next batch
-        # (one transaction per batch instead of two: on SQLite each one takes the write lock
-        # the orders' commits wait for). Its leases stay this relay's until then, so nobody
+        # A sent batch's outcomes, recorded in the transaction that takes the next batch
+        # (one transaction per batch: on SQLite each one takes the write lock the orders'
+        # commits wait for). The cursor's lease stays this relay's until then, so nobody
         # sends those events again meanwhile; the wait is at most `relay_gather`.
         sent: Sent | None = None
         try:
             while True:
                 try:
-                    # Under a steady trickle, claim at most every `relay_gather` seconds
-                    # (unless the last batch was full): events gather into one claim
+                    # Under a steady trickle, take at most every `relay_gather` seconds
+                    # (unless the last batch was full): events gather into one batch
                     # instead of a transaction for each few.
                     gather = claimed_at + s.relay_gather - loop.time()
                     if gather > 0:
                         await asyncio.sleep(gather)
                     claimed_at = loop.time()
                     now = utcnow()
-                    found = None
-                    if self.store.dialect.name == "sqlite":
-                        # One writer at a time: the backlog is searched on a read connection
-                        # (no write lock held meanwhile), then leased if still due.
-                        found, dead = await asyncio.to_thread(
-                            read,
-                            self.store,
-                            partial(
-                                outbox_sql.due_ids,
-                                self.store.dialect,
-                                destination_id=destination.id,
-                                now=now,
-                                limit=s.relay_batch,
-                            ),
-                        )
-                        if not (found or dead or sent):
-                            await asyncio.sleep(s.relay_interval)  # nothing to write
-                            continue
-                    claim = partial(
-                        outbox_sql.claim,
-                        self.store.dialect,
-                        destination_id=destination.id,
-                        owner=self.owner,
-                        now=now,
-                        lease_until=now + timedelta(seconds=s.relay_lease),
-                        limit=s.relay_batch,
-                        found=found,
+                    # A read first, on the read pool (no write lock held meanwhile): an
+                    # idle relay writes nothing.
+                    work = await asyncio.to_thread(
+                        read,
+                        self.store,
+                        partial(
+                            outbox_sql.work,
+                            d,
+                            destination_id=destination.id,
+                            owner=self.owner,
+                            now=now,
+                            limit=s.relay_batch,
+                        ),
                     )
-                    claimed = await self.store.committer.submit(
-                        partial(self._settle_then, destination, sent, claim)
+                    if not (work.stream or work.due or work.dead or sent):
+                        await asyncio.sleep(s.relay_interval)  # nothing to write
+                        continue
+                    batch, claimed = await self.store.committer.submit(
+                        partial(self._settle_then, destination, sent, work, now)
                     )
                     self._count(destination, sent)
                     sent = None
-                    if not claimed:
+                    events = batch.events if batch is not None else []
+                    if not (events or claimed):
                         await asyncio.sleep(s.relay_interval)
                         continue
-                    attempts = await asyncio.gather(*(sender.send(c) for c in claimed))
-                    sent = Sent(list(zip(claimed, attempts, strict=True)), utcnow())
-                    if len(claimed) >= s.relay_batch:
+                    sent = await self._send(destination, sender, batch, claimed)
+                    if len(events) >= s.relay_batch or len(claimed) >= s.relay_batch:
                         claimed_at = -s.relay_gather  # a backlog: the next batch at once
                 except asyncio.CancelledError:
                     raise
@@ -230,16 +224,53 @@ class Relay:
                     log.warning("relay %s: %s", destination.name, exc)
                     await asyncio.sleep(max(s.relay_interval, 1.0))
         finally:
-            if sent is not None:  # stopping: record what was sent (else: sent again later)
-                with contextlib.suppress(Exception):
-                    await self.store.committer.submit(partial(self._settle, destination, sent))
-                    self._count(destination, sent)
+            # Stopping: record what was sent (else: sent again later), let the cursor go.
+            with contextlib.suppress(Exception):
+                await self.store.committer.submit(partial(self._stop_pump, destination, sent))
+                self._count(destination, sent)
+
+    async def _send(
+        self,
+        destination: Destination,
+        sender: Sender,
+        batch: outbox_sql.Batch | None,
+        claimed: list[Claimed],
+    ) -> Sent:
+        """The batch's subscribed events (an order's in seq order, one after the other;
+        orders side by side; an order held, or behind one of its events that failed, is
+        not sent) and the claimed exception rows, all concurrently."""
+        runs: dict[uuid.UUID, list[Claimed]] = {}
+        for event in batch.events if batch is not None else []:
+            if outbox.wants(destination.events, event.type):
+                runs.setdefault(event.order_id, []).append(event)
+        held = batch.held if batch is not None else {}
+
+        async def in_order(events: list[Claimed]) -> list[tuple[Claimed, Attempt | None]]:
+            done: list[tuple[Claimed, Attempt | None]] = []
+            blocked = events[0].order_id in held
+            for event in sorted(events, key=lambda e: e.seq):
+                attempt = None if blocked else await sender.send(event)
+                blocked = blocked or not (attempt and attempt.delivered)
+                done.append((event, attempt))
+            return done
+
+        streamed, attempts = await asyncio.gather(
+            asyncio.gather(*(in_order(events) for events in runs.values())),
+            asyncio.gather(*(sender.send(c) for c in claimed)),
+        )
+        return Sent(
+            list(zip(claimed, attempts, strict=True)),
+            utcnow(),
+            batch=batch,
+            stream=[pair for run in streamed for pair in run],
+        )
 
     def _count(self, destination: Destination, sent: Sent | None) -> None:
         if sent is None:
             return
-        ok = sum(1 for _claimed, attempt in sent.results if attempt.delivered)
-        failed = len(sent.results) - ok
+        tried = [a for _c, a in [*sent.results, *sent.stream] if a is not None]
+        ok = sum(1 for attempt in tried if attempt.delivered)
+        failed = len(tried) - ok
         metrics.outbox_delivered(destination.name).inc(ok)
         metrics.outbox_failed(destination.name).inc(failed)
         if self.report is not None:
@@ -249,16 +280,84 @@ class Relay:
         self,
         destination: Destination,
         sent: Sent | None,
-        claim: Callable[[Any], list[Claimed]],
+        work: outbox_sql.Work,
+        now: datetime,
         cursor: Any,
-    ) -> list[Claimed]:
-        """Record `sent` (if any), then claim the next batch: one transaction."""
-        if sent is not None:
-            self._settle(destination, sent, cursor)
-        return claim(cursor)
+    ) -> tuple[outbox_sql.Batch | None, list[Claimed]]:
+        """Record `sent` (if any), then take the next batch of the stream (when there may
+        be one and this relay can have the cursor) and claim the due exception rows: one
+        transaction."""
+        d, s = self.store.dialect, self.settings
+        lease_until = now + timedelta(seconds=s.relay_lease)
+        at = self._settle(destination, sent, cursor, lease_until) if sent is not None else None
+        batch = None
+        if work.stream or at is not None:
+            batch = outbox_sql.take_batch(
+                d,
+                cursor,
+                destination_id=destination.id,
+                owner=self.owner,
+                now=now,
+                lease_until=lease_until,
+                limit=s.relay_batch,
+                at=at,
+            )
+            if batch is not None and not batch.events:  # at the end: let the cursor go
+                outbox_sql.release_stream(
+                    d, cursor, destination_id=destination.id, owner=self.owner
+                )
+        claimed: list[Claimed] = []
+        if work.due or work.dead:
+            claimed = outbox_sql.claim(
+                d,
+                cursor,
+                destination_id=destination.id,
+                owner=self.owner,
+                now=now,
+                lease_until=lease_until,
+                limit=s.relay_batch,
+                # SQLite: the due ones as the read found them (the search held no write
+                # lock); PostgreSQL: searched again with SKIP LOCKED (relays share them).
+                found=work.due if d.name == "sqlite" else None,
+            )
+        return batch, claimed
 
-    def _settle(self, destination: Destination, sent: Sent, cursor: Any) -> None:
+    def _stop_pump(self, destination: Destination, sent: Sent | None, cursor: Any) -> None:
+        if sent is not None:
+            self._settle(destination, sent, cursor, None)
+        d = self.store.dialect
+        outbox_sql.release_stream(d, cursor, destination_id=destination.id, owner=self.owner)
+
+    def _settle(
+        self,
+        destination: Destination,
+        sent: Sent,
+        cursor: Any,
+        lease_until: datetime | None,
+    ) -> tuple[int, int] | None:
+        """Record a sent batch: the cursor past the stream's part (if this relay still holds
+        it; its lease renewed to `lease_until`), exception rows for what was not delivered,
+        the claimed exception rows' outcomes. Returns where the cursor now is (None: the
+        stream had no part, or another relay took the cursor and sends it again)."""
         d, s, now = self.store.dialect, self.settings, sent.at
+        at = None
+        if sent.batch is not None and sent.batch.events:
+            if outbox_sql.advance(
+                d,
+                cursor,
+                destination_id=destination.id,
+                owner=self.owner,
+                to=sent.batch.last,
+                lease_until=lease_until,
+            ):
+                at = sent.batch.last
+                outbox_sql.set_aside(
+                    d, cursor, destination_id=destination.id, rows=self._aside(sent)
+                )
+            else:
+                log.warning(
+                    "relay %s: the cursor was taken over; its batch is sent again", destination.name
+                )
         results = sent.results
         done = [claimed.event_id for claimed, attempt in results if attempt.delivered]
         outbox_sql.delivered(d, cursor, destination_id=destination.id, event_ids=done, now=now)
@@ -266,7 +365,7 @@ class Relay:
             if attempt.delivered:
                 continue
             error = attempt.error or "failed"
-            if not attempt.retry or _too_old(claimed.retry_from, now, s.event_max_age):
+            if self._dead(claimed, attempt, now):
                 log.warning(
                     "event %s to %s dead-lettered: %s", claimed.event_id, destination.name, error
                 )
@@ -284,14 +383,50 @@ class Relay:
                 at=now + timedelta(seconds=delay),
                 error=error,
             )
+        return at
+
+    def _dead(self, claimed: Claimed, attempt: Attempt, now: datetime) -> bool:
+        return not attempt.retry or _too_old(claimed.retry_from, now, self.settings.event_max_age)
+
+    def _aside(self, sent: Sent) -> list[outbox_sql.Aside]:
+        """The exception rows of the stream's part: each failed event (retried later, or
+        dead), and each event not sent behind one of its order (held: pending, or dead
+        behind a dead letter)."""
+        s, now = self.settings, sent.at
+        held = sent.batch.held if sent.batch is not None else {}
+        behind: dict[uuid.UUID, str] = dict(held)
+        rows = []
+        for event, attempt in sent.stream:
+            if attempt is not None and attempt.delivered:
+                continue
+            if attempt is None:
+                state = behind.get(event.order_id, "pending")
+                error = "behind a dead letter" if state == "dead" else None
+                rows.append(outbox_sql.Aside(event, state, 0, now, error))
+                continue
+            error = attempt.error or "failed"
+            if self._dead(event, attempt, now):
+                log.warning("event %s dead-lettered: %s", event.event_id, error)
+                behind[event.order_id] = "dead"
+                rows.append(outbox_sql.Aside(event, "dead", 1, now, error))
+                continue
+            behind[event.order_id] = "pending"
+            delay = backoff(1, base=s.event_backoff_base, cap=s.event_backoff_max)
+            rows.append(
+                outbox_sql.Aside(event, "pending", 1, now + timedelta(seconds=delay), error)
+            )
+        return rows
 
 
 @dataclass(frozen=True)
 class Sent:
-    """A batch's attempts, and when they ended (the time recorded with them)."""
+    """A batch's attempts, and when they ended (the time recorded with them): the claimed
+    exception rows' (`results`), and the stream's (`stream`: None for an event held)."""
 
     results: list[tuple[Claimed, Attempt]]
     at: datetime
+    batch: outbox_sql.Batch | None = None
+    stream: list[tuple[Claimed, Attempt | None]] = field(default_factory=list)
 
 
 def _too_old(since: datetime, now: datetime, max_age: float) -> bool:

@@ -43,6 +43,7 @@ from fsm.models import (
     AttemptTable,
     Order,
     OrderTable,
+    OutboxCursorTable,
     OutboxDeliveryTable,
     OutboxEventTable,
     Transition,
@@ -56,6 +57,7 @@ orders = OrderTable.__table__  # type: ignore[attr-defined]
 transitions = TransitionTable.__table__  # type: ignore[attr-defined]
 events = OutboxEventTable.__table__  # type: ignore[attr-defined]
 deliveries = OutboxDeliveryTable.__table__  # type: ignore[attr-defined]
+cursors = OutboxCursorTable.__table__  # type: ignore[attr-defined]
 attempts = AttemptTable.__table__  # type: ignore[attr-defined]
 
 _TERMINAL_STATES = sorted(s.value for s in TERMINAL_ORDER_STATES)
@@ -67,12 +69,28 @@ _TIMESTAMPS = ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at
 
 def undelivered_events() -> ColumnElement[bool] | None:
     """The transactional outbox's condition (issue 19): true when the order still has an
-    event not delivered to some destination (pending, in flight or dead-lettered)."""
-    return (
+    event some destination's cursor has not passed (pending or in flight), or an exception
+    row not delivered (retried later, held, or dead-lettered)."""
+    unfinished = (
         select(deliveries.c.event_id)
         .where(deliveries.c.order_id == orders.c.id, deliveries.c.state != "delivered")
         .exists()
     )
+    not_passed = (
+        select(events.c.id)
+        .select_from(
+            events.join(
+                cursors,
+                or_(
+                    events.c.txid > cursors.c.txid,
+                    and_(events.c.txid == cursors.c.txid, events.c.position > cursors.c.position),
+                ),
+            )
+        )
+        .where(events.c.order_id == orders.c.id)
+        .exists()
+    )
+    return or_(unfinished, not_passed)
 
 
 def eligible(*, cutoff: datetime, now: datetime) -> list[ColumnElement[bool]]:

@@ -155,10 +155,11 @@ class Settings(BaseSettings):
     # How often an idle relay looks for new events (seconds), and how many it takes at once.
     relay_interval: float = Field(default=0.2, gt=0, le=60)
     relay_batch: int = Field(default=100, ge=1, le=10_000)
-    # A busy relay claims at most this often per destination (seconds; a full batch: at
-    # once), so a trickle of events shares one claim and one settle. Adds at most this lag.
+    # A busy relay takes a batch at most this often per destination (seconds; after a full
+    # batch: at once), so a trickle of events shares one transaction. Adds at most this lag.
     relay_gather: float = Field(default=0.1, ge=0, le=10)
-    # A relay owns the deliveries it took this long (kill -9: another takes them after it).
+    # A relay holds a destination's cursor (and the retried deliveries it took) this long
+    # past its last transaction (kill -9: another takes them after it).
     relay_lease: float = Field(default=30.0, gt=0, le=3600)
     # One delivery attempt's timeout (webhook request, broker confirm), seconds.
     event_timeout: float = Field(default=5.0, gt=0, le=600)

@@ -126,9 +126,7 @@ class Store(Reads):
         d = self.dialect
         values = [d.encode(c, getattr(order, c)) for c in ORDER_COLUMNS]
         if event is not None and d.moves_in_one_statement:
-            cursor.execute(
-                outbox_sql.create_with_event(ORDER_COLUMNS), [*values, *event.fan, *event.params]
-            )
+            cursor.execute(outbox_sql.create_with_event(ORDER_COLUMNS), [*values, *event.params])
         else:
             cursor.execute(sql.insert_order(d), values)
         yield  # (a committer op: statements sent, results next)
@@ -215,15 +213,16 @@ class Store(Reads):
         if kind is None:
             return None
         d = self.dialect
-        event_id, order_id, stamp = (
-            outbox.event_id(order.id, seq),
-            d.uuid(order.id),
-            d.timestamp(now),
-        )
         body = outbox.cloud_event(order, seq=seq, type_=kind, at=now, source=self.event_source)
         return outbox_sql.EventRow(
-            params=(event_id, order_id, seq, kind, stamp, body),
-            fan=(event_id, order_id, seq, stamp, stamp, stamp, outbox.like(kind)),
+            params=(
+                outbox.event_id(order.id, seq),
+                d.uuid(order.id),
+                seq,
+                kind,
+                d.timestamp(now),
+                body,
+            )
         )
 
     async def note_attempt(
@@ -299,7 +298,7 @@ class Store(Reads):
             else:
                 cursor.execute(
                     outbox_sql.move_with_event(columns),
-                    [*params, *logged, *event.fan, *event.params],
+                    [*params, *logged, *event.params],
                 )
             yield  # (a committer op: statements sent, results next)
             if cursor.rowcount != 1:

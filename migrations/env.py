@@ -49,6 +49,7 @@ def _run(connection: object) -> None:
         render_as_batch=True,
         compare_type=True,
         include_name=partitions.include_name,  # the parent is the model; its days are not
+        include_object=partitions.include_object,
     )
     with context.begin_transaction():
         context.run_migrations()

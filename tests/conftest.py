@@ -71,6 +71,7 @@ EMPTIED = (
     "orders",
     "api_keys",
     "outbox_deliveries",
+    "outbox_cursors",
     "outbox_events",
     "event_destinations",
     "heat_totals",

@@ -101,7 +101,7 @@ async def test_serve_killed_mid_delivery_every_destination_gets_every_event_in_o
     # The fixture made the schema from the models; serve migrates: mark it as current.
     alembic_command.stamp(alembic_config(db_url), "head")
     subscribe_sink(store, services_url)
-    # The broker subscribed before the orders exist, so their events fan out to it too.
+    # The broker subscribed before the orders exist, so their events go to it too.
     await register_amqp(store, saga_settings(db_url, amqp_url=BROKER))
     assert {d.kind for d in subscriptions.destinations(store)} == {"webhook", "amqp"}
     ids = await orders(store, executor, 12)  # their events wait: nothing relays yet

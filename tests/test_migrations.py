@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -39,7 +42,12 @@ def test_upgrade_head_matches_the_models(empty_db: str) -> None:
     engine = make_engine(empty_db)
     with engine.connect() as conn:
         context = MigrationContext.configure(
-            conn, opts={"include_name": partitions.include_name, "compare_type": True}
+            conn,
+            opts={
+                "include_name": partitions.include_name,
+                "include_object": partitions.include_object,
+                "compare_type": True,
+            },
         )
         diff = compare_metadata(context, SQLModel.metadata)
         tables = set(inspect(conn).get_table_names())
@@ -73,3 +81,104 @@ def test_plain_alembic_cli_works(tmp_path: Path) -> None:
         assert "orders" in inspect(conn).get_table_names()
         assert conn.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
     engine.dispose()
+
+
+def test_the_outbox_stream_index_is_postgresql_s_alone(empty_db: str) -> None:
+    upgrade(empty_db)
+    engine = make_engine(empty_db)
+    with engine.connect() as conn:
+        names = {i["name"] for i in inspect(conn).get_indexes("outbox_events")}
+        ddl = None
+        if engine.dialect.name == "sqlite":  # the rowid, never reused: AUTOINCREMENT
+            ddl = conn.exec_driver_sql(
+                "SELECT sql FROM sqlite_master WHERE name = 'outbox_events'"
+            ).scalar_one()
+    engine.dispose()
+    assert (partitions.OUTBOX_STREAM_INDEX in names) == (ddl is None)
+    assert ddl is None or "position INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT" in ddl
+
+
+async def test_an_upgrade_from_0007_keeps_what_was_owed_and_delivers_it(empty_db: str) -> None:
+    """0008 (cursors): events already delivered stay delivered, those pending are still
+    delivered (in order per order), the dead letters stay dead and redeliverable; the
+    events committed after the upgrade follow."""
+    from alembic import command
+
+    from fsm import outbox_sql, subscriptions
+    from fsm.destinations.webhook import new_secret
+    from fsm.wiring import build_store
+    from tests.support.endpoint import Endpoint
+    from tests.support.events import FAST_EVENTS, out_of_order, relaying
+    from tests.support.settings import saga_settings
+    from tests.support.waiting import wait_until_async
+
+    command.upgrade(alembic_config(empty_db), "0007")
+    sqlite = empty_db.startswith("sqlite")
+    first, second = uuid.uuid4(), uuid.uuid4()
+    now = datetime.now(UTC)
+
+    def key(u: uuid.UUID) -> object:
+        return u.hex if sqlite else u
+
+    rows = [  # order, seq, state at 0007
+        (first, 0, "delivered"),
+        (first, 3, "pending"),
+        (first, 5, "pending"),
+        (second, 0, "dead"),
+    ]
+    async with Endpoint() as endpoint:
+        engine = make_engine(empty_db)
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO event_destinations (id, name, kind, url, secret, events, "
+                    "created_at) VALUES (1, :u, 'webhook', :u, :s, :e, :t)"
+                ),
+                {"u": endpoint.url, "s": new_secret(), "e": ",order.created,", "t": now},
+            )
+            for n, (order, seq, state) in enumerate(rows):
+                event_id = f"{order}:{seq}"
+                at = now + timedelta(milliseconds=n)
+                conn.execute(
+                    text(
+                        "INSERT INTO outbox_events (id, order_id, seq, type, created_at, body) "
+                        "VALUES (:i, :o, :q, 'order.created', :t, :b)"
+                    ),
+                    {"i": event_id, "o": key(order), "q": seq, "t": at,
+                     "b": json.dumps({"id": event_id, "subject": str(order)})},
+                )  # fmt: skip
+                conn.execute(
+                    text(
+                        "INSERT INTO outbox_deliveries (destination_id, event_id, order_id, "
+                        "seq, state, attempts, next_attempt_at, created_at, retry_from) "
+                        "VALUES (1, :i, :o, :q, :s, 1, :t, :t, :t)"
+                    ),
+                    {"i": event_id, "o": key(order), "q": seq, "s": state, "t": at},
+                )
+        engine.dispose()
+        upgrade(empty_db)
+        store = build_store(saga_settings(empty_db))
+        try:
+            dead = subscriptions.deliveries(store, failed=True)
+            assert [d.event_id for d in dead] == [f"{second}:0"]
+            later = (f"{first}:7", key(first), 7, "order.created", now, "")
+            later = (*later[:5], json.dumps({"id": later[0], "subject": str(first)}))
+            await store.committer.submit(
+                lambda cursor: cursor.execute(outbox_sql.insert_event(store.dialect), later)
+            )  # committed after the upgrade: through the cursor, behind the owed ones
+            async with relaying(store, saga_settings(empty_db, **FAST_EVENTS)):
+                await wait_until_async(lambda: len(endpoint.requests) >= 3, what="the owed")
+                assert subscriptions.redeliver(store, f"{second}:0") == 1
+                await wait_until_async(lambda: len(endpoint.requests) >= 4, what="redelivered")
+            assert [e["id"] for e in endpoint.events()] == [
+                f"{first}:3",
+                f"{first}:5",
+                f"{first}:7",
+                f"{second}:0",
+            ]
+            assert out_of_order(endpoint.events()) == []
+            (backlog,) = subscriptions.backlog(store)
+            assert (backlog.pending, backlog.dead) == (0, 0)
+        finally:
+            store.close()
+            store.engine.dispose()

@@ -1,12 +1,13 @@
 """The transactional outbox (issue 19 items 1-2): one CloudEvent per order status change,
-written in the commit of its transition, fanned out to the destinations subscribed to its
-type in that same commit. Both databases."""
+written in the commit of its transition; each destination receives the types it subscribed
+to, through its own cursor over the events. Both databases."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import timedelta
 from functools import partial
+from typing import Any
 
 import pytest
 
@@ -80,7 +81,7 @@ async def test_a_refused_write_leaves_no_event(store: Store) -> None:
     assert [e["type"] for e in events_of(store, order.id)] == ["order.created"]
 
 
-async def test_deliveries_are_fanned_out_by_subscription_in_the_same_commit(
+async def test_deliveries_follow_each_destination_s_subscription(
     store: Store, executor: Executor
 ) -> None:
     default = subscriptions.add_webhook(store, "http://127.0.0.1:9/a", outbox.DEFAULT_TYPES)
@@ -117,16 +118,88 @@ def test_the_event_types_are_a_table_over_the_statuses() -> None:
         outbox.parse_types(["order.shipped"])
 
 
-async def test_a_claim_leases_at_most_its_batch(
+async def test_a_batch_is_at_most_its_limit_and_one_relay_holds_the_cursor(
     store: Store, executor: Executor, services_url: str
 ) -> None:
-    """A relay takes `relay_batch` deliveries at a time, never more: what it holds when it
-    is killed is what the next relay sends again (the duplicates' bound). On PostgreSQL a
-    LIMITed SKIP LOCKED subquery inside `IN (...)` may be run again per row and lease
-    many more; the candidates are picked once."""
+    """A relay takes `relay_batch` events of the stream at a time, never more, and holds
+    the destination's cursor meanwhile: another relay gets nothing of it; the holder, not
+    having moved the cursor (killed before it could), reads the same batch again: what a
+    kill costs in duplicates is one batch."""
     subscribe_sink(store, services_url)
-    await orders(store, executor, 12)  # 12 orders: 12 first events claimable at once
+    ids = await orders(store, executor, 6)  # 12+ events after the cursor (every type)
+    every = {e["id"] for i in ids for e in events_of(store, i)}
     (destination,) = subscriptions.destinations(store)
+
+    def take(owner: str) -> Any:
+        now = utcnow()
+        return partial(
+            outbox_sql.take_batch,
+            store.dialect,
+            destination_id=destination.id,
+            owner=owner,
+            now=now,
+            lease_until=now + timedelta(seconds=30),
+            limit=5,
+        )
+
+    first = await store.committer.submit(take("a"))
+    assert first is not None and len(first.events) == 5
+    assert await store.committer.submit(take("b")) is None  # the cursor is a's
+    again = await store.committer.submit(take("a"))
+    assert again is not None and [e.event_id for e in again.events] == [
+        e.event_id for e in first.events
+    ]
+    advance = partial(
+        outbox_sql.advance,
+        store.dialect,
+        destination_id=destination.id,
+        owner="b",
+        to=first.last,
+        lease_until=None,
+    )
+    assert await store.committer.submit(advance) is False  # b does not hold it
+    assert await store.committer.submit(partial(advance, owner="a")) is True  # and let go
+    taken = [e.event_id for e in first.events]
+    while (batch := await store.committer.submit(take("b"))) is not None and batch.events:
+        assert len(batch.events) <= 5
+        taken += [e.event_id for e in batch.events]
+        await store.committer.submit(partial(advance, owner="b", to=batch.last))
+    assert len(taken) == len(set(taken)) and set(taken) == every  # once each, in order
+    by_order: dict[str, list[int]] = {}
+    for event_id in taken:
+        order, seq = outbox_sql.split_id(event_id)
+        by_order.setdefault(str(order), []).append(seq)
+    assert all(seqs == sorted(seqs) for seqs in by_order.values()), by_order
+
+
+async def test_an_exception_claim_leases_at_most_its_batch(
+    store: Store, executor: Executor, services_url: str
+) -> None:
+    """The exception rows (failed once, or held) are claimed `relay_batch` at a time, never
+    more, each the first undelivered one of its order. On PostgreSQL a LIMITed SKIP LOCKED
+    subquery inside `IN (...)` may be run again per row and lease many more; the
+    candidates are picked once."""
+    subscribe_sink(store, services_url)
+    ids = await orders(store, executor, 12)
+    (destination,) = subscriptions.destinations(store)
+    now = utcnow()
+    batch = await store.committer.submit(
+        partial(
+            outbox_sql.take_batch,
+            store.dialect,
+            destination_id=destination.id,
+            owner="a",
+            now=now,
+            lease_until=now,
+            limit=100,
+        )
+    )
+    assert batch is not None and {e.order_id for e in batch.events} == set(ids)
+    # Every event set aside as failed once: 12 orders, 12 first events claimable at once.
+    rows = [outbox_sql.Aside(e, "pending", 1, now, "500") for e in batch.events]
+    await store.committer.submit(
+        partial(outbox_sql.set_aside, store.dialect, destination_id=destination.id, rows=rows)
+    )
     taken: list[int] = []
     for owner in ("a", "b", "c", "d", "e"):
         now = utcnow()

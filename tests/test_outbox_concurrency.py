@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
+from functools import partial
 from typing import Any
 
 import pytest
 
 from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID
-from fsm import outbox, subscriptions
+from fsm import outbox, outbox_sql, subscriptions
 from fsm.executor import Executor
 from fsm.models import Order
-from fsm.store import Store
+from fsm.store import Store, utcnow
 from fsm.wiring import build_store
 from tests.support.endpoint import Endpoint
 from tests.support.events import (
@@ -52,6 +54,14 @@ async def looked_up(store: Store, owner: str) -> Order:
 def wait_on(event: threading.Event, _cursor: Any) -> None:
     """A committer op that holds its transaction open until `event` is set."""
     assert event.wait(30), "never released"
+
+
+def position(store: Store, event_id: str) -> int:
+    with store.engine.connect() as conn:
+        row = conn.exec_driver_sql(
+            "SELECT position FROM outbox_events WHERE id = %s", (event_id,)
+        ).one()
+    return int(row[0])
 
 
 def transition_id(store: Store, order: Order) -> int:
@@ -96,27 +106,101 @@ async def test_an_event_committed_after_a_later_numbered_one_is_still_delivered(
         gate.set()
         await opened
         assert await asyncio.to_thread(reached.wait, 30)
-        async with relaying(second, saga_settings(db_url, **FAST_EVENTS)):
-            await second.record_transition(
-                order=y, owner="b", scope="order", trigger="product_missing"
+        await second.record_transition(order=y, owner="b", scope="order", trigger="product_missing")
+        x_event, y_event = f"{x.id}:{x.version}", f"{y.id}:{y.version}"
+        # Y is committed, X not, and X's event took the lower position: a cursor over the
+        # position alone would take Y now and pass X's position for good. Below the
+        # horizon, neither is readable yet (X's transaction is still running).
+        (destination,) = subscriptions.destinations(second)
+        now = utcnow()
+        probe = await second.committer.submit(
+            partial(
+                outbox_sql.take_batch,
+                second.dialect,
+                destination_id=destination.id,
+                owner="probe",
+                now=now,
+                lease_until=now,
+                limit=100,
             )
+        )
+        assert probe is not None
+        assert not {x_event, y_event} & {e.event_id for e in probe.events}
+        async with relaying(second, saga_settings(db_url, **FAST_EVENTS)):
 
-            def arrived(order: Order) -> bool:
-                ids = {e["id"] for e in sink_seen(services_url)["events"]}
-                return f"{order.id}:{order.version}" in ids
+            def arrived(event_id: str) -> bool:
+                return event_id in {e["id"] for e in sink_seen(services_url)["events"]}
 
-            await wait_until_async(lambda: arrived(y), what="Y's event")
-            assert not arrived(x)
             release.set()
             await held
             await x_move
-            await wait_until_async(lambda: arrived(x), what="X's event, committed later")
-        # The trap was armed: X's transition took the lower id and committed last.
+            await wait_until_async(
+                lambda: arrived(x_event) and arrived(y_event), what="X's event, committed later"
+            )
+        # The trap was armed: X's event (and transition) took the lower id, committed last.
+        assert position(second, x_event) < position(second, y_event)
         assert transition_id(first, x) < transition_id(second, y)
     finally:
         for store in (first, second):
             store.close()
             store.engine.dispose()
+
+
+@POSTGRESQL_ONLY
+async def test_the_stream_follows_txid_then_position_below_the_horizon(store: Store) -> None:
+    """Two connections: A's transaction takes its id first, B's inserts an event (lower
+    position), A's inserts one (higher position) and commits first. The stream gives A's
+    event now (its transaction is below the horizon, B's is not), then B's once B commits:
+    in (txid, position) order B's comes after A's although its position is lower; a
+    cursor over the position alone, at A's event, would skip B's for good."""
+    subscriptions.add_webhook(store, "http://127.0.0.1:9/h", outbox.DEFAULT_TYPES)
+    (destination,) = subscriptions.destinations(store)
+    d = store.dialect
+
+    def event(name: str) -> tuple[Any, ...]:
+        order_id = uuid.uuid4()
+        return (f"{order_id}:0", order_id, 0, "order.created", utcnow(), name)
+
+    def take(cursor: Any) -> list[str]:
+        now = utcnow()
+        batch = outbox_sql.take_batch(
+            d,
+            cursor,
+            destination_id=destination.id,
+            owner="r",
+            now=now,
+            lease_until=now,
+            limit=100,
+        )
+        assert batch is not None
+        if batch.events:
+            outbox_sql.advance(
+                d, cursor, destination_id=destination.id, owner="r", to=batch.last,
+                lease_until=now,
+            )  # fmt: skip
+        return [e.body for e in batch.events]
+
+    a, b = store.engine.raw_connection(), store.engine.raw_connection()
+    try:
+        ca, cb = a.cursor(), b.cursor()
+        ca.execute("SELECT pg_current_xact_id()")  # A's transaction id: the lower one
+        cb.execute(outbox_sql.insert_event(d), event("B"))
+        ca.execute(outbox_sql.insert_event(d), event("A"))
+        a.commit()
+        assert await store.committer.submit(take) == ["A"]  # B's transaction is running
+        b.commit()
+        with store.engine.connect() as conn:
+            pa, pb = (
+                conn.exec_driver_sql(
+                    f"SELECT position FROM outbox_events WHERE body = '{n}'"
+                ).scalar_one()
+                for n in ("A", "B")
+            )
+        assert pb < pa  # a cursor over the position alone, at A's, has passed B's
+        assert await store.committer.submit(take) == ["B"]
+    finally:
+        a.close()
+        b.close()
 
 
 @POSTGRESQL_ONLY

@@ -241,3 +241,45 @@ async def test_a_trickle_of_events_is_claimed_in_batches_at_most_every_gather(
     # (slack for a retried attempt on a loaded machine; ~one batch per event without gather)
     assert len(batches) <= elapsed / gather + 4, (batches, elapsed)
     assert sorted(e["id"] for e in sink_seen(services_url)["events"]) == sorted(want)
+
+
+async def test_an_order_s_events_in_one_batch_go_one_at_a_time_a_failure_holds_the_next(
+    db_url: str, store: Store, executor: Executor
+) -> None:
+    """Three orders' events wait, then one relay batch takes them all: each order's events
+    are sent one after the other in seq order (never two of one order in flight), the
+    orders side by side; the first order's first event failing holds its later one back
+    (no request for it) until the first is delivered."""
+    async with Endpoint(delay=0.05) as endpoint:
+        subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
+        ids = await orders(store, executor, 3)
+        want = expected(store, ids, outbox.DEFAULT_TYPES)
+        created = f"{ids[0]}:0"
+        later = [w for w in want if w.startswith(str(ids[0])) and w != created]
+        assert later, "the first order has a later event to hold"
+        endpoint.failing.add(created)
+        async with relaying(store, saga_settings(db_url, **FAST_EVENTS)):
+            await wait_until_async(
+                lambda: (
+                    len(endpoint.requests) >= len(want) - 1 - len(later)
+                    and endpoint.log.count(("start", created)) >= 3
+                ),
+                what="the other orders delivered, the first event retried",
+            )
+            sent = {dict(r.headers)["webhook-id"] for r in endpoint.requests}
+            assert not sent & {created, *later}
+            assert not any(i in later for _kind, i in endpoint.log)  # not even tried
+            held = {d.event_id: d for d in subscriptions.deliveries(store, order_id=ids[0])}
+            assert {held[i].state for i in [created, *later]} == {"pending"}
+            endpoint.failing.clear()
+            await wait_until_async(lambda: len(endpoint.requests) >= len(want), what="all")
+    assert sorted(e["id"] for e in endpoint.events()) == sorted(want)
+    assert out_of_order(endpoint.events()) == []
+    in_flight: dict[str, int] = {}
+    most = 0
+    for kind, event_id in endpoint.log:
+        order = event_id.rpartition(":")[0]
+        in_flight[order] = in_flight.get(order, 0) + (1 if kind == "start" else -1)
+        most = max(most, in_flight[order])
+    assert most == 1, "two events of one order in flight at once"
+    assert len(in_flight) == 3

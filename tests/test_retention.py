@@ -159,6 +159,43 @@ def test_one_pruner_at_a_time_on_postgresql(pg_url: str) -> None:
     engine.dispose()
 
 
+async def test_an_event_a_destination_s_cursor_has_not_passed_keeps_its_order(
+    store: Store, executor: Executor, downstream: Downstream
+) -> None:
+    """A destination subscribed before the orders: its cursor not past an order's last
+    event keeps the order (and its events); once past, it goes."""
+    from sqlalchemy import text
+
+    from fsm import outbox, subscriptions
+
+    subscriptions.add_webhook(store, "http://127.0.0.1:9/r", outbox.ALL_TYPES)
+    population = await populate(store, executor, downstream, completed=2)
+    with store.engine.connect() as conn:
+        stream = conn.execute(
+            text("SELECT order_id, txid, position FROM outbox_events ORDER BY txid, position")
+        ).all()
+    last_of = {str(order).replace("-", ""): (txid, pos) for order, txid, pos in stream}
+    # The eligible order whose last event comes last: the others' events all come before.
+    kept = max(population.eligible, key=lambda i: last_of[i.hex])
+    last = last_of[kept.hex]
+    assert Pruner(store.engine, older_than=0).run().deleted == 0  # nothing passed yet
+
+    def cursor_at(txid: int, position: int) -> None:
+        with store.engine.begin() as conn:
+            conn.execute(
+                text("UPDATE outbox_cursors SET txid = :t, position = :p"),
+                {"t": txid, "p": position},
+            )
+
+    cursor_at(last[0], last[1] - 1)  # every event passed but the kept order's last one
+    Pruner(store.engine, older_than=0).run()
+    assert store.get(kept).id == kept  # its last event not passed: kept
+    assert_pruned(store, population, [i for i in population.eligible if i != kept])
+    cursor_at(last[0], last[1])
+    Pruner(store.engine, older_than=0).run()
+    assert_pruned(store, population, population.eligible)
+
+
 async def test_an_order_with_an_undelivered_event_is_kept_a_delivered_one_goes(
     store: Store, executor: Executor, downstream: Downstream
 ) -> None:

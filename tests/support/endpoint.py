@@ -32,6 +32,9 @@ class Endpoint:
     requests: list[Request] = field(default_factory=list)  # answered 200, in arrival order
     attempts: int = 0  # every request, whatever the answer
     most_at_once: int = 0  # the most requests of one event id in flight together
+    failing: set[str] = field(default_factory=set)  # event ids answered 500 whatever the mode
+    # ("start" | "end", event id) of every request that got that far, in order
+    log: list[tuple[str, str]] = field(default_factory=list)
     _in_flight: Counter[str] = field(default_factory=Counter)
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -82,6 +85,9 @@ class Endpoint:
         if mode == "hang":
             await asyncio.sleep(3600)
         msg_id = headers.get("webhook-id", "")
+        if msg_id in self.failing:
+            mode = "500"
+        self.log.append(("start", msg_id))
         self._in_flight[msg_id] += 1
         self.most_at_once = max(self.most_at_once, self._in_flight[msg_id])
         try:
@@ -89,6 +95,7 @@ class Endpoint:
                 await asyncio.sleep(self.delay)
         finally:
             self._in_flight[msg_id] -= 1
+            self.log.append(("end", msg_id))
         status = b"200 OK" if mode == "ok" else b"500 Internal Server Error"
         if mode == "ok":
             self.requests.append(Request(headers, body))

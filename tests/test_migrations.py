@@ -170,6 +170,10 @@ async def test_an_upgrade_from_0007_keeps_what_was_owed_and_delivers_it(empty_db
                 await wait_until_async(lambda: len(endpoint.requests) >= 3, what="the owed")
                 assert subscriptions.redeliver(store, f"{second}:0") == 1
                 await wait_until_async(lambda: len(endpoint.requests) >= 4, what="redelivered")
+                await wait_until_async(
+                    lambda: [(b.pending, b.dead) for b in subscriptions.backlog(store)] == [(0, 0)],
+                    what="every delivery recorded",
+                )
             assert [e["id"] for e in endpoint.events()] == [
                 f"{first}:3",
                 f"{first}:5",
@@ -177,8 +181,6 @@ async def test_an_upgrade_from_0007_keeps_what_was_owed_and_delivers_it(empty_db
                 f"{second}:0",
             ]
             assert out_of_order(endpoint.events()) == []
-            (backlog,) = subscriptions.backlog(store)
-            assert (backlog.pending, backlog.dead) == (0, 0)
         finally:
             store.close()
             store.engine.dispose()

@@ -18,7 +18,7 @@ from fsm.errors import StaleOrder
 from fsm.executor import Executor
 from fsm.machine import coarse_status
 from fsm.store import Store, utcnow
-from tests.support.events import events_of, orders, subscribe_sink
+from tests.support.events import below_horizon, events_of, orders, subscribe_sink
 
 ROWS = [  # user, product -> the event types of the order, in order
     pytest.param(ORDINARY_USER_ID, WIDGET_ID, ["order.created", "order.completed"], id="completed"),
@@ -127,6 +127,7 @@ async def test_a_batch_is_at_most_its_limit_and_one_relay_holds_the_cursor(
     kill costs in duplicates is one batch."""
     subscribe_sink(store, services_url)
     ids = await orders(store, executor, 6)  # 12+ events after the cursor (every type)
+    await below_horizon(store)
     every = {e["id"] for i in ids for e in events_of(store, i)}
     (destination,) = subscriptions.destinations(store)
 
@@ -181,6 +182,7 @@ async def test_an_exception_claim_leases_at_most_its_batch(
     candidates are picked once."""
     subscribe_sink(store, services_url)
     ids = await orders(store, executor, 12)
+    await below_horizon(store)
     (destination,) = subscriptions.destinations(store)
     now = utcnow()
     batch = await store.committer.submit(

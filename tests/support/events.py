@@ -19,6 +19,7 @@ from fsm.relay import Relay
 from fsm.settings import Settings
 from fsm.store import Store
 from tests.support.services import HTTP
+from tests.support.waiting import wait_until_async
 
 # Deliveries fast enough for tests, every branch still reachable.
 FAST_EVENTS = {
@@ -104,3 +105,22 @@ async def orders(store: Store, executor: Executor, n: int) -> list[uuid.UUID]:
 def expected(store: Store, ids: list[uuid.UUID], types: tuple[str, ...]) -> list[str]:
     """The ids of the orders' events of these types, order by order."""
     return [e["id"] for i in ids for e in events_of(store, i) if e["type"] in types]
+
+
+async def below_horizon(store: Store) -> None:
+    """Wait until every committed event is readable by a relay: on PostgreSQL each event's
+    transaction, and every one that began before it, has ended (another test's transaction
+    held open on the same server holds the horizon back); on SQLite at once."""
+    if store.dialect.name == "sqlite":
+        return
+
+    def readable() -> bool:
+        with store.engine.connect() as conn:
+            return bool(
+                conn.exec_driver_sql(
+                    "SELECT COALESCE(MAX(txid), 0) < "
+                    "pg_snapshot_xmin(pg_current_snapshot())::text::bigint FROM outbox_events"
+                ).scalar_one()
+            )
+
+    await wait_until_async(readable, what="the events below the horizon")

@@ -52,10 +52,10 @@ def make_engine(url: str, *, lock_timeout: float = 5.0, statement_timeout: float
             _sqlite_setup(cursor, lock_timeout)
             cursor.close()
 
-        return engine
+        return _closing_late_returns(engine)
     # Reads are off the hot path: a pre-ping per checkout finds a connection the server
     # dropped (restart, pg_terminate_backend) before a request meets it.
-    return create_engine(
+    engine = create_engine(
         url,
         pool_pre_ping=True,
         pool_recycle=1800,
@@ -67,6 +67,32 @@ def make_engine(url: str, *, lock_timeout: float = 5.0, statement_timeout: float
             "connect_timeout": max(1, int(lock_timeout)),
         },
     )
+    return _closing_late_returns(engine)
+
+
+def _closing_late_returns(engine: Engine) -> Engine:
+    """A connection given back after `engine.dispose()` is closed on its return. It was
+    checked out when the pool was disposed (a read a thread still ran when its process,
+    or a test, closed the store), and goes back to the discarded pool, whose idle
+    connections nobody closes: it stayed open until the collector found it, then
+    psycopg's finaliser warned (a test failed at random under `filterwarnings = error`)."""
+    generation = 0
+
+    @event.listens_for(engine, "checkout")
+    def _stamp(_dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        record.info["generation"] = generation
+
+    @event.listens_for(engine, "engine_disposed")
+    def _discarded(_engine: Engine) -> None:
+        nonlocal generation
+        generation += 1
+
+    @event.listens_for(engine, "checkin")
+    def _close_late(dbapi_conn: Any, record: Any) -> None:
+        if dbapi_conn is not None and record.info.get("generation", generation) != generation:
+            record.invalidate()
+
+    return engine
 
 
 def backend(engine: Engine, *, lock_timeout: float, statement_timeout: float) -> Backend:

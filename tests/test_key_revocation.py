@@ -4,13 +4,16 @@ A real `order-saga serve --workers 2` per database; the key is made and revoked 
 real `order-saga keys` commands, each its own process, as an admin on another host would.
 Every request opens a fresh connection, so both workers (each with its own key cache) are
 asked: the key must be refused by whichever answers, within the 5 s the contract names
-(`wait_until(timeout=5)` fails the test otherwise). The bound comes from the gate's
-lookup cache, `ORDER_SAGA_KEY_CACHE_SECONDS` (2 s by default, at most 5): left at its
-default here, as deployed.
+(`wait_until(timeout=5)` fails the test otherwise), and 5 s after the revocation every
+request is refused. The connections land on whichever worker accepts first, so one check
+may ask only one of them: the first refusal alone does not show the other refuses. The
+bound comes from the gate's lookup cache, `ORDER_SAGA_KEY_CACHE_SECONDS` (2 s by default,
+at most 5): left at its default here, as deployed.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -52,13 +55,17 @@ def test_a_revoked_key_is_refused_by_a_running_serve_within_five_seconds(
 
             gone = run_saga("keys", "revoke", "checkout", env=env)
             assert gone.returncode == 0, gone.explain()
+            revoked = time.monotonic()
             wait_until(
                 lambda: _statuses(served.url, secret) == {401},
                 timeout=5.0,
-                what="the revoked key to be refused by every serve worker",
+                what="the revoked key to be refused",
                 alive=served.saga.running,
             )
-            assert _statuses(served.url, secret) == {401}  # and it stays refused
+            # The contract's bound passed: every worker refuses it, and it stays refused.
+            wait_until(lambda: time.monotonic() >= revoked + 5.0, timeout=6.0, what="5 s")
+            for _ in range(3):
+                assert _statuses(served.url, secret) == {401}
         finally:
             output = served.stop()
         assert secret not in output  # a secret never reaches the log

@@ -102,6 +102,8 @@ class Relay:
         self.report = report
         self.owner = owner or f"relay:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._pumps: dict[int, tuple[Destination, asyncio.Task[None], Sender]] = {}
+        self._started = 0  # pumps started: each its own lease owner (`_follow`)
+        self._stopping: set[asyncio.Task[None]] = set()  # old pumps being stopped
         self._session: aiohttp.ClientSession | None = None
 
     async def run(self) -> None:
@@ -122,24 +124,36 @@ class Relay:
                     log.warning("relay: cannot read destinations: %s", exc)
                 await asyncio.sleep(REFRESH_SECONDS)
         finally:
-            for destination_id in list(self._pumps):
-                await self._stop(destination_id)
+            while self._pumps:
+                await self._stop(self._pumps.popitem()[1])
+            for stopping in list(self._stopping):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await stopping
             await self._session.close()
 
     def _follow(self, found: list[Destination]) -> None:
-        """Start a pump per new destination, stop those removed (or changed)."""
+        """Start a pump per new destination, stop those removed (or changed: its old pump,
+        with the old url and subscription, is stopped, the new one started)."""
         wanted = {d.id: d for d in found if self._sender(d) is not None or d.id in self._pumps}
-        for destination_id, (known, _task, _sender) in list(self._pumps.items()):
-            if wanted.get(destination_id) != known:
-                asyncio.ensure_future(self._stop(destination_id))
-                self._pumps.pop(destination_id, None)
+        for destination_id, entry in list(self._pumps.items()):
+            if wanted.get(destination_id) != entry[0]:
+                del self._pumps[destination_id]
+                stopping = asyncio.ensure_future(self._stop(entry))  # that pump, not the id's next
+                self._stopping.add(stopping)
+                stopping.add_done_callback(self._stopping.discard)
         for destination in found:
             if destination.id in self._pumps:
                 continue
             sender = self._sender(destination)
             if sender is None:
                 continue
-            task = asyncio.create_task(self._pump(destination, sender), name=destination.name)
+            self._started += 1
+            # Its own lease owner: a stopping pump (still recording its last batch) and
+            # its successor never hold the cursor's lease, or a claim, as one.
+            owner = f"{self.owner}:{destination.id}:{self._started}"
+            task = asyncio.create_task(
+                self._pump(destination, sender, owner), name=destination.name
+            )
             self._pumps[destination.id] = (destination, task, sender)
 
     def _sender(self, destination: Destination) -> Sender | None:
@@ -159,17 +173,14 @@ class Relay:
             return AmqpSender(url=self.settings.amqp_url, timeout=timeout)
         return None  # a destination this relay cannot serve: another relay may
 
-    async def _stop(self, destination_id: int) -> None:
-        entry = self._pumps.pop(destination_id, None)
-        if entry is None:
-            return
+    async def _stop(self, entry: tuple[Destination, asyncio.Task[None], Sender]) -> None:
         _destination, task, sender = entry
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
         await sender.aclose()
 
-    async def _pump(self, destination: Destination, sender: Sender) -> None:
+    async def _pump(self, destination: Destination, sender: Sender, owner: str) -> None:
         s, d = self.settings, self.store.dialect
         loop = asyncio.get_running_loop()
         claimed_at = -s.relay_gather
@@ -198,7 +209,7 @@ class Relay:
                             outbox_sql.work,
                             d,
                             destination_id=destination.id,
-                            owner=self.owner,
+                            owner=owner,
                             now=now,
                             limit=s.relay_batch,
                         ),
@@ -207,7 +218,7 @@ class Relay:
                         await asyncio.sleep(s.relay_interval)  # nothing to write
                         continue
                     batch, claimed = await self.store.committer.submit(
-                        partial(self._settle_then, destination, sent, work, now)
+                        partial(self._settle_then, destination, owner, sent, work, now)
                     )
                     self._count(destination, sent)
                     sent = None
@@ -226,7 +237,9 @@ class Relay:
         finally:
             # Stopping: record what was sent (else: sent again later), let the cursor go.
             with contextlib.suppress(Exception):
-                await self.store.committer.submit(partial(self._stop_pump, destination, sent))
+                await self.store.committer.submit(
+                    partial(self._stop_pump, destination, owner, sent)
+                )
                 self._count(destination, sent)
 
     async def _send(
@@ -279,6 +292,7 @@ class Relay:
     def _settle_then(
         self,
         destination: Destination,
+        owner: str,
         sent: Sent | None,
         work: outbox_sql.Work,
         now: datetime,
@@ -289,30 +303,32 @@ class Relay:
         transaction."""
         d, s = self.store.dialect, self.settings
         lease_until = now + timedelta(seconds=s.relay_lease)
-        at = self._settle(destination, sent, cursor, lease_until) if sent is not None else None
+        at = (
+            self._settle(destination, owner, sent, cursor, lease_until)
+            if sent is not None
+            else None
+        )
         batch = None
         if work.stream or at is not None:
             batch = outbox_sql.take_batch(
                 d,
                 cursor,
                 destination_id=destination.id,
-                owner=self.owner,
+                owner=owner,
                 now=now,
                 lease_until=lease_until,
                 limit=s.relay_batch,
                 at=at,
             )
             if batch is not None and not batch.events:  # at the end: let the cursor go
-                outbox_sql.release_stream(
-                    d, cursor, destination_id=destination.id, owner=self.owner
-                )
+                outbox_sql.release_stream(d, cursor, destination_id=destination.id, owner=owner)
         claimed: list[Claimed] = []
         if work.due or work.dead:
             claimed = outbox_sql.claim(
                 d,
                 cursor,
                 destination_id=destination.id,
-                owner=self.owner,
+                owner=owner,
                 now=now,
                 lease_until=lease_until,
                 limit=s.relay_batch,
@@ -322,15 +338,18 @@ class Relay:
             )
         return batch, claimed
 
-    def _stop_pump(self, destination: Destination, sent: Sent | None, cursor: Any) -> None:
+    def _stop_pump(
+        self, destination: Destination, owner: str, sent: Sent | None, cursor: Any
+    ) -> None:
         if sent is not None:
-            self._settle(destination, sent, cursor, None)
+            self._settle(destination, owner, sent, cursor, None)
         d = self.store.dialect
-        outbox_sql.release_stream(d, cursor, destination_id=destination.id, owner=self.owner)
+        outbox_sql.release_stream(d, cursor, destination_id=destination.id, owner=owner)
 
     def _settle(
         self,
         destination: Destination,
+        owner: str,
         sent: Sent,
         cursor: Any,
         lease_until: datetime | None,
@@ -346,7 +365,7 @@ class Relay:
                 d,
                 cursor,
                 destination_id=destination.id,
-                owner=self.owner,
+                owner=owner,
                 to=sent.batch.last,
                 lease_until=lease_until,
             ):
@@ -379,7 +398,7 @@ class Relay:
                 cursor,
                 destination_id=destination.id,
                 event_id=claimed.event_id,
-                owner=self.owner,
+                owner=owner,
                 at=now + timedelta(seconds=delay),
                 error=error,
             )

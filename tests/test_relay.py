@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from functools import partial
 from typing import Any
 
 import pytest
@@ -15,11 +16,11 @@ import standardwebhooks
 from click.testing import CliRunner, Result
 from typer.main import get_command
 
-from fsm import outbox, subscriptions
+from fsm import outbox, outbox_sql, subscriptions
 from fsm.destinations.webhook import signed_headers
 from fsm.executor import Executor
 from fsm.relay import Relay
-from fsm.store import Store
+from fsm.store import Store, utcnow
 from order_saga.cli import app
 from tests.support.endpoint import Endpoint, Mode
 from tests.support.events import (
@@ -283,3 +284,51 @@ async def test_an_order_s_events_in_one_batch_go_one_at_a_time_a_failure_holds_t
         most = max(most, in_flight[order])
     assert most == 1, "two events of one order in flight at once"
     assert len(in_flight) == 3
+
+
+async def test_a_changed_destination_s_old_pump_stops_and_its_new_types_are_sent(
+    db_url: str, store: Store, executor: Executor
+) -> None:
+    """A destination changed while a relay runs (its subscription here; a webhook's url,
+    the RabbitMQ one re-registered): its old pump, with the old subscription, stops and
+    the new one sends the newly subscribed types; a removed one's pump stops. A pump left
+    running with the old subscription moved the cursor past the new types unsent."""
+    async with Endpoint() as endpoint:
+        subscriptions.add_webhook(store, endpoint.url, ("order.created",))
+        (destination,) = subscriptions.destinations(store)
+
+        def pumps() -> list[asyncio.Task[Any]]:
+            return [t for t in asyncio.all_tasks() if t.get_name() == destination.name]
+
+        async with relaying(store, saga_settings(db_url, **FAST_EVENTS)) as relay:
+            await wait_until_async(lambda: len(pumps()) == 1, what="the pump")
+            changed = await store.committer.submit(
+                partial(
+                    outbox_sql.add_destination,
+                    store.dialect,
+                    name=destination.name,
+                    kind="webhook",
+                    url=endpoint.url,
+                    secret=None,
+                    events=outbox.subscription(outbox.DEFAULT_TYPES),
+                    now=utcnow(),
+                    replace=True,
+                )
+            )
+            assert changed is not None and changed.events != destination.events
+
+            def followed() -> bool:
+                entry = relay._pumps.get(destination.id)
+                return entry is not None and entry[0] == changed and len(pumps()) == 1
+
+            await wait_until_async(followed, timeout=15, what="only the changed one's pump")
+            ids = await orders(store, executor, 6)
+            want = expected(store, ids, outbox.DEFAULT_TYPES)
+            await wait_until_async(
+                lambda: {e["id"] for e in endpoint.events()} >= set(want),
+                timeout=15,
+                what="the newly subscribed types",
+            )
+            assert len(pumps()) == 1
+            subscriptions.remove(store, destination.name)
+            await wait_until_async(lambda: not pumps(), timeout=15, what="the removed one's pump")

@@ -409,11 +409,13 @@ class Relay:
 
     def _aside(self, sent: Sent) -> list[outbox_sql.Aside]:
         """The exception rows of the stream's part: each failed event (retried later, or
-        dead), and each event not sent behind one of its order (held: pending, or dead
-        behind a dead letter)."""
+        dead), and each event not sent behind one of its order: pending, or dead behind
+        one dead-lettered in this batch. Held (an exception row of its order when the
+        batch was taken): pending, whatever that row's state was then (an operator may
+        have redelivered it since); the claim's sweep marks it dead if a dead letter
+        still precedes it."""
         s, now = self.settings, sent.at
-        held = sent.batch.held if sent.batch is not None else {}
-        behind: dict[uuid.UUID, str] = dict(held)
+        behind: dict[uuid.UUID, str] = {}
         rows = []
         for event, attempt in sent.stream:
             if attempt is not None and attempt.delivered:

@@ -17,8 +17,10 @@ from fsm import outbox, outbox_sql, subscriptions
 from fsm.errors import StaleOrder
 from fsm.executor import Executor
 from fsm.machine import coarse_status
+from fsm.relay import Relay, Sent
 from fsm.store import Store, utcnow
-from tests.support.events import below_horizon, events_of, orders, subscribe_sink
+from tests.support.events import FAST_EVENTS, below_horizon, events_of, orders, subscribe_sink
+from tests.support.settings import saga_settings
 
 ROWS = [  # user, product -> the event types of the order, in order
     pytest.param(ORDINARY_USER_ID, WIDGET_ID, ["order.created", "order.completed"], id="completed"),
@@ -216,3 +218,55 @@ async def test_an_exception_claim_leases_at_most_its_batch(
         )
         taken.append(len(await store.committer.submit(claim)))
     assert taken == [3, 3, 3, 3, 0]
+
+
+async def test_a_held_event_is_set_aside_pending_when_its_dead_letter_was_redelivered(
+    db_url: str, store: Store, executor: Executor, services_url: str
+) -> None:
+    """A batch taken while an order's first event was dead holds its later one; the
+    operator redelivers the dead one before the batch is recorded: the held event is
+    recorded pending (sent after it), not dead behind a dead letter that is gone."""
+    subscribe_sink(store, services_url)
+    (order_id,) = await orders(store, executor, 1)
+    await below_horizon(store)
+    (destination,) = subscriptions.destinations(store)
+    relay = Relay(store, saga_settings(db_url, **FAST_EVENTS))
+    owner = "r"
+    now = utcnow()
+    take = partial(
+        outbox_sql.take_batch,
+        store.dialect,
+        destination_id=destination.id,
+        owner=owner,
+        now=now,
+        lease_until=now + timedelta(seconds=30),
+        limit=1,
+    )
+    first = await store.committer.submit(take)
+    assert first is not None and [e.event_id for e in first.events] == [f"{order_id}:0"]
+    dead = [outbox_sql.Aside(first.events[0], "dead", 1, now, "refused")]
+
+    def record_dead(cursor: Any) -> None:
+        outbox_sql.set_aside(store.dialect, cursor, destination_id=destination.id, rows=dead)
+        assert outbox_sql.advance(
+            store.dialect, cursor, destination_id=destination.id, owner=owner,
+            to=first.last, lease_until=now + timedelta(seconds=30),
+        )  # fmt: skip
+
+    await store.committer.submit(record_dead)
+    second = await store.committer.submit(take)
+    assert second is not None and second.held == {order_id: "dead"}
+    (later,) = second.events
+    assert (
+        await store.committer.submit(
+            partial(outbox_sql.redeliver, store.dialect, event_id=first.events[0].event_id, now=now)
+        )
+        == 1
+    )
+    sent = Sent([], utcnow(), batch=second, stream=[(later, None)])
+    await store.committer.submit(partial(relay._settle, destination, owner, sent, lease_until=None))
+    with store.engine.connect() as conn:
+        states = dict(
+            conn.exec_driver_sql("SELECT event_id, state FROM outbox_deliveries").fetchall()
+        )
+    assert states == {first.events[0].event_id: "pending", later.event_id: "pending"}

@@ -519,10 +519,20 @@ class Aside:
     error: str | None
 
 
+# Rows per INSERT of `set_aside`: 10 parameters each, 5,000 a statement, well under
+# SQLite's 32,766 and PostgreSQL's 65,535 bound parameters whatever `relay_batch` is
+# (up to 10,000 events: 100,000 parameters in one statement failed every settle). The
+# other lists built from a batch bind one parameter per event (`relay_batch` + a few).
+ASIDE_CHUNK = 500
+
+
 def set_aside(d: Dialect, cursor: Any, *, destination_id: int, rows: list[Aside]) -> None:
-    """The exception rows of a settled batch, in one statement."""
-    if not rows:
-        return
+    """The exception rows of a settled batch, `ASIDE_CHUNK` rows a statement."""
+    for start in range(0, len(rows), ASIDE_CHUNK):
+        _insert_aside(d, cursor, destination_id, rows[start : start + ASIDE_CHUNK])
+
+
+def _insert_aside(d: Dialect, cursor: Any, destination_id: int, rows: list[Aside]) -> None:
     marks = "(" + ", ".join(["%s"] * 10) + ")"
     params: list[Any] = []
     for row in rows:

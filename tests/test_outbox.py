@@ -270,3 +270,27 @@ async def test_a_held_event_is_set_aside_pending_when_its_dead_letter_was_redeli
             conn.exec_driver_sql("SELECT event_id, state FROM outbox_deliveries").fetchall()
         )
     assert states == {first.events[0].event_id: "pending", later.event_id: "pending"}
+
+
+async def test_a_batch_of_ten_thousand_events_is_set_aside(store: Store) -> None:
+    """`relay_batch` may be 10,000: that many exception rows (10 parameters each) are
+    written, though one statement binds at most 32,766 (SQLite) or 65,535 (PostgreSQL)."""
+    subscriptions.add_webhook(store, "http://127.0.0.1:9/h", outbox.DEFAULT_TYPES)
+    (destination,) = subscriptions.destinations(store)
+    now = utcnow()
+    rows = [
+        outbox_sql.Aside(
+            outbox_sql.Claimed(f"{o}:0", o, 0, 0, now, now, "order.created", "{}"),
+            "pending",
+            1,
+            now,
+            "500",
+        )  # fmt: skip
+        for o in (uuid.uuid4() for _ in range(10_000))
+    ]
+    await store.committer.submit(
+        partial(outbox_sql.set_aside, store.dialect, destination_id=destination.id, rows=rows)
+    )
+    with store.engine.connect() as conn:
+        count = conn.exec_driver_sql("SELECT COUNT(*) FROM outbox_deliveries").scalar_one()
+    assert count == 10_000

@@ -162,10 +162,7 @@ def work(
     )
     row = cursor.fetchone()
     if row is not None and (row[2] in (None, owner) or _time(row[3]) < now):
-        cursor.execute(
-            d.sql(f"SELECT 1 FROM outbox_events e WHERE {_after(d)} LIMIT 1"),
-            _cursor_params(d, (row[0], row[1])),
-        )
+        cursor.execute(any_after(d), _cursor_params(d, (row[0], row[1])))
         stream = cursor.fetchone() is not None
     cursor.execute(due(d), [destination_id, stamp, stamp, limit])
     found = [r[0] for r in cursor.fetchall()]
@@ -359,6 +356,16 @@ def _after(d: Dialect, e: str = "e", c: str | None = None) -> str:
 
 def _cursor_params(d: Dialect, at: tuple[int, int]) -> list[int]:
     return [at[1]] if d.name == "sqlite" else [at[0], at[1]]
+
+
+@lru_cache(maxsize=8)
+def any_after(d: Dialect) -> str:
+    """Is there an event after the cursor (two parameters on PostgreSQL, one on SQLite)?
+    Ordered as `_next_events` is: without ORDER BY, PostgreSQL may plan the LIMIT 1 as a
+    sequential scan (no statistics on a fresh table) that computes the horizon per row;
+    ordered, it stays a range scan of ix_outbox_events_txid_position stopping at the first."""
+    order = "e.position" if d.name == "sqlite" else "e.txid, e.position"
+    return d.sql(f"SELECT 1 FROM outbox_events e WHERE {_after(d)} ORDER BY {order} LIMIT 1")
 
 
 @lru_cache(maxsize=8)

@@ -227,3 +227,29 @@ async def test_two_relays_never_send_one_event_at_once(
     assert endpoint.most_at_once == 1
     assert sorted(e["id"] for e in endpoint.events()) == sorted(want)  # none twice
     assert out_of_order(endpoint.events()) == []
+
+
+@POSTGRESQL_ONLY
+async def test_the_idle_probe_is_an_index_range_scan_on_a_fresh_database(store: Store) -> None:
+    """The pump's look for events after its cursor (every `relay_interval` per destination)
+    reads the (txid, position) index from the cursor on, stopping at the first: no
+    sequential scan computing the horizon per row, even before the table has statistics."""
+    d = store.dialect
+
+    def write(cursor: Any) -> None:
+        for n in range(3000):
+            order_id = uuid.uuid4()
+            cursor.execute(
+                outbox_sql.insert_event(d),
+                (f"{order_id}:0", order_id, 0, "order.created", utcnow(), str(n)),
+            )
+
+    await store.committer.submit(write)
+    with store.engine.connect() as conn:
+        plan = "\n".join(
+            r[0]
+            for r in conn.exec_driver_sql(
+                "EXPLAIN " + outbox_sql.any_after(d).replace("%s", "0")
+            ).fetchall()
+        )
+    assert "ix_outbox_events_txid_position" in plan and "Seq Scan" not in plan, plan

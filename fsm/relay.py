@@ -257,25 +257,39 @@ class Relay:
             if outbox.wants(destination.events, event.type):
                 runs.setdefault(event.order_id, []).append(event)
         held = batch.held if batch is not None else {}
+        outcomes: dict[str, Attempt | None] = {}  # None: held, not sent
 
-        async def in_order(events: list[Claimed]) -> list[tuple[Claimed, Attempt | None]]:
-            done: list[tuple[Claimed, Attempt | None]] = []
+        # The cursor's lease is taken once per batch: no send starts once a third of it
+        # has passed (an order's slow events go one after the other; each send ends
+        # within `event_timeout`), or another relay would take the cursor and send the
+        # batch again meanwhile. What was not reached stays after the cursor (`_reached`).
+        loop = asyncio.get_running_loop()
+        stop_at = loop.time() + self.settings.relay_lease / 3
+
+        async def in_order(events: list[Claimed]) -> None:
             blocked = events[0].order_id in held
             for event in sorted(events, key=lambda e: e.seq):
+                if not blocked and loop.time() > stop_at:
+                    return
                 attempt = None if blocked else await sender.send(event)
                 blocked = blocked or not (attempt and attempt.delivered)
-                done.append((event, attempt))
-            return done
+                outcomes[event.event_id] = attempt
 
-        streamed, attempts = await asyncio.gather(
+        await asyncio.gather(
             asyncio.gather(*(in_order(events) for events in runs.values())),
-            asyncio.gather(*(sender.send(c) for c in claimed)),
+            claims := asyncio.gather(*(sender.send(c) for c in claimed)),
         )
+        attempts = await claims
+        reached = _reached(destination, batch, outcomes)
         return Sent(
             list(zip(claimed, attempts, strict=True)),
             utcnow(),
-            batch=batch,
-            stream=[pair for run in streamed for pair in run],
+            batch=reached,
+            stream=[
+                (e, outcomes[e.event_id])
+                for e in (reached.events if reached is not None else [])
+                if e.event_id in outcomes
+            ],
         )
 
     def _count(self, destination: Destination, sent: Sent | None) -> None:
@@ -448,6 +462,21 @@ class Sent:
     at: datetime
     batch: outbox_sql.Batch | None = None
     stream: list[tuple[Claimed, Attempt | None]] = field(default_factory=list)
+
+
+def _reached(
+    destination: Destination,
+    batch: outbox_sql.Batch | None,
+    outcomes: dict[str, Attempt | None],
+) -> outbox_sql.Batch | None:
+    """The batch up to (not including) its first subscribed event neither sent nor held,
+    in stream order: the cursor advances that far; the rest is taken again."""
+    if batch is None:
+        return None
+    for i, event in enumerate(batch.events):
+        if outbox.wants(destination.events, event.type) and event.event_id not in outcomes:
+            return outbox_sql.Batch(batch.events[:i], batch.held)
+    return batch
 
 
 def _too_old(since: datetime, now: datetime, max_age: float) -> bool:

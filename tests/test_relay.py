@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -17,7 +19,7 @@ from click.testing import CliRunner, Result
 from typer.main import get_command
 
 from fsm import outbox, outbox_sql, subscriptions
-from fsm.destinations.webhook import signed_headers
+from fsm.destinations.webhook import WebhookSender, new_session, signed_headers
 from fsm.executor import Executor
 from fsm.relay import Relay
 from fsm.store import Store, utcnow
@@ -25,6 +27,7 @@ from order_saga.cli import app
 from tests.support.endpoint import Endpoint, Mode
 from tests.support.events import (
     FAST_EVENTS,
+    below_horizon,
     events_of,
     expected,
     orders,
@@ -332,3 +335,72 @@ async def test_a_changed_destination_s_old_pump_stops_and_its_new_types_are_sent
             assert len(pumps()) == 1
             subscriptions.remove(store, destination.name)
             await wait_until_async(lambda: not pumps(), timeout=15, what="the removed one's pump")
+
+
+async def test_a_batch_stops_sending_well_within_the_cursor_s_lease(
+    db_url: str, store: Store
+) -> None:
+    """One order's ten events in one batch to an endpoint taking 0.2 s each: 2 s one after
+    the other, past the 1.5 s lease of the cursor (another relay would take it and send
+    the batch again meanwhile). No send starts after a third of the lease: the cursor
+    advances past the events sent, the rest stays after it; a relay (its cursor where
+    the lease expired) sends all ten, in order, a few at a time."""
+    async with Endpoint(delay=0.2) as endpoint:
+        added = subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
+        destination = added.destination
+        order_id = uuid.uuid4()
+
+        d = store.dialect
+
+        def write(cursor: Any) -> None:
+            for seq in range(10):
+                cursor.execute(
+                    outbox_sql.insert_event(d),
+                    (
+                        f"{order_id}:{seq}",
+                        d.uuid(order_id),
+                        seq,
+                        "order.created",
+                        d.timestamp(utcnow()),
+                        "{}",
+                    ),
+                )
+
+        await store.committer.submit(write)
+        await below_horizon(store)
+        settings = saga_settings(db_url, **{**FAST_EVENTS, "relay_lease": 1.5})
+        relay = Relay(store, settings)
+        now = utcnow()
+        batch = await store.committer.submit(
+            partial(
+                outbox_sql.take_batch,
+                store.dialect,
+                destination_id=destination.id,
+                owner="r",
+                now=now,
+                lease_until=now + timedelta(seconds=1.5),
+                limit=100,
+            )
+        )
+        assert batch is not None and len(batch.events) == 10
+        async with new_session() as session:
+            sender = WebhookSender(
+                url=endpoint.url, secret=added.secret, session=session, timeout=1.0
+            )
+            started = time.monotonic()
+            sent = await relay._send(destination, sender, batch, [])
+            took = time.monotonic() - started
+        first = len(endpoint.requests)
+        async with relaying(store, settings):  # the rest, in batches cut the same way
+            await wait_until_async(
+                lambda: len(endpoint.requests) >= first + 10, what="every event again"
+            )
+        ids = [dict(r.headers)["webhook-id"] for r in endpoint.requests[first:]]
+        assert ids == [f"{order_id}:{seq}" for seq in range(10)]  # in order, none skipped
+    reached = sent.batch.events if sent.batch is not None else []
+    assert 1 <= len(reached) < 10, (len(reached), took)
+    assert reached == batch.events[: len(reached)]  # the cursor's part: a prefix
+    assert [e.event_id for e, a in sent.stream if a is not None and a.delivered] == [
+        e.event_id for e in reached
+    ]
+    assert first == len(reached)

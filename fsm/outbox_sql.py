@@ -144,6 +144,9 @@ class Work:
     stream: bool  # events after its cursor, and the cursor's lease free or this relay's
     due: list[str]  # exception rows due (`due`)
     dead: bool  # a dead letter (then `claim` must run: it sweeps the events behind one)
+    # PostgreSQL: events after its cursor, none below the horizon (an open transaction,
+    # in any database of the server, holds them back)
+    behind_horizon: bool = False
 
 
 def work(
@@ -152,7 +155,7 @@ def work(
     """The pump's look before it writes: on SQLite the search of the backlog then holds no
     write lock the engine's commits would wait for; an idle relay writes nothing."""
     stamp = d.timestamp(now)
-    stream = False
+    stream = behind = False
     cursor.execute(
         d.sql(
             "SELECT txid, position, lease_owner, lease_until FROM outbox_cursors "
@@ -163,11 +166,12 @@ def work(
     row = cursor.fetchone()
     if row is not None and (row[2] in (None, owner) or _time(row[3]) < now):
         cursor.execute(any_after(d), _cursor_params(d, (row[0], row[1])))
-        stream = cursor.fetchone() is not None
+        first = cursor.fetchone()
+        stream, behind = first is not None and bool(first[0]), first is not None and not first[0]
     cursor.execute(due(d), [destination_id, stamp, stamp, limit])
     found = [r[0] for r in cursor.fetchall()]
     cursor.execute(d.sql(_ANY_DEAD), [destination_id])
-    return Work(stream, found, cursor.fetchone() is not None)
+    return Work(stream, found, cursor.fetchone() is not None, behind)
 
 
 def claim(
@@ -360,12 +364,57 @@ def _cursor_params(d: Dialect, at: tuple[int, int]) -> list[int]:
 
 @lru_cache(maxsize=8)
 def any_after(d: Dialect) -> str:
-    """Is there an event after the cursor (two parameters on PostgreSQL, one on SQLite)?
+    """The first event after the cursor (two parameters on PostgreSQL, one on SQLite), as
+    one column: is it readable? On PostgreSQL it is the lowest txid after the cursor: when
+    that one is not below the horizon, none is (events wait behind an open transaction).
     Ordered as `_next_events` is: without ORDER BY, PostgreSQL may plan the LIMIT 1 as a
-    sequential scan (no statistics on a fresh table) that computes the horizon per row;
-    ordered, it stays a range scan of ix_outbox_events_txid_position stopping at the first."""
-    order = "e.position" if d.name == "sqlite" else "e.txid, e.position"
-    return d.sql(f"SELECT 1 FROM outbox_events e WHERE {_after(d)} ORDER BY {order} LIMIT 1")
+    sequential scan (no statistics on a fresh table); ordered, it stays a range scan of
+    ix_outbox_events_txid_position stopping at the first."""
+    if d.name == "sqlite":
+        return d.sql(f"SELECT 1 FROM outbox_events e WHERE {_after(d)} ORDER BY e.position LIMIT 1")
+    return d.sql(
+        f"SELECT e.txid < {_HORIZON} FROM outbox_events e "
+        "WHERE (e.txid, e.position) > (%s, %s) ORDER BY e.txid, e.position LIMIT 1"
+    )
+
+
+# The transaction that holds the horizon back (fsm.relay names it when events wait behind
+# it): the session whose transaction id is the snapshot's xmin (a 64-bit xid8; the
+# session's `backend_xid` is its 32-bit wraparound form), else one whose snapshot is at it.
+# Never the `query` column: a statement's text may hold secrets.
+_HOLDER = (
+    "WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xid8) "
+    "SELECT h.xid8, a.pid, a.datname, a.usename, a.application_name, a.state, "
+    "EXTRACT(EPOCH FROM now() - a.xact_start), a.backend_xid::text::bigint = h.xid8 %% 4294967296 "
+    "FROM h LEFT JOIN pg_stat_activity a ON a.pid <> pg_backend_pid() "
+    "AND (a.backend_xid::text::bigint = h.xid8 %% 4294967296 "
+    "OR a.backend_xmin::text::bigint = h.xid8 %% 4294967296) "
+    "ORDER BY a.backend_xid::text::bigint = h.xid8 %% 4294967296 DESC NULLS LAST, "
+    "a.xact_start NULLS LAST LIMIT 1"
+)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The horizon (`xid`), and the session holding it back, if one is visible (`pid`
+    None: another role's session, hidden from this one, or a prepared transaction)."""
+
+    xid: int
+    pid: int | None = None
+    database: str | None = None
+    user: str | None = None
+    application: str | None = None
+    state: str | None = None
+    open_seconds: float | None = None
+    by_xid: bool = False  # its own transaction id (else: only its snapshot is at it)
+
+
+def horizon_holder(d: Dialect, cursor: Any) -> Holder:
+    """PostgreSQL: who holds the horizon back (one read of pg_stat_activity)."""
+    cursor.execute(d.sql(_HOLDER), [])
+    row = cursor.fetchone()
+    seconds = None if row[6] is None else float(row[6])
+    return Holder(int(row[0]), row[1], row[2], row[3], row[4], row[5], seconds, bool(row[7]))
 
 
 @lru_cache(maxsize=8)

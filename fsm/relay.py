@@ -47,6 +47,12 @@ log = logging.getLogger("order_saga.relay")
 AMQP_DESTINATION = "amqp"
 # How often the relay re-reads the destination list (a webhook added by the CLI).
 REFRESH_SECONDS = 2.0
+# PostgreSQL: events after a destination's cursor, none below the horizon for this long
+# (a transaction left open anywhere on the server holds them back): the pump looks up who
+# holds it (one read of pg_stat_activity, at most this often while it lasts) and warns.
+HORIZON_STUCK_SECONDS = 5.0
+# The warning again at most this often while the same transaction holds the horizon.
+HORIZON_REPEAT_SECONDS = 60.0
 
 
 def backoff(attempts: int, *, base: float, cap: float) -> float:
@@ -189,6 +195,7 @@ class Relay:
         # commits wait for). The cursor's lease stays this relay's until then, so nobody
         # sends those events again meanwhile; the wait is at most `relay_gather`.
         sent: Sent | None = None
+        watch = _HorizonWatch(self.store, destination.name, loop.time)
         try:
             while True:
                 try:
@@ -214,6 +221,7 @@ class Relay:
                             limit=s.relay_batch,
                         ),
                     )
+                    await watch.see(work.behind_horizon)
                     if not (work.stream or work.due or work.dead or sent):
                         await asyncio.sleep(s.relay_interval)  # nothing to write
                         continue
@@ -451,6 +459,80 @@ class Relay:
                 outbox_sql.Aside(event, "pending", 1, now + timedelta(seconds=delay), error)
             )
         return rows
+
+
+class _HorizonWatch:
+    """A pump's view of the PostgreSQL horizon: when its events have waited behind it for
+    `HORIZON_STUCK_SECONDS`, one warning naming the transaction that holds it (again when
+    another one does, or every `HORIZON_REPEAT_SECONDS`), and an info line once it clears.
+    Off the hot path: it reads nothing unless the pump's own read found events waiting."""
+
+    def __init__(self, store: Store, name: str, clock: Callable[[], float]) -> None:
+        self.store, self.name, self.clock = store, name, clock
+        self.since: float | None = None  # waiting since
+        self.checked = 0.0
+        self.warned: tuple[float, int] | None = None  # when, and the horizon then
+
+    async def see(self, behind: bool) -> None:
+        now = self.clock()
+        if not behind:
+            if self.warned is not None:
+                log.info(
+                    "relay %s: the PostgreSQL horizon moved on after %.0f s; deliveries resume",
+                    self.name,
+                    now - (self.since or now),
+                )
+            self.since = self.warned = None
+            return
+        if self.since is None:
+            self.since = now
+        if now - self.since < HORIZON_STUCK_SECONDS or now - self.checked < HORIZON_STUCK_SECONDS:
+            return
+        self.checked = now
+        d = self.store.dialect
+        try:
+            holder = await asyncio.to_thread(
+                read, self.store, partial(outbox_sql.horizon_holder, d)
+            )
+        except Exception as exc:  # pg_stat_activity unreadable: say what is known
+            log.warning("relay %s: cannot look up the horizon's holder: %s", self.name, exc)
+            return
+        if self.warned is not None and (
+            self.warned[1] == holder.xid and now - self.warned[0] < HORIZON_REPEAT_SECONDS
+        ):
+            return
+        self.warned = (now, holder.xid)
+        waited = now - self.since
+        if holder.pid is None:
+            log.warning(
+                "relay %s: events have waited %.0f s behind the PostgreSQL horizon (xid %s): "
+                "a transaction still open holds every destination's deliveries back, but no "
+                "session visible to this role holds it (another role's session, or a prepared "
+                "transaction: see pg_prepared_xacts, or look in pg_stat_activity as a superuser)",
+                self.name,
+                waited,
+                holder.xid,
+            )
+            return
+        log.warning(
+            "relay %s: events have waited %.0f s behind the PostgreSQL horizon (xid %s), held "
+            "by %s pid %s (database %s, user %s, application %r, state %s), its transaction "
+            "open for %s s: every destination's deliveries wait until it ends%s",
+            self.name,
+            waited,
+            holder.xid,
+            "the transaction of" if holder.by_xid else "a snapshot of",
+            holder.pid,
+            holder.database,
+            holder.user,
+            holder.application,
+            holder.state,
+            "?" if holder.open_seconds is None else f"{holder.open_seconds:.0f}",
+            " (its state and age are hidden from this role: another role's session; "
+            "pg_read_all_stats or a superuser sees them)"
+            if holder.state is None
+            else "",
+        )
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,13 @@ time, so neither race can happen there.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import uuid
 from functools import partial
 from typing import Any
 
+import psycopg
 import pytest
 
 from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID
@@ -24,6 +26,7 @@ from fsm.executor import Executor
 from fsm.models import Order
 from fsm.store import Store, utcnow
 from fsm.wiring import build_store
+from tests.support.database import PG_SERVER, pg_admin
 from tests.support.endpoint import Endpoint
 from tests.support.events import (
     FAST_EVENTS,
@@ -35,7 +38,7 @@ from tests.support.events import (
     subscribe_sink,
 )
 from tests.support.settings import saga_settings
-from tests.support.waiting import wait_until_async
+from tests.support.waiting import wait_until, wait_until_async
 
 POSTGRESQL_ONLY = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 
@@ -253,3 +256,99 @@ async def test_the_idle_probe_is_an_index_range_scan_on_a_fresh_database(store: 
             ).fetchall()
         )
     assert "ix_outbox_events_txid_position" in plan and "Seq Scan" not in plan, plan
+
+
+@POSTGRESQL_ONLY
+async def test_events_held_by_a_transaction_open_in_another_database_name_it_then_go(
+    db_url: str,
+    store: Store,
+    executor: Executor,
+    services_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The horizon is the server's: a transaction left open in another database (here the
+    tests' admin database, with a transaction id) holds every event back. The relay warns,
+    naming that session's pid and database; once it commits, the events go and the relay
+    says the horizon moved on."""
+    caplog.set_level(logging.INFO, logger="order_saga.relay")
+    subscribe_sink(store, services_url)
+    with pg_admin() as elsewhere:
+        elsewhere.execute("BEGIN")
+        elsewhere.execute("SELECT pg_current_xact_id()")
+        (pid,) = elsewhere.execute("SELECT pg_backend_pid()").fetchone() or (None,)
+        (database,) = elsewhere.execute("SELECT current_database()").fetchone() or (None,)
+
+        def said(level: int, words: str) -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.levelno == level and words in r.getMessage()
+            ]
+
+        async with relaying(store, saga_settings(db_url, **FAST_EVENTS)):
+            ids = await orders(store, executor, 3)
+            want = expected(store, ids, outbox.DEFAULT_TYPES)
+            (warning, *_) = await wait_until_async(
+                lambda: said(logging.WARNING, f"pid {pid} (database {database},"),
+                30,
+                what="the warning naming the open transaction",
+            )
+            assert "query" not in warning and "SELECT" not in warning
+            assert sink_seen(services_url)["events"] == []  # held back meanwhile
+            elsewhere.execute("COMMIT")
+            await wait_until_async(
+                lambda: len(sink_seen(services_url)["events"]) >= len(want), what="the sink"
+            )
+            await wait_until_async(
+                lambda: said(logging.INFO, "horizon moved on"), what="the all-clear"
+            )
+    assert sorted(e["id"] for e in sink_seen(services_url)["events"]) == sorted(want)
+
+
+@POSTGRESQL_ONLY
+def test_another_role_s_holder_is_named_by_pid_and_database_its_state_hidden(
+    store: Store,
+) -> None:
+    """To a role without pg_read_all_stats, another role's session shows its pid, user,
+    database and transaction ids, not its state or start: the lookup still names it (and
+    not a bystander whose snapshot merely sees that transaction, nor itself)."""
+    role = f"horizon_{uuid.uuid4().hex[:8]}"
+    with pg_admin() as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        try:
+            with pg_admin() as elsewhere, pg_admin() as bystander:
+                elsewhere.execute("BEGIN")
+                row = elsewhere.execute(
+                    "SELECT pg_current_xact_id()::text::bigint, pg_backend_pid()"
+                ).fetchone()
+                assert row is not None
+                xid, pid = row
+                bystander.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+                bystander.execute("SELECT 1")  # a snapshot at that xid, no xid of its own
+                dsn = PG_SERVER.replace("postgresql+psycopg://postgres@", f"postgresql://{role}@")
+                with psycopg.connect(f"{dsn}/test", autocommit=True) as unprivileged:
+                    holder = _holder_of(store, unprivileged, xid)
+                elsewhere.execute("ROLLBACK")
+                bystander.execute("ROLLBACK")
+            assert (holder.pid, holder.database, holder.user, holder.by_xid) == (
+                pid,
+                "test",
+                "postgres",
+                True,
+            )
+            assert (holder.state, holder.open_seconds) == (None, None)
+        finally:
+            admin.execute(f'DROP ROLE "{role}"')
+
+
+def _holder_of(store: Store, conn: psycopg.Connection[Any], xid: int) -> outbox_sql.Holder:
+    """The horizon's holder once `xid` is the horizon (older transactions of parallel tests
+    on the server have ended)."""
+    found: list[outbox_sql.Holder] = []
+
+    def at_xid() -> bool:
+        found.append(outbox_sql.horizon_holder(store.dialect, conn.cursor()))
+        return found[-1].xid == xid
+
+    wait_until(at_xid, 30, what=f"xid {xid} to be the horizon")
+    return found[-1]

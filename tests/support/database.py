@@ -20,20 +20,21 @@ from tests.support.waiting import past, wait_until
 PG_SERVER = os.environ.get("ORDER_SAGA_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 
 
-def _pg_admin() -> psycopg.Connection[Any]:
+def pg_admin() -> psycopg.Connection[Any]:
+    """An autocommit connection to the server's `test` database (not a test's own)."""
     dsn = PG_SERVER.replace("postgresql+psycopg://", "postgresql://") + "/test"
     return psycopg.connect(dsn, autocommit=True)
 
 
 def create_pg_database(name: str) -> str:
-    with _pg_admin() as admin:
+    with pg_admin() as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.execute(f'CREATE DATABASE "{name}"')
     return f"{PG_SERVER}/{name}"
 
 
 def drop_pg_database(name: str) -> None:
-    with _pg_admin() as admin:
+    with pg_admin() as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

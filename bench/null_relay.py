@@ -16,7 +16,7 @@ from fsm import relay_child
 from fsm.destinations import DELIVERED, Attempt
 from fsm.outbox_sql import Claimed, Destination
 from fsm.relay import Relay
-from fsm.wiring import build_store
+from fsm.wiring import relay_store
 
 
 class NullSender:
@@ -36,7 +36,7 @@ def main() -> None:
     settings = relay_child.read_parent_settings()
 
     async def run() -> None:
-        store = build_store(settings)
+        store = relay_store(settings)
         try:
             task = asyncio.create_task(NullRelay(store, settings).run())
             loop = asyncio.get_running_loop()

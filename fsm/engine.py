@@ -95,8 +95,17 @@ def _closing_late_returns(engine: Engine) -> Engine:
     return engine
 
 
-def backend(engine: Engine, *, lock_timeout: float, statement_timeout: float) -> Backend:
-    """The committer's own connection to the engine's database, with bounded waits."""
+def backend(
+    engine: Engine,
+    *,
+    lock_timeout: float,
+    statement_timeout: float,
+    synchronous_commit: bool = True,
+) -> Backend:
+    """The committer's own connection to the engine's database, with bounded waits.
+    `synchronous_commit=False` (PostgreSQL): a commit returns before its WAL reaches the
+    disk (the WAL writer flushes it within ~0.2 s, and any later synchronous commit of the
+    server flushes it first), for writes that a lost commit only makes be done again."""
     url = engine.url
     if engine.dialect.name == "sqlite":
 
@@ -121,11 +130,13 @@ def backend(engine: Engine, *, lock_timeout: float, statement_timeout: float) ->
     import psycopg
 
     conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    durability = "" if synchronous_commit else " -c synchronous_commit=off"
     options = pg_options(lock_timeout=lock_timeout, statement_timeout=statement_timeout)
-
+    options += durability
     batch_options = pg_options(
         lock_timeout=min(lock_timeout, BATCH_LOCK_TIMEOUT), statement_timeout=statement_timeout
     )
+    batch_options += durability
 
     def connect_pg(options: str = batch_options) -> Any:
         return psycopg.connect(conninfo, options=options, connect_timeout=max(1, int(lock_timeout)))

@@ -67,6 +67,7 @@ class Store(Reads):
         max_batch: int = 256,
         commit_linger: float = 0.0,
         event_source: str = "/order-saga",
+        synchronous_commit: bool = True,
     ) -> None:
         super().__init__(engine)
         self.event_source = event_source  # the CloudEvents `source` of order events
@@ -76,7 +77,12 @@ class Store(Reads):
         # drive, found at start by fsm.upgrade.guard(): the sweep leaves those orders alone.
         self.undrivable: frozenset[tuple[str, ...]] = frozenset()
         self.committer = Committer(
-            backend(engine, lock_timeout=lock_timeout, statement_timeout=statement_timeout),
+            backend(
+                engine,
+                lock_timeout=lock_timeout,
+                statement_timeout=statement_timeout,
+                synchronous_commit=synchronous_commit,
+            ),
             max_batch=max_batch,
             lock_timeout=lock_timeout,
             linger=commit_linger,

@@ -424,14 +424,14 @@ def relay(
     several, they share the work. `serve` and `worker` run one too (ORDER_SAGA_RELAY)."""
     from fsm import relay_child
     from fsm.relay import Relay
-    from fsm.wiring import build_store
+    from fsm.wiring import relay_store
 
     # --child: the relay of a `serve` or `worker` (fsm.relay_child), its settings on stdin.
     settings = relay_child.read_parent_settings() if child else load_settings()
     configure_logging(settings)
 
     async def main() -> None:
-        store = build_store(settings)
+        store = relay_store(settings)
         try:
             await asyncio.to_thread(store.count_by_status)  # fail fast if the DB is not there
             if settings.amqp_url:  # loaded before settle(), so it is frozen with the rest

@@ -64,11 +64,12 @@ def build_store(settings: Settings, *, synchronous_commit: bool = True) -> Store
 
 def relay_store(settings: Settings) -> Store:
     """A relay's store. Its commits only record deliveries (a cursor moved, its lease
-    renewed, exception rows), and one lost to a database crash only means those events
-    are sent again, which at-least-once allows (and the server writes its WAL in order:
-    any synchronous commit after one, an order's, makes it durable too). So on PostgreSQL they do not wait for the disk: the relay's WAL flushes no longer
-    queue with the orders' (relay on, free sends: 81 % -> 90-94 % of relay off, PG,
-    BENCHMARKS.md). Its orders' state is never written here (fsm.relay)."""
+    renewed, exception rows): one lost to a database crash only means those events are
+    sent again, which at-least-once allows, and the server writes its WAL in order, so any
+    synchronous commit after it (an order's) makes it durable too. On PostgreSQL they do
+    not wait for the disk, so the relay's WAL flushes no longer queue with the orders'
+    (relay on with free sends: 81 % -> 90-94 % of relay off; BENCHMARKS.md). A relay
+    never writes an order."""
     return build_store(settings, synchronous_commit=False)
 
 

@@ -2,8 +2,8 @@
 
 1. The engine in-process at 16 orders at once (fake services, as `bench.engine`) with the
    relay off (no destination) and on (a webhook to the reference sink and RabbitMQ, the
-   relay as `serve` runs it: a child process of the engine's at `relay_nice`; and as
-   `order-saga relay` alone at normal priority), alternated off, on, off, on on one
+   relay as `serve` runs it: a child process of the engine's; and as `order-saga relay`
+   started on its own; both at `relay_nice`), alternated off, on, off, on on one
    engine so a machine whose load drifts still gives a fair ratio. After each "on" leg
    the backlog is drained before the relay stops.
 2. `POST /orders` over HTTP at the HTTP bench's highest rate (32 clients) against a
@@ -152,7 +152,7 @@ def engine_rows(
     where = "a webhook sink + RabbitMQ" if amqp_url else "a webhook sink (RabbitMQ unreachable)"
     errors = f", {legs.errors()} not completed" if legs.errors() else ""
     relay = (
-        "in its own process (`order-saga relay`)"
+        f"in its own process (`order-saga relay`, nice {Settings().relay_nice})"
         if apart
         else f"as serve runs it (a child process, nice {Settings().relay_nice})"
     )
@@ -168,8 +168,8 @@ def engine_rows(
             ratio=f"{on / off:.0%}" if off else "-",
             target="≥ 90% of relay off",
             limit="the relay's transactions share the database; its CPU (an HTTP "
-            "request and a publish per event) and the sink's the 2 cores"
-            + ("" if apart else ", below the engine's priority"),
+            "request and a publish per event, below the engine's priority) and the sink's "
+            "the 2 cores",
         )
     ]
 

@@ -4,8 +4,9 @@ lower CPU priority than the orders.
 In the engine's own process the relay's deliveries (a signed POST and a confirmed publish
 per event and destination) took the orders' event loop, GIL and writer thread: relay on
 gave 27-53 % of the engine's throughput at 16 orders at once. As a child it has its own
-interpreter, loop and database connection, and `os.nice(relay_nice)` lets the scheduler
-serve the orders first when the cores are busy (the relay catches up when they are not;
+interpreter, loop and database connection, and its lower priority (`os.nice(relay_nice)`,
+as every `order-saga relay` takes) lets the scheduler serve the orders first when the
+cores are busy (the relay catches up when they are not;
 BENCHMARKS.md, "Order events").
 
 The child gets the parent's settings as one JSON line on its stdin, which then stays open:
@@ -114,11 +115,9 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
 
 
 def read_parent_settings() -> Settings:
-    """The parent's settings (the first line of stdin); then lower this process's priority
-    and tie its life to the parent's."""
+    """The parent's settings (the first line of stdin); then tie this process's life to
+    the parent's."""
     settings = Settings.model_validate_json(sys.stdin.buffer.readline())
-    if settings.relay_nice:
-        os.nice(settings.relay_nice)
     if sys.platform == "linux":  # the kernel kills us with the parent (kill -9 included)
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

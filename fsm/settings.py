@@ -148,8 +148,8 @@ class Settings(BaseSettings):
     # The CloudEvents `source` attribute of every order event.
     event_source: str = Field(default="/order-saga", min_length=1, max_length=200)
     # Run a relay in `serve` and `worker` (a child process of theirs: fsm.relay_child;
-    # `order-saga relay` runs one alone), at this much lower CPU priority (nice) than the
-    # orders: the scheduler serves the orders first when the cores are busy.
+    # `order-saga relay` runs one alone). Every relay runs at this much lower CPU priority
+    # (nice) than the orders: the scheduler serves the orders first when the cores are busy.
     relay: bool = True
     relay_nice: int = Field(default=10, ge=0, le=19)
     # How often an idle relay looks for new events (seconds), and how many it takes at once.

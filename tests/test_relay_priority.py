@@ -1,0 +1,50 @@
+"""Every relay yields the cores to the orders (ORDER_SAGA_RELAY_NICE): `order-saga relay`
+run alone as much as the child `serve` and `worker` start (`relay --child`, its settings
+on stdin)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fsm.migrate import upgrade
+from fsm.settings import Settings
+from tests.support.processes import ORDER_SAGA
+from tests.support.settings import saga_env
+from tests.support.waiting import wait_until
+
+
+def niceness(pid: int) -> int:
+    """The process's nice value (field 19 of /proc/PID/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.parametrize("child", [False, True], ids=["alone", "child"])
+def test_a_relay_runs_at_the_configured_lower_priority(tmp_path: Path, child: bool) -> None:
+    url = f"sqlite:///{tmp_path}/saga.db"
+    upgrade(url)
+    argv = [ORDER_SAGA, "relay", *(["--child"] if child else [])]
+    relay = subprocess.Popen(
+        argv, env=saga_env(database_url=url, relay_nice=7), stdin=subprocess.PIPE
+    )
+    try:
+        assert relay.stdin is not None
+        if child:  # as fsm.relay_child.supervise starts it: its settings on stdin
+            relay.stdin.write(Settings(database_url=url, relay_nice=7).model_dump_json().encode())
+            relay.stdin.write(b"\n")
+            relay.stdin.flush()
+        ours = os.nice(0)
+        wait_until(
+            lambda: niceness(relay.pid) == ours + 7,
+            what="the relay's lower priority",
+            alive=lambda: relay.poll() is None,
+        )
+    finally:
+        relay.kill()
+        relay.wait()
+        if relay.stdin is not None:
+            relay.stdin.close()

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bench.common import Config, Row, Served, abba, pg_admin_dsn, serving
 from bench.http_load import Load, load
-from bench.meter import Meter, children
+from bench.meter import Meter, children, connections
 
 CLIENTS = 32
 
@@ -58,29 +58,6 @@ def slices(pid: int) -> int:
         with contextlib.suppress(OSError, ValueError, IndexError):
             total += int(task.read_text().split()[2])
     return total
-
-
-def _sockets(pid: int) -> set[int]:
-    inodes = set()
-    with contextlib.suppress(OSError):
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            with contextlib.suppress(OSError):
-                target = fd.readlink().name
-                if target.startswith("socket:["):
-                    inodes.add(int(target[8:-1]))
-    return inodes
-
-
-def connections(port: int, pids: list[int]) -> list[int]:
-    """How many established TCP connections to local `port` each of `pids` holds."""
-    inodes: set[int] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(int(fields[9]))
-    return [len(_sockets(pid) & inodes) for pid in pids]
 
 
 @dataclass

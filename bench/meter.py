@@ -1,11 +1,13 @@
 """Where the time went during one measurement: wall time, CPU of this process and of named
 child processes, and how busy the whole machine was (/proc/stat, so PostgreSQL and any
 other process count too). From these, `Meter.limit` names the limit a figure is near.
+Also which process holds which TCP sockets of a port (`connections`, `listening`).
 Linux only (/proc); elsewhere the CPU figures read as zero.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -37,6 +39,42 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(stat.parent.name))
     return found
+
+
+def _sockets(pid: int) -> set[int]:
+    """The inodes of the sockets `pid` holds open (its file descriptors)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = fd.readlink().name
+                if target.startswith("socket:["):
+                    inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _tcp(port: int, state: str) -> set[int]:
+    """The inodes of the TCP sockets on local `port` in `state` (01 established, 0A listen)."""
+    inodes: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(int(fields[9]))
+    return inodes
+
+
+def connections(port: int, pids: list[int]) -> list[int]:
+    """How many established TCP connections to local `port` each of `pids` holds."""
+    established = _tcp(port, "01")
+    return [len(_sockets(pid) & established) for pid in pids]
+
+
+def listening(port: int, pids: list[int]) -> list[set[int]]:
+    """The listening sockets on local `port` (inodes) each of `pids` holds."""
+    listen = _tcp(port, "0A")
+    return [_sockets(pid) & listen for pid in pids]
 
 
 def process_tree(name: str, pid: int) -> dict[str, int]:

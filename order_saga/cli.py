@@ -92,7 +92,7 @@ def serve(
         typer.Option(
             min=1,
             max=64,
-            help="Processes sharing the socket, each with its own engine (about one per core).",
+            help="Processes sharing the port, each with its own engine (about one per core).",
         ),
     ] = 1,
 ) -> None:

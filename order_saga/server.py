@@ -5,7 +5,7 @@ connections and requests at once (503 beyond), but it has no deadline for a requ
 headers: a client sending one byte every few seconds keeps a connection forever
 (slowloris). `HeaderDeadline` adds one; bodies get theirs in `api.guard.BodyGuard`.
 
-`serve_processes`: `serve --workers N`, N processes on one socket, each a whole engine.
+`serve_processes`: `serve --workers N`, N processes on one port, each a whole engine.
 """
 
 from __future__ import annotations
@@ -86,6 +86,38 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def listeners(host: str, port: int, count: int) -> list[socket.socket]:
+    """Listening sockets on host:port for `count` workers: on Linux one each, bound with
+    SO_REUSEPORT (the kernel hashes each connection to one of them); elsewhere one shared
+    (other kernels' SO_REUSEPORT does not spread connections). A port in use raises
+    OSError here, before any fork: a probe without SO_REUSEPORT is bound first, because
+    another SO_REUSEPORT group on the port (a second `serve --workers`) would otherwise
+    take ours in and share its connections."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    def bound(reuse_port: bool) -> socket.socket:
+        sock = socket.socket(family)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    probe = bound(reuse_port=False)
+    if count > 1 and sys.platform == "linux":
+        probe.close()
+        socks = [bound(reuse_port=True) for _ in range(count)]
+    else:
+        socks = [probe]
+    for sock in socks:
+        sock.listen(2048)
+    return socks
+
+
 def serve_processes(
     make_app: Callable[[], Any],
     *,
@@ -96,12 +128,18 @@ def serve_processes(
     before_serving: Callable[[], None] = lambda: None,
     pin: bool = True,
 ) -> int:
-    """`workers` processes serving one listening socket (bound here, inherited by each
-    forked child; the kernel hands each connection to one of them). Each child calls
-    `before_serving` and `make_app` after the fork, so each has its own engine, writer
-    thread, connection pool and sweeper; none of those exist in the parent, which only
-    forwards SIGTERM/SIGINT (as SIGTERM: each child shuts down gracefully) and waits.
-    When one child exits, the others are stopped too. Returns the exit code (0: all
+    """`workers` processes serving one port, on Linux each on its own listening socket
+    (`listeners`: bound here, before the fork; each child closes the others' and the
+    parent all of them). On one shared socket every idle worker races to accept, and the
+    one that wins takes the whole burst (32 new connections fell 31/1, 32/0, 0/32:
+    BENCHMARKS.md, issue 20); per-worker sockets let the kernel hash connections evenly.
+    The cost: connections queued on a worker's socket when it exits are reset rather than
+    taken by another, which is moot here since one worker's exit stops them all.
+
+    Each child calls `before_serving` and `make_app` after the fork, so each has its own
+    engine, writer thread, connection pool and sweeper; none of those exist in the parent,
+    which only forwards SIGTERM/SIGINT (as SIGTERM: each child shuts down gracefully) and
+    waits. When one child exits, the others are stopped too. Returns the exit code (0: all
     stopped cleanly). POSIX only (fork).
 
     With `pin` and no more processes than the CPUs this one may run on, each child is
@@ -111,11 +149,7 @@ def serve_processes(
     20). The parent, the database and everything else still run anywhere."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
+    socks = listeners(host, port, workers)
     children: list[int] = []
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     pin = pin and 1 < workers <= len(cpus)
@@ -123,6 +157,10 @@ def serve_processes(
         pid = os.fork()
         if pid == 0:  # the child: its own loop, engine and threads from here on
             code = 1
+            own = socks[index % len(socks)]
+            for other in socks:
+                if other is not own:  # held open here, it would outlive its worker
+                    other.close()
             # uvicorn re-raises the SIGTERM/SIGINT it shut down on once it has: after a
             # graceful stop that is a clean exit, with the queued log lines written.
             signal.signal(signal.SIGTERM, lambda *_: None)
@@ -133,7 +171,7 @@ def serve_processes(
                         os.sched_setaffinity(0, {cpus[index]})
                 before_serving()
                 config = uvicorn.Config(make_app(), log_config=None, **options)
-                uvicorn.Server(config).run(sockets=[sock])
+                uvicorn.Server(config).run(sockets=[own])
                 code = 0
             except BaseException:  # report, then leave without the parent's cleanup
                 traceback.print_exc()
@@ -144,7 +182,8 @@ def serve_processes(
                 sys.stderr.flush()
                 os._exit(code)
         children.append(pid)
-    sock.close()
+    for sock in socks:
+        sock.close()
     alive = set(children)
 
     def stop(*_: object) -> None:

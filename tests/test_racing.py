@@ -192,10 +192,10 @@ def test_a_frozen_driver_loses_its_orders_and_cannot_write_after_waking(
 
 
 @pytest.mark.slow
-def test_serve_workers_share_the_socket_and_race_for_the_same_orders(
+def test_serve_workers_share_the_port_and_race_for_the_same_orders(
     db_url: str, store: Store, downstream: Downstream
 ) -> None:
-    """`serve --workers 2`: two processes on one socket, each with its own engine and
+    """`serve --workers 2`: two processes on one port, each with its own engine and
     sweeper, both sweeping every 0.1 s with no age threshold, so each sweep also races
     for the orders being placed over HTTP at that moment. Every order, stuck or placed,
     is driven exactly once."""
@@ -244,5 +244,5 @@ def test_serve_workers_share_the_socket_and_race_for_the_same_orders(
     assert result.returncode == 0, result.explain()
     assert "Traceback" not in result.stderr, result.explain()
     started = set(re.findall(r"Started server process \[(\d+)\]", result.stderr))
-    assert len(started) == 2, result.explain()  # two processes, one socket
+    assert len(started) == 2, result.explain()  # two processes, one port
     assert_each_driven_once(store, downstream, books, ids + placed)

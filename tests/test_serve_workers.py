@@ -1,0 +1,144 @@
+"""`serve --workers N`, read from /proc (what the kernel does, not what we meant).
+
+Each worker listens on its own SO_REUSEPORT socket, so a burst of new connections spreads
+over them (issue 20: on one shared socket the first worker to wake accepted nearly all of
+them, 31/1, 32/0, 0/32). Each process is pinned to one CPU of those it may use, when there
+are at least N of them (two processes the scheduler moved between 2 cores spent ~1.3x the
+CPU per order of one; pinned ~1.1x, BENCHMARKS.md); `ORDER_SAGA_PIN_WORKERS=false` leaves
+them to the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.meter import children, connections, listening
+from tests.support.processes import run_saga
+from tests.support.services import Downstream
+from tests.support.serving import Served, fresh_database
+from tests.support.settings import saga_env
+from tests.support.waiting import wait_until
+
+CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+BURST = 32  # keep-alive connections opened at once (bench/http_workers.py's clients)
+
+two_cpus = pytest.mark.skipif(len(CPUS) < 2, reason="needs 2 CPUs to pin 2 workers to")
+linux = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT spreads on Linux")
+
+
+def _allowed(pid: int) -> set[int]:
+    """The CPUs every thread of `pid` may run on (the union over its threads)."""
+    allowed: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        allowed |= os.sched_getaffinity(int(task.name))
+    return allowed
+
+
+def _workers(served: Served) -> list[int]:
+    pid = served.saga.process.pid
+    return wait_until(
+        lambda: (found := sorted(children(pid))) and len(found) == 2 and found,
+        30,
+        what="serve's two workers",
+        alive=served.saga.running,
+    )
+
+
+async def _split(port: int, workers: list[int]) -> list[int]:
+    """Connections per worker once `BURST` keep-alive connections, opened at once, have
+    each been answered once (and are still open)."""
+
+    async def keep_alive() -> asyncio.StreamWriter:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        await reader.readuntil(b"\r\n\r\n")
+        return writer
+
+    opened = await asyncio.gather(*(keep_alive() for _ in range(BURST)))
+    try:
+        return wait_until(
+            lambda: sum(split := connections(port, workers)) == BURST and split,
+            10,
+            what=f"the workers to hold the {BURST} connections",
+        )
+    finally:
+        for writer in opened:
+            writer.close()
+
+
+@pytest.mark.slow
+@linux
+def test_each_worker_listens_on_its_own_socket_and_a_burst_spreads_over_them(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    with fresh_database("sqlite", str(tmp_path)) as url:
+        env = saga_env(database_url=url, services_url=downstream.url, keepalive_timeout=60)
+        served = Served(env, "--workers", "2").wait_ready()
+        try:
+            workers = _workers(served)
+            sockets = listening(served.port, workers)
+            split = asyncio.run(_split(served.port, workers))
+        finally:
+            output = served.stop()
+    assert min(split) >= 4, (split, output)  # even: 16/16 ± 2.8; below 4: p = 3e-6
+    assert [len(own) for own in sockets] == [1, 1], (sockets, output)
+    assert sockets[0] != sockets[1], (sockets, output)
+
+
+@pytest.mark.slow
+def test_a_port_in_use_stops_serve_workers_before_they_start(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """Even when the port is held by another `serve --workers` (whose SO_REUSEPORT group
+    would otherwise take the second one in, to share its connections)."""
+    with fresh_database("sqlite", str(tmp_path)) as url:
+        env = saga_env(database_url=url, services_url=downstream.url)
+        served = Served(env, "--workers", "2").wait_ready()
+        try:
+            args = ("--port", str(served.port), "--no-sweep", "--workers", "2")
+            second = run_saga("serve", *args, env=env, timeout=30)
+        finally:
+            output = served.stop()
+    assert second.returncode == 1, second.explain()
+    assert second.stderr == "order-saga: OSError: [Errno 98] Address already in use\n", (
+        second.explain()
+    )
+    assert "Traceback" not in output, output  # the first one served on, undisturbed
+
+
+@pytest.mark.slow
+@two_cpus
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_each_worker_runs_on_its_own_cpu(kind: str, tmp_path: Path, downstream: Downstream) -> None:
+    with fresh_database(kind, str(tmp_path)) as url:
+        env = saga_env(database_url=url, services_url=downstream.url)
+        served = Served(env, "--workers", "2").wait_ready()
+        try:
+            pinned = [_allowed(pid) for pid in _workers(served)]
+            parent = _allowed(served.saga.process.pid)
+        finally:
+            output = served.stop()
+    assert [len(cpus) for cpus in pinned] == [1, 1], (pinned, output)
+    assert pinned[0] != pinned[1], (pinned, output)
+    assert pinned[0] | pinned[1] <= set(CPUS), (pinned, output)
+    assert parent == set(CPUS), output  # the parent (and what it starts) is not pinned
+
+
+@pytest.mark.slow
+@two_cpus
+def test_workers_are_left_to_the_scheduler_when_told(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    with fresh_database("sqlite", str(tmp_path)) as url:
+        env = saga_env(database_url=url, services_url=downstream.url, pin_workers=False)
+        served = Served(env, "--workers", "2").wait_ready()
+        try:
+            allowed = [_allowed(pid) for pid in _workers(served)]
+        finally:
+            output = served.stop()
+    assert allowed == [set(CPUS), set(CPUS)], (allowed, output)

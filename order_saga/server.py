@@ -18,7 +18,7 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -118,6 +118,52 @@ def listeners(host: str, port: int, count: int) -> list[socket.socket]:
     return socks
 
 
+def _worker(
+    make_app: Callable[[], Any],
+    sock: socket.socket,
+    options: dict[str, Any],
+    before_serving: Callable[[], None],
+    cpu: int | None,
+) -> NoReturn:
+    """One forked child of `serve_processes`: serves `sock` until stopped, then leaves
+    with `os._exit` (never through the parent's cleanup).
+
+    uvicorn handles SIGTERM/SIGINT only once it serves. One that comes earlier, while the
+    app is being built, marks the server to stop as soon as it has started (ignored, it
+    would leave this worker serving on alone). After a graceful stop uvicorn re-raises
+    the signal it stopped on: by then that only marks a finished server, a clean exit."""
+    import uvicorn
+
+    from order_saga.logs import flush
+
+    server: list[uvicorn.Server] = []
+    asked: list[int] = []
+
+    def stop_once_started(sig: int, _: object) -> None:
+        asked.append(sig)
+        for started in server:
+            started.should_exit = True
+
+    signal.signal(signal.SIGTERM, stop_once_started)
+    signal.signal(signal.SIGINT, stop_once_started)
+    code = 1
+    try:
+        if cpu is not None:  # refused (a sandbox): run unpinned rather than not at all
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, {cpu})
+        before_serving()
+        server.append(uvicorn.Server(uvicorn.Config(make_app(), log_config=None, **options)))
+        server[0].should_exit = bool(asked)
+        server[0].run(sockets=[sock])
+        code = 0
+    except BaseException:  # report, then leave
+        traceback.print_exc()
+    finally:
+        flush()  # the queued log lines (os._exit skips atexit)
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def serve_processes(
     make_app: Callable[[], Any],
     *,
@@ -147,8 +193,6 @@ def serve_processes(
     event loop, writer and log threads of the busy processes between the cores, and two
     processes on 2 cores spent ~1.2-1.5x the CPU per order of one (BENCHMARKS.md, issue
     20). The parent, the database and everything else still run anywhere."""
-    import uvicorn
-
     socks = listeners(host, port, workers)
     children: list[int] = []
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -156,31 +200,11 @@ def serve_processes(
     for index in range(workers):
         pid = os.fork()
         if pid == 0:  # the child: its own loop, engine and threads from here on
-            code = 1
             own = socks[index % len(socks)]
             for other in socks:
                 if other is not own:  # held open here, it would outlive its worker
                     other.close()
-            # uvicorn re-raises the SIGTERM/SIGINT it shut down on once it has: after a
-            # graceful stop that is a clean exit, with the queued log lines written.
-            signal.signal(signal.SIGTERM, lambda *_: None)
-            signal.signal(signal.SIGINT, lambda *_: None)
-            try:
-                if pin:  # refused (a sandbox): run unpinned rather than not at all
-                    with contextlib.suppress(OSError):
-                        os.sched_setaffinity(0, {cpus[index]})
-                before_serving()
-                config = uvicorn.Config(make_app(), log_config=None, **options)
-                uvicorn.Server(config).run(sockets=[own])
-                code = 0
-            except BaseException:  # report, then leave without the parent's cleanup
-                traceback.print_exc()
-            finally:
-                from order_saga.logs import flush
-
-                flush()  # the queued log lines (os._exit skips atexit)
-                sys.stderr.flush()
-                os._exit(code)
+            _worker(make_app, own, options, before_serving, cpus[index] if pin else None)
         children.append(pid)
     for sock in socks:
         sock.close()

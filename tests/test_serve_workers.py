@@ -11,7 +11,9 @@ them to the scheduler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from tests.support.processes import run_saga
 from tests.support.services import Downstream
 from tests.support.serving import Served, fresh_database
 from tests.support.settings import saga_env
-from tests.support.waiting import wait_until
+from tests.support.waiting import POLL, wait_until
 
 CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 BURST = 32  # keep-alive connections opened at once (bench/http_workers.py's clients)
@@ -39,13 +41,14 @@ def _allowed(pid: int) -> set[int]:
     return allowed
 
 
-def _workers(served: Served) -> list[int]:
+def _workers(served: Served, interval: float = POLL) -> list[int]:
     pid = served.saga.process.pid
     return wait_until(
         lambda: (found := sorted(children(pid))) and len(found) == 2 and found,
         30,
         what="serve's two workers",
         alive=served.saga.running,
+        interval=interval,
     )
 
 
@@ -109,6 +112,24 @@ def test_a_port_in_use_stops_serve_workers_before_they_start(
         second.explain()
     )
     assert "Traceback" not in output, output  # the first one served on, undisturbed
+
+
+@pytest.mark.slow
+def test_a_stop_during_start_up_stops_every_worker(tmp_path: Path, downstream: Downstream) -> None:
+    """SIGTERM as soon as both workers exist, while they still build their apps (before
+    uvicorn handles SIGTERM itself): each finishes starting, then stops; none serves on."""
+    with fresh_database("sqlite", str(tmp_path)) as url:
+        env = saga_env(database_url=url, services_url=downstream.url)
+        served = Served(env, "--workers", "2")
+        workers = _workers(served, interval=0.002)
+        try:
+            result = served.saga.stop()
+        finally:
+            for pid in workers:  # a worker that ignored the stop outlives its killed parent
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert result.returncode == 0, result.explain()
+    assert "Traceback" not in result.stderr, result.explain()
 
 
 @pytest.mark.slow

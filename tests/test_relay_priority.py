@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from fsm.migrate import upgrade
-from fsm.settings import Settings
 from tests.support.processes import ORDER_SAGA
-from tests.support.settings import saga_env
+from tests.support.settings import saga_env, saga_settings
 from tests.support.waiting import wait_until
 
 
@@ -34,7 +33,7 @@ def test_a_relay_runs_at_the_configured_lower_priority(tmp_path: Path, child: bo
     try:
         assert relay.stdin is not None
         if child:  # as fsm.relay_child.supervise starts it: its settings on stdin
-            relay.stdin.write(Settings(database_url=url, relay_nice=7).model_dump_json().encode())
+            relay.stdin.write(saga_settings(url, relay_nice=7).model_dump_json().encode())
             relay.stdin.write(b"\n")
             relay.stdin.flush()
         ours = os.nice(0)

@@ -152,7 +152,10 @@ def every_core(cfg: Config, seconds: float, raw: float, one: Run) -> Row:
     clients = LEVELS[-1]
     run = serve_once(cfg, "sqlite", seconds, clients=clients, serve_args=("--workers", "2"))
     result = run.load
-    limit = run.meter.limit(run.meter.cores("server"), waits_on="commit latency / services")
+    # Two processes: CPU-bound only near two cores (bench.http_workers likewise).
+    limit = run.meter.limit(
+        run.meter.cores("server"), waits_on="commit latency / services", cap=2.0
+    )
     cpu = run.meter.where(serve=("server",), services=("services",), generator=())
     return Row(
         what=f"`POST /orders` over HTTP, `serve --workers 2`, sqlite, {clients} clients, "

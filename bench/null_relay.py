@@ -34,6 +34,7 @@ class NullRelay(Relay):
 
 def main() -> None:
     settings = relay_child.read_parent_settings()
+    relay_child.yield_to_orders(settings)  # as every `order-saga relay`
 
     async def run() -> None:
         store = relay_store(settings)

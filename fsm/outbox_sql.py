@@ -456,24 +456,30 @@ def advance(
     *,
     destination_id: int,
     owner: str,
-    to: tuple[int, int],
+    batch: Batch,
     lease_until: datetime | None,
 ) -> bool:
-    """Move the cursor past a settled batch, if `owner` still holds its lease (renewed to
-    `lease_until`; None: released). False: another relay took it (and sends the batch
-    again): nothing of the batch may be recorded."""
+    """Move the cursor past a settled batch (renewing its lease to `lease_until`; None:
+    released), if `owner` still holds the lease and the cursor is still where the batch
+    was taken from. False: nothing of the batch may be recorded, and it is sent again.
+    Either another relay took the cursor, or the cursor is elsewhere with this relay's
+    name on it: a commit of this relay's was lost with the database server (the relay's
+    commits do not wait for the disk: fsm.wiring.relay_store), and the cursor is back
+    before a batch whose failed events' rows went with that commit; moving it past this
+    batch would skip them for good."""
     cursor.execute(
         d.sql(
             "UPDATE outbox_cursors SET txid = %s, position = %s, lease_until = %s, "
-            "lease_owner = %s WHERE destination_id = %s AND lease_owner = %s"
+            "lease_owner = %s WHERE destination_id = %s AND lease_owner = %s "
+            "AND txid = %s AND position = %s"
         ),
         [
-            to[0],
-            to[1],
+            *batch.last,
             None if lease_until is None else d.timestamp(lease_until),
             None if lease_until is None else owner,
             destination_id,
             owner,
+            *batch.start,
         ],
     )
     return bool(cursor.rowcount == 1)
@@ -497,6 +503,7 @@ class Batch:
 
     events: list[Claimed]
     held: dict[uuid.UUID, str]
+    start: tuple[int, int]  # the cursor it was taken after: (txid, position)
 
     @property
     def last(self) -> tuple[int, int]:
@@ -539,7 +546,8 @@ def take_batch(
         )
         for r in cursor.fetchall()
     ]
-    return Batch(events, held_orders(d, cursor, destination_id=destination_id, events=events))
+    held = held_orders(d, cursor, destination_id=destination_id, events=events)
+    return Batch(events, held, at)
 
 
 def held_orders(

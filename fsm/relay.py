@@ -388,7 +388,7 @@ class Relay:
                 cursor,
                 destination_id=destination.id,
                 owner=owner,
-                to=sent.batch.last,
+                batch=sent.batch,
                 lease_until=lease_until,
             ):
                 at = sent.batch.last
@@ -397,7 +397,9 @@ class Relay:
                 )
             else:
                 log.warning(
-                    "relay %s: the cursor was taken over; its batch is sent again", destination.name
+                    "relay %s: the cursor was taken over or moved back (a commit lost with the "
+                    "database server); its batch is sent again",
+                    destination.name,
                 )
         results = sent.results
         done = [claimed.event_id for claimed, attempt in results if attempt.delivered]
@@ -557,7 +559,7 @@ def _reached(
         return None
     for i, event in enumerate(batch.events):
         if outbox.wants(destination.events, event.type) and event.event_id not in outcomes:
-            return outbox_sql.Batch(batch.events[:i], batch.held)
+            return outbox_sql.Batch(batch.events[:i], batch.held, batch.start)
     return batch
 
 

@@ -124,6 +124,15 @@ def read_parent_settings() -> Settings:
     return settings
 
 
+def yield_to_orders(settings: Settings) -> None:
+    """Every relay's priority: `relay_nice` below the process that started it (a relay
+    already started niced, by systemd's `Nice=` say, goes that much lower again, at most
+    to 19). Deliveries give the cores to the orders wherever the relay runs: beside a
+    `serve` or `worker` (as their child, or started on its own), or alone (then nothing
+    is waiting for the cores)."""
+    os.nice(settings.relay_nice)
+
+
 def report(destination: str, delivered: int, failed: int) -> None:
     """A settled batch, told to the parent (read by `_count`)."""
     sys.stdout.write(json.dumps([destination, delivered, failed]) + "\n")

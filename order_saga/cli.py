@@ -15,7 +15,6 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -429,9 +428,7 @@ def relay(
 
     # --child: the relay of a `serve` or `worker` (fsm.relay_child), its settings on stdin.
     settings = relay_child.read_parent_settings() if child else load_settings()
-    # Deliveries yield the cores to the orders wherever the relay runs: beside a `serve`
-    # or `worker` on the same machine (the same as their child) or alone (nothing to yield to).
-    os.nice(settings.relay_nice)
+    relay_child.yield_to_orders(settings)
     configure_logging(settings)
 
     async def main() -> None:

@@ -118,6 +118,9 @@ def listeners(host: str, port: int, count: int) -> list[socket.socket]:
     return socks
 
 
+_STOPS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _worker(
     make_app: Callable[[], Any],
     sock: socket.socket,
@@ -146,6 +149,7 @@ def _worker(
 
     signal.signal(signal.SIGTERM, stop_once_started)
     signal.signal(signal.SIGINT, stop_once_started)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # blocked since before the fork
     code = 1
     try:
         if cpu is not None:  # refused (a sandbox): run unpinned rather than not at all
@@ -194,29 +198,38 @@ def serve_processes(
     processes on 2 cores spent ~1.2-1.5x the CPU per order of one (BENCHMARKS.md, issue
     20). The parent, the database and everything else still run anywhere."""
     socks = listeners(host, port, workers)
-    children: list[int] = []
+    alive: set[int] = set()
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     pin = pin and 1 < workers <= len(cpus)
-    for index in range(workers):
-        pid = os.fork()
-        if pid == 0:  # the child: its own loop, engine and threads from here on
-            own = socks[index % len(socks)]
-            for other in socks:
-                if other is not own:  # held open here, it would outlive its worker
-                    other.close()
-            _worker(make_app, own, options, before_serving, cpus[index] if pin else None)
-        children.append(pid)
-    for sock in socks:
-        sock.close()
-    alive = set(children)
 
     def stop(*_: object) -> None:
         for child in alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # A stop that comes while the workers are forked waits (blocked) until the parent's
+    # and each child's handler is in place: the default action would kill the parent and
+    # leave the children serving, or kill a child the parent then reports as failed.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    try:
+        for index in range(workers):
+            pid = os.fork()
+            if pid == 0:  # the child: its own loop, engine and threads from here on
+                own = socks[index % len(socks)]
+                for other in socks:
+                    if other is not own:  # held open here, it would outlive its worker
+                        other.close()
+                _worker(make_app, own, options, before_serving, cpus[index] if pin else None)
+            alive.add(pid)
+        for sock in socks:
+            sock.close()
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+    except BaseException:
+        stop()  # a fork failed: the workers already started go too
+        raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
     worst = 0
     while alive:
         try:

@@ -14,6 +14,7 @@ import pytest
 from api.schemas import OrderOut
 from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID, POOR_USER_ID, WIDGET_ID
 from fsm import outbox, outbox_sql, subscriptions
+from fsm.destinations import DELIVERED, transient
 from fsm.errors import StaleOrder
 from fsm.executor import Executor
 from fsm.machine import coarse_status
@@ -157,7 +158,7 @@ async def test_a_batch_is_at_most_its_limit_and_one_relay_holds_the_cursor(
         store.dialect,
         destination_id=destination.id,
         owner="b",
-        to=first.last,
+        batch=first,
         lease_until=None,
     )
     assert await store.committer.submit(advance) is False  # b does not hold it
@@ -166,7 +167,7 @@ async def test_a_batch_is_at_most_its_limit_and_one_relay_holds_the_cursor(
     while (batch := await store.committer.submit(take("b"))) is not None and batch.events:
         assert len(batch.events) <= 5
         taken += [e.event_id for e in batch.events]
-        await store.committer.submit(partial(advance, owner="b", to=batch.last))
+        await store.committer.submit(partial(advance, owner="b", batch=batch))
     assert len(taken) == len(set(taken)) and set(taken) == every  # once each, in order
     by_order: dict[str, list[int]] = {}
     for event_id in taken:
@@ -250,7 +251,7 @@ async def test_a_held_event_is_set_aside_pending_when_its_dead_letter_was_redeli
         outbox_sql.set_aside(store.dialect, cursor, destination_id=destination.id, rows=dead)
         assert outbox_sql.advance(
             store.dialect, cursor, destination_id=destination.id, owner=owner,
-            to=first.last, lease_until=now + timedelta(seconds=30),
+            batch=first, lease_until=now + timedelta(seconds=30),
         )  # fmt: skip
 
     await store.committer.submit(record_dead)
@@ -294,3 +295,58 @@ async def test_a_batch_of_ten_thousand_events_is_set_aside(store: Store) -> None
     with store.engine.connect() as conn:
         count = conn.exec_driver_sql("SELECT COUNT(*) FROM outbox_deliveries").scalar_one()
     assert count == 10_000
+
+
+async def test_a_relay_commit_lost_with_the_server_never_lets_the_cursor_skip_a_batch(
+    db_url: str, store: Store, executor: Executor, services_url: str
+) -> None:
+    """The relay's commits do not wait for the disk (fsm.wiring.relay_store). The one that
+    recorded batch 1 (an event failed, its order's next held behind it) and took batch 2
+    is lost with the server, after batch 2 was sent: the cursor is back before batch 1,
+    with this relay's lease on it, and batch 1's exception rows are gone. Recording batch
+    2 then must not move the cursor past batch 1: batch 1 is sent again, not skipped."""
+    subscribe_sink(store, services_url)
+    await orders(store, executor, 2)
+    await below_horizon(store)
+    (destination,) = subscriptions.destinations(store)
+    relay = Relay(store, saga_settings(db_url, **{**FAST_EVENTS, "relay_batch": 2}))
+    owner, now = "r", utcnow()
+    lease = now + timedelta(seconds=30)
+    take = partial(
+        outbox_sql.take_batch,
+        store.dialect,
+        destination_id=destination.id,
+        owner=owner,
+        now=now,
+        lease_until=lease,
+        limit=2,
+    )
+    one = await store.committer.submit(take)
+    assert one is not None and len(one.events) == 2
+    failed = one.events[0]
+    sent_one = Sent(
+        [],
+        utcnow(),
+        batch=one,
+        stream=[(failed, transient("HTTP 500"))]
+        + [(e, None if e.order_id == failed.order_id else DELIVERED) for e in one.events[1:]],
+    )
+    work = outbox_sql.Work(stream=True, due=[], dead=False)
+    two, _claimed = await store.committer.submit(
+        partial(relay._settle_then, destination, owner, sent_one, work, now)
+    )
+    assert two is not None and len(two.events) == 2 and two.start == one.last
+
+    with store.engine.begin() as conn:  # that commit lost: as the server comes back
+        conn.exec_driver_sql("DELETE FROM outbox_deliveries")
+        conn.exec_driver_sql(
+            store.dialect.sql("UPDATE outbox_cursors SET txid = %s, position = %s"), one.start
+        )
+    sent_two = Sent([], utcnow(), batch=two, stream=[(e, DELIVERED) for e in two.events])
+    at = await store.committer.submit(
+        partial(relay._settle, destination, owner, sent_two, lease_until=lease)
+    )
+    assert at is None  # not recorded: the batch is sent again
+    again = await store.committer.submit(take)
+    assert again is not None
+    assert [e.event_id for e in again.events] == [e.event_id for e in one.events]

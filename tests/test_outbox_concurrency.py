@@ -178,7 +178,7 @@ async def test_the_stream_follows_txid_then_position_below_the_horizon(store: St
         assert batch is not None
         if batch.events:
             outbox_sql.advance(
-                d, cursor, destination_id=destination.id, owner="r", to=batch.last,
+                d, cursor, destination_id=destination.id, owner="r", batch=batch,
                 lease_until=now,
             )  # fmt: skip
         return [e.body for e in batch.events]

@@ -27,9 +27,9 @@ def test_a_relay_runs_at_the_configured_lower_priority(tmp_path: Path, child: bo
     url = f"sqlite:///{tmp_path}/saga.db"
     upgrade(url)
     argv = [ORDER_SAGA, "relay", *(["--child"] if child else [])]
-    relay = subprocess.Popen(
-        argv, env=saga_env(database_url=url, relay_nice=7), stdin=subprocess.PIPE
-    )
+    # The child takes its parent's settings (stdin), never its own environment's.
+    env = saga_env(database_url=url, relay_nice=3 if child else 7)
+    relay = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE)
     try:
         assert relay.stdin is not None
         if child:  # as fsm.relay_child.supervise starts it: its settings on stdin

@@ -16,7 +16,7 @@ from fsm import relay_child
 from fsm.destinations import DELIVERED, Attempt
 from fsm.outbox_sql import Claimed, Destination
 from fsm.relay import Relay
-from fsm.wiring import relay_store
+from fsm.wiring import close_store, relay_store
 
 
 class NullSender:
@@ -45,8 +45,7 @@ def main() -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         finally:
-            await asyncio.to_thread(store.close)
-            store.engine.dispose()
+            await asyncio.to_thread(close_store, store)
 
     import uvloop
 

@@ -9,6 +9,7 @@ own, no decisions about orders.
 from __future__ import annotations
 
 import sqlite3
+import weakref
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -70,6 +71,20 @@ def make_engine(url: str, *, lock_timeout: float = 5.0, statement_timeout: float
     return _closing_late_returns(engine)
 
 
+# Engines closed for good (`close_engine`): every connection is closed on its return.
+_CLOSED: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def close_engine(engine: Engine) -> None:
+    """Close the read pool for good: its idle connections now, and from then on each
+    connection as it comes back. A read that starts later (a thread's, queued before its
+    process or test closed the store) still works, on a connection of its own that is
+    closed once it is done; after a plain `dispose()` it would stay open in the fresh
+    pool nobody closes, until the collector found it (and psycopg's finaliser warned)."""
+    _CLOSED.add(engine)
+    engine.dispose()
+
+
 def _closing_late_returns(engine: Engine) -> Engine:
     """A connection given back after `engine.dispose()` is closed on its return. It was
     checked out when the pool was disposed (a read a thread still ran when its process,
@@ -89,7 +104,9 @@ def _closing_late_returns(engine: Engine) -> Engine:
 
     @event.listens_for(engine, "checkin")
     def _close_late(dbapi_conn: Any, record: Any) -> None:
-        if dbapi_conn is not None and record.info.get("generation", generation) != generation:
+        if dbapi_conn is None:
+            return
+        if engine in _CLOSED or record.info.get("generation", generation) != generation:
             record.invalidate()
 
     return engine

@@ -21,6 +21,7 @@ from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fsm.engine import close_engine
 from fsm.settings import Settings
 from fsm.store import Store, make_engine
 
@@ -73,9 +74,10 @@ def relay_store(settings: Settings) -> Store:
     return build_store(settings, synchronous_commit=False)
 
 
-def _close_store(store: Store) -> None:
-    store.close()  # commits what is queued, stops the writer thread
-    store.engine.dispose()
+def close_store(store: Store) -> None:
+    """Commit what is queued, stop the writer thread, close the read pool for good."""
+    store.close()
+    close_engine(store.engine)
 
 
 @contextmanager
@@ -86,7 +88,7 @@ def open_store(settings: Settings) -> Iterator[Store]:
     try:
         yield store
     finally:
-        _close_store(store)
+        close_store(store)
 
 
 class BearerFor:
@@ -202,4 +204,4 @@ async def open_saga(
                 await executor.aclose()
     finally:
         if owned:
-            await asyncio.to_thread(_close_store, the_store)
+            await asyncio.to_thread(close_store, the_store)

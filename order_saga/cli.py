@@ -424,7 +424,7 @@ def relay(
     several, they share the work. `serve` and `worker` run one too (ORDER_SAGA_RELAY)."""
     from fsm import relay_child
     from fsm.relay import Relay
-    from fsm.wiring import relay_store
+    from fsm.wiring import close_store, relay_store
 
     # --child: the relay of a `serve` or `worker` (fsm.relay_child), its settings on stdin.
     settings = relay_child.read_parent_settings() if child else load_settings()
@@ -448,8 +448,7 @@ def relay(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         finally:
-            await asyncio.to_thread(store.close)
-            store.engine.dispose()
+            await asyncio.to_thread(close_store, store)
 
     import uvloop
 

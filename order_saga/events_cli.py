@@ -43,15 +43,14 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 @contextmanager
 def _store() -> Iterator[Store]:
-    from fsm.wiring import build_store
+    from fsm.wiring import build_store, close_store
     from order_saga.console import load_settings
 
     store = build_store(load_settings())
     try:
         yield store
     finally:
-        store.close()
-        store.engine.dispose()
+        close_store(store)
 
 
 @webhooks_app.command("add")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from fsm.engine import make_engine
+from fsm.engine import close_engine, make_engine
 
 
 def open_(raw: object) -> bool:
@@ -47,3 +47,14 @@ def test_a_read_still_running_when_the_engine_is_disposed_closes_its_connection(
         kept = conn.connection.dbapi_connection
     assert open_(kept)  # a connection returned to the live pool stays open for reuse
     engine.dispose()
+
+
+def test_a_read_that_starts_after_the_store_closed_closes_its_connection(db_url: str) -> None:
+    """A thread's read queued before the store closed runs after `close_engine`: it works,
+    and its connection does not stay behind in the pool (nobody would close it)."""
+    engine = make_engine(db_url)
+    close_engine(engine)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT 3").scalar() == 3
+        raw = conn.connection.dbapi_connection
+    assert not open_(raw)

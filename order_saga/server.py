@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -121,6 +122,23 @@ def listeners(host: str, port: int, count: int) -> list[socket.socket]:
 _STOPS = {signal.SIGTERM, signal.SIGINT}
 
 
+def port_guard(host: str, port: int) -> socket.socket | None:
+    """Linux: a name in the abstract socket namespace for host:port, held while a
+    `serve --workers` runs there (its kernel releases it with the process, kill -9
+    included). `listeners` probes the port, closes the probe, then binds with
+    SO_REUSEPORT: two such starts in that instant would each pass the probe and share
+    one group. The second now fails here, before it probes: OSError, address in use."""
+    if sys.platform != "linux":
+        return None
+    guard = socket.socket(socket.AF_UNIX)
+    try:
+        guard.bind(f"\0order-saga serve --workers {host} {port}")
+    except OSError:
+        guard.close()
+        raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)) from None
+    return guard
+
+
 def _worker(
     make_app: Callable[[], Any],
     sock: socket.socket,
@@ -196,7 +214,28 @@ def serve_processes(
     pinned to one of them (its threads inherit it): the scheduler otherwise moves the
     event loop, writer and log threads of the busy processes between the cores, and two
     processes on 2 cores spent ~1.2-1.5x the CPU per order of one (BENCHMARKS.md, issue
-    20). The parent, the database and everything else still run anywhere."""
+    20). The parent, the database and everything else still run anywhere.
+
+    The parent holds `port_guard` while it runs: a second `serve --workers` on the same
+    host and port fails at once, even one that starts in the same instant."""
+    guard = port_guard(host, port)  # held by this parent only, until it returns
+    try:
+        return _serve_processes(make_app, host, port, workers, options, before_serving, pin, guard)
+    finally:
+        if guard is not None:
+            guard.close()
+
+
+def _serve_processes(
+    make_app: Callable[[], Any],
+    host: str,
+    port: int,
+    workers: int,
+    options: dict[str, Any],
+    before_serving: Callable[[], None],
+    pin: bool,
+    guard: socket.socket | None,
+) -> int:
     socks = listeners(host, port, workers)
     alive: set[int] = set()
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -215,6 +254,8 @@ def serve_processes(
         for index in range(workers):
             pid = os.fork()
             if pid == 0:  # the child: its own loop, engine and threads from here on
+                if guard is not None:
+                    guard.close()  # the parent's: a worker left behind must not hold it
                 own = socks[index % len(socks)]
                 for other in socks:
                     if other is not own:  # held open here, it would outlive its worker

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from bench.meter import children, connections, listening
+from order_saga.server import port_guard
 from tests.support.processes import run_saga
-from tests.support.services import Downstream
+from tests.support.services import Downstream, free_port
 from tests.support.serving import Served, fresh_database
 from tests.support.settings import saga_env
 from tests.support.waiting import POLL, wait_until
@@ -112,6 +113,30 @@ def test_a_port_in_use_stops_serve_workers_before_they_start(
         second.explain()
     )
     assert "Traceback" not in output, output  # the first one served on, undisturbed
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the guard is Linux's abstract sockets")
+def test_a_serve_workers_starting_on_the_same_port_at_once_is_refused(tmp_path: Path) -> None:
+    """Two `serve --workers` on one port in the same instant would both pass the port's
+    probe and then share one SO_REUSEPORT group: the second finds the first's guard (held
+    here, as a first one that has just probed would hold it) and stops in one line."""
+    port = free_port()
+    guard = port_guard("127.0.0.1", port)
+    try:
+        with fresh_database("sqlite", str(tmp_path)) as url:
+            env = saga_env(database_url=url)
+            args = ("--port", str(port), "--no-sweep", "--workers", "2")
+            second = run_saga("serve", *args, env=env, timeout=30)
+    finally:
+        assert guard is not None
+        guard.close()
+    assert second.returncode == 1, second.explain()
+    assert second.stderr == "order-saga: OSError: [Errno 98] Address already in use\n", (
+        second.explain()
+    )
+    again = port_guard("127.0.0.1", port)  # released with its holder
+    assert again is not None
+    again.close()
 
 
 @pytest.mark.slow

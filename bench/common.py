@@ -77,6 +77,7 @@ class Measured:
     errors: int = 0
     limit: str = ""  # which limit it is near (see bench.meter)
     cpu_seconds: float = 0.0  # user + sys of the process measured, where it was metered
+    queued_seconds: float = 0.0  # its threads runnable, waiting for a core (where metered)
 
     @property
     def cpu_ms_per_order(self) -> float:

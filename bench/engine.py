@@ -48,7 +48,9 @@ async def drive(
     await asyncio.gather(*(lane() for _ in range(at_once)))
     meter.stop()
     limit = meter.limit(meter.cores(), waits_on=waits_on)
-    return Measured(done, meter.wall, count, errors, limit, cpu_seconds=meter.own)
+    return Measured(
+        done, meter.wall, count, errors, limit, cpu_seconds=meter.own, queued_seconds=meter.queued
+    )
 
 
 async def measure(url: str, count: int, seconds: float, waits_on: str) -> dict[int, Measured]:

@@ -11,12 +11,18 @@ database, legs rotated so a drifting machine load is shared:
 commit wrote per destination; since the cursors (migration 0008) the commit writes the
 event row alone, whoever is subscribed: b was a again.)
 
-    python -m bench.events_split [--no-pg] [--rounds 2] [--count 1000]
+    python -m bench.events_split [--no-pg] [--rounds 2] [--seconds 15] [--count N]
+                                 [--sink-nice 0-19]
+
+A leg ends after `--seconds` (or `--count` orders, by default out of reach). The relay
+child shares the engine's session, as serve's does; `--sink-nice` lowers the reference
+services' autogroup (a stand-in for a consumer on another machine).
 
 Prints one line per leg kind: orders/s (ratio to a); CPU ms per order of the engine, the
 relay process, PostgreSQL's processes, the sink (reference services) and RabbitMQ, and
 their sum (on a loaded 2-core machine the CPU budget per order is the steadier figure);
-how busy the machine was.
+how busy the machine was; how long the engine's threads were runnable but waited for a
+core, per order (schedstat).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from bench import engine_api
 from bench.common import BUYER, DEFAULT_PG, Config, Processes, scratch_database, start_services
 from bench.events import AMQP, broker_answers, set_sink_secret
 from bench.fakes import fake_services
-from bench.meter import _machine, cpu_seconds
+from bench.meter import _machine, cpu_seconds, queued_seconds
 from fsm import outbox, outbox_sql
 from fsm.migrate import upgrade
 from fsm.relay import AMQP_DESTINATION
@@ -83,14 +89,14 @@ class Leg:
     sink_cpu: float = 0.0  # the reference services' process (the webhook sink)
     broker_cpu: float = 0.0  # RabbitMQ
     busy: float = 0.0  # machine busy cores x seconds
+    queued: float = 0.0  # the engine's threads: seconds runnable, waiting for a core
     rates: list[float] = field(default_factory=list)
 
 
 @contextlib.asynccontextmanager
 async def child(module: list[str], settings: Settings) -> AsyncIterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        module, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True
-    )
+    # In the engine's session (its autogroup), as serve's relay child runs.
+    proc = subprocess.Popen(module, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     assert proc.stdin is not None
     proc.stdin.write(settings.model_dump_json().encode() + b"\n")
     proc.stdin.flush()
@@ -164,7 +170,9 @@ async def leg(
             _machine(),
         )
         sink0, broker0 = cpu_seconds(sink_pid), named_cpu("beam.smp")
+        q0 = queued_seconds()
         done, wall = await drive(engine, count, seconds)
+        out.queued += queued_seconds() - q0
         m1 = _machine()
         out.orders += done
         out.wall += wall
@@ -202,9 +210,9 @@ def report(db: str, legs: dict[str, Leg]) -> None:
     print(f"\n### {db} (load {os.getloadavg()[0]:.1f})")
     print(
         "| leg | orders/s | of a | CPU ms/order: engine | relay | postgres | sink | "
-        "RabbitMQ | all five | machine busy | legs (orders/s) |"
+        "RabbitMQ | all five | machine busy | engine waiting for a core | legs (orders/s) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in KINDS:
         g = legs[kind]
         rate = g.orders / g.wall
@@ -215,7 +223,7 @@ def report(db: str, legs: dict[str, Leg]) -> None:
             f"{g.engine_cpu * 1000 / n:.2f} | {g.relay_cpu * 1000 / n:.2f} | "
             f"{g.pg_cpu * 1000 / n:.2f} | {g.sink_cpu * 1000 / n:.2f} | "
             f"{g.broker_cpu * 1000 / n:.2f} | {total * 1000 / n:.2f} | "
-            f"{g.busy / g.wall:.2f} cores | "
+            f"{g.busy / g.wall:.2f} cores | {g.queued * 1000 / n:.2f} ms/order | "
             f"{', '.join(f'{x:.0f}' for x in g.rates)} |"
         )
     sys.stdout.flush()
@@ -226,8 +234,9 @@ def main() -> None:
     parser.add_argument("--no-pg", action="store_true")
     parser.add_argument("--no-sqlite", action="store_true")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--count", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--sink-nice", type=int, default=0, choices=range(20), metavar="0-19")
     args = parser.parse_args()
     if not broker_answers():
         raise SystemExit("RabbitMQ does not answer")
@@ -237,6 +246,7 @@ def main() -> None:
         with Processes(cfg) as procs:
             services, sink = start_services(procs)
             SINK_PID[0] = services.pid
+            Path(f"/proc/{services.pid}/autogroup").write_text(str(args.sink_nice))
             for db in kinds:
                 with scratch_database(cfg, db, "events-split") as url:
                     upgrade(url)

@@ -28,6 +28,16 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
 
 
+def queued_seconds(pid: int | None = None) -> float:
+    """Seconds the threads of this process (pid None) or of `pid` spent runnable but not
+    running, waiting for a core (schedstat's second field), 0.0 if unreadable."""
+    total = 0
+    for path in Path(f"/proc/{pid or 'self'}/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(path.read_text().split()[1])
+    return total / 1e9
+
+
 def children(pid: int) -> list[int]:
     """The live processes whose parent is `pid` (e.g. `serve --workers N`'s forks)."""
     found = []
@@ -100,10 +110,11 @@ class Meter:
         self.pids = pids
         self.began = time.monotonic()
         self.own_start = cpu_seconds()
+        self.queued_start = queued_seconds()
         self.first = {name: cpu_seconds(pid) for name, pid in pids.items()}
         self.last = dict(self.first)
         self.machine_start = _machine()
-        self.wall = self.own = self.busy = self.iowait = 0.0
+        self.wall = self.own = self.busy = self.iowait = self.queued = 0.0
         self.used: dict[str, float] = {}
 
     def sample(self) -> None:
@@ -114,6 +125,7 @@ class Meter:
         self.sample()
         self.wall = time.monotonic() - self.began
         self.own = cpu_seconds() - self.own_start
+        self.queued = queued_seconds() - self.queued_start
         self.used = {name: self.last[name] - self.first[name] for name in self.pids}
         end = _machine()
         total = end[0] - self.machine_start[0]

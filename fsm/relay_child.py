@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from fsm import metrics
 from fsm.relay import REFRESH_SECONDS
@@ -131,6 +132,26 @@ def yield_to_orders(settings: Settings) -> None:
     `serve` or `worker` (as their child, or started on its own), or alone (then nothing
     is waiting for the cores)."""
     os.nice(settings.relay_nice)
+    _lower_own_autogroup(settings.relay_nice)
+
+
+def _lower_own_autogroup(by: int) -> None:
+    """Linux's autogroup scheduling (kernel.sched_autogroup_enabled, on by default in
+    Debian's kernels) shares the CPU between sessions first and by nice value only inside
+    a session: a relay leading a session of its own (a systemd unit, `setsid`, a
+    supervisor's new session) competes with the orders' processes at full weight whatever
+    its nice value. Such a relay lowers its session's group too (`/proc/self/autogroup`,
+    `by` above where it was, at most 19). One that shares its session (the child of
+    `serve` and `worker`; one started from a shell) leaves the group alone: it is also
+    theirs, and inside it the nice value already ranks the relay below them."""
+    if os.getsid(0) != os.getpid():
+        return
+    path = Path("/proc/self/autogroup")  # "/autogroup-123 nice 0"
+    try:
+        now = int(path.read_text().split()[-1])
+        path.write_text(str(min(19, now + by)))
+    except (OSError, ValueError, IndexError):  # no autogroups here (another kernel, cgroups)
+        return
 
 
 def report(destination: str, delivered: int, failed: int) -> None:

@@ -22,6 +22,12 @@ def niceness(pid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[16])
 
 
+def autogroup(pid: int) -> tuple[str, int]:
+    """The process's autogroup (scheduled as one, sessions apart) and its nice value."""
+    name, _, nice = Path(f"/proc/{pid}/autogroup").read_text().split()
+    return name, int(nice)
+
+
 @pytest.mark.parametrize("child", [False, True], ids=["alone", "child"])
 def test_a_relay_runs_at_the_configured_lower_priority(tmp_path: Path, child: bool) -> None:
     url = f"sqlite:///{tmp_path}/saga.db"
@@ -29,19 +35,30 @@ def test_a_relay_runs_at_the_configured_lower_priority(tmp_path: Path, child: bo
     argv = [ORDER_SAGA, "relay", *(["--child"] if child else [])]
     # The child takes its parent's settings (stdin), never its own environment's.
     env = saga_env(database_url=url, relay_nice=3 if child else 7)
-    relay = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE)
+    ours = autogroup(os.getpid())
+    # Alone, as a service manager starts it: a session (an autogroup) of its own.
+    relay = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, start_new_session=not child)
     try:
         assert relay.stdin is not None
         if child:  # as fsm.relay_child.supervise starts it: its settings on stdin
             relay.stdin.write(saga_settings(url, relay_nice=7).model_dump_json().encode())
             relay.stdin.write(b"\n")
             relay.stdin.flush()
-        ours = os.nice(0)
+        nice = os.nice(0)
         wait_until(
-            lambda: niceness(relay.pid) == ours + 7,
+            lambda: niceness(relay.pid) == nice + 7,
             what="the relay's lower priority",
             alive=lambda: relay.poll() is None,
         )
+        if child:  # its session is its parent's: the group (ours here) left as it was
+            assert autogroup(relay.pid) == autogroup(os.getpid()) == ours
+        else:  # its own session: the group lowered too, or the nice value ranks it nowhere
+            assert autogroup(relay.pid)[0] != ours[0]
+            wait_until(
+                lambda: autogroup(relay.pid)[1] == 7,
+                what="the relay's own autogroup lowered",
+                alive=lambda: relay.poll() is None,
+            )
     finally:
         relay.kill()
         relay.wait()

@@ -753,7 +753,8 @@ def deliveries(
 ) -> list[DeliveryRow]:
     """Deliveries, newest first: state "dead" from the exception rows; otherwise one per
     (event, subscribed destination) since the destination was added: its exception row's
-    state if it has one, else delivered once its cursor passed the event, else pending."""
+    state and attempts if it has one, else delivered (1 attempt) once its cursor passed
+    the event, else pending (0)."""
     if state == "dead":
         where, params = ["o.state = 'dead'"], []
         if order_id is not None:
@@ -784,7 +785,10 @@ def deliveries(
             params.append(d.uuid(order_id))
         listed = (
             f"SELECT e.id, e.type, ds.name, COALESCE(o.state, {stream_state}) AS state, "
-            "COALESCE(o.attempts, 0), o.last_error, e.created_at, o.delivered_at, "
+            # No exception row: delivered on its first attempt (a failure writes one), or
+            # not tried yet.
+            f"COALESCE(o.attempts, CASE WHEN {stream_state} = 'delivered' THEN 1 ELSE 0 END), "
+            "o.last_error, e.created_at, o.delivered_at, "
             "e.position, ds.id AS destination FROM outbox_events e "
             "CROSS JOIN event_destinations ds JOIN outbox_cursors c ON c.destination_id = ds.id "
             "LEFT JOIN outbox_deliveries o ON o.destination_id = ds.id AND o.event_id = e.id "

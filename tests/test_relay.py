@@ -279,6 +279,17 @@ async def test_an_order_s_events_in_one_batch_go_one_at_a_time_a_failure_holds_t
             await wait_until_async(lambda: len(endpoint.requests) >= len(want), what="all")
     assert sorted(e["id"] for e in endpoint.events()) == sorted(want)
     assert out_of_order(endpoint.events()) == []
+    # The listing counts attempts: the retried event's from its exception row, 1 for each
+    # event the stream delivered at once (no row of its own).
+    listed = {
+        d.event_id: (d.state, d.attempts)
+        for order_id in ids
+        for d in subscriptions.deliveries(store, order_id=order_id)
+    }
+    assert listed.keys() == set(want)
+    assert listed[created][0] == "delivered" and listed[created][1] >= 3
+    first_time = {i for i in want if i.rpartition(":")[0] != str(ids[0])}
+    assert {listed[i] for i in first_time} == {("delivered", 1)}
     in_flight: dict[str, int] = {}
     most = 0
     for kind, event_id in endpoint.log:

@@ -292,18 +292,24 @@ def retry_later(
 
 
 def dead_letter(
-    d: Dialect, cursor: Any, *, destination_id: int, claimed: Claimed, error: str
-) -> None:
+    d: Dialect, cursor: Any, *, destination_id: int, claimed: Claimed, owner: str, error: str
+) -> bool:
     """The event, and the order's later events to this destination (they must not overtake
-    it), are set aside until an operator redelivers them."""
+    it), are set aside until an operator redelivers them; only while `owner` still holds
+    the claim and the row is pending, as `retry_later` (a relay whose lease ran out
+    mid-send must not dead-letter a row another relay has since delivered). False: not
+    this relay's any more, nothing changed."""
     cursor.execute(
         d.sql(
             "UPDATE outbox_deliveries SET state = 'dead', last_error = %s, "
             "lease_owner = NULL, lease_until = NULL "
-            "WHERE destination_id = %s AND event_id = %s"
+            "WHERE destination_id = %s AND event_id = %s AND lease_owner = %s "
+            "AND state = 'pending'"
         ),
-        [error[:500], destination_id, claimed.event_id],
+        [error[:500], destination_id, claimed.event_id, owner],
     )
+    if cursor.rowcount != 1:
+        return False
     cursor.execute(
         d.sql(
             "UPDATE outbox_deliveries SET state = 'dead', last_error = %s "
@@ -311,6 +317,7 @@ def dead_letter(
         ),
         ["behind a dead letter", destination_id, d.uuid(claimed.order_id), claimed.seq],
     )
+    return True
 
 
 _REVIVE = (

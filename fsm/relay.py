@@ -409,12 +409,22 @@ class Relay:
                 continue
             error = attempt.error or "failed"
             if self._dead(claimed, attempt, now):
-                log.warning(
-                    "event %s to %s dead-lettered: %s", claimed.event_id, destination.name, error
-                )
-                outbox_sql.dead_letter(
-                    d, cursor, destination_id=destination.id, claimed=claimed, error=error
-                )
+                # Not this relay's claim any more (its lease ran out mid-send; another
+                # relay may have delivered it since): nothing is recorded.
+                if outbox_sql.dead_letter(
+                    d,
+                    cursor,
+                    destination_id=destination.id,
+                    claimed=claimed,
+                    owner=owner,
+                    error=error,
+                ):
+                    log.warning(
+                        "event %s to %s dead-lettered: %s",
+                        claimed.event_id,
+                        destination.name,
+                        error,
+                    )
                 continue
             delay = backoff(claimed.attempts, base=s.event_backoff_base, cap=s.event_backoff_max)
             outbox_sql.retry_later(

@@ -350,3 +350,70 @@ async def test_a_relay_commit_lost_with_the_server_never_lets_the_cursor_skip_a_
     again = await store.committer.submit(take)
     assert again is not None
     assert [e.event_id for e in again.events] == [e.event_id for e in one.events]
+
+
+async def test_a_late_refusal_never_dead_letters_a_row_another_relay_delivered(
+    store: Store, executor: Executor, services_url: str
+) -> None:
+    """Relay A's claim runs out mid-send; B claims the row again and delivers it. A's
+    refusal, recorded after, changes nothing: the row stays delivered and the order's later
+    event is not marked dead behind it (as `retry_later`, `dead_letter` asks the owner)."""
+    subscribe_sink(store, services_url)
+    (order_id,) = await orders(store, executor, 1)
+    await below_horizon(store)
+    (destination,) = subscriptions.destinations(store)
+    d, now = store.dialect, utcnow()
+    batch = await store.committer.submit(
+        partial(
+            outbox_sql.take_batch,
+            d,
+            destination_id=destination.id,
+            owner="r",
+            now=now,
+            lease_until=now,
+            limit=100,
+        )  # fmt: skip
+    )
+    assert batch is not None and len(batch.events) >= 2
+    rows = [outbox_sql.Aside(e, "pending", 1, now, "500") for e in batch.events]
+    await store.committer.submit(
+        partial(outbox_sql.set_aside, d, destination_id=destination.id, rows=rows)
+    )
+
+    async def claim(owner: str, at: Any) -> list[outbox_sql.Claimed]:
+        return await store.committer.submit(
+            partial(
+                outbox_sql.claim,
+                d,
+                destination_id=destination.id,
+                owner=owner,
+                now=at,
+                lease_until=at + timedelta(seconds=1),
+                limit=1,
+            )  # fmt: skip
+        )
+
+    (by_a,) = await claim("a", now)
+    (by_b,) = await claim("b", now + timedelta(seconds=2))  # A's lease ran out
+    assert by_a.event_id == by_b.event_id == f"{order_id}:0"
+    delivered = [by_b.event_id]
+    await store.committer.submit(
+        partial(
+            outbox_sql.delivered,
+            d,
+            destination_id=destination.id,
+            event_ids=delivered,
+            now=utcnow(),
+        )
+    )
+    late = partial(
+        outbox_sql.dead_letter, d, destination_id=destination.id, claimed=by_a, owner="a",
+        error="HTTP 410",
+    )  # fmt: skip
+    assert await store.committer.submit(late) is False
+    with store.engine.connect() as conn:
+        states = dict(
+            conn.exec_driver_sql("SELECT event_id, state FROM outbox_deliveries").fetchall()
+        )
+    assert states[by_b.event_id] == "delivered"
+    assert set(states.values()) == {"delivered", "pending"}  # none dead

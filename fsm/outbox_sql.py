@@ -691,7 +691,14 @@ _START_OF = {
 
 
 def remove_destination(d: Dialect, cursor: Any, *, destination_id: int) -> bool:
-    for table in ("outbox_deliveries", "outbox_cursors"):
+    """The destination, its cursor and its exception rows. The cursor first: on PostgreSQL
+    its row lock orders this against a relay's settle (`advance` updates the cursor, then
+    `set_aside` inserts the batch's rows, one transaction). A settle already past its
+    `advance` is waited for, its rows then deleted here; one after this finds no cursor,
+    `advance` answers False and it writes no rows. The other order (rows first) let a
+    settle insert rows between the two deletes: exception rows of a destination that is
+    gone, which retention counts as undelivered for good."""
+    for table in ("outbox_cursors", "outbox_deliveries"):
         cursor.execute(d.sql(f"DELETE FROM {table} WHERE destination_id = %s"), [destination_id])
     cursor.execute(d.sql("DELETE FROM event_destinations WHERE id = %s"), [destination_id])
     return bool(cursor.rowcount == 1)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import threading
 import uuid
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -22,14 +23,17 @@ import pytest
 
 from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID
 from fsm import outbox, outbox_sql, subscriptions
+from fsm.destinations import transient
 from fsm.executor import Executor
 from fsm.models import Order
+from fsm.relay import Relay, Sent
 from fsm.store import Store, utcnow
 from fsm.wiring import build_store
 from tests.support.database import PG_SERVER, pg_admin
 from tests.support.endpoint import Endpoint
 from tests.support.events import (
     FAST_EVENTS,
+    below_horizon,
     expected,
     orders,
     out_of_order,
@@ -352,3 +356,81 @@ def _holder_of(store: Store, conn: psycopg.Connection[Any], xid: int) -> outbox_
 
     wait_until(at_xid, 30, what=f"xid {xid} to be the horizon")
     return found[-1]
+
+
+@POSTGRESQL_ONLY
+async def test_a_removal_racing_a_settle_leaves_no_rows_of_the_removed_destination(
+    db_url: str, store: Store
+) -> None:
+    """`webhooks remove` while a relay records a batch: the relay's transaction has moved
+    the cursor and written an exception row (a failed event), not committed; the removal
+    waits for it (the cursor's row lock), then deletes that row with the destination. No
+    row of a removed destination is left pending (retention would keep its order for
+    good)."""
+    subscriptions.add_webhook(store, "http://127.0.0.1:9/h", outbox.DEFAULT_TYPES)
+    (destination,) = subscriptions.destinations(store)
+    d = store.dialect
+
+    def write(cursor: Any) -> None:
+        order_id = uuid.uuid4()
+        cursor.execute(
+            outbox_sql.insert_event(d),
+            (f"{order_id}:0", order_id, 0, "order.created", utcnow(), "{}"),
+        )
+
+    await store.committer.submit(write)
+    await below_horizon(store)
+    now = utcnow()
+    lease = now + timedelta(seconds=30)
+    batch = await store.committer.submit(
+        partial(
+            outbox_sql.take_batch,
+            d,
+            destination_id=destination.id,
+            owner="r",
+            now=now,
+            lease_until=lease,
+            limit=10,
+        )  # fmt: skip
+    )
+    assert batch is not None and len(batch.events) == 1
+    sent = Sent([], utcnow(), batch=batch, stream=[(batch.events[0], transient("HTTP 500"))])
+    relay = Relay(store, saga_settings(db_url, **FAST_EVENTS))
+    settling, removing = store.engine.raw_connection(), store.engine.raw_connection()
+    try:
+        cursor = settling.cursor()
+        cursor.execute("SELECT pg_backend_pid()")
+        (settler,) = cursor.fetchone()
+        assert relay._settle(destination, "r", sent, cursor, lease) == batch.last
+        removed: list[bool] = []
+
+        def remove() -> None:
+            removed.append(
+                outbox_sql.remove_destination(d, removing.cursor(), destination_id=destination.id)
+            )
+            removing.commit()
+
+        thread = threading.Thread(target=remove)
+        thread.start()
+
+        def blocked() -> bool:
+            with store.engine.connect() as conn:
+                return bool(
+                    conn.exec_driver_sql(
+                        "SELECT 1 FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                        (settler,),
+                    ).first()
+                )
+
+        await wait_until_async(blocked, what="the removal to wait for the settle")
+        settling.commit()
+        await asyncio.to_thread(thread.join, 30)
+        assert removed == [True]
+    finally:
+        settling.close()
+        removing.close()
+    with store.engine.connect() as conn:
+        left = conn.exec_driver_sql(
+            "SELECT COUNT(*) FROM outbox_deliveries WHERE destination_id = %s", (destination.id,)
+        ).scalar_one()
+    assert left == 0

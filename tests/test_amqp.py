@@ -6,13 +6,16 @@ cuts, the broker itself untouched) delays nothing and loses nothing. Both databa
 from __future__ import annotations
 
 import json
+import uuid
 
 import aio_pika
 
 from fsm import metrics, outbox, subscriptions
+from fsm.destinations.amqp import AmqpSender
 from fsm.executor import Executor
+from fsm.outbox_sql import Claimed
 from fsm.relay import AMQP_DESTINATION
-from fsm.store import Store
+from fsm.store import Store, utcnow
 from tests.support.amqp import BROKER, consuming
 from tests.support.events import FAST_EVENTS, expected, orders, out_of_order, relaying
 from tests.support.proxy import CuttableProxy
@@ -100,3 +103,31 @@ async def test_the_broker_out_of_reach_delays_nothing_and_loses_nothing(
             seen_ids.add(str(event["id"]))
             first_seen.append(event)
     assert out_of_order(first_seen) == []  # type: ignore[arg-type]
+
+
+async def test_a_late_failure_closes_only_the_connection_it_was_sent_on() -> None:
+    """A publish that failed on a connection since replaced (its confirm timed out after
+    another send had reset it and a third opened a new one) closes that old connection,
+    not the new one: the sends in flight on the new one go on."""
+    sender = AmqpSender(url=BROKER, timeout=5.0)
+    now = utcnow()
+
+    def event(n: int) -> Claimed:
+        order_id = uuid.uuid4()
+        # A body as the events' (a parallel test's consumer reads its subject).
+        body = json.dumps({"id": f"{order_id}:{n}", "subject": str(order_id)})
+        return Claimed(f"{order_id}:{n}", order_id, n, 0, now, now, "order.created", body)
+
+    try:
+        assert (await sender.send(event(0))).delivered
+        old = sender._connection
+        assert not (await sender._failed(ConnectionError("cut"), old)).delivered
+        assert old.is_closed and sender._connection is None
+        assert (await sender.send(event(1))).delivered
+        new = sender._connection
+        assert new is not None and new is not old
+        await sender._failed(TimeoutError(), old)  # noticed late, on the old connection
+        assert sender._connection is new and not new.is_closed
+        assert (await sender.send(event(2))).delivered and sender._connection is new
+    finally:
+        await sender.aclose()

@@ -36,10 +36,11 @@ class AmqpSender:
         self._channel: aiormq.Channel | None = None
         self._lock = asyncio.Lock()
 
-    async def _open(self) -> aiormq.Channel:
+    async def _open(self) -> tuple[Any, aiormq.Channel]:
+        """The current connection and its channel (opened if there is none)."""
         async with self._lock:
             if self._channel is not None:
-                return self._channel
+                return self._connection, self._channel
             connection: AbstractRobustConnection | Any = await aio_pika.connect(
                 self.url, timeout=self.timeout
             )
@@ -53,7 +54,7 @@ class AmqpSender:
                 await connection.close()
                 raise
             self._connection = connection
-            return self._channel
+            return connection, self._channel
 
     async def send(self, event: Claimed) -> Attempt:
         properties = aiormq.spec.Basic.Properties(
@@ -63,10 +64,11 @@ class AmqpSender:
             message_type=event.type,
             timestamp=event.created_at,
         )
+        used: Any = None  # the connection this publish went out on
         try:
             # One timeout for both awaits (asyncio.wait_for would start a task for each).
             async with asyncio.timeout(self.timeout):
-                channel = await self._open()
+                used, channel = await self._open()
                 # publisher confirms: returns once the broker has taken responsibility. Not
                 # `mandatory`: an event no queue is bound for is confirmed all the same, and
                 # the broker would send each such message's whole body back to the relay.
@@ -82,23 +84,29 @@ class AmqpSender:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # the relay is stopping
-            return await self._failed(exc)  # the connection died under the publish
+            return await self._failed(exc, used)  # the connection died under the publish
         except Exception as exc:  # timeout, broker or connection error, a nack
-            return await self._failed(exc)
+            return await self._failed(exc, used)
         return DELIVERED
 
-    async def _failed(self, exc: BaseException) -> Attempt:
-        await self._reset()
+    async def _failed(self, exc: BaseException, used: Any) -> Attempt:
+        """A publish on `used` failed (None: no connection was opened for it)."""
+        await self._reset(used)
         return transient(f"broker: {type(exc).__name__}: {exc}".strip().rstrip(":"))
 
-    async def _reset(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
-        self._pika_channel = None
-        if connection is not None:
-            try:
-                await asyncio.wait_for(connection.close(), self.timeout)
-            except Exception:  # already broken: nothing to close cleanly
-                pass
+    async def _reset(self, used: Any) -> None:
+        """Close `used`, and forget it if it is still the current connection. Only that one:
+        a failure noticed late (a confirm that timed out on a connection already replaced)
+        must not close the connection another send has just opened, failing every publish
+        in flight on it."""
+        if used is None:
+            return
+        if used is self._connection:
+            self._connection = self._channel = self._pika_channel = None
+        try:
+            await asyncio.wait_for(used.close(), self.timeout)
+        except Exception:  # already broken (or closed): nothing to close cleanly
+            pass
 
     async def aclose(self) -> None:
-        await self._reset()
+        await self._reset(self._connection)

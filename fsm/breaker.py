@@ -54,10 +54,12 @@ T = TypeVar("T")
 CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
 _GAUGE_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 
+# Each `serve --workers` process has its own breakers: /metrics shows the worst of them.
 STATE = Gauge(
     "order_saga_breaker_state",
     "Circuit breaker state: 0 closed, 1 half-open, 2 open",
     ["operation"],
+    multiprocess_mode="max",
 )
 TRANSITIONS = Counter(
     "order_saga_breaker_transitions_total",

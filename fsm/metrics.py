@@ -2,10 +2,16 @@
 and `order_saga_orders{status}`, counted in SQL at scrape time by a custom collector (a
 status whose count drops to zero shows 0, never a stale last value). Served by the API at
 /metrics and by `order-saga worker` on its own port.
+
+Under `serve --workers N` each process counts its own runs, and a scrape reaches one of
+them: there `PROMETHEUS_MULTIPROC_DIR` is set (order_saga.server) before any process
+imports prometheus_client, each writes its values to its own files there, and /metrics
+sums them over all (`registry`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from functools import cache
@@ -13,6 +19,7 @@ from typing import TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from fsm.machine import TERMINAL_ORDER_STATES, OrderState, Status
@@ -167,10 +174,19 @@ def registry(
     backlog: Backlog | None = None,
     oldest: OldestByState | None = None,
 ) -> CollectorRegistry:
-    """A registry serving this process's metrics plus the orders counted in `store`'s SQL;
-    per app or worker, so several apps in one process (tests) never clash."""
+    """A registry serving this process's metrics (all `serve --workers` processes' when
+    `PROMETHEUS_MULTIPROC_DIR` is set) plus the orders counted in `store`'s SQL; per app
+    or worker, so several apps in one process (tests) never clash.
+
+    Summed over processes, only what they write to the directory is served: counters,
+    histograms and gauges, not the runtime's `process_*` and `python_*` (one process's
+    memory or CPU, or its garbage collector, stands for none of the others)."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(_Process())
+    shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if shared:
+        MultiProcessCollector(reg, path=shared)  # type: ignore[no-untyped-call]
+    else:
+        reg.register(_Process())
     reg.register(OrdersCollector(count_by_status, oldest))
     if backlog is not None:
         reg.register(OutboxCollector(backlog))

@@ -53,6 +53,9 @@ async def supervise(settings: Settings, store: Store) -> None:
     Started once there is something to deliver to: RabbitMQ configured, or a destination
     in `store` (a process with no destination starts no second interpreter)."""
     payload = settings.model_dump_json().encode() + b"\n"
+    # The child counts its deliveries too, but reports them for this process to count: under
+    # `serve --workers` it must not add its own to the sum of the workers' (fsm.metrics).
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     while settings.amqp_url is None:
         try:
             if await asyncio.to_thread(destinations, store):  # the read pool, not the writer
@@ -62,7 +65,7 @@ async def supervise(settings: Settings, store: Store) -> None:
         await asyncio.sleep(REFRESH_SECONDS)
     while True:
         proc = await asyncio.create_subprocess_exec(
-            *child_argv(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+            *child_argv(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
         )
         try:
             assert proc.stdin is not None and proc.stdout is not None

@@ -36,6 +36,7 @@ log = logging.getLogger("order_saga.upgrade")
 UNDRIVABLE = Gauge(
     "order_saga_undrivable_orders",
     "Live orders the installed machine cannot drive (skipped by the sweep), found at start",
+    multiprocess_mode="max",  # each `serve --workers` process finds the same at its start
 )
 
 STEPS = tuple(scope for scope in STATE_COLUMN if scope != "order")  # the machine's order

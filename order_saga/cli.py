@@ -99,7 +99,6 @@ def serve(
     downstream URLs are configured)."""
     import uvicorn
 
-    from api.app import create_app
     from order_saga.server import serve_processes, uvicorn_options
 
     settings = load_settings()
@@ -108,6 +107,8 @@ def serve(
     embedded = f"http://{local}:{port}/services"
 
     def application() -> Any:  # in each process (`--workers N`: after the fork)
+        from api.app import create_app  # and prometheus_client with it (server.shared_metrics)
+
         app = create_app(settings, embedded_url=embedded, sweep=sweep)
         heap.settle()
         return app

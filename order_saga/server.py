@@ -14,11 +14,13 @@ import asyncio
 import contextlib
 import errno
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -220,10 +222,41 @@ def serve_processes(
     host and port fails at once, even one that starts in the same instant."""
     guard = port_guard(host, port)  # held by this parent only, until it returns
     try:
-        return _serve_processes(make_app, host, port, workers, options, before_serving, pin, guard)
+        with shared_metrics(workers):
+            return _serve_processes(
+                make_app, host, port, workers, options, before_serving, pin, guard
+            )
     finally:
         if guard is not None:
             guard.close()
+
+
+# -- /metrics summed over the workers ----------------------------------------------------
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextlib.contextmanager
+def shared_metrics(workers: int) -> Iterator[None]:
+    """With several workers, a fresh private directory in `PROMETHEUS_MULTIPROC_DIR` for
+    the block, removed after it: a scrape reaches one worker, which then serves all of
+    theirs summed (fsm.metrics.registry) instead of only its own (11 orders split 3/8
+    scraped as 3 or 8, never 11, and Prometheus saw resets). prometheus_client chooses
+    where values live when it is imported, so the parent must not have imported it: each
+    worker does, after the fork, and writes its own files there."""
+    if workers < 2:
+        yield
+        return
+    if "prometheus_client" in sys.modules:  # its values would stay in each worker's memory
+        raise RuntimeError("prometheus_client was imported before the workers' fork")
+    os.environ[MULTIPROC_DIR] = tempfile.mkdtemp(prefix="order-saga-metrics-")
+    try:
+        yield
+    finally:
+        shutil.rmtree(os.environ.pop(MULTIPROC_DIR), ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------------------
 
 
 def _serve_processes(

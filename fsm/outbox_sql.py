@@ -365,6 +365,13 @@ def _after(d: Dialect, e: str = "e", c: str | None = None) -> str:
     return f"({e}.txid, {e}.position) > {bound} AND {e}.txid < {_HORIZON}"
 
 
+def _past(d: Dialect, e: str = "e", c: str = "c") -> str:
+    """`e` is after `c`'s cursor, below the horizon or not (`_after` without the horizon)."""
+    if d.name == "sqlite":
+        return f"{e}.position > {c}.position"
+    return f"({e}.txid, {e}.position) > ({c}.txid, {c}.position)"
+
+
 def _cursor_params(d: Dialect, at: tuple[int, int]) -> list[int]:
     return [at[1]] if d.name == "sqlite" else [at[0], at[1]]
 
@@ -723,7 +730,10 @@ _SUBSCRIBED = "ds.events LIKE '%%,' || e.type || ',%%'"
 def backlog(d: Dialect, cursor: Any) -> list[Backlog]:
     """Per destination: the subscribed events after its cursor plus its pending exception
     rows (pending), its dead letters, and the oldest pending event's time."""
-    stream = f"FROM outbox_events e WHERE {_after(d, c='c')} AND {_SUBSCRIBED}"
+    # Every event past the cursor, readable or not yet: on PostgreSQL those beyond the
+    # horizon (held back by a transaction open anywhere on the server) are undelivered too,
+    # and their age is the lag that must show (/metrics, /healthz) while they wait.
+    stream = f"FROM outbox_events e WHERE {_past(d, c='c')} AND {_SUBSCRIBED}"
     rows = "FROM outbox_deliveries o WHERE o.destination_id = ds.id AND o.state"
     cursor.execute(
         d.sql(
@@ -786,12 +796,8 @@ def deliveries(
             [*params, limit],
         )
     else:
-        stream_state = f"CASE WHEN {_after(d, c='c')} THEN 'pending' ELSE 'delivered' END"
-        if d.name != "sqlite":  # past the cursor, or beyond the horizon: pending
-            stream_state = (
-                "CASE WHEN (e.txid, e.position) > (c.txid, c.position) "
-                "THEN 'pending' ELSE 'delivered' END"
-            )
+        # Past the cursor (beyond the horizon or not): pending.
+        stream_state = f"CASE WHEN {_past(d)} THEN 'pending' ELSE 'delivered' END"
         where = [f"(o.event_id IS NOT NULL OR ({_SUBSCRIBED} AND e.created_at >= ds.created_at))"]
         params = []
         if order_id is not None:

@@ -299,6 +299,10 @@ async def test_events_held_by_a_transaction_open_in_another_database_name_it_the
             )
             assert "query" not in warning and "SELECT" not in warning
             assert sink_seen(services_url)["events"] == []  # held back meanwhile
+            # Undelivered all the same: counted, and their age shown as the lag (/metrics,
+            # /healthz), while they wait.
+            pending, lag = subscriptions.lags(store)[f"{services_url}/sink"]
+            assert pending == len(want) and lag > 0
             elsewhere.execute("COMMIT")
             await wait_until_async(
                 lambda: len(sink_seen(services_url)["events"]) >= len(want), what="the sink"

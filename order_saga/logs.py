@@ -59,25 +59,42 @@ class _Enqueue(logging.handlers.QueueHandler):
         return record
 
 
+# The most a write to a pipe keeps whole (POSIX PIPE_BUF; 4096 on Linux): `serve --workers`
+# shares one stderr pipe (systemd, docker) between processes, and a longer write can be
+# cut and interleaved with another process's lines, mid-line.
+ATOMIC_WRITE = 4096
+
+
 class _Lines(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler that can write many records at once: each filtered and formatted
-    as `emit` would, the lines written together and flushed once."""
+    as `emit` would, the lines written in as few writes as whole lines of at most
+    `ATOMIC_WRITE` bytes make (a longer line goes alone), each flushed."""
 
     def emit_all(self, records: list[logging.LogRecord]) -> None:
-        lines = []
+        chunks: list[str] = []
+        chunk: list[str] = []
+        size = 0
         for record in records:
             if record.levelno < self.level or not self.filter(record):
                 continue
             try:
-                lines.append(self.format(record) + self.terminator)
+                line = self.format(record) + self.terminator
             except Exception:
                 self.handleError(record)
-        if not lines:
-            return
+                continue
+            length = len(line) if line.isascii() else len(line.encode(errors="replace"))
+            if chunk and size + length > ATOMIC_WRITE:
+                chunks.append("".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += length
+        if chunk:
+            chunks.append("".join(chunk))
         with self.lock:  # type: ignore[union-attr]
             try:
-                self.stream.write("".join(lines))
-                self.flush()
+                for text in chunks:
+                    self.stream.write(text)
+                    self.flush()
             except Exception:
                 self.handleError(records[-1])
 

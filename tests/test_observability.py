@@ -124,6 +124,46 @@ def test_json_logs_carry_order_fields_and_quiet_httpx() -> None:
     assert "\x1b" not in access and "color_message" not in json.loads(access)
 
 
+class _Writes(io.StringIO):
+    """A stream that keeps what each flush sent out: one write to the file descriptor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self._sent = 0
+
+    def flush(self) -> None:
+        text = self.getvalue()
+        if len(text) > self._sent:
+            self.writes.append(text[self._sent :])
+            self._sent = len(text)
+
+
+def test_log_lines_go_out_in_whole_lines_a_pipe_keeps_whole() -> None:
+    """`serve --workers` processes share one stderr pipe: a write longer than PIPE_BUF may
+    be cut and interleaved with another's, mid-line (seen: broken JSON lines). Lines that
+    queued up together go out in writes of whole lines, each at most PIPE_BUF bytes."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    stream = _Writes()
+    configure("json", stream=stream)
+    try:
+        log = logging.getLogger("order_saga.events")
+        for i in range(400):  # queued faster than the writer's gather: batches of many
+            log.warning("line %d %s", i, "é" * (i % 7))  # some not ASCII: bytes count
+    finally:
+        flush()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert len(stream.writes) > 1
+    for write in stream.writes:
+        assert len(write.encode()) <= 4096 and write.endswith("\n")
+    lines = "".join(stream.writes).splitlines()
+    assert [json.loads(line)["message"].split()[1] for line in lines] == [
+        str(i) for i in range(400)
+    ]
+
+
 def test_database_urls_are_masked() -> None:
     assert masked("postgresql+psycopg://app:hunter2@db:5432/orders") == (
         "postgresql+psycopg://app:***@db:5432/orders"

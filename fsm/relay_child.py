@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fsm import metrics
+from fsm.lifeline import die_with_parent
 from fsm.relay import REFRESH_SECONDS
 from fsm.settings import Settings
 from fsm.store import Store
@@ -41,7 +41,6 @@ log = logging.getLogger("order_saga.relay")
 CHILD_FLAG = "--child"  # `order-saga relay --child`: settings on stdin, the parent's lifeline
 STOP_SECONDS = 3.0  # then SIGKILL: what it had in flight is sent again after its lease
 RESTART_SECONDS = 1.0
-_PR_SET_PDEATHSIG = 1
 
 
 def child_argv() -> list[str]:
@@ -122,9 +121,7 @@ def read_parent_settings() -> Settings:
     """The parent's settings (the first line of stdin); then tie this process's life to
     the parent's."""
     settings = Settings.model_validate_json(sys.stdin.buffer.readline())
-    if sys.platform == "linux":  # the kernel kills us with the parent (kill -9 included)
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)  # (a parent gone before: stdin's end of file stops us)
     return settings
 
 

@@ -81,6 +81,15 @@ def _migrate(settings: Settings) -> None:
         fail(f"cannot migrate {masked(settings.database_url)}: {one_line(exc)}", 1)
 
 
+def embedded_services_url(host: str, port: int) -> str:
+    """Where `serve`'s own process reaches the reference services it embeds: the address
+    it listens on (loopback for a wildcard), an IPv6 literal in brackets."""
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    if ":" in local:
+        local = f"[{local}]"
+    return f"http://{local}:{port}/services"
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
@@ -103,8 +112,7 @@ def serve(
 
     settings = load_settings()
     _migrate(settings)
-    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    embedded = f"http://{local}:{port}/services"
+    embedded = embedded_services_url(host, port)
 
     def application() -> Any:  # in each process (`--workers N`: after the fork)
         from api.app import create_app  # and prometheus_client with it (server.shared_metrics)

@@ -21,10 +21,12 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from fsm.lifeline import die_with_parent
 from fsm.settings import Settings
 
 
@@ -147,6 +149,7 @@ def _worker(
     options: dict[str, Any],
     before_serving: Callable[[], None],
     cpu: int | None,
+    parent: int,
 ) -> NoReturn:
     """One forked child of `serve_processes`: serves `sock` until stopped, then leaves
     with `os._exit` (never through the parent's cleanup).
@@ -169,6 +172,9 @@ def _worker(
 
     signal.signal(signal.SIGTERM, stop_once_started)
     signal.signal(signal.SIGINT, stop_once_started)
+    # The parent gone (kill -9 included): stop as if it had asked, not serve on orphaned,
+    # holding the port against the next `serve`.
+    die_with_parent(signal.SIGTERM, parent)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # blocked since before the fork
     code = 1
     try:
@@ -209,11 +215,13 @@ def serve_processes(
     Each child calls `before_serving` and `make_app` after the fork, so each has its own
     engine, writer thread, connection pool and sweeper; none of those exist in the parent,
     which only forwards SIGTERM/SIGINT (as SIGTERM: each child shuts down gracefully) and
-    waits. When one child exits, the others are stopped too. Returns the exit code (0: all
-    stopped cleanly). POSIX only (fork).
+    waits. When one child exits, the others are stopped too; one that exits unasked makes
+    the exit code non-zero and is named on stderr. A parent killed outright takes its
+    children with it (each gets SIGTERM from the kernel). Returns the exit code (0: all
+    stopped cleanly when asked). POSIX only (fork).
 
-    With `pin` and no more processes than the CPUs this one may run on, each child is
-    pinned to one of them (its threads inherit it): the scheduler otherwise moves the
+    With `pin` and as many processes as the CPUs this one may run on (`pinned_cpus`), each
+    child is pinned to one of them (its threads inherit it): the scheduler otherwise moves the
     event loop, writer and log threads of the busy processes between the cores, and two
     processes on 2 cores spent ~1.2-1.5x the CPU per order of one (BENCHMARKS.md, issue
     20). The parent, the database and everything else still run anywhere.
@@ -269,15 +277,29 @@ def _serve_processes(
     pin: bool,
     guard: socket.socket | None,
 ) -> int:
+    from order_saga.logs import flush
+
     socks = listeners(host, port, workers)
     alive: set[int] = set()
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    pin = pin and 1 < workers <= len(cpus)
+    pinned = pinned_cpus(workers, cpus, cpu_quota()) if pin else None
+    parent = os.getpid()
+    stopping = False
 
-    def stop(*_: object) -> None:
+    def terminate() -> None:
         for child in alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGTERM)
+
+    def stop(*_: object) -> None:  # asked to (SIGTERM, SIGINT)
+        nonlocal stopping
+        stopping = True
+        terminate()
+
+    # No thread of ours crosses the fork: the log writer's (every command has one) could
+    # hold its stream's lock at that instant, and a child would start with it held. The
+    # parent logs nothing more (what it has to say goes to stderr below).
+    flush()
 
     # A stop that comes while the workers are forked waits (blocked) until the parent's
     # and each child's handler is in place: the default action would kill the parent and
@@ -293,7 +315,8 @@ def _serve_processes(
                 for other in socks:
                     if other is not own:  # held open here, it would outlive its worker
                         other.close()
-                _worker(make_app, own, options, before_serving, cpus[index] if pin else None)
+                cpu = pinned[index] if pinned else None
+                _worker(make_app, own, options, before_serving, cpu, parent)
             alive.add(pid)
         for sock in socks:
             sock.close()
@@ -312,6 +335,46 @@ def _serve_processes(
             break
         alive.discard(pid)
         code = os.waitstatus_to_exitcode(status)
-        worst = worst or (code if code > 0 else 0 if code == 0 else 128 - code)
-        stop()  # one gone: the others follow (a supervisor restarts the whole unit)
+        failed = code if code > 0 else 0 if code == 0 else 128 - code
+        if not stopping:  # not asked to stop: a worker failed, or was stopped on its own
+            how = f"exited with {code}" if code >= 0 else f"was killed by signal {-code}"
+            print(f"serve: worker {pid} {how}; stopping the others", file=sys.stderr, flush=True)
+            failed = failed or 1  # a supervisor restarting on failure restarts the unit
+            stopping = True
+        worst = worst or failed
+        terminate()  # one gone: the others follow (a supervisor restarts the whole unit)
     return worst
+
+
+def pinned_cpus(workers: int, cpus: list[int], quota: float | None) -> list[int] | None:
+    """The CPU each of `workers` processes is pinned to, or None (left to the scheduler).
+
+    Only when there are exactly as many workers as CPUs this process may run on, and no
+    CPU quota (`quota`, in CPUs) holds it to fewer: then this instance has those CPUs to
+    itself. A container's affinity often lists every CPU of the host (`docker --cpus`, a
+    Kubernetes pod without the static CPU manager), and with fewer workers than CPUs
+    another instance may run beside: pinning there would put every instance's workers on
+    the same first CPUs and leave the others idle."""
+    if workers < 2 or workers != len(cpus):
+        return None
+    if quota is not None and quota < len(cpus):
+        return None
+    return cpus
+
+
+def cpu_quota() -> float | None:
+    """The CPU bandwidth quota of this process's cgroup, in CPUs (cgroup v2 `cpu.max`, or
+    v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`); None when unlimited or unreadable."""
+    try:
+        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        return None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        pass
+    for v1 in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"):
+        try:
+            limit_us = int(Path(v1, "cpu.cfs_quota_us").read_text())
+            period_us = int(Path(v1, "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if limit_us <= 0 or period_us <= 0 else limit_us / period_us
+    return None

@@ -2,10 +2,11 @@
 
 Each worker listens on its own SO_REUSEPORT socket, so a burst of new connections spreads
 over them (issue 20: on one shared socket the first worker to wake accepted nearly all of
-them, 31/1, 32/0, 0/32). Each process is pinned to one CPU of those it may use, when there
-are at least N of them (two processes the scheduler moved between 2 cores spent ~1.3x the
-CPU per order of one; pinned ~1.1x, BENCHMARKS.md); `ORDER_SAGA_PIN_WORKERS=false` leaves
-them to the scheduler.
+them, 31/1, 32/0, 0/32). Each process is pinned to one CPU of those it may use, when
+there are exactly N of them and no CPU quota below that (two processes the scheduler moved
+between 2 cores spent ~1.3x the CPU per order of one; pinned ~1.1x, BENCHMARKS.md);
+`ORDER_SAGA_PIN_WORKERS=false` leaves them to the scheduler. A worker gone unasked stops
+the others and fails serve; a parent killed outright takes its workers with it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from yarl import URL
 
 from bench.meter import children, connections, listening
-from order_saga.server import port_guard
+from order_saga.cli import embedded_services_url
+from order_saga.server import pinned_cpus, port_guard
 from tests.support.processes import run_saga
 from tests.support.services import Downstream, free_port
 from tests.support.serving import Served, fresh_database
@@ -188,3 +191,84 @@ def test_workers_are_left_to_the_scheduler_when_told(
         finally:
             output = served.stop()
     assert allowed == [set(CPUS), set(CPUS)], (allowed, output)
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no /proc entry, or a zombie its new parent has not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_a_parent_killed_outright_takes_its_workers_with_it(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """kill -9 of `serve --workers 2`'s parent: each worker gets SIGTERM from the kernel
+    and stops, rather than serve on orphaned holding the port against the next serve."""
+    with fresh_database("sqlite", str(tmp_path)) as url:
+        env = saga_env(database_url=url, services_url=downstream.url)
+        served = Served(env, "--workers", "2").wait_ready()
+        workers = _workers(served)
+        try:
+            served.saga.process.kill()
+            wait_until(lambda: all(_gone(pid) for pid in workers), 30, what="the workers gone")
+        finally:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            served.saga.wait()
+        again = Served(env, "--workers", "2", port=served.port).wait_ready()
+        assert again.stop() is not None  # the port was free for the next serve
+
+
+@pytest.mark.slow
+def test_a_worker_stopped_on_its_own_stops_serve_with_a_failure(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """One worker gone unasked (here SIGTERM to it alone, which it takes as a clean stop):
+    the others are stopped, the parent says which worker went and how, and exits non-zero
+    so that a supervisor restarting on failure restarts the unit."""
+    with fresh_database("sqlite", str(tmp_path)) as url:
+        env = saga_env(database_url=url, services_url=downstream.url)
+        served = Served(env, "--workers", "2").wait_ready()
+        workers = _workers(served)
+        os.kill(workers[0], signal.SIGTERM)
+        result = served.saga.wait(30)
+    assert result.returncode == 1, result.explain()
+    assert f"serve: worker {workers[0]} exited with 0; stopping the others" in result.stderr
+    assert all(_gone(pid) for pid in workers), result.explain()
+
+
+@pytest.mark.parametrize(
+    ("workers", "cpus", "quota", "pinned"),
+    [
+        (2, [0, 1], None, [0, 1]),  # the whole machine, two workers: one each
+        (4, [2, 3, 5, 7], 4.0, [2, 3, 5, 7]),  # a cpuset of its own, quota to match
+        (2, [0, 1, 2, 3], None, None),  # fewer workers than CPUs: another may run beside
+        (2, list(range(16)), 2.0, None),  # docker --cpus 2 on 16 cores: the host's affinity
+        (2, [0, 1], 1.5, None),  # a quota below the CPUs it may run on
+        (1, [0], None, None),  # one process: nothing to place
+        (3, [0, 1], None, None),  # more workers than CPUs
+    ],
+)
+def test_workers_are_pinned_only_to_cpus_the_instance_has_to_itself(
+    workers: int, cpus: list[int], quota: float | None, pinned: list[int] | None
+) -> None:
+    assert pinned_cpus(workers, cpus, quota) == pinned
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8000/services"),
+        ("0.0.0.0", "http://127.0.0.1:8000/services"),
+        ("::", "http://127.0.0.1:8000/services"),
+        ("::1", "http://[::1]:8000/services"),
+        ("localhost", "http://localhost:8000/services"),
+    ],
+)
+def test_the_embedded_services_url_is_one_a_client_can_use(host: str, url: str) -> None:
+    assert embedded_services_url(host, 8000) == url
+    assert URL(url).port == 8000  # an IPv6 literal unbracketed is not a URL (yarl refuses)

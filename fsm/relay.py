@@ -118,16 +118,20 @@ class Relay:
         from fsm.destinations.webhook import new_session  # noqa: PLC0415
 
         self._session = new_session()
+        registered = False
         try:
-            await register_amqp(self.store, self.settings)
             while True:
                 try:
+                    if not registered:  # the database away at start: tried again, below
+                        await register_amqp(self.store, self.settings)
+                        registered = True
                     # A read, on the read pool: a relay with nothing to do never takes a
                     # place in the writer's transactions.
                     found = await asyncio.to_thread(destinations, self.store)
                     self._follow(found)
                 except Exception as exc:  # database away: keep trying, orders are unaffected
-                    log.warning("relay: cannot read destinations: %s", exc)
+                    what = "read destinations" if registered else "register the amqp destination"
+                    log.warning("relay: cannot %s: %s", what, exc)
                 await asyncio.sleep(REFRESH_SECONDS)
         finally:
             while self._pumps:

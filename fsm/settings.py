@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -174,9 +175,37 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(("amqp://", "amqps://")):
+        """An amqp(s)://[user:password@]host[:port]/[vhost] URL the relay can connect to;
+        the message never quotes it (it may hold a password)."""
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("amqp", "amqps"):
             raise ValueError("must be an amqp:// or amqps:// URL")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("has a port that is not a number from 1 to 65535") from None
+        if port == 0:
+            raise ValueError("has a port that is not a number from 1 to 65535")
+        if not parts.hostname:
+            raise ValueError("has no host")
         return url
+
+    @model_validator(mode="after")
+    def _relay_timing(self) -> Settings:
+        """A batch's sends may start until a third of the cursor's lease has passed, each
+        may take `event_timeout`, and the batch is recorded `relay_gather` (and a read)
+        later: all of it must end well within the lease, or another relay takes the cursor
+        and sends the same events again, concurrently."""
+        if self.event_timeout + self.relay_gather >= self.relay_lease * 2 / 3:
+            raise ValueError(
+                f"ORDER_SAGA_EVENT_TIMEOUT + ORDER_SAGA_RELAY_GATHER ({self.event_timeout:g} + "
+                f"{self.relay_gather:g}) must be below two thirds of ORDER_SAGA_RELAY_LEASE "
+                f"({self.relay_lease:g}), or a slow batch outlives the relay's lease and "
+                "another relay delivers its events again"
+            )
+        return self
 
     @field_validator("api_token")
     @classmethod

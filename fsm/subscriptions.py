@@ -37,11 +37,29 @@ def read(store: Store, op: Callable[[Any], T]) -> T:
         conn.close()  # back to the pool, rolled back
 
 
+# A webhook's URL is its destination's name (event_destinations.name: VARCHAR(200)).
+MAX_URL = 200
+# An event's seq: an INTEGER column (PostgreSQL: 4 bytes).
+MAX_SEQ = 2**31 - 1
+
+
 def webhook_url(url: str) -> str:
     """A URL events can be POSTed to; ValueError saying why not."""
+    if len(url) > MAX_URL:
+        raise ValueError(
+            f"a webhook URL must be at most {MAX_URL} characters (this one: {len(url)})"
+        )
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{url!r} is not an http:// or https:// URL")
+    try:
+        parts.hostname.encode("idna")  # an empty label (a..b), one over 63 characters
+    except UnicodeError:
+        raise ValueError(f"{url!r}: {parts.hostname!r} is not a valid host name") from None
+    try:
+        parts.port  # noqa: B018  (raises when out of range or not a number)
+    except ValueError:
+        raise ValueError(f"{url!r}: the port is not a number from 0 to 65535") from None
     if parts.username or parts.password:
         raise ValueError("a webhook URL must not carry credentials (the signature authenticates)")
     return url
@@ -88,8 +106,9 @@ def find(store: Store, ident: str, *, kind: str | None = "webhook") -> Destinati
 
 
 def remove(store: Store, ident: str) -> Destination:
-    """Unsubscribe; its undelivered events are dropped with it."""
-    destination = find(store, ident)
+    """Unsubscribe a webhook, or the RabbitMQ destination (`amqp`: a relay started with
+    ORDER_SAGA_AMQP_URL adds it again); its undelivered events are dropped with it."""
+    destination = find(store, ident, kind=None)
     store.committer.call(
         partial(outbox_sql.remove_destination, store.dialect, destination_id=destination.id)
     )
@@ -162,7 +181,9 @@ def redeliver(store: Store, event_id: str | None) -> int:
     """Dead letters back in line (one event and its order's later dead ones, or all);
     ValueError for a malformed id. Returns how many deliveries were revived."""
     if event_id is not None:
-        outbox_sql.split_id(event_id)
+        _order, seq = outbox_sql.split_id(event_id)
+        if not 0 <= seq <= MAX_SEQ:  # a column holds no more (SQLite: OverflowError)
+            raise ValueError(f"{event_id!r} is not an event id (its seq is out of range)")
     op = partial(outbox_sql.redeliver, store.dialect, event_id=event_id, now=utcnow())
     return store.committer.call(op)
 

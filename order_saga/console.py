@@ -24,11 +24,19 @@ def environment_errors() -> tuple[type[BaseException], ...]:
     import sqlite3
 
     import httpx
+    import psycopg  # a raw connection of the pool raises its own (fsm.subscriptions.read)
     from sqlalchemy.exc import SQLAlchemyError
 
     from fsm.errors import StoreUnavailable
 
-    return (SQLAlchemyError, OSError, sqlite3.Error, httpx.HTTPError, StoreUnavailable)
+    return (
+        SQLAlchemyError,
+        OSError,
+        sqlite3.Error,
+        psycopg.Error,
+        httpx.HTTPError,
+        StoreUnavailable,
+    )
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -133,8 +133,9 @@ def list_webhooks(as_json: JsonFlag = False) -> None:
 
 
 @webhooks_app.command("remove")
-def remove(ident: Annotated[str, typer.Argument(metavar="ID|URL")]) -> None:
-    """Unsubscribe; its undelivered events are dropped."""
+def remove(ident: Annotated[str, typer.Argument(metavar="ID|URL|amqp")]) -> None:
+    """Unsubscribe; its undelivered events are dropped. `amqp`: the RabbitMQ destination
+    (a relay started with ORDER_SAGA_AMQP_URL set adds it again)."""
     from fsm import subscriptions
 
     with _store() as store:
@@ -142,7 +143,7 @@ def remove(ident: Annotated[str, typer.Argument(metavar="ID|URL")]) -> None:
             gone = subscriptions.remove(store, ident)
         except LookupError as exc:
             _fail(str(exc).strip("'\""), 1)
-    typer.echo(f"removed webhook {gone.id}: {gone.url}")
+    typer.echo(f"removed {gone.kind} {gone.id}: {gone.url}")
 
 
 @webhooks_app.command("test")

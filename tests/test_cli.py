@@ -19,6 +19,7 @@ from tests.support.settings import saga_env, saga_settings
 from tests.support.waiting import wait_until
 
 UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"  # nothing listens there
+NO_DB = {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}  # a command got past its settings: no file
 
 
 @pytest.mark.parametrize(
@@ -45,6 +46,33 @@ UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"  # nothing 
             {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG},
             "Connection refused",
         ),
+        (["webhooks", "list"], {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}, "Connection refused"),
+        (["events", "list"], {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}, "Connection refused"),
+        # Refused before the database is asked (the unreachable one would say so).
+        *(
+            (["webhooks", "add", url], {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}, message)
+            for url, message in [
+                ("http://a..b/", "is not a valid host name"),
+                (f"http://{'x' * 64}.example/", "is not a valid host name"),
+                ("http://example.com:99999/", "the port is not a number"),
+                (f"http://example.com/{'x' * 190}", "at most 200 characters"),
+            ]
+        ),
+        (
+            ["relay"],
+            {"ORDER_SAGA_AMQP_URL": "amqp://u:p@rabbit:99999/", **NO_DB},
+            "invalid ORDER_SAGA_AMQP_URL: Value error, has a port that is not a number",
+        ),
+        (
+            ["relay"],
+            {"ORDER_SAGA_AMQP_URL": "amqp:///", **NO_DB},
+            "ORDER_SAGA_AMQP_URL: Value error, has no host",
+        ),
+        (
+            ["relay"],
+            {"ORDER_SAGA_EVENT_TIMEOUT": "20", "ORDER_SAGA_RELAY_LEASE": "30", **NO_DB},
+            "must be below two thirds of ORDER_SAGA_RELAY_LEASE (30)",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_a_non_zero_exit(
@@ -55,6 +83,22 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("order-saga: "), result.stderr
     assert message in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "variable", "url"),
+    [
+        (["webhooks", "list"], "DATABASE_URL", "postgresql+psycopg://u:hunter2@127.0.0.1:1/x"),
+        (["events", "list"], "DATABASE_URL", "postgresql+psycopg://u:hunter2@127.0.0.1:1/x"),
+    ],
+)
+def test_a_password_in_an_unusable_url_is_not_shown(
+    args: list[str], variable: str, url: str
+) -> None:
+    result = run_cli(*args, **{f"ORDER_SAGA_{variable}": url})
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
 
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ async def test_relays_killed_mid_delivery_lose_nothing_and_keep_order(
         relay_interval=0.02,
         relay_batch=BATCH,
         relay_lease=1,
+        event_timeout=0.5,
         event_backoff_base=0.05,
         event_backoff_max=0.2,
     )
@@ -115,6 +116,7 @@ async def test_serve_killed_mid_delivery_every_destination_gets_every_event_in_o
         relay_interval=0.02,
         relay_batch=BATCH,
         relay_lease=1,
+        event_timeout=0.5,
         event_backoff_base=0.05,
         event_backoff_max=0.2,
         shutdown_grace=0,

@@ -79,6 +79,10 @@ def test_readers_see_dead_letters_operators_redeliver_them(
         assert dead_ids(store) == {created, completed}
         bad = console.post("/ui/events/redeliver", data={"csrf": csrf, "event": "nope"})
         assert "is not an event id" in bad.text  # told, nothing changed
+        huge = console.post(  # beyond any column (SQLite's driver: OverflowError)
+            "/ui/events/redeliver", data={"csrf": csrf, "event": f"{oid}:{10**20}"}
+        )
+        assert huge.status_code == 200 and "its seq is out of range" in huge.text, huge.text
         done = console.post(
             "/ui/events/redeliver",
             data={"csrf": csrf, "event": created},

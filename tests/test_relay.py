@@ -7,22 +7,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
 import standardwebhooks
 from click.testing import CliRunner, Result
+from sqlmodel import SQLModel
 from typer.main import get_command
 
 from fsm import outbox, outbox_sql, subscriptions
-from fsm.destinations.webhook import WebhookSender, new_session, signed_headers
+from fsm.destinations.webhook import WebhookSender, new_secret, new_session, signed_headers
 from fsm.executor import Executor
-from fsm.relay import Relay
+from fsm.relay import AMQP_DESTINATION, Relay, register_amqp
 from fsm.store import Store, utcnow
+from fsm.wiring import open_store
 from order_saga.cli import app
 from tests.support.endpoint import Endpoint, Mode
 from tests.support.events import (
@@ -174,7 +178,7 @@ async def test_redeliver_one_event_brings_its_order_s_later_events(
 async def test_a_dead_endpoint_delays_neither_orders_nor_other_destinations(
     db_url: str, store: Store, executor: Executor, services_url: str
 ) -> None:
-    settings = saga_settings(db_url, **{**FAST_EVENTS, "event_timeout": 30.0})
+    settings = saga_settings(db_url, **{**FAST_EVENTS, "event_timeout": 30.0, "relay_lease": 60.0})
     async with Endpoint(mode="hang") as dead:
         subscriptions.add_webhook(store, dead.url, outbox.DEFAULT_TYPES)
         subscribe_sink(store, services_url)
@@ -379,7 +383,9 @@ async def test_a_batch_stops_sending_well_within_the_cursor_s_lease(
 
         await store.committer.submit(write)
         await below_horizon(store)
-        settings = saga_settings(db_url, **{**FAST_EVENTS, "relay_lease": 1.5})
+        settings = saga_settings(
+            db_url, **{**FAST_EVENTS, "relay_lease": 1.5, "event_timeout": 0.5}
+        )
         relay = Relay(store, settings)
         now = utcnow()
         batch = await store.committer.submit(
@@ -415,3 +421,104 @@ async def test_a_batch_stops_sending_well_within_the_cursor_s_lease(
         e.event_id for e in reached
     ]
     assert first == len(reached)
+
+
+@pytest.mark.parametrize("url", ["http://a..b/hook", f"http://{'x' * 64}.example/hook"])
+async def test_a_webhook_whose_host_name_no_request_can_use_is_dead_lettered(
+    url: str, db_url: str, store: Store, executor: Executor, services_url: str
+) -> None:
+    """Stored before `webhooks add` refused such URLs: the relay dead-letters its events
+    (aiohttp raises UnicodeError, a ValueError, for the host), the cursor moves on; `webhooks
+    test` says why in one line. `webhooks add` refuses it."""
+    refused = run_cli(db_url, services_url, "webhooks", "add", url)
+    assert refused.exit_code == 2 and "is not a valid host name" in refused.stderr
+    bad = await store.committer.submit(
+        partial(
+            outbox_sql.add_destination,
+            store.dialect,
+            name=url,
+            kind="webhook",
+            url=url,
+            secret=new_secret(),
+            events=outbox.subscription(outbox.DEFAULT_TYPES),
+            now=utcnow(),
+        )
+    )
+    assert bad is not None
+    settings = saga_settings(db_url, **{**FAST_EVENTS, "event_max_age": 60.0})
+    async with relaying(store, settings):
+        ids = await orders(store, executor, 2)
+        want = expected(store, ids, outbox.DEFAULT_TYPES)
+
+        def all_dead() -> bool:
+            return len(subscriptions.deliveries(store, failed=True)) == len(want)
+
+        await wait_until_async(all_dead, what="every delivery dead-lettered")
+        await wait_until_async(lambda: subscriptions.lags(store)[url][0] == 0, what="no lag")
+    errors = {d.last_error for d in subscriptions.deliveries(store, failed=True)}
+    assert any(e and e.startswith("unusable URL: UnicodeError") for e in errors), errors
+    tested = await asyncio.to_thread(run_cli, db_url, services_url, "webhooks", "test", str(bad.id))
+    assert tested.exit_code == 1, tested.output
+    assert tested.stderr.startswith(f"order-saga: {url}: unusable URL: UnicodeError")
+    assert len(tested.stderr.strip().splitlines()) == 1
+
+
+async def test_the_amqp_destination_can_be_removed_and_a_relay_with_the_url_adds_it_back(
+    db_url: str, store: Store, services_url: str
+) -> None:
+    """ORDER_SAGA_AMQP_URL unset later: its cursor's lag would grow forever (and hold back
+    retention) unless the operator can remove it."""
+    await register_amqp(store, saga_settings(db_url, amqp_url="amqp://u:p@127.0.0.1:1/"))
+    removed = run_cli(db_url, services_url, "webhooks", "remove", AMQP_DESTINATION)
+    assert removed.exit_code == 0, removed.output
+    assert removed.stdout.startswith("removed amqp ")
+    assert [d.kind for d in subscriptions.destinations(store)] == []
+    listed = run_cli(db_url, services_url, "webhooks", "list", "--json")
+    assert _json(listed.stdout) == {"destinations": []}
+    await register_amqp(store, saga_settings(db_url, amqp_url="amqp://u:p@127.0.0.1:1/"))
+    back = subscriptions.destinations(store)
+    assert [(d.kind, d.name) for d in back] == [("amqp", AMQP_DESTINATION)]
+    by_id = run_cli(db_url, services_url, "webhooks", "remove", str(back[0].id))
+    assert by_id.exit_code == 0, by_id.output
+    assert subscriptions.destinations(store) == []
+
+
+async def test_a_relay_whose_database_fails_at_start_keeps_trying(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The AMQP destination's registration fails (no schema yet): the relay goes on trying,
+    as for the destinations' read, instead of dying (a `serve`'s relay child restarted every
+    second, forever)."""
+    caplog.set_level(logging.WARNING, logger="order_saga.relay")
+    url = f"sqlite:///{tmp_path}/later.db"
+    settings = saga_settings(url, **FAST_EVENTS, amqp_url="amqp://u:p@127.0.0.1:1/")
+    with open_store(settings) as store:
+        relay = Relay(store, settings)
+        task = asyncio.create_task(relay.run())
+        try:
+            with pytest.raises(Exception, match="event_destinations"):
+                subscriptions.destinations(store)
+            await wait_until_async(
+                lambda: task.done() or "cannot register the amqp destination" in caplog.text,
+                what="the first registration failed",
+            )
+            await asyncio.to_thread(SQLModel.metadata.create_all, store.engine)
+            await wait_until_async(
+                lambda: task.done() or bool(subscriptions.destinations(store)),
+                timeout=15,
+                what="the amqp destination registered",
+            )
+            assert not task.done(), task
+            assert [d.name for d in subscriptions.destinations(store)] == [AMQP_DESTINATION]
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def test_redeliver_with_a_seq_beyond_any_column_is_one_line(
+    db_url: str, store: Store, services_url: str
+) -> None:
+    huge = run_cli(db_url, services_url, "events", "redeliver", f"{uuid.uuid4()}:{10**20}")
+    assert huge.exit_code == 2, huge.output
+    assert "its seq is out of range" in huge.stderr

@@ -108,6 +108,8 @@ async def _post(
         return transient(f"timeout after {timeout.total:g}s")
     except aiohttp.ClientError as exc:
         return transient(f"connection: {type(exc).__name__}: {exc}".strip().rstrip(":"))
+    except ValueError as exc:  # a URL no request can go to (a bad host name: UnicodeError)
+        return refused(f"unusable URL: {type(exc).__name__}: {exc}".strip().rstrip(":"))
     if 200 <= status < 300:
         return DELIVERED
     answer = f"HTTP {status}"

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit
 
 from fsm.sql import TRANSITION_COLUMNS, Dialect, _quoted, as_utc
 
@@ -642,6 +643,29 @@ class Destination:
     url: str
     secret: str | None
     events: str
+
+    @property
+    def label(self) -> str:
+        """What the public outputs call it (/metrics labels, /healthz `events_lagging`, the
+        relay's log lines): a webhook's name is its URL, whose path or query may carry a
+        token (Slack, Discord), so `webhook:<id> <scheme>://<host>[:<port>]`; the full URL
+        only where an operator looks (`webhooks list`, the console's events page)."""
+        if self.kind != "webhook":
+            return self.name
+        return f"webhook:{self.id} {origin(self.url)}"
+
+
+def origin(url: str) -> str:
+    """`scheme://host[:port]` of a URL: no user, password, path, query or fragment."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:  # not a number: leave it out
+        port = None
+    return f"{parts.scheme}://{host}" + ("" if port is None else f":{port}")
 
 
 _DESTINATION = "SELECT id, name, kind, url, secret, events FROM event_destinations"

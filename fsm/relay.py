@@ -162,7 +162,7 @@ class Relay:
             # its successor never hold the cursor's lease, or a claim, as one.
             owner = f"{self.owner}:{destination.id}:{self._started}"
             task = asyncio.create_task(
-                self._pump(destination, sender, owner), name=destination.name
+                self._pump(destination, sender, owner), name=destination.label
             )
             self._pumps[destination.id] = (destination, task, sender)
 
@@ -199,7 +199,7 @@ class Relay:
         # commits wait for). The cursor's lease stays this relay's until then, so nobody
         # sends those events again meanwhile; the wait is at most `relay_gather`.
         sent: Sent | None = None
-        watch = _HorizonWatch(self.store, destination.name, loop.time)
+        watch = _HorizonWatch(self.store, destination.label, loop.time)
         try:
             while True:
                 try:
@@ -244,7 +244,7 @@ class Relay:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # the database away: the leases expire, nothing lost
-                    log.warning("relay %s: %s", destination.name, exc)
+                    log.warning("relay %s: %s", destination.label, exc)
                     await asyncio.sleep(max(s.relay_interval, 1.0))
         finally:
             # Stopping: record what was sent (else: sent again later), let the cursor go.
@@ -310,10 +310,10 @@ class Relay:
         tried = [a for _c, a in [*sent.results, *sent.stream] if a is not None]
         ok = sum(1 for attempt in tried if attempt.delivered)
         failed = len(tried) - ok
-        metrics.outbox_delivered(destination.name).inc(ok)
-        metrics.outbox_failed(destination.name).inc(failed)
+        metrics.outbox_delivered(destination.label).inc(ok)
+        metrics.outbox_failed(destination.label).inc(failed)
         if self.report is not None:
-            self.report(destination.name, ok, failed)
+            self.report(destination.label, ok, failed)
 
     def _settle_then(
         self,
@@ -397,13 +397,13 @@ class Relay:
             ):
                 at = sent.batch.last
                 outbox_sql.set_aside(
-                    d, cursor, destination_id=destination.id, rows=self._aside(sent)
+                    d, cursor, destination_id=destination.id, rows=self._aside(destination, sent)
                 )
             else:
                 log.warning(
                     "relay %s: the cursor was taken over or moved back (a commit lost with the "
                     "database server); its batch is sent again",
-                    destination.name,
+                    destination.label,
                 )
         results = sent.results
         done = [claimed.event_id for claimed, attempt in results if attempt.delivered]
@@ -426,7 +426,7 @@ class Relay:
                     log.warning(
                         "event %s to %s dead-lettered: %s",
                         claimed.event_id,
-                        destination.name,
+                        destination.label,
                         error,
                     )
                 continue
@@ -445,7 +445,7 @@ class Relay:
     def _dead(self, claimed: Claimed, attempt: Attempt, now: datetime) -> bool:
         return not attempt.retry or _too_old(claimed.retry_from, now, self.settings.event_max_age)
 
-    def _aside(self, sent: Sent) -> list[outbox_sql.Aside]:
+    def _aside(self, destination: Destination, sent: Sent) -> list[outbox_sql.Aside]:
         """The exception rows of the stream's part: each failed event (retried later, or
         dead), and each event not sent behind one of its order: pending, or dead behind
         one dead-lettered in this batch. Held (an exception row of its order when the
@@ -465,7 +465,9 @@ class Relay:
                 continue
             error = attempt.error or "failed"
             if self._dead(event, attempt, now):
-                log.warning("event %s dead-lettered: %s", event.event_id, error)
+                log.warning(
+                    "event %s to %s dead-lettered: %s", event.event_id, destination.label, error
+                )
                 behind[event.order_id] = "dead"
                 rows.append(outbox_sql.Aside(event, "dead", 1, now, error))
                 continue

@@ -143,10 +143,11 @@ def backlog(store: Store) -> list[Backlog]:
 
 
 def lags(store: Store) -> dict[str, tuple[int, float]]:
-    """destination -> (undelivered events, seconds since the oldest of them; 0: none)."""
+    """destination (its `label`: a webhook's URL may hold a token, and /healthz and /metrics
+    are public) -> (undelivered events, seconds since the oldest of them; 0: none)."""
     now = utcnow()
     return {
-        b.destination.name: (
+        b.destination.label: (
             b.pending,
             (now - b.oldest_pending).total_seconds() if b.oldest_pending else 0.0,
         )

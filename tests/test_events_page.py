@@ -16,7 +16,7 @@ from fsm import keys, metrics, subscriptions
 from fsm.roles import Role
 from fsm.store import Store
 from tests.support.api import api, place
-from tests.support.events import FAST_EVENTS, sink_seen, subscribe_sink
+from tests.support.events import FAST_EVENTS, label, sink_seen, subscribe_sink
 from tests.support.services import Downstream
 from tests.support.waiting import wait_until
 
@@ -72,7 +72,7 @@ def test_readers_see_dead_letters_operators_redeliver_them(
         page = console.get("/ui/events")
         assert REDELIVER_BUTTON in page.text and "Redeliver all" in page.text
         downstream.clear_faults()  # the endpoint is back
-        delivered = metrics.outbox_delivered(sink)._value.get()
+        delivered = metrics.outbox_delivered(label(store, sink))._value.get()
         for forged in ({"event": created}, {"event": created, "csrf": "not-it"}):
             answer = console.post("/ui/events/redeliver", data=forged, follow_redirects=False)
             assert answer.status_code == 403, answer.text
@@ -93,10 +93,10 @@ def test_readers_see_dead_letters_operators_redeliver_them(
         # the event and its order's later dead one, both back in line
         assert "2 deliveries back in line" in back.text
         wait_until(lambda: len(sink_seen(services_url)["events"]) == 2, what="the sink")
-        wait_until(lambda: subscriptions.lags(store)[sink][0] == 0, what="settled")
+        wait_until(lambda: subscriptions.lags(store)[label(store, sink)][0] == 0, what="settled")
         # The relay is serve's child process: its deliveries reach serve's /metrics.
         wait_until(
-            lambda: metrics.outbox_delivered(sink)._value.get() - delivered == 2,
+            lambda: metrics.outbox_delivered(label(store, sink))._value.get() - delivered == 2,
             what="the child's deliveries counted in serve's process",
         )
         page = console.get("/ui/events")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -28,12 +29,14 @@ from fsm.relay import AMQP_DESTINATION, Relay, register_amqp
 from fsm.store import Store, utcnow
 from fsm.wiring import open_store
 from order_saga.cli import app
+from tests.support.api import api
 from tests.support.endpoint import Endpoint, Mode
 from tests.support.events import (
     FAST_EVENTS,
     below_horizon,
     events_of,
     expected,
+    label,
     orders,
     out_of_order,
     relaying,
@@ -41,7 +44,7 @@ from tests.support.events import (
     subscribe_sink,
 )
 from tests.support.settings import saga_env, saga_settings
-from tests.support.waiting import wait_until_async
+from tests.support.waiting import wait_until, wait_until_async
 
 
 async def test_every_event_reaches_the_sink_once_in_order_verified(
@@ -54,7 +57,9 @@ async def test_every_event_reaches_the_sink_once_in_order_verified(
         await wait_until_async(
             lambda: len(sink_seen(services_url)["events"]) >= len(want), what="the sink"
         )
-        await wait_until_async(lambda: subscriptions.lags(store)[f"{services_url}/sink"][0] == 0)
+        await wait_until_async(
+            lambda: subscriptions.lags(store)[label(store, f"{services_url}/sink")][0] == 0
+        )
     seen = sink_seen(services_url)
     assert sorted(e["id"] for e in seen["events"]) == sorted(want)
     assert out_of_order(seen["events"]) == []
@@ -188,12 +193,12 @@ async def test_a_dead_endpoint_delays_neither_orders_nor_other_destinations(
             await wait_until_async(
                 lambda: len(sink_seen(services_url)["events"]) >= len(want), what="the sink"
             )
-            sink = f"{services_url}/sink"
+            sink = label(store, f"{services_url}/sink")
             await wait_until_async(lambda: subscriptions.lags(store)[sink][0] == 0)
             lags = subscriptions.lags(store)
     assert sorted(e["id"] for e in sink_seen(services_url)["events"]) == sorted(want)
     assert dead.requests == []
-    assert lags[dead.url][0] == len(want)  # all still pending there
+    assert lags[label(store, dead.url)][0] == len(want)  # all still pending there
 
 
 def _json(text: str) -> Any:
@@ -214,7 +219,8 @@ async def test_an_order_with_undelivered_events_is_not_pruned_then_goes_with_the
         endpoint.mode = "ok"
         async with relaying(store, saga_settings(db_url, **FAST_EVENTS)):
             await wait_until_async(
-                lambda: subscriptions.lags(store)[endpoint.url][0] == 0, what="delivery"
+                lambda: subscriptions.lags(store)[label(store, endpoint.url)][0] == 0,
+                what="delivery",
             )
     assert Pruner(store.engine, older_than=0).run().deleted == 1
     assert events_of(store, order_id) == []
@@ -316,7 +322,7 @@ async def test_a_changed_destination_s_old_pump_stops_and_its_new_types_are_sent
         (destination,) = subscriptions.destinations(store)
 
         def pumps() -> list[asyncio.Task[Any]]:
-            return [t for t in asyncio.all_tasks() if t.get_name() == destination.name]
+            return [t for t in asyncio.all_tasks() if t.get_name() == destination.label]
 
         async with relaying(store, saga_settings(db_url, **FAST_EVENTS)) as relay:
             await wait_until_async(lambda: len(pumps()) == 1, what="the pump")
@@ -454,7 +460,7 @@ async def test_a_webhook_whose_host_name_no_request_can_use_is_dead_lettered(
             return len(subscriptions.deliveries(store, failed=True)) == len(want)
 
         await wait_until_async(all_dead, what="every delivery dead-lettered")
-        await wait_until_async(lambda: subscriptions.lags(store)[url][0] == 0, what="no lag")
+        await wait_until_async(lambda: subscriptions.lags(store)[bad.label][0] == 0, what="no lag")
     errors = {d.last_error for d in subscriptions.deliveries(store, failed=True)}
     assert any(e and e.startswith("unusable URL: UnicodeError") for e in errors), errors
     tested = await asyncio.to_thread(run_cli, db_url, services_url, "webhooks", "test", str(bad.id))
@@ -522,3 +528,47 @@ async def test_redeliver_with_a_seq_beyond_any_column_is_one_line(
     huge = run_cli(db_url, services_url, "events", "redeliver", f"{uuid.uuid4()}:{10**20}")
     assert huge.exit_code == 2, huge.output
     assert "its seq is out of range" in huge.stderr
+
+
+async def test_a_webhook_s_secret_path_and_query_stay_out_of_metrics_healthz_and_logs(
+    db_url: str,
+    store: Store,
+    executor: Executor,
+    services_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A webhook URL's path and query may hold a token (Slack, Discord). /metrics and
+    /healthz are public even when a token is configured: they, and the relay's log lines,
+    name the destination `webhook:<id> scheme://host:port`, never by its URL."""
+    caplog.set_level(logging.DEBUG, logger="order_saga")
+    secrets = ("T0KENPATH", "Q5ECRET")
+    async with Endpoint(mode="500") as endpoint:
+        url = f"{endpoint.url}/T0KENPATH?token=Q5ECRET"
+        subscriptions.add_webhook(store, url, outbox.DEFAULT_TYPES)
+        destination = subscriptions.find(store, url)
+        port = endpoint.url.split(":")[2].split("/")[0]
+        assert destination.label == f"webhook:{destination.id} http://127.0.0.1:{port}"
+        # Failed, retried, then dead-lettered past event_max_age: the relay's warnings.
+        settings = saga_settings(db_url, **{**FAST_EVENTS, "event_max_age": 0.5})
+        async with relaying(store, settings):
+            await orders(store, executor, 1)
+            await wait_until_async(
+                lambda: any(
+                    "dead-lettered" in r.getMessage() and destination.label in r.getMessage()
+                    for r in caplog.records
+                ),
+                what="a dead letter logged",
+            )
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert not [s for s in secrets if s in logged], logged
+        await orders(store, executor, 1)  # pending, lagging (no relay meanwhile)
+        await below_horizon(store)
+        with api(db_url, services_url, event_lag_degraded=0.001) as client:
+            health = wait_until(
+                lambda: (h := client.get("/healthz").json())["events_lagging"] and h,
+                what="a lagging destination",
+            )
+            text = client.get("/metrics").text
+    assert list(health["events_lagging"]) == [destination.label]
+    assert f'order_saga_outbox_pending{{destination="{destination.label}"}}' in text
+    assert not [s for s in secrets if s in text or s in json.dumps(health)]

@@ -46,6 +46,11 @@ def subscribe_sink(store: Store, services_url: str, types: Iterable[str] = ()) -
     return added.secret
 
 
+def label(store: Store, url: str) -> str:
+    """The webhook at `url` as /metrics, /healthz and the relay's logs name it."""
+    return subscriptions.find(store, url).label
+
+
 def sink_seen(services_url: str) -> dict[str, Any]:
     seen: dict[str, Any] = HTTP.get(f"{services_url}/sink").json()
     return seen

@@ -43,9 +43,12 @@ class Result:
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """`order-saga ARGS` as a user types it: only PATH and `env` in its environment, text
-    output captured (for one-line errors and exit codes)."""
-    full_env = {"PATH": os.environ.get("PATH", "/usr/bin"), **env}
+    """`order-saga ARGS` as a user types it: only PATH and `env` in its environment (and
+    PYTHONPATH when the suite has one: the tree under test, e.g. a git worktree beside the
+    checkout the virtualenv was installed from), text output captured (for one-line errors
+    and exit codes)."""
+    kept = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
+    full_env = {"PATH": os.environ.get("PATH", "/usr/bin"), **kept, **env}
     return subprocess.run(
         [ORDER_SAGA, *args], capture_output=True, text=True, env=full_env, timeout=60
     )

@@ -41,6 +41,7 @@ from fsm.errors import CorruptOrder
 from fsm.machine import TERMINAL_ORDER_STATES, coarse_status
 from fsm.models import (
     AttemptTable,
+    EventDestinationTable,
     Order,
     OrderTable,
     OutboxCursorTable,
@@ -58,6 +59,7 @@ transitions = TransitionTable.__table__  # type: ignore[attr-defined]
 events = OutboxEventTable.__table__  # type: ignore[attr-defined]
 deliveries = OutboxDeliveryTable.__table__  # type: ignore[attr-defined]
 cursors = OutboxCursorTable.__table__  # type: ignore[attr-defined]
+destinations = EventDestinationTable.__table__  # type: ignore[attr-defined]
 attempts = AttemptTable.__table__  # type: ignore[attr-defined]
 
 _TERMINAL_STATES = sorted(s.value for s in TERMINAL_ORDER_STATES)
@@ -70,10 +72,16 @@ _TIMESTAMPS = ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at
 def undelivered_events() -> ColumnElement[bool] | None:
     """The transactional outbox's condition (issue 19): true when the order still has an
     event some destination's cursor has not passed (pending or in flight), or an exception
-    row not delivered (retried later, held, or dead-lettered)."""
+    row not delivered (retried later, held, or dead-lettered) to a destination that still
+    exists (a removed one's rows are owed to nobody: left behind by a removal that raced a
+    relay's settle before 1073153, they kept their orders for good)."""
     unfinished = (
         select(deliveries.c.event_id)
-        .where(deliveries.c.order_id == orders.c.id, deliveries.c.state != "delivered")
+        .where(
+            deliveries.c.order_id == orders.c.id,
+            deliveries.c.state != "delivered",
+            deliveries.c.destination_id.in_(select(destinations.c.id)),
+        )
         .exists()
     )
     not_passed = (

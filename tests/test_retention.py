@@ -199,25 +199,36 @@ async def test_an_event_a_destination_s_cursor_has_not_passed_keeps_its_order(
 async def test_an_order_with_an_undelivered_event_is_kept_a_delivered_one_goes(
     store: Store, executor: Executor, downstream: Downstream
 ) -> None:
+    from fsm import outbox, subscriptions
     from fsm.models import OutboxDeliveryTable, OutboxEventTable
 
-    population = await populate(store, executor, downstream, completed=2)
-    waiting, delivered = population.eligible[0], population.eligible[1]
+    population = await populate(store, executor, downstream, completed=3)
+    waiting, delivered, orphaned = population.eligible[:3]
     deliveries = OutboxDeliveryTable.__table__  # type: ignore[attr-defined]
     events = OutboxEventTable.__table__  # type: ignore[attr-defined]
     now = utcnow()
     with store.engine.begin() as conn:
-        for order_id, state in ((waiting, "pending"), (delivered, "delivered")):
-            event = f"{order_id}:99"
+        for order_id in (waiting, delivered, orphaned):
             conn.execute(
                 events.insert(),
-                {"id": event, "order_id": order_id, "seq": 99, "type": "order.completed",
-                 "created_at": now, "body": "{}"},
+                {"id": f"{order_id}:99", "order_id": order_id, "seq": 99,
+                 "type": "order.completed", "created_at": now, "body": "{}"},
             )  # fmt: skip
+    # Subscribed after those events: its cursor starts past them; their exception rows say
+    # what is owed.
+    webhook = subscriptions.add_webhook(store, "http://127.0.0.1:9/hook", outbox.DEFAULT_TYPES)
+    there, removed = webhook.destination.id, webhook.destination.id + 1000
+    with store.engine.begin() as conn:
+        for order_id, state, destination in (
+            (waiting, "pending", there),
+            (delivered, "delivered", there),
+            (orphaned, "pending", removed),  # owed to a destination no longer there
+        ):
             conn.execute(
                 deliveries.insert(),
-                {"destination_id": 1, "event_id": event, "order_id": order_id, "seq": 99,
-                 "state": state, "next_attempt_at": now, "created_at": now, "retry_from": now},
+                {"destination_id": destination, "event_id": f"{order_id}:99",
+                 "order_id": order_id, "seq": 99, "state": state, "next_attempt_at": now,
+                 "created_at": now, "retry_from": now},
             )  # fmt: skip
 
     Pruner(store.engine, older_than=0).run()

@@ -357,20 +357,20 @@ def split_id(event_id: str) -> tuple[uuid.UUID, int]:
 # -- the stream: a destination's cursor ---------------------------------------------------
 
 
-def _after(d: Dialect, e: str = "e", c: str | None = None) -> str:
-    """`e` is after the cursor (`c`'s columns, or two parameters) and readable: below the
-    horizon on PostgreSQL."""
+def _past(d: Dialect, e: str = "e", c: str | None = None) -> str:
+    """`e` is after the cursor (`c`'s columns, or the cursor's parameters: two on
+    PostgreSQL, one on SQLite), below the horizon or not (undelivered either way)."""
     if d.name == "sqlite":
         return f"{e}.position > {c + '.position' if c else '%s'}"
     bound = f"({c}.txid, {c}.position)" if c else "(%s, %s)"
-    return f"({e}.txid, {e}.position) > {bound} AND {e}.txid < {_HORIZON}"
+    return f"({e}.txid, {e}.position) > {bound}"
 
 
-def _past(d: Dialect, e: str = "e", c: str = "c") -> str:
-    """`e` is after `c`'s cursor, below the horizon or not (`_after` without the horizon)."""
-    if d.name == "sqlite":
-        return f"{e}.position > {c}.position"
-    return f"({e}.txid, {e}.position) > ({c}.txid, {c}.position)"
+def _after(d: Dialect, e: str = "e") -> str:
+    """`e` is after the cursor (its parameters) and readable: below the horizon on
+    PostgreSQL."""
+    past = _past(d, e)
+    return past if d.name == "sqlite" else f"{past} AND {e}.txid < {_HORIZON}"
 
 
 def _cursor_params(d: Dialect, at: tuple[int, int]) -> list[int]:
@@ -821,7 +821,7 @@ def deliveries(
         )
     else:
         # Past the cursor (beyond the horizon or not): pending.
-        stream_state = f"CASE WHEN {_past(d)} THEN 'pending' ELSE 'delivered' END"
+        stream_state = f"CASE WHEN {_past(d, c='c')} THEN 'pending' ELSE 'delivered' END"
         where = [f"(o.event_id IS NOT NULL OR ({_SUBSCRIBED} AND e.created_at >= ds.created_at))"]
         params = []
         if order_id is not None:

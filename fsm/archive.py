@@ -11,7 +11,10 @@ Format (version 1), one JSON object per line:
 
 A file is a sequence of gzip members, one per batch (`gzip -dc FILE` reads it whole). A
 writer killed mid-batch leaves a truncated last member: its orders were not deleted (the
-delete waits for the fsync), readers ignore it and the next append cuts it off first. An
+delete waits for the fsync), readers ignore it and the next append cuts it off first.
+Nothing else is cut: a file that is not whole members plus such a tail (another kind of
+file, a corrupt member, bytes after one) is refused by the appender, untouched, and is an
+error for readers: its bytes may be the last copy of orders already deleted. An
 order that changed between being archived and the delete's check stays in the database and
 is archived again by a later prune: the last line of an id is the one that counts.
 """
@@ -43,6 +46,10 @@ _TRANSITION_FIELDS = (
     "detail",
     "machine_version",
 )
+
+
+# Every member starts so: magic, deflate (RFC 1952). A tail starting otherwise is not one.
+_GZIP_HEADER = b"\x1f\x8b\x08"
 
 
 class ArchiveError(Exception):
@@ -97,9 +104,19 @@ def decode(line: dict[str, Any]) -> tuple[Order, list[Transition]]:
 # -- files ---------------------------------------------------------------------------------
 
 
+class _Corrupt(Exception):
+    """A gzip member that zlib refuses (bad header, bad data, wrong CRC or length)."""
+
+    def __init__(self, offset: int, reason: str) -> None:
+        super().__init__(f"corrupt gzip member at byte {offset}: {reason}")
+        self.offset = offset
+
+
 def _members(raw: BinaryIO) -> Iterator[tuple[int, bytes]]:
-    """(end offset, data) of every complete gzip member; stops at a truncated or corrupt
-    tail (zlib checks each member's CRC and length)."""
+    """(end offset, data) of every complete gzip member, from the start of `raw`. Stops
+    quietly at a truncated last member (every byte of it accepted, then the end of the
+    file: what a killed writer leaves); raises _Corrupt at a member zlib refuses (it checks
+    each member's header, data, CRC and length), whatever follows it."""
     offset = 0
     pending = b""
     while True:
@@ -115,8 +132,8 @@ def _members(raw: BinaryIO) -> Iterator[tuple[int, bytes]]:
                     return  # end of file: no member, or a truncated one
             try:
                 out.append(inflater.decompress(data))
-            except zlib.error:
-                return  # a corrupt tail
+            except zlib.error as exc:
+                raise _Corrupt(offset, str(exc)) from exc
             if inflater.eof:
                 pending = inflater.unused_data
                 used += len(data) - len(pending)
@@ -128,14 +145,15 @@ def _members(raw: BinaryIO) -> Iterator[tuple[int, bytes]]:
 
 
 def read(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Every archived line of a file, in the order written."""
+    """Every archived line of a file, in the order written; a truncated last member is
+    ignored, a corrupt member is an ArchiveError (what follows it cannot be read)."""
     try:
         with open(path, "rb") as raw:
             for _, data in _members(raw):
                 for text in data.splitlines():
                     if text.strip():
                         yield json.loads(text)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, _Corrupt) as exc:
         raise ArchiveError(f"cannot read archive {path}: {exc}") from exc
 
 
@@ -150,22 +168,50 @@ def find(path: str | Path, order_id: uuid.UUID) -> tuple[Order, list[Transition]
 
 class Appender:
     """Appends one gzip member per batch and fsyncs it (and, for a new file, its folder)
-    before `append` returns; a truncated member a killed writer left is cut off first."""
+    before `append` returns. A truncated last member a killed writer left (a gzip header,
+    every byte accepted, then the end of the file) is cut off first; anything else that is
+    not whole gzip members (another kind of file, a corrupt member, bytes after one) is an
+    ArchiveError and the file is left exactly as it was: its bytes may be the last copy of
+    orders already deleted."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         created = not self.path.exists()
-        self._raw = open(self.path, "ab+")  # noqa: SIM115  (closed by close())
+        try:
+            self._raw = open(self.path, "ab+")  # noqa: SIM115  (closed by close())
+        except OSError as exc:
+            raise ArchiveError(f"cannot open archive {self.path}: {exc}") from exc
+        try:
+            self._cut_partial_tail()
+            if created:
+                _fsync_dir(self.path.parent)
+        except BaseException:
+            self._raw.close()
+            raise
+
+    def _cut_partial_tail(self) -> None:
         self._raw.seek(0)
         end = 0
-        for member_end, _ in _members(self._raw):
-            end = member_end
-        self._raw.seek(0, os.SEEK_END)
-        if self._raw.tell() != end:
-            self._raw.truncate(end)
-            os.fsync(self._raw.fileno())
-        if created:
-            _fsync_dir(self.path.parent)
+        try:
+            for member_end, _ in _members(self._raw):
+                end = member_end
+        except _Corrupt as exc:
+            raise ArchiveError(
+                f"{self.path} is not an archive to append to ({exc}); "
+                "refused: the file left as it was, nothing pruned"
+            ) from exc
+        size = self._raw.seek(0, os.SEEK_END)
+        if size == end:
+            return
+        self._raw.seek(end)
+        head = self._raw.read(len(_GZIP_HEADER))
+        if not head.startswith(_GZIP_HEADER):  # a tail too short to be a member's start
+            raise ArchiveError(
+                f"{self.path} ends with {size - end} bytes that are not a gzip member; "
+                "refused: the file left as it was, nothing pruned"
+            )
+        self._raw.truncate(end)  # a killed writer's half member: its orders were not deleted
+        os.fsync(self._raw.fileno())
 
     def append(self, lines: Iterable[dict[str, Any]]) -> int:
         # Keys in their logged order (not sorted): `archive show` prints details as logged.

@@ -142,7 +142,8 @@ async def test_the_background_pass_prunes_with_the_settings(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert_pruned(store, population, population.eligible)
-    archived = {line["order"]["id"] for f in tmp_path.iterdir() for line in archive.read(f)}
+    files = list(tmp_path.glob("orders-*.jsonl.gz"))  # (the SQLite database is here too)
+    archived = {line["order"]["id"] for f in files for line in archive.read(f)}
     assert archived == {str(i) for i in population.eligible}
     assert all(store.get(i) for i in population.kept.values())
 

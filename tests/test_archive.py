@@ -1,0 +1,113 @@
+"""The archive file of `prune` (fsm.archive): opening one to append cuts only a killed
+writer's half-written last member and never anything else (another kind of file, a
+corrupt member, the intact members after one); a prune whose archive cannot be opened
+deletes nothing and says so in one line. On SQLite and PostgreSQL for the prune."""
+
+from __future__ import annotations
+
+import gzip
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fsm import archive
+from fsm.executor import Executor
+from fsm.store import Store, utcnow
+from order_saga.cli import app
+from tests.support.retention import age_into, populate
+from tests.support.services import Downstream
+from tests.support.settings import saga_env
+
+
+def two_batches(path: Path) -> bytes:
+    appender = archive.Appender(path)
+    appender.append([{"order": {"id": "m1"}}])
+    appender.append([{"order": {"id": "m2"}}])
+    appender.close()
+    return path.read_bytes()
+
+
+def test_a_killed_writer_s_half_member_is_cut_off_and_the_whole_ones_stay(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "a.jsonl.gz"
+    whole = two_batches(path)
+    half = gzip.compress(b'{"order": {"id": "m3"}}\n', mtime=0)
+    for cut in (3, 10, len(half) - 1):  # the header, the data, all but the trailer's end
+        path.write_bytes(whole + half[:cut])
+
+        archive.Appender(path).close()
+
+        assert path.read_bytes() == whole, cut
+    assert [line["order"]["id"] for line in archive.read(path)] == ["m1", "m2"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(
+            lambda whole: bytes([*whole[:15], whole[15] ^ 0xFF, *whole[16:]]),
+            id="a flipped byte in the first member",
+        ),
+        pytest.param(lambda whole: whole + b"\0" * 512, id="zeros after the members"),
+        pytest.param(lambda whole: whole + b"\x1f", id="one byte after the members"),
+        pytest.param(lambda whole: b"junk" + whole, id="bytes before the members"),
+    ],
+)
+def test_an_archive_that_is_not_whole_members_and_a_half_one_is_refused_untouched(
+    tmp_path: Path, damage: object
+) -> None:
+    path = tmp_path / "a.jsonl.gz"
+    damaged = damage(two_batches(path))  # type: ignore[operator]
+    path.write_bytes(damaged)
+
+    with pytest.raises(archive.ArchiveError, match="refused"):
+        archive.Appender(path)
+
+    assert path.read_bytes() == damaged  # not one byte dropped
+
+
+def test_a_corrupt_member_is_an_error_for_readers_not_the_end_of_the_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "a.jsonl.gz"
+    whole = bytearray(two_batches(path))
+    whole[15] ^= 0xFF
+    path.write_bytes(whole)
+    with pytest.raises(archive.ArchiveError, match="corrupt gzip member at byte 0"):
+        list(archive.read(path))
+
+
+def test_a_file_that_is_not_gzip_is_refused_untouched(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("important notes\nline2\n")
+    with pytest.raises(archive.ArchiveError, match="notes.txt is not an archive"):
+        archive.Appender(notes)
+    assert notes.read_text() == "important notes\nline2\n"
+
+
+async def test_a_prune_whose_archive_is_refused_deletes_nothing(
+    db_url: str, store: Store, executor: Executor, downstream: Downstream, tmp_path: Path
+) -> None:
+    population = await populate(store, executor, downstream, completed=2)
+    if db_url.startswith("postgresql"):  # a past day: the partition drop archives first too
+        age_into(store, population.eligible, (utcnow() - timedelta(days=3)).date())
+    before = {i: (store.get(i), store.history(i)) for i in population.eligible}
+    notes = tmp_path / "notes.txt"
+    notes.write_text("important notes\nline2\n")
+    env = saga_env(database_url=db_url, services_url=downstream.url)
+
+    result = CliRunner().invoke(
+        app, ["prune", "--older-than", "0", "--archive", str(notes)], env=env
+    )
+
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()  # one line, no traceback
+    assert line.startswith("order-saga: ") and "notes.txt is not an archive" in line
+    assert notes.read_text() == "important notes\nline2\n"
+    for order_id, (order, history) in before.items():  # every one still there, whole
+        assert store.get(order_id).version == order.version
+        assert store.history(order_id) == history

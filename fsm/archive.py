@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from fsm.errors import CorruptOrder
 from fsm.models import Order, Transition
 
 FORMAT_VERSION = 1
@@ -85,20 +86,61 @@ def encode(order: Order, history: Iterable[Transition], *, archived_at: datetime
     }
 
 
-def decode(line: dict[str, Any]) -> tuple[Order, list[Transition]]:
-    """The order and its log back from one archive line; ArchiveError for another format."""
+def decode(line: Any) -> tuple[Order, list[Transition]]:
+    """The order and its log back from one archive line; ArchiveError for another format
+    or a line of the wrong shape (what a bad value would raise included)."""
+    if not isinstance(line, dict):
+        raise ArchiveError(f"not an archive line (a JSON {type(line).__name__})")
     if line.get("format_version") != FORMAT_VERSION:
         raise ArchiveError(f"unknown archive format_version {line.get('format_version')!r}")
-    data = dict(line["order"])
-    data["id"] = uuid.UUID(data["id"])
-    for key in _TIMESTAMPS:
-        data[key] = _time(data[key])
-    order = Order(**data)
-    history = [
-        Transition(order_id=order.id, **{**t, "created_at": _time(t["created_at"])})
-        for t in line["transitions"]
-    ]
+    body, lines = line.get("order"), line.get("transitions")
+    if not isinstance(body, dict):
+        raise ArchiveError('"order" is not an object')
+    if not isinstance(lines, list) or not all(isinstance(t, dict) for t in lines):
+        raise ArchiveError('"transitions" is not a list of objects')
+    try:
+        data = dict(body)
+        data["id"] = uuid.UUID(data["id"])
+        for key in _TIMESTAMPS:
+            data[key] = _time(data[key])
+        order = Order(**data)
+        history = [
+            Transition(order_id=order.id, **{**t, "created_at": _time(t["created_at"])})
+            for t in lines
+        ]
+        _check_types(order)
+        for t in history:
+            _check_types(t)
+    except KeyError as exc:
+        raise ArchiveError(f"missing field {exc}") from exc
+    except (ValueError, TypeError, AttributeError, CorruptOrder) as exc:
+        raise ArchiveError(f"bad value: {exc}") from exc
     return order, history
+
+
+_KINDS: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "bool": (bool,),
+    "datetime": (datetime,),
+    "uuid.UUID": (uuid.UUID,),
+    "dict[str, int]": (dict,),
+    "dict[str, Any]": (dict,),
+}
+
+
+def _check_types(item: Order | Transition) -> None:
+    """TypeError naming the first field whose value is not of its declared type (what a
+    printer of the order would otherwise trip over)."""
+    for f in dataclasses.fields(item):
+        declared = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        optional = declared.endswith(" | None")
+        kinds = _KINDS.get(declared.removesuffix(" | None"))
+        value = getattr(item, f.name)
+        if kinds is None or (optional and value is None):
+            continue
+        if not isinstance(value, kinds) or (kinds == (int,) and isinstance(value, bool)):
+            raise TypeError(f"{f.name} is {value!r}, not {declared}")
 
 
 # -- files ---------------------------------------------------------------------------------
@@ -144,26 +186,48 @@ def _members(raw: BinaryIO) -> Iterator[tuple[int, bytes]]:
         yield offset, b"".join(out)
 
 
-def read(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Every archived line of a file, in the order written; a truncated last member is
-    ignored, a corrupt member is an ArchiveError (what follows it cannot be read)."""
+def _lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) of every line of a file, in the order written."""
+    number = 0
     try:
         with open(path, "rb") as raw:
             for _, data in _members(raw):
                 for text in data.splitlines():
-                    if text.strip():
-                        yield json.loads(text)
-    except (OSError, ValueError, _Corrupt) as exc:
+                    number += 1
+                    if not text.strip():
+                        continue
+                    try:
+                        parsed = json.loads(text)
+                    except ValueError as exc:
+                        raise ArchiveError(f"line {number} is not JSON: {exc}") from exc
+                    yield number, parsed
+    except (OSError, _Corrupt) as exc:
         raise ArchiveError(f"cannot read archive {path}: {exc}") from exc
 
 
+def read(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Every archived line of a file, in the order written; a truncated last member is
+    ignored, a corrupt member is an ArchiveError (what follows it cannot be read)."""
+    for _, line in _lines(path):
+        yield line
+
+
 def find(path: str | Path, order_id: uuid.UUID) -> tuple[Order, list[Transition]] | None:
-    """The last archived copy of one order in a file, or None."""
-    wanted, found = str(order_id), None
-    for line in read(path):
-        if line.get("order", {}).get("id") == wanted:
-            found = line
-    return None if found is None else decode(found)
+    """The last archived copy of one order in a file, or None. A line that is not an
+    archived order is an ArchiveError naming its line number."""
+    wanted, found, at = str(order_id), None, 0
+    for number, line in _lines(path):
+        order = line.get("order") if isinstance(line, dict) else None
+        if not isinstance(order, dict):
+            raise ArchiveError(f"line {number} is not an archived order")
+        if order.get("id") == wanted:
+            found, at = line, number
+    if found is None:
+        return None
+    try:
+        return decode(found)
+    except ArchiveError as exc:
+        raise ArchiveError(f"line {at}: {exc}") from exc
 
 
 class Appender:

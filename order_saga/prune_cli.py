@@ -87,7 +87,7 @@ def show(
         fail(f"no archive file {file}", 1)
     try:
         found = archives.find(file, oid)
-    except (archives.ArchiveError, KeyError, TypeError) as exc:
+    except archives.ArchiveError as exc:
         fail(f"{file}: {exc}", 1)
     if found is None:
         fail(f"order {oid} is not in {file}", 1)

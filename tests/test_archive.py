@@ -1,19 +1,25 @@
 """The archive file of `prune` (fsm.archive): opening one to append cuts only a killed
 writer's half-written last member and never anything else (another kind of file, a
 corrupt member, the intact members after one); a prune whose archive cannot be opened
-deletes nothing and says so in one line. On SQLite and PostgreSQL for the prune."""
+deletes nothing and says so in one line; `archive show` names a line of the wrong shape
+in one line, never a traceback. On SQLite and PostgreSQL for the prune."""
 
 from __future__ import annotations
 
 import gzip
+import json
+import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from fsm import archive
 from fsm.executor import Executor
+from fsm.models import Order, Transition
 from fsm.store import Store, utcnow
 from order_saga.cli import app
 from tests.support.retention import age_into, populate
@@ -111,3 +117,84 @@ async def test_a_prune_whose_archive_is_refused_deletes_nothing(
     for order_id, (order, history) in before.items():  # every one still there, whole
         assert store.get(order_id).version == order.version
         assert store.history(order_id) == history
+
+
+def an_archived_line(order_id: uuid.UUID) -> dict[str, Any]:
+    now = utcnow()
+    order = Order(
+        id=order_id, user_id=1, product_id=1, quantity=1, amount=1999,
+        state="completed", status="completed", created_at=now, updated_at=now,
+    )  # fmt: skip
+    step = Transition(
+        order_id=order_id, seq=1, scope="order", trigger="request_product",
+        from_state="pending", to_state="product_requested", created_at=now,
+    )  # fmt: skip
+    return archive.encode(order, [step], archived_at=now)
+
+
+def spoiled(change: Callable[[dict[str, Any]], Any]) -> Callable[[uuid.UUID], Any]:
+    def make(order_id: uuid.UUID) -> Any:
+        return change(an_archived_line(order_id))
+
+    return make
+
+
+def _set(line: dict[str, Any], where: str, key: str, value: Any) -> dict[str, Any]:
+    target = line if where == "line" else line["order"] if where == "order" else line[where][0]
+    target[key] = value
+    return line
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        pytest.param(lambda _: [1, 2], "line 2 is not an archived order", id="a list"),
+        pytest.param(lambda _: {"order": "x"}, "line 2 is not an archived order",
+                     id="order a string"),
+        pytest.param(lambda _: "text", "line 2 is not an archived order", id="a string"),
+        pytest.param(spoiled(lambda ln: _set(ln, "order", "created_at", "bad")),
+                     "line 2: bad value", id="a bad timestamp"),
+        pytest.param(spoiled(lambda ln: _set(ln, "order", "created_at", 5)),
+                     "line 2: bad value", id="a number for a timestamp"),
+        pytest.param(spoiled(lambda ln: _set(ln, "order", "quantity", "one")),
+                     "line 2: bad value: quantity", id="a string for a number"),
+        pytest.param(spoiled(lambda ln: _set(ln, "order", "bogus", 1)),
+                     "line 2: bad value", id="an unknown column"),
+        pytest.param(spoiled(lambda ln: _set(ln, "line", "transitions", "x")),
+                     'line 2: "transitions" is not a list', id="transitions a string"),
+        pytest.param(spoiled(lambda ln: _set(ln, "line", "transitions", [1])),
+                     'line 2: "transitions" is not a list', id="a transition a number"),
+        pytest.param(spoiled(lambda ln: _set(ln, "transitions", "created_at", None)),
+                     "line 2: bad value", id="a transition without its time"),
+        pytest.param(spoiled(lambda ln: _set(ln, "transitions", "seq", "1")),
+                     "line 2: bad value: seq", id="a string for the seq"),
+        pytest.param(spoiled(lambda ln: _set(ln, "line", "format_version", 2)),
+                     "line 2: unknown archive format_version 2", id="another version"),
+        pytest.param(spoiled(lambda ln: {k: v for k, v in ln.items() if k != "transitions"}),
+                     'line 2: "transitions" is not a list', id="no transitions"),
+    ],
+)  # fmt: skip
+def test_archive_show_names_the_line_of_the_wrong_shape_in_one_line(
+    tmp_path: Path, make: Callable[[uuid.UUID], Any], says: str
+) -> None:
+    wanted, other = uuid.uuid4(), uuid.uuid4()
+    path = tmp_path / "a.jsonl.gz"
+    appender = archive.Appender(path)
+    appender.append([an_archived_line(other), make(wanted)])
+    appender.close()
+    cli = CliRunner()
+
+    result = cli.invoke(app, ["archive", "show", str(path), str(wanted)])
+
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    [line] = result.stderr.splitlines()  # one line, no traceback
+    assert line.startswith(f"order-saga: {path}: ") and says in line, line
+    fine = an_archived_line(wanted)  # the same file with the line put right: shown
+    path.write_bytes(gzip.compress(f"{json.dumps(an_archived_line(other))}\n".encode()))
+    appender = archive.Appender(path)
+    appender.append([fine])
+    appender.close()
+    shown = cli.invoke(app, ["archive", "show", str(path), str(wanted), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["id"] == str(wanted)

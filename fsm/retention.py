@@ -3,8 +3,10 @@ transitions, in small short transactions, archiving each first (`fsm.archive`). 
 `order-saga prune` and by the background pass of `serve` and `worker`.
 
 What it must never do: delete an order that is not terminal (a parked `needs_attention`
-one included), one someone holds the lease of (a cancel or resolve under way), or one with
-order events not yet delivered (`undelivered_events`, the hook for the outbox); delete an
+one included), one someone holds the lease of (a cancel or resolve under way), one with
+order events not yet delivered (`undelivered_events`, the hook for the outbox), or one
+placed with an Idempotency-Key less than IDEMPOTENCY_WINDOW ago (the key lives only in its
+order's row: deleted, a retried POST would place and charge a second order); delete an
 order without its transitions or the other way round (one transaction per batch, so a kill
 at any point leaves each order whole or gone); delete before its archive line is fsynced.
 
@@ -66,6 +68,10 @@ _TERMINAL_STATES = sorted(s.value for s in TERMINAL_ORDER_STATES)
 _TERMINAL_STATUSES = sorted({coarse_status(s).value for s in TERMINAL_ORDER_STATES})
 # pg_try_advisory_lock key of the pruner: "order-saga retention" in 63 bits.
 ADVISORY_KEY = 0x6F72_6465_7273_6167 & 0x7FFF_FFFF_FFFF_FFFF
+# How long a client may retry a POST with the same Idempotency-Key and get the same order
+# (Stripe keeps keys 24 h): an order placed with a key is kept at least this long after its
+# creation, whatever --older-than / RETENTION_SECONDS / --keep say.
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
 _TIMESTAMPS = ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at", "updated_at")
 
 
@@ -101,10 +107,24 @@ def undelivered_events() -> ColumnElement[bool] | None:
     return or_(unfinished, not_passed)
 
 
+def key_held(now: datetime) -> ColumnElement[bool]:
+    """True for an order whose Idempotency-Key a client may still retry with: placed with
+    one less than IDEMPOTENCY_WINDOW ago."""
+    return and_(
+        orders.c.idempotency_key.is_not(None),
+        orders.c.created_at > now - IDEMPOTENCY_WINDOW,
+    )
+
+
 def eligible(*, cutoff: datetime, now: datetime) -> list[ColumnElement[bool]]:
     """THE definition of a prunable order, as conditions over `orders`: terminal (by state
     and by status, so a corrupt row never matches), its terminal move at or before `cutoff`,
-    nobody holding its lease, and no undelivered order events."""
+    nobody holding its lease, no undelivered order events, and no Idempotency-Key still
+    within its window (`key_held`)."""
+    return [*_eligible_but_for_the_key(cutoff=cutoff, now=now), ~key_held(now)]
+
+
+def _eligible_but_for_the_key(*, cutoff: datetime, now: datetime) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = [
         orders.c.status.in_(_TERMINAL_STATUSES),
         orders.c.state.in_(_TERMINAL_STATES),
@@ -146,6 +166,7 @@ class PruneSummary:
     transitions: int = 0  # transition rows deleted with them
     archived: int = 0
     changed: int = 0  # archived, then moved or claimed before the delete: kept
+    key_held: int = 0  # eligible but for an Idempotency-Key still in its window: kept
     batches: int = 0
     partitions: int = 0  # PostgreSQL: past days of the log dropped whole (fsm.partitions)
     seconds: float = 0.0
@@ -163,10 +184,21 @@ class PruneSummary:
             text += f", archived {self.archived} to {self.archive}"
         if self.changed:
             text += f", {self.changed} changed meanwhile and kept"
+        if self.key_held:
+            text += f", {self.key_held} {held_line()}"
         return text
 
     def as_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "ids" or v}
+
+
+def held_line() -> str:
+    """What the orders kept for their idempotency keys are (after their number)."""
+    hours = IDEMPOTENCY_WINDOW.total_seconds() / 3600
+    return (
+        f"kept: placed with an Idempotency-Key less than {hours:g}h ago "
+        "(a retry must find its order)"
+    )
 
 
 CrashHook = Callable[[str], None]
@@ -223,7 +255,15 @@ class Pruner:
                     select(orders.c.id).where(*where).order_by(orders.c.updated_at).limit(show)
                 )
                 self.summary.ids = [str(i) for (i,) in ids]
+                self.summary.key_held = self._count_key_held(conn, cut, now)
         return self.summary
+
+    def _count_key_held(self, conn: Connection, cut: datetime, now: datetime) -> int:
+        """How many orders would go now but for their Idempotency-Key (`key_held`)."""
+        where = [*_eligible_but_for_the_key(cutoff=cut, now=now), key_held(now)]
+        return int(
+            conn.execute(select(func.count()).select_from(orders).where(*where)).scalar() or 0
+        )
 
     def run(self, *, pause: float = 0.0) -> PruneSummary:
         """Batches until nothing eligible is left; `pause` x each batch's time between them."""
@@ -239,6 +279,11 @@ class Pruner:
                     break
                 if pause:
                     time.sleep(pause * (time.perf_counter() - began))
+            now = self.clock()
+            cut = cutoff_of(conn, older_than=self.older_than, keep_rows=self.keep_rows, now=now)
+            if cut is not None:
+                self.summary.key_held = self._count_key_held(conn, cut, now)
+            conn.commit()
         self.summary.seconds = time.perf_counter() - started
         return self.summary
 

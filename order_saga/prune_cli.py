@@ -32,9 +32,10 @@ def prune(
     batch: Annotated[int, typer.Option(min=1, max=10_000, help="Orders per transaction.")] = 200,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Delete terminal orders (never running or parked ones) with their transitions."""
+    """Delete terminal orders (never running or parked ones, nor one placed with an
+    Idempotency-Key less than 24 h ago) with their transitions."""
     from fsm import archive as archives
-    from fsm.retention import Pruner, crash_hook
+    from fsm.retention import Pruner, crash_hook, held_line
     from fsm.store import make_engine
 
     if older_than is None and keep is None:
@@ -66,6 +67,8 @@ def prune(
         typer.echo(json.dumps({"dry_run": dry_run, **summary.as_json()}, indent=2))
     elif dry_run:
         typer.echo(f"would delete {summary.eligible} orders")
+        if summary.key_held:
+            typer.echo(f"{summary.key_held} {held_line()}")
         for oid in summary.ids:
             typer.echo(f"  {oid}")
     else:

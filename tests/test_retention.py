@@ -1,24 +1,35 @@
 """Retention (issue 22) on SQLite and PostgreSQL: a prune deletes exactly the eligible
 orders (terminal, unleased, old enough or beyond the newest N) with their transitions and
-never a running, parked or leased one; the archive round-trips to what `orders show`
-printed; the background pass prunes on its own; one pruner at a time on PostgreSQL."""
+never a running, parked or leased one, nor one whose Idempotency-Key a retry may still
+use; the archive round-trips to what `orders show` printed; the background pass prunes on
+its own; one pruner at a time on PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm import archive
 from fsm.errors import OrderNotFound
 from fsm.executor import Executor
-from fsm.retention import Pruner, prune_forever
+from fsm.retention import IDEMPOTENCY_WINDOW, Pruner, prune_forever
 from fsm.store import Store, make_engine, utcnow
 from order_saga.cli import app
-from tests.support.retention import Population, orphan_transitions, populate, transition_count
+from tests.support.api import api, order_effects, place
+from tests.support.retention import (
+    Population,
+    created_earlier,
+    orphan_transitions,
+    populate,
+    transition_count,
+)
 from tests.support.services import Downstream
 from tests.support.settings import saga_env, saga_settings
 from tests.support.waiting import wait_until_async
@@ -243,3 +254,88 @@ async def test_an_order_with_an_undelivered_event_is_kept_a_delivered_one_goes(
     assert waiting in left_events
     gone = set(population.eligible) - {waiting}
     assert not gone & left_events  # the outbox rows of the deleted ones went with them
+
+
+def test_a_retry_after_a_prune_finds_its_order_while_its_key_s_window_lasts(
+    db_url: str, store: Store, downstream: Downstream
+) -> None:
+    """SPEC §4: a retried POST with the same Idempotency-Key returns the same order, never a
+    second one. The key lives in its order's row: `prune --older-than 0` keeps an order
+    placed with one for IDEMPOTENCY_WINDOW after its creation (and says so), and takes it
+    once that has passed."""
+    env = saga_env(database_url=db_url, services_url=downstream.url)
+    cli = CliRunner()
+    key = {"Idempotency-Key": f"checkout-{uuid.uuid4()}"}
+    with api(db_url, downstream.url) as client:
+        keyed, plain = place(client, headers=key), place(client)
+        assert keyed.status_code == plain.status_code == 201, (keyed.text, plain.text)
+        keyed_id, plain_id = keyed.json()["id"], plain.json()["id"]
+        balance = downstream.balance(ORDINARY_USER_ID)
+
+        dry = cli.invoke(app, ["prune", "--older-than", "0", "--dry-run"], env=env)
+        as_json = cli.invoke(app, ["prune", "--older-than", "0", "--dry-run", "--json"], env=env)
+        pruned = cli.invoke(app, ["prune", "--older-than", "0"], env=env)
+
+        held = "1 kept: placed with an Idempotency-Key less than 24h ago"
+        assert dry.exit_code == 0, dry.output
+        assert dry.stdout.startswith("would delete 1 orders\n") and held in dry.stdout
+        assert as_json.exit_code == 0, as_json.output
+        counted = json.loads(as_json.stdout)
+        assert (counted["eligible"], counted["key_held"], counted["ids"]) == (1, 1, [plain_id])
+        assert pruned.exit_code == 0, pruned.output
+        assert pruned.stdout.startswith("deleted 1 orders") and held in pruned.stdout
+        assert client.get(f"/orders/{plain_id}").status_code == 404  # no key: gone
+        assert client.get(f"/orders/{keyed_id}").json()["status"] == "completed"
+
+        again = place(client, headers=key)
+
+        assert again.status_code == 201, again.text
+        assert again.json()["id"] == keyed_id  # the same order, not a second one
+        assert downstream.balance(ORDINARY_USER_ID) == balance  # charged once
+        assert order_effects(downstream, keyed_id)[f"{keyed_id}:payment:deduct"] == 1
+        assert [o["id"] for o in client.get("/orders").json()["orders"]] == [keyed_id]
+
+        # Placed a window (and a minute) ago: the key may no longer be retried; it goes.
+        created_earlier(store, [uuid.UUID(keyed_id)], IDEMPOTENCY_WINDOW + timedelta(minutes=1))
+        later = cli.invoke(app, ["prune", "--older-than", "0"], env=env)
+
+        assert later.exit_code == 0, later.output
+        assert later.stdout.startswith("deleted 1 orders") and "kept" not in later.stdout
+        assert client.get(f"/orders/{keyed_id}").status_code == 404
+    assert orphan_transitions(store) == 0
+
+
+async def test_the_background_pass_and_keep_leave_an_order_whose_key_is_in_its_window(
+    db_url: str, store: Store, executor: Executor, downstream: Downstream
+) -> None:
+    async def placed(key: str | None) -> uuid.UUID:
+        order, _ = await store.create_order(
+            user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1,
+            idempotency_key=key, owner=executor.owner,
+        )  # fmt: skip
+        await executor.drive(order)
+        return order.id
+
+    keyed, plain = await placed(f"k-{uuid.uuid4()}"), await placed(None)
+    settings = saga_settings(db_url, retention_seconds=0.001, retention_interval=0.05)
+    task = asyncio.create_task(prune_forever(engine=store.engine, settings=settings))
+    try:
+        await wait_until_async(
+            lambda: transition_count(store, plain) == 0,
+            what="the order without a key pruned",
+            interval=0.025,
+        )
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert_pruned(store, Population(), [plain])
+    assert store.get(keyed).status == "completed"
+    kept = Pruner(store.engine, older_than=None, keep_rows=0).run()
+    assert (kept.deleted, kept.key_held) == (0, 1)
+    assert store.get(keyed).status == "completed"
+
+    created_earlier(store, [keyed], IDEMPOTENCY_WINDOW + timedelta(seconds=1))
+    gone = Pruner(store.engine, older_than=None, keep_rows=0).run()
+
+    assert (gone.deleted, gone.key_held) == (1, 0)
+    assert_pruned(store, Population(), [keyed])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, timedelta
 
 from sqlalchemy import func, select, text
 
@@ -112,3 +112,25 @@ def partition_names(store: Store) -> set[str]:
 def rows_in(store: Store, table: str) -> int:
     with store.engine.connect() as conn:
         return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+
+
+def created_earlier(store: Store, order_ids: list[uuid.UUID], by: timedelta) -> None:
+    """Move these orders' creation (and their logs' copy of it) `by` into the past, as if
+    placed then (PostgreSQL: the log's rows move to that day's partition, made first)."""
+    with store.engine.connect() as conn:
+        created = {
+            i: conn.execute(select(orders.c.created_at).where(orders.c.id == i)).scalar_one() - by
+            for i in order_ids
+        }
+        if conn.dialect.name == "postgresql":
+            days = sorted(when.date() for when in created.values())
+            partitions.ensure(conn, first=days[0], last=days[-1])
+        conn.commit()
+    with store.engine.begin() as conn:
+        for order_id, when in created.items():
+            conn.execute(orders.update().where(orders.c.id == order_id).values(created_at=when))
+            conn.execute(
+                transitions.update()
+                .where(transitions.c.order_id == order_id)
+                .values(order_created_at=when)
+            )

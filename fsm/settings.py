@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -16,7 +16,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from fsm.bounds import MAX_COUNT, MAX_SECONDS
 from fsm.registry import SERVICES
+
+# A number of seconds (a wait, an age, a lifetime): finite and at most MAX_SECONDS, above
+# the lower bound its field states. A field bounded tighter states its own `le` on a plain
+# float instead (as db_lock_timeout does): this one would replace it.
+Seconds = Annotated[float, Field(allow_inf_nan=False, le=MAX_SECONDS)]
+# A number of rows: at most what SQL's LIMIT/OFFSET takes.
+Count = Annotated[int, Field(le=MAX_COUNT)]
 
 
 class Settings(BaseSettings):
@@ -58,27 +66,27 @@ class Settings(BaseSettings):
     crash_after: str | None = None
 
     # Per-call HTTP timeout, seconds.
-    http_timeout: float = Field(default=5.0, gt=0)
+    http_timeout: Seconds = Field(default=5.0, gt=0)
     # Retries of one call within one run (same idempotency key each time).
     max_attempts: int = Field(default=4, ge=1, le=100)
-    backoff_base: float = Field(default=0.05, ge=0)
-    backoff_max: float = Field(default=2.0, ge=0)
+    backoff_base: Seconds = Field(default=0.05, ge=0)
+    backoff_max: Seconds = Field(default=2.0, ge=0)
     # A forward step still unknown this long after the steps started is treated as failed
     # (and compensated, since it may have been applied).
-    step_deadline: float = Field(default=60.0, gt=0)
+    step_deadline: Seconds = Field(default=60.0, gt=0)
     # A parked (needs_attention) order is retried by the sweep after `park_min`, then with
     # doubling pauses up to `park_max`. Minutes, not seconds: a parked order is there for a
     # person to look at; retried every few seconds it would flip between compensating and
     # needs_attention under the operator's eyes (and hammer the service that fails it).
-    park_min: float = Field(default=300.0, gt=0)
-    park_max: float = Field(default=3600.0, gt=0)
+    park_min: Seconds = Field(default=300.0, gt=0)
+    park_max: Seconds = Field(default=3600.0, gt=0)
     # How long a driver owns an order without renewing its lease.
-    lease_seconds: float = Field(default=30.0, gt=0)
+    lease_seconds: Seconds = Field(default=30.0, gt=0)
     # POST /orders waits this long for a terminal state before answering 202.
-    respond_within: float = Field(default=10.0, ge=0)
+    respond_within: Seconds = Field(default=10.0, ge=0)
     # The sweep of `serve` and `worker`: how often, how old an order must be, batch size.
-    sweep_interval: float = Field(default=5.0, gt=0)
-    sweep_older_than: float = Field(default=30.0, ge=0)
+    sweep_interval: Seconds = Field(default=5.0, gt=0)
+    sweep_older_than: Seconds = Field(default=30.0, ge=0)
     sweep_batch: int = Field(default=200, ge=1, le=100_000)
     # Orders one sweep (of `serve` or a `worker`) drives at once; they share commits.
     sweep_concurrency: int = Field(default=32, ge=1, le=1000)
@@ -100,7 +108,7 @@ class Settings(BaseSettings):
     # with its reason (what an operator expects, and what the README's recipe shows); it
     # takes failures across orders (an outage) to open the breaker and make orders wait.
     breaker_threshold: int = Field(default=5, ge=1, le=1000)
-    breaker_cooldown: float = Field(default=5.0, gt=0)
+    breaker_cooldown: Seconds = Field(default=5.0, gt=0)
     breaker_batch: int = Field(default=20, ge=1, le=1000)
 
     # Operator console (issue 9): log lines as text or JSON; the port on which
@@ -129,19 +137,19 @@ class Settings(BaseSettings):
     # deleted with their transitions by the background pass of `serve`/`worker` (None: keep
     # everything); `retention_rows` keeps at most the newest N terminal orders. Either may
     # be set alone. Non-terminal and parked orders are never deleted.
-    retention_seconds: float | None = Field(default=None, gt=0)
-    retention_rows: int | None = Field(default=None, ge=0)
+    retention_seconds: Seconds | None = Field(default=None, gt=0)
+    retention_rows: Count | None = Field(default=None, ge=0)
     # How often `serve` and `worker` fold the new transitions into the heatmap's roll-up
     # (fsm.rollup; 0: only when the heatmap is loaded).
-    heat_roll_interval: float = Field(default=60.0, ge=0)
+    heat_roll_interval: Seconds = Field(default=60.0, ge=0)
     # How often the background pass runs, and how many orders one short transaction deletes.
-    retention_interval: float = Field(default=60.0, gt=0)
+    retention_interval: Seconds = Field(default=60.0, gt=0)
     retention_batch: int = Field(default=200, ge=1, le=10_000)
     # The background pass writes every order it deletes here first (gzip JSON lines).
     archive_dir: str | None = None
     # A non-terminal order this many seconds after creation stops waiting (None: no limit):
     # its forward steps not yet succeeded expire and it compensates (the `deadline` edge).
-    order_deadline: float | None = Field(default=None, gt=0)
+    order_deadline: Seconds | None = Field(default=None, gt=0)
 
     # --- order events (issue 19): the outbox relay and its destinations ---------------------
     # RabbitMQ: the durable topic exchange `order-saga.events` (unset: no AMQP destination).
@@ -166,11 +174,11 @@ class Settings(BaseSettings):
     event_timeout: float = Field(default=5.0, gt=0, le=600)
     # Failed deliveries are retried with exponential backoff and jitter for this long after
     # the event (seconds), then dead-lettered (`order-saga events list --failed`).
-    event_max_age: float = Field(default=86_400.0, gt=0)
-    event_backoff_base: float = Field(default=1.0, gt=0)
-    event_backoff_max: float = Field(default=300.0, gt=0)
+    event_max_age: Seconds = Field(default=86_400.0, gt=0)
+    event_backoff_base: Seconds = Field(default=1.0, gt=0)
+    event_backoff_max: Seconds = Field(default=300.0, gt=0)
     # /healthz says "degraded" when a destination's oldest undelivered event is this old.
-    event_lag_degraded: float = Field(default=60.0, gt=0)
+    event_lag_degraded: Seconds = Field(default=60.0, gt=0)
 
     @field_validator("amqp_url")
     @classmethod

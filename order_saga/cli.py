@@ -35,6 +35,7 @@ from order_saga.console import (
     load_settings,
     one_line,
     parse_order_id,
+    seconds_option,
     version_option,
 )
 from order_saga.events_cli import events_app, webhooks_app
@@ -187,9 +188,7 @@ def services(
 
 @app.command()
 def resume(
-    older_than: Annotated[
-        float, typer.Option(min=0, help="Only orders unmoved this long (seconds).")
-    ] = 60.0,
+    older_than: Annotated[float, seconds_option("Only orders unmoved this long (seconds).")] = 60.0,
     limit: Annotated[int, typer.Option(min=1, max=100_000)] = 100,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List, change nothing.")] = False,
     order: Annotated[str | None, typer.Option(help="Resume this one order id.")] = None,
@@ -323,9 +322,12 @@ def first_free(start: int, serve: Callable[[int], object]) -> int | None:
 def worker(
     interval: Annotated[
         float | None,
-        typer.Option(min=0.01, help="Seconds between sweeps (default ORDER_SAGA_SWEEP_INTERVAL)."),
+        seconds_option("Seconds between sweeps (default ORDER_SAGA_SWEEP_INTERVAL).", min=0.01),
     ] = None,
-    older_than: Annotated[float | None, typer.Option(min=0)] = None,
+    older_than: Annotated[
+        float | None,
+        seconds_option("Only orders unmoved this long (default ORDER_SAGA_SWEEP_OLDER_THAN)."),
+    ] = None,
     metrics_port: Annotated[
         int | None,
         typer.Option(

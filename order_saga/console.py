@@ -7,10 +7,11 @@ import this one and never each other. No engine here: commands get theirs from
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from fsm.bounds import MAX_COUNT, MAX_SECONDS
 from order_saga.redact import redact
 
 if TYPE_CHECKING:  # imported by the commands that read settings: `--help` needs neither
@@ -63,6 +64,18 @@ def load_settings() -> Settings:
         err = exc.errors()[0]
         field = "ORDER_SAGA_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
         fail(f"invalid {field}: {err['msg']}")
+
+
+def seconds_option(help: str | None = None, *, min: float = 0) -> Any:
+    """A flag taking seconds: a number from `min` to MAX_SECONDS (about 31 years), as the
+    ORDER_SAGA_* settings take them; anything else (inf, nan: no comparison with it holds)
+    a usage error, exit 2, before it could overflow a date or a timeout."""
+    return typer.Option(min=min, max=MAX_SECONDS, help=help)
+
+
+def count_option(help: str | None = None, *, min: int = 0) -> Any:
+    """A flag taking a number of rows, at most what SQL's LIMIT/OFFSET takes."""
+    return typer.Option(min=min, max=MAX_COUNT, help=help)
 
 
 def parse_order_id(text: str, what: str = "") -> uuid.UUID:

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from fsm.bounds import MAX_ID
 from fsm.errors import SagaError
 from fsm.machine import OperatorAction, OrderState, Status
-from order_saga.console import fail, load_settings, parse_order_id
+from order_saga.console import fail, load_settings, parse_order_id, seconds_option
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -82,10 +83,10 @@ def list_orders(
     status: Annotated[Status | None, typer.Option(help="Coarse status.")] = None,
     state: Annotated[OrderState | None, typer.Option(help="Exact machine state.")] = None,
     older_than: Annotated[
-        float | None, typer.Option(min=0, help="Unmoved for at least this many seconds.")
+        float | None, seconds_option("Unmoved for at least this many seconds.")
     ] = None,
-    product: Annotated[int | None, typer.Option(min=1)] = None,
-    user: Annotated[int | None, typer.Option(min=1)] = None,
+    product: Annotated[int | None, typer.Option(min=1, max=MAX_ID)] = None,
+    user: Annotated[int | None, typer.Option(min=1, max=MAX_ID)] = None,
     id_prefix: Annotated[
         str | None, typer.Option("--id", help="A full order id or its first characters.")
     ] = None,

@@ -11,18 +11,17 @@ from typing import Annotated
 
 import typer
 
-from order_saga.console import fail, load_settings, parse_order_id
+from order_saga.console import count_option, fail, load_settings, parse_order_id, seconds_option
 
 archive_app = typer.Typer(help="Read archives written by prune.", no_args_is_help=True)
 
 
 def prune(
     older_than: Annotated[
-        float | None,
-        typer.Option(min=0, help="Terminal orders whose last move is older (seconds)."),
+        float | None, seconds_option("Terminal orders whose last move is older (seconds).")
     ] = None,
     keep: Annotated[
-        int | None, typer.Option(min=0, help="Also delete beyond the newest N terminal orders.")
+        int | None, count_option("Also delete beyond the newest N terminal orders.")
     ] = None,
     archive: Annotated[
         Path | None,

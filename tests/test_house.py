@@ -138,6 +138,7 @@ SETTINGS_ALLOWED = {
     ("tests/test_clients.py", "call"): "one HTTP client and its timeout, no saga",
     ("tests/test_schemathesis.py", "services_live"): "the services' body limit, as deployed",
     ("tests/test_registry.py", "settings"): "the validation of the service URL map itself",
+    ("tests/test_settings.py", "validated"): "the validation of Settings itself",
 }
 
 

@@ -1,0 +1,17 @@
+"""The largest number of seconds, and the largest count, that a setting (fsm.settings), a
+command-line flag (order_saga.console) or a query parameter may take. Constants only, no
+imports: `order-saga --help` reads them without loading pydantic or a database driver.
+"""
+
+# About 31.7 years: beyond any sensible wait, yet far inside what the waits are built from
+# (datetime.timedelta: 2.7 million years; socket and thread timeouts: ~292 years) and what
+# a date plus or minus it can hold (years 1 to 9999). Above it: OverflowError at start-up,
+# or in every sweep of an order (ORDER_SAGA_STEP_DEADLINE=1e20 stranded it).
+MAX_SECONDS = 10**9
+
+# A SQL BIGINT (and SQLite's INTEGER): a count bound into a LIMIT or OFFSET, or compared
+# with one, must fit in it.
+MAX_COUNT = 2**63 - 1
+
+# An id of a user or a product: the SQL INTEGER of their columns (the API's bound too).
+MAX_ID = 2**31 - 1

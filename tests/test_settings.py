@@ -1,0 +1,175 @@
+"""What ORDER_SAGA_* settings and the commands' number flags accept: every number of
+seconds finite and at most MAX_SECONDS, every count at most MAX_COUNT. Anything else stops the
+command at start in one line naming it (a setting: `invalid ORDER_SAGA_X`, exit 2; a
+flag: a usage error, exit 2), never a traceback, a stuck order or a sweep failing
+forever later. At the bounds themselves an order runs, parks, is explained and pruned."""
+
+from __future__ import annotations
+
+import typing
+from datetime import timedelta
+from typing import Annotated, Any
+
+import pytest
+from pydantic import ValidationError
+
+from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
+from fsm import why
+from fsm.bounds import MAX_COUNT, MAX_SECONDS
+from fsm.retention import pruner_for
+from fsm.settings import Settings
+from fsm.store import Store
+from fsm.wiring import open_saga
+from tests.support.processes import run_cli
+from tests.support.services import Downstream
+from tests.support.settings import saga_env, saga_settings
+
+UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"  # fails fast, if reached
+NO_DB = {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}
+
+
+def number_fields() -> dict[str, type]:
+    """Every int or float field of Settings (None allowed or not), by name."""
+    found = {}
+    for name, field in Settings.model_fields.items():
+        given = typing.get_args(field.annotation) or (field.annotation,)  # X | None: X, None
+        kinds = {typing.get_args(k)[0] if typing.get_origin(k) is Annotated else k for k in given}
+        numbers = kinds & {int, float}
+        if numbers and bool not in kinds:
+            found[name] = float if float in numbers else int
+    return found
+
+
+NUMBERS = number_fields()
+TOO_BIG = {float: str(MAX_SECONDS * 10), int: str(MAX_COUNT + 1)}
+
+
+def validated(**fields: Any) -> Settings:
+    """Settings(**fields) (and the ORDER_SAGA_* environment): the validation itself."""
+    return Settings(**fields)
+
+
+def refusal(**fields: Any) -> list[str]:
+    """The fields `validated(**fields)` names in its refusal ([] if it takes them)."""
+    try:
+        validated(**fields)
+    except ValidationError as exc:
+        return [str(e["loc"][0]) for e in exc.errors() if e["loc"]]
+    return []
+
+
+def test_the_settings_have_numbers_to_check() -> None:
+    assert {"lease_seconds", "step_deadline", "retention_rows"} <= set(NUMBERS)
+
+
+@pytest.mark.parametrize("name", sorted(NUMBERS))
+def test_every_number_setting_is_finite_and_bounded(name: str) -> None:
+    """inf, nan or a number past the bound (ORDER_SAGA_LEASE_SECONDS=inf was a traceback
+    at start, ORDER_SAGA_STEP_DEADLINE=1e20 an order stuck for good) is refused, named."""
+    values = [TOO_BIG[NUMBERS[name]]] + (["inf", "nan", "-inf"] if NUMBERS[name] is float else [])
+    for value in values:
+        assert name in refusal(**{name: value}), f"ORDER_SAGA_{name.upper()}={value} taken"
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "value"),
+    [
+        (["serve"], "LEASE_SECONDS", "inf"),
+        (["worker"], "STEP_DEADLINE", "1e20"),
+        (["resume"], "HTTP_TIMEOUT", "inf"),
+        (["worker"], "ORDER_DEADLINE", "1e20"),
+        (["worker"], "RETENTION_SECONDS", "1e20"),
+        (["worker"], "RETENTION_ROWS", "99999999999999999999"),
+        (["orders", "list"], "SWEEP_OLDER_THAN", "1e20"),
+        (["orders", "list"], "PARK_MAX", "1e20"),
+        (["relay"], "EVENT_MAX_AGE", "1e20"),
+    ],
+)
+def test_a_number_setting_past_its_bound_stops_the_command_in_one_line(
+    command: list[str], variable: str, value: str
+) -> None:
+    result = run_cli(*command, **NO_DB, **{f"ORDER_SAGA_{variable}": value})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"order-saga: invalid ORDER_SAGA_{variable}: "), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+SECONDS_FLAGS = [
+    ["resume", "--older-than"],
+    ["worker", "--older-than"],
+    ["worker", "--interval"],
+    ["orders", "list", "--older-than"],
+    ["prune", "--dry-run", "--older-than"],
+]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        *([*flag, value] for flag in SECONDS_FLAGS for value in ("1e20", "inf", "nan")),
+        ["prune", "--dry-run", "--keep", str(MAX_COUNT + 1)],
+        ["orders", "list", "--product", "99999999999999999999"],
+        ["orders", "list", "--user", "99999999999999999999"],
+    ],
+    ids=" ".join,
+)
+def test_a_flag_past_its_bound_is_a_usage_error(args: list[str]) -> None:
+    """`resume --older-than 1e20` and the like were a traceback (`worker`'s: one every
+    sweep); the unreachable database shows the flag is refused before it is asked."""
+    result = run_cli(*args, **NO_DB)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"order-saga: Invalid value for '{args[-2]}': "), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_a_flag_at_its_bound_works(db_url: str, store: Store) -> None:
+    env = saga_env(database_url=db_url)
+    for args in (
+        ["resume", "--dry-run", "--older-than", str(MAX_SECONDS)],
+        ["orders", "list", "--older-than", str(MAX_SECONDS)],
+        ["prune", "--dry-run", "--older-than", str(MAX_SECONDS)],
+        ["prune", "--dry-run", "--keep", str(MAX_COUNT)],
+    ):
+        result = run_cli(*args, **env)
+        assert result.returncode == 0, f"{args}: {result.stderr}"
+
+
+async def test_every_wait_at_its_bound_still_runs_parks_explains_and_prunes(
+    db_url: str, services_url: str, downstream: Downstream
+) -> None:
+    """MAX_SECONDS itself overflows nothing an order meets: its lease, step and order
+    deadlines, HTTP timeout, the park's pause, the sweep's age in its why, retention."""
+    longest = dict.fromkeys(
+        (
+            "lease_seconds",
+            "step_deadline",
+            "order_deadline",
+            "http_timeout",
+            "backoff_max",
+            "park_min",
+            "park_max",
+            "sweep_older_than",
+            "retention_seconds",
+        ),
+        MAX_SECONDS,
+    )
+    settings = saga_settings(db_url, services_url, retention_rows=MAX_COUNT, **longest)
+    async with open_saga(settings) as saga:
+        done, _ = await saga.store.create_order(
+            user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1
+        )
+        assert (await saga.executor.run(done.id)).state == "completed"
+
+        downstream.fault("user.refund", "error", count=1000)
+        parked, _ = await saga.store.create_order(
+            user_id=ORDINARY_USER_ID, product_id=SOLD_OUT_PRODUCT_ID, quantity=1
+        )
+        assert (await saga.executor.run(parked.id)).state == "needs_attention"
+        downstream.clear_faults()
+        stored = saga.store.get(parked.id)
+        explained = why.for_order(saga.store, stored, settings)
+        assert explained is not None and explained.kind is why.Kind.PARKED
+        assert explained.until >= stored.updated_at + timedelta(seconds=MAX_SECONDS)
+
+        pruned = pruner_for(settings, saga.store.engine).run()
+        assert pruned.deleted == 0  # nothing is 31 years old, nor beyond the newest 2**63-1

@@ -240,13 +240,28 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, url: str) -> str:
-        if not url.startswith(("sqlite://", "postgresql")):
-            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        """A database every process can open and share, with a driver installed: a SQLite
+        file (not one in memory: each connection would get its own, empty), or PostgreSQL
+        through psycopg (`postgresql://` is taken to mean that). The message never quotes
+        the URL (it may hold a password)."""
+        if not url.startswith(("sqlite:", "postgresql")):
+            raise ValueError(f"must be {ACCEPTED_DATABASES}")
         try:
-            make_url(url)
+            parsed = make_url(url)
         except (ArgumentError, ValueError):  # the message would quote it, password and all
             raise ValueError("is not a valid database URL") from None
-        return url
+        if parsed.drivername == "sqlite":
+            if parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory":
+                raise ValueError(
+                    "is a SQLite database in memory, which every connection sees empty: "
+                    "give a file, sqlite:///<file>"
+                )
+            return url
+        if parsed.drivername == "postgresql":
+            return url.replace("postgresql://", "postgresql+psycopg://", 1)
+        if parsed.drivername == "postgresql+psycopg":
+            return url
+        raise ValueError(f"names a driver order-saga does not use: it must be {ACCEPTED_DATABASES}")
 
     @field_validator("fallback_services_url")
     @classmethod
@@ -264,7 +279,12 @@ class Settings(BaseSettings):
         if not isinstance(data, dict):
             return data
         names = [service.name for service in SERVICES]
-        urls = dict(data.get("services") or {})
+        given_urls = data.get("services") or {}
+        if not isinstance(given_urls, dict):
+            raise ValueError(
+                'ORDER_SAGA_SERVICES must be a JSON object: {"<service>": "http://…", …}'
+            )
+        urls = dict(given_urls)
         for name in names:
             given = data.pop(f"{name}_url", None) or os.environ.get(_env(name))
             if given is not None:
@@ -289,6 +309,9 @@ class Settings(BaseSettings):
     @property
     def embedded_services(self) -> bool:
         return not self.services
+
+
+ACCEPTED_DATABASES = "a sqlite:///<file> or postgresql+psycopg:// (or postgresql://) URL"
 
 
 def _env(service: str) -> str:

@@ -6,6 +6,7 @@ import this one and never each other. No engine here: commands get theirs from
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -54,7 +55,10 @@ def one_line(exc: BaseException) -> str:
 
 
 def load_settings() -> Settings:
+    """The ORDER_SAGA_* settings, or one line naming the first bad one (exit 2). Neither
+    line quotes the value: it may be a password, a token or a client secret."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from fsm.settings import Settings
 
@@ -64,6 +68,13 @@ def load_settings() -> Settings:
         err = exc.errors()[0]
         field = "ORDER_SAGA_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
         fail(f"invalid {field}: {err['msg']}")
+    except SettingsError as exc:
+        # pydantic-settings names the field only in its message: 'error parsing value for
+        # field "services" from source "EnvSettingsSource"' (a JSON field that is not JSON).
+        named = re.search(r'error (parsing|getting) value for field "(\w+)"', str(exc))
+        field = f"ORDER_SAGA_{named.group(2).upper()}" if named else "settings"
+        parsing = named is not None and named.group(1) == "parsing"
+        fail(f"invalid {field}: {'not valid JSON' if parsing else 'unreadable'}")
 
 
 def seconds_option(help: str | None = None, *, min: float = 0) -> Any:
@@ -108,11 +119,12 @@ def version_option(
     import logging
 
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from fsm.settings import Settings
     from order_saga.logs import configure
 
     try:
         configure(Settings().log_format, logging.WARNING)
-    except ValidationError:
+    except (ValidationError, SettingsError):
         pass

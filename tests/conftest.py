@@ -122,7 +122,7 @@ def downstream(services_url: str) -> Downstream:
 
 @pytest.fixture
 async def services(services_url: str) -> AsyncIterator[Services]:
-    settings = saga_settings("sqlite://", services_url)
+    settings = saga_settings("sqlite:///unused.db", services_url)  # clients only: no database
     async with http_client(settings) as client:
         yield http_services_for(settings, client)
 

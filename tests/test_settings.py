@@ -1,5 +1,6 @@
 """What ORDER_SAGA_* settings and the commands' number flags accept: every number of
-seconds finite and at most MAX_SECONDS, every count at most MAX_COUNT. Anything else stops the
+seconds finite and at most MAX_SECONDS, every count at most MAX_COUNT, JSON settings
+that are JSON, a database URL every process can open and share. Anything else stops the
 command at start in one line naming it (a setting: `invalid ORDER_SAGA_X`, exit 2; a
 flag: a usage error, exit 2), never a traceback, a stuck order or a sweep failing
 forever later. At the bounds themselves an order runs, parks, is explained and pruned."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import typing
 from datetime import timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
@@ -20,6 +22,7 @@ from fsm.retention import pruner_for
 from fsm.settings import Settings
 from fsm.store import Store
 from fsm.wiring import open_saga
+from tests.support.database import PG_SERVER
 from tests.support.processes import run_cli
 from tests.support.services import Downstream
 from tests.support.settings import saga_env, saga_settings
@@ -173,3 +176,103 @@ async def test_every_wait_at_its_bound_still_runs_parks_explains_and_prunes(
 
         pruned = pruner_for(settings, saga.store.engine).run()
         assert pruned.deleted == 0  # nothing is 31 years old, nor beyond the newest 2**63-1
+
+
+# -- JSON settings and the database URL --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "value", "message"),
+    [
+        (["orders", "list"], "SERVICES", "notjson", "invalid ORDER_SAGA_SERVICES: not valid JSON"),
+        (["worker"], "SERVICES", "notjson", "invalid ORDER_SAGA_SERVICES: not valid JSON"),
+        (["serve"], "OIDC_ROLES", '{"hunter2', "invalid ORDER_SAGA_OIDC_ROLES: not valid JSON"),
+        (["resume"], "SERVICES", "[[1, 2]]", "ORDER_SAGA_SERVICES must be a JSON object"),
+        (["resume"], "SERVICES", "[1]", "ORDER_SAGA_SERVICES must be a JSON object"),
+        (["resume"], "SERVICES", '"hunter2"', "ORDER_SAGA_SERVICES must be a JSON object"),
+    ],
+)
+def test_a_json_setting_that_is_not_usable_stops_the_command_in_one_line(
+    command: list[str], variable: str, value: str, message: str
+) -> None:
+    """Was a traceback (SettingsError, or a TypeError of the URL map); the value is never
+    echoed (it may hold a secret)."""
+    result = run_cli(*command, **NO_DB, **{f"ORDER_SAGA_{variable}": value})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("order-saga: ") and message in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "hunter2" not in result.stderr
+
+
+def test_a_bad_json_setting_a_command_does_not_read_is_left_alone() -> None:
+    """Every command reads the log format first; a bad setting there is the command's to
+    report, and `diagram` reads none (it was a SettingsError traceback)."""
+    result = run_cli("diagram", ORDER_SAGA_SERVICES="notjson")
+    assert result.returncode == 0, result.stderr
+    assert "stateDiagram" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite://", "in memory"),
+        ("sqlite:///", "in memory"),
+        ("sqlite:///:memory:", "in memory"),
+        ("sqlite:///file:saga?mode=memory&uri=true", "in memory"),
+        ("sqlite+pysqlite:///saga.db", "must be a sqlite:///<file> or postgresql+psycopg://"),
+        ("postgresql+asyncpg://u:hunter2@127.0.0.1:5432/db", "names a driver order-saga does not"),
+        ("postgresql+pg8000://u:hunter2@127.0.0.1:5432/db", "names a driver order-saga does not"),
+        ("postgresql+psycopg2://u:hunter2@127.0.0.1:5432/db", "names a driver order-saga does not"),
+        ("mysql://u:hunter2@127.0.0.1/db", "must be a sqlite:///<file> or postgresql+psycopg://"),
+    ],
+)
+def test_a_database_url_no_process_can_share_is_refused(url: str, message: str) -> None:
+    """`sqlite://` started `serve` and failed every POST (each connection its own empty
+    database); another driver was a 40-line ModuleNotFoundError."""
+    assert refusal(database_url=url) == ["database_url"]
+    result = run_cli("orders", "list", ORDER_SAGA_DATABASE_URL=url)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("order-saga: invalid ORDER_SAGA_DATABASE_URL: ")
+    assert message in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "hunter2" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["serve"],
+        ["worker"],
+        ["resume"],
+        ["relay"],
+        ["check-upgrade"],
+        ["db", "upgrade"],
+        ["orders", "list"],
+        ["orders", "show", "00000000-0000-0000-0000-000000000000"],
+        ["prune", "--older-than", "1"],
+        ["keys", "list"],
+        ["events", "list"],
+        ["webhooks", "list"],
+    ],
+    ids=" ".join,
+)
+def test_every_command_refuses_an_unusable_database_url_in_one_line(command: list[str]) -> None:
+    result = run_cli(
+        *command, ORDER_SAGA_DATABASE_URL="postgresql+asyncpg://u:hunter2@127.0.0.1:5432/db"
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("order-saga: invalid ORDER_SAGA_DATABASE_URL: "), result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "hunter2" not in result.stderr
+
+
+def test_postgresql_without_a_driver_means_psycopg(pg_url: str, tmp_path: Path) -> None:
+    """`postgresql://` (SQLAlchemy's psycopg2, not installed) is taken as psycopg's."""
+    plain = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    assert plain != pg_url and plain.startswith(PG_SERVER.replace("+psycopg", ""))
+    assert validated(database_url=plain).database_url == pg_url
+    result = run_cli("orders", "list", "--json", ORDER_SAGA_DATABASE_URL=plain)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_sqlite_file_is_taken_as_given(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/saga.db"
+    assert validated(database_url=url).database_url == url

@@ -56,7 +56,7 @@ from fsm.machine import (
 from fsm.models import Order
 from fsm.operator import Audit
 from fsm.registry import STEP, STEP_NAMES, bind
-from fsm.retry import RetryPolicy, stop_at
+from fsm.retry import RetryPolicy, doubling, stop_at
 from fsm.steps import idempotency_key
 from fsm.store import Store, utcnow
 
@@ -254,7 +254,7 @@ class Executor:
         """needs_attention, with the reason; the sweep retries after a doubling pause. Past
         its order deadline it is flagged so (compensations are never cut short)."""
         parks = order.attempts.get("order:park", 0) + 1
-        pause = min(self.policy.park_max, self.policy.park_min * 2 ** (parks - 1))
+        pause = doubling(self.policy.park_min, self.policy.park_max, parks)
         detail: dict[str, Any] = {"reason": reason}
         if self._past_deadline(order):
             reason = f"past its order deadline: {reason}"

@@ -39,6 +39,7 @@ import aiohttp
 from fsm import metrics, outbox, outbox_sql
 from fsm.destinations import Attempt, Sender
 from fsm.outbox_sql import Claimed, Destination
+from fsm.retry import doubling
 from fsm.settings import Settings
 from fsm.store import Store, utcnow
 from fsm.subscriptions import destinations, read
@@ -58,7 +59,7 @@ HORIZON_REPEAT_SECONDS = 60.0
 def backoff(attempts: int, *, base: float, cap: float) -> float:
     """Seconds before attempt `attempts + 1`: doubling from `base`, capped, full jitter
     over its upper half (relays that failed together do not retry together)."""
-    ceiling = min(cap, base * 2 ** max(0, attempts - 1))
+    ceiling = doubling(base, cap, attempts)
     return random.uniform(ceiling / 2, ceiling)
 
 

@@ -37,6 +37,13 @@ class RetryPolicy:
         )
 
 
+def doubling(base: float, cap: float, n: int) -> float:
+    """The n-th of waits doubling from `base` (n = 1: `base`), at most `cap`, for any n: the
+    exponent stops growing long before `2.0 ** n` would overflow (after ~1,000 parks or
+    delivery attempts; by then every wait is `cap`)."""
+    return min(cap, base * 2.0 ** min(max(0, n - 1), 1000))
+
+
 class stop_at(stop_base):  # noqa: N801  (named like tenacity's own stop conditions)
     """Stop retrying once a wall-clock deadline (persisted on the order) has passed."""
 

@@ -188,6 +188,7 @@ def list_keys(*, engine: Engine) -> list[KeyInfo]:
 
 
 def revoke_key(*, engine: Engine, name: str) -> None:
+    check_name(name)  # no key has any other name; one not UTF-8 would not even encode
     with engine.begin() as conn:
         found = conn.execute(
             update(keys)

@@ -227,6 +227,22 @@ def test_keys_cli_and_the_cli_acting_as_someone(
     assert any(s["scope"] == AUDIT_SCOPE and s["detail"]["by"] == "bob" for s in timeline)
 
 
+def test_revoking_a_name_that_is_not_utf8_is_a_one_line_error(
+    db_url: str, store: Store
+) -> None:
+    """`keys revoke "$(printf 'b\\xff')"`: a shell may pass any bytes; the name is checked
+    like `create` checks it (no key can have it), one line and exit 1, never a traceback
+    from the driver failing to encode it."""
+    keys.create_key(engine=store.engine, name="b", role=Role.CLIENT)
+    env = saga_env(database_url=db_url)
+    refused = run_saga("keys", "revoke", "b\udcff", env=env)  # argv bytes b"b\xff"
+    assert refused.returncode == 1, refused.explain()
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("order-saga: bad key name"), refused.explain()
+    assert "Traceback" not in refused.stderr
+    assert keys.live_role(engine=store.engine, name="b") is Role.CLIENT  # nothing revoked
+
+
 @pytest.mark.slow
 def test_a_bulk_resume_names_who_on_every_order_it_resumes(
     db_url: str, services_url: str, store: Store

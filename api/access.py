@@ -114,11 +114,15 @@ class Table:
 
     def access(self, method: str, path: str) -> Access:
         """Who may send `method` to `path`. A path the table does not know is refused to
-        all but admins (after authentication it then answers 404/405 as usual)."""
+        all but admins (after authentication it then answers 404/405 as usual). `/ui/` is
+        judged as `/ui`: the framework answers it with a redirect there, which is then
+        the same for every role (and for nobody on /healthz/) instead of 403 for all but
+        admins."""
         method = "GET" if method == "HEAD" else method
+        route_path = path[:-1] if len(path) > 1 and path.endswith("/") else path
         path_known = False
         for m, pattern, access in self.routes:
-            if pattern.match(path):
+            if pattern.match(route_path):
                 if m == method:
                     return access
                 path_known = True

@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import anyio.to_thread
 from fastapi.security import HTTPBearer
@@ -235,6 +236,17 @@ def _wants_page(scope: Scope, headers: Headers) -> bool:
     )
 
 
+def _next(scope: Scope) -> str:
+    """Where the login page sends the browser back to: the page asked for, its query
+    string included (a filtered list, a deep link), as one URL-encoded parameter."""
+    path: str = scope["path"]
+    target = path.encode("utf-8")
+    query: bytes = scope.get("query_string", b"")
+    if query:
+        target += b"?" + query  # the bytes as sent, re-encoded whole
+    return quote(target, safe="/")
+
+
 class AuthGate:
     def __init__(
         self, app: ASGIApp, *, authenticator: Authenticator, table: Table | None = None
@@ -281,7 +293,7 @@ class AuthGate:
                 await self.app(scope, receive, send)
                 return
             if _wants_page(scope, connection.headers):
-                login = RedirectResponse(f"/ui/login?next={scope['path']}", status_code=303)
+                login = RedirectResponse(f"/ui/login?next={_next(scope)}", status_code=303)
                 await login(scope, receive, send)
                 return
             await _unauthorized()(scope, receive, send)

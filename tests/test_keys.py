@@ -227,9 +227,7 @@ def test_keys_cli_and_the_cli_acting_as_someone(
     assert any(s["scope"] == AUDIT_SCOPE and s["detail"]["by"] == "bob" for s in timeline)
 
 
-def test_revoking_a_name_that_is_not_utf8_is_a_one_line_error(
-    db_url: str, store: Store
-) -> None:
+def test_revoking_a_name_that_is_not_utf8_is_a_one_line_error(db_url: str, store: Store) -> None:
     """`keys revoke "$(printf 'b\\xff')"`: a shell may pass any bytes; the name is checked
     like `create` checks it (no key can have it), one line and exit 1, never a traceback
     from the driver failing to encode it."""

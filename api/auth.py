@@ -8,8 +8,11 @@ put on the scope as `scope["principal"]`; whether its role may call the route is
 in `api.access.ROUTES` (data). Authentication is enforced once ORDER_SAGA_API_TOKEN is set
 or any key has ever been created; until then (a laptop) every path is open, the caller
 being `anonymous` with every right. Key lookups are cached for `ttl` seconds per process,
-so a revoked key stops working within that time everywhere. This module never writes a
-secret anywhere: answers name the problem, never the credential.
+so a revoked key stops working within that time everywhere; checking one only reads (its
+`last_used_at` is written aside, at most once a minute per key, and a failed write fails
+no request), and while the database cannot be read a caller with credentials gets a 503,
+as a route would, never a 500. This module never writes a secret anywhere: answers name
+the problem, never the credential.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -48,6 +52,8 @@ TOKEN_PRINCIPAL = Principal(name="api-token", role=Role.ADMIN, kind="token")
 INTERNAL = Principal(name="order-saga", role=Role.ADMIN, kind="internal")
 # On a public path while authentication is enforced: nobody in particular, least rights.
 NOBODY = Principal(name="nobody", role=Role.CLIENT, kind="none")
+USE_NOTED_EVERY = 60.0  # seconds: how often a key's `last_used_at` is written, at most
+log = logging.getLogger("order_saga.api")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PAGES = ("/ui", "/docs", "/redoc")  # for people: a browser is sent to the login page
 
@@ -58,8 +64,7 @@ class Cache:
     database said it. Lookups run in a thread, one at a time per key: the requests that
     find an entry missing or expired wait for the same lookup. Under load a key is then
     read once per `ttl` per process; before, every request that came while an entry was
-    expired did its own read (and `last_used_at` write, which on SQLite queued behind the
-    engine's writer)."""
+    expired did its own read."""
 
     def __init__(self, ttl: float, size: int = 10_000) -> None:
         self.ttl = ttl
@@ -133,6 +138,8 @@ class Authenticator:
         self._keys = Cache(ttl)
         self._names = Cache(ttl)
         self._enforced = Cache(ttl, size=1)
+        self._used: dict[str, float] = {}  # key name -> when its use was last written
+        self._noting: set[asyncio.Task[None]] = set()
         self._pepper: bytes | None = None
         self._internal: bytes | None = None
         self.sessions: Sessions | None = None
@@ -165,6 +172,9 @@ class Authenticator:
         lookup's connection must not come back to it afterwards)."""
         for cache in (self._keys, self._names, self._enforced):
             await cache.settle()
+        loop = asyncio.get_running_loop()
+        writes = [t for t in self._noting if t.get_loop() is loop and not t.done()]
+        await asyncio.gather(*writes, return_exceptions=True)
 
     async def enforced(self) -> bool:
         if self.token is not None:
@@ -189,7 +199,30 @@ class Authenticator:
         principal: Principal | None = await self._keys.fetch(
             digest, lambda: keys.find_key(engine=self.engine, digest=digest)
         )
+        if principal is not None:
+            self._note_use(principal.name)
         return principal
+
+    def _note_use(self, name: str) -> None:
+        """Write that key `name` was used, aside (the request does not wait for it) and at
+        most once per USE_NOTED_EVERY per process: on SQLite a write waits for the lock
+        any writer holds, and a key check must not."""
+        now = time.monotonic()
+        last = self._used.get(name)
+        if last is not None and now - last < USE_NOTED_EVERY:
+            return
+        if len(self._used) >= 10_000:
+            self._used.clear()
+        self._used[name] = now
+        task = asyncio.get_running_loop().create_task(self._write_use(name))
+        self._noting.add(task)
+        task.add_done_callback(self._noting.discard)
+
+    async def _write_use(self, name: str) -> None:
+        try:
+            await anyio.to_thread.run_sync(lambda: keys.note_use(engine=self.engine, name=name))
+        except Exception as exc:  # best effort: "last used" is a hint, not a record
+            log.debug("last_used_at of key %r not written: %s", name, type(exc).__name__)
 
     def token_fingerprint(self) -> str | None:
         """What a bootstrap-token session is bound to: HMAC of the configured token under
@@ -264,12 +297,9 @@ class AuthGate:
         try:
             enforced = await self.auth.enforced()
         except Exception as exc:
-            # Keys live in the database: while it is down a public route still answers
-            # (health says why), any other gets the 503 a route gives, never a 500.
             if not is_unavailable(exc):
                 raise
-            answer = self.app if access.public else unavailable("database")
-            await answer(scope, receive, send)
+            await self._unavailable(access, scope, receive, send)
             return
         if not enforced:
             await self.app(scope, receive, send)
@@ -278,16 +308,22 @@ class AuthGate:
         connection = HTTPConnection(scope)
         credentials = await BEARER(connection)
         principal: Principal | None = None
-        if credentials is not None:
-            # Starlette decodes header bytes as latin-1: encoding back gives the bytes
-            # sent, so a non-ASCII header is compared, never a TypeError.
-            given = credentials.credentials.encode("latin-1")
-            principal = await self.auth.bearer(given, scope["path"])
-            if principal is None and not access.public:
-                await _unauthorized()(scope, receive, send)
-                return
-        elif "authorization" not in connection.headers and COOKIE in connection.cookies:
-            principal = await self._from_cookie(scope, connection)
+        try:
+            if credentials is not None:
+                # Starlette decodes header bytes as latin-1: encoding back gives the bytes
+                # sent, so a non-ASCII header is compared, never a TypeError.
+                given = credentials.credentials.encode("latin-1")
+                principal = await self.auth.bearer(given, scope["path"])
+                if principal is None and not access.public:
+                    await _unauthorized()(scope, receive, send)
+                    return
+            elif "authorization" not in connection.headers and COOKIE in connection.cookies:
+                principal = await self._from_cookie(scope, connection)
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            await self._unavailable(access, scope, receive, send)
+            return
         if principal is None:
             if access.public:
                 await self.app(scope, receive, send)
@@ -303,6 +339,15 @@ class AuthGate:
             await _forbidden(principal, access)(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    async def _unavailable(
+        self, access: Access, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """Keys and sessions live in the database: while it cannot be read a public route
+        still answers (health says why), any other gets the 503 a route gives (with
+        Retry-After), never a 500."""
+        answer = self.app if access.public else unavailable("database")
+        await answer(scope, receive, send)
 
     async def _from_cookie(self, scope: Scope, connection: HTTPConnection) -> Principal | None:
         await self.auth.setup()

@@ -138,17 +138,23 @@ def create_key(*, engine: Engine, name: str, role: Role) -> str:
 
 
 def find_key(*, engine: Engine, digest: str) -> Principal | None:
-    """The live key with this hash, its use noted; None if unknown or revoked."""
-    with engine.begin() as conn:
+    """The live key with this hash; None if unknown or revoked. A read only: checking a
+    key must not wait for (or fail on) SQLite's write lock; `note_use` records its use."""
+    with engine.connect() as conn:
         row = conn.execute(
             select(keys.c.name, keys.c.role).where(
                 keys.c.key_hash == digest, keys.c.revoked_at.is_(None)
             )
         ).first()
-        if row is None:
-            return None
-        conn.execute(update(keys).where(keys.c.key_hash == digest).values(last_used_at=_now()))
+    if row is None:
+        return None
     return Principal(name=row.name, role=Role(row.role))
+
+
+def note_use(*, engine: Engine, name: str) -> None:
+    """Set key `name`'s `last_used_at` to now (`keys list`'s "used")."""
+    with engine.begin() as conn:
+        conn.execute(update(keys).where(keys.c.name == name).values(last_used_at=_now()))
 
 
 def live_role(*, engine: Engine, name: str) -> Role | None:

@@ -47,9 +47,15 @@ class Principal:
     @property
     def creator(self) -> str:
         """What `orders.created_by` records and idempotency keys are scoped by: a key's
-        name; "" for the bootstrap token and the open laptop (one shared identity, as
-        before keys existed, so their retries still find their orders)."""
-        return self.name if self.kind in ("key", "oidc") else ""
+        name; `oidc:` + the subject for an OIDC user (its own namespace: a subject equal
+        to a client key's name must not share that key's orders; ':' is in no key name);
+        "" for the bootstrap token and the open laptop (one shared identity, as before
+        keys existed, so their retries still find their orders)."""
+        if self.kind == "key":
+            return self.name
+        if self.kind == "oidc":
+            return oidc_owner(self.name)
+        return ""
 
     @property
     def sees_only_own(self) -> bool:
@@ -62,6 +68,21 @@ class Principal:
         if self.email:
             who["email"] = self.email
         return who
+
+
+OIDC_OWNER = "oidc:"
+OWNER_MAX = 64  # orders.created_by
+
+
+def oidc_owner(subject: str) -> str:
+    """`oidc:<sub>`; a subject too long for the column (OIDC allows 255 characters) as
+    `oidc:` + 59 hex digits of its SHA-256, one character longer than any literal form
+    can be, so the two forms never meet."""
+    literal = OIDC_OWNER + subject
+    if len(literal) < OWNER_MAX:
+        return literal
+    digest = hashlib.sha256(subject.encode("utf-8", "surrogatepass")).hexdigest()
+    return OIDC_OWNER + digest[: OWNER_MAX - len(OIDC_OWNER)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -226,3 +226,51 @@ def test_the_browser_signs_in_with_a_key_then_with_oidc_and_acts(
         "alice@example.com",
         "oidc",
     )
+
+
+def _signed_in_with_oidc(app: Any, idp: Provider) -> str:
+    """Sign `app`'s client in through `idp`; the session's CSRF token."""
+    start = app.get("/ui/oidc/login", follow_redirects=False)
+    code = CODE.search(httpx.get(start.headers["location"]).text)
+    assert code is not None
+    back = httpx.post(f"{idp.issuer}/approve", data={"code": code.group(1)})
+    done = app.get(
+        back.headers["location"].removeprefix("http://testserver"), follow_redirects=False
+    )
+    assert done.status_code == 303, done.text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', app.get("/ui").text)
+    assert csrf is not None
+    return csrf.group(1)
+
+
+@pytest.mark.parametrize(
+    "subject", ["shop", "s" * 200], ids=["a-client-key's-name", "longer-than-the-column"]
+)
+def test_an_oidc_user_owns_orders_apart_from_a_key_of_the_same_name(
+    db_url: str, services_url: str, store: Store, subject: str
+) -> None:
+    """An OIDC subject and a key name are two namespaces: the orders and idempotency keys
+    of the OIDC user `shop` are not the client key `shop`'s (before, both were the bare
+    name, so that key saw, replayed and cancelled them). A subject of any length fits."""
+    secret = keys.create_key(engine=store.engine, name="shop", role=Role.CLIENT)
+    client = {"Authorization": f"Bearer {secret}"}
+    provider = Provider(user=User(subject, "op@example.com", [OPERATORS]))
+    body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
+    with LiveServer(provider_app(provider)) as server:
+        provider.issuer = server.url
+        with api(db_url, services_url, **oidc_settings(provider)) as app:
+            csrf = _signed_in_with_oidc(app, provider)
+            mine = {"X-CSRF-Token": csrf, "Idempotency-Key": "op-1"}
+            placed = app.post("/orders", json=body, headers=mine)
+            assert placed.status_code == 201, placed.text
+            oid = placed.json()["id"]
+            again = app.post("/orders", json=body, headers=mine)  # the user's own retry
+            assert again.json()["id"] == oid
+            app.cookies.clear()
+            assert app.get(f"/orders/{oid}", headers=client).status_code == 404
+            assert app.get("/orders", headers=client).json()["orders"] == []
+            replay = app.post("/orders", json=body, headers=client | {"Idempotency-Key": "op-1"})
+            assert replay.status_code == 201 and replay.json()["id"] != oid
+            assert app.post(f"/orders/{oid}/cancel", headers=client).status_code == 404
+    assert store.get(uuid.UUID(oid)).created_by == keys.oidc_owner(subject)
+    assert len(keys.oidc_owner(subject)) <= 64 and keys.oidc_owner(subject).startswith("oidc:")

@@ -7,8 +7,9 @@ services only), else the console's signed session cookie (`api.session`). The ca
 put on the scope as `scope["principal"]`; whether its role may call the route is looked up
 in `api.access.ROUTES` (data). Authentication is enforced once ORDER_SAGA_API_TOKEN is set
 or any key has ever been created; until then (a laptop) every path is open, the caller
-being `anonymous` with every right. Key lookups are cached for `ttl` seconds per process,
-so a revoked key stops working within that time everywhere; checking one only reads (its
+being `anonymous` with every right. Key lookups, and whether a console session was signed
+out, are cached for `ttl` seconds per process, so a revoked key or a signed-out session
+stops working within that time everywhere; checking a key only reads (its
 `last_used_at` is written aside, at most once a minute per key, and a failed write fails
 no request), and while the database cannot be read a caller with credentials gets a 503,
 as a route would, never a 500. This module never writes a secret anywhere: answers name
@@ -38,7 +39,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api.access import Access, Table
 from api.problems import is_unavailable, problem, unavailable
 from api.session import COOKIE, DEFAULT_MAX_AGE, Session, Sessions
-from fsm import keys
+from fsm import keys, sessions
 from fsm.keys import Principal
 from fsm.roles import Role
 
@@ -113,6 +114,10 @@ class Cache:
         if not task.cancelled():
             task.exception()  # retrieved here too: its waiters may all have gone
 
+    def put(self, key: Any, value: Any) -> None:
+        """What this process itself just wrote, known without a lookup."""
+        self._put(key, value, time.monotonic() + self.ttl)
+
     def _put(self, key: Any, value: Any, expires: float) -> None:
         self._items[key] = (expires, value)
         self._items.move_to_end(key)
@@ -137,6 +142,7 @@ class Authenticator:
         self.ttl = ttl
         self._keys = Cache(ttl)
         self._names = Cache(ttl)
+        self._ended = Cache(ttl)
         self._enforced = Cache(ttl, size=1)
         self._used: dict[str, float] = {}  # key name -> when its use was last written
         self._noting: set[asyncio.Task[None]] = set()
@@ -170,7 +176,7 @@ class Authenticator:
     async def settle(self) -> None:
         """Wait for every lookup in flight (at shutdown: the engine is disposed next, and a
         lookup's connection must not come back to it afterwards)."""
-        for cache in (self._keys, self._names, self._enforced):
+        for cache in (self._keys, self._names, self._enforced, self._ended):
             await cache.settle()
         loop = asyncio.get_running_loop()
         writes = [t for t in self._noting if t.get_loop() is loop and not t.done()]
@@ -232,7 +238,13 @@ class Authenticator:
         return hmac.new(self._pepper, b"api-token:" + self.token, hashlib.sha256).hexdigest()
 
     async def session(self, session: Session) -> Principal | None:
-        """A console session's principal, None once its key was revoked."""
+        """A console session's principal; None once it was signed out (in any process:
+        within `ttl`) or its key revoked."""
+        ended = await self._ended.fetch(
+            session.sid, lambda: sessions.session_ended(engine=self.engine, sid=session.sid)
+        )
+        if ended:
+            return None
         if session.kind == "token":  # valid while that token is still the configured one
             now = self.token_fingerprint()
             if now is None or session.bound is None:
@@ -246,6 +258,16 @@ class Authenticator:
         if role is None:
             return None
         return Principal(name=session.name, role=role, kind="key")
+
+    async def end(self, session: Session) -> None:
+        """Sign `session` out on the server: every process refuses its cookie within
+        `ttl`, this one at once."""
+        await anyio.to_thread.run_sync(
+            lambda: sessions.end_session(
+                engine=self.engine, sid=session.sid, lasts=self.session_seconds
+            )
+        )
+        self._ended.put(session.sid, True)
 
 
 def _unauthorized(detail: str = "missing or wrong bearer token") -> Any:

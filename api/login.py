@@ -120,8 +120,12 @@ def install(templates: Jinja2Templates) -> APIRouter:
         return sign_in(request, principal, next)
 
     @router.post("/logout")
-    def logout(_: CsrfChecked) -> Response:
-        """End the session: the cookie is cleared (it also expires by itself)."""
+    async def logout(request: Request, _: CsrfChecked) -> Response:
+        """End the session on the server (a copy of the cookie opens nothing any more),
+        then clear the cookie."""
+        session: Session | None = request.scope.get("session")
+        if session is not None:
+            await _authenticator(request).end(session)
         response = RedirectResponse("/ui/login", status_code=303)
         response.delete_cookie(COOKIE, path="/")
         return response

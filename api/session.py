@@ -1,7 +1,8 @@
 """The console's session cookie (issue 17): who signed in, signed and timestamped.
 
-The cookie holds the principal (name, role, how it signed in, e-mail for OIDC), a CSRF
-token and nothing secret; it is signed with a key derived from the deployment's random
+The cookie holds the principal (name, role, how it signed in, e-mail for OIDC), a random
+session id (signing out records it as ended: `fsm.sessions`), a CSRF token and nothing
+secret; it is signed with a key derived from the deployment's random
 `session` secret (`fsm.keys.server_secret`), so every `serve` process accepts every
 other's cookies, and it expires after `max_age` seconds (the signature carries the time).
 A key-backed session is re-checked against the key on every request (`api.auth`), so
@@ -28,6 +29,7 @@ class Session:
     role: Role
     kind: str  # "key", "token" or "oidc"
     csrf: str
+    sid: str  # random: what signing out ends on the server
     email: str | None = None
     # A bootstrap-token session: a keyed fingerprint of the token it signed in with, so
     # changing ORDER_SAGA_API_TOKEN ends it (it reveals nothing of the token).
@@ -49,6 +51,7 @@ class Sessions:
             role=principal.role,
             kind=principal.kind,
             csrf=secrets.token_urlsafe(24),
+            sid=secrets.token_urlsafe(24),
             email=principal.email,
             bound=bound,
         )
@@ -57,13 +60,15 @@ class Sessions:
             "r": session.role.value,
             "k": session.kind,
             "c": session.csrf,
+            "s": session.sid,
             "e": session.email,
             "b": session.bound,
         }
         return self.signer.dumps(data), session
 
     def read(self, cookie: str) -> Session | None:
-        """The session in a cookie; None if forged, altered, expired or malformed."""
+        """The session in a cookie; None if forged, altered, expired or malformed (one
+        made before sessions had an id, too: it could not be ended)."""
         try:
             data = self.signer.loads(cookie, max_age=self.max_age)
             return Session(
@@ -71,6 +76,7 @@ class Sessions:
                 role=Role(data["r"]),
                 kind=str(data["k"]),
                 csrf=str(data["c"]),
+                sid=str(data["s"]),
                 email=data.get("e"),
                 bound=data.get("b"),
             )

@@ -311,6 +311,16 @@ class ServerSecretTable(SQLModel, table=True):
     value: str = Field(max_length=128)  # hex
 
 
+class EndedSessionTable(SQLModel, table=True):
+    """A console session signed out before its cookie expired (fsm.sessions): its id,
+    kept until `ends_at`, when the cookie would have expired anyway."""
+
+    __tablename__ = "ended_sessions"
+
+    sid: str = Field(primary_key=True, max_length=43)
+    ends_at: datetime = Field(sa_type=_utc(), index=True)
+
+
 # -- order events: the transactional outbox (fsm.outbox) ----------------------------------
 
 

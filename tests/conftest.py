@@ -70,6 +70,7 @@ EMPTIED = (
     "transitions",
     "orders",
     "api_keys",
+    "ended_sessions",
     "outbox_deliveries",
     "outbox_cursors",
     "outbox_events",

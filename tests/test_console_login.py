@@ -141,6 +141,43 @@ def test_an_operator_acts_with_the_csrf_token_and_is_named_in_the_log(
     assert console.get("/ui", headers=HTML, follow_redirects=False).status_code == 303
 
 
+def test_signing_out_ends_the_session_on_the_server_for_every_copy_of_the_cookie(
+    db_url: str, services_url: str, team: dict[str, str]
+) -> None:
+    """Sign out, and a copy of the cookie taken before (another tab, a stolen one) opens
+    nothing: at once in the process that signed out, within the 5 s a revocation takes in
+    another `serve` process. Before, sign-out only cleared the browser's cookie and a copy
+    worked for SESSION_SECONDS (8 h)."""
+    with (
+        api(db_url, services_url, cookie_secure=False) as here,
+        api(db_url, services_url, cookie_secure=False) as elsewhere,
+    ):
+        sign_in(here, team["ops-alice"])
+        copied = here.cookies["order_saga_session"]
+        elsewhere.cookies.set("order_saga_session", copied)
+        assert elsewhere.get("/ui").status_code == 200  # its process has it cached now
+        page = here.get("/ui")
+        csrf = CSRF.search(page.text)
+        assert csrf is not None
+        out = here.post("/ui/logout", data={"csrf": csrf.group(1)}, follow_redirects=False)
+        assert out.status_code == 303
+        here.cookies.set("order_saga_session", copied)  # the copy, in this process
+        assert here.get("/ui").status_code == 401
+        assert here.get("/ui", headers=HTML, follow_redirects=False).status_code == 303
+        wait_until(
+            lambda: elsewhere.get("/ui").status_code == 401,
+            timeout=5.0,  # the bound a revoked key has, too
+            what="the signed-out session to end in the other process",
+        )
+        # and the API with it: no GET, no action with its CSRF header
+        header = {"X-CSRF-Token": csrf.group(1)}
+        assert elsewhere.get("/orders").status_code == 401
+        assert elsewhere.post("/orders", json={}, headers=header).status_code == 401
+        # a new sign-in is a new session
+        sign_in(elsewhere, team["ops-alice"])
+        assert elsewhere.get("/ui").status_code == 200
+
+
 def test_revoking_the_key_ends_its_sessions(
     console: TestClient, team: dict[str, str], store: Store
 ) -> None:
@@ -174,7 +211,7 @@ def _cookie_signed_ago(store: Store, seconds: float, **data: object) -> str:
 
     secret = keys.server_secret(engine=store.engine, name="session")
     signer = URLSafeTimedSerializer(secret, salt="order-saga console session", signer=Earlier)
-    return signer.dumps({"c": "x" * 32, "e": None, "b": None, **data})
+    return signer.dumps({"c": "x" * 32, "s": "s" * 32, "e": None, "b": None, **data})
 
 
 def test_the_session_lasts_session_seconds_on_the_server_too(

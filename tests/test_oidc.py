@@ -274,3 +274,19 @@ def test_an_oidc_user_owns_orders_apart_from_a_key_of_the_same_name(
             assert app.post(f"/orders/{oid}/cancel", headers=client).status_code == 404
     assert store.get(uuid.UUID(oid)).created_by == keys.oidc_owner(subject)
     assert len(keys.oidc_owner(subject)) <= 64 and keys.oidc_owner(subject).startswith("oidc:")
+
+
+def test_signing_out_ends_an_oidc_session_on_the_server(
+    db_url: str, services_url: str, store: Store, idp: Provider
+) -> None:
+    """An OIDC session has no key to revoke: signing out is what ends it, for a copy of
+    its cookie too (before, the copy worked until SESSION_SECONDS)."""
+    keys.create_key(engine=store.engine, name="someone", role=Role.READER)  # auth is on
+    with api(db_url, services_url, **oidc_settings(idp)) as app:
+        csrf = _signed_in_with_oidc(app, idp)
+        copied = app.cookies["order_saga_session"]
+        out = app.post("/ui/logout", data={"csrf": csrf}, follow_redirects=False)
+        assert out.status_code == 303
+        app.cookies.set("order_saga_session", copied)
+        assert app.get("/ui").status_code == 401
+        assert app.get("/orders").status_code == 401

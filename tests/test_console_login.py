@@ -214,6 +214,22 @@ def _cookie_signed_ago(store: Store, seconds: float, **data: object) -> str:
     return signer.dumps({"c": "x" * 32, "s": "s" * 32, "e": None, "b": None, **data})
 
 
+def test_a_cookie_from_before_sessions_had_an_id_is_no_session(
+    console: TestClient, team: dict[str, str], store: Store
+) -> None:
+    """A cookie signed before sign-out ended sessions on the server has no session id: it
+    could never be ended, so it opens nothing (sign in once again)."""
+    from itsdangerous import URLSafeTimedSerializer
+
+    secret = keys.server_secret(engine=store.engine, name="session")
+    signer = URLSafeTimedSerializer(secret, salt="order-saga console session")
+    reader = {"n": "auditor", "r": "reader", "k": "key", "c": "x" * 32, "e": None, "b": None}
+    console.cookies.set("order_saga_session", signer.dumps(reader))
+    assert console.get("/ui").status_code == 401
+    console.cookies.set("order_saga_session", signer.dumps(reader | {"s": "s" * 32}))
+    assert console.get("/ui").status_code == 200
+
+
 def test_the_session_lasts_session_seconds_on_the_server_too(
     db_url: str, services_url: str, team: dict[str, str], store: Store
 ) -> None:

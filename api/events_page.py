@@ -3,20 +3,23 @@ and RabbitMQ) with its backlog and lag, the dead letters, the latest deliveries,
 Redeliver button per dead letter and for all of them.
 
 Readers see the page; the Redeliver form is shown to, and accepted from, operators and
-admins only (`api.access`), with the session's CSRF token like every console form. The
+admins only (`api.access`), with the session's CSRF token like every console form. A
+webhook's full URL (its path or query may hold a Slack/Discord-style token) is shown to
+admins only; everyone else sees its `label`, `webhook:<id> scheme://host[:port]`. The
 reads and the redelivery are `fsm.subscriptions`' (what `order-saga events list` and
 `events redeliver` run): HTTP <-> those calls only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Annotated
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from api.access import ROUTES
+from api.access import ADMIN, ROUTES
 from api.auth import principal_of
 from api.deps import StoreDep
 from api.login import CsrfChecked
@@ -28,6 +31,10 @@ router = APIRouter(prefix="/ui", include_in_schema=False)  # who may: api/access
 REDELIVER = ("POST", "/ui/events/redeliver")
 ALL = "all"
 SHOWN = 50  # dead letters and latest deliveries shown, each
+# Who sees a webhook's full URL here: it may carry the token that lets anyone post to the
+# endpoint, and what is sent where (`webhooks add`, its secret) is an admin's business;
+# readers and operators get the label /metrics and /healthz use.
+FULL_URL = ADMIN
 
 
 @router.get("/events", response_class=HTMLResponse, summary="Order events (operator page)")
@@ -40,12 +47,14 @@ def events_page(
     """Destinations with their pending count and lag, dead letters, latest deliveries."""
     now = utcnow()
     backlog = subscriptions.backlog(store)
+    where, scrub = _shown(
+        (b.destination for b in backlog), full=FULL_URL.admits(principal_of(request.scope).role)
+    )
     destinations = [
         {
             "id": b.destination.id,
-            "name": b.destination.name,
+            "where": where(b.destination.name),
             "kind": b.destination.kind,
-            "url": b.destination.url,
             "events": outbox.subscribed(b.destination.events),
             "pending": b.pending,
             "dead": b.dead,
@@ -60,6 +69,8 @@ def events_page(
         dead=subscriptions.deliveries(store, failed=True, limit=SHOWN),
         latest=subscriptions.deliveries(store, limit=SHOWN),
         order_of=lambda event_id: outbox_sql.split_id(event_id)[0],
+        where=where,
+        scrub=scrub,
         can_redeliver=ROUTES[REDELIVER].admits(principal_of(request.scope).role),
         done=done,
         error=error,
@@ -86,6 +97,29 @@ async def redeliver(
     what = "every dead letter" if event == ALL else event
     plural = "y" if revived == 1 else "ies"
     return _back(done=f"redelivering {what}: {revived} deliver{plural} back in line")
+
+
+def _shown(
+    known: Iterable[outbox_sql.Destination], *, full: bool
+) -> tuple[Callable[[str], str], Callable[[str | None], str]]:
+    """How the page names a destination (by its `name`, as the delivery rows do), and a
+    delivery error with any webhook URL in it replaced by that name: the URL itself for
+    `full`, else its `label`. A destination removed since the page read the list has
+    no label to show."""
+    listed = list(known)
+    names = {d.name: d.url if full else d.label for d in listed}
+    urls = {d.url: names[d.name] for d in listed if d.kind == "webhook"}
+
+    def where(name: str) -> str:
+        return names.get(name) or (name if full else "(a removed destination)")
+
+    def scrub(error: str | None) -> str:
+        text = error or ""
+        for url, shown in urls.items():
+            text = text.replace(url, shown)
+        return text
+
+    return where, scrub
 
 
 def _back(**message: str) -> RedirectResponse:

@@ -344,7 +344,7 @@ def test_a_dead_letter_is_redelivered_from_the_events_page(
 
     from playwright.sync_api import expect
 
-    from fsm import keys
+    from fsm import keys, outbox_sql
     from fsm.roles import Role
     from fsm.store import make_engine
     from tests.support.processes import run_cli
@@ -359,7 +359,9 @@ def test_a_dead_letter_is_redelivered_from_the_events_page(
     sink = f"{services_url}/sink"
     added = run_cli("webhooks", "add", sink, "--json", ORDER_SAGA_DATABASE_URL=database)
     assert added.returncode == 0, added.stderr
-    httpx.put(f"{sink}/secret", json={"secret": json.loads(added.stdout)["secret"]})
+    hook = json.loads(added.stdout)
+    httpx.put(f"{sink}/secret", json={"secret": hook["secret"]})
+    shown = f"webhook:{hook['id']} {outbox_sql.origin(sink)}"  # an operator's view of it
     downstream = Downstream(services_url)
     downstream.fault("sink.receive", "error", count=1000)  # the endpoint answers 500
     admin = {"Authorization": f"Bearer {EVENTS_TOKEN}"}
@@ -379,7 +381,8 @@ def test_a_dead_letter_is_redelivered_from_the_events_page(
     expect(page.locator("header .whoami")).to_contain_text("ops-alice (operator)")
     row = page.locator(f'table.dead-letters tr[data-event="{created}"]')
     expect(row).to_contain_text("HTTP 500")
-    expect(page.locator(f'tr[data-destination="{sink}"] td.dead')).to_have_text("2")
+    expect(page.locator(f'tr[data-destination="{shown}"] td.dead')).to_have_text("2")
+    expect(page.locator("main")).not_to_contain_text(sink)  # its URL is an admin's to see
     downstream.clear_faults()  # the endpoint recovers
     row.get_by_role("button", name="Redeliver").click()
     expect(page.get_by_role("status")).to_contain_text("2 deliveries back in line")
@@ -389,7 +392,7 @@ def test_a_dead_letter_is_redelivered_from_the_events_page(
     expect(page.locator("#no-dead-letters")).to_be_visible()
     state = page.locator(f'table.deliveries tr[data-event="{created}"] td.state')
     expect(state).to_have_text("delivered")
-    expect(page.locator(f'tr[data-destination="{sink}"] td.pending')).to_have_text("0")
+    expect(page.locator(f'tr[data-destination="{shown}"] td.pending')).to_have_text("0")
     seen = httpx.get(sink).json()
     assert [e["id"] for e in seen["events"]][:1] == [created]  # the sink received it, first
     assert len(seen["events"]) == 2 and seen["rejected"] == 0

@@ -1,8 +1,9 @@
 """The console's order-events page (issue 19, item 5): a reader sees the destinations, their
 backlog and the dead letters but no Redeliver button and may not redeliver; an operator
 redelivers with the session's CSRF token (without it: 403), and the relay inside `serve`
-then delivers. Real app (TestClient, lifespan and relay included), real sink over HTTP,
-both databases. The same page in a real browser: tests/test_browser.py."""
+then delivers; a webhook's full URL is an admin's to see. Real app (TestClient, lifespan
+and relay included), real sink over HTTP, both databases. The same page in a real browser:
+tests/test_browser.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from fsm import keys, metrics, subscriptions
+from fsm import keys, metrics, outbox, subscriptions
 from fsm.roles import Role
 from fsm.store import Store
 from tests.support.api import api, place
@@ -26,7 +27,12 @@ REDELIVER_BUTTON = '<button type="submit" class="button">Redeliver</button>'
 
 @pytest.fixture
 def team(store: Store) -> dict[str, str]:
-    made = {"shop": Role.CLIENT, "auditor": Role.READER, "ops-alice": Role.OPERATOR}
+    made = {
+        "shop": Role.CLIENT,
+        "auditor": Role.READER,
+        "ops-alice": Role.OPERATOR,
+        "boss": Role.ADMIN,
+    }
     return {n: keys.create_key(engine=store.engine, name=n, role=r) for n, r in made.items()}
 
 
@@ -37,6 +43,10 @@ def sign_in(client: TestClient, secret: str) -> str:
     token = CSRF.search(answer.text)
     assert token is not None
     return token.group(1)
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
 
 
 def dead_ids(store: Store) -> set[str]:
@@ -60,7 +70,8 @@ def test_readers_see_dead_letters_operators_redeliver_them(
         csrf = sign_in(console, team["auditor"])
         page = console.get("/ui/events")
         assert page.status_code == 200 and "auditor (reader)" in page.text
-        assert created in page.text and completed in page.text and sink in page.text
+        assert created in page.text and completed in page.text
+        assert label(store, sink) in page.text and sink not in page.text  # an admin's to see
         assert 'class="num dead bad">2<' in page.text  # the destination's dead letters
         assert REDELIVER_BUTTON not in page.text and "Redeliver all" not in page.text
         refused = console.post("/ui/events/redeliver", data={"csrf": csrf, "event": "all"})
@@ -105,3 +116,26 @@ def test_readers_see_dead_letters_operators_redeliver_them(
     seen = sink_seen(services_url)
     assert [e["id"] for e in seen["events"]] == [created, completed]
     assert seen["events"][0]["subject"] == str(uuid.UUID(oid))
+
+
+def test_only_an_admin_sees_a_webhooks_full_url(
+    db_url: str, store: Store, services_url: str, team: dict[str, str]
+) -> None:
+    """A webhook's path may hold the token that lets anyone post to it (Slack, Discord):
+    readers and operators see it named as /metrics names it, in the destinations, the dead
+    letters and the latest deliveries alike; an admin sees the URL."""
+    token = "XXXXsecretXXXX"
+    url = f"{services_url}/hooks/T0000/B0000/{token}"  # answers 404: dead-lettered at once
+    subscriptions.add_webhook(store, url, outbox.parse_types(()))  # the default types
+    masked = f"<code>{label(store, url)}</code>"
+    with api(db_url, services_url, cookie_secure=False, **FAST_EVENTS) as console:
+        assert place(console, headers=bearer(team["shop"])).status_code == 201
+        wait_until(lambda: len(dead_ids(store)) >= 2, what="both events dead-lettered")
+        for name in ("auditor", "ops-alice"):
+            page = console.get("/ui/events", headers=bearer(team[name]))
+            assert page.status_code == 200, page.text
+            assert token not in page.text, name
+            # the destination, its two dead letters, its two latest deliveries
+            assert page.text.count(masked) == 5, name
+        page = console.get("/ui/events", headers=bearer(team["boss"]))
+        assert page.text.count(f"<code>{url}</code>") == 5

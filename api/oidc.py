@@ -6,6 +6,11 @@ names the subject and e-mail, which is what the audit rows record.
 The flow's state (state, nonce, PKCE verifier, where to go next) travels in a short-lived
 signed HttpOnly cookie, not in server memory, so any `serve` process can finish a sign-in
 another began. HTTP <-> the provider and the session only.
+
+Bad input is the user's or the provider's, never a 500: a state that does not match
+(whatever its characters) or a code the provider refuses (expired, reused, forged:
+`invalid_grant`) is a 401 saying to start again; a provider that cannot be reached (or
+answers its discovery or token endpoint with garbage) is a 503 naming it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import httpx
-from authlib.integrations.httpx_client import AsyncOAuth2Client
+from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from itsdangerous import BadSignature, URLSafeTimedSerializer
@@ -25,6 +30,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from api.login import no_console_for, safe_next, secure_cookie, sign_in
+from api.problems import problem
 from fsm.keys import Principal
 from fsm.roles import Role
 from fsm.settings import Settings
@@ -33,6 +39,28 @@ router = APIRouter(prefix="/ui/oidc", include_in_schema=False)
 FLOW_COOKIE = "order_saga_oidc"
 FLOW_SECONDS = 600
 DISCOVERY_SECONDS = 300
+RETRY_AFTER = "30"  # seconds: an identity provider's restart
+# authlib's OAuth client runs on httpx2 when that is installed (the dev extra brings it, for
+# starlette's TestClient), else on httpx: its errors may be either's.
+try:
+    import httpx2
+
+    TRANSPORT_ERRORS: tuple[type[Exception], ...] = (httpx.TransportError, httpx2.TransportError)
+    HTTP_ERRORS: tuple[type[Exception], ...] = (httpx.HTTPError, httpx2.HTTPError)
+except ImportError:  # pragma: no cover - a deployment without the dev extra
+    TRANSPORT_ERRORS, HTTP_ERRORS = (httpx.TransportError,), (httpx.HTTPError,)
+# a sign-in that went wrong at the provider or in its answer (the ID token's checks)
+FAILED: tuple[type[Exception], ...] = (*HTTP_ERRORS, JoseError, KeyError, ValueError)
+
+
+class Unreachable(Exception):
+    """The identity provider did not answer (or answered nothing usable)."""
+
+    def __init__(self, issuer: str, exc: Exception) -> None:
+        super().__init__(
+            f"the identity provider {issuer} cannot be reached ({type(exc).__name__}): "
+            "sign in with a key, or try again later"
+        )
 
 
 @dataclass
@@ -45,13 +73,18 @@ class Provider:
     _fetched: float = 0.0
 
     async def meta(self) -> dict[str, Any]:
+        """The discovery document (and the JWKS); `Unreachable` when the issuer does not
+        give them."""
         if not self._meta or time.monotonic() - self._fetched > DISCOVERY_SECONDS:
             url = f"{self.settings.oidc_issuer}/.well-known/openid-configuration"
-            async with httpx.AsyncClient(timeout=self.settings.http_timeout) as client:
-                found = (await client.get(url)).raise_for_status().json()
-                self._keys = KeySet.import_key_set(
-                    (await client.get(found["jwks_uri"])).raise_for_status().json()
-                )
+            try:
+                async with httpx.AsyncClient(timeout=self.settings.http_timeout) as client:
+                    found = (await client.get(url)).raise_for_status().json()
+                    self._keys = KeySet.import_key_set(
+                        (await client.get(found["jwks_uri"])).raise_for_status().json()
+                    )
+            except (httpx.HTTPError, JoseError, KeyError, TypeError, ValueError) as exc:
+                raise Unreachable(str(self.settings.oidc_issuer), exc) from exc
             self._meta, self._fetched = found, time.monotonic()
         return self._meta
 
@@ -108,11 +141,24 @@ def _callback(request: Request) -> str:
     return str(request.url_for("oidc_callback"))
 
 
+def _unreachable(exc: Unreachable) -> Response:
+    return problem(
+        503,
+        str(exc),
+        code="identity_provider_unavailable",
+        headers={"Retry-After": RETRY_AFTER},
+        dependency="identity provider",
+    )
+
+
 @router.get("/login")
 async def oidc_login(request: Request, next: Annotated[str, Query()] = "/ui") -> Response:
     """Off to the provider: authorization code flow with PKCE, state and nonce."""
     provider = _provider(request)
-    meta = await provider.meta()
+    try:
+        meta = await provider.meta()
+    except Unreachable as exc:
+        return _unreachable(exc)
     verifier = secrets.token_urlsafe(48)
     state, nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     async with provider.client(_callback(request)) as client:
@@ -151,16 +197,25 @@ async def oidc_callback(
         )
     except BadSignature:
         raise HTTPException(401, "no sign-in in progress (or it expired): start again") from None
-    if not code or not state or not secrets.compare_digest(state, str(flow["s"])):
+    # bytes: compare_digest refuses a str that is not ASCII (TypeError, a 500)
+    if not code or not state or not secrets.compare_digest(state.encode(), str(flow["s"]).encode()):
         raise HTTPException(401, "the sign-in's state does not match: start again")
-    meta = await provider.meta()
     try:
+        meta = await provider.meta()
         async with provider.client(_callback(request)) as client:
             tokens = await client.fetch_token(
                 meta["token_endpoint"], code=code, code_verifier=flow["v"]
             )
         claims = provider.claims(str(tokens["id_token"]), str(flow["n"]))
-    except (httpx.HTTPError, JoseError, KeyError, ValueError) as exc:
+    except Unreachable as exc:
+        return _unreachable(exc)
+    except TRANSPORT_ERRORS as exc:  # the token endpoint did not answer
+        return _unreachable(Unreachable(str(provider.settings.oidc_issuer), exc))
+    except OAuthError as exc:  # the provider refused the code: expired, used, not its own
+        raise HTTPException(
+            401, f"the identity provider refused the sign-in ({exc.error}): start again"
+        ) from None
+    except FAILED as exc:
         raise HTTPException(401, f"sign-in failed: {type(exc).__name__}") from None
     role = provider.role_of(claims)
     if role is None:

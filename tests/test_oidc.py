@@ -25,7 +25,7 @@ from fsm.store import Store, make_engine
 from fsm.wiring import build_store
 from tests.support.api import api
 from tests.support.oidc import CLIENT_ID, CLIENT_SECRET, Provider, User, provider_app
-from tests.support.services import LiveServer
+from tests.support.services import LiveServer, free_port
 from tests.support.serving import Served
 from tests.support.settings import saga_env, saga_settings
 
@@ -116,6 +116,60 @@ def test_an_account_with_no_mapped_role_is_refused(
         assert "set-cookie" not in done.headers or "order_saga_session" not in str(
             done.headers.get("set-cookie")
         )
+
+
+def _started(app: Any) -> tuple[str, str]:
+    """A sign-in begun: (the callback's state, the code the provider would send back)."""
+    start = app.get("/ui/oidc/login", follow_redirects=False)
+    assert start.status_code == 302, start.text
+    code = CODE.search(httpx.get(start.headers["location"]).text)
+    assert code is not None
+    state = re.search(r"[?&]state=([^&]+)", start.headers["location"])
+    assert state is not None
+    return state.group(1), code.group(1)
+
+
+def test_a_bad_state_or_a_refused_code_is_a_401_not_a_500(
+    db_url: str, services_url: str, store: Store, idp: Provider
+) -> None:
+    keys.create_key(engine=store.engine, name="someone", role=Role.READER)
+    with api(db_url, services_url, **oidc_settings(idp)) as app:
+        state, _code = _started(app)
+        for forged in ("é", "ſtate", state[:-1] + "é"):  # not ASCII
+            answer = app.get("/ui/oidc/callback", params={"code": "x", "state": forged})
+            assert answer.status_code == 401, answer.text
+            assert "state does not match" in answer.json()["detail"]
+        # the state is right, the code is not one the provider gave (or it expired, or was
+        # used): the provider answers invalid_grant
+        refused = app.get("/ui/oidc/callback", params={"code": "bogus", "state": state})
+        assert refused.status_code == 401, refused.text
+        assert "refused the sign-in (invalid_grant): start again" in refused.json()["detail"]
+        assert "order_saga_session" not in app.cookies
+
+
+def test_an_unreachable_identity_provider_is_a_503_naming_it(
+    db_url: str, services_url: str, store: Store
+) -> None:
+    keys.create_key(engine=store.engine, name="someone", role=Role.READER)
+    gone = Provider(user=User("bob-0002", "bob@example.com", [OPERATORS]))
+    with LiveServer(provider_app(gone)) as server:
+        gone.issuer = server.url
+        with api(db_url, services_url, **oidc_settings(gone)) as app:
+            state, code = _started(app)  # discovery done, the flow cookie set
+            server.stop()  # the provider goes away mid sign-in: its token endpoint
+            answer = app.get("/ui/oidc/callback", params={"code": code, "state": state})
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["retry-after"]
+            assert f"identity provider {gone.issuer} cannot be reached" in answer.text
+    # an issuer down from the start
+    settings = oidc_settings(gone) | {"oidc_issuer": f"http://127.0.0.1:{free_port()}"}
+    with api(db_url, services_url, **settings) as app:
+        answer = app.get("/ui/oidc/login", follow_redirects=False)  # discovery
+        assert answer.status_code == 503, answer.text
+        problem = answer.json()
+        assert problem["dependency"] == "identity provider"
+        assert f"identity provider {settings['oidc_issuer']} cannot be reached" in problem["detail"]
+        assert app.get("/ui/login").status_code == 200  # a key still signs in
 
 
 # -- in the browser ----------------------------------------------------------------------

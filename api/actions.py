@@ -26,7 +26,8 @@ class ResolveIn(BaseModel):
     )
 
     reason: Annotated[str, Field(min_length=1, max_length=1000, pattern=r"\S")]
-    operator: Annotated[str | None, Field(max_length=200)] = None
+    # No `operator` member: who resolved is the caller (its key, token or session), never
+    # a name the body gives (extra="forbid": a body naming one is a 422).
 
 
 @router.post(
@@ -39,15 +40,15 @@ async def resolve_order(
 ) -> OrderOut:
     """End a parked (`needs_attention`) order an operator fixed by hand: the declared edge
     needs_attention -resolve-> resolved, with the reason kept in the transition log and
-    an audit row naming the caller's key. Nothing downstream is called. 409 unless the
-    order is parked and nobody drives it."""
+    both the transition and an audit row naming the caller's key. Nothing downstream is
+    called. 409 unless the order is parked and nobody drives it."""
     audit = operator.Audit(OperatorAction.RESOLVE, principal.audit, body.reason)
     order = await operator.resolve(
         store,
         order_id,
         reason=body.reason,
         owner=new_owner(),
-        operator=body.operator or principal.name,
+        operator=principal.name,
         audit=audit,
     )
     return OrderOut.of(order)

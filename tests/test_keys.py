@@ -179,6 +179,26 @@ def test_operator_actions_name_the_operator_in_the_log(
     assert client.get(f"/orders/{oid}", headers=ops).json()["status"] == "cancelled"
 
 
+def test_resolve_over_the_api_names_the_callers_key_never_a_name_it_sends(
+    client: TestClient, team: dict[str, str], store: Store, downstream: Downstream
+) -> None:
+    ops = bearer(team["ops-alice"])
+    downstream.fault("user.refund", "error", count=1000)
+    oid = place(client, product=SOLD_OUT_PRODUCT_ID, headers=bearer(team["shop-a"])).json()["id"]
+    downstream.clear_faults()
+    assert client.get(f"/orders/{oid}", headers=ops).json()["status"] == "needs_attention"
+    path = f"/orders/{oid}/resolve"
+    forged = client.post(path, json={"reason": "refunded", "operator": "root"}, headers=ops)
+    assert forged.status_code == 422, forged.text  # the body does not say who did it
+    assert store.get(uuid.UUID(oid)).state == "needs_attention"
+    done = client.post(path, json={"reason": "refunded by hand"}, headers=ops)
+    assert done.status_code == 200, done.text
+    log = client.get(f"/orders/{oid}/transitions", headers=ops).json()
+    (resolved,) = [t for t in log if (t["scope"], t["trigger"]) == ("order", "resolve")]
+    (audit,) = _audit_rows(client, oid, ops)
+    assert resolved["detail"]["operator"] == audit["detail"]["by"] == "ops-alice"
+
+
 @pytest.mark.slow
 def test_keys_cli_and_the_cli_acting_as_someone(
     db_url: str, services_url: str, store: Store, downstream: Downstream

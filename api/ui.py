@@ -21,6 +21,7 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 
 from api import login
 from api.access import ROUTES
@@ -274,9 +275,15 @@ async def act(
     _: CsrfChecked,
     reason: Annotated[str, Form(max_length=1000)] = "",
 ) -> RedirectResponse:
-    """Run the confirmed action, then back to the order's page with what happened."""
+    """Run the confirmed action, then back to the order's page with what happened. Only
+    in the states the action is offered in (what the confirmation page says): a retry of
+    compensation on an order that is not parked would drive it forward instead."""
+    label, _what, allowed = ACTIONS[action]
     audit = operator.Audit(AUDITED[action], principal.audit, reason, channel="console")
     try:
+        state = (await run_in_threadpool(store.get, order_id)).state
+        if state not in allowed:
+            return _redirect(order_id, error=f"{label}: not possible while the order is {state}")
         if action in (Action.RESUME, Action.RETRY):
             order = await executor.run(order_id, audit=audit)
         elif action is Action.CANCEL:
@@ -294,7 +301,7 @@ async def act(
             )
     except SagaError as exc:
         return _redirect(order_id, error=str(exc))
-    return _redirect(order_id, done=f"{ACTIONS[action][0]}: now {order.state} ({order.status})")
+    return _redirect(order_id, done=f"{label}: now {order.state} ({order.status})")
 
 
 def _redirect(order_id: uuid.UUID, **message: str) -> RedirectResponse:

@@ -5,6 +5,7 @@ from outside; request ids. The same flows in a real browser: tests/test_browser.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from downstream.seed import (
     SOLD_OUT_PRODUCT_ID,
     WIDGET_ID,
 )
+from fsm.machine import AUDIT_SCOPE
 from fsm.store import Store
 from tests.support.api import API
 from tests.support.services import Downstream
@@ -131,7 +133,7 @@ def test_resolve_needs_confirmation_and_a_reason(
     assert "Mark resolved: now resolved (resolved)" in done.text
     assert store.history(uuid.UUID(parked))[-1].detail["reason"] == "refunded by hand"  # type: ignore[index]
     again = client.post(f"/ui/orders/{parked}/resolve", data={"reason": "again"})
-    assert "only a parked" in again.text  # refused, shown on the page
+    assert "Mark resolved: not possible while the order is resolved" in again.text  # refused
 
 
 def test_retry_and_cancel_from_the_page(
@@ -146,8 +148,32 @@ def test_retry_and_cancel_from_the_page(
     assert downstream.shipment(completed)["status"] == "cancelled"  # type: ignore[index]
     failed = place(client, POOR_USER_ID, WIDGET_ID)
     refused = client.post(f"/ui/orders/{failed}/cancel")
-    assert "only a completed order can be cancelled" in refused.text
+    assert "Cancel order: not possible while the order is failed" in refused.text
     assert client.get(f"/ui/orders/{completed}/explode").status_code == 422
+
+
+@pytest.mark.parametrize("action", ["resume", "retry", "cancel", "resolve"])
+def test_an_action_outside_its_states_is_refused_and_does_nothing(
+    client: TestClient, store: Store, action: str
+) -> None:
+    """The confirmation page says "Not possible while the order is ..."; a POST sent anyway
+    (an old tab, a crafted form) is refused the same way: no audit row, no move."""
+    waiting, _ = asyncio.run(
+        store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
+    )
+    completed = place(client, ORDINARY_USER_ID, WIDGET_ID)
+    # each action's one state it is not offered in: a pending order may only be resumed,
+    # a completed one only cancelled
+    order_id = completed if action == "resume" else str(waiting.id)
+    before = store.get(uuid.UUID(order_id))
+    confirm = client.get(f"/ui/orders/{order_id}/{action}")
+    assert f"Not possible while the order is {before.state}" in confirm.text
+    sent = client.post(f"/ui/orders/{order_id}/{action}", data={"reason": "sent anyway"})
+    assert sent.status_code == 200 and sent.url.path == f"/ui/orders/{order_id}"
+    assert f"not possible while the order is {before.state}" in sent.text
+    after = store.get(uuid.UUID(order_id))
+    assert (after.state, after.version) == (before.state, before.version)
+    assert [t for t in store.history(uuid.UUID(order_id)) if t.scope == AUDIT_SCOPE] == []
 
 
 def test_heatmap_page(client: TestClient, downstream: Downstream) -> None:

@@ -3,14 +3,17 @@ check every console form goes through. OpenID Connect lives in `api.oidc`.
 
 A successful sign-in sets the session cookie (`api.session`): signed, HttpOnly,
 SameSite=Lax, with an expiry, and Secure unless ORDER_SAGA_COOKIE_SECURE=false or (when
-unset) the console is reached as plain http on 127.0.0.1/localhost. HTTP <-> the
-authenticator and the session signer only; who may see what stays in `api.access`.
+unset) the console is reached as plain http on 127.0.0.1/localhost. A sign-in form posted
+from another site is refused (login CSRF: it would sign the victim's browser in as the
+attacker's key). HTTP <-> the authenticator and the session signer only; who may see what
+stays in `api.access`.
 """
 
 from __future__ import annotations
 
 import hmac
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -24,6 +27,7 @@ from fsm.settings import Settings
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _authenticator(request: Request) -> Authenticator:
@@ -63,6 +67,27 @@ def sign_in(request: Request, principal: Principal, target: str) -> Response:
         path="/",
     )
     return response
+
+
+def from_elsewhere(request: Request) -> bool:
+    """Was this form posted from another site? A browser names where from: Origin, or a
+    Referer when it leaves Origin out; neither (a script, curl) is no browser to abuse.
+    The site is compared by host and port with the Host the request was sent to, not by
+    scheme: behind a proxy that ends TLS, the app itself is reached over plain http."""
+    origin = request.headers.get("origin") or request.headers.get("referer")
+    if origin is None:
+        return False
+    try:
+        sent_from = urlsplit(origin)
+        sent_to = urlsplit(f"//{request.headers.get('host', '')}")
+        default = DEFAULT_PORTS.get(sent_from.scheme)
+        return not (
+            sent_from.hostname is not None
+            and sent_from.hostname == sent_to.hostname
+            and (sent_from.port or default) == (sent_to.port or default)
+        )
+    except ValueError:  # a port that is not a number
+        return True
 
 
 def no_console_for(principal: Principal) -> str | None:
@@ -109,7 +134,11 @@ def install(templates: Jinja2Templates) -> APIRouter:
         next: Annotated[str, Form(max_length=2000)] = "/ui",
     ) -> Response:
         """A key (or the bootstrap token) -> a session cookie; a wrong one -> 401, a key
-        whose role has no console (a client's) -> 403, no cookie."""
+        whose role has no console (a client's) -> 403, a form another site posted -> 403,
+        no cookie."""
+        if from_elsewhere(request):
+            foreign = "this sign-in was sent from another site: sign in from this page"
+            return _login_page(request, templates, next=safe_next(next), error=foreign, status=403)
         auth = _authenticator(request)
         principal = await auth.bearer(key.strip().encode("utf-8"), "/ui")
         if principal is None:

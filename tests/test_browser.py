@@ -532,6 +532,34 @@ def test_a_client_key_does_not_open_the_console(team: Team, tab: Any) -> None:
 
 
 @pytest.mark.xdist_group("browser-roles")
+def test_a_sign_in_form_on_another_site_does_not_sign_the_browser_in(team: Team, tab: Any) -> None:
+    """Login CSRF: a page elsewhere posting the attacker's key to /ui/login."""
+    from playwright.sync_api import expect
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Route
+
+    from api.session import COOKIE
+    from tests.support.services import LiveServer
+
+    def lure(_: Request) -> HTMLResponse:
+        return HTMLResponse(
+            f'<form method="post" action="{team.url}/ui/login">'
+            f'<input type="hidden" name="key" value="{team.secrets["auditor"]}">'
+            '<input type="hidden" name="next" value="/ui"><button>Win a prize</button></form>'
+        )
+
+    with LiveServer(Starlette(routes=[Route("/", lure)])) as elsewhere:
+        tab.goto(elsewhere.url)
+        tab.get_by_role("button", name="Win a prize").click()
+        expect(tab.get_by_role("alert")).to_contain_text("sent from another site")
+    assert COOKIE not in {c["name"] for c in tab.context.cookies()}
+    _sign_in(tab, team, "auditor")  # from the console's own page: signed in
+    expect(tab.locator("header .whoami")).to_contain_text("auditor (reader)")
+
+
+@pytest.mark.xdist_group("browser-roles")
 def test_an_operator_acts_and_the_log_names_its_key(team: Team, tab: Any) -> None:
     from playwright.sync_api import expect
 

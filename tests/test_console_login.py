@@ -75,6 +75,48 @@ def test_the_login_page_sends_the_browser_back_with_its_query_string(
     assert "//evil.example" not in console.get("/ui/login?next=//evil.example").text
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "https://evil.example"},
+        {"Origin": "https://evil.example", "Referer": "http://testserver/ui/login"},
+        {"Referer": "https://evil.example/order-saga"},  # a browser that left Origin out
+        {"Origin": "null"},  # a sandboxed frame, a data: page
+        {"Origin": "http://testserver.evil.example"},
+        {"Origin": "http://testserver:8443"},  # another port is another site
+    ],
+    ids=["origin", "origin-first", "referer", "null", "suffix", "port"],
+)
+def test_a_sign_in_posted_from_another_site_is_refused(
+    console: TestClient, team: dict[str, str], headers: dict[str, str]
+) -> None:
+    """Login CSRF: another site's form, posted with the attacker's key, would sign the
+    victim's browser in as the attacker (what they then do and type, his to see)."""
+    form = {"key": team["auditor"], "next": "/ui"}
+    refused = console.post("/ui/login", data=form, headers=headers, follow_redirects=False)
+    assert refused.status_code == 403, refused.text
+    assert "sent from another site" in refused.text and "set-cookie" not in refused.headers
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "http://testserver"},
+        {"Origin": "http://TestServer:80"},
+        {"Referer": "http://testserver/ui/login?next=/ui"},
+        {"Origin": "https://testserver"},  # TLS ended by a proxy in front of the app
+        {},  # not a browser: curl, a script
+    ],
+    ids=["origin", "default-port", "referer", "proxied-tls", "none"],
+)
+def test_a_sign_in_from_this_site_or_no_browser_is_accepted(
+    console: TestClient, team: dict[str, str], headers: dict[str, str]
+) -> None:
+    form = {"key": team["auditor"], "next": "/ui"}
+    answer = console.post("/ui/login", data=form, headers=headers, follow_redirects=False)
+    assert (answer.status_code, answer.headers["location"]) == (303, "/ui"), answer.text
+
+
 def test_the_session_cookie_is_signed_httponly_lax_and_expires(
     db_url: str, services_url: str, team: dict[str, str]
 ) -> None:

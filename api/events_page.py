@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import Annotated
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
+from api import flash
 from api.access import ADMIN, ROUTES
 from api.auth import principal_of
 from api.deps import StoreDep
@@ -41,8 +41,7 @@ FULL_URL = ADMIN
 def events_page(
     request: Request,
     store: StoreDep,
-    done: Annotated[str | None, Query(max_length=300)] = None,
-    error: Annotated[str | None, Query(max_length=300)] = None,
+    message: Annotated[str | None, Query(max_length=2000)] = None,
 ) -> HTMLResponse:
     """Destinations with their pending count and lag, dead letters, latest deliveries."""
     now = utcnow()
@@ -72,13 +71,13 @@ def events_page(
         where=where,
         scrub=scrub,
         can_redeliver=ROUTES[REDELIVER].admits(principal_of(request.scope).role),
-        done=done,
-        error=error,
+        **flash.read(request, message),
     )
 
 
 @router.post("/events/redeliver", summary="Redeliver dead letters")
 async def redeliver(
+    request: Request,
     store: StoreDep,
     _: CsrfChecked,
     event: Annotated[str, Form(max_length=200)] = "",
@@ -87,16 +86,16 @@ async def redeliver(
     `all` of them, back in line for the relay; then back to the page saying how many."""
     event = event.strip()
     if not event:
-        return _back(error="say which event to redeliver (or all)")
+        return _back(request, error="say which event to redeliver (or all)")
     try:
         revived = await subscriptions.redeliver_async(store, None if event == ALL else event)
     except ValueError as exc:
-        return _back(error=str(exc))
+        return _back(request, error=str(exc))
     if revived == 0:
-        return _back(error=f"no dead letter {event!r} (delivered or redelivered already?)")
+        return _back(request, error=f"no dead letter {event!r} (delivered or redelivered already?)")
     what = "every dead letter" if event == ALL else event
     plural = "y" if revived == 1 else "ies"
-    return _back(done=f"redelivering {what}: {revived} deliver{plural} back in line")
+    return _back(request, done=f"redelivering {what}: {revived} deliver{plural} back in line")
 
 
 def _shown(
@@ -122,5 +121,5 @@ def _shown(
     return where, scrub
 
 
-def _back(**message: str) -> RedirectResponse:
-    return RedirectResponse(f"/ui/events?{urlencode(message)}", status_code=303)
+def _back(request: Request, **message: str) -> RedirectResponse:
+    return flash.redirect(request, "/ui/events", **message)

@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
-from api import login
+from api import flash, login
 from api.access import ROUTES
 from api.auth import principal_of
 from api.deps import ExecutorDep, PrincipalDep, SettingsDep, StoreDep
@@ -205,10 +205,10 @@ def order_page(
     order_id: uuid.UUID,
     store: StoreDep,
     settings: SettingsDep,
-    done: str | None = None,
-    error: str | None = None,
+    message: Annotated[str | None, Query(max_length=2000)] = None,
 ) -> HTMLResponse:
-    """Amount, steps, why it is parked, its timeline and its diagram with the path lit."""
+    """Amount, steps, why it is parked, its timeline and its diagram with the path lit;
+    what the last action did when `message` is one this console signed (`api.flash`)."""
     try:
         order = store.get(order_id)
     except CorruptOrder as exc:  # shown as what it is: the raw row and its log
@@ -242,8 +242,7 @@ def order_page(
         svg=svg,
         actions=actions,
         final=is_terminal(order.state),
-        done=done,
-        error=error,
+        **flash.read(request, message),
     )
 
 
@@ -267,6 +266,7 @@ def confirm_page(
 
 @router.post("/orders/{order_id}/{action}", summary="Do an action")
 async def act(
+    request: Request,
     order_id: uuid.UUID,
     action: Action,
     store: StoreDep,
@@ -283,14 +283,18 @@ async def act(
     try:
         state = (await run_in_threadpool(store.get, order_id)).state
         if state not in allowed:
-            return _redirect(order_id, error=f"{label}: not possible while the order is {state}")
+            return _redirect(
+                request, order_id, error=f"{label}: not possible while the order is {state}"
+            )
         if action in (Action.RESUME, Action.RETRY):
             order = await executor.run(order_id, audit=audit)
         elif action is Action.CANCEL:
             order = await executor.cancel(order_id, audit=audit)
         else:
             if not reason.strip():
-                return _redirect(order_id, error="a reason is required to mark an order resolved")
+                return _redirect(
+                    request, order_id, error="a reason is required to mark an order resolved"
+                )
             order = await operator.resolve(
                 store,
                 order_id,
@@ -300,12 +304,12 @@ async def act(
                 audit=audit,
             )
     except SagaError as exc:
-        return _redirect(order_id, error=str(exc))
-    return _redirect(order_id, done=f"{label}: now {order.state} ({order.status})")
+        return _redirect(request, order_id, error=str(exc))
+    return _redirect(request, order_id, done=f"{label}: now {order.state} ({order.status})")
 
 
-def _redirect(order_id: uuid.UUID, **message: str) -> RedirectResponse:
-    return RedirectResponse(f"/ui/orders/{order_id}?{urlencode(message)}", status_code=303)
+def _redirect(request: Request, order_id: uuid.UUID, **message: str) -> RedirectResponse:
+    return flash.redirect(request, f"/ui/orders/{order_id}", **message)
 
 
 @router.get("/heatmap", response_class=HTMLResponse, summary="Heatmap of the machine")

@@ -9,6 +9,7 @@ import asyncio
 import re
 import uuid
 from collections.abc import Iterator
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -174,6 +175,31 @@ def test_an_action_outside_its_states_is_refused_and_does_nothing(
     after = store.get(uuid.UUID(order_id))
     assert (after.state, after.version) == (before.state, before.version)
     assert [t for t in store.history(uuid.UUID(order_id)) if t.scope == AUDIT_SCOPE] == []
+
+
+def test_a_page_shows_only_the_messages_the_console_signed_for_it(
+    client: TestClient, store: Store, downstream: Downstream
+) -> None:
+    """A link from anywhere cannot make the console speak in its own voice."""
+    fake = "Your session expired. Sign in again at https://evil.example/order-saga/login"
+    completed = place(client, ORDINARY_USER_ID, WIDGET_ID)
+    for path in (f"/ui/orders/{completed}", "/ui/events"):
+        for params in ({"error": fake}, {"done": fake}, {"message": fake}):
+            page = client.get(path, params=params)
+            assert page.status_code == 200, page.text
+            assert "evil.example" not in page.text and 'class="flash' not in page.text
+    # the console's own, through the redirect after an action
+    sent = client.post(f"/ui/orders/{completed}/cancel", follow_redirects=False)
+    assert sent.status_code == 303
+    shown = client.get(sent.headers["location"])
+    assert shown.url.path == f"/ui/orders/{completed}"
+    assert "Cancel order: now cancelled (cancelled)" in shown.text
+    signed = parse_qs(urlsplit(sent.headers["location"]).query)["message"][0]
+    other = place(client, ORDINARY_USER_ID, WIDGET_ID)
+    altered = signed[:-4] + ("AAAA" if not signed.endswith("AAAA") else "BBBB")
+    for path, value in ((f"/ui/orders/{other}", signed), (f"/ui/orders/{completed}", altered)):
+        page = client.get(path, params={"message": value})  # another page's, or forged
+        assert page.status_code == 200 and 'class="flash' not in page.text
 
 
 def test_heatmap_page(client: TestClient, downstream: Downstream) -> None:

@@ -211,10 +211,10 @@ def list_orders(
     )
     try:
         page = queries.list_orders(store, flt)
-    except ValueError as exc:  # a cursor this API did not hand out
-        raise RequestValidationError(
-            [{"type": "value_error", "loc": ["query", "cursor"], "msg": str(exc), "input": cursor}]
-        ) from None
+    except queries.BadCursor as exc:  # a cursor this API did not hand out
+        raise _bad_query("cursor", exc, cursor) from None
+    except queries.BadIdPrefix as exc:  # dashes alone: no hex digit to match
+        raise _bad_query("id_prefix", exc, id_prefix) from None
     return OrderList(
         orders=[OrderOut.of(o) for o in page.orders],
         unreadable=[UnreadableOut.of(u) for u in page.unreadable],
@@ -222,6 +222,13 @@ def list_orders(
         limit=limit,
         offset=0 if cursor else offset,
         next_cursor=page.next_cursor,
+    )
+
+
+def _bad_query(name: str, exc: ValueError, value: str | None) -> RequestValidationError:
+    """The 422 of a query parameter the route's own validation let through."""
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ["query", name], "msg": str(exc), "input": value}]
     )
 
 

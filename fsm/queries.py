@@ -230,6 +230,10 @@ class BadCursor(ValueError):
     """A cursor this code did not hand out."""
 
 
+class BadIdPrefix(ValueError):
+    """An id prefix that is not the start of an order id."""
+
+
 def _encode_cursor(parked: int, created_at: datetime, order_id: uuid.UUID) -> str:
     raw = json.dumps([parked, created_at.isoformat(), str(order_id)])
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
@@ -248,7 +252,7 @@ def _id_prefix(prefix: str) -> tuple[uuid.UUID, uuid.UUID]:
     """The range of ids starting with `prefix` (hex digits, dashes ignored)."""
     digits = prefix.replace("-", "").lower()
     if not 1 <= len(digits) <= 32 or any(c not in "0123456789abcdef" for c in digits):
-        raise ValueError(f"{prefix[:40]!r} is not the start of an order id (hex digits)")
+        raise BadIdPrefix(f"{prefix[:40]!r} is not the start of an order id (hex digits)")
     return uuid.UUID(digits.ljust(32, "0")), uuid.UUID(digits.ljust(32, "f"))
 
 
@@ -270,7 +274,7 @@ def decode(row: Any) -> Order | Unreadable:
 def list_orders(reads: Reads, flt: OrderFilter) -> Page:
     """One page of matching orders (parked first when `flt.parked_first`, then newest
     first), with the total; an unreadable row is listed as such and the page goes on.
-    Raises BadCursor or ValueError (a bad id prefix) for input it cannot use."""
+    Raises BadCursor or BadIdPrefix for input it cannot use."""
     conditions: list[Any] = []
     if flt.status:
         conditions.append(orders.c.status == flt.status)

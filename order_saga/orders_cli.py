@@ -99,7 +99,7 @@ def list_orders(
     """Orders, parked (needs_attention) first with their reason, then newest first; a row
     the installed machine cannot read is listed as such. Pages with --cursor."""
     from fsm import why
-    from fsm.queries import BadCursor, OrderFilter, Unreadable, list_orders
+    from fsm.queries import BadCursor, BadIdPrefix, OrderFilter, Unreadable, list_orders
 
     flt = OrderFilter(
         status=status,
@@ -115,9 +115,7 @@ def list_orders(
         with _store() as store:
             page = list_orders(store, flt)
             whys = why.for_orders(store, page.orders, load_settings())
-    except BadCursor as exc:
-        fail(str(exc), 2)
-    except ValueError as exc:  # an id prefix that is not hex
+    except (BadCursor, BadIdPrefix) as exc:
         fail(str(exc), 2)
     if as_json:
         _print_json(

@@ -115,6 +115,7 @@ async def test_park_then_list_show_and_resolve_from_the_cli(
         ),
         (["orders", "list", "--status", "lost"], 2, "Invalid value for '--status'"),
         (["orders", "cancel", "00000000-0000-0000-0000-000000000000"], 1, "not found"),
+        (["orders", "list", "--id", "-"], 2, "is not the start of an order id"),
     ],
 )
 def test_bad_input_is_one_line(

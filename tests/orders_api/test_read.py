@@ -154,6 +154,18 @@ def test_list_rejects_bad_query(sqlite_client: TestClient, params: dict[str, Any
     assert_message(response)
 
 
+@pytest.mark.parametrize("prefix", ["-", "----"])
+def test_id_prefix_without_a_digit_is_422_on_the_id_prefix(
+    sqlite_client: TestClient, prefix: str
+) -> None:
+    response = sqlite_client.get("/orders", params={"id_prefix": prefix})
+
+    assert response.status_code == 422, response.text
+    [error] = response.json()["errors"]
+    assert error["loc"] == ["query", "id_prefix"] and error["input"] == prefix
+    assert "not the start of an order id" in error["msg"]
+
+
 # -- GET /orders/{id}/transitions --------------------------------------------------------
 
 

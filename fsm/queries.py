@@ -240,12 +240,26 @@ def _encode_cursor(parked: int, created_at: datetime, order_id: uuid.UUID) -> st
 
 
 def _decode_cursor(cursor: str) -> tuple[int, datetime, uuid.UUID]:
+    """The sort key `_encode_cursor` wrote; BadCursor for anything else (a hand-made
+    cursor must not reach the database: 1e400, 10**23 or a list where the id goes)."""
+    bad = BadCursor(f"{cursor[:40]!r} is not a cursor of this listing")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        parked, created_at, order_id = json.loads(raw)
-        return int(parked), datetime.fromisoformat(created_at), uuid.UUID(order_id)
-    except (ValueError, TypeError) as exc:
-        raise BadCursor(f"{cursor[:40]!r} is not a cursor of this listing") from exc
+        found = json.loads(raw)
+    except ValueError:  # binascii.Error and JSONDecodeError are ValueErrors
+        raise bad from None
+    if not (isinstance(found, list) and len(found) == 3):
+        raise bad
+    parked, created_at, order_id = found
+    if type(parked) is not int or parked not in (0, 1):  # bool is no flag either
+        raise bad
+    if not isinstance(created_at, str) or not isinstance(order_id, str):
+        raise bad
+    try:
+        at, oid = datetime.fromisoformat(created_at), uuid.UUID(order_id)
+    except ValueError:
+        raise bad from None
+    return parked, at, oid
 
 
 def _id_prefix(prefix: str) -> tuple[uuid.UUID, uuid.UUID]:

@@ -14,6 +14,7 @@ from sqlmodel import SQLModel
 from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
 from fsm.store import Store, make_engine
 from order_saga import __version__
+from tests.support.cursors import HAND_MADE_CURSORS, hand_made_cursor
 from tests.support.processes import ORDER_SAGA
 from tests.support.services import Downstream, set_faults
 from tests.support.services import Fault as CrashFault
@@ -115,6 +116,15 @@ async def test_park_then_list_show_and_resolve_from_the_cli(
         ),
         (["orders", "list", "--status", "lost"], 2, "Invalid value for '--status'"),
         (["orders", "cancel", "00000000-0000-0000-0000-000000000000"], 1, "not found"),
+        # Hand-made cursors, each once a traceback.
+        *(
+            (["orders", "list", "--cursor", hand_made_cursor(HAND_MADE_CURSORS[name])], 2, why)
+            for name, why in [
+                ("infinite flag", "is not a cursor"),
+                ("id a list", "is not a cursor"),
+                ("flag too big for sqlite", "is not a cursor"),
+            ]
+        ),
         (["orders", "list", "--id", "-"], 2, "is not the start of an order id"),
     ],
 )

@@ -22,6 +22,7 @@ from tests.support.api import (
     assert_utc,
     place,
 )
+from tests.support.cursors import HAND_MADE_CURSORS, hand_made_cursor
 
 
 def test_get_order(client: TestClient) -> None:
@@ -151,6 +152,18 @@ def test_list_rejects_bad_query(sqlite_client: TestClient, params: dict[str, Any
     response = sqlite_client.get("/orders", params=params)
 
     assert response.status_code == 422, response.text
+    assert_message(response)
+
+
+@pytest.mark.parametrize("raw", HAND_MADE_CURSORS.values(), ids=HAND_MADE_CURSORS.keys())
+def test_hand_made_cursor_is_422_on_the_cursor(sqlite_client: TestClient, raw: str) -> None:
+    cursor = hand_made_cursor(raw)
+
+    response = sqlite_client.get("/orders", params={"limit": 1, "cursor": cursor})
+
+    assert response.status_code == 422, response.text
+    [error] = response.json()["errors"]
+    assert error["loc"] == ["query", "cursor"]
     assert_message(response)
 
 

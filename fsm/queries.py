@@ -27,8 +27,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
+    DateTime,
     Engine,
     Integer,
+    String,
     and_,
     case,
     cast,
@@ -38,6 +41,7 @@ from sqlalchemy import (
     or_,
     select,
     tuple_,
+    type_coerce,
     union_all,
 )
 from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
@@ -62,6 +66,21 @@ log = logging.getLogger("order_saga.queries")
 orders = OrderTable.__table__  # type: ignore[attr-defined]
 transitions = TransitionTable.__table__  # type: ignore[attr-defined]
 _TIMESTAMPS = ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at", "updated_at")
+
+
+def _raw(table: Any) -> list[Any]:
+    """A table's columns with its JSON and timestamps as the driver hands them (SQLite:
+    text; PostgreSQL: already parsed by psycopg), parsed by `_order_from`.
+    SQLAlchemy's own result processors raise while the rows are fetched, so one broken
+    value (a hand edit, a botched migration) would take every row of the read down with
+    it instead of being reported as that order's corruption."""
+    return [
+        type_coerce(c, String).label(c.name) if isinstance(c.type, JSON | DateTime) else c
+        for c in table.c
+    ]
+
+
+ORDER_ROW = _raw(orders)
 
 
 def utcnow() -> datetime:
@@ -98,14 +117,16 @@ class Reads:
             raise StoreUnavailable(f"database unavailable: {sql.first_line(exc.orig)}") from exc
 
     def get(self, order_id: uuid.UUID) -> Order:
-        rows = self._rows(select(orders).where(orders.c.id == order_id))
+        rows = self._rows(select(*ORDER_ROW).where(orders.c.id == order_id))
         if not rows:
             raise OrderNotFound(f"order {order_id} not found")
         return _order_from(rows[0])
 
     def find_by_idempotency_key(self, key: str, *, created_by: str = "") -> Order | None:
         rows = self._rows(
-            select(orders).where(orders.c.idempotency_key == key, orders.c.created_by == created_by)
+            select(*ORDER_ROW).where(
+                orders.c.idempotency_key == key, orders.c.created_by == created_by
+            )
         )
         return _order_from(rows[0]) if rows else None
 
@@ -130,14 +151,14 @@ class Reads:
         """Per non-terminal state holding orders: seconds since its longest-still order
         last moved (the gauge alerts on stuck orders read this at scrape time)."""
         query = (
-            select(orders.c.state, func.min(orders.c.updated_at))
+            select(orders.c.state, type_coerce(func.min(orders.c.updated_at), String))
             .where(orders.c.state.in_(sql.RESUMABLE))
             .group_by(orders.c.state)
         )
         now = utcnow()
         found: dict[str, float] = {}
-        for state, moved in self._rows(query):
-            moved = as_utc(moved)
+        for state, raw in self._rows(query):
+            moved = _timestamp_or_none(raw)  # a corrupt one is the orders views' to report
             if moved is not None:
                 found[state] = max(0.0, (now - moved).total_seconds())
         return found
@@ -147,7 +168,7 @@ class Reads:
         return {status: int(n) for status, n in self._rows(query)}
 
     def _stuck(self, *, moved_before: datetime, now: datetime, due_only: bool) -> Any:
-        query = select(orders).where(
+        query = select(*ORDER_ROW).where(
             orders.c.state.in_(sql.RESUMABLE),
             orders.c.updated_at <= moved_before,
             or_(orders.c.lease_owner.is_(None), orders.c.lease_expires_at < now),
@@ -187,11 +208,37 @@ class Reads:
         return int(self._rows(query)[0][0])
 
 
+def _timestamp(value: Any) -> datetime | None:
+    """A timestamp as read by `ORDER_ROW`, in UTC; ValueError if it is not one."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value is not None and not isinstance(value, datetime):
+        raise ValueError(f"{value!r} is not a timestamp")
+    return as_utc(value)
+
+
+def _excerpt(value: Any) -> str:
+    return repr(value)[:60]
+
+
 def _order_from(row: Any) -> Order:
-    """A row (or a mapping of ORDER_COLUMNS) as an Order; CorruptOrder if it is not one."""
+    """A row of `ORDER_ROW` as an Order; CorruptOrder if it is not one."""
     data = dict(getattr(row, "_mapping", row))
     for key in _TIMESTAMPS:
-        data[key] = as_utc(data[key])
+        try:
+            data[key] = _timestamp(data[key])
+        except ValueError:
+            raise CorruptOrder(
+                f"order {data['id']} is corrupt: {key} = {_excerpt(data[key])} is not a timestamp"
+            ) from None
+    if isinstance(data["attempts"], str):
+        try:
+            data["attempts"] = json.loads(data["attempts"])
+        except ValueError:
+            raise CorruptOrder(
+                f"order {data['id']} is corrupt: attempts = {_excerpt(data['attempts'])} "
+                "is not JSON"
+            ) from None
     return sql.order_from(data)
 
 
@@ -232,6 +279,9 @@ class BadCursor(ValueError):
 
 class BadIdPrefix(ValueError):
     """An id prefix that is not the start of an order id."""
+
+
+_AFTER_ALL = datetime.max.replace(tzinfo=UTC)
 
 
 def _encode_cursor(parked: int, created_at: datetime, order_id: uuid.UUID) -> str:
@@ -280,9 +330,16 @@ def decode(row: Any) -> Order | Unreadable:
             status=str(row.status),
             state=str(row.state),
             why=str(exc),
-            created_at=as_utc(row.created_at),
-            updated_at=as_utc(row.updated_at),
+            created_at=_timestamp_or_none(row.created_at),
+            updated_at=_timestamp_or_none(row.updated_at),
         )
+
+
+def _timestamp_or_none(value: Any) -> datetime | None:
+    try:
+        return _timestamp(value)
+    except ValueError:
+        return None
 
 
 def list_orders(reads: Reads, flt: OrderFilter) -> Page:
@@ -308,7 +365,7 @@ def list_orders(reads: Reads, flt: OrderFilter) -> Page:
     # The sort key: (parked first,) newest first, then the id; a cursor is its last value.
     parked = case((orders.c.status == Status.NEEDS_ATTENTION.value, 0), else_=1)
     total_query = select(func.count()).select_from(orders).where(*conditions)
-    query = select(orders, parked.label("parked_key")).where(*conditions)
+    query = select(*ORDER_ROW, parked.label("parked_key")).where(*conditions)
     offset = flt.offset
     if flt.cursor:
         flag, created_at, after = _decode_cursor(flt.cursor)
@@ -326,11 +383,15 @@ def list_orders(reads: Reads, flt: OrderFilter) -> Page:
     rows = reads._rows(query)
     total = int(reads._rows(total_query)[0][0])
     more, rows = len(rows) > flt.limit, rows[: flt.limit]
+    items = [decode(row) for row in rows]
     cursor = None
     if more and rows:
-        last = rows[-1]
-        cursor = _encode_cursor(int(last.parked_key), last.created_at, last.id)
-    return Page([decode(row) for row in rows], total, cursor)
+        last, at = rows[-1], items[-1].created_at
+        # A created_at that is not a timestamp (SQLite only: a hand edit) sorts as text,
+        # above every real one: the next page starts below it, after the latest time.
+        # (Rows with other broken created_at values between it and that time are skipped.)
+        cursor = _encode_cursor(int(last.parked_key), at or _AFTER_ALL, last.id)
+    return Page(items, total, cursor)
 
 
 def counts_by_status(reads: Reads) -> dict[str, int]:

@@ -6,6 +6,7 @@ orders list` answer normally, list the other orders and show the bad row as what
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from fastapi.testclient import TestClient
 from markupsafe import escape
 
 from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID
+from fsm.queries import Reads
+from fsm.store import make_engine
 from tests.support.api import api, place
 from tests.support.database import corrupt_state
 from tests.support.processes import ORDER_SAGA
@@ -108,3 +111,105 @@ def test_orders_list_prints_the_bad_row(
     body = json.loads(as_json.stdout)
     assert [u["id"] for u in body["unreadable"]] == [orders["bad"]]
     assert body["total"] == 3
+
+
+# -- a value SQLAlchemy cannot parse ---------------------------------------------------------
+# SQLite keeps any text in a timestamp or JSON column; PostgreSQL's typed columns (timestamptz,
+# json) refuse 'garbage' and '{bad' at the write, so these rows exist on SQLite only (the
+# other kind of corruption PostgreSQL can hold, a state no machine declares, is tested above
+# on both databases).
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+BROKEN = {
+    "updated_at": "garbage",
+    "created_at": "garbage",
+    "lease_expires_at": "soon",
+    "attempts": "{bad",
+}
+
+
+def corrupt_column(db_url: str, order_id: str, column: str, value: str) -> None:
+    """A hand edit of one column of one order, below SQLAlchemy (as `sqlite3 d.db` does)."""
+    with sqlite3.connect(db_url.removeprefix("sqlite:///")) as conn:
+        conn.execute(
+            f"UPDATE orders SET {column} = ? WHERE id = ?", (value, uuid.UUID(order_id).hex)
+        )
+    conn.close()
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize(("column", "value"), BROKEN.items(), ids=BROKEN.keys())
+def test_a_broken_value_is_one_unreadable_row(
+    client: TestClient, db_url: str, column: str, value: str
+) -> None:
+    good, bad = place(client).json()["id"], place(client).json()["id"]
+    corrupt_column(db_url, bad, column, value)
+
+    listing = client.get("/orders")
+    one = client.get(f"/orders/{bad}")
+
+    assert listing.status_code == 200, listing.text  # not a 422 on a cursor never sent
+    body = listing.json()
+    assert [o["id"] for o in body["orders"]] == [good] and body["total"] == 2
+    [unreadable] = body["unreadable"]
+    assert unreadable["id"] == bad and f"{column} = {value!r}" in unreadable["why"]
+    assert one.status_code == 500 and one.json()["code"] == "corrupt_order", one.text
+    assert f"order {bad} is corrupt: {column}" in one.json()["detail"]
+    assert client.get(f"/orders/{good}").status_code == 200
+
+
+@SQLITE_ONLY
+def test_pages_go_past_a_broken_created_at(client: TestClient, db_url: str) -> None:
+    ids = [place(client).json()["id"] for _ in range(3)]
+    corrupt_column(db_url, ids[1], "created_at", "garbage")
+    seen: list[str] = []
+    cursor = None
+    for _ in range(5):
+        params = {"limit": 1} | ({"cursor": cursor} if cursor else {})
+        page = client.get("/orders", params=params)
+        assert page.status_code == 200, page.text
+        body = page.json()
+        seen += [o["id"] for o in body["orders"] + body["unreadable"]]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(ids)
+
+
+@SQLITE_ONLY
+def test_a_broken_updated_at_leaves_the_stuck_gauge_to_the_others(
+    client: TestClient, db_url: str
+) -> None:
+    good, bad = place(client).json()["id"], place(client).json()["id"]
+    corrupt_column(db_url, good, "state", "steps_running")  # looks stuck: the gauge reads it
+    corrupt_column(db_url, bad, "state", "compensating")
+    corrupt_column(db_url, bad, "updated_at", "garbage")
+    engine = make_engine(db_url)
+    try:
+        found = Reads(engine).oldest_unmoved_by_state()
+    finally:
+        engine.dispose()
+
+    assert set(found) == {"steps_running"}
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("column", ["updated_at", "attempts"])
+def test_orders_list_and_show_on_a_broken_value(
+    client: TestClient, db_url: str, downstream: Downstream, column: str
+) -> None:
+    good, bad = place(client).json()["id"], place(client).json()["id"]
+    corrupt_column(db_url, bad, column, BROKEN[column])
+    env = saga_env(database_url=db_url, services_url=downstream.url)
+
+    table = subprocess.run(
+        [ORDER_SAGA, "orders", "list"], capture_output=True, text=True, env=env, timeout=60
+    )
+    show = subprocess.run(
+        [ORDER_SAGA, "orders", "show", bad], capture_output=True, text=True, env=env, timeout=60
+    )
+
+    assert table.returncode == 0, table.stderr
+    bad_line = next(line for line in table.stdout.splitlines() if bad in line)
+    assert "UNREADABLE" in bad_line and good in table.stdout
+    [line] = show.stderr.strip().splitlines()  # one line, no traceback
+    assert show.returncode == 1 and line.startswith(f"order-saga: order {bad} is corrupt: {column}")

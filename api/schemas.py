@@ -163,8 +163,22 @@ class OrderList(BaseModel):
 _FIRST_STEP = STEP_NAMES[0]
 
 
-def _state(scope: str, state: str) -> OrderState | StepState:
-    return OrderState(state) if scope in ("order", AUDIT_SCOPE) else StepState(state)
+def _state(scope: str, state: str) -> OrderState | StepState | str:
+    """A logged state as the installed machine's, or as written: the log keeps the names
+    an older machine used (README, "Upgrading the machine safely"): its history stays
+    readable."""
+    known = OrderState if scope in ("order", AUDIT_SCOPE) else StepState
+    try:
+        return known(state)
+    except ValueError:
+        return state
+
+
+_LOGGED_STATE = (
+    "order states (scope order or operator) or step states; a move made by an older "
+    "machine (`machine_version`) keeps the name that machine used, which this one may no "
+    "longer declare"
+)
 
 
 class TransitionOut(BaseModel):
@@ -179,6 +193,7 @@ class TransitionOut(BaseModel):
                     "to_state": "succeeded",
                     "detail": {"order_id": _ID, "user_id": 1, "amount": 3998, "balance": 96002},
                     "created_at": _AT,
+                    "machine_version": "174f5d6748eb",
                 }
             ]
         }
@@ -191,10 +206,17 @@ class TransitionOut(BaseModel):
         json_schema_extra={"enum": [*STATE_COLUMN, AUDIT_SCOPE]},
     )
     trigger: str
-    from_state: OrderState | StepState = Field(description="order states, or step states")
-    to_state: OrderState | StepState
-    detail: dict[str, Any] | None
+    from_state: OrderState | StepState | str = Field(description=_LOGGED_STATE)
+    to_state: OrderState | StepState | str = Field(description=_LOGGED_STATE)
+    detail: dict[str, Any] | None = Field(
+        description="the service's answer, the error or the operator's reason; "
+        '`{"unreadable": "<the stored text>"}` when that is not a JSON object'
+    )
     created_at: datetime
+    machine_version: str = Field(
+        description="the machine that made the move (`GET /healthz` names the installed "
+        "one; empty for moves logged before versions were recorded)"
+    )
 
     @classmethod
     def of(cls, t: Transition) -> TransitionOut:
@@ -206,6 +228,7 @@ class TransitionOut(BaseModel):
             to_state=_state(t.scope, t.to_state),
             detail=t.detail,
             created_at=t.created_at,
+            machine_version=t.machine_version,
         )
 
 

@@ -70,7 +70,7 @@ _TIMESTAMPS = ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at
 
 def _raw(table: Any) -> list[Any]:
     """A table's columns with its JSON and timestamps as the driver hands them (SQLite:
-    text; PostgreSQL: already parsed by psycopg), parsed by `_order_from`.
+    text; PostgreSQL: already parsed by psycopg), parsed by `_order_from`/`_transition`.
     SQLAlchemy's own result processors raise while the rows are fetched, so one broken
     value (a hand edit, a botched migration) would take every row of the read down with
     it instead of being reported as that order's corruption."""
@@ -81,6 +81,7 @@ def _raw(table: Any) -> list[Any]:
 
 
 ORDER_ROW = _raw(orders)
+TRANSITION_ROW = _raw(transitions)
 
 
 def utcnow() -> datetime:
@@ -133,19 +134,10 @@ class Reads:
     def history(self, order_id: uuid.UUID) -> list[Transition]:
         # With its order's creation time PostgreSQL reads one partition (fsm.partitions).
         created = select(orders.c.created_at).where(orders.c.id == order_id).scalar_subquery()
-        query = select(transitions).where(
+        query = select(*TRANSITION_ROW).where(
             transitions.c.order_id == order_id, transitions.c.order_created_at == created
         )
-        return [
-            Transition(
-                **{
-                    **r._mapping,
-                    "created_at": as_utc(r.created_at),
-                    "order_created_at": as_utc(r.order_created_at),
-                }
-            )
-            for r in self._rows(query.order_by(transitions.c.seq))
-        ]
+        return [_transition(r) for r in self._rows(query.order_by(transitions.c.seq))]
 
     def oldest_unmoved_by_state(self) -> dict[str, float]:
         """Per non-terminal state holding orders: seconds since its longest-still order
@@ -209,7 +201,8 @@ class Reads:
 
 
 def _timestamp(value: Any) -> datetime | None:
-    """A timestamp as read by `ORDER_ROW`, in UTC; ValueError if it is not one."""
+    """A timestamp as read by `ORDER_ROW`/`TRANSITION_ROW`, in UTC; ValueError if it is
+    not one."""
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     if value is not None and not isinstance(value, datetime):
@@ -240,6 +233,32 @@ def _order_from(row: Any) -> Order:
                 "is not JSON"
             ) from None
     return sql.order_from(data)
+
+
+def _transition(row: Any) -> Transition:
+    """A row of `TRANSITION_ROW` as a Transition. Its states are kept as written (the log
+    holds older machines' moves too); a detail that is not JSON is kept as an excerpt,
+    `{"unreadable": ...}`, so an old order's history stays readable. CorruptOrder if a
+    timestamp is not one (the log's order in time is lost)."""
+    data = dict(row._mapping)
+    detail = data["detail"]
+    if isinstance(detail, str):
+        try:
+            detail = json.loads(detail)
+        except ValueError:
+            detail = {"unreadable": detail[:200]}
+    if detail is not None and not isinstance(detail, dict):
+        detail = {"unreadable": _excerpt(detail)}
+    data["detail"] = detail
+    for key in ("created_at", "order_created_at"):
+        try:
+            data[key] = _timestamp(data[key])
+        except ValueError:
+            raise CorruptOrder(
+                f"order {data['order_id']} is corrupt: transition {data['seq']} {key} = "
+                f"{_excerpt(data[key])} is not a timestamp"
+            ) from None
+    return Transition(**data)
 
 
 @dataclass(frozen=True)

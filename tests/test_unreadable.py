@@ -10,14 +10,17 @@ import sqlite3
 import subprocess
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from markupsafe import escape
+from sqlalchemy import text
 
 from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID
 from fsm.queries import Reads
 from fsm.store import make_engine
+from fsm.version import MACHINE_VERSION
 from tests.support.api import api, place
 from tests.support.database import corrupt_state
 from tests.support.processes import ORDER_SAGA
@@ -213,3 +216,86 @@ def test_orders_list_and_show_on_a_broken_value(
     assert "UNREADABLE" in bad_line and good in table.stdout
     [line] = show.stderr.strip().splitlines()  # one line, no traceback
     assert show.returncode == 1 and line.startswith(f"order-saga: order {bad} is corrupt: {column}")
+
+
+# -- the log of an older machine, a detail that is not JSON -------------------------------
+
+
+def corrupt_transition(db_url: str, order_id: str, column: str, value: str) -> None:
+    """A hand edit of the order's last transition (or an older machine's row: the log keeps
+    the names it was written with, README "Upgrading the machine safely")."""
+    engine = make_engine(db_url)
+    sqlite = engine.dialect.name == "sqlite"
+    key = uuid.UUID(order_id).hex if sqlite else order_id
+    new = ":v" if sqlite or column != "detail" else "CAST(:v AS json)"
+    last = "SELECT max(seq) FROM transitions WHERE order_id = :id AND scope = 'order'"
+    where = f"order_id = :id AND seq = ({last})"
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(f"UPDATE transitions SET {column} = {new} WHERE {where}"),
+                {"v": value, "id": key},
+            )
+    finally:
+        engine.dispose()
+
+
+def show(db_url: str, downstream: Downstream, order_id: str, *args: str) -> Any:
+    env = saga_env(database_url=db_url, services_url=downstream.url)
+    return subprocess.run(
+        [ORDER_SAGA, "orders", "show", order_id, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_an_older_machines_state_in_the_log_is_shown_as_written(
+    client: TestClient, db_url: str, downstream: Downstream
+) -> None:
+    order_id = place(client).json()["id"]
+    corrupt_transition(db_url, order_id, "to_state", "legacy_state")
+
+    log = client.get(f"/orders/{order_id}/transitions")
+    table = show(db_url, downstream, order_id)
+    as_json = show(db_url, downstream, order_id, "--json")
+
+    assert log.status_code == 200, log.text
+    last = log.json()[-1]
+    assert (last["scope"], last["to_state"]) == ("order", "legacy_state")
+    assert last["machine_version"] == MACHINE_VERSION  # which machine wrote it
+    assert log.json()[0]["from_state"] == "pending"  # the known ones as before
+    assert table.returncode == 0 and "legacy_state" in table.stdout, table.stderr
+    assert json.loads(as_json.stdout)["timeline"][-1]["to_state"] == "legacy_state"
+
+
+def assert_detail_shown_as_unreadable(
+    client: TestClient, db_url: str, downstream: Downstream, stored: str
+) -> None:
+    order_id = place(client).json()["id"]
+    corrupt_transition(db_url, order_id, "detail", stored)
+
+    log = client.get(f"/orders/{order_id}/transitions")
+    table = show(db_url, downstream, order_id)
+
+    assert log.status_code == 200, log.text
+    assert log.json()[-1]["detail"] == {"unreadable": stored}
+    found = next(t for t in log.json() if t["trigger"] == "product_found")
+    assert "product" in found["detail"]  # the other rows as they were
+    assert table.returncode == 0, table.stderr
+    assert "unreadable" in table.stdout and "Traceback" not in table.stderr
+
+
+def test_a_detail_that_is_no_json_object_is_shown_as_unreadable(
+    client: TestClient, db_url: str, downstream: Downstream
+) -> None:
+    # PostgreSQL's json column takes any JSON: a detail that is no object can be written there.
+    assert_detail_shown_as_unreadable(client, db_url, downstream, "[1, 2]")
+
+
+@SQLITE_ONLY  # PostgreSQL's json column refuses text that is not JSON
+def test_a_detail_that_is_not_json_is_shown_as_unreadable(
+    client: TestClient, db_url: str, downstream: Downstream
+) -> None:
+    assert_detail_shown_as_unreadable(client, db_url, downstream, "not json{")

@@ -26,7 +26,7 @@ from api.schemas import (
     problems,
 )
 from fsm import queries, why
-from fsm.machine import OperatorAction, OrderState, Status
+from fsm.machine import TERMINAL_ORDER_STATES, OperatorAction, OrderState, Status
 from fsm.models import Order
 from fsm.operator import Audit
 
@@ -53,7 +53,9 @@ Reason = Annotated[
     Query(max_length=1000, description="why (kept in the order's transition log)"),
 ]
 
-_FINISHED = {Status.COMPLETED, Status.FAILED, Status.CANCELLED}
+# Every end the machine declares (resolved included: a replay of an order an operator
+# ended is finished, not "still running"); rejected answers 404 before this is asked.
+_FINISHED = frozenset(state.value for state in TERMINAL_ORDER_STATES)
 _JSON = "application/json"
 
 
@@ -66,7 +68,7 @@ def _answer(order: Order) -> Response:
         body["detail"] = f"product {order.product_id} not found"
         return JSONResponse(body, status_code=status.HTTP_404_NOT_FOUND)
     json = out.__pydantic_serializer__.to_json(out)
-    if order.status in _FINISHED:
+    if order.state in _FINISHED:
         return Response(json, status_code=status.HTTP_201_CREATED, media_type=_JSON)
     return Response(
         json,

@@ -15,6 +15,7 @@ from downstream.seed import (
     MISSING_PRODUCT_ID,
     ORDINARY_USER_ID,
     POOR_USER_ID,
+    SOLD_OUT_PRODUCT_ID,
     WIDGET_ID,
 )
 from tests.support.api import (
@@ -286,6 +287,34 @@ def test_idempotency_key_retry_of_a_rejected_order_is_404_again(client: TestClie
     assert first.status_code == again.status_code == 404
     assert again.json()["id"] == first.json()["id"]
     assert again.json()["status"] == "rejected"
+
+
+def test_idempotency_key_retry_of_an_order_ended_since_is_201(
+    db_url: str, services_url: str, downstream: Downstream
+) -> None:
+    """Every terminal state answers a replay 201, the operator's ends too: a parked order
+    resolved by hand, a completed one cancelled since (the replay is not "still running")."""
+    with api(db_url, services_url, max_attempts=2) as client:
+        downstream.fault("user.refund", "error", count=1000)  # compensation fails: parked
+        parked_key = {"Idempotency-Key": f"parked-{uuid.uuid4()}"}
+        parked = place(client, product=SOLD_OUT_PRODUCT_ID, headers=parked_key).json()
+        downstream.clear_faults()
+        assert parked["status"] == "needs_attention", parked
+        resolved = client.post(f"/orders/{parked['id']}/resolve", json={"reason": "by hand"})
+        assert resolved.json()["status"] == "resolved", resolved.text
+        done_key = {"Idempotency-Key": f"done-{uuid.uuid4()}"}
+        done = place(client, headers=done_key).json()
+        cancelled = client.post(f"/orders/{done['id']}/cancel")
+        assert cancelled.json()["status"] == "cancelled", cancelled.text
+
+        replays = [
+            place(client, product=SOLD_OUT_PRODUCT_ID, headers=parked_key),
+            place(client, headers=done_key),
+        ]
+
+    assert [r.status_code for r in replays] == [201, 201], [r.text for r in replays]
+    assert [r.json()["status"] for r in replays] == ["resolved", "cancelled"]
+    assert all("Location" not in r.headers for r in replays)
 
 
 # -- GET /orders/{id} --------------------------------------------------------------------

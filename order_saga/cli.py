@@ -18,7 +18,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
@@ -244,8 +244,9 @@ def resume(
             if oid is not None:
                 if dry_run:  # read only: no lease, no transition, no call
                     found = executor.store.get(oid)
-                    say(f"{found.id} {found.state} ({found.status}): would resume")
-                    finish([found], [], dry_run=True, found=1)
+                    what, counts = _dry_run_verdict(found, utcnow())
+                    say(f"{found.id} {found.state} ({found.status}): {what}")
+                    finish([found], [], dry_run=True, **counts)
                     return 0
                 result = await executor.run(oid, audit=audit)
                 say(f"{result.id} {result.state} ({result.status})")
@@ -300,6 +301,20 @@ def resume(
     if as_json:
         typer.echo(json.dumps(report_json, indent=2))
     raise typer.Exit(code)
+
+
+def _dry_run_verdict(order: Order, now: datetime) -> tuple[str, dict[str, int]]:
+    """What `resume --order ID` would do with `order` now, and the summary's counts (the
+    sweep's rule: a terminal order is done, a live lease is another driver's)."""
+    from fsm.machine import is_terminal
+
+    if is_terminal(order.state):
+        return "terminal: nothing to do", {"found": 0, "skipped_leased": 0}
+    expires = order.lease_expires_at
+    if order.lease_owner is not None and expires is not None and expires >= now:
+        until = expires.isoformat()
+        return f"leased by {order.lease_owner} until {until}", {"found": 0, "skipped_leased": 1}
+    return "would resume", {"found": 1, "skipped_leased": 0}
 
 
 # Workers sharing a host each take the first free port from WORKER_METRICS_PORT up, so

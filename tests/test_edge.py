@@ -6,6 +6,7 @@ drains within its grace period."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import threading
@@ -121,6 +122,35 @@ async def test_resume_one_order_dry_run_changes_nothing(
     assert store.history(stuck.id) == [] and downstream.effects() == {}
     assert run_cli("resume", "--order", str(stuck.id), **env).returncode == 0  # for real
     assert store.get(stuck.id).status == "completed"
+
+
+async def test_resume_one_order_dry_run_names_a_finished_or_leased_order(
+    db_url: str, store: Store, downstream: Downstream
+) -> None:
+    env = saga_env(database_url=db_url, services_url=downstream.url)
+    done, _ = await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
+    assert run_cli("resume", "--order", str(done.id), **env).returncode == 0
+    held, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner="worker-7"
+    )
+    expires = store.get(held.id).lease_expires_at
+    assert expires is not None
+
+    finished = run_cli("resume", "--order", str(done.id), "--dry-run", **env)
+    finished_json = run_cli("resume", "--order", str(done.id), "--dry-run", "--json", **env)
+    leased = run_cli("resume", "--order", str(held.id), "--dry-run", **env)
+    leased_json = run_cli("resume", "--order", str(held.id), "--dry-run", "--json", **env)
+
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.strip() == f"{done.id} completed (completed): terminal: nothing to do"
+    assert json.loads(finished_json.stdout)["found"] == 0
+    assert leased.returncode == 0, leased.stderr
+    assert leased.stdout.strip() == (
+        f"{held.id} pending (pending): leased by worker-7 until {expires.isoformat()}"
+    )
+    report = json.loads(leased_json.stdout)
+    assert (report["found"], report["skipped_leased"]) == (0, 1)
+    assert store.get(held.id).version == held.version  # read only
 
 
 # -- passwords never printed ---------------------------------------------------------------------

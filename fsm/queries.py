@@ -32,6 +32,7 @@ from sqlalchemy import (
     Engine,
     Integer,
     String,
+    Text,
     and_,
     case,
     cast,
@@ -69,15 +70,20 @@ _TIMESTAMPS = ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at
 
 
 def _raw(table: Any) -> list[Any]:
-    """A table's columns with its JSON and timestamps as the driver hands them (SQLite:
-    text; PostgreSQL: already parsed by psycopg), parsed by `_order_from`/`_transition`.
-    SQLAlchemy's own result processors raise while the rows are fetched, so one broken
-    value (a hand edit, a botched migration) would take every row of the read down with
-    it instead of being reported as that order's corruption."""
-    return [
-        type_coerce(c, String).label(c.name) if isinstance(c.type, JSON | DateTime) else c
-        for c in table.c
-    ]
+    """A table's columns with its JSON as the stored text and its timestamps as the driver
+    hands them (SQLite: text; PostgreSQL: datetimes), parsed by `_order_from` and
+    `_transition`. SQLAlchemy's own result processors raise while the rows are fetched, so
+    one broken value (a hand edit, a botched migration) would take every row of the read
+    down with it instead of being reported as that order's corruption."""
+
+    def raw(column: Any) -> Any:
+        if isinstance(column.type, JSON):  # text on PostgreSQL too: parsed once, by us
+            return cast(column, Text).label(column.name)
+        if isinstance(column.type, DateTime):
+            return type_coerce(column, String).label(column.name)
+        return column
+
+    return [raw(c) for c in table.c]
 
 
 ORDER_ROW = _raw(orders)
@@ -224,7 +230,7 @@ def _order_from(row: Any) -> Order:
             raise CorruptOrder(
                 f"order {data['id']} is corrupt: {key} = {_excerpt(data[key])} is not a timestamp"
             ) from None
-    if isinstance(data["attempts"], str):
+    if data["attempts"] is not None:
         try:
             data["attempts"] = json.loads(data["attempts"])
         except ValueError:
@@ -237,19 +243,19 @@ def _order_from(row: Any) -> Order:
 
 def _transition(row: Any) -> Transition:
     """A row of `TRANSITION_ROW` as a Transition. Its states are kept as written (the log
-    holds older machines' moves too); a detail that is not JSON is kept as an excerpt,
-    `{"unreadable": ...}`, so an old order's history stays readable. CorruptOrder if a
+    holds older machines' moves too); a detail that is not a JSON object is kept as its
+    text, `{"unreadable": ...}`, so an old order's history stays readable. CorruptOrder if a
     timestamp is not one (the log's order in time is lost)."""
     data = dict(row._mapping)
-    detail = data["detail"]
-    if isinstance(detail, str):
+    text = data["detail"]
+    if text is not None:
         try:
-            detail = json.loads(detail)
+            detail = json.loads(text)
         except ValueError:
-            detail = {"unreadable": detail[:200]}
-    if detail is not None and not isinstance(detail, dict):
-        detail = {"unreadable": _excerpt(detail)}
-    data["detail"] = detail
+            detail = text
+        if detail is not None and not isinstance(detail, dict):
+            detail = {"unreadable": text[:200]}
+        data["detail"] = detail
     for key in ("created_at", "order_created_at"):
         try:
             data[key] = _timestamp(data[key])

@@ -299,3 +299,27 @@ def test_a_detail_that_is_not_json_is_shown_as_unreadable(
     client: TestClient, db_url: str, downstream: Downstream
 ) -> None:
     assert_detail_shown_as_unreadable(client, db_url, downstream, "not json{")
+
+
+def test_attempts_holding_a_json_string_is_no_object(client: TestClient, db_url: str) -> None:
+    """JSON text is decoded once: a JSON string that holds an object's text is a string
+    (PostgreSQL's driver decodes json columns itself; decoding its answer again took it
+    for the object)."""
+    good, bad = place(client).json()["id"], place(client).json()["id"]
+    engine = make_engine(db_url)
+    sqlite = engine.dialect.name == "sqlite"
+    new = ":v" if sqlite else "CAST(:v AS json)"
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(f"UPDATE orders SET attempts = {new} WHERE id = :id"),
+                {"v": '"{}"', "id": uuid.UUID(bad).hex if sqlite else bad},
+            )
+    finally:
+        engine.dispose()
+
+    body = client.get("/orders").json()
+
+    assert [o["id"] for o in body["orders"]] == [good]
+    assert [u["id"] for u in body["unreadable"]] == [bad]
+    assert client.get(f"/orders/{bad}").json()["code"] == "corrupt_order"

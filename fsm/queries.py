@@ -71,7 +71,7 @@ _TIMESTAMPS = ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at
 
 def _raw(table: Any) -> list[Any]:
     """A table's columns with its JSON as the stored text and its timestamps as the driver
-    hands them (SQLite: text; PostgreSQL: datetimes), parsed by `_order_from` and
+    hands them (SQLite: text; PostgreSQL: datetimes), parsed by `order_of_row` and
     `_transition`. SQLAlchemy's own result processors raise while the rows are fetched, so
     one broken value (a hand edit, a botched migration) would take every row of the read
     down with it instead of being reported as that order's corruption."""
@@ -127,7 +127,7 @@ class Reads:
         rows = self._rows(select(*ORDER_ROW).where(orders.c.id == order_id))
         if not rows:
             raise OrderNotFound(f"order {order_id} not found")
-        return _order_from(rows[0])
+        return order_of_row(rows[0])
 
     def find_by_idempotency_key(self, key: str, *, created_by: str = "") -> Order | None:
         rows = self._rows(
@@ -135,7 +135,7 @@ class Reads:
                 orders.c.idempotency_key == key, orders.c.created_by == created_by
             )
         )
-        return _order_from(rows[0]) if rows else None
+        return order_of_row(rows[0]) if rows else None
 
     def history(self, order_id: uuid.UUID) -> list[Transition]:
         # With its order's creation time PostgreSQL reads one partition (fsm.partitions).
@@ -143,7 +143,7 @@ class Reads:
         query = select(*TRANSITION_ROW).where(
             transitions.c.order_id == order_id, transitions.c.order_created_at == created
         )
-        return [_transition(r) for r in self._rows(query.order_by(transitions.c.seq))]
+        return [transition_of_row(r) for r in self._rows(query.order_by(transitions.c.seq))]
 
     def oldest_unmoved_by_state(self) -> dict[str, float]:
         """Per non-terminal state holding orders: seconds since its longest-still order
@@ -186,7 +186,7 @@ class Reads:
         usable = []
         for row in self._rows(query.order_by(orders.c.updated_at).limit(limit)):
             try:
-                usable.append(_order_from(row))
+                usable.append(order_of_row(row))
             except CorruptOrder as exc:
                 log.error("skipping: %s", exc)
         return usable
@@ -220,7 +220,7 @@ def _excerpt(value: Any) -> str:
     return repr(value)[:60]
 
 
-def _order_from(row: Any) -> Order:
+def order_of_row(row: Any) -> Order:
     """A row of `ORDER_ROW` as an Order; CorruptOrder if it is not one."""
     data = dict(getattr(row, "_mapping", row))
     for key in _TIMESTAMPS:
@@ -241,7 +241,7 @@ def _order_from(row: Any) -> Order:
     return sql.order_from(data)
 
 
-def _transition(row: Any) -> Transition:
+def transition_of_row(row: Any) -> Transition:
     """A row of `TRANSITION_ROW` as a Transition. Its states are kept as written (the log
     holds older machines' moves too); a detail that is not a JSON object is kept as its
     text, `{"unreadable": ...}`, so an old order's history stays readable. CorruptOrder if a
@@ -348,7 +348,7 @@ def _id_prefix(prefix: str) -> tuple[uuid.UUID, uuid.UUID]:
 def decode(row: Any) -> Order | Unreadable:
     """A row of `orders` as an Order, or as an Unreadable naming why it is not one."""
     try:
-        return _order_from({k: v for k, v in row._mapping.items() if k != "parked_key"})
+        return order_of_row({k: v for k, v in row._mapping.items() if k != "parked_key"})
     except CorruptOrder as exc:
         return Unreadable(
             id=row.id,

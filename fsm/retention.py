@@ -52,8 +52,9 @@ from fsm.models import (
     Transition,
     TransitionTable,
 )
+from fsm.queries import ORDER_ROW, TRANSITION_ROW, order_of_row, transition_of_row
 from fsm.settings import Settings
-from fsm.sql import as_utc, order_from
+from fsm.sql import as_utc
 
 log = logging.getLogger("order_saga.retention")
 orders = OrderTable.__table__  # type: ignore[attr-defined]
@@ -72,7 +73,6 @@ ADVISORY_KEY = 0x6F72_6465_7273_6167 & 0x7FFF_FFFF_FFFF_FFFF
 # (Stripe keeps keys 24 h): an order placed with a key is kept at least this long after its
 # creation, whatever --older-than / RETENTION_SECONDS / --keep say.
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
-_TIMESTAMPS = ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at", "updated_at")
 
 
 def undelivered_events() -> ColumnElement[bool] | None:
@@ -452,33 +452,34 @@ class Pruner:
     ) -> tuple[list[Order], dict[uuid.UUID, list[Transition]]]:
         """The orders matching `where` (oldest move first) and, when archiving, their
         logs (not read otherwise: nothing needs them)."""
+        # Read raw and parsed row by row (fsm.queries): one broken value skips its order
+        # instead of failing the whole read, and with it every prune from then on.
         result = conn.execute(
-            select(orders).where(*where).order_by(orders.c.updated_at).limit(limit)
+            select(*ORDER_ROW).where(*where).order_by(orders.c.updated_at).limit(limit)
         )
-        names = list(result.keys())
         found = []
         for row in result:
-            data = dict(zip(names, row, strict=True))
-            for key in _TIMESTAMPS:
-                data[key] = as_utc(data[key])
             try:
-                found.append(order_from(data))
+                found.append(order_of_row(row))
             except CorruptOrder as exc:  # never deleted: it cannot be archived faithfully
                 log.error("prune: skipping %s", exc)
         history: dict[uuid.UUID, list[Transition]] = {}
         if found and self._appender_factory is not None:
             lines = conn.execute(
-                select(transitions)
+                select(*TRANSITION_ROW)
                 .where(*_log_of(found))
                 .order_by(transitions.c.order_id, transitions.c.seq)
             )
-            names = list(lines.keys())
+            broken = set()
             for r in lines:
-                data = dict(zip(names, r, strict=True))
-                data["created_at"] = as_utc(data["created_at"])
-                data["order_created_at"] = as_utc(data["order_created_at"])
-                t = Transition(**data)
+                try:
+                    t = transition_of_row(r)
+                except CorruptOrder as exc:  # its log cannot be archived faithfully: kept
+                    log.error("prune: skipping %s", exc)
+                    broken.add(r.order_id)
+                    continue
                 history.setdefault(t.order_id, []).append(t)
+            found = [o for o in found if o.id not in broken]
         return found, history
 
     def _delete(

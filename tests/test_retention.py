@@ -339,3 +339,38 @@ async def test_the_background_pass_and_keep_leave_an_order_whose_key_is_in_its_w
 
     assert (gone.deleted, gone.key_held) == (1, 0)
     assert_pruned(store, Population(), [keyed])
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("broken", ["attempts", "transition"])
+async def test_a_broken_value_keeps_its_order_and_the_prune_goes_on(
+    db_url: str,
+    store: Store,
+    executor: Executor,
+    downstream: Downstream,
+    tmp_path: Path,
+    broken: str,
+) -> None:
+    """An eligible order with a value no reader can parse (a hand edit, a botched
+    migration) is skipped, kept whole, and the others are pruned and archived; before, the
+    batch's read raised and every prune from then on failed. SQLite only: PostgreSQL's
+    typed columns refuse such values."""
+    population = await populate(store, executor, downstream, completed=2)
+    bad, *rest = population.eligible
+    lines = transition_count(store, bad)
+    with store.engine.begin() as conn:
+        if broken == "attempts":
+            sql = "UPDATE orders SET attempts = '{bad' WHERE id = :id"
+        else:
+            sql = "UPDATE transitions SET created_at = 'garbage' WHERE order_id = :id AND seq = 1"
+        conn.exec_driver_sql(sql.replace(":id", "?"), (bad.hex,))
+
+    summary = Pruner(
+        store.engine, older_than=0, appender=lambda: archive.Appender(tmp_path / "a.jsonl.gz")
+    ).run()
+
+    assert summary.deleted == len(rest) and summary.archived == len(rest)
+    assert_pruned(store, population, rest)
+    assert transition_count(store, bad) == lines > 0  # kept whole
+    archived = {line["order"]["id"] for line in archive.read(tmp_path / "a.jsonl.gz")}
+    assert archived == {str(i) for i in rest}

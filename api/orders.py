@@ -26,6 +26,7 @@ from api.schemas import (
     problems,
 )
 from fsm import queries, why
+from fsm.bounds import MAX_ID, MAX_SECONDS
 from fsm.machine import TERMINAL_ORDER_STATES, OperatorAction, OrderState, Status
 from fsm.models import Order
 from fsm.operator import Audit
@@ -173,10 +174,10 @@ def list_orders(
     principal: PrincipalDep,
     status_: Annotated[Status | None, Query(alias="status")] = None,
     state: Annotated[OrderState | None, Query(description="the exact machine state")] = None,
-    user_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
-    product_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+    user_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    product_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     unmoved_for: Annotated[
-        float | None, Query(ge=0, le=10**9, description="seconds since the order last moved")
+        float | None, Query(ge=0, le=MAX_SECONDS, description="seconds since the order last moved")
     ] = None,
     id_prefix: Annotated[
         str | None,
@@ -188,7 +189,7 @@ def list_orders(
         ),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     cursor: Annotated[
         str | None, Query(max_length=200, description="`next_cursor` of the previous page")
     ] = None,

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
 
+from fsm.bounds import MAX_ID
 from fsm.machine import AUDIT_SCOPE, OrderState, Status, StepState
 from fsm.models import STATE_COLUMN, Order, Transition
 from fsm.outbox import order_document
@@ -16,7 +17,7 @@ from fsm.queries import Unreadable
 from fsm.registry import STEP_NAMES
 from fsm.why import Kind, Why
 
-PositiveId = Annotated[int, Field(strict=True, gt=0, le=2**31 - 1)]
+PositiveId = Annotated[int, Field(strict=True, gt=0, le=MAX_ID)]
 
 
 _ID = "3f2b8c1e-9a7d-4e6f-8b0c-1d2e3f4a5b6c"

@@ -29,6 +29,7 @@ from api.auth import principal_of
 from api.deps import ExecutorDep, PrincipalDep, SettingsDep, StoreDep
 from api.login import CsrfChecked
 from fsm import diagram, heatmap, operator, queries, rollup, why
+from fsm.bounds import MAX_ID
 from fsm.errors import CorruptOrder, SagaError
 from fsm.executor import new_owner
 from fsm.machine import (
@@ -137,11 +138,11 @@ def orders_page(
     settings: SettingsDep,
     status: Annotated[Status | None, Query()] = None,
     state: Annotated[OrderState | None, Query()] = None,
-    product: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
-    user: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
+    product: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    user: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     older_than: Annotated[float | None, Query(ge=0, description="seconds unmoved")] = None,
     id: Annotated[str | None, Query(max_length=36, pattern=r"^\s*[0-9a-fA-F-]*\s*$")] = None,
-    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> Response:
     """Counts per status, the filtered orders (parked first), one page at a time; `id`
     finds orders by their full id (straight to its page) or the start of it."""

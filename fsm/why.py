@@ -6,13 +6,14 @@ and the settings the sweep runs with: it never writes, never calls a service, ne
 another process. In order of precedence, an order
 
 - waits on a service's open circuit breaker (which, when the probe is due), while its
-  driver holds the lease;
+  driver holds the lease, or until the probe once nobody does (then the sweep's turn);
 - waits for its next attempt of a failing call (when, how many failed, the last error);
 - is being driven (leased by a live owner, until when);
 - is held by a lease whose owner stopped renewing it (expired: the sweep takes it over);
 - is parked in needs_attention (the reason; when the sweep retries it: its own pause and
   `SWEEP_OLDER_THAN`, whichever is later);
-- or is runnable: by the sweep once it has been still for `SWEEP_OLDER_THAN`, or now.
+- or is runnable: by the sweep once it has been still for `SWEEP_OLDER_THAN` and its
+  retry time (`next_attempt_at`, which the sweep honours) has come, or now.
 """
 
 from __future__ import annotations
@@ -78,26 +79,31 @@ def explain(order: Order, *, last: Attempt | None, settings: Settings, now: date
     )
     owner, expires = order.lease_owner, order.lease_expires_at
     alive = owner is not None and expires is not None and expires > now
-    sweep_from = order.updated_at + timedelta(seconds=settings.sweep_older_than)
+    still_from = order.updated_at + timedelta(seconds=settings.sweep_older_than)
+    # The sweep takes an order once it has been still that long and its retry time (a
+    # failed attempt's, a breaker's probe: next_attempt_at) has come.
+    sweep_from = max(still_from, order.next_attempt_at or still_from)
     common: dict[str, Any] = {"owner": owner, "lease_expires_at": expires}
-    if alive and fresh is not None and fresh.waiting_on and fresh.next_attempt_at:
+    probe = fresh.next_attempt_at if fresh is not None and fresh.waiting_on else None
+    if probe is not None and (alive or probe > now):
+        assert fresh is not None and fresh.waiting_on is not None
+        then = "" if alive else f", then the sweep drives it (from {_at(sweep_from)})"
         return Why(
             Kind.BREAKER,
             f"waiting on the {fresh.waiting_on} circuit breaker (probe at "
-            f"{_at(fresh.next_attempt_at)}); {fresh.call} is not called until then",
-            until=fresh.next_attempt_at,
+            f"{_at(probe)}); {fresh.call} is not called until then{then}",
+            until=probe if alive else sweep_from,
             service=fresh.waiting_on,
             call=fresh.call,
             last_error=fresh.error,
             **common,
         )
     if order.state == OrderState.NEEDS_ATTENTION and not alive:
-        swept = max(order.next_attempt_at or sweep_from, sweep_from)
         return Why(
             Kind.PARKED,
-            f"parked: {order.attention_reason}; the sweep retries it at {_at(swept)} "
+            f"parked: {order.attention_reason}; the sweep retries it at {_at(sweep_from)} "
             "(or now: Retry on this page, `order-saga resume --order ID`)",
-            until=swept,
+            until=sweep_from,
             reason=order.attention_reason,
             last_error=order.last_error,
             **common,
@@ -107,7 +113,7 @@ def explain(order: Order, *, last: Attempt | None, settings: Settings, now: date
     if fresh is not None and retry is not None and failed and (retry > now or owner is None):
         # Driven: its driver sleeps until then. Not driven: the sweep's turn, once the
         # order has also been still for SWEEP_OLDER_THAN.
-        when = retry if alive else max(retry, sweep_from)
+        when = retry if alive else sweep_from
         by = f", driven by {owner}" if alive else " by the sweep"
         return Why(
             Kind.NEXT_ATTEMPT,
@@ -141,10 +147,14 @@ def explain(order: Order, *, last: Attempt | None, settings: Settings, now: date
             **common,
         )
     if sweep_from > now:
+        because = (
+            f"still for SWEEP_OLDER_THAN={settings.sweep_older_than:g}s"
+            if sweep_from == still_from
+            else "its next attempt's time"
+        )
         return Why(
             Kind.RUNNABLE,
-            f"runnable: the sweep picks it up from {_at(sweep_from)} "
-            f"(still for SWEEP_OLDER_THAN={settings.sweep_older_than:g}s), or resume it now",
+            f"runnable: the sweep picks it up from {_at(sweep_from)} ({because}), or resume it now",
             until=sweep_from,
             last_error=order.last_error,
         )

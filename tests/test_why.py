@@ -180,6 +180,34 @@ async def test_an_order_nobody_holds_is_runnable(store: Store, settings: Setting
     assert explain(store, order, now).summary.startswith("runnable now")
 
 
+async def test_a_breaker_wait_nobody_drives_any_more_waits_for_its_probe(
+    store: Store, settings: Settings
+) -> None:
+    """Its driver stopped (lease given back) while the call waited on a breaker: the sweep
+    skips the order until the probe time, and its why says so (before: "runnable now")."""
+    order = await new_order(store)
+    claimed = await store.claim(order_id=order.id, owner="host-a:1:x")
+    assert claimed is not None
+    probe = utcnow() + timedelta(seconds=90)
+    await store.note_attempt(
+        order=claimed, owner="host-a:1:x", call="payment:deduct", error=None,
+        next_attempt_at=probe, waiting_on="user.deduct",
+    )  # fmt: skip
+    assert await store.release(order_id=order.id, owner="host-a:1:x", version=claimed.version)
+    w = explain(store, order, settings)
+    assert w.kind is Kind.BREAKER and w.service == "user.deduct" and w.until == probe
+    assert "then the sweep drives it" in w.summary
+    swept = store.find_stuck(moved_before=utcnow(), limit=10)
+    assert order.id not in {o.id for o in swept}  # what the why says: not before the probe
+
+    # The probe's time passed with the order still undriven: runnable, from then on.
+    due = settings.model_copy(update={"sweep_older_than": 0.0})
+    later = why.explain(
+        store.get(order.id), last=None, settings=due, now=probe + timedelta(seconds=1)
+    )
+    assert later is not None and later.kind is Kind.RUNNABLE
+
+
 async def test_a_terminal_order_needs_no_why(
     store: Store, driver: Executor, settings: Settings
 ) -> None:

@@ -178,22 +178,26 @@ class Committer:
 
     def _put(self, item: _Item[Any]) -> None:
         item.deadline = item.deadline or time.monotonic() + self.lock_timeout
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._serve, name="order-saga-commit", daemon=True
-                    )
-                    self._thread.start()
-        self._queue.put(item)
+        # Under the lock that `close` holds until its writer has stopped: a write is queued
+        # for a running writer (never behind its _STOP, where nobody would take it), and a
+        # new writer starts only once the old one is gone (two on one queue: either could
+        # take the _STOP, the other would run on, and one order's writes would race).
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="order-saga-commit", daemon=True
+                )
+                self._thread.start()
+            self._queue.put(item)
 
     def close(self) -> None:
-        """Commit what is queued, then stop the thread and close its connection."""
+        """Commit what is queued, then stop the thread and close its connection. A write
+        submitted meanwhile waits, then starts a writer of its own (a store used again)."""
         with self._lock:
             thread, self._thread = self._thread, None
-        if thread is not None:
-            self._queue.put(_STOP)
-            thread.join()
+            if thread is not None:
+                self._queue.put(_STOP)
+                thread.join()
         if self.side is not None:
             self.side.close()
 

@@ -302,3 +302,37 @@ async def test_a_lingering_batch_is_committed_when_the_store_closes(
     assert time.monotonic() - began < 10
     assert await write == "product_requested"
     assert store.get(order.id).state == "product_requested"
+
+
+def test_writes_racing_a_close_are_all_committed_and_the_close_returns(
+    db_url: str, store: Store
+) -> None:
+    """Closing the store while other threads keep writing (a shutdown with work still in
+    flight, a store used again): each close stops its writer and returns, and every write
+    commits, queued for a running writer or starting the next one. Before, a write that
+    came between a close and its stop started a second writer on the same queue: either
+    could take the stop, the other ran on, and the close waited for it for ever."""
+    committer = store.committer
+    stop = threading.Event()
+    committed = [0] * 4
+
+    def writer(n: int) -> None:
+        while not stop.is_set():
+            committer.call(lambda conn: None)
+            committed[n] += 1
+
+    threads = [threading.Thread(target=writer, args=(n,), daemon=True) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(200):
+            closing = threading.Thread(target=committer.close, daemon=True)
+            closing.start()
+            closing.join(timeout=10)
+            assert not closing.is_alive(), "a close waits for a writer that never stops"
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+    assert not any(thread.is_alive() for thread in threads), "a write was never committed"
+    assert all(committed)

@@ -164,11 +164,17 @@ class HttpService:
 
     async def lookup(self, key: str) -> Answer | None:
         """Reconcile: ask what happened to `key`. The stored answer is replayed through the
-        same classification, so a stored 402 raises BusinessFailure as the original did."""
+        same classification, so a stored 402 raises BusinessFailure as the original did.
+        Only that replay may say "no": the GET itself refused (401/403 from a gateway, 400,
+        405) says nothing about the key, so the outcome stays unknown (TransientFailure)."""
         try:
             stored = await self.send("GET", f"/_operations/{key}")
         except NotFound:
             return None
+        except BusinessFailure as exc:
+            raise TransientFailure(
+                f"{exc}: the lookup was refused, outcome unknown", status=exc.status, body=exc.body
+            ) from exc
         status = int(stored["status_code"])
         return classify("replay", key, status, _phrase(status), stored.get("body"))
 

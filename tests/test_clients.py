@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from fsm.clients import HttpService
+from fsm.clients import Answer, HttpService
 from fsm.errors import BusinessFailure, NotFound, TransientFailure
 from fsm.settings import Settings
 from fsm.wiring import http_client
@@ -63,9 +63,19 @@ async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     await reader.read()  # never answers: waits until the client gives up and hangs up
 
 
-async def call(base_url: str) -> dict[str, object]:
+def deduct(service: HttpService) -> Awaitable[Answer | None]:
+    return service.send("POST", "/users/deduct", json={}, key="k")
+
+
+def lookup(service: HttpService) -> Awaitable[Answer | None]:
+    return service.lookup("o-1:payment:deduct")
+
+
+async def call(
+    base_url: str, what: Callable[[HttpService], Awaitable[Answer | None]] = deduct
+) -> Answer | None:
     async with http_client(Settings(http_timeout=0.3)) as client:
-        return await HttpService(client, base_url).send("POST", "/users/deduct", json={}, key="k")
+        return await what(HttpService(client, base_url))
 
 
 async def test_a_2xx_json_object_is_the_answer() -> None:
@@ -110,3 +120,27 @@ async def test_nobody_listening_is_transient() -> None:
         pass  # the port is closed again
     with pytest.raises(TransientFailure):
         await call(url)
+
+
+# ---- reconciliation: GET /_operations/{key} ------------------------------------------------
+
+
+async def test_a_lookup_replays_the_stored_answer() -> None:
+    stored = b'{"status_code": 402, "body": {"detail": "insufficient balance"}}'
+    async with raw_server(answering(http_answer("200 OK", stored))) as url:
+        with pytest.raises(BusinessFailure, match="insufficient balance"):
+            await call(url, lookup)
+    async with raw_server(answering(http_answer("404 Not Found", b"{}"))) as url:
+        assert await call(url, lookup) is None  # nothing stored under the key
+
+
+@pytest.mark.parametrize(
+    "status",
+    ["401 Unauthorized", "403 Forbidden", "400 Bad Request", "405 Method Not Allowed"],
+)
+async def test_a_refused_lookup_is_an_unknown_outcome_not_a_no(status: str) -> None:
+    """The GET itself refused (a gateway, a proxy) says nothing about the key: before, it
+    raised BusinessFailure and the executor failed a step the service had applied."""
+    async with raw_server(answering(http_answer(status, b'{"detail": "no"}'))) as url:
+        with pytest.raises(TransientFailure, match="outcome unknown"):
+            await call(url, lookup)

@@ -34,7 +34,7 @@ from tenacity import (
 
 from fsm import events, metrics, operator
 from fsm.breaker import Breaker, call_through
-from fsm.clients import Services
+from fsm.clients import Answer, Services
 from fsm.errors import (
     BusinessFailure,
     CallFailure,
@@ -357,20 +357,8 @@ class Executor:
         elif not resumed:
             return
         deadline = self._forward_deadline(order)  # past the order's: the join expires it
-        action = STEP[step].forward
-        key = idempotency_key(order, step, action)
         try:
-            answer = None
-            if resumed:
-                answer = await self._with_retries(
-                    order, f"{step}:lookup", lambda: saga_step.service.lookup(key),
-                    deadline=deadline,
-                )  # fmt: skip
-            if answer is None:
-                answer = await self._with_retries(
-                    order, f"{step}:{action}", lambda: saga_step.forward(order, key),
-                    deadline=deadline,
-                )  # fmt: skip
+            answer = await self._forward_answer(order, step, resumed=resumed, deadline=deadline)
         except BusinessFailure as exc:
             await self._fire(order, step, StepTrigger.FAIL, detail=exc.detail())
             return
@@ -380,6 +368,41 @@ class Executor:
             return
         changes = saga_step.forward_changes(answer)
         await self._fire(order, step, StepTrigger.SUCCEED, detail=answer, **changes)
+
+    async def _forward_answer(
+        self, order: Order, step: Step, *, resumed: bool, deadline: datetime | None
+    ) -> Answer:
+        """The forward call's answer, reconciled with what the service holds under its key
+        whenever an earlier attempt may have been applied: the step was resumed from
+        `requested`, or an attempt of this call had an unknown outcome. Then a 4xx is a
+        definite "no" only if the service holds it for the key (a gateway's 401/403 or a
+        409 "in progress" is not the service's answer): the stored success is the answer,
+        a stored failure raises BusinessFailure, and nothing stored leaves the outcome
+        unknown (TransientFailure: the step stays `requested`, is retried, or expires past
+        its deadline and is compensated). A fresh request's first 4xx costs no lookup."""
+        saga_step = self.steps[step]
+        key = idempotency_key(order, step, STEP[step].forward)
+        call = f"{step}:{STEP[step].forward}"
+
+        def held() -> Awaitable[Answer | None]:
+            lookup = partial(saga_step.service.lookup, key)
+            return self._with_retries(order, f"{step}:lookup", lookup, deadline=deadline)
+
+        if resumed and (answer := await held()) is not None:
+            return answer
+        forward = partial(saga_step.forward, order, key)
+        try:
+            return await self._with_retries(order, call, forward, deadline=deadline)
+        except BusinessFailure as no:
+            if not resumed and order.attempts.get(call, 0) == 0:
+                raise  # the first answer to a fresh request: a definite "no"
+            answer = await held()  # a stored "no" raises BusinessFailure here
+            if answer is None:
+                unknown = f"{no}; nothing stored under its key: outcome unknown"
+                exc = TransientFailure(unknown, status=no.status, body=no.body)
+                await self._gave_up(order, call, exc)
+                raise exc from no
+            return answer
 
     async def _compensate(self, order: Order, step: Step) -> str | None:
         """Undo a step that may have had an effect; returns a reason if it must wait."""
@@ -465,15 +488,18 @@ class Executor:
             outcome = "transient" if isinstance(exc, TransientFailure) else "business"
             metrics.call_outcome(service, action, outcome).inc()
             if isinstance(exc, TransientFailure):
-                later = utcnow() + timedelta(seconds=self.policy.backoff_max)
-                await self.store.note_attempt(
-                    order=order, owner=self.owner, call=call, error=str(exc),
-                    next_attempt_at=later,
-                )  # fmt: skip
-                events.attempt_failed(order, call, self.policy.max_attempts, str(exc), None)
+                await self._gave_up(order, call, exc)
             raise
         metrics.call_outcome(service, action, "success").inc()
         return result
+
+    async def _gave_up(self, order: Order, call: str, exc: TransientFailure) -> None:
+        """This run stops trying `call`: the failure and a later attempt, on the order."""
+        later = utcnow() + timedelta(seconds=self.policy.backoff_max)
+        await self.store.note_attempt(
+            order=order, owner=self.owner, call=call, error=str(exc), next_attempt_at=later
+        )
+        events.attempt_failed(order, call, self.policy.max_attempts, str(exc), None)
 
     async def _retry(
         self,

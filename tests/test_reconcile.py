@@ -1,25 +1,32 @@
 """Reconciling an unknown outcome (SPEC §2, §3): once a forward call may have been applied
 (an attempt answered 500, or the step resumed from `requested`), an answer that is not the
-service's answer for the key -- a reconciliation lookup refused by a gateway -- never
-marks the step failed ("had no effect"): the answer the service holds under the key
-decides, or the step stays unknown until its deadline and is then compensated. On SQLite
-and PostgreSQL, the live reference services behind a gateway (tests/support/gateway.py),
-no mocks."""
+service's answer for the key -- a gateway's 401/403, a 409 "a request with this key is in
+progress", a refused lookup -- never marks the step failed ("had no effect"):
+the answer the service holds under the key decides, or the step stays unknown until its
+deadline and is then compensated. On SQLite and PostgreSQL, the live reference services
+behind a gateway (tests/support/gateway.py), no mocks."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
-from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
+from downstream.seed import ORDINARY_USER_ID, POOR_USER_ID, WIDGET_ID
 from fsm.executor import Executor
 from fsm.models import Order
-from fsm.store import Store
+from fsm.store import Store, utcnow
 from fsm.wiring import build_executor
 from tests.support.gateway import Gateway, answering, behind_gateway
 from tests.support.services import Books, Downstream, assert_conserved
 from tests.support.settings import saga_settings
+from tests.support.waiting import past, wait_until_async
+
+IN_PROGRESS = {"detail": "a request with this key is in progress"}
+UNAUTHORIZED = {"detail": "unauthorized"}
+FORBIDDEN = {"detail": "forbidden"}
+EXPIRED_AND_UNDONE = ["request", "expire", "compensate", "finish_compensation"]
 
 
 @pytest.fixture
@@ -55,6 +62,98 @@ def payment(store: Store, order: Order) -> list[str]:
 
 def books(downstream: Downstream, *users: int) -> Books:
     return Books.read(downstream, users=users, products=[WIDGET_ID])
+
+
+async def past_the_step_deadline(store: Store, order: Order) -> None:
+    deadline = store.get(order.id).deadline_at
+    assert deadline is not None
+    await wait_until_async(past(deadline, utcnow), what="the step's deadline to pass")
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        pytest.param(409, IN_PROGRESS, id="409-in-progress"),
+        pytest.param(401, UNAUTHORIZED, id="401-gateway"),
+        pytest.param(403, FORBIDDEN, id="403-gateway"),
+    ],
+)
+async def test_a_4xx_after_an_unknown_outcome_takes_the_stored_answer(
+    status: int,
+    body: dict[str, Any],
+    store: Store,
+    gateway: Gateway,
+    downstream: Downstream,
+    engine: Callable[..., Executor],
+) -> None:
+    """Attempt 1 is applied and answered 500; attempt 2 (same key) meets a 4xx from the
+    gateway. Before, the step was `failed` and never refunded: the order `failed` with the
+    customer charged. Now the stored success is the step's answer."""
+    before = books(downstream, ORDINARY_USER_ID)
+    downstream.fault("user.deduct", "apply_then_error")
+    gateway.rule = answering("/users/deduct", status, body, from_call=2)
+    order = await first_run(store, engine())
+    assert (order.status, order.payment_state) == ("completed", "succeeded")
+    assert payment(store, order) == ["request", "succeed"]
+    assert gateway.lookups() == 1
+    assert_conserved(downstream, before, [order])
+
+
+async def test_a_4xx_after_an_unknown_outcome_with_nothing_stored_expires_and_is_undone(
+    store: Store,
+    gateway: Gateway,
+    downstream: Downstream,
+    engine: Callable[..., Executor],
+) -> None:
+    """Attempt 1 answered 500 without effect, attempt 2 a gateway 403: nothing is stored
+    under the key, so the outcome stays unknown (not `failed`) until the step's deadline,
+    and is then compensated (a no-op: nothing happened)."""
+    before = books(downstream, ORDINARY_USER_ID)
+    executor = engine(step_deadline=1.0)
+    downstream.fault("user.deduct", "error")
+    gateway.rule = answering("/users/deduct", 403, FORBIDDEN, from_call=2)
+    order = await first_run(store, executor)
+    assert (order.state, order.payment_state) == ("steps_running", "requested")
+    assert "nothing stored under its key: outcome unknown" in (order.last_error or "")
+    assert order.attempts["payment:deduct"] == 2  # the 500, then the unanswered 403
+    await past_the_step_deadline(store, order)
+    await executor.run(order.id)
+    await executor.aclose()
+    final = store.get(order.id)
+    assert (final.status, final.payment_state) == ("failed", "compensated")
+    assert payment(store, final) == EXPIRED_AND_UNDONE
+    assert_conserved(downstream, before, [final])
+
+
+async def test_a_stored_no_after_an_unknown_outcome_fails_the_step(
+    store: Store,
+    gateway: Gateway,
+    downstream: Downstream,
+    engine: Callable[..., Executor],
+) -> None:
+    """Attempt 1 is answered 402 by the service (stored) but 500 on the way back; the retry
+    gets the replayed 402, which the service holds for the key: a definite "no"."""
+    before = books(downstream, POOR_USER_ID)
+    downstream.fault("user.deduct", "apply_then_error")
+    order = await first_run(store, engine(), POOR_USER_ID)
+    assert (order.status, order.payment_state) == ("failed", "failed")
+    history = [t for t in store.history(order.id) if t.scope == "payment"]
+    assert [t.trigger for t in history] == ["request", "fail"]
+    assert history[1].detail is not None and history[1].detail["status"] == 402
+    assert gateway.lookups() == 1
+    assert_conserved(downstream, before, [order])
+
+
+async def test_the_first_4xx_of_a_fresh_request_is_a_no_without_a_lookup(
+    store: Store,
+    gateway: Gateway,
+    downstream: Downstream,
+    engine: Callable[..., Executor],
+) -> None:
+    order = await first_run(store, engine(), POOR_USER_ID)
+    assert (order.status, order.payment_state) == ("failed", "failed")
+    assert gateway.lookups() == 0
+    assert "payment:deduct" not in order.attempts
 
 
 @pytest.mark.parametrize("status", [401, 403, 400, 405])

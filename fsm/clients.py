@@ -175,7 +175,9 @@ class HttpService:
             raise TransientFailure(
                 f"{exc}: the lookup was refused, outcome unknown", status=exc.status, body=exc.body
             ) from exc
-        status = int(stored["status_code"])
+        status = stored.get("status_code")
+        if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+            raise TransientFailure(f"GET /_operations/{key}: no valid status_code in the answer")
         return classify("replay", key, status, _phrase(status), stored.get("body"))
 
 

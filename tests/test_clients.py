@@ -144,3 +144,22 @@ async def test_a_refused_lookup_is_an_unknown_outcome_not_a_no(status: str) -> N
     async with raw_server(answering(http_answer(status, b'{"detail": "no"}'))) as url:
         with pytest.raises(TransientFailure, match="outcome unknown"):
             await call(url, lookup)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b'{"found": true}', id="no-status_code"),
+        pytest.param(b'{"status_code": "200", "body": {}}', id="a-string"),
+        pytest.param(b'{"status_code": true, "body": {}}', id="a-bool"),
+        pytest.param(b'{"status_code": 99, "body": {}}', id="below-100"),
+        pytest.param(b'{"status_code": 600, "body": {}}', id="above-599"),
+        pytest.param(b'{"status_code": 200.0, "body": {}}', id="a-float"),
+    ],
+)
+async def test_a_lookup_without_a_valid_status_code_is_transient(body: bytes) -> None:
+    """Before, a missing `status_code` raised KeyError (every run crashed, the step never
+    expired) and "200" passed as a stored success."""
+    async with raw_server(answering(http_answer("200 OK", body))) as url:
+        with pytest.raises(TransientFailure, match="no valid status_code"):
+            await call(url, lookup)

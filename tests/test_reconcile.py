@@ -1,9 +1,9 @@
 """Reconciling an unknown outcome (SPEC §2, §3): once a forward call may have been applied
 (an attempt answered 500, or the step resumed from `requested`), an answer that is not the
 service's answer for the key -- a gateway's 401/403, a 409 "a request with this key is in
-progress", a refused lookup -- never marks the step failed ("had no effect"):
-the answer the service holds under the key decides, or the step stays unknown until its
-deadline and is then compensated. On SQLite and PostgreSQL, the live reference services
+progress", a refused or malformed lookup -- never marks the step failed ("had no
+effect"): the answer the service holds under the key decides, or the step stays unknown
+until its deadline and is then compensated. On SQLite and PostgreSQL, the live reference services
 behind a gateway (tests/support/gateway.py), no mocks."""
 
 from __future__ import annotations
@@ -185,4 +185,35 @@ async def test_a_refused_lookup_leaves_the_outcome_unknown(
     final = store.get(order.id)
     assert (final.status, final.payment_state) == ("completed", "succeeded")
     assert payment(store, final) == ["request", "succeed"]
+    assert_conserved(downstream, before, [final])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"found": True}, id="no-status_code"),
+        pytest.param({"status_code": "200", "body": {}}, id="a-string"),
+    ],
+)
+async def test_a_malformed_lookup_is_unknown_and_expires(
+    body: dict[str, Any],
+    store: Store,
+    gateway: Gateway,
+    downstream: Downstream,
+    engine: Callable[..., Executor],
+) -> None:
+    """A lookup answered 200 without a valid `status_code`: before, a KeyError crashed
+    every run and the step never expired. Now it is an unknown outcome like any other."""
+    before = books(downstream, ORDINARY_USER_ID)
+    executor = engine(step_deadline=1.0)
+    downstream.fault("user.deduct", "error", count=1000)
+    order = await first_run(store, executor)
+    assert order.payment_state == "requested"
+    gateway.rule = answering("/_operations/", 200, body)
+    await past_the_step_deadline(store, order)
+    await executor.run(order.id)
+    await executor.aclose()
+    final = store.get(order.id)
+    assert (final.status, final.payment_state) == ("failed", "compensated")
+    assert payment(store, final) == EXPIRED_AND_UNDONE
     assert_conserved(downstream, before, [final])

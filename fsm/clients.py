@@ -134,7 +134,9 @@ class HttpxTransport:
             r = await self.client.request(method, url, json=body, headers=headers)
         except httpx.TimeoutException as exc:
             raise TransientFailure(f"timed out ({type(exc).__name__})") from exc
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:
+            # TransportError: refused, reset, malformed; DecodingError: a body its
+            # Content-Encoding cannot decode; TooManyRedirects (a client that follows them).
             raise TransientFailure(f"{type(exc).__name__}: {exc}") from exc
         return Reply(r.status_code, r.reason_phrase, r.content)
 

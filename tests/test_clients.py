@@ -1,6 +1,7 @@
 """The service clients over a real socket, through the transport `open_saga` uses
 (`fsm.wiring.http_client`): every way an answer can fail lands in one of SPEC §2's three
-outcomes, never as a transport library's own exception."""
+outcomes, never as a transport library's own exception (`HttpxTransport`, an httpx
+client's, too)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import httpx
 import pytest
 
 from fsm.clients import Answer, HttpService
@@ -120,6 +122,36 @@ async def test_nobody_listening_is_transient() -> None:
         pass  # the port is closed again
     with pytest.raises(TransientFailure):
         await call(url)
+
+
+UNDECODABLE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+    b"Content-Length: 15\r\nConnection: close\r\n\r\nnot gzip at all"
+)
+ENDLESS_REDIRECT = (
+    b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /users/deduct\r\n"
+    b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+)
+
+
+async def call_over_httpx(base_url: str) -> Answer | None:
+    """`deduct` through `HttpxTransport`: an httpx client, one that follows redirects."""
+    async with httpx.AsyncClient(timeout=0.3, follow_redirects=True, max_redirects=3) as client:
+        return await deduct(HttpService(client, base_url))
+
+
+@pytest.mark.parametrize("over", [call, call_over_httpx], ids=["aiohttp", "httpx"])
+@pytest.mark.parametrize(
+    "raw", [UNDECODABLE, ENDLESS_REDIRECT], ids=["undecodable-body", "endless-redirects"]
+)
+async def test_an_undecodable_or_endless_answer_is_transient(
+    over: Callable[[str], Awaitable[Answer | None]], raw: bytes
+) -> None:
+    """Before, httpx's DecodingError and TooManyRedirects escaped `HttpxTransport`
+    unclassified (it caught only TimeoutException and TransportError)."""
+    async with raw_server(answering(raw)) as url:
+        with pytest.raises(TransientFailure):
+            await over(url)
 
 
 # ---- reconciliation: GET /_operations/{key} ------------------------------------------------

@@ -96,15 +96,18 @@ def refund_balance(
     conn: sqlite3.Connection, *, user_id: int, amount: int, order_id: str
 ) -> Outcome:
     """Give back everything still charged to this order (`amount` is not trusted: the ledger
-    knows what was taken); nothing charged is a successful no-op. Leaves a tombstone."""
+    knows what was taken); nothing charged is a successful no-op, and so is a user this
+    service does not have (nothing can have been charged to it: `balance` null). Leaves a
+    tombstone either way, so a late deduct for the order is refused."""
     balance = _balance(conn, user_id)
+    _bury(conn, "user", order_id)
     if balance is None:
-        return fail(404, f"user {user_id} not found")
+        body = {"user_id": user_id, "order_id": order_id, "refunded": 0, "balance": None}
+        return Outcome(200, body)
     row = conn.execute(
         "SELECT amount FROM charges WHERE order_id = ? AND user_id = ?", (order_id, user_id)
     ).fetchone()
     refunded = 0 if row is None else int(row["amount"])
-    _bury(conn, "user", order_id)
     if refunded:
         conn.execute("UPDATE users SET balance = balance + ? WHERE id = ?", (refunded, user_id))
         conn.execute(
@@ -157,16 +160,19 @@ def deduct_stock(
 def restore_stock(
     conn: sqlite3.Connection, *, product_id: int, quantity: int, order_id: str
 ) -> Outcome:
-    """Put back everything this order still holds; nothing held is a successful no-op."""
+    """Put back everything this order still holds; nothing held is a successful no-op, and
+    so is a product this service does not stock (nothing can have been reserved:
+    `remaining` null). Leaves a tombstone either way, so a late deduct is refused."""
     stock = _stock(conn, product_id)
+    _bury(conn, "inventory", order_id)
     if stock is None:
-        return fail(404, f"product {product_id} not found")
+        body = {"product_id": product_id, "order_id": order_id, "restored": 0, "remaining": None}
+        return Outcome(200, body)
     row = conn.execute(
         "SELECT quantity FROM reservations WHERE order_id = ? AND product_id = ?",
         (order_id, product_id),
     ).fetchone()
     restored = 0 if row is None else int(row["quantity"])
-    _bury(conn, "inventory", order_id)
     if restored:
         conn.execute(
             "UPDATE stock SET quantity = quantity + ? WHERE product_id = ?", (restored, product_id)

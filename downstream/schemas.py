@@ -60,6 +60,29 @@ class FaultRequest(BaseModel):
     seconds: Annotated[float, Field(strict=True, ge=0, le=3600, allow_inf_nan=False)] | None = None
 
 
+# ---- answers of the compensations (documented in the OpenAPI) ------------------------------
+
+
+class Refunded(BaseModel):
+    """`POST /users/refund`: what this order got back. A user the service does not have is
+    a successful no-op too: nothing can have been charged to it."""
+
+    user_id: int
+    order_id: str
+    refunded: int = Field(description="cents given back: 0 when nothing was charged")
+    balance: int | None = Field(description="the user's balance after; null: no such user")
+
+
+class Restored(BaseModel):
+    """`POST /inventory/restore`: what this order put back. A product the service does not
+    stock is a successful no-op too: nothing can have been reserved."""
+
+    product_id: int
+    order_id: str
+    restored: int = Field(description="units put back: 0 when nothing was reserved")
+    remaining: int | None = Field(description="the stock after; null: no such product")
+
+
 # ---- error answers (documented in the OpenAPI) ---------------------------------------------
 
 

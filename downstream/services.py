@@ -26,6 +26,8 @@ from downstream.schemas import (
     MAX_INT,
     Charge,
     Detail,
+    Refunded,
+    Restored,
     ShipmentCancel,
     ShipmentRequest,
     StockMove,
@@ -135,6 +137,8 @@ def answers(**codes: str) -> dict[int | str, dict[str, Any]]:
 
 
 INVALID = "invalid body, or the Idempotency-Key was used for another request"
+REFUNDED = "what the order was charged, given back; a no-op (0) if nothing, or no such user"
+RESTORED = "what the order reserved, put back; a no-op (0) if nothing, or no such product"
 FAULTS = {"_500": "injected fault (/_faults: error, apply_then_error)", "_504": "injected timeout"}
 
 
@@ -208,7 +212,10 @@ async def deduct_balance(
 @router.post(
     "/users/refund",
     tags=["user"],
-    responses=answers(_404="no such user", _422=INVALID, **FAULTS),
+    responses={
+        200: {"model": Refunded, "description": REFUNDED},
+        **answers(_422=INVALID, **FAULTS),
+    },
 )
 async def refund_balance(
     body: Charge, store: StoreDep, faults: FaultsDep, key: IdempotencyKey = None
@@ -259,7 +266,10 @@ async def deduct_stock(
 @router.post(
     "/inventory/restore",
     tags=["inventory"],
-    responses=answers(_404="no such product", _422=INVALID, **FAULTS),
+    responses={
+        200: {"model": Restored, "description": RESTORED},
+        **answers(_422=INVALID, **FAULTS),
+    },
 )
 async def restore_stock(
     body: StockMove, store: StoreDep, faults: FaultsDep, key: IdempotencyKey = None

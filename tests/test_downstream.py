@@ -393,6 +393,51 @@ async def test_late_forward_request_after_compensation_is_refused(
     assert (await svc.get("/shipping/o-1")).status_code == 404
 
 
+UNKNOWN_IDS = [
+    # (compensation for an id the service does not have, its no-op answer, a late deduct of
+    # the same order for an id it has)
+    (
+        ("/users/refund", charge(user_id=seed.MISSING_USER_ID)),
+        {"user_id": seed.MISSING_USER_ID, "order_id": "o-1", "refunded": 0, "balance": None},
+        ("/users/deduct", charge()),
+    ),
+    (
+        ("/inventory/restore", move(product_id=seed.MISSING_PRODUCT_ID)),
+        {
+            "product_id": seed.MISSING_PRODUCT_ID,
+            "order_id": "o-1",
+            "restored": 0,
+            "remaining": None,
+        },
+        ("/inventory/deduct", move()),
+    ),
+]
+
+
+@pytest.mark.parametrize(("compensation", "answer", "late"), UNKNOWN_IDS, ids=["user", "inventory"])
+async def test_compensation_for_an_unknown_id_is_a_no_op_that_leaves_a_tombstone(
+    svc: httpx.AsyncClient,
+    compensation: tuple[str, Any],
+    answer: dict[str, Any],
+    late: tuple[str, Any],
+) -> None:
+    """Nothing can have been charged to a user (reserved of a product) the service does not
+    have: undoing it is a successful no-op (SPEC §2), not a 404 the orchestrator would park
+    on for ever. The order's tombstone is left as for any compensation."""
+    no_op = await svc.post(compensation[0], json=compensation[1], headers=key("comp"))
+    assert (no_op.status_code, no_op.json()) == (200, answer)
+    refused = await svc.post(late[0], json=late[1], headers=key("late"))
+    assert (refused.status_code, refused.json()) == (
+        409,
+        {"detail": "order o-1 was already compensated"},
+    )
+    unknown = await svc.post(late[0], json=compensation[1])  # the unknown id's own deduct
+    assert unknown.status_code == 404  # no such id: refused before anything else, no effect
+    assert await effects(svc) == {}
+    assert await balance(svc, seed.ORDINARY_USER_ID) == 100_000
+    assert await stock(svc, seed.WIDGET_ID) == 1_000_000
+
+
 # ---- faults --------------------------------------------------------------------------------
 
 

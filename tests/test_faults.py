@@ -7,7 +7,13 @@ import asyncio
 
 import pytest
 
-from downstream.seed import ORDINARY_USER_ID, POOR_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
+from downstream.seed import (
+    MISSING_USER_ID,
+    ORDINARY_USER_ID,
+    POOR_USER_ID,
+    SOLD_OUT_PRODUCT_ID,
+    WIDGET_ID,
+)
 from fsm import queries
 from fsm.clients import Services
 from fsm.errors import InvalidMove, LeaseLost, StaleOrder
@@ -149,6 +155,46 @@ async def test_forward_step_unknown_past_its_deadline_is_compensated(
         "finish_compensation",
     ]
     assert_conserved(downstream, store, balances, stocks)
+
+
+async def test_an_unknown_payment_of_an_unknown_user_expires_and_is_undone_without_parking(
+    store: Store, services: Services, downstream: Downstream
+) -> None:
+    """The deduct for a user the service does not have stays unknown past its deadline: its
+    refund is a no-op (nothing can have been charged to that user, SPEC §2). Before, the
+    refund answered 404 and the order parked in needs_attention for ever."""
+    executor = short_deadline(store, services)
+    stocks = {WIDGET_ID: downstream.stock(WIDGET_ID)}
+    downstream.fault("user.deduct", "error", count=1000)
+    order, _ = await store.create_order(
+        user_id=MISSING_USER_ID, product_id=WIDGET_ID, quantity=1, owner=executor.owner
+    )
+    await executor.drive(order)
+    assert order.payment_state == "requested"
+    deadline = store.get(order.id).deadline_at
+    assert deadline is not None
+    await wait_until_async(past(deadline, utcnow), what="the step's deadline to pass")
+    await executor.run(order.id)
+    final = store.get(order.id)
+    assert (final.status, final.payment_state, final.attention_reason) == (
+        "failed",
+        "compensated",
+        None,
+    )
+    payment = [t for t in store.history(order.id) if t.scope == "payment"]
+    assert [t.trigger for t in payment] == [
+        "request",
+        "expire",
+        "compensate",
+        "finish_compensation",
+    ]
+    assert payment[-1].detail == {
+        "user_id": MISSING_USER_ID,
+        "order_id": str(order.id),
+        "refunded": 0,
+        "balance": None,
+    }
+    assert_conserved(downstream, store, {}, stocks)
 
 
 async def test_unknown_outcome_is_reconciled_before_resending(

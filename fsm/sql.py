@@ -357,8 +357,17 @@ def sqlite_pragmas(*, busy_ms: int) -> tuple[str, ...]:
         "PRAGMA journal_mode=WAL",
         "PRAGMA synchronous=NORMAL",  # durable across process crashes
         sqlite_busy_timeout(busy_ms=busy_ms),
-        "PRAGMA foreign_keys=ON",
+        sqlite_foreign_keys(on=True),
     )
+
+
+def sqlite_foreign_keys(*, on: bool) -> str:
+    """A no-op inside a transaction: set it between them (the migrations turn the keys
+    off around theirs, `migrations/env.py`)."""
+    return f"PRAGMA foreign_keys={'ON' if on else 'OFF'}"
+
+
+SQLITE_FOREIGN_KEY_CHECK = "PRAGMA foreign_key_check"  # rows: (table, rowid, parent, fkid)
 
 
 def first_line(exc: BaseException | None) -> str:

@@ -95,9 +95,10 @@ class TransitionTable(SQLModel, table=True):
     so that PostgreSQL can partition the log by it (`fsm.partitions`: one order's rows in
     one day's partition) and retention drops a whole day at once; (order_id, seq,
     order_created_at) is unique exactly when (order_id, seq) is. `id` numbers the rows in
-    insertion order (the heatmap roll-up's cursor): SQLite's rowid; on PostgreSQL a
-    sequence, the key being (id, order_created_at) since a partitioned table's key must
-    hold the partition key (`_transitions_key`). No foreign key to `orders`: the log and
+    insertion order, never reused (the heatmap roll-up's cursor): SQLite's rowid with
+    AUTOINCREMENT (revision 0010); on PostgreSQL a sequence, the key being (id,
+    order_created_at) since a partitioned table's key must hold the partition key
+    (`_transitions_key`). No foreign key to `orders`: the log and
     its order are written and deleted in one transaction, and a key would make dropping a
     partition look for each deleted order's log in every other partition under the table
     lock (README, "Keeping the database small")."""
@@ -105,7 +106,10 @@ class TransitionTable(SQLModel, table=True):
     __tablename__ = "transitions"
     __table_args__ = (
         UniqueConstraint("order_id", "seq", "order_created_at", name="uq_transitions_order_seq"),
-        {"postgresql_partition_by": "RANGE (order_created_at)"},
+        # SQLite: AUTOINCREMENT, so an id is never handed out twice (the roll-up's cursor
+        # would pass new rows that took the ids of deleted newest ones); PostgreSQL's
+        # sequence never goes back.
+        {"postgresql_partition_by": "RANGE (order_created_at)", "sqlite_autoincrement": True},
     )
 
     id: int | None = Field(default=None, primary_key=True)

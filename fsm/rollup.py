@@ -11,10 +11,12 @@ slower.
 
 The cursor is an id of the log, so it must never pass a transition that commits later
 with a lower id. SQLite has one writer at a time, and it numbers its rows after every
-committed one: every id up to the max(id) a reader sees is committed. On PostgreSQL ids
-are handed out before commit, so the roll first takes `LOCK TABLE transitions IN SHARE
-MODE` for an instant: it waits (at most LOCK_WAIT_MS) until every transaction then writing
-the log has committed, reads max(id), and lets go; writers queue behind it meanwhile.
+committed one (AUTOINCREMENT: after every one ever written, deleted ones included, or a
+prune of the newest rows would hand their ids, now behind the cursor, to new ones): every
+id up to the max(id) a reader sees is committed. On PostgreSQL ids are handed out before
+commit, so the roll first takes `LOCK TABLE transitions IN SHARE MODE` for an instant:
+it waits (at most LOCK_WAIT_MS) until every transaction then writing the log has
+committed, reads max(id), and lets go; writers queue behind it meanwhile.
 Each chunk is written in one short transaction that moves the cursor by compare-and-set:
 two rolls never fold the same rows, and no write lock is held while a chunk is read and
 counted.

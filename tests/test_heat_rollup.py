@@ -12,9 +12,12 @@ from typing import Any
 from sqlalchemy import func, select
 
 from bench.heatmap import load_rows
+from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm import queries, rollup
+from fsm.executor import Executor
 from fsm.machine import AUDIT_SCOPE
 from fsm.models import STATE_COLUMN
+from fsm.retention import Pruner
 from fsm.sql import as_utc
 from fsm.store import Store
 from tests.support.processes import Saga, command
@@ -159,6 +162,31 @@ def test_a_roll_never_passes_a_transition_not_yet_committed(store: Store) -> Non
         writer.close()
     assert rollup.roll(store.engine) == 2
     assert_same(store)
+
+
+async def test_transitions_after_a_prune_of_the_newest_orders_are_folded(
+    store: Store, executor: Executor
+) -> None:
+    """Retention deletes the newest orders too; the transitions written after that must
+    come after the cursor (SQLite without AUTOINCREMENT gave them the deleted rows' ids,
+    behind it: never folded, and the heatmap missed them for good)."""
+
+    async def completed(n: int) -> None:
+        for _ in range(n):
+            order, _ = await store.create_order(
+                user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner=executor.owner
+            )
+            assert (await executor.drive(order)).status == "completed"
+
+    def finished() -> int:
+        return sum(n for k, n in queries.heat(store).edges.items() if k[1] == "all_succeeded")
+
+    await completed(3)
+    assert rollup.roll(store.engine) > 0
+    assert Pruner(store.engine, older_than=0).run().deleted == 3  # every row of the log
+    await completed(3)
+    assert rollup.roll(store.engine) > 0
+    assert finished() == 6
 
 
 def test_the_worker_folds_the_log_in_the_background(db_url: str, store: Store) -> None:

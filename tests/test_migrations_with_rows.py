@@ -18,6 +18,7 @@ import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect, text
+from sqlmodel import SQLModel
 
 from fsm.migrate import alembic_config, upgrade
 from fsm.store import make_engine
@@ -183,3 +184,66 @@ def test_sqlite_a_run_that_would_leave_a_dangling_key_is_refused(tmp_path: Path)
     with pytest.raises(Exception, match="foreign key|referenc"):
         upgrade(url, "0002")
     assert revision(url) == "0001"
+
+
+def transitions_ddl(url: str) -> str:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return str(
+                conn.exec_driver_sql(
+                    "SELECT sql FROM sqlite_master WHERE name = 'transitions'"
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_the_log_never_reuses_an_id_the_roll_up_has_passed(tmp_path: Path) -> None:
+    """A database from before 0010 whose newest orders were pruned after a roll: the
+    upgrade keeps every row and its id, and the next transition comes after the cursor
+    (the roll-up would never fold one at or below it)."""
+    url = f"sqlite:///{tmp_path}/reuse.db"
+    upgrade(url, "0001")
+    fill(url, machine_version=False)
+    upgrade(url, "0009")
+    assert "AUTOINCREMENT" not in transitions_ddl(url)
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            ids = conn.execute(text("SELECT id FROM transitions ORDER BY id")).scalars().all()
+            conn.execute(text("INSERT INTO heat_cursor (id, rolled_id) VALUES (1, :top)"),
+                         {"top": ids[-1]})  # fmt: skip
+            conn.execute(text("DELETE FROM transitions WHERE id > :keep"), {"keep": ids[1]})
+        upgrade(url)
+        assert "AUTOINCREMENT" in transitions_ddl(url)
+        with engine.begin() as conn:
+            assert (
+                conn.execute(text("SELECT id FROM transitions ORDER BY id")).scalars().all()
+                == ids[:2]
+            )
+            line = conn.execute(text("SELECT * FROM transitions LIMIT 1")).mappings().one()
+            conn.execute(
+                text(
+                    "INSERT INTO transitions (order_id, seq, scope, trigger, from_state, to_state,"
+                    " created_at, machine_version, order_created_at) VALUES (:order_id, 99,"
+                    " :scope, :trigger, :from_state, :to_state, :created_at, :machine_version,"
+                    " :order_created_at)"
+                ),
+                dict(line),
+            )
+            newest = conn.execute(text("SELECT max(id) FROM transitions")).scalar_one()
+        assert newest > ids[-1]
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_a_new_database_numbers_its_log_with_autoincrement(tmp_path: Path) -> None:
+    """Migrated or created from the models (the tests' schema), the same table."""
+    migrated, created = f"sqlite:///{tmp_path}/migrated.db", f"sqlite:///{tmp_path}/created.db"
+    upgrade(migrated)
+    engine = make_engine(created)
+    SQLModel.metadata.create_all(engine)
+    engine.dispose()
+    assert "AUTOINCREMENT" in transitions_ddl(migrated)
+    assert "AUTOINCREMENT" in transitions_ddl(created)

@@ -7,12 +7,13 @@ down instead of mutating the environment.
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -321,3 +322,22 @@ def _env(service: str) -> str:
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+SETTINGS_ERRORS = (ValidationError, SettingsError)  # what reading Settings() may raise
+
+
+def settings_problem(exc: Exception) -> str:
+    """`invalid ORDER_SAGA_<FIELD>: <why>` for one of SETTINGS_ERRORS, naming the first bad
+    variable. Never its value (pydantic's own message quotes it: a password in a database
+    URL, a token, a client secret)."""
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        field = "ORDER_SAGA_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
+        return f"invalid {field}: {err['msg']}"
+    # pydantic-settings names the field only in its message: 'error parsing value for
+    # field "services" from source "EnvSettingsSource"' (a JSON field that is not JSON).
+    named = re.search(r'error (parsing|getting) value for field "(\w+)"', str(exc))
+    field = f"ORDER_SAGA_{named.group(2).upper()}" if named else "settings"
+    parsing = named is not None and named.group(1) == "parsing"
+    return f"invalid {field}: {'not valid JSON' if parsing else 'unreadable'}"

@@ -6,12 +6,13 @@ from __future__ import annotations
 from logging.config import fileConfig
 
 from alembic import context
+from alembic.util import CommandError
 from sqlalchemy import Connection
 from sqlmodel import SQLModel
 
 import fsm.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from fsm import partitions, sql
-from fsm.settings import get_settings
+from fsm.settings import SETTINGS_ERRORS, get_settings, settings_problem
 from fsm.store import make_engine
 
 config = context.config
@@ -21,9 +22,18 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
 target_metadata = SQLModel.metadata
 
 
+def _database_url() -> str:
+    """ORDER_SAGA_DATABASE_URL, or alembic's one-line FAILED naming the variable, never
+    its value (pydantic's error would print the URL, password and all)."""
+    try:
+        return get_settings().database_url
+    except SETTINGS_ERRORS as exc:
+        raise CommandError(settings_problem(exc)) from None
+
+
 def run_migrations_offline() -> None:
     context.configure(
-        url=get_settings().database_url,
+        url=_database_url(),
         target_metadata=target_metadata,
         literal_binds=True,
         render_as_batch=True,
@@ -37,7 +47,7 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = make_engine(config.attributes.get("url") or get_settings().database_url)
+    engine = make_engine(config.attributes.get("url") or _database_url())
     try:
         with engine.connect() as conn:
             _run(conn)

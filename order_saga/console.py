@@ -6,7 +6,6 @@ import this one and never each other. No engine here: commands get theirs from
 
 from __future__ import annotations
 
-import re
 import uuid
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -57,24 +56,12 @@ def one_line(exc: BaseException) -> str:
 def load_settings() -> Settings:
     """The ORDER_SAGA_* settings, or one line naming the first bad one (exit 2). Neither
     line quotes the value: it may be a password, a token or a client secret."""
-    from pydantic import ValidationError
-    from pydantic_settings import SettingsError
-
-    from fsm.settings import Settings
+    from fsm.settings import SETTINGS_ERRORS, Settings, settings_problem
 
     try:
         return Settings()
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = "ORDER_SAGA_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
-        fail(f"invalid {field}: {err['msg']}")
-    except SettingsError as exc:
-        # pydantic-settings names the field only in its message: 'error parsing value for
-        # field "services" from source "EnvSettingsSource"' (a JSON field that is not JSON).
-        named = re.search(r'error (parsing|getting) value for field "(\w+)"', str(exc))
-        field = f"ORDER_SAGA_{named.group(2).upper()}" if named else "settings"
-        parsing = named is not None and named.group(1) == "parsing"
-        fail(f"invalid {field}: {'not valid JSON' if parsing else 'unreadable'}")
+    except SETTINGS_ERRORS as exc:
+        fail(settings_problem(exc))
 
 
 def seconds_option(help: str | None = None, *, min: float = 0) -> Any:

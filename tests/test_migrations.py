@@ -73,7 +73,7 @@ def test_plain_alembic_cli_works(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env={"ORDER_SAGA_DATABASE_URL": url, "PATH": "/usr/bin"},
+        env={"ORDER_SAGA_DATABASE_URL": url, "PATH": "/usr/bin", "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stderr
     engine = make_engine(url)
@@ -81,6 +81,28 @@ def test_plain_alembic_cli_works(tmp_path: Path) -> None:
         assert "orders" in inspect(conn).get_table_names()
         assert conn.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
     engine.dispose()
+
+
+def test_plain_alembic_names_a_refused_url_never_its_password() -> None:
+    """The URL is read from the same Settings as the app's; a refused one is alembic's
+    one FAILED line naming the variable, not pydantic's error quoting the value."""
+    alembic = Path(sys.executable).parent / "alembic"
+    result = subprocess.run(
+        [str(alembic), "upgrade", "head"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={
+            "ORDER_SAGA_DATABASE_URL": "mysql://app:Sup3rSecret@db.internal/orders",
+            "PATH": "/usr/bin",
+            "PYTHONPATH": str(ROOT),
+        },
+    )
+    said = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Sup3rSecret" not in said
+    assert "Traceback" not in said
+    assert "FAILED: invalid ORDER_SAGA_DATABASE_URL: " in result.stdout  # alembic prints it there
 
 
 def test_the_outbox_stream_index_is_postgresql_s_alone(empty_db: str) -> None:

@@ -499,7 +499,7 @@ def diagram(
 
     history = None
     if order is not None:
-        from fsm.errors import OrderNotFound
+        from fsm.errors import CorruptOrder, OrderNotFound
         from fsm.wiring import open_store
 
         oid = parse_order_id(order, "--order: ")
@@ -507,7 +507,7 @@ def diagram(
             with open_store(load_settings()) as store:
                 store.get(oid)
                 history = store.history(oid)
-        except OrderNotFound as exc:
+        except (OrderNotFound, CorruptOrder) as exc:  # corrupt: a state no machine declares
             fail(str(exc), 1)
         except environment_errors() as exc:
             fail(f"cannot read the database: {one_line(exc)}", 1)

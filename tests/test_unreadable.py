@@ -1,7 +1,8 @@
 """One unreadable row (a state the installed machine does not declare) never takes a view
 down: the console's list and "Needs attention", the heatmap, `GET /orders` and `order-saga
 orders list` answer normally, list the other orders and show the bad row as what it is
-(id, raw state, why). Both databases."""
+(id, raw state, why); `order-saga diagram --order` of the bad row says why in one line.
+Both databases."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from fsm.store import make_engine
 from fsm.version import MACHINE_VERSION
 from tests.support.api import api, place
 from tests.support.database import corrupt_state
-from tests.support.processes import ORDER_SAGA
+from tests.support.processes import ORDER_SAGA, run_cli
 from tests.support.services import Downstream, set_faults
 from tests.support.settings import saga_env
 
@@ -114,6 +115,19 @@ def test_orders_list_prints_the_bad_row(
     body = json.loads(as_json.stdout)
     assert [u["id"] for u in body["unreadable"]] == [orders["bad"]]
     assert body["total"] == 3
+
+
+def test_the_diagram_of_the_bad_row_is_one_line_and_exit_1(
+    db_url: str, orders: dict[str, str]
+) -> None:
+    """`order-saga diagram --order` cannot draw a state the machine does not declare: it
+    says so in one line, never a traceback; the other orders still draw."""
+    bad = run_cli("diagram", "--order", orders["bad"], ORDER_SAGA_DATABASE_URL=db_url)
+    assert bad.returncode == 1, bad.stderr
+    assert bad.stderr == f"order-saga: order {orders['bad']} is corrupt: {WHY}\n"
+    good = run_cli("diagram", "--order", orders["good"], ORDER_SAGA_DATABASE_URL=db_url)
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.startswith("stateDiagram")
 
 
 # -- a value SQLAlchemy cannot parse ---------------------------------------------------------

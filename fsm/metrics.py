@@ -1,7 +1,9 @@
 """Prometheus metrics of the orchestrator: counters and histograms the executor updates,
 and `order_saga_orders{status}`, counted in SQL at scrape time by a custom collector (a
 status whose count drops to zero shows 0, never a stale last value). Served by the API at
-/metrics and by `order-saga worker` on its own port.
+/metrics and by `order-saga worker` on its own port. A scrape while the database cannot
+be read still answers: `order_saga_database_up` 0 and everything but the SQL counts (the
+breakers and calls are what an operator looks at then).
 
 Under `serve --workers N` each process counts its own runs, and a scrape reaches one of
 them: there `PROMETHEUS_MULTIPROC_DIR` is set (order_saga.server) before any process
@@ -11,6 +13,7 @@ sums them over all (`registry`).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -21,10 +24,13 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, g
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
 
+from fsm.errors import StoreUnavailable
 from fsm.machine import TERMINAL_ORDER_STATES, OrderState, Status
 
 T = TypeVar("T")
+log = logging.getLogger("order_saga.metrics")
 
 TRANSITIONS = Counter("order_saga_transitions_total", "Committed transitions", ["scope", "trigger"])
 CALLS = Counter(
@@ -105,7 +111,21 @@ class OrdersCollector(Collector):
         self.oldest = oldest
 
     def collect(self) -> Iterable[Metric]:
-        counts = self.count_by_status()
+        up = GaugeMetricFamily(
+            "order_saga_database_up",
+            "1: this scrape read the database; 0: it could not, the SQL-counted families "
+            "(orders, parked, oldest unmoved, outbox backlog) are left out",
+        )
+        try:
+            counts = self.count_by_status()
+            ages = self.oldest() if self.oldest is not None else None
+        except (StoreUnavailable, SQLAlchemyError) as exc:  # /healthz says why
+            log.debug("orders not counted: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
         family = GaugeMetricFamily(
             "order_saga_orders",
             "Orders by coarse status, counted at scrape time",
@@ -119,9 +139,8 @@ class OrdersCollector(Collector):
         )
         parked.add_metric([], counts.get(Status.NEEDS_ATTENTION.value, 0))
         yield parked
-        if self.oldest is None:
+        if ages is None:
             return
-        ages = self.oldest()
         oldest = GaugeMetricFamily(
             "order_saga_oldest_unmoved_seconds",
             "Per non-terminal state: seconds since its longest-still order last moved (0: none)",

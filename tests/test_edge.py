@@ -55,8 +55,8 @@ def test_database_down_is_a_503_problem_with_retry_after(make_url: Any, tmp_path
                 json={"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1},
             ),
             client.post(f"/orders/{uuid.uuid4()}/resume"),
-            client.get("/metrics"),
         ]
+        metrics = client.get("/metrics")  # answers: what it can count without the database
         # The embedded services too: the gate cannot read its keys, so it fails closed.
         answers.append(client.get(f"/services/users/{ORDINARY_USER_ID}"))
     for response in [health, *answers]:
@@ -66,6 +66,8 @@ def test_database_down_is_a_503_problem_with_retry_after(make_url: Any, tmp_path
         body = response.json()
         assert body["dependency"] == "database" and body["code"] == "store_unavailable"
         assert "password" not in response.text
+    assert metrics.status_code == 200, metrics.text
+    assert "order_saga_database_up 0.0" in metrics.text.splitlines()
 
 
 def test_healthz_names_the_database_when_up(tmp_path: Path) -> None:

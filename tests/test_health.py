@@ -2,7 +2,8 @@
 this process cannot take writes (a write lock held elsewhere, a full disk, a database that
 refuses connections), and both are back to ok once writes go through again. Readiness
 follows within the probe's 1 s timeout plus its 0.5 s cache; the waits below are
-condition polls whose deadlines only turn a hang into a failure."""
+condition polls whose deadlines only turn a hang into a failure. /metrics keeps answering
+while the database cannot be read, without the counts made in SQL."""
 
 from __future__ import annotations
 
@@ -169,3 +170,66 @@ def test_a_refused_postgresql_connection_makes_it_not_ready(
         proxy.restore()
         assert_back(url)
         assert place(url).status_code == 201
+
+
+def samples(url: str) -> dict[str, float]:
+    """/metrics (which must answer 200) as `name{labels}` -> value."""
+    answer = HTTP.get(f"{url}/metrics", timeout=30)
+    assert answer.status_code == 200, answer.text
+    found = {}
+    for line in answer.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            found[name] = float(value)
+    return found
+
+
+def test_metrics_answer_while_postgresql_is_unreachable(
+    pg_url: str, services_url: str, serve_on: Callable[..., str]
+) -> None:
+    """A database outage is when the breakers and calls matter most: /metrics still
+    answers 200 with them and `order_saga_database_up 0`, and leaves out only what is
+    counted in SQL (it failed whole with a 503 before)."""
+    schema(pg_url)
+    direct = make_url(pg_url)
+    with CuttableProxy(direct.port or 5432) as proxy:
+        through = direct.set(port=proxy.port).render_as_string(hide_password=False)
+        url = serve_on(through, services_url, db_lock_timeout=2)
+        assert place(url).status_code == 201
+        up = samples(url)
+        assert up["order_saga_database_up"] == 1
+        completed = up['order_saga_orders{status="completed"}']
+        assert completed >= 1  # this one (pg_url may hold earlier tests' too)
+        proxy.cut()
+        down = samples(url)
+        assert down["order_saga_database_up"] == 0
+        assert not [name for name in down if name.startswith("order_saga_orders")]
+        assert "order_saga_parked_orders" not in down
+        calls = (
+            'order_saga_downstream_calls_total{action="deduct",outcome="success",service="user"}'
+        )
+        assert down[calls] == up[calls] >= 1  # the process's own counters, as they were
+        assert [name for name in down if name.startswith("order_saga_breaker_state")]
+        proxy.restore()
+        until(lambda: samples(url)["order_saga_database_up"] == 1, "counted again")
+        assert samples(url)['order_saga_orders{status="completed"}'] == completed
+
+
+def test_metrics_of_a_sqlite_database_that_cannot_be_opened_answer_without_the_counts(
+    tmp_path: Path,
+) -> None:
+    """The same on SQLite: the reads cannot open the file (its directory is gone)."""
+    from fsm import metrics
+    from fsm.queries import Reads
+
+    reads = Reads(make_engine(f"sqlite:///{tmp_path}/gone/saga.db"))
+    try:
+        text = metrics.exposition(reads.count_by_status, None, reads.oldest_unmoved_by_state)
+    finally:
+        reads.engine.dispose()
+    lines = text.decode().splitlines()
+    assert "order_saga_database_up 0.0" in lines
+    assert not [
+        line for line in lines if line.startswith(("order_saga_orders", "order_saga_parked"))
+    ]
+    assert [line for line in lines if line.startswith("# TYPE order_saga_run_seconds")]

@@ -175,6 +175,8 @@ def _members(raw: BinaryIO) -> Iterator[tuple[int, bytes]]:
             try:
                 out.append(inflater.decompress(data))
             except zlib.error as exc:
+                if not out and _zeros_to_the_end(data, raw):
+                    return  # a tail a power cut left zeroed: an unsynced member, never whole
                 raise _Corrupt(offset, str(exc)) from exc
             if inflater.eof:
                 pending = inflater.unused_data
@@ -184,6 +186,15 @@ def _members(raw: BinaryIO) -> Iterator[tuple[int, bytes]]:
             data = b""
         offset += used
         yield offset, b"".join(out)
+
+
+def _zeros_to_the_end(data: bytes, raw: BinaryIO) -> bool:
+    """Are `data` and the rest of `raw` all NUL bytes?"""
+    while data:
+        if data.strip(b"\0"):
+            return False
+        data = raw.read(1 << 20)
+    return True
 
 
 def _lines(path: str | Path) -> Iterator[tuple[int, Any]]:
@@ -269,7 +280,9 @@ class Appender:
             return
         self._raw.seek(end)
         head = self._raw.read(len(_GZIP_HEADER))
-        if not head.startswith(_GZIP_HEADER):  # a tail too short to be a member's start
+        # What `_members` stops quietly at: a member's start cut anywhere (its header whole
+        # or not), or zeros to the end of the file.
+        if not (head.startswith(_GZIP_HEADER[: len(head)]) or not head.strip(b"\0")):
             raise ArchiveError(
                 f"{self.path} ends with {size - end} bytes that are not a gzip member; "
                 "refused: the file left as it was, nothing pruned"

@@ -41,13 +41,16 @@ def test_a_killed_writer_s_half_member_is_cut_off_and_the_whole_ones_stay(
     path = tmp_path / "a.jsonl.gz"
     whole = two_batches(path)
     half = gzip.compress(b'{"order": {"id": "m3"}}\n', mtime=0)
-    for cut in (3, 10, len(half) - 1):  # the header, the data, all but the trailer's end
-        path.write_bytes(whole + half[:cut])
+    # Its first byte, two, the header, the data, all but the trailer's end; and the zeros a
+    # power cut can leave where an unsynced append was (the delete waits for the fsync).
+    tails = [half[:cut] for cut in (1, 2, 3, 10, len(half) - 1)] + [b"\0" * 512, b"\0"]
+    for tail in tails:
+        path.write_bytes(whole + tail)
+        assert [line["order"]["id"] for line in archive.read(path)] == ["m1", "m2"]
 
         archive.Appender(path).close()
 
-        assert path.read_bytes() == whole, cut
-    assert [line["order"]["id"] for line in archive.read(path)] == ["m1", "m2"]
+        assert path.read_bytes() == whole, tail
 
 
 @pytest.mark.parametrize(
@@ -57,8 +60,9 @@ def test_a_killed_writer_s_half_member_is_cut_off_and_the_whole_ones_stay(
             lambda whole: bytes([*whole[:15], whole[15] ^ 0xFF, *whole[16:]]),
             id="a flipped byte in the first member",
         ),
-        pytest.param(lambda whole: whole + b"\0" * 512, id="zeros after the members"),
-        pytest.param(lambda whole: whole + b"\x1f", id="one byte after the members"),
+        pytest.param(lambda whole: whole + b"\x1f\x8bX", id="a bad header after the members"),
+        pytest.param(lambda whole: whole + b"\0" * 9 + b"x", id="zeros, then something"),
+        pytest.param(lambda whole: whole + b"x", id="one byte after the members"),
         pytest.param(lambda whole: b"junk" + whole, id="bytes before the members"),
     ],
 )

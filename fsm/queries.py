@@ -67,6 +67,7 @@ log = logging.getLogger("order_saga.queries")
 orders = OrderTable.__table__  # type: ignore[attr-defined]
 transitions = TransitionTable.__table__  # type: ignore[attr-defined]
 _TIMESTAMPS = ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at", "updated_at")
+_INTEGERS = ("user_id", "product_id", "quantity", "amount", "version")
 
 
 def _raw(table: Any) -> list[Any]:
@@ -230,6 +231,12 @@ def order_of_row(row: Any) -> Order:
             raise CorruptOrder(
                 f"order {data['id']} is corrupt: {key} = {_excerpt(data[key])} is not a timestamp"
             ) from None
+    for key in _INTEGERS:  # SQLite keeps any text in an INTEGER column
+        if data[key] is not None and type(data[key]) is not int:
+            raise CorruptOrder(
+                f"order {data['id']} is corrupt: {key} = {_excerpt(data[key])} "
+                "is not an integer"
+            )
     if data["attempts"] is not None:
         try:
             data["attempts"] = json.loads(data["attempts"])

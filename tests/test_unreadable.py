@@ -141,6 +141,8 @@ BROKEN = {
     "created_at": "garbage",
     "lease_expires_at": "soon",
     "attempts": "{bad",
+    "amount": "abc",
+    "version": "v",
 }
 
 

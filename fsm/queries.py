@@ -234,8 +234,7 @@ def order_of_row(row: Any) -> Order:
     for key in _INTEGERS:  # SQLite keeps any text in an INTEGER column
         if data[key] is not None and type(data[key]) is not int:
             raise CorruptOrder(
-                f"order {data['id']} is corrupt: {key} = {_excerpt(data[key])} "
-                "is not an integer"
+                f"order {data['id']} is corrupt: {key} = {_excerpt(data[key])} is not an integer"
             )
     if data["attempts"] is not None:
         try:

@@ -252,7 +252,8 @@ class Settings(BaseSettings):
         except (ArgumentError, ValueError):  # the message would quote it, password and all
             raise ValueError("is not a valid database URL") from None
         if parsed.drivername == "sqlite":
-            if parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory":
+            name = parsed.database or ""  # ":memory:", "file::memory:" (a URI), ...
+            if not name or ":memory:" in name or parsed.query.get("mode") == "memory":
                 raise ValueError(
                     "is a SQLite database in memory, which every connection sees empty: "
                     "give a file, sqlite:///<file>"

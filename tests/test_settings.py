@@ -219,6 +219,7 @@ def test_a_bad_json_setting_a_command_does_not_read_is_left_alone() -> None:
         ("sqlite:///", "in memory"),
         ("sqlite:///:memory:", "in memory"),
         ("sqlite:///file:saga?mode=memory&uri=true", "in memory"),
+        ("sqlite:///file::memory:?uri=true", "in memory"),
         ("sqlite+pysqlite:///saga.db", "must be a sqlite:///<file> or postgresql+psycopg://"),
         ("postgresql+asyncpg://u:hunter2@127.0.0.1:5432/db", "names a driver order-saga does not"),
         ("postgresql+pg8000://u:hunter2@127.0.0.1:5432/db", "names a driver order-saga does not"),

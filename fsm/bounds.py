@@ -13,5 +13,6 @@ MAX_SECONDS = 10**9
 # with one, must fit in it.
 MAX_COUNT = 2**63 - 1
 
-# An id of a user or a product: the SQL INTEGER of their columns (the API's bound too).
+# A SQL INTEGER (PostgreSQL: 4 bytes): an id of a user or a product (the API's bound too),
+# a transition's seq.
 MAX_ID = 2**31 - 1

@@ -258,6 +258,12 @@ class Order:
     def step_states(self) -> dict[str, str]:
         return {row.name: getattr(self, row.column) for row in STEPS}
 
+    def leased_at(self, now: datetime) -> bool:
+        """Does a driver hold the order's lease at `now`? The claim's rule (fsm.sql): taken
+        again only once it expired before `now`."""
+        expires = self.lease_expires_at
+        return self.lease_owner is not None and expires is not None and expires >= now
+
 
 def _with_plugged_in_steps(base: type[Order]) -> type[Order]:
     """`Order` plus a field per plugged-in step's column (pending by default)."""

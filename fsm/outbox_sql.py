@@ -27,13 +27,14 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
+from fsm.bounds import MAX_COUNT
 from fsm.sql import TRANSITION_COLUMNS, Dialect, _quoted, as_utc
 
 EVENT_COLUMNS = ("id", "order_id", "seq", "type", "created_at", "body")
 _EVENT_MARKS = ", ".join(["%s"] * len(EVENT_COLUMNS))
 # A new destination's cursor on PostgreSQL: after every transaction below the horizon, so
 # the events of those still running (they may commit after the destination) are delivered.
-MAX_POSITION = 2**63 - 1
+MAX_POSITION = MAX_COUNT  # a bigint's largest
 _HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 
 

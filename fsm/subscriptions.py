@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from fsm import outbox, outbox_sql
+from fsm.bounds import MAX_ID
 from fsm.destinations import Attempt
 from fsm.destinations.webhook import new_secret, post
 from fsm.outbox_sql import Backlog, DeliveryRow, Destination
@@ -40,7 +41,7 @@ def read(store: Store, op: Callable[[Any], T]) -> T:
 # A webhook's URL is its destination's name (event_destinations.name: VARCHAR(200)).
 MAX_URL = 200
 # An event's seq: an INTEGER column (PostgreSQL: 4 bytes).
-MAX_SEQ = 2**31 - 1
+MAX_SEQ = MAX_ID
 
 
 def webhook_url(url: str) -> str:

@@ -78,7 +78,7 @@ def explain(order: Order, *, last: Attempt | None, settings: Settings, now: date
         else None
     )
     owner, expires = order.lease_owner, order.lease_expires_at
-    alive = owner is not None and expires is not None and expires > now
+    alive = order.leased_at(now)
     still_from = order.updated_at + timedelta(seconds=settings.sweep_older_than)
     # The sweep takes an order once it has been still that long and its retry time (a
     # failed attempt's, a breaker's probe: next_attempt_at) has come.

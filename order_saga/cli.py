@@ -310,9 +310,9 @@ def _dry_run_verdict(order: Order, now: datetime) -> tuple[str, dict[str, int]]:
 
     if is_terminal(order.state):
         return "terminal: nothing to do", {"found": 0, "skipped_leased": 0}
-    expires = order.lease_expires_at
-    if order.lease_owner is not None and expires is not None and expires >= now:
-        until = expires.isoformat()
+    if order.leased_at(now):
+        assert order.lease_expires_at is not None
+        until = order.lease_expires_at.isoformat()
         return f"leased by {order.lease_owner} until {until}", {"found": 0, "skipped_leased": 1}
     return "would resume", {"found": 1, "skipped_leased": 0}
 

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fsm.bounds import MAX_COUNT
-from fsm.sql import TRANSITION_COLUMNS, Dialect, _quoted, as_utc
+from fsm.sql import TRANSITION_COLUMNS, Dialect, _quoted, parse_utc
 
 EVENT_COLUMNS = ("id", "order_id", "seq", "type", "created_at", "body")
 _EVENT_MARKS = ", ".join(["%s"] * len(EVENT_COLUMNS))
@@ -773,7 +773,7 @@ def backlog(d: Dialect, cursor: Any) -> list[Backlog]:
     )
     found = []
     for row in cursor.fetchall():
-        oldest = [t for t in (_time_or_none(row[7]), _time_or_none(row[9])) if t is not None]
+        oldest = [t for t in (parse_utc(row[7]), parse_utc(row[9])) if t is not None]
         found.append(
             Backlog(
                 Destination(*row[:6]),
@@ -847,7 +847,7 @@ def deliveries(
             [*params, limit],
         )
     return [
-        DeliveryRow(r[0], r[1], r[2], r[3], r[4], r[5], _time(r[6]), _time_or_none(r[7]))
+        DeliveryRow(r[0], r[1], r[2], r[3], r[4], r[5], _time(r[6]), parse_utc(r[7]))
         for r in cursor.fetchall()
     ]
 
@@ -866,12 +866,6 @@ def _uuid(value: Any) -> uuid.UUID:
 
 
 def _time(value: Any) -> datetime:
-    found = _time_or_none(value)
+    found = parse_utc(value)
     assert found is not None
     return found
-
-
-def _time_or_none(value: Any) -> datetime | None:
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return as_utc(value)

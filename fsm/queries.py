@@ -61,7 +61,7 @@ from fsm.models import (
     Transition,
     TransitionTable,
 )
-from fsm.sql import as_utc
+from fsm.sql import as_utc, parse_utc
 
 log = logging.getLogger("order_saga.queries")
 orders = OrderTable.__table__  # type: ignore[attr-defined]
@@ -207,16 +207,6 @@ class Reads:
         return int(self._rows(query)[0][0])
 
 
-def _timestamp(value: Any) -> datetime | None:
-    """A timestamp as read by `ORDER_ROW`/`TRANSITION_ROW`, in UTC; ValueError if it is
-    not one."""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    if value is not None and not isinstance(value, datetime):
-        raise ValueError(f"{value!r} is not a timestamp")
-    return as_utc(value)
-
-
 def _excerpt(value: Any) -> str:
     return repr(value)[:60]
 
@@ -226,7 +216,7 @@ def order_of_row(row: Any) -> Order:
     data = dict(getattr(row, "_mapping", row))
     for key in _TIMESTAMPS:
         try:
-            data[key] = _timestamp(data[key])
+            data[key] = parse_utc(data[key])
         except ValueError:
             raise CorruptOrder(
                 f"order {data['id']} is corrupt: {key} = {_excerpt(data[key])} is not a timestamp"
@@ -264,7 +254,7 @@ def transition_of_row(row: Any) -> Transition:
         data["detail"] = detail
     for key in ("created_at", "order_created_at"):
         try:
-            data[key] = _timestamp(data[key])
+            data[key] = parse_utc(data[key])
         except ValueError:
             raise CorruptOrder(
                 f"order {data['order_id']} is corrupt: transition {data['seq']} {key} = "
@@ -368,7 +358,7 @@ def decode(row: Any) -> Order | Unreadable:
 
 def _timestamp_or_none(value: Any) -> datetime | None:
     try:
-        return _timestamp(value)
+        return parse_utc(value)
     except ValueError:
         return None
 

@@ -171,6 +171,16 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value
 
 
+def parse_utc(value: Any) -> datetime | None:
+    """A timestamp as a driver hands it back raw (SQLite: ISO text; PostgreSQL: a
+    datetime), in UTC; ValueError if it is not one."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value is not None and not isinstance(value, datetime):
+        raise ValueError(f"{value!r} is not a timestamp")
+    return as_utc(value)
+
+
 def order_from(data: dict[str, Any]) -> Order:
     """Validate a decoded row: a state no machine declares is reported, never guessed."""
     for column, known in _KNOWN.items():

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, and_, func, or_, select, tuple_
 from sqlalchemy.exc import DBAPIError
@@ -67,6 +67,7 @@ attempts = AttemptTable.__table__  # type: ignore[attr-defined]
 
 _TERMINAL_STATES = sorted(s.value for s in TERMINAL_ORDER_STATES)
 _TERMINAL_STATUSES = sorted({coarse_status(s).value for s in TERMINAL_ORDER_STATES})
+T = TypeVar("T")
 # pg_try_advisory_lock key of the pruner: "order-saga retention" in 63 bits.
 ADVISORY_KEY = 0x6F72_6465_7273_6167 & 0x7FFF_FFFF_FFFF_FFFF
 # How long a client may retry a POST with the same Idempotency-Key and get the same order
@@ -279,13 +280,17 @@ class Pruner:
                     break
                 if pause:
                     time.sleep(pause * (time.perf_counter() - began))
-            now = self.clock()
-            cut = cutoff_of(conn, older_than=self.older_than, keep_rows=self.keep_rows, now=now)
-            if cut is not None:
-                self.summary.key_held = self._count_key_held(conn, cut, now)
-            conn.commit()
+            self.count_kept(conn)
         self.summary.seconds = time.perf_counter() - started
         return self.summary
+
+    def count_kept(self, conn: Connection) -> None:
+        """Once nothing eligible is left: how many stay for their Idempotency-Key."""
+        now = self.clock()
+        cut = cutoff_of(conn, older_than=self.older_than, keep_rows=self.keep_rows, now=now)
+        if cut is not None:
+            self.summary.key_held = self._count_key_held(conn, cut, now)
+        conn.commit()
 
     @contextmanager
     def session(self) -> Iterator[Connection | None]:
@@ -573,14 +578,32 @@ async def prune_forever(*, engine: Engine, settings: Settings) -> None:
 
 
 async def _run_paced(pruner: Pruner) -> None:
+    """`Pruner.run` with each step in a worker thread (the session's connect and lock
+    too: the event loop never waits on the database) and the pauses awaited."""
     started = time.perf_counter()
-    with pruner.session() as conn:
+    session = pruner.session()
+    conn = await _step(session.__enter__)
+    try:
         if conn is None:
             return
-        await asyncio.to_thread(pruner.drop_partitions, conn)
+        await _step(pruner.drop_partitions, conn)
         while True:
             began = time.perf_counter()
-            if not await asyncio.to_thread(pruner.one_batch, conn):
+            if not await _step(pruner.one_batch, conn):
                 break
             await asyncio.sleep(time.perf_counter() - began)  # the writer's turn
+        await _step(pruner.count_kept, conn)
+    finally:
+        await _step(session.__exit__, None, None, None)
     pruner.summary.seconds = time.perf_counter() - started
+
+
+async def _step(fn: Callable[..., T], *args: Any) -> T:
+    """`fn` in a worker thread; cancelled meanwhile, it is let finish before the
+    cancellation goes on (the session is closed after it, never under it)."""
+    step = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        await asyncio.wait({step})
+        raise

@@ -5,15 +5,19 @@ A successful sign-in sets the session cookie (`api.session`): signed, HttpOnly,
 SameSite=Lax, with an expiry, and Secure unless ORDER_SAGA_COOKIE_SECURE=false or (when
 unset) the console is reached as plain http on 127.0.0.1/localhost. A sign-in form posted
 from another site is refused (login CSRF: it would sign the victim's browser in as the
-attacker's key). HTTP <-> the authenticator and the session signer only; who may see what
+attacker's key): GET /ui/login sets a random pre-session cookie and puts the same value in
+the form, and POST /ui/login signs in only when the two match. Another site can neither
+read nor set this site's cookie, and nothing depends on the Host header (a proxy in front
+may rewrite it). HTTP <-> the authenticator and the session signer only; who may see what
 stays in `api.access`.
 """
 
 from __future__ import annotations
 
 import hmac
+import re
+import secrets
 from typing import Annotated
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -27,7 +31,10 @@ from fsm.settings import Settings
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-DEFAULT_PORTS = {"http": 80, "https": 443}
+LOGIN_COOKIE = "order_saga_login"  # the sign-in form's token, before any session
+SOUND_TOKEN = re.compile(r"[A-Za-z0-9_-]{32,64}")
+LOGIN_SECONDS = 3600  # a sign-in page left open longer is reloaded
+FOREIGN = "this sign-in form expired or was sent from another site: reload the page and sign in"
 
 
 def _authenticator(request: Request) -> Authenticator:
@@ -49,6 +56,21 @@ def secure_cookie(settings: Settings, request: Request) -> bool:
     return request.url.scheme == "https" or request.url.hostname not in LOCAL_HOSTS
 
 
+def _set_cookie(request: Request, response: Response, name: str, value: str, max_age: int) -> None:
+    """HttpOnly, SameSite=Lax, path /, Secure per `secure_cookie`: the session cookie and
+    the sign-in form's token alike."""
+    settings: Settings = request.app.state.settings
+    response.set_cookie(
+        name,
+        value,
+        max_age=max_age,
+        httponly=True,
+        samesite="lax",
+        secure=secure_cookie(settings, request),
+        path="/",
+    )
+
+
 def sign_in(request: Request, principal: Principal, target: str) -> Response:
     """Set the session cookie for `principal` and go to `target`."""
     auth = _authenticator(request)
@@ -57,37 +79,26 @@ def sign_in(request: Request, principal: Principal, target: str) -> Response:
     cookie, _ = auth.sessions.issue(principal, bound=bound)
     settings: Settings = request.app.state.settings
     response = RedirectResponse(safe_next(target), status_code=303)
-    response.set_cookie(
-        COOKIE,
-        cookie,
-        max_age=settings.session_seconds,
-        httponly=True,
-        samesite="lax",
-        secure=secure_cookie(settings, request),
-        path="/",
-    )
+    _set_cookie(request, response, COOKIE, cookie, settings.session_seconds)
+    response.delete_cookie(LOGIN_COOKIE, path="/")  # spent: the next sign-in gets a new one
     return response
 
 
-def from_elsewhere(request: Request) -> bool:
-    """Was this form posted from another site? A browser names where from: Origin, or a
-    Referer when it leaves Origin out; neither (a script, curl) is no browser to abuse.
-    The site is compared by host and port with the Host the request was sent to, not by
-    scheme: behind a proxy that ends TLS, the app itself is reached over plain http."""
-    origin = request.headers.get("origin") or request.headers.get("referer")
-    if origin is None:
-        return False
-    try:
-        sent_from = urlsplit(origin)
-        sent_to = urlsplit(f"//{request.headers.get('host', '')}")
-        default = DEFAULT_PORTS.get(sent_from.scheme)
-        return not (
-            sent_from.hostname is not None
-            and sent_from.hostname == sent_to.hostname
-            and (sent_from.port or default) == (sent_to.port or default)
-        )
-    except ValueError:  # a port that is not a number
-        return True
+def _login_token(request: Request) -> str:
+    """The sign-in form's token: the browser's pre-session cookie when it has a sound one
+    (two open sign-in tabs both work), else a new random one."""
+    have = request.cookies.get(LOGIN_COOKIE, "")
+    if SOUND_TOKEN.fullmatch(have):
+        return have
+    return secrets.token_urlsafe(32)
+
+
+def from_this_form(request: Request, sent: str) -> bool:
+    """Was this sign-in posted by the form this site served to this browser? Its hidden
+    field must equal the pre-session cookie set with the form; a page elsewhere can post
+    the form but can neither read nor set that cookie. A script GETs the form first."""
+    have = request.cookies.get(LOGIN_COOKIE, "")
+    return bool(have) and secrets.compare_digest(sent.encode(), have.encode())
 
 
 def no_console_for(principal: Principal) -> str | None:
@@ -116,9 +127,15 @@ CsrfChecked = Annotated[None, Depends(csrf_checked)]
 def _login_page(request: Request, templates: Jinja2Templates, **context: object) -> HTMLResponse:
     oidc = getattr(request.app.state, "oidc", None)
     status = int(str(context.pop("status", 401 if context.get("error") else 200)))
-    return templates.TemplateResponse(
-        request, "login.html", {"oidc": oidc is not None, **context}, status_code=status
+    token = _login_token(request)
+    page = templates.TemplateResponse(
+        request,
+        "login.html",
+        {"oidc": oidc is not None, "login_token": token, **context},
+        status_code=status,
     )
+    _set_cookie(request, page, LOGIN_COOKIE, token, LOGIN_SECONDS)
+    return page
 
 
 def install(templates: Jinja2Templates) -> APIRouter:
@@ -132,13 +149,14 @@ def install(templates: Jinja2Templates) -> APIRouter:
         request: Request,
         key: Annotated[str, Form(max_length=500)] = "",
         next: Annotated[str, Form(max_length=2000)] = "/ui",
+        login_token: Annotated[str, Form(max_length=200)] = "",
     ) -> Response:
         """A key (or the bootstrap token) -> a session cookie; a wrong one -> 401, a key
-        whose role has no console (a client's) -> 403, a form another site posted -> 403,
-        no cookie."""
-        if from_elsewhere(request):
-            foreign = "this sign-in was sent from another site: sign in from this page"
-            return _login_page(request, templates, next=safe_next(next), error=foreign, status=403)
+        whose role has no console (a client's) -> 403, a form this site did not serve to
+        this browser (another site's, or one without its pre-session cookie) -> 403, no
+        session cookie."""
+        if not from_this_form(request, login_token):
+            return _login_page(request, templates, next=safe_next(next), error=FOREIGN, status=403)
         auth = _authenticator(request)
         principal = await auth.bearer(key.strip().encode("utf-8"), "/ui")
         if principal is None:

@@ -23,6 +23,7 @@ from api.auth import Authenticator
 from fsm import keys
 from fsm.roles import Role
 from fsm.store import Store, make_engine
+from tests.support.api import console_sign_in
 from tests.support.proxy import CuttableProxy
 from tests.support.settings import cli_settings
 from tests.support.waiting import wait_until
@@ -53,7 +54,7 @@ def test_a_key_or_session_checked_while_postgresql_is_down_is_a_503(
         settings = cli_settings(through, services_url, db_lock_timeout=1.0, cookie_secure=False)
         with TestClient(create_app(settings, sweep=False), raise_server_exceptions=False) as c:
             assert c.get("/orders", headers=bearer(team["warm"])).status_code == 200
-            signed = c.post("/ui/login", data={"key": team["ops"]}, follow_redirects=False)
+            signed = console_sign_in(c, team["ops"])
             assert signed.status_code == 303, signed.text  # its session not checked yet
             proxy.cut()
             # a key never looked up: its lookup cannot be made

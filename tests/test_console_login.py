@@ -13,12 +13,13 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
+from api.session import COOKIE
 from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID
 from fsm import keys
 from fsm.machine import AUDIT_SCOPE
 from fsm.roles import Role
 from fsm.store import Store
-from tests.support.api import api, place
+from tests.support.api import LOGIN_TOKEN, api, console_sign_in, place
 from tests.support.waiting import wait_until
 
 HTML = {"Accept": "text/html"}
@@ -38,7 +39,7 @@ def console(db_url: str, services_url: str, team: dict[str, str]) -> Iterator[Te
 
 
 def sign_in(client: TestClient, secret: str, next_: str = "/ui") -> None:
-    answer = client.post("/ui/login", data={"key": secret, "next": next_}, follow_redirects=False)
+    answer = console_sign_in(client, secret, next_)
     assert answer.status_code == 303, answer.text
     assert answer.headers["location"] == next_
 
@@ -48,8 +49,8 @@ def test_a_browser_without_a_session_is_sent_to_the_login_page(console: TestClie
     assert (page.status_code, page.headers["location"]) == (303, "/ui/login?next=/ui")
     assert console.get("/ui").status_code == 401  # an API client is told, not redirected
     assert console.get("/ui/login").status_code == 200
-    wrong = console.post("/ui/login", data={"key": "osk_nope"}, follow_redirects=False)
-    assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
+    wrong = console_sign_in(console, "osk_nope")
+    assert wrong.status_code == 401 and COOKIE not in wrong.cookies
     # never an open redirect off the site
     sign_in_elsewhere = console.get("/ui/login?next=//evil.example/x")
     assert "//evil.example" not in sign_in_elsewhere.text
@@ -75,54 +76,88 @@ def test_the_login_page_sends_the_browser_back_with_its_query_string(
     assert "//evil.example" not in console.get("/ui/login?next=//evil.example").text
 
 
+def _token(client: TestClient) -> str:
+    """GET the sign-in form (setting its cookie in `client`): the token in its field."""
+    found = LOGIN_TOKEN.search(client.get("/ui/login").text)
+    return found.group(1) if found else ""
+
+
 @pytest.mark.parametrize(
-    "headers",
-    [
-        {"Origin": "https://evil.example"},
-        {"Origin": "https://evil.example", "Referer": "http://testserver/ui/login"},
-        {"Referer": "https://evil.example/order-saga"},  # a browser that left Origin out
-        {"Origin": "null"},  # a sandboxed frame, a data: page
-        {"Origin": "http://testserver.evil.example"},
-        {"Origin": "http://testserver:8443"},  # another port is another site
-    ],
-    ids=["origin", "origin-first", "referer", "null", "suffix", "port"],
+    "forged",
+    ["no-cookie-no-field", "no-cookie", "no-field", "mismatch", "another-browsers"],
 )
-def test_a_sign_in_posted_from_another_site_is_refused(
-    console: TestClient, team: dict[str, str], headers: dict[str, str]
+def test_a_sign_in_not_posted_by_this_sites_form_is_refused(
+    db_url: str, services_url: str, team: dict[str, str], forged: str
 ) -> None:
     """Login CSRF: another site's form, posted with the attacker's key, would sign the
-    victim's browser in as the attacker (what they then do and type, his to see)."""
-    form = {"key": team["auditor"], "next": "/ui"}
-    refused = console.post("/ui/login", data=form, headers=headers, follow_redirects=False)
-    assert refused.status_code == 403, refused.text
-    assert "sent from another site" in refused.text and "set-cookie" not in refused.headers
+    victim's browser in as the attacker (what they then do and type, his to see). The
+    form must carry the token this site set, with the form, in this browser's cookie: a
+    page elsewhere can read neither."""
+    with (
+        api(db_url, services_url, cookie_secure=False) as victim,
+        api(db_url, services_url, cookie_secure=False) as attacker,
+    ):
+        form = {"key": team["auditor"], "next": "/ui"}
+        if forged == "no-cookie":
+            form["login_token"] = _token(attacker)  # a real token, of another browser
+        elif forged == "no-field":
+            _token(victim)
+        elif forged == "mismatch":
+            _token(victim)
+            form["login_token"] = "x" * 43
+        elif forged == "another-browsers":
+            _token(victim)
+            form["login_token"] = _token(attacker)
+        refused = victim.post("/ui/login", data=form, follow_redirects=False)
+        assert refused.status_code == 403, refused.text
+        assert "sent from another site" in refused.text
+        assert COOKIE not in refused.cookies and COOKIE not in victim.cookies
+        assert victim.get("/ui", headers=HTML, follow_redirects=False).status_code == 303
 
 
 @pytest.mark.parametrize(
     "headers",
     [
         {"Origin": "http://testserver"},
-        {"Origin": "http://TestServer:80"},
-        {"Referer": "http://testserver/ui/login?next=/ui"},
-        {"Origin": "https://testserver"},  # TLS ended by a proxy in front of the app
-        {},  # not a browser: curl, a script
+        # behind nginx's default proxy_set_header Host $proxy_host: the app is sent
+        # Host 127.0.0.1:8000 while the browser's Origin names the public site
+        {"Origin": "https://saga.example.com", "Host": "127.0.0.1:8000"},
+        {"Referer": "https://saga.example.com/ui/login", "Host": "127.0.0.1:8000"},
+        {},  # not a browser: a script that GETs the form first
     ],
-    ids=["origin", "default-port", "referer", "proxied-tls", "none"],
+    ids=["origin", "proxy-rewrites-host", "proxy-referer", "none"],
 )
-def test_a_sign_in_from_this_site_or_no_browser_is_accepted(
+def test_a_sign_in_from_this_sites_form_is_accepted_whatever_the_host(
     console: TestClient, team: dict[str, str], headers: dict[str, str]
 ) -> None:
-    form = {"key": team["auditor"], "next": "/ui"}
+    """Before, the Origin was compared with the Host header, and a proxy that rewrites Host
+    (nginx's default) had every browser sign-in refused with a 403."""
+    form = {"key": team["auditor"], "next": "/ui", "login_token": _token(console)}
     answer = console.post("/ui/login", data=form, headers=headers, follow_redirects=False)
     assert (answer.status_code, answer.headers["location"]) == (303, "/ui"), answer.text
+    assert COOKIE in answer.cookies
+    assert console.get("/ui").status_code == 200
+
+
+def test_the_login_forms_cookie_is_httponly_lax_and_secure_like_the_session(
+    db_url: str, services_url: str
+) -> None:
+    with api(db_url, services_url) as client:  # testserver is not localhost: Secure
+        cookie = client.get("/ui/login").headers["set-cookie"]
+    assert cookie.startswith("order_saga_login=")
+    for attribute in ("HttpOnly", "SameSite=lax", "Secure", "Path=/"):
+        assert attribute.lower() in cookie.lower(), cookie
+    with api(db_url, services_url, cookie_secure=False) as local:
+        assert "secure" not in local.get("/ui/login").headers["set-cookie"].lower()
 
 
 def test_the_session_cookie_is_signed_httponly_lax_and_expires(
     db_url: str, services_url: str, team: dict[str, str]
 ) -> None:
     with api(db_url, services_url) as client:  # testserver is not localhost: Secure
-        answer = client.post("/ui/login", data={"key": team["auditor"]}, follow_redirects=False)
-    cookie = answer.headers["set-cookie"]
+        client.base_url = client.base_url.copy_with(scheme="https")  # to send its cookie back
+        answer = console_sign_in(client, team["auditor"])
+    cookie = next(c for c in answer.headers.get_list("set-cookie") if c.startswith(COOKIE))
     for attribute in ("HttpOnly", "SameSite=lax", "Secure", "Max-Age=28800", "Path=/"):
         assert attribute.lower() in cookie.lower(), cookie
     assert team["auditor"] not in cookie

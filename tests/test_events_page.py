@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from fsm import keys, metrics, outbox, subscriptions
 from fsm.roles import Role
 from fsm.store import Store
-from tests.support.api import api, place
+from tests.support.api import api, console_sign_in, place
 from tests.support.events import FAST_EVENTS, label, sink_seen, subscribe_sink
 from tests.support.services import Downstream
 from tests.support.waiting import wait_until
@@ -38,7 +38,7 @@ def team(store: Store) -> dict[str, str]:
 
 def sign_in(client: TestClient, secret: str) -> str:
     """Sign in and return the session's CSRF token (from the events page's forms)."""
-    answer = client.post("/ui/login", data={"key": secret, "next": "/ui/events"})
+    answer = console_sign_in(client, secret, "/ui/events", follow_redirects=True)
     assert answer.status_code == 200, answer.text
     token = CSRF.search(answer.text)
     assert token is not None

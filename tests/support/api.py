@@ -3,6 +3,7 @@ under TestClient (lifespan included), placing an order, waiting for it."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -37,6 +38,22 @@ def api(db_url: str, services_url: str, **overrides: Any) -> Iterator[TestClient
     app = create_app(saga_settings(db_url, services_url, **(API | overrides)), sweep=False)
     with TestClient(app) as client:
         yield client
+
+
+LOGIN_TOKEN = re.compile(r'name="login_token" value="([^"]+)"')
+
+
+def console_sign_in(
+    client: TestClient, key: str, next_: str = "/ui", *, follow_redirects: bool = False
+) -> Any:
+    """POST /ui/login as the browser does: GET the form first (its pre-session cookie and
+    the same token in a hidden field), then send it back with the key."""
+    form = client.get("/ui/login", params={"next": next_})
+    assert form.status_code == 200, form.text
+    found = LOGIN_TOKEN.search(form.text)
+    assert found is not None, form.text
+    data = {"key": key, "next": next_, "login_token": found.group(1)}
+    return client.post("/ui/login", data=data, follow_redirects=follow_redirects)
 
 
 def place(

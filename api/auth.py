@@ -30,6 +30,7 @@ from urllib.parse import quote
 import anyio.to_thread
 from fastapi.security import HTTPBearer
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
 from starlette.requests import HTTPConnection
 from starlette.responses import RedirectResponse
@@ -106,6 +107,17 @@ class Authenticator:
     async def setup(self) -> None:
         if self._pepper is None:  # once per process: no thread hop on each request
             await anyio.to_thread.run_sync(self._secrets)
+
+    async def ready(self) -> bool:
+        """`setup`, if it has not succeeded yet (the database was down when the process
+        started): True once the secrets are read, False while they still cannot be (tried
+        again on the next call)."""
+        try:
+            await self.setup()
+        except SQLAlchemyError as exc:
+            log.warning("could not read the deployment's secrets (%s)", type(exc).__name__)
+            return False
+        return True
 
     async def settle(self) -> None:
         """Wait for every lookup in flight (at shutdown: the engine is disposed next, and a

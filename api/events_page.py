@@ -86,16 +86,18 @@ async def redeliver(
     `all` of them, back in line for the relay; then back to the page saying how many."""
     event = event.strip()
     if not event:
-        return _back(request, error="say which event to redeliver (or all)")
+        return await _back(request, error="say which event to redeliver (or all)")
     try:
         revived = await subscriptions.redeliver_async(store, None if event == ALL else event)
     except ValueError as exc:
-        return _back(request, error=str(exc))
+        return await _back(request, error=str(exc))
     if revived == 0:
-        return _back(request, error=f"no dead letter {event!r} (delivered or redelivered already?)")
+        return await _back(
+            request, error=f"no dead letter {event!r} (delivered or redelivered already?)"
+        )
     what = "every dead letter" if event == ALL else event
     plural = "y" if revived == 1 else "ies"
-    return _back(request, done=f"redelivering {what}: {revived} deliver{plural} back in line")
+    return await _back(request, done=f"redelivering {what}: {revived} deliver{plural} back in line")
 
 
 def _shown(
@@ -121,5 +123,5 @@ def _shown(
     return where, scrub
 
 
-def _back(request: Request, **message: str) -> RedirectResponse:
-    return flash.redirect(request, "/ui/events", **message)
+async def _back(request: Request, **message: str) -> RedirectResponse:
+    return await flash.redirect(request, "/ui/events", **message)

@@ -284,7 +284,7 @@ async def act(
     try:
         state = (await run_in_threadpool(store.get, order_id)).state
         if state not in allowed:
-            return _redirect(
+            return await _redirect(
                 request, order_id, error=f"{label}: not possible while the order is {state}"
             )
         if action in (Action.RESUME, Action.RETRY):
@@ -293,7 +293,7 @@ async def act(
             order = await executor.cancel(order_id, audit=audit)
         else:
             if not reason.strip():
-                return _redirect(
+                return await _redirect(
                     request, order_id, error="a reason is required to mark an order resolved"
                 )
             order = await operator.resolve(
@@ -305,12 +305,12 @@ async def act(
                 audit=audit,
             )
     except SagaError as exc:
-        return _redirect(request, order_id, error=str(exc))
-    return _redirect(request, order_id, done=f"{label}: now {order.state} ({order.status})")
+        return await _redirect(request, order_id, error=str(exc))
+    return await _redirect(request, order_id, done=f"{label}: now {order.state} ({order.status})")
 
 
-def _redirect(request: Request, order_id: uuid.UUID, **message: str) -> RedirectResponse:
-    return flash.redirect(request, f"/ui/orders/{order_id}", **message)
+async def _redirect(request: Request, order_id: uuid.UUID, **message: str) -> RedirectResponse:
+    return await flash.redirect(request, f"/ui/orders/{order_id}", **message)
 
 
 @router.get("/heatmap", response_class=HTMLResponse, summary="Heatmap of the machine")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import pytest
@@ -143,3 +143,21 @@ def test_a_keys_use_is_written_at_most_once_a_minute(store: Store) -> None:
     assert len(writes) == 1, writes
     (info,) = keys.list_keys(engine=store.engine)
     assert info.last_used_at is not None
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # a write lock to hold
+def test_console_messages_come_back_once_the_secrets_can_be_read(
+    db_url: str, services_url: str, store: Store
+) -> None:
+    """The console signs its outcome messages with the deployment's session secret. When
+    it could not be read at start (the database was down or locked) and authentication is
+    off, nothing read it again: every action's message was dropped for the process's
+    life. It is read when a message is next signed."""
+    settings = cli_settings(db_url, services_url, db_lock_timeout=0.5)
+    with ExitStack() as running:
+        with writer_holding_the_lock(db_url, "-"):  # the secret cannot be made at start
+            c = running.enter_context(TestClient(create_app(settings, sweep=False)))
+        assert c.app.state.authenticator.sessions is None  # type: ignore[attr-defined]
+        shown = c.post("/ui/events/redeliver", data={"event": "no-such-event"})
+        assert shown.status_code == 200 and shown.url.path == "/ui/events", shown.text
+        assert 'class="flash err"' in shown.text and "no-such-event" in shown.text, shown.text

@@ -331,3 +331,28 @@ def test_a_token_session_ends_when_the_token_changes(db_url: str, services_url: 
     with api(db_url, services_url, cookie_secure=False, api_token="second-token") as rotated:
         rotated.cookies.set("order_saga_session", cookie)
         assert rotated.get("/ui").status_code == 401
+
+
+def test_a_console_message_shows_only_in_the_session_that_acted(
+    db_url: str, services_url: str, team: dict[str, str]
+) -> None:
+    """A signed outcome message was bound to the page but not to who acted: an operator
+    could post a crafted event to /ui/events/redeliver and send the resulting link to
+    another user, whose console showed the text as its own alert for 5 minutes."""
+    bait = "Your session expired. Sign in again at https://evil.example/login"
+    with (
+        api(db_url, services_url, cookie_secure=False) as mallory,
+        api(db_url, services_url, cookie_secure=False) as victim,
+    ):
+        sign_in(mallory, team["ops-alice"], "/ui/events")
+        token = CSRF.search(mallory.get("/ui/events").text)
+        assert token is not None
+        sent = {"csrf": token.group(1), "event": bait}
+        back = mallory.post("/ui/events/redeliver", data=sent, follow_redirects=False)
+        assert back.status_code == 303, back.text
+        link = back.headers["location"]
+        assert "evil.example" in mallory.get(link).text  # the session that acted: shown
+        sign_in(victim, team["auditor"], "/ui/events")
+        page = victim.get(link)
+        assert page.status_code == 200, page.text
+        assert "evil.example" not in page.text and 'class="flash' not in page.text

@@ -21,7 +21,6 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from starlette.concurrency import run_in_threadpool
 
 from api import flash, login
 from api.access import ROUTES
@@ -30,7 +29,7 @@ from api.deps import ExecutorDep, PrincipalDep, SettingsDep, StoreDep
 from api.login import CsrfChecked
 from fsm import diagram, heatmap, operator, queries, rollup, why
 from fsm.bounds import MAX_ID
-from fsm.errors import CorruptOrder, SagaError
+from fsm.errors import CorruptOrder, InvalidMove, SagaError
 from fsm.executor import new_owner
 from fsm.machine import (
     TERMINAL_ORDER_STATES,
@@ -277,20 +276,16 @@ async def act(
     reason: Annotated[str, Form(max_length=1000)] = "",
 ) -> RedirectResponse:
     """Run the confirmed action, then back to the order's page with what happened. Only
-    in the states the action is offered in (what the confirmation page says): a retry of
-    compensation on an order that is not parked would drive it forward instead."""
+    in the states the action is offered in (what the confirmation page says), checked
+    under the order's lease by the executor or `fsm.operator`: a retry of compensation on
+    an order that is not parked would drive it forward instead."""
     label, _what, allowed = ACTIONS[action]
     audit = operator.Audit(AUDITED[action], principal.audit, reason, channel="console")
     try:
-        state = (await run_in_threadpool(store.get, order_id)).state
-        if state not in allowed:
-            return await _redirect(
-                request, order_id, error=f"{label}: not possible while the order is {state}"
-            )
         if action in (Action.RESUME, Action.RETRY):
-            order = await executor.run(order_id, audit=audit)
+            order = await executor.run(order_id, audit=audit, allowed=allowed)
         elif action is Action.CANCEL:
-            order = await executor.cancel(order_id, audit=audit)
+            order = await executor.cancel(order_id, audit=audit, allowed=allowed)
         else:
             if not reason.strip():
                 return await _redirect(
@@ -303,7 +298,10 @@ async def act(
                 owner=new_owner(),
                 operator=principal.name,
                 audit=audit,
+                allowed=allowed,
             )
+    except InvalidMove as exc:
+        return await _redirect(request, order_id, error=f"{label}: {exc}")
     except SagaError as exc:
         return await _redirect(request, order_id, error=str(exc))
     return await _redirect(request, order_id, done=f"{label}: now {order.state} ({order.status})")

@@ -102,17 +102,34 @@ class Executor:
 
     # -- entry points ----------------------------------------------------------------
 
-    async def run(self, order_id: uuid.UUID, *, audit: Audit | None = None) -> Order:
+    async def run(
+        self,
+        order_id: uuid.UUID,
+        *,
+        audit: Audit | None = None,
+        allowed: Collection[str] | None = None,
+    ) -> Order:
         """Claim the order and drive it as far as this run's retry budget allows. With
-        `audit` (a person's resume), a live order's log first names who and why."""
-        order = await self._claim_reserved(order_id)
-        return await self._audited(order, audit)
-
-    async def cancel(self, order_id: uuid.UUID, *, audit: Audit | None = None) -> Order:
-        """The owner cancels a completed order: refund, restore, cancel shipping. With
-        `audit`, the log first names who cancelled and why."""
+        `audit` (a person's resume), a live order's log first names who and why. With
+        `allowed`, an order found (under the lease) in another state is not driven:
+        InvalidMove, nothing written."""
         order = await self._claim_reserved(order_id)
         async with self._given_back_on_error(order):
+            operator.admit(order, allowed)
+        return await self._audited(order, audit)
+
+    async def cancel(
+        self,
+        order_id: uuid.UUID,
+        *,
+        audit: Audit | None = None,
+        allowed: Collection[str] | None = None,
+    ) -> Order:
+        """The owner cancels a completed order: refund, restore, cancel shipping. With
+        `audit`, the log first names who cancelled and why; `allowed` as for `run`."""
+        order = await self._claim_reserved(order_id)
+        async with self._given_back_on_error(order):
+            operator.admit(order, allowed)
             if order.state == OrderState.COMPLETED:
                 await operator.record(self.store, order, owner=self.owner, audit=audit)
                 # One commit: a crash can never keep the request but lose the transition.

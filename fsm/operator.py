@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,14 @@ class Audit:
         return detail
 
 
+def admit(order: Order, allowed: Collection[str] | None) -> None:
+    """Raise InvalidMove unless the order is in one of the `allowed` states (None: any).
+    Called with the order's lease held, so the state it checks is the state acted on: a
+    check before the claim could be stale by then (the sweep moved the order meanwhile)."""
+    if allowed is not None and order.state not in allowed:
+        raise InvalidMove(f"not possible while the order is {order.state}")
+
+
 async def record(store: Store, order: Order, *, owner: str, audit: Audit | None) -> None:
     """Write `audit` as its own log row (a no-op without one). The caller holds the lease."""
     if audit is not None:
@@ -56,15 +65,18 @@ async def resolve(
     operator: str | None = None,
     crash_after: str | None = None,
     audit: Audit | None = None,
+    allowed: Collection[str] | None = None,
 ) -> Order:
     """needs_attention -> resolved. Raises OrderNotFound, LeaseLost (someone is driving
-    it: a resume is retrying it right now) or InvalidMove (it is not parked)."""
+    it: a resume is retrying it right now) or InvalidMove (it is not parked, or not in
+    one of the `allowed` states the caller offered the action in)."""
     if not reason.strip():
         raise ValueError("a reason is required")
     order = await store.claim(order_id=order_id, owner=owner)
     if order is None:
         raise LeaseLost(f"order {order_id} is being driven by another worker")
     try:
+        admit(order, allowed)
         if order.state != OrderState.NEEDS_ATTENTION:
             raise InvalidMove(
                 f"only a parked (needs_attention) order can be resolved, not {order.state}"

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -23,7 +24,8 @@ from downstream.seed import (
     SOLD_OUT_PRODUCT_ID,
     WIDGET_ID,
 )
-from fsm.machine import AUDIT_SCOPE
+from fsm.executor import Executor
+from fsm.machine import AUDIT_SCOPE, OrderTrigger
 from fsm.store import Store
 from tests.support.api import API
 from tests.support.services import Downstream
@@ -175,6 +177,59 @@ def test_an_action_outside_its_states_is_refused_and_does_nothing(
     after = store.get(uuid.UUID(order_id))
     assert (after.state, after.version) == (before.state, before.version)
     assert [t for t in store.history(uuid.UUID(order_id)) if t.scope == AUDIT_SCOPE] == []
+
+
+class SweepFirst:
+    """The app's store as its executor sees it, except that right before the executor's
+    next claim another worker (the sweep) drives the order and lets it go: what can
+    happen between a check made before the claim and the claim."""
+
+    def __init__(self, store: Store, sweep: Callable[[uuid.UUID], Awaitable[Any]]) -> None:
+        self._store, self._sweep = store, sweep
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def claim(self, *, order_id: uuid.UUID, owner: str) -> Any:
+        sweep, self._sweep = self._sweep, None
+        if sweep is not None:
+            await sweep(order_id)
+        return await self._store.claim(order_id=order_id, owner=owner)
+
+
+def test_an_action_is_checked_against_the_state_it_acts_on(
+    client: TestClient, store: Store, downstream: Downstream
+) -> None:
+    """The console read the order's state, then the executor claimed it: had the sweep
+    moved the order in between, it was driven anyway under the button's audit row (a
+    resume of a waiting order the sweep had just parked fired retry_compensation, logged
+    as the operator's resume). The state is now checked under the lease."""
+    waiting, _ = asyncio.run(
+        store.create_order(user_id=ORDINARY_USER_ID, product_id=SOLD_OUT_PRODUCT_ID, quantity=1)
+    )
+    executor: Executor = client.app.state.executor  # type: ignore[attr-defined]
+    real = executor.store
+
+    async def sweep(order_id: uuid.UUID) -> None:
+        other = Executor(store=real, services=executor.services)
+        downstream.fault("user.refund", "error", count=1000)
+        try:
+            await other.run(order_id)  # the refund is down: parked
+        finally:
+            await other.aclose()
+            downstream.clear_faults()  # (a retry of the compensation would now succeed)
+
+    executor.store = SweepFirst(real, sweep)  # type: ignore[assignment]
+    try:
+        sent = client.post(f"/ui/orders/{waiting.id}/resume", data={"reason": "INC-1"})
+    finally:
+        executor.store = real
+    assert sent.status_code == 200 and sent.url.path == f"/ui/orders/{waiting.id}"
+    assert "Resume: not possible while the order is needs_attention" in sent.text, sent.text
+    log = store.history(waiting.id)
+    assert [t for t in log if t.scope == AUDIT_SCOPE] == []
+    assert [t.trigger for t in log if t.trigger == OrderTrigger.RETRY_COMPENSATION] == []
+    assert store.get(waiting.id).state == "needs_attention"
 
 
 def test_a_page_shows_only_the_messages_the_console_signed_for_it(

@@ -27,6 +27,7 @@ from downstream.seed import (
 from fsm.executor import Executor
 from fsm.machine import AUDIT_SCOPE, OrderTrigger
 from fsm.store import Store
+from fsm.wiring import build_executor
 from tests.support.api import API
 from tests.support.services import Downstream
 from tests.support.settings import saga_settings
@@ -211,7 +212,8 @@ def test_an_action_is_checked_against_the_state_it_acts_on(
     real = executor.store
 
     async def sweep(order_id: uuid.UUID) -> None:
-        other = Executor(store=real, services=executor.services)
+        settings = client.app.state.settings  # type: ignore[attr-defined]
+        other = build_executor(settings, store=real, services=executor.services)
         downstream.fault("user.refund", "error", count=1000)
         try:
             await other.run(order_id)  # the refund is down: parked

@@ -97,12 +97,15 @@ class Authenticator:
 
     def _secrets(self) -> None:
         if self._pepper is None:
-            self._pepper = keys.server_secret(engine=self.engine, name="key_pepper")
-            self._internal = (keys.internal_token(engine=self.engine) or "").encode()
-            self.sessions = Sessions(
-                keys.server_secret(engine=self.engine, name="session"),
-                max_age=self.session_seconds,  # the cookie's Max-Age, enforced here too
-            )
+            # All read before any is kept: a read failing halfway leaves none set, so the
+            # next `setup` reads them all again (not a pepper with no session signer).
+            pepper = keys.server_secret(engine=self.engine, name="key_pepper")
+            internal = (keys.internal_token(engine=self.engine) or "").encode()
+            session = keys.server_secret(engine=self.engine, name="session")
+            # the cookie's Max-Age, enforced here too
+            self.sessions = Sessions(session, max_age=self.session_seconds)
+            self._internal = internal
+            self._pepper = pepper
 
     async def setup(self) -> None:
         if self._pepper is None:  # once per process: no thread hop on each request

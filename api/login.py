@@ -51,9 +51,18 @@ def safe_next(target: str | None) -> str:
 
 
 def secure_cookie(settings: Settings, request: Request) -> bool:
+    """COOKIE_SECURE, or when unset: Secure unless the console is reached as plain http on
+    this machine. The browser's own Origin (or Referer) counts too: behind a proxy that
+    ends TLS and rewrites Host, the request looks like http://127.0.0.1 while the browser
+    is on https, and its cookie must stay off plain http."""
     if settings.cookie_secure is not None:
         return settings.cookie_secure
-    return request.url.scheme == "https" or request.url.hostname not in LOCAL_HOSTS
+    sent_from = request.headers.get("origin") or request.headers.get("referer") or ""
+    return (
+        request.url.scheme == "https"
+        or request.url.hostname not in LOCAL_HOSTS
+        or sent_from.lower().startswith("https:")
+    )
 
 
 def _set_cookie(request: Request, response: Response, name: str, value: str, max_age: int) -> None:

@@ -356,3 +356,25 @@ def test_a_console_message_shows_only_in_the_session_that_acted(
         page = victim.get(link)
         assert page.status_code == 200, page.text
         assert "evil.example" not in page.text and 'class="flash' not in page.text
+
+
+@pytest.mark.parametrize(
+    ("origin", "secure"),
+    [("https://saga.example.com", True), ("http://127.0.0.1:8000", False)],
+    ids=["browser-on-https", "browser-on-local-http"],
+)
+def test_behind_a_proxy_the_session_cookie_is_secure_when_the_browser_is_on_https(
+    db_url: str, services_url: str, team: dict[str, str], origin: str, secure: bool
+) -> None:
+    """A proxy that ends TLS and rewrites Host (nginx's default) makes the request look
+    like plain http to 127.0.0.1: the browser's Origin says where it really is, and its
+    session cookie must then never travel over plain http. Before, it had no Secure."""
+    with api(db_url, services_url) as client:  # COOKIE_SECURE unset: decided per request
+        client.base_url = client.base_url.copy_with(scheme="http", host="127.0.0.1", port=8000)
+        form = {"key": team["auditor"], "next": "/ui", "login_token": _token(client)}
+        answer = client.post(
+            "/ui/login", data=form, headers={"Origin": origin}, follow_redirects=False
+        )
+    assert answer.status_code == 303, answer.text
+    cookie = next(c for c in answer.headers.get_list("set-cookie") if c.startswith(COOKIE))
+    assert ("secure" in cookie.lower()) is secure, cookie

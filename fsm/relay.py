@@ -2,8 +2,8 @@
 in order per order, and records each delivery. Runs alone as `order-saga relay`, and for
 `serve` and `worker` as their child process (fsm.relay_child); any number share the work.
 
-One task per destination, so a slow or dead endpoint delays only its own deliveries; the
-orders never wait for a relay (their events are already committed). A task holds its
+One task (and one connection pool) per destination, so a slow or dead endpoint delays only
+its own deliveries; the orders never wait for a relay (their events are committed). A task holds its
 destination's cursor (a lease: one relay at a time) and takes the next batch of events
 after it (fsm.outbox_sql.take_batch); it sends the subscribed ones, an order's one after
 the other in seq order, the orders concurrently; an event of an order with an unfinished
@@ -33,8 +33,6 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
-
-import aiohttp
 
 from fsm import metrics, outbox, outbox_sql
 from fsm.destinations import Attempt, Sender
@@ -111,14 +109,10 @@ class Relay:
         self._pumps: dict[int, tuple[Destination, asyncio.Task[None], Sender]] = {}
         self._started = 0  # pumps started: each its own lease owner (`_follow`)
         self._stopping: set[asyncio.Task[None]] = set()  # old pumps being stopped
-        self._session: aiohttp.ClientSession | None = None
 
     async def run(self) -> None:
         """Deliver until cancelled; then stop every pump (leases of what was in flight
         expire; nothing is lost)."""
-        from fsm.destinations.webhook import new_session  # noqa: PLC0415
-
-        self._session = new_session()
         registered = False
         try:
             while True:
@@ -140,12 +134,11 @@ class Relay:
             for stopping in list(self._stopping):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await stopping
-            await self._session.close()
 
     def _follow(self, found: list[Destination]) -> None:
         """Start a pump per new destination, stop those removed (or changed: its old pump,
         with the old url and subscription, is stopped, the new one started)."""
-        wanted = {d.id: d for d in found if self._sender(d) is not None or d.id in self._pumps}
+        wanted = {d.id: d for d in found if self._serves(d) or d.id in self._pumps}
         for destination_id, entry in list(self._pumps.items()):
             if wanted.get(destination_id) != entry[0]:
                 del self._pumps[destination_id]
@@ -167,16 +160,24 @@ class Relay:
             )
             self._pumps[destination.id] = (destination, task, sender)
 
+    def _serves(self, destination: Destination) -> bool:
+        """Whether this relay can deliver there (else another relay may)."""
+        if destination.kind == "webhook":
+            return bool(destination.secret)
+        return destination.kind == "amqp" and bool(self.settings.amqp_url)
+
     def _sender(self, destination: Destination) -> Sender | None:
         timeout = self.settings.event_timeout
-        if destination.kind == "webhook" and destination.secret and self._session is not None:
+        if destination.kind == "webhook" and destination.secret:
             from fsm.destinations.webhook import WebhookSender  # noqa: PLC0415
 
             return WebhookSender(
                 url=destination.url,
                 secret=destination.secret,
-                session=self._session,
                 timeout=timeout,
+                # What `_send` can have in flight to it: a batch's events (an order's one
+                # at a time) and as many claimed retries, side by side.
+                connections=2 * self.settings.relay_batch,
             )
         if destination.kind == "amqp" and self.settings.amqp_url:
             from fsm.destinations.amqp import AmqpSender  # noqa: PLC0415  (aio-pika on demand)

@@ -22,8 +22,9 @@ from click.testing import CliRunner, Result
 from sqlmodel import SQLModel
 from typer.main import get_command
 
+from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm import outbox, outbox_sql, subscriptions
-from fsm.destinations.webhook import WebhookSender, new_secret, new_session, signed_headers
+from fsm.destinations.webhook import WebhookSender, new_secret, signed_headers
 from fsm.executor import Executor
 from fsm.relay import AMQP_DESTINATION, Relay, register_amqp
 from fsm.store import Store, utcnow
@@ -199,6 +200,40 @@ async def test_a_dead_endpoint_delays_neither_orders_nor_other_destinations(
     assert sorted(e["id"] for e in sink_seen(services_url)["events"]) == sorted(want)
     assert dead.requests == []
     assert lags[label(store, dead.url)][0] == len(want)  # all still pending there
+
+
+async def test_a_slow_webhook_holding_a_hundred_requests_delays_no_other_webhook(
+    db_url: str, store: Store
+) -> None:
+    """Each webhook has its own connections: one whose endpoint holds more requests than
+    aiohttp's default pool (100) leaves none of the others waiting for a connection (they
+    used to, until the slow ones timed out, and then failed themselves)."""
+    settings = saga_settings(
+        db_url, **{**FAST_EVENTS, "event_timeout": 30.0, "relay_lease": 60.0, "relay_batch": 120}
+    )
+
+    async def created(n: int) -> list[uuid.UUID]:
+        one = partial(
+            store.create_order, user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1
+        )
+        return [order.id for order, _ in await asyncio.gather(*(one() for _ in range(n)))]
+
+    async with Endpoint(mode="hang") as slow, Endpoint() as fast:
+        subscriptions.add_webhook(store, slow.url, outbox.DEFAULT_TYPES)
+        await created(110)
+        async with relaying(store, settings):
+            await wait_until_async(lambda: slow.attempts >= 100, what="100 requests held")
+            subscriptions.add_webhook(store, fast.url, outbox.DEFAULT_TYPES)
+            want = expected(store, await created(5), outbox.DEFAULT_TYPES)
+            assert want
+            await wait_until_async(  # well within event_timeout
+                lambda: len(fast.requests) >= len(want), timeout=15, what="the fast endpoint"
+            )
+            fast_label = label(store, fast.url)
+            await wait_until_async(lambda: subscriptions.lags(store)[fast_label][0] == 0)
+        assert slow.requests == []  # still held: nothing timed out meanwhile
+    assert sorted(r.event["id"] for r in fast.requests) == sorted(want)
+    assert fast.attempts == len(want)  # none failed, none retried
 
 
 def _json(text: str) -> Any:
@@ -406,13 +441,13 @@ async def test_a_batch_stops_sending_well_within_the_cursor_s_lease(
             )
         )
         assert batch is not None and len(batch.events) == 10
-        async with new_session() as session:
-            sender = WebhookSender(
-                url=endpoint.url, secret=added.secret, session=session, timeout=1.0
-            )
-            started = time.monotonic()
+        sender = WebhookSender(url=endpoint.url, secret=added.secret, timeout=1.0, connections=10)
+        started = time.monotonic()
+        try:
             sent = await relay._send(destination, sender, batch, [])
-            took = time.monotonic() - started
+        finally:
+            await sender.aclose()
+        took = time.monotonic() - started
         first = len(endpoint.requests)
         async with relaying(store, settings):  # the rest, in batches cut the same way
             await wait_until_async(

@@ -53,22 +53,26 @@ def signed_headers(secret: str | bytes, msg_id: str, body: bytes) -> dict[str, s
     }
 
 
-def new_session() -> aiohttp.ClientSession:
-    """The relay's session: no cookie jar (an endpoint's cookies are not sent back), no
-    headers beyond the signed ones but Host and Content-Length."""
+def new_session(*, connections: int = 100) -> aiohttp.ClientSession:
+    """A webhook's session: no cookie jar (an endpoint's cookies are not sent back), no
+    headers beyond the signed ones but Host and Content-Length; at most `connections` open
+    at once."""
     return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections),
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
     )
 
 
 class WebhookSender:
-    """POST each event to one URL with `session` (shared by every webhook of a relay)."""
+    """POST each event to one URL, on a session (a connection pool) of its own: a slow
+    endpoint holds its own connections only, never those another webhook's requests need.
+    `connections`: as many as the relay can have in flight to it (a batch's events and
+    its claimed retries); none waits for a connection. Made in the relay's event loop."""
 
-    def __init__(
-        self, *, url: str, secret: str, session: aiohttp.ClientSession, timeout: float
-    ) -> None:
-        self.url, self.session, self.timeout = url, session, timeout
+    def __init__(self, *, url: str, secret: str, timeout: float, connections: int) -> None:
+        self.url, self.timeout = url, timeout
+        self.session = new_session(connections=connections)
         # Made once, not per event: the key decoded, the timeout (an attrs object).
         self._key = signing_key(secret)
         self._client_timeout = aiohttp.ClientTimeout(total=timeout)
@@ -79,7 +83,7 @@ class WebhookSender:
         return await _post(self.session, self.url, headers, body, self._client_timeout)
 
     async def aclose(self) -> None:
-        pass  # the session is the relay's
+        await self.session.close()
 
 
 async def post(

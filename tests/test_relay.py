@@ -236,6 +236,32 @@ async def test_a_slow_webhook_holding_a_hundred_requests_delays_no_other_webhook
     assert fast.attempts == len(want)  # none failed, none retried
 
 
+async def test_an_endpoint_s_long_answer_is_not_read_whole_its_connection_is_dropped(
+    db_url: str, store: Store
+) -> None:
+    """The relay reads at most 64 KiB of an answer's body (nobody reads it): an endpoint
+    answering 64 MiB costs it no more memory, and the event counts as delivered."""
+    total = 64 << 20
+    async with Endpoint(answer_bytes=total) as endpoint:
+        subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
+        order, _ = await store.create_order(
+            user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1
+        )
+        want = expected(store, [order.id], outbox.DEFAULT_TYPES)
+        async with relaying(store, saga_settings(db_url, **FAST_EVENTS)):
+            where = label(store, endpoint.url)
+            await wait_until_async(lambda: subscriptions.lags(store)[where][0] == 0)
+            await wait_until_async(
+                lambda: endpoint.dropped == len(want), timeout=10, what="each answer cut short"
+            )
+    assert [r.event["id"] for r in endpoint.requests] == want  # each sent once: delivered
+    assert [(d.state, d.attempts) for d in subscriptions.deliveries(store)] == [
+        ("delivered", 1)
+    ] * len(want)
+    # What the socket buffers took before the relay hung up, far from the whole body.
+    assert endpoint.answered_bytes < len(want) * total / 4
+
+
 def _json(text: str) -> Any:
     import json
 

@@ -20,6 +20,10 @@ from fsm.outbox_sql import Claimed
 SECRET_PREFIX = "whsec_"
 # Worth another try: the endpoint is down, overloaded or asks to slow down.
 _RETRYABLE_4XX = frozenset({408, 425, 429})
+# An answer's body is read up to this much (nothing in it is used; it is read so that the
+# connection can be reused). Past it the connection is dropped instead: an endpoint cannot
+# make the relay read, or hold in memory, more than this per request.
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 def new_secret() -> str:
@@ -107,7 +111,8 @@ async def _post(
             url, data=body, headers=headers, timeout=timeout, allow_redirects=False
         ) as response:
             status = response.status
-            await response.read()  # the connection goes back to the pool
+            if not await _read_answer(response.content):
+                response.close()  # the rest unread: the connection is dropped, not reused
     except TimeoutError:
         return transient(f"timeout after {timeout.total:g}s")
     except aiohttp.ClientError as exc:
@@ -120,3 +125,13 @@ async def _post(
     if status >= 500 or status in _RETRYABLE_4XX:
         return transient(answer)
     return refused(answer)
+
+
+async def _read_answer(content: aiohttp.StreamReader) -> bool:
+    """Read the answer's body, at most MAX_ANSWER_BYTES of it; whether that was all."""
+    left = MAX_ANSWER_BYTES
+    while chunk := await content.read(left):
+        left -= len(chunk)
+        if left <= 0:
+            return content.at_eof()
+    return True

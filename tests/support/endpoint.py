@@ -1,7 +1,8 @@
 """A webhook endpoint for tests, on raw asyncio sockets so it can misbehave as real ones do:
-answer 200 or 500, hang past the client's timeout, or close the connection without an
-answer. It records every request (headers, body) and how many requests for one event id
-were in flight at once. Runs on the test's own event loop, on 127.0.0.1."""
+answer 200 or 500 (with a body of `answer_bytes`), hang past the client's timeout, or
+close the connection without an answer. It records every request (headers, body), how
+many requests for one event id were in flight at once, and answers cut short. Runs on
+the test's own event loop, on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -29,12 +30,15 @@ class Request:
 class Endpoint:
     mode: Mode = "ok"
     delay: float = 0.0  # seconds before answering (to make overlaps visible)
+    answer_bytes: int = 0  # each answer's body, written 64 KiB at a time
     requests: list[Request] = field(default_factory=list)  # answered 200, in arrival order
     attempts: int = 0  # every request, whatever the answer
     most_at_once: int = 0  # the most requests of one event id in flight together
     failing: set[str] = field(default_factory=set)  # event ids answered 500 whatever the mode
     # ("start" | "end", event id) of every request that got that far, in order
     log: list[tuple[str, str]] = field(default_factory=list)
+    answered_bytes: int = 0  # of the answers' bodies, written (sent or in socket buffers)
+    dropped: int = 0  # answers the client went away from before their body's end
     _in_flight: Counter[str] = field(default_factory=Counter)
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -99,6 +103,21 @@ class Endpoint:
         status = b"200 OK" if mode == "ok" else b"500 Internal Server Error"
         if mode == "ok":
             self.requests.append(Request(headers, body))
-        writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: 0\r\n\r\n")
+        length = str(self.answer_bytes).encode()
+        writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: " + length + b"\r\n\r\n")
         await writer.drain()
+        return await self._body(writer)
+
+    async def _body(self, writer: asyncio.StreamWriter) -> bool:
+        """The answer's body; False (counted in `dropped`) when the client went away."""
+        chunk, left = bytes(1 << 16), self.answer_bytes
+        try:
+            while left > 0:
+                writer.write(chunk[:left])
+                await writer.drain()
+                self.answered_bytes += min(left, len(chunk))
+                left -= len(chunk)
+        except ConnectionError:
+            self.dropped += 1
+            return False
         return True

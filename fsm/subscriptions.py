@@ -7,8 +7,10 @@ reads through its read pool. Sends nothing except `test_webhook` (one signed req
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
+import yarl
 
 from fsm import outbox, outbox_sql
 from fsm.bounds import MAX_ID
@@ -45,7 +48,9 @@ MAX_SEQ = MAX_ID
 
 
 def webhook_url(url: str) -> str:
-    """A URL events can be POSTed to; ValueError saying why not."""
+    """A URL events can be POSTed to; ValueError saying why not. The host: a name that
+    encodes to letters, digits, `.`, `-` and `_` (Docker Compose service names), or an IP
+    literal; what aiohttp would refuse at every attempt is refused here, once."""
     if len(url) > MAX_URL:
         raise ValueError(
             f"a webhook URL must be at most {MAX_URL} characters (this one: {len(url)})"
@@ -53,17 +58,38 @@ def webhook_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{url!r} is not an http:// or https:// URL")
+    if not _usable_host(parts.hostname):
+        raise ValueError(f"{url!r}: {parts.hostname!r} is not a valid host name")
     try:
-        parts.hostname.encode("idna")  # an empty label (a..b), one over 63 characters
-    except UnicodeError:
-        raise ValueError(f"{url!r}: {parts.hostname!r} is not a valid host name") from None
-    try:
-        parts.port  # noqa: B018  (raises when out of range or not a number)
+        port = parts.port  # raises when out of range or not a number
     except ValueError:
-        raise ValueError(f"{url!r}: the port is not a number from 0 to 65535") from None
+        port = 0
+    if port == 0:
+        raise ValueError(f"{url!r}: the port is not a number from 1 to 65535")
     if parts.username or parts.password:
         raise ValueError("a webhook URL must not carry credentials (the signature authenticates)")
+    try:
+        yarl.URL(url)  # as aiohttp reads it: IDNA 2008 refuses what IDNA 2003 drops (U+200B)
+    except ValueError as exc:
+        raise ValueError(f"{url!r} is not a URL a request can go to: {exc}") from None
     return url
+
+
+_HOST_NAME = re.compile(r"[a-z0-9_.-]+")  # urlsplit lower-cases the host
+
+
+def _usable_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        # Catches an empty label (a..b), one over 63 characters.
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    return _HOST_NAME.fullmatch(ascii_host) is not None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from api.guard import BodyGuard
 from downstream.app import create_services_app
 from downstream.faults import MAX_PENDING
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
+from fsm import subscriptions
 from fsm.store import make_engine
 from tests.support.services import LiveServer
 from tests.support.settings import cli_settings
@@ -256,3 +257,34 @@ def test_the_fault_board_is_bounded() -> None:
         assert refused.status_code == 409 and "already pending" in refused.json()["detail"]
         assert len(client.get("/_faults").json()["faults"]) == MAX_PENDING
     app.state.store.close()
+
+
+# A webhook URL: what aiohttp could never request is refused at `webhooks add` (the table in
+# tests/test_cli.py runs the command), not retried by the relay for EVENT_MAX_AGE.
+REFUSED_WEBHOOK_URLS = [
+    ("http://hooks\u200b.example/in?token=T", "cannot contain"),  # IDNA 2008 refuses U+200B
+    ("http://ho st.example/in", "is not a valid host name"),
+    ("http://ho\x01st.example/in", "is not a valid host name"),
+    ("http://a..b/in", "is not a valid host name"),
+    ("http://example.com:0/in", "the port is not a number from 1 to 65535"),
+    ("http://example.com:65536/in", "the port is not a number from 1 to 65535"),
+    ("ftp://example.com/in", "is not an http:// or https:// URL"),
+]
+ACCEPTED_WEBHOOK_URLS = [
+    "https://shop.example/hooks/orders?token=T",
+    "http://b\u00fccher.example/in",  # an IDN: requested as xn--bcher-kva.example
+    "http://[::1]:8080/in",
+    "http://127.0.0.1:65535/in",
+    "http://order_sink:8080/in",  # a Docker Compose service name
+]
+
+
+@pytest.mark.parametrize(("url", "message"), REFUSED_WEBHOOK_URLS)
+def test_a_webhook_url_no_request_can_use_is_refused(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        subscriptions.webhook_url(url)
+
+
+@pytest.mark.parametrize("url", ACCEPTED_WEBHOOK_URLS)
+def test_a_webhook_url_a_request_can_use_is_accepted(url: str) -> None:
+    assert subscriptions.webhook_url(url) == url

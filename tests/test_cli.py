@@ -55,6 +55,9 @@ NO_DB = {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}  # a command got past its se
                 ("http://a..b/", "is not a valid host name"),
                 (f"http://{'x' * 64}.example/", "is not a valid host name"),
                 ("http://example.com:99999/", "the port is not a number"),
+                ("http://example.com:0/", "the port is not a number from 1 to 65535"),
+                ("http://ho st.example/", "is not a valid host name"),
+                ("http://hooks\u200b.example/in", "cannot contain '\\u200b'"),
                 (f"http://example.com/{'x' * 190}", "at most 200 characters"),
             ]
         ),

@@ -113,9 +113,15 @@ async def _post(
             status = response.status
             if not await _read_answer(response.content):
                 response.close()  # the rest unread: the connection is dropped, not reused
+    # The error messages below are stored, listed and logged: none may carry the URL, whose
+    # path or query may hold a token (the relay's log names a webhook by its label).
     except TimeoutError:
         return transient(f"timeout after {timeout.total:g}s")
-    except aiohttp.ClientError as exc:
+    except aiohttp.InvalidURL as exc:  # a ClientError and a ValueError, whose message is the URL
+        return refused(f"unusable URL: {type(exc).__name__}")
+    except aiohttp.ClientResponseError as exc:  # not an HTTP answer; its message ends in the URL
+        return transient(f"answer: {type(exc).__name__}: {' '.join(exc.message.split())}")
+    except aiohttp.ClientError as exc:  # names the host and port at most
         return transient(f"connection: {type(exc).__name__}: {exc}".strip().rstrip(":"))
     except ValueError as exc:  # a URL no request can go to (a bad host name: UnicodeError)
         return refused(f"unusable URL: {type(exc).__name__}: {exc}".strip().rstrip(":"))

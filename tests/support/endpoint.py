@@ -1,8 +1,8 @@
 """A webhook endpoint for tests, on raw asyncio sockets so it can misbehave as real ones do:
-answer 200 or 500 (with a body of `answer_bytes`), hang past the client's timeout, or
-close the connection without an answer. It records every request (headers, body), how
-many requests for one event id were in flight at once, and answers cut short. Runs on
-the test's own event loop, on 127.0.0.1."""
+answer 200 or 500 (with a body of `answer_bytes`), hang past the client's timeout, close
+the connection without an answer, or answer what is not HTTP. It records every request
+(headers, body), how many requests for one event id were in flight at once, and answers
+cut short. Runs on the test's own event loop, on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Mode = Literal["ok", "500", "hang", "close"]
+Mode = Literal["ok", "500", "hang", "close", "not_http"]
 
 
 @dataclass
@@ -88,6 +88,10 @@ class Endpoint:
             return False
         if mode == "hang":
             await asyncio.sleep(3600)
+        if mode == "not_http":
+            writer.write(b"HTTP/1.1 OK 200\r\n\r\n")  # a status line turned around
+            await writer.drain()
+            return False
         msg_id = headers.get("webhook-id", "")
         if msg_id in self.failing:
             mode = "500"

@@ -2,7 +2,9 @@
 
 Every answer is classified here, once, into the three outcomes of SPEC §2: a returned
 dict (2xx), `BusinessFailure` (a definite 4xx "no") or `TransientFailure` (5xx, timeout,
-connection error, unreadable body: the effect may or may not have happened).
+connection error, unreadable body: the effect may or may not have happened). A lone
+surrogate in an answer (a service that cut a string mid-emoji) becomes U+FFFD here: no
+such string reaches the engine, which could neither store nor serve it.
 
 The calls go out through a `Transport`: `AiohttpTransport` (aiohttp's pool directly, what
 `fsm.wiring` builds: one client layer, the cheapest per call, BENCHMARKS.md "The HTTP
@@ -14,6 +16,7 @@ never lets a transport library's own exception out.
 from __future__ import annotations
 
 import json as jsonlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -29,6 +32,11 @@ Answer = dict[str, Any]
 
 # 4xx codes that mean "try again later", not "no".
 _RETRYABLE_4XX = {408, 425, 429}
+
+# `json.loads` lets lone surrogates through, as `\ud800` escapes or as their (invalid)
+# UTF-8 bytes. Only a body holding either is walked: one C-speed scan, no re-encoding.
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF]|\xed[\xa0-\xbf]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ReconcilingService(Protocol):
@@ -185,9 +193,22 @@ class HttpService:
 
 def _parse(body: bytes) -> Any:
     try:
-        return jsonlib.loads(body)
-    except ValueError:  # UnicodeDecodeError is a ValueError too
+        document = jsonlib.loads(body)
+        return _readable(document) if _MAYBE_SURROGATE.search(body) else document
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
         return None
+
+
+def _readable(value: Any) -> Any:
+    """`value` with each lone surrogate replaced by U+FFFD (a valid pair was already joined
+    by the parser), so every string of an answer encodes as UTF-8."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_readable(key): _readable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_readable(item) for item in value]
+    return value
 
 
 def _phrase(status: int) -> str:

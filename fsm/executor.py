@@ -41,6 +41,7 @@ from fsm.errors import (
     InvalidMove,
     LeaseLost,
     NotFound,
+    SagaError,
     TransientFailure,
 )
 from fsm.machine import (
@@ -56,7 +57,7 @@ from fsm.machine import (
 from fsm.models import Order
 from fsm.operator import Audit
 from fsm.registry import STEP, STEP_NAMES, bind
-from fsm.retry import RetryPolicy, doubling, stop_at
+from fsm.retry import CRASHED_RUN, RetryPolicy, doubling, stop_at
 from fsm.steps import idempotency_key
 from fsm.store import Store, utcnow
 
@@ -199,8 +200,10 @@ class Executor:
         started = time.perf_counter()
         try:
             await self._advance(order)
-        except Exception:
+        except Exception as exc:
             await self._reload(order)  # what was queued after the failure never happened
+            if not isinstance(exc, SagaError):
+                await self._note_crash(order, exc)
             raise
         finally:
             try:
@@ -212,6 +215,25 @@ class Executor:
                 self._driving.discard(order.id)
             metrics.RUN_SECONDS.observe(time.perf_counter() - started)
         return order
+
+    async def _note_crash(self, order: Order, exc: Exception) -> None:
+        """A run ended by an error the engine does not expect (a bug, a value it cannot
+        store): the next run from the same persisted state most likely ends the same way,
+        so it is not silent. The error goes on the order (`last_error`, the attempts log:
+        `why` names it) and the sweep's next run waits a doubling pause, from `backoff_max`
+        up to `park_max`, instead of repeating it at every pass. Nothing else changes: the
+        order stays where it is, its steps are never skipped (SPEC §3)."""
+        runs = order.attempts.get(CRASHED_RUN, 0) + 1
+        pause = doubling(self.policy.backoff_max, self.policy.park_max, runs)
+        # As a message may quote the very value that failed: always storable.
+        error = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode()
+        try:
+            await self.store.note_attempt(
+                order=order, owner=self.owner, call=CRASHED_RUN, error=error,
+                next_attempt_at=utcnow() + timedelta(seconds=pause),
+            )  # fmt: skip
+        except Exception as failed:  # the database may be why the run failed
+            log.warning("could not note the failed run of order %s: %s", order.id, failed)
 
     async def aclose(self) -> None:
         """Stop renewing leases (the runs themselves belong to their callers)."""

@@ -1,5 +1,6 @@
 """How hard one run tries a downstream call: attempts, backoff, the forward-step deadline and
-the pauses of a parked order. Pure configuration plus a tenacity stop condition."""
+the pauses of a parked order or a failed run. Pure configuration plus a tenacity stop
+condition."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from tenacity import RetryCallState
 from tenacity.stop import stop_base
 
 from fsm.settings import Settings
+
+# The "call" under which a run ended by an unexpected error is noted on its order (its
+# count, error and next run): the executor writes it, `fsm.why` explains it.
+CRASHED_RUN = "order:run"
 
 
 @dataclass(frozen=True)

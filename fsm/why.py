@@ -7,7 +7,8 @@ another process. In order of precedence, an order
 
 - waits on a service's open circuit breaker (which, when the probe is due), while its
   driver holds the lease, or until the probe once nobody does (then the sweep's turn);
-- waits for its next attempt of a failing call (when, how many failed, the last error);
+- waits for its next attempt of a failing call (when, how many failed, the last error), or
+  for its next run after a run ended by an unexpected error (`fsm.retry.CRASHED_RUN`);
 - is being driven (leased by a live owner, until when);
 - is held by a lease whose owner stopped renewing it (expired: the sweep takes it over);
 - is parked in needs_attention (the reason; when the sweep retries it: its own pause and
@@ -29,6 +30,7 @@ from fsm.machine import OrderState, StepState, is_terminal
 from fsm.models import Order
 from fsm.queries import Attempt, last_attempts
 from fsm.registry import STEP
+from fsm.retry import CRASHED_RUN
 from fsm.settings import Settings
 from fsm.store import Store, utcnow
 
@@ -115,11 +117,17 @@ def explain(order: Order, *, last: Attempt | None, settings: Settings, now: date
         # order has also been still for SWEEP_OLDER_THAN.
         when = retry if alive else sweep_from
         by = f", driven by {owner}" if alive else " by the sweep"
+        summary = (
+            f"next run at {_at(when)}{by}: a run failed with an unexpected error "
+            f"({fresh.attempt} so far), last: {fresh.error}"
+            if fresh.call == CRASHED_RUN
+            else f"next attempt of {fresh.call} at {_at(when)}{by} "
+            f"(attempt {fresh.attempt} failed, {settings.max_attempts} per run; "
+            f"last error: {fresh.error})"
+        )
         return Why(
             Kind.NEXT_ATTEMPT,
-            f"next attempt of {fresh.call} at {_at(when)}{by} "
-            f"(attempt {fresh.attempt} failed, {settings.max_attempts} per run; "
-            f"last error: {fresh.error})",
+            summary,
             until=when,
             call=fresh.call,
             failed_attempts=fresh.attempt,

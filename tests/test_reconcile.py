@@ -8,17 +8,23 @@ behind a gateway (tests/support/gateway.py), no mocks."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from downstream.seed import ORDINARY_USER_ID, POOR_USER_ID, WIDGET_ID
+from fsm import why
+from fsm.clients import Answer, Services
 from fsm.executor import Executor
 from fsm.models import Order
+from fsm.retry import CRASHED_RUN
 from fsm.store import Store, utcnow
 from fsm.wiring import build_executor
-from tests.support.gateway import Gateway, answering, behind_gateway
+from tests.support.api import WIDGET_PRICE
+from tests.support.gateway import Gateway, Rule, answering, behind_gateway
 from tests.support.services import Books, Downstream, assert_conserved
 from tests.support.settings import saga_settings
 from tests.support.waiting import past, wait_until_async
@@ -58,6 +64,21 @@ async def first_run(store: Store, executor: Executor, user: int = ORDINARY_USER_
 
 def payment(store: Store, order: Order) -> list[str]:
     return [t.trigger for t in store.history(order.id) if t.scope == "payment"]
+
+
+def cut_mid_emoji(path: str, template: str) -> Rule:
+    """The gateway answers 200 to `path` with `template` (JSON text, `{order_id}` filled
+    in), whose string holds a lone surrogate escape: a service that cut a string in the
+    middle of an emoji's surrogate pair, as JavaScript and Java string slicing can."""
+
+    def rule(request: httpx.Request, n: int) -> httpx.Response | None:
+        if not request.url.path.startswith(path):
+            return None
+        order_id = json.loads(request.content)["order_id"] if request.content else ""
+        body = template.replace("{order_id}", order_id).encode()
+        return httpx.Response(200, content=body, headers={"content-type": "application/json"})
+
+    return rule
 
 
 def books(downstream: Downstream, *users: int) -> Books:
@@ -217,3 +238,98 @@ async def test_a_malformed_lookup_is_unknown_and_expires(
     assert (final.status, final.payment_state) == ("failed", "compensated")
     assert payment(store, final) == EXPIRED_AND_UNDONE
     assert_conserved(downstream, before, [final])
+
+
+@pytest.mark.parametrize(
+    ("path", "template"),
+    [
+        pytest.param(
+            "/products/",
+            f'{{"id": {WIDGET_ID}, "category": "tools", "price": {WIDGET_PRICE}, '
+            '"description": "widget \\ud83d"}',
+            id="product-description",
+        ),
+        pytest.param(
+            "/shipping/schedule",
+            '{"order_id": "{order_id}", "status": "scheduled", '
+            '"expected_delivery": "2026-12-05", "address": "Main St \\ud800"}',
+            id="shipping-address",
+        ),
+    ],
+)
+async def test_a_lone_surrogate_in_an_answer_is_replaced_and_the_order_completes(
+    path: str,
+    template: str,
+    store: Store,
+    gateway: Gateway,
+    engine: Callable[..., Executor],
+) -> None:
+    """Before, the answer's string reached the database: the shipping address made every
+    run raise UnicodeEncodeError (the idempotent service repeats its answer), so the order
+    stood in steps_running for ever, charged; the product's, stored in the log, made
+    every read of the order's transitions fail. Now it arrives as U+FFFD."""
+    gateway.rule = cut_mid_emoji(path, template)
+    order = await first_run(store, engine())
+    assert order.status == "completed"
+    stored = store.get(order.id)
+    assert stored.shipping_address is not None
+    for transition in store.history(order.id):
+        json.dumps(transition.detail, ensure_ascii=False).encode()  # every string is UTF-8
+    if path == "/shipping/schedule":
+        assert stored.shipping_address == "Main St \ufffd"
+    else:
+        product = next(t.detail for t in store.history(order.id) if t.trigger == "product_found")
+        assert "widget \ufffd" in json.dumps(product, ensure_ascii=False)
+
+
+class BrokenShipping:
+    """A shipping client with a bug: scheduling always raises an error no saga code
+    expects (a crash inside the run, not a failed call)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def schedule(self, *, order_id: str, user_id: int, quantity: int, key: str) -> Answer:
+        raise RuntimeError("shipping client bug")
+
+    async def cancel(self, *, order_id: str, key: str) -> Answer:
+        answer: Answer = await self.inner.cancel(order_id=order_id, key=key)
+        return answer
+
+    async def lookup(self, key: str) -> Answer | None:
+        answer: Answer | None = await self.inner.lookup(key)
+        return answer
+
+
+async def test_a_run_that_crashes_says_why_and_is_run_again_after_a_pause(
+    db_url: str, store: Store, gateway: Gateway
+) -> None:
+    """An unexpected error ends every run from the same state the same way. Before, the
+    order stood still without a word (no last error, nothing in `why`), and the sweep
+    repeated the crash at every pass. Now each crashed run is noted on the order, `why`
+    names the error, and the next run waits a doubling pause; once the bug is gone the
+    order continues where it stood."""
+    settings = saga_settings(db_url, backoff_max=1.0, park_max=60.0)
+    clients = {**gateway.services.clients, "shipping": BrokenShipping(gateway.services["shipping"])}
+    broken = build_executor(settings, store=store, services=Services(**clients))
+    order, _ = await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
+    pauses = []
+    for runs in (1, 2):
+        with pytest.raises(RuntimeError, match="shipping client bug"):
+            await broken.run(order.id)
+        stuck = store.get(order.id)
+        assert (stuck.state, stuck.attempts[CRASHED_RUN]) == ("steps_running", runs)
+        assert stuck.last_error == "RuntimeError: shipping client bug"
+        assert stuck.next_attempt_at is not None
+        pauses.append((stuck.next_attempt_at - utcnow()).total_seconds())
+        told = why.for_order(store, stuck, settings)
+        assert told is not None and told.kind is why.Kind.NEXT_ATTEMPT
+        assert told.call == CRASHED_RUN and told.last_error == stuck.last_error
+        assert "unexpected error" in told.summary and "shipping client bug" in told.summary
+    await broken.aclose()
+    assert 0 < pauses[0] <= 1.0 < pauses[1] <= 2.0  # backoff_max, doubling
+    fixed = build_executor(settings, store=store, services=gateway.services)
+    try:
+        assert (await fixed.run(order.id)).status == "completed"
+    finally:
+        await fixed.aclose()

@@ -239,17 +239,23 @@ def order_of_row(row: Any) -> Order:
 
 def transition_of_row(row: Any) -> Transition:
     """A row of `TRANSITION_ROW` as a Transition. Its states are kept as written (the log
-    holds older machines' moves too); a detail that is not a JSON object is kept as its
-    text, `{"unreadable": ...}`, so an old order's history stays readable. CorruptOrder if a
-    timestamp is not one (the log's order in time is lost)."""
+    holds older machines' moves too); a detail that is not a JSON object, or holds a lone
+    surrogate (`\\ud800`: no UTF-8 answer could carry it), is kept as its text,
+    `{"unreadable": ...}`, so an old order's history stays readable. CorruptOrder if its
+    `seq` is not an integer or a timestamp is not one (the log's order is lost)."""
     data = dict(row._mapping)
+    if type(data["seq"]) is not int:
+        raise CorruptOrder(
+            f"order {data['order_id']} is corrupt: transition seq = {_excerpt(data['seq'])} "
+            "is not an integer"
+        )
     text = data["detail"]
     if text is not None:
         try:
             detail = json.loads(text)
         except ValueError:
             detail = text
-        if detail is not None and not isinstance(detail, dict):
+        if detail is not None and (not isinstance(detail, dict) or _lone_surrogate(text, detail)):
             detail = {"unreadable": text[:200]}
         data["detail"] = detail
     for key in ("created_at", "order_created_at"):
@@ -261,6 +267,18 @@ def transition_of_row(row: Any) -> Transition:
                 f"{_excerpt(data[key])} is not a timestamp"
             ) from None
     return Transition(**data)
+
+
+def _lone_surrogate(text: str, detail: dict[str, Any]) -> bool:
+    """`detail` (decoded from `text`) holds a lone surrogate: only ever from an escape, so
+    a detail without `\\u` costs one scan."""
+    if "\\u" not in text:
+        return False
+    try:
+        json.dumps(detail, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 @dataclass(frozen=True)

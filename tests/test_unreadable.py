@@ -317,6 +317,35 @@ def test_a_detail_that_is_not_json_is_shown_as_unreadable(
     assert_detail_shown_as_unreadable(client, db_url, downstream, "not json{")
 
 
+def test_a_detail_holding_a_lone_surrogate_is_shown_as_unreadable(
+    client: TestClient, db_url: str, downstream: Downstream
+) -> None:
+    # Stored before answers were cleaned of them (a product description cut mid-emoji):
+    # decoded, the string could not be sent, and the whole log answered 500.
+    stored = '{"product": {"description": "widget \\ud83d"}}'
+    assert_detail_shown_as_unreadable(client, db_url, downstream, stored)
+
+
+@SQLITE_ONLY  # PostgreSQL's seq column is an integer
+def test_a_seq_that_is_no_integer_is_a_corrupt_order(
+    client: TestClient, db_url: str, downstream: Downstream
+) -> None:
+    """The log is ordered by `seq`: text there made the API and the console answer a bare
+    500 and `orders show` / `diagram --order` print a TypeError traceback. Now it is a
+    corrupt order like any other: the problem names the row, the CLI says so in one line."""
+    order_id = place(client).json()["id"]
+    corrupt_transition(db_url, order_id, "seq", "abc")
+    why = f"order {order_id} is corrupt: transition seq = 'abc' is not an integer"
+
+    for path in (f"/orders/{order_id}/transitions", f"/ui/orders/{order_id}"):
+        answer = client.get(path)
+        assert answer.status_code == 500 and answer.json()["code"] == "corrupt_order", answer.text
+        assert answer.json()["detail"] == why
+    for args in (("orders", "show", order_id), ("diagram", "--order", order_id)):
+        cli = run_cli(*args, ORDER_SAGA_DATABASE_URL=db_url)
+        assert (cli.returncode, cli.stderr) == (1, f"order-saga: {why}\n")
+
+
 def test_attempts_holding_a_json_string_is_no_object(client: TestClient, db_url: str) -> None:
     """JSON text is decoded once: a JSON string that holds an object's text is a string
     (PostgreSQL's driver decodes json columns itself; decoding its answer again took it

@@ -106,7 +106,7 @@ async def order_diagram(
     """The machine with this order's path (from its transition log) and current state(s)
     highlighted."""
     try:
-        visible(await run_in_threadpool(store.get, order_id), principal)
+        await run_in_threadpool(visible, store, order_id, principal)
     except OrderNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from exc
     history = await run_in_threadpool(store.history, order_id)

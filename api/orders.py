@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from api import direct
 from api.auth import principal_of
-from api.deps import ExecutorDep, PrincipalDep, SettingsDep, StoreDep, visible
+from api.deps import ExecutorDep, PrincipalDep, SettingsDep, StoreDep, may_see, visible
 from api.runner import Runner
 from api.schemas import (
     OrderIn,
@@ -241,7 +241,7 @@ def get_order(
 ) -> OrderOut:
     """One order: coarse status, exact machine state, each step's state, retry info, and
     `why` a non-terminal one stands where it is (breaker, lease, next attempt, parked)."""
-    order = visible(store.get(order_id), principal)
+    order = visible(store, order_id, principal)
     return OrderOut.of(order, why.for_order(store, order, settings))
 
 
@@ -253,8 +253,9 @@ def get_transitions(
 ) -> list[TransitionOut]:
     """The order's append-only transition log, oldest first: every committed move with
     the downstream answer, error or operator's reason in `detail`, and every operator
-    action as its own row (scope `operator`, from = to) naming who did it and why."""
-    visible(store.get(order_id), principal)  # 404 for an unknown order, not an empty list
+    action as its own row (scope `operator`, from = to) naming who did it and why. An
+    order whose row cannot be decoded still has its log served (as the console does)."""
+    may_see(store, order_id, principal)  # 404 for an unknown order, not an empty list
     return [TransitionOut.of(t) for t in store.history(order_id)]
 
 
@@ -287,6 +288,6 @@ async def cancel_order(
     """Cancel a completed order: refund the user, restore the stock, cancel the shipment.
     A client key may cancel the orders it placed; the log names who cancelled."""
     if principal.sees_only_own:
-        visible(store.get(order_id), principal)
+        visible(store, order_id, principal)
     audit = Audit(OperatorAction.CANCEL, principal.audit, reason)
     return OrderOut.of(await executor.cancel(order_id, audit=audit))

@@ -130,6 +130,15 @@ class Reads:
             raise OrderNotFound(f"order {order_id} not found")
         return order_of_row(rows[0])
 
+    def created_by(self, order_id: uuid.UUID) -> object:
+        """Who placed the order: its `created_by` as stored, read alone, so the owner of a
+        row that cannot be decoded is known too (`api.deps.visible`). OrderNotFound."""
+        rows = self._rows(select(orders.c.created_by).where(orders.c.id == order_id))
+        if not rows:
+            raise OrderNotFound(f"order {order_id} not found")
+        creator: object = rows[0][0]
+        return creator
+
     def find_by_idempotency_key(self, key: str, *, created_by: str = "") -> Order | None:
         rows = self._rows(
             select(*ORDER_ROW).where(

@@ -25,6 +25,7 @@ from fsm import keys
 from fsm.machine import OrderTrigger
 from fsm.roles import Role
 from fsm.store import Store
+from tests.support.database import corrupt_state
 from tests.support.routes import concrete, endpoints
 from tests.support.settings import cli_settings
 
@@ -173,6 +174,28 @@ def test_the_route_role_matrix(
     assert not wrong, "\n".join(wrong)
     logged = caplog.text
     assert not any(s in logged for s in secrets_sent)
+
+
+def test_another_clients_corrupt_order_is_the_same_404_as_no_order(
+    app: TestClient, db_url: str, callers: list[Caller], rejected_order: uuid.UUID
+) -> None:
+    """Before, another client got a 404 for OWNER's healthy order but a 500 "order … is
+    corrupt: state = …" for a corrupt one, on every route of one order: an existence
+    oracle across tenants. Now who placed it is read from the stored row before the row
+    is decoded: the same 404 as an order that does not exist, on every such route."""
+    corrupt_state(db_url, rejected_order)
+    other = next(c for c in callers if c.name == "another client")
+    missing = uuid.uuid4()
+    own = [(m, t) for (m, t), a in ROUTES.items() if a in (OWN, OWN_ACT) and "{order_id}" in t]
+    assert len(own) >= 4
+    for method, template in own:
+        answers = []
+        for order_id in (rejected_order, missing):
+            answer = app.request(method, concrete(template, {"order_id": str(order_id)}),
+                                 headers=other.header)  # fmt: skip
+            answers.append((answer.status_code, answer.text.replace(str(order_id), "ID")))
+        assert answers[0] == answers[1], (method, template)
+        assert answers[0][0] == 404, (method, template, answers[0])
 
 
 def test_the_openapi_documents_security_and_the_refusals(

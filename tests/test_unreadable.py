@@ -130,6 +130,21 @@ def test_the_diagram_of_the_bad_row_is_one_line_and_exit_1(
     assert good.stdout.startswith("stateDiagram")
 
 
+def test_the_log_of_the_bad_row_is_served_the_row_is_a_corrupt_order(
+    client: TestClient, orders: dict[str, str]
+) -> None:
+    """Before, `GET /orders/{id}/transitions` of the bad row answered 500 while the console
+    showed the same log. Now the log is served; the order itself is the corrupt-order
+    problem, naming why."""
+    log = client.get(f"/orders/{orders['bad']}/transitions")
+    one = client.get(f"/orders/{orders['bad']}")
+
+    assert log.status_code == 200, log.text
+    assert log.json()[0]["from_state"] == "pending" and len(log.json()) > 2
+    assert one.status_code == 500 and one.json()["code"] == "corrupt_order", one.text
+    assert WHY in one.json()["detail"]
+
+
 # -- a value SQLAlchemy cannot parse ---------------------------------------------------------
 # SQLite keeps any text in a timestamp or JSON column; PostgreSQL's typed columns (timestamptz,
 # json) refuse 'garbage' and '{bad' at the write, so these rows exist on SQLite only (the

@@ -32,6 +32,7 @@ from downstream.store import Outcome, fail
 
 router = APIRouter(prefix="/sink", tags=["event sink"])
 TOLERANCE = 300  # seconds: a timestamp further off is a replay (Standard Webhooks)
+_STAMP_DIGITS = 12  # a Unix time in seconds has 10 until the year 2286
 
 
 def verify(secret: str, headers: dict[str, str], body: bytes) -> str:
@@ -43,20 +44,21 @@ def verify(secret: str, headers: dict[str, str], body: bytes) -> str:
     )
     if not (msg_id and stamp and signatures):
         raise ValueError("missing webhook-id, webhook-timestamp or webhook-signature")
-    try:
-        when = int(stamp)
-    except ValueError:
-        raise ValueError("webhook-timestamp is not an integer") from None
-    if abs(time.time() - when) > TOLERANCE:
+    # Unix seconds, ASCII digits only: int() would also take " 1_7e9 " spellings, and 400
+    # digits parse but overflow the float comparison below (a 500, not a 401).
+    if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= _STAMP_DIGITS):
+        raise ValueError("webhook-timestamp is not a Unix time in seconds")
+    if abs(time.time() - int(stamp)) > TOLERANCE:
         raise ValueError("webhook-timestamp too far from now")
     key = base64.b64decode(secret.removeprefix("whsec_"))
     # hmac.digest: OpenSSL's one-shot HMAC (the hmac.HMAC object's Python layers cost more).
     expected = base64.b64encode(
         hmac.digest(key, f"{msg_id}.{stamp}.".encode() + body, hashlib.sha256)
-    ).decode()
+    )
     for signature in signatures.split():
         version, _, value = signature.partition(",")
-        if version == "v1" and hmac.compare_digest(value, expected):
+        # Bytes: compare_digest refuses a str with a non-ASCII character (TypeError, a 500).
+        if version == "v1" and hmac.compare_digest(value.encode(), expected):
             return msg_id
     raise ValueError("no valid signature")
 

@@ -4,6 +4,9 @@ Talks to `create_services_app()` over ASGI, the way the orchestrator talks to it
 """
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -650,6 +653,44 @@ async def test_direct_product_lookup_answers_as_fastapi(
     assert response.status_code == status, response.text
     if status == 200:
         assert response.json()["id"] == 1
+
+
+# ---- the event sink ------------------------------------------------------------------------
+
+SINK_SECRET = "whsec_" + base64.b64encode(b"k" * 24).decode()
+
+
+def _signed(msg_id: str, stamp: str, body: bytes) -> str:
+    digest = hmac.digest(base64.b64decode(SINK_SECRET[6:]), f"{msg_id}.{stamp}.".encode() + body,
+                         hashlib.sha256)  # fmt: skip
+    return "v1," + base64.b64encode(digest).decode()
+
+
+# Whatever a sender puts in the headers, the sink answers 200 or 401, never a 500.
+@pytest.mark.parametrize(
+    ("stamp", "signature", "status"),
+    [
+        ("now", "good", 200),
+        ("now", "v1,\u00e9", 401),  # non-ASCII: compare_digest on str raised TypeError
+        ("now", "v1,abc v1,\u00ff" + "=" * 40, 401),
+        ("9" * 400, "good", 401),  # parses, then overflowed the float comparison
+        ("-5", "good", 401),
+        (" 1_7 ", "good", 401),  # int() would take it
+        ("1e9", "good", 401),
+    ],
+)
+async def test_the_sink_answers_a_malformed_signature_header_with_401(
+    svc: httpx.AsyncClient, stamp: str, signature: str, status: int
+) -> None:
+    assert (await svc.put("/sink/secret", json={"secret": SINK_SECRET})).status_code == 204
+    body = b'{"id": "o-1:0"}'
+    stamp = str(int(time.time())) if stamp == "now" else stamp
+    signature = _signed("o-1:0", stamp, body) if signature == "good" else signature
+    headers = {"webhook-id": "o-1:0", "webhook-timestamp": stamp, "webhook-signature": signature}
+    encoded = {name: value.encode("latin-1") for name, value in headers.items()}
+    response = await svc.post("/sink", content=body, headers=encoded)
+    assert response.status_code == status, response.text
+    assert (await svc.get("/sink")).json()["rejected"] == (status == 401)
 
 
 # ---- reset and persistence -----------------------------------------------------------------

@@ -6,7 +6,9 @@ import this one and never each other. No engine here: commands get theirs from
 
 from __future__ import annotations
 
+import sys
 import uuid
+from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
@@ -15,6 +17,8 @@ from fsm.bounds import MAX_COUNT, MAX_SECONDS
 from order_saga.redact import redact
 
 if TYPE_CHECKING:  # imported by the commands that read settings: `--help` needs neither
+    from rich.console import Console
+
     from fsm.settings import Settings
 
 
@@ -37,6 +41,23 @@ def environment_errors() -> tuple[type[BaseException], ...]:
         psycopg.Error,
         httpx.HTTPError,
         StoreUnavailable,
+    )
+
+
+@cache
+def rich_console() -> Console:
+    """rich, for the tables and lines people read (imported then: `--json` and the other
+    commands need none of it). Plain text only: what it prints holds URLs, reasons and
+    errors from the database, and rich's markup (`[red]`, `[/b]`) and emoji codes (`:x:`)
+    would restyle, swallow or refuse them (a MarkupError). Style with `rich.text.Text`.
+    A pipe or a file gets wide lines (rich would squeeze the table into 80 columns)."""
+    from rich.console import Console
+
+    return Console(
+        markup=False,
+        emoji=False,
+        highlight=False,
+        width=None if sys.stdout.isatty() else 240,
     )
 
 

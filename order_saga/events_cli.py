@@ -8,32 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-if TYPE_CHECKING:
-    from rich.console import Console
+from order_saga.console import rich_console
 
+if TYPE_CHECKING:
     from fsm.store import Store
 
 webhooks_app = typer.Typer(help="Webhook subscriptions to order events.", no_args_is_help=True)
 events_app = typer.Typer(help="Order events: deliveries and dead letters.", no_args_is_help=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-
-
-@cache
-def _console() -> Console:
-    """rich, for the tables people read (imported then: `--json` and the other commands
-    need none of it). A pipe or a file gets wide lines (rich would squeeze the table into
-    80 columns)."""
-    from rich.console import Console
-
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -129,7 +117,7 @@ def list_webhooks(as_json: JsonFlag = False) -> None:
             str(r["dead"]),
             f"{r['lag_seconds']:.1f}s",
         )
-    _console().print(table)
+    rich_console().print(table)
 
 
 @webhooks_app.command("remove")
@@ -201,7 +189,7 @@ def list_events(
         table.add_row(
             r.event_id, r.type, r.destination, r.state, str(r.attempts), r.last_error or ""
         )
-    _console().print(table)
+    rich_console().print(table)
 
 
 @events_app.command("redeliver")

@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -20,11 +18,9 @@ import typer
 from fsm.bounds import MAX_ID
 from fsm.errors import SagaError
 from fsm.machine import OperatorAction, OrderState, Status
-from order_saga.console import fail, load_settings, parse_order_id, seconds_option
+from order_saga.console import fail, load_settings, parse_order_id, rich_console, seconds_option
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from fsm.models import Order, Transition
     from fsm.operator import Audit
     from fsm.queries import Attempt, Unreadable
@@ -38,16 +34,6 @@ AsName = Annotated[
     typer.Option("--as", help="Who is acting, for the audit row (default: the local admin)."),
 ]
 LOCAL_ADMIN = "local-admin"
-
-
-@cache
-def _console() -> Console:
-    """rich, for the tables people read (imported then: `--json` and the other commands
-    need none of it). A pipe or a file gets wide lines (rich would squeeze the table into
-    80 columns)."""
-    from rich.console import Console
-
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 
 
 @contextmanager
@@ -149,9 +135,9 @@ def list_orders(
             f"{_ago(o)} ago",
             because,
         )
-    _console().print(table)
+    rich_console().print(table)
     if page.next_cursor:
-        _console().print(f"next page: --cursor {page.next_cursor}")
+        rich_console().print(f"next page: --cursor {page.next_cursor}")
 
 
 def _unreadable_json(row: Unreadable) -> dict[str, Any]:
@@ -223,19 +209,22 @@ def print_order(
         _print_json(body)
         return
     amount = "–" if order.amount is None else f"{order.amount / 100:.2f}"
-    _console().print(f"[bold]{order.id}[/]  {order.status} ({order.state})")
-    _console().print(
+    from rich.text import Text
+
+    out = rich_console()
+    out.print(Text.assemble((str(order.id), "bold"), f"  {order.status} ({order.state})"))
+    out.print(
         f"user {order.user_id} · product {order.product_id} × {order.quantity} · amount {amount}"
     )
-    _console().print(
+    out.print(
         "steps: " + ", ".join(f"{step} {state}" for step, state in order.step_states().items())
     )
     if order.attention_reason:
-        _console().print(f"[bold red]needs attention:[/] {order.attention_reason}")
+        out.print(Text.assemble(("needs attention:", "bold red"), f" {order.attention_reason}"))
     if because is not None:
-        _console().print(f"[bold]why it is here:[/] {because.summary}")
+        out.print(Text.assemble(("why it is here:", "bold"), f" {because.summary}"))
     if order.last_error:
-        _console().print(f"last error: {order.last_error}")
+        out.print(f"last error: {order.last_error}")
     from rich.table import Table
 
     table = Table(title="timeline", title_justify="left")
@@ -256,7 +245,7 @@ def print_order(
         rows.append((a.at, ("", at, a.call.split(":")[0], a.call, what, "", (a.error or "")[:80])))
     for _, row in sorted(rows, key=lambda r: r[0]):
         table.add_row(*row)
-    _console().print(table)
+    out.print(table)
 
 
 def cli_audit(action: OperatorAction, as_name: str | None, reason: str | None) -> Audit:

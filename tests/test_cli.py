@@ -244,3 +244,46 @@ async def test_a_command_that_talks_only_to_the_database_imports_no_server_or_cl
     assert code in (0, None), result.stderr
     assert says.format(order=order.id) in "\n".join(output), result.stdout  # it did its job
     assert sorted(set(absent) & set(modules)) == []
+
+
+# Square brackets are rich markup ("[red]", "[/b]"), colons emoji codes (":x:"): a URL, a
+# reason or an error from the database is printed as it is, never as markup.
+MARKUP_URL = "http://127.0.0.1:9/a[/b]?x=[red]y:x:"
+BRACKETS_URL = "http://127.0.0.1:9/hook?filter[status]=paid&events[]=x"
+
+
+async def test_the_tables_print_urls_reasons_and_errors_as_they_are(
+    db_url: str, store: Store
+) -> None:
+    from sqlalchemy import text
+
+    from fsm import outbox, subscriptions
+
+    for url in (MARKUP_URL, BRACKETS_URL):
+        subscriptions.add_webhook(store, url, outbox.DEFAULT_TYPES)
+    order, _ = await store.create_order(  # its order.created event, listed per destination
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1
+    )
+    with store.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE orders SET attention_reason = :r, last_error = :e WHERE id = :id"),
+            {
+                "r": "refund [bold]of[/] [/x] :x:",
+                "e": "HTTP 500 [/red]",
+                "id": order.id.hex if store.engine.dialect.name == "sqlite" else order.id,
+            },
+        )
+    env = {"ORDER_SAGA_DATABASE_URL": db_url}
+    listed = run_cli("webhooks", "list", **env)
+    assert listed.returncode == 0, listed.stderr
+    assert MARKUP_URL in listed.stdout and BRACKETS_URL in listed.stdout
+    events = run_cli("events", "list", **env)
+    assert events.returncode == 0, events.stderr
+    assert MARKUP_URL in events.stdout and BRACKETS_URL in events.stdout
+    shown = run_cli("orders", "show", str(order.id), **env)
+    assert shown.returncode == 0, shown.stderr
+    assert "needs attention: refund [bold]of[/] [/x] :x:" in shown.stdout
+    assert "last error: HTTP 500 [/red]" in shown.stdout
+    # What the list shows is what `webhooks remove` finds.
+    removed = run_cli("webhooks", "remove", BRACKETS_URL, **env)
+    assert removed.returncode == 0, removed.stderr

@@ -154,7 +154,9 @@ def create_app(
     async def healthz(store: StoreDep, request: Request) -> dict[str, Any]:
         """200 when the database answers: "ok", or "degraded" with why (`writes`: the last
         write failed or a write cannot get through now; `breakers`: operations whose circuit
-        breaker is open). 503 naming the dependency that does not answer at all."""
+        breaker is open; `events_lagging`: destinations whose oldest undelivered event is
+        older than EVENT_LAG_DEGRADED; `events_dead`: destinations with dead letters). 503
+        naming the dependency that does not answer at all."""
         try:
             await asyncio.to_thread(_select_one, store)
         except (SQLAlchemyError, StoreUnavailable) as exc:
@@ -163,15 +165,12 @@ def create_app(
         breakers: Breakers | None = getattr(request.app.state, "breakers", None)
         not_closed = breakers.not_closed() if breakers else {}
         limit = request.app.state.settings.event_lag_degraded
-        lagging = {
-            name: round(lag, 3)
-            for name, (_pending, lag) in (
-                await asyncio.to_thread(subscriptions.lags_if_known, store)
-            ).items()
-            if lag > limit
-        }
+        backlog = await asyncio.to_thread(subscriptions.lags_if_known, store)
+        lagging = {name: round(b.seconds, 3) for name, b in backlog.items() if b.seconds > limit}
+        dead = {name: b.dead for name, b in backlog.items() if b.dead}
+        degraded = not_closed or not writes.writable or lagging or dead
         return {
-            "status": "degraded" if not_closed or not writes.writable or lagging else "ok",
+            "status": "degraded" if degraded else "ok",
             "database": store.engine.dialect.name,
             "machine_version": MACHINE_VERSION,
             "writes": {"ok": writes.writable, "reason": writes.reason},
@@ -179,6 +178,9 @@ def create_app(
             # event destinations whose oldest undelivered event is older than
             # ORDER_SAGA_EVENT_LAG_DEGRADED seconds: name -> its age
             "events_lagging": lagging,
+            # event destinations with dead letters (each holds its order's later events
+            # until `events redeliver`): name -> how many
+            "events_dead": dead,
         }
 
     @app.get(

@@ -85,8 +85,8 @@ async def destinations(engine: Engine) -> list[str]:
     return [d.name for d in found]
 
 
-async def backlog(engine: Engine) -> dict[str, tuple[int, float]]:
-    """destination -> (undelivered events, seconds since the oldest of them)."""
+async def backlog(engine: Engine) -> dict[str, subscriptions.Lag]:
+    """destination -> (undelivered events, seconds since the oldest of them, dead letters)."""
     return await asyncio.to_thread(subscriptions.lags, engine.store)
 
 

@@ -138,9 +138,11 @@ async def engine_legs(
                     await asyncio.sleep(0.05)
                 legs.on.append(await drive(engine, count, AT_ONCE, seconds))
                 backlog = await engine_api.backlog(engine)
-                legs.lag_at_end.append(max((lag for _n, lag in backlog.values()), default=0.0))
+                legs.lag_at_end.append(
+                    max((lag for _n, lag, _dead in backlog.values()), default=0.0)
+                )
                 began = time.monotonic()
-                while any(n for n, _lag in (await engine_api.backlog(engine)).values()):
+                while any(n for n, _lag, _dead in (await engine_api.backlog(engine)).values()):
                     if time.monotonic() - began > DRAIN_SECONDS:
                         raise RuntimeError(f"backlog not drained in {DRAIN_SECONDS:.0f} s")
                     await asyncio.sleep(0.1)

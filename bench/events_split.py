@@ -186,7 +186,7 @@ async def leg(
         out.busy += ((m1[0] - m0[0]) - (m1[1] - m0[1]) - (m1[2] - m0[2])) / ticks
         if proc is not None:  # drained before the relay stops
             began = time.monotonic()
-            while any(n for n, _lag in (await engine_api.backlog(engine)).values()):
+            while any(n for n, _lag, _dead in (await engine_api.backlog(engine)).values()):
                 if time.monotonic() - began > 120:
                     raise RuntimeError("backlog not drained in 120 s")
                 await asyncio.sleep(0.1)

@@ -48,8 +48,8 @@ CALL_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
-# Order events (fsm.relay): attempts per destination; pending and lag are counted at
-# scrape time (OutboxCollector).
+# Order events (fsm.relay): attempts per destination; pending, lag and dead letters are
+# counted at scrape time (OutboxCollector).
 OUTBOX_DELIVERIES = Counter(
     "order_saga_outbox_deliveries", "Events delivered, per destination", ["destination"]
 )
@@ -151,13 +151,16 @@ class OrdersCollector(Collector):
         yield oldest
 
 
-# destination name -> (undelivered events, age in seconds of the oldest of them; 0: none)
-Backlog = Callable[[], Mapping[str, tuple[int, float]]]
+# destination name -> (undelivered events, age in seconds of the oldest of them (0: none),
+# dead letters)
+Backlog = Callable[[], Mapping[str, tuple[int, float, int]]]
 
 
 class OutboxCollector(Collector):
-    """`order_saga_outbox_pending{destination}` and `order_saga_outbox_lag_seconds
-    {destination}`, counted in SQL at scrape time."""
+    """`order_saga_outbox_pending{destination}`, `order_saga_outbox_lag_seconds
+    {destination}` and `order_saga_outbox_dead{destination}`, counted in SQL at scrape
+    time. A dead letter is in neither of the first two (the relay no longer tries it), so
+    it has its own gauge: it holds its order's later events until an operator redelivers."""
 
     def __init__(self, backlog: Backlog) -> None:
         self.backlog = backlog
@@ -174,11 +177,18 @@ class OutboxCollector(Collector):
             "Age of the oldest undelivered order event, per destination (0: none)",
             labels=["destination"],
         )
-        for name, (count, seconds) in sorted(found.items()):
+        dead = GaugeMetricFamily(
+            "order_saga_outbox_dead",
+            "Dead-lettered order events (each holds its order's later ones), per destination",
+            labels=["destination"],
+        )
+        for name, (count, seconds, dead_letters) in sorted(found.items()):
             pending.add_metric([name], count)
             lag.add_metric([name], seconds)
+            dead.add_metric([name], dead_letters)
         yield pending
         yield lag
+        yield dead
 
 
 class _Process(Collector):

@@ -647,10 +647,11 @@ class Destination:
 
     @property
     def label(self) -> str:
-        """What the public outputs call it (/metrics labels, /healthz `events_lagging`, the
-        relay's log lines): a webhook's name is its URL, whose path or query may carry a
-        token (Slack, Discord), so `webhook:<id> <scheme>://<host>[:<port>]`; the full URL
-        only where webhooks are managed (`webhooks list`, an admin's console events page)."""
+        """What the public outputs call it (/metrics labels, /healthz `events_lagging` and
+        `events_dead`, the relay's log lines): a webhook's name is its URL, whose path or
+        query may carry a token (Slack, Discord), so `webhook:<id> <scheme>://<host>[:<port>]`;
+        the full URL only where webhooks are managed (`webhooks list`, an admin's console
+        events page)."""
         if self.kind != "webhook":
             return self.name
         return f"webhook:{self.id} {origin(self.url)}"

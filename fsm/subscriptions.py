@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -169,20 +169,30 @@ def backlog(store: Store) -> list[Backlog]:
     return read(store, partial(outbox_sql.backlog, store.dialect))
 
 
-def lags(store: Store) -> dict[str, tuple[int, float]]:
+class Lag(NamedTuple):
+    """A destination's backlog as /metrics and /healthz show it."""
+
+    pending: int  # undelivered events, dead letters excluded
+    seconds: float  # since the oldest of them (0: none)
+    dead: int  # dead letters: refused or expired, each holding its order's later events
+
+
+def lags(store: Store) -> dict[str, Lag]:
     """destination (its `label`: a webhook's URL may hold a token, and /healthz and /metrics
-    are public) -> (undelivered events, seconds since the oldest of them; 0: none)."""
+    are public) -> its `Lag`. A dead letter is in `dead`, not in `pending` or `seconds`:
+    it waits for an operator (`events redeliver`), not for the relay."""
     now = utcnow()
     return {
-        b.destination.label: (
+        b.destination.label: Lag(
             b.pending,
             (now - b.oldest_pending).total_seconds() if b.oldest_pending else 0.0,
+            b.dead,
         )
         for b in backlog(store)
     }
 
 
-def lags_if_known(store: Store) -> dict[str, tuple[int, float]]:
+def lags_if_known(store: Store) -> dict[str, Lag]:
     """`lags`, or nothing when the database cannot say (down, or not migrated yet): for
     /healthz and /metrics, which report the database's state elsewhere."""
     try:

@@ -38,7 +38,7 @@ def exported() -> str:
     Breakers()["user.deduct"]  # a breaker: its gauge has a sample with its `operation`
     return metrics.exposition(
         lambda: {"needs_attention": 2},
-        backlog=lambda: {"billing-hook": (3, 420.0)},
+        backlog=lambda: {"billing-hook": (3, 420.0, 2)},
         oldest=lambda: {"compensating": 42.0},
     ).decode()
 
@@ -47,9 +47,9 @@ def test_the_file_is_rule_groups() -> None:
     assert [g["name"] for g in DOC["groups"]] == ["order-saga"]
     names = [rule["alert"] for rule in ALERTS]
     assert len(names) == len(set(names)) >= 4
-    # issue 18 §5: stuck orders, parked orders, an open breaker, outbox lag
+    # issue 18 §5: stuck orders, parked orders, an open breaker, outbox lag; dead letters
     assert {"OrderSagaStuckOrders", "OrderSagaParkedOrders", "OrderSagaBreakerOpen"} <= set(names)
-    assert "OrderSagaOutboxLag" in names
+    assert {"OrderSagaOutboxLag", "OrderSagaOutboxDeadLetters"} <= set(names)
     for rule in ALERTS:
         assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
         assert rule["labels"]["severity"] in {"page", "ticket"}
@@ -109,3 +109,13 @@ def test_promtool_accepts_the_rules(check: list[str]) -> None:
     assert PROMTOOL is not None
     done = subprocess.run([PROMTOOL, *check], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_dead_letter_rule_reads_the_dead_letters_per_destination() -> None:
+    """Dead letters are in no lag (the relay no longer tries them): their own gauge, and a
+    rule on it, so a destination that refuses every event does not go unnoticed."""
+    text = exported()
+    assert 'order_saga_outbox_dead{destination="billing-hook"} 2.0' in text
+    (rule,) = [r for r in ALERTS if r["alert"] == "OrderSagaOutboxDeadLetters"]
+    assert rule["expr"] == "max by (destination) (order_saga_outbox_dead) > 0"
+    assert "{{ $labels.destination }}" in rule["annotations"]["summary"]

@@ -610,6 +610,37 @@ async def test_redeliver_with_a_seq_beyond_any_column_is_one_line(
     assert "its seq is out of range" in huge.stderr
 
 
+async def test_dead_letters_show_in_metrics_and_degrade_healthz(
+    db_url: str, store: Store, executor: Executor, services_url: str
+) -> None:
+    """A dead letter is neither pending nor lag (the relay no longer tries it), yet it holds
+    its order's later events for good: its own gauge, and /healthz `events_dead`, under the
+    destination's public label (never the URL: its path or query may hold a token)."""
+    settings = saga_settings(db_url, **{**FAST_EVENTS, "event_max_age": 0.2})
+    async with Endpoint(mode="500") as endpoint:
+        url = f"{endpoint.url}/T0KENPATH?token=Q5ECRET"
+        subscriptions.add_webhook(store, url, outbox.DEFAULT_TYPES)
+        destination = subscriptions.find(store, url)
+        async with relaying(store, settings):
+            ids = await orders(store, executor, 1)
+            n = len(expected(store, ids, outbox.DEFAULT_TYPES))
+            await wait_until_async(
+                lambda: len(subscriptions.deliveries(store, failed=True)) == n, what="dead"
+            )
+    assert subscriptions.lags(store)[destination.label] == (0, 0.0, n)
+    with api(db_url, services_url, event_lag_degraded=3600) as client:
+        health = client.get("/healthz").json()
+        text = client.get("/metrics").text
+    assert health["status"] == "degraded", health
+    assert health["events_lagging"] == {}
+    assert health["events_dead"] == {destination.label: n}
+    assert f'order_saga_outbox_dead{{destination="{destination.label}"}} {n}.0' in text
+    assert f'order_saga_outbox_lag_seconds{{destination="{destination.label}"}} 0.0' in text
+    assert "T0KENPATH" not in text + json.dumps(health)
+    subscriptions.redeliver(store, None)  # back in line: pending and lagging, no longer dead
+    assert subscriptions.lags(store)[destination.label][::2] == (n, 0)
+
+
 @pytest.mark.parametrize("mode", ["500", "not_http"])
 async def test_a_webhook_s_secret_path_and_query_stay_out_of_metrics_healthz_and_logs(
     mode: Mode,

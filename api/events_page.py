@@ -82,8 +82,9 @@ async def redeliver(
     _: CsrfChecked,
     event: Annotated[str, Form(max_length=200)] = "",
 ) -> RedirectResponse:
-    """One dead-lettered event (with its order's later dead events, so order holds), or
-    `all` of them, back in line for the relay; then back to the page saying how many."""
+    """One dead-lettered event (with its order's other dead events, the earliest first, so
+    order holds), or `all` of them, back in line for the relay; then back to the page
+    saying how many (and which goes first, when an earlier one does)."""
     event = event.strip()
     if not event:
         return await _back(request, error="say which event to redeliver (or all)")
@@ -91,13 +92,13 @@ async def redeliver(
         revived = await subscriptions.redeliver_async(store, None if event == ALL else event)
     except ValueError as exc:
         return await _back(request, error=str(exc))
-    if revived == 0:
+    if revived.count == 0:
         return await _back(
             request, error=f"no dead letter {event!r} (delivered or redelivered already?)"
         )
     what = "every dead letter" if event == ALL else event
-    plural = "y" if revived == 1 else "ies"
-    return await _back(request, done=f"redelivering {what}: {revived} deliver{plural} back in line")
+    said = revived.said(None if event == ALL else event)
+    return await _back(request, done=f"redelivering {what}: {said}")
 
 
 def _shown(

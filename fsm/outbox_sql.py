@@ -328,22 +328,33 @@ _REVIVE = (
 )
 
 
-def redeliver(d: Dialect, cursor: Any, *, event_id: str | None, now: datetime) -> int:
-    """Dead letters back to pending: one event (with its order's later dead events to the
-    same destinations, so order holds), or all. Returns how many."""
+def redeliver(
+    d: Dialect, cursor: Any, *, event_id: str | None, now: datetime
+) -> tuple[int, int | None]:
+    """Dead letters back to pending: one event's order's dead events on the destinations
+    where that event is dead (its earlier ones too, so order holds), or all. Returns how
+    many, and for one event the lowest seq revived (None: it was not dead)."""
     stamp = d.timestamp(now)
     if event_id is None:
         cursor.execute(d.sql(_REVIVE), [stamp, stamp])
-        return int(cursor.rowcount)
-    order_id, seq = split_id(event_id)
-    cursor.execute(
-        d.sql(
-            f"{_REVIVE} AND order_id = %s AND seq >= %s AND destination_id IN "
-            "(SELECT destination_id FROM outbox_deliveries WHERE event_id = %s AND state = 'dead')"
-        ),
-        [stamp, stamp, d.uuid(order_id), seq, event_id],
+        return int(cursor.rowcount), None
+    order_id, _seq = split_id(event_id)
+    # From the order's earliest dead event, not from this one: an earlier dead letter
+    # would hold it back, and the claim's sweep would set it dead again ("behind a dead
+    # letter") after the operator was told it is back in line.
+    mine = (
+        "order_id = %s AND destination_id IN (SELECT destination_id FROM outbox_deliveries "
+        "WHERE event_id = %s AND state = 'dead')"
     )
-    return int(cursor.rowcount)
+    params = [d.uuid(order_id), event_id]
+    cursor.execute(
+        d.sql(f"SELECT MIN(seq) FROM outbox_deliveries WHERE state = 'dead' AND {mine}"), params
+    )
+    (lowest,) = cursor.fetchone()
+    if lowest is None:
+        return 0, None
+    cursor.execute(d.sql(f"{_REVIVE} AND {mine}"), [stamp, stamp, *params])
+    return int(cursor.rowcount), int(lowest)
 
 
 def split_id(event_id: str) -> tuple[uuid.UUID, int]:

@@ -215,16 +215,37 @@ def deliveries(
     return read(store, op)
 
 
-def redeliver(store: Store, event_id: str | None) -> int:
-    """Dead letters back in line (one event and its order's later dead ones, or all);
-    ValueError for a malformed id. Returns how many deliveries were revived."""
+@dataclass(frozen=True)
+class Revived:
+    count: int  # deliveries back in line
+    # One event asked for: its order's earliest event revived, which goes first. Not the
+    # one asked for when an earlier event of the order was dead on the same destination.
+    first: str | None = None
+
+    def said(self, asked: str | None) -> str:
+        """`N deliveries back in line`, naming the earlier event that goes first."""
+        plural = "y" if self.count == 1 else "ies"
+        told = f"{self.count} deliver{plural} back in line"
+        if asked is not None and self.first not in (None, asked):
+            told += f": {self.first} first (an earlier dead letter of its order)"
+        return told
+
+
+def redeliver(store: Store, event_id: str | None) -> Revived:
+    """Dead letters back in line (one event with its order's other dead events on the
+    destinations where it is dead, the earliest first; or all); ValueError for a malformed
+    id."""
+    order_id = None
     if event_id is not None:
-        _order, seq = outbox_sql.split_id(event_id)
+        order_id, seq = outbox_sql.split_id(event_id)
         if not 0 <= seq <= MAX_SEQ:  # a column holds no more (SQLite: OverflowError)
             raise ValueError(f"{event_id!r} is not an event id (its seq is out of range)")
     op = partial(outbox_sql.redeliver, store.dialect, event_id=event_id, now=utcnow())
-    return store.committer.call(op)
+    count, lowest = store.committer.call(op)
+    if order_id is None or lowest is None:
+        return Revived(count)
+    return Revived(count, outbox.event_id(order_id, lowest))
 
 
-async def redeliver_async(store: Store, event_id: str | None) -> int:
+async def redeliver_async(store: Store, event_id: str | None) -> Revived:
     return await asyncio.to_thread(redeliver, store, event_id)

@@ -197,8 +197,8 @@ def redeliver(
     event_id: Annotated[str | None, typer.Argument(metavar="[ID]")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every dead letter.")] = False,
 ) -> None:
-    """Put dead letters back in line: one event (and its order's later dead events to the
-    same destinations, so order holds), or --all."""
+    """Put dead letters back in line: one event (with its order's other dead events to the
+    same destinations, the earliest first, so order holds), or --all."""
     from fsm import subscriptions
 
     if (event_id is None) == (not all_):
@@ -208,6 +208,6 @@ def redeliver(
             revived = subscriptions.redeliver(store, None if all_ else event_id)
         except ValueError as exc:
             _fail(str(exc))
-    if revived == 0:
+    if revived.count == 0:
         _fail(f"no dead letter {'at all' if all_ else event_id}", 1)
-    typer.echo(f"{revived} deliveries back in line")
+    typer.echo(revived.said(event_id))

@@ -190,7 +190,7 @@ async def test_an_upgrade_from_0007_keeps_what_was_owed_and_delivers_it(empty_db
             )  # committed after the upgrade: through the cursor, behind the owed ones
             async with relaying(store, saga_settings(empty_db, **FAST_EVENTS)):
                 await wait_until_async(lambda: len(endpoint.requests) >= 3, what="the owed")
-                assert subscriptions.redeliver(store, f"{second}:0") == 1
+                assert subscriptions.redeliver(store, f"{second}:0").count == 1
                 await wait_until_async(lambda: len(endpoint.requests) >= 4, what="redelivered")
                 await wait_until_async(
                     lambda: [(b.pending, b.dead) for b in subscriptions.backlog(store)] == [(0, 0)],

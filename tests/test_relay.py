@@ -170,7 +170,7 @@ async def test_redeliver_one_event_brings_its_order_s_later_events(
             )
             endpoint.mode = "ok"
             revived = subscriptions.redeliver(store, f"{first}:0")
-            assert revived == n_first
+            assert revived.count == n_first
             await wait_until_async(
                 lambda: len(endpoint.requests) >= n_first, what="the first order"
             )
@@ -179,6 +179,37 @@ async def test_redeliver_one_event_brings_its_order_s_later_events(
     assert len(subscriptions.deliveries(store, failed=True)) == n_all - n_first
     bad = run_cli(db_url, services_url, "events", "redeliver", "nope")
     assert bad.exit_code == 2 and "is not an event id" in bad.stderr
+
+
+async def test_redeliver_a_later_event_revives_its_order_from_the_earliest_dead_one(
+    db_url: str, store: Store, executor: Executor, services_url: str
+) -> None:
+    """The console gives every dead letter its own Redeliver button: asked for a later one,
+    the order's earlier dead ones come back too, and go first (revived alone, it would be
+    set dead again behind them once the operator had been told it was back in line)."""
+    settings = saga_settings(db_url, **{**FAST_EVENTS, "event_max_age": 0.2})
+    async with Endpoint(mode="500") as endpoint:
+        subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
+        async with relaying(store, settings):
+            (oid,) = await orders(store, executor, 1)
+            want = expected(store, [oid], outbox.DEFAULT_TYPES)
+            assert len(want) >= 2
+            await wait_until_async(
+                lambda: len(subscriptions.deliveries(store, failed=True)) == len(want),
+                what="dead",
+            )
+            endpoint.mode = "ok"
+            done = run_cli(db_url, services_url, "events", "redeliver", want[-1])
+            assert done.exit_code == 0, done.output
+            assert done.stdout.strip() == (
+                f"{len(want)} deliveries back in line: {want[0]} first"
+                " (an earlier dead letter of its order)"
+            )
+            await wait_until_async(
+                lambda: len(endpoint.requests) >= len(want), what="the redelivery"
+            )
+    assert [e["id"] for e in endpoint.events()] == want
+    assert subscriptions.deliveries(store, failed=True) == []
 
 
 async def test_a_dead_endpoint_delays_neither_orders_nor_other_destinations(

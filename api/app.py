@@ -234,5 +234,5 @@ def create_app(
     app.add_middleware(
         BodyGuard, max_bytes=settings.max_body_bytes, read_timeout=settings.body_timeout
     )
-    app.add_middleware(AuthGate, authenticator=authenticator)
+    app.add_middleware(AuthGate, authenticator=authenticator, cookie_secure=settings.cookie_secure)
     return app

@@ -3,7 +3,8 @@ route and every mount, so a route added later is covered without anyone remember
 
 Who is calling comes from, in this order: `Authorization: Bearer` (the bootstrap
 ORDER_SAGA_API_TOKEN, a client key, or the process's own internal token on the embedded
-services only), else the console's signed session cookie (`api.session`). The caller is
+services only), else the console's signed session cookie (`api.session`; read under its
+`__Host-` name on https, and not at all when sent twice: `api.cookies`). The caller is
 put on the scope as `scope["principal"]`; whether its role may call the route is looked up
 in `api.access.ROUTES` (data). Authentication is enforced once ORDER_SAGA_API_TOKEN is set
 or any key has ever been created; until then (a laptop) every path is open, the caller
@@ -36,10 +37,11 @@ from starlette.requests import HTTPConnection
 from starlette.responses import RedirectResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api import cookies
 from api.access import Access, Table
 from api.cache import Cache
 from api.problems import is_unavailable, problem, unavailable
-from api.session import COOKIE, DEFAULT_MAX_AGE, Session, Sessions
+from api.session import DEFAULT_MAX_AGE, Session, Sessions
 from fsm import keys, sessions
 from fsm.keys import Principal
 from fsm.roles import Role
@@ -253,11 +255,17 @@ def _next(scope: Scope) -> str:
 
 class AuthGate:
     def __init__(
-        self, app: ASGIApp, *, authenticator: Authenticator, table: Table | None = None
+        self,
+        app: ASGIApp,
+        *,
+        authenticator: Authenticator,
+        table: Table | None = None,
+        cookie_secure: bool | None = None,
     ) -> None:
         self.app = app
         self.auth = authenticator
         self.table = table or Table.build()
+        self.cookie_secure = cookie_secure  # ORDER_SAGA_COOKIE_SECURE: the cookie's name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -278,6 +286,9 @@ class AuthGate:
         scope["principal"] = NOBODY
         connection = HTTPConnection(scope)
         credentials = await BEARER(connection)
+        cookie = cookies.read_once(
+            connection.headers, cookies.name(cookies.SESSION, self.cookie_secure, connection)
+        )
         principal: Principal | None = None
         try:
             if credentials is not None:
@@ -288,8 +299,8 @@ class AuthGate:
                 if principal is None and not access.public:
                     await _unauthorized()(scope, receive, send)
                     return
-            elif "authorization" not in connection.headers and COOKIE in connection.cookies:
-                principal = await self._from_cookie(scope, connection)
+            elif "authorization" not in connection.headers and cookie is not None:
+                principal = await self._from_cookie(scope, connection, cookie)
         except Exception as exc:
             if not is_unavailable(exc):
                 raise
@@ -320,10 +331,12 @@ class AuthGate:
         answer = self.app if access.public else unavailable("database")
         await answer(scope, receive, send)
 
-    async def _from_cookie(self, scope: Scope, connection: HTTPConnection) -> Principal | None:
+    async def _from_cookie(
+        self, scope: Scope, connection: HTTPConnection, cookie: str
+    ) -> Principal | None:
         await self.auth.setup()
         assert self.auth.sessions is not None
-        session = self.auth.sessions.read(connection.cookies[COOKIE])
+        session = self.auth.sessions.read(cookie)
         if session is None:
             return None
         scope["session"] = session

@@ -1,9 +1,9 @@
 """Signing in to the console (issue 17): /ui/login with a key, /ui/logout, and the CSRF
 check every console form goes through. OpenID Connect lives in `api.oidc`.
 
-A successful sign-in sets the session cookie (`api.session`): signed, HttpOnly,
-SameSite=Lax, with an expiry, and Secure unless ORDER_SAGA_COOKIE_SECURE=false or (when
-unset) the console is reached as plain http on 127.0.0.1/localhost. A sign-in form posted
+A successful sign-in sets the session cookie (`api.session`): signed, with an expiry, its
+name and attributes per `api.cookies` (`__Host-` on https, so no sibling subdomain or
+plain-http intruder can plant one). A sign-in form posted
 from another site is refused (login CSRF: it would sign the victim's browser in as the
 attacker's key): GET /ui/login sets a random pre-session cookie and puts the same value in
 the form, and POST /ui/login signs in only when the two match. Another site can neither
@@ -23,15 +23,14 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from api import cookies
 from api.access import ROUTES
 from api.auth import Authenticator
-from api.session import COOKIE, Session
+from api.session import Session
 from fsm.keys import Principal
 from fsm.settings import Settings
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
-LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-LOGIN_COOKIE = "order_saga_login"  # the sign-in form's token, before any session
 SOUND_TOKEN = re.compile(r"[A-Za-z0-9_-]{32,64}")
 LOGIN_SECONDS = 3600  # a sign-in page left open longer is reloaded
 FOREIGN = "this sign-in form expired or was sent from another site: reload the page and sign in"
@@ -50,34 +49,22 @@ def safe_next(target: str | None) -> str:
     return "/ui"
 
 
-def secure_cookie(settings: Settings, request: Request) -> bool:
-    """COOKIE_SECURE, or when unset: Secure unless the console is reached as plain http on
-    this machine. The browser's own Origin (or Referer) counts too: behind a proxy that
-    ends TLS and rewrites Host, the request looks like http://127.0.0.1 while the browser
-    is on https, and its cookie must stay off plain http."""
-    if settings.cookie_secure is not None:
-        return settings.cookie_secure
-    sent_from = request.headers.get("origin") or request.headers.get("referer") or ""
-    return (
-        request.url.scheme == "https"
-        or request.url.hostname not in LOCAL_HOSTS
-        or sent_from.lower().startswith("https:")
-    )
-
-
-def _set_cookie(request: Request, response: Response, name: str, value: str, max_age: int) -> None:
-    """HttpOnly, SameSite=Lax, path /, Secure per `secure_cookie`: the session cookie and
-    the sign-in form's token alike."""
+def set_cookie(request: Request, response: Response, base: str, value: str, max_age: int) -> None:
+    """Set a console cookie (`api.cookies`: its name and attributes for this request)."""
     settings: Settings = request.app.state.settings
-    response.set_cookie(
-        name,
-        value,
-        max_age=max_age,
-        httponly=True,
-        samesite="lax",
-        secure=secure_cookie(settings, request),
-        path="/",
-    )
+    cookies.put(response, request, settings.cookie_secure, base, value, max_age)
+
+
+def drop_cookie(request: Request, response: Response, base: str) -> None:
+    settings: Settings = request.app.state.settings
+    cookies.drop(response, request, settings.cookie_secure, base)
+
+
+def read_cookie(request: Request, base: str) -> str:
+    """A console cookie's value under this request's name; "" when absent or sent twice."""
+    settings: Settings = request.app.state.settings
+    found = cookies.read_once(request.headers, cookies.name(base, settings.cookie_secure, request))
+    return found or ""
 
 
 def sign_in(request: Request, principal: Principal, target: str) -> Response:
@@ -88,15 +75,15 @@ def sign_in(request: Request, principal: Principal, target: str) -> Response:
     cookie, _ = auth.sessions.issue(principal, bound=bound)
     settings: Settings = request.app.state.settings
     response = RedirectResponse(safe_next(target), status_code=303)
-    _set_cookie(request, response, COOKIE, cookie, settings.session_seconds)
-    response.delete_cookie(LOGIN_COOKIE, path="/")  # spent: the next sign-in gets a new one
+    set_cookie(request, response, cookies.SESSION, cookie, settings.session_seconds)
+    drop_cookie(request, response, cookies.LOGIN)  # spent: the next sign-in gets a new one
     return response
 
 
 def _login_token(request: Request) -> str:
     """The sign-in form's token: the browser's pre-session cookie when it has a sound one
     (two open sign-in tabs both work), else a new random one."""
-    have = request.cookies.get(LOGIN_COOKIE, "")
+    have = read_cookie(request, cookies.LOGIN)
     if SOUND_TOKEN.fullmatch(have):
         return have
     return secrets.token_urlsafe(32)
@@ -106,7 +93,7 @@ def from_this_form(request: Request, sent: str) -> bool:
     """Was this sign-in posted by the form this site served to this browser? Its hidden
     field must equal the pre-session cookie set with the form; a page elsewhere can post
     the form but can neither read nor set that cookie. A script GETs the form first."""
-    have = request.cookies.get(LOGIN_COOKIE, "")
+    have = read_cookie(request, cookies.LOGIN)
     return bool(have) and secrets.compare_digest(sent.encode(), have.encode())
 
 
@@ -143,7 +130,7 @@ def _login_page(request: Request, templates: Jinja2Templates, **context: object)
         {"oidc": oidc is not None, "login_token": token, **context},
         status_code=status,
     )
-    _set_cookie(request, page, LOGIN_COOKIE, token, LOGIN_SECONDS)
+    set_cookie(request, page, cookies.LOGIN, token, LOGIN_SECONDS)
     return page
 
 
@@ -183,7 +170,7 @@ def install(templates: Jinja2Templates) -> APIRouter:
         if session is not None:
             await _authenticator(request).end(session)
         response = RedirectResponse("/ui/login", status_code=303)
-        response.delete_cookie(COOKIE, path="/")
+        drop_cookie(request, response, cookies.SESSION)
         return response
 
     return router

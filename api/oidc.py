@@ -4,8 +4,9 @@ with authlib's client, the ID token checked with the issuer's JWKS (joserfc): si
 names the subject and e-mail, which is what the audit rows record.
 
 The flow's state (state, nonce, PKCE verifier, where to go next) travels in a short-lived
-signed HttpOnly cookie, not in server memory, so any `serve` process can finish a sign-in
-another began. HTTP <-> the provider and the session only.
+signed cookie (`api.cookies`: HttpOnly, Path=/, `__Host-` on https), not in server memory,
+so any `serve` process can finish a sign-in another began. HTTP <-> the provider and the
+session only.
 
 Bad input is the user's or the provider's, never a 500: a state that does not match
 (whatever its characters) or a code the provider refuses (expired, reused, forged:
@@ -29,14 +30,14 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
-from api.login import no_console_for, safe_next, secure_cookie, sign_in
+from api.cookies import FLOW
+from api.login import drop_cookie, no_console_for, read_cookie, safe_next, set_cookie, sign_in
 from api.problems import problem
 from fsm.keys import Principal
 from fsm.roles import Role
 from fsm.settings import Settings
 
 router = APIRouter(prefix="/ui/oidc", include_in_schema=False)
-FLOW_COOKIE = "order_saga_oidc"
 FLOW_SECONDS = 600
 DISCOVERY_SECONDS = 300
 RETRY_AFTER = "30"  # seconds: an identity provider's restart
@@ -167,15 +168,7 @@ async def oidc_login(request: Request, next: Annotated[str, Query()] = "/ui") ->
         )
     flow = _flow_signer(request).dumps({"s": state, "n": nonce, "v": verifier, "x": next})
     response = RedirectResponse(url, status_code=302)
-    response.set_cookie(
-        FLOW_COOKIE,
-        flow,
-        max_age=FLOW_SECONDS,
-        httponly=True,
-        samesite="lax",
-        secure=secure_cookie(request.app.state.settings, request),
-        path="/ui/oidc",
-    )
+    set_cookie(request, response, FLOW, flow, FLOW_SECONDS)
     return response
 
 
@@ -192,9 +185,7 @@ async def oidc_callback(
     if error:
         raise HTTPException(401, f"the identity provider refused: {error}")
     try:
-        flow = _flow_signer(request).loads(
-            request.cookies.get(FLOW_COOKIE, ""), max_age=FLOW_SECONDS
-        )
+        flow = _flow_signer(request).loads(read_cookie(request, FLOW), max_age=FLOW_SECONDS)
     except BadSignature:
         raise HTTPException(401, "no sign-in in progress (or it expired): start again") from None
     # bytes: compare_digest refuses a str that is not ASCII (TypeError, a 500)
@@ -228,5 +219,5 @@ async def oidc_callback(
     if refused is not None:
         raise HTTPException(403, f"signed in, but {refused}")
     response = sign_in(request, principal, safe_next(str(flow.get("x", "/ui"))))
-    response.delete_cookie(FLOW_COOKIE, path="/ui/oidc")
+    drop_cookie(request, response, FLOW)
     return response

@@ -31,8 +31,9 @@ SESSION = {
     "type": "apiKey",
     "in": "cookie",
     "name": "order_saga_session",
-    "description": "The console's session (sign in at /ui/login); a request other than "
-    "GET also needs its X-CSRF-Token header",
+    "description": "The console's session (sign in at /ui/login; named "
+    "__Host-order_saga_session on https); a request other than GET also needs its "
+    "X-CSRF-Token header",
 }
 
 

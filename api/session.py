@@ -5,8 +5,9 @@ session id (signing out records it as ended: `fsm.sessions`), a CSRF token and n
 secret; it is signed with a key derived from the deployment's random
 `session` secret (`fsm.keys.server_secret`), so every `serve` process accepts every
 other's cookies, and it expires after `max_age` seconds (the signature carries the time).
-A key-backed session is re-checked against the key on every request (`api.auth`), so
-revoking the key ends its sessions too. No I/O here.
+Its name (`__Host-` on https) and attributes are `api.cookies`'s. A key-backed session
+is re-checked against the key on every request (`api.auth`), so revoking the key ends
+its sessions too. No I/O here.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
+from api.cookies import SESSION as COOKIE
 from fsm.keys import Principal
 from fsm.roles import Role
 
-COOKIE = "order_saga_session"
+__all__ = ["COOKIE", "DEFAULT_MAX_AGE", "Session", "Sessions"]
 DEFAULT_MAX_AGE = 8 * 3600
 
 

@@ -144,7 +144,7 @@ def test_the_login_forms_cookie_is_httponly_lax_and_secure_like_the_session(
 ) -> None:
     with api(db_url, services_url) as client:  # testserver is not localhost: Secure
         cookie = client.get("/ui/login").headers["set-cookie"]
-    assert cookie.startswith("order_saga_login=")
+    assert cookie.startswith("__Host-order_saga_login=")
     for attribute in ("HttpOnly", "SameSite=lax", "Secure", "Path=/"):
         assert attribute.lower() in cookie.lower(), cookie
     with api(db_url, services_url, cookie_secure=False) as local:
@@ -157,7 +157,8 @@ def test_the_session_cookie_is_signed_httponly_lax_and_expires(
     with api(db_url, services_url) as client:  # testserver is not localhost: Secure
         client.base_url = client.base_url.copy_with(scheme="https")  # to send its cookie back
         answer = console_sign_in(client, team["auditor"])
-    cookie = next(c for c in answer.headers.get_list("set-cookie") if c.startswith(COOKIE))
+    cookie = next(c for c in answer.headers.get_list("set-cookie") if COOKIE in c)
+    assert cookie.startswith(f"__Host-{COOKIE}=")
     for attribute in ("HttpOnly", "SameSite=lax", "Secure", "Max-Age=28800", "Path=/"):
         assert attribute.lower() in cookie.lower(), cookie
     assert team["auditor"] not in cookie
@@ -250,7 +251,8 @@ def test_signing_out_ends_the_session_on_the_server_for_every_copy_of_the_cookie
         header = {"X-CSRF-Token": csrf.group(1)}
         assert elsewhere.get("/orders").status_code == 401
         assert elsewhere.post("/orders", json={}, headers=header).status_code == 401
-        # a new sign-in is a new session
+        # a new sign-in is a new session (the browser then holds that cookie alone)
+        elsewhere.cookies.delete("order_saga_session")
         sign_in(elsewhere, team["ops-alice"])
         assert elsewhere.get("/ui").status_code == 200
 
@@ -378,3 +380,64 @@ def test_behind_a_proxy_the_session_cookie_is_secure_when_the_browser_is_on_http
     assert answer.status_code == 303, answer.text
     cookie = next(c for c in answer.headers.get_list("set-cookie") if c.startswith(COOKIE))
     assert ("secure" in cookie.lower()) is secure, cookie
+
+
+def _signed_in_cookie(client: TestClient, secret: str) -> str:
+    """Sign `client` in with `secret`: the session cookie's value (then cleared)."""
+    answer = console_sign_in(client, secret)
+    assert answer.status_code == 303, answer.text
+    (value,) = [v for k, v in answer.cookies.items() if k.endswith(COOKIE)]
+    client.cookies.clear()
+    return value
+
+
+def test_on_https_the_cookies_are_host_only_and_a_planted_one_is_not_read(
+    db_url: str, services_url: str, team: dict[str, str]
+) -> None:
+    """A sibling subdomain (Domain=example.com) or a man in the middle on plain http could
+    plant `order_saga_login` / `order_saga_session`: a login token the attacker knows signs
+    the victim in as the attacker's key (login CSRF). On https the cookies are `__Host-`
+    ones, which a browser accepts only from this very host over https, and only those are
+    read. Before, the bare names were set and read there."""
+    with api(db_url, services_url) as client:
+        client.base_url = client.base_url.copy_with(scheme="https", host="console.example.com")
+        form = client.get("/ui/login").headers.get_list("set-cookie")
+        assert [c.split("=")[0] for c in form] == ["__Host-order_saga_login"], form
+        assert "domain=" not in form[0].lower()
+        client.cookies.clear()
+        planted = "A" * 43
+        refused = client.post(
+            "/ui/login",
+            data={"key": team["ops-alice"], "next": "/ui", "login_token": planted},
+            headers={"Cookie": f"order_saga_login={planted}"},
+            follow_redirects=False,
+        )
+        assert refused.status_code == 403, refused.text
+        assert not [c for c in refused.headers.get_list("set-cookie") if COOKIE in c]
+        mallory = _signed_in_cookie(client, team["auditor"])
+        bare = client.get("/ui", headers={"Cookie": f"{COOKIE}={mallory}", **HTML})
+        assert bare.status_code == 200 and "Sign in" in bare.text  # the login page
+        own = client.get("/ui", headers={"Cookie": f"__Host-{COOKIE}={mallory}"})
+        assert own.status_code == 200 and "auditor" in own.text
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_session_cookie_sent_twice_is_no_session(
+    db_url: str, services_url: str, team: dict[str, str], scheme: str
+) -> None:
+    """A planted session cookie next to the victim's own (another path or domain): the
+    browser sends both and Starlette keeps the last, so the victim's console actions were
+    audited as the attacker. Which one is this site's cannot be told: neither is read."""
+    secure = scheme == "https"
+    with api(db_url, services_url, cookie_secure=secure) as client:
+        client.base_url = client.base_url.copy_with(scheme=scheme)
+        alice = _signed_in_cookie(client, team["ops-alice"])
+        mallory = _signed_in_cookie(client, team["auditor"])
+        name = f"__Host-{COOKIE}" if secure else COOKIE
+        both = {"Cookie": f"{name}={alice}; {name}={mallory}"}
+        assert client.get("/ui", headers=both).status_code == 401
+        page = client.get("/ui", headers={**both, **HTML}, follow_redirects=False)
+        assert (page.status_code, page.headers["location"]) == (303, "/ui/login?next=/ui")
+        split = {"Cookie": f"{name}={alice}", "cookie": f"{name}={mallory}"}
+        assert client.get("/ui", headers=split).status_code == 401
+        assert client.get("/ui", headers={"Cookie": f"{name}={alice}"}).status_code == 200

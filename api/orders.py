@@ -209,7 +209,6 @@ def list_orders(
         limit=limit,
         offset=offset,
         cursor=cursor,
-        parked_first=False,
         created_by=mine,
     )
     try:

@@ -160,6 +160,7 @@ def orders_page(
         id_prefix=id,
         limit=PAGE,
         offset=offset,
+        parked_first=True,
     )
     page = queries.list_orders(store, flt)
     found, total = page.items, page.total

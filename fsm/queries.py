@@ -106,7 +106,8 @@ class OrderFilter:
     limit: int = 50
     offset: int = 0
     cursor: str | None = None  # `Page.next_cursor` of the previous page (then offset is 0)
-    parked_first: bool = True  # the operator's views; the HTTP API lists newest first
+    # The console's offset pages only: a cursor pages newest first, by what never changes.
+    parked_first: bool = False
     created_by: str | None = None  # a client key's own orders only (issue 17)
 
 
@@ -332,12 +333,14 @@ class BadIdPrefix(ValueError):
 _AFTER_ALL = datetime.max.replace(tzinfo=UTC)
 
 
-def _encode_cursor(parked: int, created_at: datetime, order_id: uuid.UUID) -> str:
-    raw = json.dumps([parked, created_at.isoformat(), str(order_id)])
+def _encode_cursor(created_at: datetime, order_id: uuid.UUID) -> str:
+    # The first item was the parked flag, a key that changes (paging skipped or repeated
+    # an order parked or resolved meanwhile): always 0 now, so older cursors still decode.
+    raw = json.dumps([0, created_at.isoformat(), str(order_id)])
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[int, datetime, uuid.UUID]:
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     """The sort key `_encode_cursor` wrote; BadCursor for anything else (a hand-made
     cursor must not reach the database: 1e400, 10**23 or a list where the id goes)."""
     bad = BadCursor(f"{cursor[:40]!r} is not a cursor of this listing")
@@ -357,7 +360,7 @@ def _decode_cursor(cursor: str) -> tuple[int, datetime, uuid.UUID]:
         at, oid = datetime.fromisoformat(created_at), uuid.UUID(order_id)
     except ValueError:
         raise bad from None
-    return parked, at, oid
+    return at, oid
 
 
 def _id_prefix(prefix: str) -> tuple[uuid.UUID, uuid.UUID]:
@@ -391,9 +394,12 @@ def _timestamp_or_none(value: Any) -> datetime | None:
 
 
 def list_orders(reads: Reads, flt: OrderFilter) -> Page:
-    """One page of matching orders (parked first when `flt.parked_first`, then newest
-    first), with the total; an unreadable row is listed as such and the page goes on.
-    Raises BadCursor or BadIdPrefix for input it cannot use."""
+    """One page of matching orders, newest first, with the total; an unreadable row is
+    listed as such and the page goes on. A cursor pages by (created_at, id) alone, which
+    never change, so following `next_cursor` sees every order that existed at the start
+    once, whatever moves meanwhile. `flt.parked_first` (the console's offset pages) puts
+    parked orders first and hands out no cursor. Raises BadCursor or BadIdPrefix for
+    input it cannot use."""
     conditions: list[Any] = []
     if flt.status:
         conditions.append(orders.c.status == flt.status)
@@ -416,14 +422,15 @@ def list_orders(reads: Reads, flt: OrderFilter) -> Page:
     query = select(*ORDER_ROW, parked.label("parked_key")).where(*conditions)
     offset = flt.offset
     if flt.cursor:
-        flag, created_at, after = _decode_cursor(flt.cursor)
-        later = or_(
-            orders.c.created_at < created_at,
-            and_(orders.c.created_at == created_at, orders.c.id > after),
-        )
         if flt.parked_first:
-            later = or_(parked > flag, and_(parked == flag, later))
-        query = query.where(later)
+            raise BadCursor("a cursor pages newest first, not parked first")
+        created_at, after = _decode_cursor(flt.cursor)
+        query = query.where(
+            or_(
+                orders.c.created_at < created_at,
+                and_(orders.c.created_at == created_at, orders.c.id > after),
+            )
+        )
         offset = 0
     order_by = [orders.c.created_at.desc(), orders.c.id]
     query = query.order_by(*([parked, *order_by] if flt.parked_first else order_by))
@@ -433,12 +440,12 @@ def list_orders(reads: Reads, flt: OrderFilter) -> Page:
     more, rows = len(rows) > flt.limit, rows[: flt.limit]
     items = [decode(row) for row in rows]
     cursor = None
-    if more and rows:
+    if more and rows and not flt.parked_first:
         last, at = rows[-1], items[-1].created_at
         # A created_at that is not a timestamp (SQLite only: a hand edit) sorts as text,
         # above every real one: the next page starts below it, after the latest time.
         # (Rows with other broken created_at values between it and that time are skipped.)
-        cursor = _encode_cursor(int(last.parked_key), at or _AFTER_ALL, last.id)
+        cursor = _encode_cursor(at or _AFTER_ALL, last.id)
     return Page(items, total, cursor)
 
 

@@ -21,9 +21,13 @@ from fsm.machine import OperatorAction, OrderState, Status
 from order_saga.console import fail, load_settings, parse_order_id, rich_console, seconds_option
 
 if TYPE_CHECKING:
+    import uuid
+
+    from rich.table import Table
+
     from fsm.models import Order, Transition
     from fsm.operator import Audit
-    from fsm.queries import Attempt, Unreadable
+    from fsm.queries import Attempt, Page, Unreadable
     from fsm.store import Store
     from fsm.why import Why
 
@@ -34,6 +38,7 @@ AsName = Annotated[
     typer.Option("--as", help="Who is acting, for the audit row (default: the local admin)."),
 ]
 LOCAL_ADMIN = "local-admin"
+PARKED_SHOWN = 20  # above the first page; the rest with --status needs_attention
 
 
 @contextmanager
@@ -82,10 +87,15 @@ def list_orders(
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Orders, parked (needs_attention) first with their reason, then newest first; a row
-    the installed machine cannot read is listed as such. Pages with --cursor."""
+    """Orders, newest first, each live one with why it stands still; a row the installed
+    machine cannot read is listed as such. Pages with --cursor, by when an order was
+    created (never changes: no order skipped or shown twice while orders move). The first
+    page shows the parked (needs_attention) orders above, apart (at most PARKED_SHOWN);
+    they are in the pages too, in their place."""
+    from dataclasses import replace
+
     from fsm import why
-    from fsm.queries import BadCursor, BadIdPrefix, OrderFilter, Unreadable, list_orders
+    from fsm.queries import BadCursor, BadIdPrefix, OrderFilter, list_orders
 
     flt = OrderFilter(
         status=status,
@@ -97,25 +107,49 @@ def list_orders(
         limit=limit,
         cursor=cursor,
     )
+    # A status asked for is the list itself (needs_attention) or excludes them.
+    parked_flt = (
+        None
+        if cursor or status
+        else replace(flt, status=Status.NEEDS_ATTENTION.value, limit=PARKED_SHOWN)
+    )
     try:
         with _store() as store:
             page = list_orders(store, flt)
-            whys = why.for_orders(store, page.orders, load_settings())
+            parked = list_orders(store, parked_flt) if parked_flt else None
+            shown = page.orders + (parked.orders if parked else [])
+            whys = why.for_orders(store, shown, load_settings())
     except (BadCursor, BadIdPrefix) as exc:
         fail(str(exc), 2)
     if as_json:
-        _print_json(
-            {
-                "orders": [_as_json(o, whys.get(o.id)) for o in page.orders],
-                "unreadable": [_unreadable_json(u) for u in page.unreadable],
-                "total": page.total,
-                "next_cursor": page.next_cursor,
+
+        def listing(found: Page) -> dict[str, Any]:
+            return {
+                "orders": [_as_json(o, whys.get(o.id)) for o in found.orders],
+                "unreadable": [_unreadable_json(u) for u in found.unreadable],
+                "total": found.total,
             }
-        )
+
+        body = listing(page) | {"next_cursor": page.next_cursor}
+        _print_json(body | {"parked": listing(parked) if parked else None})
         return
+    if parked and parked.total:
+        more = parked.total - len(parked.items)
+        title = f"parked: {parked.total}" + (
+            f" (the first {len(parked.items)}; all: --status needs_attention)" if more else ""
+        )
+        rich_console().print(_table(title, parked, whys))
+    rich_console().print(_table(f"{len(page.items)} of {page.total} orders, newest first", page, whys))
+    if page.next_cursor:
+        rich_console().print(f"next page: --cursor {page.next_cursor}")
+
+
+def _table(title: str, page: Page, whys: dict[uuid.UUID, Why]) -> Table:
     from rich.table import Table
 
-    table = Table(title=f"{len(page.items)} of {page.total} orders", title_justify="left")
+    from fsm.queries import Unreadable
+
+    table = Table(title=title, title_justify="left")
     for column in ("id", "status", "state", "user", "product", "qty", "amount", "moved", "why"):
         table.add_column(column, no_wrap=column in ("id", "state"))
     for o in page.items:
@@ -135,9 +169,7 @@ def list_orders(
             f"{_ago(o)} ago",
             because,
         )
-    rich_console().print(table)
-    if page.next_cursor:
-        rich_console().print(f"next page: --cursor {page.next_cursor}")
+    return table
 
 
 def _unreadable_json(row: Unreadable) -> dict[str, Any]:

@@ -107,9 +107,10 @@ async def test_list_filters_pages_and_puts_parked_first(
     order = await parked(executor, store, downstream)
     failed = await place(executor, store, POOR_USER_ID, WIDGET_ID)
     rejected = await place(executor, store, ORDINARY_USER_ID, MISSING_PRODUCT_ID)
-    listed = queries.list_orders(store, queries.OrderFilter())
+    listed = queries.list_orders(store, queries.OrderFilter(parked_first=True))  # the console's
     everything, total = listed.orders, listed.total
     assert total == 4 and everything[0].id == order.id  # parked first, though not newest
+    assert listed.next_cursor is None  # its pages go by offset
     assert [o.id for o in everything[1:]] == [rejected.id, failed.id, completed.id]
 
     def ids(**kw: object) -> list[uuid.UUID]:
@@ -121,7 +122,7 @@ async def test_list_filters_pages_and_puts_parked_first(
     assert ids(product_id=SOLD_OUT_PRODUCT_ID) == [order.id]
     assert ids(older_than=3600) == []
     assert ids(older_than=0, status="completed") == [completed.id]
-    page = queries.list_orders(store, queries.OrderFilter(limit=2, offset=2))
+    page = queries.list_orders(store, queries.OrderFilter(limit=2, offset=2, parked_first=True))
     assert page.total == 4 and [o.id for o in page.items] == [failed.id, completed.id]
     assert ids(id_prefix=str(failed.id)[:8]) == [failed.id]  # the start of an id
     assert ids(id_prefix=str(failed.id).upper()) == [failed.id]  # or all of it
@@ -142,10 +143,12 @@ async def test_cursor_pages_see_every_order_once_while_orders_arrive(
     seen = [o.id for o in first.items + second.items]
     assert seen == [parked_one.id, *[o.id for o in reversed(made)]]  # none twice, none lost
     assert newer.id not in seen  # newest first: a later order belongs before page one
-    newest = queries.list_orders(store, queries.OrderFilter(limit=4, parked_first=False))
+    newest = queries.list_orders(store, queries.OrderFilter(limit=4))
     assert newest.items[0].id == newer.id
     with pytest.raises(queries.BadCursor):
         queries.list_orders(store, queries.OrderFilter(cursor="not-a-cursor"))
+    with pytest.raises(queries.BadCursor, match="newest first"):  # offset pages only
+        queries.list_orders(store, queries.OrderFilter(cursor=first.next_cursor, parked_first=True))
     counts = queries.counts_by_status(store)
     assert counts["needs_attention"] == 1 and counts["cancelled"] == 0 and counts["resolved"] == 0
 

@@ -66,6 +66,8 @@ async def test_park_then_list_show_and_resolve_from_the_cli(
     assert listed["total"] == 2
     assert [o["id"] for o in listed["orders"]] == [str(stuck.id), str(completed.id)]
     assert listed["orders"][0]["attention_reason"].startswith("payment refund")
+    assert [o["id"] for o in listed["parked"]["orders"]] == [str(stuck.id)]  # apart, above
+    assert listed["parked"]["total"] == 1
     only = ok_json("orders", "list", "--status", "completed", env=env)
     assert [o["id"] for o in only["orders"]] == [str(completed.id)]
     assert (
@@ -101,6 +103,55 @@ async def test_park_then_list_show_and_resolve_from_the_cli(
     cancelled = ok_json("orders", "cancel", str(completed.id), env=env)
     assert cancelled["status"] == "cancelled"
     assert downstream.shipment(completed.id)["status"] == "cancelled"  # type: ignore[index]
+
+
+def _pages(env: dict[str, str], *, between: Any = None) -> tuple[list[str], list[str]]:
+    """`orders list --limit 1` page after page: the parked shown above page one, and the
+    ids of every page; `between()` runs after page one."""
+    first = ok_json("orders", "list", "--limit", "1", env=env)
+    parked = [o["id"] for o in first["parked"]["orders"]]
+    seen, cursor = [o["id"] for o in first["orders"]], first["next_cursor"]
+    if between is not None:
+        between()
+    while cursor:
+        page = ok_json("orders", "list", "--limit", "1", "--cursor", cursor, env=env)
+        assert page["parked"] is None  # the first page's only
+        seen += [o["id"] for o in page["orders"]]
+        cursor = page["next_cursor"]
+    return parked, seen
+
+
+@pytest.mark.slow
+async def test_cursor_pages_show_every_order_once_while_one_is_parked_or_resolved(
+    env: dict[str, str], store: Store, downstream: Downstream
+) -> None:
+    """The pages' key was (parked first, newest first, id): an order parked after page
+    one sorted before the cursor and was never shown, one resolved meanwhile came again.
+    Now a cursor pages by (created_at, id), which never change; the parked orders are
+    shown apart, above the first page."""
+    stuck, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=SOLD_OUT_PRODUCT_ID, quantity=1
+    )  # the oldest: on the last page
+    made = [
+        (await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1))[0]
+        for _ in range(2)
+    ]
+    every = sorted(str(o.id) for o in [stuck, *made])
+
+    def park() -> None:  # the sweep: sold out, and the refund down past its budget
+        set_faults(downstream.url, [REFUND_DOWN])
+        assert saga("resume", "--older-than", "0", env=env).returncode == 3
+        set_faults(downstream.url, ())
+
+    parked, seen = _pages(env, between=park)
+    assert parked == [] and sorted(seen) == every, seen  # none lost, none twice
+
+    def resolve() -> None:  # an operator, while someone pages
+        resolved = saga("orders", "resolve", str(stuck.id), "--reason", "by hand", env=env)
+        assert resolved.returncode == 0, resolved.stderr
+
+    parked, seen = _pages(env, between=resolve)
+    assert parked == [str(stuck.id)] and sorted(seen) == every, seen
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,8 @@
 (ORDER_SAGA_LOG_FORMAT=json, via python-json-logger), every line carrying the request id
 of the API request it belongs to (asgi-correlation-id) and, for saga events, `order_id`,
 `state` and `trigger`. httpx's line per request is off (it would log every downstream call);
-database URLs are printed only through `masked`.
+database URLs are printed only through `masked`, and the access log's query strings carry
+no secret (`redact_query`: OpenID Connect's `code` and `state`, a token, a key).
 
 Lines are formatted and written by a `QueueListener` thread, not by the code that logs:
 the event loop only puts the record on a queue (its request id taken there, while the
@@ -26,6 +27,8 @@ from typing import IO, Literal
 from asgi_correlation_id import CorrelationIdFilter
 from pythonjsonlogger.json import JsonFormatter
 
+from order_saga.redact import redact_query
+
 LogFormat = Literal["text", "json"]
 # Timestamps are UTC ISO 8601 in both formats (SPEC §4), e.g. 2026-11-30T10:19:06.919Z.
 _TEXT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s [%(correlation_id)s] %(message)s"
@@ -39,6 +42,19 @@ class _Plain(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.__dict__.pop("color_message", None)
+        return True
+
+
+class _Redact(logging.Filter):
+    """uvicorn's access line names the request's path with its query string (its args);
+    a secret in it (the OpenID Connect callback's code and state) is redacted before the
+    line is queued, so no log holds it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple):
+            record.args = tuple(
+                redact_query(a) if isinstance(a, str) and "?" in a else a for a in record.args
+            )
         return True
 
 
@@ -167,6 +183,7 @@ def configure(
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     enqueue = _Enqueue(records)
     enqueue.addFilter(CorrelationIdFilter(default_value="-"))  # on the logging side
+    enqueue.addFilter(_Redact())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

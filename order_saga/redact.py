@@ -1,8 +1,10 @@
-"""No secret in what the console script prints: database URLs with their password masked."""
+"""No secret in what the console script prints or logs: database URLs with their password
+masked, and the secret values of a logged query string (the access log's) redacted."""
 
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote_plus
 
 # user:password@ in any URL of a message (a driver error may quote the URL it was given).
 _PASSWORD_IN_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]*):[^@\s]*@", re.I)
@@ -21,3 +23,26 @@ def masked(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
         return redact(url)
+
+
+# Query parameters whose values are credentials: OpenID Connect's callback (`code` trades
+# for tokens, `state` guards the flow), and whatever carries a token, a key or a password.
+SECRET_PARAMS = frozenset(
+    {"code", "state", "token", "key", "access_token", "id_token", "refresh_token"}
+    | {"session", "password", "secret", "client_secret", "api_key"}
+)
+REDACTED = "[redacted]"
+
+
+def redact_query(target: str) -> str:
+    """`target` (a path and its query, as uvicorn logs it) with the value of every
+    parameter in SECRET_PARAMS replaced by REDACTED; the rest as it was."""
+    path, mark, query = target.partition("?")
+    if not mark:
+        return target
+    pairs = []
+    for pair in query.split("&"):
+        name, equals, _ = pair.partition("=")
+        secret = equals and unquote_plus(name).strip().lower() in SECRET_PARAMS
+        pairs.append(f"{name}={REDACTED}" if secret else pair)
+    return f"{path}?{'&'.join(pairs)}"

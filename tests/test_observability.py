@@ -21,7 +21,7 @@ from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID, SOLD_OUT_PRODU
 from fsm.machine import AUDIT_SCOPE
 from fsm.registry import STEP_NAMES
 from fsm.store import Store
-from order_saga.logs import configure, flush
+from order_saga.logs import LogFormat, configure, flush
 from order_saga.redact import masked
 from tests.support.api import API
 from tests.support.processes import Saga, command, run_cli
@@ -122,6 +122,31 @@ def test_json_logs_carry_order_fields_and_quiet_httpx() -> None:
     stamp = datetime.fromisoformat(record["timestamp"])  # ISO 8601, in UTC
     assert stamp.utcoffset() == timedelta(0) and "asctime" not in record
     assert "\x1b" not in access and "color_message" not in json.loads(access)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_access_log_writes_no_secret_of_a_query_string(fmt: LogFormat) -> None:
+    """The OpenID Connect callback's `code` (traded for tokens) and `state` went into the
+    access log as sent, with the whole query string: now their values are redacted."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    stream = io.StringIO()
+    configure(fmt, stream=stream)
+    target = "/ui/oidc/callback?code=SECRET-CODE&St%61te=abc123&next=/ui/orders&token"
+    try:  # as uvicorn's httptools/h11 protocols log a request
+        logging.getLogger("uvicorn.access").info(
+            '%s - "%s %s HTTP/%s" %d', "127.0.0.1:50000", "GET", target, "1.1", 401
+        )
+    finally:
+        flush()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    (line,) = stream.getvalue().splitlines()
+    assert "SECRET-CODE" not in line and "abc123" not in line, line
+    assert (
+        "/ui/oidc/callback?code=[redacted]&St%61te=[redacted]&next=/ui/orders&token HTTP/1.1"
+        in line
+    ), line
 
 
 class _Writes(io.StringIO):

@@ -139,7 +139,9 @@ def list_orders(
             f" (the first {len(parked.items)}; all: --status needs_attention)" if more else ""
         )
         rich_console().print(_table(title, parked, whys))
-    rich_console().print(_table(f"{len(page.items)} of {page.total} orders, newest first", page, whys))
+    rich_console().print(
+        _table(f"{len(page.items)} of {page.total} orders, newest first", page, whys)
+    )
     if page.next_cursor:
         rich_console().print(f"next page: --cursor {page.next_cursor}")
 

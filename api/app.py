@@ -66,7 +66,8 @@ def create_app(
 ) -> FastAPI:
     """The API. `services` overrides the downstream clients (tests); otherwise they are
     built from settings, and with no URLs configured the reference services are mounted
-    under /services and called over HTTP at `embedded_url`."""
+    under /services and called over HTTP at `embedded_url`. `sweep=False` turns off only
+    the recovery sweep; retention, roll-up and partition upkeep run regardless."""
     settings = settings or get_settings()
     authenticator = Authenticator(
         None,
@@ -97,6 +98,7 @@ def create_app(
             except SQLAlchemyError as exc:  # the database is down: the gate answers 503
                 log.warning("could not read the deployment's secrets at start (%s)", exc)
             app.state.breakers = saga.breakers
+            runner.start_upkeep()  # whatever `sweep` says: --no-sweep is about recovery
             if sweep:
                 runner.start_sweeper()
             relay = None

@@ -1,6 +1,7 @@
 """Background runs of the API process: order runs that outlive their request, the
-periodic sweep for stuck orders, the heatmap's roll-up and, when retention is set, the
-pruning pass. Keeps task
+periodic sweep for stuck orders (`start_sweeper`, off with `serve --no-sweep`) and the
+upkeep every process does whatever its sweep (`start_upkeep`): the heatmap's roll-up, the
+log's day partitions on PostgreSQL and, when retention is set, the pruning pass. Keeps task
 references so nothing is garbage-collected."""
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ class Runner:
             return None
 
     def start_sweeper(self) -> None:
+        """The recovery sweep: stuck orders resumed (leases keep each to one driver)."""
         self._keep(sweep_forever(store=self.store, executor=self.executor, settings=self.settings))
+
+    def start_upkeep(self) -> None:
+        """Retention, roll-up and partitions: each safe in several processes at once (one
+        pruner at a time, a roll's cursor moved by compare-and-set, CREATE ... IF NOT
+        EXISTS), so every process runs them, its sweep on or off."""
         if retention.enabled(self.settings):  # issue 22: the background retention pass
             self._keep(retention.prune_forever(engine=self.store.engine, settings=self.settings))
         if self.settings.heat_roll_interval:  # the heatmap's roll-up kept current

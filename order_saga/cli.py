@@ -95,7 +95,13 @@ def embedded_services_url(host: str, port: int) -> str:
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
-    sweep: Annotated[bool, typer.Option(help="Periodically resume stuck orders.")] = True,
+    sweep: Annotated[
+        bool,
+        typer.Option(
+            help="Periodically resume stuck orders (--no-sweep: not here; retention, the"
+            " heatmap roll-up and partitions still run).",
+        ),
+    ] = True,
     workers: Annotated[
         int,
         typer.Option(

@@ -2,7 +2,7 @@
 orders (terminal, unleased, old enough or beyond the newest N) with their transitions and
 never a running, parked or leased one, nor one whose Idempotency-Key a retry may still
 use; the archive round-trips to what `orders show` printed; the background pass prunes on
-its own; one pruner at a time on PostgreSQL."""
+its own, in `serve --no-sweep` too; one pruner at a time on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -30,9 +30,10 @@ from tests.support.retention import (
     populate,
     transition_count,
 )
-from tests.support.services import Downstream
+from tests.support.services import HTTP, Downstream
+from tests.support.serving import Served, fresh_database
 from tests.support.settings import saga_env, saga_settings
-from tests.support.waiting import wait_until_async
+from tests.support.waiting import wait_until, wait_until_async
 
 
 def assert_pruned(store: Store, population: Population, gone: list[uuid.UUID]) -> None:
@@ -374,3 +375,32 @@ async def test_a_broken_value_keeps_its_order_and_the_prune_goes_on(
     assert transition_count(store, bad) == lines > 0  # kept whole
     archived = {line["order"]["id"] for line in archive.read(tmp_path / "a.jsonl.gz")}
     assert archived == {str(i) for i in rest}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_serve_no_sweep_still_prunes(kind: str, tmp_path: Path, downstream: Downstream) -> None:
+    """`--no-sweep` turns off the recovery sweep only: retention (and the roll-up, the day
+    partitions) is every process's upkeep. Before, it went off too and nothing was pruned."""
+    with fresh_database(kind, str(tmp_path)) as url:
+        env = saga_env(
+            database_url=url,
+            services_url=downstream.url,
+            retention_seconds=0.001,
+            retention_interval=0.05,
+        )
+        served = Served(env).wait_ready()  # `serve --no-sweep`
+        try:
+            body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
+            placed = [HTTP.post(f"{served.url}/orders", json=body) for _ in range(3)]
+            assert all(r.status_code in (201, 202) for r in placed), [r.text for r in placed]
+            ids = [r.json()["id"] for r in placed]
+            wait_until(
+                lambda: all(HTTP.get(f"{served.url}/orders/{i}").status_code == 404 for i in ids),
+                30,
+                what="every completed order pruned",
+                alive=served.saga.running,
+            )
+        finally:
+            output = served.stop()
+    assert "Traceback" not in output, output

@@ -1,7 +1,9 @@
 """Test and demo controls of the reference services: health, faults, reset, effects, answers.
 
 `/_effects` and `/_operations/{key}` let tests prove "at most once" and let the orchestrator
-reconcile an unknown outcome before re-sending.
+reconcile an unknown outcome before re-sending. The fault board is in this process's
+memory (the stores' state is in SQLite): mounted in each of `serve --workers N`'s processes,
+a fault reaches only the one that took the POST.
 """
 
 from typing import Any
@@ -14,6 +16,12 @@ from downstream.schemas import Detail, FaultRequest, ValidationDetail
 
 router = APIRouter(tags=["admin"])
 
+ONE_PROCESS = (
+    " The board is this process's own, in memory: under `serve --workers N` (N > 1) each"
+    " worker has its own, so for fault injection run `order-saga services` in its own"
+    " process and point the service URLs at it."
+)
+
 
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
@@ -23,6 +31,7 @@ async def healthz() -> dict[str, str]:
 @router.post(
     "/_faults",
     status_code=status.HTTP_201_CREATED,
+    description="Queue a fault for the next `count` calls of `operation`." + ONE_PROCESS,
     responses={
         409: {"model": Detail, "description": f"{MAX_PENDING} faults are already pending"},
         422: {"model": ValidationDetail, "description": "not a valid fault"},
@@ -36,12 +45,16 @@ async def add_fault(body: FaultRequest, faults: FaultsDep) -> dict[str, Any]:
     return added.as_dict()
 
 
-@router.get("/_faults")
+@router.get("/_faults", description="The pending faults." + ONE_PROCESS)
 async def list_faults(faults: FaultsDep) -> dict[str, list[dict[str, Any]]]:
     return {"faults": [fault.as_dict() for fault in faults.pending()]}
 
 
-@router.delete("/_faults", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/_faults",
+    status_code=status.HTTP_204_NO_CONTENT,
+    description="Clear the pending faults." + ONE_PROCESS,
+)
 async def clear_faults(faults: FaultsDep) -> Response:
     faults.clear()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

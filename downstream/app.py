@@ -16,7 +16,8 @@ from downstream.store import Store
 def create_services_app(state_path: str | None = None) -> FastAPI:
     """Build the app. `state_path=None` keeps state in memory (fresh seed per app); a file
     path keeps it in SQLite (WAL), created and seeded on first use, surviving restarts.
-    Faults are always in memory. Call `app.state.store.close()` when done with the app."""
+    Faults are always in memory, this process's own (`serve --workers N`: one board per
+    worker). Call `app.state.store.close()` when done with the app."""
     app = FastAPI(
         title="order-saga reference services",
         summary="product, user (payment), inventory and shipping, with fault injection",

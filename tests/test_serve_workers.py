@@ -22,6 +22,7 @@ import pytest
 from yarl import URL
 
 from bench.meter import children, connections, listening
+from downstream.app import create_services_app
 from order_saga.cli import embedded_services_url
 from order_saga.server import pinned_cpus, port_guard
 from tests.support.processes import run_saga
@@ -272,3 +273,18 @@ def test_workers_are_pinned_only_to_cpus_the_instance_has_to_itself(
 def test_the_embedded_services_url_is_one_a_client_can_use(host: str, url: str) -> None:
     assert embedded_services_url(host, 8000) == url
     assert URL(url).port == 8000  # an IPv6 literal unbracketed is not a URL (yarl refuses)
+
+
+def test_the_fault_routes_say_the_board_is_each_process_s_own() -> None:
+    """The embedded services share their SQLite state over the workers, not the fault
+    board: a reader of /docs must not assume a fault reaches every worker (one POST under
+    `--workers 2` showed in half the GETs)."""
+    services = create_services_app()
+    try:
+        paths = services.openapi()["paths"]
+    finally:
+        services.state.store.close()
+    for method in ("post", "get", "delete"):
+        description = paths["/_faults"][method]["description"]
+        assert "each worker has its own" in description, (method, description)
+        assert "`order-saga services` in its own process" in description, (method, description)

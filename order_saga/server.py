@@ -28,6 +28,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fsm.lifeline import die_with_parent
 from fsm.settings import Settings
+from order_saga.console import environment_errors, one_line
+from order_saga.redact import redact
 
 
 class HeaderDeadline(HttpToolsProtocol):
@@ -157,7 +159,10 @@ def _worker(
     uvicorn handles SIGTERM/SIGINT only once it serves. One that comes earlier, while the
     app is being built, marks the server to stop as soon as it has started (ignored, it
     would leave this worker serving on alone). After a graceful stop uvicorn re-raises
-    the signal it stopped on: by then that only marks a finished server, a clean exit."""
+    the signal it stopped on: by then that only marks a finished server, a clean exit.
+    A start that fails for the environment (an unreachable database, an unwritable file:
+    `environment_errors`) is reported in one line, as the CLI reports it with one process;
+    anything else with its traceback (a bug)."""
     import uvicorn
 
     from order_saga.logs import flush
@@ -186,8 +191,11 @@ def _worker(
         server[0].should_exit = bool(asked)
         server[0].run(sockets=[sock])
         code = 0
-    except BaseException:  # report, then leave
-        traceback.print_exc()
+    except BaseException as exc:  # report, then leave
+        if isinstance(exc, environment_errors()):  # one line, as the CLI says it (main)
+            print(f"order-saga: {redact(one_line(exc))}", file=sys.stderr)
+        else:  # a bug: its traceback
+            traceback.print_exc()
     finally:
         flush()  # the queued log lines (os._exit skips atexit)
         sys.stderr.flush()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -117,6 +118,25 @@ def test_a_port_in_use_stops_serve_workers_before_they_start(
         second.explain()
     )
     assert "Traceback" not in output, output  # the first one served on, undisturbed
+
+
+def test_a_worker_that_cannot_start_for_its_environment_says_so_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """As `serve` with one process does: `order-saga: <error>`, no traceback per worker
+    (35 lines, two tracebacks, for a services file that cannot be opened)."""
+    with fresh_database("sqlite", str(tmp_path)) as url:
+        env = saga_env(database_url=url, services_db=str(tmp_path / "no" / "such" / "svc.db"))
+        args = ("--port", str(free_port()), "--no-sweep", "--workers", "2")
+        result = run_saga("serve", *args, env=env, timeout=60)
+    assert result.returncode == 1, result.explain()
+    assert "Traceback" not in result.stderr, result.explain()
+    lines = result.stderr.splitlines()
+    failed = "order-saga: OperationalError: unable to open database file"
+    assert failed in lines, result.explain()
+    stopped = [line for line in lines if line != failed]
+    assert all(re.fullmatch(r"serve: worker \d+ exited with 1; stopping the others", line)
+               for line in stopped), result.explain()  # fmt: skip
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the guard is Linux's abstract sockets")

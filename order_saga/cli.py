@@ -115,9 +115,14 @@ def serve(
     downstream URLs are configured)."""
     import uvicorn
 
-    from order_saga.server import serve_processes, uvicorn_options
+    from order_saga.server import listeners, serve_processes, uvicorn_options
 
     settings = load_settings()
+    if workers == 1:  # bound before anything starts: a port in use, a bad host, one line
+        try:
+            [sock] = listeners(host, port, 1)
+        except OSError as exc:  # as `--workers N` says it (main's environment errors)
+            fail(one_line(exc), 1)
     _migrate(settings)
     embedded = embedded_services_url(host, port)
 
@@ -145,7 +150,7 @@ def serve(
     # process before atexit writes the queued log lines (its "Application shutdown
     # complete" among them): this handler, restored by uvicorn, writes them first.
     signal.signal(signal.SIGTERM, _flush_then_die)
-    uvicorn.run(
+    config = uvicorn.Config(  # host and port only name the socket in uvicorn's log line
         application(),
         host=host,
         port=port,
@@ -153,6 +158,11 @@ def serve(
         log_config=None,
         **uvicorn_options(settings),
     )
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: a clean stop, as uvicorn.run
+        server.run(sockets=[sock])
+    if not server.started:  # the app's start-up failed (logged): uvicorn.run's exit code
+        raise typer.Exit(3)
 
 
 def _flush_then_die(signum: int, _frame: object) -> None:

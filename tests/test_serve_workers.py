@@ -16,6 +16,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -118,6 +119,32 @@ def test_a_port_in_use_stops_serve_workers_before_they_start(
         second.explain()
     )
     assert "Traceback" not in output, output  # the first one served on, undisturbed
+
+
+@pytest.mark.parametrize(
+    ("host", "error"),
+    [
+        ("127.0.0.1", "OSError: [Errno 98] Address already in use"),  # the port held below
+        ("nonexistent.invalid", "gaierror: [Errno -2] Name or service not known"),
+    ],
+)
+def test_serve_that_cannot_listen_stops_in_one_line_before_it_starts(
+    host: str, error: str, tmp_path: Path
+) -> None:
+    """One process, as `--workers N` does: the socket is bound first, so nothing was
+    migrated or started (before: the whole app started, then failed in log lines, exit 3)."""
+    held = socket.create_server(("127.0.0.1", 0))
+    port = held.getsockname()[1]
+    try:
+        with fresh_database("sqlite", str(tmp_path)) as url:
+            env = saga_env(database_url=url)
+            args = ("--host", host, "--port", str(port), "--no-sweep")
+            result = run_saga("serve", *args, env=env, timeout=60)
+    finally:
+        held.close()
+    assert result.returncode == 1, result.explain()
+    assert result.stderr == f"order-saga: {error}\n", result.explain()
+    assert not (tmp_path / "saga.db").exists(), "serve migrated before it could listen"
 
 
 def test_a_worker_that_cannot_start_for_its_environment_says_so_in_one_line(

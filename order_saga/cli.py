@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -339,12 +340,16 @@ METRICS_PORTS = 16
 
 
 def first_free(start: int, serve: Callable[[int], object]) -> int | None:
-    """Call `serve(port)` on the first port from `start` that binds; None if none does."""
+    """Call `serve(port)` on the first port from `start` that binds; None if all are in
+    use. Any other OSError (a host that does not resolve or is not this machine's, a port
+    not ours to bind) is raised: the next port would fail the same way."""
     for port in range(start, min(start + METRICS_PORTS, 65536)):
         try:
             serve(port)
-        except OSError:
-            continue
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                continue
+            raise
         return port
     return None
 
@@ -406,7 +411,11 @@ def worker(
                 )
                 serve_metrics = partial(start_http_server, addr=metrics_host, registry=registry_)
                 log = logging.getLogger("order_saga.worker")
-                port = first_free(settings.worker_metrics_port, serve_metrics)
+                try:
+                    port = first_free(settings.worker_metrics_port, serve_metrics)
+                except OSError as exc:  # not a port taken: nothing to serve /metrics on
+                    where = f"{metrics_host}:{settings.worker_metrics_port}"
+                    fail(f"--metrics-host: cannot serve /metrics on {where}: {one_line(exc)}")
                 if port is None:
                     log.warning(
                         "no /metrics: ports %s-%s are all taken (set --metrics-port)",

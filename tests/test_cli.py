@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from sqlmodel import SQLModel
 from downstream.seed import ORDINARY_USER_ID, RICH_USER_ID, WIDGET_ID
 from fsm.store import Store, make_engine
 from fsm.wiring import open_store
+from order_saga.cli import first_free
 from tests.support.processes import Saga, command, run_cli
 from tests.support.services import Downstream
 from tests.support.settings import saga_env, saga_settings
@@ -287,3 +290,36 @@ async def test_the_tables_print_urls_reasons_and_errors_as_they_are(
     # What the list shows is what `webhooks remove` finds.
     removed = run_cli("webhooks", "remove", BRACKETS_URL, **env)
     assert removed.returncode == 0, removed.stderr
+
+
+def test_worker_metrics_on_a_host_it_cannot_bind_is_a_usage_error(
+    tmp_path: Path,
+) -> None:
+    """Not "ports 19500-19515 are all taken" and a worker running on without /metrics: the
+    next port would fail the same way. One line, exit 2."""
+    url = f"sqlite:///{tmp_path}/saga.db"
+    assert run_cli("db", "upgrade", ORDER_SAGA_DATABASE_URL=url).returncode == 0
+    args = ("--metrics-host", "no.such.host.invalid", "--metrics-port", "19500")
+    result = run_cli("worker", *args, ORDER_SAGA_DATABASE_URL=url)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        "order-saga: --metrics-host: cannot serve /metrics on no.such.host.invalid:19500:"
+        " gaierror: [Errno -2] Name or service not known\n"
+    )
+
+
+def test_worker_metrics_take_the_next_port_only_when_one_is_in_use() -> None:
+    tried: list[int] = []
+
+    def serve(port: int) -> None:
+        tried.append(port)
+        if port < 9466:
+            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+
+    assert first_free(9464, serve) == 9466 and tried == [9464, 9465, 9466]
+
+    def refused(port: int) -> None:
+        raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
+
+    with pytest.raises(OSError, match="Cannot assign requested address"):
+        first_free(9464, refused)

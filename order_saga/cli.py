@@ -128,7 +128,7 @@ def serve(
     embedded = embedded_services_url(host, port)
 
     def application() -> Any:  # in each process (`--workers N`: after the fork)
-        from api.app import create_app  # and prometheus_client with it (server.shared_metrics)
+        from api.app import create_app  # and prometheus_client with it (order_saga.metrics_dir)
 
         app = create_app(settings, embedded_url=embedded, sweep=sweep)
         heap.settle()

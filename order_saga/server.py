@@ -14,13 +14,11 @@ import asyncio
 import contextlib
 import errno
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,6 +27,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from fsm.lifeline import die_with_parent
 from fsm.settings import Settings
 from order_saga.console import environment_errors, one_line
+from order_saga.metrics_dir import shared_metrics
 from order_saga.redact import redact
 
 
@@ -245,34 +244,6 @@ def serve_processes(
     finally:
         if guard is not None:
             guard.close()
-
-
-# -- /metrics summed over the workers ----------------------------------------------------
-
-MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
-
-
-@contextlib.contextmanager
-def shared_metrics(workers: int) -> Iterator[None]:
-    """With several workers, a fresh private directory in `PROMETHEUS_MULTIPROC_DIR` for
-    the block, removed after it: a scrape reaches one worker, which then serves all of
-    theirs summed (fsm.metrics.registry) instead of only its own (11 orders split 3/8
-    scraped as 3 or 8, never 11, and Prometheus saw resets). prometheus_client chooses
-    where values live when it is imported, so the parent must not have imported it: each
-    worker does, after the fork, and writes its own files there."""
-    if workers < 2:
-        yield
-        return
-    if "prometheus_client" in sys.modules:  # its values would stay in each worker's memory
-        raise RuntimeError("prometheus_client was imported before the workers' fork")
-    os.environ[MULTIPROC_DIR] = tempfile.mkdtemp(prefix="order-saga-metrics-")
-    try:
-        yield
-    finally:
-        shutil.rmtree(os.environ.pop(MULTIPROC_DIR), ignore_errors=True)
-
-
-# -------------------------------------------------------------------------------------------
 
 
 def _serve_processes(

@@ -1,21 +1,27 @@
 """`/metrics` of `serve --workers 2`: whichever worker answers a scrape serves the counts of
 all of them (prometheus_client's multiprocess mode, in a directory the parent makes and
-removes). Before, each scrape showed the one worker's own: 11 orders split 3/8 were
-scraped as 3 or 8, never 11, and Prometheus saw each change of worker as a reset.
+removes, or the next serve when it was killed outright). Before, each scrape showed the one
+worker's own: 11 orders split 3/8 were scraped as 3 or 8, never 11, and Prometheus saw each
+change of worker as a reset.
 
 Every request opens a fresh connection, so the kernel spreads them over both workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.meter import children
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
+from order_saga.metrics_dir import PREFIX, hold
 from tests.support.api import TERMINAL
 from tests.support.events import FAST_EVENTS, sink_seen
 from tests.support.processes import run_saga
@@ -116,3 +122,55 @@ def test_each_delivery_of_the_workers_relays_is_counted_once(
     sent = len(seen["events"]) + seen["duplicates"]
     delivered = [sum(_samples(t, "order_saga_outbox_deliveries_total").values()) for t in scrapes]
     assert delivered == [sent] * SCRAPES, (delivered, seen, output)
+
+
+def _exited(pid: int) -> bool:
+    """No /proc entry, or a zombie nobody has reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_the_metrics_directory_of_a_parent_killed_outright_goes_at_the_next_start(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """kill -9 skips the parent's cleanup: its directory stayed in TMPDIR for good, one
+    per crash. The next `serve --workers` removes it, but never one a live serve holds
+    (here this test holds one) nor one without the lock file (not known to be ours)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    live, foreign = scratch / f"{PREFIX}live", scratch / f"{PREFIX}foreign"
+    live.mkdir()
+    foreign.mkdir()
+    held = hold(str(live))
+    try:
+        with fresh_database("sqlite", str(tmp_path)) as url:
+            env = saga_env(database_url=url, services_url=downstream.url) | {"TMPDIR": str(scratch)}
+            first = Served(env, "--workers", "2").wait_ready()
+            workers = wait_until(
+                lambda: len(found := children(first.saga.process.pid)) == 2 and found,
+                30,
+                what="serve's two workers",
+            )
+            [stale] = set(scratch.iterdir()) - {live, foreign}
+            try:
+                first.saga.process.kill()
+                wait_until(lambda: all(map(_exited, workers)), 30, what="the workers gone")
+            finally:
+                for pid in workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                first.saga.wait()
+            assert stale.is_dir()  # left behind by the kill
+            second = Served(env, "--workers", "2").wait_ready()
+            try:
+                left = set(scratch.iterdir())
+            finally:
+                output = second.stop()
+    finally:
+        os.close(held)
+    assert stale not in left, (left, output)
+    assert {live, foreign} < left and len(left) == 3, (left, output)  # + the second's own
+    assert set(scratch.iterdir()) == {live, foreign}, output

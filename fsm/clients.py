@@ -3,8 +3,10 @@
 Every answer is classified here, once, into the three outcomes of SPEC §2: a returned
 dict (2xx), `BusinessFailure` (a definite 4xx "no") or `TransientFailure` (5xx, timeout,
 connection error, unreadable body: the effect may or may not have happened). A lone
-surrogate in an answer (a service that cut a string mid-emoji) becomes U+FFFD here: no
-such string reaches the engine, which could neither store nor serve it.
+surrogate or a NUL in an answer's strings (a service that cut a string mid-emoji) becomes
+U+FFFD here, and an error's text (detail, reason phrase) is made storable
+(`fsm.text.storable`: one line, capped): no such string reaches the engine, which could
+neither store nor serve it.
 
 The calls go out through a `Transport`: `AiohttpTransport` (aiohttp's pool directly, what
 `fsm.wiring` builds: one client layer, the cheapest per call, BENCHMARKS.md "The HTTP
@@ -23,6 +25,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fsm.errors import BusinessFailure, NotFound, TransientFailure
+from fsm.text import storable
 
 if TYPE_CHECKING:  # each transport imports its library: a command that calls no service
     import aiohttp  # (`orders list`, `keys`, ...) imports neither (~150 ms a process)
@@ -34,9 +37,10 @@ Answer = dict[str, Any]
 _RETRYABLE_4XX = {408, 425, 429}
 
 # `json.loads` lets lone surrogates through, as `\ud800` escapes or as their (invalid)
-# UTF-8 bytes. Only a body holding either is walked: one C-speed scan, no re-encoding.
-_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF]|\xed[\xa0-\xbf]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+# UTF-8 bytes, and NUL as `\u0000` (which no PostgreSQL text column takes). Only a body
+# holding either is walked: one C-speed scan, no re-encoding.
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF]|\xed[\xa0-\xbf]|\\u0000")
+_SURROGATE = re.compile("[\x00\ud800-\udfff]")
 
 
 class ReconcilingService(Protocol):
@@ -169,7 +173,7 @@ class HttpService:
         try:
             reply = await self.transport.request(method, url, body=json, headers=headers)
         except TransientFailure as exc:  # the transport's, which does not know the path
-            raise TransientFailure(f"{method} {path}: {exc}") from exc
+            raise TransientFailure(storable(f"{method} {path}: {exc}")) from exc
         return classify(method, path, reply.status, reply.reason, _parse(reply.body))
 
     async def lookup(self, key: str) -> Answer | None:
@@ -200,8 +204,9 @@ def _parse(body: bytes) -> Any:
 
 
 def _readable(value: Any) -> Any:
-    """`value` with each lone surrogate replaced by U+FFFD (a valid pair was already joined
-    by the parser), so every string of an answer encodes as UTF-8."""
+    """`value` with each lone surrogate and NUL replaced by U+FFFD (a valid pair was
+    already joined by the parser), so every string of an answer encodes as UTF-8 and fits
+    a text column."""
     if isinstance(value, str):
         return _SURROGATE.sub("\ufffd", value)
     if isinstance(value, dict):
@@ -224,7 +229,8 @@ def classify(method: str, path: str, status: int, reason: str, body: Any) -> Ans
             raise TransientFailure(f"{method} {path}: unreadable body", status=status)
         return body
     message = body.get("detail") if isinstance(body, dict) else None
-    text = f"{method} {path}: {status} {message or reason}"
+    # The one place an error's text is built from the answer: storable from here on.
+    text = storable(f"{method} {path}: {status} {message or reason}")
     if status == 404:
         raise NotFound(text, status=status, body=body)
     if 400 <= status < 500 and status not in _RETRYABLE_4XX:

@@ -225,8 +225,7 @@ class Executor:
         order stays where it is, its steps are never skipped (SPEC §3)."""
         runs = order.attempts.get(CRASHED_RUN, 0) + 1
         pause = doubling(self.policy.backoff_max, self.policy.park_max, runs)
-        # As a message may quote the very value that failed: always storable.
-        error = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode()
+        error = f"{type(exc).__name__}: {exc}"  # the store makes it storable
         try:
             await self.store.note_attempt(
                 order=order, owner=self.owner, call=CRASHED_RUN, error=error,

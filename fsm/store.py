@@ -42,6 +42,7 @@ from fsm.machine import (
 )
 from fsm.models import ORDER_COLUMNS, STATE_COLUMN, Order
 from fsm.queries import Reads, utcnow
+from fsm.text import storable
 from fsm.version import MACHINE_VERSION
 
 # make_engine and utcnow re-exported: callers that knew them here keep working.
@@ -243,8 +244,11 @@ class Store(Reads):
     ) -> None:
         """Persist the retry schedule of one call (count, last error, next attempt) and log
         the attempt in `attempts` (the failure path only). `waiting_on`: the call did not
-        fail but waits for that service's open breaker (no attempt spent; next = probe)."""
+        fail but waits for that service's open breaker (no attempt spent; next = probe).
+        `error` is stored as `fsm.text.storable` makes it (one line, capped, encodable):
+        the write never fails on what a message quotes."""
         n = order.attempts.get(call, 0) + (0 if waiting_on else 1)
+        error = None if error is None else storable(error)
         values: dict[str, Any] = {"last_error": error, "next_attempt_at": next_attempt_at}
         if not waiting_on:
             values["attempts"] = {**order.attempts, call: n}

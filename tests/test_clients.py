@@ -6,6 +6,7 @@ client's, too)."""
 from __future__ import annotations
 
 import asyncio
+import json as jsonlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -15,6 +16,7 @@ import pytest
 from fsm.clients import Answer, HttpService
 from fsm.errors import BusinessFailure, NotFound, TransientFailure
 from fsm.settings import Settings
+from fsm.text import MAX_ERROR_CHARS
 from fsm.wiring import http_client
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -195,3 +197,41 @@ async def test_a_lookup_without_a_valid_status_code_is_transient(body: bytes) ->
     async with raw_server(answering(http_answer("200 OK", body))) as url:
         with pytest.raises(TransientFailure, match="no valid status_code"):
             await call(url, lookup)
+
+
+# ---- what an answer may hold: storable, bounded -------------------------------------------
+
+HOSTILE_DETAIL = "refus\u00e9\u0000\n2026-12-01 INFO order 1 completed" + "x" * 100_000
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(
+            b"HTTP/1.1 500 Erreur de paiement refus\xe9\r\nContent-Length: 0\r\n"
+            b"Connection: close\r\n\r\n",
+            id="latin-1-reason-phrase",
+        ),
+        pytest.param(
+            http_answer(
+                "500 Internal Server Error", jsonlib.dumps({"detail": HOSTILE_DETAIL}).encode()
+            ),
+            id="nul-newline-and-100k-in-the-detail",
+        ),
+    ],
+)
+async def test_an_error_text_is_one_storable_capped_line(raw: bytes) -> None:
+    """Before, aiohttp's surrogate-escaped reason phrase (Latin-1 é as '\\udce9') and a
+    detail's NUL made the write of `last_error` fail (the order stuck in steps_running for
+    good), and a detail's newlines and size went into every attempt's log line."""
+    async with raw_server(answering(raw)) as url:
+        with pytest.raises(TransientFailure) as failed:
+            await call(url)
+    text = str(failed.value)
+    text.encode()  # no lone surrogate
+    assert text.startswith("POST /users/deduct: 500 ")
+    assert not any(char in text for char in "\x00\n\r")
+    assert len(text) <= MAX_ERROR_CHARS + 1
+    if "refus\ufffd" not in text:  # the detail: NUL as U+FFFD (as in any answer), a newline
+        assert "refus\u00e9\ufffd\\n2026-12-01 INFO" in text  # escaped, not dropped
+        assert text.endswith("x\u2026")

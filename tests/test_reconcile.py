@@ -22,6 +22,7 @@ from fsm.executor import Executor
 from fsm.models import Order
 from fsm.retry import CRASHED_RUN
 from fsm.store import Store, utcnow
+from fsm.text import MAX_ERROR_CHARS
 from fsm.wiring import build_executor
 from tests.support.api import WIDGET_PRICE
 from tests.support.gateway import Gateway, Rule, answering, behind_gateway
@@ -333,3 +334,23 @@ async def test_a_run_that_crashes_says_why_and_is_run_again_after_a_pause(
         assert (await fixed.run(order.id)).status == "completed"
     finally:
         await fixed.aclose()
+
+
+async def test_a_hostile_error_detail_is_noted_and_the_other_steps_go_on(
+    store: Store, gateway: Gateway, engine: Callable[..., Executor]
+) -> None:
+    """A 500 whose detail holds a NUL, a newline and 100 KB. Before, on PostgreSQL the
+    write of `last_error` raised DataError: the run crashed, cancelling the two other calls
+    in flight (their outcomes lost), and the order stood in steps_running with no word of
+    why; on SQLite the whole detail went on the order and into every attempt's row."""
+    detail = "refus\u00e9\u0000\nINFO order 1 completed" + "x" * 100_000
+    gateway.rule = answering("/users/deduct", 500, {"detail": detail})
+    order = await first_run(store, engine())
+    stored = store.get(order.id)
+    assert stored.state_of("inventory") == stored.state_of("shipping") == "succeeded"
+    assert stored.state_of("payment") == "requested"  # unknown: retried by the next run
+    error = stored.last_error
+    assert error is not None and error.startswith(
+        "POST /users/deduct: 500 refus\u00e9\ufffd\\nINFO"
+    )
+    assert "\n" not in error and len(error) <= MAX_ERROR_CHARS + 1

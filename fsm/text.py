@@ -1,0 +1,37 @@
+"""Text from outside (a service's error detail or reason phrase, an exception's message)
+made storable and safe to log, in one function: `fsm.clients` applies it where an error's
+text is built, `fsm.store` again before `last_error` is written. No I/O, no imports of
+the project: any module may use it.
+"""
+
+from __future__ import annotations
+
+import re
+
+# An error's text on the order (`last_error`), in the attempts log and in a log line: long
+# enough for any real message, short enough that a 2 MB "detail" costs nothing per attempt.
+MAX_ERROR_CHARS = 500
+
+# C0 controls but the tab (a newline would forge a log line; NUL is refused by a
+# PostgreSQL text column), DEL, C1 controls, and lone surrogates (not encodable as UTF-8:
+# aiohttp decodes a Latin-1 reason phrase with surrogateescape).
+_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    return "\ufffd" if "\ud800" <= char <= "\udfff" else ascii(char)[1:-1]  # \n, \x00
+
+
+def storable(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`text` on one line, every character encodable as UTF-8 and storable in any text
+    column (controls escaped as `\\n`, `\\x00`; a lone surrogate as U+FFFD), cut to at
+    most `limit` characters plus a trailing "…". A clean short text is returned as is."""
+    cut = len(text) > limit
+    if cut:
+        text = text[:limit]
+    if _UNSAFE.search(text):
+        text = _UNSAFE.sub(_escaped, text)
+        if len(text) > limit:
+            text, cut = text[:limit], True
+    return f"{text}…" if cut else text

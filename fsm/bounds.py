@@ -16,3 +16,8 @@ MAX_COUNT = 2**63 - 1
 # A SQL INTEGER (PostgreSQL: 4 bytes): an id of a user or a product (the API's bound too),
 # a transition's seq.
 MAX_ID = 2**31 - 1
+
+# The order's columns a shipping answer fills (fsm.steps.Shipping): `expected_delivery` is
+# a varchar(40) (migration 0001); the address column has no width, the cap keeps a row small.
+MAX_DELIVERY_CHARS = 40
+MAX_ADDRESS_CHARS = 500

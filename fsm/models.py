@@ -33,6 +33,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlmodel import Field, SQLModel
 
 from fsm import partitions
+from fsm.bounds import MAX_DELIVERY_CHARS
 from fsm.machine import StepState
 from fsm.registry import STEPS
 
@@ -64,7 +65,7 @@ class OrderTable(SQLModel, table=True):
     shipping_state: str = Field(max_length=32)
 
     shipping_address: str | None = None
-    expected_delivery: str | None = Field(default=None, max_length=40)
+    expected_delivery: str | None = Field(default=None, max_length=MAX_DELIVERY_CHARS)
 
     # Optimistic concurrency: every state write checks and bumps it; it is also the
     # sequence number of the transition that write records.

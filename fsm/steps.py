@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from fsm.bounds import MAX_ADDRESS_CHARS, MAX_DELIVERY_CHARS
 from fsm.clients import Answer, InventoryService, ReconcilingService, ShippingService, UserService
 
 
@@ -88,9 +89,14 @@ class Inventory(_NoChanges):
         )
 
 
+def _text(value: Any, width: int) -> str | None:
+    return value[:width] if isinstance(value, str) else None
+
+
 @dataclass(frozen=True)
 class Shipping:
-    """Schedule the shipment (its address and delivery date land on the order); cancel it."""
+    """Schedule the shipment (its address and delivery date, when strings, land on the
+    order); cancel it."""
 
     service: ShippingService
 
@@ -103,9 +109,12 @@ class Shipping:
         return await self.service.cancel(order_id=str(order.id), key=key)
 
     def forward_changes(self, answer: Answer) -> dict[str, Any]:
+        """The answer's address and delivery date for the order's typed columns: a string
+        cut to the column's width, anything else (an object, a number) None; the whole
+        answer stays in the step's transition detail."""
         return {
-            "shipping_address": answer.get("address"),
-            "expected_delivery": answer.get("expected_delivery"),
+            "shipping_address": _text(answer.get("address"), MAX_ADDRESS_CHARS),
+            "expected_delivery": _text(answer.get("expected_delivery"), MAX_DELIVERY_CHARS),
         }
 
     def undo_changes(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import pytest
 
 from downstream.seed import ORDINARY_USER_ID, POOR_USER_ID, WIDGET_ID
 from fsm import why
+from fsm.bounds import MAX_ADDRESS_CHARS, MAX_DELIVERY_CHARS
 from fsm.clients import Answer, Services
 from fsm.executor import Executor
 from fsm.models import Order
@@ -68,9 +69,15 @@ def payment(store: Store, order: Order) -> list[str]:
 
 
 def cut_mid_emoji(path: str, template: str) -> Rule:
+    """The gateway answers 200 to `path` with `template` (`answering_200`), whose string
+    holds a lone surrogate escape: a service that cut a string in the middle of an emoji's
+    surrogate pair, as JavaScript and Java string slicing can."""
+    return answering_200(path, template)
+
+
+def answering_200(path: str, template: str) -> Rule:
     """The gateway answers 200 to `path` with `template` (JSON text, `{order_id}` filled
-    in), whose string holds a lone surrogate escape: a service that cut a string in the
-    middle of an emoji's surrogate pair, as JavaScript and Java string slicing can."""
+    in) in the service's place."""
 
     def rule(request: httpx.Request, n: int) -> httpx.Response | None:
         if not request.url.path.startswith(path):
@@ -354,3 +361,52 @@ async def test_a_hostile_error_detail_is_noted_and_the_other_steps_go_on(
         "POST /users/deduct: 500 refus\u00e9\ufffd\\nINFO"
     )
     assert "\n" not in error and len(error) <= MAX_ERROR_CHARS + 1
+
+
+LONG_DATE = "2026-12-05T17:00:00+01:00[Europe/Amsterdam]"  # 43 characters
+
+
+@pytest.mark.parametrize(
+    ("fields", "address", "delivery"),
+    [
+        pytest.param(
+            {"address": {"line1": "Main St 1", "country": "NL"}, "expected_delivery": "2026-12-05"},
+            None,
+            "2026-12-05",
+            id="address-object",
+        ),
+        pytest.param(
+            {"address": "Main St 1", "expected_delivery": LONG_DATE},
+            "Main St 1",
+            LONG_DATE[:MAX_DELIVERY_CHARS],
+            id="date-longer-than-its-column",
+        ),
+        pytest.param(
+            {"address": "x" * 10_000, "expected_delivery": 20261205},
+            "x" * MAX_ADDRESS_CHARS,
+            None,
+            id="long-address-numeric-date",
+        ),
+    ],
+)
+async def test_a_shipping_answer_of_another_shape_completes_the_order(
+    fields: dict[str, Any],
+    address: str | None,
+    delivery: str | None,
+    store: Store,
+    gateway: Gateway,
+    engine: Callable[..., Executor],
+) -> None:
+    """Before, the answer's fields went into the order's typed columns as they came: an
+    address object failed the write on both databases, a 43-character date on
+    PostgreSQL's varchar(40); payment and stock taken, the shipment scheduled, and every
+    run repeated the crash. Now only strings reach the columns, cut to their width; the
+    whole answer is in the step's transition."""
+    answer = {"status": "scheduled", **fields}
+    gateway.rule = answering_200("/shipping/schedule", json.dumps(answer))
+    order = await first_run(store, engine())
+    assert order.status == "completed"
+    stored = store.get(order.id)
+    assert (stored.shipping_address, stored.expected_delivery) == (address, delivery)
+    shipped = [t.detail for t in store.history(order.id) if t.scope == "shipping"][-1]
+    assert shipped == answer

@@ -2,11 +2,11 @@
 
 Every answer is classified here, once, into the three outcomes of SPEC §2: a returned
 dict (2xx), `BusinessFailure` (a definite 4xx "no") or `TransientFailure` (5xx, timeout,
-connection error, unreadable body: the effect may or may not have happened). A lone
-surrogate or a NUL in an answer's strings (a service that cut a string mid-emoji) becomes
-U+FFFD here, and an error's text (detail, reason phrase) is made storable
-(`fsm.text.storable`: one line, capped): no such string reaches the engine, which could
-neither store nor serve it.
+connection error, unreadable body -- not JSON, or NaN/Infinity in it: the effect may or
+may not have happened). A lone surrogate or a NUL in an answer's strings (a service that
+cut a string mid-emoji) becomes U+FFFD here, and an error's text (detail, reason phrase)
+is made storable (`fsm.text.storable`: one line, capped): no such value reaches the
+engine, which could neither store nor serve it.
 
 The calls go out through a `Transport`: `AiohttpTransport` (aiohttp's pool directly, what
 `fsm.wiring` builds: one client layer, the cheapest per call, BENCHMARKS.md "The HTTP
@@ -18,6 +18,7 @@ never lets a transport library's own exception out.
 from __future__ import annotations
 
 import json as jsonlib
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,9 +196,29 @@ class HttpService:
         return classify("replay", key, status, _phrase(status), stored.get("body"))
 
 
+def _finite(literal: str) -> float:
+    number = float(literal)
+    if not math.isfinite(number):  # 1e999
+        raise ValueError(f"number out of range: {literal[:20]}")
+    return number
+
+
+def _no_constant(literal: str) -> Any:
+    raise ValueError(f"not a JSON number: {literal}")
+
+
+# Strict JSON numbers: NaN, Infinity (Python's json.dumps writes them) and a float that
+# overflows could not be stored (PostgreSQL's json type refuses them) nor served.
+_DECODER = jsonlib.JSONDecoder(parse_float=_finite, parse_constant=_no_constant)
+
+
 def _parse(body: bytes) -> Any:
+    """The answer's JSON, or None if unreadable (not JSON, or not storable: NaN, Infinity,
+    a float out of range). Lone surrogates and NUL in its strings become U+FFFD."""
     try:
-        document = jsonlib.loads(body)
+        # As json.loads reads bytes (UTF-8/16/32; a surrogate's bytes kept, then replaced).
+        text = body.decode(jsonlib.detect_encoding(body), "surrogatepass")
+        document = _DECODER.decode(text)
         return _readable(document) if _MAYBE_SURROGATE.search(body) else document
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
         return None

@@ -235,3 +235,26 @@ async def test_an_error_text_is_one_storable_capped_line(raw: bytes) -> None:
     if "refus\ufffd" not in text:  # the detail: NUL as U+FFFD (as in any answer), a newline
         assert "refus\u00e9\ufffd\\n2026-12-01 INFO" in text  # escaped, not dropped
         assert text.endswith("x\u2026")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b'{"eta_hours": NaN}', id="NaN"),
+        pytest.param(b'{"eta_hours": Infinity}', id="Infinity"),
+        pytest.param(b'{"eta_hours": [-Infinity]}', id="minus-Infinity"),
+        pytest.param(b'{"eta_hours": 1e999}', id="a-float-that-overflows"),
+    ],
+)
+async def test_a_number_no_database_can_store_is_an_unreadable_answer(body: bytes) -> None:
+    """Python's json.dumps writes NaN and Infinity; json.loads took them (and 1e999 as
+    inf). Before, such an answer was a success, and on PostgreSQL its transition could not
+    be written (invalid input syntax for type json): the step stood requested for good."""
+    async with raw_server(answering(http_answer("200 OK", body))) as url:
+        with pytest.raises(TransientFailure, match="unreadable body"):
+            await call(url)
+
+
+async def test_a_finite_float_is_still_read() -> None:
+    async with raw_server(answering(http_answer("200 OK", b'{"eta_hours": 1.5e3}'))) as url:
+        assert await call(url) == {"eta_hours": 1500.0}

@@ -21,3 +21,7 @@ MAX_ID = 2**31 - 1
 # a varchar(40) (migration 0001); the address column has no width, the cap keeps a row small.
 MAX_DELIVERY_CHARS = 40
 MAX_ADDRESS_CHARS = 500
+
+# orders.amount (cents: price x quantity), a BIGINT (revision 0011; SQLite's INTEGER): a
+# product whose amount would not fit is refused at the lookup (invalid_product).
+MAX_AMOUNT = 2**63 - 1

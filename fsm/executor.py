@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coro
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -33,6 +33,7 @@ from tenacity import (
 )
 
 from fsm import events, metrics, operator
+from fsm.bounds import MAX_AMOUNT
 from fsm.breaker import Breaker, call_through
 from fsm.clients import Answer, Services
 from fsm.errors import (
@@ -367,7 +368,8 @@ class Executor:
             await self._fire(order, "order", OrderTrigger.DEADLINE, detail=self._why(order))
             return True
         price = product.get("price")
-        if not isinstance(price, int) or isinstance(price, bool) or price < 0:
+        amount = price * order.quantity if _is_price(price) else None
+        if amount is None or amount > MAX_AMOUNT:  # past it, the amount column cannot hold it
             detail = {"error": "invalid_product", "product": product}
             await self._fire(order, "order", OrderTrigger.PRODUCT_UNAVAILABLE, detail=detail)
             return True
@@ -377,7 +379,7 @@ class Executor:
             "order",
             OrderTrigger.PRODUCT_FOUND,
             detail={"product": product},
-            amount=price * order.quantity,
+            amount=amount,
             deadline_at=deadline,
         )
         return True
@@ -615,3 +617,8 @@ class Executor:
 
 def _step_states(order: Order) -> dict[Step, StepState]:
     return {step: StepState(order.state_of(step)) for step in STEP_NAMES}
+
+
+def _is_price(value: Any) -> TypeGuard[int]:
+    """A price in cents: a whole number, not negative (JSON true is no price)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -56,7 +56,8 @@ class OrderTable(SQLModel, table=True):
     user_id: int
     product_id: int
     quantity: int
-    amount: int | None = None  # cents: price x quantity, fixed at product lookup
+    # cents: price x quantity, fixed at product lookup; 8 bytes (revision 0011)
+    amount: int | None = Field(default=None, sa_type=BigInteger().with_variant(Integer(), "sqlite"))
 
     state: str = Field(max_length=32)  # the order machine's exact state
     status: str = Field(max_length=32)  # coarse status shown by the API

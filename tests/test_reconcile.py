@@ -17,7 +17,7 @@ import pytest
 
 from downstream.seed import ORDINARY_USER_ID, POOR_USER_ID, WIDGET_ID
 from fsm import why
-from fsm.bounds import MAX_ADDRESS_CHARS, MAX_DELIVERY_CHARS
+from fsm.bounds import MAX_ADDRESS_CHARS, MAX_AMOUNT, MAX_DELIVERY_CHARS
 from fsm.clients import Answer, Services
 from fsm.executor import Executor
 from fsm.models import Order
@@ -410,3 +410,55 @@ async def test_a_shipping_answer_of_another_shape_completes_the_order(
     assert (stored.shipping_address, stored.expected_delivery) == (address, delivery)
     shipped = [t.detail for t in store.history(order.id) if t.scope == "shipping"][-1]
     assert shipped == answer
+
+
+def priced(price: int) -> Rule:
+    """The gateway answers the product lookup itself: the widget at `price` cents."""
+    product = {"id": WIDGET_ID, "category": "gadgets", "description": "widget", "price": price}
+    return answering_200("/products/", json.dumps(product))
+
+
+@pytest.mark.parametrize(
+    ("price", "quantity"),
+    [
+        pytest.param(MAX_AMOUNT + 1, 1, id="a-price-beyond-int64"),
+        pytest.param(MAX_AMOUNT // 2 + 1, 2, id="an-amount-beyond-int64"),
+    ],
+)
+async def test_an_amount_the_column_cannot_hold_is_an_invalid_product(
+    price: int, quantity: int, store: Store, gateway: Gateway, engine: Callable[..., Executor]
+) -> None:
+    """Before, price x quantity went to the amount column unchecked: OverflowError (SQLite)
+    or NumericValueOutOfRange (PostgreSQL) at every run, the order in product_requested
+    for good with no word of why. Now it is refused at the lookup as any invalid price."""
+    gateway.rule = priced(price)
+    executor = engine()
+    order, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=quantity, owner=executor.owner
+    )
+    try:
+        order = await executor.drive(order)
+    finally:
+        await executor.aclose()
+    assert (order.state, order.amount) == ("failed", None)
+    (last,) = store.history(order.id)[-1:]
+    assert last.trigger == "product_unavailable" and last.detail["error"] == "invalid_product"
+
+
+async def test_a_3000_dollar_product_times_10000_units_fits_the_amount(
+    store: Store, gateway: Gateway, engine: Callable[..., Executor], downstream: Downstream
+) -> None:
+    """3,000,000,000 cents: beyond PostgreSQL's 4-byte INTEGER, which the amount column was
+    (NumericValueOutOfRange, the order stuck in product_requested); BIGINT since 0011."""
+    gateway.rule = priced(300_000)
+    executor = engine()
+    order, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=10_000, owner=executor.owner
+    )
+    try:
+        order = await executor.drive(order)
+    finally:
+        await executor.aclose()
+    assert store.get(order.id).amount == 3_000_000_000
+    assert order.status in ("completed", "failed")  # the user service decides; it is asked
+    assert payment(store, order)[:1] == ["request"]

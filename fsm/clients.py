@@ -3,10 +3,11 @@
 Every answer is classified here, once, into the three outcomes of SPEC §2: a returned
 dict (2xx), `BusinessFailure` (a definite 4xx "no") or `TransientFailure` (5xx, timeout,
 connection error, unreadable body -- not JSON, or NaN/Infinity in it: the effect may or
-may not have happened). A lone surrogate or a NUL in an answer's strings (a service that
-cut a string mid-emoji) becomes U+FFFD here, and an error's text (detail, reason phrase)
-is made storable (`fsm.text.storable`: one line, capped): no such value reaches the
-engine, which could neither store nor serve it.
+may not have happened). A body is read to at most 1 MiB decoded (`fsm.body`); a lone
+surrogate or a NUL in an answer's strings (a service that cut a string mid-emoji) becomes
+U+FFFD here, and an error's text (detail, reason phrase) is made storable
+(`fsm.text.storable`: one line, capped): no such value reaches the engine, which could
+neither store nor serve it.
 
 The calls go out through a `Transport`: `AiohttpTransport` (aiohttp's pool directly, what
 `fsm.wiring` builds: one client layer, the cheapest per call, BENCHMARKS.md "The HTTP
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol
 
+from fsm.body import ACCEPTED_ENCODINGS, MAX_BODY, Body
 from fsm.errors import BusinessFailure, NotFound, TransientFailure
 from fsm.text import storable
 
@@ -109,6 +111,10 @@ class AiohttpTransport:
             connector=connector,
             timeout=self.timeout,
             cookie_jar=aiohttp.DummyCookieJar(),  # services set none; skip the jar's work
+            # The body is decoded by fsm.body, bounded, not by aiohttp (which inflates a
+            # whole chunk at once: 30 KB of gzip made 30 MB).
+            auto_decompress=False,
+            headers={"Accept-Encoding": ACCEPTED_ENCODINGS},
             json_serialize=jsonlib.dumps,
         )
         return self
@@ -126,7 +132,15 @@ class AiohttpTransport:
             self.sign(url, headers)
         try:
             async with self.session.request(method, url, json=body, headers=headers) as r:
-                return Reply(r.status, r.reason or "", await r.read())
+                encoding, length = r.headers.get("Content-Encoding", ""), r.content_length
+                if not encoding and length is not None and length <= MAX_BODY:
+                    return Reply(r.status, r.reason or "", await r.read())  # the usual answer
+                answer = Body(encoding)
+                async for chunk in r.content.iter_any():
+                    answer.feed(chunk)
+                    if answer.too_large:
+                        break
+                return _reply(r.status, r.reason or "", answer)
         except TimeoutError as exc:
             raise TransientFailure(f"timed out ({type(exc).__name__})") from exc
         except (aiohttp.ClientError, ValueError, OSError) as exc:
@@ -143,15 +157,37 @@ class HttpxTransport:
     async def request(self, method: str, url: str, *, body: Any, headers: dict[str, str]) -> Reply:
         import httpx  # its client's library: imported already
 
+        headers = {**headers, "Accept-Encoding": ACCEPTED_ENCODINGS}
+        request = self.client.build_request(method, url, json=body, headers=headers)
         try:
-            r = await self.client.request(method, url, json=body, headers=headers)
+            r = await self.client.send(request, stream=True)
+            try:
+                if r.is_stream_consumed:  # made in process (a MockTransport's): in memory
+                    answer = Body("")
+                    answer.feed(r.content)
+                else:  # the raw bytes, decoded and bounded by fsm.body as aiohttp's are
+                    answer = Body(r.headers.get("Content-Encoding", ""))
+                    async for chunk in r.aiter_raw():
+                        answer.feed(chunk)
+                        if answer.too_large:
+                            break
+            finally:
+                await r.aclose()
         except httpx.TimeoutException as exc:
             raise TransientFailure(f"timed out ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
             # TransportError: refused, reset, malformed; DecodingError: a body its
             # Content-Encoding cannot decode; TooManyRedirects (a client that follows them).
             raise TransientFailure(f"{type(exc).__name__}: {exc}") from exc
-        return Reply(r.status_code, r.reason_phrase, r.content)
+        return _reply(r.status_code, r.reason_phrase, answer)
+
+
+def _reply(status: int, reason: str, answer: Body) -> Reply:
+    """A body past the bound is no answer: a 2xx unreadable, any other status classified
+    by itself (a 402 with a 2 MB body is still a "no")."""
+    if answer.too_large and 200 <= status < 300:
+        raise TransientFailure(f"{status} {reason}: unreadable body: larger than {MAX_BODY} bytes")
+    return Reply(status, reason, bytes(answer.data))
 
 
 class HttpService:

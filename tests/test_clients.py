@@ -6,13 +6,16 @@ client's, too)."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json as jsonlib
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import httpx
 import pytest
 
+from fsm.body import MAX_BODY
 from fsm.clients import Answer, HttpService
 from fsm.errors import BusinessFailure, NotFound, TransientFailure
 from fsm.settings import Settings
@@ -258,3 +261,60 @@ async def test_a_number_no_database_can_store_is_an_unreadable_answer(body: byte
 async def test_a_finite_float_is_still_read() -> None:
     async with raw_server(answering(http_answer("200 OK", b'{"eta_hours": 1.5e3}'))) as url:
         assert await call(url) == {"eta_hours": 1500.0}
+
+
+def encoded(encoding: str, body: bytes, *, chunked: bool = False) -> bytes:
+    """A 200 whose body is `body` compressed per `encoding` (gzip, deflate or none)."""
+    data = {"gzip": gzip.compress, "deflate": zlib.compress}.get(encoding, bytes)(body)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    if encoding:
+        head += f"Content-Encoding: {encoding}\r\n".encode()
+    if chunked:  # no Content-Length: read until the end
+        pieces = [data[i : i + 1000] for i in range(0, len(data), 1000)]
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces)
+        return head + b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+    return head + f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+
+
+BIG = b'{"description": "' + b"a" * MAX_BODY + b'"}'  # one MiB and a little more, decoded
+
+
+@pytest.mark.parametrize("over", [call, call_over_httpx], ids=["aiohttp", "httpx"])
+@pytest.mark.parametrize("encoding", ["", "gzip", "deflate"], ids=["plain", "gzip", "deflate"])
+async def test_an_answer_is_read_whole_up_to_a_mebibyte_decoded(
+    over: Callable[[str], Awaitable[Answer | None]], encoding: str
+) -> None:
+    small = b'{"ok": true, "tags": ["' + b"x" * 10_000 + b'"]}'
+    async with raw_server(answering(encoded(encoding, small))) as url:
+        assert await over(url) == {"ok": True, "tags": ["x" * 10_000]}
+
+
+@pytest.mark.parametrize("over", [call, call_over_httpx], ids=["aiohttp", "httpx"])
+@pytest.mark.parametrize(
+    ("encoding", "chunked"),
+    [("", False), ("", True), ("gzip", False), ("deflate", True)],
+    ids=["plain", "plain-chunked", "gzip-bomb", "deflate-bomb-chunked"],
+)
+async def test_an_answer_larger_than_a_mebibyte_decoded_is_unreadable(
+    over: Callable[[str], Awaitable[Answer | None]], encoding: str, chunked: bool
+) -> None:
+    """Before, the whole body was read and inflated: 30 KB of gzip became 30 MB stored in
+    the transition log (and +215 MB of memory for the one call)."""
+    async with raw_server(answering(encoded(encoding, BIG, chunked=chunked))) as url:
+        with pytest.raises(TransientFailure, match=f"larger than {MAX_BODY} bytes"):
+            await over(url)
+
+
+@pytest.mark.parametrize("over", [call, call_over_httpx], ids=["aiohttp", "httpx"])
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [("402 Payment Required", BusinessFailure), ("500 Internal Server Error", TransientFailure)],
+    ids=["402", "500"],
+)
+async def test_an_error_answer_larger_than_a_mebibyte_is_classified_by_its_status(
+    over: Callable[[str], Awaitable[Answer | None]], status: str, outcome: type[Exception]
+) -> None:
+    detail = jsonlib.dumps({"detail": "x" * (2 * MAX_BODY)}).encode()
+    async with raw_server(answering(http_answer(status, detail))) as url:
+        with pytest.raises(outcome, match=f"^POST /users/deduct: {status}$"):
+            await over(url)

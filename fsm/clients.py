@@ -131,7 +131,12 @@ class AiohttpTransport:
         if self.sign is not None:
             self.sign(url, headers)
         try:
-            async with self.session.request(method, url, json=body, headers=headers) as r:
+            # A redirect is never followed (aiohttp would re-send a POST as a GET and take
+            # the page it lands on for the answer): a 3xx is an unknown outcome, as a 5xx.
+            request = self.session.request(
+                method, url, json=body, headers=headers, allow_redirects=False
+            )
+            async with request as r:
                 encoding, length = r.headers.get("Content-Encoding", ""), r.content_length
                 if not encoding and length is not None and length <= MAX_BODY:
                     return Reply(r.status, r.reason or "", await r.read())  # the usual answer
@@ -149,7 +154,8 @@ class AiohttpTransport:
 
 
 class HttpxTransport:
-    """An httpx client as the transport (an in-process ASGI app, say)."""
+    """An httpx client as the transport (an in-process ASGI app, say). Redirects are not
+    followed, whatever the client's setting (as `AiohttpTransport`)."""
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
@@ -160,7 +166,7 @@ class HttpxTransport:
         headers = {**headers, "Accept-Encoding": ACCEPTED_ENCODINGS}
         request = self.client.build_request(method, url, json=body, headers=headers)
         try:
-            r = await self.client.send(request, stream=True)
+            r = await self.client.send(request, stream=True, follow_redirects=False)
             try:
                 if r.is_stream_consumed:  # made in process (a MockTransport's): in memory
                     answer = Body("")
@@ -176,8 +182,7 @@ class HttpxTransport:
         except httpx.TimeoutException as exc:
             raise TransientFailure(f"timed out ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
-            # TransportError: refused, reset, malformed; DecodingError: a body its
-            # Content-Encoding cannot decode; TooManyRedirects (a client that follows them).
+            # TransportError: refused, reset, malformed; StreamError: a stream misused.
             raise TransientFailure(f"{type(exc).__name__}: {exc}") from exc
         return _reply(r.status_code, r.reason_phrase, answer)
 
@@ -281,6 +286,9 @@ def _phrase(status: int) -> str:
 
 
 def classify(method: str, path: str, status: int, reason: str, body: Any) -> Answer:
+    """The answer as SPEC §2's outcomes: 2xx a success (a JSON object, else unreadable), 404
+    NotFound, another 4xx but 408/425/429 a business failure; anything else (5xx, a 3xx
+    redirect that was not followed, 1xx) an unknown outcome, TransientFailure."""
     if 200 <= status < 300:
         if not isinstance(body, dict):
             raise TransientFailure(f"{method} {path}: unreadable body", status=status)

@@ -140,7 +140,8 @@ ENDLESS_REDIRECT = (
 
 
 async def call_over_httpx(base_url: str) -> Answer | None:
-    """`deduct` through `HttpxTransport`: an httpx client, one that follows redirects."""
+    """`deduct` through `HttpxTransport`: an httpx client set to follow redirects (the
+    transport does not)."""
     async with httpx.AsyncClient(timeout=0.3, follow_redirects=True, max_redirects=3) as client:
         return await deduct(HttpService(client, base_url))
 
@@ -317,4 +318,37 @@ async def test_an_error_answer_larger_than_a_mebibyte_is_classified_by_its_statu
     detail = jsonlib.dumps({"detail": "x" * (2 * MAX_BODY)}).encode()
     async with raw_server(answering(http_answer(status, detail))) as url:
         with pytest.raises(outcome, match=f"^POST /users/deduct: {status}$"):
+            await over(url)
+
+
+def redirecting(status: str) -> Handler:
+    """The POST is answered `status` to /users/1, whose GET answers a 200 JSON object
+    (the user, not a deduct's answer)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"POST"):
+            writer.write(
+                f"HTTP/1.1 {status}\r\nLocation: /users/1\r\nContent-Length: 0\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+        else:
+            writer.write(http_answer("200 OK", b'{"id": 1, "balance": 100000}'))
+        await writer.drain()
+
+    return handler
+
+
+@pytest.mark.parametrize("over", [call, call_over_httpx], ids=["aiohttp", "httpx"])
+@pytest.mark.parametrize(
+    "status", ["301 Moved Permanently", "302 Found", "303 See Other", "307 Temporary Redirect"]
+)
+async def test_a_redirect_is_not_followed_but_an_unknown_outcome(
+    over: Callable[[str], Awaitable[Answer | None]], status: str
+) -> None:
+    """Before, aiohttp followed a 301/302/303 on POST /users/deduct with a GET /users/1 and
+    took its 200 for the deduct's success: the order completed, the customer never
+    charged. (An httpx client set to follow redirects did the same.)"""
+    async with raw_server(redirecting(status)) as url:
+        with pytest.raises(TransientFailure, match=f"^POST /users/deduct: {status}$"):
             await over(url)

@@ -248,6 +248,11 @@ def _no_constant(literal: str) -> Any:
     raise ValueError(f"not a JSON number: {literal}")
 
 
+# How deeply an answer may nest arrays and objects. Real answers nest two or three levels;
+# at 600 (1.2 KB) the stored log could no longer be served (pydantic's serializer refuses
+# it), and far deeper the parser itself runs out of stack (RecursionError).
+MAX_DEPTH = 64
+
 # Strict JSON numbers: NaN, Infinity (Python's json.dumps writes them) and a float that
 # overflows could not be stored (PostgreSQL's json type refuses them) nor served.
 _DECODER = jsonlib.JSONDecoder(parse_float=_finite, parse_constant=_no_constant)
@@ -255,14 +260,29 @@ _DECODER = jsonlib.JSONDecoder(parse_float=_finite, parse_constant=_no_constant)
 
 def _parse(body: bytes) -> Any:
     """The answer's JSON, or None if unreadable (not JSON, or not storable: NaN, Infinity,
-    a float out of range). Lone surrogates and NUL in its strings become U+FFFD."""
+    a float out of range, nested deeper than MAX_DEPTH). Lone surrogates and NUL in its
+    strings become U+FFFD."""
     try:
         # As json.loads reads bytes (UTF-8/16/32; a surrogate's bytes kept, then replaced).
         text = body.decode(jsonlib.detect_encoding(body), "surrogatepass")
         document = _DECODER.decode(text)
-        return _readable(document) if _MAYBE_SURROGATE.search(body) else document
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
         return None
+    # Only a body with that many brackets can be that deep: one C-speed count each.
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _deeper(document, MAX_DEPTH):
+        return None
+    return _readable(document) if _MAYBE_SURROGATE.search(body) else document
+
+
+def _deeper(value: Any, levels: int) -> bool:
+    """Whether `value` nests more than `levels` arrays/objects (walks at most that far)."""
+    if isinstance(value, dict):
+        children: Any = value.values()
+    elif isinstance(value, list):
+        children = value
+    else:
+        return False
+    return levels == 0 or any(_deeper(child, levels - 1) for child in children)
 
 
 def _readable(value: Any) -> Any:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from fsm.body import MAX_BODY
-from fsm.clients import Answer, HttpService
+from fsm.clients import MAX_DEPTH, Answer, HttpService
 from fsm.errors import BusinessFailure, NotFound, TransientFailure
 from fsm.settings import Settings
 from fsm.text import MAX_ERROR_CHARS
@@ -352,3 +352,23 @@ async def test_a_redirect_is_not_followed_but_an_unknown_outcome(
     async with raw_server(redirecting(status)) as url:
         with pytest.raises(TransientFailure, match=f"^POST /users/deduct: {status}$"):
             await over(url)
+
+
+def nested(depth: int) -> bytes:
+    """A JSON object whose `tags` nest arrays so that the whole is `depth` levels deep."""
+    return b'{"ok": true, "tags": ' + b"[" * (depth - 1) + b"1" + b"]" * (depth - 1) + b"}"
+
+
+async def test_an_answer_nested_as_deep_as_the_bound_is_read() -> None:
+    async with raw_server(answering(http_answer("200 OK", nested(MAX_DEPTH)))) as url:
+        answer = await call(url)
+    assert answer is not None and answer["ok"] is True
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 600], ids=["one-deeper", "600"])
+async def test_an_answer_nested_deeper_than_the_bound_is_unreadable(depth: int) -> None:
+    """Before, a product answer 600 levels deep (1.2 KB) was stored in the log, and then
+    every GET /orders/{id}/transitions failed (PydanticSerializationError, 500) for good."""
+    async with raw_server(answering(http_answer("200 OK", nested(depth)))) as url:
+        with pytest.raises(TransientFailure, match="unreadable body"):
+            await call(url)

@@ -372,3 +372,21 @@ async def test_an_answer_nested_deeper_than_the_bound_is_unreadable(depth: int) 
     async with raw_server(answering(http_answer("200 OK", nested(depth)))) as url:
         with pytest.raises(TransientFailure, match="unreadable body"):
             await call(url)
+
+
+DEEPEST = b"[" * 100_000 + b"]" * 100_000  # beyond the parser's recursion limit
+
+
+@pytest.mark.parametrize(
+    ("status", "what"),
+    [("200 OK", deduct), ("200 OK", lookup), ("500 Internal Server Error", deduct)],
+    ids=["an-answer", "a-lookup", "an-error"],
+)
+async def test_an_answer_deeper_than_the_parser_can_go_is_unreadable(
+    status: str, what: Callable[[HttpService], Awaitable[Answer | None]]
+) -> None:
+    """Before (fixed on fix-rows, aa96b6a, untested), the parser's RecursionError escaped
+    the client: each run crashed on the same answer, the order stuck for good."""
+    async with raw_server(answering(http_answer(status, DEEPEST))) as url:
+        with pytest.raises(TransientFailure):
+            await call(url, what)

@@ -462,3 +462,46 @@ async def test_a_3000_dollar_product_times_10000_units_fits_the_amount(
     assert store.get(order.id).amount == 3_000_000_000
     assert order.status in ("completed", "failed")  # the user service decides; it is asked
     assert payment(store, order)[:1] == ["request"]
+
+
+def answering_raw(path: str, status: int, body: bytes) -> Rule:
+    """The gateway answers `status` with `body` as it is (not JSON-encoded) to `path`."""
+
+    def rule(request: httpx.Request, n: int) -> httpx.Response | None:
+        if not request.url.path.startswith(path):
+            return None
+        return httpx.Response(status, content=body, headers={"content-type": "application/json"})
+
+    return rule
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(
+            json.dumps({"detail": "refus\u00e9\u0000\nINFO done" + "x" * 5000}), id="500-nul"
+        ),
+        pytest.param('{"order_id": "x", "status": "cancelled", "eta_hours": NaN}', id="200-NaN"),
+    ],
+)
+async def test_a_hostile_answer_to_a_compensation_parks_the_order_with_a_storable_error(
+    body: str, store: Store, gateway: Gateway, engine: Callable[..., Executor]
+) -> None:
+    """The compensation path is classified as the forward one. Before, on PostgreSQL the
+    NUL failed the write of last_error and NaN the write of the cancel's transition: every
+    run crashed and the order stood compensating with no word of why."""
+    status = 200 if "NaN" in body else 500
+    gateway.rule = answering_raw("/shipping/cancel", status, body.encode())
+    order = await first_run(store, engine(), POOR_USER_ID)  # payment refused: compensate
+    parked = store.get(order.id)
+    assert (parked.state, parked.shipping_state) == ("needs_attention", "compensating")
+    error = parked.last_error
+    assert error is not None and error.startswith("POST /shipping/cancel: ")
+    assert "\n" not in error and "\x00" not in error and len(error) <= MAX_ERROR_CHARS + 1
+    gateway.rule = None
+    executor = engine()
+    try:
+        final = await executor.run(order.id)
+    finally:
+        await executor.aclose()
+    assert (final.state, final.shipping_state) == ("failed", "compensated")

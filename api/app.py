@@ -125,6 +125,15 @@ def create_app(
     )
     app.state.settings = settings
     app.state.authenticator = authenticator
+
+    def stop_starting() -> None:
+        """Shutdown has begun (order_saga.server.DrainingServer): no new work is picked up
+        while the requests in flight get their grace."""
+        runner: Runner | None = getattr(app.state, "runner", None)
+        if runner is not None:
+            runner.stop_sweeping()
+
+    app.state.stop_starting = stop_starting
     app.state.diagrams = diagram.Renderer(concurrency=settings.diagram_concurrency)
     problems.install(app)
     openapi.install(app)

@@ -2,7 +2,12 @@
 periodic sweep for stuck orders (`start_sweeper`, off with `serve --no-sweep`) and the
 upkeep every process does whatever its sweep (`start_upkeep`): the heatmap's roll-up, the
 log's day partitions on PostgreSQL and, when retention is set, the pruning pass. Keeps task
-references so nothing is garbage-collected."""
+references so nothing is garbage-collected.
+
+Stopping comes in two steps: `stop_sweeping` when shutdown begins (the sweep and the
+upkeep stop, so no new work is picked up while requests in flight finish; the sweep's own
+runs give their leases back at once, as a stopped `worker`'s do), then `stop` after the
+grace (the runs left are cancelled and release their leases)."""
 
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ class Runner:
         self.executor = executor
         self.settings = settings
         self.tasks: set[asyncio.Task[object]] = set()
+        self.passes: set[asyncio.Task[object]] = set()  # the sweep and the other passes
 
     def start(self, order: Order) -> asyncio.Task[object]:
         # Reserved here, before the task runs: a resume or cancel of this order arriving
@@ -63,8 +69,16 @@ class Runner:
 
     def _keep(self, work: Coroutine[Any, Any, object]) -> None:
         task: asyncio.Task[object] = asyncio.create_task(work)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        for kept in (self.tasks, self.passes):
+            kept.add(task)
+            task.add_done_callback(kept.discard)
+
+    def stop_sweeping(self) -> None:
+        """Shutdown has begun: pick up no more work. The sweep and the other passes are
+        cancelled (what the sweep was driving releases its leases, for the next driver to
+        continue at once); the runs of requests keep going until `stop`."""
+        for task in list(self.passes):
+            task.cancel()
 
     async def stop(self) -> None:
         for task in list(self.tasks):

@@ -116,7 +116,7 @@ def serve(
     downstream URLs are configured)."""
     import uvicorn
 
-    from order_saga.server import listeners, serve_processes, uvicorn_options
+    from order_saga.server import DrainingServer, listeners, serve_processes, uvicorn_options
 
     settings = load_settings()
     if workers == 1:  # bound before anything starts: a port in use, a bad host, one line
@@ -159,7 +159,7 @@ def serve(
         log_config=None,
         **uvicorn_options(settings),
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: a clean stop, as uvicorn.run
         server.run(sockets=[sock])
     if not server.started:  # the app's start-up failed (logged): uvicorn.run's exit code

@@ -5,6 +5,7 @@ connections and requests at once (503 beyond), but it has no deadline for a requ
 headers: a client sending one byte every few seconds keeps a connection forever
 (slowloris). `HeaderDeadline` adds one; bodies get theirs in `api.guard.BodyGuard`.
 
+`DrainingServer`: uvicorn's server telling the app when shutdown begins, before the grace.
 `serve_processes`: `serve --workers N`, N processes on one port, each a whole engine.
 """
 
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fsm.lifeline import die_with_parent
@@ -76,6 +78,20 @@ class HeaderDeadline(HttpToolsProtocol):
         super().connection_lost(exc)
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which tells the app that shutdown has begun (SIGTERM, Ctrl-C)
+    before it gives the requests in flight `timeout_graceful_shutdown` seconds: an app
+    with `state.stop_starting` (api.app) then stops picking up new work (its sweep), where
+    the lifespan's shutdown comes only once the grace is over. The one server `serve`
+    runs, in one process and in each of `--workers`."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        stop_starting = getattr(getattr(self.config.app, "state", None), "stop_starting", None)
+        if stop_starting is not None:
+            stop_starting()
+        await super().shutdown(sockets)
+
+
 def protocol(header_timeout: float) -> type[HeaderDeadline]:
     return type("HeaderDeadlineProtocol", (HeaderDeadline,), {"header_timeout": header_timeout})
 
@@ -86,8 +102,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "http": protocol(settings.header_timeout),
         "timeout_keep_alive": settings.keepalive_timeout,
         "limit_concurrency": settings.limit_concurrency,
-        # SIGTERM: in-flight requests (and the runs they wait for) get this long, then the
-        # lifespan's shutdown cancels the remaining runs, which release their leases.
+        # SIGTERM: the sweep stops at once (DrainingServer); in-flight requests (and the runs
+        # they wait for) get this long, then the lifespan's shutdown cancels the remaining
+        # runs, which release their leases.
         "timeout_graceful_shutdown": settings.shutdown_grace,
     }
 
@@ -162,8 +179,6 @@ def _worker(
     A start that fails for the environment (an unreachable database, an unwritable file:
     `environment_errors`) is reported in one line, as the CLI reports it with one process;
     anything else with its traceback (a bug)."""
-    import uvicorn
-
     from order_saga.logs import flush
 
     server: list[uvicorn.Server] = []
@@ -186,7 +201,7 @@ def _worker(
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(0, {cpu})
         before_serving()
-        server.append(uvicorn.Server(uvicorn.Config(make_app(), log_config=None, **options)))
+        server.append(DrainingServer(uvicorn.Config(make_app(), log_config=None, **options)))
         server[0].should_exit = bool(asked)
         server[0].run(sockets=[sock])
         code = 0

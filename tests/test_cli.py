@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+from alembic import command as alembic_command
+from sqlalchemy import text
 from sqlmodel import SQLModel
 
 from downstream.seed import ORDINARY_USER_ID, RICH_USER_ID, WIDGET_ID
+from fsm.migrate import alembic_config
 from fsm.store import Store, make_engine
 from fsm.wiring import open_store
 from order_saga.cli import first_free
 from tests.support.processes import Saga, command, run_cli
-from tests.support.services import Downstream
+from tests.support.services import Downstream, answers, free_port
 from tests.support.settings import saga_env, saga_settings
-from tests.support.waiting import wait_until
+from tests.support.waiting import wait_until, wait_until_async
 
 UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"  # nothing listens there
 NO_DB = {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}  # a command got past its settings: no file
@@ -190,6 +196,56 @@ async def test_worker_stops_on_sigterm_releasing_its_leases(
     assert all(store.get(i).status == "completed" for i in ids)
     effects = downstream.effects()
     assert all(effects[f"{i}:shipping:schedule"] == 1 for i in ids)
+
+
+def _states(store: Store) -> dict[str, str]:
+    with store.engine.connect() as conn:
+        return {str(i): s for i, s in conn.execute(text("SELECT id, state FROM orders"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_serve_picks_up_no_new_work_once_asked_to_stop(
+    db_url: str, store: Store, downstream: Downstream, workers: str
+) -> None:
+    alembic_command.stamp(alembic_config(db_url), "head")  # the fixture's schema is current
+    env = saga_env(
+        database_url=db_url,
+        services_url=downstream.url,
+        shutdown_grace=30,
+        sweep_interval=0.1,
+        sweep_older_than=0,  # an unleased order is stuck at once: the sweep's at its next pass
+    )
+    downstream.fault("product.get", "delay", count=1, seconds=3)  # holds the grace open
+    port = free_port()
+    with Saga(command("serve", "--port", str(port), "--workers", workers), env) as serve:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: answers(f"{url}/healthz"), what="serve", alive=serve.running)
+        body = {"user_id": RICH_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
+        placing = asyncio.create_task(
+            asyncio.to_thread(httpx.post, f"{url}/orders", json=body, timeout=30)
+        )
+        await wait_until_async(  # the loop runs on: the request is sent meanwhile
+            lambda: set(_states(store).values()) - {"pending"},
+            what="the request's product lookup in flight",
+        )
+        serve.process.terminate()  # SIGTERM: a deploy, with that request in flight
+        # Its shutdown has begun (the sweep is told first, then the socket closes).
+        wait_until(lambda: not answers(f"{url}/healthz"), what="serve to stop listening")
+        later = [
+            (await store.create_order(user_id=RICH_USER_ID, product_id=WIDGET_ID, quantity=1))[0]
+            for _ in range(3)
+        ]
+        placed = await placing  # answered within the grace: its run was not cut short
+        stopped = serve.wait()
+    assert stopped.returncode in (0, -signal.SIGTERM), stopped.explain()  # died of it, flushed
+    assert placed.status_code == 201 and placed.json()["status"] == "completed", placed.text
+    # Orders that came in after the stop began are the next engine's: never swept here.
+    for order in later:
+        now = store.get(order.id)
+        assert (now.state, now.version, now.lease_owner) == ("pending", order.version, None), (
+            stopped.explain()
+        )
 
 
 # What only serving, calling a service or publishing needs (`serve`, `services`, `relay`, a

@@ -199,8 +199,12 @@ class Executor:
 
     async def _drive_reserved(self, order: Order) -> Order:
         started = time.perf_counter()
+        stopped = False
         try:
             await self._advance(order)
+        except asyncio.CancelledError:  # this process stops (SIGTERM): the next driver now
+            stopped = True
+            raise
         except Exception as exc:
             await self._reload(order)  # what was queued after the failure never happened
             if not isinstance(exc, SagaError):
@@ -209,7 +213,7 @@ class Executor:
         finally:
             try:
                 if not is_terminal(order.state) or order.lease_owner is not None:
-                    await self._release(order)
+                    await self._release(order, handed_back=stopped)
             finally:
                 # Only after the release has committed: an action admitted earlier would
                 # claim (re-entrantly) and then lose its lease to this release.
@@ -599,9 +603,11 @@ class Executor:
             except Exception as exc:  # a lost lease shows at the next guarded write
                 log.warning("could not renew leases: %s", exc)
 
-    async def _release(self, order: Order) -> None:
+    async def _release(self, order: Order, *, handed_back: bool = False) -> None:
         try:
-            await self.store.release(order_id=order.id, owner=self.owner, version=order.version)
+            await self.store.release(
+                order_id=order.id, owner=self.owner, version=order.version, handed_back=handed_back
+            )
             order.lease_owner = order.lease_expires_at = None
         except Exception as exc:  # the lease expires on its own
             log.warning("could not release order %s: %s", order.id, exc)

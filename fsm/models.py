@@ -72,6 +72,7 @@ class OrderTable(SQLModel, table=True):
     # sequence number of the transition that write records.
     version: int = 0
     lease_owner: str | None = Field(default=None, max_length=200)
+    # With no owner: None, or when a stopping driver handed the order back (fsm.sql.HANDED_BACK).
     lease_expires_at: datetime | None = Field(default=None, sa_type=_utc())
 
     # Retry schedule, persisted so it survives a restart.

@@ -177,10 +177,16 @@ class Reads:
         return {status: int(n) for status, n in self._rows(query)}
 
     def _stuck(self, *, moved_before: datetime, now: datetime, due_only: bool) -> Any:
+        handed_back = and_(orders.c.lease_owner.is_(None), orders.c.lease_expires_at.is_not(None))
         query = select(*ORDER_ROW).where(
             orders.c.state.in_(sql.RESUMABLE),
-            orders.c.updated_at <= moved_before,
-            or_(orders.c.lease_owner.is_(None), orders.c.lease_expires_at < now),
+            or_(  # the claim's rule (fsm.sql.claim_batch)
+                handed_back,
+                and_(
+                    orders.c.updated_at <= moved_before,
+                    or_(orders.c.lease_owner.is_(None), orders.c.lease_expires_at < now),
+                ),
+            ),
         )
         if due_only:
             query = query.where(

@@ -1,8 +1,9 @@
 """Resume stuck orders: the `resume` command, `worker` and the sweep inside `serve`.
 
 An order is stuck when it is not terminal, nobody holds its lease and it has not moved for
-a while. Each is claimed atomically (several workers share the load without driving the
-same order twice) and driven from its persisted state, never from scratch.
+a while, or at once when a stopping driver handed it back (fsm.sql.HANDED_BACK). Each is
+claimed atomically (several workers share the load without driving the same order twice)
+and driven from its persisted state, never from scratch.
 """
 
 from __future__ import annotations

@@ -269,6 +269,10 @@ def select_order_by_key(dialect: Dialect) -> str:
 
 # Orders the sweep may pick up: a known, non-terminal state (a corrupt row never matches).
 RESUMABLE = tuple(s.value for s in OrderState if s not in TERMINAL_ORDER_STATES)
+# A lease a stopping driver gave back (its run cancelled: SIGTERM, shutdown): no owner, the
+# release's time kept in lease_expires_at (any other release clears both). Nothing drives
+# such an order, so the sweep takes it at once, not only once unmoved for SWEEP_OLDER_THAN.
+HANDED_BACK = "(lease_owner IS NULL AND lease_expires_at IS NOT NULL)"
 # The order's state and each step's, in the machine's order: what fsm.upgrade groups by.
 STATE_COLUMNS = tuple(STATE_COLUMN.values())
 
@@ -300,8 +304,7 @@ def claim_batch(dialect: Dialect, *, due_only: bool, excluded: int, undrivable: 
     resumable = ", ".join(f"'{s}'" for s in RESUMABLE)
     where = [
         f"state IN ({resumable})",
-        "updated_at <= %s",
-        "(lease_owner IS NULL OR lease_expires_at < %s)",
+        f"({HANDED_BACK} OR (updated_at <= %s AND (lease_owner IS NULL OR lease_expires_at < %s)))",
     ]
     if due_only:  # the sweep honours the persisted retry schedule; an operator may not
         where.append("(next_attempt_at IS NULL OR next_attempt_at <= %s)")
@@ -336,9 +339,10 @@ def renew(dialect: Dialect, count: int) -> str:
 @lru_cache(maxsize=8)
 def release(dialect: Dialect, *, at_version: bool) -> str:
     """Give the lease back if the owner holds it (and, `at_version`, the order is still at
-    the version given last)."""
+    the version given last). Parameters: lease_expires_at (None, or the time of a
+    handing back: HANDED_BACK), id, owner[, version]."""
     return dialect.sql(
-        "UPDATE orders SET lease_owner = NULL, lease_expires_at = NULL "
+        "UPDATE orders SET lease_owner = NULL, lease_expires_at = %s "
         "WHERE id = %s AND lease_owner = %s" + (" AND version = %s" if at_version else "")
     )
 

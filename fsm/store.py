@@ -395,10 +395,12 @@ class Store(Reads):
             raise
 
     async def give_back(self, orders: Sequence[Order], owner: str) -> None:
-        """Release leases just claimed, for a caller cancelled before it could drive them."""
+        """Release leases just claimed, for a caller cancelled before it could drive them
+        (handed back: the next sweep takes them at once)."""
         releases = [
             self.committer.submit(
-                partial(self._release, order.id, owner, version=order.version), key=order.id
+                partial(self._release, order.id, owner, version=order.version, handed_back=True),
+                key=order.id,
             )
             for order in orders
         ]  # all queued at once: they commit even if this wait is cut short
@@ -456,11 +458,15 @@ class Store(Reads):
             renewed += cursor.rowcount
         return renewed
 
-    async def release(self, *, order_id: uuid.UUID, owner: str, version: int) -> bool:
+    async def release(
+        self, *, order_id: uuid.UUID, owner: str, version: int, handed_back: bool = False
+    ) -> bool:
         """Give the lease back, only if `owner` holds it and the order is still at
         `version` (what the releasing run last wrote or read): a run never releases a
-        lease taken over, or an order moved on, since. False if nothing was released."""
-        op = partial(self._release, order_id, owner, version=version)
+        lease taken over, or an order moved on, since. False if nothing was released.
+        `handed_back`: by a run that was stopped (cancelled), so the sweep takes the order
+        at once (fsm.sql.HANDED_BACK) instead of once it has been still for a while."""
+        op = partial(self._release, order_id, owner, version=version, handed_back=handed_back)
         released: bool = await self.committer.submit(op, key=order_id)
         return released
 
@@ -472,9 +478,11 @@ class Store(Reads):
         *,
         version: int | None = None,
         encoded: bool = False,
+        handed_back: bool = False,
     ) -> bool:
         d = self.dialect
-        params = [order_id if encoded else d.uuid(order_id), owner]
+        at = d.timestamp(utcnow()) if handed_back else None
+        params = [at, order_id if encoded else d.uuid(order_id), owner]
         if version is not None:
             params.append(version)
         cursor.execute(sql.release(d, at_version=version is not None), params)

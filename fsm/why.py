@@ -13,8 +13,9 @@ another process. In order of precedence, an order
 - is held by a lease whose owner stopped renewing it (expired: the sweep takes it over);
 - is parked in needs_attention (the reason; when the sweep retries it: its own pause and
   `SWEEP_OLDER_THAN`, whichever is later);
-- or is runnable: by the sweep once it has been still for `SWEEP_OLDER_THAN` and its
-  retry time (`next_attempt_at`, which the sweep honours) has come, or now.
+- or is runnable: by the sweep once it has been still for `SWEEP_OLDER_THAN` (at once when
+  a stopping driver handed it back, fsm.sql.HANDED_BACK) and its retry time
+  (`next_attempt_at`, which the sweep honours) has come, or now.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def explain(order: Order, *, last: Attempt | None, settings: Settings, now: date
     owner, expires = order.lease_owner, order.lease_expires_at
     alive = order.leased_at(now)
     still_from = order.updated_at + timedelta(seconds=settings.sweep_older_than)
+    if owner is None and expires is not None:  # handed back by a stopping driver (fsm.sql)
+        still_from = min(still_from, expires)  # the sweep takes it without waiting
     # The sweep takes an order once it has been still that long and its retry time (a
     # failed attempt's, a breaker's probe: next_attempt_at) has come.
     sweep_from = max(still_from, order.next_attempt_at or still_from)

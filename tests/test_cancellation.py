@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -88,3 +89,29 @@ async def test_a_run_cancelled_anywhere_releases_its_lease(
         assert left.lease_owner is None, f"cancelled after {writes} writes in {left.state}"
         if left.status != "completed":
             assert (await executor.run(order.id)).status == "completed"
+
+
+async def test_a_lease_a_cancelled_run_gives_back_is_the_sweep_s_at_once(
+    store: Store, executor: Executor, downstream: Downstream
+) -> None:
+    """A stopped run hands its order back (nothing drives it any more): the next sweep
+    takes it although it moved just now. An order released by a run that ended waits for
+    SWEEP_OLDER_THAN as before, and a handed-back order's retry time still holds."""
+    downstream.fault("user.deduct", "delay", count=1, seconds=30)
+    stopped = await _new_order(store)
+    run = asyncio.ensure_future(executor.run(stopped.id))
+    await wait_until_async(
+        lambda: store.get(stopped.id).payment_state == "requested", what="the call in flight"
+    )
+    run.cancel()
+    await asyncio.gather(run, return_exceptions=True)
+    ended = await _new_order(store)
+    claimed = await store.claim(order_id=ended.id, owner=OWNER)
+    assert claimed is not None
+    assert await store.release(order_id=ended.id, owner=OWNER, version=claimed.version)
+    await store.probe()
+
+    recently = utcnow() - timedelta(seconds=30)  # the sweep's default SWEEP_OLDER_THAN
+    found = store.find_stuck(moved_before=recently, limit=10)  # `resume --dry-run`'s list
+    taken = await store.claim_batch(owner="host-b:2:sweep", moved_before=recently, limit=10)
+    assert [o.id for o in found] == [o.id for o in taken] == [stopped.id]

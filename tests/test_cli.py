@@ -191,8 +191,11 @@ async def test_worker_stops_on_sigterm_releasing_its_leases(
     )
     assert all(o.state == "steps_running" and o.shipping_state == "requested" for o in in_flight)
 
-    done = run_cli("resume", "--older-than", "0", **env)
+    # Handed back, not merely unleased: the next driver takes them now, not only once they
+    # have been still for the sweep's older-than (`resume`'s default: 60 s).
+    done = run_cli("resume", **env)
     assert done.returncode == 0, done.stderr
+    assert "resumed 3" in done.stdout, done.stdout
     assert all(store.get(i).status == "completed" for i in ids)
     effects = downstream.effects()
     assert all(effects[f"{i}:shipping:schedule"] == 1 for i in ids)

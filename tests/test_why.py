@@ -180,6 +180,20 @@ async def test_an_order_nobody_holds_is_runnable(store: Store, settings: Setting
     assert explain(store, order, now).summary.startswith("runnable now")
 
 
+async def test_an_order_a_stopping_driver_handed_back_is_runnable_now(
+    store: Store, settings: Settings
+) -> None:
+    order = await new_order(store)
+    claimed = await store.claim(order_id=order.id, owner="host-a:4242:stopping")
+    assert claimed is not None
+    await store.release(
+        order_id=order.id, owner="host-a:4242:stopping", version=claimed.version, handed_back=True
+    )
+    w = explain(store, order, settings)  # still for 30 s? no: the sweep's at its next pass
+    assert w.kind is Kind.RUNNABLE and w.summary.startswith("runnable now"), w
+    assert w.owner is None
+
+
 async def test_a_breaker_wait_nobody_drives_any_more_waits_for_its_probe(
     store: Store, settings: Settings
 ) -> None:

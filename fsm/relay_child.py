@@ -14,7 +14,11 @@ its end of file (the parent stopped, or died: kill -9 closes the pipe too) stops
 and on Linux the kernel also kills it with the parent (PR_SET_PDEATHSIG). A child that
 exits on its own is started again. Stopping: stdin closed (the child cancels its pumps: a
 delivery in flight is sent again after its lease, at least once), then SIGKILL after
-`STOP_SECONDS`.
+`STOP_SECONDS`. Only the parent stops it: the child leads a session (and process group) of
+its own, so a Ctrl-C at the terminal (SIGINT to the whole foreground group) reaches the
+parent alone, which may still be giving requests their grace; it used to stop the child
+too, and the supervisor started another meanwhile. Leading a session, the child lowers
+its own scheduling group as well (`_lower_own_autogroup`).
 """
 
 from __future__ import annotations
@@ -64,7 +68,11 @@ async def supervise(settings: Settings, store: Store) -> None:
         await asyncio.sleep(REFRESH_SECONDS)
     while True:
         proc = await asyncio.create_subprocess_exec(
-            *child_argv(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
+            *child_argv(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # out of the terminal's foreground group: see above
         )
         try:
             assert proc.stdin is not None and proc.stdout is not None
@@ -140,10 +148,10 @@ def _lower_own_autogroup(by: int) -> None:
     Debian's kernels) shares the CPU between sessions first and by nice value only inside
     a session: a relay leading a session of its own (a systemd unit, `setsid`, a
     supervisor's new session) competes with the orders' processes at full weight whatever
-    its nice value. Such a relay lowers its session's group too (`/proc/self/autogroup`,
-    `by` above where it was, at most 19). One that shares its session (the child of
-    `serve` and `worker`; one started from a shell) leaves the group alone: it is also
-    theirs, and inside it the nice value already ranks the relay below them."""
+    its nice value. Such a relay (the child of `serve` and `worker` among them) lowers its
+    session's group too (`/proc/self/autogroup`, `by` above where it was, at most 19). One
+    that shares its session (started from a shell) leaves the group alone: it is also the
+    shell's, and inside it the nice value already ranks the relay below the rest."""
     if os.getsid(0) != os.getpid():
         return
     path = Path("/proc/self/autogroup")  # "/autogroup-123 nice 0"

@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import signal
 import time
 import uuid
 from datetime import timedelta
@@ -16,16 +18,20 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import standardwebhooks
+from alembic import command as alembic_command
 from click.testing import CliRunner, Result
+from sqlalchemy import text
 from sqlmodel import SQLModel
 from typer.main import get_command
 
-from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
+from downstream.seed import ORDINARY_USER_ID, RICH_USER_ID, WIDGET_ID
 from fsm import outbox, outbox_sql, subscriptions
 from fsm.destinations.webhook import WebhookSender, new_secret, signed_headers
 from fsm.executor import Executor
+from fsm.migrate import alembic_config
 from fsm.relay import AMQP_DESTINATION, Relay, register_amqp
 from fsm.store import Store, utcnow
 from fsm.wiring import open_store
@@ -44,6 +50,8 @@ from tests.support.events import (
     sink_seen,
     subscribe_sink,
 )
+from tests.support.processes import Saga, children, command
+from tests.support.services import Downstream, answers, free_port
 from tests.support.settings import saga_env, saga_settings
 from tests.support.waiting import wait_until, wait_until_async
 
@@ -720,3 +728,39 @@ async def test_a_webhook_s_secret_path_and_query_stay_out_of_metrics_healthz_and
     assert list(health["events_lagging"]) == [destination.label]
     assert f'order_saga_outbox_pending{{destination="{destination.label}"}}' in text
     assert not [s for s in secrets if s in text or s in json.dumps(health)]
+
+
+@pytest.mark.slow
+async def test_a_ctrl_c_stops_serve_s_relay_child_only_through_serve(
+    db_url: str, store: Store, downstream: Downstream
+) -> None:
+    """Ctrl-C reaches the terminal's whole foreground process group. The relay child is
+    not in it: it stops when `serve` stops it, after the grace, never on its own while
+    `serve` waits out a request (which made its supervisor start another)."""
+    alembic_command.stamp(alembic_config(db_url), "head")  # the fixture's schema is current
+    subscribe_sink(store, downstream.url)  # a destination: serve starts its relay child
+    env = saga_env(database_url=db_url, services_url=downstream.url, shutdown_grace=30)
+    downstream.fault("product.get", "delay", count=1, seconds=3)  # holds the grace open
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with Saga(command("serve", "--port", str(port), "--no-sweep"), env, session=True) as serve:
+        wait_until(lambda: answers(f"{url}/healthz"), what="serve", alive=serve.running)
+        wait_until(lambda: children(serve.process.pid), what="its relay", alive=serve.running)
+        body = {"user_id": RICH_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
+        placing = asyncio.create_task(
+            asyncio.to_thread(httpx.post, f"{url}/orders", json=body, timeout=30)
+        )
+        await wait_until_async(  # the loop runs on: the request is sent meanwhile
+            lambda: _moved(store), what="the request's product lookup in flight"
+        )
+        os.killpg(serve.process.pid, signal.SIGINT)  # Ctrl-C at the terminal
+        placed = await placing
+        stopped = serve.wait()
+    assert placed.status_code == 201, placed.text
+    assert stopped.returncode == 0, stopped.explain()
+    assert "starting another" not in stopped.stderr, stopped.explain()
+
+
+def _moved(store: Store) -> bool:
+    with store.engine.connect() as conn:
+        return bool(conn.execute(text("SELECT 1 FROM orders WHERE state <> 'pending'")).first())

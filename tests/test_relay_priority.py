@@ -33,16 +33,23 @@ def autogroup(pid: int) -> tuple[str, int] | None:
     return name, int(nice)
 
 
-@pytest.mark.parametrize("child", [False, True], ids=["alone", "child"])
-def test_a_relay_runs_at_the_configured_lower_priority(tmp_path: Path, child: bool) -> None:
+@pytest.mark.parametrize(
+    ("child", "session"),
+    [(False, True), (False, False), (True, True)],
+    ids=["alone", "from-a-shell", "child"],
+)
+def test_a_relay_runs_at_the_configured_lower_priority(
+    tmp_path: Path, child: bool, session: bool
+) -> None:
     url = f"sqlite:///{tmp_path}/saga.db"
     upgrade(url)
     argv = [ORDER_SAGA, "relay", *(["--child"] if child else [])]
     # The child takes its parent's settings (stdin), never its own environment's.
     env = saga_env(database_url=url, relay_nice=3 if child else 7)
     ours = autogroup(os.getpid())
-    # Alone, as a service manager starts it: a session (an autogroup) of its own.
-    relay = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, start_new_session=not child)
+    # Alone, as a service manager starts it, or as fsm.relay_child.supervise does: a session
+    # (an autogroup) of its own. From a shell: the shell's session.
+    relay = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, start_new_session=session)
     try:
         assert relay.stdin is not None
         if child:  # as fsm.relay_child.supervise starts it: its settings on stdin
@@ -55,7 +62,7 @@ def test_a_relay_runs_at_the_configured_lower_priority(tmp_path: Path, child: bo
             what="the relay's lower priority",
             alive=lambda: relay.poll() is None,
         )
-        if child:  # its session is its parent's: the group (ours here) left as it was
+        if not session:  # its session is its parent's: the group (ours here) left as it was
             assert autogroup(relay.pid) == autogroup(os.getpid()) == ours
         else:  # its own session: the group lowered too, or the nice value ranks it nowhere
             assert autogroup(relay.pid) not in (None, ours)  # a group of its own

@@ -67,12 +67,21 @@ class Saga:
     """One `order-saga` (or helper) process; output goes to files, never to a pipe that
     could fill up while we wait on the other process."""
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
+    def __init__(
+        self, argv: Sequence[str], env: Mapping[str, str], *, session: bool = False
+    ) -> None:
+        """`session`: in a session (and process group) of its own, as a shell runs a
+        foreground job: `os.killpg(saga.process.pid, SIGINT)` is then a Ctrl-C."""
         self.argv = tuple(argv)
         self._out: IO[bytes] = tempfile.TemporaryFile()
         self._err: IO[bytes] = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
-            self.argv, env=dict(env), cwd=REPO, stdout=self._out, stderr=self._err
+            self.argv,
+            env=dict(env),
+            cwd=REPO,
+            stdout=self._out,
+            stderr=self._err,
+            start_new_session=session,
         )
         self._result: Result | None = None
 
@@ -117,6 +126,20 @@ class Saga:
         text = file.read().decode(errors="replace")
         file.close()
         return text
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started that still run (Linux: /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # not a process, or gone
+        if parent == pid:
+            found.append(int(entry))
+    return found
 
 
 def run_saga(

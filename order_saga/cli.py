@@ -46,6 +46,7 @@ from order_saga.prune_cli import archive_app, prune
 from order_saga.redact import masked, redact
 
 if TYPE_CHECKING:  # imported by the commands that use them: `order-saga --help` stays fast
+    from fsm.migrate import Schema
     from fsm.models import Order
     from fsm.settings import Settings
 
@@ -74,13 +75,29 @@ def configure_logging(settings: Settings | None = None, level: int = logging.INF
     configure((settings or load_settings()).log_format, level)
 
 
-def _migrate(settings: Settings) -> None:
-    from fsm.migrate import upgrade
+def _migrate(settings: Settings, *, apply: bool = True) -> Schema:
+    """Up to this release's head (`apply=False`: only check it is there); a database a
+    newer release migrated is left as it is, its `Schema` says so (`ahead`)."""
+    from fsm.migrate import IncompatibleSchema, migrate
 
     try:
-        upgrade(settings.database_url)
+        return migrate(settings.database_url, apply=apply)
+    except IncompatibleSchema as exc:  # says what to do
+        fail(f"{masked(settings.database_url)}: {exc}", 1)
     except Exception as exc:  # unreachable database, bad URL, ...
         fail(f"cannot migrate {masked(settings.database_url)}: {one_line(exc)}", 1)
+
+
+def _warn_if_ahead(settings: Settings, schema: Schema) -> None:
+    """A rolling deploy's window: the next release migrated the database while this one
+    (re)starts. Said once, as a log line, before `serve` forks or serves."""
+    if not schema.ahead:
+        return
+    from order_saga.logs import flush
+
+    configure_logging(settings)
+    logging.getLogger("order_saga.migrate").warning("%s", schema.line())
+    flush()  # written now; the process configures its logging again to serve
 
 
 def embedded_services_url(host: str, port: int) -> str:
@@ -111,9 +128,17 @@ def serve(
             help="Processes sharing the port, each with its own engine (about one per core).",
         ),
     ] = 1,
+    migrate: Annotated[
+        bool,
+        typer.Option(
+            help="Apply migrations first (--no-migrate: they are a deploy step of their own;"
+            " a database behind this release is then refused).",
+        ),
+    ] = True,
 ) -> None:
     """Apply migrations and serve the API (plus the reference services when no
-    downstream URLs are configured)."""
+    downstream URLs are configured). A database a newer release already migrated is
+    served as it is, with a warning naming both revisions."""
     import uvicorn
 
     from order_saga.server import DrainingServer, listeners, serve_processes, uvicorn_options
@@ -124,7 +149,7 @@ def serve(
             [sock] = listeners(host, port, 1)
         except OSError as exc:  # as `--workers N` says it (main's environment errors)
             fail(one_line(exc), 1)
-    _migrate(settings)
+    _warn_if_ahead(settings, _migrate(settings, apply=migrate))
     embedded = embedded_services_url(host, port)
 
     def application() -> Any:  # in each process (`--workers N`: after the fork)
@@ -557,7 +582,10 @@ def diagram(
 def db_upgrade() -> None:
     """Apply all migrations (same as `alembic upgrade head`)."""
     settings = load_settings()
-    _migrate(settings)
+    schema = _migrate(settings)
+    if schema.ahead:  # a newer release's revision: nothing of ours to apply, nothing undone
+        typer.echo(f"{schema.line()} ({masked(settings.database_url)})")
+        return
     typer.echo(f"database at head: {masked(settings.database_url)}")
 
 
@@ -572,13 +600,27 @@ def check_upgrade(
     ] = 1000,
 ) -> None:
     """Check every live order against the installed machine; exit 1 if any would be
-    stranded (unknown state or step state, or no path left to a terminal state)."""
+    stranded (unknown state or step state, or no path left to a terminal state). Also
+    says where the database's revision stands against this release's head: exit 1 when
+    it is a newer release's that dropped a table or column this release uses."""
     import json
 
+    from fsm.migrate import schema as read_schema
     from fsm.store import make_engine
     from fsm.upgrade import check
 
-    engine = make_engine(load_settings().database_url)
+    url = load_settings().database_url
+    try:
+        schema = read_schema(url)
+    except environment_errors() as exc:
+        fail(f"cannot read the database: {one_line(exc)}", 1)
+    if schema.missing:  # this release's queries would fail on it: nothing more to check
+        if as_json:
+            typer.echo(json.dumps({"ok": False, "schema": schema.as_json()}, indent=2))
+        else:
+            typer.echo(f"{schema.line()}: run the release that migrated it")
+        raise typer.Exit(1)
+    engine = make_engine(url)
     try:
         report = check(engine, with_ids=ids)
     except environment_errors() as exc:
@@ -586,9 +628,10 @@ def check_upgrade(
     finally:
         engine.dispose()
     if as_json:
-        typer.echo(json.dumps(report.as_json(), indent=2))
+        typer.echo(json.dumps({**report.as_json(), "schema": schema.as_json()}, indent=2))
     else:
-        for line in report.lines():
+        lines = report.lines()
+        for line in [lines[0], schema.line(), *lines[1:]]:
             typer.echo(line)
     raise typer.Exit(0 if report.ok else 1)
 

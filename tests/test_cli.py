@@ -18,12 +18,13 @@ from sqlalchemy import text
 from sqlmodel import SQLModel
 
 from downstream.seed import ORDINARY_USER_ID, RICH_USER_ID, WIDGET_ID
-from fsm.migrate import alembic_config
+from fsm.migrate import alembic_config, schema, upgrade
 from fsm.store import Store, make_engine
 from fsm.wiring import open_store
 from order_saga.cli import first_free
 from tests.support.processes import Saga, command, run_cli
 from tests.support.services import Downstream, answers, free_port
+from tests.support.serving import Served
 from tests.support.settings import saga_env, saga_settings
 from tests.support.waiting import wait_until, wait_until_async
 
@@ -119,6 +120,24 @@ def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "database at head" in result.stdout
     assert run_cli("db", "upgrade", ORDER_SAGA_DATABASE_URL=url).returncode == 0
+
+
+def test_serve_starts_on_a_database_the_next_release_migrated(tmp_path: Path) -> None:
+    """A rolling deploy: an old `serve` restarted after the new release's `db upgrade`
+    warns, naming both revisions, and serves without migrating (it crash-looped on
+    alembic's "Can't locate revision")."""
+    url = f"sqlite:///{tmp_path}/saga.db"
+    upgrade(url)
+    (head,) = schema(url).head
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0012_next_release'"))
+    engine.dispose()
+    served = Served(saga_env(database_url=url)).wait_ready()
+    output = served.stop()
+    assert "WARNING order_saga.migrate" in output, output
+    assert f"database at revision 0012_next_release, ahead of this release's head {head}" in output
+    assert schema(url).database == ("0012_next_release",)
 
 
 async def test_resume_dry_run_then_resume(

@@ -25,7 +25,7 @@ from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
 from fsm.clients import Services
 from fsm.executor import Executor
 from fsm.machine import ORDER_TRANSITIONS, STEP_TRANSITIONS, OrderState, coarse_status
-from fsm.migrate import alembic_config, upgrade
+from fsm.migrate import alembic_config, migrate, schema, upgrade
 from fsm.models import OrderTable
 from fsm.store import Store, make_engine
 from fsm.upgrade import Tables, check, guard
@@ -33,7 +33,7 @@ from fsm.version import MACHINE_VERSION, version_of
 from fsm.wiring import open_saga
 from tests.support.database import create_pg_database, drop_pg_database
 from tests.support.processes import ORDER_SAGA, Saga, run_cli
-from tests.support.services import Downstream
+from tests.support.services import Downstream, free_port
 from tests.support.settings import cli_settings, saga_env, saga_settings
 from tests.support.waiting import wait_until
 
@@ -127,7 +127,10 @@ def test_check_passes_on_live_orders_the_machine_drives(store: Store, db_url: st
     assert report.ok and report.live == 5 and report.groups == 2
     result = check_upgrade(db_url)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().splitlines() == [report.summary()]
+    # The tests' schema is made without Alembic: no revision recorded.
+    behind = "database at revision none, behind this release's head"
+    summary, revision = result.stdout.strip().splitlines()
+    assert summary == report.summary() and revision.startswith(behind)
 
 
 def test_check_names_every_order_a_new_machine_would_strand(store: Store, db_url: str) -> None:
@@ -155,9 +158,10 @@ def test_check_upgrade_cli_exit_1_and_json(store: Store, db_url: str) -> None:
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert lines[0] == f"would strand 1 of 1 live orders under machine {MACHINE_VERSION}"
-    assert lines[1] == "state steps_running: 1 orders"
-    assert "inventory state 'lost' is not a state of this machine" in lines[2]
-    assert lines[3].strip() == str(lost[0])
+    assert lines[1].startswith("database at revision ")
+    assert lines[2] == "state steps_running: 1 orders"
+    assert "inventory state 'lost' is not a state of this machine" in lines[3]
+    assert lines[4].strip() == str(lost[0])
     as_json = check_upgrade(db_url, "--json")
     assert as_json.returncode == 1
     document = json.loads(as_json.stdout)
@@ -284,6 +288,66 @@ async def test_a_renamed_state_migrates_and_the_orders_finish(
         parked = [t for t in history if t.trigger == "park"]
         assert parked and parked[0].to_state == "needs_attention"  # the log keeps what was written
         assert history[-1].trigger == "compensation_done"
+
+
+# -- a rolling deploy: the database one release ahead --------------------------------------
+
+NEXT_RELEASE = "0012_next_release"  # a revision this release does not ship: the next one's
+
+
+def as_if_the_next_release_migrated(url: str, *ddl: str) -> None:
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": NEXT_RELEASE})
+        for statement in ddl:
+            conn.execute(text(statement))
+    engine.dispose()
+
+
+def test_a_database_the_next_release_migrated_is_left_as_it_is_and_said(migrated: str) -> None:
+    """The deploy order runs the next release's `db upgrade` while this one still runs: a
+    `serve` of this release (re)started then must start on it, not crash-loop."""
+    upgrade(migrated)
+    (head,) = schema(migrated).head
+    as_if_the_next_release_migrated(migrated)
+
+    assert migrate(migrated).ahead  # what `serve` runs at start: nothing applied, no error
+    upgraded = run_cli("db", "upgrade", ORDER_SAGA_DATABASE_URL=migrated)
+    assert upgraded.returncode == 0, upgraded.stderr
+    ahead = f"database at revision {NEXT_RELEASE}, ahead of this release's head {head}"
+    assert ahead in upgraded.stdout
+    checked = check_upgrade(migrated)
+    assert checked.returncode == 0, checked.stdout
+    assert checked.stdout.startswith("ok: machine") and ahead in checked.stdout
+    revisions = json.loads(check_upgrade(migrated, "--json").stdout)["schema"]
+    assert revisions["database_revision"] == [NEXT_RELEASE] and revisions["ahead"]
+    assert revisions["head_revision"] == [head]
+    assert schema(migrated).database == (NEXT_RELEASE,)  # nobody rewrote it
+
+
+def test_a_newer_schema_that_lacks_a_column_this_release_uses_is_refused_in_one_line(
+    migrated: str,
+) -> None:
+    upgrade(migrated)
+    as_if_the_next_release_migrated(
+        migrated, "ALTER TABLE orders RENAME COLUMN amount TO amount_cents"
+    )
+    for args in (["serve", "--port", str(free_port())], ["db", "upgrade"], ["check-upgrade"]):
+        result = run_cli(*args, ORDER_SAGA_DATABASE_URL=migrated)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        out = (result.stdout + result.stderr).strip()
+        assert len(out.splitlines()) == 1 and "lacks orders.amount that this release" in out
+        assert "run the release that migrated it" in out
+
+
+def test_serve_no_migrate_refuses_a_database_behind_this_release(migrated: str) -> None:
+    result = run_cli(
+        "serve", "--port", str(free_port()), "--no-migrate", **{"ORDER_SAGA_DATABASE_URL": migrated}
+    )
+    assert result.returncode == 1
+    assert "database at revision 0001, behind this release's head" in result.stderr
+    assert "run `order-saga db upgrade` first" in result.stderr
+    assert schema(migrated).database == ("0001",)  # not migrated
 
 
 # -- serve and worker run the check at start -------------------------------------------

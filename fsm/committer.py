@@ -17,7 +17,10 @@ one round trip per batch instead of one per statement), and each op is resumed t
 results once they have all arrived. An op the database rejects (a lock timeout, a
 constraint) aborts the transaction; the batch is committed again without it, so it fails
 alone too. The thread owns its connection (reconnecting once when
-it is lost); the event loop never touches the database.
+it is lost); the event loop never touches the database. A batch whose connection was lost
+is run again on the new one, though its first run may have committed with only the
+answer lost: a write that cannot tell its own committed row from another writer's gives
+`after_loss`, the op run instead on such a retry (it counts its own write as done).
 
     committer.submit(op)  -> awaitable (from the event loop)
     committer.call(op)    -> result    (from a plain thread: the CLI, tests)
@@ -74,7 +77,7 @@ class Backend:
 
 
 class _Item(Generic[T]):
-    __slots__ = ("op", "loop", "future", "deadline", "key", "after")
+    __slots__ = ("op", "loop", "future", "deadline", "key", "after", "after_loss")
 
     def __init__(
         self,
@@ -82,8 +85,10 @@ class _Item(Generic[T]):
         loop: asyncio.AbstractEventLoop | None,
         future: asyncio.Future[T] | concurrent.futures.Future[T],
         key: Any = None,
+        after_loss: Op[T] | None = None,
     ) -> None:
         self.op, self.loop, self.future, self.key = op, loop, future, key
+        self.after_loss = after_loss  # run instead of `op` when its batch is retried
         self.deadline = 0.0  # monotonic: when waiting for a lock must give up (set at _put)
         self.after: Callable[[], None] | None = None  # run once delivered (the side lane)
 
@@ -154,16 +159,26 @@ class Committer:
 
     @overload
     def submit(
-        self, op: Callable[[Any], Generator[None, None, T]], *, key: Any = None
+        self,
+        op: Callable[[Any], Generator[None, None, T]],
+        *,
+        key: Any = None,
+        after_loss: Callable[[Any], Generator[None, None, T]] | None = None,
     ) -> asyncio.Future[T]: ...
     @overload
-    def submit(self, op: Op[T], *, key: Any = None) -> asyncio.Future[T]: ...
-    def submit(self, op: Op[Any], *, key: Any = None) -> asyncio.Future[Any]:
+    def submit(
+        self, op: Op[T], *, key: Any = None, after_loss: Op[T] | None = None
+    ) -> asyncio.Future[T]: ...
+    def submit(
+        self, op: Op[Any], *, key: Any = None, after_loss: Op[Any] | None = None
+    ) -> asyncio.Future[Any]:
         """Queue `op`; the future resolves once its transaction has committed. `key` (an
-        order id) names the row the op writes: ops of one key commit in submission order."""
+        order id) names the row the op writes: ops of one key commit in submission order.
+        `after_loss`: what to run instead of `op` if the connection is lost during its
+        batch and the batch is run again (the first run may have committed)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._put(_Item(op, loop, future, key))
+        self._put(_Item(op, loop, future, key, after_loss))
         return future
 
     @overload
@@ -314,8 +329,12 @@ class Committer:
             wait = None
             if self.backend.bound_wait is not None:
                 wait = max(0.0, batch[pending[0]].deadline - time.monotonic())
+            if reconnected:  # the lost run may have committed: ops that can tell, check
+                ops = [_after_loss(batch[i]) for i in pending]
+            else:
+                ops = [batch[i].op for i in pending]
             try:
-                done = self._transaction([batch[i].op for i in pending], wait=wait)
+                done = self._transaction(ops, wait=wait)
             except _OpError as rejected:
                 if self.side is not None and self.backend.row_locked(rejected.error):
                     self._discard(rejected.error)
@@ -526,6 +545,12 @@ def _resolve(pending: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             future.set_result(value)
         else:
             future.set_exception(value)
+
+
+def _after_loss(item: _Item[Any]) -> Op[Any]:
+    """The op to run again once its batch's connection was lost (the first run may have
+    committed, unheard): its `after_loss` if it has one."""
+    return item.after_loss if item.after_loss is not None else item.op
 
 
 def _yields(op: Op[Any]) -> bool:

@@ -292,6 +292,15 @@ def claim(dialect: Dialect) -> str:
 
 
 @lru_cache(maxsize=8)
+def select_logged(dialect: Dialect) -> str:
+    """One line of an order's log by its seq (the unique key, partition key included)."""
+    return dialect.sql(
+        "SELECT scope, trigger, to_state FROM transitions"
+        " WHERE order_id = %s AND seq = %s AND order_created_at = %s"
+    )
+
+
+@lru_cache(maxsize=8)
 def order_exists(dialect: Dialect) -> str:
     return dialect.sql("SELECT 1 FROM orders WHERE id = %s")
 

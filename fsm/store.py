@@ -270,10 +270,11 @@ class Store(Reads):
         for key, value in values.items():  # queued: the next write builds on it
             setattr(order, key, value)
         event = self._event(order, order.version, kind, order.updated_at) if line else None
-        future = self.committer.submit(
-            partial(self._guarded, order.id, expected, owner, values, line, event, attempt),
-            key=order.id,
-        )
+        op = partial(self._guarded, order.id, expected, owner, values, line, event, attempt)
+        # A batch retried after its connection was lost may have committed this write: the
+        # retry looks for it before calling the moved version a conflict.
+        after_loss = partial(op, retried=True) if line is not None else None
+        future = self.committer.submit(op, key=order.id, after_loss=after_loss)
         try:
             await settled(future)  # cancelled (SIGTERM) or not: what the database holds
         except BaseException:
@@ -293,7 +294,14 @@ class Store(Reads):
         event: outbox_sql.EventRow | None,
         attempt: tuple[Any, ...] | None,
         cursor: Any,
+        *,
+        retried: bool = False,
     ) -> Generator[None, None, None]:
+        """The write of `_write`: refused (StaleOrder, LeaseLost) unless the order is at
+        `expected` and leased to `owner`. `retried`: the committer runs it again after
+        losing the connection during its batch, whose commit may have gone through
+        unheard; then the order already at `expected + 1` with this very line at that
+        seq in the log is this write, committed (as `_insert` finds its own row)."""
         d = self.dialect
         columns = tuple(values)
         params = [*(d.encode(c, values[c]) for c in columns), d.uuid(order_id), expected, owner]
@@ -312,11 +320,19 @@ class Store(Reads):
                 )
             yield  # (a committer op: statements sent, results next)
             if cursor.rowcount != 1:
+                if retried and self._committed_before(cursor, order_id, expected, logged):
+                    return
                 self._raise_conflict(cursor, order_id, expected, owner)
             return
         cursor.execute(sql.guarded_update(d, columns), params)
         yield
         if cursor.rowcount != 1:
+            if (
+                retried
+                and logged is not None
+                and self._committed_before(cursor, order_id, expected, logged)
+            ):
+                return
             self._raise_conflict(cursor, order_id, expected, owner)
         if logged is not None:
             cursor.execute(sql.insert_transition(d), logged)
@@ -325,6 +341,26 @@ class Store(Reads):
         if attempt is not None:
             row = [d.encode(c, v) for c, v in zip(sql.ATTEMPT_COLUMNS, attempt, strict=True)]
             cursor.execute(sql.insert_attempt(d), row)
+
+    def _committed_before(
+        self, cursor: Any, order_id: uuid.UUID, expected: int, logged: list[Any]
+    ) -> bool:
+        """Is the order at `expected + 1` with `logged` (its scope, trigger and new state)
+        at that seq of its log? Then the write was committed by the run whose answer was
+        lost. Only on that retry: the hot path never asks."""
+        line = dict(zip(sql.TRANSITION_COLUMNS, logged, strict=True))
+        cursor.execute(sql.select_lease(self.dialect), [self.dialect.uuid(order_id)])
+        row = cursor.fetchone()
+        if row is None or row[0] != expected + 1:
+            return False
+        key = [line["order_id"], line["seq"], line["order_created_at"]]
+        cursor.execute(sql.select_logged(self.dialect), key)
+        found = cursor.fetchone()
+        return found is not None and tuple(found) == (
+            line["scope"],
+            line["trigger"],
+            line["to_state"],
+        )
 
     def _raise_conflict(self, cursor: Any, order_id: uuid.UUID, expected: int, owner: str) -> None:
         d = self.dialect

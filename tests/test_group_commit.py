@@ -5,6 +5,7 @@ alone; while a write waits on a lock, reads still answer, and the wait is bounde
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import threading
 import time
@@ -30,7 +31,7 @@ from fsm.errors import StaleOrder, StoreUnavailable
 from fsm.executor import Executor
 from fsm.models import Order
 from fsm.store import Store, make_engine
-from fsm.wiring import build_store
+from fsm.wiring import build_store, open_store
 from tests.support.services import Books, Downstream, LiveServer, assert_conserved
 from tests.support.settings import saga_settings
 from tests.support.waiting import wait_until_async
@@ -167,6 +168,63 @@ async def test_a_statement_the_database_rejects_inside_a_batch_fails_alone(
     for order in (good_a, good_b):
         assert store.get(order.id).state == "product_requested"
         assert [t.trigger for t in store.history(order.id)] == ["request_product"]
+
+
+class LosesTheAnswer:
+    """A PostgreSQL connection whose commit, once `lose()` says so, is done on the server and
+    then the link drops before the client hears it (pg_terminate_backend): all the
+    committer learns is that its connection broke during the commit."""
+
+    def __init__(self, conn: psycopg.Connection[Any], dsn: str, lose: Callable[[], bool]):
+        self._conn, self._dsn, self._lose = conn, dsn, lose
+        self.lost = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def commit(self) -> None:
+        self._conn.commit()
+        if self._lose():
+            self.lost += 1
+            with psycopg.connect(self._dsn, autocommit=True) as killer:
+                killer.execute("SELECT pg_terminate_backend(%s)", [self._conn.info.backend_pid])
+            self._conn.execute("SELECT 1")  # raises: the server is gone
+            raise AssertionError("the terminated connection still answered")
+
+
+async def test_a_batch_whose_commit_answer_was_lost_is_not_refused_as_stale(
+    pg_url: str,
+) -> None:
+    """The batch committed on the server, the connection dropped before the answer came;
+    the committer reconnects and runs the batch again, and each write, meeting the
+    version it moved itself, took it for another writer's: StaleOrder for every order of
+    the batch (their runs aborted, ~30 s lost waiting for the sweep, an operator's
+    action reported failed though it was done). Now each finds its own line in the log."""
+    with open_store(saga_settings(pg_url, lease_seconds=30)) as store:
+        orders = await new_orders(store, 3)
+        committer = store.committer
+        connections: list[LosesTheAnswer] = []
+        real = committer.backend.connect
+        dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
+
+        def lossy() -> LosesTheAnswer:
+            lose = lambda: committer.in_flight == 3 and not any(c.lost for c in connections)  # noqa: E731
+            connections.append(LosesTheAnswer(real(), dsn, lose))
+            return connections[-1]
+
+        committer.close()  # its next writer connects through `lossy`
+        committer.backend = dataclasses.replace(committer.backend, connect=lossy)
+
+        results = await one_batch(store, lambda: [request_product(store, o) for o in orders])
+
+        assert sum(c.lost for c in connections) == 1  # the batch's commit, and only it
+        assert results == ["product_requested"] * 3
+        for order in orders:
+            assert store.get(order.id).version == 1  # written once, not twice
+            assert [t.trigger for t in store.history(order.id)] == ["request_product"]
+        # Their drivers go on from there: the copies they hold are at version 1 too.
+        await store.record_audit(order=orders[0], owner="t", action="resume", detail={})
+        assert store.get(orders[0].id).version == 2
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """Connections to the engine's database: SQLAlchemy's read pool (`make_engine`) and the
 commit thread's own DBAPI connection (`backend`), each with the same bounded waits.
 
-SQLite's pragmas and PostgreSQL's lock/statement timeouts are decided here, once, for both
-kinds of connection (their statement texts are `fsm.sql`'s). No statements of the engine's
+SQLite's pragmas, PostgreSQL's lock/statement timeouts and its bounds on the network
+(`pg_link`: keepalives, tcp_user_timeout) are decided here, once, for both kinds of
+connection (their statement texts are `fsm.sql`'s). No statements of the engine's
 own, no decisions about orders.
 """
 
@@ -18,7 +19,7 @@ from fsm import sql
 from fsm.committer import Backend
 from fsm.errors import StoreUnavailable
 
-__all__ = ["backend", "make_engine", "pg_options"]
+__all__ = ["backend", "make_engine", "pg_link", "pg_options"]
 
 
 # How long a group-commit batch waits for a row lock another session holds before the op
@@ -33,6 +34,34 @@ def pg_options(*, lock_timeout: float, statement_timeout: float) -> str:
         f"-c lock_timeout={int(lock_timeout * 1000)} "
         f"-c statement_timeout={int(statement_timeout * 1000)}"
     )
+
+
+# A link cut without a reset (a dead router, a failover, a dropped NAT entry) is found by
+# TCP keepalives: 10 s of silence, then 3 probes 5 s apart. With the OS defaults (2 h
+# idle, 9 probes 75 s apart) a COMMIT whose answer was lost held the one commit thread,
+# and every write queued behind it, for 2 h 11 min; statement_timeout is the server's
+# and cannot end a wait once the server is out of reach.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3
+# Bounds of tcp_user_timeout (s): how long data sent may stay unacknowledged by the
+# server's host (a healthy one acknowledges at once, however slow the statement).
+LINK_TIMEOUT_MIN, LINK_TIMEOUT_MAX = 10.0, 120.0
+
+
+def pg_link(*, lock_timeout: float, statement_timeout: float) -> dict[str, Any]:
+    """libpq's parameters that bound a wait on the network (the server's own waits are
+    `pg_options`'): connecting, and a server gone silent, idle (keepalives) or with our
+    bytes unacknowledged (tcp_user_timeout: the longest wait the server may make us,
+    lock + statement timeout, within 10-120 s). Either way the connection breaks, the
+    waiting call gets StoreUnavailable, and the next write opens a new connection."""
+    link = min(max(lock_timeout + statement_timeout, LINK_TIMEOUT_MIN), LINK_TIMEOUT_MAX)
+    return {
+        "connect_timeout": max(1, int(lock_timeout)),
+        "keepalives": 1,
+        "keepalives_idle": KEEPALIVE_IDLE,
+        "keepalives_interval": KEEPALIVE_INTERVAL,
+        "keepalives_count": KEEPALIVE_COUNT,
+        "tcp_user_timeout": int(link * 1000),
+    }
 
 
 def _sqlite_setup(conn: Any, lock_timeout: float) -> None:
@@ -65,7 +94,7 @@ def make_engine(url: str, *, lock_timeout: float = 5.0, statement_timeout: float
         pool_timeout=lock_timeout,
         connect_args={
             "options": pg_options(lock_timeout=lock_timeout, statement_timeout=statement_timeout),
-            "connect_timeout": max(1, int(lock_timeout)),
+            **pg_link(lock_timeout=lock_timeout, statement_timeout=statement_timeout),
         },
     )
     return _closing_late_returns(engine)
@@ -154,9 +183,10 @@ def backend(
         lock_timeout=min(lock_timeout, BATCH_LOCK_TIMEOUT), statement_timeout=statement_timeout
     )
     batch_options += durability
+    link = pg_link(lock_timeout=lock_timeout, statement_timeout=statement_timeout)
 
     def connect_pg(options: str = batch_options) -> Any:
-        return psycopg.connect(conninfo, options=options, connect_timeout=max(1, int(lock_timeout)))
+        return psycopg.connect(conninfo, options=options, **link)
 
     common: dict[str, Any] = {
         "begin": None,  # psycopg opens the transaction at the first statement

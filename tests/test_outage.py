@@ -3,6 +3,7 @@ on, on SQLite and PostgreSQL, the reference services over real HTTP and /_faults
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -227,3 +228,42 @@ def test_a_partial_outage_is_shielded_by_its_own_breaker(
         orders = [store.get(uuid.UUID(oid)) for oid in [*done, *ids]]
     assert {o.status for o in orders[len(done) :]} == {"completed"}
     assert_conserved(downstream, books, orders)
+
+
+# The database's link cut silently (no reset: a dead router, a failover): every connection
+# to PostgreSQL finds it through TCP keepalives and a bound on unacknowledged data, so a
+# COMMIT whose answer is lost ends in StoreUnavailable within ~25 s, not the OS's 2 h 11 min
+# during which the commit thread, and every write queued behind it, waited. Proven on the
+# sockets themselves (a userland proxy answers keepalives itself, so it cannot cut a link).
+LINK = {
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE): 1,
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE): 10,
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL): 5,
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT): 3,
+    # lock + statement timeout (5 + 30 s), in ms
+    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT): 35_000,
+}
+
+
+def link_options(dbapi_conn: Any) -> dict[tuple[int, int], int]:
+    """The TCP options of a psycopg connection's socket, as the kernel holds them."""
+    sock = socket.fromfd(dbapi_conn.pgconn.socket, socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        return {(level, name): sock.getsockopt(level, name) for level, name in LINK}
+    finally:
+        sock.close()  # the duplicate only: the connection keeps its own
+
+
+def test_every_postgresql_connection_detects_a_silently_cut_link(pg_url: str) -> None:
+    with open_store(saga_settings(pg_url)) as store:
+        with store.engine.connect() as conn:  # the read pool
+            reads = link_options(conn.connection.driver_connection)
+        commits = store.committer.call(lambda cursor: link_options(cursor.connection))
+        side_lane = store.committer.backend.side
+        assert side_lane is not None
+        side = side_lane.connect()
+        try:
+            locked_rows = link_options(side)
+        finally:
+            side.close()
+    assert reads == commits == locked_rows == LINK

@@ -29,10 +29,13 @@ BATCH_LOCK_TIMEOUT = 0.1
 
 
 def pg_options(*, lock_timeout: float, statement_timeout: float) -> str:
-    """PostgreSQL's per-connection bounded waits, as libpq `options`."""
+    """PostgreSQL's per-connection bounded waits, as libpq `options`; and the session's
+    time zone, UTC whatever the server's, database's or role's default: timestamps come
+    back in UTC (the API's, the heatmap's hours), not in the server's local time."""
     return (
         f"-c lock_timeout={int(lock_timeout * 1000)} "
-        f"-c statement_timeout={int(statement_timeout * 1000)}"
+        f"-c statement_timeout={int(statement_timeout * 1000)} "
+        "-c timezone=UTC"
     )
 
 

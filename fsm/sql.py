@@ -165,10 +165,13 @@ def _quoted(column: str) -> str:
 
 
 def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands timestamps back naive; they were written as UTC."""
-    if value is not None and value.tzinfo is None:
+    """A timestamp from the database in UTC: SQLite hands them back naive (they were
+    written as UTC); an aware one in another zone is converted, not just labelled."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value
+    return value.astimezone(UTC)
 
 
 def parse_utc(value: Any) -> datetime | None:

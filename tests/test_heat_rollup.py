@@ -6,7 +6,7 @@ day; all; and a window older than the hours the roll-up keeps)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import func, select
@@ -20,8 +20,10 @@ from fsm.models import STATE_COLUMN
 from fsm.retention import Pruner
 from fsm.sql import as_utc
 from fsm.store import Store
+from fsm.wiring import open_store
+from tests.support.database import pg_database_with
 from tests.support.processes import Saga, command
-from tests.support.settings import saga_env
+from tests.support.settings import saga_env, saga_settings
 from tests.support.waiting import wait_until
 
 Key = tuple[str, str]
@@ -121,6 +123,22 @@ def test_the_rolled_heatmap_equals_the_whole_log(store: Store) -> None:
     assert_same(store)  # the roll-up plus the log past its cursor
     assert rollup.roll(store.engine) > 0
     assert_same(store)
+
+
+def test_the_heatmap_is_in_utc_whatever_the_servers_time_zone() -> None:
+    """A database whose sessions default to another zone (+05:30): the roll-up cut its
+    hours at the local half hour, and the last hour's edges read 0 once rolled."""
+    with pg_database_with(timezone="Asia/Kolkata") as url, open_store(saga_settings(url)) as store:
+        load_rows(url, 60, seed=5, span=timedelta(hours=2))
+        since = queries.hour_of(queries.utcnow()) - timedelta(minutes=10)
+        before = queries.heat(store, since).edges
+        assert before and before == straightforward(store, since).edges
+        assert rollup.roll(store.engine) > 0
+        assert queries.heat(store, since).edges == before
+        assert_same(store)
+    kolkata = datetime(2026, 1, 1, 5, 30, tzinfo=timezone(timedelta(hours=5, minutes=30)))
+    converted = as_utc(kolkata)
+    assert converted is not None and converted.tzinfo is UTC and converted.hour == 0
 
 
 def test_a_roll_reads_only_past_its_cursor(store: Store) -> None:

@@ -18,11 +18,13 @@ from downstream.seed import (
 )
 from tests.support.api import (
     WIDGET_PRICE,
+    api,
     assert_message,
     assert_utc,
     place,
 )
 from tests.support.cursors import HAND_MADE_CURSORS, hand_made_cursor
+from tests.support.database import pg_database_with
 
 
 def test_get_order(client: TestClient) -> None:
@@ -44,6 +46,21 @@ def test_get_order(client: TestClient) -> None:
     assert order["created_at"] == created["created_at"]
     assert_utc(order["created_at"])
     assert_utc(order["updated_at"])
+
+
+def test_timestamps_are_utc_whatever_the_servers_time_zone(services_url: str) -> None:
+    """SPEC: every timestamp in UTC, also from a PostgreSQL database whose sessions
+    default to another zone (they came back as +05:30)."""
+    with pg_database_with(timezone="Asia/Kolkata") as url, api(url, services_url) as client:
+        created = place(client, user=RICH_USER_ID).json()
+        assert_utc(created["created_at"])
+        order = client.get(f"/orders/{created['id']}").json()
+        listed = client.get("/orders").json()["orders"][0]
+        history = client.get(f"/orders/{created['id']}/transitions").json()
+    for stamp in (order["created_at"], order["updated_at"], listed["created_at"]):
+        assert_utc(stamp)
+    for line in history:
+        assert_utc(line["created_at"])
 
 
 def test_get_unknown_order_is_404(client: TestClient) -> None:

@@ -9,9 +9,13 @@ import os
 import sqlite3
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg import sql
+from sqlmodel import SQLModel
 
 from fsm import queries
 from fsm.store import Store, utcnow
@@ -36,6 +40,31 @@ def create_pg_database(name: str) -> str:
 def drop_pg_database(name: str) -> None:
     with pg_admin() as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def pg_database_with(**defaults: str) -> Iterator[str]:
+    """A scratch PostgreSQL database, schema made, whose sessions default to `defaults`
+    (`ALTER DATABASE … SET timezone = 'Asia/Kolkata'`, as an operator's server, database
+    or role may), dropped on the way out. The server's own settings are never changed."""
+    from fsm.store import make_engine
+
+    name = f"order_saga_defaults_{uuid.uuid4().hex[:12]}"
+    url = create_pg_database(name)
+    try:
+        with pg_admin() as admin:
+            for key, value in defaults.items():
+                admin.execute(
+                    sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                        sql.Identifier(name), sql.Identifier(key), sql.Literal(value)
+                    )
+                )
+        engine = make_engine(url)
+        SQLModel.metadata.create_all(engine)
+        engine.dispose()
+        yield url
+    finally:
+        drop_pg_database(name)
 
 
 def wait_for_lease_expiry(store: Store, order_id: uuid.UUID, *, limit: float = 30.0) -> None:

@@ -30,12 +30,16 @@ BATCH_LOCK_TIMEOUT = 0.1
 
 def pg_options(*, lock_timeout: float, statement_timeout: float) -> str:
     """PostgreSQL's per-connection bounded waits, as libpq `options`; and the session's
-    time zone, UTC whatever the server's, database's or role's default: timestamps come
-    back in UTC (the API's, the heatmap's hours), not in the server's local time."""
+    settings the engine is written for, whatever the server's, database's or role's
+    defaults: time zone UTC (timestamps come back in UTC: the API's, the heatmap's hours)
+    and isolation read committed (the guarded writes check their version and lease in
+    the statement itself; under a `serializable` default, a conflict failed with 40001
+    as StoreUnavailable, never retried)."""
     return (
         f"-c lock_timeout={int(lock_timeout * 1000)} "
         f"-c statement_timeout={int(statement_timeout * 1000)} "
-        "-c timezone=UTC"
+        "-c timezone=UTC "
+        "-c default_transaction_isolation=read\\ committed"  # libpq: an escaped space
     )
 
 

@@ -19,13 +19,19 @@ from fsm import sql
 from fsm.committer import Backend
 from fsm.errors import StoreUnavailable
 
-__all__ = ["backend", "make_engine", "pg_link", "pg_options"]
+__all__ = ["backend", "make_engine", "migration_engine", "pg_link", "pg_options"]
 
 
 # How long a group-commit batch waits for a row lock another session holds before the op
 # moves to the side lane (fsm.committer): long enough for the brief locks of another
 # process's batch or sweep, short enough that the rest of the batch barely notices.
 BATCH_LOCK_TIMEOUT = 0.1
+# A migration has no statement time limit (revision 0007 copies the whole log in one
+# INSERT … SELECT; a state migration rewrites every order row in the old state: on a big
+# database either ran past the engine's 30 s and rolled back, with no way to raise it), and
+# waits up to a minute for a lock a running process holds; past that it fails, leaving
+# the database at the revision it was (one transaction), and can be run again.
+MIGRATION_LOCK_TIMEOUT = 60.0
 
 
 def pg_options(*, lock_timeout: float, statement_timeout: float) -> str:
@@ -105,6 +111,12 @@ def make_engine(url: str, *, lock_timeout: float = 5.0, statement_timeout: float
         },
     )
     return _closing_late_returns(engine)
+
+
+def migration_engine(url: str) -> Engine:
+    """The connection Alembic migrates through: `MIGRATION_LOCK_TIMEOUT`, no statement
+    time limit (0: none, to PostgreSQL)."""
+    return make_engine(url, lock_timeout=MIGRATION_LOCK_TIMEOUT, statement_timeout=0)
 
 
 # Engines closed for good (`close_engine`): every connection is closed on its return.

@@ -12,8 +12,8 @@ from sqlmodel import SQLModel
 
 import fsm.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from fsm import partitions, sql
+from fsm.engine import migration_engine
 from fsm.settings import SETTINGS_ERRORS, get_settings, settings_problem
-from fsm.store import make_engine
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
@@ -47,7 +47,8 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = make_engine(config.attributes.get("url") or _database_url())
+    # no statement time limit, a minute's wait for a lock (fsm.engine.MIGRATION_LOCK_TIMEOUT)
+    engine = migration_engine(config.attributes.get("url") or _database_url())
     try:
         with engine.connect() as conn:
             _run(conn)

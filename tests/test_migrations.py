@@ -10,12 +10,13 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, text
+from sqlalchemy import Engine, event, inspect, text
 from sqlmodel import SQLModel
 
 import fsm.models  # noqa: F401
@@ -63,6 +64,38 @@ def test_upgrade_head_matches_the_models(empty_db: str) -> None:
 def test_upgrade_is_idempotent(empty_db: str) -> None:
     upgrade(empty_db)
     upgrade(empty_db)  # at head already: nothing to do, no error
+
+
+def test_a_migration_has_no_statement_time_limit_and_waits_a_minute_for_a_lock(
+    empty_db: str,
+) -> None:
+    """Revision 0007 copies the whole log in one statement, a state migration rewrites
+    every order row: with the engine's 30 s statement timeout, a big database's upgrade
+    rolled back, with no way to raise it. Read on the connection running the revisions."""
+    seen: dict[str, object] = {}
+
+    def record(conn: Any, *_: Any) -> None:
+        if seen:
+            return
+        cursor = conn.connection.dbapi_connection.cursor()
+        if conn.dialect.name == "sqlite":
+            cursor.execute("PRAGMA busy_timeout")
+            seen["lock"] = cursor.fetchone()[0]
+        else:
+            for setting in ("statement_timeout", "lock_timeout"):
+                cursor.execute(f"SHOW {setting}")
+                seen[setting] = cursor.fetchone()[0]
+        cursor.close()
+
+    event.listen(Engine, "after_cursor_execute", record)
+    try:
+        upgrade(empty_db)
+    finally:
+        event.remove(Engine, "after_cursor_execute", record)
+    if empty_db.startswith("sqlite"):
+        assert seen == {"lock": 60_000}
+    else:
+        assert seen == {"statement_timeout": "0", "lock_timeout": "1min"}
 
 
 def test_plain_alembic_cli_works(tmp_path: Path) -> None:

@@ -16,12 +16,15 @@ An unset *_URL means the embedded reference services at `embedded_url` (default
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
+from fsm.clock import check_database_clock
 from fsm.engine import close_engine
+from fsm.queries import utcnow
 from fsm.settings import Settings
 from fsm.store import Store, make_engine
 
@@ -70,8 +73,15 @@ def relay_store(settings: Settings) -> Store:
     synchronous commit after it (an order's) makes it durable too. On PostgreSQL they do
     not wait for the disk, so the relay's WAL flushes no longer queue with the orders'
     (relay on with free sends: 81 % -> 90-94 % of relay off; BENCHMARKS.md). A relay
-    never writes an order."""
-    return build_store(settings, synchronous_commit=False)
+    never writes an order. Refused (ClockSkew) when this host's clock is too far from the
+    database's for the cursors' leases (fsm.clock)."""
+    store = build_store(settings, synchronous_commit=False)
+    try:
+        check_database_clock(store.engine, lease_seconds=settings.relay_lease)
+    except BaseException:
+        close_store(store)
+        raise
+    return store
 
 
 def close_store(store: Store) -> None:
@@ -159,6 +169,7 @@ async def open_saga(
     upgrade_guard: bool = False,
     require_database: bool = False,
     store: Store | None = None,
+    clock: Callable[[], datetime] = utcnow,
 ) -> AsyncIterator[Saga]:
     """Build the engine; on exit stop renewing leases, commit what is queued, close.
 
@@ -171,6 +182,8 @@ async def open_saga(
     - `require_database`: fail at once when the database does not answer (`worker`);
       `serve` starts anyway and answers 503 until it does.
     - `store`: drive through a store the caller opened with `open_store` (and closes).
+    - `clock`: this process's clock, compared with the database's at start (fsm.clock:
+      ClockSkew when it is off by more than a quarter of the lease); tests skew it.
     """
     from fsm import keys
     from fsm.breaker import Breakers
@@ -195,6 +208,12 @@ async def open_saga(
             if require_database:
                 with the_store.engine.connect():
                     pass  # no database: fail now, in one line, before any check logs
+            await asyncio.to_thread(
+                check_database_clock,
+                the_store.engine,
+                lease_seconds=settings.lease_seconds,
+                clock=clock,
+            )
             if upgrade_guard:
                 guard(the_store)
             executor = build_executor(settings, store=the_store, services=services)

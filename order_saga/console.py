@@ -32,9 +32,11 @@ def environment_errors() -> tuple[type[BaseException], ...]:
     import psycopg  # a raw connection of the pool raises its own (fsm.subscriptions.read)
     from sqlalchemy.exc import SQLAlchemyError
 
+    from fsm.clock import ClockSkew
     from fsm.errors import StoreUnavailable
 
     return (
+        ClockSkew,  # this host's clock: sync it
         SQLAlchemyError,
         OSError,
         sqlite3.Error,

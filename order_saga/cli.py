@@ -88,6 +88,22 @@ def _migrate(settings: Settings, *, apply: bool = True) -> Schema:
         fail(f"cannot migrate {masked(settings.database_url)}: {one_line(exc)}", 1)
 
 
+def _check_clock(settings: Settings) -> None:
+    """This host's clock against the database's (fsm.clock), before `serve` forks or
+    serves: too far off, it stops in one line as the other commands do (inside the app's
+    start-up uvicorn would print it in a traceback)."""
+    from fsm.clock import ClockSkew, check_database_clock
+    from fsm.engine import make_engine
+
+    engine = make_engine(settings.database_url)
+    try:
+        check_database_clock(engine, lease_seconds=settings.lease_seconds)
+    except ClockSkew as exc:
+        fail(str(exc), 1)
+    finally:
+        engine.dispose()
+
+
 def _warn_if_ahead(settings: Settings, schema: Schema) -> None:
     """A rolling deploy's window: the next release migrated the database while this one
     (re)starts. Said once, as a log line, before `serve` forks or serves."""
@@ -150,6 +166,7 @@ def serve(
         except OSError as exc:  # as `--workers N` says it (main's environment errors)
             fail(one_line(exc), 1)
     _warn_if_ahead(settings, _migrate(settings, apply=migrate))
+    _check_clock(settings)
     embedded = embedded_services_url(host, port)
 
     def application() -> Any:  # in each process (`--workers N`: after the fork)

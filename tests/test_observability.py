@@ -4,6 +4,7 @@ request ids, quiet httpx, masked database URLs) and the worker's own /metrics po
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -244,7 +245,8 @@ def test_workers_on_one_host_take_the_next_free_metrics_port() -> None:
     try:
         got = first_free(port, serve)
         assert got is not None and port < got < port + METRICS_PORTS
-        assert first_free(port, lambda p: (_ for _ in ()).throw(OSError("taken"))) is None
+        in_use = OSError(errno.EADDRINUSE, "taken")
+        assert first_free(port, lambda p: (_ for _ in ()).throw(in_use)) is None
     finally:
         taken.close()
         for s in servers:

@@ -201,6 +201,8 @@ class Executor:
         started = time.perf_counter()
         stopped = False
         try:
+            if not is_terminal(order.state):
+                await self.store.start_run(order=order, owner=self.owner)
             await self._advance(order)
         except asyncio.CancelledError:  # this process stops (SIGTERM): the next driver now
             stopped = True

@@ -255,6 +255,15 @@ class Store(Reads):
         logged = (order.id, utcnow(), call, n, error, next_attempt_at, waiting_on)
         await self._write(order, owner, values, None, attempt=logged)
 
+    async def start_run(self, *, order: Order, owner: str) -> None:
+        """A run starts: the last run's retry time (`next_attempt_at`: a failed attempt's,
+        a breaker's probe, a park's pause) is spent, since the sweep found it due or an
+        operator overrides it. Cleared, `fsm.why` no longer reads "waits until then" while
+        this run calls; a wait of this run sets it again. Not part of the claim, which an
+        action refused under the lease (`operator.admit`) must leave unwritten."""
+        if order.next_attempt_at is not None:
+            await self._write(order, owner, {"next_attempt_at": None}, None)
+
     async def _write(
         self,
         order: Order,

@@ -9,6 +9,8 @@ another process. In order of precedence, an order
   driver holds the lease, or until the probe once nobody does (then the sweep's turn);
 - waits for its next attempt of a failing call (when, how many failed, the last error), or
   for its next run after a run ended by an unexpected error (`fsm.retry.CRASHED_RUN`);
+  both only while the order's retry time is set: a run starting clears it
+  (`Store.start_run`), so a call in flight is never shown as waiting for its last retry;
 - is being driven (leased by a live owner, until when);
 - is held by a lease whose owner stopped renewing it (expired: the sweep takes it over);
 - is parked in needs_attention (the reason; when the sweep retries it: its own pause and
@@ -89,7 +91,11 @@ def explain(order: Order, *, last: Attempt | None, settings: Settings, now: date
     # failed attempt's, a breaker's probe: next_attempt_at) has come.
     sweep_from = max(still_from, order.next_attempt_at or still_from)
     common: dict[str, Any] = {"owner": owner, "lease_expires_at": expires}
-    probe = fresh.next_attempt_at if fresh is not None and fresh.waiting_on else None
+    # The order's retry time is cleared when a run starts (`Store.start_run`): without it
+    # the last attempt's wait is over, whatever the attempt said (a new run is calling).
+    retry = order.next_attempt_at
+    waits = fresh is not None and fresh.waiting_on and retry is not None
+    probe = fresh.next_attempt_at if fresh is not None and waits else None
     if probe is not None and (alive or probe > now):
         assert fresh is not None and fresh.waiting_on is not None
         then = "" if alive else f", then the sweep drives it (from {_at(sweep_from)})"
@@ -113,7 +119,6 @@ def explain(order: Order, *, last: Attempt | None, settings: Settings, now: date
             last_error=order.last_error,
             **common,
         )
-    retry = order.next_attempt_at
     failed = fresh is not None and not fresh.waiting_on and retry is not None
     if fresh is not None and retry is not None and failed and (retry > now or owner is None):
         # Driven: its driver sleeps until then. Not driven: the sweep's turn, once the

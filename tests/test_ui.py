@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -31,6 +32,7 @@ from fsm.wiring import build_executor
 from tests.support.api import API
 from tests.support.services import Downstream
 from tests.support.settings import saga_settings
+from tests.support.waiting import wait_until
 
 GREEN, RED = "#81c784", "#e57373"  # fsm.diagram: where a completed / failed order rests
 
@@ -154,6 +156,32 @@ def test_retry_and_cancel_from_the_page(
     refused = client.post(f"/ui/orders/{failed}/cancel")
     assert "Cancel order: not possible while the order is failed" in refused.text
     assert client.get(f"/ui/orders/{completed}/explode").status_code == 422
+
+
+def test_a_retry_in_flight_is_not_shown_as_parked(
+    client: TestClient, downstream: Downstream
+) -> None:
+    """While the page's Retry runs the order is compensating: the page showed "Needs
+    attention ... The sweep retries at" and "next attempt of payment:refund at" the park's
+    pause, though the refund was being called right then."""
+    parked = park(client, downstream)
+    assert '<div class="attention">' in client.get(f"/ui/orders/{parked}").text
+    downstream.fault("user.refund", "delay", count=1, seconds=0.8)  # answered in time
+    retry = threading.Thread(target=client.post, args=(f"/ui/orders/{parked}/retry",))
+    retry.start()
+    try:
+
+        def in_flight() -> str | None:
+            page = client.get(f"/ui/orders/{parked}").text
+            return page if 'data-kind="leased"' in page else None
+
+        page = wait_until(in_flight, what="the retry to show as driven", alive=retry.is_alive)
+        assert '<dd id="order-state">compensating</dd>' in page
+        assert '<div class="attention">' not in page and "The sweep retries at" not in page
+        assert "next attempt" not in page
+    finally:
+        retry.join()
+        downstream.clear_faults()
 
 
 @pytest.mark.parametrize("action", ["resume", "retry", "cancel", "resolve"])

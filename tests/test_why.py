@@ -70,6 +70,34 @@ async def test_a_failing_call_waits_for_its_next_attempt(
     set_faults(downstream.url, ())
 
 
+async def test_a_call_resumed_after_its_failed_attempts_is_in_flight_not_waiting(
+    store: Store, driver: Executor, settings: Settings, downstream: Downstream
+) -> None:
+    """A run spent its budget (next attempt in BACKOFF_MAX), then a resume calls again at
+    once: while that call is in flight the order is being driven, not "waiting for its
+    next attempt at" the last run's retry time (which the new run's claim used to keep)."""
+    downstream.fault("user.deduct", "error", count=2)
+    order = await driver.run((await new_order(store)).id)
+    assert explain(store, order, settings).kind is Kind.NEXT_ATTEMPT
+    downstream.fault("user.deduct", "delay", count=1, seconds=0.8)  # answered in time
+    run = asyncio.create_task(driver.run(order.id))  # `resume --order`, the page's Resume
+    try:
+
+        def in_flight() -> why.Why | None:
+            assert not run.done(), "the call ended without ever showing as driven"
+            w = explain(store, order, settings)
+            return w if w.kind is Kind.LEASED else None
+
+        w = await wait_until_async(in_flight, what="the resumed call to show as driven")
+        assert w.owner == driver.owner and "next attempt" not in w.summary
+        assert store.get(order.id).next_attempt_at is None  # the run spent it
+        assert (await run).state == "completed"
+    finally:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        set_faults(downstream.url, ())
+
+
 async def test_a_parked_order_says_why_and_when_the_sweep_retries(
     store: Store, driver: Executor, settings: Settings, downstream: Downstream
 ) -> None:

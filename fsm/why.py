@@ -11,8 +11,11 @@ another process. In order of precedence, an order
   for its next run after a run ended by an unexpected error (`fsm.retry.CRASHED_RUN`);
   both only while the order's retry time is set: a run starting clears it
   (`Store.start_run`), so a call in flight is never shown as waiting for its last retry;
-- is being driven (leased by a live owner, until when);
-- is held by a lease whose owner stopped renewing it (expired: the sweep takes it over);
+- is being driven (leased until when: its driver renews the lease while it runs, which
+  from here cannot be told apart from a driver that died a moment ago);
+- is held by a lease whose owner stopped renewing it (expired: the sweep takes it over),
+  also when that owner's run moved the order past its last failed attempt (a retry killed
+  mid-run: the attempt's retry time is no longer what the order waits on);
 - is parked in needs_attention (the reason; when the sweep retries it: its own pause and
   `SWEEP_OLDER_THAN`, whichever is later);
 - or is runnable: by the sweep once it has been still for `SWEEP_OLDER_THAN` (at once when
@@ -119,7 +122,10 @@ def explain(order: Order, *, last: Attempt | None, settings: Settings, now: date
             last_error=order.last_error,
             **common,
         )
-    failed = fresh is not None and not fresh.waiting_on and retry is not None
+    # A run moved the order after that attempt, then stopped renewing its lease (killed):
+    # what the order waits on is the expired lease, not that attempt's retry time.
+    dropped = owner is not None and not alive and fresh is not None and fresh.at < order.updated_at
+    failed = fresh is not None and not fresh.waiting_on and retry is not None and not dropped
     if fresh is not None and retry is not None and failed and (retry > now or owner is None):
         # Driven: its driver sleeps until then. Not driven: the sweep's turn, once the
         # order has also been still for SWEEP_OLDER_THAN.
@@ -147,7 +153,8 @@ def explain(order: Order, *, last: Attempt | None, settings: Settings, now: date
         assert expires is not None
         return Why(
             Kind.LEASED,
-            f"being driven: leased by {owner} until {_at(expires)} (alive, renewed while it runs)",
+            f"being driven: leased by {owner} until {_at(expires)}, renewed while its "
+            "driver runs (if the driver stopped, the sweep takes over once the lease runs out)",
             until=expires,
             last_error=order.last_error,
             **common,

@@ -16,6 +16,7 @@ from fsm import queries, why
 from fsm.breaker import Breakers
 from fsm.clients import Services
 from fsm.executor import Executor
+from fsm.machine import OrderTrigger
 from fsm.models import Order
 from fsm.settings import Settings
 from fsm.store import Store, utcnow
@@ -133,6 +134,44 @@ async def test_a_lease_whose_owner_stopped_renewing_is_expired(
         assert w.kind is Kind.LEASE_EXPIRED and w.owner == "host-a:4242:dead"
         assert w.lease_expires_at == claimed.lease_expires_at
         assert "expired" in w.summary and "host-a:4242:dead" in w.summary
+    finally:
+        short.close()
+        short.engine.dispose()
+
+
+async def test_a_retry_killed_mid_run_waits_for_its_lease_not_the_park_pause(
+    db_url: str, store: Store, driver: Executor, settings: Settings, downstream: Downstream
+) -> None:
+    """An operator's Retry in another process fires retry_compensation, then is killed -9
+    during the refund: the order says its owner's lease expired and the sweep takes it over
+    then (the README's fault table), not "next attempt of payment:refund" at the end of the
+    park's pause (PARK_MIN, minutes) it no longer waits for."""
+    short = build_store(saga_settings(db_url, lease_seconds=0.2))
+    dead = "host-b:77:dead"
+    due = settings.model_copy(update={"sweep_older_than": 0.0})
+    try:
+        for starts_the_run in (False, True):  # a run of the previous release; of this one
+            downstream.fault("user.refund", "error", count=1000)
+            order = await driver.run((await new_order(store, SOLD_OUT_PRODUCT_ID)).id)
+            set_faults(downstream.url, ())
+            assert order.state == "needs_attention" and order.next_attempt_at is not None
+            pause = order.next_attempt_at
+            claimed = await short.claim(order_id=order.id, owner=dead)
+            assert claimed is not None and claimed.lease_expires_at is not None
+            if starts_the_run:  # what Executor._drive_reserved does first
+                await short.start_run(order=claimed, owner=dead)
+            await short.record_transition(
+                order=claimed, owner=dead, scope="order", trigger=OrderTrigger.RETRY_COMPENSATION
+            )
+            expiry = claimed.lease_expires_at
+            await wait_until_async(lambda end=expiry: utcnow() > end, what="the lease to run out")
+            w = explain(store, order, due)
+            assert w.kind is Kind.LEASE_EXPIRED and w.owner == dead, w
+            assert "expired" in w.summary and "next attempt" not in w.summary
+            # the sweep honours a retry time the run left (the older release's), else none
+            assert w.until == (expiry if starts_the_run else max(expiry, pause))
+            swept = {o.id for o in store.find_stuck(moved_before=utcnow(), limit=10)}
+            assert (order.id in swept) is starts_the_run
     finally:
         short.close()
         short.engine.dispose()

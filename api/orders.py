@@ -172,6 +172,7 @@ direct.register(create_order, _create_order_directly)
 def list_orders(
     store: StoreDep,
     principal: PrincipalDep,
+    settings: SettingsDep,
     status_: Annotated[Status | None, Query(alias="status")] = None,
     state: Annotated[OrderState | None, Query(description="the exact machine state")] = None,
     user_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
@@ -197,7 +198,8 @@ def list_orders(
     """Orders, newest first, filtered by every parameter given; `total` counts all that
     match, `next_cursor` fetches the next page (stable while orders arrive; `offset` works
     too). A stored row the installed machine cannot read is listed under `unreadable`.
-    A client key lists the orders it placed, only those."""
+    A client key lists the orders it placed, only those. Each live one carries its `why`
+    (one query for the page's attempts, as the console's list)."""
     mine = principal.creator if principal.sees_only_own else None
     flt = queries.OrderFilter(
         status=status_,
@@ -217,8 +219,9 @@ def list_orders(
         raise _bad_query("cursor", exc, cursor) from None
     except queries.BadIdPrefix as exc:  # dashes alone: no hex digit to match
         raise _bad_query("id_prefix", exc, id_prefix) from None
+    whys = why.for_orders(store, page.orders, settings)
     return OrderList(
-        orders=[OrderOut.of(o) for o in page.orders],
+        orders=[OrderOut.of(o, whys.get(o.id)) for o in page.orders],
         unreadable=[UnreadableOut.of(u) for u in page.unreadable],
         total=page.total,
         limit=limit,

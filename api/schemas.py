@@ -101,7 +101,8 @@ class OrderOut(BaseModel):
     updated_at: datetime
     why: WhyOut | None = Field(
         default=None,
-        description="GET /orders/{id} only: why a non-terminal order stands where it is",
+        description="GET /orders and GET /orders/{id}: why a non-terminal order stands "
+        "where it is (the actions' answers leave it out)",
     )
 
     @classmethod

@@ -196,7 +196,7 @@ def orders_page(
         age=queries.age,
         search=id or "",
         unreadable=lambda o: isinstance(o, queries.Unreadable),
-        whys=why.for_orders(store, page.orders, settings),
+        whys=why.for_orders(store, page.orders, settings, console=True),
     )
 
 
@@ -236,7 +236,7 @@ def order_page(
         request,
         "order.html",
         order=order,
-        why=why.for_order(store, order, settings),
+        why=why.for_order(store, order, settings, console=True),
         entries=entries,
         steps=order.step_states(),
         spans=spans,

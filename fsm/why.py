@@ -74,8 +74,16 @@ def _at(moment: datetime) -> str:
     return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
 
 
-def explain(order: Order, *, last: Attempt | None, settings: Settings, now: datetime) -> Why | None:
-    """Why `order` stands where it is (None for a terminal order: it is done)."""
+def explain(
+    order: Order,
+    *,
+    last: Attempt | None,
+    settings: Settings,
+    now: datetime,
+    console: bool = False,
+) -> Why | None:
+    """Why `order` stands where it is (None for a terminal order: it is done). `console`:
+    for the operator pages, whose actions are buttons (`_retry_now`)."""
     if is_terminal(order.state):
         return None
     # The last logged attempt speaks for the order if nothing moved it since, or if its
@@ -116,7 +124,7 @@ def explain(order: Order, *, last: Attempt | None, settings: Settings, now: date
         return Why(
             Kind.PARKED,
             f"parked: {order.attention_reason}; the sweep retries it at {_at(sweep_from)} "
-            "(or now: Retry on this page, `order-saga resume --order ID`)",
+            f"(or now: {_retry_now(order, console=console)})",
             until=sweep_from,
             reason=order.attention_reason,
             last_error=order.last_error,
@@ -188,6 +196,14 @@ def explain(order: Order, *, last: Attempt | None, settings: Settings, now: date
     )
 
 
+def _retry_now(order: Order, *, console: bool) -> str:
+    """How a person retries a parked order at once, in the words of where they read it:
+    the console's button, else the API's and the CLI's calls with the order's own id."""
+    if console:
+        return "Retry compensation on its page"
+    return f"`POST /orders/{order.id}/resume` or `order-saga resume --order {order.id}`"
+
+
 def _unanswered(order: Order, call: str) -> bool:
     """`call` ("payment:deduct", "payment:refund") is still in flight: its step still
     requested (the forward action) or compensating (the undo). The product lookup runs
@@ -200,14 +216,21 @@ def _unanswered(order: Order, call: str) -> bool:
     return bool(getattr(order, row.column) == waiting)
 
 
-def for_orders(store: Store, orders: Sequence[Order], settings: Settings) -> dict[uuid.UUID, Why]:
+def for_orders(
+    store: Store, orders: Sequence[Order], settings: Settings, *, console: bool = False
+) -> dict[uuid.UUID, Why]:
     """`explain` for each non-terminal order of a page (one query for their attempts)."""
     live = [o for o in orders if not is_terminal(o.state)]
     last = last_attempts(store, [o.id for o in live])
     now = utcnow()
-    found = {o.id: explain(o, last=last.get(o.id), settings=settings, now=now) for o in live}
+    found = {
+        o.id: explain(o, last=last.get(o.id), settings=settings, now=now, console=console)
+        for o in live
+    }
     return {k: v for k, v in found.items() if v is not None}
 
 
-def for_order(store: Store, order: Order, settings: Settings) -> Why | None:
-    return for_orders(store, [order], settings).get(order.id)
+def for_order(
+    store: Store, order: Order, settings: Settings, *, console: bool = False
+) -> Why | None:
+    return for_orders(store, [order], settings, console=console).get(order.id)

@@ -165,7 +165,9 @@ def test_a_retry_in_flight_is_not_shown_as_parked(
     attention ... The sweep retries at" and "next attempt of payment:refund at" the park's
     pause, though the refund was being called right then."""
     parked = park(client, downstream)
-    assert '<div class="attention">' in client.get(f"/ui/orders/{parked}").text
+    before = client.get(f"/ui/orders/{parked}").text
+    assert '<div class="attention">' in before
+    assert "(or now: Retry compensation on its page)" in before  # the button, here
     downstream.fault("user.refund", "delay", count=1, seconds=0.8)  # answered in time
     retry = threading.Thread(target=client.post, args=(f"/ui/orders/{parked}/retry",))
     retry.start()

@@ -14,6 +14,7 @@ from downstream.seed import (
     MISSING_PRODUCT_ID,
     POOR_USER_ID,
     RICH_USER_ID,
+    SOLD_OUT_PRODUCT_ID,
     WIDGET_ID,
 )
 from tests.support.api import (
@@ -25,6 +26,7 @@ from tests.support.api import (
 )
 from tests.support.cursors import HAND_MADE_CURSORS, hand_made_cursor
 from tests.support.database import pg_database_with
+from tests.support.services import Downstream
 
 
 def test_get_order(client: TestClient) -> None:
@@ -194,6 +196,26 @@ def test_id_prefix_without_a_digit_is_422_on_the_id_prefix(
     [error] = response.json()["errors"]
     assert error["loc"] == ["query", "id_prefix"] and error["input"] == prefix
     assert "not the start of an order id" in error["msg"]
+
+
+def test_list_rows_say_why_as_the_order_does(client: TestClient, downstream: Downstream) -> None:
+    """Each live row carries its `why` (it was always null in the list, though the CLI's
+    and the console's lists had it), and a parked one says how to retry it now in this
+    surface's words with its own id (it said "Retry on this page", "--order ID")."""
+    downstream.fault("user.refund", "error", count=1000)
+    parked = place(client, product=SOLD_OUT_PRODUCT_ID).json()["id"]
+    downstream.clear_faults()
+    done = place(client).json()["id"]
+
+    rows = {o["id"]: o for o in client.get("/orders").json()["orders"]}
+
+    assert rows[parked]["state"] == "needs_attention" and rows[done]["state"] == "completed"
+    assert rows[parked]["why"] == client.get(f"/orders/{parked}").json()["why"]
+    assert rows[parked]["why"]["kind"] == "parked" and rows[done]["why"] is None
+    summary = rows[parked]["why"]["summary"]
+    assert f"`POST /orders/{parked}/resume`" in summary
+    assert f"`order-saga resume --order {parked}`" in summary
+    assert "this page" not in summary and " ID" not in summary
 
 
 # -- GET /orders/{id}/transitions --------------------------------------------------------

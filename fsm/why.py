@@ -70,7 +70,8 @@ class Why:
         }
 
 
-def _at(moment: datetime) -> str:
+def at_utc(moment: datetime) -> str:
+    """A moment as every surface prints it to people (`resume --order ID --dry-run` too)."""
     return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
 
 
@@ -109,11 +110,11 @@ def explain(
     probe = fresh.next_attempt_at if fresh is not None and waits else None
     if probe is not None and (alive or probe > now):
         assert fresh is not None and fresh.waiting_on is not None
-        then = "" if alive else f", then the sweep drives it (from {_at(sweep_from)})"
+        then = "" if alive else f", then the sweep drives it (from {at_utc(sweep_from)})"
         return Why(
             Kind.BREAKER,
             f"waiting on the {fresh.waiting_on} circuit breaker (probe at "
-            f"{_at(probe)}); {fresh.call} is not called until then{then}",
+            f"{at_utc(probe)}); {fresh.call} is not called until then{then}",
             until=probe if alive else sweep_from,
             service=fresh.waiting_on,
             call=fresh.call,
@@ -123,7 +124,7 @@ def explain(
     if order.state == OrderState.NEEDS_ATTENTION and not alive:
         return Why(
             Kind.PARKED,
-            f"parked: {order.attention_reason}; the sweep retries it at {_at(sweep_from)} "
+            f"parked: {order.attention_reason}; the sweep retries it at {at_utc(sweep_from)} "
             f"(or now: {_retry_now(order, console=console)})",
             until=sweep_from,
             reason=order.attention_reason,
@@ -140,10 +141,10 @@ def explain(
         when = retry if alive else sweep_from
         by = f", driven by {owner}" if alive else " by the sweep"
         summary = (
-            f"next run at {_at(when)}{by}: a run failed with an unexpected error "
+            f"next run at {at_utc(when)}{by}: a run failed with an unexpected error "
             f"({fresh.attempt} so far), last: {fresh.error}"
             if fresh.call == CRASHED_RUN
-            else f"next attempt of {fresh.call} at {_at(when)}{by} "
+            else f"next attempt of {fresh.call} at {at_utc(when)}{by} "
             f"(attempt {fresh.attempt} failed, {settings.max_attempts} per run; "
             f"last error: {fresh.error})"
         )
@@ -161,7 +162,7 @@ def explain(
         assert expires is not None
         return Why(
             Kind.LEASED,
-            f"being driven: leased by {owner} until {_at(expires)}, renewed while its "
+            f"being driven: leased by {owner} until {at_utc(expires)}, renewed while its "
             "driver runs (if the driver stopped, the sweep takes over once the lease runs out)",
             until=expires,
             last_error=order.last_error,
@@ -171,8 +172,8 @@ def explain(
         takeover = max(expires, sweep_from)
         return Why(
             Kind.LEASE_EXPIRED,
-            f"lease of {owner} expired at {_at(expires)} (its driver stopped): "
-            f"the sweep takes it over from {_at(takeover)}",
+            f"lease of {owner} expired at {at_utc(expires)} (its driver stopped): "
+            f"the sweep takes it over from {at_utc(takeover)}",
             until=takeover,
             last_error=order.last_error,
             **common,
@@ -185,7 +186,8 @@ def explain(
         )
         return Why(
             Kind.RUNNABLE,
-            f"runnable: the sweep picks it up from {_at(sweep_from)} ({because}), or resume it now",
+            f"runnable: the sweep picks it up from {at_utc(sweep_from)} ({because}), "
+            "or resume it now",
             until=sweep_from,
             last_error=order.last_error,
         )

@@ -366,12 +366,13 @@ def _dry_run_verdict(order: Order, now: datetime) -> tuple[str, dict[str, int]]:
     """What `resume --order ID` would do with `order` now, and the summary's counts (the
     sweep's rule: a terminal order is done, a live lease is another driver's)."""
     from fsm.machine import is_terminal
+    from fsm.why import at_utc
 
     if is_terminal(order.state):
         return "terminal: nothing to do", {"found": 0, "skipped_leased": 0}
     if order.leased_at(now):
         assert order.lease_expires_at is not None
-        until = order.lease_expires_at.isoformat()
+        until = at_utc(order.lease_expires_at)
         return f"leased by {order.lease_owner} until {until}", {"found": 0, "skipped_leased": 1}
     return "would resume", {"found": 1, "skipped_leased": 0}
 

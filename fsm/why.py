@@ -134,7 +134,11 @@ def explain(
     # A run moved the order after that attempt, then stopped renewing its lease (killed):
     # what the order waits on is the expired lease, not that attempt's retry time.
     dropped = owner is not None and not alive and fresh is not None and fresh.at < order.updated_at
-    failed = fresh is not None and not fresh.waiting_on and retry is not None and not dropped
+    # A parked order's retry time is its park's pause (the branch above); held by a live
+    # lease it is being retried or resolved right now, not waiting for an attempt.
+    parked = order.state == OrderState.NEEDS_ATTENTION
+    failed = fresh is not None and not fresh.waiting_on and retry is not None
+    failed = failed and not dropped and not parked
     if fresh is not None and retry is not None and failed and (retry > now or owner is None):
         # Driven: its driver sleeps until then. Not driven: the sweep's turn, once the
         # order has also been still for SWEEP_OLDER_THAN.

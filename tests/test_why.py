@@ -139,6 +139,21 @@ async def test_a_lease_whose_owner_stopped_renewing_is_expired(
         short.engine.dispose()
 
 
+async def test_a_parked_order_under_a_live_lease_is_being_acted_on(
+    store: Store, driver: Executor, settings: Settings, downstream: Downstream
+) -> None:
+    """Between a Retry's (or a resolve's) claim and its first move the order is still
+    parked: it said "next attempt of payment:refund at <the park's pause>, driven by ..."."""
+    downstream.fault("user.refund", "error", count=1000)
+    order = await driver.run((await new_order(store, SOLD_OUT_PRODUCT_ID)).id)
+    set_faults(downstream.url, ())
+    assert order.state == "needs_attention" and order.next_attempt_at is not None
+    assert await store.claim(order_id=order.id, owner="host-c:9:acting") is not None
+    w = explain(store, order, settings)
+    assert w.kind is Kind.LEASED and w.owner == "host-c:9:acting", w
+    assert "next attempt" not in w.summary
+
+
 async def test_a_retry_killed_mid_run_waits_for_its_lease_not_the_park_pause(
     db_url: str, store: Store, driver: Executor, settings: Settings, downstream: Downstream
 ) -> None:

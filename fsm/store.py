@@ -329,7 +329,7 @@ class Store(Reads):
                 )
             yield  # (a committer op: statements sent, results next)
             if cursor.rowcount != 1:
-                if retried and self._committed_before(cursor, order_id, expected, logged):
+                if retried and self._committed_before(cursor, order_id, expected, owner, logged):
                     return
                 self._raise_conflict(cursor, order_id, expected, owner)
             return
@@ -339,7 +339,7 @@ class Store(Reads):
             if (
                 retried
                 and logged is not None
-                and self._committed_before(cursor, order_id, expected, logged)
+                and self._committed_before(cursor, order_id, expected, owner, logged)
             ):
                 return
             self._raise_conflict(cursor, order_id, expected, owner)
@@ -352,15 +352,17 @@ class Store(Reads):
             cursor.execute(sql.insert_attempt(d), row)
 
     def _committed_before(
-        self, cursor: Any, order_id: uuid.UUID, expected: int, logged: list[Any]
+        self, cursor: Any, order_id: uuid.UUID, expected: int, owner: str, logged: list[Any]
     ) -> bool:
-        """Is the order at `expected + 1` with `logged` (its scope, trigger and new state)
-        at that seq of its log? Then the write was committed by the run whose answer was
-        lost. Only on that retry: the hot path never asks."""
+        """Is the order past `expected`, still leased to `owner`, with `logged` (its scope,
+        trigger and new state) at seq `expected + 1` of its log? Then the write was
+        committed by the batch whose answer was lost (a later write of the same order in
+        that batch may have moved it further: steps write side by side). Only on that
+        retry: the hot path never asks."""
         line = dict(zip(sql.TRANSITION_COLUMNS, logged, strict=True))
         cursor.execute(sql.select_lease(self.dialect), [self.dialect.uuid(order_id)])
         row = cursor.fetchone()
-        if row is None or row[0] != expected + 1:
+        if row is None or row[0] < expected + 1 or row[1] != owner:
             return False
         key = [line["order_id"], line["seq"], line["order_created_at"]]
         cursor.execute(sql.select_logged(self.dialect), key)

@@ -228,6 +228,40 @@ async def test_a_batch_whose_commit_answer_was_lost_is_not_refused_as_stale(
         assert store.get(orders[0].id).version == 2
 
 
+async def test_two_writes_of_one_order_in_a_batch_whose_answer_was_lost_both_count(
+    pg_url: str,
+) -> None:
+    """Steps write side by side, so one batch can hold two writes of one order, the second
+    built on the first. Retried after the lost answer, the first finds the order already
+    past its own version (the second moved it on): still its own write, its line in the
+    log at its seq, the lease still its driver's."""
+    with open_store(saga_settings(pg_url, lease_seconds=30)) as store:
+        [order] = await new_orders(store, 1)
+        committer = store.committer
+        connections: list[LosesTheAnswer] = []
+        real = committer.backend.connect
+        dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
+
+        def lossy() -> LosesTheAnswer:
+            lose = lambda: committer.in_flight == 2 and not any(c.lost for c in connections)  # noqa: E731
+            connections.append(LosesTheAnswer(real(), dsn, lose))
+            return connections[-1]
+
+        committer.close()
+        committer.backend = dataclasses.replace(committer.backend, connect=lossy)
+        results = await one_batch(
+            store,
+            lambda: [
+                request_product(store, order),
+                store.record_audit(order=order, owner="t", action="resume", detail={}),
+            ],
+        )
+        assert sum(c.lost for c in connections) == 1
+        assert results == ["product_requested", None]
+        assert store.get(order.id).version == 2
+        assert [t.trigger for t in store.history(order.id)] == ["request_product", "resume"]
+
+
 @pytest.fixture
 def live_api(db_url: str, services_url: str) -> Iterator[tuple[str, Store]]:
     settings = saga_settings(db_url, services_url, db_lock_timeout=1.5)

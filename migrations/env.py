@@ -47,7 +47,7 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    # no statement time limit, a minute's wait for a lock (fsm.engine.MIGRATION_LOCK_TIMEOUT)
+    # no statement time limit, a short wait for a lock (fsm.engine.MIGRATION_LOCK_TIMEOUT)
     engine = migration_engine(config.attributes.get("url") or _database_url())
     try:
         with engine.connect() as conn:

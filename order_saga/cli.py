@@ -161,8 +161,8 @@ def serve(
 
     settings = load_settings()
     if workers == 1:  # bound before anything starts: a port in use, a bad host, one line
-        try:
-            [sock] = listeners(host, port, 1)
+        try:  # (not listening: a client meanwhile is refused, not held through migrations)
+            [sock] = listeners(host, port, 1, listen=False)
         except OSError as exc:  # as `--workers N` says it (main's environment errors)
             fail(one_line(exc), 1)
     _warn_if_ahead(settings, _migrate(settings, apply=migrate))

@@ -109,13 +109,14 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def listeners(host: str, port: int, count: int) -> list[socket.socket]:
+def listeners(host: str, port: int, count: int, *, listen: bool = True) -> list[socket.socket]:
     """Listening sockets on host:port for `count` workers: on Linux one each, bound with
     SO_REUSEPORT (the kernel hashes each connection to one of them); elsewhere one shared
     (other kernels' SO_REUSEPORT does not spread connections). A port in use raises
     OSError here, before any fork: a probe without SO_REUSEPORT is bound first, because
     another SO_REUSEPORT group on the port (a second `serve --workers`) would otherwise
-    take ours in and share its connections."""
+    take ours in and share its connections. `listen=False`: bound only; the server
+    listens on it once it serves (a client is refused, not left waiting, meanwhile)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
     def bound(reuse_port: bool) -> socket.socket:
@@ -136,7 +137,7 @@ def listeners(host: str, port: int, count: int) -> list[socket.socket]:
         socks = [bound(reuse_port=True) for _ in range(count)]
     else:
         socks = [probe]
-    for sock in socks:
+    for sock in socks if listen else ():
         sock.listen(2048)
     return socks
 

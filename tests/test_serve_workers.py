@@ -147,6 +147,37 @@ def test_serve_that_cannot_listen_stops_in_one_line_before_it_starts(
     assert not (tmp_path / "saga.db").exists(), "serve migrated before it could listen"
 
 
+def test_serve_refuses_connections_until_it_serves(tmp_path: Path) -> None:
+    """Bound first (a port in use is one line), but listening only once it serves: while
+    its migration waits for a lock, a client (a load balancer's TCP check) is refused,
+    not accepted and left hanging through the migration."""
+    import psycopg
+
+    from fsm.migrate import upgrade
+
+    with fresh_database("postgresql", str(tmp_path)) as url:
+        upgrade(url, "0010")  # 0011 rewrites `orders`: it waits for the reader below
+        with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as holder:
+            holder.execute("SELECT count(*) FROM orders")  # a transaction left open on it
+            served = Served(saga_env(database_url=url))
+            try:
+
+                def accepts() -> bool:
+                    try:
+                        socket.create_connection(("127.0.0.1", served.port), 0.5).close()
+                    except OSError:
+                        return False
+                    return True
+
+                # Its migration waits up to 5 s for the lock: 3 s of it, nobody let in.
+                with pytest.raises(AssertionError, match="timed out"):
+                    wait_until(accepts, 3.0, what="a connection", alive=served.saga.running)
+                holder.rollback()  # the migration goes on; serve starts and answers
+                served.wait_ready()
+            finally:
+                served.stop()
+
+
 def test_a_worker_that_cannot_start_for_its_environment_says_so_in_one_line(
     tmp_path: Path,
 ) -> None:

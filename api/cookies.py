@@ -3,16 +3,17 @@ in one place. No I/O, no decisions about who is signed in.
 
 Every cookie is HttpOnly, SameSite=Lax, Path=/, and Secure unless ORDER_SAGA_COOKIE_SECURE
 =false or (when unset) the console is reached as plain http on 127.0.0.1/localhost by a
-browser on plain http. On a console reached over https (or with COOKIE_SECURE=true) the
-names carry the `__Host-` prefix: a browser keeps such a cookie only when this very host
+browser on plain http. On a console reached over https, or by any other host name (taken
+to be behind TLS, as the Secure rule does), or with COOKIE_SECURE=true, the names carry the
+`__Host-` prefix: a browser keeps such a cookie only when this very host
 set it over https, Secure, Path=/ and without Domain, so neither a sibling subdomain
 (`Domain=example.com`) nor a man in the middle on plain http can plant one, and only the
 prefixed names are read there. The name is decided from the settings and the request's
 URL alone (not the browser's Origin, which a GET of the sign-in page lacks), so the GET
-that sets a cookie and the POST that reads it agree; plain http keeps the bare names (a
-`__Host-` cookie cannot be set over http). A name sent more than once (a planted cookie
-next to the browser's own, on another path or domain) is read as absent: which of the two
-is this site's cannot be told.
+that sets a cookie and the POST that reads it agree; plain http on 127.0.0.1/localhost
+keeps the bare names (a `__Host-` cookie cannot be set over http). A name sent more than
+once (a planted cookie next to the browser's own, on another path or domain) is read as
+absent: which of the two is this site's cannot be told.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def secure(configured: bool | None, connection: HTTPConnection) -> bool:
 
 
 def name(base: str, configured: bool | None, connection: HTTPConnection) -> str:
-    """The cookie `base` is set and read under for this request: `__Host-base` on https."""
+    """The cookie `base` is set and read under for this request: `__Host-base` unless the
+    console is plain http on this machine (or COOKIE_SECURE=false)."""
     return HOST_PREFIX + base if _on_https(configured, connection) else base
 
 

@@ -193,6 +193,24 @@ class LosesTheAnswer:
             raise AssertionError("the terminated connection still answered")
 
 
+def lose_the_answer(store: Store, pg_url: str, *, batch: int) -> list[LosesTheAnswer]:
+    """From now on the committer's connections lose the answer to the first commit of a
+    batch of `batch` writes; the list fills with those connections (one per connect)."""
+    committer = store.committer
+    connections: list[LosesTheAnswer] = []
+    real = committer.backend.connect
+    dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
+
+    def lossy() -> LosesTheAnswer:
+        lose = lambda: committer.in_flight == batch and not any(c.lost for c in connections)  # noqa: E731
+        connections.append(LosesTheAnswer(real(), dsn, lose))
+        return connections[-1]
+
+    committer.close()  # its next writer connects through `lossy`
+    committer.backend = dataclasses.replace(committer.backend, connect=lossy)
+    return connections
+
+
 async def test_a_batch_whose_commit_answer_was_lost_is_not_refused_as_stale(
     pg_url: str,
 ) -> None:
@@ -203,18 +221,7 @@ async def test_a_batch_whose_commit_answer_was_lost_is_not_refused_as_stale(
     action reported failed though it was done). Now each finds its own line in the log."""
     with open_store(saga_settings(pg_url, lease_seconds=30)) as store:
         orders = await new_orders(store, 3)
-        committer = store.committer
-        connections: list[LosesTheAnswer] = []
-        real = committer.backend.connect
-        dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
-
-        def lossy() -> LosesTheAnswer:
-            lose = lambda: committer.in_flight == 3 and not any(c.lost for c in connections)  # noqa: E731
-            connections.append(LosesTheAnswer(real(), dsn, lose))
-            return connections[-1]
-
-        committer.close()  # its next writer connects through `lossy`
-        committer.backend = dataclasses.replace(committer.backend, connect=lossy)
+        connections = lose_the_answer(store, pg_url, batch=3)
 
         results = await one_batch(store, lambda: [request_product(store, o) for o in orders])
 
@@ -237,18 +244,7 @@ async def test_two_writes_of_one_order_in_a_batch_whose_answer_was_lost_both_cou
     log at its seq, the lease still its driver's."""
     with open_store(saga_settings(pg_url, lease_seconds=30)) as store:
         [order] = await new_orders(store, 1)
-        committer = store.committer
-        connections: list[LosesTheAnswer] = []
-        real = committer.backend.connect
-        dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
-
-        def lossy() -> LosesTheAnswer:
-            lose = lambda: committer.in_flight == 2 and not any(c.lost for c in connections)  # noqa: E731
-            connections.append(LosesTheAnswer(real(), dsn, lose))
-            return connections[-1]
-
-        committer.close()
-        committer.backend = dataclasses.replace(committer.backend, connect=lossy)
+        connections = lose_the_answer(store, pg_url, batch=2)
         results = await one_batch(
             store,
             lambda: [

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from api import direct
 from api.auth import principal_of
@@ -27,6 +28,7 @@ from api.schemas import (
 )
 from fsm import queries, why
 from fsm.bounds import MAX_ID, MAX_SECONDS
+from fsm.errors import CircuitOpen
 from fsm.machine import TERMINAL_ORDER_STATES, OperatorAction, OrderState, Status
 from fsm.models import Order
 from fsm.operator import Audit
@@ -102,7 +104,19 @@ async def create_order(
     """Place an order and run the saga: product lookup, then payment, inventory and
     shipping concurrently, compensating what succeeded if any fails. A retried POST with
     the same `Idempotency-Key` returns the same order and charges nothing twice."""
-    request.app.state.breakers.check("product.get")  # 503 + Retry-After, nothing created
+    try:
+        request.app.state.breakers.check("product.get")  # 503 + Retry-After, nothing created
+    except CircuitOpen:
+        # A retry of an order placed already needs no product lookup: answered from it.
+        # Looked up only here (the insert below finds the key itself, atomically).
+        known = None
+        if idempotency_key is not None:
+            known = await run_in_threadpool(
+                store.find_by_idempotency_key, idempotency_key, created_by=principal.creator
+            )
+        if known is None:
+            raise
+        return _replay(known, body, idempotency_key)
     order, created = await store.create_order(
         user_id=body.user_id,
         product_id=body.product_id,
@@ -112,23 +126,7 @@ async def create_order(
         created_by=principal.creator,
     )
     if not created:
-        same = (order.user_id, order.product_id, order.quantity) == (
-            body.user_id,
-            body.product_id,
-            body.quantity,
-        )
-        if not same:  # the shape of any other 422, so clients handle one error format
-            raise RequestValidationError(
-                [
-                    {
-                        "type": "idempotency_key_reused",
-                        "loc": ["header", "Idempotency-Key"],
-                        "msg": "Idempotency-Key was already used for a different order",
-                        "input": idempotency_key,
-                    }
-                ]
-            )
-        return _answer(order)
+        return _replay(order, body, idempotency_key)
     runner: Runner = request.app.state.runner
     task = runner.start(order)
     if prefer is None or "respond-async" not in prefer.lower():
@@ -136,6 +134,28 @@ async def create_order(
             await asyncio.wait_for(asyncio.shield(task), timeout=settings.respond_within)
         except TimeoutError:
             pass  # still running in the background: answer 202
+    return _answer(order)
+
+
+def _replay(order: Order, body: OrderIn, idempotency_key: str | None) -> Response:
+    """The answer to a retried POST whose key has an order already: that order, or 422
+    when the key was used for a different one."""
+    same = (order.user_id, order.product_id, order.quantity) == (
+        body.user_id,
+        body.product_id,
+        body.quantity,
+    )
+    if not same:  # the shape of any other 422, so clients handle one error format
+        raise RequestValidationError(
+            [
+                {
+                    "type": "idempotency_key_reused",
+                    "loc": ["header", "Idempotency-Key"],
+                    "msg": "Idempotency-Key was already used for a different order",
+                    "input": idempotency_key,
+                }
+            ]
+        )
     return _answer(order)
 
 

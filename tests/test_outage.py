@@ -7,6 +7,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,46 @@ def test_post_orders_is_refused_while_the_product_breaker_is_open(
         assert store.find_by_idempotency_key("during-outage") is None
         assert client.get("/healthz").json()["breakers"] == {"product.get": OPEN}
         assert client.get(f"/orders/{first}").json()["state"] == "product_requested"
+
+
+def test_a_retry_of_a_placed_order_is_answered_while_the_product_breaker_is_open(
+    db_url: str, store: Store, downstream: Downstream
+) -> None:
+    """The breaker refuses new orders only: a retry whose Idempotency-Key has an order
+    gets that order (its product was looked up already), not 503."""
+    body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
+    with api(db_url, downstream.url, breaker_cooldown=30.0) as client:
+        placed = client.post("/orders", json=body, headers={"Idempotency-Key": "before"})
+        assert placed.status_code in (201, 202), placed.text
+        downstream.fault("product.get", "error", count=OUTAGE)
+        place(client, ORDINARY_USER_ID, WIDGET_ID)
+        wait_until(
+            lambda: breaker(client, "product.get").state == OPEN, what="the product breaker open"
+        )
+        before = len(queries.list_orders(store, queries.OrderFilter()).orders)
+
+        retried = client.post("/orders", json=body, headers={"Idempotency-Key": "before"})
+        assert retried.status_code in (201, 202), retried.text
+        assert retried.json()["id"] == placed.json()["id"]
+        with ThreadPoolExecutor(max_workers=20) as pool:  # retries racing each other
+            racing = list(
+                pool.map(
+                    lambda _: client.post(
+                        "/orders", json=body, headers={"Idempotency-Key": "before"}
+                    ),
+                    range(20),
+                )
+            )
+        assert {r.status_code for r in racing} <= {201, 202}, [r.text for r in racing]
+        assert {r.json()["id"] for r in racing} == {placed.json()["id"]}
+        other = client.post(
+            "/orders", json={**body, "quantity": 2}, headers={"Idempotency-Key": "before"}
+        )
+        assert other.status_code == 422, other.text
+        assert other.json()["errors"][0]["type"] == "idempotency_key_reused"
+        new = client.post("/orders", json=body, headers={"Idempotency-Key": "new"})
+        assert new.status_code == 503, new.text  # a new order still needs the product
+        assert len(queries.list_orders(store, queries.OrderFilter()).orders) == before
 
 
 def deduct_closes() -> float:

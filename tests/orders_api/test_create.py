@@ -5,6 +5,7 @@ PostgreSQL."""
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -240,6 +241,24 @@ def test_idempotency_key_retry_returns_same_order_and_charges_once(
         f"{order_id}:shipping:schedule": 1,
     }
     assert len(client.get("/orders").json()["orders"]) == 1
+
+
+def test_concurrent_posts_with_one_key_make_one_order(
+    client: TestClient, downstream: Downstream
+) -> None:
+    """20 at once (a client's retries racing each other): one order, one charge; each
+    answer is that order."""
+    balance = downstream.balance(ORDINARY_USER_ID)
+    key = {"Idempotency-Key": f"racing-{uuid.uuid4()}", "Prefer": "respond-async"}
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        answers = list(pool.map(lambda _: place(client, headers=key), range(20)))
+
+    assert {a.status_code for a in answers} <= {201, 202}, [a.text for a in answers]
+    (order_id,) = {a.json()["id"] for a in answers}
+    assert wait_terminal(client, order_id)["status"] == "completed"
+    assert [o["id"] for o in client.get("/orders").json()["orders"]] == [order_id]
+    assert downstream.balance(ORDINARY_USER_ID) == balance - WIDGET_PRICE
 
 
 def test_idempotency_key_reused_for_another_body_is_422(

@@ -2,11 +2,12 @@
 
 Who may call what is `api.auth.AuthGate` (issue 17), outermost of all.
 
-`BodyGuard`: bodies are capped before anything reads them (413), and a JSON body must be
-strict JSON before any handler parses it (422): UTF-8 (a body declared in another charset:
-415), no NaN/Infinity/overflowing numbers, no lone surrogates, no duplicate keys. Python's
-`json` accepts all of those, and a handler would otherwise act on the last duplicate or
-fail to echo the value back.
+`BodyGuard`: bodies are capped before anything reads them (413), a body sent to the JSON
+API must be declared JSON (415; the console's forms under `/ui/` excepted), and a JSON body
+must be strict JSON before any handler parses it (422): UTF-8 (a body declared in another
+charset: 415), no NaN/Infinity/overflowing numbers, no lone surrogates, no duplicate keys.
+Python's `json` accepts all of those, and a handler would otherwise act on the last
+duplicate or fail to echo the value back.
 
 Server side only: the client side of the bearer (our token on calls to our own embedded
 services) is `fsm.wiring`'s, where every service client is built.
@@ -25,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.problems import ValidationIssue, excerpt, problem
 
 JSON_METHODS = frozenset({"POST", "PUT", "PATCH"})
+FORM_PREFIXES = ("/ui/",)  # the console posts HTML forms; every other body is JSON
 
 
 class BadJSON(ValueError):
@@ -98,9 +100,10 @@ def _foreign_charset(content_type: str | None) -> str | None:
 
 
 def _is_json(content_type: str | None) -> bool:
-    # FastAPI parses a body as JSON when there is no content type or a JSON one.
+    # What FastAPI parses as JSON (strict_content_type, its default): a body declared
+    # JSON; one with no content type is not, it reaches the route as bytes.
     if not content_type:
-        return True
+        return False
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or (
         media.startswith("application/") and media.endswith("+json")
@@ -108,10 +111,18 @@ def _is_json(content_type: str | None) -> bool:
 
 
 class BodyGuard:
-    def __init__(self, app: ASGIApp, *, max_bytes: int, read_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        read_timeout: float = 10.0,
+        form_prefixes: tuple[str, ...] = FORM_PREFIXES,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.read_timeout = read_timeout
+        self.form_prefixes = form_prefixes
 
     def _too_large(self) -> Any:
         return problem(
@@ -155,7 +166,22 @@ class BodyGuard:
             return
         body = b"".join(chunks)
         content_type = headers.get("content-type")
-        if body and scope["method"] in JSON_METHODS and _is_json(content_type):
+        json_body = _is_json(content_type)
+        if (
+            body
+            and not json_body
+            and scope["method"] in JSON_METHODS
+            and not scope["path"].startswith(self.form_prefixes)
+        ):  # a form or text/plain would fail FastAPI's validation as "not a dictionary"
+            media = excerpt((content_type or "").split(";", 1)[0].strip()) or "none"
+            unsupported = problem(
+                415,
+                f"send Content-Type: application/json (not {media})",
+                code="unsupported_media_type",
+            )
+            await unsupported(scope, receive, send)
+            return
+        if body and scope["method"] in JSON_METHODS and json_body:
             charset = _foreign_charset(content_type)
             if charset is not None:
                 unsupported = problem(

@@ -2,7 +2,7 @@
 
 FastAPI documents each route's own answers; the answers the middleware and the shared
 error mapping give to every route (401, 403, 404 for another client's order, 413, 422,
-503) are added here, from the same constants and the same route x role table they use,
+415, 503) are added here, from the same constants and the same route x role table they use,
 so the document cannot drift from `api/auth.py`, `api/access.py`, `api/guard.py` and
 `api/problems.py`. The security schemes are always described: authentication turns on
 at run time, once ORDER_SAGA_API_TOKEN is set or the first key is created.
@@ -25,6 +25,9 @@ ERROR_SCHEMAS = ("HTTPValidationError", "ValidationError")
 EVERYWHERE = {503: "the database (or Graphviz, for svg/png) is unavailable; see Retry-After"}
 WITH_BODY = {
     413: "the body is larger than ORDER_SAGA_MAX_BODY_BYTES",
+    415: "a body not declared `Content-Type: application/json` (unsupported_media_type; "
+    "the console's forms under /ui/ excepted), or declared in another charset than UTF-8 "
+    "(unsupported_charset)",
     422: "invalid input: not strict JSON (NaN, duplicate keys, lone surrogates) or not the schema",
 }
 SESSION = {

@@ -113,6 +113,59 @@ def test_a_body_declared_in_another_charset_is_415(api: TestClient, content_type
 
 
 @pytest.mark.usefixtures("nothing_created")
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/orders", "application/x-www-form-urlencoded"),  # plain `curl -d`
+        ("/orders", None),  # FastAPI reads such a body as bytes, not JSON
+        ("/orders", "text/plain"),
+        ("/orders", "text/plain; charset=utf-8"),
+        ("/orders", "multipart/form-data; boundary=x"),
+        (f"/orders/{'0' * 8}-0000-0000-0000-{'0' * 12}/resolve", "text/plain"),
+        ("/services/_faults", "application/x-www-form-urlencoded"),
+    ],
+)
+def test_a_body_not_declared_json_is_415(
+    api: TestClient, path: str, content_type: str | None
+) -> None:
+    """Not a 422 "Input should be a valid dictionary" echoing the bytes: the answer says
+    what to send."""
+    body = ("{" + OK + "}").encode()
+    headers = {"Content-Type": content_type} if content_type else {}
+    request = api.build_request("POST", path, content=body, headers=headers)
+    assert request.headers.get("Content-Type") == content_type
+    response = api.send(request)
+    problem = assert_problem(response, 415)
+    assert problem["code"] == "unsupported_media_type"
+    assert "Content-Type: application/json" in problem["detail"]
+    assert "b'" not in response.text
+
+
+@pytest.mark.usefixtures("nothing_created")
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json", "APPLICATION/JSON", "application/json; charset=utf-8"],
+)
+def test_a_body_declared_json_is_read(api: TestClient, content_type: str) -> None:
+    """The schema's 422 below, not a 415."""
+    content = order(quantity="0").encode()
+    response = api.post("/orders", content=content, headers={"Content-Type": content_type})
+    body = assert_problem(response, 422)
+    assert body["code"] == "invalid_request" and body["errors"][0]["loc"] == ["body", "quantity"]
+
+
+def test_the_console_forms_are_not_held_to_json(api: TestClient) -> None:
+    """The console posts HTML forms under /ui/: the guard lets them through (here to the
+    login form, which answers for itself)."""
+    response = api.post(
+        "/ui/login",
+        content=b"key=nope&next=%2Fui&login_token=x",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code != 415, response.text
+
+
+@pytest.mark.usefixtures("nothing_created")
 @pytest.mark.parametrize("charset", ["utf-8", "UTF-8", "utf8", '"utf-8"'])
 def test_a_body_declared_utf8_is_read_as_utf8(api: TestClient, charset: str) -> None:
     headers = {"Content-Type": f"application/json; charset={charset}"}

@@ -15,12 +15,11 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, StoreDep, visible
-from fsm.diagram import CONTENT_TYPES, Format, GraphvizMissing, render
-from fsm.errors import OrderNotFound
+from fsm.diagram import CONTENT_TYPES, Format, render
 from fsm.models import Transition
 
 router = APIRouter(tags=["diagram"])
@@ -40,7 +39,10 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         },
         "description": "The diagram in the requested format.",
     },
-    503: {"description": "Graphviz is not installed (svg, png)."},
+    503: {
+        "description": "Graphviz is not installed (svg, png): code graphviz_missing, no "
+        "Retry-After; or the database is unavailable (Retry-After)."
+    },
 }
 CacheKey = tuple[uuid.UUID | None, int, str]  # (order, last transition seq, format)
 Draw = Callable[[str, Sequence[Transition] | None], bytes]
@@ -63,10 +65,8 @@ class Renderer:
             return cached
         if self._limiter is None:  # created inside the running loop
             self._limiter = anyio.CapacityLimiter(self.concurrency)
-        try:
-            body = await anyio.to_thread.run_sync(self.draw, fmt, history, limiter=self._limiter)
-        except GraphvizMissing as exc:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from exc
+        # GraphvizMissing: the app's 503 problem, code graphviz_missing
+        body = await anyio.to_thread.run_sync(self.draw, fmt, history, limiter=self._limiter)
         self._cache[key] = body
         while len(self._cache) > self.size:
             self._cache.popitem(last=False)
@@ -94,7 +94,7 @@ async def machine_diagram(request: Request, fmt: FormatQuery = "svg") -> Respons
 @router.get(
     "/orders/{order_id}/diagram",
     response_class=Response,
-    responses={**_RESPONSES, 404: {"description": "No such order."}},
+    responses={**_RESPONSES, 404: {"description": "No such order: code order_not_found."}},
 )
 async def order_diagram(
     request: Request,
@@ -105,10 +105,7 @@ async def order_diagram(
 ) -> Response:
     """The machine with this order's path (from its transition log) and current state(s)
     highlighted."""
-    try:
-        await run_in_threadpool(visible, store, order_id, principal)
-    except OrderNotFound as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from exc
+    await run_in_threadpool(visible, store, order_id, principal)  # OrderNotFound: 404
     history = await run_in_threadpool(store.history, order_id)
     last = history[-1].seq if history else 0
     body = await _renderer(request).render((order_id, last, fmt), fmt, history)

@@ -22,7 +22,7 @@ from api.problems import MEDIA_TYPE, RETRY_AFTER, Problem
 
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 ERROR_SCHEMAS = ("HTTPValidationError", "ValidationError")
-EVERYWHERE = {503: "the database (or Graphviz, for svg/png) is unavailable; see Retry-After"}
+EVERYWHERE = {503: "the database is unavailable; see Retry-After"}
 WITH_BODY = {
     413: "the body is larger than ORDER_SAGA_MAX_BODY_BYTES",
     415: "a body not declared `Content-Type: application/json` (unsupported_media_type; "
@@ -51,29 +51,33 @@ def _secured(access: Access) -> dict[int, str]:
     return answers
 
 
+RETRY_AFTER_HEADER = {
+    "description": f"seconds (the database: {RETRY_AFTER} or less; a circuit breaker: until "
+    "its probe)",
+    "schema": {"type": "integer"},
+}
+
+
 def _problem(description: str, status: int) -> dict[str, Any]:
-    answer: dict[str, Any] = {
-        "description": description,
-        "content": {MEDIA_TYPE: {"schema": PROBLEM_REF}},
-    }
-    if status == 503:
-        answer["headers"] = {
-            "Retry-After": {
-                "description": f"seconds (here {RETRY_AFTER})",
-                "schema": {"type": "integer"},
-            }
-        }
+    answer: dict[str, Any] = {"description": description}
+    _as_problem(answer, status)
     return answer
 
 
-def _as_problem(answer: dict[str, Any]) -> None:
-    """Error answers FastAPI documents as application/json become problem+json."""
-    content = answer.get("content", {})
+def _as_problem(answer: dict[str, Any], status: int) -> None:
+    """An error answer is problem+json: one FastAPI documents as application/json with an
+    error schema, or with no content at all (a route's own `responses` entry, which wins
+    over the edge's); a 503 carries Retry-After. A route's own body (the rejected order of
+    `POST /orders`' 404) stays as it is."""
+    content = answer.setdefault("content", {})
     schema = content.get("application/json", {}).get("schema", {})
     ref = str(schema.get("$ref", ""))
     if ref.endswith(("/Problem", *(f"/{name}" for name in ERROR_SCHEMAS))):
         del content["application/json"]
+    if not content:
         content[MEDIA_TYPE] = {"schema": PROBLEM_REF}
+    if status == 503:
+        answer.setdefault("headers", {}).setdefault("Retry-After", RETRY_AFTER_HEADER)
 
 
 def build(app: FastAPI) -> dict[str, Any]:
@@ -97,7 +101,7 @@ def build(app: FastAPI) -> dict[str, Any]:
             responses = operation.setdefault("responses", {})
             for code, answer in responses.items():
                 if code.isdigit() and int(code) >= 400:
-                    _as_problem(answer)
+                    _as_problem(answer, int(code))
             extra = dict(EVERYWHERE)
             if method.upper() in JSON_METHODS:
                 extra |= WITH_BODY

@@ -86,7 +86,17 @@ def _answer(order: Order) -> Response:
     status_code=status.HTTP_201_CREATED,
     response_model=OrderOut,
     responses={
-        202: {"model": OrderOut, "description": "still running (see Location)"},
+        202: {
+            "model": OrderOut,
+            "description": "still running (see Location)",
+            "headers": {
+                "Location": {
+                    "description": "the order: /orders/{id}",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+            },
+        },
         404: {"model": RejectedOrder, "description": "the product does not exist"},
         503: {"description": "the product service's circuit breaker is open (see Retry-After)"},
     },

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from sqlmodel import SQLModel
 
 import fsm.models  # noqa: F401  (registers the tables)
+from api import problems
 from api.diagram import router
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm import diagram
@@ -385,6 +386,7 @@ def http(tmp_path: Path) -> Iterator[tuple[TestClient, Store]]:
     with open_store(settings) as store:
         SQLModel.metadata.create_all(store.engine)
         app = FastAPI()
+        problems.install(app)  # as create_app: errors are problems
         app.include_router(router)
         app.state.store = store
         with TestClient(app) as client:
@@ -459,7 +461,9 @@ def test_unknown_order_is_404(http: tuple[TestClient, Store]) -> None:
     order_id = uuid.uuid4()
     response = http[0].get(f"/orders/{order_id}/diagram", params={"format": "mermaid"})
     assert response.status_code == 404
-    assert response.json() == {"detail": f"order {order_id} not found"}
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert (body["code"], body["detail"]) == ("order_not_found", f"order {order_id} not found")
 
 
 def test_malformed_order_id_is_422(http: tuple[TestClient, Store]) -> None:
@@ -474,5 +478,7 @@ async def test_graphviz_missing_is_503(
     monkeypatch.setenv("PATH", str(tmp_path))
     response = client.get(f"/orders/{order_id}/diagram", params={"format": "png"})
     assert response.status_code == 503
-    assert response.json() == {"detail": str(GraphvizMissing())}
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert (body["code"], body["detail"]) == ("graphviz_missing", str(GraphvizMissing()))
     assert client.get(f"/orders/{order_id}/diagram", params={"format": "dot"}).status_code == 200

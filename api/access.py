@@ -39,9 +39,13 @@ OWN_ACT = Access("client (own orders), operator, admin", frozenset({CLIENT, OPER
 READ = Access("reader, operator, admin", frozenset({READER, OPERATOR, ADMIN_}))
 OPERATE = Access("operator, admin", frozenset({OPERATOR, ADMIN_}))
 ADMIN = Access("admin", frozenset({ADMIN_}))
+# A path no route of the app serves: any caller who may call anything gets its 404 (a
+# "needs: admin" would say it exists).
+NO_SUCH_PATH = Access("any role (no such path)", frozenset(Role))
 
 # (method, path template) -> who. HEAD is GET. Every route of the app is listed (a test
-# walks app.routes); a route missing here needs an admin.
+# walks app.routes); a route missing here needs an admin, a path the app does not serve
+# answers 404 to any role.
 ROUTES: Mapping[tuple[str, str], Access] = {
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/readyz"): PUBLIC,
@@ -101,23 +105,28 @@ class Table:
     routes: tuple[tuple[str, re.Pattern[str], Access], ...]
     mounts: tuple[tuple[str, Access], ...]
     paths: frozenset[str]
+    served: tuple[re.Pattern[str], ...] = ()
 
     @classmethod
     def build(
         cls,
         routes: Mapping[tuple[str, str], Access] = ROUTES,
         mounts: Mapping[str, Access] = MOUNTS,
+        served: Iterable[re.Pattern[str]] = (),
     ) -> Table:
+        """`served`: the path patterns of the app's own routes and mounts (none given:
+        every path the table does not know needs an admin)."""
         compiled = tuple((m, _pattern(t), a) for (m, t), a in routes.items())
         ordered = tuple(sorted(mounts.items(), key=lambda kv: -len(kv[0])))
-        return cls(compiled, ordered, frozenset(t for _, t in routes))
+        return cls(compiled, ordered, frozenset(t for _, t in routes), tuple(served))
 
     def access(self, method: str, path: str) -> Access:
         """Who may send `method` to `path`. A path the table does not know is refused to
-        all but admins (after authentication it then answers 404/405 as usual). `/ui/` is
-        judged as `/ui`: the framework answers it with a redirect there, which is then
-        the same for every role (and for nobody on /healthz/) instead of 403 for all but
-        admins."""
+        all but admins when a route of the app serves it (a route missing from the table:
+        closed, not open), and is NO_SUCH_PATH when none does (any caller with a key then
+        gets the 404, not a 403 saying it exists). `/ui/` is judged as `/ui`: the framework
+        answers it with a redirect there, which is then the same for every role (and for
+        nobody on /healthz/) instead of 403 for all but admins."""
         method = "GET" if method == "HEAD" else method
         route_path = path[:-1] if len(path) > 1 and path.endswith("/") else path
         path_known = False
@@ -131,6 +140,8 @@ class Table:
                 return access
         if path_known:  # e.g. DELETE /orders: 405 for anyone who may use the path at all
             return ANY_ROLE
+        if self.served and not any(p.match(path) for p in self.served):
+            return NO_SUCH_PATH
         return ADMIN
 
 

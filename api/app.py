@@ -245,5 +245,10 @@ def create_app(
     app.add_middleware(
         BodyGuard, max_bytes=settings.max_body_bytes, read_timeout=settings.body_timeout
     )
-    app.add_middleware(AuthGate, authenticator=authenticator, cookie_secure=settings.cookie_secure)
+    app.add_middleware(
+        AuthGate,
+        authenticator=authenticator,
+        routes=app.router.routes,  # read when the stack is built: every route by then
+        cookie_secure=settings.cookie_secure,
+    )
     return app

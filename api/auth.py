@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -35,6 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
 from starlette.requests import HTTPConnection
 from starlette.responses import RedirectResponse
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import cookies
@@ -260,11 +261,14 @@ class AuthGate:
         *,
         authenticator: Authenticator,
         table: Table | None = None,
+        routes: Sequence[BaseRoute] = (),
         cookie_secure: bool | None = None,
     ) -> None:
         self.app = app
         self.auth = authenticator
-        self.table = table or Table.build()
+        # the app's routes and mounts: a path none of them serves is a 404 to any role
+        served = [r.path_regex for r in routes if isinstance(r, Route | Mount)]
+        self.table = table or Table.build(served=served)
         self.cookie_secure = cookie_secure  # ORDER_SAGA_COOKIE_SECURE: the cookie's name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import uuid
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from api.access import MOUNTS, OWN, OWN_ACT, ROUTES, Table
+from api.access import ADMIN, MOUNTS, NO_SUCH_PATH, OWN, OWN_ACT, ROUTES, Table
 from api.app import create_app
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm import keys
@@ -244,3 +245,38 @@ def test_a_trailing_slash_is_judged_as_the_route_it_redirects_to(
             if not ok:
                 wrong.append(f"{method} {path}/ as {caller.name}: {answer.status_code}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_a_path_no_route_serves_is_404_to_every_caller_with_a_key(
+    app: TestClient, callers: list[Caller]
+) -> None:
+    """A client mistyping /order was told "403 needs: admin": that the path exists and is
+    admin-only. Now any caller with a valid key gets the 404, and one without still the
+    401 (nothing is said to an anonymous caller)."""
+    wrong: list[str] = []
+    for method, path in [
+        ("GET", "/order"),
+        ("POST", "/order"),
+        ("GET", "/orders/x/y/z"),
+        ("GET", "/"),
+        ("DELETE", "/nothing/here"),
+    ]:
+        for caller in callers:
+            answer = app.request(method, path, headers=caller.header, follow_redirects=False)
+            want = 401 if caller.role is None else 404
+            media = answer.headers.get("content-type")
+            if answer.status_code != want or media != "application/problem+json":
+                wrong.append(f"{method} {path} as {caller.name}: {answer.status_code} {media}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_a_route_missing_from_the_table_still_needs_an_admin() -> None:
+    """Closed, not open: a route the app serves but the table forgot (the walk above
+    fails on it too) is refused to all but admins; only a path nothing serves is open to
+    every role (for its 404)."""
+    served = [re.compile(r"^/diagram$"), re.compile(r"^/healthz$")]
+    table = Table.build(routes={("GET", "/healthz"): ROUTES[("GET", "/healthz")]}, served=served)
+    assert table.access("GET", "/diagram") is ADMIN
+    assert table.access("GET", "/diagramm") is NO_SUCH_PATH
+    assert NO_SUCH_PATH.admits(Role.CLIENT) and not NO_SUCH_PATH.public
+    assert Table.build().access("GET", "/diagramm") is ADMIN  # no routes given: closed

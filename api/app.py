@@ -1,6 +1,7 @@
 """create_app(): the orchestrator's FastAPI application, its lifespan, routers and edge.
 
-The edge wraps everything, the mounted reference services included: who is calling and
+The edge wraps everything, the mounted reference services included: HEAD served as GET
+without the body (`api/head.py`), who is calling and
 whether their role may (`api/auth.py`, from the table in `api/access.py`), then the body
 cap and strict JSON (`api/guard.py`). Every error answer
 goes through `api/problems.py`.
@@ -28,6 +29,7 @@ from api import actions, diagram, direct, events_page, oidc, openapi, orders, pr
 from api.auth import Authenticator, AuthGate
 from api.deps import StoreDep
 from api.guard import BodyGuard
+from api.head import HeadAsGet
 from api.runner import Runner
 from fsm import relay_child, subscriptions
 from fsm.breaker import Breakers
@@ -251,4 +253,5 @@ def create_app(
         routes=app.router.routes,  # read when the stack is built: every route by then
         cookie_secure=settings.cookie_secure,
     )
+    app.add_middleware(HeadAsGet)  # outermost: HEAD is GET without the body, everywhere
     return app

@@ -152,14 +152,15 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 def allowed_methods(app: FastAPI, scope: Any) -> str:
-    """Every method some route of this path answers. Starlette's 405 names only the
-    methods of the first route that matched the path (GET /orders and POST /orders are two
-    routes, so OPTIONS /orders said `Allow: POST`)."""
+    """Every method some route of this path answers, HEAD wherever GET (`api.head`).
+    Starlette's 405 names only the methods of the first route that matched the path (GET
+    /orders and POST /orders are two routes, so OPTIONS /orders said `Allow: POST`)."""
     return ", ".join(
         method
         for method in METHODS
         if any(
-            route.matches({**scope, "method": method})[0] is Match.FULL
+            route.matches({**scope, "method": "GET" if method == "HEAD" else method})[0]
+            is Match.FULL
             for route in app.router.routes
         )
     )

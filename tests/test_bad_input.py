@@ -176,7 +176,12 @@ def test_a_body_declared_utf8_is_read_as_utf8(api: TestClient, charset: str) -> 
 
 @pytest.mark.parametrize(
     ("path", "allowed"),
-    [("/orders", {"GET", "POST"}), (f"/orders/{'0' * 8}-0000-0000-0000-{'0' * 12}", {"GET"})],
+    [
+        ("/orders", {"GET", "HEAD", "POST"}),
+        (f"/orders/{'0' * 8}-0000-0000-0000-{'0' * 12}", {"GET", "HEAD"}),
+        (f"/orders/{'0' * 8}-0000-0000-0000-{'0' * 12}/resume", {"POST"}),
+        ("/healthz", {"GET", "HEAD"}),
+    ],
 )
 def test_405_allows_every_method_of_the_path(api: TestClient, path: str, allowed: set[str]) -> None:
     response = api.options(path)

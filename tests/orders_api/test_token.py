@@ -75,3 +75,28 @@ def test_reads_need_the_token_too(secured: TestClient, path: str) -> None:
 @pytest.mark.parametrize("path", ["/healthz", "/metrics"])
 def test_health_and_metrics_need_no_token(secured: TestClient, path: str) -> None:
     assert secured.get(path).status_code == 200
+
+
+def test_head_is_get_without_the_body(secured: TestClient) -> None:
+    """`curl -I` (RFC 9110 §9.3.2): every GET route answers HEAD with the GET's status and
+    headers, no body; the gate judges it as the GET; a path without GET names HEAD
+    nowhere in its Allow."""
+    order_id = place(secured, headers=GOOD_AUTH).json()["id"]
+    for path, headers in [
+        ("/healthz", {}),
+        ("/metrics", {}),
+        (f"/orders/{order_id}", GOOD_AUTH),
+        ("/orders", GOOD_AUTH),
+        ("/diagram?format=mermaid", GOOD_AUTH),
+    ]:
+        got = secured.get(path, headers=headers)
+        head = secured.head(path, headers=headers)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        assert int(head.headers["content-length"]) > 0, path
+    refused = secured.head(f"/orders/{order_id}")
+    assert (refused.status_code, refused.content) == (401, b"")
+    only_post = secured.head(f"/orders/{order_id}/resume", headers=GOOD_AUTH)
+    assert only_post.status_code == 405 and only_post.content == b""
+    assert only_post.headers["Allow"] == "POST"
+    assert secured.options("/healthz", headers=GOOD_AUTH).headers["Allow"] == "GET, HEAD"

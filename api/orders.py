@@ -94,7 +94,12 @@ def _answer(order: Order) -> Response:
                     "description": "the order: /orders/{id}",
                     "required": True,
                     "schema": {"type": "string"},
-                }
+                },
+                "Preference-Applied": {
+                    "description": "`respond-async` when the request's `Prefer: "
+                    "respond-async` was honoured (RFC 7240)",
+                    "schema": {"type": "string"},
+                },
             },
         },
         404: {"model": RejectedOrder, "description": "the product does not exist"},
@@ -139,12 +144,16 @@ async def create_order(
         return _replay(order, body, idempotency_key)
     runner: Runner = request.app.state.runner
     task = runner.start(order)
-    if prefer is None or "respond-async" not in prefer.lower():
+    asynchronous = prefer is not None and "respond-async" in prefer.lower()
+    if not asynchronous:
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout=settings.respond_within)
         except TimeoutError:
             pass  # still running in the background: answer 202
-    return _answer(order)
+    answer = _answer(order)
+    if asynchronous:  # RFC 7240 §3: say the preference was honoured
+        answer.headers["Preference-Applied"] = "respond-async"
+    return answer
 
 
 def _replay(order: Order, body: OrderIn, idempotency_key: str | None) -> Response:

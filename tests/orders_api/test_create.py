@@ -100,6 +100,7 @@ def test_prefer_respond_async_answers_202_then_completes(client: TestClient) -> 
     assert response.status_code == 202, response.text
     order = response.json()
     assert response.headers["Location"] == f"/orders/{order['id']}"
+    assert response.headers["Preference-Applied"] == "respond-async"  # RFC 7240 §3
     assert order["state"] not in TERMINAL
     final = wait_terminal(client, order["id"])
     assert final["status"] == "completed"
@@ -117,6 +118,7 @@ def test_slow_services_answer_202_then_complete(
         # answered before shipping did: no shipment exists yet for the order just answered
         assert downstream.shipment(order["id"]) is None
         assert response.headers["Location"] == f"/orders/{order['id']}"
+        assert "Preference-Applied" not in response.headers  # none was asked for
         assert order["status"] in {"pending", "running"}
         assert client.get(response.headers["Location"]).status_code == 200
         final = wait_terminal(client, order["id"])

@@ -207,8 +207,37 @@ async def _create_order_directly(request: Request) -> Response | None:
 direct.register(create_order, _create_order_directly)
 
 
+# GET /orders' query parameters: each takes one value (FastAPI keeps the last of several).
+LIST_PARAMETERS = (
+    "status",
+    "state",
+    "user_id",
+    "product_id",
+    "unmoved_for",
+    "id_prefix",
+    "limit",
+    "offset",
+    "cursor",
+)
+
+
+def _one_each(request: Request) -> None:
+    """422 for a parameter given twice (`?status=completed&status=failed` read as the last
+    alone would list only failed ones) and for a cursor with an offset (which a cursor
+    replaces)."""
+    query = request.query_params
+    for name in LIST_PARAMETERS:
+        given = query.getlist(name)
+        if len(given) > 1:
+            why = ValueError(f"{name} given {len(given)} times: give it once")
+            raise _bad_query(name, why, ", ".join(given))
+    if "cursor" in query and "offset" in query:
+        raise _bad_query("offset", ValueError("offset cannot be used with cursor"), query["offset"])
+
+
 @router.get("", response_model=OrderList, responses=problems(500))
 def list_orders(
+    request: Request,
     store: StoreDep,
     principal: PrincipalDep,
     settings: SettingsDep,
@@ -238,7 +267,9 @@ def list_orders(
     match, `next_cursor` fetches the next page (stable while orders arrive; `offset` works
     too). A stored row the installed machine cannot read is listed under `unreadable`.
     A client key lists the orders it placed, only those. Each live one carries its `why`
-    (one query for the page's attempts, as the console's list)."""
+    (one query for the page's attempts, as the console's list). Each parameter is given
+    once; `cursor` and `offset` not together."""
+    _one_each(request)
     mine = principal.creator if principal.sees_only_own else None
     flt = queries.OrderFilter(
         status=status_,

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from api.orders import LIST_PARAMETERS
 from downstream.seed import (
     MISSING_PRODUCT_ID,
     POOR_USER_ID,
@@ -172,6 +173,54 @@ def test_list_rejects_bad_query(sqlite_client: TestClient, params: dict[str, Any
 
     assert response.status_code == 422, response.text
     assert_message(response)
+
+
+@pytest.mark.parametrize(
+    ("name", "values"),
+    [
+        ("status", ["completed", "failed"]),
+        ("state", ["completed", "failed"]),
+        ("user_id", ["1", "2"]),
+        ("product_id", ["1", "1"]),
+        ("unmoved_for", ["1", "2"]),
+        ("id_prefix", ["ab", "cd"]),
+        ("limit", ["1", "2"]),
+        ("offset", ["0", "1"]),
+        ("cursor", ["a", "b"]),
+    ],
+)
+def test_a_parameter_given_twice_is_422_naming_it(
+    sqlite_client: TestClient, name: str, values: list[str]
+) -> None:
+    """`?status=completed&status=failed` listed the failed ones alone (the last won)."""
+    assert name in LIST_PARAMETERS
+    response = sqlite_client.get("/orders", params=[(name, v) for v in values])
+
+    assert response.status_code == 422, response.text
+    [error] = response.json()["errors"]
+    assert error["loc"] == ["query", name] and "2 times" in error["msg"]
+    assert_message(response)
+
+
+def test_every_list_parameter_is_checked_for_repeats(sqlite_client: TestClient) -> None:
+    document = sqlite_client.get("/openapi.json").json()
+    declared = {p["name"] for p in document["paths"]["/orders"]["get"]["parameters"]}
+    assert declared == set(LIST_PARAMETERS)
+
+
+def test_a_cursor_with_an_offset_is_422_on_the_offset(client: TestClient) -> None:
+    """The offset was dropped silently: the client got the cursor's page, not the one it
+    asked for."""
+    for _ in range(3):
+        place(client, product=MISSING_PRODUCT_ID)
+    cursor = client.get("/orders", params={"limit": 1}).json()["next_cursor"]
+    assert client.get("/orders", params={"limit": 1, "cursor": cursor}).status_code == 200
+
+    response = client.get("/orders", params={"limit": 1, "cursor": cursor, "offset": 1})
+
+    assert response.status_code == 422, response.text
+    [error] = response.json()["errors"]
+    assert error["loc"] == ["query", "offset"] and "cursor" in error["msg"]
 
 
 @pytest.mark.parametrize("raw", HAND_MADE_CURSORS.values(), ids=HAND_MADE_CURSORS.keys())

@@ -61,17 +61,27 @@ def transition(order: Any, scope: str, trigger: str, *, reason: Any = None) -> I
 
 
 def attempt_failed(
-    order: Any, call: str, max_attempts: int, error: str, retry_in: float | None
+    order: Any,
+    call: str,
+    error: str,
+    retry_in: float | None,
+    *,
+    this_run: int,
+    max_attempts: int,
 ) -> None:
-    """One attempt of a downstream call failed (transient): which, how many, what next."""
+    """One attempt of a downstream call failed (transient): which, how many, what next.
+    `max_attempts` is a budget per run; the order counts every run's failures (`attempt`),
+    so a resumed run's line names both: "attempt 1 of 4 this run (5 in all)"."""
     n = order.attempts.get(call, 0)
     then = f"next attempt in {retry_in:.2f}s" if retry_in is not None else "this run gives up"
+    in_all = f" ({n} in all)" if n != this_run else ""
     log.warning(
-        "order %s attempt_failed: %s attempt %s of %s failed: %s; %s",
+        "order %s attempt_failed: %s attempt %s of %s this run%s failed: %s; %s",
         order.id,
         call,
-        n,
+        this_run,
         max_attempts,
+        in_all,
         error,
         then,
         extra={
@@ -79,6 +89,8 @@ def attempt_failed(
             "event": "attempt_failed",
             "call": call,
             "attempt": n,
+            "run_attempt": this_run,
+            "max_attempts": max_attempts,
             "error": error,
         },
     )

@@ -437,6 +437,7 @@ class Executor:
         if resumed and (answer := await held()) is not None:
             return answer
         forward = partial(saga_step.forward, order, key)
+        before = order.attempts.get(call, 0)  # earlier runs' failed attempts
         try:
             return await self._with_retries(order, call, forward, deadline=deadline)
         except BusinessFailure as no:
@@ -446,7 +447,7 @@ class Executor:
             if answer is None:
                 unknown = f"{no}; nothing stored under its key: outcome unknown"
                 exc = TransientFailure(unknown, status=no.status, body=no.body)
-                await self._gave_up(order, call, exc)
+                await self._gave_up(order, call, exc, before=before)
                 raise exc from no
             return answer
 
@@ -525,27 +526,43 @@ class Executor:
         scope, _, action = call.partition(":")  # "payment:deduct", "product:get"
         service = STEP[scope].service if scope in STEP else scope  # payment -> user
         fn = metrics.timed(fn, service, action)  # each attempt's latency
+        before = order.attempts.get(call, 0)  # earlier runs' failed attempts
         try:
             try:
                 result = await fn()
             except TransientFailure as first:
-                result = await self._retry(order, call, fn, deadline=deadline, first=first)
+                result = await self._retry(
+                    order, call, fn, deadline=deadline, first=first, before=before
+                )
         except CallFailure as exc:
             outcome = "transient" if isinstance(exc, TransientFailure) else "business"
             metrics.call_outcome(service, action, outcome).inc()
             if isinstance(exc, TransientFailure):
-                await self._gave_up(order, call, exc)
+                await self._gave_up(order, call, exc, before=before)
             raise
         metrics.call_outcome(service, action, "success").inc()
         return result
 
-    async def _gave_up(self, order: Order, call: str, exc: TransientFailure) -> None:
-        """This run stops trying `call`: the failure and a later attempt, on the order."""
+    async def _gave_up(
+        self, order: Order, call: str, exc: TransientFailure, *, before: int
+    ) -> None:
+        """This run stops trying `call`: the failure and a later attempt, on the order.
+        `before`: the call's failed attempts when this run started trying it."""
         later = utcnow() + timedelta(seconds=self.policy.backoff_max)
         await self.store.note_attempt(
             order=order, owner=self.owner, call=call, error=str(exc), next_attempt_at=later
         )
-        events.attempt_failed(order, call, self.policy.max_attempts, str(exc), None)
+        self._attempt_failed(order, call, str(exc), None, before=before)
+
+    def _attempt_failed(
+        self, order: Order, call: str, error: str, retry_in: float | None, *, before: int
+    ) -> None:
+        """Log a failed attempt just noted on the order: its number in this run (the
+        budget is MAX_ATTEMPTS per run) beside the order's total over every run."""
+        this_run = order.attempts.get(call, 0) - before
+        events.attempt_failed(
+            order, call, error, retry_in, this_run=this_run, max_attempts=self.policy.max_attempts
+        )
 
     async def _retry(
         self,
@@ -555,6 +572,7 @@ class Executor:
         *,
         deadline: datetime | None,
         first: TransientFailure,
+        before: int,
     ) -> T:
         """Attempts 2..n under tenacity; attempt 1 (already failed) is replayed as its first."""
         replay: list[TransientFailure] = [first]
@@ -571,7 +589,7 @@ class Executor:
                 order=order, owner=self.owner, call=call, error=str(exc),
                 next_attempt_at=utcnow() + timedelta(seconds=sleep),
             )  # fmt: skip
-            events.attempt_failed(order, call, self.policy.max_attempts, str(exc), sleep)
+            self._attempt_failed(order, call, str(exc), sleep, before=before)
 
         retrying = AsyncRetrying(
             stop=stop_any(stop_after_attempt(self.policy.max_attempts), stop_at(deadline)),

@@ -149,7 +149,7 @@ def explain(
             f"({fresh.attempt} so far), last: {fresh.error}"
             if fresh.call == CRASHED_RUN
             else f"next attempt of {fresh.call} at {at_utc(when)}{by} "
-            f"(attempt {fresh.attempt} failed, {settings.max_attempts} per run; "
+            f"({_attempts(fresh.attempt)} failed so far, at most {settings.max_attempts} per run; "
             f"last error: {fresh.error})"
         )
         return Why(
@@ -200,6 +200,11 @@ def explain(
         "runnable now: the next sweep pass (or `order-saga resume`) drives it",
         last_error=order.last_error,
     )
+
+
+def _attempts(n: int) -> str:
+    """The order's failed attempts of a call over all its runs (MAX_ATTEMPTS is per run)."""
+    return f"{n} attempt{'' if n == 1 else 's'}"
 
 
 def _retry_now(order: Order, *, console: bool) -> str:

@@ -219,7 +219,7 @@ def test_why_an_order_waits_for_its_next_attempt(served: Served, page: Any) -> N
     row.get_by_role("link").click()
     why = page.locator("#why")
     expect(why).to_have_attribute("data-kind", "waiting_for_next_attempt")
-    expect(why).to_contain_text("attempt 2 failed, 2 per run")
+    expect(why).to_contain_text("2 attempts failed so far, at most 2 per run")
     expect(why).to_contain_text("500")  # the last error
     failed = page.locator("table.timeline tr.attempt")
     expect(failed).to_have_count(2)  # each failed attempt in the timeline, not a transition

@@ -6,6 +6,7 @@ waits are logged beside the transitions, never as transitions."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -64,11 +65,45 @@ async def test_a_failing_call_waits_for_its_next_attempt(
     assert stored.next_attempt_at is not None and w.until is not None
     # not before the sweep may take it: still for SWEEP_OLDER_THAN, then due
     assert w.until == max(stored.next_attempt_at, stored.updated_at + timedelta(seconds=30))
-    assert "next attempt of payment:deduct" in w.summary and "attempt 2 failed" in w.summary
+    assert "next attempt of payment:deduct" in w.summary
+    assert "2 attempts failed so far, at most 2 per run" in w.summary
     tried = queries.attempts(store, order.id)  # the timeline's entries, not transitions
     assert [(a.call, a.attempt) for a in tried] == [("payment:deduct", 1), ("payment:deduct", 2)]
     assert not any(t.trigger == "attempt" for t in store.history(order.id))
     set_faults(downstream.url, ())
+
+
+async def test_a_resumed_runs_failed_attempts_count_this_run_and_all_runs(
+    store: Store,
+    driver: Executor,
+    settings: Settings,
+    downstream: Downstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """MAX_ATTEMPTS is a budget per run while the order counts every run's failures: a
+    resumed run's lines say both ("attempt 1 of 2 this run (3 in all)"), never "attempt 3
+    of 2", and `why` does not set the total against the per-run budget either."""
+    caplog.set_level(logging.WARNING, logger="order_saga.events")
+    downstream.fault("user.deduct", "error", count=1000)
+    order = await driver.run((await new_order(store)).id)  # attempts 1, 2
+    order = await driver.run(order.id)  # resumed (`resume`, the sweep): attempts 3, 4
+    set_faults(downstream.url, ())
+    failed = [
+        r
+        for r in caplog.records
+        if getattr(r, "event", None) == "attempt_failed" and r.order_id == str(order.id)  # type: ignore[attr-defined]
+    ]
+    counted = [(r.run_attempt, r.attempt, r.max_attempts) for r in failed]  # type: ignore[attr-defined]
+    assert counted == [(1, 1, 2), (2, 2, 2), (1, 3, 2), (2, 4, 2)]
+    said = [r.getMessage() for r in failed]
+    assert "payment:deduct attempt 1 of 2 this run failed: " in said[0]
+    assert "payment:deduct attempt 2 of 2 this run failed: " in said[1]
+    assert "payment:deduct attempt 1 of 2 this run (3 in all) failed: " in said[2]
+    assert "payment:deduct attempt 2 of 2 this run (4 in all) failed: " in said[3]
+    assert said[3].endswith("; this run gives up")
+    w = explain(store, order, settings)
+    assert w.kind is Kind.NEXT_ATTEMPT and (w.failed_attempts, w.max_attempts) == (4, 2)
+    assert "(4 attempts failed so far, at most 2 per run; last error: " in w.summary
 
 
 async def test_a_call_resumed_after_its_failed_attempts_is_in_flight_not_waiting(

@@ -31,6 +31,7 @@ from typer.exceptions import TyperException
 from fsm.errors import SagaError
 from order_saga import heap
 from order_saga.console import (
+    database_settings,
     environment_errors,
     fail,
     load_settings,
@@ -159,7 +160,8 @@ def serve(
 
     from order_saga.server import DrainingServer, listeners, serve_processes, uvicorn_options
 
-    settings = load_settings()
+    # --no-migrate: the database must be there already (a SQLite file is not created)
+    settings = load_settings() if migrate else database_settings()
     if workers == 1:  # bound before anything starts: a port in use, a bad host, one line
         try:  # (not listening: a client meanwhile is refused, not held through migrations)
             [sock] = listeners(host, port, 1, listen=False)
@@ -268,8 +270,8 @@ def resume(
     from fsm.wiring import open_saga
     from order_saga.orders_cli import cli_audit
 
-    settings = load_settings()
     oid = None if order is None else parse_order_id(order, "--order: ")
+    settings = database_settings()
     # Warnings only (parks, lost leases): stdout is the report, one line per order.
     configure_logging(settings, logging.WARNING)
 
@@ -521,7 +523,7 @@ def relay(
     from fsm.wiring import close_store, relay_store
 
     # --child: the relay of a `serve` or `worker` (fsm.relay_child), its settings on stdin.
-    settings = relay_child.read_parent_settings() if child else load_settings()
+    settings = relay_child.read_parent_settings() if child else database_settings()
     relay_child.yield_to_orders(settings)
     configure_logging(settings)
 
@@ -572,7 +574,7 @@ def diagram(
 
         oid = parse_order_id(order, "--order: ")
         try:
-            with open_store(load_settings()) as store:
+            with open_store(database_settings()) as store:
                 store.get(oid)
                 history = store.history(oid)
         except (OrderNotFound, CorruptOrder) as exc:  # corrupt: a state no machine declares
@@ -627,7 +629,7 @@ def check_upgrade(
     from fsm.store import make_engine
     from fsm.upgrade import check
 
-    url = load_settings().database_url
+    url = database_settings().database_url
     try:
         schema = read_schema(url)
     except environment_errors() as exc:

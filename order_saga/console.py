@@ -87,6 +87,28 @@ def load_settings() -> Settings:
         fail(settings_problem(exc))
 
 
+def database_settings() -> Settings:
+    """`load_settings()` for a command that uses the orders database without migrating it
+    (all but `serve`, `worker` and `db upgrade`): a database that is not there (a SQLite
+    file is then not created) or has no schema ends in one line, exit 1, naming where it
+    looked (a file's absolute path, a URL with its password masked) and what to do."""
+    from fsm import presence
+    from order_saga.redact import masked
+
+    settings = load_settings()
+    url = settings.database_url
+    what = presence.missing(url)
+    if what is not None:
+        path = presence.sqlite_path(url)
+        where = str(path) if path is not None else masked(url)
+        fail(
+            f"no order-saga database at {where} ({what}): create it with "
+            "`order-saga db upgrade`, or point ORDER_SAGA_DATABASE_URL at yours",
+            1,
+        )
+    return settings
+
+
 def seconds_option(help: str | None = None, *, min: float = 0) -> Any:
     """A flag taking seconds: a number from `min` to MAX_SECONDS (about 31 years), as the
     ORDER_SAGA_* settings take them; anything else (inf, nan: no comparison with it holds)

@@ -32,9 +32,9 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 @contextmanager
 def _store() -> Iterator[Store]:
     from fsm.wiring import build_store, close_store
-    from order_saga.console import load_settings
+    from order_saga.console import database_settings
 
-    store = build_store(load_settings())
+    store = build_store(database_settings())
     try:
         yield store
     finally:

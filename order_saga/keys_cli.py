@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from fsm.roles import Role
+from order_saga.console import database_settings, one_line
 from order_saga.console import fail as _fail
-from order_saga.console import load_settings, one_line
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -32,7 +32,7 @@ def _engine() -> Iterator[Engine]:
     from fsm.engine import make_engine
     from order_saga.redact import masked
 
-    settings = load_settings()
+    settings = database_settings()
     engine = make_engine(settings.database_url)
     try:
         yield engine

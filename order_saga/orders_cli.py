@@ -18,7 +18,14 @@ import typer
 from fsm.bounds import MAX_ID
 from fsm.errors import SagaError
 from fsm.machine import OperatorAction, OrderState, Status
-from order_saga.console import fail, load_settings, parse_order_id, rich_console, seconds_option
+from order_saga.console import (
+    database_settings,
+    fail,
+    load_settings,
+    parse_order_id,
+    rich_console,
+    seconds_option,
+)
 
 if TYPE_CHECKING:
     import uuid
@@ -46,7 +53,7 @@ def _store() -> Iterator[Store]:
     """The store alone (`fsm.wiring.open_store`), closed on the way out."""
     from fsm.wiring import open_store
 
-    with open_store(load_settings()) as store:
+    with open_store(database_settings()) as store:
         yield store
 
 
@@ -304,8 +311,8 @@ def cancel(
     """Cancel a completed order: refund, restore stock, cancel the shipment."""
     from fsm.wiring import open_saga
 
-    settings = load_settings()
     oid = parse_order_id(order_id)
+    settings = database_settings()
 
     async def main() -> Order:
         async with open_saga(settings) as saga:

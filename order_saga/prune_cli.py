@@ -11,7 +11,13 @@ from typing import Annotated
 
 import typer
 
-from order_saga.console import count_option, fail, load_settings, parse_order_id, seconds_option
+from order_saga.console import (
+    count_option,
+    database_settings,
+    fail,
+    parse_order_id,
+    seconds_option,
+)
 
 archive_app = typer.Typer(help="Read archives written by prune.", no_args_is_help=True)
 
@@ -41,7 +47,7 @@ def prune(
         fail("give --older-than SECONDS and/or --keep N", 2)
     if archive is not None and archive.is_dir():
         fail(f"--archive: {archive} is a directory", 2)
-    settings = load_settings()
+    settings = database_settings()
     engine = make_engine(
         settings.database_url,
         lock_timeout=settings.db_lock_timeout,

@@ -42,15 +42,18 @@ class Result:
         )
 
 
-def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
     """`order-saga ARGS` as a user types it: only PATH and `env` in its environment (and
     PYTHONPATH when the suite has one: the tree under test, e.g. a git worktree beside the
     checkout the virtualenv was installed from), text output captured (for one-line errors
-    and exit codes)."""
+    and exit codes); in `cwd` when given (where the default SQLite file is)."""
     kept = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
+    if cwd is not None and kept:  # PYTHONPATH=. names the tree under test, not `cwd`
+        entries = kept["PYTHONPATH"].split(os.pathsep)
+        kept["PYTHONPATH"] = os.pathsep.join(str(Path(e).absolute()) for e in entries if e)
     full_env = {"PATH": os.environ.get("PATH", "/usr/bin"), **kept, **env}
     return subprocess.run(
-        [ORDER_SAGA, *args], capture_output=True, text=True, env=full_env, timeout=60
+        [ORDER_SAGA, *args], capture_output=True, text=True, env=full_env, timeout=60, cwd=cwd
     )
 
 

@@ -27,7 +27,7 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -41,6 +41,7 @@ from fsm.retry import doubling
 from fsm.settings import Settings
 from fsm.store import Store, utcnow
 from fsm.subscriptions import destinations, read
+from fsm.text import storable, without_passwords
 
 log = logging.getLogger("order_saga.relay")
 AMQP_DESTINATION = "amqp"
@@ -52,6 +53,8 @@ REFRESH_SECONDS = 2.0
 HORIZON_STUCK_SECONDS = 5.0
 # The warning again at most this often while the same transaction holds the horizon.
 HORIZON_REPEAT_SECONDS = 60.0
+# While a destination's deliveries keep failing, its warning again at most this often.
+FAILING_REPEAT_SECONDS = 60.0
 
 
 def backoff(attempts: int, *, base: float, cap: float) -> float:
@@ -202,6 +205,7 @@ class Relay:
         # sends those events again meanwhile; the wait is at most `relay_gather`.
         sent: Sent | None = None
         watch = _HorizonWatch(self.store, destination.label, loop.time)
+        failing = FailureWatch(destination.label, loop.time)
         try:
             while True:
                 try:
@@ -241,6 +245,7 @@ class Relay:
                         await asyncio.sleep(s.relay_interval)
                         continue
                     sent = await self._send(destination, sender, batch, claimed)
+                    failing.see(a for _c, a in [*sent.results, *sent.stream] if a is not None)
                     if len(events) >= s.relay_batch or len(claimed) >= s.relay_batch:
                         claimed_at = -s.relay_gather  # a backlog: the next batch at once
                 except asyncio.CancelledError:
@@ -479,6 +484,64 @@ class Relay:
                 outbox_sql.Aside(event, "pending", 1, now + timedelta(seconds=delay), error)
             )
         return rows
+
+
+class FailureWatch:
+    """A pump's deliveries as the log tells them: a warning when they start failing (how
+    many of the batch's attempts, the last error), again at most every
+    FAILING_REPEAT_SECONDS while they keep failing (how many since the last one), and an
+    info line once a batch is all delivered again; never one line per event (`events
+    list` lists each). The error is the one stored and listed: a webhook's never names its
+    URL (whose path or query may hold a token), and any URL's password is masked."""
+
+    def __init__(
+        self, name: str, clock: Callable[[], float], repeat: float = FAILING_REPEAT_SECONDS
+    ) -> None:
+        self.name, self.clock, self.repeat = name, clock, repeat
+        self.since: float | None = None  # failing since
+        self.warned = 0.0  # when it last said so
+        self.failed = 0  # failed attempts since that line
+        self.total = 0  # since failing began
+
+    def see(self, attempts: Iterable[Attempt]) -> None:
+        tried = list(attempts)
+        failed = [a for a in tried if not a.delivered]
+        now = self.clock()
+        if not failed:
+            if tried and self.since is not None:
+                log.info(
+                    "relay %s: deliveries succeed again after %.0f s (%d failed attempts)",
+                    self.name,
+                    now - self.since,
+                    self.total,
+                    extra={"destination": self.name, "event": "deliveries_recovered"},
+                )
+                self.since = None
+                self.failed = self.total = 0
+            return
+        self.failed += len(failed)
+        self.total += len(failed)
+        error = storable(without_passwords(failed[-1].error or "failed"))
+        if self.since is None:
+            self.since = now
+            what = f"deliveries failing: {len(failed)} of {len(tried)} attempts failed"
+        elif now - self.warned >= self.repeat:
+            what = (
+                f"deliveries still failing after {now - self.since:.0f} s: "
+                f"{self.failed} attempts failed since the last warning"
+            )
+        else:
+            return
+        log.warning(
+            "relay %s: %s, last error: %s (retried with backoff; `order-saga events list` "
+            "lists each delivery)",
+            self.name,
+            what,
+            error,
+            extra={"destination": self.name, "event": "deliveries_failing", "error": error},
+        )
+        self.warned = now
+        self.failed = 0
 
 
 class _HorizonWatch:

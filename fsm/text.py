@@ -18,6 +18,15 @@ MAX_ERROR_CHARS = 500
 _UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
+# user:password@ in any URL of a message (a driver error may quote the URL it was given).
+_PASSWORD_IN_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]*):[^@\s]*@", re.I)
+
+
+def without_passwords(text: str) -> str:
+    """`text` with the password of every URL in it replaced by ***."""
+    return _PASSWORD_IN_URL.sub(r"\g<scheme>:***@", text)
+
+
 def _escaped(match: re.Match[str]) -> str:
     char = match.group()
     return "\ufffd" if "\ud800" <= char <= "\udfff" else ascii(char)[1:-1]  # \n, \x00

@@ -3,15 +3,13 @@ masked, and the secret values of a logged query string (the access log's) redact
 
 from __future__ import annotations
 
-import re
 from urllib.parse import unquote_plus
 
-# user:password@ in any URL of a message (a driver error may quote the URL it was given).
-_PASSWORD_IN_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]*):[^@\s]*@", re.I)
+from fsm.text import without_passwords
 
 
 def redact(text: str) -> str:
-    return _PASSWORD_IN_URL.sub(r"\g<scheme>:***@", text)
+    return without_passwords(text)
 
 
 def masked(url: str) -> str:

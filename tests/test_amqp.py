@@ -6,9 +6,11 @@ cuts, the broker itself untouched) delays nothing and loses nothing. Both databa
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 
 import aio_pika
+import pytest
 
 from fsm import metrics, outbox, subscriptions
 from fsm.destinations.amqp import AmqpSender
@@ -103,6 +105,37 @@ async def test_the_broker_out_of_reach_delays_nothing_and_loses_nothing(
             seen_ids.add(str(event["id"]))
             first_seen.append(event)
     assert out_of_order(first_seen) == []  # type: ignore[arg-type]
+
+
+async def test_a_wrong_password_is_logged_once_with_the_broker_s_error_not_the_password(
+    db_url: str, store: Store, executor: Executor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker refuses the relay's login: `events list` shows each attempt's error, and
+    the log says so once (serve's log had nothing but a degraded /healthz)."""
+    caplog.set_level(logging.INFO, logger="order_saga.relay")
+    wrong = BROKER.replace("guest:guest@", "guest:not-the-password@")
+    settings = saga_settings(db_url, **{**FAST_EVENTS, "amqp_url": wrong})
+
+    def warned() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        return [line for line in lines if line.startswith(f"relay {AMQP_DESTINATION}: ")]
+
+    async with relaying(store, settings):
+        await wait_until_async(
+            lambda: bool(subscriptions.destinations(store)), what="the destination"
+        )
+        await orders(store, executor, 2)
+        await wait_until_async(warned, timeout=30, what="the warning")
+        failures = metrics.outbox_failed(AMQP_DESTINATION)._value.get()
+        await wait_until_async(
+            lambda: metrics.outbox_failed(AMQP_DESTINATION)._value.get() >= failures + 3,
+            timeout=30,
+            what="more refused publishes",
+        )
+    (line,) = warned()  # once, however many publishes were refused
+    assert line.startswith(f"relay {AMQP_DESTINATION}: deliveries failing: ")
+    assert "ACCESS_REFUSED" in line, line
+    assert "not-the-password" not in caplog.text
 
 
 async def test_a_late_failure_closes_only_the_connection_it_was_sent_on() -> None:

@@ -29,10 +29,11 @@ from typer.main import get_command
 
 from downstream.seed import ORDINARY_USER_ID, RICH_USER_ID, WIDGET_ID
 from fsm import outbox, outbox_sql, subscriptions
+from fsm.destinations import DELIVERED, transient
 from fsm.destinations.webhook import WebhookSender, new_secret, signed_headers
 from fsm.executor import Executor
 from fsm.migrate import alembic_config
-from fsm.relay import AMQP_DESTINATION, Relay, register_amqp
+from fsm.relay import AMQP_DESTINATION, FailureWatch, Relay, register_amqp
 from fsm.store import Store, utcnow
 from fsm.wiring import open_store
 from order_saga.cli import app
@@ -161,6 +162,76 @@ async def test_a_failing_endpoint_is_retried_dead_lettered_and_redelivered(
     assert sorted(e["id"] for e in endpoint.events()) == sorted(want)
     assert out_of_order(endpoint.events()) == []
     assert subscriptions.deliveries(store, failed=True) == []
+
+
+async def test_a_failing_endpoint_is_logged_when_it_starts_failing_and_when_it_recovers(
+    db_url: str, store: Store, executor: Executor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """README: a delivery's error is "logged, stored, listed". Logged per destination, not
+    per event: one warning with the error when its deliveries start failing (however many
+    are retried meanwhile), one info line when they are delivered again; the webhook named
+    by its label, never by its URL (whose path or query may hold a token)."""
+    caplog.set_level(logging.INFO, logger="order_saga.relay")
+    settings = saga_settings(db_url, **FAST_EVENTS)
+    async with Endpoint(mode="500") as endpoint:
+        subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
+        where = label(store, endpoint.url)
+
+        def said(level: int) -> list[str]:
+            lines = [r.getMessage() for r in caplog.records if r.levelno == level]
+            return [line for line in lines if where in line]
+
+        async with relaying(store, settings):
+            ids = await orders(store, executor, 3)
+            want = expected(store, ids, outbox.DEFAULT_TYPES)
+            await wait_until_async(
+                lambda: endpoint.attempts >= 3 * len(want), what="every event retried"
+            )
+            (failing,) = said(logging.WARNING)  # one line, not one per event or attempt
+            assert failing.startswith(f"relay {where}: deliveries failing: ")
+            assert "last error: HTTP 500" in failing
+            endpoint.mode = "ok"
+            await wait_until_async(lambda: said(logging.INFO), what="the recovery line")
+            (recovered,) = said(logging.INFO)
+            assert recovered.startswith(f"relay {where}: deliveries succeed again after ")
+            await wait_until_async(
+                lambda: len(endpoint.requests) >= len(want), what="every event delivered"
+            )
+    assert len(said(logging.WARNING)) == 1
+    assert endpoint.url not in caplog.text  # its label only
+
+
+def test_a_destination_that_keeps_failing_is_warned_about_at_most_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="order_saga.relay")
+    now = [0.0]
+    watch = FailureWatch("amqp", lambda: now[0])
+    refused = transient("broker: AMQPConnectionError: amqp://guest:hunter2@broker/ refused")
+    for at in (0.0, 10.0, 59.9, 60.0, 61.0, 130.0):
+        now[0] = at
+        watch.see([refused, DELIVERED, refused])
+        watch.see([])  # nothing sent: no news
+    now[0] = 140.0
+    watch.see([DELIVERED])
+    watch.see([DELIVERED])  # still fine: said once
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    tail = ", last error: broker: AMQPConnectionError: amqp://guest:***@broker/ refused"
+    assert [(level, line.split(" (retried")[0]) for level, line in lines] == [
+        ("WARNING", f"relay amqp: deliveries failing: 2 of 3 attempts failed{tail}"),
+        (
+            "WARNING",
+            "relay amqp: deliveries still failing after 60 s: "
+            f"6 attempts failed since the last warning{tail}",
+        ),
+        (
+            "WARNING",
+            "relay amqp: deliveries still failing after 130 s: "
+            f"4 attempts failed since the last warning{tail}",
+        ),
+        ("INFO", "relay amqp: deliveries succeed again after 140 s (12 failed attempts)"),
+    ]
+    assert "hunter2" not in caplog.text
 
 
 async def test_redeliver_one_event_brings_its_order_s_later_events(

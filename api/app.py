@@ -74,6 +74,7 @@ def create_app(
     authenticator = Authenticator(
         None,
         api_token=settings.api_token,
+        oidc=settings.oidc,
         ttl=settings.key_cache_seconds,
         session_seconds=settings.session_seconds,
     )

@@ -6,11 +6,12 @@ ORDER_SAGA_API_TOKEN, a client key, or the process's own internal token on the e
 services only), else the console's signed session cookie (`api.session`; read under its
 `__Host-` name on https, and not at all when sent twice: `api.cookies`). The caller is
 put on the scope as `scope["principal"]`; whether its role may call the route is looked up
-in `api.access.ROUTES` (data). Authentication is enforced once ORDER_SAGA_API_TOKEN is set
-or any key has ever been created; until then (a laptop) every path is open, the caller
-being `anonymous` with every right. Key lookups, and whether a console session was signed
-out, are cached for `ttl` seconds per process, so a revoked key or a signed-out session
-stops working within that time everywhere; checking a key only reads (its
+in `api.access.ROUTES` (data). Authentication is enforced once ORDER_SAGA_API_TOKEN is set,
+OpenID Connect is configured (ORDER_SAGA_OIDC_ISSUER: a sign-in that guarded nothing would
+be a lie; fail closed), or any key has ever been created; until then (a laptop) every path
+is open, the caller being `anonymous` with every right. Key lookups, and whether a
+console session was signed out, are cached for `ttl` seconds per process, so a revoked key
+or a signed-out session stops working within that time everywhere; checking a key only reads (its
 `last_used_at` is written aside, at most once a minute per key, and a failed write fails
 no request), and while the database cannot be read a caller with credentials gets a 503,
 as a route would, never a 500. This module never writes a secret anywhere: answers name
@@ -50,7 +51,8 @@ from fsm.roles import Role
 BEARER = HTTPBearer(
     auto_error=False,
     description="An API key (`order-saga keys create`) or ORDER_SAGA_API_TOKEN; "
-    "required on every path but /healthz and /metrics once either exists",
+    "required on every path but /healthz and /metrics once either exists (or single "
+    "sign-on is configured)",
 )
 ANONYMOUS = Principal(name="anonymous", role=Role.ADMIN, kind="anonymous")
 TOKEN_PRINCIPAL = Principal(name="api-token", role=Role.ADMIN, kind="token")
@@ -71,12 +73,14 @@ class Authenticator:
         engine: Engine | None,
         *,
         api_token: str | None,
+        oidc: bool = False,
         ttl: float = 2.0,
         session_seconds: int = DEFAULT_MAX_AGE,
     ) -> None:
         self._engine = engine
         self.session_seconds = session_seconds
         self.token = api_token.encode("utf-8") if api_token else None
+        self.oidc = oidc  # single sign-on configured: enforced with no key and no token
         self.ttl = ttl
         self._keys = Cache(ttl)
         self._names = Cache(ttl)
@@ -135,7 +139,7 @@ class Authenticator:
         await asyncio.gather(*writes, return_exceptions=True)
 
     async def enforced(self) -> bool:
-        if self.token is not None:
+        if self.token is not None or self.oidc:
             return True
         return bool(await self._enforced.fetch(None, lambda: keys.any_keys(engine=self.engine)))
 

@@ -5,7 +5,8 @@ error mapping give to every route (401, 403, 404 for another client's order, 413
 415, 503) are added here, from the same constants and the same route x role table they use,
 so the document cannot drift from `api/auth.py`, `api/access.py`, `api/guard.py` and
 `api/problems.py`. The security schemes are always described: authentication turns on
-at run time, once ORDER_SAGA_API_TOKEN is set or the first key is created.
+at run time, once ORDER_SAGA_API_TOKEN is set, single sign-on is configured or the first
+key is created.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from api.app import create_app
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm import keys
 from fsm.machine import AUDIT_SCOPE
@@ -27,7 +29,7 @@ from tests.support.api import api
 from tests.support.oidc import CLIENT_ID, CLIENT_SECRET, Provider, User, provider_app
 from tests.support.services import LiveServer, free_port
 from tests.support.serving import Served
-from tests.support.settings import saga_env, saga_settings
+from tests.support.settings import cli_settings, saga_env, saga_settings
 
 CHROMIUM = os.environ.get("ORDER_SAGA_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
@@ -116,6 +118,24 @@ def test_an_account_with_no_mapped_role_is_refused(
         assert "set-cookie" not in done.headers or "order_saga_session" not in str(
             done.headers.get("set-cookie")
         )
+
+
+def test_sso_configured_turns_authentication_on_with_no_key_and_no_token(
+    db_url: str, tmp_path: Path, idp: Provider
+) -> None:
+    """OpenID Connect set, no key ever made, no API_TOKEN: every path was open to anyone
+    (the console, the API, the embedded services) while the login page offered a sign-in
+    that guarded nothing. Configuring SSO now turns authentication on, fail closed."""
+    settings = cli_settings(db_url, services_db=str(tmp_path / "s.db"), **oidc_settings(idp))
+    with TestClient(create_app(settings, sweep=False)) as app:
+        page = app.get("/ui", headers={"Accept": "text/html"}, follow_redirects=False)
+        assert (page.status_code, page.headers.get("location")) == (303, "/ui/login?next=/ui")
+        assert app.get("/orders").status_code == 401
+        assert app.get(f"/services/users/{ORDINARY_USER_ID}").status_code == 401
+        body = {"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
+        assert app.post("/orders", json=body).status_code == 401
+        assert app.get("/healthz").status_code == 200
+        assert "single sign-on" in app.get("/ui/login").text
 
 
 def _started(app: Any) -> tuple[str, str]:

@@ -104,6 +104,9 @@ def create_app(
             runner.start_upkeep()  # whatever `sweep` says: --no-sweep is about recovery
             if sweep:
                 runner.start_sweeper()
+            checking = None  # single sign-on: its provider's discovery, fetched once aside
+            if app.state.oidc is not None:
+                checking = asyncio.create_task(oidc.check_at_start(app.state.oidc))
             relay = None
             if settings.relay:  # order events: delivered from a child process (and any relay)
                 relay = asyncio.create_task(
@@ -112,6 +115,10 @@ def create_app(
             try:
                 yield
             finally:
+                if checking is not None:
+                    checking.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await checking
                 if relay is not None:
                     relay.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

@@ -10,12 +10,18 @@ session only.
 
 Bad input is the user's or the provider's, never a 500: a state that does not match
 (whatever its characters) or a code the provider refuses (expired, reused, forged:
-`invalid_grant`) is a 401 saying to start again; a provider that cannot be reached (or
-answers its discovery or token endpoint with garbage) is a 503 naming it.
+`invalid_grant`) is a 401 saying to start again; a provider that cannot be reached now
+(refused, timed out, answering 5xx) is a 503 naming it, with Retry-After; one that answers
+but not as configured (no discovery document at the issuer, one that is not JSON or lacks
+an endpoint, a URL httpx cannot use, a JWKS that is no key set) is a 500 saying single
+sign-on is misconfigured, logged once as an ERROR: waiting will not fix it, an operator
+must. `serve` fetches the discovery document once at start (`check_at_start`) and logs a
+WARNING when it cannot, never refusing to start for it.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -46,22 +52,77 @@ RETRY_AFTER = "30"  # seconds: an identity provider's restart
 try:
     import httpx2
 
-    TRANSPORT_ERRORS: tuple[type[Exception], ...] = (httpx.TransportError, httpx2.TransportError)
-    HTTP_ERRORS: tuple[type[Exception], ...] = (httpx.HTTPError, httpx2.HTTPError)
+    HTTPX: tuple[Any, ...] = (httpx, httpx2)
 except ImportError:  # pragma: no cover - a deployment without the dev extra
-    TRANSPORT_ERRORS, HTTP_ERRORS = (httpx.TransportError,), (httpx.HTTPError,)
+    HTTPX = (httpx,)
+TRANSPORT_ERRORS: tuple[type[Exception], ...] = tuple(m.TransportError for m in HTTPX)
+HTTP_ERRORS: tuple[type[Exception], ...] = tuple(m.HTTPError for m in HTTPX)
+# What passes: the provider restarting, a network cut, a timeout, a proxy in between.
+# (UnsupportedProtocol, LocalProtocolError or InvalidURL are a URL or a request that will
+# never work: a configuration error.)
+PASSING: tuple[type[Exception], ...] = tuple(
+    e
+    for m in HTTPX
+    for e in (m.TimeoutException, m.NetworkError, m.RemoteProtocolError, m.ProxyError)
+)
+STATUS_ERRORS: tuple[type[Exception], ...] = tuple(m.HTTPStatusError for m in HTTPX)
+PASSING_STATUSES = frozenset({408, 425, 429})  # and every 5xx
+INVALID_URLS: tuple[type[Exception], ...] = tuple(m.InvalidURL for m in HTTPX)
+# What the discovery document's fetch can raise: the request's, and its content's.
+DISCOVERY_ERRORS: tuple[type[Exception], ...] = (
+    *HTTP_ERRORS,
+    *INVALID_URLS,
+    JoseError,
+    KeyError,
+    TypeError,
+    ValueError,
+)
+ENDPOINTS = ("authorization_endpoint", "token_endpoint", "jwks_uri")
 # a sign-in that went wrong at the provider or in its answer (the ID token's checks)
 FAILED: tuple[type[Exception], ...] = (*HTTP_ERRORS, JoseError, KeyError, ValueError)
 
 
+log = logging.getLogger("order_saga.api")
+
+
 class Unreachable(Exception):
-    """The identity provider did not answer (or answered nothing usable)."""
+    """The identity provider did not answer now: it may, later (a 503)."""
 
     def __init__(self, issuer: str, exc: Exception) -> None:
         super().__init__(
-            f"the identity provider {issuer} cannot be reached ({type(exc).__name__}): "
+            f"the identity provider {issuer} cannot be reached ({_what(exc)}): "
             "sign in with a key, or try again later"
         )
+
+
+class Misconfigured(Exception):
+    """The identity provider answered, but not as single sign-on is configured: no
+    waiting fixes it (a 500, logged once as an ERROR)."""
+
+    def __init__(self, issuer: str, exc: Exception) -> None:
+        super().__init__(
+            f"single sign-on is misconfigured: the identity provider {issuer} did not give "
+            f"a usable discovery document or key set ({_what(exc)}); an operator must fix "
+            "ORDER_SAGA_OIDC_ISSUER or the provider. Sign in with a key meanwhile"
+        )
+
+
+def _what(exc: Exception) -> str:
+    """What went wrong, in a few words (never a secret: the URLs are the issuer's)."""
+    if isinstance(exc, STATUS_ERRORS):
+        response = exc.response  # type: ignore[attr-defined]
+        return f"HTTP {response.status_code} from {response.request.url}"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def passing(exc: Exception) -> bool:
+    """True when the provider may well answer later (a 503), False for an error no retry
+    fixes (a configuration error)."""
+    if isinstance(exc, STATUS_ERRORS):
+        status: int = exc.response.status_code  # type: ignore[attr-defined]
+        return status >= 500 or status in PASSING_STATUSES
+    return isinstance(exc, PASSING)
 
 
 @dataclass
@@ -72,22 +133,40 @@ class Provider:
     _meta: dict[str, Any] = field(default_factory=dict)
     _keys: KeySet | None = None
     _fetched: float = 0.0
+    _logged: str | None = None  # the configuration error last logged (logged once)
 
     async def meta(self) -> dict[str, Any]:
         """The discovery document (and the JWKS); `Unreachable` when the issuer does not
-        give them."""
+        answer now, `Misconfigured` when what it answers is of no use."""
         if not self._meta or time.monotonic() - self._fetched > DISCOVERY_SECONDS:
             url = f"{self.settings.oidc_issuer}/.well-known/openid-configuration"
             try:
                 async with httpx.AsyncClient(timeout=self.settings.http_timeout) as client:
                     found = (await client.get(url)).raise_for_status().json()
+                    if not isinstance(found, dict):
+                        raise TypeError("the discovery document is not a JSON object")
+                    for endpoint in ENDPOINTS:
+                        if not isinstance(found.get(endpoint), str):
+                            raise ValueError(f"no {endpoint} in the discovery document")
                     self._keys = KeySet.import_key_set(
                         (await client.get(found["jwks_uri"])).raise_for_status().json()
                     )
-            except (httpx.HTTPError, JoseError, KeyError, TypeError, ValueError) as exc:
-                raise Unreachable(str(self.settings.oidc_issuer), exc) from exc
-            self._meta, self._fetched = found, time.monotonic()
+            except DISCOVERY_ERRORS as exc:
+                raise self.failure(exc) from exc
+            self._meta, self._fetched, self._logged = found, time.monotonic(), None
         return self._meta
+
+    def failure(self, exc: Exception) -> Unreachable | Misconfigured:
+        """`exc` of a request to the provider as the error to answer with; a configuration
+        error is logged as an ERROR the first time it is seen (not on every sign-in)."""
+        issuer = str(self.settings.oidc_issuer)
+        if passing(exc):
+            return Unreachable(issuer, exc)
+        wrong = Misconfigured(issuer, exc)
+        if str(wrong) != self._logged:
+            self._logged = str(wrong)
+            log.error("%s", wrong)
+        return wrong
 
     def client(self, redirect_uri: str) -> AsyncOAuth2Client:
         return AsyncOAuth2Client(
@@ -142,7 +221,9 @@ def _callback(request: Request) -> str:
     return str(request.url_for("oidc_callback"))
 
 
-def _unreachable(exc: Unreachable) -> Response:
+def _unreachable(exc: Unreachable | Misconfigured) -> Response:
+    if isinstance(exc, Misconfigured):
+        return problem(500, str(exc), code="sso_misconfigured", dependency="identity provider")
     return problem(
         503,
         str(exc),
@@ -152,13 +233,25 @@ def _unreachable(exc: Unreachable) -> Response:
     )
 
 
+async def check_at_start(provider: Provider) -> None:
+    """`serve`'s start: fetch the discovery document once, so a provider that cannot be
+    reached is a WARNING in the log at once, not a surprise at the first sign-in (and a
+    misconfigured one `meta`'s ERROR). Never stops the start: keys still sign in."""
+    try:
+        await provider.meta()
+    except Unreachable as exc:
+        log.warning("single sign-on: %s", exc)
+    except Misconfigured:
+        pass  # logged by `meta`, as an ERROR
+
+
 @router.get("/login")
 async def oidc_login(request: Request, next: Annotated[str, Query()] = "/ui") -> Response:
     """Off to the provider: authorization code flow with PKCE, state and nonce."""
     provider = _provider(request)
     try:
         meta = await provider.meta()
-    except Unreachable as exc:
+    except (Unreachable, Misconfigured) as exc:
         return _unreachable(exc)
     verifier = secrets.token_urlsafe(48)
     state, nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
@@ -198,10 +291,10 @@ async def oidc_callback(
                 meta["token_endpoint"], code=code, code_verifier=flow["v"]
             )
         claims = provider.claims(str(tokens["id_token"]), str(flow["n"]))
-    except Unreachable as exc:
+    except (Unreachable, Misconfigured) as exc:
         return _unreachable(exc)
-    except TRANSPORT_ERRORS as exc:  # the token endpoint did not answer
-        return _unreachable(Unreachable(str(provider.settings.oidc_issuer), exc))
+    except (*TRANSPORT_ERRORS, *INVALID_URLS) as exc:  # the token endpoint: no answer
+        return _unreachable(provider.failure(exc))
     except OAuthError as exc:  # the provider refused the code: expired, used, not its own
         raise HTTPException(
             401, f"the identity provider refused the sign-in ({exc.error}): start again"

@@ -234,6 +234,22 @@ class Settings(BaseSettings):
             raise ValueError("must be an https:// URL (http:// only for a local test issuer)")
         return url.rstrip("/") if url else url
 
+    @model_validator(mode="after")
+    def _oidc_whole(self) -> Settings:
+        """Single sign-on needs both its issuer and this app's client id: either alone
+        started with sign-on silently off (and, with it, the authentication it turns on)."""
+        if bool(self.oidc_issuer) != bool(self.oidc_client_id):
+            given, missing = (
+                ("ORDER_SAGA_OIDC_ISSUER", "ORDER_SAGA_OIDC_CLIENT_ID")
+                if self.oidc_issuer
+                else ("ORDER_SAGA_OIDC_CLIENT_ID", "ORDER_SAGA_OIDC_ISSUER")
+            )
+            raise ValueError(
+                f"{given} is set without {missing}: single sign-on needs both "
+                "(set the other, or unset it)"
+            )
+        return self
+
     @property
     def oidc(self) -> bool:
         return bool(self.oidc_issuer and self.oidc_client_id)

@@ -6,6 +6,7 @@ a key and with OIDC, acts as an operator, and the transition row names that oper
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,9 +28,11 @@ from fsm.store import Store, make_engine
 from fsm.wiring import build_store
 from tests.support.api import api
 from tests.support.oidc import CLIENT_ID, CLIENT_SECRET, Provider, User, provider_app
+from tests.support.processes import run_cli
 from tests.support.services import LiveServer, free_port
 from tests.support.serving import Served
 from tests.support.settings import cli_settings, saga_env, saga_settings
+from tests.support.waiting import wait_until
 
 CHROMIUM = os.environ.get("ORDER_SAGA_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
@@ -138,6 +141,27 @@ def test_sso_configured_turns_authentication_on_with_no_key_and_no_token(
         assert "single sign-on" in app.get("/ui/login").text
 
 
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"ORDER_SAGA_OIDC_ISSUER": "https://login.example.com"},
+        {"ORDER_SAGA_OIDC_CLIENT_ID": "order-saga", "ORDER_SAGA_OIDC_CLIENT_SECRET": "hunter2"},
+    ],
+    ids=["issuer-alone", "client-alone"],
+)
+def test_half_configured_sso_stops_the_command_in_one_line(given: dict[str, str]) -> None:
+    """The issuer without the client id (or the reverse) started `serve` with single
+    sign-on silently off; now it is refused at start naming both variables, exit 2, before
+    the database is asked (the unreachable one would say so)."""
+    unreachable = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"
+    result = run_cli("serve", ORDER_SAGA_DATABASE_URL=unreachable, **given)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("order-saga: invalid settings: "), line
+    assert "ORDER_SAGA_OIDC_ISSUER" in line and "ORDER_SAGA_OIDC_CLIENT_ID" in line, line
+    assert "hunter2" not in line
+
+
 def _started(app: Any) -> tuple[str, str]:
     """A sign-in begun: (the callback's state, the code the provider would send back)."""
     start = app.get("/ui/oidc/login", follow_redirects=False)
@@ -168,7 +192,7 @@ def test_a_bad_state_or_a_refused_code_is_a_401_not_a_500(
 
 
 def test_an_unreachable_identity_provider_is_a_503_naming_it(
-    db_url: str, services_url: str, store: Store
+    db_url: str, services_url: str, store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     keys.create_key(engine=store.engine, name="someone", role=Role.READER)
     gone = Provider(user=User("bob-0002", "bob@example.com", [OPERATORS]))
@@ -181,15 +205,88 @@ def test_an_unreachable_identity_provider_is_a_503_naming_it(
             assert answer.status_code == 503, answer.text
             assert answer.headers["retry-after"]
             assert f"identity provider {gone.issuer} cannot be reached" in answer.text
-    # an issuer down from the start
+    # an issuer down from the start: a WARNING at start (the app starts all the same)
     settings = oidc_settings(gone) | {"oidc_issuer": f"http://127.0.0.1:{free_port()}"}
-    with api(db_url, services_url, **settings) as app:
+    with (
+        caplog.at_level(logging.WARNING, logger="order_saga.api"),
+        api(db_url, services_url, **settings) as app,
+    ):
+        wait_until(
+            lambda: any(r.levelname == "WARNING" for r in caplog.records),
+            what="the warning of the start's discovery",
+        )
+        assert "single sign-on: the identity provider" in caplog.text
         answer = app.get("/ui/oidc/login", follow_redirects=False)  # discovery
         assert answer.status_code == 503, answer.text
         problem = answer.json()
         assert problem["dependency"] == "identity provider"
         assert f"identity provider {settings['oidc_issuer']} cannot be reached" in problem["detail"]
         assert app.get("/ui/login").status_code == 200  # a key still signs in
+
+
+WELL_KNOWN = "/.well-known/openid-configuration"
+
+
+@pytest.mark.parametrize(
+    ("issuer_path", "changes", "why"),
+    [
+        ("/realms/nope", {}, "HTTP 404 from"),  # the issuer's URL is not quite right
+        ("", {"jwks_uri": "/jwks"}, "UnsupportedProtocol"),  # a URL httpx cannot use
+        ("", {"token_endpoint": None}, "no token_endpoint in the discovery document"),
+        ("", {"jwks_uri": "{issuer}" + WELL_KNOWN}, "KeyError"),  # JSON, but no key set
+    ],
+    ids=["no-discovery-at-the-issuer", "relative-jwks-uri", "no-token-endpoint", "no-key-set"],
+)
+def test_a_misconfigured_provider_is_a_500_logged_once_not_a_503(
+    db_url: str,
+    services_url: str,
+    store: Store,
+    caplog: pytest.LogCaptureFixture,
+    issuer_path: str,
+    changes: dict[str, Any],
+    why: str,
+) -> None:
+    """A provider that answers, but not as configured, was a 503 "try again later":
+    waiting never fixes it. Now a 500 saying single sign-on is misconfigured (no
+    Retry-After), logged as an ERROR once (at start, not again on each sign-in)."""
+    keys.create_key(engine=store.engine, name="someone", role=Role.READER)
+    broken = Provider(user=User("bob-0002", "bob@example.com", [OPERATORS]))
+    with LiveServer(provider_app(broken)) as server:
+        broken.issuer = server.url + issuer_path
+        broken.changes = {
+            k: v.format(issuer=server.url) if isinstance(v, str) else v for k, v in changes.items()
+        }
+        with caplog.at_level(logging.WARNING, logger="order_saga.api"):
+            with api(db_url, services_url, **oidc_settings(broken)) as app:
+                for _ in range(2):
+                    answer = app.get("/ui/oidc/login", follow_redirects=False)
+                    assert answer.status_code == 500, answer.text
+                    assert "retry-after" not in answer.headers
+                    found = answer.json()
+                    assert found["code"] == "sso_misconfigured"
+                    assert found["detail"].startswith("single sign-on is misconfigured: ")
+                    assert why in found["detail"], found["detail"]
+                assert app.get("/ui/login").status_code == 200  # a key still signs in
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.levelname for r in errors] == ["ERROR"], caplog.text
+    assert "single sign-on is misconfigured" in errors[0].getMessage()
+    assert CLIENT_SECRET not in caplog.text
+
+
+def test_a_provider_answering_5xx_is_a_503_with_retry_after(
+    db_url: str, services_url: str, store: Store
+) -> None:
+    keys.create_key(engine=store.engine, name="someone", role=Role.READER)
+    restarting = Provider(discovery_status=503)
+    with LiveServer(provider_app(restarting)) as server:
+        restarting.issuer = server.url
+        with api(db_url, services_url, **oidc_settings(restarting)) as app:
+            answer = app.get("/ui/oidc/login", follow_redirects=False)
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["retry-after"]
+            assert answer.json()["code"] == "identity_provider_unavailable"
+            restarting.discovery_status = 200  # back: the next sign-in goes through
+            assert app.get("/ui/oidc/login", follow_redirects=False).status_code == 302
 
 
 # -- in the browser ----------------------------------------------------------------------

@@ -38,6 +38,10 @@ class Provider:
     key: RSAKey = field(default_factory=lambda: RSAKey.generate_key(2048, {"kid": "test-1"}))
     codes: dict[str, dict[str, Any]] = field(default_factory=dict)
     tokens_issued: int = 0
+    # A provider answering wrongly: fields of its discovery document replaced (None: left
+    # out), or the status its discovery answers with instead of the document.
+    changes: dict[str, Any] = field(default_factory=dict)
+    discovery_status: int = 200
 
 
 def _s256(verifier: str) -> str:
@@ -57,8 +61,10 @@ def provider_app(provider: Provider) -> FastAPI:
     app = FastAPI()
 
     @app.get("/.well-known/openid-configuration")
-    def discovery() -> dict[str, Any]:
-        return {
+    def discovery() -> Any:
+        if provider.discovery_status != 200:
+            return JSONResponse({"error": "not now"}, status_code=provider.discovery_status)
+        document = {
             "issuer": provider.issuer,
             "authorization_endpoint": f"{provider.issuer}/authorize",
             "token_endpoint": f"{provider.issuer}/token",
@@ -69,6 +75,8 @@ def provider_app(provider: Provider) -> FastAPI:
             "code_challenge_methods_supported": ["S256"],
             "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         }
+        document |= provider.changes
+        return {k: v for k, v in document.items() if v is not None}
 
     @app.get("/jwks")
     def jwks() -> dict[str, Any]:

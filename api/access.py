@@ -83,7 +83,9 @@ ROUTES: Mapping[tuple[str, str], Access] = {
 
 # Mounted apps, by path prefix (longest first wins).
 MOUNTS: Mapping[str, Access] = {
-    "/ui/static": ANY_ROLE,  # the console's stylesheet (the login page uses it)
+    # the console's stylesheet and script: the login page uses them before anyone signs
+    # in, and they hold no data
+    "/ui/static": PUBLIC,
     "/static-offline-docs": ANY_ROLE,  # /docs and /redoc's own scripts and styles
     "/services": ADMIN,  # the embedded reference services, /_faults and /_reset included
 }

@@ -517,6 +517,27 @@ def test_a_reader_sees_the_orders_without_actions_and_a_forged_action_is_refused
 
 
 @pytest.mark.xdist_group("browser-roles")
+def test_the_login_page_is_styled_before_signing_in(team: Team, tab: Any) -> None:
+    """Once authentication was on, /ui/static answered 401 to a browser not yet signed
+    in: the sign-in page came without its stylesheet and script."""
+    from playwright.sync_api import expect
+
+    assets: dict[str, int] = {}
+
+    def note(response: Any) -> None:
+        if "/ui/static/" in response.url:
+            assets[response.url.rsplit("/", 1)[-1]] = response.status
+
+    tab.on("response", note)
+    tab.goto(f"{team.url}/ui")
+    expect(tab).to_have_url(f"{team.url}/ui/login?next=/ui")
+    tab.wait_for_load_state("load")  # the deferred script too
+    assert assets == {"ui.css": 200, "ui.js": 200}
+    background = tab.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(250, 250, 250)"  # ui.css's page, not the browser's default
+
+
+@pytest.mark.xdist_group("browser-roles")
 def test_a_client_key_does_not_open_the_console(team: Team, tab: Any) -> None:
     from playwright.sync_api import expect
 

@@ -56,6 +56,20 @@ def test_a_browser_without_a_session_is_sent_to_the_login_page(console: TestClie
     assert "//evil.example" not in sign_in_elsewhere.text
 
 
+def test_the_login_page_gets_its_stylesheet_and_script_before_signing_in(
+    console: TestClient,
+) -> None:
+    """Once authentication was on, /ui/static answered 401 to a browser not signed in, so
+    the sign-in page itself was unstyled. The console's own assets hold no data: public."""
+    login = console.get("/ui/login")
+    assert 'href="/ui/static/ui.css"' in login.text and 'src="/ui/static/ui.js"' in login.text
+    for asset, kind in (("ui.css", "text/css"), ("ui.js", "javascript")):
+        answer = console.get(f"/ui/static/{asset}", headers={"Accept": "*/*"})
+        assert answer.status_code == 200, (asset, answer.status_code)
+        assert kind in answer.headers["content-type"]
+    assert console.get("/ui/static/nothing.css").status_code == 404
+
+
 def test_the_login_page_sends_the_browser_back_with_its_query_string(
     console: TestClient, team: dict[str, str]
 ) -> None:

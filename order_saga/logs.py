@@ -2,8 +2,9 @@
 (ORDER_SAGA_LOG_FORMAT=json, via python-json-logger), every line carrying the request id
 of the API request it belongs to (asgi-correlation-id) and, for saga events, `order_id`,
 `state` and `trigger`. httpx's line per request is off (it would log every downstream call);
-database URLs are printed only through `masked`, and the access log's query strings carry
-no secret (`redact_query`: OpenID Connect's `code` and `state`, a token, a key).
+database URLs are printed only through `masked`, and the access log carries no secret
+(`redact_query`: OpenID Connect's `code` and `state`, a token, a key, by the parameter's
+name; `redact_secrets`: a key or a signing secret by its shape, wherever it stands).
 
 Lines are formatted and written by a `QueueListener` thread, not by the code that logs:
 the event loop only puts the record on a queue (its request id taken there, while the
@@ -27,7 +28,7 @@ from typing import IO, Literal
 from asgi_correlation_id import CorrelationIdFilter
 from pythonjsonlogger.json import JsonFormatter
 
-from order_saga.redact import redact_query
+from order_saga.redact import redact_query, redact_secrets
 
 LogFormat = Literal["text", "json"]
 # Timestamps are UTC ISO 8601 in both formats (SPEC §4), e.g. 2026-11-30T10:19:06.919Z.
@@ -47,13 +48,15 @@ class _Plain(logging.Filter):
 
 class _Redact(logging.Filter):
     """uvicorn's access line names the request's path with its query string (its args);
-    a secret in it (the OpenID Connect callback's code and state) is redacted before the
-    line is queued, so no log holds it."""
+    a secret in it (the OpenID Connect callback's code and state, a key sent under any
+    name, in the path or inside another parameter's value) is redacted before the line is
+    queued, so no log holds it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "uvicorn.access" and isinstance(record.args, tuple):
             record.args = tuple(
-                redact_query(a) if isinstance(a, str) and "?" in a else a for a in record.args
+                redact_secrets(redact_query(a) if "?" in a else a) if isinstance(a, str) else a
+                for a in record.args
             )
         return True
 

@@ -4,6 +4,7 @@ request ids, quiet httpx, masked database URLs) and the worker's own /metrics po
 
 from __future__ import annotations
 
+import base64
 import errno
 import io
 import json
@@ -11,7 +12,9 @@ import logging
 import socket
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -27,6 +30,7 @@ from order_saga.redact import masked
 from tests.support.api import API
 from tests.support.processes import Saga, command, run_cli
 from tests.support.services import HTTP, Downstream, free_port
+from tests.support.serving import Served
 from tests.support.settings import saga_env, saga_settings
 from tests.support.waiting import wait_until
 
@@ -148,6 +152,49 @@ def test_the_access_log_writes_no_secret_of_a_query_string(fmt: LogFormat) -> No
         "/ui/oidc/callback?code=[redacted]&St%61te=[redacted]&next=/ui/orders&token HTTP/1.1"
         in line
     ), line
+
+
+KEY = "osk_" + "Ab3_-x" * 7 + "Z"  # the shape of a key (fsm.keys): osk_ + 43 url-safe
+HOOK = "whsec_" + base64.b64encode(b"\xfb\xff\xbe" * 8).decode()  # with + and / in it
+
+
+def test_the_access_log_writes_no_key_or_signing_secret_anywhere(tmp_path: Path) -> None:
+    """A key under a query name the log did not know (?apikey=, ?auth=), in the path, or
+    inside another parameter's value (?next=/ui%3Fkey%3Dosk_...) went into serve's access
+    log as sent; a webhook secret too. Now any value in our secrets' formats is redacted
+    wherever it stands in the line, as sent or percent-encoded (once or twice)."""
+    assert len(KEY) == 47 and ("+" in HOOK and "/" in HOOK)
+    env = saga_env(
+        database_url=f"sqlite:///{tmp_path}/saga.db",
+        services_db=str(tmp_path / "services.db"),
+        api_token="bootstrap",
+        shutdown_grace=0,
+    )
+    served = Served(env).wait_ready()
+    sent = [
+        f"/orders?apikey={KEY}",
+        f"/orders?status=completed&auth={KEY}",
+        f"/orders/{KEY}",
+        f"/ui/login?next=/ui%3Fkey%3D{KEY}%26status%3Dfailed",
+        f"/ui/login?next=/ui%3Fkey%3D{quote(quote(KEY, safe=''), safe='')}",  # twice
+        f"/orders?x={quote(KEY, safe='').replace('_', '%5F').replace('A', '%41')}",
+        f"/orders?hook={HOOK}",
+        f"/orders?hook={quote(HOOK, safe='')}",
+        f"/ui/login?next=/ui%3Fhook%3D{quote(quote(HOOK, safe=''), safe='')}",
+    ]
+    try:
+        for target in sent:
+            httpx.get(f"{served.url}{target}", timeout=10)
+    finally:
+        output = served.stop()
+    lines = [line for line in output.splitlines() if "uvicorn.access" in line]
+    assert len([line for line in lines if "[redacted]" in line]) == len(sent), output
+    body = KEY.removeprefix("osk_")
+    hook = HOOK.removeprefix("whsec_")
+    for secret in (body, hook, quote(hook, safe=""), body[:20], hook[:12]):
+        assert secret not in output, (secret, output)
+    assert "/orders?status=completed&auth=[redacted]" in output, output
+    assert "/ui/login?next=/ui%3Fkey%3D[redacted]%26status%3Dfailed" in output, output
 
 
 class _Writes(io.StringIO):

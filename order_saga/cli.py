@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.exceptions import TyperException
 
-from fsm.errors import SagaError
+from fsm.errors import ConcurrencyError, SagaError
 from order_saga import heap
 from order_saga.console import (
     database_settings,
@@ -262,9 +262,12 @@ def resume(
     ] = False,
 ) -> None:
     """Drive stuck (non-terminal, unleased) orders to a terminal state; print a summary.
-    Exit 3 when some stay parked (needs_attention), each printed with its reason. Each
+    Exit 0 only when every order taken ended terminal. Otherwise, the first that applies:
+    1 a run failed with an error; 3 some stay parked (needs_attention), each printed with
+    its reason; 4 some are not finished (still running: a later resume continues them) or
+    were held by another driver (skipped, or lost to one mid-run). A dry run exits 0. Each
     order resumed gets a row in its log naming who (`--as`, default the local admin)."""
-    from fsm.machine import OperatorAction
+    from fsm.machine import OperatorAction, Status, is_terminal
     from fsm.recovery import resume_stuck
     from fsm.store import utcnow
     from fsm.wiring import open_saga
@@ -281,11 +284,25 @@ def resume(
 
     report_json: dict[str, object] = {}
 
-    def finish(orders: list[Order], parked: list[Order], **summary: object) -> None:
-        for o in parked:  # the operator has work (see `order-saga orders show`)
+    def finish(orders: list[Order], *, dry_run: bool, held: int = 0, **summary: object) -> int:
+        """Print what is left to do, fill the JSON summary; the exit code (errors aside)."""
+        parked = [o for o in orders if o.status == Status.NEEDS_ATTENTION]
+        # A dry run tried nothing: a parked order is not "still" parked, only parked now.
+        still = [] if dry_run else parked
+        unfinished = [
+            o
+            for o in orders
+            if not (dry_run or is_terminal(o.state) or o.status == Status.NEEDS_ATTENTION)
+        ]
+        for o in still:  # the operator has work (see `order-saga orders show`)
             typer.echo(f"still parked: {o.id}: {o.attention_reason}", err=True)
+        for o in unfinished:  # its retries spent for this run; a later resume continues
+            typer.echo(f"not finished: {o.id} {o.state} ({o.status})", err=True)
+        if held and not dry_run:
+            typer.echo(f"held by another driver: {held} (not resumed)", err=True)
         report_json.update(
             summary,
+            dry_run=dry_run,
             orders=[
                 {
                     "id": str(o.id),
@@ -295,8 +312,13 @@ def resume(
                 }
                 for o in orders
             ],
-            still_parked=[str(o.id) for o in parked],
+            still_parked=[str(o.id) for o in still],
+            not_finished=[str(o.id) for o in unfinished],
         )
+        if dry_run:
+            report_json["parked_now"] = [str(o.id) for o in parked]
+            return 0
+        return 3 if still else (4 if unfinished or held else 0)
 
     async def main() -> int:
         async with open_saga(settings) as saga:
@@ -307,14 +329,10 @@ def resume(
                     found = executor.store.get(oid)
                     what, counts = _dry_run_verdict(found, utcnow())
                     say(f"{found.id} {found.state} ({found.status}): {what}")
-                    finish([found], [], dry_run=True, **counts)
-                    return 0
+                    return finish([found], dry_run=True, **counts)
                 result = await executor.run(oid, audit=audit)
                 say(f"{result.id} {result.state} ({result.status})")
-                parked_one = [result] if result.status == "needs_attention" else []
-                finish([result], parked_one, dry_run=False, found=1, resumed=1)
-                return 3 if parked_one else 0
-            parked: list[Order] = []
+                return finish([result], dry_run=False, found=1, resumed=1)
             seen: list[Order] = []
             done = itertools.count(1)
             # How many there are to do now (others may turn up while it runs).
@@ -327,10 +345,10 @@ def resume(
             todo = len(stuck)
 
             def report(o: Order, what: str) -> None:
+                if dry_run and o.status == Status.NEEDS_ATTENTION:
+                    what = f"{what}; parked now: {o.attention_reason}"
                 say(f"[{next(done)}/{todo}] {o.id} {o.state}: {what}")
                 seen.append(o)
-                if o.status == "needs_attention":
-                    parked.append(o)
 
             summary = await resume_stuck(
                 store=executor.store,
@@ -350,14 +368,17 @@ def resume(
                 )
             else:
                 say(summary.line())
-            finish(seen, parked, dry_run=dry_run, **summary.as_dict())
-            return 1 if summary.errors else (3 if parked else 0)
+            held = summary.skipped_leased + summary.lost_to_other_driver
+            code = finish(seen, dry_run=dry_run, held=held, **summary.as_dict())
+            return 1 if summary.errors and not dry_run else code
 
     import uvloop
 
     try:
         code = uvloop.run(main())
-    except SagaError as exc:  # unknown order, held by another driver, ...
+    except ConcurrencyError as exc:  # --order held by another driver: not finished here
+        fail(str(exc), 4)
+    except SagaError as exc:  # unknown order, ...
         fail(str(exc), 1)
     if as_json:
         typer.echo(json.dumps(report_json, indent=2))
@@ -367,7 +388,7 @@ def resume(
 def _dry_run_verdict(order: Order, now: datetime) -> tuple[str, dict[str, int]]:
     """What `resume --order ID` would do with `order` now, and the summary's counts (the
     sweep's rule: a terminal order is done, a live lease is another driver's)."""
-    from fsm.machine import is_terminal
+    from fsm.machine import OrderState, is_terminal
     from fsm.why import at_utc
 
     if is_terminal(order.state):
@@ -376,7 +397,10 @@ def _dry_run_verdict(order: Order, now: datetime) -> tuple[str, dict[str, int]]:
         assert order.lease_expires_at is not None
         until = at_utc(order.lease_expires_at)
         return f"leased by {order.lease_owner} until {until}", {"found": 0, "skipped_leased": 1}
-    return "would resume", {"found": 1, "skipped_leased": 0}
+    what = "would resume"
+    if order.state == OrderState.NEEDS_ATTENTION:
+        what += f"; parked now: {order.attention_reason}"
+    return what, {"found": 1, "skipped_leased": 0}
 
 
 # Workers sharing a host each take the first free port from WORKER_METRICS_PORT up, so

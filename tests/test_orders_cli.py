@@ -105,6 +105,74 @@ async def test_park_then_list_show_and_resolve_from_the_cli(
     assert downstream.shipment(completed.id)["status"] == "cancelled"  # type: ignore[index]
 
 
+DEDUCT_DOWN = CrashFault("user.deduct", "error")
+
+
+@pytest.mark.slow
+async def test_resume_exits_4_while_an_order_is_still_running_or_held_by_another_driver(
+    env: dict[str, str], store: Store, downstream: Downstream
+) -> None:
+    """`resume && echo drained` must not lie: exit 0 only when every order it selected
+    ended terminal; one parked is 3; one still running (its retries spent before its
+    step deadline) or held by another driver is 4; an error 1 (1 > 3 > 4 > 0)."""
+    running, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1
+    )
+    set_faults(downstream.url, [DEDUCT_DOWN])  # retried twice, well before STEP_DEADLINE
+    still = saga("resume", "--older-than", "0", env=env)
+    assert still.returncode == 4, still.stdout + still.stderr
+    assert f"[1/1] {running.id} steps_running: running" in still.stdout
+    assert f"not finished: {running.id} steps_running (running)" in still.stderr
+    as_json = saga("resume", "--older-than", "0", "--json", env=env)
+    assert as_json.returncode == 4, as_json.stderr
+    assert json.loads(as_json.stdout)["not_finished"] == [str(running.id)]
+    one = saga("resume", "--order", str(running.id), env=env)
+    assert one.returncode == 4, one.stdout + one.stderr
+    set_faults(downstream.url, ())
+
+    # Held by another driver: skipped, so not drained either (bulk and --order alike).
+    assert await store.claim(order_id=running.id, owner="another-driver") is not None
+    held = saga("resume", "--older-than", "0", env=env)
+    assert held.returncode == 4, held.stdout + held.stderr
+    assert "skipped (leased elsewhere) 1" in held.stdout
+    assert "held by another driver: 1 (not resumed)" in held.stderr
+    one = saga("resume", "--order", str(running.id), env=env)
+    assert one.returncode == 4 and "being driven by another worker" in one.stderr, one.stderr
+
+    # Parked (3) outranks held elsewhere (4): the operator has work either way.
+    stuck, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=SOLD_OUT_PRODUCT_ID, quantity=1
+    )
+    set_faults(downstream.url, [REFUND_DOWN])
+    both = saga("resume", "--older-than", "0", env=env)
+    set_faults(downstream.url, ())
+    assert both.returncode == 3, both.stdout + both.stderr
+    assert f"still parked: {stuck.id}" in both.stderr
+    assert "held by another driver: 1" in both.stderr
+
+    # A dry run changes nothing and says so: the parked order would be retried, and
+    # nothing is "still parked" (nothing was tried).
+    dry = saga("resume", "--older-than", "0", "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert f"{stuck.id} needs_attention: would resume; parked now: payment refund" in dry.stdout
+    assert "still parked" not in dry.stderr
+    dry_json = json.loads(
+        saga("resume", "--older-than", "0", "--dry-run", "--json", env=env).stdout
+    )
+    assert dry_json["still_parked"] == [] and dry_json["parked_now"] == [str(stuck.id)]
+    dry_one = saga("resume", "--order", str(stuck.id), "--dry-run", env=env)
+    assert dry_one.returncode == 0 and "still parked" not in dry_one.stderr
+    assert "would resume; parked now: payment refund" in dry_one.stdout
+
+    await store.release(
+        order_id=running.id, owner="another-driver", version=store.get(running.id).version
+    )
+    drained = saga("resume", "--older-than", "0", env=env)
+    assert drained.returncode == 0, drained.stdout + drained.stderr
+    assert store.get(running.id).status == "completed"
+    assert store.get(stuck.id).status == "failed"
+
+
 def _pages(env: dict[str, str], *, between: Any = None) -> tuple[list[str], list[str]]:
     """`orders list --limit 1` page after page: the parked shown above page one, and the
     ids of every page; `between()` runs after page one."""

@@ -96,7 +96,9 @@ class OrderOut(BaseModel):
     shipping: Shipping | None = Field(description="present once the order is completed")
     attempts: dict[str, int]
     last_error: str | None
-    attention_reason: str | None
+    attention_reason: str | None = Field(
+        description="why it is parked: only while the order is needs_attention"
+    )
     created_at: datetime
     updated_at: datetime
     why: WhyOut | None = Field(

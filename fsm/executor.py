@@ -293,7 +293,9 @@ class Executor:
                     if order.cancel_requested
                     else OrderTrigger.RETRY_COMPENSATION
                 )
-                await self._fire(order, "order", retry)
+                # The park's reason ends with the park (it stays in the log): a retried
+                # order is not "needs attention", and a new park gives its own.
+                await self._fire(order, "order", retry, attention_reason=None)
 
     async def _park(self, order: Order, reason: str) -> None:
         """needs_attention, with the reason; the sweep retries after a doubling pause. Past

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic_core import to_jsonable_python
 
-from fsm.machine import Status
+from fsm.machine import OrderState, Status
 from fsm.models import Order
 
 # The event of each coarse status an order enters (the creation is `pending`). `running`
@@ -69,7 +69,10 @@ def order_document(order: Order) -> dict[str, Any]:
             "shipping": shipping,
             "attempts": dict(order.attempts),
             "last_error": order.last_error,
-            "attention_reason": order.attention_reason,
+            # Only while parked: a row retried before the retry edges cleared it keeps one.
+            "attention_reason": (
+                order.attention_reason if order.state == OrderState.NEEDS_ATTENTION else None
+            ),
             "created_at": order.created_at,
             "updated_at": order.updated_at,
         }

@@ -260,7 +260,7 @@ def print_order(
     out.print(
         "steps: " + ", ".join(f"{step} {state}" for step, state in order.step_states().items())
     )
-    if order.attention_reason:
+    if order.state == OrderState.NEEDS_ATTENTION and order.attention_reason:
         out.print(Text.assemble(("needs attention:", "bold red"), f" {order.attention_reason}"))
     if because is not None:
         out.print(Text.assemble(("why it is here:", "bold"), f" {because.summary}"))

@@ -347,7 +347,10 @@ async def test_the_tables_print_urls_reasons_and_errors_as_they_are(
     )
     with store.engine.begin() as conn:
         conn.execute(
-            text("UPDATE orders SET attention_reason = :r, last_error = :e WHERE id = :id"),
+            text(  # parked: the reason is shown only then
+                "UPDATE orders SET attention_reason = :r, last_error = :e,"
+                " state = 'needs_attention', status = 'needs_attention' WHERE id = :id"
+            ),
             {
                 "r": "refund [bold]of[/] [/x] :x:",
                 "e": "HTTP 500 [/red]",

@@ -186,6 +186,32 @@ def test_a_retry_in_flight_is_not_shown_as_parked(
         downstream.clear_faults()
 
 
+def test_a_reason_left_on_an_order_that_is_not_parked_is_not_shown(
+    client: TestClient, store: Store
+) -> None:
+    """A park's reason is cleared by the retry edges; one left on a row from before (or
+    written by hand) is not "needs attention" / "Parked because" anywhere: the order's
+    page, an action's confirmation, the API."""
+    from sqlalchemy import text
+
+    completed = place(client, ORDINARY_USER_ID, WIDGET_ID)
+    with store.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE orders SET attention_reason = 'refund did not succeed' WHERE id = :id"),
+            {
+                "id": uuid.UUID(completed).hex
+                if store.engine.dialect.name == "sqlite"
+                else completed
+            },
+        )
+    assert store.get(uuid.UUID(completed)).attention_reason == "refund did not succeed"
+    assert client.get(f"/orders/{completed}").json()["attention_reason"] is None
+    assert "refund did not succeed" not in client.get(f"/ui/orders/{completed}").text
+    confirm = client.get(f"/ui/orders/{completed}/cancel")
+    assert confirm.status_code == 200 and "<form" in confirm.text
+    assert "Parked because" not in confirm.text and "refund did not succeed" not in confirm.text
+
+
 @pytest.mark.parametrize("action", ["resume", "retry", "cancel", "resolve"])
 def test_an_action_outside_its_states_is_refused_and_does_nothing(
     client: TestClient, store: Store, action: str

@@ -6,6 +6,7 @@ waits are logged beside the transitions, never as transitions."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -345,3 +346,65 @@ async def test_a_terminal_order_needs_no_why(
     done = await driver.run((await new_order(store)).id)
     assert done.state == "completed"
     assert why.for_order(store, done, settings) is None
+
+
+@pytest.mark.parametrize("edge", ["retry_compensation", "retry_cancellation"])
+async def test_a_parked_order_being_retried_has_no_attention_reason(
+    store: Store,
+    driver: Executor,
+    settings: Settings,
+    downstream: Downstream,
+    capsys: pytest.CaptureFixture[str],
+    edge: str,
+) -> None:
+    """The park's reason belongs to the park: a retry (resume, sweep, the page's Retry)
+    clears it in the same commit as the move, so a compensating or cancelling order is not
+    shown "needs attention" beside "why it is here: …". The park's reason stays in the
+    log. A row written before that (a stale reason) is not shown either: the API, the
+    events and `orders show` give the reason only while the order is parked."""
+    from fsm.outbox import order_document
+    from order_saga.orders_cli import print_order
+
+    if edge == "retry_compensation":  # row 4 (sold out), the refund down past its budget
+        undo, live = "user.refund", "compensating"
+        downstream.fault(undo, "error", count=1000)
+        order = await driver.run((await new_order(store, SOLD_OUT_PRODUCT_ID)).id)
+    else:  # the owner cancels a completed order, the shipment's cancel down
+        undo, live = "shipping.cancel", "cancelling"
+        completed = await driver.run((await new_order(store)).id)
+        assert completed.state == "completed"
+        downstream.fault(undo, "error", count=1000)
+        order = await driver.cancel(completed.id)
+    set_faults(downstream.url, ())
+    assert order.state == "needs_attention" and order.attention_reason
+    parked_reason = order.attention_reason
+    assert order_document(store.get(order.id))["attention_reason"] == parked_reason
+
+    downstream.fault(undo, "delay", count=1, seconds=0.8)  # answered, after a while
+    run = asyncio.create_task(driver.run(order.id))  # `resume`, the page's Retry
+    try:
+
+        def retrying() -> Order | None:
+            assert not run.done(), "the retry ended without ever showing as under way"
+            stored = store.get(order.id)
+            return stored if stored.state == live else None
+
+        stored = await wait_until_async(retrying, what=f"the retry to show as {live}")
+        assert stored.attention_reason is None
+        assert any(t.trigger == edge for t in store.history(order.id))
+        assert (await run).status in ("failed", "cancelled")
+    finally:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        set_faults(downstream.url, ())
+    park = [t for t in store.history(order.id) if t.trigger == "park"][-1]
+    assert park.detail is not None and park.detail["reason"] == parked_reason  # kept in the log
+
+    # A reason left on a live row (written before the retry edges cleared it): not shown.
+    stale = dataclasses.replace(stored, attention_reason=parked_reason)
+    assert order_document(stale)["attention_reason"] is None
+    capsys.readouterr()
+    because = why.explain(stale, last=None, settings=settings, now=utcnow())
+    print_order(stale, store.history(order.id), as_json=False, because=because)
+    shown = capsys.readouterr().out
+    assert "needs attention" not in shown and "why it is here" in shown

@@ -298,12 +298,13 @@ class Executor:
                 await self._fire(order, "order", retry, attention_reason=None)
 
     async def _park(self, order: Order, reason: str) -> None:
-        """needs_attention, with the reason; the sweep retries after a doubling pause. Past
-        its order deadline it is flagged so (compensations are never cut short)."""
+        """needs_attention, with the reason; the sweep retries after a doubling pause. A
+        compensation past its order deadline is flagged so (never cut short); an owner's
+        cancellation is not: it came after the order's outcome, which the deadline bounds."""
         parks = order.attempts.get("order:park", 0) + 1
         pause = doubling(self.policy.park_min, self.policy.park_max, parks)
         detail: dict[str, Any] = {"reason": reason}
-        if self._past_deadline(order):
+        if self._past_deadline(order) and not order.cancel_requested:
             reason = f"past its order deadline: {reason}"
             detail["deadline"] = self._why(order)["deadline"]
         await self._fire(

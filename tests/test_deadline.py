@@ -2,7 +2,8 @@
 order still waiting that long after creation stops waiting through the declared `deadline`
 edge, its reason in the log: a stuck step expires and the order compensates with money
 and stock conserved; one that never reached the steps fails having called nothing; a
-parked one is left to the operator, flagged. The kill -9 scenarios are in test_crash."""
+parked compensation is left to the operator, flagged (a cancellation is past no
+deadline). The kill -9 scenarios are in test_crash."""
 
 from __future__ import annotations
 
@@ -105,3 +106,36 @@ async def test_without_a_deadline_nothing_changes(
     final = await executor.drive(order)
     assert final.status == "completed"
     assert ("order", "deadline") not in triggers(store, order.id)
+
+
+async def test_a_cancellation_is_past_no_deadline(
+    store: Store, executor: Executor, late: Executor, downstream: Downstream
+) -> None:
+    """The order deadline bounds how long an order takes to reach its outcome; the owner's
+    cancellation of a completed order is a new request after it. It is never cut short,
+    and when it parks its reason says what happened (the refund did not succeed), not
+    "past its order deadline"; nor does the park's log row carry a deadline."""
+    books = Books.read(downstream, users=[ORDINARY_USER_ID], products=[WIDGET_ID])
+    order, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1, owner=executor.owner
+    )
+    assert (await executor.drive(order)).state == "completed"
+    set_faults(downstream.url, [REFUND_DOWN])
+
+    parked = await late.cancel(order.id)  # created longer ago than its deadline
+
+    assert (parked.state, parked.cancel_requested) == ("needs_attention", True)
+    assert parked.attention_reason is not None
+    assert parked.attention_reason.startswith("payment refund did not succeed: ")
+    assert (parked.inventory_state, parked.shipping_state) == ("compensated", "compensated")
+    park = [t for t in store.history(order.id) if t.trigger == "park"][-1]
+    assert park.detail is not None and "deadline" not in park.detail
+    assert ("order", "deadline") not in triggers(store, order.id)
+
+    final = await late.run(order.id)  # parks again the same way while the refund is down
+    assert final.attention_reason is not None
+    assert final.attention_reason.startswith("payment refund did not succeed: ")
+    set_faults(downstream.url, ())
+    final = await late.run(order.id)
+    assert (final.state, final.status) == ("cancelled", "cancelled")
+    assert_conserved(downstream, books, [final])

@@ -41,9 +41,10 @@ async def resolve_order(
     """End a parked (`needs_attention`) order an operator fixed by hand: the declared edge
     needs_attention -resolve-> resolved, with the reason kept in the transition log and
     both the transition and an audit row naming the caller's key. Nothing downstream is
-    called. 409 unless the order is parked and nobody drives it."""
+    called. An order resolved already: 200 with it as it is, nothing written (idempotent).
+    409 unless the order is parked (or resolved) and nobody drives it."""
     audit = operator.Audit(OperatorAction.RESOLVE, principal.audit, body.reason)
-    order = await operator.resolve(
+    resolved = await operator.resolve(
         store,
         order_id,
         reason=body.reason,
@@ -51,4 +52,4 @@ async def resolve_order(
         operator=principal.name,
         audit=audit,
     )
-    return OrderOut.of(order)
+    return OrderOut.of(resolved.order)

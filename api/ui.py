@@ -292,7 +292,7 @@ async def act(
                 return await _redirect(
                     request, order_id, error="a reason is required to mark an order resolved"
                 )
-            order = await operator.resolve(
+            resolved = await operator.resolve(
                 store,
                 order_id,
                 reason=reason,
@@ -301,6 +301,9 @@ async def act(
                 audit=audit,
                 allowed=allowed,
             )
+            if resolved.already:  # a second submit: idempotent, as the CLI and the API
+                return await _redirect(request, order_id, done=f"{label}: already resolved")
+            order = resolved.order
     except InvalidMove as exc:
         return await _redirect(request, order_id, error=f"{label}: {exc}")
     except SagaError as exc:

@@ -56,6 +56,15 @@ async def record(store: Store, order: Order, *, owner: str, audit: Audit | None)
         )
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """What `resolve` did: the order, and whether it was resolved already (then nothing
+    was written: resolving is idempotent, as cancelling a cancelled order is)."""
+
+    order: Order
+    already: bool = False
+
+
 async def resolve(
     store: Store,
     order_id: uuid.UUID,
@@ -66,16 +75,21 @@ async def resolve(
     crash_after: str | None = None,
     audit: Audit | None = None,
     allowed: Collection[str] | None = None,
-) -> Order:
-    """needs_attention -> resolved. Raises OrderNotFound, LeaseLost (someone is driving
-    it: a resume is retrying it right now) or InvalidMove (it is not parked, or not in
-    one of the `allowed` states the caller offered the action in)."""
+) -> Resolved:
+    """needs_attention -> resolved; an order resolved already is returned as it is
+    (`already`: nothing written, whatever the reason given). Raises OrderNotFound,
+    LeaseLost (someone is driving it: a resume is retrying it right now) or InvalidMove
+    (it is neither parked nor resolved, or not in one of the `allowed` states the caller
+    offered the action in)."""
     if not reason.strip():
         raise ValueError("a reason is required")
     order = await store.claim(order_id=order_id, owner=owner)
     if order is None:
         raise LeaseLost(f"order {order_id} is being driven by another worker")
+    already = order.state == OrderState.RESOLVED  # read under the lease: not stale
     try:
+        if already:
+            return Resolved(order, already=True)  # released below, nothing else written
         admit(order, allowed)
         if order.state != OrderState.NEEDS_ATTENTION:
             raise InvalidMove(
@@ -97,7 +111,8 @@ async def resolve(
             )
         if crash_after == f"order:{OrderTrigger.RESOLVE}":
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: die right after the commit
-    finally:  # refused (never written), or a no-op after the terminal write released it
+    finally:  # refused or already resolved (never written), or a no-op after the
+        # terminal write released it
         await store.release(order_id=order_id, owner=owner, version=order.version)
-    order.lease_owner = None
-    return order
+        order.lease_owner = order.lease_expires_at = None
+    return Resolved(order)

@@ -345,7 +345,8 @@ def resolve(
     as_json: JsonFlag = False,
     as_name: AsName = None,
 ) -> None:
-    """End a parked (needs_attention) order an operator fixed by hand: -> resolved."""
+    """End a parked (needs_attention) order an operator fixed by hand: -> resolved. An
+    order resolved already is printed as it is, exit 0 (nothing written)."""
     from fsm import operator
     from fsm.executor import new_owner
 
@@ -355,7 +356,7 @@ def resolve(
     oid = parse_order_id(order_id)
     try:
         with _store() as store:
-            order = asyncio.run(
+            resolved = asyncio.run(
                 operator.resolve(
                     store,
                     oid,
@@ -368,7 +369,10 @@ def resolve(
             )
     except SagaError as exc:
         fail(str(exc), 1)
+    order = resolved.order
     if as_json:
         _print_json(_as_json(order))
     else:
         typer.echo(f"{order.id} {order.state} ({order.status})")
+    if resolved.already:  # as cancelling a cancelled order: the order as it is, exit 0
+        typer.echo(f"order-saga: order {order.id} was already resolved; nothing changed", err=True)

@@ -21,7 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID
+from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
 from fsm.machine import AUDIT_SCOPE
 from fsm.registry import STEP_NAMES
 from fsm.store import Store
@@ -99,9 +99,19 @@ def test_resolve_over_http(client: TestClient, store: Store, downstream: Downstr
     done = client.post(url, json={"reason": "refunded by hand"})
     assert done.status_code == 200, done.text
     assert (done.json()["state"], done.json()["status"]) == ("resolved", "resolved")
-    assert client.post(url, json={"reason": "again"}).status_code == 409
-    last = client.get(f"/orders/{order['id']}/transitions").json()[-1]
+    log = client.get(f"/orders/{order['id']}/transitions").json()
+    last = log[-1]
     assert last["trigger"] == "resolve" and last["detail"]["reason"] == "refunded by hand"
+    # Idempotent, as a cancel of a cancelled order: 200, the order as it is, nothing written.
+    again = client.post(url, json={"reason": "another reason"})
+    assert again.status_code == 200, again.text
+    assert again.json() == done.json() | {"updated_at": again.json()["updated_at"]}
+    assert client.get(f"/orders/{order['id']}/transitions").json() == log
+    completed = client.post(
+        "/orders", json={"user_id": ORDINARY_USER_ID, "product_id": WIDGET_ID, "quantity": 1}
+    ).json()
+    refused = client.post(f"/orders/{completed['id']}/resolve", json={"reason": "x"})
+    assert refused.status_code == 409, refused.text  # neither parked nor resolved
 
 
 def test_json_logs_carry_order_fields_and_quiet_httpx() -> None:

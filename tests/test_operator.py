@@ -60,9 +60,11 @@ async def test_resolve_ends_a_parked_order_with_the_reason_in_the_log(
 ) -> None:
     order = await parked(executor, store, downstream)
     reason_before = order.attention_reason
-    done = await operator.resolve(
+    resolved = await operator.resolve(
         store, order.id, reason=" refunded by hand ", owner="ops", operator="alice"
     )
+    done = resolved.order
+    assert not resolved.already
     assert (done.state, done.status, done.lease_owner) == ("resolved", "resolved", None)
     stored = store.get(order.id)
     assert (stored.state, stored.status, stored.lease_owner) == ("resolved", "resolved", None)
@@ -77,6 +79,11 @@ async def test_resolve_ends_a_parked_order_with_the_reason_in_the_log(
     # Terminal: a later resume changes nothing, and the sweep never picks it up again.
     again = await executor.run(order.id)
     assert again.version == stored.version
+    # Resolving it again (another reason or not) is idempotent: nothing written.
+    log = store.history(order.id)
+    twice = await operator.resolve(store, order.id, reason="again", owner="ops")
+    assert twice.already and (twice.order.state, twice.order.lease_owner) == ("resolved", None)
+    assert store.history(order.id) == log and store.get(order.id).lease_owner is None
 
 
 async def test_resolve_refuses_what_is_not_parked(

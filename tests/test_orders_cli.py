@@ -97,8 +97,14 @@ async def test_park_then_list_show_and_resolve_from_the_cli(
     resolved = ok_json("orders", "resolve", str(stuck.id), "--reason", "refunded by hand", env=env)
     assert (resolved["state"], resolved["status"]) == ("resolved", "resolved")
     assert store.history(stuck.id)[-1].detail["reason"] == "refunded by hand"  # type: ignore[index]
+    log = store.history(stuck.id)
     twice = saga("orders", "resolve", str(stuck.id), "--reason", "again", env=env)
-    assert twice.returncode == 1 and "only a parked" in twice.stderr
+    assert twice.returncode == 0, twice.stderr  # idempotent, as a cancel of a cancelled order
+    assert twice.stdout.strip() == f"{stuck.id} resolved (resolved)"
+    assert "was already resolved; nothing changed" in twice.stderr
+    again = saga("orders", "resolve", str(stuck.id), "--reason", "again", "--json", env=env)
+    assert again.returncode == 0 and json.loads(again.stdout)["state"] == "resolved"
+    assert store.history(stuck.id) == log  # nothing written
 
     cancelled = ok_json("orders", "cancel", str(completed.id), env=env)
     assert cancelled["status"] == "cancelled"

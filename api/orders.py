@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import uuid
+from collections.abc import Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, status
@@ -70,25 +70,40 @@ def _answer(order: Order) -> Response:
         body: dict[str, Any] = out.model_dump(mode="json")
         body["detail"] = f"product {order.product_id} not found"
         return JSONResponse(body, status_code=status.HTTP_404_NOT_FOUND)
-    json = out.__pydantic_serializer__.to_json(out)
     if order.state in _FINISHED:
+        json = out.__pydantic_serializer__.to_json(out)
         return Response(json, status_code=status.HTTP_201_CREATED, media_type=_JSON)
+    return _accepted(out)
+
+
+def _accepted(out: OrderOut) -> Response:
+    """202 + Location: the order's run goes on in the background (api.runner)."""
     return Response(
-        json,
+        out.__pydantic_serializer__.to_json(out),
         status_code=status.HTTP_202_ACCEPTED,
         media_type=_JSON,
-        headers={"Location": f"/orders/{order.id}"},
+        headers={"Location": f"/orders/{out.id}"},
     )
 
 
-@router.post(
-    "",
-    status_code=status.HTTP_201_CREATED,
-    response_model=OrderOut,
-    responses={
+def _respond_async(prefer: str | None) -> bool:
+    """`Prefer: respond-async` (RFC 7240): answer 202 at once, without waiting for the run."""
+    return prefer is not None and "respond-async" in prefer.lower()
+
+
+Prefer = Annotated[
+    str | None,
+    Header(description="`respond-async`: answer 202 + Location at once, the run goes on"),
+]
+
+
+def _still_running(description: str) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI entry of a 202: the order so far, where to follow it, and whether
+    `Prefer: respond-async` was honoured."""
+    return {
         202: {
             "model": OrderOut,
-            "description": "still running (see Location)",
+            "description": description,
             "headers": {
                 "Location": {
                     "description": "the order: /orders/{id}",
@@ -101,7 +116,22 @@ def _answer(order: Order) -> Response:
                     "schema": {"type": "string"},
                 },
             },
-        },
+        }
+    }
+
+
+_RUN_GOES_ON = _still_running(
+    "the run is still going after RESPOND_WITHIN (or `Prefer: respond-async`): it goes on in "
+    "the background; follow Location"
+)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=OrderOut,
+    responses={
+        **_still_running("still running (see Location)"),
         404: {"model": RejectedOrder, "description": "the product does not exist"},
         503: {"description": "the product service's circuit breaker is open (see Retry-After)"},
     },
@@ -111,7 +141,6 @@ async def create_order(
     request: Request,
     store: StoreDep,
     executor: ExecutorDep,
-    settings: SettingsDep,
     principal: PrincipalDep,
     idempotency_key: IdempotencyKey = None,
     prefer: Annotated[str | None, Header()] = None,
@@ -144,12 +173,9 @@ async def create_order(
         return _replay(order, body, idempotency_key)
     runner: Runner = request.app.state.runner
     task = runner.start(order)
-    asynchronous = prefer is not None and "respond-async" in prefer.lower()
+    asynchronous = _respond_async(prefer)
     if not asynchronous:
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout=settings.respond_within)
-        except TimeoutError:
-            pass  # still running in the background: answer 202
+        await runner.within(task)  # else still running in the background: answer 202
     answer = _answer(order)
     if asynchronous:  # RFC 7240 §3: say the preference was honoured
         answer.headers["Preference-Applied"] = "respond-async"
@@ -197,7 +223,6 @@ async def _create_order_directly(request: Request) -> Response | None:
         request,
         state.store,
         state.executor,
-        state.settings,
         principal_of(request.scope),
         key,
         headers.get("prefer"),
@@ -334,32 +359,62 @@ def get_transitions(
 @router.post(
     "/{order_id}/resume",
     response_model=OrderOut,
-    responses=problems(404, 409, 500),
+    responses=_RUN_GOES_ON | problems(404, 409, 500),
 )
 async def resume_order(
-    order_id: uuid.UUID, executor: ExecutorDep, principal: PrincipalDep, reason: Reason = None
-) -> OrderOut:
+    order_id: uuid.UUID,
+    request: Request,
+    executor: ExecutorDep,
+    principal: PrincipalDep,
+    reason: Reason = None,
+    prefer: Prefer = None,
+) -> Response | OrderOut:
     """Drive the order on from its persisted state now (a parked order retries its
-    compensation); a terminal order is returned unchanged. The log names who resumed."""
+    compensation); a terminal order is returned unchanged. The log names who resumed.
+    200 with the order once this run has ended (a compensation still failing, or waiting
+    on an open circuit breaker longer than the run's retry budget: `needs_attention`);
+    202 + Location if it runs longer than RESPOND_WITHIN: it goes on in the background."""
     audit = Audit(OperatorAction.RESUME, principal.audit, reason)
-    return OrderOut.of(await executor.run(order_id, audit=audit))
+    order, run = await executor.prepare_run(order_id, audit=audit)
+    return await _ran(request, order, run, prefer)
 
 
 @router.post(
     "/{order_id}/cancel",
     response_model=OrderOut,
-    responses=problems(404, 409, 500),
+    responses=_RUN_GOES_ON | problems(404, 409, 500),
 )
 async def cancel_order(
     order_id: uuid.UUID,
+    request: Request,
     store: StoreDep,
     executor: ExecutorDep,
     principal: PrincipalDep,
     reason: Reason = None,
-) -> OrderOut:
+    prefer: Prefer = None,
+) -> Response | OrderOut:
     """Cancel a completed order: refund the user, restore the stock, cancel the shipment.
-    A client key may cancel the orders it placed; the log names who cancelled."""
+    A client key may cancel the orders it placed; the log names who cancelled. 200 once
+    the run has ended (`cancelled`, or `needs_attention` when a compensation still fails),
+    202 + Location if it runs longer than RESPOND_WITHIN: it goes on in the background."""
     if principal.sees_only_own:
         visible(store, order_id, principal)
     audit = Audit(OperatorAction.CANCEL, principal.audit, reason)
-    return OrderOut.of(await executor.cancel(order_id, audit=audit))
+    order, run = await executor.prepare_cancel(order_id, audit=audit)
+    return await _ran(request, order, run, prefer)
+
+
+async def _ran(
+    request: Request, order: Order, run: Coroutine[Any, Any, Order], prefer: str | None
+) -> Response | OrderOut:
+    """An action's run, in the background as POST /orders' (api.runner): its order once it
+    ends within RESPOND_WITHIN (or the error it ended with), else 202 + Location."""
+    runner: Runner = request.app.state.runner
+    task = runner.adopt(order, run)
+    asynchronous = _respond_async(prefer)
+    if not asynchronous and await runner.within(task):
+        return OrderOut.of(task.result())
+    answer = _accepted(OrderOut.of(order))
+    if asynchronous:  # RFC 7240 §3, as POST /orders
+        answer.headers["Preference-Applied"] = "respond-async"
+    return answer

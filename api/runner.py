@@ -1,4 +1,6 @@
-"""Background runs of the API process: order runs that outlive their request, the
+"""Background runs of the API process: order runs that outlive their request (a new
+order's, a resume's, a cancel's, the console's actions: each request waits at most
+RESPOND_WITHIN for its run, then answers 202 + Location and the run goes on here), the
 periodic sweep for stuck orders (`start_sweeper`, off with `serve --no-sweep`) and the
 upkeep every process does whatever its sweep (`start_upkeep`): the heatmap's roll-up, the
 log's day partitions on PostgreSQL and, when retention is set, the pruning pass. Keeps task
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
+from functools import partial
 from typing import Any
 
 from fsm import partitions, retention, rollup
@@ -34,21 +37,34 @@ class Runner:
         self.tasks: set[asyncio.Task[object]] = set()
         self.passes: set[asyncio.Task[object]] = set()  # the sweep and the other passes
 
-    def start(self, order: Order) -> asyncio.Task[object]:
+    def start(self, order: Order) -> asyncio.Task[Order]:
+        """POST /orders: drive a new order (leased to this executor when it was created)."""
         # Reserved here, before the task runs: a resume or cancel of this order arriving
         # in between is refused (409), not run beside it.
-        run = self.executor.drive(order)
-        task: asyncio.Task[object] = asyncio.create_task(self._drive(order, run))
+        return self.adopt(order, self.executor.drive(order))
+
+    def adopt(self, order: Order, run: Coroutine[Any, Any, Order]) -> asyncio.Task[Order]:
+        """Drive `order` in the background: `run` is its drive, reserved and leased already
+        (`Executor.drive`, `prepare_run`, `prepare_cancel`). The request that started it
+        waits for it at most RESPOND_WITHIN (`within`), then answers 202 and the run goes on
+        here; an error it ends with is logged and raised to whoever awaits the task."""
+        task: asyncio.Task[Order] = asyncio.create_task(run)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(partial(self._ended, order))
         return task
 
-    async def _drive(self, order: Order, run: Coroutine[Any, Any, Order]) -> object:
-        try:
-            return await run
-        except Exception:  # the order stays persisted; the sweep resumes it
-            log.exception("run of order %s stopped", order.id)
-            return None
+    def _ended(self, order: Order, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # the order stays persisted; the sweep (or a resume) continues it
+            log.error("run of order %s stopped", order.id, exc_info=error)
+
+    async def within(self, task: asyncio.Task[Order]) -> bool:
+        """Wait for a run at most RESPOND_WITHIN: True when it has ended (`task.result()`
+        is its order, or raises its error), False while it goes on in the background (the
+        answer is 202 + Location). A request that goes away leaves the run going."""
+        done, _ = await asyncio.wait({task}, timeout=self.settings.respond_within)
+        return bool(done)
 
     def start_sweeper(self) -> None:
         """The recovery sweep: stuck orders resumed (leases keep each to one driver)."""

@@ -27,6 +27,7 @@ from api.access import ROUTES
 from api.auth import principal_of
 from api.deps import ExecutorDep, PrincipalDep, SettingsDep, StoreDep
 from api.login import CsrfChecked
+from api.runner import Runner
 from fsm import diagram, heatmap, operator, queries, rollup, why
 from fsm.bounds import MAX_ID
 from fsm.errors import CorruptOrder, InvalidMove, SagaError
@@ -283,10 +284,16 @@ async def act(
     label, _what, allowed = ACTIONS[action]
     audit = operator.Audit(AUDITED[action], principal.audit, reason, channel="console")
     try:
-        if action in (Action.RESUME, Action.RETRY):
-            order = await executor.run(order_id, audit=audit, allowed=allowed)
-        elif action is Action.CANCEL:
-            order = await executor.cancel(order_id, audit=audit, allowed=allowed)
+        if action in (Action.RESUME, Action.RETRY, Action.CANCEL):
+            prepare = executor.prepare_cancel if action is Action.CANCEL else executor.prepare_run
+            order, run = await prepare(order_id, audit=audit, allowed=allowed)
+            # In the background as the API's runs: the page answers within RESPOND_WITHIN.
+            runner: Runner = request.app.state.runner
+            task = runner.adopt(order, run)
+            if not await runner.within(task):
+                still = f"{label}: still running, now {order.state} ({order.status})"
+                return await _redirect(request, order_id, done=f"{still}; reload to follow it")
+            order = task.result()
         else:
             if not reason.strip():
                 return await _redirect(

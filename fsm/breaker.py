@@ -17,10 +17,13 @@ half-open --probe answers--> closed;  half-open --probe fails--> open (cool-down
 While a breaker is open no call reaches its service: the wrapped client raises
 `CircuitOpen` (a `TransientFailure`, so code that knows nothing of breakers sees an outage)
 and `call_through`, the executor's retry-loop hook, waits for the breaker instead of
-spending an attempt: until it closes, or the caller's deadline (a forward step's) passes;
-a compensation has no deadline and so waits as long as the outage lasts. When a probe
-closes the breaker, every waiter is woken at once and calls again through a semaphore, so
-the orders that waited are driven immediately, at most `batch` calls at a time.
+spending an attempt: until it closes, or the caller's deadline (a forward step's) passes,
+or the caller's `patience` (a compensation's: as long as its run's retries could take) is
+spent, which raises `BreakerWaitOver` so that the run ends and the order parks, visible,
+until a later run retries it (a compensation used to wait as long as the outage lasted,
+and the resume or cancel that drove it never answered). When a probe closes the breaker,
+every waiter is woken at once and calls again through a semaphore, so the orders that
+waited are driven immediately, at most `batch` calls at a time.
 
 A definite answer (2xx or a business 4xx) is a success for the breaker: the service is up.
 
@@ -38,13 +41,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from prometheus_client import Counter, Gauge
 
 from fsm.clients import Services
-from fsm.errors import CallFailure, CircuitOpen, TransientFailure
+from fsm.errors import BreakerWaitOver, CallFailure, CircuitOpen, TransientFailure
 from fsm.registry import SERVICES
 from fsm.settings import Settings
 
@@ -212,35 +215,68 @@ class Breaker:
 
     # -- waiting ---------------------------------------------------------------------
 
-    async def wait(self, deadline: datetime | None, refused: Exception) -> None:
-        """Until a call may be tried (closed, or a probe may be sent); raises `refused`
-        once `deadline` (wall clock, UTC) has passed. No deadline: as long as it takes."""
+    def gave_up(self, patience: float, last: Exception) -> BreakerWaitOver:
+        """The error of a caller that waited `patience` seconds and the breaker is still not
+        closed (fsm.executor parks the order with it)."""
+        return BreakerWaitOver(
+            f"{self.service}: circuit breaker still {self.state} after {patience:g}s of "
+            f"waiting (probe in {self.retry_after():.1f}s); last: {last}",
+            service=self.service,
+            retry_after=self.retry_after(),
+            breaker=self,
+        )
+
+    async def wait(self, deadline: datetime | None) -> bool:
+        """Until a call may be tried (closed, or a probe may be sent): True; False once
+        `deadline` (wall clock, UTC) has passed first. No deadline: as long as it takes."""
         while not self._may_try():
             timeout = self.retry_after() if self._state == OPEN else None
             if deadline is not None:
                 left = (deadline - datetime.now(deadline.tzinfo)).total_seconds()
                 if left <= 0:
-                    raise refused
+                    return False
                 timeout = left if timeout is None else min(timeout, left)
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout)
             except TimeoutError:
                 pass
+        return True
 
 
 Waiting = Callable[["Breaker", Exception], Awaitable[None]]
 
 
 async def call_through(
-    fn: Callable[[], Awaitable[T]], *, deadline: datetime | None, on_wait: Waiting | None = None
+    fn: Callable[[], Awaitable[T]],
+    *,
+    deadline: datetime | None,
+    on_wait: Waiting | None = None,
+    patience: float | None = None,
 ) -> T:
     """The executor's retry-loop hook: make the call; if a breaker refuses it, wait for
     that breaker (not spending a retry attempt) and call again. After waiting, calls go
     through the breaker's batch semaphore, so a closing breaker releases its waiters in
-    bounded batches. Raises the last error once `deadline` has passed while waiting.
+    bounded batches. Raises the last error once `deadline` has passed while waiting, and
+    `BreakerWaitOver` once this call has waited `patience` seconds in all (from its first
+    wait) with the deadline still ahead: a compensation's bound, so that its run ends.
     `on_wait(breaker, error)` is awaited each time a wait starts (the executor records it
     on the order: "waiting on the user breaker, probe at T")."""
     waited: Breaker | None = None
+    until: datetime | None = None  # the end of the patience, set at the first wait
+
+    async def wait(breaker: Breaker, error: Exception) -> None:
+        nonlocal until
+        if on_wait is not None:
+            await on_wait(breaker, error)
+        if patience is not None and until is None:
+            until = datetime.now(UTC) + timedelta(seconds=patience)
+        if until is None or (deadline is not None and deadline <= until):
+            if not await breaker.wait(deadline):
+                raise error
+        elif not await breaker.wait(until):
+            assert patience is not None
+            raise breaker.gave_up(patience, error) from error
+
     while True:
         try:
             if waited is None:
@@ -249,18 +285,14 @@ async def call_through(
                 return await fn()
         except CircuitOpen as refused:
             waited = cast(Breaker, refused.breaker)
-            if on_wait is not None:
-                await on_wait(waited, refused)
-            await waited.wait(deadline, refused)
+            await wait(waited, refused)
         except TransientFailure as failed:
             # After waiting, a failure that leaves the breaker open (this call was the probe,
             # or was admitted just before the probe failed) is still the outage, not this
             # order's attempt: keep waiting, so waiting never spends the retry budget.
             if waited is None or waited.state == CLOSED:
                 raise
-            if on_wait is not None:
-                await on_wait(waited, failed)
-            await waited.wait(deadline, failed)
+            await wait(waited, failed)
 
 
 class _Guarded:

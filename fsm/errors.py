@@ -6,6 +6,7 @@ SagaError
 │   │   └── NotFound            404 (product lookup: the order is rejected)
 │   └── TransientFailure        5xx, timeout, connection error: outcome unknown
 │       └── CircuitOpen         not called: the service's circuit breaker is open
+│           └── BreakerWaitOver a compensation waited its run's bound on an open breaker
 ├── ConcurrencyError            another driver owns or moved the order
 │   ├── StaleOrder              optimistic version check failed
 │   └── LeaseLost               the lease is held by another owner (or expired)
@@ -59,6 +60,14 @@ class CircuitOpen(TransientFailure):
         self.service = service
         self.retry_after = retry_after
         self.breaker = breaker
+
+
+class BreakerWaitOver(CircuitOpen):
+    """A compensation waited on an open breaker as long as one run may (fsm.breaker,
+    `call_through`'s `patience`): this run stops trying that call, not retried within the
+    run; the order parks and a later run retries it (SPEC §2: never skipped)."""
+
+    code = "breaker_wait_over"
 
 
 class ConcurrencyError(SagaError):

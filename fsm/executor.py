@@ -27,6 +27,7 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
+    retry_if_not_exception_type,
     stop_after_attempt,
     stop_any,
     wait_random_exponential,
@@ -37,6 +38,7 @@ from fsm.bounds import MAX_AMOUNT
 from fsm.breaker import Breaker, call_through
 from fsm.clients import Answer, Services
 from fsm.errors import (
+    BreakerWaitOver,
     BusinessFailure,
     CallFailure,
     InvalidMove,
@@ -115,10 +117,26 @@ class Executor:
         `audit` (a person's resume), a live order's log first names who and why. With
         `allowed`, an order found (under the lease) in another state is not driven:
         InvalidMove, nothing written."""
+        _, drive = await self.prepare_run(order_id, audit=audit, allowed=allowed)
+        return await drive
+
+    async def prepare_run(
+        self,
+        order_id: uuid.UUID,
+        *,
+        audit: Audit | None = None,
+        allowed: Collection[str] | None = None,
+    ) -> tuple[Order, Coroutine[Any, Any, Order]]:
+        """`run` in two halves, for a caller that awaits the drive elsewhere (the API runs
+        it in the background and answers 202 if it outlasts RESPOND_WITHIN, api.runner):
+        now the order is claimed, checked and its audit row written, raising what `run`
+        raises before it drives (not found, held by another driver, not allowed); returned,
+        the order and its drive, which must be awaited (it gives the lease back)."""
         order = await self._claim_reserved(order_id)
         async with self._given_back_on_error(order):
             operator.admit(order, allowed)
-        return await self._audited(order, audit)
+            await self._record(order, audit)
+        return order, self._drive_reserved(order)
 
     async def cancel(
         self,
@@ -129,6 +147,19 @@ class Executor:
     ) -> Order:
         """The owner cancels a completed order: refund, restore, cancel shipping. With
         `audit`, the log first names who cancelled and why; `allowed` as for `run`."""
+        _, drive = await self.prepare_cancel(order_id, audit=audit, allowed=allowed)
+        return await drive
+
+    async def prepare_cancel(
+        self,
+        order_id: uuid.UUID,
+        *,
+        audit: Audit | None = None,
+        allowed: Collection[str] | None = None,
+    ) -> tuple[Order, Coroutine[Any, Any, Order]]:
+        """`cancel` in two halves, as `prepare_run`: the cancellation is committed now (or
+        refused: InvalidMove for an order that is neither completed nor cancelling), the
+        compensations are the drive returned."""
         order = await self._claim_reserved(order_id)
         async with self._given_back_on_error(order):
             operator.admit(order, allowed)
@@ -138,7 +169,7 @@ class Executor:
                 await self._fire(order, "order", OrderTrigger.CANCEL, cancel_requested=True)
             elif not order.cancel_requested:
                 raise InvalidMove(f"only a completed order can be cancelled (it is {order.state})")
-        return await self._drive_reserved(order)
+        return order, self._drive_reserved(order)
 
     def drive(self, order: Order, *, audit: Audit | None = None) -> Coroutine[Any, Any, Order]:
         """Advance an order whose lease we hold; the lease is always given back. The order
@@ -174,10 +205,14 @@ class Executor:
     async def _audited(self, order: Order, audit: Audit | None) -> Order:
         """Drive a reserved, leased order, its audit row (if any) written first; if that
         write fails the lease is given back and nothing is driven."""
-        if audit is not None and not is_terminal(order.state):
-            async with self._given_back_on_error(order):
-                await operator.record(self.store, order, owner=self.owner, audit=audit)
+        async with self._given_back_on_error(order):
+            await self._record(order, audit)
         return await self._drive_reserved(order)
+
+    async def _record(self, order: Order, audit: Audit | None) -> None:
+        """A person's action on a live order: who and why, in its log before it moves."""
+        if audit is not None and not is_terminal(order.state):
+            await operator.record(self.store, order, owner=self.owner, audit=audit)
 
     def _reserve(self, order_id: uuid.UUID) -> None:
         """One action per order at a time in this process. The lease is re-entrant for
@@ -463,8 +498,15 @@ class Executor:
         key = idempotency_key(order, step, action)
         try:
             answer = await self._with_retries(
-                order, f"{step}:{action}", lambda: saga_step.undo(order, key), deadline=None
+                order,
+                f"{step}:{action}",
+                lambda: saga_step.undo(order, key),
+                deadline=None,  # retried until it succeeds, over as many runs as it takes
+                patience=self.policy.breaker_patience,  # but this run ends: it parks
             )
+        except BreakerWaitOver as exc:  # the run ends; a later one retries it
+            waiting = f"compensation {step} {action} waiting on the breaker of {exc.service}"
+            return f"{waiting}: parked ({exc})"
         except CallFailure as exc:
             # Never skipped: the order parks in needs_attention and a resume retries it.
             return f"{step} {action} did not succeed: {exc}"
@@ -520,12 +562,16 @@ class Executor:
         fn: Callable[[], Awaitable[T]],
         *,
         deadline: datetime | None,
+        patience: float | None = None,
     ) -> T:
         """Retry transient failures with the same key; persist every attempt's schedule.
         The first attempt runs bare: building tenacity's machinery cost ~0.5 ms a call,
-        more than the call itself, and most calls succeed the first time."""
+        more than the call itself, and most calls succeed the first time. `patience`: how
+        long an attempt may wait on an open breaker (None: until `deadline`); past it the
+        call is not retried in this run (BreakerWaitOver)."""
         # An open breaker: wait, spend no attempt, and say so on the order.
-        fn = partial(call_through, fn, deadline=deadline, on_wait=partial(self._waits, order, call))
+        waits = partial(self._waits, order, call)
+        fn = partial(call_through, fn, deadline=deadline, on_wait=waits, patience=patience)
         scope, _, action = call.partition(":")  # "payment:deduct", "product:get"
         service = STEP[scope].service if scope in STEP else scope  # payment -> user
         fn = metrics.timed(fn, service, action)  # each attempt's latency
@@ -599,7 +645,8 @@ class Executor:
             wait=wait_random_exponential(
                 multiplier=self.policy.backoff_base, max=self.policy.backoff_max
             ),
-            retry=retry_if_exception_type(TransientFailure),
+            retry=retry_if_exception_type(TransientFailure)
+            & retry_if_not_exception_type(BreakerWaitOver),  # waited its bound: this run ends
             before_sleep=note,
             reraise=True,
         )

@@ -29,6 +29,14 @@ class RetryPolicy:
     # The order's own deadline after creation (None: none): past it, it stops waiting.
     order_deadline: float | None = None
 
+    @property
+    def breaker_patience(self) -> float:
+        """How long a compensation's call waits on an open circuit breaker in one run before
+        the run gives up on it and the order parks (fsm.breaker): as long as the run's own
+        retries of it could take, MAX_ATTEMPTS x BACKOFF_MAX (8 s by default). A forward
+        step waits until its deadline instead."""
+        return self.max_attempts * self.backoff_max
+
     @classmethod
     def from_settings(cls, settings: Settings) -> RetryPolicy:
         return cls(

@@ -68,7 +68,8 @@ class Settings(BaseSettings):
 
     # Per-call HTTP timeout, seconds.
     http_timeout: Seconds = Field(default=5.0, gt=0)
-    # Retries of one call within one run (same idempotency key each time).
+    # Retries of one call within one run (same idempotency key each time). A compensation
+    # waits on an open breaker at most max_attempts x backoff_max per run, then parks.
     max_attempts: int = Field(default=4, ge=1, le=100)
     backoff_base: Seconds = Field(default=0.05, ge=0)
     backoff_max: Seconds = Field(default=2.0, ge=0)
@@ -83,7 +84,8 @@ class Settings(BaseSettings):
     park_max: Seconds = Field(default=3600.0, gt=0)
     # How long a driver owns an order without renewing its lease.
     lease_seconds: Seconds = Field(default=30.0, gt=0)
-    # POST /orders waits this long for a terminal state before answering 202.
+    # POST /orders, /orders/{id}/resume and /cancel (and the console's actions) wait this
+    # long for their run before answering 202 + Location (the run goes on in the background).
     respond_within: Seconds = Field(default=10.0, ge=0)
     # The sweep of `serve` and `worker`: how often, how old an order must be, batch size.
     sweep_interval: Seconds = Field(default=5.0, gt=0)

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from fsm.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Breakers, call_through
-from fsm.errors import BusinessFailure, CircuitOpen, TransientFailure
+from fsm.errors import BreakerWaitOver, BusinessFailure, CircuitOpen, TransientFailure
 from tests.support.waiting import wait_until_async
 
 
@@ -155,6 +155,38 @@ async def test_a_deadline_ends_the_wait_with_circuit_open() -> None:
     with pytest.raises(CircuitOpen):
         await call_through(lambda: breaker.call(service), deadline=deadline)
     assert service.calls == 1
+
+
+async def test_patience_ends_the_wait_with_breaker_wait_over() -> None:
+    """A compensation's bound (no deadline): waiting spends no call, and once `patience`
+    has passed the caller gets BreakerWaitOver naming the breaker, not an endless wait."""
+    service = Service()
+    breaker = Breaker("inventory.restore", threshold=1, cooldown=60)
+    await fail_n(breaker, service, 1)
+    with pytest.raises(BreakerWaitOver) as over:
+        await call_through(lambda: breaker.call(service), deadline=None, patience=0.05)
+    assert service.calls == 1 and over.value.service == "inventory.restore"
+    assert "still open after 0.05s of waiting" in str(over.value)
+    assert isinstance(over.value.__cause__, CircuitOpen)
+
+
+async def test_patience_counts_from_the_first_wait_across_failed_probes() -> None:
+    service = Service()
+    breaker = Breaker("shipping.cancel", threshold=1, cooldown=0.01)
+    await fail_n(breaker, service, 1)
+    with pytest.raises(BreakerWaitOver):  # probes fail meanwhile: still one bound
+        await call_through(lambda: breaker.call(service), deadline=None, patience=0.2)
+    assert breaker.stats.probes >= 1 and breaker.state != CLOSED
+
+
+async def test_an_earlier_deadline_wins_over_patience() -> None:
+    service = Service()
+    breaker = Breaker("user", threshold=1, cooldown=60)
+    await fail_n(breaker, service, 1)
+    deadline = datetime.now(UTC) + timedelta(seconds=0.05)
+    with pytest.raises(CircuitOpen) as refused:
+        await call_through(lambda: breaker.call(service), deadline=deadline, patience=30)
+    assert not isinstance(refused.value, BreakerWaitOver)  # a forward step's semantics
 
 
 async def test_state_changes_are_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:

@@ -214,6 +214,31 @@ def test_a_reason_left_on_an_order_that_is_not_parked_is_not_shown(
     assert "Parked because" not in confirm.text and "refund did not succeed" not in confirm.text
 
 
+def test_an_action_that_outlasts_respond_within_answers_and_the_run_goes_on(
+    db_url: str, services_url: str, downstream: Downstream
+) -> None:
+    """The page's Retry waits for its run at most RESPOND_WITHIN, as the API's actions
+    (api.runner), then says it is still running; the run finishes in the background."""
+    fields = API | {"max_attempts": 2, "respond_within": 0.2}
+    with TestClient(
+        create_app(saga_settings(db_url, services_url, **fields), sweep=False)
+    ) as client:
+        downstream.fault("user.refund", "error", count=2)  # the run's 2 attempts: parked
+        parked = place(client, ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID)
+        wait_until(
+            lambda: client.get(f"/orders/{parked}").json()["state"] == "needs_attention",
+            what="the order to park",
+        )
+        downstream.fault("user.refund", "delay", count=1, seconds=1.0)
+        retried = client.post(f"/ui/orders/{parked}/retry")
+        assert retried.status_code == 200 and retried.url.path == f"/ui/orders/{parked}"
+        assert "Retry compensation: still running, now compensating" in retried.text
+        wait_until(
+            lambda: client.get(f"/orders/{parked}").json()["state"] == "failed",
+            what="the retry to finish in the background",
+        )
+
+
 @pytest.mark.parametrize("action", ["resume", "retry", "cancel", "resolve"])
 def test_an_action_outside_its_states_is_refused_and_does_nothing(
     client: TestClient, store: Store, action: str

@@ -1,5 +1,6 @@
 """SPEC §4 actions on one order: `POST /orders/{id}/cancel` and `POST /orders/{id}/resume`,
-including while another driver holds the order (409) and on unknown ids (404)."""
+including while another driver holds the order (409), on unknown ids (404), and runs that
+outlast RESPOND_WITHIN (202 + Location, as `POST /orders`)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from downstream.seed import (
 from fsm.store import Store
 from tests.support.api import (
     WIDGET_PRICE,
+    api,
     assert_message,
     order_effects,
     place,
     wait_terminal,
 )
 from tests.support.services import Downstream
+from tests.support.waiting import wait_until
 
 # -- POST /orders/{id}/cancel ------------------------------------------------------------
 
@@ -182,3 +185,62 @@ def test_resume_unknown_order_is_404(client: TestClient) -> None:
 
     assert response.status_code == 404
     assert_message(response)
+
+
+# -- a run longer than RESPOND_WITHIN: 202 + Location, the run goes on -------------------
+
+
+def test_a_resume_that_outlasts_respond_within_answers_202_and_goes_on(
+    db_url: str, services_url: str, downstream: Downstream
+) -> None:
+    downstream.fault("inventory.restore", "error", count=3)  # the run's 3 attempts: parked
+    with api(db_url, services_url, respond_within=0.2) as client:
+        order_id = place(client, user=POOR_USER_ID).json()["id"]
+        wait_until(
+            lambda: client.get(f"/orders/{order_id}").json()["state"] == "needs_attention",
+            what="the order to park",
+        )
+        downstream.fault("inventory.restore", "delay", count=1, seconds=1.0)
+
+        response = client.post(f"/orders/{order_id}/resume")
+
+        assert response.status_code == 202, response.text
+        assert response.headers["Location"] == f"/orders/{order_id}"
+        assert response.json()["state"] == "compensating"
+        held = client.post(f"/orders/{order_id}/resume")  # its run still holds it
+        assert held.status_code == 409 and held.json()["code"] == "lease_lost", held.text
+        final = wait_terminal(client, order_id)
+    assert (final["state"], final["steps"]["inventory"]) == ("failed", "compensated")
+    effects = order_effects(downstream, order_id)
+    assert effects[f"{order_id}:inventory:restore"] == 1
+
+
+def test_a_cancel_with_prefer_respond_async_answers_202_at_once(
+    client: TestClient, downstream: Downstream
+) -> None:
+    balance = downstream.balance(ORDINARY_USER_ID)
+    order_id = place(client).json()["id"]
+
+    response = client.post(f"/orders/{order_id}/cancel", headers={"Prefer": "respond-async"})
+
+    assert response.status_code == 202, response.text
+    assert response.headers["Location"] == f"/orders/{order_id}"
+    assert response.json()["state"] == "cancelling"  # committed before the answer
+    assert wait_terminal(client, order_id)["state"] == "cancelled"
+    assert downstream.balance(ORDINARY_USER_ID) == balance
+
+
+def test_a_cancel_that_outlasts_respond_within_answers_202_and_goes_on(
+    db_url: str, services_url: str, downstream: Downstream
+) -> None:
+    balance = downstream.balance(ORDINARY_USER_ID)
+    with api(db_url, services_url, respond_within=0.2) as client:
+        order_id = place(client).json()["id"]
+        downstream.fault("user.refund", "delay", count=1, seconds=1.0)
+
+        response = client.post(f"/orders/{order_id}/cancel")
+
+        assert response.status_code == 202, response.text
+        assert response.headers["Location"] == f"/orders/{order_id}"
+        assert wait_terminal(client, order_id)["state"] == "cancelled"
+    assert downstream.balance(ORDINARY_USER_ID) == balance

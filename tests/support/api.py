@@ -18,7 +18,7 @@ from downstream.seed import (
     WIDGET_ID,
 )
 from fsm.machine import TERMINAL_ORDER_STATES
-from tests.support.services import Downstream
+from tests.support.services import Downstream, LiveServer
 from tests.support.settings import saga_settings
 from tests.support.waiting import wait_until
 
@@ -38,6 +38,15 @@ def api(db_url: str, services_url: str, **overrides: Any) -> Iterator[TestClient
     app = create_app(saga_settings(db_url, services_url, **(API | overrides)), sweep=False)
     with TestClient(app) as client:
         yield client
+
+
+@contextmanager
+def served_api(db_url: str, services_url: str, **overrides: Any) -> Iterator[str]:
+    """The API (lifespan included) served on a loopback port, its URL: for a test whose
+    request must fail on a timeout rather than hang when no answer comes."""
+    app = create_app(saga_settings(db_url, services_url, **(API | overrides)), sweep=False)
+    with LiveServer(app, lifespan="on") as server:
+        yield server.url
 
 
 LOGIN_TOKEN = re.compile(r'name="login_token" value="([^"]+)"')

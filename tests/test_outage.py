@@ -126,9 +126,13 @@ def test_an_outage_costs_threshold_plus_probes_then_every_order_finishes(
     print(f"\noutage: {calls} user.deduct calls for {ORDERS} orders ({user.stats})")
 
 
-def test_a_compensation_during_an_outage_waits_and_completes_after_recovery(
+def test_a_compensation_during_an_outage_waits_its_bound_then_parks_and_a_resume_ends_it(
     db_url: str, store: Store, downstream: Downstream
 ) -> None:
+    """The refund's breaker opens and stays open: the refund waits for it (spending no
+    attempt) as long as its run's retries could take (MAX_ATTEMPTS x BACKOFF_MAX), then the
+    order parks saying which breaker (it used to wait for the whole outage, its resume or
+    cancel never answering); after recovery a resume refunds it, once."""
     balance = downstream.balance(ORDINARY_USER_ID)
     downstream.fault("user.refund", "error", count=OUTAGE)
     with api(db_url, downstream.url) as client:
@@ -136,11 +140,17 @@ def test_a_compensation_during_an_outage_waits_and_completes_after_recovery(
         (oid,) = [
             place(client, ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID)
         ]  # paid, inventory 409 -> refund
-        wait_until(lambda: user.stats.probes >= 2, what="the refund waiting on an open breaker")
+        wait_until(
+            lambda: client.get(f"/orders/{oid}").json()["state"] == "needs_attention",
+            what="the refund to give up waiting on its open breaker",
+        )
         order = client.get(f"/orders/{oid}").json()
-        assert order["state"] == "compensating"  # waiting, not parked, not skipped
-        assert order["steps"]["payment"] == "compensating"
+        assert order["steps"]["payment"] == "compensating"  # parked, not skipped
+        assert "waiting on the breaker of user.refund: parked" in order["why"]["reason"]
+        assert [a for a in queries.attempts(store, uuid.UUID(oid)) if a.waiting_on]
         httpx.delete(f"{downstream.url}/_faults").raise_for_status()
+        wait_until(lambda: user.state != OPEN, what="the refund breaker's probe")
+        assert client.post(f"/orders/{oid}/resume").status_code in (200, 202)
         wait_until(
             lambda: client.get(f"/orders/{oid}").json()["status"] == "failed",
             what="the order failed",
@@ -249,7 +259,11 @@ def test_a_partial_outage_is_shielded_by_its_own_breaker(
         closed_before = deduct_closes()
         ids = [place(client, ORDINARY_USER_ID, WIDGET_ID) for _ in range(ORDERS)]
         for oid in done:  # 20 s of outage, a refund every 2 s
-            assert client.post(f"/orders/{oid}/cancel").json()["status"] == "cancelled"
+            client.post(f"/orders/{oid}/cancel")  # RESPOND_WITHIN 0: 202, the run goes on
+            wait_until(
+                lambda oid=oid: client.get(f"/orders/{oid}").json()["status"] == "cancelled",
+                what="the cancel to refund",
+            )
             time.sleep(2.0)
         calls = calls_made(downstream, "user.deduct")
         # It never flapped: no refund's success closed the deducts' breaker.

@@ -225,6 +225,7 @@ def test_a_cancel_with_prefer_respond_async_answers_202_at_once(
 
     assert response.status_code == 202, response.text
     assert response.headers["Location"] == f"/orders/{order_id}"
+    assert response.headers["Preference-Applied"] == "respond-async"
     assert response.json()["state"] == "cancelling"  # committed before the answer
     assert wait_terminal(client, order_id)["state"] == "cancelled"
     assert downstream.balance(ORDINARY_USER_ID) == balance

@@ -73,6 +73,15 @@ ALL_STEPS = frozenset(STEP_NAMES)
 _BEFORE_STEPS = frozenset({OrderState.PENDING, OrderState.PRODUCT_REQUESTED})
 
 
+@dataclasses.dataclass(frozen=True)
+class Unfinished:
+    """A compensation this run could not finish: why, and whether only an open breaker
+    stood in its way (`outage`: retried sooner once parked)."""
+
+    reason: str
+    outage: bool
+
+
 def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -311,7 +320,8 @@ class Executor:
                 steps = to_compensate(_step_states(order))
                 failures = [r for r in await self._each_step(order, self._compensate, steps) if r]
                 if failures:
-                    await self._park(order, "; ".join(failures))
+                    outage = all(f.outage for f in failures)
+                    await self._park(order, "; ".join(f.reason for f in failures), outage=outage)
                     return
                 done = (
                     OrderTrigger.CANCELLATION_DONE
@@ -332,12 +342,18 @@ class Executor:
                 # order is not "needs attention", and a new park gives its own.
                 await self._fire(order, "order", retry, attention_reason=None)
 
-    async def _park(self, order: Order, reason: str) -> None:
+    async def _park(self, order: Order, reason: str, *, outage: bool = False) -> None:
         """needs_attention, with the reason; the sweep retries after a doubling pause. A
         compensation past its order deadline is flagged so (never cut short); an owner's
-        cancellation is not: it came after the order's outcome, which the deadline bounds."""
+        cancellation is not: it came after the order's outcome, which the deadline bounds.
+        Parked only because its breakers stayed open (`outage`), it is retried sooner: the
+        pause doubles from the run's breaker patience up to `park_min`, so an outage of a
+        minute does not leave its compensations parked for `park_min` after it ends."""
         parks = order.attempts.get("order:park", 0) + 1
-        pause = doubling(self.policy.park_min, self.policy.park_max, parks)
+        if outage:
+            pause = doubling(self.policy.breaker_patience, self.policy.park_min, parks)
+        else:
+            pause = doubling(self.policy.park_min, self.policy.park_max, parks)
         detail: dict[str, Any] = {"reason": reason}
         if self._past_deadline(order) and not order.cancel_requested:
             reason = f"past its order deadline: {reason}"
@@ -489,8 +505,8 @@ class Executor:
                 raise exc from no
             return answer
 
-    async def _compensate(self, order: Order, step: Step) -> str | None:
-        """Undo a step that may have had an effect; returns a reason if it must wait."""
+    async def _compensate(self, order: Order, step: Step) -> Unfinished | None:
+        """Undo a step that may have had an effect; says why if it must wait."""
         saga_step = self.steps[step]
         if StepState(order.state_of(step)) is not StepState.COMPENSATING:
             await self._fire(order, step, StepTrigger.COMPENSATE)
@@ -506,10 +522,10 @@ class Executor:
             )
         except BreakerWaitOver as exc:  # the run ends; a later one retries it
             waiting = f"compensation {step} {action} waiting on the breaker of {exc.service}"
-            return f"{waiting}: parked ({exc})"
+            return Unfinished(f"{waiting}: parked ({exc})", outage=True)
         except CallFailure as exc:
             # Never skipped: the order parks in needs_attention and a resume retries it.
-            return f"{step} {action} did not succeed: {exc}"
+            return Unfinished(f"{step} {action} did not succeed: {exc}", outage=False)
         changes = saga_step.undo_changes()
         await self._fire(order, step, StepTrigger.FINISH_COMPENSATION, detail=answer, **changes)
         return None

@@ -63,6 +63,11 @@ def parked_on(store: Store, db_url: str, order: Order, operation: str) -> Order:
     reason = now.attention_reason or ""
     assert f"waiting on the breaker of {operation}: parked" in reason, reason
     assert operation in (now.last_error or ""), now.last_error
+    # Retried sooner than an ordinary park (PARK_MIN, 300 s): from the run's breaker
+    # patience (0.15 s here), doubling per park, so an outage's end is not followed by
+    # minutes of parked compensations.
+    assert now.next_attempt_at is not None
+    assert (now.next_attempt_at - now.updated_at).total_seconds() < 10, now.next_attempt_at
     w = why.for_order(store, now, saga_settings(db_url))
     assert w is not None and w.kind is Kind.PARKED, w
     assert f"waiting on the breaker of {operation}" in w.summary, w.summary

@@ -28,8 +28,8 @@ from api.schemas import (
 )
 from fsm import queries, why
 from fsm.bounds import MAX_ID, MAX_SECONDS
-from fsm.errors import CircuitOpen
-from fsm.machine import TERMINAL_ORDER_STATES, OperatorAction, OrderState, Status
+from fsm.errors import CircuitOpen, LeaseLost
+from fsm.machine import TERMINAL_ORDER_STATES, OperatorAction, OrderState, Status, is_terminal
 from fsm.models import Order
 from fsm.operator import Audit
 
@@ -400,7 +400,16 @@ async def cancel_order(
     if principal.sees_only_own:
         visible(store, order_id, principal)
     audit = Audit(OperatorAction.CANCEL, principal.audit, reason)
-    order, run = await executor.prepare_cancel(order_id, audit=audit)
+    try:
+        order, run = await executor.prepare_cancel(order_id, audit=audit)
+    except LeaseLost:
+        # Its cancellation already under way (this cancel's own retry, say, while the
+        # first goes on in the background): that is what was asked, so 202 + Location as
+        # the first one's answer, not a 409 telling the client it conflicted.
+        now = store.get(order_id)
+        if now.cancel_requested and not is_terminal(now.state):
+            return _accepted(OrderOut.of(now))
+        raise
     return await _ran(request, order, run, prefer)
 
 

@@ -243,5 +243,12 @@ def test_a_cancel_that_outlasts_respond_within_answers_202_and_goes_on(
 
         assert response.status_code == 202, response.text
         assert response.headers["Location"] == f"/orders/{order_id}"
+        # Retried while the first goes on (a client that timed out, say): the same
+        # cancellation, under way, not a 409 conflict.
+        again = client.post(f"/orders/{order_id}/cancel")
+        assert again.status_code == 202, again.text
+        assert again.headers["Location"] == f"/orders/{order_id}"
+        assert again.json()["state"] == "cancelling"
         assert wait_terminal(client, order_id)["state"] == "cancelled"
     assert downstream.balance(ORDINARY_USER_ID) == balance
+    assert order_effects(downstream, order_id)[f"{order_id}:payment:refund"] == 1

@@ -288,6 +288,8 @@ class Settings(BaseSettings):
     def _http_url(cls, url: str) -> str:
         if not url.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
+        if _has_credentials(url):
+            raise ValueError(NO_CREDENTIALS)
         return url.rstrip("/")
 
     @model_validator(mode="before")
@@ -318,6 +320,8 @@ class Settings(BaseSettings):
         for name, url in urls.items():
             if not isinstance(url, str) or not url.startswith(("http://", "https://")):
                 raise ValueError(f"{_env(name)} must be an http:// or https:// URL")
+            if _has_credentials(url):
+                raise ValueError(f"{_env(name)} {NO_CREDENTIALS}")
         missing = [name for name in names if name not in urls]
         if urls and missing:
             raise ValueError(
@@ -336,6 +340,18 @@ ACCEPTED_DATABASES = "a sqlite:///<file> or postgresql+psycopg:// (or postgresql
 
 def _env(service: str) -> str:
     return f"ORDER_SAGA_{service.upper()}_URL"
+
+
+# A downstream URL carries no secret: aiohttp's errors quote the whole URL, and from there
+# it would reach `last_error`, the logs and API clients (fsm.text masks it too, in case).
+NO_CREDENTIALS = (
+    "must not hold a user or password (user:password@host): a URL's secret ends up in "
+    "error messages and logs"
+)
+
+
+def _has_credentials(url: str) -> bool:
+    return "@" in url.partition("://")[2].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
 
 
 @lru_cache

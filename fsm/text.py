@@ -1,7 +1,9 @@
 """Text from outside (a service's error detail or reason phrase, an exception's message)
 made storable and safe to log, in one function: `fsm.clients` applies it where an error's
-text is built, `fsm.store` again before `last_error` is written. No I/O, no imports of
-the project: any module may use it.
+text is built, `fsm.store` again before `last_error` is written. It also takes the
+credentials out of any URL it quotes (aiohttp's errors quote the whole URL, user:password@
+included): what it returns goes to the database, the logs and API clients. No I/O, no
+imports of the project: any module may use it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ MAX_ERROR_CHARS = 500
 # PostgreSQL text column), DEL, C1 controls, and lone surrogates (not encodable as UTF-8:
 # aiohttp decodes a Latin-1 reason phrase with surrogateescape).
 _UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
+# A URL's userinfo (`user:password@`, `token@`): from `://` to the authority's last `@`
+# (a password may hold an unescaped `@`). Anchored on `://` by a look-behind, so each scan
+# stops at the next `/`: linear in the text, whatever a service's detail holds.
+_USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")
+MASKED_USERINFO = "***@"
 
 
 # user:password@ in any URL of a message (a driver error may quote the URL it was given).
@@ -35,7 +42,11 @@ def _escaped(match: re.Match[str]) -> str:
 def storable(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     """`text` on one line, every character encodable as UTF-8 and storable in any text
     column (controls escaped as `\\n`, `\\x00`; a lone surrogate as U+FFFD), cut to at
-    most `limit` characters plus a trailing "…". A clean short text is returned as is."""
+    most `limit` characters plus a trailing "…", the userinfo of every URL in it replaced
+    by `***@` (before the cut, which could leave half of it). A clean short text is
+    returned as is."""
+    if "@" in text and "://" in text:
+        text = _USERINFO.sub(MASKED_USERINFO, text)
     cut = len(text) > limit
     if cut:
         text = text[:limit]

@@ -7,21 +7,29 @@ forever later. At the bounds themselves an order runs, parks, is explained and p
 
 from __future__ import annotations
 
+import json
+import logging
 import typing
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from api.app import create_app
 from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
 from fsm import why
 from fsm.bounds import MAX_COUNT, MAX_SECONDS
+from fsm.registry import SERVICES
 from fsm.retention import pruner_for
 from fsm.settings import Settings
 from fsm.store import Store
-from fsm.wiring import open_saga
+from fsm.text import storable
+from fsm.wiring import open_saga, open_store
+from tests.support.api import API, place
 from tests.support.database import PG_SERVER
 from tests.support.processes import run_cli
 from tests.support.services import Downstream
@@ -29,6 +37,7 @@ from tests.support.settings import saga_env, saga_settings
 
 UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"  # fails fast, if reached
 NO_DB = {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}
+SERVICE_NAMES = [service.name for service in SERVICES]
 
 
 def number_fields() -> dict[str, type]:
@@ -277,3 +286,75 @@ def test_postgresql_without_a_driver_means_psycopg(pg_url: str, tmp_path: Path) 
 def test_a_sqlite_file_is_taken_as_given(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/saga.db"
     assert validated(database_url=url).database_url == url
+
+
+# -- no secret in a downstream URL -------------------------------------------------------------
+
+SECRET = "UrLSeCrEt"
+SECRET_URL = f"http://svc:{SECRET}@127.0.0.1:65535"
+# A URL aiohttp refuses to call (its port): its error quotes the URL whole.
+SECRET_IN_ERROR_URL = f"http://svc:{SECRET}@127.0.0.1:99999"
+
+
+@pytest.mark.parametrize(
+    "variable", ["PRODUCT_URL", "USER_URL", "INVENTORY_URL", "SHIPPING_URL", "SERVICES"]
+)
+def test_a_service_url_with_a_password_stops_the_command_in_one_line(variable: str) -> None:
+    """Its password reached `last_error`, every attempt_failed line and API clients
+    (aiohttp's error quotes the whole URL): refused at start, never quoted."""
+    urls = {f"ORDER_SAGA_{s.upper()}_URL": "http://127.0.0.1:1" for s in SERVICE_NAMES}
+    if variable == "SERVICES":
+        env = {"ORDER_SAGA_SERVICES": json.dumps(dict.fromkeys(SERVICE_NAMES, SECRET_URL))}
+        named = f"ORDER_SAGA_{SERVICE_NAMES[0].upper()}_URL"
+    else:
+        env, named = urls | {f"ORDER_SAGA_{variable}": SECRET_URL}, f"ORDER_SAGA_{variable}"
+    result = run_cli("orders", "list", **NO_DB, **env)
+    assert result.returncode == 2, result.stderr
+    assert f"{named} must not hold a user or password" in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and SECRET not in result.stderr
+
+
+def test_a_fallback_services_url_with_a_password_stops_the_command_in_one_line() -> None:
+    url = f"http://{SECRET}@127.0.0.1:8000/services"  # a token as the user: a secret too
+    result = run_cli("resume", **NO_DB, ORDER_SAGA_FALLBACK_SERVICES_URL=url)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("order-saga: invalid ORDER_SAGA_FALLBACK_SERVICES_URL: ")
+    assert len(result.stderr.splitlines()) == 1 and SECRET not in result.stderr
+
+
+def test_a_url_password_in_a_transport_error_reaches_no_client_record_or_log(
+    db_url: str, services_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The settings refuse such a URL; should one still reach a client (a Settings built
+    another way), the error texts the real client path makes of it carry no secret: not
+    the API's answer, not the order's `last_error` or attempts, not a log line."""
+    caplog.set_level(logging.INFO)
+    settings = saga_settings(db_url, services_url, **API, max_attempts=1)
+    urls = dict.fromkeys(SERVICE_NAMES, SECRET_IN_ERROR_URL)
+    leaky = settings.model_copy(update={"services": urls})
+    with TestClient(create_app(leaky, sweep=False)) as client:
+        placed = place(client)
+        order = client.get(placed.headers.get("Location") or f"/orders/{placed.json()['id']}")
+        history = client.get(f"{order.request.url.path}/transitions")
+    assert order.status_code == 200, order.text
+    assert order.json()["last_error"], order.text  # the transport's error, told
+    assert "InvalidUrlClientError: http://***@127.0.0.1:99999/" in order.json()["last_error"]
+    for text in (placed.text, order.text, history.text, caplog.text):
+        assert SECRET not in text
+    with open_store(settings) as store:
+        stored = store.get(uuid.UUID(order.json()["id"]))
+    assert stored.last_error is not None and SECRET not in stored.last_error
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        (f"GET /p: E: http://svc:{SECRET}@h:1/p", "GET /p: E: http://***@h:1/p"),
+        (f"E: URL('https://{SECRET}@h/x')", "E: URL('https://***@h/x')"),  # a token as user
+        (f"E: http://svc:pa@{SECRET}@h/x", "E: http://***@h/x"),  # an unescaped @ in it
+        ("E: http://h/a@b?c=d@e", "E: http://h/a@b?c=d@e"),  # no userinfo: as it was
+        (f"{'x' * 489} http://svc:{SECRET}@h/", f"{'x' * 489} http://***…"),  # masked, then cut
+    ],
+)
+def test_an_error_text_never_quotes_a_url_s_credentials(text: str, kept: str) -> None:
+    assert storable(text) == kept

@@ -19,6 +19,7 @@ from sqlalchemy.exc import ArgumentError
 
 from fsm.bounds import MAX_COUNT, MAX_SECONDS
 from fsm.registry import SERVICES
+from fsm.urls import http_base_url, issuer_url
 
 # A number of seconds (a wait, an age, a lifetime): finite and at most MAX_SECONDS, above
 # the lower bound its field states. A field bounded tighter states its own `le` on a plain
@@ -232,9 +233,7 @@ class Settings(BaseSettings):
     @field_validator("oidc_issuer")
     @classmethod
     def _issuer(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(("https://", "http://")):
-            raise ValueError("must be an https:// URL (http:// only for a local test issuer)")
-        return url.rstrip("/") if url else url
+        return None if url is None else issuer_url(url)
 
     @model_validator(mode="after")
     def _oidc_whole(self) -> Settings:
@@ -286,18 +285,15 @@ class Settings(BaseSettings):
     @field_validator("fallback_services_url")
     @classmethod
     def _http_url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
-        if _has_credentials(url):
-            raise ValueError(NO_CREDENTIALS)
-        return url.rstrip("/")
+        return http_base_url(url)
 
     @model_validator(mode="before")
     @classmethod
     def _service_urls(cls, data: Any) -> Any:
         """ORDER_SAGA_SERVICES merged with the ORDER_SAGA_<SERVICE>_URL variables (and
-        `<service>_url` arguments); refused, naming the variable, if a URL is not http(s),
-        a service is unknown, or some services have a URL and others not."""
+        `<service>_url` arguments); refused, naming the variable, if a URL is not one a
+        client can call (`fsm.urls.http_base_url`), a service is unknown, or some services
+        have a URL and others not."""
         if not isinstance(data, dict):
             return data
         names = [service.name for service in SERVICES]
@@ -317,18 +313,21 @@ class Settings(BaseSettings):
                 f"ORDER_SAGA_SERVICES: unknown service {', '.join(unknown)} "
                 f"(the services are {', '.join(names)})"
             )
+        checked = {}
         for name, url in urls.items():
-            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            if not isinstance(url, str):
                 raise ValueError(f"{_env(name)} must be an http:// or https:// URL")
-            if _has_credentials(url):
-                raise ValueError(f"{_env(name)} {NO_CREDENTIALS}")
+            try:
+                checked[name] = http_base_url(url)
+            except ValueError as exc:
+                raise ValueError(f"{_env(name)} {exc}") from None
         missing = [name for name in names if name not in urls]
         if urls and missing:
             raise ValueError(
                 f"no URL for the {', '.join(missing)} service ({', '.join(map(_env, missing))} "
                 "or ORDER_SAGA_SERVICES): set every service's URL, or none for the embedded ones"
             )
-        return {**data, "services": {name: urls[name].rstrip("/") for name in urls}}
+        return {**data, "services": checked}
 
     @property
     def embedded_services(self) -> bool:
@@ -340,18 +339,6 @@ ACCEPTED_DATABASES = "a sqlite:///<file> or postgresql+psycopg:// (or postgresql
 
 def _env(service: str) -> str:
     return f"ORDER_SAGA_{service.upper()}_URL"
-
-
-# A downstream URL carries no secret: aiohttp's errors quote the whole URL, and from there
-# it would reach `last_error`, the logs and API clients (fsm.text masks it too, in case).
-NO_CREDENTIALS = (
-    "must not hold a user or password (user:password@host): a URL's secret ends up in "
-    "error messages and logs"
-)
-
-
-def _has_credentials(url: str) -> bool:
-    return "@" in url.partition("://")[2].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
 
 
 @lru_cache

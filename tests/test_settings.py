@@ -25,7 +25,7 @@ from fsm import why
 from fsm.bounds import MAX_COUNT, MAX_SECONDS
 from fsm.registry import SERVICES
 from fsm.retention import pruner_for
-from fsm.settings import Settings
+from fsm.settings import Settings, settings_problem
 from fsm.store import Store
 from fsm.text import storable
 from fsm.wiring import open_saga, open_store
@@ -358,3 +358,105 @@ def test_a_url_password_in_a_transport_error_reaches_no_client_record_or_log(
 )
 def test_an_error_text_never_quotes_a_url_s_credentials(text: str, kept: str) -> None:
     assert storable(text) == kept
+
+
+# -- URLs parsed, not matched on a prefix ------------------------------------------------------
+
+NOT_CALLABLE = [
+    "http://",  # was taken, stored as `http:`
+    "http:///services",
+    "http://:8100",
+    "http://127.0.0.1:99999",
+    "http://127.0.0.1:0",
+    "http://127.0.0.1:port",
+    "http://exa mple.com",
+    "http://[::1",
+    "http://[not-an-address]:8100",
+    "http://999.1.1.1",
+    "http://-svc-",
+    "http://svc/#fragment",
+    "http://svc/?query=1",
+    "http:/svc",
+    "ftp://svc",
+]
+CALLABLE = [
+    "http://127.0.0.1:8000/services",
+    "https://payments.internal.example",
+    "http://[::1]:8100",
+    "http://inventory_service:8100",  # a compose service name
+    "http://localhost",
+    "https://bücher.example/api/",
+]
+
+
+def problem(**fields: Any) -> str | None:
+    """The one line a command prints for `validated(**fields)` (None: taken)."""
+    try:
+        validated(**fields)
+    except ValidationError as exc:
+        return settings_problem(exc)
+    return None
+
+
+@pytest.mark.parametrize("url", NOT_CALLABLE)
+def test_a_service_url_no_client_can_call_is_refused_naming_it(url: str) -> None:
+    urls = {f"{name}_url": "http://127.0.0.1:8100" for name in SERVICE_NAMES}
+    said = problem(**(urls | {"user_url": url}))
+    assert said is not None and "ORDER_SAGA_USER_URL " in said, f"{url}: {said}"
+    assert url not in said
+    fallback = problem(fallback_services_url=url)
+    assert fallback is not None, url
+    assert fallback.startswith("invalid ORDER_SAGA_FALLBACK_SERVICES_URL: "), fallback
+
+
+@pytest.mark.parametrize("url", CALLABLE)
+def test_a_service_url_a_client_can_call_is_taken(url: str) -> None:
+    settings = validated(**{f"{name}_url": url for name in SERVICE_NAMES})
+    assert set(settings.services.values()) == {url.rstrip("/")}
+    assert validated(fallback_services_url=url).fallback_services_url == url.rstrip("/")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://",
+        "https://:443",
+        "https://login.example.com:0",
+        "https://login.example.com/realms/shop?x=1",
+        "https://login.example.com/realms/shop#top",
+        f"https://client:{SECRET}@login.example.com",
+        "http://login.example.com/realms/shop",  # plain http off this machine
+        "login.example.com",
+    ],
+)
+def test_an_issuer_openid_connect_would_not_take_is_refused(url: str) -> None:
+    assert refusal(oidc_issuer=url, oidc_client_id="order-saga") == ["oidc_issuer"], url
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://login.example.com/realms/shop/", "http://127.0.0.1:9000", "http://localhost:1/x"],
+)
+def test_an_https_or_local_issuer_is_taken(url: str) -> None:
+    taken = validated(oidc_issuer=url, oidc_client_id="order-saga")
+    assert taken.oidc_issuer == url.rstrip("/")
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "value"),
+    [
+        (["serve", "--port", "1"], "OIDC_ISSUER", "https://"),
+        (["serve", "--port", "1"], "PRODUCT_URL", "http://"),
+        (["worker"], "FALLBACK_SERVICES_URL", "http://127.0.0.1:99999"),
+        (["resume"], "SHIPPING_URL", "http://[::1"),
+    ],
+)
+def test_a_malformed_url_stops_the_command_in_one_line(
+    command: list[str], variable: str, value: str
+) -> None:
+    urls = {f"ORDER_SAGA_{s.upper()}_URL": "http://127.0.0.1:1" for s in SERVICE_NAMES}
+    env = urls if variable.endswith("_URL") and variable != "FALLBACK_SERVICES_URL" else {}
+    result = run_cli(*command, **NO_DB, **(env | {f"ORDER_SAGA_{variable}": value}))
+    assert result.returncode == 2, result.stderr
+    assert f"ORDER_SAGA_{variable}" in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr

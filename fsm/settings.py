@@ -297,7 +297,10 @@ class Settings(BaseSettings):
         if not isinstance(data, dict):
             return data
         names = [service.name for service in SERVICES]
-        given_urls = data.get("services") or {}
+        # Absent: no URLs given this way. Given, it is an object: [], null, false, 0 or ""
+        # are not "no services" (README), however falsy. (pydantic-settings drops a
+        # variable whose JSON is null: it is seen in the environment itself.)
+        given_urls = data.get("services", None if _in_environment("SERVICES") else {})
         if not isinstance(given_urls, dict):
             raise ValueError(
                 'ORDER_SAGA_SERVICES must be a JSON object: {"<service>": "http://…", …}'
@@ -339,6 +342,12 @@ ACCEPTED_DATABASES = "a sqlite:///<file> or postgresql+psycopg:// (or postgresql
 
 def _env(service: str) -> str:
     return f"ORDER_SAGA_{service.upper()}_URL"
+
+
+def _in_environment(field: str) -> bool:
+    """Whether ORDER_SAGA_<FIELD> is set, in any case (pydantic-settings reads it so)."""
+    variable = f"ORDER_SAGA_{field}".upper()
+    return any(name.upper() == variable for name in os.environ)
 
 
 @lru_cache

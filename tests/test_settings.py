@@ -199,6 +199,11 @@ async def test_every_wait_at_its_bound_still_runs_parks_explains_and_prunes(
         (["resume"], "SERVICES", "[[1, 2]]", "ORDER_SAGA_SERVICES must be a JSON object"),
         (["resume"], "SERVICES", "[1]", "ORDER_SAGA_SERVICES must be a JSON object"),
         (["resume"], "SERVICES", '"hunter2"', "ORDER_SAGA_SERVICES must be a JSON object"),
+        # Falsy, and were taken as "no services" (the embedded ones) for it.
+        *(
+            (["resume"], "SERVICES", falsy, "ORDER_SAGA_SERVICES must be a JSON object")
+            for falsy in ("[]", "null", "false", "0", '""')
+        ),
     ],
 )
 def test_a_json_setting_that_is_not_usable_stops_the_command_in_one_line(

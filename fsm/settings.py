@@ -219,6 +219,30 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _ordered_pairs(self) -> Settings:
+        """A pause that doubles from a first value up to a bound: the first above the
+        bound was silently cut to it (fsm.retry's min(cap, ...)), so one of the two
+        settings did nothing. Refused, naming both."""
+        for first, bound in ORDERED_PAIRS:
+            low, high = getattr(self, first), getattr(self, bound)
+            if low > high:
+                raise ValueError(
+                    f"ORDER_SAGA_{first.upper()} ({low:g}) must not be above "
+                    f"ORDER_SAGA_{bound.upper()} ({high:g}): the pause starts at the one and "
+                    "grows up to the other"
+                )
+        return self
+
+    @field_validator("services_db", "oidc_client_id")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        """An empty value is not "the default" (SERVICES_DB) nor "off" (OIDC_CLIENT_ID,
+        which turned single sign-on off without a word): unset the variable for that."""
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty (unset it for the default)")
+        return value
+
     @field_validator("api_token")
     @classmethod
     def _usable_token(cls, token: str | None) -> str | None:
@@ -337,6 +361,12 @@ class Settings(BaseSettings):
         return not self.services
 
 
+# (first, bound) of each doubling pause: the first may not be above the bound.
+ORDERED_PAIRS = (
+    ("backoff_base", "backoff_max"),
+    ("park_min", "park_max"),
+    ("event_backoff_base", "event_backoff_max"),
+)
 ACCEPTED_DATABASES = "a sqlite:///<file> or postgresql+psycopg:// (or postgresql://) URL"
 
 

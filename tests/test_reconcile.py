@@ -317,7 +317,7 @@ async def test_a_run_that_crashes_says_why_and_is_run_again_after_a_pause(
     repeated the crash at every pass. Now each crashed run is noted on the order, `why`
     names the error, and the next run waits a doubling pause; once the bug is gone the
     order continues where it stood."""
-    settings = saga_settings(db_url, backoff_max=1.0, park_max=60.0)
+    settings = saga_settings(db_url, backoff_max=1.0, park_min=30.0, park_max=60.0)
     clients = {**gateway.services.clients, "shipping": BrokenShipping(gateway.services["shipping"])}
     broken = build_executor(settings, store=store, services=Services(**clients))
     order, _ = await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)

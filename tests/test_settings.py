@@ -465,3 +465,44 @@ def test_a_malformed_url_stops_the_command_in_one_line(
     assert result.returncode == 2, result.stderr
     assert f"ORDER_SAGA_{variable}" in result.stderr, result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+# -- settings that contradict each other, empty values that meant something else ------------
+
+
+@pytest.mark.parametrize(
+    ("first", "bound"),
+    [
+        ("PARK_MIN", "PARK_MAX"),
+        ("BACKOFF_BASE", "BACKOFF_MAX"),
+        ("EVENT_BACKOFF_BASE", "EVENT_BACKOFF_MAX"),
+    ],
+)
+def test_a_pause_that_starts_above_its_bound_stops_the_command_in_one_line(
+    first: str, bound: str
+) -> None:
+    """PARK_MIN=7200 with PARK_MAX=600 was taken, and PARK_MIN silently did nothing (the
+    pause is cut to its bound)."""
+    result = run_cli(
+        "orders", "list", **NO_DB, **{f"ORDER_SAGA_{first}": "7200", f"ORDER_SAGA_{bound}": "600"}
+    )
+    assert result.returncode == 2, result.stderr
+    said = result.stderr
+    assert said.startswith("order-saga: invalid settings: ") and len(said.splitlines()) == 1, said
+    assert f"ORDER_SAGA_{first} (7200) must not be above ORDER_SAGA_{bound} (600)" in said
+    assert validated(**{first.lower(): 600, bound.lower(): 600})  # equal: a constant pause
+
+
+@pytest.mark.parametrize("variable", ["SERVICES_DB", "OIDC_CLIENT_ID"])
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_value_that_meant_something_else_is_refused(variable: str, value: str) -> None:
+    """SERVICES_DB= kept the embedded services' state in memory (lost at each restart, one
+    per `serve --workers N` process); OIDC_CLIENT_ID= turned single sign-on off without a
+    word."""
+    assert refusal(**{variable.lower(): value}) == [variable.lower()]
+    result = run_cli("orders", "list", **NO_DB, **{f"ORDER_SAGA_{variable}": value})
+    assert result.returncode == 2, result.stderr
+    said = result.stderr
+    assert said.startswith(f"order-saga: invalid ORDER_SAGA_{variable}: "), said
+    assert "must not be empty" in said, said
+    assert len(result.stderr.splitlines()) == 1, result.stderr

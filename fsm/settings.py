@@ -6,8 +6,10 @@ down instead of mutating the environment.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -378,6 +380,32 @@ def _in_environment(field: str) -> bool:
     """Whether ORDER_SAGA_<FIELD> is set, in any case (pydantic-settings reads it so)."""
     variable = f"ORDER_SAGA_{field}".upper()
     return any(name.upper() == variable for name in os.environ)
+
+
+# ORDER_SAGA_* variables that are no Settings field yet are read: the steps plugged in
+# (fsm.registry), and the test suite's and benchmarks' own (TEST_*, BENCH_*, PROMTOOL).
+NOT_FIELDS = frozenset({"STEP_MODULES", "PROMTOOL"})
+TOOLING_PREFIXES = ("TEST_", "BENCH_")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A line for each ORDER_SAGA_* variable of `environ` that no setting reads (a typo,
+    `API_TOKENS` for `API_TOKEN`, ran the API open), naming it and the closest known name;
+    never its value. Names are matched in any case, as pydantic-settings reads them."""
+    known = (
+        {name.upper() for name in Settings.model_fields}
+        | {f"{service.name.upper()}_URL" for service in SERVICES}
+        | NOT_FIELDS
+    )
+    lines = []
+    for variable in sorted(environ):
+        name = variable.upper().removeprefix("ORDER_SAGA_")
+        if name == variable.upper() or name in known or name.startswith(TOOLING_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f"; did you mean ORDER_SAGA_{close[0]}?" if close else ""
+        lines.append(f"{variable} is not an order-saga setting: ignored{hint}")
+    return lines
 
 
 @lru_cache

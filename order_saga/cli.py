@@ -37,6 +37,7 @@ from order_saga.console import (
     load_settings,
     one_line,
     parse_order_id,
+    running_with,
     seconds_option,
     version_option,
 )
@@ -105,6 +106,29 @@ def _check_clock(settings: Settings) -> None:
         engine.dispose()
 
 
+def _any_keys(settings: Settings) -> bool:
+    """Whether the database holds a client key (the API then asks for credentials)."""
+    from fsm.engine import make_engine
+    from fsm.keys import any_keys
+
+    engine = make_engine(settings.database_url)
+    try:
+        return any_keys(engine=engine)
+    finally:
+        engine.dispose()
+
+
+def _log_running_with(settings: Settings, *, keys: bool, embedded: str) -> None:
+    """One INFO line at start: what this process runs with (`running_with`), before
+    `serve` forks or serves."""
+    from order_saga.logs import flush
+
+    configure_logging(settings)
+    line = running_with(settings, keys=keys, embedded=embedded)
+    logging.getLogger("order_saga.start").info("%s", line)
+    flush()  # written now; the process configures its logging again to serve
+
+
 def _warn_if_ahead(settings: Settings, schema: Schema) -> None:
     """A rolling deploy's window: the next release migrated the database while this one
     (re)starts. Said once, as a log line, before `serve` forks or serves."""
@@ -169,6 +193,10 @@ def serve(
             fail(one_line(exc), 1)
     _warn_if_ahead(settings, _migrate(settings, apply=migrate))
     _check_clock(settings)
+    # Said once the port is ours (a port in use is one line, alone).
+    said = partial(
+        _log_running_with, settings, keys=_any_keys(settings), embedded="embedded, under /services"
+    )
     embedded = embedded_services_url(host, port)
 
     def application() -> Any:  # in each process (`--workers N`: after the fork)
@@ -188,8 +216,10 @@ def serve(
             options=options,
             before_serving=lambda: configure_logging(settings),
             pin=settings.pin_workers,
+            bound=said,
         )
         raise typer.Exit(code)
+    said()
     configure_logging(settings)
     # uvicorn re-raises the SIGTERM it shut down on once it has; by default that ends the
     # process before atexit writes the queued log lines (its "Application shutdown
@@ -445,6 +475,7 @@ def worker(
 ) -> None:
     """Claim and advance stuck orders forever (run several; they share the load)."""
     from fsm import partitions, retention
+    from fsm.keys import any_keys
     from fsm.recovery import sweep_forever
 
     settings = load_settings()
@@ -493,6 +524,11 @@ def worker(
                     )
                 else:
                     log.info("/metrics on http://%s:%s/metrics", metrics_host, port)
+            # Said once set up (a /metrics it cannot serve is a usage error, alone).
+            keys = await asyncio.to_thread(any_keys, engine=executor.store.engine)
+            where = settings.fallback_services_url
+            line = running_with(settings, keys=keys, embedded=f"a serve's, at {where}")
+            logging.getLogger("order_saga.start").info("%s", line)
             sweep = asyncio.create_task(
                 sweep_forever(store=executor.store, executor=executor, settings=settings)
             )

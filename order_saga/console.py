@@ -6,6 +6,7 @@ import this one and never each other. No engine here: commands get theirs from
 
 from __future__ import annotations
 
+import logging
 import sys
 import uuid
 from functools import cache
@@ -78,13 +79,54 @@ def one_line(exc: BaseException) -> str:
 
 def load_settings() -> Settings:
     """The ORDER_SAGA_* settings, or one line naming the first bad one (exit 2). Neither
-    line quotes the value: it may be a password, a token or a client secret."""
-    from fsm.settings import SETTINGS_ERRORS, Settings, settings_problem
+    line quotes the value: it may be a password, a token or a client secret. An
+    ORDER_SAGA_* variable no setting reads (a typo) is a warning naming it, once."""
+    import os
+
+    from fsm.settings import SETTINGS_ERRORS, Settings, settings_problem, unknown_variables
 
     try:
-        return Settings()
+        settings = Settings()
     except SETTINGS_ERRORS as exc:
         fail(settings_problem(exc))
+    if not _warned:
+        _warned.append(True)
+        for line in unknown_variables(os.environ):
+            logging.getLogger("order_saga.settings").warning("%s", line)
+    return settings
+
+
+_warned: list[bool] = []  # the unknown variables were told (once a process)
+
+
+def running_with(settings: Settings, *, keys: bool, embedded: str) -> str:
+    """What `serve` or `worker` runs with, in one log line: the database (password
+    masked), whether the API asks for credentials and which (`keys`: any in the
+    database), where the services are (`embedded`: the caller's words for no URL set),
+    whether it runs a relay. No secret (a service URL holds none: the settings refuse)."""
+    from order_saga.redact import masked
+
+    # As api.auth enforces it: a token, OpenID Connect sign-in, or any key.
+    credentials = [
+        *(["API_TOKEN"] if settings.api_token else []),
+        *([f"OpenID Connect {settings.oidc_issuer}"] if settings.oidc else []),
+        *(["keys"] if keys else []),
+    ]
+    auth = (
+        f"on ({', '.join(credentials)})"
+        if credentials
+        else "OFF (no API_TOKEN, no OIDC, no key: every route is open until a key is created)"
+    )
+    services = (
+        "external: " + ", ".join(f"{name} {url}" for name, url in settings.services.items())
+        if settings.services
+        else embedded
+    )
+    relay = "on" if settings.relay else "off (ORDER_SAGA_RELAY=false)"
+    return (
+        f"running with database {masked(settings.database_url)}; authentication {auth}; "
+        f"services {services}; relay {relay}"
+    )
 
 
 def database_settings() -> Settings:
@@ -148,8 +190,6 @@ def version_option(
     """Durable order orchestrator."""
     # Every command logs in ORDER_SAGA_LOG_FORMAT, warnings and up (serve, worker and
     # resume set their own level). A bad setting is left to the command to report.
-    import logging
-
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 

@@ -226,6 +226,7 @@ def serve_processes(
     options: dict[str, Any],
     before_serving: Callable[[], None] = lambda: None,
     pin: bool = True,
+    bound: Callable[[], None] = lambda: None,
 ) -> int:
     """`workers` processes serving one port, on Linux each on its own listening socket
     (`listeners`: bound here, before the fork; each child closes the others' and the
@@ -235,13 +236,14 @@ def serve_processes(
     The cost: connections queued on a worker's socket when it exits are reset rather than
     taken by another, which is moot here since one worker's exit stops them all.
 
-    Each child calls `before_serving` and `make_app` after the fork, so each has its own
-    engine, writer thread, connection pool and sweeper; none of those exist in the parent,
-    which only forwards SIGTERM/SIGINT (as SIGTERM: each child shuts down gracefully) and
-    waits. When one child exits, the others are stopped too; one that exits unasked makes
-    the exit code non-zero and is named on stderr. A parent killed outright takes its
-    children with it (each gets SIGTERM from the kernel). Returns the exit code (0: all
-    stopped cleanly when asked). POSIX only (fork).
+    `bound` is called in the parent once the sockets are bound, before the fork (a port in
+    use raises first). Each child calls `before_serving` and `make_app` after the fork, so
+    each has its own engine, writer thread, connection pool and sweeper; none of those exist
+    in the parent, which only forwards SIGTERM/SIGINT (as SIGTERM: each child shuts down
+    gracefully) and waits. When one child exits, the others are stopped too; one that exits
+    unasked makes the exit code non-zero and is named on stderr. A parent killed outright
+    takes its children with it (each gets SIGTERM from the kernel). Returns the exit code
+    (0: all stopped cleanly when asked). POSIX only (fork).
 
     With `pin` and as many processes as the CPUs this one may run on (`pinned_cpus`), each
     child is pinned to one of them (its threads inherit it): the scheduler otherwise moves the
@@ -255,7 +257,7 @@ def serve_processes(
     try:
         with shared_metrics(workers):
             return _serve_processes(
-                make_app, host, port, workers, options, before_serving, pin, guard
+                make_app, host, port, workers, options, before_serving, pin, guard, bound
             )
     finally:
         if guard is not None:
@@ -271,10 +273,12 @@ def _serve_processes(
     before_serving: Callable[[], None],
     pin: bool,
     guard: socket.socket | None,
+    bound: Callable[[], None],
 ) -> int:
     from order_saga.logs import flush
 
     socks = listeners(host, port, workers)
+    bound()  # the port is ours: the caller may say it starts (a port in use said nothing)
     alive: set[int] = set()
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     pinned = pinned_cpus(workers, cpus, cpu_quota()) if pin else None

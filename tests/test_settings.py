@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import typing
 import uuid
 from datetime import timedelta
@@ -20,20 +21,31 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from api.app import create_app
-from downstream.seed import ORDINARY_USER_ID, SOLD_OUT_PRODUCT_ID, WIDGET_ID
+from downstream.seed import (
+    MISSING_PRODUCT_ID,
+    ORDINARY_USER_ID,
+    SOLD_OUT_PRODUCT_ID,
+    WIDGET_ID,
+)
 from fsm import why
 from fsm.bounds import MAX_COUNT, MAX_SECONDS
+from fsm.keys import create_key
 from fsm.registry import SERVICES
 from fsm.retention import pruner_for
-from fsm.settings import Settings, settings_problem
+from fsm.roles import Role
+from fsm.settings import Settings, settings_problem, unknown_variables
 from fsm.store import Store
 from fsm.text import storable
 from fsm.wiring import open_saga, open_store
+from order_saga.console import running_with
+from order_saga.redact import masked
 from tests.support.api import API, place
 from tests.support.database import PG_SERVER
-from tests.support.processes import run_cli
+from tests.support.processes import Saga, command, run_cli
 from tests.support.services import Downstream
-from tests.support.settings import saga_env, saga_settings
+from tests.support.serving import Served, fresh_database
+from tests.support.settings import cli_settings, saga_env, saga_settings
+from tests.support.waiting import wait_until
 
 UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"  # fails fast, if reached
 NO_DB = {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}
@@ -506,3 +518,105 @@ def test_an_empty_value_that_meant_something_else_is_refused(variable: str, valu
     assert said.startswith(f"order-saga: invalid ORDER_SAGA_{variable}: "), said
     assert "must not be empty" in said, said
     assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+# -- what a process runs with: unknown variables told, one line at start ------------------------
+
+
+def test_a_misspelt_variable_is_a_warning_naming_it_and_the_setting_never_its_value(
+    db_url: str,
+) -> None:
+    """ORDER_SAGA_API_TOKENS ran the API open and ORDER_SAGA_DATABSE_URL the default
+    database, without a word."""
+    env = saga_env(database_url=db_url) | {
+        "ORDER_SAGA_API_TOKENS": "hunter2",
+        "ORDER_SAGA_DATABSE_URL": "sqlite:///hunter2.db",
+        "order_saga_relay_nicee": "hunter2",  # read in any case, as the settings are
+    }
+    result = run_cli("orders", "list", "--json", **env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 3 and "hunter2" not in result.stderr, result.stderr
+    for given, meant in [
+        ("ORDER_SAGA_API_TOKENS", "ORDER_SAGA_API_TOKEN"),
+        ("ORDER_SAGA_DATABSE_URL", "ORDER_SAGA_DATABASE_URL"),
+        ("order_saga_relay_nicee", "ORDER_SAGA_RELAY_NICE"),
+    ]:
+        assert any(
+            "WARNING" in line and f"{given} is not an order-saga setting" in line and meant in line
+            for line in lines
+        ), (given, result.stderr)
+
+
+def test_every_variable_order_saga_reads_is_known() -> None:
+    """No warning for what is read, though not a field: a service's URL, the steps plugged
+    in, the tests' and benchmarks' own variables (every name the repository spells but
+    this file's misspellings), in any case."""
+    root = Path(__file__).resolve().parent.parent
+    spelt = {
+        name
+        for path in [root / "README.md", *root.glob("*/**/*.py"), *root.glob("scripts/*")]
+        if path.is_file() and path.name != Path(__file__).name and ".venv" not in path.parts
+        for name in re.findall(r"\bORDER_SAGA_[A-Z0-9_]*[A-Z0-9]\b", path.read_text())
+    }
+    assert {"ORDER_SAGA_TEST_PG", "ORDER_SAGA_STEP_MODULES", "ORDER_SAGA_USER_URL"} <= spelt
+    read = spelt | {f"ORDER_SAGA_{s.upper()}_URL" for s in SERVICE_NAMES} | {"order_saga_relay"}
+    assert unknown_variables(dict.fromkeys(read, "1") | {"PATH": "/usr/bin"}) == []
+
+
+def test_serve_says_in_one_line_what_it_runs_with(tmp_path: Path) -> None:
+    with fresh_database("sqlite", str(tmp_path)) as url:
+        env = saga_env(
+            database_url=url, api_token="hunter2", relay=False, services_db=str(tmp_path / "s.db")
+        )
+        output = Served(env).wait_ready().stop()
+    said = [line for line in output.splitlines() if "order_saga.start" in line]
+    assert len(said) == 1 and " INFO " in said[0], output
+    assert said[0].endswith(
+        f"running with database {url}; authentication on (API_TOKEN); services embedded, "
+        "under /services; relay off (ORDER_SAGA_RELAY=false)"
+    ), said
+    assert "hunter2" not in output
+
+
+async def test_a_worker_says_in_one_line_what_it_runs_with(
+    db_url: str, store: Store, services_url: str
+) -> None:
+    create_key(engine=store.engine, name="ci", role=Role.CLIENT)
+    order, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=MISSING_PRODUCT_ID, quantity=1
+    )
+    env = saga_env(
+        database_url=db_url, services_url=services_url, worker_metrics_port=0, relay=False
+    )
+    with Saga(command("worker", "--interval", "0.1", "--older-than", "0"), env) as worker:
+        wait_until(  # its sweep starts once the line is logged
+            lambda: store.get(order.id).status == "rejected",
+            what="the worker to drive the order",
+            alive=worker.running,
+        )
+        output = worker.stop().stderr
+    said = [line for line in output.splitlines() if "order_saga.start" in line]
+    assert len(said) == 1, output
+    urls = ", ".join(f"{name} {services_url}" for name in SERVICE_NAMES)
+    assert said[0].endswith(
+        f"running with database {masked(db_url)}; authentication on (keys); services "
+        f"external: {urls}; relay off (ORDER_SAGA_RELAY=false)"
+    ), said
+
+
+def test_the_start_line_masks_the_database_password_and_names_external_services() -> None:
+    settings = cli_settings(
+        "postgresql+psycopg://app:hunter2@db.internal:5432/saga",
+        "http://services.internal:8100",
+        oidc_issuer="https://login.example.com",
+        oidc_client_id="order-saga",
+    )
+    line = running_with(settings, keys=False, embedded="(unused)")
+    assert "hunter2" not in line and "app:***@db.internal:5432/saga" in line, line
+    assert "authentication on (OpenID Connect https://login.example.com)" in line, line
+    bare = running_with(cli_settings("sqlite:///saga.db"), keys=False, embedded="embedded")
+    assert "authentication OFF (no API_TOKEN, no OIDC, no key" in bare, bare
+    assert "services embedded; relay on" in bare, bare
+    urls = ", ".join(f"{name} http://services.internal:8100" for name in SERVICE_NAMES)
+    assert f"services external: {urls}; relay on" in line, line

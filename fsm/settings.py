@@ -21,7 +21,7 @@ from sqlalchemy.exc import ArgumentError
 
 from fsm.bounds import MAX_COUNT, MAX_SECONDS
 from fsm.registry import SERVICES
-from fsm.urls import http_base_url, issuer_url
+from fsm.urls import http_base_url, issuer_url, valid_port
 
 # A number of seconds (a wait, an age, a lifetime): finite and at most MAX_SECONDS, above
 # the lower bound its field states. A field bounded tighter states its own `le` on a plain
@@ -196,12 +196,7 @@ class Settings(BaseSettings):
         parts = urlsplit(url)
         if parts.scheme not in ("amqp", "amqps"):
             raise ValueError("must be an amqp:// or amqps:// URL")
-        try:
-            port = parts.port
-        except ValueError:
-            raise ValueError("has a port that is not a number from 1 to 65535") from None
-        if port == 0:
-            raise ValueError("has a port that is not a number from 1 to 65535")
+        valid_port(parts)
         if not parts.hostname:
             raise ValueError("has no host")
         return url

@@ -59,13 +59,19 @@ def _parts(url: str, schemes: tuple[str, ...], wrong_scheme: str) -> SplitResult
         )
     if not _valid_host(parts):
         raise ValueError("has no valid host")
+    valid_port(parts)
+    return parts
+
+
+def valid_port(parts: SplitResult) -> int | None:
+    """The URL's port (None: the scheme's), if it is a number from 1 to 65535."""
     try:
         port = parts.port
     except ValueError:
         raise ValueError("has a port that is not a number from 1 to 65535") from None
     if port == 0:
         raise ValueError("has a port that is not a number from 1 to 65535")
-    return parts
+    return port
 
 
 def _valid_host(parts: SplitResult) -> bool:

@@ -253,7 +253,10 @@ def create_app(
         app.mount("/services", create_services_app(settings.services_db))
     # Added last = outermost: the caller is checked before a body is even read.
     app.add_middleware(
-        BodyGuard, max_bytes=settings.max_body_bytes, read_timeout=settings.body_timeout
+        BodyGuard,
+        max_bytes=settings.max_body_bytes,
+        read_timeout=settings.body_timeout,
+        routes=app.router.routes,  # read when the stack is built, as AuthGate's
     )
     app.add_middleware(
         AuthGate,

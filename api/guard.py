@@ -18,9 +18,12 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import Iterable
 from typing import Any
 
+from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.problems import ValidationIssue, excerpt, problem
@@ -118,11 +121,24 @@ class BodyGuard:
         max_bytes: int,
         read_timeout: float = 10.0,
         form_prefixes: tuple[str, ...] = FORM_PREFIXES,
+        routes: Iterable[BaseRoute] = (),
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.read_timeout = read_timeout
         self.form_prefixes = form_prefixes
+        # The app's own routes that take no body (a resume, a cancel: `reason` is a query
+        # parameter): a body sent there is ignored, as it always was, not refused with a
+        # 415 asking for JSON that would be ignored too.
+        self.bodiless = tuple(
+            (frozenset(route.methods or ()), route.path_regex)
+            for route in routes
+            if isinstance(route, APIRoute) and route.body_field is None and route.methods
+        )
+
+    def _takes_no_body(self, scope: Scope) -> bool:
+        method, path = scope["method"], scope["path"]
+        return any(method in methods and regex.match(path) for methods, regex in self.bodiless)
 
     def _too_large(self) -> Any:
         return problem(
@@ -172,6 +188,7 @@ class BodyGuard:
             and not json_body
             and scope["method"] in JSON_METHODS
             and not scope["path"].startswith(self.form_prefixes)
+            and not self._takes_no_body(scope)
         ):  # a form or text/plain would fail FastAPI's validation as "not a dictionary"
             media = excerpt((content_type or "").split(";", 1)[0].strip()) or "none"
             unsupported = problem(

@@ -407,9 +407,11 @@ async def cancel_order(
         # first goes on in the background): that is what was asked, so 202 + Location as
         # the first one's answer, not a 409 telling the client it conflicted.
         now = store.get(order_id)
-        if now.cancel_requested and not is_terminal(now.state):
-            return _accepted(OrderOut.of(now))
-        raise
+        if not now.cancel_requested:
+            raise
+        if is_terminal(now.state):  # ended while the first run gave its lease back
+            return OrderOut.of(now)
+        return _accepted(OrderOut.of(now))
     return await _ran(request, order, run, prefer)
 
 

@@ -31,9 +31,15 @@ def sqlite_path(url: str) -> Path | None:
     parsed = make_url(url)
     if not parsed.drivername.startswith("sqlite") or not parsed.database:
         return None
-    if parsed.query.get("uri") == "true" or parsed.database.startswith("file:"):
+    database = parsed.database
+    if database.startswith("file:"):  # a URI filename: its path, without its query
+        database = database.removeprefix("file:").split("?", 1)[0].removeprefix("//localhost")
+        if not database or parsed.query.get("mode") == "memory" or database == ":memory:":
+            return None
+    elif parsed.query.get("uri") == "true":
         return None
-    return Path(parsed.database).expanduser().absolute()
+    # As SQLite reads it: `~` is not this user's home there, only a directory named so.
+    return Path(database).absolute()
 
 
 def missing(url: str) -> str | None:

@@ -21,7 +21,10 @@ _UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
 # A URL's userinfo (`user:password@`, `token@`): from `://` to the authority's last `@`
 # (a password may hold an unescaped `@`). Anchored on `://` by a look-behind, so each scan
 # stops at the next `/`: linear in the text, whatever a service's detail holds.
-_USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")
+# A userinfo holds none of `"'<>{}|\^` and backtick either (RFC 3986 leaves them out), so a
+# URL quoted in JSON ends at its quote: `"http://svc:8100","contact":"ops@example.com"`
+# keeps its text.
+_USERINFO = re.compile(r"(?<=://)[^/?#\s\"'<>{}|\\^`]*@")
 MASKED_USERINFO = "***@"
 
 

@@ -295,7 +295,8 @@ def resume(
     Exit 0 only when every order taken ended terminal. Otherwise, the first that applies:
     1 a run failed with an error; 3 some stay parked (needs_attention), each printed with
     its reason; 4 some are not finished (still running: a later resume continues them) or
-    were held by another driver (skipped, or lost to one mid-run). A dry run exits 0. Each
+    were held by another driver (skipped, or lost to one mid-run). Bad input (a flag or a
+    setting) exits 2 before anything runs. A dry run exits 0. Each
     order resumed gets a row in its log naming who (`--as`, default the local admin)."""
     from fsm.machine import OperatorAction, Status, is_terminal
     from fsm.recovery import resume_stuck

@@ -5,6 +5,7 @@ loose /_faults bodies. Answers echo at most a short excerpt of what was sent."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,21 @@ def test_a_body_declared_json_is_read(api: TestClient, content_type: str) -> Non
     response = api.post("/orders", content=content, headers={"Content-Type": content_type})
     body = assert_problem(response, 422)
     assert body["code"] == "invalid_request" and body["errors"][0]["loc"] == ["body", "quantity"]
+
+
+@pytest.mark.parametrize("action", ["cancel", "resume"])
+def test_a_body_sent_to_a_route_that_takes_none_is_ignored_not_415(
+    api: TestClient, action: str
+) -> None:
+    """`curl -X POST …/cancel -d 'reason=…'`: the route takes no body (its reason is a query
+    parameter), so the body is ignored as it always was; a 415 asking for JSON would send
+    the caller to a JSON body that is ignored too. (An unknown order: its 404.)"""
+    response = api.post(
+        f"/orders/{uuid.uuid4()}/{action}",
+        content=b"reason=customer asked",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert assert_problem(response, 404)["code"] == "order_not_found"
 
 
 def test_the_console_forms_are_not_held_to_json(api: TestClient) -> None:

@@ -91,3 +91,21 @@ def test_db_upgrade_creates_the_database_the_other_commands_then_use(tmp_path: P
     assert (tmp_path / "order-saga.db").is_file()
     listed = run_cli("orders", "list", "--json", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
+
+
+@pytest.mark.parametrize(
+    "database",
+    ["file:{dir}/uri.db?uri=true", "file:{dir}/uri.db?mode=rw&uri=true", "~/tilde.db"],
+)
+def test_uri_and_tilde_paths_are_looked_for_where_sqlite_opens_them(
+    database: str, tmp_path: Path
+) -> None:
+    """A URI filename (`file:…?uri=true`) is checked at its path, not opened (which made
+    an empty file there); `~` is no home directory to SQLite, only a directory of that
+    name under the working one, so that is where it is looked for (and named)."""
+    url = "sqlite:///" + database.format(dir=tmp_path)
+    result = run_cli("orders", "list", cwd=tmp_path, ORDER_SAGA_DATABASE_URL=url)
+    assert result.returncode == 1, result.stderr
+    where = tmp_path / "uri.db" if database.startswith("file:") else tmp_path / "~/tilde.db"
+    assert result.stderr.strip() == hint(str(where), "no such file")
+    assert list(tmp_path.iterdir()) == []  # nothing created by the look

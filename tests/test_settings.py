@@ -370,6 +370,9 @@ def test_a_url_password_in_a_transport_error_reaches_no_client_record_or_log(
         (f"E: URL('https://{SECRET}@h/x')", "E: URL('https://***@h/x')"),  # a token as user
         (f"E: http://svc:pa@{SECRET}@h/x", "E: http://***@h/x"),  # an unescaped @ in it
         ("E: http://h/a@b?c=d@e", "E: http://h/a@b?c=d@e"),  # no userinfo: as it was
+        # a URL quoted in JSON ends at its quote: the text after it is not "userinfo"
+        ('{"url":"http://svc:8100","contact":"ops@example.com"}',) * 2,
+        ("E: <http://h:1> or mail ops@example.com",) * 2,
         (f"{'x' * 489} http://svc:{SECRET}@h/", f"{'x' * 489} http://***…"),  # masked, then cut
     ],
 )

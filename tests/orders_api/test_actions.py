@@ -83,6 +83,27 @@ def test_cancel_of_a_cancelled_order_is_idempotent(
     assert downstream.effects() == effects  # refunded once, restored once
 
 
+def test_a_cancel_retried_as_the_first_one_ends_is_200_cancelled(
+    client: TestClient, downstream: Downstream
+) -> None:
+    """The first cancel's run has committed `cancelled` but not yet given the order back
+    (its lease release is one more commit): a retry in that gap is answered with the
+    cancelled order, as any later one is, not a 409 conflict. The gap is held open here
+    by this process's own claim on the order (what the first run still holds then)."""
+    order_id = place(client).json()["id"]
+    assert client.post(f"/orders/{order_id}/cancel").json()["status"] == "cancelled"
+    effects = downstream.effects()
+    executor = client.app.state.executor  # type: ignore[attr-defined]
+    executor._reserve(uuid.UUID(order_id))  # the first run, not yet gone
+    try:
+        response = client.post(f"/orders/{order_id}/cancel")
+    finally:
+        executor._driving.discard(uuid.UUID(order_id))
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "cancelled"
+    assert downstream.effects() == effects
+
+
 def test_cancel_unknown_order_is_404(client: TestClient) -> None:
     response = client.post(f"/orders/{uuid.uuid4()}/cancel")
 

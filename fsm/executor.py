@@ -348,8 +348,11 @@ class Executor:
         cancellation is not: it came after the order's outcome, which the deadline bounds.
         Parked only because its breakers stayed open (`outage`), it is retried sooner: the
         pause doubles from the run's breaker patience up to `park_min`, so an outage of a
-        minute does not leave its compensations parked for `park_min` after it ends."""
-        parks = order.attempts.get("order:park", 0) + 1
+        minute does not leave its compensations parked for `park_min` after it ends. Such
+        parks have their own count, so a real failure after a long outage starts again
+        from `park_min`, not from where the outage's parks had doubled to."""
+        counter = "order:outage_park" if outage else "order:park"
+        parks = order.attempts.get(counter, 0) + 1
         if outage:
             pause = doubling(self.policy.breaker_patience, self.policy.park_min, parks)
         else:
@@ -364,7 +367,7 @@ class Executor:
             OrderTrigger.PARK,
             detail=detail,
             attention_reason=reason,
-            attempts={**order.attempts, "order:park": parks},
+            attempts={**order.attempts, counter: parks},
             next_attempt_at=utcnow() + timedelta(seconds=pause),
         )
 
@@ -599,6 +602,11 @@ class Executor:
                 result = await self._retry(
                     order, call, fn, deadline=deadline, first=first, before=before
                 )
+        except BreakerWaitOver:
+            # Waited its bound on an open breaker: no call was made, so no attempt is spent
+            # and no call outcome counted. The wait is on the order already (`_waits`: its
+            # last error names the breaker); the park that follows says the rest.
+            raise
         except CallFailure as exc:
             outcome = "transient" if isinstance(exc, TransientFailure) else "business"
             metrics.call_outcome(service, action, outcome).inc()

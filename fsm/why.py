@@ -108,6 +108,18 @@ def explain(
     retry = order.next_attempt_at
     waits = fresh is not None and fresh.waiting_on and retry is not None
     probe = fresh.next_attempt_at if fresh is not None and waits else None
+    # Parked and nobody driving it: parked, whatever its last call was waiting on when the
+    # run gave up (a compensation behind an open breaker parks after its wait's bound).
+    if order.state == OrderState.NEEDS_ATTENTION and not alive:
+        return Why(
+            Kind.PARKED,
+            f"parked: {order.attention_reason}; the sweep retries it at {at_utc(sweep_from)} "
+            f"(or now: {_retry_now(order, console=console)})",
+            until=sweep_from,
+            reason=order.attention_reason,
+            last_error=order.last_error,
+            **common,
+        )
     if probe is not None and (alive or probe > now):
         assert fresh is not None and fresh.waiting_on is not None
         then = "" if alive else f", then the sweep drives it (from {at_utc(sweep_from)})"
@@ -119,16 +131,6 @@ def explain(
             service=fresh.waiting_on,
             call=fresh.call,
             last_error=fresh.error,
-            **common,
-        )
-    if order.state == OrderState.NEEDS_ATTENTION and not alive:
-        return Why(
-            Kind.PARKED,
-            f"parked: {order.attention_reason}; the sweep retries it at {at_utc(sweep_from)} "
-            f"(or now: {_retry_now(order, console=console)})",
-            until=sweep_from,
-            reason=order.attention_reason,
-            last_error=order.last_error,
             **common,
         )
     # A run moved the order after that attempt, then stopped renewing its lease (killed):

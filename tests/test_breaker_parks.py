@@ -63,6 +63,9 @@ def parked_on(store: Store, db_url: str, order: Order, operation: str) -> Order:
     reason = now.attention_reason or ""
     assert f"waiting on the breaker of {operation}: parked" in reason, reason
     assert operation in (now.last_error or ""), now.last_error
+    # The wait that ran out made no call: it spent no attempt (only real calls count).
+    counted = [a for a in queries.attempts(store, order.id) if not a.waiting_on]
+    assert not [a for a in counted if "no call made" in (a.error or "")], counted
     # Retried sooner than an ordinary park (PARK_MIN, 300 s): from the run's breaker
     # patience (0.15 s here), doubling per park, so an outage's end is not followed by
     # minutes of parked compensations.
@@ -94,7 +97,10 @@ async def test_a_compensation_behind_an_open_breaker_parks_and_a_resume_finishes
         assert [a for a in queries.attempts(store, order.id) if a.waiting_on]  # it did wait
 
         await bounded(executor.run(order.id))  # still failing: parks again, in bounded time
-        parked_on(store, db_url, order, "inventory.restore")
+        again = parked_on(store, db_url, order, "inventory.restore")
+        # Outage parks count apart: a real failure later starts from PARK_MIN again.
+        assert again.attempts.get("order:outage_park") == 2, again.attempts
+        assert "order:park" not in again.attempts, again.attempts
 
         downstream.clear_faults()
         restore = breakers["inventory.restore"]

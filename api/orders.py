@@ -406,7 +406,7 @@ async def cancel_order(
         # Its cancellation already under way (this cancel's own retry, say, while the
         # first goes on in the background): that is what was asked, so 202 + Location as
         # the first one's answer, not a 409 telling the client it conflicted.
-        now = store.get(order_id)
+        now = await run_in_threadpool(store.get, order_id)  # off the event loop, as above
         if not now.cancel_requested:
             raise
         if is_terminal(now.state):  # ended while the first run gave its lease back

@@ -122,7 +122,9 @@ async def test_business_failure_is_not_retried(
 
 
 def short_deadline(store: Store, services: Services) -> Executor:
-    policy = RetryPolicy(max_attempts=2, backoff_base=0.01, backoff_max=0.02, step_deadline=0.5)
+    # The first run's two attempts must end before the deadline: 0.5 s was too short under
+    # CI load (the run itself outlasted it and compensated at once); 2 s leaves the margin.
+    policy = RetryPolicy(max_attempts=2, backoff_base=0.01, backoff_max=0.02, step_deadline=2.0)
     return Executor(store=store, services=services, policy=policy)
 
 

@@ -412,9 +412,15 @@ async def test_a_shipping_answer_of_another_shape_completes_the_order(
     assert shipped == answer
 
 
-def priced(price: int) -> Rule:
-    """The gateway answers the product lookup itself: the widget at `price` cents."""
+NO_PRICE = object()  # the product answer has no "price" field at all
+
+
+def priced(price: object) -> Rule:
+    """The gateway answers the product lookup itself: the widget at `price` (JSON-encoded as
+    it is: true, -1, "100", 1.5, null), or with no price field for NO_PRICE."""
     product = {"id": WIDGET_ID, "category": "gadgets", "description": "widget", "price": price}
+    if price is NO_PRICE:
+        del product["price"]
     return answering_200("/products/", json.dumps(product))
 
 
@@ -423,14 +429,22 @@ def priced(price: int) -> Rule:
     [
         pytest.param(MAX_AMOUNT + 1, 1, id="a-price-beyond-int64"),
         pytest.param(MAX_AMOUNT // 2 + 1, 2, id="an-amount-beyond-int64"),
+        pytest.param(True, 1, id="json-true"),  # a bool is an int in Python: 1 cent
+        pytest.param(-1, 1, id="a-negative-price"),
+        pytest.param("100", 1, id="a-string"),
+        pytest.param(1.5, 1, id="a-fraction-of-a-cent"),
+        pytest.param(None, 1, id="null"),
+        pytest.param(NO_PRICE, 1, id="no-price-field"),
     ],
 )
-async def test_an_amount_the_column_cannot_hold_is_an_invalid_product(
-    price: int, quantity: int, store: Store, gateway: Gateway, engine: Callable[..., Executor]
+async def test_a_price_that_is_no_whole_number_of_cents_or_does_not_fit_is_an_invalid_product(
+    price: object, quantity: int, store: Store, gateway: Gateway, engine: Callable[..., Executor]
 ) -> None:
     """Before, price x quantity went to the amount column unchecked: OverflowError (SQLite)
     or NumericValueOutOfRange (PostgreSQL) at every run, the order in product_requested
-    for good with no word of why. Now it is refused at the lookup as any invalid price."""
+    for good with no word of why. Now it is refused at the lookup as any invalid price: a
+    price is a whole, non-negative number of cents, and JSON true (a Python int) is none;
+    no step is started."""
     gateway.rule = priced(price)
     executor = engine()
     order, _ = await store.create_order(
@@ -443,6 +457,7 @@ async def test_an_amount_the_column_cannot_hold_is_an_invalid_product(
     assert (order.state, order.amount) == ("failed", None)
     (last,) = store.history(order.id)[-1:]
     assert last.trigger == "product_unavailable" and last.detail["error"] == "invalid_product"
+    assert payment(store, order) == []
 
 
 async def test_a_3000_dollar_product_times_10000_units_fits_the_amount(

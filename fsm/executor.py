@@ -23,19 +23,9 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeGuard, TypeVar
 
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    retry_if_not_exception_type,
-    stop_after_attempt,
-    stop_any,
-    wait_random_exponential,
-)
-
-from fsm import events, metrics, operator
+from fsm import deadlines, events, metrics, operator
+from fsm.attempts import Attempts
 from fsm.bounds import MAX_AMOUNT
-from fsm.breaker import Breaker, call_through
 from fsm.clients import Answer, Services
 from fsm.errors import (
     BreakerWaitOver,
@@ -60,11 +50,11 @@ from fsm.machine import (
 from fsm.models import Order
 from fsm.operator import Audit
 from fsm.registry import STEP, STEP_NAMES, bind
-from fsm.retry import CRASHED_RUN, RetryPolicy, doubling, stop_at
+from fsm.retry import RetryPolicy, doubling
 from fsm.steps import idempotency_key
 from fsm.store import Store, utcnow
 
-__all__ = ["Executor", "RetryPolicy", "idempotency_key", "new_owner"]
+__all__ = ["Executor", "new_owner"]
 
 log = logging.getLogger("order_saga.executor")
 T = TypeVar("T")
@@ -101,6 +91,8 @@ class Executor:
         self.steps = bind(services.__getitem__)
         self.policy = policy or RetryPolicy()
         self.owner = owner or new_owner()
+        # Each call's attempts, their notes on the order and their log lines (fsm.attempts).
+        self._attempts = Attempts(store=store, owner=self.owner, policy=self.policy)
         # Test hook: "scope:trigger" -> SIGKILL this process right after that commit.
         self.crash_after = crash_after
         # Orders this executor is driving now. The lease is re-entrant for its owner (so a
@@ -254,7 +246,7 @@ class Executor:
         except Exception as exc:
             await self._reload(order)  # what was queued after the failure never happened
             if not isinstance(exc, SagaError):
-                await self._note_crash(order, exc)
+                await self._attempts.note_crash(order, exc)
             raise
         finally:
             try:
@@ -266,24 +258,6 @@ class Executor:
                 self._driving.discard(order.id)
             metrics.RUN_SECONDS.observe(time.perf_counter() - started)
         return order
-
-    async def _note_crash(self, order: Order, exc: Exception) -> None:
-        """A run ended by an error the engine does not expect (a bug, a value it cannot
-        store): the next run from the same persisted state most likely ends the same way,
-        so it is not silent. The error goes on the order (`last_error`, the attempts log:
-        `why` names it) and the sweep's next run waits a doubling pause, from `backoff_max`
-        up to `park_max`, instead of repeating it at every pass. Nothing else changes: the
-        order stays where it is, its steps are never skipped (SPEC §3)."""
-        runs = order.attempts.get(CRASHED_RUN, 0) + 1
-        pause = doubling(self.policy.backoff_max, self.policy.park_max, runs)
-        error = f"{type(exc).__name__}: {exc}"  # the store makes it storable
-        try:
-            await self.store.note_attempt(
-                order=order, owner=self.owner, call=CRASHED_RUN, error=error,
-                next_attempt_at=utcnow() + timedelta(seconds=pause),
-            )  # fmt: skip
-        except Exception as failed:  # the database may be why the run failed
-            log.warning("could not note the failed run of order %s: %s", order.id, failed)
 
     async def aclose(self) -> None:
         """Stop renewing leases (the runs themselves belong to their callers)."""
@@ -297,19 +271,20 @@ class Executor:
         retried_attention = False
         while not is_terminal(order.state):
             state = OrderState(order.state)
-            if state in _BEFORE_STEPS and self._past_deadline(order):
-                await self._fire(order, "order", OrderTrigger.DEADLINE, detail=self._why(order))
+            if state in _BEFORE_STEPS and deadlines.passed(order, self.policy):
+                why = deadlines.why(order, self.policy)
+                await self._fire(order, "order", OrderTrigger.DEADLINE, detail=why)
             elif state is OrderState.PENDING:
                 await self._fire(order, "order", OrderTrigger.REQUEST_PRODUCT)
             elif state is OrderState.PRODUCT_REQUESTED:
                 if not await self._look_up_product(order):
                     return
             elif state is OrderState.STEPS_RUNNING:
-                if not self._past_deadline(order):
+                if not deadlines.passed(order, self.policy):
                     await self._each_step(order, self._forward, ALL_STEPS)
                 states = _step_states(order)
                 unfinished = any(st is not StepState.SUCCEEDED for st in states.values())
-                if unfinished and self._past_deadline(order):
+                if unfinished and deadlines.passed(order, self.policy):
                     await self._stop_waiting(order)
                     continue
                 if StepState.REQUESTED in states.values():
@@ -358,9 +333,9 @@ class Executor:
         else:
             pause = doubling(self.policy.park_min, self.policy.park_max, parks)
         detail: dict[str, Any] = {"reason": reason}
-        if self._past_deadline(order) and not order.cancel_requested:
+        if deadlines.passed(order, self.policy) and not order.cancel_requested:
             reason = f"past its order deadline: {reason}"
-            detail["deadline"] = self._why(order)["deadline"]
+            detail["deadline"] = deadlines.why(order, self.policy)["deadline"]
         await self._fire(
             order,
             "order",
@@ -371,64 +346,46 @@ class Executor:
             next_attempt_at=utcnow() + timedelta(seconds=pause),
         )
 
-    # -- the order's own deadline (ORDER_SAGA_ORDER_DEADLINE) ---------------------------
-
-    def _deadline(self, order: Order) -> datetime | None:
-        if self.policy.order_deadline is None:
-            return None
-        return order.created_at + timedelta(seconds=self.policy.order_deadline)
-
-    def _past_deadline(self, order: Order) -> bool:
-        deadline = self._deadline(order)
-        return deadline is not None and utcnow() >= deadline
-
-    def _why(self, order: Order) -> dict[str, Any]:
-        deadline = self._deadline(order)
-        return {
-            "reason": f"order deadline of {self.policy.order_deadline:g}s after creation passed",
-            "deadline": deadline.isoformat() if deadline else None,
-        }
+    # -- the order's own deadline (ORDER_SAGA_ORDER_DEADLINE; fsm.deadlines) ---------
 
     async def _stop_waiting(self, order: Order) -> None:
         """Past the deadline during the steps: every `requested` step expires (it may have
         been applied, so it is compensated), then the order compensates (`deadline`)."""
         for step in STEP_NAMES:
             if StepState(order.state_of(step)) is StepState.REQUESTED:
-                await self._fire(order, step, StepTrigger.EXPIRE, detail=self._why(order))
-        detail = {**self._why(order), "steps": order.step_states()}
+                why = deadlines.why(order, self.policy)
+                await self._fire(order, step, StepTrigger.EXPIRE, detail=why)
+        detail = {**deadlines.why(order, self.policy), "steps": order.step_states()}
         await self._fire(order, "order", OrderTrigger.DEADLINE, detail=detail)
-
-    def _forward_deadline(self, order: Order) -> datetime | None:
-        """When a forward call stops being retried: the step deadline or the order's."""
-        found = [d for d in (order.deadline_at, self._deadline(order)) if d is not None]
-        return min(found) if found else None
 
     async def _look_up_product(self, order: Order) -> bool:
         """PRODUCT_REQUESTED -> found / missing / unavailable; False if still unknown."""
-        lookup_deadline = order.created_at + timedelta(seconds=self.policy.step_deadline)
-        stop = self._deadline(order)
+        lookup_deadline = deadlines.of_product_lookup(order, self.policy)
+        stop = deadlines.of_order(order, self.policy)
         try:
-            product = await self._with_retries(
+            product = await self._attempts.call(
                 order,
                 "product:get",
                 lambda: self.services.product.get(order.product_id),
-                deadline=lookup_deadline if stop is None else min(lookup_deadline, stop),
+                deadline=deadlines.earliest(lookup_deadline, stop),
             )
         except NotFound as exc:
             await self._fire(order, "order", OrderTrigger.PRODUCT_MISSING, detail=exc.detail())
             return True
         except CallFailure as exc:
-            if self._past_deadline(order):  # it stops waiting for the product
-                await self._fire(order, "order", OrderTrigger.DEADLINE, detail=self._why(order))
+            if deadlines.passed(order, self.policy):  # it stops waiting for the product
+                why = deadlines.why(order, self.policy)
+                await self._fire(order, "order", OrderTrigger.DEADLINE, detail=why)
                 return True
-            expired = utcnow() >= order.created_at + timedelta(seconds=self.policy.step_deadline)
+            expired = utcnow() >= lookup_deadline
             if isinstance(exc, BusinessFailure) or expired:
                 trigger = OrderTrigger.PRODUCT_UNAVAILABLE
                 await self._fire(order, "order", trigger, detail=exc.detail())
                 return True
             return False
-        if self._past_deadline(order):  # found, too late: no step is started
-            await self._fire(order, "order", OrderTrigger.DEADLINE, detail=self._why(order))
+        if deadlines.passed(order, self.policy):  # found, too late: no step is started
+            why = deadlines.why(order, self.policy)
+            await self._fire(order, "order", OrderTrigger.DEADLINE, detail=why)
             return True
         price = product.get("price")
         amount = price * order.quantity if _is_price(price) else None
@@ -454,12 +411,13 @@ class Executor:
         state = StepState(order.state_of(step))
         resumed = state is StepState.REQUESTED  # a previous run may have sent it already
         if state is StepState.PENDING:
-            if self._past_deadline(order):
+            if deadlines.passed(order, self.policy):
                 return  # never started: nothing to undo (the join stops waiting)
             await self._fire(order, step, StepTrigger.REQUEST)  # intent, before the call
         elif not resumed:
             return
-        deadline = self._forward_deadline(order)  # past the order's: the join expires it
+        # Past the order's deadline the call stops being retried: the join expires it.
+        deadline = deadlines.of_forward_call(order, self.policy)
         try:
             answer = await self._forward_answer(order, step, resumed=resumed, deadline=deadline)
         except BusinessFailure as exc:
@@ -489,14 +447,14 @@ class Executor:
 
         def held() -> Awaitable[Answer | None]:
             lookup = partial(saga_step.service.lookup, key)
-            return self._with_retries(order, f"{step}:lookup", lookup, deadline=deadline)
+            return self._attempts.call(order, f"{step}:lookup", lookup, deadline=deadline)
 
         if resumed and (answer := await held()) is not None:
             return answer
         forward = partial(saga_step.forward, order, key)
         before = order.attempts.get(call, 0)  # earlier runs' failed attempts
         try:
-            return await self._with_retries(order, call, forward, deadline=deadline)
+            return await self._attempts.call(order, call, forward, deadline=deadline)
         except BusinessFailure as no:
             if not resumed and order.attempts.get(call, 0) == 0:
                 raise  # the first answer to a fresh request: a definite "no"
@@ -504,7 +462,7 @@ class Executor:
             if answer is None:
                 unknown = f"{no}; nothing stored under its key: outcome unknown"
                 exc = TransientFailure(unknown, status=no.status, body=no.body)
-                await self._gave_up(order, call, exc, before=before)
+                await self._attempts.gave_up(order, call, exc, before=before)
                 raise exc from no
             return answer
 
@@ -516,7 +474,7 @@ class Executor:
         action = STEP[step].undo
         key = idempotency_key(order, step, action)
         try:
-            answer = await self._with_retries(
+            answer = await self._attempts.call(
                 order,
                 f"{step}:{action}",
                 lambda: saga_step.undo(order, key),
@@ -573,119 +531,6 @@ class Executor:
         metrics.transition(scope, trigger).inc()
         if self.crash_after == f"{scope}:{trigger}":
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: die right after the commit
-
-    async def _with_retries(
-        self,
-        order: Order,
-        call: str,
-        fn: Callable[[], Awaitable[T]],
-        *,
-        deadline: datetime | None,
-        patience: float | None = None,
-    ) -> T:
-        """Retry transient failures with the same key; persist every attempt's schedule.
-        The first attempt runs bare: building tenacity's machinery cost ~0.5 ms a call,
-        more than the call itself, and most calls succeed the first time. `patience`: how
-        long an attempt may wait on an open breaker (None: until `deadline`); past it the
-        call is not retried in this run (BreakerWaitOver)."""
-        # An open breaker: wait, spend no attempt, and say so on the order.
-        waits = partial(self._waits, order, call)
-        fn = partial(call_through, fn, deadline=deadline, on_wait=waits, patience=patience)
-        scope, _, action = call.partition(":")  # "payment:deduct", "product:get"
-        service = STEP[scope].service if scope in STEP else scope  # payment -> user
-        fn = metrics.timed(fn, service, action)  # each attempt's latency
-        before = order.attempts.get(call, 0)  # earlier runs' failed attempts
-        try:
-            try:
-                result = await fn()
-            except TransientFailure as first:
-                result = await self._retry(
-                    order, call, fn, deadline=deadline, first=first, before=before
-                )
-        except BreakerWaitOver:
-            # Waited its bound on an open breaker: no call was made, so no attempt is spent
-            # and no call outcome counted. The wait is on the order already (`_waits`: its
-            # last error names the breaker); the park that follows says the rest.
-            raise
-        except CallFailure as exc:
-            outcome = "transient" if isinstance(exc, TransientFailure) else "business"
-            metrics.call_outcome(service, action, outcome).inc()
-            if isinstance(exc, TransientFailure):
-                await self._gave_up(order, call, exc, before=before)
-            raise
-        metrics.call_outcome(service, action, "success").inc()
-        return result
-
-    async def _gave_up(
-        self, order: Order, call: str, exc: TransientFailure, *, before: int
-    ) -> None:
-        """This run stops trying `call`: the failure and a later attempt, on the order.
-        `before`: the call's failed attempts when this run started trying it."""
-        later = utcnow() + timedelta(seconds=self.policy.backoff_max)
-        await self.store.note_attempt(
-            order=order, owner=self.owner, call=call, error=str(exc), next_attempt_at=later
-        )
-        self._attempt_failed(order, call, str(exc), None, before=before)
-
-    def _attempt_failed(
-        self, order: Order, call: str, error: str, retry_in: float | None, *, before: int
-    ) -> None:
-        """Log a failed attempt just noted on the order: its number in this run (the
-        budget is MAX_ATTEMPTS per run) beside the order's total over every run."""
-        this_run = order.attempts.get(call, 0) - before
-        events.attempt_failed(
-            order, call, error, retry_in, this_run=this_run, max_attempts=self.policy.max_attempts
-        )
-
-    async def _retry(
-        self,
-        order: Order,
-        call: str,
-        fn: Callable[[], Awaitable[T]],
-        *,
-        deadline: datetime | None,
-        first: TransientFailure,
-        before: int,
-    ) -> T:
-        """Attempts 2..n under tenacity; attempt 1 (already failed) is replayed as its first."""
-        replay: list[TransientFailure] = [first]
-
-        async def attempt() -> T:
-            if replay:
-                raise replay.pop()
-            return await fn()
-
-        async def note(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            sleep = state.upcoming_sleep
-            await self.store.note_attempt(
-                order=order, owner=self.owner, call=call, error=str(exc),
-                next_attempt_at=utcnow() + timedelta(seconds=sleep),
-            )  # fmt: skip
-            self._attempt_failed(order, call, str(exc), sleep, before=before)
-
-        retrying = AsyncRetrying(
-            stop=stop_any(stop_after_attempt(self.policy.max_attempts), stop_at(deadline)),
-            wait=wait_random_exponential(
-                multiplier=self.policy.backoff_base, max=self.policy.backoff_max
-            ),
-            retry=retry_if_exception_type(TransientFailure)
-            & retry_if_not_exception_type(BreakerWaitOver),  # waited its bound: this run ends
-            before_sleep=note,
-            reraise=True,
-        )
-        result: T = await retrying(attempt)
-        return result
-
-    async def _waits(self, order: Order, call: str, breaker: Breaker, error: Exception) -> None:
-        """A call of `order` starts waiting for `breaker`: recorded on the order (why it
-        stands still, when the probe is due) and logged with its id."""
-        probe = breaker.retry_after()
-        await self.store.note_attempt(
-            order=order, owner=self.owner, call=call, error=str(error),
-            next_attempt_at=utcnow() + timedelta(seconds=probe), waiting_on=breaker.service,
-        )  # fmt: skip
-        events.waiting(order, call, breaker.service, probe)
 
     async def _keep_leases(self) -> None:
         """Renew every lease this executor holds, one statement per interval."""

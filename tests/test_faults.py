@@ -17,7 +17,8 @@ from downstream.seed import (
 from fsm import queries
 from fsm.clients import Services
 from fsm.errors import InvalidMove, LeaseLost, StaleOrder
-from fsm.executor import Executor, RetryPolicy
+from fsm.executor import Executor
+from fsm.retry import RetryPolicy
 from fsm.store import Store, utcnow
 from tests.support.services import Books, Downstream
 from tests.support.services import assert_conserved as check_conserved

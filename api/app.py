@@ -14,14 +14,13 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -31,12 +30,12 @@ from api.deps import StoreDep
 from api.guard import BodyGuard
 from api.head import HeadAsGet
 from api.runner import Runner
-from fsm import relay_child, subscriptions
+from fsm import metrics as fsm_metrics
+from fsm import subscriptions, upkeep
 from fsm.breaker import Breakers
 from fsm.clients import Services
 from fsm.errors import StoreUnavailable
 from fsm.health import WriteHealth, WriteStatus
-from fsm.metrics import exposition
 from fsm.settings import Settings, get_settings
 from fsm.store import Store
 from fsm.version import MACHINE_VERSION
@@ -107,11 +106,8 @@ def create_app(
             checking = None  # single sign-on: its provider's discovery, fetched once aside
             if app.state.oidc is not None:
                 checking = asyncio.create_task(oidc.check_at_start(app.state.oidc))
-            relay = None
-            if settings.relay:  # order events: delivered from a child process (and any relay)
-                relay = asyncio.create_task(
-                    relay_child.supervise(settings, saga.store), name="relay"
-                )
+            # order events: delivered from a child process (and any relay), when RELAY is on
+            relay = upkeep.start_relay(store=saga.store, settings=settings)
             try:
                 yield
             finally:
@@ -120,9 +116,7 @@ def create_app(
                     with contextlib.suppress(asyncio.CancelledError):
                         await checking
                 if relay is not None:
-                    relay.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await relay
+                    await upkeep.stop([relay])
                 await runner.stop()
                 await authenticator.settle()  # a key lookup in flight, before the store closes
 
@@ -240,11 +234,7 @@ def create_app(
     )
     def metrics(store: StoreDep) -> Response:
         """Prometheus metrics; `order_saga_orders{status}` is counted in SQL per scrape."""
-        body = exposition(
-            store.count_by_status,
-            partial(subscriptions.lags_if_known, store),
-            store.oldest_unmoved_by_state,
-        )
+        body = generate_latest(fsm_metrics.of_store(store))
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     if services is None and settings.embedded_services:

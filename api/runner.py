@@ -2,9 +2,8 @@
 order's, a resume's, a cancel's, the console's actions: each request waits at most
 RESPOND_WITHIN for its run, then answers 202 + Location and the run goes on here), the
 periodic sweep for stuck orders (`start_sweeper`, off with `serve --no-sweep`) and the
-upkeep every process does whatever its sweep (`start_upkeep`): the heatmap's roll-up, the
-log's day partitions on PostgreSQL and, when retention is set, the pruning pass. Keeps task
-references so nothing is garbage-collected.
+upkeep every process does whatever its sweep (`start_upkeep`: fsm.upkeep's passes, as
+`worker` runs them). Keeps task references so nothing is garbage-collected.
 
 Stopping comes in two steps: `stop_sweeping` when shutdown begins (the sweep and the
 upkeep stop, so no new work is picked up while requests in flight finish; the sweep's own
@@ -19,7 +18,7 @@ from collections.abc import Coroutine
 from functools import partial
 from typing import Any
 
-from fsm import partitions, retention, rollup
+from fsm import upkeep
 from fsm.executor import Executor
 from fsm.models import Order
 from fsm.recovery import sweep_forever
@@ -68,23 +67,19 @@ class Runner:
 
     def start_sweeper(self) -> None:
         """The recovery sweep: stuck orders resumed (leases keep each to one driver)."""
-        self._keep(sweep_forever(store=self.store, executor=self.executor, settings=self.settings))
+        self._keep(
+            sweep_forever(store=self.store, executor=self.executor, settings=self.settings),
+            name="sweep",
+        )
 
     def start_upkeep(self) -> None:
-        """Retention, roll-up and partitions: each safe in several processes at once (one
-        pruner at a time, a roll's cursor moved by compare-and-set, CREATE ... IF NOT
-        EXISTS), so every process runs them, its sweep on or off."""
-        if retention.enabled(self.settings):  # issue 22: the background retention pass
-            self._keep(retention.prune_forever(engine=self.store.engine, settings=self.settings))
-        if self.settings.heat_roll_interval:  # the heatmap's roll-up kept current
-            self._keep(
-                rollup.roll_forever(self.store.engine, interval=self.settings.heat_roll_interval)
-            )
-        if self.store.is_postgres:  # the log's day partitions, a week ahead (fsm.partitions)
-            self._keep(partitions.maintain_forever(self.store.engine))
+        """Retention, roll-up and partitions (fsm.upkeep.passes): each safe in several
+        processes at once, so every process runs them, its sweep on or off."""
+        for name, work in upkeep.passes(store=self.store, settings=self.settings).items():
+            self._keep(work, name=name)
 
-    def _keep(self, work: Coroutine[Any, Any, object]) -> None:
-        task: asyncio.Task[object] = asyncio.create_task(work)
+    def _keep(self, work: Coroutine[Any, Any, None], *, name: str) -> None:
+        task: asyncio.Task[Any] = upkeep.start(work, name=name)  # an error it ends with: logged
         for kept in (self.tasks, self.passes):
             kept.add(task)
             task.add_done_callback(kept.discard)
@@ -97,6 +92,4 @@ class Runner:
             task.cancel()
 
     async def stop(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await upkeep.stop(list(self.tasks))

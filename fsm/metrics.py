@@ -17,8 +17,8 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from functools import cache
-from typing import TypeVar
+from functools import cache, partial
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -26,8 +26,12 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
+from fsm import subscriptions
 from fsm.errors import StoreUnavailable
 from fsm.machine import TERMINAL_ORDER_STATES, OrderState, Status
+
+if TYPE_CHECKING:
+    from fsm.store import Store
 
 T = TypeVar("T")
 log = logging.getLogger("order_saga.metrics")
@@ -220,6 +224,17 @@ def registry(
     if backlog is not None:
         reg.register(OutboxCollector(backlog))
     return reg
+
+
+def of_store(store: Store) -> CollectorRegistry:
+    """What /metrics serves, the API's and `worker`'s alike: `registry` with the orders
+    (by status, the oldest unmoved per state) and the order events' backlog counted in
+    `store`'s SQL at each scrape."""
+    return registry(
+        store.count_by_status,
+        partial(subscriptions.lags_if_known, store),
+        store.oldest_unmoved_by_state,
+    )
 
 
 def exposition(

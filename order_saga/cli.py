@@ -475,7 +475,7 @@ def worker(
     metrics_host: Annotated[str, typer.Option(help="Interface for /metrics.")] = "127.0.0.1",
 ) -> None:
     """Claim and advance stuck orders forever (run several; they share the load)."""
-    from fsm import partitions, retention
+    from fsm import upkeep
     from fsm.keys import any_keys
     from fsm.recovery import sweep_forever
 
@@ -502,14 +502,9 @@ def worker(
             if settings.worker_metrics_port:
                 from prometheus_client import start_http_server
 
-                from fsm import subscriptions
-                from fsm.metrics import registry
+                from fsm.metrics import of_store
 
-                registry_ = registry(
-                    executor.store.count_by_status,
-                    partial(subscriptions.lags_if_known, executor.store),
-                    executor.store.oldest_unmoved_by_state,
-                )
+                registry_ = of_store(executor.store)  # what serve's /metrics serves
                 serve_metrics = partial(start_http_server, addr=metrics_host, registry=registry_)
                 log = logging.getLogger("order_saga.worker")
                 try:
@@ -530,40 +525,21 @@ def worker(
             where = settings.fallback_services_url
             line = running_with(settings, keys=keys, embedded=f"a serve's, at {where}")
             logging.getLogger("order_saga.start").info("%s", line)
-            sweep = asyncio.create_task(
-                sweep_forever(store=executor.store, executor=executor, settings=settings)
-            )
-            if retention.enabled(settings):  # issue 22: one pruner at a time on PostgreSQL
-                pruning = asyncio.create_task(
-                    retention.prune_forever(engine=executor.store.engine, settings=settings)
+            # Retention, roll-up, partitions and the relay child (fsm.upkeep, as serve's):
+            # cancelled and awaited when the sweep has stopped, before the store closes.
+            async with upkeep.running(store=executor.store, settings=settings):
+                sweep = asyncio.create_task(
+                    sweep_forever(store=executor.store, executor=executor, settings=settings)
                 )
-                sweep.add_done_callback(lambda _: pruning.cancel())
-            if settings.heat_roll_interval:  # the heatmap's roll-up kept current
-                from fsm import rollup
-
-                rolling = asyncio.create_task(
-                    rollup.roll_forever(executor.store.engine, interval=settings.heat_roll_interval)
-                )
-                sweep.add_done_callback(lambda _: rolling.cancel())
-            if executor.store.is_postgres:  # the log's day partitions, a week ahead
-                ahead = asyncio.create_task(partitions.maintain_forever(executor.store.engine))
-                sweep.add_done_callback(lambda _: ahead.cancel())
-            if settings.relay:  # order events leave from here too: a child process
-                from fsm import relay_child
-
-                relay = asyncio.create_task(relay_child.supervise(settings, executor.store))
-                sweep.add_done_callback(lambda _: relay.cancel())
-            # SIGTERM (a deploy) or Ctrl-C: stop driving and release every lease now, so
-            # another worker continues at once instead of after the lease expires. A call
-            # in flight is abandoned; its committed intent makes the next driver reconcile.
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signum, sweep.cancel)
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweep
-            if settings.relay:  # its child stopped before this process ends
+                # SIGTERM (a deploy) or Ctrl-C: stop driving and release every lease now,
+                # so another worker continues at once instead of after the lease expires. A
+                # call in flight is abandoned; its committed intent makes the next driver
+                # reconcile.
+                loop = asyncio.get_running_loop()
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(signum, sweep.cancel)
                 with contextlib.suppress(asyncio.CancelledError):
-                    await relay
+                    await sweep
             logging.getLogger("order_saga.worker").info("stopped, leases released")
 
     import uvloop

@@ -298,11 +298,12 @@ def resume(
     were held by another driver (skipped, or lost to one mid-run). Bad input (a flag or a
     setting) exits 2 before anything runs. A dry run exits 0. Each
     order resumed gets a row in its log naming who (`--as`, default the local admin)."""
-    from fsm.machine import OperatorAction, Status, is_terminal
+    from fsm.machine import OperatorAction, Status
     from fsm.recovery import resume_stuck
     from fsm.store import utcnow
     from fsm.wiring import open_saga
     from order_saga.orders_cli import cli_audit
+    from order_saga.resume_report import ResumeReport, report
 
     oid = None if order is None else parse_order_id(order, "--order: ")
     settings = database_settings()
@@ -313,45 +314,7 @@ def resume(
         if not as_json:
             typer.echo(line)
 
-    report_json: dict[str, object] = {}
-
-    def finish(orders: list[Order], *, dry_run: bool, held: int = 0, **summary: object) -> int:
-        """Print what is left to do, fill the JSON summary; the exit code (errors aside)."""
-        parked = [o for o in orders if o.status == Status.NEEDS_ATTENTION]
-        # A dry run tried nothing: a parked order is not "still" parked, only parked now.
-        still = [] if dry_run else parked
-        unfinished = [
-            o
-            for o in orders
-            if not (dry_run or is_terminal(o.state) or o.status == Status.NEEDS_ATTENTION)
-        ]
-        for o in still:  # the operator has work (see `order-saga orders show`)
-            typer.echo(f"still parked: {o.id}: {o.attention_reason}", err=True)
-        for o in unfinished:  # its retries spent for this run; a later resume continues
-            typer.echo(f"not finished: {o.id} {o.state} ({o.status})", err=True)
-        if held and not dry_run:
-            typer.echo(f"held by another driver: {held} (not resumed)", err=True)
-        report_json.update(
-            summary,
-            dry_run=dry_run,
-            orders=[
-                {
-                    "id": str(o.id),
-                    "state": o.state,
-                    "status": o.status,
-                    "reason": o.attention_reason,
-                }
-                for o in orders
-            ],
-            still_parked=[str(o.id) for o in still],
-            not_finished=[str(o.id) for o in unfinished],
-        )
-        if dry_run:
-            report_json["parked_now"] = [str(o.id) for o in parked]
-            return 0
-        return 3 if still else (4 if unfinished or held else 0)
-
-    async def main() -> int:
+    async def main() -> ResumeReport:
         async with open_saga(settings) as saga:
             executor = saga.executor
             audit = cli_audit(OperatorAction.RESUME, as_name, reason)
@@ -360,10 +323,10 @@ def resume(
                     found = executor.store.get(oid)
                     what, counts = _dry_run_verdict(found, utcnow())
                     say(f"{found.id} {found.state} ({found.status}): {what}")
-                    return finish([found], dry_run=True, **counts)
+                    return report([found], dry_run=True, counts=counts)
                 result = await executor.run(oid, audit=audit)
                 say(f"{result.id} {result.state} ({result.status})")
-                return finish([result], dry_run=False, found=1, resumed=1)
+                return report([result], dry_run=False, counts={"found": 1, "resumed": 1})
             seen: list[Order] = []
             done = itertools.count(1)
             # How many there are to do now (others may turn up while it runs).
@@ -375,7 +338,7 @@ def resume(
             )
             todo = len(stuck)
 
-            def report(o: Order, what: str) -> None:
+            def progress(o: Order, what: str) -> None:
                 if dry_run and o.status == Status.NEEDS_ATTENTION:
                     what = f"{what}; parked now: {o.attention_reason}"
                 say(f"[{next(done)}/{todo}] {o.id} {o.state}: {what}")
@@ -389,7 +352,7 @@ def resume(
                 dry_run=dry_run,
                 concurrency=settings.sweep_concurrency,
                 due_only=False,
-                progress=report,
+                progress=progress,
                 audit=audit,
             )
             if dry_run:
@@ -400,20 +363,22 @@ def resume(
             else:
                 say(summary.line())
             held = summary.skipped_leased + summary.lost_to_other_driver
-            code = finish(seen, dry_run=dry_run, held=held, **summary.as_dict())
-            return 1 if summary.errors and not dry_run else code
+            figures = summary.as_dict()
+            return report(seen, dry_run=dry_run, held=held, errors=summary.errors, counts=figures)
 
     import uvloop
 
     try:
-        code = uvloop.run(main())
+        outcome = uvloop.run(main())
     except ConcurrencyError as exc:  # --order held by another driver: not finished here
         fail(str(exc), 4)
     except SagaError as exc:  # unknown order, ...
         fail(str(exc), 1)
+    for note in outcome.notes:  # what is left to do
+        typer.echo(note, err=True)
     if as_json:
-        typer.echo(json.dumps(report_json, indent=2))
-    raise typer.Exit(code)
+        typer.echo(json.dumps(outcome.summary, indent=2))
+    raise typer.Exit(outcome.code)
 
 
 def _dry_run_verdict(order: Order, now: datetime) -> tuple[str, dict[str, int]]:

@@ -98,9 +98,13 @@ def cloud_event(order: Order, *, seq: int, type_: str, at: datetime, source: str
 
 
 def parse_types(names: Iterable[str]) -> tuple[str, ...]:
-    """Validate a subscription (comma-separated names allowed); ValueError names the bad one."""
+    """Validate a subscription (comma-separated names allowed); ValueError names the bad one.
+    No names at all: the default types; names given that are all blank (`--events ''`) are
+    refused, not read as the default (a subscription to everything nobody asked for)."""
     chosen: list[str] = []
+    given = False
     for part in names:
+        given = True
         for name in part.split(","):
             name = name.strip()
             if not name:
@@ -109,6 +113,11 @@ def parse_types(names: Iterable[str]) -> tuple[str, ...]:
                 raise ValueError(f"unknown event type {name!r} (known: {', '.join(ALL_TYPES)})")
             if name not in chosen:
                 chosen.append(name)
+    if given and not chosen:
+        raise ValueError(
+            "no event type given (an empty list): name at least one, or leave the list out "
+            "for the default types"
+        )
     return tuple(chosen) or DEFAULT_TYPES
 
 

@@ -14,18 +14,21 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from typing import Any, NamedTuple, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import yarl
 
-from fsm import outbox, outbox_sql
+from fsm import keys, outbox, outbox_sql
 from fsm.bounds import MAX_ID
 from fsm.destinations import Attempt
 from fsm.destinations.webhook import new_secret, post
 from fsm.outbox_sql import Backlog, DeliveryRow, Destination
+from fsm.settings import Settings
+from fsm.sql import Dialect
 from fsm.store import Store, utcnow
 
 T = TypeVar("T")
@@ -48,9 +51,50 @@ MAX_SEQ = MAX_ID
 
 
 def webhook_url(url: str) -> str:
-    """A URL events can be POSTed to; ValueError saying why not. The host: a name that
-    encodes to letters, digits, `.`, `-` and `_` (Docker Compose service names), or an IP
-    literal; what aiohttp would refuse at every attempt is refused here, once."""
+    """A URL events can be POSTed to, normalised (`normal_url`); ValueError saying why not.
+    The host: a name that encodes to letters, digits, `.`, `-` and `_` (Docker Compose
+    service names), or an IP literal; what aiohttp would refuse at every attempt is refused
+    here, once."""
+    _usable(url)
+    normal = normal_url(url)
+    if len(normal) > MAX_URL:
+        raise ValueError(
+            f"a webhook URL must be at most {MAX_URL} characters (this one: {len(normal)})"
+        )
+    return normal
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normal_url(url: str) -> str:
+    """The form a webhook's URL is stored in, so that one endpoint is subscribed once: the
+    scheme and host lower-case, the scheme's default port dropped, an empty path made `/`,
+    an empty query (`?`) and any fragment dropped (a fragment is never sent). Its path and
+    query are kept as given (percent-escapes, dot segments and a trailing slash included:
+    they are what the endpoint receives); `same_endpoint` also takes a trailing slash alike."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    port = parts.port
+    netloc = host if port in (None, _DEFAULT_PORTS.get(parts.scheme)) else f"{host}:{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+
+
+def endpoint_key(url: str) -> str:
+    """What two URLs of one subscription share: `normal_url` with the path's trailing
+    slashes dropped (`/hook` and `/hook/`: one endpoint, or at least one consumer; sending
+    it each event twice, under two secrets, is never what was meant). A URL stored before
+    these checks that no longer parses: itself."""
+    try:
+        parts = urlsplit(normal_url(url))
+    except ValueError:
+        return url
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/")))
+
+
+def _usable(url: str) -> None:
     if len(url) > MAX_URL:
         raise ValueError(
             f"a webhook URL must be at most {MAX_URL} characters (this one: {len(url)})"
@@ -72,7 +116,6 @@ def webhook_url(url: str) -> str:
         yarl.URL(url)  # as aiohttp reads it: IDNA 2008 refuses what IDNA 2003 drops (U+200B)
     except ValueError as exc:
         raise ValueError(f"{url!r} is not a URL a request can go to: {exc}") from None
-    return url
 
 
 _HOST_NAME = re.compile(r"[a-z0-9_.-]+")  # urlsplit lower-cases the host
@@ -99,23 +142,63 @@ class Added:
 
 
 def add_webhook(store: Store, url: str, types: tuple[str, ...]) -> Added:
-    """Subscribe `url` to `types`; ValueError when it is subscribed already."""
+    """Subscribe `url` (stored normalised: `webhook_url`) to `types`; ValueError when it,
+    or a URL of the same endpoint (`endpoint_key`), is subscribed already."""
     secret = new_secret()
+    normal = webhook_url(url)
     added = store.committer.call(
         partial(
-            outbox_sql.add_destination,
+            _add_once,
             store.dialect,
-            name=webhook_url(url),
-            kind="webhook",
-            url=url,
+            url=normal,
             secret=secret,
             events=outbox.subscription(types),
             now=utcnow(),
         )
     )
-    if added is None:
-        raise ValueError(f"{url} is subscribed already (remove it first)")
+    if isinstance(added, str):
+        written = "" if added == normal else f", as {added}"
+        raise ValueError(f"{normal} is subscribed already{written} (remove it first)")
     return Added(added, secret)
+
+
+def _add_once(
+    d: Dialect, cursor: Any, *, url: str, secret: str, events: str, now: datetime
+) -> Destination | str:
+    """In the writer's transaction: the webhook added, or the URL of the one that has its
+    endpoint already. PostgreSQL: the table locked against other writers first (readers
+    go on), so two `webhooks add` of one endpoint at once cannot both find it absent
+    (SQLite's write lock does that there)."""
+    if d.name == "postgresql":
+        cursor.execute("LOCK TABLE event_destinations IN SHARE ROW EXCLUSIVE MODE")
+    key = endpoint_key(url)
+    for destination in outbox_sql.destinations(d, cursor):
+        if destination.kind == "webhook" and endpoint_key(destination.url) == key:
+            return destination.url
+    added = outbox_sql.add_destination(
+        d, cursor, name=url, kind="webhook", url=url, secret=secret, events=events, now=now
+    )
+    return url if added is None else added
+
+
+def embedded_sink(store: Store, settings: Settings, url: str) -> str | None:
+    """Why `url` will refuse every event, if it is this deployment's own embedded reference
+    sink (`serve`'s /services/sink) while authentication is on: the embedded services sit
+    behind the token like every route but /healthz and /metrics, and the relay sends no
+    Authorization. One line, for `webhooks add` and `webhooks test`; None otherwise."""
+    if not settings.embedded_services:
+        return None
+    if urlsplit(endpoint_key(url)).path != "/services/sink":
+        return None
+    on = settings.api_token is not None or settings.oidc or keys.any_keys(engine=store.engine)
+    if not on:
+        return None
+    return (
+        "this looks like this deployment's embedded sink (/services/sink), which takes the "
+        "API token like every route once authentication is on; the relay sends none, so "
+        "each event gets HTTP 401 and is dead-lettered: run `order-saga services` (its own "
+        "process, no token) and subscribe its /sink instead (README, Order events)"
+    )
 
 
 def destinations(store: Store) -> list[Destination]:
@@ -124,11 +207,15 @@ def destinations(store: Store) -> list[Destination]:
 
 def find(store: Store, ident: str, *, kind: str | None = "webhook") -> Destination:
     """A destination by id or by URL; LookupError when none matches."""
-    for destination in destinations(store):
-        if kind is not None and destination.kind != kind:
-            continue
+    found = [d for d in destinations(store) if kind is None or d.kind == kind]
+    for destination in found:
         if ident in (str(destination.id), destination.url, destination.name):
             return destination
+    if "://" in ident:  # a webhook's URL written another way (HTTP://, :80, /hook/)
+        key = endpoint_key(ident)
+        for destination in found:
+            if destination.kind == "webhook" and endpoint_key(destination.url) == key:
+                return destination
     raise LookupError(f"no {kind or 'destination'} {ident!r} (see `order-saga webhooks list`)")
 
 

@@ -54,19 +54,30 @@ def add(
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Subscribe URL to order events; prints its signing secret, once."""
+    """Subscribe URL to order events; prints its signing secret, once. The URL is stored
+    normalised (scheme and host lower-case, no default port, no empty query or fragment);
+    one already subscribed, however written (a trailing slash aside), is refused."""
     from fsm import outbox, subscriptions
+    from order_saga.console import load_settings
 
     try:
         types = outbox.parse_types(events or [])
+    except ValueError as exc:
+        _fail(f"--events: {exc}")
+    try:
         subscriptions.webhook_url(url)
     except ValueError as exc:
         _fail(str(exc))
+    settings = load_settings()
     with _store() as store:
         try:
             added = subscriptions.add_webhook(store, url, types)
         except ValueError as exc:
             _fail(str(exc), 1)
+        sink = subscriptions.embedded_sink(store, settings, added.destination.url)
+    if sink is not None:
+        typer.echo(f"order-saga: warning: {sink}", err=True)
+    url = added.destination.url
     if as_json:
         body = {"id": added.destination.id, "url": url, "events": list(types)}
         typer.echo(json.dumps({**body, "secret": added.secret}, indent=2))
@@ -146,11 +157,16 @@ def test(ident: Annotated[str, typer.Argument(metavar="ID|URL")]) -> None:
             destination = subscriptions.find(store, ident)
         except LookupError as exc:
             _fail(str(exc).strip("'\""), 1)
-    attempt = asyncio.run(subscriptions.test_webhook(destination, timeout=settings.event_timeout))
+        attempt = asyncio.run(
+            subscriptions.test_webhook(destination, timeout=settings.event_timeout)
+        )
+        sink = None
+        if attempt.error == "HTTP 401":
+            sink = subscriptions.embedded_sink(store, settings, destination.url)
     if attempt.delivered:
         typer.echo(f"{destination.url}: delivered")
         return
-    _fail(f"{destination.url}: {attempt.error}", 1)
+    _fail(f"{destination.url}: {attempt.error}" + ("" if sink is None else f": {sink}"), 1)
 
 
 @events_app.command("list")

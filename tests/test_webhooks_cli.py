@@ -1,0 +1,143 @@
+"""`order-saga webhooks` as an operator meets it (issue 19, review rev-events): the embedded
+sink behind the API token is warned about, an empty --events is refused, one endpoint is
+subscribed once however its URL is written, `remove` says what it dropped and `rotate`
+replaces a secret keeping the webhook. Both databases; the command runs in this process
+(CliRunner), endpoints over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from typer.main import get_command
+
+from api.app import create_app
+from fsm import outbox, subscriptions
+from fsm.store import Store
+from order_saga.cli import app
+from tests.support.services import LiveServer
+from tests.support.settings import saga_env, saga_settings
+
+TOKEN = "webhooks-cli-admin-token"
+
+
+def webhooks(db_url: str, *args: str, services_url: str | None = None, **fields: str) -> Result:
+    env = saga_env(database_url=db_url, services_url=services_url, **fields)
+    return CliRunner().invoke(get_command(app), ["webhooks", *args], env=env)
+
+
+SINK_WARNING = "order-saga: warning: this looks like this deployment's embedded sink"
+
+
+def test_adding_the_embedded_sink_while_auth_is_on_warns_in_one_line(db_url: str) -> None:
+    """The README's recipe with ORDER_SAGA_API_TOKEN set: every event would get 401."""
+    sink = "http://127.0.0.1:8000/services/sink"
+    added = webhooks(db_url, "add", sink, api_token=TOKEN)
+    assert added.exit_code == 0, added.output
+    assert added.stderr.startswith(SINK_WARNING), added.stderr
+    assert len(added.stderr.splitlines()) == 1
+    assert "order-saga services" in added.stderr and TOKEN not in added.stderr
+    # No token (every path open), or service URLs of its own (no embedded sink): no warning.
+    other = "http://127.0.0.1:8000/services/sink/"  # a trailing slash: the same endpoint
+    assert webhooks(db_url, "remove", sink).exit_code == 0
+    quiet = webhooks(db_url, "add", other)
+    assert quiet.exit_code == 0 and quiet.stderr == "", quiet.output
+    assert webhooks(db_url, "remove", other).exit_code == 0
+    external = webhooks(db_url, "add", sink, services_url="http://127.0.0.1:8100", api_token=TOKEN)
+    assert external.exit_code == 0 and external.stderr == "", external.output
+
+
+async def test_webhooks_test_of_the_embedded_sink_behind_the_token_says_why(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A real `serve` app with the token set: its /services/sink answers the relay's
+    (and the test's) unauthenticated POST with 401, and the command says what to do."""
+    settings = saga_settings(db_url, api_token=TOKEN, services_db=str(tmp_path / "s.db"))
+    with LiveServer(create_app(settings, sweep=False), lifespan="on") as server:
+        url = f"{server.url}/services/sink"
+        assert webhooks(db_url, "add", url, api_token=TOKEN).exit_code == 0
+        tested = await asyncio.to_thread(webhooks, db_url, "test", url, api_token=TOKEN)
+    assert tested.exit_code == 1, tested.output
+    assert tested.stderr.startswith(f"order-saga: {url}: HTTP 401: this looks like"), tested.stderr
+    assert "order-saga services" in tested.stderr
+    assert len(tested.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("given", ["", " ", ",", " , "])
+def test_an_empty_events_list_is_refused(db_url: str, store: Store, given: str) -> None:
+    """Not read as "the default types" (a subscription to what nobody asked for)."""
+    added = webhooks(db_url, "add", "http://127.0.0.1:9/hook", "--events", given)
+    assert added.exit_code == 2, added.output
+    assert added.stderr.startswith("order-saga: --events: no event type given"), added.stderr
+    assert len(added.stderr.splitlines()) == 1
+    assert subscriptions.destinations(store) == []
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "HTTP://127.0.0.1:47102/hook",
+        "http://127.0.0.1:47102/hook/",
+        "http://127.0.0.1:47102/hook?",
+        "http://127.0.0.1:47102/hook#",
+        "http://127.0.0.1:47102/hook#part",
+        "http://127.0.0.1:47102/hook//",
+    ],
+)
+def test_one_endpoint_is_subscribed_once_however_its_url_is_written(
+    db_url: str, store: Store, variant: str
+) -> None:
+    first = webhooks(db_url, "add", "http://127.0.0.1:47102/hook")
+    assert first.exit_code == 0, first.output
+    again = webhooks(db_url, "add", variant)
+    assert again.exit_code == 1, again.output
+    assert "is subscribed already" in again.stderr, again.stderr
+    assert [d.url for d in subscriptions.destinations(store)] == ["http://127.0.0.1:47102/hook"]
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ("HTTPS://Hooks.Example.COM:443/Path?", "https://hooks.example.com/Path"),
+        ("http://EXAMPLE.com:80", "http://example.com/"),
+        ("http://[::1]:8080/x#y", "http://[::1]:8080/x"),
+        ("https://example.com:8443/a/?q=1", "https://example.com:8443/a/?q=1"),
+    ],
+)
+def test_a_webhook_is_stored_normalised_and_found_as_written(
+    db_url: str, store: Store, given: str, stored: str
+) -> None:
+    added = webhooks(db_url, "add", given, "--json")
+    assert added.exit_code == 0, added.output
+    assert f'"url": "{stored}"' in added.stdout
+    assert [d.url for d in subscriptions.destinations(store)] == [stored]
+    # The URL as first written still names it.
+    assert webhooks(db_url, "remove", given).exit_code == 0
+    assert subscriptions.destinations(store) == []
+
+
+def test_a_url_stored_before_normalising_still_blocks_its_variants(store: Store) -> None:
+    """A webhook added by an older version (stored as written) is compared by its endpoint."""
+    from functools import partial
+
+    from fsm import outbox_sql
+    from fsm.destinations.webhook import new_secret
+    from fsm.store import utcnow
+
+    legacy = "HTTP://127.0.0.1:47102/hook/"
+    store.committer.call(
+        partial(
+            outbox_sql.add_destination,
+            store.dialect,
+            name=legacy,
+            kind="webhook",
+            url=legacy,
+            secret=new_secret(),
+            events=outbox.subscription(outbox.DEFAULT_TYPES),
+            now=utcnow(),
+        )
+    )
+    with pytest.raises(ValueError, match=f"subscribed already, as {legacy}"):
+        subscriptions.add_webhook(store, "http://127.0.0.1:47102/hook", outbox.DEFAULT_TYPES)

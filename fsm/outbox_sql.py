@@ -748,6 +748,28 @@ def remove_destination(d: Dialect, cursor: Any, *, destination_id: int) -> bool:
     return bool(cursor.rowcount == 1)
 
 
+def webhook_secret(d: Dialect, cursor: Any, *, destination_id: int) -> str | None:
+    """A webhook's stored secret (None: no such webhook); on PostgreSQL its row locked
+    until the transaction ends (two rotations at once: one after the other)."""
+    lock = " FOR UPDATE" if d.name == "postgresql" else ""
+    cursor.execute(
+        d.sql(f"SELECT secret FROM event_destinations WHERE id = %s AND kind = 'webhook'{lock}"),
+        [destination_id],
+    )
+    row = cursor.fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_secret(d: Dialect, cursor: Any, *, destination_id: int, secret: str) -> bool:
+    """Replace a webhook's secret; its id, cursor and exception rows stay (a relay sees the
+    changed destination at its next refresh and signs with it from then on)."""
+    cursor.execute(
+        d.sql("UPDATE event_destinations SET secret = %s WHERE id = %s AND kind = 'webhook'"),
+        [secret, destination_id],
+    )
+    return bool(cursor.rowcount == 1)
+
+
 # -- reads for the operator (metrics, /healthz, the console, `events list`) ---------------
 
 

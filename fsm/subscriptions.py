@@ -1,7 +1,8 @@
 """The operator's side of order events: webhooks added (a signing secret made once),
-listed, removed and tested; each destination's backlog (for /metrics, /healthz and the
-console); dead letters listed and redelivered. Writes go through the store's commit thread,
-reads through its read pool. Sends nothing except `test_webhook` (one signed request, now).
+listed, removed, rotated (a new secret, the webhook kept) and tested; each destination's
+backlog (for /metrics, /healthz and the console); dead letters listed and redelivered.
+Writes go through the store's commit thread, reads through its read pool. Sends nothing
+except `test_webhook` (one signed request, now).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -25,7 +26,7 @@ import yarl
 from fsm import keys, outbox, outbox_sql
 from fsm.bounds import MAX_ID
 from fsm.destinations import Attempt
-from fsm.destinations.webhook import new_secret, post
+from fsm.destinations.webhook import new_secret, post, rotated
 from fsm.outbox_sql import Backlog, DeliveryRow, Destination
 from fsm.settings import Settings
 from fsm.sql import Dialect
@@ -219,14 +220,64 @@ def find(store: Store, ident: str, *, kind: str | None = "webhook") -> Destinati
     raise LookupError(f"no {kind or 'destination'} {ident!r} (see `order-saga webhooks list`)")
 
 
-def remove(store: Store, ident: str) -> Destination:
+class Removed(NamedTuple):
+    destination: Destination
+    pending: int  # undelivered events dropped with it, dead letters aside
+    dead: int  # its dead letters, dropped too
+
+
+def remove(store: Store, ident: str) -> Removed:
     """Unsubscribe a webhook, or the RabbitMQ destination (`amqp`: a relay started with
-    ORDER_SAGA_AMQP_URL adds it again); its undelivered events are dropped with it."""
+    ORDER_SAGA_AMQP_URL adds it again); its undelivered events are dropped with it, and
+    counted in the same transaction."""
     destination = find(store, ident, kind=None)
-    store.committer.call(
-        partial(outbox_sql.remove_destination, store.dialect, destination_id=destination.id)
+    pending, dead = store.committer.call(
+        partial(_remove_counting, store.dialect, destination_id=destination.id)
     )
-    return destination
+    return Removed(destination, pending, dead)
+
+
+def _remove_counting(d: Dialect, cursor: Any, *, destination_id: int) -> tuple[int, int]:
+    dropped = [b for b in outbox_sql.backlog(d, cursor) if b.destination.id == destination_id]
+    outbox_sql.remove_destination(d, cursor, destination_id=destination_id)
+    return (dropped[0].pending, dropped[0].dead) if dropped else (0, 0)
+
+
+@dataclass(frozen=True)
+class Rotated:
+    destination: Destination
+    secret: str  # the new one, shown once
+    old_until: datetime | None  # until when the old one signs beside it (None: not at all)
+
+
+def rotate(store: Store, ident: str, *, overlap: float) -> Rotated:
+    """A webhook's signing secret replaced, its id, cursor and undelivered events kept
+    (remove + add would drop them). For `overlap` seconds (0: none) the old secret signs
+    beside the new one (two signatures, Standard Webhooks), so the consumer can switch at
+    any time within it; LookupError when no such webhook."""
+    destination = find(store, ident)
+    secret = new_secret()
+    until = utcnow() + timedelta(seconds=overlap) if overlap > 0 else None
+    op = partial(
+        _rotate,
+        store.dialect,
+        destination_id=destination.id,
+        secret=secret,
+        until=None if until is None else until.timestamp(),
+    )
+    if not store.committer.call(op):
+        raise LookupError(f"no webhook {ident!r} (removed meanwhile)")
+    return Rotated(destination, secret, until)
+
+
+def _rotate(
+    d: Dialect, cursor: Any, *, destination_id: int, secret: str, until: float | None
+) -> bool:
+    stored = outbox_sql.webhook_secret(d, cursor, destination_id=destination_id)
+    if stored is None:
+        return False
+    new = rotated(stored, secret, until)
+    return outbox_sql.set_secret(d, cursor, destination_id=destination_id, secret=new)
 
 
 def test_event(destination: Destination) -> tuple[str, bytes]:

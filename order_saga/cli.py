@@ -65,7 +65,7 @@ app.callback()(version_option)
 # Retention (issue 22): `prune` and `archive show`.
 app.command("prune")(prune)
 app.add_typer(archive_app, name="archive")
-# Order events (issue 19): `webhooks add|list|remove|test`, `events list|redeliver`.
+# Order events (issue 19): `webhooks add|list|remove|rotate|test`, `events list|redeliver`.
 app.add_typer(webhooks_app, name="webhooks")
 app.add_typer(events_app, name="events")
 

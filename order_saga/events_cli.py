@@ -1,7 +1,7 @@
-"""`order-saga webhooks add|list|remove|test` and `order-saga events list|redeliver`: the
-operator's side of order events from a shell (fsm.subscriptions does the work). A table
-for people, `--json` for scripts. The signing secret is printed once, by `add`, and never
-again.
+"""`order-saga webhooks add|list|remove|rotate|test` and `order-saga events list|redeliver`:
+the operator's side of order events from a shell (fsm.subscriptions does the work). A table
+for people, `--json` for scripts. A signing secret is printed once, by `add` or `rotate`,
+and never again.
 """
 
 from __future__ import annotations
@@ -133,8 +133,9 @@ def list_webhooks(as_json: JsonFlag = False) -> None:
 
 @webhooks_app.command("remove")
 def remove(ident: Annotated[str, typer.Argument(metavar="ID|URL|amqp")]) -> None:
-    """Unsubscribe; its undelivered events are dropped. `amqp`: the RabbitMQ destination
-    (a relay started with ORDER_SAGA_AMQP_URL set adds it again)."""
+    """Unsubscribe; its undelivered events are dropped (and counted). `amqp`: the RabbitMQ
+    destination (a relay started with ORDER_SAGA_AMQP_URL set adds it again). To replace a
+    leaked secret, `rotate` keeps the webhook and its backlog."""
     from fsm import subscriptions
 
     with _store() as store:
@@ -142,7 +143,50 @@ def remove(ident: Annotated[str, typer.Argument(metavar="ID|URL|amqp")]) -> None
             gone = subscriptions.remove(store, ident)
         except LookupError as exc:
             _fail(str(exc).strip("'\""), 1)
-    typer.echo(f"removed {gone.kind} {gone.id}: {gone.url}")
+    dropped = gone.pending + gone.dead
+    told = f"{dropped} undelivered event{'' if dropped == 1 else 's'} dropped"
+    if gone.dead:
+        told += f" ({gone.dead} of them dead letters)"
+    typer.echo(f"removed {gone.destination.kind} {gone.destination.id}: {gone.destination.url}")
+    typer.echo(told)
+
+
+@webhooks_app.command("rotate")
+def rotate(
+    ident: Annotated[str, typer.Argument(metavar="ID|URL")],
+    overlap: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=30 * 86400,
+            help="Seconds the old secret keeps signing beside the new one (two signatures "
+            "per request); 0: none, the old one stops at once.",
+        ),
+    ] = 86400.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Replace a webhook's signing secret (printed once), keeping its id, its place in the
+    stream and its undelivered events. During --overlap (default a day) each request is
+    signed with both secrets, so the endpoint may switch to the new one at any time
+    within it; relays sign with the new one within seconds."""
+    from fsm import subscriptions
+
+    with _store() as store:
+        try:
+            done = subscriptions.rotate(store, ident, overlap=overlap)
+        except LookupError as exc:
+            _fail(str(exc).strip("'\""), 1)
+    until = None if done.old_until is None else done.old_until.isoformat(timespec="seconds")
+    if as_json:
+        body = {"id": done.destination.id, "url": done.destination.url, "old_signs_until": until}
+        typer.echo(json.dumps({**body, "secret": done.secret}, indent=2))
+        return
+    typer.echo(f"webhook {done.destination.id}: {done.destination.url}")
+    typer.echo(f"new signing secret (shown once, keep it): {done.secret}")
+    if until is None:
+        typer.echo("the old secret signs no more")
+    else:
+        typer.echo(f"the old secret also signs until {until}")
 
 
 @webhooks_app.command("test")

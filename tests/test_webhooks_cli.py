@@ -7,18 +7,24 @@ replaces a secret keeping the webhook. Both databases; the command runs in this 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
+import standardwebhooks
 from click.testing import CliRunner, Result
 from typer.main import get_command
 
 from api.app import create_app
+from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm import outbox, subscriptions
 from fsm.store import Store
 from order_saga.cli import app
+from tests.support.endpoint import Endpoint
+from tests.support.events import FAST_EVENTS, relaying
 from tests.support.services import LiveServer
 from tests.support.settings import saga_env, saga_settings
+from tests.support.waiting import wait_until_async
 
 TOKEN = "webhooks-cli-admin-token"
 
@@ -141,3 +147,60 @@ def test_a_url_stored_before_normalising_still_blocks_its_variants(store: Store)
     )
     with pytest.raises(ValueError, match=f"subscribed already, as {legacy}"):
         subscriptions.add_webhook(store, "http://127.0.0.1:47102/hook", outbox.DEFAULT_TYPES)
+
+
+async def _created_orders(store: Store, n: int) -> None:
+    for _ in range(n):  # each commits its order.created event
+        await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
+
+
+async def test_remove_says_how_many_undelivered_events_it_dropped(
+    db_url: str, store: Store
+) -> None:
+    added = subscriptions.add_webhook(store, "http://127.0.0.1:9/hook", outbox.DEFAULT_TYPES)
+    await _created_orders(store, 3)
+    removed = await asyncio.to_thread(webhooks, db_url, "remove", str(added.destination.id))
+    assert removed.exit_code == 0, removed.output
+    assert removed.stdout == (
+        f"removed webhook {added.destination.id}: http://127.0.0.1:9/hook\n"
+        "3 undelivered events dropped\n"
+    )
+    assert subscriptions.destinations(store) == []
+
+
+@pytest.mark.parametrize("overlap", ["86400", "0"])
+async def test_rotate_keeps_the_webhook_and_its_backlog_and_signs_with_the_new_secret(
+    db_url: str, store: Store, overlap: str
+) -> None:
+    """Not remove + add (a new id, the backlog dropped): the events waiting when the secret
+    was rotated are delivered, signed with the new secret (and, during the overlap, the old
+    one too: a consumer that has not switched yet still verifies)."""
+    async with Endpoint() as endpoint:
+        added = subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
+        await _created_orders(store, 2)
+        args = ("rotate", endpoint.url, "--overlap", overlap, "--json")
+        result = await asyncio.to_thread(webhooks, db_url, *args)
+        assert result.exit_code == 0, result.output
+        told = json.loads(result.stdout)
+        assert told["id"] == added.destination.id and told["secret"] != added.secret
+        assert (told["old_signs_until"] is None) == (overlap == "0")
+        (backlog,) = subscriptions.backlog(store)
+        assert (backlog.destination.id, backlog.pending) == (added.destination.id, 2)
+        async with relaying(store, saga_settings(db_url, **FAST_EVENTS)):
+            await wait_until_async(lambda: len(endpoint.requests) >= 2, what="both events")
+    assert [d.id for d in subscriptions.destinations(store)] == [added.destination.id]
+    new, old = standardwebhooks.Webhook(told["secret"]), standardwebhooks.Webhook(added.secret)
+    for request in endpoint.requests:
+        assert new.verify(request.body, request.headers) == request.event
+        if overlap == "0":
+            with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+                old.verify(request.body, request.headers)
+        else:
+            assert old.verify(request.body, request.headers) == request.event
+    assert sorted(r.event["type"] for r in endpoint.requests) == ["order.created"] * 2
+
+
+def test_rotate_of_no_such_webhook_is_one_line(db_url: str, store: Store) -> None:
+    result = webhooks(db_url, "rotate", "7")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("order-saga: no webhook '7'"), result.stderr

@@ -1,6 +1,7 @@
 """Webhook delivery, signed per Standard Webhooks (standardwebhooks.com): the headers
 `webhook-id` (the event id), `webhook-timestamp` (seconds) and `webhook-signature`
-(`v1,` + base64 HMAC-SHA256 of `<id>.<timestamp>.<body>` under the secret's key).
+(`v1,` + base64 HMAC-SHA256 of `<id>.<timestamp>.<body>` under the secret's key; two,
+space-separated, while a rotated secret's predecessor still signs).
 One POST per attempt; no retries here and no database (fsm.relay schedules them).
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import math
 import secrets
 import time
 
@@ -27,8 +29,29 @@ MAX_ANSWER_BYTES = 64 * 1024
 
 
 def new_secret() -> str:
-    """A signing secret, `whsec_` + base64 of 24 random bytes (shown once, at `add`)."""
+    """A signing secret, `whsec_` + base64 of 24 random bytes (shown once, at `add` and
+    `rotate`)."""
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def rotated(stored: str, new: str, until: float | None) -> str:
+    """A webhook's stored secret after `webhooks rotate`: `new`, and (until `until`, epoch
+    seconds; None: no overlap) the current one beside it, `<new> <old>@<until>`. Only the
+    current one is kept as the old: a rotation during an overlap ends the earlier one."""
+    if until is None:
+        return new
+    return f"{new} {stored.partition(' ')[0]}@{until:.0f}"
+
+
+def signing_keys(stored: str) -> list[tuple[bytes, float]]:
+    """The keys a stored secret signs with, each with when it stops (epoch seconds): the
+    current one (never), then the one a rotation keeps signing during its overlap."""
+    current, _, previous = stored.partition(" ")
+    keys = [(signing_key(current), math.inf)]
+    if previous:
+        old, _, until = previous.partition("@")
+        keys.append((signing_key(old), float(until)))
+    return keys
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -45,15 +68,23 @@ def _signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def signed_headers(secret: str | bytes, msg_id: str, body: bytes) -> dict[str, str]:
-    """The request's headers; `secret` as given to `webhooks add`, or its `signing_key`."""
-    key = secret if isinstance(secret, bytes) else signing_key(secret)
+def signed_headers(
+    secret: str | bytes | list[tuple[bytes, float]], msg_id: str, body: bytes
+) -> dict[str, str]:
+    """The request's headers; `secret` as stored (`webhooks add`, `rotate`), one key
+    (`signing_key`) or its `signing_keys`. During a rotation's overlap two signatures,
+    space-separated, as Standard Webhooks allows: a consumer verifies with either secret."""
+    if isinstance(secret, bytes):
+        keys = [(secret, math.inf)]
+    else:
+        keys = secret if isinstance(secret, list) else signing_keys(secret)
     timestamp = int(time.time())
+    signatures = [_signature(k, msg_id, timestamp, body) for k, until in keys if timestamp < until]
     return {
         "content-type": CONTENT_TYPE,
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": _signature(key, msg_id, timestamp, body),
+        "webhook-signature": " ".join(signatures),
     }
 
 
@@ -77,13 +108,13 @@ class WebhookSender:
     def __init__(self, *, url: str, secret: str, timeout: float, connections: int) -> None:
         self.url, self.timeout = url, timeout
         self.session = new_session(connections=connections)
-        # Made once, not per event: the key decoded, the timeout (an attrs object).
-        self._key = signing_key(secret)
+        # Made once, not per event: the keys decoded, the timeout (an attrs object).
+        self._keys = signing_keys(secret)
         self._client_timeout = aiohttp.ClientTimeout(total=timeout)
 
     async def send(self, event: Claimed) -> Attempt:
         body = event.body.encode()
-        headers = signed_headers(self._key, event.event_id, body)
+        headers = signed_headers(self._keys, event.event_id, body)
         return await _post(self.session, self.url, headers, body, self._client_timeout)
 
     async def aclose(self) -> None:

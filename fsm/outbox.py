@@ -4,7 +4,9 @@ statements in `fsm.outbox_sql`); `fsm.relay` sends it. Nothing here writes or se
 
 An event is a CloudEvents 1.0 JSON document: `id` is `<order_id>:<seq>` (seq 0 is the
 order's creation, then the seq of the transition), `subject` the order id, `data` the order
-exactly as `GET /orders/{id}` shows it right after that transition.
+exactly as `GET /orders/{id}` shows it right after that transition, without `why` (an
+explanation computed on read from the clock, leases, breakers and settings: stale by the
+time an event arrives; README "Order events").
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def event_id(order_id: uuid.UUID, seq: int) -> str:
 
 def order_document(order: Order) -> dict[str, Any]:
     """The order as `GET /orders/{id}` shows it, as JSON values (the API validates its
-    answer from this, so the two cannot drift)."""
+    answer from this, so the two cannot drift), but for `why`, which the API adds on read
+    (`fsm.why`) and an event leaves out."""
     shipping = None
     if order.status == Status.COMPLETED:
         shipping = {"address": order.shipping_address, "expected_delivery": order.expected_delivery}

@@ -345,7 +345,7 @@ class EventDestinationTable(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=200, unique=True)
     kind: str = Field(max_length=16)  # "webhook" or "amqp"
-    url: str = Field(max_length=2000)  # amqp: shown with its password masked
+    url: str = Field(max_length=2000)  # amqp: shown with its userinfo masked (***@)
     secret: str | None = Field(default=None, max_length=200)  # webhooks: whsec_...
     events: str = Field(max_length=1000)  # ",order.created,order.completed," (matched by LIKE)
     created_at: datetime = Field(sa_type=_utc())

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from fsm import metrics, outbox, outbox_sql
 from fsm.destinations import Attempt, Sender
@@ -41,7 +40,7 @@ from fsm.retry import doubling
 from fsm.settings import Settings
 from fsm.store import Store, utcnow
 from fsm.subscriptions import destinations, read
-from fsm.text import storable, without_passwords
+from fsm.text import masked, storable
 
 log = logging.getLogger("order_saga.relay")
 AMQP_DESTINATION = "amqp"
@@ -64,20 +63,9 @@ def backoff(attempts: int, *, base: float, cap: float) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
-def masked(url: str) -> str:
-    """The URL with its password replaced (what is stored and shown)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 async def register_amqp(store: Store, settings: Settings) -> None:
     """The RabbitMQ destination, once ORDER_SAGA_AMQP_URL is set: events committed from
-    then on are delivered to it (its URL stored with the password masked)."""
+    then on are delivered to it (its URL stored with its userinfo masked, `fsm.text.masked`)."""
     if settings.amqp_url is None:
         return
     await store.committer.submit(
@@ -492,7 +480,7 @@ class FailureWatch:
     FAILING_REPEAT_SECONDS while they keep failing (how many since the last one), and an
     info line once a batch is all delivered again; never one line per event (`events
     list` lists each). The error is the one stored and listed: a webhook's never names its
-    URL (whose path or query may hold a token), and any URL's password is masked."""
+    URL (whose path or query may hold a token), and any URL's userinfo is masked."""
 
     def __init__(
         self, name: str, clock: Callable[[], float], repeat: float = FAILING_REPEAT_SECONDS
@@ -521,7 +509,7 @@ class FailureWatch:
             return
         self.failed += len(failed)
         self.total += len(failed)
-        error = storable(without_passwords(failed[-1].error or "failed"))
+        error = storable(failed[-1].error or "failed")  # its URLs' userinfo masked
         if self.since is None:
             self.since = now
             what = f"deliveries failing: {len(failed)} of {len(tried)} attempts failed"

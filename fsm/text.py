@@ -21,20 +21,21 @@ _UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
 # A URL's userinfo (`user:password@`, `token@`): from `://` to the authority's last `@`
 # (a password may hold an unescaped `@`). Anchored on `://` by a look-behind, so each scan
 # stops at the next `/`: linear in the text, whatever a service's detail holds.
-# A userinfo holds none of `"'<>{}|\^` and backtick either (RFC 3986 leaves them out), so a
+# A userinfo holds none of `"<>{}|\^` and backtick either (RFC 3986 leaves them out), so a
 # URL quoted in JSON ends at its quote: `"http://svc:8100","contact":"ops@example.com"`
-# keeps its text.
-_USERINFO = re.compile(r"(?<=://)[^/?#\s\"'<>{}|\\^`]*@")
+# keeps its text. A `'` may stand in a password (a sub-delim, RFC 3986 §3.2.1).
+_USERINFO = re.compile(r"(?<=://)[^/?#\s\"<>{}|\\^`]*@")
 MASKED_USERINFO = "***@"
 
 
-# user:password@ in any URL of a message (a driver error may quote the URL it was given).
-_PASSWORD_IN_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]*):[^@\s]*@", re.I)
-
-
-def without_passwords(text: str) -> str:
-    """`text` with the password of every URL in it replaced by ***."""
-    return _PASSWORD_IN_URL.sub(r"\g<scheme>:***@", text)
+def masked(text: str) -> str:
+    """`text` with the whole userinfo of every URL in it (`user:password@`, `token@`, up
+    to the authority's last `@`) replaced by `***@`: the one mask of a URL's credentials,
+    for a URL from the settings (`postgresql://***@db/saga`) as for an error's text that
+    quotes one. A text without a URL's `@` is returned as is."""
+    if "@" not in text or "://" not in text:
+        return text
+    return _USERINFO.sub(MASKED_USERINFO, text)
 
 
 def _escaped(match: re.Match[str]) -> str:
@@ -46,10 +47,9 @@ def storable(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     """`text` on one line, every character encodable as UTF-8 and storable in any text
     column (controls escaped as `\\n`, `\\x00`; a lone surrogate as U+FFFD), cut to at
     most `limit` characters plus a trailing "…", the userinfo of every URL in it replaced
-    by `***@` (before the cut, which could leave half of it). A clean short text is
+    by `***@` (`masked`, before the cut, which could leave half of it). A clean short text is
     returned as is."""
-    if "@" in text and "://" in text:
-        text = _USERINFO.sub(MASKED_USERINFO, text)
+    text = masked(text)
     cut = len(text) > limit
     if cut:
         text = text[:limit]

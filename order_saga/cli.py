@@ -29,6 +29,7 @@ import typer
 from typer.exceptions import TyperException
 
 from fsm.errors import ConcurrencyError, SagaError
+from fsm.text import masked
 from order_saga import heap
 from order_saga.console import (
     database_settings,
@@ -45,7 +46,6 @@ from order_saga.events_cli import events_app, webhooks_app
 from order_saga.keys_cli import keys_app
 from order_saga.orders_cli import orders_app
 from order_saga.prune_cli import archive_app, prune
-from order_saga.redact import masked, redact
 
 if TYPE_CHECKING:  # imported by the commands that use them: `order-saga --help` stays fast
     from fsm.migrate import Schema
@@ -674,7 +674,7 @@ def main() -> None:
         if not isinstance(exc, environment_errors()):
             raise
         # database or service unreachable, unwritable file
-        typer.echo(f"order-saga: {redact(one_line(exc))}", err=True)
+        typer.echo(f"order-saga: {masked(one_line(exc))}", err=True)
         code = 1
     sys.exit(code if isinstance(code, int) else 0)
 

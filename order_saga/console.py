@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 from fsm.bounds import MAX_COUNT, MAX_SECONDS
-from order_saga.redact import redact
+from fsm.text import masked
 
 if TYPE_CHECKING:  # imported by the commands that read settings: `--help` needs neither
     from rich.console import Console
@@ -65,8 +65,8 @@ def rich_console() -> Console:
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """`order-saga: <message>` on stderr (passwords in URLs masked), exit `code`."""
-    typer.echo(f"order-saga: {redact(message)}", err=True)
+    """`order-saga: <message>` on stderr (URLs' credentials masked), exit `code`."""
+    typer.echo(f"order-saga: {masked(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -100,11 +100,10 @@ _warned: list[bool] = []  # the unknown variables were told (once a process)
 
 
 def running_with(settings: Settings, *, keys: bool, embedded: str) -> str:
-    """What `serve` or `worker` runs with, in one log line: the database (password
-    masked), whether the API asks for credentials and which (`keys`: any in the
+    """What `serve` or `worker` runs with, in one log line: the database (its URL's
+    userinfo masked), whether the API asks for credentials and which (`keys`: any in the
     database), where the services are (`embedded`: the caller's words for no URL set),
     whether it runs a relay. No secret (a service URL holds none: the settings refuse)."""
-    from order_saga.redact import masked
 
     # As api.auth enforces it: a token, OpenID Connect sign-in, or any key.
     credentials = [
@@ -133,9 +132,8 @@ def database_settings() -> Settings:
     """`load_settings()` for a command that uses the orders database without migrating it
     (all but `serve`, `worker` and `db upgrade`): a database that is not there (a SQLite
     file is then not created) or has no schema ends in one line, exit 1, naming where it
-    looked (a file's absolute path, a URL with its password masked) and what to do."""
+    looked (a file's absolute path, a URL with its credentials masked) and what to do."""
     from fsm import presence
-    from order_saga.redact import masked
 
     settings = load_settings()
     url = settings.database_url

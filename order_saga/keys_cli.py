@@ -30,7 +30,7 @@ def _engine() -> Iterator[Engine]:
     from sqlalchemy.exc import SQLAlchemyError
 
     from fsm.engine import make_engine
-    from order_saga.redact import masked
+    from fsm.text import masked
 
     settings = database_settings()
     engine = make_engine(settings.database_url)

@@ -2,7 +2,7 @@
 (ORDER_SAGA_LOG_FORMAT=json, via python-json-logger), every line carrying the request id
 of the API request it belongs to (asgi-correlation-id) and, for saga events, `order_id`,
 `state` and `trigger`. httpx's line per request is off (it would log every downstream call);
-database URLs are printed only through `masked`, and the access log carries no secret
+database URLs are printed only through `fsm.text.masked`, and the access log carries no secret
 (`redact_query`: OpenID Connect's `code` and `state`, a token, a key, by the parameter's
 name; `redact_secrets`: a key or a signing secret by its shape, wherever it stands).
 

@@ -1,30 +1,13 @@
-"""No secret in what the console script prints or logs: database URLs with their password
-masked, and in the access log the values of secret query parameters (by name) and any
-value in the format of one of our secrets, wherever it stands (by shape) redacted."""
+"""No secret in what the console script prints or logs: in the access log the values of
+secret query parameters (by name) and any value in the format of one of our secrets,
+wherever it stands (by shape) redacted. A URL's credentials are masked by
+`fsm.text.masked` (database URLs, error lines), the one mask of a userinfo."""
 
 from __future__ import annotations
 
 import re
 import string
 from urllib.parse import unquote_plus
-
-from fsm.text import without_passwords
-
-
-def redact(text: str) -> str:
-    return without_passwords(text)
-
-
-def masked(url: str) -> str:
-    """A database URL fit to print: its password replaced by ***."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        return redact(url)
-
 
 # Query parameters whose values are credentials: OpenID Connect's callback (`code` trades
 # for tokens, `state` guards the flow), and whatever carries a token, a key or a password.

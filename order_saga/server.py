@@ -28,9 +28,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fsm.lifeline import die_with_parent
 from fsm.settings import Settings
+from fsm.text import masked
 from order_saga.console import environment_errors, one_line
 from order_saga.metrics_dir import shared_metrics
-from order_saga.redact import redact
 
 
 class HeaderDeadline(HttpToolsProtocol):
@@ -208,7 +208,7 @@ def _worker(
         code = 0
     except BaseException as exc:  # report, then leave
         if isinstance(exc, environment_errors()):  # one line, as the CLI says it (main)
-            print(f"order-saga: {redact(one_line(exc))}", file=sys.stderr)
+            print(f"order-saga: {masked(one_line(exc))}", file=sys.stderr)
         else:  # a bug: its traceback
             traceback.print_exc()
     finally:

@@ -168,7 +168,10 @@ def test_db_upgrade_masks_the_password_on_success_and_failure(tmp_path: Path) ->
         server = PG_SERVER.replace("postgres@", "postgres:hunter2@")  # trust auth ignores it
         ok = run_cli("db", "upgrade", ORDER_SAGA_DATABASE_URL=f"{server}/{name}")
         assert ok.returncode == 0, ok.stderr
-        assert ok.stdout.strip() == f"database at head: {server.replace('hunter2', '***')}/{name}"
+        assert (
+            ok.stdout.strip()
+            == f"database at head: {server.replace('postgres:hunter2@', '***@')}/{name}"
+        )
     finally:
         drop_pg_database(name)
     refused = run_cli(
@@ -178,7 +181,7 @@ def test_db_upgrade_masks_the_password_on_success_and_failure(tmp_path: Path) ->
     )
     assert refused.returncode == 1
     assert "hunter2" not in refused.stdout + refused.stderr
-    assert "cannot migrate postgresql+psycopg://postgres:***@127.0.0.1:" in refused.stderr
+    assert "cannot migrate postgresql+psycopg://***@127.0.0.1:" in refused.stderr
     unparsable = run_cli(
         "db", "upgrade", ORDER_SAGA_DATABASE_URL="postgresql+psycopg://u:hunter2@host:port/x"
     )

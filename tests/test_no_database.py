@@ -65,14 +65,14 @@ def empty_pg() -> Iterator[str]:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def never_migrated(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
     """(URL, where the line names it) of a database that is there without the schema: an
-    empty SQLite file, an empty PostgreSQL database (a password in its URL masked)."""
+    empty SQLite file, an empty PostgreSQL database (its URL's userinfo masked)."""
     if request.param == "sqlite":
         path = tmp_path / "empty.db"
         path.touch()
         return f"sqlite:///{path}", str(path)
     url: str = request.getfixturevalue("empty_pg")
     with_password = url.replace("postgres@", "postgres:hunter2@", 1)  # trust auth: ignored
-    return with_password, url.replace("postgres@", "postgres:***@", 1)
+    return with_password, url.replace("postgres@", "***@", 1)
 
 
 @pytest.mark.parametrize("args", DATABASE_COMMANDS, ids=" ".join)

@@ -25,8 +25,8 @@ from downstream.seed import MISSING_PRODUCT_ID, ORDINARY_USER_ID, SOLD_OUT_PRODU
 from fsm.machine import AUDIT_SCOPE
 from fsm.registry import STEP_NAMES
 from fsm.store import Store
+from fsm.text import masked
 from order_saga.logs import LogFormat, configure, flush
-from order_saga.redact import masked
 from tests.support.api import API
 from tests.support.processes import Saga, command, run_cli
 from tests.support.services import HTTP, Downstream, free_port
@@ -249,12 +249,12 @@ def test_log_lines_go_out_in_whole_lines_a_pipe_keeps_whole() -> None:
 
 def test_database_urls_are_masked() -> None:
     assert masked("postgresql+psycopg://app:hunter2@db:5432/orders") == (
-        "postgresql+psycopg://app:***@db:5432/orders"
+        "postgresql+psycopg://***@db:5432/orders"
     )
     assert masked("sqlite:///order-saga.db") == "sqlite:///order-saga.db"
     url = "postgresql+psycopg://app:hunter2@127.0.0.1:1/x"
     result = run_cli("db", "upgrade", ORDER_SAGA_DATABASE_URL=url)
-    assert result.returncode == 1 and "app:***@127.0.0.1:1" in result.stderr
+    assert result.returncode == 1 and "//***@127.0.0.1:1/x" in result.stderr
     assert "hunter2" not in result.stderr + result.stdout
 
 

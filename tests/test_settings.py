@@ -35,10 +35,9 @@ from fsm.retention import pruner_for
 from fsm.roles import Role
 from fsm.settings import Settings, settings_problem, unknown_variables
 from fsm.store import Store
-from fsm.text import storable
+from fsm.text import masked, storable
 from fsm.wiring import open_saga, open_store
 from order_saga.console import running_with
-from order_saga.redact import masked
 from tests.support.api import API, place
 from tests.support.database import PG_SERVER
 from tests.support.processes import Saga, command, run_cli
@@ -616,7 +615,7 @@ def test_the_start_line_masks_the_database_password_and_names_external_services(
         oidc_client_id="order-saga",
     )
     line = running_with(settings, keys=False, embedded="(unused)")
-    assert "hunter2" not in line and "app:***@db.internal:5432/saga" in line, line
+    assert "hunter2" not in line and "//***@db.internal:5432/saga" in line, line
     assert "authentication on (OpenID Connect https://login.example.com)" in line, line
     bare = running_with(cli_settings("sqlite:///saga.db"), keys=False, embedded="embedded")
     assert "authentication OFF (no API_TOKEN, no OIDC, no key" in bare, bare

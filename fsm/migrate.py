@@ -20,7 +20,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection, Engine, inspect
 from sqlmodel import SQLModel
 
 import fsm.models  # noqa: F401  (registers the tables this release uses on SQLModel.metadata)
@@ -102,19 +102,22 @@ def _names(revisions: tuple[str, ...]) -> str:
     return ", ".join(revisions) or "none"  # never migrated
 
 
-def schema(url: str) -> Schema:
+def schema(url: str, engine: Engine | None = None) -> Schema:
     """Read the database's revision and compare it with this release's (two small reads;
-    the tables and columns are compared only when the database is ahead)."""
+    the tables and columns are compared only when the database is ahead). Through
+    `engine` when given (a command's, `fsm.wiring.open_engine`), else a read pool of its
+    own for the migration's look, disposed after it."""
     script = ScriptDirectory.from_config(alembic_config(url))
     known = {revision.revision for revision in script.walk_revisions()}
-    engine = make_engine(url)
+    reads = make_engine(url) if engine is None else engine
     try:
-        with engine.connect() as conn:
+        with reads.connect() as conn:
             database = tuple(sorted(MigrationContext.configure(conn).get_current_heads()))
             unknown = tuple(r for r in database if r not in known)
             missing = _missing(conn) if unknown else ()
     finally:
-        engine.dispose()
+        if engine is None:
+            reads.dispose()
     return Schema(database, tuple(sorted(script.get_heads())), unknown, missing)
 
 

@@ -16,7 +16,8 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from fsm.engine import make_engine
+from fsm.settings import Settings
+from fsm.wiring import open_engine
 
 # The table every command reads first: without it the schema was never made here.
 CORE_TABLE = "orders"
@@ -42,19 +43,18 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database).absolute()
 
 
-def missing(url: str) -> str | None:
-    """What is missing at `url` for a command that does not migrate: NO_FILE (a SQLite
-    file that is not there: nothing is opened, so nothing is created), NO_TABLES (the
-    database is there without this release's schema), or None. A database that cannot be
-    reached is None too: the command's own connection then fails and says why."""
-    path = sqlite_path(url)
+def missing(settings: Settings) -> str | None:
+    """What is missing at the settings' database for a command that does not migrate:
+    NO_FILE (a SQLite file that is not there: nothing is opened, so nothing is created),
+    NO_TABLES (the database is there without this release's schema), or None. A database
+    that cannot be reached is None too: the command's own connection then fails and says
+    why. Looked at through `open_engine` (the settings' lock and statement timeouts)."""
+    path = sqlite_path(settings.database_url)
     if path is not None and not path.exists():
         return NO_FILE
-    engine = make_engine(url)
-    try:
-        with engine.connect() as conn:
-            return None if inspect(conn).has_table(CORE_TABLE) else NO_TABLES
-    except SQLAlchemyError:
-        return None
-    finally:
-        engine.dispose()
+    with open_engine(settings) as engine:
+        try:
+            with engine.connect() as conn:
+                return None if inspect(conn).has_table(CORE_TABLE) else NO_TABLES
+        except SQLAlchemyError:
+            return None

@@ -2,10 +2,12 @@
 
 `open_saga` is the only place the engine is put together: the API's lifespan, every CLI
 command, the tests' fixtures and the benchmarks call it (`open_store` when all they need
-is the store: reads and operator actions that call no service). So how the engine is
-assembled (timeouts, pool sizes, retry policy, our API token on calls to our own embedded
-services, circuit breakers, the start-up upgrade guard, test hooks) is written once, and
-`tests/test_layers.py` fails when an entry point builds a `Store` or `Executor` itself.
+is the store: reads and operator actions that call no service; `open_engine` for a
+command's own statements on the read pool alone). So how the engine is assembled
+(timeouts, pool sizes, retry policy, our API token on calls to our own embedded services,
+circuit breakers, the start-up upgrade guard, test hooks) is written once, and
+`tests/test_layers.py` fails when an entry point builds a `Store`, an `Executor` or a
+read pool (`make_engine`) itself.
 
 It composes `fsm` only: the API, the CLI and the reference services are not its business.
 An unset *_URL means the embedded reference services at `embedded_url` (default
@@ -30,6 +32,7 @@ from fsm.store import Store, make_engine
 
 if TYPE_CHECKING:  # the engine's other parts are imported where they are built: a caller
     import httpx  # that only opens the store (`orders list`, `keys`) loads none of them
+    from sqlalchemy import Engine
 
     from fsm.breaker import Breakers
     from fsm.clients import AiohttpTransport, Services, Transport
@@ -47,16 +50,33 @@ class Saga:
     breakers: Breakers | None = None
 
 
-def build_store(settings: Settings, *, synchronous_commit: bool = True) -> Store:
-    """The store as `open_saga` builds it, for a caller that closes it (prefer `open_store`).
-    `synchronous_commit=False`: `relay_store`'s commits."""
-    engine = make_engine(
+def _engine(settings: Settings) -> Engine:
+    """The read pool with the settings' bounded waits (DB_LOCK_TIMEOUT, DB_STATEMENT_TIMEOUT):
+    the one place a command's or the store's engine is made."""
+    return make_engine(
         settings.database_url,
         lock_timeout=settings.db_lock_timeout,
         statement_timeout=settings.db_statement_timeout,
     )
+
+
+@contextmanager
+def open_engine(settings: Settings) -> Iterator[Engine]:
+    """The read pool alone, with the waits the settings bound, as the store's; closed for
+    good on the way out. For a command's own statements on no store (the database
+    clock's check, client keys, `prune`, `check-upgrade`, the look for a database)."""
+    engine = _engine(settings)
+    try:
+        yield engine
+    finally:
+        close_engine(engine)
+
+
+def build_store(settings: Settings, *, synchronous_commit: bool = True) -> Store:
+    """The store as `open_saga` builds it, for a caller that closes it (prefer `open_store`).
+    `synchronous_commit=False`: `relay_store`'s commits."""
     return Store(
-        engine,
+        _engine(settings),
         lease_seconds=settings.lease_seconds,
         lock_timeout=settings.db_lock_timeout,
         statement_timeout=settings.db_statement_timeout,

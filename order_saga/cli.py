@@ -4,8 +4,10 @@ check-upgrade, `orders` (order_saga/orders_cli.py), `prune` and `archive`
 
 Bad input (flags, ORDER_SAGA_* settings, ids) ends in one line on stderr and exit code 2
 (order_saga/console.py). Every command gets its engine from `fsm.wiring` (`open_saga`,
-`open_store`), never builds one, and imports `api`, `downstream` and the wiring inside the
-command that needs them, so `order-saga --help` stays fast.
+`open_store`, `open_engine` for the read pool alone: with the settings' DB_LOCK_TIMEOUT and
+DB_STATEMENT_TIMEOUT), never builds one (`db upgrade` and `serve` migrate through
+`fsm.migrate`, whose waits are a migration's), and imports `api`, `downstream` and the
+wiring inside the command that needs them, so `order-saga --help` stays fast.
 """
 
 from __future__ import annotations
@@ -95,27 +97,22 @@ def _check_clock(settings: Settings) -> None:
     serves: too far off, it stops in one line as the other commands do (inside the app's
     start-up uvicorn would print it in a traceback)."""
     from fsm.clock import ClockSkew, check_database_clock
-    from fsm.engine import make_engine
+    from fsm.wiring import open_engine
 
-    engine = make_engine(settings.database_url)
-    try:
-        check_database_clock(engine, lease_seconds=settings.lease_seconds)
-    except ClockSkew as exc:
-        fail(str(exc), 1)
-    finally:
-        engine.dispose()
+    with open_engine(settings) as engine:
+        try:
+            check_database_clock(engine, lease_seconds=settings.lease_seconds)
+        except ClockSkew as exc:
+            fail(str(exc), 1)
 
 
 def _any_keys(settings: Settings) -> bool:
     """Whether the database holds a client key (the API then asks for credentials)."""
-    from fsm.engine import make_engine
     from fsm.keys import any_keys
+    from fsm.wiring import open_engine
 
-    engine = make_engine(settings.database_url)
-    try:
+    with open_engine(settings) as engine:
         return any_keys(engine=engine)
-    finally:
-        engine.dispose()
 
 
 def _log_running_with(settings: Settings, *, keys: bool, embedded: str) -> None:
@@ -628,27 +625,25 @@ def check_upgrade(
     import json
 
     from fsm.migrate import schema as read_schema
-    from fsm.store import make_engine
     from fsm.upgrade import check
+    from fsm.wiring import open_engine
 
-    url = database_settings().database_url
-    try:
-        schema = read_schema(url)
-    except environment_errors() as exc:
-        fail(f"cannot read the database: {one_line(exc)}", 1)
-    if schema.missing:  # this release's queries would fail on it: nothing more to check
-        if as_json:
-            typer.echo(json.dumps({"ok": False, "schema": schema.as_json()}, indent=2))
-        else:
-            typer.echo(f"{schema.line()}: run the release that migrated it")
-        raise typer.Exit(1)
-    engine = make_engine(url)
-    try:
-        report = check(engine, with_ids=ids)
-    except environment_errors() as exc:
-        fail(f"cannot read the database: {one_line(exc)}", 1)
-    finally:
-        engine.dispose()
+    settings = database_settings()
+    with open_engine(settings) as engine:
+        try:
+            schema = read_schema(settings.database_url, engine)
+        except environment_errors() as exc:
+            fail(f"cannot read the database: {one_line(exc)}", 1)
+        if schema.missing:  # this release's queries would fail on it: nothing more to check
+            if as_json:
+                typer.echo(json.dumps({"ok": False, "schema": schema.as_json()}, indent=2))
+            else:
+                typer.echo(f"{schema.line()}: run the release that migrated it")
+            raise typer.Exit(1)
+        try:
+            report = check(engine, with_ids=ids)
+        except environment_errors() as exc:
+            fail(f"cannot read the database: {one_line(exc)}", 1)
     if as_json:
         typer.echo(json.dumps({**report.as_json(), "schema": schema.as_json()}, indent=2))
     else:

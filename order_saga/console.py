@@ -137,7 +137,7 @@ def database_settings() -> Settings:
 
     settings = load_settings()
     url = settings.database_url
-    what = presence.missing(url)
+    what = presence.missing(settings)
     if what is not None:
         path = presence.sqlite_path(url)
         where = str(path) if path is not None else masked(url)

@@ -27,23 +27,23 @@ keys_app = typer.Typer(help="Client keys with roles (API and console access).")
 
 @contextmanager
 def _engine() -> Iterator[Engine]:
+    """The read pool (`fsm.wiring.open_engine`: the settings' lock and statement timeouts);
+    a database error in the command ends in one line."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from fsm.engine import make_engine
     from fsm.text import masked
+    from fsm.wiring import open_engine
 
     settings = database_settings()
-    engine = make_engine(settings.database_url)
-    try:
-        yield engine
-    except SQLAlchemyError as exc:  # unreachable, or no schema yet
-        _fail(
-            f"{masked(settings.database_url)}: {one_line(exc)} "
-            "(is the schema there? `order-saga db upgrade`)",
-            1,
-        )
-    finally:
-        engine.dispose()
+    with open_engine(settings) as engine:
+        try:
+            yield engine
+        except SQLAlchemyError as exc:  # unreachable, or no schema yet
+            _fail(
+                f"{masked(settings.database_url)}: {one_line(exc)} "
+                "(is the schema there? `order-saga db upgrade`)",
+                1,
+            )
 
 
 @keys_app.command("create")

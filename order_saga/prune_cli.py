@@ -41,33 +41,27 @@ def prune(
     Idempotency-Key less than 24 h ago) with their transitions."""
     from fsm import archive as archives
     from fsm.retention import Pruner, crash_hook, held_line
-    from fsm.store import make_engine
+    from fsm.wiring import open_engine
 
     if older_than is None and keep is None:
         fail("give --older-than SECONDS and/or --keep N", 2)
     if archive is not None and archive.is_dir():
         fail(f"--archive: {archive} is a directory", 2)
     settings = database_settings()
-    engine = make_engine(
-        settings.database_url,
-        lock_timeout=settings.db_lock_timeout,
-        statement_timeout=settings.db_statement_timeout,
-    )
     path = archive
-    pruner = Pruner(
-        engine,
-        older_than=older_than,
-        keep_rows=keep,
-        batch=batch,
-        appender=(lambda: archives.Appender(path)) if path is not None else None,
-        crash=crash_hook(settings.crash_after),
-    )
-    try:
-        summary = pruner.count() if dry_run else pruner.run()
-    except archives.ArchiveError as exc:
-        fail(str(exc), 1)
-    finally:
-        engine.dispose()
+    with open_engine(settings) as engine:
+        pruner = Pruner(
+            engine,
+            older_than=older_than,
+            keep_rows=keep,
+            batch=batch,
+            appender=(lambda: archives.Appender(path)) if path is not None else None,
+            crash=crash_hook(settings.crash_after),
+        )
+        try:
+            summary = pruner.count() if dry_run else pruner.run()
+        except archives.ArchiveError as exc:
+            fail(str(exc), 1)
     if as_json:
         typer.echo(json.dumps({"dry_run": dry_run, **summary.as_json()}, indent=2))
     elif dry_run:

@@ -5,8 +5,10 @@
 - `fsm` never imports `api` or `order_saga`; `downstream` imports none of the three;
 - `api` never imports `order_saga`, and `order_saga` takes from `api` only what it serves;
 - the engine is assembled in one place: nothing outside `fsm/wiring.py` builds a `Store` or
-  an `Executor` (tests of those classes themselves excepted), and the token-bearing HTTP
-  client is the composition root's, not the API's.
+  an `Executor` (tests of those classes themselves excepted), no module of the product
+  makes a read pool (`make_engine`) but the wiring (with the settings' timeouts), the
+  module that defines it and the migration's, and the token-bearing HTTP client is the
+  composition root's, not the API's.
 
 Read from the source with `ast` and a regular expression: nothing is imported to check it.
 """
@@ -29,6 +31,14 @@ PACKAGES = ("fsm", "api", "order_saga", "downstream")
 # composition root's own functions: calling them is not building the engine oneself.
 BUILDS_THE_ENGINE = re.compile(r"(?<!class )\b(Store|Executor)\(")
 BUILT_ONLY_IN = "fsm/wiring.py"
+# A read pool (`fsm.engine.make_engine`) in the product: made by the composition root
+# (`open_engine`, `build_store`: DB_LOCK_TIMEOUT and DB_STATEMENT_TIMEOUT applied), by
+# `fsm.engine` itself (`migration_engine`) and by `fsm.migrate` (the migration's own look,
+# before there is a schema to serve); anywhere else it ran with the defaults' 5 s / 30 s
+# whatever the settings said (`keys`, `check-upgrade`, the look for a database did). Tests
+# and benchmarks make their own, as fixtures.
+MAKES_A_READ_POOL = re.compile(r"(?<!def )\bmake_engine\(")
+READ_POOLS_ONLY_IN = frozenset({"fsm/wiring.py", "fsm/engine.py", "fsm/migrate.py"})
 # Tests of those classes themselves (the executor's retry policy and deadlines, the store's
 # leases), which construct them with the one knob under test.
 TESTS_OF_THE_CLASSES = frozenset({"tests/test_faults.py"})
@@ -178,6 +188,18 @@ def test_only_the_composition_root_builds_the_engine() -> None:
     assert builders == []
 
 
+def test_only_the_composition_root_makes_a_read_pool() -> None:
+    makers = sorted(
+        f"{relative}:{number}: {line.strip()}"
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if (relative := str(path.relative_to(ROOT))) not in READ_POOLS_ONLY_IN
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if MAKES_A_READ_POOL.search(line)
+    )
+    assert makers == []
+
+
 @pytest.mark.parametrize("name", ["BearerFor", "AiohttpTransport"])
 def test_the_service_clients_are_built_in_the_composition_root(name: str) -> None:
     """Our token on calls to our own services, and the HTTP client it rides on: built
@@ -197,3 +219,7 @@ def test_the_check_fails_on_an_entry_point_that_builds_its_own() -> None:
     assert BUILDS_THE_ENGINE.search("executor = fsm.executor.Executor(store=s, services=x)")
     assert not BUILDS_THE_ENGINE.search("with open_store(settings) as store:")
     assert not BUILDS_THE_ENGINE.search("class Store(Reads):")  # the class itself
+    assert MAKES_A_READ_POOL.search("    engine = make_engine(settings.database_url)")
+    assert MAKES_A_READ_POOL.search("engine = fsm.engine.make_engine(url, lock_timeout=1)")
+    assert not MAKES_A_READ_POOL.search("def make_engine(url: str) -> Engine:")
+    assert not MAKES_A_READ_POOL.search("with open_engine(settings) as engine:")

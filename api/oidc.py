@@ -13,7 +13,7 @@ Bad input is the user's or the provider's, never a 500: a state that does not ma
 `invalid_grant`) is a 401 saying to start again; a provider that cannot be reached now
 (refused, timed out, answering 5xx) is a 503 naming it, with Retry-After; one that answers
 but not as configured (no discovery document at the issuer, one that is not JSON or lacks
-an endpoint, a URL httpx cannot use, a JWKS that is no key set) is a 500 saying single
+an endpoint, a URL httpx2 cannot use, a JWKS that is no key set) is a 500 saying single
 sign-on is misconfigured, logged once as an ERROR: waiting will not fix it, an operator
 must. `serve` fetches the discovery document once at start (`check_at_start`) and logs a
 WARNING when it cannot, never refusing to start for it.
@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-import httpx
+import httpx2
 from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse, Response
@@ -47,39 +47,24 @@ router = APIRouter(prefix="/ui/oidc", include_in_schema=False)
 FLOW_SECONDS = 600
 DISCOVERY_SECONDS = 300
 RETRY_AFTER = "30"  # seconds: an identity provider's restart
-# authlib's OAuth client runs on httpx2 when that is installed (the dev extra brings it, for
-# starlette's TestClient), else on httpx: its errors may be either's.
-try:
-    import httpx2
-
-    HTTPX: tuple[Any, ...] = (httpx, httpx2)
-except ImportError:  # pragma: no cover - a deployment without the dev extra
-    HTTPX = (httpx,)
-TRANSPORT_ERRORS: tuple[type[Exception], ...] = tuple(m.TransportError for m in HTTPX)
-HTTP_ERRORS: tuple[type[Exception], ...] = tuple(m.HTTPError for m in HTTPX)
+# Every request to the provider is httpx2's, a runtime dependency: authlib's OAuth client
+# runs on it (without it, on its deprecated plain-httpx fallback), and the discovery
+# document and the key set are fetched with it too, so there is one module's errors.
 # What passes: the provider restarting, a network cut, a timeout, a proxy in between.
 # (UnsupportedProtocol, LocalProtocolError or InvalidURL are a URL or a request that will
 # never work: a configuration error.)
-PASSING: tuple[type[Exception], ...] = tuple(
-    e
-    for m in HTTPX
-    for e in (m.TimeoutException, m.NetworkError, m.RemoteProtocolError, m.ProxyError)
+PASSING = (
+    httpx2.TimeoutException,
+    httpx2.NetworkError,
+    httpx2.RemoteProtocolError,
+    httpx2.ProxyError,
 )
-STATUS_ERRORS: tuple[type[Exception], ...] = tuple(m.HTTPStatusError for m in HTTPX)
 PASSING_STATUSES = frozenset({408, 425, 429})  # and every 5xx
-INVALID_URLS: tuple[type[Exception], ...] = tuple(m.InvalidURL for m in HTTPX)
 # What the discovery document's fetch can raise: the request's, and its content's.
-DISCOVERY_ERRORS: tuple[type[Exception], ...] = (
-    *HTTP_ERRORS,
-    *INVALID_URLS,
-    JoseError,
-    KeyError,
-    TypeError,
-    ValueError,
-)
+DISCOVERY_ERRORS = (httpx2.HTTPError, httpx2.InvalidURL, JoseError, KeyError, TypeError, ValueError)
 ENDPOINTS = ("authorization_endpoint", "token_endpoint", "jwks_uri")
 # a sign-in that went wrong at the provider or in its answer (the ID token's checks)
-FAILED: tuple[type[Exception], ...] = (*HTTP_ERRORS, JoseError, KeyError, ValueError)
+FAILED = (httpx2.HTTPError, JoseError, KeyError, ValueError)
 
 
 log = logging.getLogger("order_saga.api")
@@ -109,8 +94,8 @@ class Misconfigured(Exception):
 
 def _what(exc: Exception) -> str:
     """What went wrong, in a few words (never a secret: the URLs are the issuer's)."""
-    if isinstance(exc, STATUS_ERRORS):
-        response = exc.response  # type: ignore[attr-defined]
+    if isinstance(exc, httpx2.HTTPStatusError):
+        response = exc.response
         return f"HTTP {response.status_code} from {response.request.url}"
     text = str(exc)
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
@@ -119,8 +104,8 @@ def _what(exc: Exception) -> str:
 def passing(exc: Exception) -> bool:
     """True when the provider may well answer later (a 503), False for an error no retry
     fixes (a configuration error)."""
-    if isinstance(exc, STATUS_ERRORS):
-        status: int = exc.response.status_code  # type: ignore[attr-defined]
+    if isinstance(exc, httpx2.HTTPStatusError):
+        status: int = exc.response.status_code
         return status >= 500 or status in PASSING_STATUSES
     return isinstance(exc, PASSING)
 
@@ -141,7 +126,7 @@ class Provider:
         if not self._meta or time.monotonic() - self._fetched > DISCOVERY_SECONDS:
             url = f"{self.settings.oidc_issuer}/.well-known/openid-configuration"
             try:
-                async with httpx.AsyncClient(timeout=self.settings.http_timeout) as client:
+                async with httpx2.AsyncClient(timeout=self.settings.http_timeout) as client:
                     found = (await client.get(url)).raise_for_status().json()
                     if not isinstance(found, dict):
                         raise TypeError("the discovery document is not a JSON object")
@@ -293,7 +278,7 @@ async def oidc_callback(
         claims = provider.claims(str(tokens["id_token"]), str(flow["n"]))
     except (Unreachable, Misconfigured) as exc:
         return _unreachable(exc)
-    except (*TRANSPORT_ERRORS, *INVALID_URLS) as exc:  # the token endpoint: no answer
+    except (httpx2.TransportError, httpx2.InvalidURL) as exc:  # the token endpoint: no answer
         return _unreachable(provider.failure(exc))
     except OAuthError as exc:  # the provider refused the code: expired, used, not its own
         raise HTTPException(

@@ -4,6 +4,7 @@ a directory that is not the checkout, so only what the wheel carries can be used
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import sqlite3
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import sysconfig
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,57 @@ def test_every_dependency_is_pinned_in_the_constraints() -> None:
         name = canonical(requirement.name)
         assert name in pinned, f"{name} is not in constraints.txt: run `make lock`"
         assert requirement.specifier.contains(pinned[name]), (name, pinned[name])
+
+
+def _runtime_distributions() -> set[str]:
+    """The distributions an install without the dev extra brings: pyproject.toml's
+    dependencies (with the extras they name) and theirs, as this environment's metadata
+    says."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    found: set[tuple[str, frozenset[str]]] = set()
+    todo = [Requirement(r) for r in project["dependencies"]]
+    while todo:
+        requirement = todo.pop()
+        key = (canonical(requirement.name), frozenset(requirement.extras))
+        if key in found:
+            continue
+        found.add(key)
+        try:
+            requires = metadata.distribution(key[0]).requires or []
+        except metadata.PackageNotFoundError:  # a marker's dependency for another platform
+            continue
+        for text in requires:
+            needed = Requirement(text)
+            extras = requirement.extras or {""}
+            if needed.marker is None or any(needed.marker.evaluate({"extra": e}) for e in extras):
+                todo.append(needed)
+    return {name for name, _ in found}
+
+
+def test_what_the_product_imports_is_installed_without_the_dev_extra() -> None:
+    """A production install has no dev extra: a module the product imports (at the top or
+    inside a function) that only the dev extra brings fails there, or runs on something
+    else. api.oidc's httpx2 did: authlib's OAuth client fell back to plain httpx, a
+    deprecated path (AuthlibDeprecationWarning) the tests, with the dev extra, never ran."""
+    runtime = _runtime_distributions()
+    providers = metadata.packages_distributions()
+    ours = {"fsm", "api", "order_saga", "downstream", "migrations"}
+    missing = sorted(
+        f"{path.relative_to(ROOT)}: {top} ({', '.join(providers.get(top, ['not installed']))})"
+        for package in ("fsm", "api", "order_saga", "downstream")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        for top in _imported(node)
+        if top not in sys.stdlib_module_names and top not in ours
+        if not {canonical(d) for d in providers.get(top, [])} & runtime
+    )
+    assert missing == []
+
+
+def _imported(node: ast.AST) -> list[str]:
+    """The top-level names of what `node` imports (relative imports are ours)."""
+    if isinstance(node, ast.Import):
+        return [alias.name.split(".")[0] for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+        return [node.module.split(".")[0]]
+    return []

@@ -26,16 +26,30 @@ _UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
 # keeps its text. A `'` may stand in a password (a sub-delim, RFC 3986 §3.2.1).
 _USERINFO = re.compile(r"(?<=://)[^/?#\s\"<>{}|\\^`]*@")
 MASKED_USERINFO = "***@"
+# A secret given as a URL's query parameter (libpq reads `?password=` and `?sslpassword=`;
+# an AMQP or webhook URL may carry a token so): its value, up to the next `&`, `#`, quote,
+# space, or a `:` that ends the URL ("cannot migrate URL: error"). Only after a `?` or
+# `&`, so prose like "password=" outside a URL is not taken.
+_SECRET_PARAM = re.compile(
+    r"(?<=[?&])((?:ssl)?password|passwd|secret|client_secret|token|access_token|api_?key)="
+    r"(?:[^&#\s\"'<>:]|:(?!\s|$))*",
+    re.IGNORECASE,
+)
 
 
 def masked(text: str) -> str:
     """`text` with the whole userinfo of every URL in it (`user:password@`, `token@`, up
-    to the authority's last `@`) replaced by `***@`: the one mask of a URL's credentials,
-    for a URL from the settings (`postgresql://***@db/saga`) as for an error's text that
-    quotes one. A text without a URL's `@` is returned as is."""
-    if "@" not in text or "://" not in text:
+    to the authority's last `@`) replaced by `***@`, and the value of a secret query
+    parameter (`?password=…`, `&sslpassword=…`, `?token=…`) by `***`: the one mask of a
+    URL's credentials, for a URL from the settings (`postgresql://***@db/saga`) as for an
+    error's text that quotes one. A text with neither is returned as is."""
+    if "://" not in text:
         return text
-    return _USERINFO.sub(MASKED_USERINFO, text)
+    if "@" in text:
+        text = _USERINFO.sub(MASKED_USERINFO, text)
+    if "=" in text:
+        text = _SECRET_PARAM.sub(r"\1=***", text)
+    return text
 
 
 def _escaped(match: re.Match[str]) -> str:

@@ -78,3 +78,30 @@ async def test_the_relay_shows_its_amqp_destination_masked(
     FailureWatch("amqp", lambda: 0.0).see([transient(f"broker: E: {url} refused")])
     assert f"last error: broker: E: {destination.url} refused" in caplog.text
     _no_secret(destination.url + caplog.text)
+
+
+# A password given as a query parameter (libpq reads ?password= and ?sslpassword=).
+QUERY_SECRETS = [
+    pytest.param("?application_name=x&password=hunter3", id="password-param"),
+    pytest.param("?sslpassword=hunter3&sslmode=prefer", id="sslpassword-param"),
+    pytest.param("?PASSWORD=hunter3", id="upper-case-name"),
+]
+
+
+@pytest.mark.parametrize("query", QUERY_SECRETS)
+def test_a_secret_query_parameter_is_masked(query: str) -> None:
+    url = f"postgresql+psycopg://postgres@127.0.0.1:1/x{query}"
+    assert "hunter3" not in masked(url) and "=***" in masked(url)
+    assert masked(url).startswith("postgresql+psycopg://***@127.0.0.1:1/x?")
+    assert masked("http://svc/a?passwordless=1&tokens=2") == "http://svc/a?passwordless=1&tokens=2"
+    line = running_with(cli_settings(url), keys=False, embedded="embedded")
+    assert "hunter3" not in line and f"running with database {masked(url)};" in line
+
+
+@pytest.mark.parametrize("query", QUERY_SECRETS)
+def test_db_upgrade_masks_a_password_query_parameter(query: str) -> None:
+    url = f"postgresql+psycopg://postgres@127.0.0.1:1/x{query}"  # nothing listens on port 1
+    result = run_cli("db", "upgrade", ORDER_SAGA_DATABASE_URL=url)
+    assert result.returncode == 1, result
+    assert result.stderr.startswith(f"order-saga: cannot migrate {masked(url)}: "), result.stderr
+    assert "hunter3" not in result.stdout + result.stderr

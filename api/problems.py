@@ -190,9 +190,11 @@ def install(app: FastAPI) -> None:
                 503, str(exc), code=exc.code, headers={"Retry-After": seconds},
                 dependency=exc.service,
             )  # fmt: skip
-        if isinstance(exc, StoreUnavailable):  # the store's own words: a lock or statement
-            # timeout, or the server gone; nothing was decided, a retry soon may succeed
-            return unavailable("database", str(exc), retry_after="1")
+        if isinstance(exc, StoreUnavailable):  # a lock or statement timeout, or the server
+            # gone; nothing was decided, a retry soon may succeed. The driver's words (host,
+            # port) go to the log; the caller is told what kind (`public`).
+            log.warning("%s", exc)
+            return unavailable("database", f"{exc.public}, try again later", retry_after="1")
         return problem(saga_status(exc), str(exc), code=exc.code)
 
     @app.exception_handler(DBAPIError)

@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any
 
 from fsm import upkeep
+from fsm.errors import outage
 from fsm.executor import Executor
 from fsm.models import Order
 from fsm.recovery import sweep_forever
@@ -26,6 +27,13 @@ from fsm.settings import Settings
 from fsm.store import Store
 
 log = logging.getLogger("order_saga.runner")
+
+
+def _leaves(error: BaseException) -> BaseException:
+    """An exception group's first leaf (its steps failed alike), else the error itself."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 class Runner:
@@ -56,7 +64,11 @@ class Runner:
         self.tasks.discard(task)
         if not task.cancelled() and (error := task.exception()) is not None:
             # the order stays persisted; the sweep (or a resume) continues it
-            log.error("run of order %s stopped", order.id, exc_info=error)
+            if outage(error):  # the database is gone: one line, the traceback tells no more
+                log.warning("run of order %s stopped: %s", order.id, _leaves(error))
+                log.debug("run of order %s stopped", order.id, exc_info=error)
+            else:
+                log.error("run of order %s stopped", order.id, exc_info=error)
 
     async def within(self, task: asyncio.Task[Order]) -> bool:
         """Wait for a run at most RESPOND_WITHIN: True when it has ended (`task.result()`

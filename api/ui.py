@@ -10,6 +10,7 @@ transition log itself. HTTP <-> store/executor only: no business rules here.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import timedelta
 from enum import StrEnum
@@ -30,7 +31,7 @@ from api.login import CsrfChecked
 from api.runner import Runner
 from fsm import diagram, heatmap, operator, queries, rollup, why
 from fsm.bounds import MAX_ID
-from fsm.errors import CorruptOrder, InvalidMove, SagaError
+from fsm.errors import CorruptOrder, InvalidMove, SagaError, StoreUnavailable
 from fsm.executor import new_owner
 from fsm.machine import (
     TERMINAL_ORDER_STATES,
@@ -42,6 +43,7 @@ from fsm.machine import (
 )
 
 HERE = Path(__file__).resolve().parent
+log = logging.getLogger("order_saga.api")
 templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.filters["duration"] = heatmap.duration
 static = StaticFiles(directory=HERE / "static")
@@ -313,6 +315,9 @@ async def act(
             order = resolved.order
     except InvalidMove as exc:
         return await _redirect(request, order_id, error=f"{label}: {exc}")
+    except StoreUnavailable as exc:  # the driver's words (host, port) to the log only
+        log.warning("%s: %s", label, exc)
+        return await _redirect(request, order_id, error=f"{label}: {exc.public}")
     except SagaError as exc:
         return await _redirect(request, order_id, error=str(exc))
     return await _redirect(request, order_id, done=f"{label}: now {order.state} ({order.status})")

@@ -131,7 +131,7 @@ class Committer:
         self.lock_timeout = lock_timeout  # the longest a write waits for a lock, queue included
         # The last transaction's database error, None once a transaction holding a write
         # (not only probes) commits: /healthz and /readyz read it (fsm.health).
-        self.last_error: str | None = None
+        self.last_error: BaseException | None = None
         # Did it fail writing (a statement or the commit: disk full, read-only), rather than
         # getting in (connect, BEGIN: refused, locked)? Only a real write clears the former.
         self._failed_writing = False
@@ -358,13 +358,13 @@ class Committer:
                 lost = self._discard(rejected.error)
                 failure = self._translate(rejected.error)
                 if isinstance(failure, StoreUnavailable):  # disk full, server gone: not the op's
-                    self.last_error, self._failed_writing = str(failure), not lost
+                    self.last_error, self._failed_writing = failure, not lost
                 results[pending.pop(rejected.position)] = (False, failure)
                 continue
             except Exception as exc:
                 failure = self._translate(exc)
                 if isinstance(exc, self.backend.errors):
-                    self.last_error, self._failed_writing = str(failure), self._writing
+                    self.last_error, self._failed_writing = failure, self._writing
                 lost = self._discard(exc)
                 if lost and not reconnected:
                     reconnected = True

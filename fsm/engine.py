@@ -17,7 +17,7 @@ from sqlalchemy import Engine, create_engine, event
 
 from fsm import sql
 from fsm.committer import Backend
-from fsm.errors import StoreUnavailable
+from fsm.errors import store_unavailable
 
 __all__ = ["backend", "make_engine", "migration_engine", "pg_link", "pg_options"]
 
@@ -248,9 +248,8 @@ def _translate(exc: BaseException) -> BaseException:
     """Driver errors a caller can only wait out become StoreUnavailable, in one line."""
     import psycopg
 
-    first = sql.first_line(exc)
     if isinstance(exc, psycopg.errors.QueryCanceled | psycopg.errors.LockNotAvailable):
-        return StoreUnavailable(f"database busy: {first}")  # (before: they are Operational)
+        return store_unavailable("database busy", exc)  # (before: they are Operational)
     if isinstance(exc, sqlite3.OperationalError | psycopg.OperationalError):
-        return StoreUnavailable(f"database unavailable: {first}")
+        return store_unavailable("database unavailable", exc)
     return exc

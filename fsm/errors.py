@@ -17,6 +17,7 @@ SagaError
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 
@@ -96,6 +97,33 @@ class InvalidMove(SagaError):
 
 class StoreUnavailable(SagaError):
     """The database is down, unreachable, or a lock/statement timeout expired: nothing was
-    decided, try again later (the API answers 503 + Retry-After)."""
+    decided, try again later (the API answers 503 + Retry-After). `str()` is for the log
+    (PostgreSQL's driver names the host and port); `public` is what a caller may be told."""
 
     code = "store_unavailable"
+
+    def __init__(self, message: str = "", *, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = public or message.partition(":")[0] or "database unavailable"
+
+
+def store_unavailable(kind: str, driver_error: BaseException | None) -> StoreUnavailable:
+    """`kind` ("database unavailable", "database busy") and the driver's first line, for the
+    log; callers are told `kind` alone, or SQLite's own words too (a fixed phrase of its
+    library, "database or disk is full", naming no host, port or file)."""
+    first = (str(driver_error).strip().splitlines() or [""])[0]
+    told = f"{kind}: {first}" if isinstance(driver_error, sqlite3.Error) and first else kind
+    return StoreUnavailable(f"{kind}: {first}", public=told)
+
+
+def public_text(exc: BaseException) -> str:
+    """What an HTTP caller may read of a database error: never the driver's text."""
+    return exc.public if isinstance(exc, StoreUnavailable) else "database error"
+
+
+def outage(exc: BaseException) -> bool:
+    """The database is unavailable, nothing else: StoreUnavailable, or a group of them (the
+    executor's concurrent steps). A retry later is all there is to do; no traceback needed."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(StoreUnavailable)[1] is None
+    return isinstance(exc, StoreUnavailable)

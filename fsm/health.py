@@ -12,16 +12,20 @@ itself beyond the probe's empty transaction.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
+from fsm.errors import public_text
 from fsm.store import Store
+
+log = logging.getLogger("order_saga.health")
 
 
 @dataclass(frozen=True)
 class WriteStatus:
     writable: bool
-    reason: str | None  # why not, in one line
+    reason: str | None  # why not, in one line (never the driver's: /readyz is public)
 
 
 class WriteHealth:
@@ -31,6 +35,7 @@ class WriteHealth:
         self.every = every
         self._checked_at = -1e9
         self._probe_error: str | None = None
+        self._logged: str | None = None  # the probe's last failure, as logged
         self._lock = asyncio.Lock()
 
     async def check(self) -> WriteStatus:
@@ -42,7 +47,7 @@ class WriteHealth:
             return WriteStatus(False, self._probe_error)
         failed = self.store.committer.last_error
         if failed is not None:
-            return WriteStatus(False, f"the last write failed: {failed}")
+            return WriteStatus(False, f"the last write failed: {public_text(failed)}")
         return WriteStatus(True, None)
 
     async def _probe(self) -> str | None:
@@ -57,5 +62,9 @@ class WriteHealth:
                 f"a write waits more than {self.probe_timeout:g}s (the database is locked or slow)"
             )
         except Exception as exc:  # noqa: BLE001 - any failure means: cannot write now
-            return f"cannot write: {exc}"
+            if str(exc) != self._logged:  # the driver's words (host, port): the log only,
+                log.warning("cannot write: %s", exc)  # once while they stay the same
+                self._logged = str(exc)
+            return f"cannot write: {public_text(exc)}"
+        self._logged = None
         return None

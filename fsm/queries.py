@@ -48,7 +48,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
 
 from fsm import sql
-from fsm.errors import CorruptOrder, OrderNotFound, StoreUnavailable
+from fsm.errors import CorruptOrder, OrderNotFound, store_unavailable
 from fsm.machine import AUDIT_SCOPE, Status
 from fsm.models import (
     STATE_COLUMN,
@@ -123,7 +123,7 @@ class Reads:
             with self.engine.connect() as conn:
                 return conn.execute(query).all()
         except SQLAlchemyOperationalError as exc:
-            raise StoreUnavailable(f"database unavailable: {sql.first_line(exc.orig)}") from exc
+            raise store_unavailable("database unavailable", exc.orig) from exc
 
     def get(self, order_id: uuid.UUID) -> Order:
         rows = self._rows(select(*ORDER_ROW).where(orders.c.id == order_id))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from fsm.errors import ConcurrencyError
+from fsm.errors import ConcurrencyError, outage
 from fsm.executor import Executor
 from fsm.models import Order
 from fsm.operator import Audit
@@ -111,8 +111,12 @@ async def resume_stuck(
         except ConcurrencyError:
             summary.lost_to_other_driver += 1
             return
-        except Exception:
-            log.exception("resume of order %s failed", order.id)
+        except Exception as exc:
+            if outage(exc):  # one line a retry: the traceback says nothing more
+                log.warning("resume of order %s stopped: %s", order.id, exc)
+                log.debug("resume of order %s stopped", order.id, exc_info=True)
+            else:
+                log.exception("resume of order %s failed", order.id)
             summary.errors += 1
             return
         finally:
@@ -167,7 +171,11 @@ async def sweep_forever(*, store: Store, executor: Executor, settings: Settings)
                 log.info("sweep: %s", summary.line())
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("sweep failed; trying again in %ss", settings.sweep_interval)
+        except Exception as exc:
+            if outage(exc):  # every few seconds for as long as the outage lasts: one line each
+                log.warning("sweep failed (%s); trying again in %ss", exc, settings.sweep_interval)
+                log.debug("sweep failed", exc_info=True)
+            else:
+                log.exception("sweep failed; trying again in %ss", settings.sweep_interval)
         if found < settings.sweep_batch or not resumed:
             await asyncio.sleep(settings.sweep_interval)

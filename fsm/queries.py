@@ -36,6 +36,7 @@ from sqlalchemy import (
     and_,
     case,
     cast,
+    false,
     func,
     literal,
     null,
@@ -183,7 +184,10 @@ class Reads:
             or_(  # the claim's rule (fsm.sql.claim_batch)
                 handed_back,
                 and_(
-                    orders.c.updated_at <= moved_before,
+                    or_(
+                        orders.c.updated_at <= moved_before,
+                        orders.c.state == sql.PARKED if not due_only else false(),
+                    ),
                     or_(orders.c.lease_owner.is_(None), orders.c.lease_expires_at < now),
                 ),
             ),
@@ -198,7 +202,8 @@ class Reads:
         self, *, moved_before: datetime, limit: int, due_only: bool = True
     ) -> list[Order]:
         """Non-terminal orders, unleased, unmoved since `moved_before` (oldest first);
-        with `due_only`, only those whose next retry time has come. Corrupt rows skipped."""
+        with `due_only`, only those whose next retry time has come, else parked ones at any
+        age too (as fsm.sql.claim_batch). Corrupt rows skipped."""
         query = self._stuck(moved_before=moved_before, now=utcnow(), due_only=due_only)
         usable = []
         for row in self._rows(query.order_by(orders.c.updated_at).limit(limit)):

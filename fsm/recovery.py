@@ -21,6 +21,7 @@ from fsm.executor import Executor
 from fsm.models import Order
 from fsm.operator import Audit
 from fsm.settings import Settings
+from fsm.sql import PARKED
 from fsm.store import Store, utcnow
 
 log = logging.getLogger("order_saga.recovery")
@@ -83,7 +84,8 @@ async def resume_stuck(
     """Drive stuck orders, at most `concurrency` at once and `limit` in all, each at most
     once: a slot that frees up is refilled by a new claim, so several workers share the
     backlog and none waits for the slowest order of a batch.
-    `due_only=False` (an operator's `resume`) ignores the retry schedule: retry now.
+    `due_only=False` (an operator's `resume`) ignores the retry schedule, and takes parked
+    orders whatever `older_than` (no driver holds one): retry now.
     `audit` (a person's `resume`, not the sweep): each order's log first names who."""
     moved_before = utcnow() - timedelta(seconds=older_than)
     leased = await asyncio.to_thread(store.count_leased_stuck, moved_before=moved_before)
@@ -97,7 +99,8 @@ async def resume_stuck(
             if progress:
                 progress(order, "would resume")
         return summary
-    # Orders driven here that did not move (so still match the claim): never twice a call.
+    # Orders driven here that still match the claim (did not move, or parked again, which
+    # an operator's claim takes at any age): never twice a call.
     stalled: set[uuid.UUID] = set()
 
     # Claimed, task not yet started: a task cancelled before its first step never runs
@@ -119,8 +122,8 @@ async def resume_stuck(
                 log.exception("resume of order %s failed", order.id)
             summary.errors += 1
             return
-        finally:
-            if order.updated_at <= moved_before:
+        finally:  # a parked order still matches an operator's claim, whenever it moved
+            if order.updated_at <= moved_before or (not due_only and order.state == PARKED):
                 stalled.add(order.id)
         summary.resumed += 1
         summary.outcomes[order.status] += 1

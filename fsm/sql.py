@@ -276,6 +276,9 @@ RESUMABLE = tuple(s.value for s in OrderState if s not in TERMINAL_ORDER_STATES)
 # release's time kept in lease_expires_at (any other release clears both). Nothing drives
 # such an order, so the sweep takes it at once, not only once unmoved for SWEEP_OLDER_THAN.
 HANDED_BACK = "(lease_owner IS NULL AND lease_expires_at IS NOT NULL)"
+# Parked: no driver holds it, nothing moves it until a retry. The age guard (leave a live
+# driver's order alone) means nothing there: an operator's `resume` takes it at any age.
+PARKED = OrderState.NEEDS_ATTENTION.value
 # The order's state and each step's, in the machine's order: what fsm.upgrade groups by.
 STATE_COLUMNS = tuple(STATE_COLUMN.values())
 
@@ -310,13 +313,15 @@ def order_exists(dialect: Dialect) -> str:
 
 @lru_cache(maxsize=128)
 def claim_batch(dialect: Dialect, *, due_only: bool, excluded: int, undrivable: int) -> str:
-    """Lease up to N stuck orders, oldest first, in one statement. Parameters: owner, lease
-    end, moved-before, now, [now if due_only], excluded ids, undrivable combinations
-    (flattened in STATE_COLUMNS order), limit."""
+    """Lease up to N stuck orders, oldest first, in one statement (not `due_only`: parked
+    ones at any age). Parameters: owner, lease end, moved-before, now, [now if due_only],
+    excluded ids, undrivable combinations (flattened in STATE_COLUMNS order), limit."""
     resumable = ", ".join(f"'{s}'" for s in RESUMABLE)
+    # The sweep (due_only) keeps a park's own pause; an operator's resume takes it now.
+    unmoved = "updated_at <= %s" if due_only else f"(updated_at <= %s OR state = '{PARKED}')"
     where = [
         f"state IN ({resumable})",
-        f"({HANDED_BACK} OR (updated_at <= %s AND (lease_owner IS NULL OR lease_expires_at < %s)))",
+        f"({HANDED_BACK} OR ({unmoved} AND (lease_owner IS NULL OR lease_expires_at < %s)))",
     ]
     if due_only:  # the sweep honours the persisted retry schedule; an operator may not
         where.append("(next_attempt_at IS NULL OR next_attempt_at <= %s)")

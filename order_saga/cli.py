@@ -276,7 +276,13 @@ def services(
 
 @app.command()
 def resume(
-    older_than: Annotated[float, seconds_option("Only orders unmoved this long (seconds).")] = 60.0,
+    older_than: Annotated[
+        float,
+        seconds_option(
+            "Only orders unmoved this long (seconds); parked ones (needs_attention, "
+            "unleased) whatever their age."
+        ),
+    ] = 60.0,
     limit: Annotated[int, typer.Option(min=1, max=100_000)] = 100,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List, change nothing.")] = False,
     order: Annotated[str | None, typer.Option(help="Resume this one order id.")] = None,

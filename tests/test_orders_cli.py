@@ -111,6 +111,28 @@ async def test_park_then_list_show_and_resolve_from_the_cli(
     assert downstream.shipment(completed.id)["status"] == "cancelled"  # type: ignore[index]
 
 
+async def test_a_bare_resume_takes_an_order_parked_a_moment_ago(
+    env: dict[str, str], store: Store, downstream: Downstream
+) -> None:
+    """Right after an incident: `resume && echo drained` said drained (exit 0, resumed 0)
+    while an order parked seconds before waited, skipped by the default `--older-than 60`.
+    That guard leaves a live driver's orders alone; a parked order has none."""
+    parked, _ = await store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=SOLD_OUT_PRODUCT_ID, quantity=1
+    )  # sold out: compensates
+    set_faults(downstream.url, [REFUND_DOWN])
+    first = saga("resume", "--older-than", "0", env=env)
+    set_faults(downstream.url, ())
+    assert first.returncode == 3, first.stdout + first.stderr  # parked just now
+    listed = saga("resume", "--dry-run", env=env)
+    assert listed.returncode == 0 and "would resume 1" in listed.stdout, listed.stdout
+    assert f"{parked.id} needs_attention: would resume; parked now:" in listed.stdout
+    drained = saga("resume", env=env)
+    assert drained.returncode == 0, drained.stdout + drained.stderr
+    assert drained.stdout.splitlines()[-1].startswith("resumed 1, "), drained.stdout
+    assert store.get(parked.id).status == "failed"  # refunded, restored: compensated
+
+
 DEDUCT_DOWN = CrashFault("user.deduct", "error")
 
 

@@ -40,6 +40,7 @@ from order_saga.console import (
     load_settings,
     one_line,
     parse_order_id,
+    require_services,
     running_with,
     seconds_option,
     version_option,
@@ -299,7 +300,8 @@ def resume(
     1 a run failed with an error; 3 some stay parked (needs_attention), each printed with
     its reason; 4 some are not finished (still running: a later resume continues them) or
     were held by another driver (skipped, or lost to one mid-run). Bad input (a flag or a
-    setting) exits 2 before anything runs. A dry run exits 0. Each
+    setting; no service URL set and nothing at the fallback) exits 2 before anything runs.
+    A dry run exits 0. Each
     order resumed gets a row in its log naming who (`--as`, default the local admin)."""
     from fsm.machine import OperatorAction, Status
     from fsm.recovery import resume_stuck
@@ -320,6 +322,8 @@ def resume(
     async def main() -> ResumeReport:
         async with open_saga(settings) as saga:
             executor = saga.executor
+            if not dry_run:  # a dry run calls no service
+                await asyncio.to_thread(require_services, settings)
             audit = cli_audit(OperatorAction.RESUME, as_name, reason)
             if oid is not None:
                 if dry_run:  # read only: no lease, no transition, no call
@@ -442,7 +446,8 @@ def worker(
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="Interface for /metrics.")] = "127.0.0.1",
 ) -> None:
-    """Claim and advance stuck orders forever (run several; they share the load)."""
+    """Claim and advance stuck orders forever (run several; they share the load). With no
+    service URL set, a `serve` must answer at ORDER_SAGA_FALLBACK_SERVICES_URL (else exit 2)."""
     from fsm import upkeep
     from fsm.keys import any_keys
     from fsm.recovery import sweep_forever
@@ -467,6 +472,7 @@ def worker(
         ) as saga:
             heap.settle()  # started: the engine and its modules are loaded
             executor = saga.executor
+            await asyncio.to_thread(require_services, settings)  # no URL, no serve: exit 2
             if settings.worker_metrics_port:
                 from prometheus_client import start_http_server
 

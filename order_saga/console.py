@@ -70,6 +70,35 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+# How long `worker` or `resume` waits for the fallback services to accept a connection.
+FALLBACK_CONNECT = 3.0
+
+
+def require_services(settings: Settings) -> None:
+    """`worker` and `resume` host no services: with no service URL set they call the
+    embedded ones of a `serve` at FALLBACK_SERVICES_URL. Nothing accepting connections
+    there, they stop here (exit 2, a setting to give) instead of driving real orders into
+    failed calls and parking charged ones as refund-pending. A connection is all it tries
+    (a few seconds at most): what answers is the calls' business."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if settings.services:
+        return
+    url = settings.fallback_services_url
+    where = urlsplit(url)
+    port = where.port or (443 if where.scheme == "https" else 80)
+    try:
+        socket.create_connection((where.hostname or "", port), timeout=FALLBACK_CONNECT).close()
+    except OSError as exc:
+        fail(
+            "no service URLs are set (ORDER_SAGA_SERVICES, or ORDER_SAGA_<SERVICE>_URL for "
+            "each service) and nothing answers at ORDER_SAGA_FALLBACK_SERVICES_URL "
+            f"{url} (a `serve` with its embedded services): {one_line(exc)}",
+            2,
+        )
+
+
 def one_line(exc: BaseException) -> str:
     """`Type: first line of the message`."""
     from fsm.sql import first_line

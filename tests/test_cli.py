@@ -19,6 +19,7 @@ from sqlmodel import SQLModel
 
 from downstream.seed import ORDINARY_USER_ID, RICH_USER_ID, WIDGET_ID
 from fsm.migrate import alembic_config, schema, upgrade
+from fsm.registry import SERVICES
 from fsm.store import Store, make_engine
 from fsm.wiring import open_store
 from order_saga.cli import first_free
@@ -381,12 +382,33 @@ def test_worker_metrics_on_a_host_it_cannot_bind_is_a_usage_error(
     url = f"sqlite:///{tmp_path}/saga.db"
     assert run_cli("db", "upgrade", ORDER_SAGA_DATABASE_URL=url).returncode == 0
     args = ("--metrics-host", "no.such.host.invalid", "--metrics-port", "19500")
-    result = run_cli("worker", *args, ORDER_SAGA_DATABASE_URL=url)
+    services = json.dumps({s.name: "http://127.0.0.1:9/" for s in SERVICES})  # not called
+    result = run_cli("worker", *args, ORDER_SAGA_DATABASE_URL=url, ORDER_SAGA_SERVICES=services)
     assert result.returncode == 2, result.stderr
     assert result.stderr == (
         "order-saga: --metrics-host: cannot serve /metrics on no.such.host.invalid:19500:"
         " gaierror: [Errno -2] Name or service not known\n"
     )
+
+
+@pytest.mark.parametrize("args", [("worker",), ("resume",), ("resume", "--older-than", "0")])
+def test_worker_or_resume_with_no_service_url_and_no_serve_to_call_is_refused(
+    db_url: str, args: tuple[str, ...]
+) -> None:
+    """No service URL set: the fallback is a `serve`'s embedded services. Nothing answering
+    there, a worker drove real orders into failed calls (charged ones parked refund-pending)
+    and a resume likewise; now each stops at start, naming the settings. A dry run calls
+    no service: it still lists."""
+    fallback = f"http://127.0.0.1:{free_port()}/services"  # nothing listens there
+    env = {"ORDER_SAGA_DATABASE_URL": db_url, "ORDER_SAGA_FALLBACK_SERVICES_URL": fallback}
+    refused = run_cli(*args, **env)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith("order-saga: no service URLs are set (ORDER_SAGA_SERVICES, "), line
+    assert f"ORDER_SAGA_FALLBACK_SERVICES_URL {fallback}" in line and "refused" in line, line
+    if args[0] == "resume":
+        listed = run_cli(*args, "--dry-run", **env)
+        assert listed.returncode == 0, listed.stderr
 
 
 def test_worker_metrics_take_the_next_port_only_when_one_is_in_use() -> None:

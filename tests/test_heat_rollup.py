@@ -207,7 +207,9 @@ async def test_transitions_after_a_prune_of_the_newest_orders_are_folded(
     assert finished() == 6
 
 
-def test_the_worker_folds_the_log_in_the_background(db_url: str, store: Store) -> None:
+def test_the_worker_folds_the_log_in_the_background(
+    db_url: str, store: Store, services_url: str
+) -> None:
     """`order-saga worker` keeps the roll-up current every HEAT_ROLL_INTERVAL seconds (so a
     heatmap load folds only the last seconds), and still stops at once on SIGTERM."""
     url = store.engine.url.render_as_string(hide_password=False)
@@ -220,7 +222,12 @@ def test_the_worker_folds_the_log_in_the_background(db_url: str, store: Store) -
         return rolled is not None and rolled == newest
 
     load_rows(url, 20, seed=6, span=timedelta(hours=1))
-    env = saga_env(database_url=db_url, heat_roll_interval=0.2, worker_metrics_port=0)
+    env = saga_env(  # services: a worker with none to call refuses to start
+        database_url=db_url,
+        services_url=services_url,
+        heat_roll_interval=0.2,
+        worker_metrics_port=0,
+    )
     with Saga(command("worker"), env) as worker:
         wait_until(caught_up, what="the worker's fold", alive=worker.running)
         load_rows(url, 5, seed=7, span=timedelta(minutes=10))  # written while it runs

@@ -256,12 +256,13 @@ def services(
         typer.Option(help="SQLite file for their state (default: ORDER_SAGA_SERVICES_DB)."),
     ] = None,
 ) -> None:
-    """Serve the four reference services (and /_faults) alone."""
+    """Serve the four reference services (and /_faults) alone. Logs as `serve` does: a
+    start line, then each request (access log), text or JSON (ORDER_SAGA_LOG_FORMAT)."""
     import uvicorn
 
     from api.guard import BodyGuard
     from downstream.app import create_services_app
-    from order_saga.server import uvicorn_options
+    from order_saga.server import DrainingServer, listeners, uvicorn_options
 
     settings = load_settings()
     path = state or settings.services_db
@@ -271,8 +272,29 @@ def services(
         max_bytes=settings.max_body_bytes,
         read_timeout=settings.body_timeout,
     )
+    try:  # bound before serving, as `serve`: a port in use is one line, exit 1
+        [sock] = listeners(host, port, 1, listen=False)
+    except OSError as exc:
+        fail(one_line(exc), 1)
     heap.settle()
-    uvicorn.run(guarded, host=host, port=port, log_level="warning", **uvicorn_options(settings))
+    configure_logging(settings)
+    where = f"[{host}]" if ":" in host else host
+    start = logging.getLogger("order_saga.start")
+    start.info("reference services on http://%s:%s, their state in %s", where, port, path)
+    signal.signal(signal.SIGTERM, _flush_then_die)  # as `serve`: the queued lines written
+    config = uvicorn.Config(
+        guarded,
+        host=host,
+        port=port,
+        log_level="info",
+        log_config=None,
+        **uvicorn_options(settings),
+    )
+    server = DrainingServer(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock])
+    if not server.started:
+        raise typer.Exit(3)
 
 
 @app.command()

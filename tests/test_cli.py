@@ -426,3 +426,32 @@ def test_worker_metrics_take_the_next_port_only_when_one_is_in_use() -> None:
 
     with pytest.raises(OSError, match="Cannot assign requested address"):
         first_free(9464, refused)
+
+
+def test_services_on_a_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """As `serve`: uvicorn's `ERROR: [Errno 98] ...` and exit 3 before."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = run_cli("services", "--port", port, "--state", str(tmp_path / "s.db"))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == "order-saga: OSError: [Errno 98] Address already in use\n"
+
+
+def test_services_logs_a_start_line_and_each_request(tmp_path: Path) -> None:
+    """`order-saga services` wrote nothing at all (no start line, no access log)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    state = tmp_path / "services.db"
+    env = saga_env(database_url=f"sqlite:///{tmp_path}/saga.db")
+    argv = command("services", "--port", str(port), "--state", str(state))
+    with Saga(argv, env) as services:
+        wait_until(lambda: answers(f"{base}/products/{WIDGET_ID}"), alive=services.running)
+        stopped = services.stop()
+    assert f"INFO order_saga.start [-] reference services on {base}, their state in {state}" in (
+        stopped.stderr
+    ), stopped.explain()
+    assert f'"GET /products/{WIDGET_ID} HTTP/1.1" 200' in stopped.stderr, stopped.explain()

@@ -339,7 +339,9 @@ def start_services(
     from another checkout's code when `tree` is given (PYTHONPATH)."""
     port = free_port()
     state = procs.cfg.tmp / f"services-{port}.db"
-    argv = saga_argv("services", "--port", str(port), "--state", str(state))
+    # No access log: the services stand in for other systems, whose logging is not ours
+    # to count (the CPU they spend shares the machine with what is measured).
+    argv = saga_argv("services", "--port", str(port), "--state", str(state), "--no-access-log")
     # The reference services admit 256 requests at once by default (503 beyond); 4 workers
     # at 32 orders each keep ~400 calls in flight, and the benchmark measures the engine,
     # not the reference services' admission limit.

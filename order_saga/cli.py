@@ -255,6 +255,9 @@ def services(
         str | None,
         typer.Option(help="SQLite file for their state (default: ORDER_SAGA_SERVICES_DB)."),
     ] = None,
+    access_log: Annotated[
+        bool, typer.Option(help="Log each request (off: the start line and errors only).")
+    ] = True,
 ) -> None:
     """Serve the four reference services (and /_faults) alone. Logs as `serve` does: a
     start line, then each request (access log), text or JSON (ORDER_SAGA_LOG_FORMAT)."""
@@ -288,6 +291,7 @@ def services(
         port=port,
         log_level="info",
         log_config=None,
+        access_log=access_log,
         **uvicorn_options(settings),
     )
     server = DrainingServer(config)

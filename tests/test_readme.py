@@ -114,7 +114,7 @@ curl -sf -X POST http://127.0.0.1:{api}/orders -H 'Content-Type: application/jso
         drop_pg_database(name)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["status"] == "completed"
-    assert "database at head: postgresql+psycopg://postgres@127.0.0.1:5432/" in result.stdout
+    assert "database at head: postgresql+psycopg://***@127.0.0.1:5432/" in result.stdout
 
 
 @pytest.mark.slow

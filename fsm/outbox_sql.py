@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fsm.bounds import MAX_COUNT
-from fsm.sql import TRANSITION_COLUMNS, Dialect, _quoted, parse_utc
+from fsm.sql import Dialect, guarded_move_then, parse_utc
 
 EVENT_COLUMNS = ("id", "order_id", "seq", "type", "created_at", "body")
 _EVENT_MARKS = ", ".join(["%s"] * len(EVENT_COLUMNS))
@@ -57,15 +57,9 @@ def insert_event(d: Dialect) -> str:
 def move_with_event(columns: tuple[str, ...]) -> str:
     """PostgreSQL: the guarded UPDATE, its transition row and the event in one statement;
     its row count is 1 when all happened, 0 when none did."""
-    sets = ", ".join(f"{c} = %s" for c in columns)
-    names = ", ".join(_quoted(c) for c in TRANSITION_COLUMNS)
-    marks = ", ".join(["%s"] * len(TRANSITION_COLUMNS))
-    return (
-        f"WITH moved AS (UPDATE orders SET {sets} "
-        "WHERE id = %s AND version = %s AND lease_owner = %s RETURNING id), "
-        f"logged AS (INSERT INTO transitions ({names}) SELECT {marks} FROM moved "
-        "RETURNING order_id) "
-        f"INSERT INTO outbox_events ({', '.join(EVENT_COLUMNS)}) SELECT {_EVENT_MARKS} FROM logged"
+    return guarded_move_then(
+        columns,
+        f"INSERT INTO outbox_events ({', '.join(EVENT_COLUMNS)}) SELECT {_EVENT_MARKS} FROM logged",
     )
 
 

@@ -209,27 +209,42 @@ def dialect_of(engine: Engine) -> Dialect:
 PROBE = "SELECT 1"  # fsm.health's probe: a round trip inside the writer's transaction
 
 
+# The concurrency guard of every write to an order: the row is changed only at the version
+# the writer read and while the writer holds its lease (else StaleOrder or LeaseLost).
+_GUARD = "WHERE id = %s AND version = %s AND lease_owner = %s"
+_TRANSITION_NAMES = ", ".join(_quoted(c) for c in TRANSITION_COLUMNS)
+_TRANSITION_MARKS = ", ".join(["%s"] * len(TRANSITION_COLUMNS))
+
+
+def _guarded(columns: tuple[str, ...]) -> str:
+    sets = ", ".join(f"{c} = %s" for c in columns)
+    return f"UPDATE orders SET {sets} {_GUARD}"
+
+
 @lru_cache(maxsize=128)
 def guarded_update(dialect: Dialect, columns: tuple[str, ...]) -> str:
     """UPDATE orders SET <columns> WHERE id, version and lease owner match."""
-    sets = ", ".join(f"{c} = %s" for c in columns)
-    return dialect.sql(
-        f"UPDATE orders SET {sets} WHERE id = %s AND version = %s AND lease_owner = %s"
-    )
+    return dialect.sql(_guarded(columns))
+
+
+def guarded_move_then(columns: tuple[str, ...], then: str | None = None) -> str:
+    """PostgreSQL, one statement: `guarded_update` (the CTE `moved`) and, only if it
+    matched, `insert_transition`. `then`: a last statement that runs only if both did,
+    reading the CTE `logged` (the transition's order_id); parameters: the update's, the
+    transition's, then `then`'s. Callers cache the text (`guarded_move`,
+    fsm.outbox_sql.move_with_event)."""
+    moved = f"WITH moved AS ({_guarded(columns)} RETURNING id)"
+    log = f"INSERT INTO transitions ({_TRANSITION_NAMES}) SELECT {_TRANSITION_MARKS} FROM moved"
+    if then is None:
+        return f"{moved} {log}"
+    return f"{moved}, logged AS ({log} RETURNING order_id) {then}"
 
 
 @lru_cache(maxsize=128)
 def guarded_move(dialect: Dialect, columns: tuple[str, ...]) -> str:
     """`guarded_update` and, only if it matched, `insert_transition`, as one PostgreSQL
     statement: its row count is 1 when both happened, 0 when neither did."""
-    sets = ", ".join(f"{c} = %s" for c in columns)
-    names = ", ".join(_quoted(c) for c in TRANSITION_COLUMNS)
-    marks = ", ".join(["%s"] * len(TRANSITION_COLUMNS))
-    return (
-        f"WITH moved AS (UPDATE orders SET {sets} "
-        "WHERE id = %s AND version = %s AND lease_owner = %s RETURNING id) "
-        f"INSERT INTO transitions ({names}) SELECT {marks} FROM moved"
-    )
+    return guarded_move_then(columns)
 
 
 @lru_cache(maxsize=8)
@@ -242,9 +257,9 @@ def insert_order(dialect: Dialect) -> str:
 
 @lru_cache(maxsize=8)
 def insert_transition(dialect: Dialect) -> str:
-    columns = ", ".join(_quoted(c) for c in TRANSITION_COLUMNS)
-    marks = ", ".join(["%s"] * len(TRANSITION_COLUMNS))
-    return dialect.sql(f"INSERT INTO transitions ({columns}) VALUES ({marks})")
+    return dialect.sql(
+        f"INSERT INTO transitions ({_TRANSITION_NAMES}) VALUES ({_TRANSITION_MARKS})"
+    )
 
 
 @lru_cache(maxsize=8)

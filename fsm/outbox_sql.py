@@ -164,10 +164,14 @@ def work(
         cursor.execute(any_after(d), _cursor_params(d, (row[0], row[1])))
         first = cursor.fetchone()
         stream, behind = first is not None and bool(first[0]), first is not None and not first[0]
-    cursor.execute(due(d), [destination_id, stamp, stamp, limit])
-    found = [r[0] for r in cursor.fetchall()]
+    found = _due_ids(d, cursor, destination_id=destination_id, stamp=stamp, limit=limit)
     cursor.execute(d.sql(_ANY_DEAD), [destination_id])
     return Work(stream, found, cursor.fetchone() is not None, behind)
+
+
+def _due_ids(d: Dialect, cursor: Any, *, destination_id: int, stamp: Any, limit: int) -> list[str]:
+    cursor.execute(due(d), [destination_id, stamp, stamp, limit])
+    return [r[0] for r in cursor.fetchall()]
 
 
 def claim(
@@ -183,32 +187,60 @@ def claim(
 ) -> list[Claimed]:
     """Lease up to `limit` due deliveries, each the oldest undelivered event of its order
     (PostgreSQL: SKIP LOCKED, so relays take disjoint sets). `found`: the due ones as
-    `due_ids` saw them before this transaction (SQLite: the search holds no write lock);
+    `work` saw them before this transaction (SQLite: the search holds no write lock);
     those still due are leased."""
+    _sweep_behind_dead(d, cursor, destination_id=destination_id)
     stamp = d.timestamp(now)
-    # An event committed after an earlier one of its order was dead-lettered joins it (it
-    # would not be claimed anyway: the earlier one is not delivered). Swept only while the
-    # destination has a dead letter at all: an index probe, not a scan per claim.
-    cursor.execute(d.sql(_ANY_DEAD), [destination_id])
-    if cursor.fetchone() is not None:
-        cursor.execute(
-            d.sql(
-                "UPDATE outbox_deliveries SET state = 'dead', last_error = 'behind a dead letter' "
-                "WHERE destination_id = %s AND state = 'pending' AND EXISTS (SELECT 1 FROM "
-                "outbox_deliveries p WHERE p.destination_id = outbox_deliveries.destination_id "
-                "AND p.order_id = outbox_deliveries.order_id AND p.seq < outbox_deliveries.seq "
-                "AND p.state = 'dead')"
-            ),
-            [destination_id],
-        )
     # The due ones found first (unless the caller found them: `found`), then leased by
     # primary key, their ids written out: as one statement (`IN (SELECT ...)` of the
     # LIMITed, SKIP LOCKED select) PostgreSQL planned the lookup as a scan of all the
     # destination's rows, delivered ones included, before the table had statistics.
     if found is None:
-        cursor.execute(due(d), [destination_id, stamp, stamp, limit])
-        found = [r[0] for r in cursor.fetchall()]
-    if not found:
+        found = _due_ids(d, cursor, destination_id=destination_id, stamp=stamp, limit=limit)
+    rows = _lease(
+        d,
+        cursor,
+        destination_id=destination_id,
+        owner=owner,
+        event_ids=found,
+        stamp=stamp,
+        lease_until=lease_until,
+    )
+    return sorted(_with_bodies(d, cursor, rows), key=lambda c: (c.created_at, c.seq))
+
+
+def _sweep_behind_dead(d: Dialect, cursor: Any, *, destination_id: int) -> None:
+    """An event committed after an earlier one of its order was dead-lettered joins it (it
+    would not be claimed anyway: the earlier one is not delivered). Swept only while the
+    destination has a dead letter at all: an index probe, not a scan per claim."""
+    cursor.execute(d.sql(_ANY_DEAD), [destination_id])
+    if cursor.fetchone() is None:
+        return
+    cursor.execute(
+        d.sql(
+            "UPDATE outbox_deliveries SET state = 'dead', last_error = 'behind a dead letter' "
+            "WHERE destination_id = %s AND state = 'pending' AND EXISTS (SELECT 1 FROM "
+            "outbox_deliveries p WHERE p.destination_id = outbox_deliveries.destination_id "
+            "AND p.order_id = outbox_deliveries.order_id AND p.seq < outbox_deliveries.seq "
+            "AND p.state = 'dead')"
+        ),
+        [destination_id],
+    )
+
+
+def _lease(
+    d: Dialect,
+    cursor: Any,
+    *,
+    destination_id: int,
+    owner: str,
+    event_ids: list[str],
+    stamp: Any,
+    lease_until: datetime,
+) -> list[Any]:
+    """Lease those of `event_ids` still due at `stamp` (`claim`); their rows: event_id,
+    order_id, seq, attempts, created_at, retry_from (as the driver hands them back)."""
+    if not event_ids:
         return []
     # Each still due (found outside this transaction, one may have been leased, sent or
     # dead-lettered since): the same conditions as `due`, asked again of the listed rows.
@@ -216,14 +248,19 @@ def claim(
         d.sql(
             "UPDATE outbox_deliveries AS d SET lease_owner = %s, lease_until = %s, "
             "attempts = attempts + 1 WHERE d.destination_id = %s "
-            f"AND d.event_id IN ({', '.join(['%s'] * len(found))}) "
+            f"AND d.event_id IN ({', '.join(['%s'] * len(event_ids))}) "
             "AND d.state = 'pending' AND d.next_attempt_at <= %s "
             f"AND (d.lease_until IS NULL OR d.lease_until < %s) AND {_FIRST_UNDELIVERED} "
             "RETURNING event_id, order_id, seq, attempts, created_at, retry_from"
         ),
-        [owner, d.timestamp(lease_until), destination_id, *found, stamp, stamp],
+        [owner, d.timestamp(lease_until), destination_id, *event_ids, stamp, stamp],
     )
-    rows = cursor.fetchall()
+    leased: list[Any] = cursor.fetchall()
+    return leased
+
+
+def _with_bodies(d: Dialect, cursor: Any, rows: list[Any]) -> list[Claimed]:
+    """The leased rows of `_lease` with their events' types and bodies, in their order."""
     if not rows:
         return []
     cursor.execute(
@@ -234,20 +271,41 @@ def claim(
         [r[0] for r in rows],
     )
     bodies = {r[0]: (r[1], r[2]) for r in cursor.fetchall()}
-    claimed = [
-        Claimed(
-            event_id=r[0],
-            order_id=_uuid(r[1]),
-            seq=r[2],
-            attempts=r[3],
-            created_at=_time(r[4]),
-            retry_from=_time(r[5]),
-            type=bodies[r[0]][0],
-            body=bodies[r[0]][1],
-        )
+    return [
+        _claimed(r[0], r[1], r[2], *bodies[r[0]], r[4], attempts=r[3], retry_from=r[5])
         for r in rows
     ]
-    return sorted(claimed, key=lambda c: (c.created_at, c.seq))
+
+
+def _claimed(
+    event_id: str,
+    order_id: Any,
+    seq: int,
+    type: str,
+    body: str,
+    created_at: Any,
+    *,
+    attempts: int = 0,
+    retry_from: Any = None,
+    txid: Any = 0,
+    position: Any = 0,
+) -> Claimed:
+    """An event's values as the driver hands them back, as a `Claimed`: an exception row's
+    (`claim`: its attempts and since when it is retried) or the stream's (`take_batch`: no
+    attempt yet, retried from its creation, and where it stands in the stream)."""
+    created = _time(created_at)
+    return Claimed(
+        event_id=event_id,
+        order_id=_uuid(order_id),
+        seq=seq,
+        attempts=attempts,
+        created_at=created,
+        retry_from=created if retry_from is None else _time(retry_from),
+        type=type,
+        body=body,
+        txid=int(txid),
+        position=int(position),
+    )
 
 
 def delivered(
@@ -553,18 +611,7 @@ def take_batch(
         return None
     cursor.execute(_next_events(d), [*_cursor_params(d, at), limit])
     events = [
-        Claimed(
-            event_id=r[0],
-            order_id=_uuid(r[1]),
-            seq=r[2],
-            attempts=0,
-            created_at=_time(r[4]),
-            retry_from=_time(r[4]),
-            type=r[3],
-            body=r[5],
-            txid=int(r[6]),
-            position=int(r[7]),
-        )
+        _claimed(r[0], r[1], r[2], r[3], r[5], r[4], txid=r[6], position=r[7])
         for r in cursor.fetchall()
     ]
     held = held_orders(d, cursor, destination_id=destination_id, events=events)

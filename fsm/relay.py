@@ -27,7 +27,7 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -233,7 +233,7 @@ class Relay:
                         await asyncio.sleep(s.relay_interval)
                         continue
                     sent = await self._send(destination, sender, batch, claimed)
-                    failing.see(a for _c, a in [*sent.results, *sent.stream] if a is not None)
+                    failing.see(sent.tried)
                     if len(events) >= s.relay_batch or len(claimed) >= s.relay_batch:
                         claimed_at = -s.relay_gather  # a backlog: the next batch at once
                 except asyncio.CancelledError:
@@ -302,7 +302,7 @@ class Relay:
     def _count(self, destination: Destination, sent: Sent | None) -> None:
         if sent is None:
             return
-        tried = [a for _c, a in [*sent.results, *sent.stream] if a is not None]
+        tried = sent.tried
         ok = sum(1 for attempt in tried if attempt.delivered)
         failed = len(tried) - ok
         metrics.outbox_delivered(destination.label).inc(ok)
@@ -379,7 +379,7 @@ class Relay:
         it; its lease renewed to `lease_until`), exception rows for what was not delivered,
         the claimed exception rows' outcomes. Returns where the cursor now is (None: the
         stream had no part, or another relay took the cursor and sends it again)."""
-        d, s, now = self.store.dialect, self.settings, sent.at
+        d = self.store.dialect
         at = None
         if sent.batch is not None and sent.batch.events:
             if outbox_sql.advance(
@@ -400,14 +400,19 @@ class Relay:
                     "database server); its batch is sent again",
                     destination.label,
                 )
-        results = sent.results
-        done = [claimed.event_id for claimed, attempt in results if attempt.delivered]
+        self._settle_claims(destination, owner, sent, cursor)
+        return at
+
+    def _settle_claims(self, destination: Destination, owner: str, sent: Sent, cursor: Any) -> None:
+        """The claimed exception rows' outcomes: delivered, retried later, or dead."""
+        d, now = self.store.dialect, sent.at
+        done = [claimed.event_id for claimed, attempt in sent.results if attempt.delivered]
         outbox_sql.delivered(d, cursor, destination_id=destination.id, event_ids=done, now=now)
-        for claimed, attempt in results:
+        for claimed, attempt in sent.results:
             if attempt.delivered:
                 continue
-            error = attempt.error or "failed"
-            if self._dead(claimed, attempt, now):
+            state, next_at, error = self._verdict(claimed, attempt, now, claimed.attempts)
+            if state == "dead":
                 # Not this relay's claim any more (its lease ran out mid-send; another
                 # relay may have delivered it since): nothing is recorded.
                 if outbox_sql.dead_letter(
@@ -418,24 +423,30 @@ class Relay:
                     owner=owner,
                     error=error,
                 ):
-                    log.warning(
-                        "event %s to %s dead-lettered: %s",
-                        claimed.event_id,
-                        destination.label,
-                        error,
-                    )
+                    _dead_lettered(destination, claimed, error)
                 continue
-            delay = backoff(claimed.attempts, base=s.event_backoff_base, cap=s.event_backoff_max)
             outbox_sql.retry_later(
                 d,
                 cursor,
                 destination_id=destination.id,
                 event_id=claimed.event_id,
                 owner=owner,
-                at=now + timedelta(seconds=delay),
+                at=next_at,
                 error=error,
             )
-        return at
+
+    def _verdict(
+        self, claimed: Claimed, attempt: Attempt, now: datetime, attempts: int
+    ) -> tuple[str, datetime, str]:
+        """A failed attempt's outcome, after `attempts` attempts: (state, next attempt at,
+        error). "dead" (at `now`): a refusal, or past `event_max_age` since the event or
+        its redelivery; else "pending", retried after a backoff."""
+        error = attempt.error or "failed"
+        if self._dead(claimed, attempt, now):
+            return "dead", now, error
+        s = self.settings
+        delay = backoff(attempts, base=s.event_backoff_base, cap=s.event_backoff_max)
+        return "pending", now + timedelta(seconds=delay), error
 
     def _dead(self, claimed: Claimed, attempt: Attempt, now: datetime) -> bool:
         return not attempt.retry or _too_old(claimed.retry_from, now, self.settings.event_max_age)
@@ -447,7 +458,7 @@ class Relay:
         batch was taken): pending, whatever that row's state was then (an operator may
         have redelivered it since); the claim's sweep marks it dead if a dead letter
         still precedes it."""
-        s, now = self.settings, sent.at
+        now = sent.at
         behind: dict[uuid.UUID, str] = {}
         rows = []
         for event, attempt in sent.stream:
@@ -458,19 +469,11 @@ class Relay:
                 error = "behind a dead letter" if state == "dead" else None
                 rows.append(outbox_sql.Aside(event, state, 0, now, error))
                 continue
-            error = attempt.error or "failed"
-            if self._dead(event, attempt, now):
-                log.warning(
-                    "event %s to %s dead-lettered: %s", event.event_id, destination.label, error
-                )
-                behind[event.order_id] = "dead"
-                rows.append(outbox_sql.Aside(event, "dead", 1, now, error))
-                continue
-            behind[event.order_id] = "pending"
-            delay = backoff(1, base=s.event_backoff_base, cap=s.event_backoff_max)
-            rows.append(
-                outbox_sql.Aside(event, "pending", 1, now + timedelta(seconds=delay), error)
-            )
+            state, next_at, error = self._verdict(event, attempt, now, 1)
+            if state == "dead":
+                _dead_lettered(destination, event, error)
+            behind[event.order_id] = state
+            rows.append(outbox_sql.Aside(event, state, 1, next_at, error))
         return rows
 
 
@@ -491,8 +494,7 @@ class FailureWatch:
         self.failed = 0  # failed attempts since that line
         self.total = 0  # since failing began
 
-    def see(self, attempts: Iterable[Attempt]) -> None:
-        tried = list(attempts)
+    def see(self, tried: Sequence[Attempt]) -> None:
         failed = [a for a in tried if not a.delivered]
         now = self.clock()
         if not failed:
@@ -616,6 +618,11 @@ class Sent:
     batch: outbox_sql.Batch | None = None
     stream: list[tuple[Claimed, Attempt | None]] = field(default_factory=list)
 
+    @property
+    def tried(self) -> list[Attempt]:
+        """Every attempt made (the claimed rows' and the stream's; not the events held)."""
+        return [a for _c, a in [*self.results, *self.stream] if a is not None]
+
 
 def _reached(
     destination: Destination,
@@ -630,6 +637,10 @@ def _reached(
         if outbox.wants(destination.events, event.type) and event.event_id not in outcomes:
             return outbox_sql.Batch(batch.events[:i], batch.held, batch.start)
     return batch
+
+
+def _dead_lettered(destination: Destination, event: Claimed, error: str) -> None:
+    log.warning("event %s to %s dead-lettered: %s", event.event_id, destination.label, error)
 
 
 def _too_old(since: datetime, now: datetime, max_age: float) -> bool:

@@ -345,6 +345,32 @@ def retry_later(
     )
 
 
+# A destination's pending deliveries waiting out a backoff (ix_outbox_deliveries_due).
+_WAITING = "destination_id = %s AND state = 'pending' AND next_attempt_at > %s"
+
+
+def waiting(d: Dialect, cursor: Any, *, destination_id: int, now: datetime) -> bool:
+    """Whether a pending delivery of the destination waits out a backoff (one probe)."""
+    cursor.execute(
+        d.sql(f"SELECT 1 FROM outbox_deliveries WHERE {_WAITING} LIMIT 1"),
+        [destination_id, d.timestamp(now)],
+    )
+    return cursor.fetchone() is not None
+
+
+def hurry(d: Dialect, cursor: Any, *, destination_id: int, now: datetime) -> int:
+    """Every pending delivery of the destination waiting out a backoff made due `now`, in
+    one statement (the relay: it delivers again after failing, or a pump of it starts).
+    Per-order order holds: `claim` still leases only an order's first undelivered event,
+    and the stream holds an order that has one. Returns how many."""
+    stamp = d.timestamp(now)
+    cursor.execute(
+        d.sql(f"UPDATE outbox_deliveries SET next_attempt_at = %s WHERE {_WAITING}"),
+        [stamp, destination_id, stamp],
+    )
+    return int(cursor.rowcount)
+
+
 def dead_letter(
     d: Dialect, cursor: Any, *, destination_id: int, claimed: Claimed, owner: str, error: str
 ) -> bool:

@@ -147,7 +147,7 @@ class Relay:
             # its successor never hold the cursor's lease, or a claim, as one.
             owner = f"{self.owner}:{destination.id}:{self._started}"
             task = asyncio.create_task(
-                self._pump(destination, sender, owner), name=destination.label
+                self._start_pump(destination, sender, owner), name=destination.label
             )
             self._pumps[destination.id] = (destination, task, sender)
 
@@ -182,6 +182,31 @@ class Relay:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
         await sender.aclose()
+
+    async def _start_pump(self, destination: Destination, sender: Sender, owner: str) -> None:
+        """`_pump`, once what waits out a backoff there is due (`_hurry`): the relay that
+        set those backoffs may have stopped while the destination was failing, and nothing
+        tells this one it delivers again but its own first success."""
+        with contextlib.suppress(Exception):  # the database away: the pump says so, retries
+            await self._hurry(destination, started=True)
+        await self._pump(destination, sender, owner)
+
+    async def _hurry(self, destination: Destination, *, started: bool = False) -> None:
+        """The destination's pending deliveries waiting out a backoff due now, in one UPDATE:
+        it delivers again after failing (`FailureWatch.see`), or its pump starts (a read
+        first: a relay with nothing waiting writes nothing). An event that failed while the
+        destination was down must not wait minutes more while newer ones flow (its order's
+        later events held behind it, the lag growing); order per order still holds."""
+        d, now = self.store.dialect, utcnow()
+        ask = partial(outbox_sql.waiting, d, destination_id=destination.id, now=now)
+        if started and not await asyncio.to_thread(read, self.store, ask):
+            return
+        made = await self.store.committer.submit(
+            partial(outbox_sql.hurry, d, destination_id=destination.id, now=now)
+        )
+        log.debug(
+            "relay %s: %d deliveries due now, not after their backoff", destination.label, made
+        )
 
     async def _pump(self, destination: Destination, sender: Sender, owner: str) -> None:
         s, d = self.settings, self.store.dialect
@@ -233,7 +258,8 @@ class Relay:
                         await asyncio.sleep(s.relay_interval)
                         continue
                     sent = await self._send(destination, sender, batch, claimed)
-                    failing.see(sent.tried)
+                    if failing.see(sent.tried):
+                        await self._hurry(destination)  # delivering again: nothing waits
                     if len(events) >= s.relay_batch or len(claimed) >= s.relay_batch:
                         claimed_at = -s.relay_gather  # a backlog: the next batch at once
                 except asyncio.CancelledError:
@@ -483,7 +509,11 @@ class FailureWatch:
     FAILING_REPEAT_SECONDS while they keep failing (how many since the last one), and an
     info line once a batch is all delivered again; never one line per event (`events
     list` lists each). The error is the one stored and listed: a webhook's never names its
-    URL (whose path or query may hold a token), and any URL's userinfo is masked."""
+    URL (whose path or query may hold a token), and any URL's userinfo is masked.
+    `see` answers True when deliveries succeed again (the pump then makes what waits out a
+    backoff due now: `Relay._hurry`), at most once every `repeat` seconds: an endpoint that
+    fails one event again and again, the others going through, must not have that one
+    retried after every batch."""
 
     def __init__(
         self, name: str, clock: Callable[[], float], repeat: float = FAILING_REPEAT_SECONDS
@@ -493,8 +523,9 @@ class FailureWatch:
         self.warned = 0.0  # when it last said so
         self.failed = 0  # failed attempts since that line
         self.total = 0  # since failing began
+        self.recovered: float | None = None  # when `see` last answered True
 
-    def see(self, tried: Sequence[Attempt]) -> None:
+    def see(self, tried: Sequence[Attempt]) -> bool:
         failed = [a for a in tried if not a.delivered]
         now = self.clock()
         if not failed:
@@ -508,7 +539,10 @@ class FailureWatch:
                 )
                 self.since = None
                 self.failed = self.total = 0
-            return
+                if self.recovered is None or now - self.recovered >= self.repeat:
+                    self.recovered = now
+                    return True
+            return False
         self.failed += len(failed)
         self.total += len(failed)
         error = storable(failed[-1].error or "failed")  # its URLs' userinfo masked
@@ -521,7 +555,7 @@ class FailureWatch:
                 f"{self.failed} attempts failed since the last warning"
             )
         else:
-            return
+            return False
         log.warning(
             "relay %s: %s, last error: %s (retried with backoff; `order-saga events list` "
             "lists each delivery)",
@@ -532,6 +566,7 @@ class FailureWatch:
         )
         self.warned = now
         self.failed = 0
+        return False
 
 
 class _HorizonWatch:

@@ -234,6 +234,86 @@ def test_a_destination_that_keeps_failing_is_warned_about_at_most_once_a_minute(
     assert "hunter2" not in caplog.text
 
 
+# A failed event's backoff far longer than the waits below (at least 60 s): delivered
+# within them only if the relay brings it forward.
+LONG_BACKOFF = {**FAST_EVENTS, "event_backoff_base": 120.0, "event_backoff_max": 240.0}
+
+
+def waiting_out_a_backoff(store: Store, url: str) -> bool:
+    destination = subscriptions.find(store, url)
+    ask = partial(outbox_sql.waiting, store.dialect, destination_id=destination.id, now=utcnow())
+    return subscriptions.read(store, ask)
+
+
+async def test_a_destination_delivering_again_gets_what_waits_out_a_backoff_at_once(
+    db_url: str, store: Store, executor: Executor
+) -> None:
+    """An order's first event failed (the endpoint answered 500; its later events are held
+    behind it) and waits out its backoff. The endpoint answers again: newer orders' events
+    go through, and so, at once, do the old order's, in order, not minutes later (the lag
+    grew and /healthz said `events_lagging` meanwhile)."""
+    async with Endpoint(mode="500") as endpoint:
+        subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
+        async with relaying(store, saga_settings(db_url, **LONG_BACKOFF)):
+            (old,) = await orders(store, executor, 1)
+            await wait_until_async(
+                lambda: waiting_out_a_backoff(store, endpoint.url), what="the failure recorded"
+            )
+            endpoint.mode = "ok"
+            (new,) = await orders(store, executor, 1)
+            want = expected(store, [old, new], outbox.DEFAULT_TYPES)
+            await wait_until_async(
+                lambda: len(endpoint.requests) >= len(want),
+                timeout=30,
+                what="the old order's events too, not after their backoff",
+            )
+    assert sorted(e["id"] for e in endpoint.events()) == sorted(want)
+    assert out_of_order(endpoint.events()) == []
+    assert not waiting_out_a_backoff(store, endpoint.url)
+
+
+async def test_a_relay_that_starts_sends_what_waits_out_a_backoff_at_once(
+    db_url: str, store: Store, executor: Executor
+) -> None:
+    """A relay stopped while its endpoint was failing left an event waiting out a long
+    backoff; the endpoint is back when the next relay starts: it sends the event (and
+    its order's later ones, in order) at once, with no newer event to tell it."""
+    settings = saga_settings(db_url, **LONG_BACKOFF)
+    async with Endpoint(mode="500") as endpoint:
+        subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
+        async with relaying(store, settings):
+            (order,) = await orders(store, executor, 1)
+            await wait_until_async(
+                lambda: waiting_out_a_backoff(store, endpoint.url), what="the failure recorded"
+            )
+        want = expected(store, [order], outbox.DEFAULT_TYPES)
+        endpoint.mode = "ok"
+        async with relaying(store, settings):
+            await wait_until_async(
+                lambda: len(endpoint.requests) >= len(want),
+                timeout=30,
+                what="the order's events, not after their backoff",
+            )
+    assert [e["id"] for e in endpoint.events()] == want
+
+
+def test_deliveries_succeeding_again_bring_the_waiting_ones_forward_at_most_once_a_minute() -> None:
+    """An endpoint that fails one event again and again while the others go through must
+    not have that one retried after every batch: `see` answers "bring them forward" once
+    per recovery, at most once a minute."""
+    now = [0.0]
+    watch = FailureWatch("amqp", lambda: now[0])
+    refused = transient("broker: refused")
+    answers = []
+    for at in (0.0, 1.0, 2.0, 3.0, 61.0, 62.0):
+        now[0] = at
+        answers.append(watch.see([refused] if at % 2 == 0 else [DELIVERED]))
+    assert answers == [False, True, False, False, False, False]
+    now[0] = 62.5
+    assert watch.see([DELIVERED]) is True  # a minute after the last: again
+    assert watch.see([DELIVERED]) is False  # nothing failed since
+
+
 async def test_redeliver_one_event_brings_its_order_s_later_events(
     db_url: str, store: Store, executor: Executor, services_url: str
 ) -> None:

@@ -103,8 +103,11 @@ class Relay:
 
     async def run(self) -> None:
         """Deliver until cancelled; then stop every pump (leases of what was in flight
-        expire; nothing is lost)."""
-        registered = False
+        expire; nothing is lost). Says so in one line when it has read its destinations,
+        and in one when it stops; with RabbitMQ configured, tries the broker at once
+        (`_check_broker`), not at the first event."""
+        registered = started = False
+        checking = asyncio.create_task(self._check_broker()) if self.settings.amqp_url else None
         try:
             while True:
                 try:
@@ -115,16 +118,63 @@ class Relay:
                     # place in the writer's transactions.
                     found = await asyncio.to_thread(destinations, self.store)
                     self._follow(found)
+                    if not started:
+                        started = True
+                        log.info("relay started: %s", self._serving())
                 except Exception as exc:  # database away: keep trying, orders are unaffected
                     what = "read destinations" if registered else "register the amqp destination"
                     log.warning("relay: cannot %s: %s", what, exc)
                 await asyncio.sleep(REFRESH_SECONDS)
         finally:
+            if checking is not None:
+                checking.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await checking
             while self._pumps:
                 await self._stop(self._pumps.popitem()[1])
             for stopping in list(self._stopping):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await stopping
+            log.info("relay stopped")
+
+    def _serving(self) -> str:
+        """The destinations it delivers to, as its log names them: a webhook by its label
+        (its URL's path or query may hold a token), RabbitMQ by its URL, password masked."""
+        names = [
+            f"amqp {masked(self.settings.amqp_url)}"
+            if destination.kind == "amqp" and self.settings.amqp_url
+            else destination.label
+            for destination, _task, _sender in self._pumps.values()
+        ]
+        listed = (
+            f"delivering to {', '.join(names)}"
+            if names
+            else "no destination yet (`order-saga webhooks add URL`, or ORDER_SAGA_AMQP_URL)"
+        )
+        return f"{listed}; the destination list is read again every {REFRESH_SECONDS:g} s"
+
+    async def _check_broker(self) -> None:
+        """Connect to RabbitMQ and declare the exchange once, at start: a wrong URL or
+        password is a warning now, on an idle database too, not at the first order. The
+        pump retries as before whatever this finds."""
+        from fsm.destinations.amqp import AmqpSender  # noqa: PLC0415  (aio-pika on demand)
+
+        assert self.settings.amqp_url is not None
+        sender = AmqpSender(url=self.settings.amqp_url, timeout=self.settings.event_timeout)
+        try:
+            attempt = await sender.check()
+        finally:
+            await sender.aclose()
+        where = masked(self.settings.amqp_url)
+        if attempt.delivered:
+            log.debug("relay: RabbitMQ at %s reached", where)
+            return
+        log.warning(
+            "relay: cannot reach RabbitMQ at %s (events to it wait; the relay keeps trying): %s",
+            where,
+            storable(without_passwords(attempt.error or "failed")),
+            extra={"destination": AMQP_DESTINATION, "event": "broker_unreachable"},
+        )
 
     def _follow(self, found: list[Destination]) -> None:
         """Start a pump per new destination, stop those removed (or changed: its old pump,

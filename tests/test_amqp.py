@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from pathlib import Path
 
 import aio_pika
 import pytest
@@ -15,14 +16,16 @@ import pytest
 from fsm import metrics, outbox, subscriptions
 from fsm.destinations.amqp import AmqpSender
 from fsm.executor import Executor
+from fsm.migrate import upgrade
 from fsm.outbox_sql import Claimed
 from fsm.relay import AMQP_DESTINATION
 from fsm.store import Store, utcnow
 from tests.support.amqp import BROKER, consuming
 from tests.support.events import FAST_EVENTS, expected, orders, out_of_order, relaying
+from tests.support.processes import Saga, command
 from tests.support.proxy import CuttableProxy
-from tests.support.settings import saga_settings
-from tests.support.waiting import wait_until_async
+from tests.support.settings import saga_env, saga_settings
+from tests.support.waiting import wait_until, wait_until_async
 
 
 async def test_every_event_is_published_confirmed_in_order(
@@ -138,6 +141,76 @@ async def test_a_wrong_password_is_logged_once_with_the_broker_s_error_not_the_p
     assert line.startswith(f"relay {AMQP_DESTINATION}: deliveries failing: ")
     assert "ACCESS_REFUSED" in line, line
     assert "not-the-password" not in caplog.text
+
+
+@pytest.mark.parametrize("password", ["guest", "not-the-password"])
+async def test_the_broker_is_tried_at_start_and_a_wrong_password_told_on_an_idle_database(
+    password: str, db_url: str, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No order, no event: the relay tries the broker (connect, declare the exchange) as
+    it starts and warns in one line when that fails (a wrong password was silent until the
+    first order); it says when it starts, naming its destinations, and when it stops;
+    never the password."""
+    caplog.set_level(logging.DEBUG, logger="order_saga.relay")
+    url = BROKER.replace("guest:guest@", f"guest:{password}@")
+    settings = saga_settings(db_url, **{**FAST_EVENTS, "amqp_url": url})
+
+    def said(level: int, start: str = "") -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if r.levelno == level]
+        return [line for line in lines if line.startswith(start)]
+
+    async with relaying(store, settings):
+        await wait_until_async(lambda: said(logging.INFO, "relay started: "), what="the start")
+        if password == "guest":
+            await wait_until_async(
+                lambda: said(logging.DEBUG, "relay: RabbitMQ at "), what="the broker reached"
+            )
+        else:
+            await wait_until_async(lambda: said(logging.WARNING), timeout=30, what="a warning")
+    where = "amqp://guest:***@127.0.0.1:5672/"
+    assert said(logging.INFO) == [
+        f"relay started: delivering to amqp {where}; the destination list is read again every 2 s",
+        "relay stopped",
+    ]
+    if password == "guest":
+        assert said(logging.WARNING) == []
+    else:
+        (warning,) = said(logging.WARNING)
+        assert warning.startswith(f"relay: cannot reach RabbitMQ at {where} (events to it wait")
+        assert "ProbableAuthenticationError: ACCESS_REFUSED" in warning, warning
+        assert "not-the-password" not in caplog.text
+
+
+def test_order_saga_relay_tells_a_wrong_password_at_start_and_when_it_stops(
+    tmp_path: Path,
+) -> None:
+    """The command as run: an idle database, a wrong password, SIGTERM: its log says it
+    started (RabbitMQ named, password masked), could not log in, stopped; exit 0."""
+    url = f"sqlite:///{tmp_path}/saga.db"
+    upgrade(url)
+    wrong = BROKER.replace("guest:guest@", "guest:not-the-password@")
+    with Saga(command("relay"), saga_env(database_url=url, amqp_url=wrong)) as relay:
+        wait_until(
+            lambda: "ACCESS_REFUSED" in relay.stderr_so_far(),
+            what="the warning",
+            alive=relay.running,
+            explain=relay.stderr_so_far,
+        )
+        result = relay.stop()
+    assert result.returncode == 0, result.explain()
+    logged = result.stderr.splitlines()
+    masked = "amqp://guest:***@127.0.0.1:5672/"
+    assert len(logged) == 3, result.explain()  # the warning and the start line: either first
+    assert any(
+        f" WARNING order_saga.relay [-] relay: cannot reach RabbitMQ at {masked} " in line
+        for line in logged
+    ), result.explain()
+    assert any(
+        f" INFO order_saga.relay [-] relay started: delivering to amqp {masked};" in line
+        for line in logged
+    ), result.explain()
+    assert logged[-1].endswith(" INFO order_saga.relay [-] relay stopped"), result.explain()
+    assert "not-the-password" not in result.stdout + result.stderr
 
 
 async def test_a_late_failure_closes_only_the_connection_it_was_sent_on() -> None:

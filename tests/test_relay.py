@@ -177,9 +177,9 @@ async def test_a_failing_endpoint_is_logged_when_it_starts_failing_and_when_it_r
         subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
         where = label(store, endpoint.url)
 
-        def said(level: int) -> list[str]:
+        def said(level: int) -> list[str]:  # its pump's lines (not the start and stop)
             lines = [r.getMessage() for r in caplog.records if r.levelno == level]
-            return [line for line in lines if where in line]
+            return [line for line in lines if line.startswith(f"relay {where}: ")]
 
         async with relaying(store, settings):
             ids = await orders(store, executor, 3)

@@ -28,6 +28,20 @@ EXCHANGE = "order-saga.events"
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)  # 2: written to disk by the broker
 
 
+class _Connection(aio_pika.Connection):
+    """aio-pika's connection, closed when its connect fails. Left as it was, its `__del__`
+    schedules the close from wherever the garbage collector runs: in a thread without an
+    event loop (the read pool's), a coroutine never awaited, the warning an error under
+    the tests' `filterwarnings`."""
+
+    async def connect(self, timeout: aio_pika.abc.TimeoutType = None) -> None:
+        try:
+            await super().connect(timeout)
+        except BaseException:
+            await self.close()
+            raise
+
+
 class AmqpSender:
     def __init__(self, *, url: str, timeout: float) -> None:
         self.url, self.timeout = url, timeout
@@ -42,7 +56,7 @@ class AmqpSender:
             if self._channel is not None:
                 return self._connection, self._channel
             connection: AbstractRobustConnection | Any = await aio_pika.connect(
-                self.url, timeout=self.timeout
+                self.url, timeout=self.timeout, connection_class=_Connection
             )
             try:
                 channel = await connection.channel(publisher_confirms=True)
@@ -55,6 +69,18 @@ class AmqpSender:
                 raise
             self._connection = connection
             return connection, self._channel
+
+    async def check(self) -> Attempt:
+        """Connect and declare the exchange, as the first send does: delivered, or the
+        error a send would store (the relay's start: a wrong URL or password told before
+        the first event, not after it). The connection is kept for the sends that follow."""
+        used: Any = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                used, _channel = await self._open()
+        except Exception as exc:  # timeout, refused login, unknown host, ...
+            return await self._failed(exc, used)
+        return DELIVERED
 
     async def send(self, event: Claimed) -> Attempt:
         properties = aiormq.spec.Basic.Properties(

@@ -106,6 +106,10 @@ class Saga:
     def running(self) -> bool:
         return self.process.poll() is None
 
+    def stderr_so_far(self) -> str:
+        """What it has written to stderr until now (while it runs: its log lines)."""
+        return os.pread(self._err.fileno(), 1 << 20, 0).decode(errors="replace")
+
     def stop(self, timeout: float = 15) -> Result:
         """SIGTERM (a deploy, a Ctrl-C) and the result once it has shut down."""
         if self.running():

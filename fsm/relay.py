@@ -572,6 +572,7 @@ class FailureWatch:
         self.since: float | None = None  # failing since
         self.warned = 0.0  # when it last said so
         self.failed = 0  # failed attempts since that line
+        self.refused = 0  # of those, refused for good (dead-lettered at once, not retried)
         self.total = 0  # since failing began
         self.recovered: float | None = None  # when `see` last answered True
 
@@ -594,6 +595,7 @@ class FailureWatch:
                     return True
             return False
         self.failed += len(failed)
+        self.refused += sum(1 for a in failed if not a.retry)
         self.total += len(failed)
         error = storable(failed[-1].error or "failed")  # its URLs' userinfo masked
         if self.since is None:
@@ -607,16 +609,31 @@ class FailureWatch:
         else:
             return False
         log.warning(
-            "relay %s: %s, last error: %s (retried with backoff; `order-saga events list` "
-            "lists each delivery)",
+            "relay %s: %s, last error: %s (%s)",
             self.name,
             what,
             error,
+            self._outcome(),
             extra={"destination": self.name, "event": "deliveries_failing", "error": error},
         )
         self.warned = now
-        self.failed = 0
+        self.failed = self.refused = 0
         return False
+
+    def _outcome(self) -> str:
+        """What becomes of the failed attempts the line counts: retried, or (a 4xx answer
+        but 408/425/429) dead-lettered at once."""
+        if not self.refused:
+            return "retried with backoff; `order-saga events list` lists each delivery"
+        if self.refused == self.failed:
+            return (
+                "refused: dead-lettered, not retried; `order-saga events list --failed` "
+                "lists them, `order-saga events redeliver` sends them again"
+            )
+        return (
+            f"{self.refused} refused and dead-lettered, the others retried with backoff; "
+            "`order-saga events list --failed` lists the dead letters"
+        )
 
 
 class _HorizonWatch:

@@ -29,7 +29,7 @@ from typer.main import get_command
 
 from downstream.seed import ORDINARY_USER_ID, RICH_USER_ID, WIDGET_ID
 from fsm import outbox, outbox_sql, subscriptions
-from fsm.destinations import DELIVERED, transient
+from fsm.destinations import DELIVERED, refused, transient
 from fsm.destinations.webhook import WebhookSender, new_secret, signed_headers
 from fsm.executor import Executor
 from fsm.migrate import alembic_config
@@ -234,6 +234,34 @@ def test_a_destination_that_keeps_failing_is_warned_about_at_most_once_a_minute(
     assert "hunter2" not in caplog.text
 
 
+def test_a_refused_delivery_is_said_to_be_dead_lettered_not_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 4xx answer (but 408, 425, 429) is dead-lettered at once: the failure warning says
+    so, not "retried with backoff" (the event was dead-lettered 30 ms after the line)."""
+    caplog.set_level(logging.WARNING, logger="order_saga.relay")
+    now = [0.0]
+    watch = FailureWatch("webhook:6 http://127.0.0.1:47110", lambda: now[0])
+    watch.see([refused("HTTP 401")])
+    now[0] = 61.0
+    watch.see([transient("HTTP 500"), refused("HTTP 401")])
+    now[0] = 122.0
+    watch.see([transient("HTTP 500")])
+    first, mixed, retried = (r.getMessage() for r in caplog.records)
+    assert first == (
+        "relay webhook:6 http://127.0.0.1:47110: deliveries failing: 1 of 1 attempts failed, "
+        "last error: HTTP 401 (refused: dead-lettered, not retried; `order-saga events list "
+        "--failed` lists them, `order-saga events redeliver` sends them again)"
+    )
+    assert mixed.endswith(
+        "last error: HTTP 401 (1 refused and dead-lettered, the others retried with backoff; "
+        "`order-saga events list --failed` lists the dead letters)"
+    )
+    assert retried.endswith(
+        "last error: HTTP 500 (retried with backoff; `order-saga events list` lists each delivery)"
+    )
+
+
 # A failed event's backoff far longer than the waits below (at least 60 s): delivered
 # within them only if the relay brings it forward.
 LONG_BACKOFF = {**FAST_EVENTS, "event_backoff_base": 120.0, "event_backoff_max": 240.0}
@@ -303,11 +331,11 @@ def test_deliveries_succeeding_again_bring_the_waiting_ones_forward_at_most_once
     per recovery, at most once a minute."""
     now = [0.0]
     watch = FailureWatch("amqp", lambda: now[0])
-    refused = transient("broker: refused")
+    failed = transient("broker: refused")
     answers = []
     for at in (0.0, 1.0, 2.0, 3.0, 61.0, 62.0):
         now[0] = at
-        answers.append(watch.see([refused] if at % 2 == 0 else [DELIVERED]))
+        answers.append(watch.see([failed] if at % 2 == 0 else [DELIVERED]))
     assert answers == [False, True, False, False, False, False]
     now[0] = 62.5
     assert watch.see([DELIVERED]) is True  # a minute after the last: again

@@ -24,6 +24,7 @@ from tests.support.amqp import BROKER, consuming
 from tests.support.events import FAST_EVENTS, expected, orders, out_of_order, relaying
 from tests.support.processes import Saga, command
 from tests.support.proxy import CuttableProxy
+from tests.support.services import free_port
 from tests.support.settings import saga_env, saga_settings
 from tests.support.waiting import wait_until, wait_until_async
 
@@ -211,6 +212,41 @@ def test_order_saga_relay_tells_a_wrong_password_at_start_and_when_it_stops(
     ), result.explain()
     assert logged[-1].endswith(" INFO order_saga.relay [-] relay stopped"), result.explain()
     assert "not-the-password" not in result.stdout + result.stderr
+
+
+async def test_the_client_library_s_errors_are_debug_lines_while_the_broker_is_away(
+    db_url: str, store: Store, executor: Executor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing listens on the broker's port: aiormq logged an ERROR at every connect
+    attempt (`error when creating transport`), past the relay's own warnings (at most once
+    a minute). Now they are DEBUG lines, shown only where DEBUG is on; the relay warns
+    twice: its start's check, its deliveries failing."""
+    caplog.set_level(logging.INFO, logger="order_saga.relay")
+    for name in ("aiormq", "aio_pika"):  # last: the capture's own level is the last one set
+        caplog.set_level(logging.DEBUG, logger=name)
+    url = f"amqp://guest:a-password@127.0.0.1:{free_port()}/"
+    settings = saga_settings(db_url, **{**FAST_EVENTS, "amqp_url": url})
+    async with relaying(store, settings):
+        await wait_until_async(
+            lambda: bool(subscriptions.destinations(store)), what="the destination"
+        )
+        failures = metrics.outbox_failed(AMQP_DESTINATION)._value.get()
+        await orders(store, executor, 2)
+        await wait_until_async(
+            lambda: metrics.outbox_failed(AMQP_DESTINATION)._value.get() >= failures + 5,
+            timeout=30,
+            what="five failed publishes",
+        )
+    client = [r for r in caplog.records if r.name.startswith(("aiormq", "aio_pika"))]
+    assert [r.getMessage() for r in client if r.levelno >= logging.WARNING] == []
+    refused = [r for r in client if "error when creating transport" in r.getMessage()]
+    assert len(refused) >= 5 and {r.levelname for r in refused} == {"DEBUG"}
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 2, warned
+    assert warned[0].startswith("relay: cannot reach RabbitMQ at ") or warned[1].startswith(
+        "relay: cannot reach RabbitMQ at "
+    )
+    assert "a-password" not in caplog.text
 
 
 async def test_a_late_failure_closes_only_the_connection_it_was_sent_on() -> None:

@@ -9,11 +9,16 @@ frame on the socket, so a batch's publishes are queued at once and their confirm
 together (aio-pika's `Exchange.publish` waits for each write in turn: a batch went out one
 loop round trip per message). Nothing is weaker: `send` still returns delivered only once
 the broker confirmed the message (a nack, a closed channel or the timeout is a failure).
+
+The client libraries' own warnings and errors (aiormq's `error when creating transport`
+at every attempt while the broker is away, ...) are DEBUG lines (`quiet_client_logs`): the
+relay says what failed itself, at most once a minute per destination.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, cast
 
 import aio_pika
@@ -23,9 +28,40 @@ from aio_pika.abc import AbstractRobustConnection
 from fsm.destinations import DELIVERED, Attempt, transient
 from fsm.outbox import CONTENT_TYPE
 from fsm.outbox_sql import Claimed
+from fsm.text import storable, without_passwords
 
 EXCHANGE = "order-saga.events"
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)  # 2: written to disk by the broker
+
+
+class _Demoted(logging.Filter):
+    """A WARNING or ERROR of aiormq's or aio-pika's made a DEBUG line (kept only where DEBUG
+    is on for that logger), its text on one line, passwords masked. aiormq logs an error at
+    each failed connect (one per attempt: 7 in 6 s for an unknown host) past the relay's
+    own warning, which says it at most once a minute."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        record.msg, record.args = storable(without_passwords(record.getMessage())), ()
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+# aiormq logs a frame sent after close on a child of its connection's logger, made when
+# first used: made here, so it gets the filter too.
+_CLIENT_LOGGERS = ("aiormq.connection.marshall",)
+
+
+def quiet_client_logs() -> None:
+    """`_Demoted` on every logger of aiormq and aio-pika (a logger's filter does not apply
+    to its children's records: each one gets its own). Once per process."""
+    names = {*_CLIENT_LOGGERS, "aiormq", "aio_pika"}
+    names |= {n for n in logging.root.manager.loggerDict if n.startswith(("aiormq.", "aio_pika."))}
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Demoted) for f in logger.filters):
+            logger.addFilter(_Demoted())
 
 
 class _Connection(aio_pika.Connection):
@@ -45,6 +81,7 @@ class _Connection(aio_pika.Connection):
 class AmqpSender:
     def __init__(self, *, url: str, timeout: float) -> None:
         self.url, self.timeout = url, timeout
+        quiet_client_logs()
         self._connection: Any = None
         self._pika_channel: Any = None  # held: it owns the aiormq channel published on
         self._channel: aiormq.Channel | None = None

@@ -589,7 +589,7 @@ class FailureWatch:
                     extra={"destination": self.name, "event": "deliveries_recovered"},
                 )
                 self.since = None
-                self.failed = self.total = 0
+                self.failed = self.refused = self.total = 0
                 if self.recovered is None or now - self.recovered >= self.repeat:
                     self.recovered = now
                     return True

@@ -247,7 +247,11 @@ def test_a_refused_delivery_is_said_to_be_dead_lettered_not_retried(
     watch.see([transient("HTTP 500"), refused("HTTP 401")])
     now[0] = 122.0
     watch.see([transient("HTTP 500")])
-    first, mixed, retried = (r.getMessage() for r in caplog.records)
+    now[0] = 130.0
+    watch.see([refused("HTTP 401")])  # within the minute: no line
+    watch.see([DELIVERED])  # a new start: that refusal is not counted into the next line
+    watch.see([transient("HTTP 500")])
+    first, mixed, retried, again = (r.getMessage() for r in caplog.records)
     assert first == (
         "relay webhook:6 http://127.0.0.1:47110: deliveries failing: 1 of 1 attempts failed, "
         "last error: HTTP 401 (refused: dead-lettered, not retried; `order-saga events list "
@@ -258,6 +262,9 @@ def test_a_refused_delivery_is_said_to_be_dead_lettered_not_retried(
         "`order-saga events list --failed` lists the dead letters)"
     )
     assert retried.endswith(
+        "last error: HTTP 500 (retried with backoff; `order-saga events list` lists each delivery)"
+    )
+    assert again.endswith(
         "last error: HTTP 500 (retried with backoff; `order-saga events list` lists each delivery)"
     )
 

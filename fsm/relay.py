@@ -172,7 +172,7 @@ class Relay:
         log.warning(
             "relay: cannot reach RabbitMQ at %s (events to it wait; the relay keeps trying): %s",
             where,
-            storable(without_passwords(attempt.error or "failed")),
+            storable(attempt.error or "failed"),
             extra={"destination": AMQP_DESTINATION, "event": "broker_unreachable"},
         )
 

@@ -28,7 +28,7 @@ from aio_pika.abc import AbstractRobustConnection
 from fsm.destinations import DELIVERED, Attempt, transient
 from fsm.outbox import CONTENT_TYPE
 from fsm.outbox_sql import Claimed
-from fsm.text import storable, without_passwords
+from fsm.text import storable
 
 EXCHANGE = "order-saga.events"
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)  # 2: written to disk by the broker
@@ -43,7 +43,7 @@ class _Demoted(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
-        record.msg, record.args = storable(without_passwords(record.getMessage())), ()
+        record.msg, record.args = storable(record.getMessage()), ()
         record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 

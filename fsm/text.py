@@ -27,12 +27,12 @@ _UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
 _USERINFO = re.compile(r"(?<=://)[^/?#\s\"<>{}|\\^`]*@")
 MASKED_USERINFO = "***@"
 # A secret given as a URL's query parameter (libpq reads `?password=` and `?sslpassword=`;
-# an AMQP or webhook URL may carry a token so): its value, up to the next `&`, `#`, quote,
-# space, or a `:` that ends the URL ("cannot migrate URL: error"). Only after a `?` or
-# `&`, so prose like "password=" outside a URL is not taken.
+# an AMQP or webhook URL may carry a token so): its value, up to the next `&`, `#`, `"`,
+# space, or a `:` that ends the URL ("cannot migrate URL: error"); a `'` may stand in a
+# password, as in a userinfo. Only after a `?` or `&`: "password=" in prose is not taken.
 _SECRET_PARAM = re.compile(
     r"(?<=[?&])((?:ssl)?password|passwd|secret|client_secret|token|access_token|api_?key)="
-    r"(?:[^&#\s\"'<>:]|:(?!\s|$))*",
+    r"(?:[^&#\s\"<>:]|:(?!\s|$))*",
     re.IGNORECASE,
 )
 

@@ -85,6 +85,7 @@ QUERY_SECRETS = [
     pytest.param("?application_name=x&password=hunter3", id="password-param"),
     pytest.param("?sslpassword=hunter3&sslmode=prefer", id="sslpassword-param"),
     pytest.param("?PASSWORD=hunter3", id="upper-case-name"),
+    pytest.param("?password=ab'hunter3", id="quote-in-password"),
 ]
 
 

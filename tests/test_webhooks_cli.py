@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from typer.main import get_command
 from api.app import create_app
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm import outbox, subscriptions
+from fsm.destinations.webhook import new_secret, rotated, signed_headers
 from fsm.store import Store
 from order_saga.cli import app
 from tests.support.endpoint import Endpoint
@@ -198,6 +200,56 @@ async def test_rotate_keeps_the_webhook_and_its_backlog_and_signs_with_the_new_s
         else:
             assert old.verify(request.body, request.headers) == request.event
     assert sorted(r.event["type"] for r in endpoint.requests) == ["order.created"] * 2
+
+
+async def test_a_running_relay_signs_with_the_rotated_secret(db_url: str, store: Store) -> None:
+    """A relay already delivering when the secret is rotated signs the next events with the
+    new one (it reads its destinations again): a leaked secret stops signing at once with
+    `--overlap 0`."""
+    async with Endpoint() as endpoint:
+        added = subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
+        async with relaying(store, saga_settings(db_url, **FAST_EVENTS)):
+            await _created_orders(store, 1)
+            await wait_until_async(lambda: len(endpoint.requests) >= 1, what="the first event")
+            args = ("rotate", endpoint.url, "--overlap", "0", "--json")
+            result = await asyncio.to_thread(webhooks, db_url, *args)
+            assert result.exit_code == 0, result.output
+            new = standardwebhooks.Webhook(json.loads(result.stdout)["secret"])
+            old = standardwebhooks.Webhook(added.secret)
+
+            created = 1
+
+            async def another_is_signed_anew() -> bool:
+                """The last event came signed with the new secret alone; else, once it has
+                arrived, one more order (the relay reads its destinations every 2 s)."""
+                nonlocal created
+                last = endpoint.requests[-1]
+                if " " not in last.headers["webhook-signature"]:
+                    try:
+                        new.verify(last.body, last.headers)
+                        return True
+                    except standardwebhooks.webhooks.WebhookVerificationError:
+                        pass
+                if len(endpoint.requests) >= created:
+                    await _created_orders(store, 1)
+                    created += 1
+                return False
+
+            await wait_until_async(another_is_signed_anew, what="an event signed anew")
+        last = endpoint.requests[-1]
+        with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+            old.verify(last.body, last.headers)
+
+
+def test_an_overlap_past_its_end_signs_with_the_new_secret_alone() -> None:
+    old, new = new_secret(), new_secret()
+    during = signed_headers(rotated(old, new, time.time() + 60), "m:0", b"{}")
+    after = signed_headers(rotated(old, new, time.time() - 1), "m:0", b"{}")
+    assert len(during["webhook-signature"].split()) == 2
+    assert len(after["webhook-signature"].split()) == 1
+    standardwebhooks.Webhook(new).verify(b"{}", after)
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(old).verify(b"{}", after)
 
 
 def test_rotate_of_no_such_webhook_is_one_line(db_url: str, store: Store) -> None:

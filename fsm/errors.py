@@ -123,7 +123,21 @@ def public_text(exc: BaseException) -> str:
 
 def outage(exc: BaseException) -> bool:
     """The database is unavailable, nothing else: StoreUnavailable, or a group of them (the
-    executor's concurrent steps). A retry later is all there is to do; no traceback needed."""
+    executor's concurrent steps), or SQLAlchemy's OperationalError (the background passes
+    on an engine: retention, partitions). A retry later is all there is to do; no
+    traceback needed."""
+    from sqlalchemy.exc import OperationalError
+
     if isinstance(exc, BaseExceptionGroup):
-        return exc.split(StoreUnavailable)[1] is None
-    return isinstance(exc, StoreUnavailable)
+        return exc.split((StoreUnavailable, OperationalError))[1] is None
+    return isinstance(exc, StoreUnavailable | OperationalError)
+
+
+def outage_line(exc: BaseException) -> str:
+    """An outage (`outage`) in one line for the log: "database unavailable: " and the
+    driver's first line (SQLAlchemy's own text adds a second, a link)."""
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(exc, OperationalError):
+        return str(store_unavailable("database unavailable", exc.orig))
+    return str(exc).partition("\n")[0]

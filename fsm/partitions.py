@@ -27,6 +27,8 @@ from datetime import UTC, date, datetime, time, timedelta
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from fsm.errors import outage, outage_line
+
 log = logging.getLogger("order_saga.partitions")
 
 PARENT = "transitions"
@@ -202,6 +204,12 @@ async def maintain_forever(engine: Engine, *, every: float = 3600.0) -> None:
                 log.info("partitions: created %d ahead", created)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("partition maintenance failed; trying again in %ss", every)
+        except Exception as exc:
+            if not outage(exc):
+                log.exception("partition maintenance failed; trying again in %ss", every)
+            else:  # every interval for as long as it lasts: one line each
+                log.warning(
+                    "partition maintenance failed: %s; trying again in %ss", outage_line(exc), every
+                )
+                log.debug("partition maintenance failed", exc_info=exc)
         await asyncio.sleep(every)

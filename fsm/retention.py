@@ -39,7 +39,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ColumnElement
 
 from fsm import archive, partitions, sql
-from fsm.errors import CorruptOrder
+from fsm.errors import CorruptOrder, outage, outage_line
 from fsm.machine import TERMINAL_ORDER_STATES, coarse_status
 from fsm.models import (
     AttemptTable,
@@ -572,8 +572,18 @@ async def prune_forever(*, engine: Engine, settings: Settings) -> None:
                 log.info("retention: %s", pruner.summary.line())
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("retention pass failed; trying again in %ss", settings.retention_interval)
+        except Exception as exc:
+            if not outage(exc):
+                log.exception(
+                    "retention pass failed; trying again in %ss", settings.retention_interval
+                )
+            else:  # every interval for as long as it lasts: one line each
+                log.warning(
+                    "retention pass failed: %s; trying again in %ss",
+                    outage_line(exc),
+                    settings.retention_interval,
+                )
+                log.debug("retention pass failed", exc_info=exc)
         await asyncio.sleep(settings.retention_interval)
 
 

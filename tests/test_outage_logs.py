@@ -19,9 +19,12 @@ from sqlalchemy.engine import make_url
 from api.app import create_app
 from api.runner import Runner
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
+from fsm import partitions
+from fsm.engine import make_engine
 from fsm.errors import StoreUnavailable
 from fsm.executor import Executor
 from fsm.recovery import sweep_forever
+from fsm.retention import prune_forever
 from fsm.store import Store
 from fsm.wiring import open_saga
 from tests.support.proxy import CuttableProxy
@@ -132,3 +135,44 @@ def test_503s_while_postgresql_is_down_do_not_carry_the_driver_s_text(
             assert_told_nothing_of_the_driver(refused.text, proxy)
             proxy.restore()
     assert f"port {proxy.port}" in caplog.text  # the driver's words: in the log
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # a server to cut
+async def test_each_retry_of_the_background_passes_while_postgresql_is_down_is_one_line(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Retention and partition maintenance run on an engine of their own (SQLAlchemy's
+    errors, not StoreUnavailable): an outage is one WARNING line per retry there too."""
+    caplog.set_level(logging.INFO, logger="order_saga")
+
+    def failed(what: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage().startswith(f"{what} failed")]
+
+    with through_proxy(db_url) as (proxy, through):
+        settings = saga_settings(
+            through, retention_seconds=3600, retention_interval=0.1, db_lock_timeout=1
+        )
+        engine = make_engine(through, lock_timeout=1, statement_timeout=2)
+        proxy.cut()
+        passes = [
+            asyncio.create_task(prune_forever(engine=engine, settings=settings)),
+            asyncio.create_task(partitions.maintain_forever(engine, every=0.1)),
+        ]
+        try:
+            await wait_until_async(
+                lambda: (
+                    len(failed("retention pass")) >= 2 and len(failed("partition maintenance")) >= 2
+                ),
+                what="two retries of each pass",
+            )
+        finally:
+            for task in passes:
+                task.cancel()
+            await asyncio.gather(*passes, return_exceptions=True)
+            proxy.restore()
+            engine.dispose()
+    for record in failed("retention pass") + failed("partition maintenance"):
+        assert record.levelno == logging.WARNING, record
+        assert record.exc_info is None, record.getMessage()
+        assert "\n" not in record.getMessage(), record.getMessage()
+        assert "database unavailable" in record.getMessage()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from fsm.errors import ConcurrencyError, outage
+from fsm.errors import ConcurrencyError, outage, outage_line
 from fsm.executor import Executor
 from fsm.models import Order
 from fsm.operator import Audit
@@ -116,7 +116,7 @@ async def resume_stuck(
             return
         except Exception as exc:
             if outage(exc):  # one line a retry: the traceback says nothing more
-                log.warning("resume of order %s stopped: %s", order.id, exc)
+                log.warning("resume of order %s stopped: %s", order.id, outage_line(exc))
                 log.debug("resume of order %s stopped", order.id, exc_info=True)
             else:
                 log.exception("resume of order %s failed", order.id)
@@ -176,7 +176,11 @@ async def sweep_forever(*, store: Store, executor: Executor, settings: Settings)
             raise
         except Exception as exc:
             if outage(exc):  # every few seconds for as long as the outage lasts: one line each
-                log.warning("sweep failed (%s); trying again in %ss", exc, settings.sweep_interval)
+                log.warning(
+                    "sweep failed (%s); trying again in %ss",
+                    outage_line(exc),
+                    settings.sweep_interval,
+                )
                 log.debug("sweep failed", exc_info=True)
             else:
                 log.exception("sweep failed; trying again in %ss", settings.sweep_interval)

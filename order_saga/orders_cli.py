@@ -23,6 +23,7 @@ from order_saga.console import (
     fail,
     load_settings,
     parse_order_id,
+    require_services,
     rich_console,
     seconds_option,
 )
@@ -316,6 +317,9 @@ def cancel(
 
     async def main() -> Order:
         async with open_saga(settings) as saga:
+            # Refunds, restores and cancels need the services: with none to call, the
+            # cancellation would be committed and left waiting on failed calls.
+            await asyncio.to_thread(require_services, settings)
             audit = cli_audit(OperatorAction.CANCEL, as_name, reason)
             return await saga.executor.cancel(oid, audit=audit)
 

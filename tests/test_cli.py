@@ -18,6 +18,7 @@ from sqlalchemy import text
 from sqlmodel import SQLModel
 
 from downstream.seed import ORDINARY_USER_ID, RICH_USER_ID, WIDGET_ID
+from fsm.executor import Executor
 from fsm.migrate import alembic_config, schema, upgrade
 from fsm.registry import SERVICES
 from fsm.store import Store, make_engine
@@ -409,6 +410,28 @@ def test_worker_or_resume_with_no_service_url_and_no_serve_to_call_is_refused(
     if args[0] == "resume":
         listed = run_cli(*args, "--dry-run", **env)
         assert listed.returncode == 0, listed.stderr
+
+
+async def test_orders_cancel_with_no_service_url_and_no_serve_to_call_is_refused(
+    db_url: str, executor: Executor, downstream: Downstream
+) -> None:
+    """A cancellation refunds, restores and cancels the shipment: with no service to call
+    it was committed and then left `cancelling` on failed calls. Now it stops at start,
+    naming the settings, and the order is still completed, its money where it was."""
+    done, _ = await executor.store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1
+    )
+    assert (await executor.run(done.id)).state == "completed"
+    balance = downstream.balance(ORDINARY_USER_ID)
+    fallback = f"http://127.0.0.1:{free_port()}/services"  # nothing listens there
+    env = {"ORDER_SAGA_DATABASE_URL": db_url, "ORDER_SAGA_FALLBACK_SERVICES_URL": fallback}
+    refused = await asyncio.to_thread(run_cli, "orders", "cancel", str(done.id), **env)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith("order-saga: no service URLs are set (ORDER_SAGA_SERVICES, "), line
+    order = executor.store.get(done.id)
+    assert (order.state, order.cancel_requested) == ("completed", False)
+    assert downstream.balance(ORDINARY_USER_ID) == balance
 
 
 def test_worker_metrics_take_the_next_port_only_when_one_is_in_use() -> None:

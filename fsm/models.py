@@ -346,7 +346,12 @@ class EventDestinationTable(SQLModel, table=True):
     name: str = Field(max_length=200, unique=True)
     kind: str = Field(max_length=16)  # "webhook" or "amqp"
     url: str = Field(max_length=2000)  # amqp: shown with its userinfo masked (***@)
-    secret: str | None = Field(default=None, max_length=200)  # webhooks: whsec_...
+    secret: str | None = Field(default=None, max_length=200)  # webhooks: whsec_..., one
+    # A rotation's overlap: the secret it replaced, signing beside `secret` until
+    # `previous_until`. Columns of their own, never in `secret`: a relay of an earlier
+    # release reads `secret` as one secret and signs with it.
+    previous_secret: str | None = Field(default=None, max_length=200)
+    previous_until: datetime | None = Field(default=None, sa_type=_utc())
     events: str = Field(max_length=1000)  # ",order.created,order.completed," (matched by LIKE)
     created_at: datetime = Field(sa_type=_utc())
 

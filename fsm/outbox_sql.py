@@ -720,8 +720,11 @@ class Destination:
     name: str
     kind: str
     url: str
-    secret: str | None
+    secret: str | None  # a webhook's current signing secret
     events: str
+    # The secret a rotation replaced, signing beside `secret` until `previous_until`.
+    previous_secret: str | None = None
+    previous_until: datetime | None = None
 
     @property
     def label(self) -> str:
@@ -748,12 +751,19 @@ def origin(url: str) -> str:
     return f"{parts.scheme}://{host}" + ("" if port is None else f":{port}")
 
 
-_DESTINATION = "SELECT id, name, kind, url, secret, events FROM event_destinations"
+# A Destination's columns, in its fields' order (`_destination` reads a row of them).
+_COLUMNS = ("id", "name", "kind", "url", "secret", "events", "previous_secret", "previous_until")
+_DESTINATION = f"SELECT {', '.join(_COLUMNS)} FROM event_destinations"
+
+
+def _destination(row: Any) -> Destination:
+    destination_id, name, kind, url, secret, events, previous, until = row
+    return Destination(destination_id, name, kind, url, secret, events, previous, parse_utc(until))
 
 
 def destinations(d: Dialect, cursor: Any) -> list[Destination]:
     cursor.execute(d.sql(f"{_DESTINATION} ORDER BY id"))
-    return [Destination(*row) for row in cursor.fetchall()]
+    return [_destination(row) for row in cursor.fetchall()]
 
 
 def add_destination(
@@ -781,7 +791,7 @@ def add_destination(
     if cursor.rowcount != 1:
         return None
     cursor.execute(d.sql(f"{_DESTINATION} WHERE name = %s"), [name])
-    destination = Destination(*cursor.fetchone())
+    destination = _destination(cursor.fetchone())
     # Its cursor, at the end of the stream (kept when `replace` updated the destination).
     cursor.execute(
         d.sql(
@@ -816,8 +826,8 @@ def remove_destination(d: Dialect, cursor: Any, *, destination_id: int) -> bool:
 
 
 def webhook_secret(d: Dialect, cursor: Any, *, destination_id: int) -> str | None:
-    """A webhook's stored secret (None: no such webhook); on PostgreSQL its row locked
-    until the transaction ends (two rotations at once: one after the other)."""
+    """A webhook's `secret` column as stored (None: no such webhook); on PostgreSQL its row
+    locked until the transaction ends (two rotations at once: one after the other)."""
     lock = " FOR UPDATE" if d.name == "postgresql" else ""
     cursor.execute(
         d.sql(f"SELECT secret FROM event_destinations WHERE id = %s AND kind = 'webhook'{lock}"),
@@ -827,12 +837,24 @@ def webhook_secret(d: Dialect, cursor: Any, *, destination_id: int) -> str | Non
     return None if row is None else str(row[0])
 
 
-def set_secret(d: Dialect, cursor: Any, *, destination_id: int, secret: str) -> bool:
-    """Replace a webhook's secret; its id, cursor and exception rows stay (a relay sees the
-    changed destination at its next refresh and signs with it from then on)."""
+def set_secret(
+    d: Dialect,
+    cursor: Any,
+    *,
+    destination_id: int,
+    secret: str,
+    previous: str | None = None,
+    until: datetime | None = None,
+) -> bool:
+    """Replace a webhook's secret, and the one signing beside it until `until` (None: none);
+    its id, cursor and exception rows stay (a relay sees the changed destination at its
+    next refresh and signs with it from then on)."""
     cursor.execute(
-        d.sql("UPDATE event_destinations SET secret = %s WHERE id = %s AND kind = 'webhook'"),
-        [secret, destination_id],
+        d.sql(
+            "UPDATE event_destinations SET secret = %s, previous_secret = %s, "
+            "previous_until = %s WHERE id = %s AND kind = 'webhook'"
+        ),
+        [secret, previous, None if until is None else d.timestamp(until), destination_id],
     )
     return bool(cursor.rowcount == 1)
 
@@ -863,7 +885,7 @@ def backlog(d: Dialect, cursor: Any) -> list[Backlog]:
     rows = "FROM outbox_deliveries o WHERE o.destination_id = ds.id AND o.state"
     cursor.execute(
         d.sql(
-            "SELECT ds.id, ds.name, ds.kind, ds.url, ds.secret, ds.events, "
+            f"SELECT {', '.join(f'ds.{c}' for c in _COLUMNS)}, "
             f"(SELECT COUNT(*) {stream}), (SELECT MIN(e.created_at) {stream}), "
             f"(SELECT COUNT(*) {rows} = 'pending'), (SELECT MIN(o.created_at) {rows} = 'pending'), "
             f"(SELECT COUNT(*) {rows} = 'dead') "
@@ -874,12 +896,13 @@ def backlog(d: Dialect, cursor: Any) -> list[Backlog]:
     )
     found = []
     for row in cursor.fetchall():
-        oldest = [t for t in (parse_utc(row[7]), parse_utc(row[9])) if t is not None]
+        streamed, first_streamed, pending, first_pending, dead = row[len(_COLUMNS) :]
+        oldest = [t for t in map(parse_utc, (first_streamed, first_pending)) if t is not None]
         found.append(
             Backlog(
-                Destination(*row[:6]),
-                int(row[6] or 0) + int(row[8] or 0),
-                int(row[10] or 0),
+                _destination(row[: len(_COLUMNS)]),
+                int(streamed or 0) + int(pending or 0),
+                int(dead or 0),
                 min(oldest) if oldest else None,
             )
         )

@@ -210,11 +210,11 @@ class Relay:
     def _sender(self, destination: Destination) -> Sender | None:
         timeout = self.settings.event_timeout
         if destination.kind == "webhook" and destination.secret:
-            from fsm.destinations.webhook import WebhookSender  # noqa: PLC0415
+            from fsm.destinations.webhook import WebhookSender, destination_keys  # noqa: PLC0415
 
             return WebhookSender(
                 url=destination.url,
-                secret=destination.secret,
+                keys=destination_keys(destination),
                 timeout=timeout,
                 # What `_send` can have in flight to it: a batch's events (an order's one
                 # at a time) and as many claimed retries, side by side.

@@ -26,7 +26,7 @@ import yarl
 from fsm import keys, outbox, outbox_sql
 from fsm.bounds import MAX_ID
 from fsm.destinations import Attempt
-from fsm.destinations.webhook import new_secret, post, rotated
+from fsm.destinations.webhook import current_secret, destination_keys, new_secret, post
 from fsm.outbox_sql import Backlog, DeliveryRow, Destination
 from fsm.settings import Settings
 from fsm.sql import Dialect
@@ -254,30 +254,33 @@ def rotate(store: Store, ident: str, *, overlap: float) -> Rotated:
     """A webhook's signing secret replaced, its id, cursor and undelivered events kept
     (remove + add would drop them). For `overlap` seconds (0: none) the old secret signs
     beside the new one (two signatures, Standard Webhooks), so the consumer can switch at
-    any time within it; LookupError when no such webhook."""
+    any time within it; LookupError when no such webhook. `secret` gets the new one alone,
+    the old one and its end their own columns: a relay of an earlier release reads `secret`
+    as one secret (and signs with the new one only)."""
     destination = find(store, ident)
     secret = new_secret()
-    until = utcnow() + timedelta(seconds=overlap) if overlap > 0 else None
-    op = partial(
-        _rotate,
-        store.dialect,
-        destination_id=destination.id,
-        secret=secret,
-        until=None if until is None else until.timestamp(),
-    )
+    # Whole seconds: what `webhooks rotate` says, and what the end is compared with
+    # (a request's timestamp).
+    now = utcnow().replace(microsecond=0)
+    until = now + timedelta(seconds=overlap) if overlap > 0 else None
+    op = partial(_rotate, store.dialect, destination_id=destination.id, secret=secret, until=until)
     if not store.committer.call(op):
         raise LookupError(f"no webhook {ident!r} (removed meanwhile)")
     return Rotated(destination, secret, until)
 
 
 def _rotate(
-    d: Dialect, cursor: Any, *, destination_id: int, secret: str, until: float | None
+    d: Dialect, cursor: Any, *, destination_id: int, secret: str, until: datetime | None
 ) -> bool:
+    """Only the current secret is kept as the previous one: a rotation during an overlap
+    ends the earlier overlap."""
     stored = outbox_sql.webhook_secret(d, cursor, destination_id=destination_id)
     if stored is None:
         return False
-    new = rotated(stored, secret, until)
-    return outbox_sql.set_secret(d, cursor, destination_id=destination_id, secret=new)
+    previous = None if until is None else current_secret(stored)
+    return outbox_sql.set_secret(
+        d, cursor, destination_id=destination_id, secret=secret, previous=previous, until=until
+    )
 
 
 def test_event(destination: Destination) -> tuple[str, bytes]:
@@ -296,11 +299,12 @@ def test_event(destination: Destination) -> tuple[str, bytes]:
 
 
 async def test_webhook(destination: Destination, *, timeout: float) -> Attempt:
-    """Send one test event now, outside the outbox: the endpoint's answer."""
-    assert destination.secret is not None
+    """Send one test event now, outside the outbox, signed as the relay signs: the
+    endpoint's answer."""
+    keys = destination_keys(destination)
     msg_id, body = test_event(destination)
     async with aiohttp.ClientSession() as session:
-        return await post(session, destination.url, destination.secret, msg_id, body, timeout)
+        return await post(session, destination.url, keys, msg_id, body, timeout)
 
 
 def backlog(store: Store) -> list[Backlog]:

@@ -168,8 +168,8 @@ def rotate(
     """Replace a webhook's signing secret (printed once), keeping its id, its place in the
     stream and its undelivered events. During --overlap (default a day) each request is
     signed with both secrets, so the endpoint may switch to the new one at any time
-    within it; relays sign with the new one within seconds. Relays of a release before
-    `rotate` cannot read an overlapping secret: mid-deploy from one, use --overlap 0."""
+    within it; relays sign with the new one within seconds. Mid-deploy, a relay of the
+    previous release signs with the new secret only."""
     from fsm import subscriptions
 
     with _store() as store:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -22,6 +23,7 @@ from sqlmodel import SQLModel
 import fsm.models  # noqa: F401
 from fsm import partitions
 from fsm.migrate import alembic_config, upgrade
+from fsm.sql import parse_utc
 from fsm.store import make_engine
 from tests.support.database import create_pg_database, drop_pg_database
 
@@ -157,8 +159,6 @@ async def test_an_upgrade_from_0007_keeps_what_was_owed_and_delivers_it(empty_db
     """0008 (cursors): events already delivered stay delivered, those pending are still
     delivered (in order per order), the dead letters stay dead and redeliverable; the
     events committed after the upgrade follow."""
-    from alembic import command
-
     from fsm import outbox_sql, subscriptions
     from fsm.destinations.webhook import new_secret
     from fsm.wiring import build_store
@@ -239,3 +239,133 @@ async def test_an_upgrade_from_0007_keeps_what_was_owed_and_delivers_it(empty_db
         finally:
             store.close()
             store.engine.dispose()
+
+
+# The revision that gives a rotated secret's overlap columns of its own (renumbered when
+# another branch's revision lands first: this name alone changes).
+OVERLAP_REVISION = "0012"
+
+
+def _secrets(engine: Engine) -> dict[int, tuple[str | None, str | None, datetime | None]]:
+    """Each destination's `secret`, `previous_secret` and `previous_until`, by id."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT id, secret, previous_secret, previous_until FROM event_destinations")
+        )
+        return {i: (secret, previous, parse_utc(until)) for i, secret, previous, until in rows}
+
+
+async def test_an_upgrade_splits_an_overlapping_secret_and_the_relay_signs_with_both(
+    empty_db: str,
+) -> None:
+    """A webhook rotated with an overlap before the revision (`<new> <old>@<until>` in
+    `secret`) comes out of it with `secret` the new one alone, the old one and its end in
+    their columns; a relay then signs with both. Mid-deploy, a release before this one may
+    `rotate` again and write its form into `secret`: this release's relay signs with that
+    form's two secrets (the columns, left from before, are not used)."""
+    from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
+    from fsm import subscriptions
+    from fsm.destinations.webhook import new_secret
+    from fsm.wiring import open_store
+    from tests.support.endpoint import Endpoint
+    from tests.support.events import FAST_EVENTS, relaying
+    from tests.support.settings import saga_settings
+    from tests.support.waiting import wait_until_async
+
+    script = ScriptDirectory.from_config(alembic_config(empty_db))
+    before = script.get_revision(OVERLAP_REVISION).down_revision
+    assert isinstance(before, str)
+    upgrade(empty_db, before)
+    old, new, plain = new_secret(), new_secret(), new_secret()
+    until = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+    now = datetime.now(UTC)
+    async with Endpoint() as endpoint:
+        engine = make_engine(empty_db)
+        try:
+            with engine.begin() as conn:
+                rows = [  # id, kind, url, secret, events
+                    (1, "webhook", endpoint.url, f"{new} {old}@{until.timestamp():.0f}"),
+                    (2, "webhook", "http://127.0.0.1:9/never", plain),
+                    (3, "amqp", "amqp://***@127.0.0.1:5672/", None),
+                ]
+                for row_id, kind, url, secret in rows:
+                    conn.execute(
+                        text(
+                            "INSERT INTO event_destinations (id, name, kind, url, secret, "
+                            "events, created_at) VALUES (:i, :u, :k, :u, :s, :e, :t)"
+                        ),
+                        {"i": row_id, "u": url, "k": kind, "s": secret, "t": now,
+                         "e": ",order.created," if row_id == 1 else ",order.failed,"},
+                    )  # fmt: skip
+                    conn.execute(  # a cursor before every event (none yet)
+                        text(
+                            "INSERT INTO outbox_cursors (destination_id, txid, position) "
+                            "VALUES (:i, 0, 0)"
+                        ),
+                        {"i": row_id},
+                    )
+            upgrade(empty_db, OVERLAP_REVISION)
+            assert _secrets(engine) == {
+                1: (new, old, until),
+                2: (plain, None, None),
+                3: (None, None, None),
+            }
+        finally:
+            engine.dispose()
+        upgrade(empty_db)
+        with open_store(saga_settings(empty_db)) as store:
+            await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
+            async with relaying(store, saga_settings(empty_db, **FAST_EVENTS)):
+                await wait_until_async(lambda: endpoint.requests, what="the event")
+            (request,) = endpoint.requests
+            assert request.signed_by(new) and request.signed_by(old)
+            assert request.signatures == 2
+
+            newer = new_secret()
+            with store.engine.begin() as conn:
+                conn.execute(
+                    text("UPDATE event_destinations SET secret = :s WHERE id = 1"),
+                    {"s": f"{newer} {new}@{until.timestamp():.0f}"},
+                )
+            webhook = subscriptions.find(store, "1")
+            tested = await subscriptions.test_webhook(webhook, timeout=5.0)
+        assert tested.delivered, tested.error
+        last = endpoint.requests[-1]
+        assert last.signed_by(newer) and last.signed_by(new) and not last.signed_by(old)
+
+
+def test_a_downgrade_folds_an_overlap_back_into_secret(empty_db: str) -> None:
+    """Before the revision, `secret` held a rotation's overlap as `<new> <old>@<until>`
+    (epoch seconds): the downgrade writes it so, and the upgrade back splits it again."""
+    from fsm import outbox, subscriptions
+    from fsm.wiring import open_store
+    from tests.support.settings import saga_settings
+
+    script = ScriptDirectory.from_config(alembic_config(empty_db))
+    before = script.get_revision(OVERLAP_REVISION).down_revision
+    assert isinstance(before, str)
+    upgrade(empty_db, OVERLAP_REVISION)
+    overlapping, ended = "http://127.0.0.1:9/overlapping", "http://127.0.0.1:9/ended"
+    with open_store(saga_settings(empty_db)) as store:
+        first = subscriptions.add_webhook(store, overlapping, outbox.DEFAULT_TYPES)
+        subscriptions.add_webhook(store, ended, outbox.DEFAULT_TYPES)
+        rotated = subscriptions.rotate(store, overlapping, overlap=3600)
+        subscriptions.rotate(store, ended, overlap=3600)
+        last = subscriptions.rotate(store, ended, overlap=0)  # ends the overlap at once
+    assert rotated.old_until is not None
+    one, two = rotated.destination.id, last.destination.id
+    split = {one: (rotated.secret, first.secret, rotated.old_until), two: (last.secret, None, None)}
+    engine = make_engine(empty_db)
+    try:
+        assert _secrets(engine) == split
+        command.downgrade(alembic_config(empty_db), before)
+        with engine.connect() as conn:
+            folded = dict(conn.execute(text("SELECT id, secret FROM event_destinations")).all())
+            columns = {c["name"] for c in inspect(conn).get_columns("event_destinations")}
+        until = f"{rotated.old_until.timestamp():.0f}"
+        assert folded == {one: f"{rotated.secret} {first.secret}@{until}", two: last.secret}
+        assert {"previous_secret", "previous_until"}.isdisjoint(columns)
+        upgrade(empty_db, OVERLAP_REVISION)
+        assert _secrets(engine) == split
+    finally:
+        engine.dispose()

@@ -30,7 +30,7 @@ from typer.main import get_command
 from downstream.seed import ORDINARY_USER_ID, RICH_USER_ID, WIDGET_ID
 from fsm import outbox, outbox_sql, subscriptions
 from fsm.destinations import DELIVERED, refused, transient
-from fsm.destinations.webhook import WebhookSender, new_secret, signed_headers
+from fsm.destinations.webhook import WebhookSender, new_secret, signed_headers, signing_keys
 from fsm.executor import Executor
 from fsm.migrate import alembic_config
 from fsm.relay import AMQP_DESTINATION, FailureWatch, Relay, register_amqp
@@ -692,7 +692,8 @@ async def test_a_batch_stops_sending_well_within_the_cursor_s_lease(
             )
         )
         assert batch is not None and len(batch.events) == 10
-        sender = WebhookSender(url=endpoint.url, secret=added.secret, timeout=1.0, connections=10)
+        keys = signing_keys(added.secret)
+        sender = WebhookSender(url=endpoint.url, keys=keys, timeout=1.0, connections=10)
         started = time.monotonic()
         try:
             sent = await relay._send(destination, sender, batch, [])

@@ -8,22 +8,32 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
+import math
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import standardwebhooks
 from click.testing import CliRunner, Result
+from sqlalchemy import text
 from typer.main import get_command
 
 from api.app import create_app
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm import outbox, subscriptions
-from fsm.destinations.webhook import new_secret, rotated, signed_headers
-from fsm.store import Store
+from fsm.destinations.webhook import (
+    new_secret,
+    new_session,
+    post,
+    signed_headers,
+    signing_key,
+    signing_keys,
+)
+from fsm.sql import parse_utc
+from fsm.store import Store, utcnow
 from order_saga.cli import app
 from tests.support.endpoint import Endpoint
-from tests.support.events import FAST_EVENTS, relaying
+from tests.support.events import FAST_EVENTS, order_by_order_until, relaying
 from tests.support.services import LiveServer
 from tests.support.settings import saga_env, saga_settings
 from tests.support.waiting import wait_until_async
@@ -214,37 +224,106 @@ async def test_a_running_relay_signs_with_the_rotated_secret(db_url: str, store:
             args = ("rotate", endpoint.url, "--overlap", "0", "--json")
             result = await asyncio.to_thread(webhooks, db_url, *args)
             assert result.exit_code == 0, result.output
-            new = standardwebhooks.Webhook(json.loads(result.stdout)["secret"])
-            old = standardwebhooks.Webhook(added.secret)
+            new = json.loads(result.stdout)["secret"]
+            last = await order_by_order_until(
+                store,
+                endpoint,
+                lambda r: r.signatures == 1 and r.signed_by(new),
+                what="an event signed anew",
+            )
+    assert not last.signed_by(added.secret)
 
-            created = 1
 
-            async def another_is_signed_anew() -> bool:
-                """The last event came signed with the new secret alone; else, once it has
-                arrived, one more order (the relay reads its destinations every 2 s)."""
-                nonlocal created
-                last = endpoint.requests[-1]
-                if " " not in last.headers["webhook-signature"]:
-                    try:
-                        new.verify(last.body, last.headers)
-                        return True
-                    except standardwebhooks.webhooks.WebhookVerificationError:
-                        pass
-                if len(endpoint.requests) >= created:
-                    await _created_orders(store, 1)
-                    created += 1
-                return False
+def stored_secrets(store: Store, destination_id: int) -> tuple[str, str | None, datetime | None]:
+    """A webhook's `secret`, `previous_secret` and `previous_until`, as stored."""
+    with store.engine.connect() as conn:
+        secret, previous, until = conn.execute(
+            text(
+                "SELECT secret, previous_secret, previous_until FROM event_destinations "
+                "WHERE id = :id"
+            ),
+            {"id": destination_id},
+        ).one()
+    return secret, previous, parse_utc(until)
 
-            await wait_until_async(another_is_signed_anew, what="an event signed anew")
-        last = endpoint.requests[-1]
-        with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
-            old.verify(last.body, last.headers)
+
+# Long enough for a running relay to read the rotated webhook (every 2 s) within it.
+OVERLAP = 5
+
+
+async def test_a_running_relay_signs_with_both_secrets_during_an_overlap_and_the_new_one_after(
+    db_url: str, store: Store
+) -> None:
+    """`rotate --overlap` while a relay delivers: `secret` holds the new secret alone, the
+    old one and its end columns of their own; the relay's next events carry two signatures,
+    one per secret, until that end, and the new one's alone from then on."""
+    async with Endpoint() as endpoint:
+        added = subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
+        async with relaying(store, saga_settings(db_url, **FAST_EVENTS)):
+            await _created_orders(store, 1)
+            await wait_until_async(lambda: len(endpoint.requests) >= 1, what="the first event")
+            args = ("rotate", endpoint.url, "--overlap", str(OVERLAP), "--json")
+            result = await asyncio.to_thread(webhooks, db_url, *args)
+            assert result.exit_code == 0, result.output
+            told = json.loads(result.stdout)
+            new, until = told["secret"], datetime.fromisoformat(told["old_signs_until"])
+            assert stored_secrets(store, added.destination.id) == (new, added.secret, until)
+            both = await order_by_order_until(
+                store,
+                endpoint,
+                lambda r: r.signed_by(new) and r.signed_by(added.secret),
+                what="an event signed with both secrets",
+            )
+            assert both.signatures == 2
+            await wait_until_async(lambda: utcnow() >= until, what="the overlap's end")
+            after = await order_by_order_until(  # not one signed before the end, arriving after
+                store,
+                endpoint,
+                lambda r: int(r.headers["webhook-timestamp"]) >= until.timestamp(),
+                what="an event signed after the overlap",
+            )
+    assert after.signed_by(new) and not after.signed_by(added.secret)
+    assert after.signatures == 1
+
+
+async def test_a_relay_of_the_previous_release_signs_with_the_new_secret_after_a_rotation(
+    db_url: str, store: Store
+) -> None:
+    """A release before `rotate` reads `secret` as one secret, `signing_key(secret)` (its
+    relay and its `webhooks test`). After `rotate` with an overlap it signs with the new
+    secret, which a consumer holding the new one takes: `secret` used to hold
+    `<new> <old>@<until>`, which no key decodes from, and such a relay stopped delivering to
+    the webhook until it was upgraded. This release signs with both (`webhooks test` as
+    its relay)."""
+    async with Endpoint() as endpoint:
+        added = subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
+        ident = str(added.destination.id)
+        result = await asyncio.to_thread(webhooks, db_url, "rotate", ident, "--json")
+        assert result.exit_code == 0, result.output
+        new = json.loads(result.stdout)["secret"]
+        with store.engine.connect() as conn:  # that release's read of it
+            secret = conn.execute(
+                text("SELECT secret FROM event_destinations WHERE id = :id"),
+                {"id": added.destination.id},
+            ).scalar_one()
+        msg_id, body = subscriptions.test_event(added.destination)
+        async with new_session() as session:
+            key = signing_key(secret)
+            sent = await post(session, endpoint.url, [(key, math.inf)], msg_id, body, 1.0)
+        assert sent.delivered, sent.error
+        (previous_release,) = endpoint.requests
+        assert previous_release.signed_by(new) and not previous_release.signed_by(added.secret)
+        tested = await asyncio.to_thread(webhooks, db_url, "test", ident)
+        assert tested.exit_code == 0, tested.output
+    this_release = endpoint.requests[-1]
+    assert this_release.signed_by(new) and this_release.signed_by(added.secret)
+    assert this_release.signatures == 2
 
 
 def test_an_overlap_past_its_end_signs_with_the_new_secret_alone() -> None:
-    old, new = new_secret(), new_secret()
-    during = signed_headers(rotated(old, new, time.time() + 60), "m:0", b"{}")
-    after = signed_headers(rotated(old, new, time.time() - 1), "m:0", b"{}")
+    old, new, now = new_secret(), new_secret(), datetime.now(UTC)
+    during = signed_headers(signing_keys(new, old, now + timedelta(seconds=60)), "m:0", b"{}")
+    after = signed_headers(signing_keys(new, old, now - timedelta(seconds=1)), "m:0", b"{}")
     assert len(during["webhook-signature"].split()) == 2
     assert len(after["webhook-signature"].split()) == 1
     standardwebhooks.Webhook(new).verify(b"{}", after)

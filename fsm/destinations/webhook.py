@@ -1,7 +1,7 @@
 """Webhook delivery, signed per Standard Webhooks (standardwebhooks.com): the headers
 `webhook-id` (the event id), `webhook-timestamp` (seconds) and `webhook-signature`
 (`v1,` + base64 HMAC-SHA256 of `<id>.<timestamp>.<body>` under the secret's key; two,
-space-separated, while a rotated secret's predecessor still signs).
+space-separated, while a rotated secret's predecessor still signs: `signing_keys`).
 One POST per attempt; no retries here and no database (fsm.relay schedules them).
 """
 
@@ -12,12 +12,13 @@ import hmac
 import math
 import secrets
 import time
+from datetime import datetime
 
 import aiohttp
 
 from fsm.destinations import DELIVERED, Attempt, refused, transient
 from fsm.outbox import CONTENT_TYPE
-from fsm.outbox_sql import Claimed
+from fsm.outbox_sql import Claimed, Destination
 
 SECRET_PREFIX = "whsec_"
 # Worth another try: the endpoint is down, overloaded or asks to slow down.
@@ -34,24 +35,35 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def rotated(stored: str, new: str, until: float | None) -> str:
-    """A webhook's stored secret after `webhooks rotate`: `new`, and (until `until`, epoch
-    seconds; None: no overlap) the current one beside it, `<new> <old>@<until>`. Only the
-    current one is kept as the old: a rotation during an overlap ends the earlier one."""
-    if until is None:
-        return new
-    return f"{new} {stored.partition(' ')[0]}@{until:.0f}"
+Keys = list[tuple[bytes, float]]  # each signing key with when it stops (epoch seconds)
 
 
-def signing_keys(stored: str) -> list[tuple[bytes, float]]:
-    """The keys a stored secret signs with, each with when it stops (epoch seconds): the
-    current one (never), then the one a rotation keeps signing during its overlap."""
-    current, _, previous = stored.partition(" ")
+def current_secret(stored: str) -> str:
+    """The current secret of a webhook's `secret` column (`signing_keys`)."""
+    return stored.partition(" ")[0]
+
+
+def signing_keys(secret: str, previous: str | None = None, until: datetime | None = None) -> Keys:
+    """The keys a webhook signs with: its current secret's (never stops), then, until
+    `until`, the `previous` one a rotation replaced (event_destinations.previous_secret,
+    previous_until). `secret` in the form the release before this one's `rotate` wrote,
+    `<new> <old>@<epoch seconds>` (run during a rolling deploy, after the migration that
+    split it): that overlap, the columns' (left from an earlier rotation) ignored."""
+    current, _, legacy = secret.partition(" ")
+    ends = None if until is None else until.timestamp()
+    if legacy:
+        previous, _, at = legacy.partition("@")
+        ends = float(at)
     keys = [(signing_key(current), math.inf)]
-    if previous:
-        old, _, until = previous.partition("@")
-        keys.append((signing_key(old), float(until)))
+    if previous and ends is not None:
+        keys.append((signing_key(previous), ends))
     return keys
+
+
+def destination_keys(destination: Destination) -> Keys:
+    """A webhook's `signing_keys`, from its row."""
+    assert destination.secret is not None
+    return signing_keys(destination.secret, destination.previous_secret, destination.previous_until)
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -68,12 +80,10 @@ def _signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def signed_headers(
-    secret: str | bytes | list[tuple[bytes, float]], msg_id: str, body: bytes
-) -> dict[str, str]:
-    """The request's headers; `secret` as stored (`webhooks add`, `rotate`), one key
-    (`signing_key`) or its `signing_keys`. During a rotation's overlap two signatures,
-    space-separated, as Standard Webhooks allows: a consumer verifies with either secret."""
+def signed_headers(secret: str | bytes | Keys, msg_id: str, body: bytes) -> dict[str, str]:
+    """The request's headers; `secret` one secret (`whsec_…`), one key (`signing_key`) or
+    a webhook's `signing_keys`. During a rotation's overlap two signatures, space-separated,
+    as Standard Webhooks allows: a consumer verifies with either secret."""
     if isinstance(secret, bytes):
         keys = [(secret, math.inf)]
     else:
@@ -105,11 +115,11 @@ class WebhookSender:
     `connections`: as many as the relay can have in flight to it (a batch's events and
     its claimed retries); none waits for a connection. Made in the relay's event loop."""
 
-    def __init__(self, *, url: str, secret: str, timeout: float, connections: int) -> None:
+    def __init__(self, *, url: str, keys: Keys, timeout: float, connections: int) -> None:
         self.url, self.timeout = url, timeout
         self.session = new_session(connections=connections)
         # Made once, not per event: the keys decoded, the timeout (an attrs object).
-        self._keys = signing_keys(secret)
+        self._keys = keys
         self._client_timeout = aiohttp.ClientTimeout(total=timeout)
 
     async def send(self, event: Claimed) -> Attempt:
@@ -122,11 +132,12 @@ class WebhookSender:
 
 
 async def post(
-    session: aiohttp.ClientSession, url: str, secret: str, msg_id: str, body: bytes, timeout: float
+    session: aiohttp.ClientSession, url: str, keys: Keys, msg_id: str, body: bytes, timeout: float
 ) -> Attempt:
-    """One signed POST. aiohttp, not httpx: an event costs the relay's process several
-    times less CPU (it shares that process with the orders in `serve` and `worker`)."""
-    headers = signed_headers(secret, msg_id, body)
+    """One POST signed with `keys` (`destination_keys`). aiohttp, not httpx: an event costs
+    the relay's process several times less CPU (it shares that process with the orders in
+    `serve` and `worker`)."""
+    headers = signed_headers(keys, msg_id, body)
     return await _post(session, url, headers, body, aiohttp.ClientTimeout(total=timeout))
 
 

@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import standardwebhooks
+
 Mode = Literal["ok", "500", "hang", "close", "not_http"]
 
 
@@ -24,6 +26,18 @@ class Request:
     def event(self) -> dict[str, Any]:
         parsed: dict[str, Any] = json.loads(self.body)
         return parsed
+
+    def signed_by(self, secret: str) -> bool:
+        """Whether a consumer holding `secret` takes it (`standardwebhooks`, as README says)."""
+        try:
+            standardwebhooks.Webhook(secret).verify(self.body, self.headers)
+        except standardwebhooks.webhooks.WebhookVerificationError:
+            return False
+        return True
+
+    @property
+    def signatures(self) -> int:
+        return len(self.headers["webhook-signature"].split())
 
 
 @dataclass

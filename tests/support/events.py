@@ -7,7 +7,7 @@ import asyncio
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -18,6 +18,7 @@ from fsm.executor import Executor
 from fsm.relay import Relay
 from fsm.settings import Settings
 from fsm.store import Store
+from tests.support.endpoint import Endpoint, Request
 from tests.support.services import HTTP
 from tests.support.waiting import wait_until_async
 
@@ -85,6 +86,28 @@ async def relaying(store: Store, settings: Settings, **owner: str) -> AsyncItera
             await task
         except asyncio.CancelledError:
             pass
+
+
+async def order_by_order_until(
+    store: Store, endpoint: Endpoint, arrived: Callable[[Request], bool], *, what: str
+) -> Request:
+    """The first request `endpoint` gets from now on that is `arrived`; an order created
+    for each, one at a time once the previous one's event has come (a running relay sees a
+    changed destination at its next read of them, every 2 s: fsm.relay.REFRESH_SECONDS)."""
+    seen = created = len(endpoint.requests)
+
+    async def found() -> Request | None:
+        nonlocal seen, created
+        for request in endpoint.requests[seen:]:
+            if arrived(request):
+                return request
+        seen = len(endpoint.requests)
+        if seen >= created:
+            await store.create_order(user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1)
+            created += 1
+        return None
+
+    return await wait_until_async(found, what=what)
 
 
 MIX = [

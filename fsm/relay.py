@@ -100,6 +100,9 @@ class Relay:
         self._pumps: dict[int, tuple[Destination, asyncio.Task[None], Sender]] = {}
         self._started = 0  # pumps started: each its own lease owner (`_follow`)
         self._stopping: set[asyncio.Task[None]] = set()  # old pumps being stopped
+        # Destinations whose row cannot be used as it is (a secret that does not decode):
+        # skipped, not a failure of the whole list, which stopped the webhooks after it.
+        self._unusable: dict[int, Destination] = {}
 
     async def run(self) -> None:
         """Deliver until cancelled; then stop every pump (leases of what was in flight
@@ -187,9 +190,21 @@ class Relay:
                 self._stopping.add(stopping)
                 stopping.add_done_callback(self._stopping.discard)
         for destination in found:
-            if destination.id in self._pumps:
+            if destination.id in self._pumps or self._unusable.get(destination.id) == destination:
                 continue
-            sender = self._sender(destination)
+            try:
+                sender = self._sender(destination)
+            except ValueError as exc:  # a secret that does not decode (edited by hand, cut)
+                self._unusable[destination.id] = destination  # said once, until it changes
+                log.warning(
+                    "relay: cannot deliver to %s: its signing secret is unreadable (%s); its"
+                    " events wait. `order-saga webhooks rotate %s --overlap 0` gives it a new one",
+                    destination.label,
+                    storable(str(exc) or type(exc).__name__),
+                    destination.id,
+                    extra={"destination": destination.label, "event": "secret_unreadable"},
+                )
+                continue
             if sender is None:
                 continue
             self._started += 1

@@ -202,9 +202,16 @@ def test(ident: Annotated[str, typer.Argument(metavar="ID|URL")]) -> None:
             destination = subscriptions.find(store, ident)
         except LookupError as exc:
             _fail(str(exc).strip("'\""), 1)
-        attempt = asyncio.run(
-            subscriptions.test_webhook(destination, timeout=settings.event_timeout)
-        )
+        try:
+            attempt = asyncio.run(
+                subscriptions.test_webhook(destination, timeout=settings.event_timeout)
+            )
+        except ValueError as exc:  # a secret that does not decode: nothing was sent
+            _fail(
+                f"{destination.url}: its signing secret is unreadable ({exc}); "
+                f"`order-saga webhooks rotate {destination.id} --overlap 0` gives it a new one",
+                1,
+            )
         sink = None
         if attempt.error == "HTTP 401":
             sink = subscriptions.embedded_sink(store, settings, destination.url)

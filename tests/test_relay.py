@@ -427,6 +427,38 @@ async def test_a_dead_endpoint_delays_neither_orders_nor_other_destinations(
     assert lags[label(store, dead.url)][0] == len(want)  # all still pending there
 
 
+async def test_a_webhook_whose_secret_does_not_decode_stops_no_other_and_is_said_once(
+    db_url: str, store: Store, executor: Executor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A secret that does not decode (edited by hand, cut short) failed the relay's whole
+    destination list every 2 s ("cannot read destinations"): the webhooks after it never
+    started. Now that one is skipped, said once, and the others deliver."""
+    caplog.set_level(logging.WARNING, logger="order_saga.relay")
+    settings = saga_settings(db_url, **FAST_EVENTS)
+    async with Endpoint() as broken, Endpoint() as good:
+        bad = subscriptions.add_webhook(store, broken.url, outbox.DEFAULT_TYPES)  # listed first
+        subscriptions.add_webhook(store, good.url, outbox.DEFAULT_TYPES)
+        with store.engine.begin() as connection:  # base64 whose padding is cut off
+            connection.execute(
+                text("UPDATE event_destinations SET secret = 'whsec_abc' WHERE id = :id"),
+                {"id": bad.destination.id},
+            )
+        async with relaying(store, settings) as relay:
+            ids = await orders(store, executor, 3)
+            want = expected(store, ids, outbox.DEFAULT_TYPES)
+            await wait_until_async(lambda: len(good.events()) >= len(want), what="the good one")
+            relay._follow(subscriptions.destinations(store))  # the next reads: nothing new
+            relay._follow(subscriptions.destinations(store))
+    assert sorted(e["id"] for e in good.events()) == sorted(want)
+    assert broken.requests == []
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    name = label(store, broken.url)
+    (line,) = [m for m in said if name in m]
+    assert "signing secret is unreadable" in line, line
+    assert f"webhooks rotate {bad.destination.id} --overlap 0" in line, line
+    assert not [m for m in said if "cannot read destinations" in m], said
+
+
 async def test_a_slow_webhook_holding_a_hundred_requests_delays_no_other_webhook(
     db_url: str, store: Store
 ) -> None:

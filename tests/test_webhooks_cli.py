@@ -335,3 +335,30 @@ def test_rotate_of_no_such_webhook_is_one_line(db_url: str, store: Store) -> Non
     result = webhooks(db_url, "rotate", "7")
     assert result.exit_code == 1, result.output
     assert result.stderr.startswith("order-saga: no webhook '7'"), result.stderr
+
+
+async def test_webhooks_test_of_a_secret_that_does_not_decode_is_one_line_then_rotate_fixes_it(
+    db_url: str, store: Store
+) -> None:
+    """A secret edited by hand or cut short was a traceback (binascii.Error) and exit 0:
+    now one line naming the way out, exit 1; the rotation it names works."""
+    async with Endpoint() as endpoint:
+        added = subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
+        ident = str(added.destination.id)
+        with store.engine.begin() as connection:  # base64 whose padding is cut off
+            connection.execute(
+                text("UPDATE event_destinations SET secret = 'whsec_abc' WHERE id = :id"),
+                {"id": added.destination.id},
+            )
+        refused = await asyncio.to_thread(webhooks, db_url, "test", ident)
+        assert refused.exit_code == 1, refused.output
+        assert refused.stderr == (
+            f"order-saga: {endpoint.url}: its signing secret is unreadable (Incorrect padding);"
+            f" `order-saga webhooks rotate {ident} --overlap 0` gives it a new one\n"
+        )
+        assert endpoint.requests == []
+        rotated = await asyncio.to_thread(webhooks, db_url, "rotate", ident, "--overlap", "0")
+        assert rotated.exit_code == 0, rotated.output
+        tested = await asyncio.to_thread(webhooks, db_url, "test", ident)
+        assert tested.exit_code == 0, tested.output
+    assert len(endpoint.requests) == 1

@@ -73,6 +73,9 @@ class WhyOut(BaseModel):
     max_attempts: int | None = Field(description="attempts per run")
     last_error: str | None
     reason: str | None = Field(description="why it is parked")
+    interruptions: int | None = Field(
+        default=None, description="held: how many times in a row its driver died under it"
+    )
 
     @classmethod
     def of(cls, why: Why) -> WhyOut:

@@ -1,7 +1,9 @@
 """One downstream call of one order, tried as hard as this run's retry policy allows, and
 the bookkeeping of every attempt: a failed attempt, a wait on an open breaker, a run given
 up or crashed is noted on the order (its error, its next attempt: what the sweep and `why`
-read) and logged; each attempt's latency and the call's outcome are counted.
+read) and logged; each attempt's latency and the call's outcome are counted. A run that
+kills its whole process is counted by the claims instead (`orders.interruptions`); `held`
+says when the sweep stops taking such an order over.
 
 It decides nothing about the saga: the executor says which call to make, with which key
 and deadline, and what its outcome means for the order (no transitions are written here).
@@ -175,3 +177,30 @@ class Attempts:
         probe = breaker.retry_after()
         await self._note(order, call, str(error), probe, waiting_on=breaker.service)
         events.waiting(order, call, breaker.service, probe)
+
+
+def held(order: Order, limit: int) -> bool:
+    """Has the order's driver died under it `limit` times in a row (ORDER_SAGA_MAX_
+    INTERRUPTIONS; 0: never held)? Then no automatic run drives it: the sweep's claim
+    leaves it (fsm.sql.claim_batch) and a run that took it over anyway, the claim that
+    counted the last interruption, gives it back undriven (`hold`)."""
+    return 0 < limit <= order.interruptions
+
+
+def hold(order: Order) -> None:
+    """Say, once per hold, that the order waits for a person, and count it."""
+    metrics.HELD.inc()
+    log.warning(
+        "order %s held: %d interruptions in a row (its driver died each time, at the "
+        "same point), not driven again automatically; find why in the log of the process "
+        "that drove it (OOM, a crash), then resume it: order-saga resume --order %s",
+        order.id,
+        order.interruptions,
+        order.id,
+        extra={
+            "order_id": str(order.id),
+            "event": "held",
+            "state": order.state,
+            "interruptions": order.interruptions,
+        },
+    )

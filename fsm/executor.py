@@ -24,7 +24,7 @@ from functools import partial
 from typing import Any, TypeGuard, TypeVar
 
 from fsm import deadlines, events, metrics, operator
-from fsm.attempts import Attempts
+from fsm.attempts import Attempts, held, hold
 from fsm.bounds import MAX_AMOUNT
 from fsm.clients import Answer, Services
 from fsm.errors import (
@@ -205,9 +205,18 @@ class Executor:
 
     async def _audited(self, order: Order, audit: Audit | None) -> Order:
         """Drive a reserved, leased order, its audit row (if any) written first; if that
-        write fails the lease is given back and nothing is driven."""
+        write fails the lease is given back and nothing is driven. Held (its driver died
+        under it MAX_INTERRUPTIONS times in a row) and no person acting: given back as it
+        is, for an operator (fsm.attempts.hold)."""
         async with self._given_back_on_error(order):
             await self._record(order, audit)
+        if audit is None and held(order, self.store.max_interruptions):
+            hold(order)
+            try:
+                await self._release(order)
+            finally:
+                self._driving.discard(order.id)
+            return order
         return await self._drive_reserved(order)
 
     async def _record(self, order: Order, audit: Audit | None) -> None:

@@ -43,6 +43,12 @@ CALLS = Counter(
     ["service", "action", "outcome"],
 )
 RUN_SECONDS = Histogram("order_saga_run_seconds", "Duration of one executor run")
+# Counted where it happens (the executor giving a held order back), not in SQL at each
+# scrape: a count of orders.interruptions would scan the table, which has no index on it.
+HELD = Counter(
+    "order_saga_orders_held",
+    "Orders held for an operator: their driver died ORDER_SAGA_MAX_INTERRUPTIONS times in a row",
+)
 # One attempt of one downstream call (each retry is observed on its own). Labelled, like
 # every metric here and the breakers', by the downstream `service` (user, not payment).
 CALL_SECONDS = Histogram(

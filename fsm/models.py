@@ -91,6 +91,11 @@ class OrderTable(SQLModel, table=True):
     # Who placed it: the API key's name ("" for orders placed with no identity, i.e. on an
     # open laptop install or before issue 17). A `client` key sees only its own orders.
     created_by: str = Field(default="", max_length=64, index=True)
+    # How many times in a row a claim took the order over from a driver whose lease ran
+    # out (its process died mid-run); a transition written by a driver, or a person's
+    # action, sets it back to 0. At ORDER_SAGA_MAX_INTERRUPTIONS the sweep holds the order
+    # for an operator (revision 0012; the default lets an older release insert rows).
+    interruptions: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 
 class TransitionTable(SQLModel, table=True):
@@ -252,6 +257,7 @@ class Order:
     cancel_requested: bool = False
     machine_version: str = ""
     created_by: str = ""
+    interruptions: int = 0
 
     def state_of(self, scope: str) -> str:
         """The state of the order ("order") or of one of its steps."""

@@ -68,7 +68,7 @@ log = logging.getLogger("order_saga.queries")
 orders = OrderTable.__table__  # type: ignore[attr-defined]
 transitions = TransitionTable.__table__  # type: ignore[attr-defined]
 _TIMESTAMPS = ("lease_expires_at", "next_attempt_at", "deadline_at", "created_at", "updated_at")
-_INTEGERS = ("user_id", "product_id", "quantity", "amount", "version")
+_INTEGERS = ("user_id", "product_id", "quantity", "amount", "version", "interruptions")
 
 
 def _raw(table: Any) -> list[Any]:

@@ -96,6 +96,15 @@ class Settings(BaseSettings):
     sweep_batch: int = Field(default=200, ge=1, le=100_000)
     # Orders one sweep (of `serve` or a `worker`) drives at once; they share commits.
     sweep_concurrency: int = Field(default=32, ge=1, le=1000)
+    # An order whose driver died this many times in a row under it (each a takeover of an
+    # expired lease with no transition between: orders.interruptions) is held for an
+    # operator: the sweep no longer claims it, a person's resume drives it (DBOS's
+    # max_recovery_attempts). 5: a move resets the count, so only deaths with no progress
+    # at all between count, and a node lost or a deploy by kill hits one order once or
+    # twice in a row, not five times; while each death of a crash loop also interrupts
+    # every other order of that process, so it is stopped after a few (5 x (lease +
+    # SWEEP_OLDER_THAN): ~5 min by default). 0: never held (every takeover drives it).
+    max_interruptions: int = Field(default=5, ge=0, le=1000)
     # Every database wait is bounded: a lock held elsewhere, a slow statement (seconds).
     db_lock_timeout: float = Field(default=5.0, gt=0, le=600)
     db_statement_timeout: float = Field(default=30.0, gt=0, le=3600)

@@ -303,12 +303,23 @@ def select_lease(dialect: Dialect) -> str:
     return dialect.sql("SELECT version, lease_owner FROM orders WHERE id = %s")
 
 
+# A claim that takes over a lease another owner held and let expire (its driver died:
+# not a lease handed back, nor a free one, nor our own) counts an interruption, in the
+# claim's own UPDATE (SET reads the row as it was). Parameters: owner, now.
+INTERRUPTED = (
+    "interruptions = interruptions + "
+    "CASE WHEN lease_owner <> %s AND lease_expires_at < %s THEN 1 ELSE 0 END"
+)
+
+
 @lru_cache(maxsize=8)
 def claim(dialect: Dialect) -> str:
-    """Take the lease if free, expired or already the owner's; the row comes back."""
+    """Take the lease if free, expired or already the owner's; the row comes back.
+    Parameters: owner, lease end, owner, now (INTERRUPTED), id, now, owner."""
     return dialect.sql(
-        "UPDATE orders SET lease_owner = %s, lease_expires_at = %s WHERE id = %s AND "
-        "(lease_owner IS NULL OR lease_expires_at < %s OR lease_owner = %s) " + dialect.returning
+        f"UPDATE orders SET lease_owner = %s, lease_expires_at = %s, {INTERRUPTED} "
+        "WHERE id = %s AND (lease_owner IS NULL OR lease_expires_at < %s OR lease_owner = %s) "
+        + dialect.returning
     )
 
 
@@ -327,9 +338,13 @@ def order_exists(dialect: Dialect) -> str:
 
 
 @lru_cache(maxsize=128)
-def claim_batch(dialect: Dialect, *, due_only: bool, excluded: int, undrivable: int) -> str:
+def claim_batch(
+    dialect: Dialect, *, due_only: bool, excluded: int, undrivable: int, held: bool = False
+) -> str:
     """Lease up to N stuck orders, oldest first, in one statement (not `due_only`: parked
-    ones at any age). Parameters: owner, lease end, moved-before, now, [now if due_only],
+    ones at any age). `held` (the sweep's, ORDER_SAGA_MAX_INTERRUPTIONS not 0): orders
+    interrupted that many times in a row stay put. Parameters: owner, lease end, owner,
+    now (INTERRUPTED), moved-before, now, [now if due_only], [max interruptions if held],
     excluded ids, undrivable combinations (flattened in STATE_COLUMNS order), limit."""
     resumable = ", ".join(f"'{s}'" for s in RESUMABLE)
     # The sweep (due_only) keeps a park's own pause; an operator's resume takes it now.
@@ -340,6 +355,8 @@ def claim_batch(dialect: Dialect, *, due_only: bool, excluded: int, undrivable: 
     ]
     if due_only:  # the sweep honours the persisted retry schedule; an operator may not
         where.append("(next_attempt_at IS NULL OR next_attempt_at <= %s)")
+    if due_only and held:  # an operator's resume takes a held order: their decision
+        where.append("interruptions < %s")
     if excluded:
         where.append(f"id NOT IN ({', '.join(['%s'] * excluded)})")
     if undrivable:  # fsm.upgrade.guard(): what this machine cannot drive stays put
@@ -352,7 +369,7 @@ def claim_batch(dialect: Dialect, *, due_only: bool, excluded: int, undrivable: 
         f"ORDER BY updated_at LIMIT %s {dialect.skip_locked}"
     )
     return dialect.sql(
-        "UPDATE orders SET lease_owner = %s, lease_expires_at = %s "
+        f"UPDATE orders SET lease_owner = %s, lease_expires_at = %s, {INTERRUPTED} "
         f"WHERE id IN ({candidates}) {dialect.returning}"
     )
 

@@ -69,8 +69,12 @@ class Store(Reads):
         commit_linger: float = 0.0,
         event_source: str = "/order-saga",
         synchronous_commit: bool = True,
+        max_interruptions: int = 0,
     ) -> None:
         super().__init__(engine)
+        # ORDER_SAGA_MAX_INTERRUPTIONS (0: off): the sweep's claim leaves an order its
+        # driver died under this many times in a row to an operator (fsm.attempts.held).
+        self.max_interruptions = max_interruptions
         self.event_source = event_source  # the CloudEvents `source` of order events
         self.lease = timedelta(seconds=lease_seconds)
         self.dialect = sql.dialect_of(engine)
@@ -185,6 +189,8 @@ class Store(Reads):
             "lease_expires_at": now + self.lease,
             **changes,
         }
+        if order.interruptions:  # progress: the crash loop, if any, is over (written
+            values["interruptions"] = 0  # only then: the hot path's UPDATE stays as narrow)
         kind = None
         if scope == "order":
             values["status"] = coarse_status(dest).value
@@ -203,10 +209,14 @@ class Store(Reads):
     ) -> None:
         """An operator's action (who, why, through what) as its own row of the log, scope
         AUDIT_SCOPE and from = to (not a move), under the same version and lease guard as
-        a transition. Raises StaleOrder or LeaseLost (nothing written)."""
+        a transition. A person acting on the order restarts its count of interruptions:
+        theirs is the decision that the cause is fixed (a held order is driven again).
+        Raises StaleOrder or LeaseLost (nothing written)."""
         now = utcnow()
         seq = order.version + 1
         values: dict[str, Any] = {"version": seq, "lease_expires_at": now + self.lease}
+        if order.interruptions:
+            values["interruptions"] = 0
         line = (
             order.id, seq, AUDIT_SCOPE, action, order.state, order.state, detail, now,
             MACHINE_VERSION, order.created_at,
@@ -405,9 +415,10 @@ class Store(Reads):
 
     def _claim(self, order_id: uuid.UUID, owner: str, now: datetime, cursor: Any) -> Order | None:
         d = self.dialect
+        at = d.timestamp(now)
         cursor.execute(
             sql.claim(d),
-            [owner, d.timestamp(now + self.lease), d.uuid(order_id), d.timestamp(now), owner],
+            [owner, d.timestamp(now + self.lease), owner, at, d.uuid(order_id), at, owner],
         )
         row = cursor.fetchone()
         if row is None:
@@ -466,12 +477,14 @@ class Store(Reads):
     ) -> list[Order]:
         d = self.dialect
         now = d.timestamp(utcnow())
-        params: list[Any] = [owner, d.timestamp(utcnow() + self.lease)]
+        held = due_only and self.max_interruptions > 0  # the sweep's claim only
+        params: list[Any] = [owner, d.timestamp(utcnow() + self.lease), owner, now]
         params += [d.timestamp(moved_before), now, *([now] if due_only else [])]
+        params += [self.max_interruptions] if held else []
         params.extend(d.uuid(i) for i in exclude)
         params.extend(value for combo in sorted(self.undrivable) for value in combo)
         statement = sql.claim_batch(
-            d, due_only=due_only, excluded=len(exclude), undrivable=len(self.undrivable)
+            d, due_only=due_only, excluded=len(exclude), undrivable=len(self.undrivable), held=held
         )
         cursor.execute(statement, [*params, limit])
         return self._usable(cursor.fetchall(), owner, cursor)

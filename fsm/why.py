@@ -5,6 +5,8 @@ From what is persisted only (the order row and its last logged attempt, `fsm.que
 and the settings the sweep runs with: it never writes, never calls a service, never asks
 another process. In order of precedence, an order
 
+- is held for an operator: its driver died under it `MAX_INTERRUPTIONS` times in a row
+  (fsm.attempts.held), so the sweep no longer takes it over, until a person resumes it;
 - waits on a service's open circuit breaker (which, when the probe is due), while its
   driver holds the lease, or until the probe once nobody does (then the sweep's turn);
 - waits for its next attempt of a failing call (when, how many failed, the last error), or
@@ -32,6 +34,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from fsm.attempts import held
 from fsm.machine import OrderState, StepState, is_terminal
 from fsm.models import Order
 from fsm.queries import Attempt, last_attempts
@@ -46,6 +49,7 @@ class Kind(StrEnum):
     NEXT_ATTEMPT = "waiting_for_next_attempt"
     LEASED = "leased"
     LEASE_EXPIRED = "lease_expired"
+    HELD = "held"
     PARKED = "parked"
     RUNNABLE = "runnable"
 
@@ -63,6 +67,7 @@ class Why:
     max_attempts: int | None = None  # per run
     last_error: str | None = None
     reason: str | None = None  # a parked order's
+    interruptions: int | None = None  # a held order's: its driver's deaths in a row
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -108,6 +113,16 @@ def explain(
     retry = order.next_attempt_at
     waits = fresh is not None and fresh.waiting_on and retry is not None
     probe = fresh.next_attempt_at if fresh is not None and waits else None
+    # Held: no sweep takes it, whatever else it waits for (a parked one's retry included).
+    if held(order, settings.max_interruptions) and not alive:
+        return Why(
+            Kind.HELD,
+            f"held after {order.interruptions} interruptions in a row: its driver died each "
+            f"time; resume it once the cause is fixed ({_resume_now(order, console=console)})",
+            interruptions=order.interruptions,
+            last_error=order.last_error,
+            **common,
+        )
     # Parked and nobody driving it: parked, whatever its last call was waiting on when the
     # run gave up (a compensation behind an open breaker parks after its wait's bound).
     if order.state == OrderState.NEEDS_ATTENTION and not alive:
@@ -214,6 +229,14 @@ def _retry_now(order: Order, *, console: bool) -> str:
     the console's button, else the API's and the CLI's calls with the order's own id."""
     if console:
         return "Retry compensation on its page"
+    return f"`POST /orders/{order.id}/resume` or `order-saga resume --order {order.id}`"
+
+
+def _resume_now(order: Order, *, console: bool) -> str:
+    """How a person resumes a held order, in the words of where they read it."""
+    if console:
+        parked = order.state == OrderState.NEEDS_ATTENTION
+        return f"{'Retry compensation' if parked else 'Resume'} on its page"
     return f"`POST /orders/{order.id}/resume` or `order-saga resume --order {order.id}`"
 
 

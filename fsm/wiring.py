@@ -83,6 +83,7 @@ def build_store(settings: Settings, *, synchronous_commit: bool = True) -> Store
         commit_linger=settings.commit_linger,
         event_source=settings.event_source,
         synchronous_commit=synchronous_commit,
+        max_interruptions=settings.max_interruptions,
     )
 
 

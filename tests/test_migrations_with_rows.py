@@ -146,6 +146,44 @@ def test_a_downgrade_to_0001_and_back_keeps_the_orders(blank_db: str) -> None:
         engine.dispose()
 
 
+def test_0012_counts_no_interruption_for_any_order_there_or_placed_by_the_release_before(
+    blank_db: str,
+) -> None:
+    """orders.interruptions comes in at 0 for every order, and a release before it (its
+    INSERT does not name the column: a rolling deploy) still places orders, at 0; the
+    downgrade drops the column and keeps the orders."""
+    upgrade(blank_db, "0001")
+    ids = fill(blank_db, machine_version=False)
+    upgrade(blank_db, "0011")
+    upgrade(blank_db)
+    engine = make_engine(blank_db)
+    sqlite = engine.dialect.name == "sqlite"
+    placed = uuid.uuid4()
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO orders (id, user_id, product_id, quantity, state, status,"
+                    " payment_state, inventory_state, shipping_state, version, attempts,"
+                    " cancel_requested, created_at, updated_at, machine_version, created_by)"
+                    " VALUES (:id, 1, 2, 1, 'pending', 'pending', 'pending', 'pending',"
+                    " 'pending', 0, '{}', false, :at, :at, 'old', '')"
+                ),
+                {"id": placed.hex if sqlite else placed, "at": datetime.now(UTC)},
+            )
+            counts = conn.execute(text("SELECT interruptions FROM orders")).scalars().all()
+        assert counts == [0] * (ORDERS + 1)
+        command.downgrade(alembic_config(blank_db), "0011")
+        with engine.connect() as conn:
+            columns = {c["name"] for c in inspect(conn).get_columns("orders")}
+        assert "interruptions" not in columns
+        assert kept(engine)[0] == sorted([*ids, str(placed)])
+        upgrade(blank_db)
+        assert kept(engine) == (sorted([*ids, str(placed)]), ORDERS * STEPS)
+    finally:
+        engine.dispose()
+
+
 def test_a_run_that_fails_partway_keeps_nothing_of_it(blank_db: str) -> None:
     """0003 meets a table in its way: the run stops there, and 0002's column, which went
     in first, goes too (the version still says 0001); out of the way, the run completes."""

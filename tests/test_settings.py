@@ -106,6 +106,8 @@ def test_every_number_setting_is_finite_and_bounded(name: str) -> None:
         (["orders", "list"], "SWEEP_OLDER_THAN", "1e20"),
         (["orders", "list"], "PARK_MAX", "1e20"),
         (["relay"], "EVENT_MAX_AGE", "1e20"),
+        (["worker"], "MAX_INTERRUPTIONS", "-1"),  # 0 is "never held"; below, nothing
+        (["serve"], "MAX_INTERRUPTIONS", "1001"),
     ],
 )
 def test_a_number_setting_past_its_bound_stops_the_command_in_one_line(

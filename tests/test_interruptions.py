@@ -8,6 +8,7 @@ with kill -9 while the same call of the same order hangs."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from fsm.why import Kind
 from fsm.wiring import build_executor, open_store
 from tests.support.api import api
 from tests.support.database import stuck_orders, wait_for_lease_expiry
-from tests.support.processes import Saga, command
+from tests.support.processes import Saga, command, run_cli
 from tests.support.services import (
     HTTP,
     Books,
@@ -275,6 +276,11 @@ def test_a_crash_loop_is_held_after_the_limit_and_a_person_s_resume_finishes_it(
     settings = saga_settings(db_url, max_interruptions=CRASHES)
     explained = why.for_order(store, order, settings)
     assert explained is not None and explained.kind is Kind.HELD, explained
+    shown = run_cli("orders", "show", str(oid), "--json", **env)
+    assert json.loads(shown.stdout)["why"]["kind"] == "held", shown.stderr
+    listed = run_cli("orders", "list", "--json", **env)
+    rows = {row["id"]: row for row in json.loads(listed.stdout)["orders"]}
+    assert rows[str(oid)]["why"]["summary"] == explained.summary
 
     resumed = Saga(command("resume", "--order", str(oid)), env).wait()
 

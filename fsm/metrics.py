@@ -46,7 +46,7 @@ RUN_SECONDS = Histogram("order_saga_run_seconds", "Duration of one executor run"
 # Counted where it happens (the executor giving a held order back), not in SQL at each
 # scrape: a count of orders.interruptions would scan the table, which has no index on it.
 HELD = Counter(
-    "order_saga_orders_held",
+    "order_saga_held_orders",
     "Orders held for an operator: their driver died ORDER_SAGA_MAX_INTERRUPTIONS times in a row",
 )
 # One attempt of one downstream call (each retry is observed on its own). Labelled, like

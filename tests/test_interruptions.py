@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 
 from downstream.seed import RICH_USER_ID, WIDGET_ID
@@ -169,11 +170,13 @@ async def test_the_sweep_gives_a_held_order_back_undriven_and_a_person_s_resume_
     caplog.set_level(logging.WARNING, logger="order_saga.executor")
     oid = await left_by_dead_drivers(short, LIMIT - 1)
     version = short.get(oid).version
+    counted = REGISTRY.get_sample_value("order_saga_held_orders_total")
 
     summary = await resume_stuck(store=short, executor=driver, older_than=0, limit=10)
 
     assert (summary.found, summary.resumed, summary.held) == (1, 0, 1)
     assert "held for an operator 1" in summary.line()
+    assert REGISTRY.get_sample_value("order_saga_held_orders_total") == (counted or 0) + 1
     order = short.get(oid)
     assert (order.state, order.version, order.lease_owner) == ("pending", version, None)
     assert order.interruptions == LIMIT

@@ -2,8 +2,8 @@
 the bookkeeping of every attempt: a failed attempt, a wait on an open breaker, a run given
 up or crashed is noted on the order (its error, its next attempt: what the sweep and `why`
 read) and logged; each attempt's latency and the call's outcome are counted. A run that
-kills its whole process is counted by the claims instead (`orders.interruptions`); `held`
-says when the sweep stops taking such an order over.
+kills its whole process is counted by the claims instead (`orders.interruptions`); `hold`
+says so once the sweep stops taking such an order over (`Order.held`).
 
 It decides nothing about the saga: the executor says which call to make, with which key
 and deadline, and what its outcome means for the order (no transitions are written here).
@@ -179,16 +179,9 @@ class Attempts:
         events.waiting(order, call, breaker.service, probe)
 
 
-def held(order: Order, limit: int) -> bool:
-    """Has the order's driver died under it `limit` times in a row (ORDER_SAGA_MAX_
-    INTERRUPTIONS; 0: never held)? Then no automatic run drives it: the sweep's claim
-    leaves it (fsm.sql.claim_batch) and a run that took it over anyway, the claim that
-    counted the last interruption, gives it back undriven (`hold`)."""
-    return 0 < limit <= order.interruptions
-
-
 def hold(order: Order) -> None:
-    """Say, once per hold, that the order waits for a person, and count it."""
+    """Say, once per hold (`Order.held`: its run gives it back undriven), that the order
+    waits for a person, and count it."""
     metrics.HELD.inc()
     log.warning(
         "order %s held: %d interruptions in a row (its driver died each time, at the "

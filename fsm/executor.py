@@ -24,7 +24,7 @@ from functools import partial
 from typing import Any, TypeGuard, TypeVar
 
 from fsm import deadlines, events, metrics, operator
-from fsm.attempts import Attempts, held, hold
+from fsm.attempts import Attempts, hold
 from fsm.bounds import MAX_AMOUNT
 from fsm.clients import Answer, Services
 from fsm.errors import (
@@ -207,10 +207,10 @@ class Executor:
         """Drive a reserved, leased order, its audit row (if any) written first; if that
         write fails the lease is given back and nothing is driven. Held (its driver died
         under it MAX_INTERRUPTIONS times in a row) and no person acting: given back as it
-        is, for an operator (fsm.attempts.hold)."""
+        is, for an operator (Order.held)."""
         async with self._given_back_on_error(order):
             await self._record(order, audit)
-        if audit is None and held(order, self.store.max_interruptions):
+        if audit is None and order.held(self.store.max_interruptions):
             hold(order)
             try:
                 await self._release(order)

@@ -273,6 +273,13 @@ class Order:
         expires = self.lease_expires_at
         return self.lease_owner is not None and expires is not None and expires >= now
 
+    def held(self, limit: int) -> bool:
+        """Has its driver died under it `limit` times in a row (ORDER_SAGA_MAX_
+        INTERRUPTIONS; 0: never held)? Then no automatic run drives it: the sweep's claim
+        leaves it (fsm.sql.claim_batch) and a run that took it over anyway, the claim that
+        counted the last interruption, gives it back undriven (fsm.attempts.hold)."""
+        return 0 < limit <= self.interruptions
+
 
 def _with_plugged_in_steps(base: type[Order]) -> type[Order]:
     """`Order` plus a field per plugged-in step's column (pending by default)."""

@@ -4,7 +4,7 @@ An order is stuck when it is not terminal, nobody holds its lease and it has not
 a while, or at once when a stopping driver handed it back (fsm.sql.HANDED_BACK). Each is
 claimed atomically (several workers share the load without driving the same order twice)
 and driven from its persisted state, never from scratch. An order whose driver died under
-it ORDER_SAGA_MAX_INTERRUPTIONS times in a row is left to a person (fsm.attempts.held).
+it ORDER_SAGA_MAX_INTERRUPTIONS times in a row is left to a person (Order.held).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from fsm.attempts import held
 from fsm.errors import ConcurrencyError, outage, outage_line
 from fsm.executor import Executor
 from fsm.models import Order
@@ -39,7 +38,7 @@ class ResumeSummary:
     skipped_leased: int = 0
     lost_to_other_driver: int = 0
     errors: int = 0
-    held: int = 0  # given back undriven: their driver died too often (fsm.attempts.held)
+    held: int = 0  # given back undriven: their driver died too often (Order.held)
 
     def as_dict(self) -> dict[str, object]:
         """The summary as JSON-ready data (`order-saga resume --json`)."""
@@ -130,7 +129,7 @@ async def resume_stuck(
         finally:  # a parked order still matches an operator's claim, whenever it moved
             if order.updated_at <= moved_before or (not due_only and order.state == PARKED):
                 stalled.add(order.id)
-        if audit is None and held(order, store.max_interruptions):
+        if audit is None and order.held(store.max_interruptions):
             summary.held += 1  # not driven: the executor gave it back (and said so)
             return
         summary.resumed += 1

@@ -73,7 +73,7 @@ class Store(Reads):
     ) -> None:
         super().__init__(engine)
         # ORDER_SAGA_MAX_INTERRUPTIONS (0: off): the sweep's claim leaves an order its
-        # driver died under this many times in a row to an operator (fsm.attempts.held).
+        # driver died under this many times in a row to an operator (Order.held).
         self.max_interruptions = max_interruptions
         self.event_source = event_source  # the CloudEvents `source` of order events
         self.lease = timedelta(seconds=lease_seconds)

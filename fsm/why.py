@@ -6,7 +6,7 @@ and the settings the sweep runs with: it never writes, never calls a service, ne
 another process. In order of precedence, an order
 
 - is held for an operator: its driver died under it `MAX_INTERRUPTIONS` times in a row
-  (fsm.attempts.held), so the sweep no longer takes it over, until a person resumes it;
+  (`Order.held`), so the sweep no longer takes it over, until a person resumes it;
 - waits on a service's open circuit breaker (which, when the probe is due), while its
   driver holds the lease, or until the probe once nobody does (then the sweep's turn);
 - waits for its next attempt of a failing call (when, how many failed, the last error), or
@@ -34,7 +34,6 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from fsm.attempts import held
 from fsm.machine import OrderState, StepState, is_terminal
 from fsm.models import Order
 from fsm.queries import Attempt, last_attempts
@@ -114,7 +113,7 @@ def explain(
     waits = fresh is not None and fresh.waiting_on and retry is not None
     probe = fresh.next_attempt_at if fresh is not None and waits else None
     # Held: no sweep takes it, whatever else it waits for (a parked one's retry included).
-    if held(order, settings.max_interruptions) and not alive:
+    if order.held(settings.max_interruptions) and not alive:
         return Why(
             Kind.HELD,
             f"held after {order.interruptions} interruptions in a row: its driver died each "

@@ -3,7 +3,7 @@
 A claim that takes over a lease another owner held and let expire (its process died:
 OOM, a segfault, a watchdog's kill -9) counts one; a transition its driver writes puts it
 back to 0. The sweep leaves an order at ORDER_SAGA_MAX_INTERRUPTIONS for an operator
-(fsm.attempts.held). Additive: NOT NULL with a server default of 0, so every order there
+(Order.held). Additive: NOT NULL with a server default of 0, so every order there
 is starts at 0 and a release before this one, which never names the column, still inserts
 orders during a rolling deploy.
 

@@ -94,7 +94,7 @@ class OrderTable(SQLModel, table=True):
     # How many times in a row a claim took the order over from a driver whose lease ran
     # out (its process died mid-run); a transition written by a driver, or a person's
     # action, sets it back to 0. At ORDER_SAGA_MAX_INTERRUPTIONS the sweep holds the order
-    # for an operator (revision 0012; the default lets an older release insert rows).
+    # for an operator (revision 0013; the default lets an older release insert rows).
     interruptions: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 

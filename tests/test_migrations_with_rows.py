@@ -146,7 +146,7 @@ def test_a_downgrade_to_0001_and_back_keeps_the_orders(blank_db: str) -> None:
         engine.dispose()
 
 
-def test_0012_counts_no_interruption_for_any_order_there_or_placed_by_the_release_before(
+def test_0013_counts_no_interruption_for_any_order_there_or_placed_by_the_release_before(
     blank_db: str,
 ) -> None:
     """orders.interruptions comes in at 0 for every order, and a release before it (its
@@ -154,7 +154,7 @@ def test_0012_counts_no_interruption_for_any_order_there_or_placed_by_the_releas
     downgrade drops the column and keeps the orders."""
     upgrade(blank_db, "0001")
     ids = fill(blank_db, machine_version=False)
-    upgrade(blank_db, "0011")
+    upgrade(blank_db, "0012")
     upgrade(blank_db)
     engine = make_engine(blank_db)
     sqlite = engine.dialect.name == "sqlite"
@@ -173,7 +173,7 @@ def test_0012_counts_no_interruption_for_any_order_there_or_placed_by_the_releas
             )
             counts = conn.execute(text("SELECT interruptions FROM orders")).scalars().all()
         assert counts == [0] * (ORDERS + 1)
-        command.downgrade(alembic_config(blank_db), "0011")
+        command.downgrade(alembic_config(blank_db), "0012")
         with engine.connect() as conn:
             columns = {c["name"] for c in inspect(conn).get_columns("orders")}
         assert "interruptions" not in columns

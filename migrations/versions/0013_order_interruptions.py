@@ -7,8 +7,8 @@ back to 0. The sweep leaves an order at ORDER_SAGA_MAX_INTERRUPTIONS for an oper
 is starts at 0 and a release before this one, which never names the column, still inserts
 orders during a rolling deploy.
 
-Revision ID: 0012
-Revises: 0011
+Revision ID: 0013
+Revises: 0012
 Create Date: 2026-12-02 00:40:00
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0012"
-down_revision: str | None = "0011"
+revision: str = "0013"
+down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -318,8 +318,11 @@ def cancel(
     async def main() -> Order:
         async with open_saga(settings) as saga:
             # Refunds, restores and cancels need the services: with none to call, the
-            # cancellation would be committed and left waiting on failed calls.
-            await asyncio.to_thread(require_services, settings)
+            # cancellation would be committed and left waiting on failed calls. An order
+            # that cannot be cancelled is refused for that, as before, whatever the services.
+            found = saga.store.get(oid)
+            if found.state == OrderState.COMPLETED or found.cancel_requested:
+                await asyncio.to_thread(require_services, settings)
             audit = cli_audit(OperatorAction.CANCEL, as_name, reason)
             return await saga.executor.cancel(oid, audit=audit)
 

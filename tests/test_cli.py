@@ -432,6 +432,15 @@ async def test_orders_cancel_with_no_service_url_and_no_serve_to_call_is_refused
     order = executor.store.get(done.id)
     assert (order.state, order.cancel_requested) == ("completed", False)
     assert downstream.balance(ORDINARY_USER_ID) == balance
+    # An order that cannot be cancelled is refused for that, services or none (exit 1).
+    pending, _ = await executor.store.create_order(
+        user_id=ORDINARY_USER_ID, product_id=WIDGET_ID, quantity=1
+    )
+    not_yet = await asyncio.to_thread(run_cli, "orders", "cancel", str(pending.id), **env)
+    assert not_yet.returncode == 1, not_yet.stdout + not_yet.stderr
+    assert not_yet.stderr == (
+        "order-saga: only a completed order can be cancelled (it is pending)\n"
+    ), not_yet.stderr
 
 
 def test_worker_metrics_take_the_next_port_only_when_one_is_in_use() -> None:

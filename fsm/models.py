@@ -365,6 +365,10 @@ class EventDestinationTable(SQLModel, table=True):
     # release reads `secret` as one secret and signs with it.
     previous_secret: str | None = Field(default=None, max_length=200)
     previous_until: datetime | None = Field(default=None, sa_type=_utc())
+    # Whose overlap the two are: a fingerprint of the `secret` the rotation wrote with them
+    # (`fsm.destinations.webhook.fingerprint`). A release before these columns rotates by
+    # `secret` alone; its new secret does not match, so the columns no longer sign.
+    previous_for: str | None = Field(default=None, max_length=64)
     events: str = Field(max_length=1000)  # ",order.created,order.completed," (matched by LIKE)
     created_at: datetime = Field(sa_type=_utc())
 

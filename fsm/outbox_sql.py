@@ -725,6 +725,7 @@ class Destination:
     # The secret a rotation replaced, signing beside `secret` until `previous_until`.
     previous_secret: str | None = None
     previous_until: datetime | None = None
+    previous_for: str | None = None  # the fingerprint of the `secret` they go with
 
     @property
     def label(self) -> str:
@@ -752,13 +753,18 @@ def origin(url: str) -> str:
 
 
 # A Destination's columns, in its fields' order (`_destination` reads a row of them).
-_COLUMNS = ("id", "name", "kind", "url", "secret", "events", "previous_secret", "previous_until")
+_COLUMNS = (
+    "id", "name", "kind", "url", "secret", "events",
+    "previous_secret", "previous_until", "previous_for",
+)  # fmt: skip
 _DESTINATION = f"SELECT {', '.join(_COLUMNS)} FROM event_destinations"
 
 
 def _destination(row: Any) -> Destination:
-    destination_id, name, kind, url, secret, events, previous, until = row
-    return Destination(destination_id, name, kind, url, secret, events, previous, parse_utc(until))
+    destination_id, name, kind, url, secret, events, previous, until, of = row
+    return Destination(
+        destination_id, name, kind, url, secret, events, previous, parse_utc(until), of
+    )
 
 
 def destinations(d: Dialect, cursor: Any) -> list[Destination]:
@@ -845,16 +851,24 @@ def set_secret(
     secret: str,
     previous: str | None = None,
     until: datetime | None = None,
+    previous_for: str | None = None,
 ) -> bool:
-    """Replace a webhook's secret, and the one signing beside it until `until` (None: none);
-    its id, cursor and exception rows stay (a relay sees the changed destination at its
-    next refresh and signs with it from then on)."""
+    """Replace a webhook's secret, and the one signing beside it until `until` (None: none)
+    with the fingerprint of the secret it goes with; its id, cursor and exception rows stay
+    (a relay sees the changed destination at its next refresh and signs with it from then
+    on)."""
     cursor.execute(
         d.sql(
             "UPDATE event_destinations SET secret = %s, previous_secret = %s, "
-            "previous_until = %s WHERE id = %s AND kind = 'webhook'"
+            "previous_until = %s, previous_for = %s WHERE id = %s AND kind = 'webhook'"
         ),
-        [secret, previous, None if until is None else d.timestamp(until), destination_id],
+        [
+            secret,
+            previous,
+            None if until is None else d.timestamp(until),
+            previous_for,
+            destination_id,
+        ],
     )
     return bool(cursor.rowcount == 1)
 

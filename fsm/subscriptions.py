@@ -26,7 +26,13 @@ import yarl
 from fsm import keys, outbox, outbox_sql
 from fsm.bounds import MAX_ID
 from fsm.destinations import Attempt
-from fsm.destinations.webhook import current_secret, destination_keys, new_secret, post
+from fsm.destinations.webhook import (
+    current_secret,
+    destination_keys,
+    fingerprint,
+    new_secret,
+    post,
+)
 from fsm.outbox_sql import Backlog, DeliveryRow, Destination
 from fsm.settings import Settings
 from fsm.sql import Dialect
@@ -279,7 +285,13 @@ def _rotate(
         return False
     previous = None if until is None else current_secret(stored)
     return outbox_sql.set_secret(
-        d, cursor, destination_id=destination_id, secret=secret, previous=previous, until=until
+        d,
+        cursor,
+        destination_id=destination_id,
+        secret=secret,
+        previous=previous,
+        until=until,
+        previous_for=None if previous is None else fingerprint(secret),
     )
 
 

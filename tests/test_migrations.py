@@ -255,14 +255,15 @@ def _secrets(engine: Engine) -> dict[int, tuple[str | None, str | None, datetime
         return {i: (secret, previous, parse_utc(until)) for i, secret, previous, until in rows}
 
 
-async def test_an_upgrade_splits_an_overlapping_secret_and_the_relay_signs_with_both(
+async def test_an_upgrade_leaves_an_overlapping_secret_as_written_and_the_relay_signs_with_both(
     empty_db: str,
 ) -> None:
     """A webhook rotated with an overlap before the revision (`<new> <old>@<until>` in
-    `secret`) comes out of it with `secret` the new one alone, the old one and its end in
-    their columns; a relay then signs with both. Mid-deploy, a release before this one may
-    `rotate` again and write its form into `secret`: this release's relay signs with that
-    form's two secrets (the columns, left from before, are not used)."""
+    `secret`) comes out of it as it was: the release before, still running beside this
+    one during a rolling deploy, reads that form (split, its relay signed with the new
+    secret alone and cut its consumers' overlap short); this release's relay signs with
+    both. Mid-deploy, that release may `rotate` again and write its form into `secret`:
+    this release's relay signs with that form's two secrets."""
     from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
     from fsm import subscriptions
     from fsm.destinations.webhook import new_secret
@@ -306,7 +307,7 @@ async def test_an_upgrade_splits_an_overlapping_secret_and_the_relay_signs_with_
                     )
             upgrade(empty_db, OVERLAP_REVISION)
             assert _secrets(engine) == {
-                1: (new, old, until),
+                1: (f"{new} {old}@{until.timestamp():.0f}", None, None),
                 2: (plain, None, None),
                 3: (None, None, None),
             }
@@ -336,8 +337,12 @@ async def test_an_upgrade_splits_an_overlapping_secret_and_the_relay_signs_with_
 
 def test_a_downgrade_folds_an_overlap_back_into_secret(empty_db: str) -> None:
     """Before the revision, `secret` held a rotation's overlap as `<new> <old>@<until>`
-    (epoch seconds): the downgrade writes it so, and the upgrade back splits it again."""
+    (epoch seconds): the downgrade writes it so, and the upgrade back leaves it so. A
+    `secret` a release before the revision rotated meanwhile (its form already, or a plain
+    secret that ended the columns' overlap) is left as it is: folding it again wrote a
+    value no release could read."""
     from fsm import outbox, subscriptions
+    from fsm.destinations.webhook import new_secret
     from fsm.wiring import open_store
     from tests.support.settings import saga_settings
 
@@ -352,20 +357,39 @@ def test_a_downgrade_folds_an_overlap_back_into_secret(empty_db: str) -> None:
         rotated = subscriptions.rotate(store, overlapping, overlap=3600)
         subscriptions.rotate(store, ended, overlap=3600)
         last = subscriptions.rotate(store, ended, overlap=0)  # ends the overlap at once
+        mixed = subscriptions.add_webhook(store, "http://127.0.0.1:9/mixed", outbox.DEFAULT_TYPES)
+        subscriptions.rotate(store, "http://127.0.0.1:9/mixed", overlap=3600)
+        cut = subscriptions.add_webhook(store, "http://127.0.0.1:9/cut", outbox.DEFAULT_TYPES)
+        subscriptions.rotate(store, "http://127.0.0.1:9/cut", overlap=3600)
     assert rotated.old_until is not None
     one, two = rotated.destination.id, last.destination.id
-    split = {one: (rotated.secret, first.secret, rotated.old_until), two: (last.secret, None, None)}
+    three, four = mixed.destination.id, cut.destination.id
+    theirs = f"{new_secret()} {new_secret()}@{rotated.old_until.timestamp():.0f}"
+    plain = new_secret()
     engine = make_engine(empty_db)
     try:
-        assert _secrets(engine) == split
+        with engine.begin() as conn:  # the release before rotates them: `secret` alone
+            for row_id, secret in ((three, theirs), (four, plain)):
+                conn.execute(
+                    text("UPDATE event_destinations SET secret = :s WHERE id = :i"),
+                    {"s": secret, "i": row_id},
+                )
+        split = _secrets(engine)
+        assert split[one] == (rotated.secret, first.secret, rotated.old_until)
+        assert split[two] == (last.secret, None, None)
         command.downgrade(alembic_config(empty_db), before)
         with engine.connect() as conn:
             folded = dict(conn.execute(text("SELECT id, secret FROM event_destinations")).all())
             columns = {c["name"] for c in inspect(conn).get_columns("event_destinations")}
         until = f"{rotated.old_until.timestamp():.0f}"
-        assert folded == {one: f"{rotated.secret} {first.secret}@{until}", two: last.secret}
-        assert {"previous_secret", "previous_until"}.isdisjoint(columns)
+        assert folded == {
+            one: f"{rotated.secret} {first.secret}@{until}",
+            two: last.secret,
+            three: theirs,
+            four: plain,
+        }
+        assert {"previous_secret", "previous_until", "previous_for"}.isdisjoint(columns)
         upgrade(empty_db, OVERLAP_REVISION)
-        assert _secrets(engine) == split
+        assert _secrets(engine) == {i: (secret, None, None) for i, secret in folded.items()}
     finally:
         engine.dispose()

@@ -22,6 +22,8 @@ from api.app import create_app
 from downstream.seed import ORDINARY_USER_ID, WIDGET_ID
 from fsm import outbox, subscriptions
 from fsm.destinations.webhook import (
+    destination_keys,
+    fingerprint,
     new_secret,
     new_session,
     post,
@@ -322,8 +324,12 @@ async def test_a_relay_of_the_previous_release_signs_with_the_new_secret_after_a
 
 def test_an_overlap_past_its_end_signs_with_the_new_secret_alone() -> None:
     old, new, now = new_secret(), new_secret(), datetime.now(UTC)
-    during = signed_headers(signing_keys(new, old, now + timedelta(seconds=60)), "m:0", b"{}")
-    after = signed_headers(signing_keys(new, old, now - timedelta(seconds=1)), "m:0", b"{}")
+    during = signed_headers(
+        signing_keys(new, old, now + timedelta(seconds=60), fingerprint(new)), "m:0", b"{}"
+    )
+    after = signed_headers(
+        signing_keys(new, old, now - timedelta(seconds=1), fingerprint(new)), "m:0", b"{}"
+    )
     assert len(during["webhook-signature"].split()) == 2
     assert len(after["webhook-signature"].split()) == 1
     standardwebhooks.Webhook(new).verify(b"{}", after)
@@ -362,3 +368,39 @@ async def test_webhooks_test_of_a_secret_that_does_not_decode_is_one_line_then_r
         tested = await asyncio.to_thread(webhooks, db_url, "test", ident)
         assert tested.exit_code == 0, tested.output
     assert len(endpoint.requests) == 1
+
+
+async def test_a_rotation_by_the_previous_release_ends_this_release_s_overlap(
+    db_url: str, store: Store
+) -> None:
+    """This release rotates with an overlap (the old secret in `previous_secret`); the
+    release before, still running mid-deploy, rotates with `--overlap 0`, which writes
+    `secret` alone and says "the old secret signs no more". The columns then belonged to
+    a secret no longer there: the relay kept signing with the twice-replaced secret until
+    the first overlap's end. Now only the new secret signs."""
+    async with Endpoint() as endpoint:
+        added = subscriptions.add_webhook(store, endpoint.url, outbox.DEFAULT_TYPES)
+        ident = str(added.destination.id)
+        rotated = await asyncio.to_thread(webhooks, db_url, "rotate", ident, "--json")
+        assert rotated.exit_code == 0, rotated.output
+        theirs = new_secret()
+        with store.engine.begin() as connection:  # that release's `rotate --overlap 0`
+            connection.execute(
+                text("UPDATE event_destinations SET secret = :s WHERE id = :id"),
+                {"s": theirs, "id": added.destination.id},
+            )
+        keys = destination_keys(subscriptions.find(store, ident))
+        assert keys == [(signing_key(theirs), math.inf)]
+        tested = await asyncio.to_thread(webhooks, db_url, "test", ident)
+        assert tested.exit_code == 0, tested.output
+    (request,) = endpoint.requests
+    assert request.signed_by(theirs) and request.signatures == 1
+
+
+def test_a_previous_secret_past_its_end_is_not_decoded() -> None:
+    """What an overlap that has ended holds no longer matters: a cut value there failed
+    the webhook's whole key set (the relay skipped a webhook whose secret is fine)."""
+    current = new_secret()
+    ended = datetime.now(UTC) - timedelta(days=30)
+    keys = signing_keys(current, "whsec_not*base64", ended, fingerprint(current))
+    assert keys == [(signing_key(current), math.inf)]

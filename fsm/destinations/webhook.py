@@ -8,6 +8,7 @@ One POST per attempt; no retries here and no database (fsm.relay schedules them)
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import math
 import secrets
@@ -43,19 +44,34 @@ def current_secret(stored: str) -> str:
     return stored.partition(" ")[0]
 
 
-def signing_keys(secret: str, previous: str | None = None, until: datetime | None = None) -> Keys:
+def fingerprint(secret: str) -> str:
+    """Which `secret` a rotation's overlap columns go with (event_destinations.previous_for):
+    16 hex digits of its SHA-256, not the secret."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]
+
+
+def signing_keys(
+    secret: str,
+    previous: str | None = None,
+    until: datetime | None = None,
+    previous_for: str | None = None,
+) -> Keys:
     """The keys a webhook signs with: its current secret's (never stops), then, until
     `until`, the `previous` one a rotation replaced (event_destinations.previous_secret,
-    previous_until). `secret` in the form the release before this one's `rotate` wrote,
-    `<new> <old>@<epoch seconds>` (run during a rolling deploy, after the migration that
-    split it): that overlap, the columns' (left from an earlier rotation) ignored."""
+    previous_until), only while `secret` is the one that rotation wrote (`previous_for`):
+    a release before these columns rotates by `secret` alone, and its rotation ends this
+    overlap. `secret` in the form that release's `rotate` writes, `<new> <old>@<epoch
+    seconds>`: that overlap, the columns ignored. A previous secret past its end is not
+    decoded: what it holds no longer matters."""
     current, _, legacy = secret.partition(" ")
     ends = None if until is None else until.timestamp()
     if legacy:
         previous, _, at = legacy.partition("@")
         ends = float(at)
+    elif previous_for != fingerprint(secret):
+        previous = None
     keys = [(signing_key(current), math.inf)]
-    if previous and ends is not None:
+    if previous and ends is not None and ends > time.time():
         keys.append((signing_key(previous), ends))
     return keys
 
@@ -63,7 +79,12 @@ def signing_keys(secret: str, previous: str | None = None, until: datetime | Non
 def destination_keys(destination: Destination) -> Keys:
     """A webhook's `signing_keys`, from its row."""
     assert destination.secret is not None
-    return signing_keys(destination.secret, destination.previous_secret, destination.previous_until)
+    return signing_keys(
+        destination.secret,
+        destination.previous_secret,
+        destination.previous_until,
+        destination.previous_for,
+    )
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:

@@ -12,7 +12,6 @@ wiring inside the command that needs them, so `order-saga --help` stays fast.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import itertools
@@ -329,6 +328,8 @@ def resume(
     setting; no service URL set and nothing at the fallback) exits 2 before anything runs.
     A dry run exits 0. Each
     order resumed gets a row in its log naming who (`--as`, default the local admin)."""
+    import asyncio  # here: `--version`, `diagram` and the rest need none of it
+
     from fsm.machine import OperatorAction, Status
     from fsm.recovery import resume_stuck
     from fsm.store import utcnow
@@ -474,6 +475,8 @@ def worker(
 ) -> None:
     """Claim and advance stuck orders forever (run several; they share the load). With no
     service URL set, a `serve` must answer at ORDER_SAGA_FALLBACK_SERVICES_URL (else exit 2)."""
+    import asyncio
+
     from fsm import upkeep
     from fsm.keys import any_keys
     from fsm.recovery import sweep_forever
@@ -555,6 +558,8 @@ def relay(
 ) -> None:
     """Deliver order events to every destination (webhooks, RabbitMQ) until stopped; run
     several, they share the work. `serve` and `worker` run one too (ORDER_SAGA_RELAY)."""
+    import asyncio
+
     from fsm import relay_child
     from fsm.relay import Relay
     from fsm.wiring import close_store, relay_store

@@ -216,14 +216,12 @@ def version_option(
 ) -> None:
     """Durable order orchestrator."""
     # Every command logs in ORDER_SAGA_LOG_FORMAT, warnings and up (serve, worker and
-    # resume set their own level). A bad setting is left to the command to report.
-    from pydantic import ValidationError
-    from pydantic_settings import SettingsError
-
-    from fsm.settings import Settings
+    # resume set their own level). A bad setting is left to the command to report; the
+    # others are the command's to read (LogFormatSetting: why not Settings() here).
+    from fsm.settings import SETTINGS_ERRORS, LogFormatSetting
     from order_saga.logs import configure
 
     try:
-        configure(Settings().log_format, logging.WARNING)
-    except (ValidationError, SettingsError):
+        configure(LogFormatSetting().log_format, logging.WARNING)
+    except SETTINGS_ERRORS:
         pass

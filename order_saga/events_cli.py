@@ -6,7 +6,6 @@ and never again.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -193,6 +192,8 @@ def rotate(
 @webhooks_app.command("test")
 def test(ident: Annotated[str, typer.Argument(metavar="ID|URL")]) -> None:
     """Send one signed `order-saga.test` event now; exit 1 unless the endpoint took it."""
+    import asyncio  # here: the other commands need none of it
+
     from fsm import subscriptions
     from order_saga.console import load_settings
 

@@ -6,7 +6,6 @@ store and the engine come from `fsm.wiring`, the shared helpers from `order_saga
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 from collections.abc import Iterator, Sequence
@@ -310,6 +309,8 @@ def cancel(
     reason: Annotated[str | None, typer.Option(help="Why (kept in the log).")] = None,
 ) -> None:
     """Cancel a completed order: refund, restore stock, cancel the shipment."""
+    import asyncio  # here: the other commands need none of it
+
     from fsm.wiring import open_saga
 
     oid = parse_order_id(order_id)
@@ -354,6 +355,8 @@ def resolve(
 ) -> None:
     """End a parked (needs_attention) order an operator fixed by hand: -> resolved. An
     order resolved already is printed as it is, exit 0 (nothing written)."""
+    import asyncio
+
     from fsm import operator
     from fsm.executor import new_owner
 

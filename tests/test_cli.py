@@ -24,6 +24,7 @@ from fsm.registry import SERVICES
 from fsm.store import Store, make_engine
 from fsm.wiring import open_store
 from order_saga.cli import first_free
+from tests.support.in_process import Run, first_in_a_process
 from tests.support.processes import Saga, command, run_cli
 from tests.support.services import Downstream, answers, free_port
 from tests.support.serving import Served
@@ -35,65 +36,75 @@ NO_DB = {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}  # a command got past its se
 
 
 @pytest.mark.parametrize(
-    ("args", "env", "message"),
-    [
-        (["diagram", "--format", "jpeg"], {}, "Invalid value for '--format'"),
-        (["diagram", "--order", "not-a-uuid"], {}, "is not an order id"),
-        (["resume", "--limit", "0"], {}, "Invalid value for '--limit'"),
-        (["resume", "--older-than", "-1"], {}, "Invalid value for '--older-than'"),
-        (["serve", "--port", "70000"], {}, "Invalid value for '--port'"),
-        (["nonsense"], {}, "No such command"),
-        (["db", "upgrade"], {"ORDER_SAGA_DATABASE_URL": "mysql://x"}, "ORDER_SAGA_DATABASE_URL"),
-        (["resume"], {"ORDER_SAGA_MAX_ATTEMPTS": "many"}, "ORDER_SAGA_MAX_ATTEMPTS"),
-        (["resume"], {"ORDER_SAGA_USER_URL": "ftp://x"}, "ORDER_SAGA_USER_URL"),
-        (["services", "--state", "/nonexistent/dir/s.db"], {}, "unable to open database"),
-        (["resume"], {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}, "Connection refused"),
-        (
-            ["worker"],
-            {"ORDER_SAGA_DATABASE_URL": "sqlite:////nonexistent/dir/x.db"},
-            "unable to open database",
-        ),
-        (
-            ["resume", "--order", "00000000-0000-0000-0000-000000000000"],
-            {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG},
-            "Connection refused",
-        ),
-        (["webhooks", "list"], {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}, "Connection refused"),
-        (["events", "list"], {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}, "Connection refused"),
-        # Refused before the database is asked (the unreachable one would say so).
-        *(
-            (["webhooks", "add", url], {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}, message)
-            for url, message in [
-                ("http://a..b/", "is not a valid host name"),
-                (f"http://{'x' * 64}.example/", "is not a valid host name"),
-                ("http://example.com:99999/", "the port is not a number"),
-                ("http://example.com:0/", "the port is not a number from 1 to 65535"),
-                ("http://ho st.example/", "is not a valid host name"),
-                ("http://hooks\u200b.example/in", "cannot contain '\\u200b'"),
-                (f"http://example.com/{'x' * 190}", "at most 200 characters"),
-            ]
-        ),
-        (
-            ["relay"],
-            {"ORDER_SAGA_AMQP_URL": "amqp://u:p@rabbit:99999/", **NO_DB},
-            "invalid ORDER_SAGA_AMQP_URL: Value error, has a port that is not a number",
-        ),
-        (
-            ["relay"],
-            {"ORDER_SAGA_AMQP_URL": "amqp:///", **NO_DB},
-            "ORDER_SAGA_AMQP_URL: Value error, has no host",
-        ),
-        (
-            ["relay"],
-            {"ORDER_SAGA_EVENT_TIMEOUT": "20", "ORDER_SAGA_RELAY_LEASE": "30", **NO_DB},
-            "must be below two thirds of ORDER_SAGA_RELAY_LEASE (30)",
-        ),
-    ],
+    ("args", "env", "message", "run"),
+    first_in_a_process(
+        [
+            (["diagram", "--format", "jpeg"], {}, "Invalid value for '--format'"),
+            (["diagram", "--order", "not-a-uuid"], {}, "is not an order id"),
+            (["resume", "--limit", "0"], {}, "Invalid value for '--limit'"),
+            (["resume", "--older-than", "-1"], {}, "Invalid value for '--older-than'"),
+            (["serve", "--port", "70000"], {}, "Invalid value for '--port'"),
+            (["nonsense"], {}, "No such command"),
+            (
+                ["db", "upgrade"],
+                {"ORDER_SAGA_DATABASE_URL": "mysql://x"},
+                "ORDER_SAGA_DATABASE_URL",
+            ),
+            (["resume"], {"ORDER_SAGA_MAX_ATTEMPTS": "many"}, "ORDER_SAGA_MAX_ATTEMPTS"),
+            (["resume"], {"ORDER_SAGA_USER_URL": "ftp://x"}, "ORDER_SAGA_USER_URL"),
+            (["services", "--state", "/nonexistent/dir/s.db"], {}, "unable to open database"),
+            (["resume"], {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}, "Connection refused"),
+            (
+                ["worker"],
+                {"ORDER_SAGA_DATABASE_URL": "sqlite:////nonexistent/dir/x.db"},
+                "unable to open database",
+            ),
+            (
+                ["resume", "--order", "00000000-0000-0000-0000-000000000000"],
+                {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG},
+                "Connection refused",
+            ),
+            (
+                ["webhooks", "list"],
+                {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG},
+                "Connection refused",
+            ),
+            (["events", "list"], {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}, "Connection refused"),
+            # Refused before the database is asked (the unreachable one would say so).
+            *(
+                (["webhooks", "add", url], {"ORDER_SAGA_DATABASE_URL": UNREACHABLE_PG}, message)
+                for url, message in [
+                    ("http://a..b/", "is not a valid host name"),
+                    (f"http://{'x' * 64}.example/", "is not a valid host name"),
+                    ("http://example.com:99999/", "the port is not a number"),
+                    ("http://example.com:0/", "the port is not a number from 1 to 65535"),
+                    ("http://ho st.example/", "is not a valid host name"),
+                    ("http://hooks\u200b.example/in", "cannot contain '\\u200b'"),
+                    (f"http://example.com/{'x' * 190}", "at most 200 characters"),
+                ]
+            ),
+            (
+                ["relay"],
+                {"ORDER_SAGA_AMQP_URL": "amqp://u:p@rabbit:99999/", **NO_DB},
+                "invalid ORDER_SAGA_AMQP_URL: Value error, has a port that is not a number",
+            ),
+            (
+                ["relay"],
+                {"ORDER_SAGA_AMQP_URL": "amqp:///", **NO_DB},
+                "ORDER_SAGA_AMQP_URL: Value error, has no host",
+            ),
+            (
+                ["relay"],
+                {"ORDER_SAGA_EVENT_TIMEOUT": "20", "ORDER_SAGA_RELAY_LEASE": "30", **NO_DB},
+                "must be below two thirds of ORDER_SAGA_RELAY_LEASE (30)",
+            ),
+        ]
+    ),
 )
 def test_bad_input_is_one_line_and_a_non_zero_exit(
-    args: list[str], env: dict[str, str], message: str
+    args: list[str], env: dict[str, str], message: str, run: Run
 ) -> None:
-    result = run_cli(*args, **env)
+    result = run(*args, **env)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("order-saga: "), result.stderr
@@ -101,16 +112,18 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(
 
 
 @pytest.mark.parametrize(
-    ("args", "variable", "url"),
-    [
-        (["webhooks", "list"], "DATABASE_URL", "postgresql+psycopg://u:hunter2@127.0.0.1:1/x"),
-        (["events", "list"], "DATABASE_URL", "postgresql+psycopg://u:hunter2@127.0.0.1:1/x"),
-    ],
+    ("args", "variable", "url", "run"),
+    first_in_a_process(
+        [
+            (["webhooks", "list"], "DATABASE_URL", "postgresql+psycopg://u:hunter2@127.0.0.1:1/x"),
+            (["events", "list"], "DATABASE_URL", "postgresql+psycopg://u:hunter2@127.0.0.1:1/x"),
+        ]
+    ),
 )
 def test_a_password_in_an_unusable_url_is_not_shown(
-    args: list[str], variable: str, url: str
+    args: list[str], variable: str, url: str, run: Run
 ) -> None:
-    result = run_cli(*args, **{f"ORDER_SAGA_{variable}": url})
+    result = run(*args, **{f"ORDER_SAGA_{variable}": url})
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "hunter2" not in result.stdout + result.stderr

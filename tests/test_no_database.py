@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.database import create_pg_database, drop_pg_database
+from tests.support.in_process import Run, first_in_a_process
 from tests.support.processes import run_cli
 
 SOME_ID = "00000000-0000-0000-0000-000000000001"
@@ -38,6 +39,10 @@ DATABASE_COMMANDS = [
     ("relay",),
     ("serve", "--no-migrate"),
 ]
+# Each command once as a tuple of its args (a case of one argument), the first in a process.
+ONE_IN_A_PROCESS = first_in_a_process(
+    [(a,) for a in DATABASE_COMMANDS], ids=lambda c: " ".join(c[0])
+)
 HINT = "create it with `order-saga db upgrade`, or point ORDER_SAGA_DATABASE_URL at yours"
 
 
@@ -45,11 +50,11 @@ def hint(where: str, what: str) -> str:
     return f"order-saga: no order-saga database at {where} ({what}): {HINT}"
 
 
-@pytest.mark.parametrize("args", DATABASE_COMMANDS, ids=" ".join)
+@pytest.mark.parametrize(("args", "run"), ONE_IN_A_PROCESS)
 def test_a_command_where_there_is_no_database_says_so_and_creates_none(
-    args: tuple[str, ...], tmp_path: Path
+    args: tuple[str, ...], run: Run, tmp_path: Path
 ) -> None:
-    result = run_cli(*args, cwd=tmp_path)  # the default: sqlite:///order-saga.db, here
+    result = run(*args, cwd=tmp_path)  # the default: sqlite:///order-saga.db, here
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip() == hint(str(tmp_path / "order-saga.db"), "no such file")
     assert list(tmp_path.iterdir()) == []  # no empty order-saga.db (nor -wal, -shm) left
@@ -75,12 +80,12 @@ def never_migrated(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str,
     return with_password, url.replace("postgres@", "***@", 1)
 
 
-@pytest.mark.parametrize("args", DATABASE_COMMANDS, ids=" ".join)
+@pytest.mark.parametrize(("args", "run"), ONE_IN_A_PROCESS)
 def test_a_database_never_migrated_gets_the_same_line(
-    args: tuple[str, ...], never_migrated: tuple[str, str]
+    args: tuple[str, ...], run: Run, never_migrated: tuple[str, str]
 ) -> None:
     url, where = never_migrated
-    result = run_cli(*args, ORDER_SAGA_DATABASE_URL=url)
+    result = run(*args, ORDER_SAGA_DATABASE_URL=url)
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip() == hint(where, "no orders table: never migrated")
 
@@ -94,17 +99,19 @@ def test_db_upgrade_creates_the_database_the_other_commands_then_use(tmp_path: P
 
 
 @pytest.mark.parametrize(
-    "database",
-    ["file:{dir}/uri.db?uri=true", "file:{dir}/uri.db?mode=rw&uri=true", "~/tilde.db"],
+    ("database", "run"),
+    first_in_a_process(
+        ["file:{dir}/uri.db?uri=true", "file:{dir}/uri.db?mode=rw&uri=true", "~/tilde.db"]
+    ),
 )
 def test_uri_and_tilde_paths_are_looked_for_where_sqlite_opens_them(
-    database: str, tmp_path: Path
+    database: str, run: Run, tmp_path: Path
 ) -> None:
     """A URI filename (`file:…?uri=true`) is checked at its path, not opened (which made
     an empty file there); `~` is no home directory to SQLite, only a directory of that
     name under the working one, so that is where it is looked for (and named)."""
     url = "sqlite:///" + database.format(dir=tmp_path)
-    result = run_cli("orders", "list", cwd=tmp_path, ORDER_SAGA_DATABASE_URL=url)
+    result = run("orders", "list", cwd=tmp_path, ORDER_SAGA_DATABASE_URL=url)
     assert result.returncode == 1, result.stderr
     where = tmp_path / "uri.db" if database.startswith("file:") else tmp_path / "~/tilde.db"
     assert result.stderr.strip() == hint(str(where), "no such file")

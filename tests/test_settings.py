@@ -40,6 +40,7 @@ from fsm.wiring import open_saga, open_store
 from order_saga.console import running_with
 from tests.support.api import API, place
 from tests.support.database import PG_SERVER
+from tests.support.in_process import Run, first_in_a_process, run_cli_here
 from tests.support.processes import Saga, command, run_cli
 from tests.support.services import Downstream
 from tests.support.serving import Served, fresh_database
@@ -95,25 +96,27 @@ def test_every_number_setting_is_finite_and_bounded(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("command", "variable", "value"),
-    [
-        (["serve"], "LEASE_SECONDS", "inf"),
-        (["worker"], "STEP_DEADLINE", "1e20"),
-        (["resume"], "HTTP_TIMEOUT", "inf"),
-        (["worker"], "ORDER_DEADLINE", "1e20"),
-        (["worker"], "RETENTION_SECONDS", "1e20"),
-        (["worker"], "RETENTION_ROWS", "99999999999999999999"),
-        (["orders", "list"], "SWEEP_OLDER_THAN", "1e20"),
-        (["orders", "list"], "PARK_MAX", "1e20"),
-        (["relay"], "EVENT_MAX_AGE", "1e20"),
-        (["worker"], "MAX_INTERRUPTIONS", "-1"),  # 0 is "never held"; below, nothing
-        (["serve"], "MAX_INTERRUPTIONS", "1001"),
-    ],
+    ("command", "variable", "value", "run"),
+    first_in_a_process(
+        [
+            (["serve"], "LEASE_SECONDS", "inf"),
+            (["worker"], "STEP_DEADLINE", "1e20"),
+            (["resume"], "HTTP_TIMEOUT", "inf"),
+            (["worker"], "ORDER_DEADLINE", "1e20"),
+            (["worker"], "RETENTION_SECONDS", "1e20"),
+            (["worker"], "RETENTION_ROWS", "99999999999999999999"),
+            (["orders", "list"], "SWEEP_OLDER_THAN", "1e20"),
+            (["orders", "list"], "PARK_MAX", "1e20"),
+            (["relay"], "EVENT_MAX_AGE", "1e20"),
+            (["worker"], "MAX_INTERRUPTIONS", "-1"),  # 0 is "never held"; below, nothing
+            (["serve"], "MAX_INTERRUPTIONS", "1001"),
+        ]
+    ),
 )
 def test_a_number_setting_past_its_bound_stops_the_command_in_one_line(
-    command: list[str], variable: str, value: str
+    command: list[str], variable: str, value: str, run: Run
 ) -> None:
-    result = run_cli(*command, **NO_DB, **{f"ORDER_SAGA_{variable}": value})
+    result = run(*command, **NO_DB, **{f"ORDER_SAGA_{variable}": value})
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"order-saga: invalid ORDER_SAGA_{variable}: "), result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
@@ -129,19 +132,21 @@ SECONDS_FLAGS = [
 
 
 @pytest.mark.parametrize(
-    "args",
-    [
-        *([*flag, value] for flag in SECONDS_FLAGS for value in ("1e20", "inf", "nan")),
-        ["prune", "--dry-run", "--keep", str(MAX_COUNT + 1)],
-        ["orders", "list", "--product", "99999999999999999999"],
-        ["orders", "list", "--user", "99999999999999999999"],
-    ],
-    ids=" ".join,
+    ("args", "run"),
+    first_in_a_process(
+        [
+            *([*flag, value] for flag in SECONDS_FLAGS for value in ("1e20", "inf", "nan")),
+            ["prune", "--dry-run", "--keep", str(MAX_COUNT + 1)],
+            ["orders", "list", "--product", "99999999999999999999"],
+            ["orders", "list", "--user", "99999999999999999999"],
+        ],
+        ids=" ".join,
+    ),
 )
-def test_a_flag_past_its_bound_is_a_usage_error(args: list[str]) -> None:
+def test_a_flag_past_its_bound_is_a_usage_error(args: list[str], run: Run) -> None:
     """`resume --older-than 1e20` and the like were a traceback (`worker`'s: one every
     sweep); the unreachable database shows the flag is refused before it is asked."""
-    result = run_cli(*args, **NO_DB)
+    result = run(*args, **NO_DB)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"order-saga: Invalid value for '{args[-2]}': "), result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
@@ -149,13 +154,16 @@ def test_a_flag_past_its_bound_is_a_usage_error(args: list[str]) -> None:
 
 def test_a_flag_at_its_bound_works(db_url: str, store: Store) -> None:
     env = saga_env(database_url=db_url)
-    for args in (
-        ["resume", "--dry-run", "--older-than", str(MAX_SECONDS)],
-        ["orders", "list", "--older-than", str(MAX_SECONDS)],
-        ["prune", "--dry-run", "--older-than", str(MAX_SECONDS)],
-        ["prune", "--dry-run", "--keep", str(MAX_COUNT)],
+    for i, args in enumerate(
+        [
+            ["resume", "--dry-run", "--older-than", str(MAX_SECONDS)],
+            ["orders", "list", "--older-than", str(MAX_SECONDS)],
+            ["prune", "--dry-run", "--older-than", str(MAX_SECONDS)],
+            ["prune", "--dry-run", "--keep", str(MAX_COUNT)],
+        ]
     ):
-        result = run_cli(*args, **env)
+        run = run_cli if i == 0 else run_cli_here  # the first in a real process
+        result = run(*args, **env)
         assert result.returncode == 0, f"{args}: {result.stderr}"
 
 
@@ -204,27 +212,34 @@ async def test_every_wait_at_its_bound_still_runs_parks_explains_and_prunes(
 
 
 @pytest.mark.parametrize(
-    ("command", "variable", "value", "message"),
-    [
-        (["orders", "list"], "SERVICES", "notjson", "invalid ORDER_SAGA_SERVICES: not valid JSON"),
-        (["worker"], "SERVICES", "notjson", "invalid ORDER_SAGA_SERVICES: not valid JSON"),
-        (["serve"], "OIDC_ROLES", '{"hunter2', "invalid ORDER_SAGA_OIDC_ROLES: not valid JSON"),
-        (["resume"], "SERVICES", "[[1, 2]]", "ORDER_SAGA_SERVICES must be a JSON object"),
-        (["resume"], "SERVICES", "[1]", "ORDER_SAGA_SERVICES must be a JSON object"),
-        (["resume"], "SERVICES", '"hunter2"', "ORDER_SAGA_SERVICES must be a JSON object"),
-        # Falsy, and were taken as "no services" (the embedded ones) for it.
-        *(
-            (["resume"], "SERVICES", falsy, "ORDER_SAGA_SERVICES must be a JSON object")
-            for falsy in ("[]", "null", "false", "0", '""')
-        ),
-    ],
+    ("command", "variable", "value", "message", "run"),
+    first_in_a_process(
+        [
+            (
+                ["orders", "list"],
+                "SERVICES",
+                "notjson",
+                "invalid ORDER_SAGA_SERVICES: not valid JSON",
+            ),
+            (["worker"], "SERVICES", "notjson", "invalid ORDER_SAGA_SERVICES: not valid JSON"),
+            (["serve"], "OIDC_ROLES", '{"hunter2', "invalid ORDER_SAGA_OIDC_ROLES: not valid JSON"),
+            (["resume"], "SERVICES", "[[1, 2]]", "ORDER_SAGA_SERVICES must be a JSON object"),
+            (["resume"], "SERVICES", "[1]", "ORDER_SAGA_SERVICES must be a JSON object"),
+            (["resume"], "SERVICES", '"hunter2"', "ORDER_SAGA_SERVICES must be a JSON object"),
+            # Falsy, and were taken as "no services" (the embedded ones) for it.
+            *(
+                (["resume"], "SERVICES", falsy, "ORDER_SAGA_SERVICES must be a JSON object")
+                for falsy in ("[]", "null", "false", "0", '""')
+            ),
+        ]
+    ),
 )
 def test_a_json_setting_that_is_not_usable_stops_the_command_in_one_line(
-    command: list[str], variable: str, value: str, message: str
+    command: list[str], variable: str, value: str, message: str, run: Run
 ) -> None:
     """Was a traceback (SettingsError, or a TypeError of the URL map); the value is never
     echoed (it may hold a secret)."""
-    result = run_cli(*command, **NO_DB, **{f"ORDER_SAGA_{variable}": value})
+    result = run(*command, **NO_DB, **{f"ORDER_SAGA_{variable}": value})
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("order-saga: ") and message in result.stderr, result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
@@ -240,25 +255,39 @@ def test_a_bad_json_setting_a_command_does_not_read_is_left_alone() -> None:
 
 
 @pytest.mark.parametrize(
-    ("url", "message"),
-    [
-        ("sqlite://", "in memory"),
-        ("sqlite:///", "in memory"),
-        ("sqlite:///:memory:", "in memory"),
-        ("sqlite:///file:saga?mode=memory&uri=true", "in memory"),
-        ("sqlite:///file::memory:?uri=true", "in memory"),
-        ("sqlite+pysqlite:///saga.db", "must be a sqlite:///<file> or postgresql+psycopg://"),
-        ("postgresql+asyncpg://u:hunter2@127.0.0.1:5432/db", "names a driver order-saga does not"),
-        ("postgresql+pg8000://u:hunter2@127.0.0.1:5432/db", "names a driver order-saga does not"),
-        ("postgresql+psycopg2://u:hunter2@127.0.0.1:5432/db", "names a driver order-saga does not"),
-        ("mysql://u:hunter2@127.0.0.1/db", "must be a sqlite:///<file> or postgresql+psycopg://"),
-    ],
+    ("url", "message", "run"),
+    first_in_a_process(
+        [
+            ("sqlite://", "in memory"),
+            ("sqlite:///", "in memory"),
+            ("sqlite:///:memory:", "in memory"),
+            ("sqlite:///file:saga?mode=memory&uri=true", "in memory"),
+            ("sqlite:///file::memory:?uri=true", "in memory"),
+            ("sqlite+pysqlite:///saga.db", "must be a sqlite:///<file> or postgresql+psycopg://"),
+            (
+                "postgresql+asyncpg://u:hunter2@127.0.0.1:5432/db",
+                "names a driver order-saga does not",
+            ),
+            (
+                "postgresql+pg8000://u:hunter2@127.0.0.1:5432/db",
+                "names a driver order-saga does not",
+            ),
+            (
+                "postgresql+psycopg2://u:hunter2@127.0.0.1:5432/db",
+                "names a driver order-saga does not",
+            ),
+            (
+                "mysql://u:hunter2@127.0.0.1/db",
+                "must be a sqlite:///<file> or postgresql+psycopg://",
+            ),
+        ]
+    ),
 )
-def test_a_database_url_no_process_can_share_is_refused(url: str, message: str) -> None:
+def test_a_database_url_no_process_can_share_is_refused(url: str, message: str, run: Run) -> None:
     """`sqlite://` started `serve` and failed every POST (each connection its own empty
     database); another driver was a 40-line ModuleNotFoundError."""
     assert refusal(database_url=url) == ["database_url"]
-    result = run_cli("orders", "list", ORDER_SAGA_DATABASE_URL=url)
+    result = run("orders", "list", ORDER_SAGA_DATABASE_URL=url)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("order-saga: invalid ORDER_SAGA_DATABASE_URL: ")
     assert message in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
@@ -266,25 +295,29 @@ def test_a_database_url_no_process_can_share_is_refused(url: str, message: str) 
 
 
 @pytest.mark.parametrize(
-    "command",
-    [
-        ["serve"],
-        ["worker"],
-        ["resume"],
-        ["relay"],
-        ["check-upgrade"],
-        ["db", "upgrade"],
-        ["orders", "list"],
-        ["orders", "show", "00000000-0000-0000-0000-000000000000"],
-        ["prune", "--older-than", "1"],
-        ["keys", "list"],
-        ["events", "list"],
-        ["webhooks", "list"],
-    ],
-    ids=" ".join,
+    ("command", "run"),
+    first_in_a_process(
+        [
+            ["serve"],
+            ["worker"],
+            ["resume"],
+            ["relay"],
+            ["check-upgrade"],
+            ["db", "upgrade"],
+            ["orders", "list"],
+            ["orders", "show", "00000000-0000-0000-0000-000000000000"],
+            ["prune", "--older-than", "1"],
+            ["keys", "list"],
+            ["events", "list"],
+            ["webhooks", "list"],
+        ],
+        ids=" ".join,
+    ),
 )
-def test_every_command_refuses_an_unusable_database_url_in_one_line(command: list[str]) -> None:
-    result = run_cli(
+def test_every_command_refuses_an_unusable_database_url_in_one_line(
+    command: list[str], run: Run
+) -> None:
+    result = run(
         *command, ORDER_SAGA_DATABASE_URL="postgresql+asyncpg://u:hunter2@127.0.0.1:5432/db"
     )
     assert result.returncode == 2, result.stderr
@@ -315,9 +348,12 @@ SECRET_IN_ERROR_URL = f"http://svc:{SECRET}@127.0.0.1:99999"
 
 
 @pytest.mark.parametrize(
-    "variable", ["PRODUCT_URL", "USER_URL", "INVENTORY_URL", "SHIPPING_URL", "SERVICES"]
+    ("variable", "run"),
+    first_in_a_process(["PRODUCT_URL", "USER_URL", "INVENTORY_URL", "SHIPPING_URL", "SERVICES"]),
 )
-def test_a_service_url_with_a_password_stops_the_command_in_one_line(variable: str) -> None:
+def test_a_service_url_with_a_password_stops_the_command_in_one_line(
+    variable: str, run: Run
+) -> None:
     """Its password reached `last_error`, every attempt_failed line and API clients
     (aiohttp's error quotes the whole URL): refused at start, never quoted."""
     urls = {f"ORDER_SAGA_{s.upper()}_URL": "http://127.0.0.1:1" for s in SERVICE_NAMES}
@@ -326,7 +362,7 @@ def test_a_service_url_with_a_password_stops_the_command_in_one_line(variable: s
         named = f"ORDER_SAGA_{SERVICE_NAMES[0].upper()}_URL"
     else:
         env, named = urls | {f"ORDER_SAGA_{variable}": SECRET_URL}, f"ORDER_SAGA_{variable}"
-    result = run_cli("orders", "list", **NO_DB, **env)
+    result = run("orders", "list", **NO_DB, **env)
     assert result.returncode == 2, result.stderr
     assert f"{named} must not hold a user or password" in result.stderr, result.stderr
     assert len(result.stderr.splitlines()) == 1 and SECRET not in result.stderr
@@ -464,20 +500,22 @@ def test_an_https_or_local_issuer_is_taken(url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("command", "variable", "value"),
-    [
-        (["serve", "--port", "1"], "OIDC_ISSUER", "https://"),
-        (["serve", "--port", "1"], "PRODUCT_URL", "http://"),
-        (["worker"], "FALLBACK_SERVICES_URL", "http://127.0.0.1:99999"),
-        (["resume"], "SHIPPING_URL", "http://[::1"),
-    ],
+    ("command", "variable", "value", "run"),
+    first_in_a_process(
+        [
+            (["serve", "--port", "1"], "OIDC_ISSUER", "https://"),
+            (["serve", "--port", "1"], "PRODUCT_URL", "http://"),
+            (["worker"], "FALLBACK_SERVICES_URL", "http://127.0.0.1:99999"),
+            (["resume"], "SHIPPING_URL", "http://[::1"),
+        ]
+    ),
 )
 def test_a_malformed_url_stops_the_command_in_one_line(
-    command: list[str], variable: str, value: str
+    command: list[str], variable: str, value: str, run: Run
 ) -> None:
     urls = {f"ORDER_SAGA_{s.upper()}_URL": "http://127.0.0.1:1" for s in SERVICE_NAMES}
     env = urls if variable.endswith("_URL") and variable != "FALLBACK_SERVICES_URL" else {}
-    result = run_cli(*command, **NO_DB, **(env | {f"ORDER_SAGA_{variable}": value}))
+    result = run(*command, **NO_DB, **(env | {f"ORDER_SAGA_{variable}": value}))
     assert result.returncode == 2, result.stderr
     assert f"ORDER_SAGA_{variable}" in result.stderr, result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
@@ -487,19 +525,21 @@ def test_a_malformed_url_stops_the_command_in_one_line(
 
 
 @pytest.mark.parametrize(
-    ("first", "bound"),
-    [
-        ("PARK_MIN", "PARK_MAX"),
-        ("BACKOFF_BASE", "BACKOFF_MAX"),
-        ("EVENT_BACKOFF_BASE", "EVENT_BACKOFF_MAX"),
-    ],
+    ("first", "bound", "run"),
+    first_in_a_process(
+        [
+            ("PARK_MIN", "PARK_MAX"),
+            ("BACKOFF_BASE", "BACKOFF_MAX"),
+            ("EVENT_BACKOFF_BASE", "EVENT_BACKOFF_MAX"),
+        ]
+    ),
 )
 def test_a_pause_that_starts_above_its_bound_stops_the_command_in_one_line(
-    first: str, bound: str
+    first: str, bound: str, run: Run
 ) -> None:
     """PARK_MIN=7200 with PARK_MAX=600 was taken, and PARK_MIN silently did nothing (the
     pause is cut to its bound)."""
-    result = run_cli(
+    result = run(
         "orders", "list", **NO_DB, **{f"ORDER_SAGA_{first}": "7200", f"ORDER_SAGA_{bound}": "600"}
     )
     assert result.returncode == 2, result.stderr
@@ -516,7 +556,9 @@ def test_an_empty_value_that_meant_something_else_is_refused(variable: str, valu
     per `serve --workers N` process); OIDC_CLIENT_ID= turned single sign-on off without a
     word."""
     assert refusal(**{variable.lower(): value}) == [variable.lower()]
-    result = run_cli("orders", "list", **NO_DB, **{f"ORDER_SAGA_{variable}": value})
+    # One case in a real process (the console script), the others in this one.
+    run = run_cli if (variable, value) == ("SERVICES_DB", "") else run_cli_here
+    result = run("orders", "list", **NO_DB, **{f"ORDER_SAGA_{variable}": value})
     assert result.returncode == 2, result.stderr
     said = result.stderr
     assert said.startswith(f"order-saga: invalid ORDER_SAGA_{variable}: "), said

@@ -99,24 +99,36 @@ def served(tmp_path: Path, settings: dict[str, str]) -> Iterator[Served]:
         server.stop()
 
 
-@contextmanager
-def browser_tab() -> Iterator[Any]:
-    """A page of Debian's chromium, driven by Playwright, closed after use."""
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    """Debian's chromium, driven by Playwright: launched once for the module's tests an
+    xdist worker runs (a launch was ~1-2 s of CPU a test); each test gets its own context
+    (`browser_tab`: no cookie, storage or cache of another test)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        tab = browser.new_page(viewport={"width": 1280, "height": 900})
-        tab.set_default_timeout(TIMEOUT_MS)
         try:
-            yield tab
+            yield browser
         finally:
             browser.close()
 
 
+@contextmanager
+def browser_tab(browser: Any) -> Iterator[Any]:
+    """A page in a fresh context of `browser` (as Browser.new_page makes), closed after use."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        tab = context.new_page()
+        tab.set_default_timeout(TIMEOUT_MS)
+        yield tab
+    finally:
+        context.close()
+
+
 @pytest.fixture
-def page(served: Served) -> Iterator[Any]:
-    with browser_tab() as tab:
+def page(served: Served, chromium: Any) -> Iterator[Any]:
+    with browser_tab(chromium) as tab:
         yield tab
 
 
@@ -467,8 +479,8 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
 
 
 @pytest.fixture
-def tab(team: Team) -> Iterator[Any]:
-    with browser_tab() as opened:
+def tab(team: Team, chromium: Any) -> Iterator[Any]:
+    with browser_tab(chromium) as opened:
         yield opened
 
 

@@ -238,6 +238,7 @@ def _order_base() -> dict[str, Any]:
         "deadline_at": None,
         "attention_reason": None,
         "cancel_requested": False,
+        "interruptions": 0,
         "machine_version": MACHINE_VERSION,
         "created_by": "",
     }

@@ -277,8 +277,14 @@ class Order:
         """Has its driver died under it `limit` times in a row (ORDER_SAGA_MAX_
         INTERRUPTIONS; 0: never held)? Then no automatic run drives it: the sweep's claim
         leaves it (fsm.sql.claim_batch) and a run that took it over anyway, the claim that
-        counted the last interruption, gives it back undriven (fsm.attempts.hold)."""
+        counted the last interruption, gives it back undriven (Executor._audited, which
+        says so through fsm.attempts.hold); a person's run drives it. `order-saga resume`
+        leaves it too unless --include-held (HELD_HINT)."""
         return 0 < limit <= self.interruptions
+
+
+# What a person does about a held order (`order-saga resume`'s lines and notes).
+HELD_HINT = "find why its driver died, then `resume --order ID`, or all with --include-held"
 
 
 def _with_plugged_in_steps(base: type[Order]) -> type[Order]:

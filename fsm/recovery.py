@@ -19,7 +19,7 @@ from datetime import timedelta
 
 from fsm.errors import ConcurrencyError, outage, outage_line
 from fsm.executor import Executor
-from fsm.models import Order
+from fsm.models import HELD_HINT, Order
 from fsm.operator import Audit
 from fsm.settings import Settings
 from fsm.sql import PARKED
@@ -38,7 +38,7 @@ class ResumeSummary:
     skipped_leased: int = 0
     lost_to_other_driver: int = 0
     errors: int = 0
-    held: int = 0  # given back undriven: their driver died too often (Order.held)
+    held: int = 0  # held (Order.held): given back undriven by the sweep, or left by resume
 
     def as_dict(self) -> dict[str, object]:
         """The summary as JSON-ready data (`order-saga resume --json`)."""
@@ -49,6 +49,7 @@ class ResumeSummary:
             "skipped_leased": self.skipped_leased,
             "lost_to_other_driver": self.lost_to_other_driver,
             "errors": self.errors,
+            "held": self.held,
         }
 
     def line(self) -> str:
@@ -84,13 +85,17 @@ async def resume_stuck(
     due_only: bool = True,
     progress: Progress | None = None,
     audit: Audit | None = None,
+    take_held: bool = False,
 ) -> ResumeSummary:
     """Drive stuck orders, at most `concurrency` at once and `limit` in all, each at most
     once: a slot that frees up is refilled by a new claim, so several workers share the
     backlog and none waits for the slowest order of a batch.
     `due_only=False` (an operator's `resume`) ignores the retry schedule, and takes parked
     orders whatever `older_than` (no driver holds one): retry now.
-    `audit` (a person's `resume`, not the sweep): each order's log first names who."""
+    `audit` (a person's `resume`, not the sweep): each order's log first names who.
+    Held orders (Order.held: their driver died under them again and again) are left alone
+    unless `take_held` (`resume --include-held`): a routine drain must not restart a crash
+    loop in the operator's own process; a dry run names them."""
     moved_before = utcnow() - timedelta(seconds=older_than)
     leased = await asyncio.to_thread(store.count_leased_stuck, moved_before=moved_before)
     summary = ResumeSummary(skipped_leased=leased)
@@ -99,6 +104,11 @@ async def resume_stuck(
             store.find_stuck, moved_before=moved_before, limit=limit, due_only=due_only
         )
         for order in found:
+            if not take_held and order.held(store.max_interruptions):
+                summary.held += 1
+                if progress:
+                    progress(order, f"held: left alone ({HELD_HINT})")
+                continue
             summary.found += 1
             if progress:
                 progress(order, "would resume")
@@ -145,7 +155,7 @@ async def resume_stuck(
             if free > 0 and not exhausted:
                 batch = await store.claim_batch(
                     owner=executor.owner, moved_before=moved_before, limit=free,
-                    exclude=stalled, due_only=due_only,
+                    exclude=stalled, due_only=due_only, take_held=take_held,
                 )  # fmt: skip
                 exhausted = not batch
                 summary.found += len(batch)

@@ -342,10 +342,11 @@ def claim_batch(
     dialect: Dialect, *, due_only: bool, excluded: int, undrivable: int, held: bool = False
 ) -> str:
     """Lease up to N stuck orders, oldest first, in one statement (not `due_only`: parked
-    ones at any age). `held` (the sweep's, ORDER_SAGA_MAX_INTERRUPTIONS not 0): orders
-    interrupted that many times in a row stay put. Parameters: owner, lease end, owner,
-    now (INTERRUPTED), moved-before, now, [now if due_only], [max interruptions if held],
-    excluded ids, undrivable combinations (flattened in STATE_COLUMNS order), limit."""
+    ones at any age). `held` (ORDER_SAGA_MAX_INTERRUPTIONS not 0, and no person's
+    `--include-held`): orders interrupted that many times in a row stay put. Parameters:
+    owner, lease end, owner, now (INTERRUPTED), moved-before, now, [now if due_only],
+    [max interruptions if held], excluded ids, undrivable combinations (flattened in
+    STATE_COLUMNS order), limit."""
     resumable = ", ".join(f"'{s}'" for s in RESUMABLE)
     # The sweep (due_only) keeps a park's own pause; an operator's resume takes it now.
     unmoved = "updated_at <= %s" if due_only else f"(updated_at <= %s OR state = '{PARKED}')"
@@ -355,7 +356,7 @@ def claim_batch(
     ]
     if due_only:  # the sweep honours the persisted retry schedule; an operator may not
         where.append("(next_attempt_at IS NULL OR next_attempt_at <= %s)")
-    if due_only and held:  # an operator's resume takes a held order: their decision
+    if held:  # a person takes a held order by its id, or with `resume --include-held`
         where.append("interruptions < %s")
     if excluded:
         where.append(f"id NOT IN ({', '.join(['%s'] * excluded)})")

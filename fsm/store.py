@@ -440,10 +440,14 @@ class Store(Reads):
         limit: int,
         exclude: Collection[uuid.UUID] = (),
         due_only: bool = True,
+        take_held: bool = False,
     ) -> list[Order]:
         """Atomically lease up to `limit` stuck orders, oldest first, in one statement.
-        PostgreSQL: FOR UPDATE SKIP LOCKED, so concurrent workers take disjoint batches."""
-        op = partial(self._claim_batch, owner, moved_before, limit, tuple(exclude), due_only)
+        PostgreSQL: FOR UPDATE SKIP LOCKED, so concurrent workers take disjoint batches.
+        Held orders (Order.held) only with `take_held` (a person's `resume --include-held`)."""
+        op = partial(
+            self._claim_batch, owner, moved_before, limit, tuple(exclude), due_only, take_held
+        )
         future = self.committer.submit(op)
         try:
             return await settled(future)
@@ -473,11 +477,12 @@ class Store(Reads):
         limit: int,
         exclude: tuple[uuid.UUID, ...],
         due_only: bool,
+        take_held: bool,
         cursor: Any,
     ) -> list[Order]:
         d = self.dialect
         now = d.timestamp(utcnow())
-        held = due_only and self.max_interruptions > 0  # the sweep's claim only
+        held = self.max_interruptions > 0 and not take_held  # left out: held ones
         params: list[Any] = [owner, d.timestamp(utcnow() + self.lease), owner, now]
         params += [d.timestamp(moved_before), now, *([now] if due_only else [])]
         params += [self.max_interruptions] if held else []

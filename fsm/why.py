@@ -88,7 +88,7 @@ def explain(
     console: bool = False,
 ) -> Why | None:
     """Why `order` stands where it is (None for a terminal order: it is done). `console`:
-    for the operator pages, whose actions are buttons (`_retry_now`)."""
+    for the operator pages, whose actions are buttons (`_resume_now`)."""
     if is_terminal(order.state):
         return None
     # The last logged attempt speaks for the order if nothing moved it since, or if its
@@ -128,7 +128,7 @@ def explain(
         return Why(
             Kind.PARKED,
             f"parked: {order.attention_reason}; the sweep retries it at {at_utc(sweep_from)} "
-            f"(or now: {_retry_now(order, console=console)})",
+            f"(or now: {_resume_now(order, console=console)})",
             until=sweep_from,
             reason=order.attention_reason,
             last_error=order.last_error,
@@ -223,16 +223,10 @@ def _attempts(n: int) -> str:
     return f"{n} attempt{'' if n == 1 else 's'}"
 
 
-def _retry_now(order: Order, *, console: bool) -> str:
-    """How a person retries a parked order at once, in the words of where they read it:
-    the console's button, else the API's and the CLI's calls with the order's own id."""
-    if console:
-        return "Retry compensation on its page"
-    return f"`POST /orders/{order.id}/resume` or `order-saga resume --order {order.id}`"
-
-
 def _resume_now(order: Order, *, console: bool) -> str:
-    """How a person resumes a held order, in the words of where they read it."""
+    """How a person drives a parked or held order now, in the words of where they read
+    it: the console's button (a parked one's is Retry compensation), else the API's and the
+    CLI's calls with the order's own id."""
     if console:
         parked = order.state == OrderState.NEEDS_ATTENTION
         return f"{'Retry compensation' if parked else 'Resume'} on its page"

@@ -319,12 +319,22 @@ def resume(
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON summary on stdout, no progress lines.")
     ] = False,
+    include_held: Annotated[
+        bool,
+        typer.Option(
+            "--include-held",
+            help="Also drive orders held after their driver died under them "
+            "MAX_INTERRUPTIONS times in a row (else left alone, and named).",
+        ),
+    ] = False,
 ) -> None:
     """Drive stuck (non-terminal, unleased) orders to a terminal state; print a summary.
     Exit 0 only when every order taken ended terminal. Otherwise, the first that applies:
     1 a run failed with an error; 3 some stay parked (needs_attention), each printed with
-    its reason; 4 some are not finished (still running: a later resume continues them) or
-    were held by another driver (skipped, or lost to one mid-run). Bad input (a flag or a
+    its reason; 4 some are not finished (still running: a later resume continues them),
+    were held by another driver (skipped, or lost to one mid-run) or are held for an
+    operator (their driver died under them again and again: left alone unless
+    --include-held; `--order ID` takes one). Bad input (a flag or a
     setting; no service URL set and nothing at the fallback) exits 2 before anything runs.
     A dry run exits 0. Each
     order resumed gets a row in its log naming who (`--as`, default the local admin)."""
@@ -370,7 +380,9 @@ def resume(
                 limit=limit,
                 due_only=False,
             )
-            todo = len(stuck)
+            max_interruptions = executor.store.max_interruptions
+            left_held = [] if include_held else [o for o in stuck if o.held(max_interruptions)]
+            todo = len(stuck) - (0 if dry_run else len(left_held))  # a dry run lists them
 
             def progress(o: Order, what: str) -> None:
                 if dry_run and o.status == Status.NEEDS_ATTENTION:
@@ -388,17 +400,28 @@ def resume(
                 due_only=False,
                 progress=progress,
                 audit=audit,
+                take_held=include_held,
             )
+            if not dry_run:
+                summary.held = len(left_held)
             if dry_run:
                 say(
                     f"would resume {summary.found}, "
                     f"skipped (leased elsewhere) {summary.skipped_leased}"
+                    + (f", held (left alone) {summary.held}" if summary.held else "")
                 )
             else:
                 say(summary.line())
-            held = summary.skipped_leased + summary.lost_to_other_driver
+            elsewhere = summary.skipped_leased + summary.lost_to_other_driver
             figures = summary.as_dict()
-            return report(seen, dry_run=dry_run, held=held, errors=summary.errors, counts=figures)
+            return report(
+                seen,
+                dry_run=dry_run,
+                held=elsewhere,
+                errors=summary.errors,
+                counts=figures,
+                left_held=left_held,
+            )
 
     import uvloop
 

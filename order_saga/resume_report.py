@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from fsm.machine import Status, is_terminal
-from fsm.models import Order
+from fsm.models import HELD_HINT, Order
 
 OK, ERROR, PARKED, NOT_FINISHED = 0, 1, 3, 4
 
@@ -34,10 +34,12 @@ def report(
     held: int = 0,
     errors: int = 0,
     counts: Mapping[str, object] | None = None,
+    left_held: Sequence[Order] = (),
 ) -> ResumeReport:
     """The report on `orders` (each as the run left it, or as it is now on a dry run):
     `held` were held by another driver (skipped, or lost to one mid-run), `errors` runs
-    failed with an error, `counts` the run's summary figures, first in the JSON."""
+    failed with an error, `counts` the run's summary figures, first in the JSON;
+    `left_held` were left alone, held for an operator (Order.held: not finished either)."""
     parked = [o for o in orders if o.status == Status.NEEDS_ATTENTION]
     # A dry run tried nothing: a parked order is not "still" parked, only parked now.
     still = [] if dry_run else parked
@@ -52,6 +54,11 @@ def report(
     notes += [f"not finished: {o.id} {o.state} ({o.status})" for o in unfinished]
     if held and not dry_run:
         notes.append(f"held by another driver: {held} (not resumed)")
+    if not dry_run:
+        notes += [
+            f"held for an operator: {o.id} ({o.interruptions} interruptions in a row): {HELD_HINT}"
+            for o in left_held
+        ]
     summary: dict[str, object] = {
         **(counts or {}),
         "dry_run": dry_run,
@@ -61,6 +68,7 @@ def report(
         ],
         "still_parked": [str(o.id) for o in still],
         "not_finished": [str(o.id) for o in unfinished],
+        "held_for_operator": [str(o.id) for o in left_held],
     }
     if dry_run:
         summary["parked_now"] = [str(o.id) for o in parked]
@@ -70,5 +78,5 @@ def report(
     elif still:
         code = PARKED
     else:
-        code = NOT_FINISHED if unfinished or held else OK
+        code = NOT_FINISHED if unfinished or held or left_held else OK
     return ResumeReport(code, summary, tuple(notes))

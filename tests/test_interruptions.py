@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from prometheus_client import REGISTRY
@@ -142,7 +142,11 @@ async def test_the_sweep_leaves_an_order_at_the_limit_and_a_person_s_claim_takes
     assert [(o.id, o.interruptions) for o in swept] == [(below, LIMIT)]
     assert short.get(at_limit).lease_owner == "dead-2"  # untouched
 
-    person = await short.claim_batch(owner="ops", moved_before=utcnow(), limit=10, due_only=False)
+    drain = await short.claim_batch(owner="ops", moved_before=utcnow(), limit=10, due_only=False)
+    assert drain == []  # a person's bulk resume leaves it too, unless told to take it
+    person = await short.claim_batch(
+        owner="ops", moved_before=utcnow(), limit=10, due_only=False, take_held=True
+    )
     assert [o.id for o in person] == [at_limit]
 
 
@@ -154,7 +158,7 @@ async def test_zero_means_never_held(db_url: str) -> None:
 
 
 @pytest.fixture
-async def driver(settings: Settings, short: Store, services: Services) -> Iterator[Executor]:
+async def driver(settings: Settings, short: Store, services: Services) -> AsyncIterator[Executor]:
     executor = build_executor(settings, store=short, services=services)
     yield executor
     await executor.aclose()
@@ -319,3 +323,41 @@ def test_the_api_and_the_console_say_held_and_a_resume_there_drives_it(
         assert resumed.json()["status"] == "completed"
     assert short.get(oid).interruptions == 0
     assert set(order_effects(downstream.effects(), oid).values()) == {1}
+
+
+async def test_a_bulk_resume_leaves_a_held_order_and_names_it_unless_told_to_take_it(
+    db_url: str, short: Store, downstream: Downstream
+) -> None:
+    """A routine drain (`order-saga resume`, after an outage) drove a held order in the
+    operator's own process, next to the others, without a word: the crash loop again, in
+    the drain. Now it is left alone and named (the dry run says so, the run exits 4 with
+    what to do); `--include-held` drives it, with the others."""
+    held = await left_by_dead_drivers(short, LIMIT)
+    plain, _ = await short.create_order(user_id=RICH_USER_ID, product_id=WIDGET_ID, quantity=1)
+    env = saga_env(database_url=db_url, services_url=downstream.url, max_interruptions=LIMIT)
+    resume = ("resume", "--older-than", "0")
+
+    listed = await asyncio.to_thread(run_cli, *resume, "--dry-run", **env)
+    assert listed.returncode == 0, listed.stderr
+    (line,) = [ln for ln in listed.stdout.splitlines() if str(held) in ln]
+    assert "held: left alone (find why its driver died" in line, line
+    assert "would resume 1, skipped (leased elsewhere) 0, held (left alone) 1" in listed.stdout
+
+    drained = await asyncio.to_thread(run_cli, *resume, "--json", **env)
+    assert drained.returncode == 4, drained.stdout + drained.stderr
+    assert short.get(plain.id).status == "completed"
+    left = short.get(held)
+    assert (left.state, left.interruptions) == ("pending", LIMIT)
+    assert [t for t in short.history(held) if t.scope == AUDIT_SCOPE] == []  # not touched
+    assert drained.stderr.strip() == (
+        f"held for an operator: {held} ({LIMIT} interruptions in a row): find why its driver"
+        " died, then `resume --order ID`, or all with --include-held"
+    ), drained.stderr
+    summary = json.loads(drained.stdout)
+    assert (summary["held"], summary["held_for_operator"]) == (1, [str(held)])
+
+    taken = await asyncio.to_thread(run_cli, *resume, "--include-held", **env)
+    assert taken.returncode == 0, taken.stdout + taken.stderr
+    done = short.get(held)
+    assert (done.status, done.interruptions) == ("completed", 0)
+    assert set(order_effects(downstream.effects(), held).values()) == {1}

@@ -108,6 +108,7 @@ def timed(fn: Callable[[], Awaitable[T]], service: str, action: str) -> Callable
 
 CountByStatus = Callable[[], Mapping[str, int]]
 OldestByState = Callable[[], Mapping[str, float]]
+CountHeld = Callable[[], int]
 LIVE_STATES = tuple(s.value for s in OrderState if s not in TERMINAL_ORDER_STATES)
 
 
@@ -116,9 +117,15 @@ class OrdersCollector(Collector):
     parked count and, per non-terminal state, how long its oldest order has been still
     (what deploy/prometheus/order-saga.rules.yml alerts on)."""
 
-    def __init__(self, count_by_status: CountByStatus, oldest: OldestByState | None) -> None:
+    def __init__(
+        self,
+        count_by_status: CountByStatus,
+        oldest: OldestByState | None,
+        held: CountHeld | None = None,
+    ) -> None:
         self.count_by_status = count_by_status
         self.oldest = oldest
+        self.held = held
 
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily(
@@ -129,6 +136,7 @@ class OrdersCollector(Collector):
         try:
             counts = self.count_by_status()
             ages = self.oldest() if self.oldest is not None else None
+            held = self.held() if self.held is not None else None
         except (StoreUnavailable, SQLAlchemyError) as exc:  # /healthz says why
             log.debug("orders not counted: %s", exc)
             up.add_metric([], 0)
@@ -149,6 +157,15 @@ class OrdersCollector(Collector):
         )
         parked.add_metric([], counts.get(Status.NEEDS_ATTENTION.value, 0))
         yield parked
+        if held is not None:
+            # Alerts while it lasts, not only when one is held (order_saga_held_orders_total).
+            now_held = GaugeMetricFamily(
+                "order_saga_orders_held",
+                "Live orders held for an operator (their driver died MAX_INTERRUPTIONS "
+                "times in a row), counted at scrape time",
+            )
+            now_held.add_metric([], held)
+            yield now_held
         if ages is None:
             return
         oldest = GaugeMetricFamily(
@@ -212,6 +229,7 @@ def registry(
     count_by_status: CountByStatus,
     backlog: Backlog | None = None,
     oldest: OldestByState | None = None,
+    held: CountHeld | None = None,
 ) -> CollectorRegistry:
     """A registry serving this process's metrics (all `serve --workers` processes' when
     `PROMETHEUS_MULTIPROC_DIR` is set) plus the orders counted in `store`'s SQL; per app
@@ -226,7 +244,7 @@ def registry(
         MultiProcessCollector(reg, path=shared)  # type: ignore[no-untyped-call]
     else:
         reg.register(_Process())
-    reg.register(OrdersCollector(count_by_status, oldest))
+    reg.register(OrdersCollector(count_by_status, oldest, held))
     if backlog is not None:
         reg.register(OutboxCollector(backlog))
     return reg
@@ -240,6 +258,7 @@ def of_store(store: Store) -> CollectorRegistry:
         store.count_by_status,
         partial(subscriptions.lags_if_known, store),
         store.oldest_unmoved_by_state,
+        partial(store.count_held, store.max_interruptions),
     )
 
 
@@ -247,6 +266,7 @@ def exposition(
     count_by_status: CountByStatus,
     backlog: Backlog | None = None,
     oldest: OldestByState | None = None,
+    held: CountHeld | None = None,
 ) -> bytes:
     """The Prometheus text format, counted now."""
-    return generate_latest(registry(count_by_status, backlog, oldest))
+    return generate_latest(registry(count_by_status, backlog, oldest, held))

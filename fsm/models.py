@@ -46,6 +46,14 @@ class OrderTable(SQLModel, table=True):
     __tablename__ = "orders"
     __table_args__ = (
         Index("ix_orders_status_updated", "status", "updated_at"),
+        # The few orders whose driver died under them (revision 0013): what /metrics
+        # counts as held at each scrape reads this, not the whole table.
+        Index(
+            "ix_orders_interrupted",
+            "interruptions",
+            postgresql_where=text("interruptions > 0"),
+            sqlite_where=text("interruptions > 0"),
+        ),
         # Idempotency keys are scoped per caller (issue 17): two clients may both send
         # "checkout-42" and get two orders.
         UniqueConstraint("created_by", "idempotency_key", name="uq_orders_created_by_key"),

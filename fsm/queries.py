@@ -42,6 +42,7 @@ from sqlalchemy import (
     null,
     or_,
     select,
+    text,
     tuple_,
     type_coerce,
     union_all,
@@ -172,6 +173,23 @@ class Reads:
             if moved is not None:
                 found[state] = max(0.0, (now - moved).total_seconds())
         return found
+
+    def count_held(self, limit: int) -> int:
+        """Live orders held for an operator (Order.held at `limit`; 0: none are). Through
+        the partial index ix_orders_interrupted: its own predicate, spelt as it is, is what
+        lets SQLite use it (PostgreSQL proves it from the other)."""
+        if limit <= 0:
+            return 0
+        query = (
+            select(func.count())
+            .select_from(orders)
+            .where(
+                text("interruptions > 0"),
+                orders.c.interruptions >= limit,
+                orders.c.state.in_(sql.RESUMABLE),
+            )
+        )
+        return int(self._rows(query)[0][0])
 
     def count_by_status(self) -> dict[str, int]:
         query = select(orders.c.status, func.count()).group_by(orders.c.status)

@@ -40,6 +40,7 @@ def exported() -> str:
         lambda: {"needs_attention": 2},
         backlog=lambda: {"billing-hook": (3, 420.0, 2)},
         oldest=lambda: {"compensating": 42.0},
+        held=lambda: 1,
     ).decode()
 
 

@@ -361,3 +361,27 @@ async def test_a_bulk_resume_leaves_a_held_order_and_names_it_unless_told_to_tak
     done = short.get(held)
     assert (done.status, done.interruptions) == ("completed", 0)
     assert set(order_effects(downstream.effects(), held).values()) == {1}
+
+
+async def test_metrics_count_a_held_order_while_it_lasts(
+    short: Store, driver: Executor, settings: Settings
+) -> None:
+    """`order_saga_orders_held` (what OrderSagaHeldOrders fires on) counts live held
+    orders in SQL at each scrape: 1 while one is held, 0 once a person's run drove it.
+    The counter of holds alone fired the alert for an hour, then cleared with the order
+    still held."""
+    from prometheus_client import generate_latest
+
+    from fsm import metrics
+
+    def scraped() -> float:
+        text = generate_latest(metrics.of_store(short)).decode()
+        (line,) = [ln for ln in text.splitlines() if ln.startswith("order_saga_orders_held ")]
+        return float(line.split()[1])
+
+    oid = await left_by_dead_drivers(short, LIMIT)
+    below = await left_by_dead_drivers(short, LIMIT - 1)  # not held: not counted
+    assert scraped() == 1
+    assert (await driver.run(oid, audit=PERSON)).status == "completed"
+    assert short.get(below).interruptions == LIMIT - 1
+    assert scraped() == 0

@@ -148,19 +148,40 @@ async def resume_stuck(
             progress(order, order.status)
 
     running: set[asyncio.Task[None]] = set()
-    exhausted = False
+    # The sweep drives orders whose driver died under them again and again (fsm.sql.
+    # SUSPECT) one at a time, the rest as usual: an order that was only beside the
+    # culprit each time then moves and its count goes back to 0, and is not held with it.
+    alone = audit is None
+    suspect: asyncio.Task[None] | None = None
+    exhausted = suspects_exhausted = False
+
+    async def claimed(free: int, suspects: bool | None) -> list[asyncio.Task[None]]:
+        """Claim up to `free` and start driving them; their tasks ([]: none left)."""
+        batch = await store.claim_batch(
+            owner=executor.owner, moved_before=moved_before, limit=free,
+            exclude=stalled, due_only=due_only, take_held=take_held, suspects=suspects,
+        )  # fmt: skip
+        summary.found += len(batch)
+        unstarted.update((order.id, order) for order in batch)
+        started = [asyncio.create_task(one(order)) for order in batch]
+        running.update(started)
+        return started
+
     try:
         while True:
             free = min(concurrency - len(running), limit - summary.found)
             if free > 0 and not exhausted:
-                batch = await store.claim_batch(
-                    owner=executor.owner, moved_before=moved_before, limit=free,
-                    exclude=stalled, due_only=due_only, take_held=take_held,
-                )  # fmt: skip
-                exhausted = not batch
-                summary.found += len(batch)
-                unstarted.update((order.id, order) for order in batch)
-                running.update(asyncio.create_task(one(order)) for order in batch)
+                exhausted = not await claimed(free, False if alone else None)
+            free = min(concurrency - len(running), limit - summary.found)
+            if (
+                alone
+                and free > 0
+                and not suspects_exhausted
+                and (suspect is None or suspect.done())
+            ):
+                taken = await claimed(1, True)
+                suspects_exhausted = not taken
+                suspect = taken[0] if taken else None
             if not running:
                 return summary
             _, still = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)

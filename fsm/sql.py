@@ -337,13 +337,27 @@ def order_exists(dialect: Dialect) -> str:
     return dialect.sql("SELECT 1 FROM orders WHERE id = %s")
 
 
+# An order whose driver died under it twice in a row with no move between: maybe what
+# kills its drivers, maybe beside it each time (a slow call in flight). The sweep drives
+# such suspects one at a time, so one beside the culprit moves (its count back to 0)
+# instead of being held with it (fsm.recovery.resume_stuck).
+SUSPECT = 2
+
+
 @lru_cache(maxsize=128)
 def claim_batch(
-    dialect: Dialect, *, due_only: bool, excluded: int, undrivable: int, held: bool = False
+    dialect: Dialect,
+    *,
+    due_only: bool,
+    excluded: int,
+    undrivable: int,
+    held: bool = False,
+    suspects: bool | None = None,
 ) -> str:
     """Lease up to N stuck orders, oldest first, in one statement (not `due_only`: parked
     ones at any age). `held` (ORDER_SAGA_MAX_INTERRUPTIONS not 0, and no person's
-    `--include-held`): orders interrupted that many times in a row stay put. Parameters:
+    `--include-held`): orders interrupted that many times in a row stay put. `suspects`
+    (the sweep's): True only SUSPECT ones, False none of them. Parameters:
     owner, lease end, owner, now (INTERRUPTED), moved-before, now, [now if due_only],
     [max interruptions if held], excluded ids, undrivable combinations (flattened in
     STATE_COLUMNS order), limit."""
@@ -358,6 +372,8 @@ def claim_batch(
         where.append("(next_attempt_at IS NULL OR next_attempt_at <= %s)")
     if held:  # a person takes a held order by its id, or with `resume --include-held`
         where.append("interruptions < %s")
+    if suspects is not None:
+        where.append(f"interruptions {'>=' if suspects else '<'} {SUSPECT}")
     if excluded:
         where.append(f"id NOT IN ({', '.join(['%s'] * excluded)})")
     if undrivable:  # fsm.upgrade.guard(): what this machine cannot drive stays put

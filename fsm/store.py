@@ -441,12 +441,22 @@ class Store(Reads):
         exclude: Collection[uuid.UUID] = (),
         due_only: bool = True,
         take_held: bool = False,
+        suspects: bool | None = None,
     ) -> list[Order]:
         """Atomically lease up to `limit` stuck orders, oldest first, in one statement.
         PostgreSQL: FOR UPDATE SKIP LOCKED, so concurrent workers take disjoint batches.
-        Held orders (Order.held) only with `take_held` (a person's `resume --include-held`)."""
+        Held orders (Order.held) only with `take_held` (a person's `resume --include-held`);
+        `suspects` True: only orders whose driver died under them fsm.sql.SUSPECT times in
+        a row, False: none of those, None: whichever."""
         op = partial(
-            self._claim_batch, owner, moved_before, limit, tuple(exclude), due_only, take_held
+            self._claim_batch,
+            owner,
+            moved_before,
+            limit,
+            tuple(exclude),
+            due_only,
+            take_held,
+            suspects,
         )
         future = self.committer.submit(op)
         try:
@@ -478,6 +488,7 @@ class Store(Reads):
         exclude: tuple[uuid.UUID, ...],
         due_only: bool,
         take_held: bool,
+        suspects: bool | None,
         cursor: Any,
     ) -> list[Order]:
         d = self.dialect
@@ -489,7 +500,12 @@ class Store(Reads):
         params.extend(d.uuid(i) for i in exclude)
         params.extend(value for combo in sorted(self.undrivable) for value in combo)
         statement = sql.claim_batch(
-            d, due_only=due_only, excluded=len(exclude), undrivable=len(self.undrivable), held=held
+            d,
+            due_only=due_only,
+            excluded=len(exclude),
+            undrivable=len(self.undrivable),
+            held=held,
+            suspects=suspects,
         )
         cursor.execute(statement, [*params, limit])
         return self._usable(cursor.fetchall(), owner, cursor)

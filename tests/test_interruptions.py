@@ -385,3 +385,38 @@ async def test_metrics_count_a_held_order_while_it_lasts(
     assert (await driver.run(oid, audit=PERSON)).status == "completed"
     assert short.get(below).interruptions == LIMIT - 1
     assert scraped() == 0
+
+
+async def test_the_sweep_drives_suspects_one_at_a_time_so_a_bystander_moves_and_is_not_held(
+    db_url: str, services: Services, downstream: Downstream
+) -> None:
+    """Each death of a crash loop interrupts every order its process drove: one beside the
+    culprit each time, its slow call in flight, counted as often as the culprit and held
+    with it. Orders whose driver died under them twice in a row (fsm.sql.SUSPECT) are now
+    claimed one at a time, the rest as usual: never two suspects leased at once by the
+    sweep, every one driven, each count back to 0; an ordinary order beside them runs."""
+    settings = saga_settings(db_url, lease_seconds=0.5, max_interruptions=5)
+    with open_store(settings) as store:
+        executor = build_executor(settings, store=store, services=services)
+        try:
+            suspects = [await left_by_dead_drivers(store, 2) for _ in range(2)]
+            plain, _ = await store.create_order(
+                user_id=RICH_USER_ID, product_id=WIDGET_ID, quantity=1
+            )
+            downstream.fault("user.deduct", "delay", count=3, seconds=0.5)
+            sweep = asyncio.create_task(
+                resume_stuck(store=store, executor=executor, older_than=0, limit=10)
+            )
+            together = 0
+            while not sweep.done():
+                leased = [store.get(o).lease_owner == executor.owner for o in suspects]
+                together += all(leased)
+                await asyncio.wait({sweep}, timeout=0.01)  # a sample each 10 ms until done
+            summary = sweep.result()
+        finally:
+            await executor.aclose()
+        assert together == 0
+        assert (summary.found, summary.resumed, summary.held) == (3, 3, 0)
+        for oid in [*suspects, plain.id]:
+            order = store.get(oid)
+            assert (order.status, order.interruptions) == ("completed", 0), oid

@@ -112,12 +112,14 @@ def test_the_rolled_heatmap_equals_the_whole_log(store: Store) -> None:
     heat = queries.heat(store)
     assert heat.states[("order", "completed")].p95 is not None  # cancellations left it
     assert_same(store)  # nothing rolled: the log alone
+    # Before the roll: its own cutoff is this or later (the clock may pass an hour while it
+    # runs; read after it, the cutoff moved on an hour and the test failed at hh:00).
+    oldest = queries.hour_of(queries.utcnow()) - timedelta(hours=queries.KEEP_HOURS)
     assert rollup.roll(store.engine, chunk=250) > 3_000
     assert rollup.roll(store.engine) == 0  # nothing new
     assert_same(store)  # all rolled, hours older than KEEP_HOURS dropped
     with store.engine.connect() as conn:
         hours = conn.execute(select(queries.heat_hours.c.hour)).scalars().all()
-    oldest = queries.hour_of(queries.utcnow()) - timedelta(hours=queries.KEEP_HOURS)
     assert hours and min(as_utc(h) or h for h in hours) >= oldest
     load_rows(url, 60, seed=2, span=timedelta(hours=3))  # written after the roll
     assert_same(store)  # the roll-up plus the log past its cursor

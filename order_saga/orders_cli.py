@@ -321,7 +321,7 @@ def cancel(
             # Refunds, restores and cancels need the services: with none to call, the
             # cancellation would be committed and left waiting on failed calls. An order
             # that cannot be cancelled is refused for that, as before, whatever the services.
-            found = saga.store.get(oid)
+            found = await asyncio.to_thread(saga.store.get, oid)  # the read pool, off the loop
             if found.state == OrderState.COMPLETED or found.cancel_requested:
                 await asyncio.to_thread(require_services, settings)
             audit = cli_audit(OperatorAction.CANCEL, as_name, reason)
